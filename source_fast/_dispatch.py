@@ -1,0 +1,95 @@
+"""Chooses the backend for each op: "torch" (reference), "triton" (source_fast.kernels) or "ext"
+(torch.ops.source_fast from the C++/CUDA extension).
+
+auto picks the first backend in PRIORITY[op] that has no unsupported reasons; a forced backend
+runs or raises NotImplementedError listing the reasons, never falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Literal, get_args
+
+import torch
+
+from . import _ext, _triton
+
+Backend = Literal["torch", "triton", "ext"]
+BackendArg = Literal["auto", "torch", "triton", "ext"]
+
+PRIORITY: dict[str, tuple[Backend, ...]] = {
+    "covariance_accumulate_": ("ext", "torch"),
+    "accumulate_lambda_": ("triton", "torch"),
+    "self_scores": ("triton", "torch"),
+    "precondition_queries": ("triton", "torch"),
+    "pairwise_scores": ("triton", "torch"),
+}
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _global_backend() -> str | None:
+    value = os.environ.get("SOURCE_FAST_BACKEND")
+    if value in (None, ""):
+        return None
+    if value != "torch":
+        raise ValueError(f"SOURCE_FAST_BACKEND={value!r} is not valid; the only valid value is 'torch'")
+    return value
+
+
+def unsupported_reasons(backend: Backend, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why `backend` cannot run `op` here (empty list: it can)."""
+    if op not in PRIORITY:
+        raise ValueError(f"unknown op {op!r}; valid: {sorted(PRIORITY)}")
+    if backend == "torch":
+        return []
+    reasons = []
+    if backend not in PRIORITY[op]:
+        reasons.append(f"{op} has no {backend} implementation")
+    if backend == "triton":
+        if os.environ.get("SOURCE_FAST_DISABLE_TRITON") == "1":
+            reasons.append("disabled by SOURCE_FAST_DISABLE_TRITON=1")
+        err = _triton.import_error()
+        if err:
+            reasons.append(err)
+        if device.type != "cuda" and not _triton.interpreting():
+            reasons.append(f"device is {device.type}, and Triton runs on CUDA (or on CPU under TRITON_INTERPRET=1)")
+        if dtype not in _TRITON_DTYPES:
+            reasons.append(f"dtype {dtype} is not one of float32/float16/bfloat16")
+        if dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            reasons.append("bfloat16 needs compute capability 8.0 or newer")
+    elif backend == "ext":
+        if _ext.load_error:
+            reasons.append(f"extension not loaded: {_ext.load_error}")
+        elif not _ext.has_op(op, device.type):
+            reasons.append(f"extension was built without a {device.type} kernel for {op}")
+    return reasons
+
+
+@functools.lru_cache(maxsize=None)
+def _auto(op: str, device_type: str, device_index: int | None, dtype: torch.dtype) -> Backend:
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    for backend in PRIORITY[op]:
+        # auto never picks the Triton interpreter: it is for tests, and far slower than torch.
+        if backend == "triton" and device.type != "cuda":
+            continue
+        if not unsupported_reasons(backend, op, device, dtype):
+            return backend
+    return "torch"
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, backend: BackendArg = "auto") -> Backend:
+    if backend not in get_args(BackendArg):
+        raise ValueError(f"unknown backend {backend!r}; valid: {sorted(get_args(BackendArg))}")
+    if backend == "auto":
+        # SOURCE_FAST_BACKEND=torch forces the reference for every automatic choice (debugging).
+        if _global_backend() == "torch":
+            return "torch"
+        return _auto(op, device.type, device.index, dtype)
+    reasons = unsupported_reasons(backend, op, device, dtype)
+    if reasons:
+        raise NotImplementedError(
+            f"backend {backend!r} cannot run {op} on {device} with {dtype}: " + "; ".join(reasons)
+        )
+    return backend

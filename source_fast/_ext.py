@@ -1,0 +1,32 @@
+"""Loads the optional native extension `source_fast._C` and remembers why it is missing."""
+
+from __future__ import annotations
+
+import os
+
+import torch  # must come first: _C links against libtorch/libc10
+
+_C = None
+load_error: str | None = None
+if os.environ.get("SOURCE_FAST_DISABLE_EXT") == "1":
+    load_error = "disabled by SOURCE_FAST_DISABLE_EXT=1"
+else:
+    try:
+        from source_fast import _C  # type: ignore[attr-defined, no-redef]
+    except ImportError as exc:
+        load_error = f"{type(exc).__name__}: {exc}"
+
+
+def has_op(name: str, device_type: str) -> bool:
+    """Whether `torch.ops.source_fast.<name>` has a compiled kernel for this device type."""
+    if _C is None:
+        return False
+    op = getattr(torch.ops.source_fast, name, None)
+    if op is None:
+        return False
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return op.default.has_kernel_for_dispatch_key(key)
+
+
+def build_info() -> dict | None:
+    return None if _C is None else dict(_C.build_info())

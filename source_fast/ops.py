@@ -1,0 +1,62 @@
+"""The dispatching ops the engine calls. Each has a pure-torch twin in `reference` with the same
+signature and contract (see there); `backend=` forces one implementation (tests and benches)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _triton, reference
+from ._dispatch import BackendArg, select
+
+
+def covariance_accumulate_(
+    covs: list[Tensor],
+    xs: list[Tensor],
+    masks: list[Tensor | None],
+    append_ones: list[bool],
+    alpha: float = 1.0,
+    *,
+    backend: BackendArg = "auto",
+) -> None:
+    if not xs:
+        return
+    if select("covariance_accumulate_", xs[0].device, xs[0].dtype, backend) == "ext":
+        torch.ops.source_fast.covariance_accumulate_(covs, xs, masks, append_ones, alpha)
+    else:
+        reference.covariance_accumulate_(covs, xs, masks, append_ones, alpha)
+
+
+def accumulate_lambda_(
+    lam: Tensor, a_rot: Tensor, g_rot: Tensor, mask: Tensor | None = None, alpha: float = 1.0,
+    *, backend: BackendArg = "auto",
+) -> None:
+    if select("accumulate_lambda_", a_rot.device, a_rot.dtype, backend) == "triton":
+        _triton.kernels().accumulate_lambda_(lam, a_rot, g_rot, mask, alpha)
+    else:
+        reference.accumulate_lambda_(lam, a_rot, g_rot, mask, alpha)
+
+
+def self_scores(
+    a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
+) -> Tensor:
+    if select("self_scores", a_rot.device, a_rot.dtype, backend) == "triton":
+        return _triton.kernels().self_scores(a_rot, g_rot, scale, mask)
+    return reference.self_scores(a_rot, g_rot, scale, mask)
+
+
+def precondition_queries(
+    v: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0,
+    backend: BackendArg = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    if select("precondition_queries", v.device, v.dtype, backend) == "triton":
+        return _triton.kernels().precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
+    return reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
+
+
+def pairwise_scores(
+    a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
+) -> Tensor:
+    if select("pairwise_scores", a.device, a.dtype, backend) == "triton":
+        return _triton.kernels().pairwise_scores(a, g, u, mask)
+    return reference.pairwise_scores(a, g, u, mask)

@@ -1,0 +1,159 @@
+"""Pure-torch versions of every dispatched op: the oracle the fast paths are tested against, and
+the path that always runs (CPU, or when Triton / the extension are absent).
+
+Conventions shared by all ops
+- Inputs may be float32, float16 or bfloat16 (float64 is accepted too and then computed in float64).
+  Products accumulate in float32 (float64 for float64 inputs); results are float32 (float64).
+- Token layout: a (n, t, d_a) layer inputs, with the bias ones column already appended when the
+  layer has a bias; g (n, t, d_out) gradients of the summed loss w.r.t. the layer outputs.
+  n = examples, t = tokens per example (1 for an MLP).
+- mask (n, t) or None: tokens with mask == 0 are dropped on both sides.
+- Per-example layer gradient G_n = Σ_t g_t a_tᵀ  (d_out, d_a). No op below forms it in memory for
+  more than a bounded block of examples.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: the accumulation dtype."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _masked(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    x = x.to(dtype)
+    if mask is None:
+        return x
+    return x * (mask != 0).to(dtype).unsqueeze(-1)
+
+
+def covariance_accumulate_(
+    covs: list[Tensor], xs: list[Tensor], masks: list[Tensor | None], append_ones: list[bool], alpha: float = 1.0
+) -> None:
+    """covs[i] += alpha · X̂ᵢᵀ X̂ᵢ over the rows of xs[i] whose mask is non-zero, for every layer i.
+
+    covs[i]:        (D_i, D_i) float32, updated in place
+    xs[i]:          (rows_i, d_i) float32/float16/bfloat16
+    masks[i]:       (rows_i,) or None; rows with mask == 0 are skipped
+    append_ones[i]: X̂ᵢ = [xs[i], 1] (ones column last, D_i = d_i + 1) when True, else D_i = d_i
+    """
+    if not (len(covs) == len(xs) == len(masks) == len(append_ones)):
+        raise ValueError(
+            f"covariance_accumulate_: got {len(covs)} covs, {len(xs)} xs, {len(masks)} masks, "
+            f"{len(append_ones)} append_ones flags; they must be equal"
+        )
+    for i, (cov, x, mask, ones) in enumerate(zip(covs, xs, masks, append_ones)):
+        if x.dim() != 2:
+            raise ValueError(f"covariance_accumulate_: layer {i}: xs must be (rows, d), got {tuple(x.shape)}")
+        if cov.dtype != torch.float32:
+            raise ValueError(f"covariance_accumulate_: layer {i}: covs must be float32, got {cov.dtype}")
+        d = x.shape[1] + (1 if ones else 0)
+        if tuple(cov.shape) != (d, d):
+            raise ValueError(f"covariance_accumulate_: layer {i}: cov must be ({d}, {d}), got {tuple(cov.shape)}")
+        if mask is not None and tuple(mask.shape) != (x.shape[0],):
+            raise ValueError(f"covariance_accumulate_: layer {i}: mask must be ({x.shape[0]},), got {tuple(mask.shape)}")
+        xf = x.float()
+        if ones:
+            xf = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], dim=1)
+        if mask is not None:
+            xf = xf[mask != 0]
+        cov.add_(xf.T @ xf, alpha=alpha)
+
+
+def accumulate_lambda_(lam: Tensor, a_rot: Tensor, g_rot: Tensor, mask: Tensor | None = None, alpha: float = 1.0) -> None:
+    """lam += alpha · Σ_n (G̃_n)² elementwise, G̃_n = Σ_t g̃_t ãᵀ_t = Q_Sᵀ G_n Q_A.
+
+    lam:   (d_out, d_a) float32 (or float64), updated in place
+    a_rot: (n, t, d_a)   layer inputs already rotated: a Q_A
+    g_rot: (n, t, d_out) output gradients already rotated: g Q_S
+    mask:  (n, t) or None
+    """
+    dt = compute_dtype(lam, a_rot, g_rot)
+    a = _masked(a_rot, mask, dt)
+    g = g_rot.to(dt)
+    if a.shape[1] == 1:  # one token per example: Σ_n (g ⊗ a)² = (g∘g)ᵀ (a∘a), one GEMM
+        lam.add_(((g[:, 0] ** 2).T @ (a[:, 0] ** 2)).to(lam.dtype), alpha=alpha)
+        return
+    tiles = torch.einsum("nto,nti->noi", g, a)
+    lam.add_((tiles**2).sum(0).to(lam.dtype), alpha=alpha)
+
+
+def self_scores(a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-example Σ_ij scale_ij (G̃_n)_ij², G̃_n = Σ_t g̃_t ã_tᵀ.
+
+    a_rot: (n, t, d_a), g_rot: (n, t, d_out), scale: (d_out, d_a), mask: (n, t) or None
+    Returns (n,) float32 (float64 for float64 inputs).
+    """
+    dt = compute_dtype(a_rot, g_rot, scale)
+    a = _masked(a_rot, mask, dt)
+    g = g_rot.to(dt)
+    tiles = torch.einsum("nto,nti->noi", g, a)
+    return (tiles**2 * scale.to(dt)).sum((1, 2))
+
+
+def eigen_scale(x: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0) -> Tensor:
+    """The eigenvalue-corrected preconditioner applied elementwise in the eigenbasis.
+
+    x: (..., d_out, d_a), lam: (d_out, d_a) eigenvalues Λ (negative round-off clamped to 0).
+    horizon None (EK-FAC):  x / (Λ + damping)
+    horizon c (SOURCE):     x · F(σ), σ = Λ + damping, F(σ) = (1 − exp(−cσ))/σ = c·φ(cσ),
+                            φ(y) = −expm1(−y)/y, φ(0) = 1, so σ = 0 gives c, never NaN.
+    """
+    dt = compute_dtype(x, lam)
+    sigma = lam.to(dt).clamp_min(0) + damping
+    if horizon is None:
+        return x.to(dt) / sigma
+    return x.to(dt) * source_factor(sigma, horizon)
+
+
+def source_factor(sigma: Tensor, horizon: float) -> Tensor:
+    """F(σ) = (1 − exp(−cσ))/σ with F(0) = c, evaluated with expm1 (exact for tiny cσ)."""
+    y = sigma * horizon
+    safe = torch.where(y > 0, y, torch.ones_like(y))
+    phi = torch.where(y > 0, -torch.expm1(-safe) / safe, torch.ones_like(y))
+    return horizon * phi
+
+
+def precondition_queries(
+    v: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0
+) -> tuple[Tensor, Tensor | None]:
+    """Rotate query gradients into the eigenbasis, scale, rotate back (one segment of the walk).
+
+    v:   (q, d_out, d_a) query gradients in the parameter basis
+    q_s: (d_out, d_out), q_a: (d_a, d_a) eigenvectors in columns; lam: (d_out, d_a)
+    Returns (u, v_next):
+      u      = Q_S [scale(Λ) ⊙ (Q_Sᵀ v Q_A)] Q_Aᵀ with scale = 1/(Λ+δ) (EK-FAC) or F(Λ+δ) (SOURCE)
+      v_next = Q_S [exp(−c(Λ+δ)) ⊙ (Q_Sᵀ v Q_A)] Q_Aᵀ for SOURCE (the segment's shrinkage S̄), None for EK-FAC
+    """
+    dt = compute_dtype(v, q_s, q_a, lam)
+    qs, qa = q_s.to(dt), q_a.to(dt)
+    rot = qs.T @ v.to(dt) @ qa
+    u = qs @ eigen_scale(rot, lam, horizon=horizon, damping=damping) @ qa.T
+    if horizon is None:
+        return u, None
+    shrink = torch.exp(-horizon * (lam.to(dt).clamp_min(0) + damping))
+    return u, qs @ (rot * shrink) @ qa.T
+
+
+def pairwise_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None) -> Tensor:
+    """scores[n, q] = ⟨G_n, U_q⟩ = Σ_t g_tᵀ U_q a_t, in the parameter basis (no rotation of training data).
+
+    a: (n, t, d_a), g: (n, t, d_out), u: (q, d_out, d_a) preconditioned queries, mask: (n, t) or None
+    Returns (n, q) float32 (float64 for float64 inputs). Picks the cheaper of two contractions:
+    forming the per-example tiles G_n (n·t·d_out·d_a + n·q·d_out·d_a flops) or the token sum
+    Σ_t g_tᵀ (U_q a_t) (n·t·q·d_out·d_a flops).
+    """
+    dt = compute_dtype(a, g, u)
+    a_ = _masked(a, mask, dt)
+    g_ = g.to(dt)
+    u_ = u.to(dt)
+    n, t, d_a = a_.shape
+    q, d_out = u_.shape[0], u_.shape[1]
+    if t * d_out * d_a + q * d_out * d_a <= t * q * d_out * d_a:
+        tiles = torch.einsum("nto,nti->noi", g_, a_)
+        return tiles.reshape(n, -1) @ u_.reshape(q, -1).T
+    ua = torch.einsum("qoi,nti->ntqo", u_, a_)
+    return torch.einsum("ntqo,nto->nq", ua, g_)

@@ -1,0 +1,22 @@
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton picks interpreter vs compiler when @triton.jit runs (module import), so this must
+    # happen before anything imports source_fast.kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
