@@ -26,7 +26,7 @@ PRIORITY: dict[str, tuple[Backend, ...]] = {
     "pairwise_scores": ("triton", "torch"),
 }
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _global_backend() -> str | None:
@@ -55,11 +55,13 @@ def unsupported_reasons(backend: Backend, op: str, device: torch.device, dtype: 
             reasons.append(err)
         if device.type != "cuda" and not _triton.interpreting():
             reasons.append(f"device is {device.type}, and Triton runs on CUDA (or on CPU under TRITON_INTERPRET=1)")
-        if dtype not in _TRITON_DTYPES:
+        if dtype not in _KERNEL_DTYPES:
             reasons.append(f"dtype {dtype} is not one of float32/float16/bfloat16")
         if dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
             reasons.append("bfloat16 needs compute capability 8.0 or newer")
     elif backend == "ext":
+        if dtype not in _KERNEL_DTYPES:
+            reasons.append(f"dtype {dtype} is not one of float32/float16/bfloat16")
         if _ext.load_error:
             reasons.append(f"extension not loaded: {_ext.load_error}")
         elif not _ext.has_op(op, device.type):

@@ -35,7 +35,7 @@ def covariance_accumulate_(
 ) -> None:
     """covs[i] += alpha · X̂ᵢᵀ X̂ᵢ over the rows of xs[i] whose mask is non-zero, for every layer i.
 
-    covs[i]:        (D_i, D_i) float32, updated in place
+    covs[i]:        (D_i, D_i) float32 (float64 accepted by this reference), updated in place
     xs[i]:          (rows_i, d_i) float32/float16/bfloat16
     masks[i]:       (rows_i,) or None; rows with mask == 0 are skipped
     append_ones[i]: X̂ᵢ = [xs[i], 1] (ones column last, D_i = d_i + 1) when True, else D_i = d_i
@@ -48,14 +48,14 @@ def covariance_accumulate_(
     for i, (cov, x, mask, ones) in enumerate(zip(covs, xs, masks, append_ones)):
         if x.dim() != 2:
             raise ValueError(f"covariance_accumulate_: layer {i}: xs must be (rows, d), got {tuple(x.shape)}")
-        if cov.dtype != torch.float32:
+        if cov.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"covariance_accumulate_: layer {i}: covs must be float32, got {cov.dtype}")
         d = x.shape[1] + (1 if ones else 0)
         if tuple(cov.shape) != (d, d):
             raise ValueError(f"covariance_accumulate_: layer {i}: cov must be ({d}, {d}), got {tuple(cov.shape)}")
         if mask is not None and tuple(mask.shape) != (x.shape[0],):
             raise ValueError(f"covariance_accumulate_: layer {i}: mask must be ({x.shape[0]},), got {tuple(mask.shape)}")
-        xf = x.float()
+        xf = x.to(cov.dtype)
         if ones:
             xf = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], dim=1)
         if mask is not None:
@@ -157,3 +157,15 @@ def pairwise_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None)
         return tiles.reshape(n, -1) @ u_.reshape(q, -1).T
     ua = torch.einsum("qoi,nti->ntqo", u_, a_)
     return torch.einsum("ntqo,nto->nq", ua, g_)
+
+
+def pairwise_scores_lowrank(a: Tensor, g: Tensor, left: Tensor, right: Tensor, mask: Tensor | None = None) -> Tensor:
+    """scores[n, q] = Σ_t g_tᵀ (Σ_r left_qr right_qrᵀ) a_t for rank-r query factors: n·t·q·r·(d_out + d_a) flops.
+
+    a: (n, t, d_a), g: (n, t, d_out), left: (q, d_out, r), right: (q, d_a, r), mask: (n, t) or None
+    """
+    dt = compute_dtype(a, g, left)
+    a_ = _masked(a, mask, dt)
+    gl = torch.einsum("nto,qor->ntqr", g.to(dt), left.to(dt))
+    ar = torch.einsum("nti,qir->ntqr", a_, right.to(dt))
+    return (gl * ar).sum((1, 3))

@@ -1,0 +1,193 @@
+"""Per-example layer inputs and output gradients, captured with hooks.
+
+Only module outputs require grad during a pass: parameters are frozen, and the first tracked
+layer's output becomes a leaf, so autograd computes no parameter gradients and nothing upstream
+of the first tracked layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: y = x W + b with W (d_in, d_out); matched by name so transformers
+    # stays an optional dependency.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if _is_hf_conv1d(module):
+        return "conv1d"
+    return None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A tracked layer as the math sees it: gradient matrix (d_out, d_a), d_a = d_in (+1 bias column, last)."""
+
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    has_bias: bool
+
+    @property
+    def d_a(self) -> int:
+        return self.d_in + int(self.has_bias)
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module) -> LayerSpec:
+        kind = layer_kind(module)
+        if kind == "linear":
+            d_in, d_out = module.in_features, module.out_features
+        elif kind == "conv2d":
+            if module.groups != 1:
+                raise ValueError(f"module {name!r}: grouped Conv2d (groups={module.groups}) is not supported")
+            if module.padding_mode != "zeros":
+                raise ValueError(f"module {name!r}: Conv2d padding_mode={module.padding_mode!r} is not supported")
+            d_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            d_out = module.out_channels
+        elif kind == "conv1d":
+            d_in, d_out = module.weight.shape
+        else:
+            raise TypeError(
+                f"module {name!r} is a {type(module).__name__}; supported layers are nn.Linear, nn.Conv2d "
+                "and transformers' Conv1D"
+            )
+        return cls(name, kind, int(d_in), int(d_out), getattr(module, "bias", None) is not None)
+
+    def param_matrix(self, params: dict[str, Tensor]) -> Tensor:
+        """The layer's parameters (weight, bias) as one (d_out, d_a) matrix, from a name → tensor dict."""
+        w = params[f"{self.name}.weight"]
+        w = w.T if self.kind == "conv1d" else w.reshape(self.d_out, self.d_in)
+        if self.has_bias:
+            w = torch.cat([w, params[f"{self.name}.bias"].reshape(self.d_out, 1)], dim=1)
+        return w
+
+
+def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]:
+    modules = dict(model.named_modules())
+    if names is None:
+        specs = [LayerSpec.of(n, m) for n, m in modules.items() if layer_kind(m) is not None]
+        if not specs:
+            raise ValueError("the model has no nn.Linear, nn.Conv2d or Conv1D layer to track")
+        return specs
+    if len(set(names)) != len(names):
+        raise ValueError(f"tracked modules are listed more than once: {names}")
+    specs = []
+    for name in names:
+        if name not in modules:
+            close = [n for n in modules if n and (name in n or n in name)][:5]
+            raise ValueError(f"tracked module {name!r} does not exist in the model" + (f" (close: {close})" if close else ""))
+        specs.append(LayerSpec.of(name, modules[name]))
+    return specs
+
+
+@dataclass
+class Captured:
+    """One tracked layer on one batch. a: (n, t, d_in) inputs (no ones column), g: (n, t, d_out)
+    output gradients of the summed loss, mask: (n, t) or None; masked tokens are zero in a and g."""
+
+    a: Tensor
+    g: Tensor | None
+    mask: Tensor | None
+
+
+def with_ones(a: Tensor, spec: LayerSpec, mask: Tensor | None) -> Tensor:
+    """(n, t, d_a): the inputs with the bias ones column appended last (zero on masked tokens)."""
+    if not spec.has_bias:
+        return a
+    ones = a.new_ones(a.shape[:-1] + (1,))
+    if mask is not None:
+        ones = ones * (mask != 0).to(a.dtype).unsqueeze(-1)
+    return torch.cat([a, ones], dim=-1)
+
+
+class Capturer:
+    """Hooks the tracked layers of `model`; `capture(mask)` records inputs and output gradients."""
+
+    def __init__(self, model: nn.Module, specs: list[LayerSpec]):
+        self.model = model
+        self.specs = specs
+        self.modules = dict(model.named_modules())
+        self.records: dict[str, Captured] = {}
+        self._mask: Tensor | None = None
+
+    def _tokens(self, spec: LayerSpec, module: nn.Module, x: Tensor) -> Tensor:
+        if spec.kind == "conv2d":
+            cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+            return cols.transpose(1, 2)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def _layer_mask(self, spec: LayerSpec, n: int, t: int, x_dim: int) -> Tensor | None:
+        mask = self._mask
+        if mask is None or spec.kind == "conv2d" or x_dim == 2:
+            return None  # no token axis to mask
+        if mask.dim() != 2 or tuple(mask.shape) != (n, t):
+            raise ValueError(
+                f"attention mask has shape {tuple(mask.shape)} but module {spec.name!r} sees {n} examples × {t} tokens"
+            )
+        return mask
+
+    @contextlib.contextmanager
+    def capture(self, mask: Tensor | None) -> Iterator[dict[str, Captured]]:
+        self.records = {}
+        self._mask = mask
+        handles = []
+        for spec in self.specs:
+            handles.append(self.modules[spec.name].register_forward_hook(self._make_hook(spec)))
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield self.records
+        finally:
+            for h in handles:
+                h.remove()
+            for p in frozen:
+                p.requires_grad_(True)
+            self._mask = None
+
+    def _make_hook(self, spec: LayerSpec):
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor):
+            x = inputs[0]
+            a = self._tokens(spec, module, x.detach())
+            n, t = a.shape[0], a.shape[1]
+            mask = self._layer_mask(spec, n, t, x.dim())
+            keep = None if mask is None else (mask != 0).to(a.dtype).unsqueeze(-1)
+            if keep is not None:
+                a = a * keep
+            if spec.name in self.records:
+                raise ValueError(
+                    f"module {spec.name!r} ran twice in one forward pass; shared (re-used) layers are not supported"
+                )
+            record = Captured(a=a, g=None, mask=mask)
+            self.records[spec.name] = record
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+
+            def grad_hook(grad: Tensor):
+                if spec.kind == "conv2d":
+                    g = grad.flatten(2).transpose(1, 2)
+                else:
+                    g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+                if keep is not None:
+                    g = g * keep.to(g.dtype)
+                record.g = g.detach()
+
+            output.register_hook(grad_hook)
+            return output
+
+        return hook

@@ -1,0 +1,355 @@
+"""EK-FAC factors per segment: fitting (ALGORITHM.md §5), and saving/loading them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from ._io import atomic_path, sha256_file
+from ._passes import make_loader, run_pass
+from .capture import LayerSpec, tracked_layers, with_ones
+from .task import Task
+from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
+
+FORMAT_VERSION = 1
+Fisher = Literal["true", "empirical"]
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """One layer in one segment. Eigenvectors in columns (ascending eigenvalues), float64 eigh.
+
+    a_cov: (d_a, d_a) mean over rows of a aᵀ (averaged over the segment's checkpoints)
+    s_cov: (d_out, d_out) mean over rows of g gᵀ
+    q_a, q_s: eigenvectors of a_cov, s_cov
+    lam: (d_out, d_a) Λ = mean over examples of (Q_Sᵀ G_n Q_A)², averaged over the checkpoints
+    precond: (d_out, d_a) Adam's diagonal P = 1/(√v̂ + ε) averaged over the checkpoints, or None
+    """
+
+    a_cov: Tensor
+    s_cov: Tensor
+    q_a: Tensor
+    q_s: Tensor
+    lam: Tensor
+    precond: Tensor | None = None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LayerFactors:
+        conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return LayerFactors(*(conv(getattr(self, f)) for f in ("a_cov", "s_cov", "q_a", "q_s", "lam", "precond")))
+
+    def diag_hessian(self) -> Tensor:
+        """diag of the EK-FAC curvature, (d_out, d_a): (Q_S∘Q_S) Λ (Q_A∘Q_A)ᵀ."""
+        return (self.q_s**2) @ self.lam.clamp_min(0) @ (self.q_a**2).T
+
+
+@dataclass(frozen=True)
+class Factors:
+    """EK-FAC factors of every segment of a trajectory (one per segment; ALGORITHM.md §5).
+
+    segments[ℓ][module name] → LayerFactors. `layers` are the tracked layers, `layout` the number of
+    checkpoints per segment they were fitted on (1 per segment when `average_params`: Fast-SOURCE).
+    """
+
+    layers: list[LayerSpec]
+    segments: list[dict[str, LayerFactors]]
+    num_examples: list[int]
+    layout: list[int]
+    fisher: Fisher
+    average_params: bool
+
+    def check_model(self, model: nn.Module, specs: list[LayerSpec]) -> None:
+        if specs != self.layers:
+            theirs = {s.name: s for s in self.layers}
+            for s in specs:
+                if s.name not in theirs:
+                    raise ValueError(f"factors were not fitted for module {s.name!r} (they have {sorted(theirs)})")
+                if s != theirs[s.name]:
+                    raise ValueError(f"module {s.name!r} is {s} in the model but {theirs[s.name]} in the factors")
+            extra = sorted(set(theirs) - {s.name for s in specs})
+            raise ValueError(f"factors track modules the task does not: {extra}")
+
+    def check_trajectory(self, trajectory: Trajectory, *, average_params: bool) -> None:
+        layout = [1] * len(trajectory.segments) if average_params else trajectory.layout()
+        if average_params != self.average_params:
+            fix = "average_params=True" if average_params else "average_params=False"
+            raise ValueError(f"these factors were fitted with average_params={self.average_params}; refit with {fix}")
+        if layout != self.layout:
+            raise ValueError(
+                f"factors were fitted on a trajectory with checkpoints per segment {self.layout}, "
+                f"this one has {layout}"
+            )
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes `path/factors.safetensors` and `path/factors.json` atomically (temp file, rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {}
+        for ell, seg in enumerate(self.segments):
+            for name, lf in seg.items():
+                for field in ("a_cov", "s_cov", "q_a", "q_s", "lam", "precond"):
+                    t = getattr(lf, field)
+                    if t is not None:
+                        tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
+        with atomic_path(path / "factors.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+            digest = sha256_file(tmp)
+        meta = {
+            "format": "source_fast.factors",
+            "format_version": FORMAT_VERSION,
+            "layers": [vars(s) for s in self.layers],
+            "num_examples": self.num_examples,
+            "layout": self.layout,
+            "fisher": self.fisher,
+            "average_params": self.average_params,
+            "tensors_sha256": digest,
+        }
+        with atomic_path(path / "factors.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Factors:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_path, tensor_path = path / "factors.json", path / "factors.safetensors"
+        for p in (meta_path, tensor_path):
+            if not p.exists():
+                raise FileNotFoundError(f"factor directory {str(path)!r} is incomplete: {p.name} is missing")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{meta_path} is corrupted: {exc}") from None
+        if meta.get("format") != "source_fast.factors":
+            raise ValueError(f"{meta_path} is not a source_fast factor file")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path} has format version {meta.get('format_version')}, this source_fast reads {FORMAT_VERSION}")
+        if sha256_file(tensor_path) != meta["tensors_sha256"]:
+            raise ValueError(f"{tensor_path} is corrupted or was replaced: its checksum does not match factors.json")
+        tensors = load_file(str(tensor_path), device=str(map_location))
+        layers = [LayerSpec(**d) for d in meta["layers"]]
+        segments = []
+        for ell in range(len(meta["layout"])):
+            seg = {}
+            for spec in layers:
+                key = lambda f: f"{ell}/{spec.name}/{f}"  # noqa: E731
+                missing = [f for f in ("a_cov", "s_cov", "q_a", "q_s", "lam") if key(f) not in tensors]
+                if missing:
+                    raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r} lacks {missing}")
+                seg[spec.name] = LayerFactors(
+                    *(tensors[key(f)] for f in ("a_cov", "s_cov", "q_a", "q_s", "lam")), tensors.get(key("precond"))
+                )
+            segments.append(seg)
+        return cls(layers, segments, meta["num_examples"], meta["layout"], meta["fisher"], meta["average_params"])
+
+
+# ---- fitting ---------------------------------------------------------------------------------
+
+
+def factor_dtype(model: nn.Module) -> torch.dtype:
+    """Factors and scores are float64 for a float64 model, float32 otherwise."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in model.parameters()) else torch.float32
+
+
+@contextlib.contextmanager
+def restored(model: nn.Module) -> Iterator[None]:
+    """Runs the block with the model in eval mode and puts its weights and mode back afterwards."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.load_state_dict(state)
+        model.train(was_training)
+
+
+def averaged_checkpoint(segment: Segment, what: str) -> dict[str, Tensor]:
+    """Fast-SOURCE: the mean of the segment's checkpoints (floating tensors; others from the last)."""
+    states = [load_state_dict(c, f"{what}, checkpoint {i}") for i, c in enumerate(segment.checkpoints)]
+    out = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            out[key] = sum(s[key].double() for s in states).div(len(states)).to(last.dtype)
+        else:
+            out[key] = last
+    return out
+
+
+def segment_checkpoints(segment: Segment, average_params: bool, what: str) -> list[Checkpoint]:
+    return [averaged_checkpoint(segment, what)] if average_params else list(segment.checkpoints)
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, leave=False)
+
+
+def _eigh(cov: Tensor) -> Tensor:
+    """Eigenvectors (columns, ascending) of a symmetric matrix, computed in float64."""
+    c = cov.double()
+    return torch.linalg.eigh((c + c.T) / 2).eigenvectors
+
+
+def fit_factors(
+    model: nn.Module,
+    task: Task,
+    trajectory: Trajectory,
+    *,
+    fisher: Fisher = "true",
+    average_params: bool = False,
+    batch_size: int = 32,
+    collate_fn: Callable | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Factors:
+    """Fits one EK-FAC per segment (ALGORITHM.md §5): covariances A and S averaged over the
+    segment's checkpoints, one float64 eigendecomposition (the segment's basis), then each
+    checkpoint's eigenvalue corrections Λ in that basis, averaged.
+
+    fisher: "true" draws labels from the model (`compute_train_loss(..., sample=True)`);
+        "empirical" uses the data's labels.
+    average_params: Fast-SOURCE — fit at the mean of each segment's checkpoints (L fits, not C).
+    seed: seeds the label sampling (the caller's RNG state is restored afterwards).
+    The model's weights and train/eval mode are restored on return.
+    """
+    if fisher not in get_args(Fisher):
+        raise ValueError(f"unknown fisher {fisher!r}; valid: {sorted(get_args(Fisher))}")
+    specs = tracked_layers(model, task.get_influence_tracked_modules())
+    dtype = factor_dtype(model)
+    objective = "fisher" if fisher == "true" else "train"
+    segments, num_examples = [], []
+    with restored(model), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for ell, seg in enumerate(trajectory.segments):
+            what = f"segment {ell}"
+            ckpts = segment_checkpoints(seg, average_params, what)
+            loader = make_loader(seg.data, batch_size, collate_fn)
+            device = next(model.parameters()).device
+            a_cov = {s.name: torch.zeros(s.d_a, s.d_a, device=device, dtype=dtype) for s in specs}
+            s_cov = {s.name: torch.zeros(s.d_out, s.d_out, device=device, dtype=dtype) for s in specs}
+            for c, ckpt in enumerate(ckpts):
+                load_into(model, ckpt, f"{what}, checkpoint {c}")
+                a_c, s_c = _covariances(model, task, specs, loader, objective, f"{what}, checkpoint {c}", progress)
+                for s in specs:
+                    a_cov[s.name] += a_c[s.name] / len(ckpts)
+                    s_cov[s.name] += s_c[s.name] / len(ckpts)
+            q_a = {s.name: _eigh(a_cov[s.name]).to(dtype) for s in specs}
+            q_s = {s.name: _eigh(s_cov[s.name]).to(dtype) for s in specs}
+            lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
+            for c, ckpt in enumerate(ckpts):
+                load_into(model, ckpt, f"{what}, checkpoint {c}")
+                lam_c = _lambdas(model, task, specs, loader, objective, q_a, q_s, f"{what}, checkpoint {c}", progress)
+                for s in specs:
+                    lam[s.name] += lam_c[s.name] / len(ckpts)
+            precond = _adam_preconditioner(model, seg, specs, what) if seg.optimizer != "sgd" else {}
+            segments.append(
+                {
+                    s.name: LayerFactors(
+                        a_cov[s.name], s_cov[s.name], q_a[s.name], q_s[s.name], lam[s.name],
+                        None if s.name not in precond else precond[s.name].to(device=device, dtype=dtype),
+                    )
+                    for s in specs
+                }
+            )
+            num_examples.append(len(seg.data))
+    layout = [1] * len(trajectory.segments) if average_params else trajectory.layout()
+    return Factors(specs, segments, num_examples, layout, fisher, average_params)
+
+
+def _covariances(model, task, specs, loader, objective, what, progress):
+    """Per-row means of a aᵀ (ones column last) and g gᵀ over the unmasked rows, every layer at once."""
+    dtype = factor_dtype(model)
+    device = next(model.parameters()).device
+    # float32 accumulators (the kernels' contract); float64 for a float64 model (exact references).
+    a_sum = {s.name: torch.zeros(s.d_a, s.d_a, device=device, dtype=dtype) for s in specs}
+    s_sum = {s.name: torch.zeros(s.d_out, s.d_out, device=device, dtype=dtype) for s in specs}
+    rows = dict.fromkeys((s.name for s in specs), 0)
+    bar = _progress(progress, len(loader.dataset), f"covariances ({what})")
+    for _, _, rec in run_pass(model, task, specs, loader, objective, what, bar):
+        covs, xs, masks, ones = [], [], [], []
+        for s in specs:
+            r = rec[s.name]
+            m = None if r.mask is None else r.mask.reshape(-1)
+            rows[s.name] += r.a.shape[0] * r.a.shape[1] if m is None else int((m != 0).sum())
+            covs += [a_sum[s.name], s_sum[s.name]]
+            xs += [r.a.reshape(-1, s.d_in), r.g.reshape(-1, s.d_out)]
+            masks += [m, m]
+            ones += [s.has_bias, False]
+        ops.covariance_accumulate_(covs, xs, masks, ones)
+    if bar is not None:
+        bar.close()
+    for s in specs:
+        if rows[s.name] == 0:
+            raise ValueError(f"{what}: module {s.name!r} saw no unmasked rows")
+    return (
+        {k: (v / rows[k]).to(dtype) for k, v in a_sum.items()},
+        {k: (v / rows[k]).to(dtype) for k, v in s_sum.items()},
+    )
+
+
+def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress):
+    """Λ = mean over examples of (Q_Sᵀ G_n Q_A)²: rotate the token matrices, then reduce per example."""
+    dtype = factor_dtype(model)
+    device = next(model.parameters()).device
+    lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
+    count = 0
+    bar = _progress(progress, len(loader.dataset), f"eigenvalue corrections ({what})")
+    for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar):
+        for s in specs:
+            r = rec[s.name]
+            a = with_ones(r.a, s, r.mask)
+            qa, qs = q_a[s.name], q_s[s.name]
+            # Rotating the token matrices first (two GEMMs over all rows) is what lets Λ avoid
+            # per-example d_out × d_a gradients; matmuls in the data dtype accumulate in fp32.
+            a_rot = a @ qa.to(a.dtype)
+            g_rot = r.g @ qs.to(r.g.dtype)
+            ops.accumulate_lambda_(lam[s.name], a_rot, g_rot, r.mask)
+        count += n
+    if bar is not None:
+        bar.close()
+    return {k: v / count for k, v in lam.items()}
+
+
+def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec], what: str) -> dict[str, Tensor]:
+    """P = 1/(√v̂ + ε) per tracked parameter, from each checkpoint's Adam state, averaged (d_out, d_a).
+
+    The optimizer must have been built from `model.parameters()` (state index i ↔ i-th parameter)."""
+    names = [n for n, _ in model.named_parameters()]
+    out: dict[str, Tensor] = {}
+    assert seg.optimizer_states is not None
+    for c, st in enumerate(seg.optimizer_states):
+        state = load_state_dict(st, f"{what}, optimizer state {c}") if not isinstance(st, dict) else st
+        if "state" not in state or "param_groups" not in state:
+            raise ValueError(f"{what}, optimizer state {c} is not an optimizer state_dict (needs 'state', 'param_groups')")
+        index_group = {i: g for g in state["param_groups"] for i in g["params"]}
+        if len(index_group) != len(names):
+            raise ValueError(
+                f"{what}, optimizer state {c} covers {len(index_group)} parameters, the model has {len(names)}; "
+                "build the optimizer from model.parameters()"
+            )
+        p_by_name = {}
+        for i, name in enumerate(names):
+            s = state["state"].get(i)
+            if s is None or "exp_avg_sq" not in s:
+                raise ValueError(f"{what}, optimizer state {c} has no exp_avg_sq for parameter {name!r}")
+            group = index_group[i]
+            step = float(s["step"])
+            v_hat = s["exp_avg_sq"].double() / (1 - group["betas"][1] ** step)
+            p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
+        for spec in specs:
+            out[spec.name] = out.get(spec.name, 0) + spec.param_matrix(p_by_name).double() / len(seg.optimizer_states)
+    return out

@@ -1,0 +1,361 @@
+"""Pairwise scores and self-influence for every method (ALGORITHM.md §1-§4).
+
+Sign and scale, for every method: score(q, m) estimates f(z_q, θ_T without z_m) − f(z_q, θ_T),
+positive when removing z_m would increase the measurement, and carries the 1/N factor, so it is in
+the measurement's own units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+from ._passes import make_loader, run_pass
+from .capture import LayerSpec, tracked_layers, with_ones
+from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints
+from .task import Task
+from .trajectory import Checkpoint, Segment, Trajectory, load_into
+
+Method = Literal["source", "fast_source", "ekfac", "tracin", "grad_dot"]
+Damping = float | Literal["heuristic", "implied"]
+
+Grads = dict[str, Tensor]  # module name → (n, d_out, d_a)
+
+
+@dataclass
+class _Plan:
+    """What a method needs: for each used segment, the checkpoints to take training gradients at,
+    the weight of each, and the preconditioned queries to dot them with (one per checkpoint)."""
+
+    segments: list[int]
+    checkpoints: dict[int, list[Checkpoint]]
+    weights: dict[int, float]
+    queries: dict[int, list[Grads]]
+
+
+def _check_method(method: str) -> None:
+    if method not in get_args(Method):
+        raise ValueError(f"unknown method {method!r}; valid: {sorted(get_args(Method))}")
+
+
+def _segments_for(trajectory: Trajectory, train_data: Any, train_segments) -> list[int]:
+    """Which segments trained on train_data: a stage's examples get nothing from the other stages."""
+    n_seg = len(trajectory.segments)
+    if train_segments == "all":
+        return list(range(n_seg))
+    if train_segments is None:
+        found = [i for i, s in enumerate(trajectory.segments) if s.data is train_data]
+        if not found:
+            raise ValueError(
+                "train_data is not the data of any segment; pass train_segments=[...] (indices of the segments "
+                "whose data contains these examples) or train_segments='all'"
+            )
+        return found
+    idx = sorted(set(int(i) for i in train_segments))
+    if not idx or idx[0] < 0 or idx[-1] >= n_seg:
+        raise ValueError(f"train_segments {list(train_segments)} must name segments in 0..{n_seg - 1}")
+    return idx
+
+
+def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn) -> Grads:
+    """Per-example layer gradients (n, d_out, d_a) of the measurement or training loss: used only
+    for queries (few) and for self-influence chunks (bounded), never for the training corpus."""
+    dtype = factor_dtype(model)
+    parts: dict[str, list[Tensor]] = {s.name: [] for s in specs}
+    for _, _, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what):
+        for s in specs:
+            r = rec[s.name]
+            a = with_ones(r.a, s, r.mask).to(dtype)
+            parts[s.name].append(torch.einsum("nto,nti->noi", r.g.to(dtype), a))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str) -> float:
+    if damping == "heuristic":  # kronfluence's damping_factor=None: 0.1 × mean eigenvalue
+        return 0.1 * float(lf.lam.clamp_min(0).mean())
+    if damping == "implied":  # SOURCE with one segment acts like damping 1/c (ALGORITHM.md §4)
+        return 1.0 / horizon
+    if isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0:
+        return float(damping)
+    raise ValueError(f"damping for module {name!r} must be a number >= 0, 'heuristic' or 'implied'; got {damping!r}")
+
+
+def _ekfac_inverse(v: Tensor, lf: LayerFactors, damping: float) -> Tensor:
+    u, _ = ops.precondition_queries(v, lf.q_s, lf.q_a, lf.lam, horizon=None, damping=damping)
+    return u
+
+
+def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Damping) -> list[Grads]:
+    """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … 1."""
+    us: list[Grads] = [{} for _ in trajectory.segments]
+    for ell in reversed(range(len(trajectory.segments))):
+        seg = trajectory.segments[ell]
+        nxt = {}
+        for name, vq in v.items():
+            lf = factors.segments[ell][name].to(vq.device, vq.dtype)
+            if seg.optimizer == "sgd":
+                us[ell][name], nxt[name] = ops.precondition_queries(
+                    vq, lf.q_s, lf.q_a, lf.lam, horizon=seg.horizon, damping=seg.weight_decay
+                )
+            else:
+                us[ell][name], nxt[name] = _adam_segment(vq, lf, seg, damping, name)
+        v = nxt
+    return us
+
+
+def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, name: str) -> tuple[Tensor, Tensor]:
+    """Adam/AdamW (ALGORITHM.md §4): the exponentials act elementwise with σ = p ⊙ diag(H̄) (+ decay),
+    while H̄⁻¹ uses the full EK-FAC: u = (H̄ + δ)⁻¹ [(1 − E) ⊙ v], v ← E ⊙ v, E = exp(−c σ)."""
+    if lf.precond is None:
+        raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
+    diag = lf.diag_hessian()
+    if seg.optimizer == "adam":  # L2 in the gradient: its curvature wd sits inside P's scope
+        sigma = lf.precond * (diag + seg.weight_decay)
+        extra = seg.weight_decay
+    else:  # adamw: decoupled decay shrinks the weights directly
+        sigma = lf.precond * diag + seg.weight_decay
+        extra = 0.0
+    shrink = torch.exp(-seg.lr_sum * sigma)
+    delta = _damping_value(damping, lf, seg.lr_sum, name) + extra
+    return _ekfac_inverse((1 - shrink) * v, lf, delta), shrink * v
+
+
+def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate):
+    final = trajectory.final_checkpoint
+    if method in ("ekfac", "grad_dot"):
+        if sum(trajectory.layout()) != 1:
+            raise ValueError(
+                f"method {method!r} uses one checkpoint; pass trajectory.final() (this trajectory has "
+                f"{trajectory.layout()} checkpoints per segment)"
+            )
+        load_into(model, final, "final checkpoint")
+        v = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate)
+        seg = trajectory.segments[0]
+        if method == "ekfac":
+            v = {
+                name: _ekfac_inverse(vq, lf.to(vq.device, vq.dtype), _damping_value(damping, lf, seg.horizon, name))
+                for name, vq in v.items()
+                for lf in [factors.segments[0][name]]
+            }
+        return _Plan([0], {0: [final]}, {0: 1.0 / seg.num_examples}, {0: [v]})
+    if method == "tracin":
+        plan = _Plan(train_segs, {}, {}, {})
+        for ell in train_segs:
+            seg = trajectory.segments[ell]
+            plan.checkpoints[ell] = list(seg.checkpoints)
+            plan.weights[ell] = seg.horizon / (seg.num_examples * len(seg.checkpoints))
+            plan.queries[ell] = []
+            for c, ckpt in enumerate(seg.checkpoints):
+                load_into(model, ckpt, f"segment {ell}, checkpoint {c}")
+                what = f"queries at segment {ell}, checkpoint {c}"
+                plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective, what, bs, collate))
+        return plan
+    # source / fast_source
+    load_into(model, final, "final checkpoint")
+    v = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate)
+    us = _source_walk(v, trajectory, factors, damping)
+    plan = _Plan(train_segs, {}, {}, {})
+    for ell in train_segs:
+        seg = trajectory.segments[ell]
+        ckpts = segment_checkpoints(seg, method == "fast_source", f"segment {ell}")
+        plan.checkpoints[ell] = ckpts
+        plan.weights[ell] = 1.0 / (seg.num_examples * len(ckpts))
+        plan.queries[ell] = [us[ell]] * len(ckpts)
+    return plan
+
+
+def _validate(model, task, trajectory, factors, method):
+    _check_method(method)
+    specs = tracked_layers(model, task.get_influence_tracked_modules())
+    if method in ("source", "fast_source", "ekfac"):
+        if not isinstance(factors, Factors):
+            raise TypeError(f"method {method!r} needs Factors from fit_factors(), got {type(factors).__name__}")
+        factors.check_model(model, specs)
+        factors.check_trajectory(trajectory, average_params=method == "fast_source")
+    return specs
+
+
+def score(
+    model: nn.Module,
+    task: Task,
+    trajectory: Trajectory,
+    factors: Factors | None,
+    train_data: Any,
+    query_data: Any,
+    method: Method = "source",
+    *,
+    damping: Damping = "heuristic",
+    batch_size: int = 32,
+    query_rank: int | None = None,
+    train_segments: list[int] | Literal["all"] | None = None,
+    collate_fn: Callable | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Scores every (query, training example) pair: a (n_query, n_train) tensor.
+
+    score[q, m] estimates f(z_q, θ_T without z_m) − f(z_q, θ_T) (positive: removing z_m increases f;
+    with f a loss, z_m helped the query) and includes the 1/N factor.
+
+    method:
+      "source"      SOURCE (ALGORITHM.md §4) with the factors from fit_factors(trajectory)
+      "fast_source" SOURCE at the mean parameters of each segment; factors from
+                    fit_factors(trajectory, average_params=True)
+      "ekfac"       influence function (H + λI)⁻¹ at a one-checkpoint trajectory (trajectory.final()),
+                    λ = `damping`: a number, "heuristic" (0.1 × mean Λ, per layer) or "implied" (1/c)
+      "tracin"      Σ_ℓ (c_ℓ/N_ℓ) mean over the checkpoints of ⟨∇f(z_q, θ_c), ∇L(z_m, θ_c)⟩
+      "grad_dot"    ⟨∇f(z_q, θ_T), ∇L(z_m, θ_T)⟩ / N at a one-checkpoint trajectory
+    damping: for "ekfac", and for the H̄⁻¹ of Adam segments in SOURCE (SGD segments need none).
+    query_rank: approximate each preconditioned query layer by its top singular vectors (cheaper
+        scoring of huge corpora; None = exact).
+    train_segments: which segments trained on `train_data` (None: those whose `data` is it).
+    Training gradients come from one pass over `train_data` per checkpoint, for all queries.
+    """
+    specs = _validate(model, task, trajectory, factors, method)
+    n_train = len(train_data)
+    if len(query_data) == 0 or n_train == 0:
+        raise ValueError(f"empty data: {len(query_data)} queries, {n_train} training examples")
+    if query_rank is not None and query_rank < 1:
+        raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
+    single = method in ("ekfac", "grad_dot")
+    train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
+    with restored(model):
+        plan = _plan(
+            model, task, specs, trajectory, factors, method, query_data, "measurement", damping, train_segs,
+            batch_size, collate_fn,
+        )
+        loader = make_loader(train_data, batch_size, collate_fn)
+        scores = None
+        for ell in plan.segments:
+            for c, ckpt in enumerate(plan.checkpoints[ell]):
+                what = f"segment {ell}, checkpoint {c}"
+                load_into(model, ckpt, what)
+                queries = _lowrank(plan.queries[ell][c], query_rank) if query_rank else plan.queries[ell][c]
+                bar = _progress(progress, n_train, f"scoring ({what})")
+                for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar):
+                    block = _score_block(specs, rec, queries, query_rank is not None)
+                    if scores is None:
+                        scores = block.new_zeros(block.shape[1], n_train)
+                    scores[:, start : start + n] += plan.weights[ell] * block.T
+                if bar is not None:
+                    bar.close()
+    assert scores is not None
+    return scores
+
+
+def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool) -> Tensor:
+    total = None
+    for s in specs:
+        r = rec[s.name]
+        a = with_ones(r.a, s, r.mask)
+        if lowrank:
+            left, right = queries[s.name]
+            part = reference.pairwise_scores_lowrank(a, r.g, left, right, r.mask)
+        else:
+            part = ops.pairwise_scores(a, r.g, queries[s.name], r.mask)
+        total = part if total is None else total + part
+    return total
+
+
+def _lowrank(queries: Grads, rank: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """U_q ≈ Σ_r s_r p_r q_rᵀ from the SVD; returns (left (q, d_out, r) = p·s, right (q, d_a, r))."""
+    out = {}
+    for name, u in queries.items():
+        p, s, vh = torch.linalg.svd(u, full_matrices=False)
+        r = min(rank, s.shape[-1])
+        out[name] = (p[..., :r] * s[:, None, :r], vh[:, :r, :].transpose(1, 2))
+    return out
+
+
+def self_score(
+    model: nn.Module,
+    task: Task,
+    trajectory: Trajectory,
+    factors: Factors | None,
+    train_data: Any,
+    method: Method = "source",
+    *,
+    damping: Damping = "heuristic",
+    batch_size: int = 32,
+    chunk_size: int = 256,
+    train_segments: list[int] | Literal["all"] | None = None,
+    collate_fn: Callable | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Self-influence score(m, m) of every training example, with its training loss as the
+    measurement: a (n_train,) tensor, same methods, sign and scale as `score`.
+
+    One-checkpoint methods (ekfac, grad_dot, and source/fast_source with one segment of one
+    checkpoint) take the fused eigenbasis path Σ_ij s_ij (Q_Sᵀ G_n Q_A)_ij² with no per-example
+    gradient in memory; otherwise examples go in chunks of `chunk_size`, each with its own walk.
+    """
+    specs = _validate(model, task, trajectory, factors, method)
+    n_train = len(train_data)
+    if n_train == 0:
+        raise ValueError("empty data: no training examples")
+    single = method in ("ekfac", "grad_dot")
+    train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
+    # One segment of one checkpoint: query and training gradients are taken at the same weights,
+    # so the score is a per-example quadratic form in the eigenbasis.
+    fused = single or (
+        method in ("source", "fast_source") and trajectory.layout() == [1] and trajectory.segments[0].optimizer == "sgd"
+    )
+    with restored(model):
+        if fused:
+            return _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size, collate_fn, progress)
+        out = []
+        idx = list(range(n_train))
+        for start in range(0, n_train, chunk_size):
+            chunk = torch.utils.data.Subset(train_data, idx[start : start + chunk_size])
+            plan = _plan(
+                model, task, specs, trajectory, factors, method, chunk, "train", damping, train_segs, batch_size,
+                collate_fn,
+            )
+            total = None
+            for ell in plan.segments:
+                for c, ckpt in enumerate(plan.checkpoints[ell]):
+                    what = f"segment {ell}, checkpoint {c}"
+                    load_into(model, ckpt, what)
+                    g = _example_grads(model, task, specs, chunk, "train", what, batch_size, collate_fn)
+                    part = sum((plan.queries[ell][c][k] * g[k]).sum((1, 2)) for k in g) * plan.weights[ell]
+                    total = part if total is None else total + part
+            out.append(total)
+        return torch.cat(out)
+
+
+def _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size, collate_fn, progress):
+    seg = trajectory.segments[0]
+    ckpt = segment_checkpoints(seg, method == "fast_source", "segment 0")[0]
+    load_into(model, ckpt, "segment 0, checkpoint 0")
+    dtype = factor_dtype(model)
+    device = next(model.parameters()).device
+    scales, bases = {}, {}
+    for s in specs:
+        if method == "grad_dot":
+            scales[s.name], bases[s.name] = torch.ones(s.d_out, s.d_a, device=device, dtype=dtype), None
+            continue
+        lf = factors.segments[0][s.name].to(device, dtype)
+        if method == "ekfac":
+            delta = _damping_value(damping, lf, seg.horizon, s.name)
+            scales[s.name] = 1.0 / (lf.lam.clamp_min(0) + delta)
+        else:
+            scales[s.name] = reference.source_factor(lf.lam.clamp_min(0) + seg.weight_decay, seg.horizon)
+        bases[s.name] = lf
+    out = torch.zeros(len(train_data), device=device, dtype=dtype)
+    bar = _progress(progress, len(train_data), "self-influence")
+    for start, n, rec in run_pass(model, task, specs, make_loader(train_data, batch_size, collate_fn), "train", "self-influence", bar):
+        for s in specs:
+            r = rec[s.name]
+            a = with_ones(r.a, s, r.mask)
+            g = r.g
+            lf = bases[s.name]
+            if lf is not None:
+                a, g = a @ lf.q_a.to(a.dtype), g @ lf.q_s.to(g.dtype)
+            out[start : start + n] += ops.self_scores(a, g, scales[s.name], r.mask).to(dtype)
+    if bar is not None:
+        bar.close()
+    return out / seg.num_examples

@@ -1,0 +1,201 @@
+"""What SOURCE needs to know about training: checkpoints, data and learning rates, per segment."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+Optimizer = Literal["sgd", "adam", "adamw"]
+Checkpoint = dict[str, Tensor] | str | os.PathLike
+
+
+def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
+    """A state_dict from a dict or a file (.safetensors, or anything torch.load reads)."""
+    if isinstance(checkpoint, dict):
+        return checkpoint
+    path = os.fspath(checkpoint)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise TypeError(f"{what}: {path!r} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
+    """Loads a checkpoint into `model` in place, with an error that names the checkpoint and the keys."""
+    state = load_state_dict(checkpoint, what)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} does not match the model: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(
+                f"{what}: {key!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the model"
+            )
+    model.load_state_dict(state)
+
+
+class Segment:
+    """A stretch of training whose curvature and gradients SOURCE treats as stationary.
+
+    checkpoints: state_dicts or file paths saved inside the segment, in training order
+    data: the dataset the segment trained on (len() is N_ℓ); multi-stage training gives each
+        stage's segments that stage's data
+    lr_sum: c_ℓ = Σ η_k over the segment's steps (warm-up and decay included), or
+    lrs: the per-step learning rates, summed for you (give exactly one of the two)
+    momentum: heavy-ball β of SGD; the effective horizon is c/(1−β)
+    optimizer: "sgd", "adam" (L2 penalty inside the gradient) or "adamw" (decoupled decay)
+    optimizer_states: for adam/adamw, the optimizer state_dicts (or files) saved with each
+        checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε)
+    weight_decay: adds wd to every curvature eigenvalue (SGD, AdamW) or to the gradient (Adam)
+    """
+
+    def __init__(
+        self,
+        checkpoints: Sequence[Checkpoint],
+        data: Any,
+        *,
+        lr_sum: float | None = None,
+        lrs: Sequence[float] | None = None,
+        momentum: float = 0.0,
+        optimizer: Optimizer = "sgd",
+        optimizer_states: Sequence[Any] | None = None,
+        weight_decay: float = 0.0,
+    ):
+        checkpoints = list(checkpoints)
+        if not checkpoints:
+            raise ValueError("Segment has no checkpoints; give at least one (the weights at the segment's end)")
+        if (lr_sum is None) == (lrs is None):
+            raise ValueError("Segment needs exactly one of lr_sum= (Σ η over its steps) or lrs= (per-step rates)")
+        if lrs is not None:
+            lr_sum = float(sum(float(x) for x in lrs))
+        assert lr_sum is not None
+        if not math.isfinite(lr_sum) or lr_sum <= 0:
+            raise ValueError(f"Segment learning-rate sum must be positive and finite, got {lr_sum}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Segment momentum must be in [0, 1), got {momentum}")
+        if optimizer not in get_args(Optimizer):
+            raise ValueError(f"unknown optimizer {optimizer!r}; valid: {sorted(get_args(Optimizer))}")
+        if weight_decay < 0:
+            raise ValueError(f"Segment weight_decay must be >= 0, got {weight_decay}")
+        if optimizer == "sgd":
+            if optimizer_states is not None:
+                raise ValueError("optimizer_states are only used with optimizer='adam' or 'adamw'")
+        else:
+            if momentum:
+                raise ValueError("momentum applies to SGD; Adam's moments come from optimizer_states")
+            if optimizer_states is None or len(optimizer_states) != len(checkpoints):
+                raise ValueError(
+                    f"optimizer={optimizer!r} needs one optimizer state per checkpoint "
+                    f"({len(checkpoints)}), got {0 if optimizer_states is None else len(optimizer_states)}"
+                )
+        if data is None or len(data) == 0:
+            raise ValueError("Segment data is empty: give the dataset this segment trained on")
+        self.checkpoints = checkpoints
+        self.data = data
+        self.lr_sum = float(lr_sum)
+        self.momentum = float(momentum)
+        self.optimizer: Optimizer = optimizer
+        self.optimizer_states = None if optimizer_states is None else list(optimizer_states)
+        self.weight_decay = float(weight_decay)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.data)
+
+    @property
+    def horizon(self) -> float:
+        """c_ℓ as the curvature sees it: Σ η, divided by (1 − β) for heavy-ball momentum."""
+        return self.lr_sum / (1.0 - self.momentum)
+
+    def __repr__(self) -> str:
+        return (
+            f"Segment({len(self.checkpoints)} checkpoints, {self.num_examples} examples, lr_sum={self.lr_sum:g}, "
+            f"momentum={self.momentum:g}, optimizer={self.optimizer!r})"
+        )
+
+
+@dataclass
+class Trajectory:
+    """The segments of a training run, in training order. The last checkpoint of the last
+    segment is the final model θ_T."""
+
+    segments: list[Segment]
+
+    def __post_init__(self):
+        self.segments = list(self.segments)
+        if not self.segments:
+            raise ValueError("Trajectory has no segments")
+        for i, seg in enumerate(self.segments):
+            if not isinstance(seg, Segment):
+                raise TypeError(f"Trajectory segment {i} is a {type(seg).__name__}, not a Segment")
+
+    @classmethod
+    def even(
+        cls,
+        checkpoints: Sequence[Checkpoint],
+        lrs: Sequence[float],
+        num_segments: int,
+        data: Any,
+        *,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> Trajectory:
+        """The paper's default: C checkpoints evenly spaced over the run's T steps (checkpoint c,
+        counting from 1, saved after step round(c·T/C), so the last is the final weights), split into
+        `num_segments` consecutive groups; each segment's c_ℓ sums the real per-step rates `lrs`."""
+        checkpoints = list(checkpoints)
+        lrs = [float(x) for x in lrs]
+        n_ckpt, n_steps = len(checkpoints), len(lrs)
+        if n_ckpt == 0:
+            raise ValueError("Trajectory.even needs at least one checkpoint")
+        if not 1 <= num_segments <= n_ckpt:
+            raise ValueError(f"num_segments must be between 1 and the number of checkpoints ({n_ckpt}), got {num_segments}")
+        if n_steps < n_ckpt:
+            raise ValueError(f"{n_steps} learning rates for {n_ckpt} checkpoints: give one rate per training step")
+        ckpt_step = [round((c + 1) * n_steps / n_ckpt) for c in range(n_ckpt)]
+        bounds = [round(s * n_ckpt / num_segments) for s in range(num_segments + 1)]
+        segments, start = [], 0
+        for s in range(num_segments):
+            group = range(bounds[s], bounds[s + 1])
+            end = ckpt_step[group[-1]]
+            segments.append(
+                Segment(
+                    [checkpoints[c] for c in group], data, lrs=lrs[start:end], momentum=momentum,
+                    weight_decay=weight_decay,
+                )
+            )
+            start = end
+        return cls(segments)
+
+    def final(self) -> Trajectory:
+        """One segment holding only the final checkpoint: what EK-FAC influence functions use. Its
+        horizon is the whole run's, so damping="implied" gives 1/c of the run."""
+        last = self.segments[-1]
+        return Trajectory(
+            [Segment([last.checkpoints[-1]], last.data, lr_sum=sum(s.horizon for s in self.segments))]
+        )
+
+    @property
+    def final_checkpoint(self) -> Checkpoint:
+        return self.segments[-1].checkpoints[-1]
+
+    def layout(self) -> list[int]:
+        """Checkpoints per segment: recorded in fitted factors to refuse a mismatched trajectory."""
+        return [len(s.checkpoints) for s in self.segments]

@@ -1,0 +1,89 @@
+"""Exact unrolled differentiation (ALGORITHM.md §3): the ground truth SOURCE approximates.
+
+Replays a recorded SGD run functionally with a weight (1 + ε_m) on every training example's loss
+and differentiates the final measurement with respect to ε. Costs a full graph of the training
+run per query, so it is for small models only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils.data import default_collate
+
+from .task import Task
+
+
+def _per_example_losses(model, task, params, batch) -> Tensor:
+    """L(z_i, θ) for each example of the batch, as a vector (vmap over one-example batches)."""
+
+    def one(example):
+        single = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), example)
+        return task.compute_train_loss(single, _Bound(model, params), False)
+
+    return vmap(one, randomness="different")(batch)
+
+
+class _Bound(nn.Module):
+    """Calls `model` with the given parameter dict (so a Task can call model(x) unchanged)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor]):
+        super().__init__()
+        self._model = [model]  # a list keeps it out of this module's own children
+        self._params = params
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self._model[0], self._params, args, kwargs)
+
+
+def unroll_scores(
+    model: nn.Module,
+    task: Task,
+    init_state: dict[str, Tensor],
+    train_data: Any,
+    batches: Sequence[Sequence[int]],
+    lrs: Sequence[float],
+    query_data: Any,
+    *,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> Tensor:
+    """Exact removal-effect scores (n_query, n_train) of a recorded SGD run.
+
+    batches[k]: the training-example indices of step k; lrs[k]: its learning rate. Each step is
+    θ ← θ − η_k (b with b ← β b + ∇[(1/B) Σ_i (1 + ε_i) L(z_i, θ)] + wd θ), the torch.optim.SGD update.
+    Returns −∂f(z_q, θ_T)/∂ε_m: the first-order change of f when z_m is removed (ε_m = −1), with the
+    project's sign convention (positive: removing z_m increases f). Scale: no 1/N (it is exact).
+    """
+    if len(batches) != len(lrs):
+        raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates: give one rate per step")
+    n_train = len(train_data)
+    names = [n for n, p in model.named_parameters()]
+    buffers = {k: v for k, v in model.named_buffers()}
+    dtype = next(model.parameters()).dtype
+    eps = torch.zeros(n_train, dtype=dtype, requires_grad=True)
+    params = {k: init_state[k].detach().clone().requires_grad_(True) for k in names}
+    velocity = {k: torch.zeros_like(v) for k, v in params.items()}
+    for k, (idx, lr) in enumerate(zip(batches, lrs)):
+        idx = list(idx)
+        batch = default_collate([train_data[i] for i in idx])
+        losses = _per_example_losses(model, task, {**params, **buffers}, batch)
+        objective = ((1 + eps[idx]) * losses).mean()
+        grads = torch.autograd.grad(objective, list(params.values()), create_graph=True)
+        for (name, p), g in zip(list(params.items()), grads):
+            if weight_decay:
+                g = g + weight_decay * p
+            velocity[name] = momentum * velocity[name] + g if (momentum and k > 0) else g
+            params[name] = p - lr * velocity[name]
+    queries = default_collate([query_data[i] for i in range(len(query_data))])
+    out = []
+    for q in range(len(query_data)):
+        single = torch.utils._pytree.tree_map(lambda t: t[q : q + 1], queries)
+        f = task.compute_measurement(single, _Bound(model, {**params, **buffers}))
+        (d_eps,) = torch.autograd.grad(f, eps, retain_graph=q + 1 < len(query_data))
+        out.append(-d_eps.detach())
+    return torch.stack(out)

@@ -1,0 +1,90 @@
+"""Small models, tasks and first-principles float64 constructions shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import TensorDataset
+
+import source_fast
+
+
+class ClassifyTask(source_fast.Task):
+    """Cross-entropy classification; measurement = the query's loss."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x)
+        if sample:
+            with torch.no_grad():
+                y = torch.distributions.Categorical(logits=logits.detach()).sample()
+        return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y, reduction="sum")
+
+
+class RegressTask(source_fast.Task):
+    """Squared error ½(f − y)², whose Gauss-Newton Fisher is exact with `sample` drawing y ~ N(f, 1)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        out = model(x).squeeze(-1)
+        if sample:
+            y = out.detach() + torch.randn_like(out)
+        return 0.5 * ((out - y) ** 2).sum()
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return 0.5 * ((model(x).squeeze(-1) - y) ** 2).sum()
+
+
+def mlp(d_in: int, hidden: int, d_out: int, *, bias: bool = True, dtype=torch.float64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden, bias=bias), nn.Tanh(), nn.Linear(hidden, d_out, bias=bias)).to(dtype)
+
+
+def classification_data(n: int, d: int, k: int, *, seed: int = 0, dtype=torch.float64) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    w = torch.randn(d, k, generator=g, dtype=dtype)
+    y = (x @ w + 0.5 * torch.randn(n, k, generator=g, dtype=dtype)).argmax(1)
+    return TensorDataset(x, y)
+
+
+def perturbed_states(model: nn.Module, count: int, scale: float = 0.05, seed: int = 1) -> list[dict]:
+    """`count` checkpoints near the model's weights (a stand-in trajectory for algebra tests)."""
+    g = torch.Generator().manual_seed(seed)
+    base = model.state_dict()
+    return [{k: v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in base.items()} for _ in range(count)]
+
+
+def per_example_grads(model: nn.Module, state: dict, loss_fn, x, y, layer_names) -> dict[str, torch.Tensor]:
+    """Explicit per-example parameter gradients (torch.func), as (n, d_out, d_in [+1 bias]) per layer."""
+    params = {k: v.detach() for k, v in state.items()}
+
+    def one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
+
+    grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    out = {}
+    for name in layer_names:
+        w = grads[f"{name}.weight"]
+        b = grads.get(f"{name}.bias")
+        out[name] = w if b is None else torch.cat([w, b[..., None]], dim=-1)
+    return out
+
+
+def dense_curvature(lf) -> torch.Tensor:
+    """The P×P EK-FAC matrix Q diag(vec Λ) Qᵀ of one layer (row-major vec of the (d_out, d_a) gradient)."""
+    k = torch.kron(lf.q_s.double(), lf.q_a.double())
+    return k @ torch.diag(lf.lam.double().clamp_min(0).reshape(-1)) @ k.T
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    rx = x.argsort().argsort().double()
+    ry = y.argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx @ ry) / (rx.norm() * ry.norm()))

@@ -1,0 +1,319 @@
+"""The engine against explicit float64 constructions on tiny models (ALGORITHM.md §2-§5).
+
+Everything runs in float64, so the only differences from the dense constructions are summation
+order: tolerances are relative 1e-9 unless a test says otherwise.
+"""
+
+import pytest
+import torch
+from _helpers import (
+    ClassifyTask, RegressTask, classification_data, dense_curvature, mlp, per_example_grads, perturbed_states,
+)
+from torch.nn import functional as F
+from torch.utils.data import Subset, TensorDataset
+
+import source_fast as sf
+from source_fast import reference
+
+LAYERS = ["0", "2"]
+RTOL = 1e-9
+
+
+def _ce(logits, y):
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def _grads(model, state, data, idx=None):
+    x, y = data.tensors
+    if idx is not None:
+        x, y = x[idx], y[idx]
+    g = per_example_grads(model, state, _ce, x, y, LAYERS)
+    return torch.cat([g[n].flatten(1) for n in LAYERS], 1)  # (n, P) in row-major (d_out, d_a) blocks
+
+
+def _block_diag_curvature(factors, ell, wd=0.0):
+    h = torch.block_diag(*(dense_curvature(factors.segments[ell][n]) for n in LAYERS))
+    return h + wd * torch.eye(h.shape[0], dtype=h.dtype)
+
+
+def _close(actual, expected, rtol=RTOL):
+    scale = expected.abs().max()
+    err = (actual - expected).abs().max()
+    assert err <= rtol * scale, f"max|Δ| = {err:.3g}, scale {scale:.3g}, rtol {rtol}"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = mlp(4, 5, 3)
+    data = classification_data(60, 4, 3, seed=3)
+    queries = classification_data(4, 4, 3, seed=4)
+    ckpts = perturbed_states(model, 4, scale=0.2)
+    return model, data, queries, ckpts
+
+
+def test_factors_match_first_principles(setup):
+    """A, S from explicit activations and output gradients, Λ from explicit per-example gradients."""
+    model, data, _, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts[:3], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical", batch_size=7)
+    x, y = data.tensors
+    a_cov = {n: 0 for n in LAYERS}
+    s_cov = {n: 0 for n in LAYERS}
+    grads = []
+    for st in ckpts[:3]:
+        g = per_example_grads(model, st, _ce, x, y, LAYERS)
+        grads.append(g)
+        h = torch.tanh(x @ st["0.weight"].T + st["0.bias"])
+        for name, inp in (("0", x), ("2", h)):
+            a = torch.cat([inp, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            a_cov[name] += a.T @ a / len(x) / 3
+            out_grad = g[name][:, :, -1]  # the bias column of G_n = g_n a_nᵀ is g_n
+            s_cov[name] += out_grad.T @ out_grad / len(x) / 3
+    for name in LAYERS:
+        lf = factors.segments[0][name]
+        _close(lf.a_cov, a_cov[name])
+        _close(lf.s_cov, s_cov[name])
+        qa = torch.linalg.eigh(a_cov[name]).eigenvectors
+        qs = torch.linalg.eigh(s_cov[name]).eigenvectors
+        lam = sum(((qs.T @ g[name] @ qa) ** 2).mean(0) for g in grads) / 3
+        _close(lf.lam, lam)  # squares make Λ blind to eigenvector signs
+
+
+def _dense_source(factors, traj, v, grads_by_ckpt, train_segments):
+    """τ = Σ_ℓ (1/N_ℓ) mean_c ⟨u_ℓ, ∇L(θ_c)⟩ with u_ℓ = (I − e^{−c_ℓH_ℓ}) H_ℓ⁻¹ v_ℓ, v_{ℓ−1} = e^{−c_ℓH_ℓ} v_ℓ."""
+    out = 0
+    for ell in reversed(range(len(traj.segments))):
+        seg = traj.segments[ell]
+        h = _block_diag_curvature(factors, ell, seg.weight_decay)
+        c = seg.horizon
+        e = torch.linalg.matrix_exp(-c * h)
+        u = torch.linalg.solve(h, (torch.eye(h.shape[0], dtype=h.dtype) - e) @ v.T).T
+        if ell in train_segments:
+            g = torch.stack(grads_by_ckpt[ell]).mean(0)
+            out = out + u @ g.T / seg.num_examples
+        v = (e @ v.T).T
+    return out
+
+
+@pytest.mark.parametrize("momentum, wd", [(0.0, 1e-3), (0.9, 1e-2)])
+def test_source_matches_dense_matrix_functions(setup, momentum, wd):
+    model, data, queries, ckpts = setup
+    segs = [
+        sf.Segment(ckpts[:2], data, lrs=[0.5] * 6, momentum=momentum, weight_decay=wd),
+        sf.Segment(ckpts[2:], data, lr_sum=2.0, momentum=momentum, weight_decay=wd),
+    ]
+    traj = sf.Trajectory(segs)
+    factors = sf.fit_factors(model, ClassifyTask(), traj, batch_size=16)
+    scores = sf.score(model, ClassifyTask(), traj, factors, data, queries, batch_size=13)
+    v = _grads(model, ckpts[-1], queries)
+    grads = {0: [_grads(model, s, data) for s in ckpts[:2]], 1: [_grads(model, s, data) for s in ckpts[2:]]}
+    expected = _dense_source(factors, traj, v, grads, {0, 1})
+    _close(scores, expected)
+    # The order of segments matters as the formula says: swapping them changes the answer, and
+    # the engine follows the dense formula for the swapped trajectory too.
+    swapped = sf.Trajectory([segs[1], segs[0]])
+    f_sw = sf.Factors(factors.layers, factors.segments[::-1], factors.num_examples, [2, 2], "true", False)
+    s_sw = sf.score(model, ClassifyTask(), swapped, f_sw, data, queries)
+    v_sw = _grads(model, ckpts[1], queries)
+    expected_sw = _dense_source(f_sw, swapped, v_sw, {0: grads[1], 1: grads[0]}, {0, 1})
+    _close(s_sw, expected_sw)
+    assert (s_sw - scores).abs().max() > 1e-3 * scores.abs().max()
+
+
+def test_multistage_scores_only_the_stage_that_saw_the_data(setup):
+    model, data, queries, ckpts = setup
+    finetune = classification_data(30, 4, 3, seed=9)
+    traj = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=1.5), sf.Segment(ckpts[2:], finetune, lr_sum=0.7)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj)
+    scores = sf.score(model, ClassifyTask(), traj, factors, data, queries)
+    v = _grads(model, ckpts[-1], queries)
+    grads = {0: [_grads(model, s, data) for s in ckpts[:2]]}
+    _close(scores, _dense_source(factors, traj, v, grads, {0}))
+    assert factors.num_examples == [60, 30]
+
+
+def test_ekfac_matches_dense_inverse(setup):
+    model, data, queries, ckpts = setup
+    traj = sf.Trajectory([sf.Segment([ckpts[-1]], data, lr_sum=3.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj)
+    v = _grads(model, ckpts[-1], queries)
+    g = _grads(model, ckpts[-1], data)
+    h = _block_diag_curvature(factors, 0)
+    heuristic = [0.1 * factors.segments[0][n].lam.mean() for n in LAYERS]
+    sizes = [factors.segments[0][n].lam.numel() for n in LAYERS]
+    for damping, diag in [
+        (0.05, torch.full((h.shape[0],), 0.05, dtype=h.dtype)),
+        ("implied", torch.full((h.shape[0],), 1 / 3.0, dtype=h.dtype)),
+        ("heuristic", torch.cat([torch.full((s,), float(d), dtype=h.dtype) for s, d in zip(sizes, heuristic)])),
+    ]:
+        scores = sf.score(model, ClassifyTask(), traj, factors, data, queries, method="ekfac", damping=damping)
+        expected = torch.linalg.solve(h + torch.diag(diag), v.T).T @ g.T / len(data)
+        _close(scores, expected)
+
+
+def test_limits_of_the_horizon():
+    """c → ∞: SOURCE → undamped influence function; c → 0: SOURCE → c × grad_dot.
+
+    A one-output regression MLP: its Gauss-Newton matrix has no exact null direction (softmax
+    cross-entropy has one, where the undamped influence function is undefined and SOURCE is not)."""
+    model = mlp(4, 5, 1)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(80, 4, generator=g, dtype=torch.float64)
+    data = TensorDataset(x, x.sum(1).sin())
+    queries = TensorDataset(x[:3] + 0.1, x[:3].sum(1))
+    task = RegressTask()
+    for c, method in [(1e9, "ekfac"), (1e-9, "grad_dot")]:
+        traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=c)])
+        factors = sf.fit_factors(model, task, traj)
+        src = sf.score(model, task, traj, factors, data, queries)
+        ref = sf.score(model, task, traj, factors, data, queries, method=method, damping=0.0)
+        _close(src, ref if method == "ekfac" else c * ref, 1e-6)
+
+
+def test_source_factor_at_zero_curvature_is_exactly_c():
+    sigma = torch.tensor([0.0, 1e-30, 1e-12, 1.0, 1e6], dtype=torch.float64)
+    f = reference.source_factor(sigma, 2.5)
+    assert f[0] == 2.5 and torch.isfinite(f).all()
+    expected = torch.tensor([2.5, 2.5, 2.5 * (1 - 1.25e-12), -torch.expm1(torch.tensor(-2.5, dtype=torch.float64)).item(), 1e-6], dtype=torch.float64)
+    _close(f, expected, 1e-12)
+    lam = torch.tensor([[0.0, -1e-9], [2.0, 3.0]], dtype=torch.float64)  # round-off negatives clamp to 0
+    out = reference.eigen_scale(torch.ones(2, 2, dtype=torch.float64), lam, horizon=4.0)
+    assert out[0, 0] == 4.0 and out[0, 1] == 4.0
+
+
+def test_tracin_and_grad_dot_match_explicit_gradients(setup):
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=0.8, momentum=0.5), sf.Segment(ckpts[2:], data, lr_sum=0.3)])
+    scores = sf.score(model, task, traj, None, data, queries, method="tracin")
+    expected = 0
+    for seg in traj.segments:
+        for st in seg.checkpoints:
+            expected = expected + seg.horizon / (len(data) * 2) * _grads(model, st, queries) @ _grads(model, st, data).T
+    _close(scores, expected)
+    gd = sf.score(model, task, traj.final(), None, data, queries, method="grad_dot")
+    _close(gd, _grads(model, ckpts[-1], queries) @ _grads(model, ckpts[-1], data).T / len(data))
+
+
+def test_fast_source_is_source_at_the_mean_parameters(setup):
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=1.0), sf.Segment(ckpts[2:], data, lr_sum=2.0)])
+    fast = sf.fit_factors(model, task, traj, average_params=True)
+    mean = lambda sts: {k: (sts[0][k] + sts[1][k]) / 2 for k in sts[0]}  # noqa: E731
+    avg = sf.Trajectory([sf.Segment([mean(ckpts[:2])], data, lr_sum=1.0), sf.Segment([mean(ckpts[2:])], data, lr_sum=2.0)])
+    ref_factors = sf.fit_factors(model, task, avg)
+    expected = sf.score(model, task, avg, ref_factors, data, queries)  # its query gradient is at the averaged θ
+    got = sf.score(model, task, traj, fast, data, queries, method="fast_source")
+    # The query gradient is taken at the real final weights, so compare the training side via a
+    # trajectory whose last checkpoint is the true final one: same walk, same u, averaged training grads.
+    v = _grads(model, ckpts[-1], queries)
+    grads = {0: [_grads(model, mean(ckpts[:2]), data)], 1: [_grads(model, mean(ckpts[2:]), data)]}
+    one_ckpt = sf.Trajectory([sf.Segment([mean(ckpts[:2])], data, lr_sum=1.0), sf.Segment([ckpts[-1]], data, lr_sum=2.0)])
+    _close(got, _dense_source(fast, one_ckpt, v, grads, {0, 1}))
+    assert not torch.allclose(got, expected)  # θ_T, not the average, is where the query is measured
+    for a, b in zip(fast.segments, ref_factors.segments):
+        for n in LAYERS:
+            _close(a[n].lam, b[n].lam)
+
+
+@pytest.mark.parametrize("method", ["source", "fast_source", "ekfac", "tracin", "grad_dot"])
+@pytest.mark.parametrize("segments", [1, 2])
+def test_self_score_is_the_diagonal_of_pairwise(setup, method, segments):
+    """ClassifyTask's measurement is its training loss, so self-influence = diag(score(data, data))."""
+    model, data, _, ckpts = setup
+    task = ClassifyTask()
+    small = Subset(data, range(23))
+    ck = [ckpts[-1]] if method in ("ekfac", "grad_dot") else ckpts
+    traj = sf.Trajectory.even(ck, [0.2] * 12, 1 if len(ck) == 1 else segments, small)
+    factors = None if method in ("tracin", "grad_dot") else sf.fit_factors(model, task, traj, average_params=method == "fast_source")
+    pair = sf.score(model, task, traj, factors, small, small, method=method, batch_size=5)
+    self_ = sf.self_score(model, task, traj, factors, small, method=method, batch_size=4, chunk_size=10)
+    _close(self_, torch.diagonal(pair))
+
+
+def test_adam_segments_match_the_dense_formula(setup):
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    opt_states = []
+    for st in ckpts[:2]:
+        model.load_state_dict(st)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-6)
+        for _ in range(3):
+            opt.zero_grad()
+            task.compute_train_loss(data.tensors, model).backward()
+            opt.step()
+        opt_states.append(opt.state_dict())
+    for flavour, wd in [("adam", 1e-2), ("adamw", 1e-2)]:
+        seg = sf.Segment(ckpts[:2], data, lr_sum=0.5, optimizer=flavour, optimizer_states=opt_states, weight_decay=wd)
+        traj = sf.Trajectory([seg])
+        factors = sf.fit_factors(model, task, traj)
+        scores = sf.score(model, task, traj, factors, data, queries, damping=0.01)
+        # dense: p from the optimizer states, diag(H) from the dense EK-FAC matrix
+        h = _block_diag_curvature(factors, 0)
+        p = 0
+        for state in opt_states:
+            params = dict(model.named_parameters())
+            per = {}
+            for i, name in enumerate(params):
+                s = state["state"][i]
+                per[name] = 1 / ((s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt() + 1e-6)
+            p = p + torch.cat([torch.cat([per[f"{n}.weight"], per[f"{n}.bias"][:, None]], 1).flatten() for n in LAYERS]) / 2
+        sigma = p * (torch.diagonal(h) + wd) if flavour == "adam" else p * torch.diagonal(h) + wd
+        e = torch.exp(-0.5 * sigma)
+        delta = 0.01 + (wd if flavour == "adam" else 0.0)
+        v = _grads(model, ckpts[1], queries)
+        u = torch.linalg.solve(h + delta * torch.eye(h.shape[0], dtype=h.dtype), ((1 - e) * v).T).T
+        g = torch.stack([_grads(model, s, data) for s in ckpts[:2]]).mean(0)
+        _close(scores, u @ g.T / len(data))
+
+
+def test_low_rank_queries(setup):
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj)
+    exact = sf.score(model, task, traj, factors, data, queries)
+    full = sf.score(model, task, traj, factors, data, queries, query_rank=5)  # 5 = min(d_out, d_a) of the largest layer
+    _close(full, exact)
+    r1 = sf.score(model, task, traj, factors, data, queries, query_rank=1)
+    assert not torch.allclose(r1, exact)
+    corr = torch.corrcoef(torch.stack([r1.flatten(), exact.flatten()]))[0, 1]
+    assert corr > 0.5, corr
+
+
+def test_batch_size_and_chunking_do_not_change_scores(setup, tmp_path):
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory.even(ckpts, [0.1] * 10, 2, data)
+    f1 = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=1)
+    f2 = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=60)
+    s1 = sf.score(model, task, traj, f1, data, queries, batch_size=1)
+    s2 = sf.score(model, task, traj, f2, data, queries, batch_size=17)
+    _close(s1, s2)
+    d1 = sf.self_score(model, task, traj, f1, data, chunk_size=7, batch_size=3)
+    d2 = sf.self_score(model, task, traj, f1, data, chunk_size=60, batch_size=60)
+    _close(d1, d2)
+    f1.save(tmp_path / "f")
+    loaded = sf.Factors.load(tmp_path / "f")
+    assert loaded.layout == f1.layout and loaded.layers == f1.layers and loaded.num_examples == f1.num_examples
+    for a, b in zip(f1.segments, loaded.segments):
+        for n in LAYERS:
+            for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):
+                assert torch.equal(getattr(a[n], field), getattr(b[n], field))
+    # Bit-equal tensors, but eigh's eigenvectors are column-major and the loaded ones row-major, so
+    # matmul may sum in another order: equal to rounding.
+    _close(sf.score(model, task, traj, loaded, data, queries, batch_size=1), s1, 1e-13)
+
+
+def test_model_weights_and_mode_are_restored(setup):
+    model, data, queries, ckpts = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
+    f = sf.fit_factors(model, ClassifyTask(), traj)
+    sf.score(model, ClassifyTask(), traj, f, data, queries)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
