@@ -81,7 +81,9 @@ def run_pass(
                     f"{what}, batch {b}: module {spec.name!r} saw {rec.a.shape[0]} examples, others {n}; "
                     "examples must be the first dimension of every tracked layer's input"
                 )
-            if not torch.isfinite(rec.g).all():
+        # Backward runs from the last layer to the first: the last non-finite one is where it entered.
+        for spec in reversed(specs):
+            if not torch.isfinite(records[spec.name].g).all():
                 raise FloatingPointError(f"{what}, batch {b}: non-finite gradient at module {spec.name!r}")
         yield start, n, records
         start += n

@@ -1,0 +1,192 @@
+"""Bad input gets a clear error that names the problem, and nothing half-written is left behind."""
+
+import os
+
+import pytest
+import torch
+from _helpers import ClassifyTask, classification_data, mlp, perturbed_states
+from torch import nn
+
+import source_fast as sf
+
+
+@pytest.fixture
+def setup():
+    model = mlp(4, 5, 3)
+    data = classification_data(20, 4, 3)
+    return model, data, perturbed_states(model, 2)
+
+
+def test_checkpoint_mismatch_names_the_checkpoint_and_keys(setup):
+    model, data, ckpts = setup
+    missing = {k: v for k, v in ckpts[1].items() if k != "2.bias"}
+    extra = {**ckpts[1], "3.weight": torch.zeros(1)}
+    shaped = {**ckpts[1], "0.weight": torch.zeros(5, 5, dtype=torch.float64)}
+    for bad, pattern in [
+        (missing, r"segment 0, checkpoint 1 does not match the model: missing keys \['2.bias'\]"),
+        (extra, r"unexpected keys \['3.weight'\]"),
+        (shaped, r"segment 0, checkpoint 1: '0.weight' has shape \(5, 5\) in the checkpoint but \(5, 4\)"),
+    ]:
+        traj = sf.Trajectory([sf.Segment([ckpts[0], bad], data, lr_sum=1.0)])
+        with pytest.raises(ValueError, match=pattern):
+            sf.fit_factors(model, ClassifyTask(), traj)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment(["nope.pt"], data, lr_sum=1.0)]))
+
+
+def test_checkpoint_files_load(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    model, data, ckpts = setup
+    torch.save(ckpts[0], tmp_path / "a.pt")
+    save_file(ckpts[1], str(tmp_path / "b.safetensors"))
+    files = sf.Trajectory([sf.Segment([tmp_path / "a.pt", str(tmp_path / "b.safetensors")], data, lr_sum=1.0)])
+    dicts = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])
+    f1 = sf.fit_factors(model, ClassifyTask(), files, fisher="empirical")
+    f2 = sf.fit_factors(model, ClassifyTask(), dicts, fisher="empirical")
+    assert torch.equal(f1.segments[0]["0"].lam, f2.segments[0]["0"].lam)
+
+
+def test_segment_arguments(setup):
+    _, data, ckpts = setup
+    with pytest.raises(ValueError, match="no checkpoints"):
+        sf.Segment([], data, lr_sum=1.0)
+    for lr in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="must be positive and finite"):
+            sf.Segment(ckpts, data, lr_sum=lr)
+    with pytest.raises(ValueError, match="exactly one of lr_sum"):
+        sf.Segment(ckpts, data, lr_sum=1.0, lrs=[1.0])
+    with pytest.raises(ValueError, match="exactly one of lr_sum"):
+        sf.Segment(ckpts, data)
+    with pytest.raises(ValueError, match="data is empty"):
+        sf.Segment(ckpts, [], lr_sum=1.0)
+    with pytest.raises(ValueError, match="one optimizer state per checkpoint"):
+        sf.Segment(ckpts, data, lr_sum=1.0, optimizer="adam")
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        sf.Segment(ckpts, data, lr_sum=1.0, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="num_segments must be between 1 and"):
+        sf.Trajectory.even(ckpts, [0.1] * 4, 3, data)
+    with pytest.raises(ValueError, match="no segments"):
+        sf.Trajectory([])
+
+
+def test_empty_queries_and_unknown_method(setup):
+    model, data, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
+    f = sf.fit_factors(model, ClassifyTask(), traj)
+    with pytest.raises(ValueError, match="empty data: 0 queries"):
+        sf.score(model, ClassifyTask(), traj, f, data, torch.utils.data.Subset(data, []))
+    with pytest.raises(ValueError, match="unknown method 'lissa'"):
+        sf.score(model, ClassifyTask(), traj, f, data, data, method="lissa")
+    with pytest.raises(ValueError, match="damping .* must be a number"):
+        sf.score(model, ClassifyTask(), traj, f, data, data, method="ekfac", damping="big")
+    with pytest.raises(ValueError, match="pass trajectory.final"):
+        two = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])
+        sf.score(model, ClassifyTask(), two, None, data, data, method="grad_dot")
+    with pytest.raises(ValueError, match="train_data is not the data of any segment"):
+        sf.score(model, ClassifyTask(), traj, f, classification_data(5, 4, 3), data)
+
+
+class NaNTask(ClassifyTask):
+    def __init__(self, where):
+        self.where = where
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        out = model(x)
+        if self.where == "loss" and x.shape[0] < 8:  # the last, short batch
+            return out.sum() * float("nan")
+        if self.where == "grad" and x.shape[0] < 8:
+            return torch.sqrt(out - out.detach()).sum()  # value 0, gradient ∞
+        return nn.functional.cross_entropy(out, y, reduction="sum")
+
+
+@pytest.mark.parametrize("where, pattern", [
+    ("loss", r"segment 0, checkpoint 0, batch 2: the fisher loss is nan"),
+    ("grad", r"segment 0, checkpoint 0, batch 2: non-finite gradient at module '2'"),
+])
+def test_non_finite_loss_or_gradient_names_module_and_batch(setup, where, pattern):
+    model, data, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
+    with pytest.raises(FloatingPointError, match=pattern):
+        sf.fit_factors(model, NaNTask(where), traj, batch_size=8)
+
+
+def test_mask_of_the_wrong_shape_names_the_module():
+    from test_layers import TokenModel, TokenTask, _token_data
+
+    class BadMask(TokenTask):
+        def get_attention_mask(self, batch):
+            return batch[2][:, :-1]
+
+    model = TokenModel().double()
+    data = _token_data(6, 6, 0, garbage=1)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(ValueError, match=r"attention mask has shape \(6, 5\) but module 'inp' sees 6 examples × 6 tokens"):
+        sf.fit_factors(model, BadMask(), traj)
+
+
+def test_tracked_modules_must_exist_and_be_supported(setup):
+    model, data, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
+
+    class Named(ClassifyTask):
+        def __init__(self, names):
+            self.names = names
+
+        def get_influence_tracked_modules(self):
+            return self.names
+
+    with pytest.raises(ValueError, match="tracked module 'fc9' does not exist"):
+        sf.fit_factors(model, Named(["0", "fc9"]), traj)
+    with pytest.raises(TypeError, match="module '1' is a Tanh; supported layers are"):
+        sf.fit_factors(model, Named(["1"]), traj)
+    f = sf.fit_factors(model, Named(["2"]), traj)
+    assert [s.name for s in f.layers] == ["2"]
+    with pytest.raises(ValueError, match="factors were not fitted for module '0'"):
+        sf.score(model, Named(["0", "2"]), traj, f, data, data)
+
+
+def test_factor_files_incomplete_corrupted_or_from_another_model(setup, tmp_path):
+    model, data, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
+    f = sf.fit_factors(model, ClassifyTask(), traj)
+    f.save(tmp_path / "ok")
+    assert sorted(os.listdir(tmp_path / "ok")) == ["factors.json", "factors.safetensors"]  # no temp files left
+
+    f.save(tmp_path / "incomplete")
+    os.remove(tmp_path / "incomplete" / "factors.json")
+    with pytest.raises(FileNotFoundError, match="incomplete: factors.json is missing"):
+        sf.Factors.load(tmp_path / "incomplete")
+
+    f.save(tmp_path / "corrupt")
+    blob = bytearray((tmp_path / "corrupt" / "factors.safetensors").read_bytes())
+    blob[-3] ^= 0xFF
+    (tmp_path / "corrupt" / "factors.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="corrupted or was replaced"):
+        sf.Factors.load(tmp_path / "corrupt")
+
+    other = mlp(4, 6, 3)
+    other_traj = sf.Trajectory([sf.Segment([other.state_dict()], data, lr_sum=1.0)])
+    loaded = sf.Factors.load(tmp_path / "ok")
+    with pytest.raises(ValueError, match="module '0' is .*d_out=6.* in the model but .*d_out=5.* in the factors"):
+        sf.score(other, ClassifyTask(), other_traj, loaded, data, data)
+    with pytest.raises(ValueError, match=r"checkpoints per segment \[1\], this one has \[2\]"):
+        sf.score(model, ClassifyTask(), sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)]), loaded, data, data)
+
+
+def test_a_failed_save_leaves_nothing_behind(setup, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, data, ckpts = setup
+    f = sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)]))
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        f.save(tmp_path / "f")
+    assert os.listdir(tmp_path / "f") == []

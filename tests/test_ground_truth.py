@@ -1,0 +1,109 @@
+"""SOURCE against exact unrolled differentiation on real data (scikit-learn's diabetes).
+
+An MLP is trained by minibatch SGD for a few epochs (not converged). The exact removal effects come
+from differentiating through the training loop with per-example loss weights, averaged over
+several data orders: SOURCE estimates that expectation, and one order alone is noisy.
+"""
+
+import pytest
+import torch
+from _helpers import RegressTask, mlp, spearman
+from sklearn.datasets import load_diabetes
+from torch.utils.data import TensorDataset
+
+import source_fast as sf
+from source_fast.unroll import unroll_scores
+
+N_TRAIN, N_QUERY, BATCH, LR, EPOCHS, ORDERS, CHECKPOINTS = 200, 8, 20, 0.1, 3, 4, 6
+
+
+def _data():
+    x, y = load_diabetes(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / x.std(0))
+    y = torch.tensor((y - y.mean()) / y.std())
+    return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN : N_TRAIN + N_QUERY], y[N_TRAIN : N_TRAIN + N_QUERY])
+
+
+def _order(seed):
+    g = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(EPOCHS):
+        perm = torch.randperm(N_TRAIN, generator=g).tolist()
+        steps += [perm[i : i + BATCH] for i in range(0, N_TRAIN, BATCH)]
+    return steps
+
+
+def _train(train, batches, task):
+    """torch.optim.SGD over the given batches; checkpoints evenly spaced, the last the final weights."""
+    model = mlp(10, 16, 1, seed=0)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    save_at = {round((c + 1) * len(batches) / CHECKPOINTS) for c in range(CHECKPOINTS)}
+    ckpts = []
+    x, y = train.tensors
+    for k, b in enumerate(batches):
+        opt.zero_grad()
+        (task.compute_train_loss((x[b], y[b]), model) / len(b)).backward()
+        opt.step()
+        if k + 1 in save_at:
+            ckpts.append({n: v.clone() for n, v in model.state_dict().items()})
+    return model, init, ckpts
+
+
+@pytest.fixture(scope="module")
+def run():
+    torch.manual_seed(0)
+    train, queries = _data()
+    task = RegressTask()
+    batches = _order(0)
+    model, init, ckpts = _train(train, batches, task)
+    lrs = [LR] * len(batches)
+    exact = sum(unroll_scores(model, task, init, train, _order(s), lrs, queries) for s in range(ORDERS)) / ORDERS
+    return model, task, train, queries, ckpts, lrs, exact
+
+
+def _mean_spearman(pred, exact):
+    return sum(spearman(pred[q], exact[q]) for q in range(len(exact))) / len(exact)
+
+
+def test_unroll_matches_finite_differences_of_retraining():
+    """The ground truth itself: −∂f/∂ε_m against actually re-running training without z_m."""
+    train, queries = _data()
+    task = RegressTask()
+    batches = _order(0)[:6]
+    model, init, _ = _train(train, batches, task)
+    tau = unroll_scores(model, task, init, train, batches, [LR] * 6, queries)
+    x, y = train.tensors
+    for m in (batches[0][0], batches[3][1]):
+        keep = [[i for i in b if i != m] for b in batches]
+        w = mlp(10, 16, 1, seed=0)
+        w.load_state_dict(init)
+        for b, full in zip(keep, batches):
+            w.zero_grad()
+            (task.compute_train_loss((x[b], y[b]), w) / len(full)).backward()  # same 1/B: ε_m = −1
+            with torch.no_grad():
+                for p in w.parameters():
+                    p -= LR * p.grad
+        with torch.no_grad():
+            diff = task.compute_measurement(queries.tensors, w) - task.compute_measurement(queries.tensors, model)
+        total = tau[:, m].sum()
+        assert abs(float(diff - total)) < 0.02 * abs(float(total)) + 1e-7, (float(diff), float(total))
+
+
+def test_source_tracks_exact_unrolling_better_than_influence_functions(run):
+    model, task, train, queries, ckpts, lrs, exact = run
+    corr = {}
+    for segments in (1, 3):
+        traj = sf.Trajectory.even(ckpts, lrs, segments, train)
+        factors = sf.fit_factors(model, task, traj)
+        corr[f"source L={segments}"] = _mean_spearman(sf.score(model, task, traj, factors, train, queries), exact)
+    final = traj.final()
+    if_factors = sf.fit_factors(model, task, final)
+    for damping in ("implied", "heuristic"):
+        pred = sf.score(model, task, final, if_factors, train, queries, method="ekfac", damping=damping)
+        corr[f"ekfac {damping}"] = _mean_spearman(pred, exact)
+    print({k: round(v, 3) for k, v in corr.items()})
+    # Measured on this setup: source L=1 0.938, L=3 0.949, ekfac implied 0.927, heuristic 0.809.
+    assert corr["source L=3"] >= 0.92
+    assert corr["source L=1"] >= 0.90
+    assert corr["source L=3"] > corr["ekfac implied"] > corr["ekfac heuristic"]

@@ -1,0 +1,153 @@
+"""Token sequences with padding masks, Conv2d and transformers' Conv1D against explicit per-example
+gradients (torch.func) and the dense EK-FAC matrix: checks the token layout, unfold order and masks."""
+
+import pytest
+import torch
+from _helpers import dense_curvature
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+import source_fast as sf
+
+
+class TokenModel(nn.Module):
+    """Per-token MLP over (batch, tokens, features), used as a stand-in for a sequence model."""
+
+    def __init__(self, d=3, h=4, k=3):
+        super().__init__()
+        self.inp = nn.Linear(d, h)
+        self.out = nn.Linear(h, k, bias=False)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x)))
+
+
+class TokenTask(sf.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y, mask = batch
+        logits = model(x)
+        if sample:
+            with torch.no_grad():
+                y = torch.distributions.Categorical(logits=logits).sample()
+        per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        return (per_token * mask).sum()
+
+    compute_measurement = lambda self, batch, model: self.compute_train_loss(batch, model)  # noqa: E731
+
+    def get_attention_mask(self, batch):
+        return batch[2]
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, kernel_size=(3, 2), stride=(1, 2), padding=1)
+        self.head = nn.Linear(3 * 4 * 3, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+class ImageTask(sf.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="sum")
+
+    compute_measurement = compute_train_loss
+
+
+def _token_data(n, t_pad, seed, garbage):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 6, (n,), generator=g)
+    x = torch.randn(n, 5, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n, 5), generator=g)
+    mask = (torch.arange(5)[None] < lengths[:, None]).double()
+    pad = t_pad - 5
+    gx = torch.Generator().manual_seed(garbage)
+    x = torch.cat([x, torch.randn(n, pad, 3, generator=gx, dtype=torch.float64)], 1)
+    x = torch.where(torch.cat([mask, torch.zeros(n, pad, dtype=torch.float64)], 1)[..., None] > 0, x, 100 * torch.randn(x.shape, generator=gx, dtype=torch.float64))
+    y = torch.cat([y, torch.randint(0, 3, (n, pad), generator=gx)], 1)
+    mask = torch.cat([mask, torch.zeros(n, pad, dtype=torch.float64)], 1)
+    return TensorDataset(x, y, mask)
+
+
+def _explicit_grads(model, loss_of_example, data, names):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = vmap(grad(lambda p, *ex: loss_of_example(functional_call(model, p, (ex[0][None],)), *[e[None] for e in ex[1:]])), in_dims=(None,) + (0,) * len(data.tensors))(params, *data.tensors)
+    blocks = []
+    for name, module in names:
+        w = g[f"{name}.weight"]
+        w = w.transpose(1, 2) if type(module).__name__ == "Conv1D" else w.flatten(2)
+        if f"{name}.bias" in g:
+            w = torch.cat([w, g[f"{name}.bias"][..., None]], 2)
+        blocks.append(w.flatten(1))
+    return torch.cat(blocks, 1)
+
+
+def _check_ekfac_dense(model, task, loss_of_example, data, queries, damping=0.01):
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, batch_size=3)
+    scores = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=damping, batch_size=4)
+    names = [(s.name, dict(model.named_modules())[s.name]) for s in factors.layers]
+    h = torch.block_diag(*(dense_curvature(factors.segments[0][n]) for n, _ in names))
+    v = _explicit_grads(model, loss_of_example, queries, names)
+    g = _explicit_grads(model, loss_of_example, data, names)
+    expected = torch.linalg.solve(h + damping * torch.eye(h.shape[0], dtype=h.dtype), v.T).T @ g.T / len(data)
+    err = (scores - expected).abs().max() / expected.abs().max()
+    assert err < 1e-9, err
+    return factors, scores
+
+
+def _token_loss(logits, y, mask):
+    return (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()).sum()
+
+
+def test_masked_tokens_match_explicit_gradients_and_ignore_padding():
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    data, queries = _token_data(24, 7, 0, garbage=1), _token_data(3, 7, 5, garbage=2)
+    factors, scores = _check_ekfac_dense(model, TokenTask(), _token_loss, data, queries)
+    # Same examples, more padding and other garbage under the mask: identical factors and scores.
+    data2, queries2 = _token_data(24, 9, 0, garbage=7), _token_data(3, 9, 5, garbage=8)
+    torch.manual_seed(0)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data2, lr_sum=1.0)])
+    f2 = sf.fit_factors(model, TokenTask(), traj, fisher="empirical")
+    f1 = sf.fit_factors(model, TokenTask(), sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)]), fisher="empirical")
+    for name in ("inp", "out"):
+        assert torch.allclose(f1.segments[0][name].a_cov, f2.segments[0][name].a_cov, rtol=1e-12, atol=0)
+        assert torch.allclose(f1.segments[0][name].lam, f2.segments[0][name].lam, rtol=1e-10, atol=1e-15)
+    s1 = sf.score(model, TokenTask(), traj, f2, data2, queries2, method="ekfac", damping=0.01)
+    s2 = sf.score(model, TokenTask(), traj, f1, data, queries, method="ekfac", damping=0.01)
+    assert torch.allclose(s1, s2, rtol=1e-9, atol=1e-14)
+
+
+def test_conv2d_unfold_layout_matches_weight_view():
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(20, 2, 4, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (20,), generator=g))
+    queries = TensorDataset(torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (2,), generator=g))
+    factors, _ = _check_ekfac_dense(model, ImageTask(), lambda out, y: F.cross_entropy(out, y, reduction="sum"), data, queries)
+    assert [s.d_a for s in factors.layers] == [2 * 3 * 2 + 1, 36 + 1]
+
+
+def test_transformers_conv1d_layout():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = Conv1D(4, 3)  # nf=4 outputs, nx=3 inputs
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.c(x)))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    data, queries = _token_data(16, 6, 0, garbage=1), _token_data(2, 6, 3, garbage=2)
+    factors, _ = _check_ekfac_dense(model, TokenTask(), _token_loss, data, queries)
+    assert factors.layers[0].kind == "conv1d" and (factors.layers[0].d_in, factors.layers[0].d_out) == (3, 4)
