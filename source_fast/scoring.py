@@ -14,14 +14,17 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import baselines, ops, reference
 from ._passes import make_loader, run_pass
 from .capture import LayerSpec, tracked_layers, with_ones
 from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into
+from .unroll import TrainingRecord
 
-Method = Literal["source", "fast_source", "ekfac", "tracin", "grad_dot"]
+Method = Literal["source", "fast_source", "ekfac", "tracin", "grad_dot", "grad_cos", "trak", "repsim", "unroll"]
+_FINAL_ONLY = ("ekfac", "grad_dot", "grad_cos", "trak", "repsim")
+_SELF_METHODS = ("source", "fast_source", "ekfac", "tracin", "grad_dot")
 Damping = float | Literal["heuristic", "implied"]
 
 Grads = dict[str, Tensor]  # module name → (n, d_out, d_a)
@@ -127,7 +130,7 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate):
     final = trajectory.final_checkpoint
-    if method in ("ekfac", "grad_dot"):
+    if method in _FINAL_ONLY:
         if sum(trajectory.layout()) != 1:
             raise ValueError(
                 f"method {method!r} uses one checkpoint; pass trajectory.final() (this trajectory has "
@@ -195,6 +198,9 @@ def score(
     train_segments: list[int] | Literal["all"] | None = None,
     collate_fn: Callable | None = None,
     progress: bool = False,
+    trak_dim: int = 256,
+    seed: int = 0,
+    record: TrainingRecord | None = None,
 ) -> Tensor:
     """Scores every (query, training example) pair: a (n_query, n_train) tensor.
 
@@ -209,6 +215,13 @@ def score(
                     λ = `damping`: a number, "heuristic" (0.1 × mean Λ, per layer) or "implied" (1/c)
       "tracin"      Σ_ℓ (c_ℓ/N_ℓ) mean over the checkpoints of ⟨∇f(z_q, θ_c), ∇L(z_m, θ_c)⟩
       "grad_dot"    ⟨∇f(z_q, θ_T), ∇L(z_m, θ_T)⟩ / N at a one-checkpoint trajectory
+    Baselines for comparisons (one-checkpoint trajectory; factors unused):
+      "grad_cos"    cosine of the two gradients (unitless)
+      "trak"        TRAK: gradients projected to `trak_dim` dims by a Gaussian map seeded by `seed`,
+                    τ = φ_qᵀ (ΦᵀΦ + Nλ)⁻¹ φ_m (λ = `damping`; "heuristic": 0.1 × mean eigenvalue)
+      "repsim"      cosine similarity of the last tracked layer's inputs (unitless)
+      "unroll"      exact unrolled differentiation of the recorded run `record` (small models only;
+                    in f's units, no 1/N: it is the first-order leave-one-out change itself)
     damping: for "ekfac", and for the H̄⁻¹ of Adam segments in SOURCE (SGD segments need none).
     query_rank: approximate each preconditioned query layer by its top singular vectors (cheaper
         scoring of huge corpora; None = exact).
@@ -221,7 +234,11 @@ def score(
         raise ValueError(f"empty data: {len(query_data)} queries, {n_train} training examples")
     if query_rank is not None and query_rank < 1:
         raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
-    single = method in ("ekfac", "grad_dot")
+    if method in ("grad_cos", "trak", "repsim", "unroll"):
+        with restored(model):
+            return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
+                             collate_fn, trak_dim, seed, record)
+    single = method in _FINAL_ONLY
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
     with restored(model):
         plan = _plan(
@@ -245,6 +262,21 @@ def score(
                     bar.close()
     assert scores is not None
     return scores
+
+
+def _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size, collate_fn,
+              trak_dim, seed, record) -> Tensor:
+    if method == "unroll":
+        return baselines.unroll(model, task, record, train_data, query_data)
+    if sum(trajectory.layout()) != 1:
+        raise ValueError(f"method {method!r} uses one checkpoint; pass trajectory.final()")
+    load_into(model, trajectory.final_checkpoint, "final checkpoint")
+    if method == "repsim":
+        return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn)
+    v = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
+    if method == "grad_cos":
+        return baselines.grad_cos(model, task, specs, v, train_data, batch_size, collate_fn)
+    return baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim, damping=damping, seed=seed)
 
 
 def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool) -> Tensor:
@@ -294,10 +326,12 @@ def self_score(
     gradient in memory; otherwise examples go in chunks of `chunk_size`, each with its own walk.
     """
     specs = _validate(model, task, trajectory, factors, method)
+    if method not in _SELF_METHODS:
+        raise ValueError(f"self_score supports the methods {list(_SELF_METHODS)}, not {method!r}")
     n_train = len(train_data)
     if n_train == 0:
         raise ValueError("empty data: no training examples")
-    single = method in ("ekfac", "grad_dot")
+    single = method in _FINAL_ONLY
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
     # One segment of one checkpoint: query and training gradients are taken at the same weights,
     # so the score is a per-example quadratic form in the eigenbasis.

@@ -8,6 +8,7 @@ run per query, so it is for small models only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +39,17 @@ class _Bound(nn.Module):
 
     def forward(self, *args, **kwargs):
         return functional_call(self._model[0], self._params, args, kwargs)
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """A recorded SGD run: the initial weights, each step's example indices and learning rate."""
+
+    init_state: dict[str, Tensor]
+    batches: Sequence[Sequence[int]]
+    lrs: Sequence[float]
+    momentum: float = 0.0
+    weight_decay: float = 0.0
 
 
 def unroll_scores(

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The two commands of the README, each doing its own set-up:
+#   bash run.sh demo [--out DIR] [--quick]   the main job (digits: SOURCE vs EK-FAC attribution)
+#   bash run.sh test [pytest args]           the whole test suite
+# Set-up: a virtualenv in .venv (SOURCE_FAST_VENV overrides), torch, this package installed editable
+# with its C++ extension built (SOURCE_FAST_REQUIRE_EXT=1 makes a failed build fatal, as in CI).
+set -euo pipefail
+cd "$(dirname "$0")"
+venv="${SOURCE_FAST_VENV:-.venv}"
+py="$venv/bin/python"
+
+setup() {
+  if [ ! -x "$py" ]; then
+    # A python3 that already has torch (a GPU machine's CUDA build) shares it with the venv, so
+    # nothing replaces it; otherwise the venv gets torch's CPU wheel below.
+    if python3 -c "import torch" 2>/dev/null; then
+      python3 -m venv --system-site-packages "$venv"
+    else
+      python3 -m venv "$venv"
+    fi
+  fi
+  local pip=("$py" -m pip install --quiet --disable-pip-version-check)
+  if ! "$py" -c "import torch" 2>/dev/null; then
+    # torch==2.13.0 is the CPU wheel on these machines; elsewhere set SOURCE_FAST_TORCH, e.g. to a
+    # "+cpu" build, so a CPU box does not download a multi-GB CUDA build.
+    "${pip[@]}" "${SOURCE_FAST_TORCH:-torch==2.13.0}"
+  fi
+  "${pip[@]}" "setuptools>=64" wheel ninja
+  # --no-build-isolation: the extension must be built against the torch that runs it.
+  MAX_JOBS="${MAX_JOBS:-2}" "${pip[@]}" --no-build-isolation -e ".[$1]"
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  demo)
+    setup demo
+    "$py" -m source_fast demo "$@"
+    ;;
+  test)
+    setup test
+    "$py" -m source_fast.info
+    "$py" -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: bash run.sh demo [--out DIR] [--quick]  |  bash run.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac

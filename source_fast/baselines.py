@@ -1,0 +1,89 @@
+"""Baseline attribution methods for comparisons: gradient cosine, TRAK, representation similarity
+and exact unrolling. All use the final checkpoint only, except "unroll", which replays training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops
+from ._passes import make_loader, run_pass
+from .capture import with_ones
+from .factors import factor_dtype
+from .unroll import TrainingRecord, unroll_scores
+
+
+def _train_pass(model, task, specs, data, batch_size, collate_fn, what, consume):
+    for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), "train", what):
+        consume(start, n, {s.name: (with_ones(rec[s.name].a, s, rec[s.name].mask), rec[s.name].g, rec[s.name].mask) for s in specs})
+
+
+def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn) -> Tensor:
+    """cos(∇f(z_q), ∇L(z_m)) over the tracked parameters (unitless: no 1/N)."""
+    norm_q = torch.sqrt(sum((x.flatten(1) ** 2).sum(1) for x in v.values()))
+    u = {k: x / norm_q[:, None, None] for k, x in v.items()}
+    out = torch.zeros(len(norm_q), len(train_data), dtype=norm_q.dtype, device=norm_q.device)
+
+    def consume(start, n, layers):
+        dots = sum(ops.pairwise_scores(a, g, u[k], m) for k, (a, g, m) in layers.items())
+        sq = sum(ops.self_scores(a, g, torch.ones(g.shape[-1], a.shape[-1], device=a.device), m) for a, g, m in layers.values())
+        out[:, start : start + n] = (dots / sq.clamp_min(1e-30).sqrt()[:, None]).T.to(out.dtype)
+
+    _train_pass(model, task, specs, train_data, batch_size, collate_fn, "grad_cos", consume)
+    return out
+
+
+def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int, damping: float | str, seed: int) -> Tensor:
+    """TRAK with one checkpoint: per-example gradients projected to `dim` by a seeded Gaussian map P,
+    φ = P g (computed as ⟨G_n, P_r⟩ without forming G_n), then τ = φ_qᵀ (ΦᵀΦ + Nλ I)⁻¹ φ_m, the
+    influence function of the projected empirical Fisher ΦᵀΦ/N, with its 1/N scale.
+    damping λ: a number, or "heuristic" = 0.1 × mean eigenvalue of ΦᵀΦ/N."""
+    dtype = factor_dtype(model)
+    device = next(iter(v.values())).device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    proj = {
+        s.name: (torch.randn(dim, s.d_out, s.d_a, generator=g, dtype=torch.float64) / dim**0.5).to(device=device, dtype=dtype)
+        for s in specs
+    }
+    phi_q = sum(torch.einsum("qoi,koi->qk", v[k], p) for k, p in proj.items())
+    n = len(train_data)
+    phi = torch.zeros(n, dim, dtype=dtype, device=device)
+
+    def consume(start, b, layers):
+        phi[start : start + b] = sum(ops.pairwise_scores(a, gr, proj[k], m) for k, (a, gr, m) in layers.items()).to(dtype)
+
+    _train_pass(model, task, specs, train_data, batch_size, collate_fn, "trak", consume)
+    gram = phi.T @ phi
+    lam = 0.1 * float(torch.trace(gram)) / (dim * n) if damping == "heuristic" else float(damping)
+    return torch.linalg.solve(gram + n * lam * torch.eye(dim, dtype=dtype, device=device), phi_q.T).T @ phi.T
+
+
+def _representations(model, task, specs, data, batch_size, collate_fn, what) -> Tensor:
+    """The input of the last tracked layer (the penultimate representation), mean over unmasked tokens."""
+    last = specs[-1]
+    feats = []
+    for _, _, rec in run_pass(model, task, [last], make_loader(data, batch_size, collate_fn), "train", what):
+        r = rec[last.name]
+        count = r.a.shape[1] if r.mask is None else (r.mask != 0).sum(1, keepdim=True).clamp_min(1)
+        feats.append((r.a.sum(1) / count).to(factor_dtype(model)))
+    return torch.cat(feats)
+
+
+def repsim(model, task, specs, query_data, train_data, batch_size, collate_fn) -> Tensor:
+    """Cosine similarity of penultimate representations (unitless)."""
+    q = _representations(model, task, specs, query_data, batch_size, collate_fn, "repsim queries")
+    t = _representations(model, task, specs, train_data, batch_size, collate_fn, "repsim training data")
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return q @ t.T
+
+
+def unroll(model, task, record: TrainingRecord | None, train_data: Any, query_data: Any) -> Tensor:
+    if not isinstance(record, TrainingRecord):
+        raise TypeError("method 'unroll' needs record=TrainingRecord(init_state, batches, lrs, ...) of the training run")
+    return unroll_scores(
+        model, task, record.init_state, train_data, record.batches, record.lrs, query_data,
+        momentum=record.momentum, weight_decay=record.weight_decay,
+    ).to(factor_dtype(model))

@@ -1,0 +1,68 @@
+"""Baseline methods (grad_cos, trak, repsim, unroll) against explicit float64 constructions."""
+
+import pytest
+import torch
+from _helpers import ClassifyTask, classification_data, mlp, per_example_grads
+from torch.nn import functional as F
+
+import source_fast as sf
+from source_fast.unroll import TrainingRecord, unroll_scores
+
+LAYERS = ["0", "2"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = mlp(4, 5, 3)
+    data = classification_data(30, 4, 3, seed=1)
+    queries = classification_data(3, 4, 3, seed=2)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    ce = lambda out, y: F.cross_entropy(out, y, reduction="sum")  # noqa: E731
+    grads = lambda d: torch.cat([per_example_grads(model, model.state_dict(), ce, *d.tensors, LAYERS)[n].flatten(1) for n in LAYERS], 1)  # noqa: E731
+    return model, data, queries, traj, grads(queries), grads(data)
+
+
+def test_grad_cos(setup):
+    model, data, queries, traj, v, g = setup
+    got = sf.score(model, ClassifyTask(), traj, None, data, queries, method="grad_cos", batch_size=7)
+    expected = (v / v.norm(dim=1, keepdim=True)) @ (g / g.norm(dim=1, keepdim=True)).T
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_trak_is_the_projected_influence_function(setup):
+    model, data, queries, traj, v, g = setup
+    dim = 12
+    got = sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=dim, damping=0.01, seed=3, batch_size=8)
+    gen = torch.Generator().manual_seed(3)
+    p = torch.cat([torch.randn(dim, o, i, generator=gen, dtype=torch.float64).flatten(1) for o, i in [(5, 5), (3, 6)]], 1) / dim**0.5
+    phi, phi_q = g @ p.T, v @ p.T
+    n = len(data)
+    expected = phi_q @ torch.linalg.solve(phi.T @ phi / n + 0.01 * torch.eye(dim, dtype=torch.float64), phi.T) / n
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+    # With a projection as wide as the gradient, TRAK is the influence function of the empirical Fisher.
+    wide = sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=400, damping=0.01)
+    exact = v @ torch.linalg.solve(g.T @ g / n + 0.01 * torch.eye(g.shape[1], dtype=torch.float64), g.T) / n
+    assert torch.corrcoef(torch.stack([wide.flatten(), exact.flatten()]))[0, 1] > 0.95
+
+
+def test_repsim(setup):
+    model, data, queries, traj, _, _ = setup
+    got = sf.score(model, ClassifyTask(), traj, None, data, queries, method="repsim")
+    rep = lambda x: torch.tanh(model[0](x)).detach()  # noqa: E731 - the input of the last layer
+    q, t = rep(queries.tensors[0]), rep(data.tensors[0])
+    expected = (q / q.norm(dim=1, keepdim=True)) @ (t / t.norm(dim=1, keepdim=True)).T
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_unroll_method_replays_the_record(setup):
+    model, data, queries, traj, _, _ = setup
+    init = {k: v + 0.1 for k, v in model.state_dict().items()}
+    record = TrainingRecord(init, [[0, 1, 2], [3, 4, 5], [1, 6, 7]], [0.1, 0.2, 0.1], momentum=0.5, weight_decay=0.01)
+    got = sf.score(model, ClassifyTask(), traj, None, data, queries, method="unroll", record=record)
+    expected = unroll_scores(model, ClassifyTask(), init, data, record.batches, record.lrs, queries, momentum=0.5, weight_decay=0.01)
+    assert torch.equal(got, expected)
+    assert (got[:, 8:] == 0).all() and (got[:, :8] != 0).any()  # examples never seen have no effect
+    with pytest.raises(TypeError, match="needs record=TrainingRecord"):
+        sf.score(model, ClassifyTask(), traj, None, data, queries, method="unroll")
+    with pytest.raises(ValueError, match="self_score supports the methods"):
+        sf.self_score(model, ClassifyTask(), traj, None, data, method="trak")
