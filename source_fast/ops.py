@@ -10,6 +10,13 @@ from . import _triton, reference
 from ._dispatch import BackendArg, select
 
 
+def _kernel_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype a kernel would run in: the inputs' common dtype. Mixed dtypes (and float64) report
+    float64, which only the torch reference takes, so auto picks it and a forced kernel says why."""
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float64
+
+
 def covariance_accumulate_(
     covs: list[Tensor],
     xs: list[Tensor],
@@ -31,7 +38,9 @@ def accumulate_lambda_(
     lam: Tensor, a_rot: Tensor, g_rot: Tensor, mask: Tensor | None = None, alpha: float = 1.0,
     *, backend: BackendArg = "auto",
 ) -> None:
-    if select("accumulate_lambda_", a_rot.device, a_rot.dtype, backend) == "triton":
+    # Kernels take float32 Λ and one dtype for a and g.
+    dtype = _kernel_dtype(a_rot, g_rot) if lam.dtype == torch.float32 else torch.float64
+    if select("accumulate_lambda_", a_rot.device, dtype, backend) == "triton":
         _triton.kernels().accumulate_lambda_(lam, a_rot, g_rot, mask, alpha)
     else:
         reference.accumulate_lambda_(lam, a_rot, g_rot, mask, alpha)
@@ -40,7 +49,7 @@ def accumulate_lambda_(
 def self_scores(
     a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
 ) -> Tensor:
-    if select("self_scores", a_rot.device, a_rot.dtype, backend) == "triton":
+    if select("self_scores", a_rot.device, _kernel_dtype(a_rot, g_rot), backend) == "triton":
         return _triton.kernels().self_scores(a_rot, g_rot, scale, mask)
     return reference.self_scores(a_rot, g_rot, scale, mask)
 
@@ -57,6 +66,6 @@ def precondition_queries(
 def pairwise_scores(
     a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
 ) -> Tensor:
-    if select("pairwise_scores", a.device, a.dtype, backend) == "triton":
+    if select("pairwise_scores", a.device, _kernel_dtype(a, g), backend) == "triton":
         return _triton.kernels().pairwise_scores(a, g, u, mask)
     return reference.pairwise_scores(a, g, u, mask)

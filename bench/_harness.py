@@ -1,0 +1,182 @@
+"""Timing, checking and JSONL output shared by the bench scripts (schema: DESIGN §3.6).
+
+Each bench script declares Cases and, per backend, a function to time; this module checks every
+backend against the float64 reference before timing it (a wrong kernel is never timed), times it,
+and writes one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SCHEMA = 1
+REQUIRED_FIELDS = {
+    "schema": int, "bench": str, "op": str, "backend": str, "device": str, "device_name": str, "dtype": str,
+    "params": dict, "ms_p20": float, "ms_p50": float, "ms_p80": float, "gbps": float, "tflops": float,
+    "flops": int, "bytes": int, "max_abs_err": float, "sqnr_db": float, "source_fast": str, "torch": str,
+    "utc": str,
+}  # plus speedup_vs_torch (float or None), git_sha, triton (str or None), ext (dict or None)
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    params: dict[str, int]  # e.g. {"n": 8, "t": 512, "d_a": 768, "d_out": 3072}
+    dtype: torch.dtype
+    bytes_moved: int  # the bytes the algorithm must read and write at least (for GB/s)
+    flops: int  # the FLOPs the algorithm needs (for TFLOP/s), not what a backend happens to spend
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False) -> tuple[float, float, float]:
+    """(p20, p50, p80) in ms. do_bench needs a GPU driver (DESIGN V4), so CPU uses torch.utils.benchmark."""
+    if device.type == "cuda":
+        import triton.testing
+
+        p20, p50, p80 = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=10 if quick else 25,
+                                                rep=20 if quick else 100)
+        return float(p20), float(p50), float(p80)
+    from torch.utils import benchmark
+
+    fn()  # warm-up (compiles/interprets once outside the measurement)
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.05 if quick else 1.0)
+    times = torch.tensor(m.times, dtype=torch.float64) * 1e3
+    q = torch.quantile(times, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def error_stats(actual, ref64) -> tuple[float, float]:
+    """(max |actual − ref|, SQNR in dB) over one tensor or a tuple of tensors."""
+    pairs = list(zip(actual, ref64)) if isinstance(actual, (tuple, list)) else [(actual, ref64)]
+    err, noise, signal = 0.0, 0.0, 0.0
+    for x, r in pairs:
+        d = x.double() - r.double().to(x.device)
+        err = max(err, d.abs().max().item() if d.numel() else 0.0)
+        noise += d.pow(2).sum().item()
+        signal += r.double().pow(2).sum().item()
+    sqnr = math.inf if noise == 0.0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    return err, sqnr
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False,
+                             cwd=Path(__file__).resolve().parent)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def env_metadata(device: torch.device) -> dict:
+    import source_fast
+    from source_fast import _ext, _triton
+
+    triton_version = None
+    if _triton.import_error() is None:
+        import triton
+
+        triton_version = triton.__version__
+    return {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "source_fast": source_fast.__version__, "git_sha": _git_sha(), "torch": str(torch.__version__),
+        "triton": triton_version, "ext": _ext.build_info(),
+    }
+
+
+def make_record(bench: str, case: Case, backend: str, device: torch.device, ms: tuple[float, float, float],
+                err: float, sqnr: float, meta: dict) -> dict:
+    p20, p50, p80 = ms
+    return {
+        "schema": SCHEMA, "bench": bench, "op": case.op, "backend": backend, "device": device.type,
+        "device_name": meta["device_name"], "dtype": str(case.dtype).removeprefix("torch."), "params": case.params,
+        "ms_p20": p20, "ms_p50": p50, "ms_p80": p80,
+        "gbps": case.bytes_moved / (p50 * 1e-3) / 1e9, "tflops": case.flops / (p50 * 1e-3) / 1e12,
+        "flops": case.flops, "bytes": case.bytes_moved,
+        "speedup_vs_torch": None, "max_abs_err": err, "sqnr_db": sqnr,
+        "source_fast": meta["source_fast"], "git_sha": meta["git_sha"], "torch": meta["torch"],
+        "triton": meta["triton"], "ext": meta["ext"],
+        "utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def validate_record(rec: dict) -> None:
+    """Raises ValueError when a record does not follow the schema (used by the smoke test)."""
+    for key, typ in REQUIRED_FIELDS.items():
+        if key not in rec:
+            raise ValueError(f"record lacks {key!r}: {rec}")
+        ok = isinstance(rec[key], (int, float)) if typ is float else isinstance(rec[key], typ)
+        if not ok:
+            raise ValueError(f"record field {key!r} should be {typ.__name__}, got {rec[key]!r}")
+    if rec["schema"] != SCHEMA:
+        raise ValueError(f"schema {rec['schema']} != {SCHEMA}")
+    if not rec["ms_p20"] <= rec["ms_p50"] <= rec["ms_p80"]:
+        raise ValueError(f"quantiles out of order: {rec}")
+    if rec["speedup_vs_torch"] is not None and not isinstance(rec["speedup_vs_torch"], (int, float)):
+        raise ValueError(f"speedup_vs_torch should be a number or null: {rec}")
+
+
+def add_common_args(parser: argparse.ArgumentParser, backends: list[str]) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, CPU-safe (runs under TRITON_INTERPRET=1)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--backends", default=",".join(backends), help=f"comma-separated subset of {backends}")
+    parser.add_argument("--out", default=None,
+                        help="JSONL file to append to (default bench/results/<bench>-<utc>.jsonl)")
+    parser.add_argument("--compare", default=None, help="a previous JSONL run to compare ms_p50 against")
+    parser.add_argument("--fail-on-regression", type=float, default=None, metavar="PCT",
+                        help="exit 1 when a matched case is more than PCT percent slower than --compare")
+
+
+def default_out(bench: str) -> Path:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(__file__).resolve().parent / "results" / f"{bench}-{stamp}.jsonl"
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for rec in records:
+            f.write(json.dumps(rec, allow_nan=True) + "\n")
+
+
+def _key(rec: dict) -> tuple:
+    params = json.dumps(rec["params"], sort_keys=True)
+    return (rec["bench"], rec["op"], rec["backend"], rec["device"], rec["dtype"], params)
+
+
+def compare(records: list[dict], base_path: str, fail_pct: float | None) -> bool:
+    """Prints p50 changes against a previous run; False when a case regressed by more than fail_pct."""
+    base = {}
+    for line in Path(base_path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            base[_key(rec)] = rec
+    ok = True
+    for rec in records:
+        old = base.get(_key(rec))
+        if old is None:
+            continue
+        change = 100.0 * (rec["ms_p50"] / old["ms_p50"] - 1.0)
+        flag = ""
+        if fail_pct is not None and change > fail_pct:
+            ok, flag = False, "  REGRESSION"
+        print(f"{rec['op']:22s} {rec['backend']:12s} {json.dumps(rec['params'])}: "
+              f"{old['ms_p50']:.3f} -> {rec['ms_p50']:.3f} ms ({change:+.1f}%){flag}")
+    return ok
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"{'op':22s} {'backend':12s} {'dtype':9s} {'params':52s} {'p50 ms':>9s} {'TFLOP/s':>8s} {'GB/s':>8s} "
+          f"{'vs torch':>8s} {'max|err|':>9s} {'sqnr':>6s}")
+    for r in records:
+        speed = "" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x"
+        print(f"{r['op']:22s} {r['backend']:12s} {r['dtype']:9s} {json.dumps(r['params']):52s} {r['ms_p50']:9.3f} "
+              f"{r['tflops']:8.2f} {r['gbps']:8.1f} {speed:>8s} {r['max_abs_err']:9.2e} {r['sqnr_db']:6.1f}")

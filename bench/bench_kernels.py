@@ -1,0 +1,214 @@
+"""Micro-benchmarks of the Triton kernels against the best torch composition (source_fast.reference)
+and, for Λ, kronfluence's default path (fp32 per-example gradients materialized, rotated, squared).
+
+    python bench/bench_kernels.py --device cuda --dtype bfloat16 --out results.jsonl
+    python bench/bench_kernels.py --quick --device cpu          # tiny shapes, Triton interpreted
+
+Every backend is checked against the float64 reference on the case before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness
+
+BENCH = "kernels"
+BACKENDS = ["triton", "torch", "kronfluence"]
+
+# (label, n, t, d_a, d_out): GPT-2 small MLP (768 <-> 3072, T = 512), a Llama-7B projection (4096², T = 512)
+# and an MLP with one token per example. n is kept small: these are per-batch costs.
+GPU_SHAPES = [
+    ("gpt2_c_fc", 8, 512, 768, 3072),
+    ("gpt2_c_proj", 8, 512, 3072, 768),
+    ("llama_4096", 4, 512, 4096, 4096),
+    ("mlp_t1", 1024, 1, 1024, 1024),
+]
+QUICK_SHAPES = [("quick", 3, 5, 24, 17), ("quick_t1", 6, 1, 16, 20)]
+GPU_QUERIES, QUICK_QUERIES = 16, 3
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _eigvecs(d: int, device, dtype) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(d, d, device=device, dtype=torch.float32))[0].to(dtype)
+
+
+def lambda_case(n, t, d_a, d_out, dtype, device):
+    """Λ from raw (a, g): rotate, form tiles, square, sum: the whole cost kronfluence's path pays too."""
+    from source_fast import ops, reference
+
+    a = torch.randn(n, t, d_a, device=device, dtype=dtype)
+    g = torch.randn(n, t, d_out, device=device, dtype=dtype)
+    q_a, q_s = _eigvecs(d_a, device, dtype), _eigvecs(d_out, device, dtype)
+    es = _size(dtype)
+    case = _harness.Case(
+        "accumulate_lambda_", {"n": n, "t": t, "d_a": d_a, "d_out": d_out}, dtype,
+        bytes_moved=n * t * (d_a + d_out) * es + (d_a * d_a + d_out * d_out) * es + 2 * d_out * d_a * 4,
+        flops=2 * n * t * (d_a * d_a + d_out * d_out) + 2 * n * t * d_out * d_a + 2 * n * d_out * d_a,
+    )
+
+    def run(backend: str) -> Callable[[], torch.Tensor]:
+        lam = torch.zeros(d_out, d_a, device=device)
+
+        def fused():
+            lam.zero_()
+            ops.accumulate_lambda_(lam, a @ q_a, g @ q_s, backend=backend)
+            return lam
+
+        def kronfluence():
+            # kronfluence's default: per-example gradients in fp32, rotated, squared, summed.
+            grads = torch.einsum("nto,nti->noi", g.float(), a.float())
+            rot = q_s.float().T @ grads @ q_a.float()
+            return rot.square_().sum(0)
+
+        return kronfluence if backend == "kronfluence" else fused
+
+    def ref64():
+        lam = torch.zeros(d_out, d_a, device=device, dtype=torch.float64)
+        reference.accumulate_lambda_(lam, a.double() @ q_a.double(), g.double() @ q_s.double())
+        return lam
+
+    return case, run, ref64, ["triton", "torch", "kronfluence"]
+
+
+def self_scores_case(n, t, d_a, d_out, dtype, device):
+    from source_fast import ops, reference
+
+    a = torch.randn(n, t, d_a, device=device, dtype=dtype)
+    g = torch.randn(n, t, d_out, device=device, dtype=dtype)
+    scale = torch.rand(d_out, d_a, device=device)
+    case = _harness.Case(
+        "self_scores", {"n": n, "t": t, "d_a": d_a, "d_out": d_out}, dtype,
+        bytes_moved=n * t * (d_a + d_out) * _size(dtype) + d_out * d_a * 4 + n * 4,
+        flops=2 * n * t * d_out * d_a + 3 * n * d_out * d_a,
+    )
+
+    def run(backend):
+        return lambda: ops.self_scores(a, g, scale, backend=backend)
+
+    return case, run, lambda: reference.self_scores(a.double(), g.double(), scale.double()), ["triton", "torch"]
+
+
+def pairwise_case(n, t, d_a, d_out, dtype, device, q):
+    from source_fast import ops, reference
+
+    a = torch.randn(n, t, d_a, device=device, dtype=dtype)
+    g = torch.randn(n, t, d_out, device=device, dtype=dtype)
+    u = torch.randn(q, d_out, d_a, device=device)
+    case = _harness.Case(
+        "pairwise_scores", {"n": n, "t": t, "d_a": d_a, "d_out": d_out, "q": q}, dtype,
+        bytes_moved=n * t * (d_a + d_out) * _size(dtype) + q * d_out * d_a * 4 + n * q * 4,
+        flops=2 * d_out * d_a * n * min(t + q, t * q),  # the cheaper contraction (reference docstring)
+    )
+
+    def run(backend):
+        return lambda: ops.pairwise_scores(a, g, u, backend=backend)
+
+    return case, run, lambda: reference.pairwise_scores(a.double(), g.double(), u.double()), ["triton", "torch"]
+
+
+def precondition_case(q, d_a, d_out, dtype, device, horizon):
+    from source_fast import ops, reference
+
+    v = torch.randn(q, d_out, d_a, device=device, dtype=dtype)
+    q_a, q_s = _eigvecs(d_a, device, dtype), _eigvecs(d_out, device, dtype)
+    lam = torch.rand(d_out, d_a, device=device).pow(4)
+    outs = 1 if horizon is None else 2
+    case = _harness.Case(
+        "precondition_queries", {"q": q, "d_a": d_a, "d_out": d_out, "source": int(horizon is not None)}, dtype,
+        bytes_moved=(q * d_out * d_a + d_a * d_a + d_out * d_out) * _size(dtype) + d_out * d_a * 4
+        + outs * q * d_out * d_a * 4,
+        flops=(1 + outs) * 2 * q * d_out * d_a * (d_a + d_out),
+    )
+
+    def run(backend):
+        return lambda: ops.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=1e-3, backend=backend)
+
+    def ref64():
+        u, v_next = reference.precondition_queries(v.double(), q_s.double(), q_a.double(), lam.double(),
+                                                   horizon=horizon, damping=1e-3)
+        return (u,) if v_next is None else (u, v_next)
+
+    return case, run, ref64, ["triton", "torch"]
+
+
+def _as_tuple(x):
+    if isinstance(x, tuple):
+        return tuple(y for y in x if y is not None)
+    return (x,)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _harness.add_common_args(parser, BACKENDS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        # Triton runs on CPU only interpreted; this must be set before source_fast.kernels is imported (V1).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtype = getattr(torch, args.dtype)
+    wanted = set(args.backends.split(","))
+    unknown = wanted - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown backends {sorted(unknown)}; valid: {BACKENDS}")
+    torch.manual_seed(0)
+    shapes = QUICK_SHAPES if args.quick else GPU_SHAPES
+    nq = QUICK_QUERIES if args.quick else GPU_QUERIES
+
+    builders = []
+    for _label, n, t, d_a, d_out in shapes:
+        builders += [
+            lambda n=n, t=t, d_a=d_a, d_out=d_out: lambda_case(n, t, d_a, d_out, dtype, device),
+            lambda n=n, t=t, d_a=d_a, d_out=d_out: self_scores_case(n, t, d_a, d_out, dtype, device),
+            lambda n=n, t=t, d_a=d_a, d_out=d_out: pairwise_case(n, t, d_a, d_out, dtype, device, nq),
+        ]
+    for _label, _n, _t, d_a, d_out in shapes:
+        if _t == 1 and not args.quick:
+            continue  # the same d as another shape; the query side does not depend on t
+        for horizon in (None, 10.0):
+            builders.append(lambda d_a=d_a, d_out=d_out, h=horizon: precondition_case(nq, d_a, d_out, dtype, device, h))
+
+    meta = _harness.env_metadata(device)
+    out = Path(args.out) if args.out else _harness.default_out(BENCH)
+    records = []
+    for build in builders:
+        case, run, ref64, backends = build()
+        expected = _as_tuple(ref64())
+        case_records = {}
+        for backend in backends:
+            if backend not in wanted:
+                continue
+            fn = run(backend)
+            err, sqnr = _harness.error_stats(_as_tuple(fn()), expected)
+            ms = _harness.time_ms(fn, device, quick=args.quick)
+            case_records[backend] = _harness.make_record(BENCH, case, backend, device, ms, err, sqnr, meta)
+        base = case_records.get("torch")
+        for rec in case_records.values():
+            if base is not None:
+                rec["speedup_vs_torch"] = base["ms_p50"] / rec["ms_p50"]
+        # Written case by case, so a run cut short by a time limit keeps what it measured.
+        _harness.write_jsonl(out, list(case_records.values()))
+        records += case_records.values()
+        del expected
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    _harness.print_table(records)
+    print(f"wrote {len(records)} records to {out}")
+    if args.compare and not _harness.compare(records, args.compare, args.fail_on_regression):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

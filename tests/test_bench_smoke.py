@@ -1,0 +1,47 @@
+"""The kernel bench runs end to end on CPU (Triton interpreted) and writes schema-valid JSONL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bench_kernels_quick_writes_valid_jsonl(tmp_path, dtype):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import _harness
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    out = tmp_path / "kernels.jsonl"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "bench_kernels.py"), "--quick", "--device", "cpu", "--dtype", dtype,
+         "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for rec in records:
+        _harness.validate_record(rec)
+        assert rec["dtype"] == dtype and rec["device"] == "cpu"
+    ops = {r["op"] for r in records}
+    assert ops == {"accumulate_lambda_", "self_scores", "pairwise_scores", "precondition_queries"}
+    assert {r["backend"] for r in records} == {"triton", "torch", "kronfluence"}
+    # Every backend was checked before it was timed: each matches the float64 reference.
+    assert all(r["sqnr_db"] > 40 for r in records), [(r["op"], r["backend"], r["sqnr_db"]) for r in records]
+    # A second run compared against the first finds every case (and no regression gate fires without a limit).
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "bench_kernels.py"), "--quick", "--device", "cpu", "--dtype", dtype,
+         "--backends", "torch", "--out", str(tmp_path / "again.jsonl"), "--compare", str(out)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("->") == sum(r["backend"] == "torch" for r in records)

@@ -1,0 +1,325 @@
+"""Triton kernels vs the float64 reference and the same-precision torch path.
+
+On CPU these run under TRITON_INTERPRET=1 (conftest), where bf16 dots are upcast (DESIGN V2): they check
+indexing, masking, strides and the scaling math; the native MMA paths are the `cuda` cases at the end.
+
+Tolerances. The float64 reference sees exactly the same (already rounded) 16-bit inputs, and every
+kernel accumulates in fp32, so the only error is fp32 accumulation, plus TF32 rounding where a kernel
+feeds fp32 operands to tl.dot for 16-bit inputs (the T = 1 Λ path, the query contraction of
+pairwise_scores: 2^-11 relative per operand). The bound is therefore norm-wise, relative to max|ref|:
+1e-5 for fp32 (full-precision dots: torch's default matmul precision is "highest") and 2e-3 for
+16-bit inputs (TF32); an error within 2x the same-precision torch path's also passes (the flash-attention
+rule), and the SQNR must clear 90 dB (fp32) / 50 dB (16-bit) regardless.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from source_fast import _dispatch, ops, reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1, 1, 1), (3, 5, 17, 9), (2, 7, 33, 65), (5, 1, 20, 13)]  # n, t, d_a, d_out: odd, <= 65 (V6)
+TOL = {torch.float32: (1e-5, 90.0), torch.float16: (2e-3, 50.0), torch.bfloat16: (2e-3, 50.0)}
+
+
+def _require_triton(op: str, device: torch.device, dtype: torch.dtype) -> None:
+    reasons = _dispatch.unsupported_reasons("triton", op, device, dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+def _sqnr_db(actual: torch.Tensor, ref: torch.Tensor) -> float:
+    noise = (actual.double() - ref).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def _assert_close(actual: torch.Tensor, ref64: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == torch.float32 and actual.shape == ref64.shape
+    rtol, floor_db = TOL[dtype]
+    ref64 = ref64.to(actual.device)
+    err = (actual.double() - ref64).abs().max().item() if actual.numel() else 0.0
+    base = (baseline.double().to(actual.device) - ref64).abs().max().item() if actual.numel() else 0.0
+    scale = ref64.abs().max().item() if actual.numel() else 0.0
+    db = _sqnr_db(actual, ref64) if actual.numel() else math.inf
+    msg = f"max|Δ|={err:.3g} vs torch-same-precision {base:.3g}, max|ref|={scale:.3g} (sqnr {db:.1f} dB)"
+    assert torch.isfinite(actual).all(), msg
+    assert err <= max(rtol * scale, 2.0 * base) + 1e-30, msg
+    assert db >= floor_db or scale == 0.0, msg
+
+
+def _tokens(n, t, d, dtype, device, layout):
+    """(n, t, d) in one of three layouts: contiguous, sliced from a wider tensor, or feature-major."""
+    if layout == "contiguous":
+        return torch.randn(n, t, d, device=device).to(dtype)
+    if layout == "sliced":
+        return torch.randn(n, 2 * t, d + 5, device=device).to(dtype)[:, ::2, 3 : 3 + d]
+    return torch.randn(d, n, t, device=device).to(dtype).permute(1, 2, 0)
+
+
+def _mask(n, t, device, kind):
+    if kind is None:
+        return None
+    keep = torch.rand(n, t, device=device) > 0.3
+    keep[0, 0] = True
+    # A float mask must act like `mask != 0` (the reference's rule), not scale tokens.
+    return keep if kind == "bool" else keep.float() * 0.5
+
+
+# (layout, mask kind) pairs: every layout meets a mask somewhere, without the full product.
+VARIANTS = [("contiguous", None), ("sliced", "bool"), ("feature_major", "float")]
+
+
+@pytest.mark.parametrize("n, t, d_a, d_out", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, mask_kind", VARIANTS)
+def test_accumulate_lambda_matches_reference(n, t, d_a, d_out, dtype, layout, mask_kind, device):
+    _require_triton("accumulate_lambda_", device, dtype)
+    a = _tokens(n, t, d_a, dtype, device, layout)
+    g = _tokens(n, t, d_out, dtype, device, layout)
+    mask = _mask(n, t, device, mask_kind)
+    start = torch.rand(d_out, d_a, device=device)
+    lam = start.clone()
+    ops.accumulate_lambda_(lam, a, g, mask, 0.25, backend="triton")
+    ref64 = start.double().cpu()
+    reference.accumulate_lambda_(ref64, a.double().cpu(), g.double().cpu(), None if mask is None else mask.cpu(), 0.25)
+    same = start.clone()
+    reference.accumulate_lambda_(same, a, g, mask, 0.25)
+    _assert_close(lam, ref64, same, dtype)
+
+
+@pytest.mark.parametrize("n, t, d_a, d_out", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, mask_kind", VARIANTS)
+def test_self_scores_matches_reference(n, t, d_a, d_out, dtype, layout, mask_kind, device):
+    _require_triton("self_scores", device, dtype)
+    a = _tokens(n, t, d_a, dtype, device, layout)
+    g = _tokens(n, t, d_out, dtype, device, layout)
+    mask = _mask(n, t, device, mask_kind)
+    scale = torch.rand(d_out, d_a + 3, device=device)[:, 1 : 1 + d_a]  # strided scale too
+    out = ops.self_scores(a, g, scale, mask, backend="triton")
+    m64 = None if mask is None else mask.cpu()
+    ref64 = reference.self_scores(a.double().cpu(), g.double().cpu(), scale.double().cpu(), m64)
+    _assert_close(out, ref64, reference.self_scores(a, g, scale, mask), dtype)
+
+
+@pytest.mark.parametrize("n, t, d_a, d_out", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, mask_kind", VARIANTS)
+def test_pairwise_scores_matches_reference(n, t, d_a, d_out, dtype, layout, mask_kind, device):
+    _require_triton("pairwise_scores", device, dtype)
+    a = _tokens(n, t, d_a, dtype, device, layout)
+    g = _tokens(n, t, d_out, dtype, device, layout)
+    mask = _mask(n, t, device, mask_kind)
+    q = 3 if layout == "contiguous" else 17  # 17 > BLOCK_Q of the first config: several query blocks
+    u = torch.randn(q, d_a, d_out, device=device).transpose(1, 2)  # float32, feature-major
+    out = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    m64 = None if mask is None else mask.cpu()
+    ref64 = reference.pairwise_scores(a.double().cpu(), g.double().cpu(), u.double().cpu(), m64)
+    _assert_close(out, ref64, reference.pairwise_scores(a, g, u, mask), dtype)
+
+
+def _eigvecs(d, dtype, device):
+    return torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("q, d_out, d_a", [(1, 1, 1), (3, 9, 17), (2, 65, 33), (5, 13, 20)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("horizon, damping", [(None, 0.1), (3.0, 0.0), (0.5, 0.05)])
+def test_precondition_queries_matches_reference(q, d_out, d_a, dtype, horizon, damping, device):
+    _require_triton("precondition_queries", device, dtype)
+    v = torch.randn(q, d_a, d_out, device=device).to(dtype).transpose(1, 2)  # strided queries
+    q_s = _eigvecs(d_out, dtype, device)
+    q_a = _eigvecs(d_a, dtype, device)
+    lam = torch.rand(d_out, d_a, device=device) * 4
+    lam.view(-1)[::3] = 0.0  # F(0) = c exactly
+    lam.view(-1)[1::7] = -1e-4  # negative round-off, clamped
+    u, v_next = ops.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping, backend="triton")
+    args64 = [x.double().cpu() for x in (v, q_s, q_a, lam)]
+    ru, rv = reference.precondition_queries(*args64, horizon=horizon, damping=damping)
+    su, sv = reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
+    _assert_close(u, ru, su, dtype)
+    if horizon is None:
+        assert v_next is None
+    else:
+        _assert_close(v_next, rv, sv, dtype)
+
+
+def test_precondition_accepts_float64_factors(device):
+    """Fitted factors stay float64 (eigh precision); the kernels read them and compute in float32."""
+    _require_triton("precondition_queries", device, torch.float32)
+    v = torch.randn(2, 9, 17, device=device)
+    q_s, q_a = _eigvecs(9, torch.float64, device), _eigvecs(17, torch.float64, device)
+    lam = torch.rand(9, 17, device=device, dtype=torch.float64)
+    u, v_next = ops.precondition_queries(v, q_s, q_a, lam, horizon=2.0, backend="triton")
+    ru, rv = reference.precondition_queries(v.double(), q_s, q_a, lam, horizon=2.0)
+    su, sv = reference.precondition_queries(v, q_s.float(), q_a.float(), lam.float(), horizon=2.0)
+    _assert_close(u, ru, su, torch.float32)
+    _assert_close(v_next, rv, sv, torch.float32)
+
+
+@pytest.mark.parametrize("lam_value, horizon, damping, factor, shrink", [
+    (0.0, 2.5, 0.0, 2.5, 1.0),  # σ = 0: F = c exactly, no 0/0
+    (1e30, 1.0, 0.0, 1e-30, 0.0),  # cσ huge: F = 1/σ, shrink underflows to 0
+    (1e-12, 1.0, 0.0, 1.0, 1.0),  # cσ tiny: F = c (naive 1 - exp(-y) would give 0)
+    (0.0, 1e3, 2.0, 0.5, 0.0),  # damping alone: F = 1/δ once cδ ≫ 1
+    (-5.0, 2.0, 0.0, 2.0, 1.0),  # negative Λ clamps to 0
+])
+def test_source_scaling_limits(lam_value, horizon, damping, factor, shrink, device):
+    """With Q = I the preconditioner is the elementwise scale itself: u = F(σ)·v, v_next = exp(−cσ)·v."""
+    _require_triton("precondition_queries", device, torch.float32)
+    d = 4
+    v = torch.ones(1, d, d, device=device)
+    eye = torch.eye(d, device=device)
+    lam = torch.full((d, d), lam_value, device=device)
+    u, v_next = ops.precondition_queries(v, eye, eye, lam, horizon=horizon, damping=damping, backend="triton")
+    assert torch.isfinite(u).all() and torch.isfinite(v_next).all()
+    torch.testing.assert_close(u, torch.full_like(u, factor), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(v_next, torch.full_like(v_next, shrink), rtol=1e-6, atol=1e-30)
+
+
+def test_source_factor_across_magnitudes(device):
+    """F(σ)/c = φ(cσ) = −expm1(−y)/y against float64 over y from 1e-12 to 1e3: Kahan's expm1 keeps full
+    fp32 relative accuracy where 1 − exp(−y) loses every digit (y < 6e-8)."""
+    _require_triton("precondition_queries", device, torch.float32)
+    y = torch.logspace(-12, 3, 64, dtype=torch.float64)
+    lam = y.view(8, 8).float().to(device)
+    eye = torch.eye(8, device=device)
+    u, v_next = ops.precondition_queries(torch.ones(1, 8, 8, device=device), eye, eye, lam, horizon=1.0,
+                                         backend="triton")
+    y32 = lam.double().cpu()  # the fp32-rounded σ the kernel saw
+    torch.testing.assert_close(u[0].double().cpu(), -torch.expm1(-y32) / y32, rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(v_next[0].double().cpu(), torch.exp(-y32), rtol=2e-5, atol=1e-37)
+
+
+def test_ekfac_scale_is_inverse_of_damped_lambda(device):
+    """With Q = I, EK-FAC's u is v / (max(Λ, 0) + δ) entry by entry, and there is no v_next."""
+    _require_triton("precondition_queries", device, torch.float32)
+    eye = torch.eye(2, device=device)
+    lam = torch.tensor([[2.0, 0.5], [-1.0, 0.0]], device=device)
+    u, v_next = ops.precondition_queries(torch.ones(1, 2, 2, device=device), eye, eye, lam, damping=0.5,
+                                         backend="triton")
+    assert v_next is None
+    torch.testing.assert_close(u[0], torch.tensor([[0.4, 1.0], [2.0, 2.0]], device=device), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("t", [1, 6])
+def test_split_reductions_match_unsplit(t, device, monkeypatch):
+    """Pretending to have many SMs forces the split paths (workspace slabs summed in a fixed order)."""
+    _require_triton("accumulate_lambda_", device, torch.float32)
+    from source_fast.kernels import _common
+
+    a = torch.randn(7, t, 40, device=device)
+    g = torch.randn(7, t, 24, device=device)
+    mask = torch.rand(7, t, device=device) > 0.2
+    u = torch.randn(4, 24, 40, device=device)
+    scale = torch.rand(24, 40, device=device)
+    unsplit = torch.zeros(24, 40, device=device)
+    ops.accumulate_lambda_(unsplit, a, g, mask, backend="triton")
+    s_unsplit = ops.self_scores(a, g, scale, mask, backend="triton")
+    p_unsplit = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    monkeypatch.setattr(_common, "num_sms", lambda device: 8)
+    split = torch.zeros(24, 40, device=device)
+    ops.accumulate_lambda_(split, a, g, mask, backend="triton")
+    torch.testing.assert_close(split, unsplit, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.self_scores(a, g, scale, mask, backend="triton"), s_unsplit, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ops.pairwise_scores(a, g, u, mask, backend="triton"), p_unsplit, rtol=1e-5, atol=1e-4)
+
+
+def test_empty_batch_is_a_no_op(device):
+    _require_triton("accumulate_lambda_", device, torch.float32)
+    lam = torch.ones(3, 4, device=device)
+    empty_a, empty_g = torch.zeros(0, 2, 4, device=device), torch.zeros(0, 2, 3, device=device)
+    ops.accumulate_lambda_(lam, empty_a, empty_g, backend="triton")
+    assert (lam == 1).all()
+    out = ops.self_scores(torch.zeros(0, 2, 4, device=device), torch.zeros(0, 2, 3, device=device),
+                          torch.ones(3, 4, device=device), backend="triton")
+    assert out.shape == (0,)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda k: k.accumulate_lambda_(torch.zeros(3, 4), torch.zeros(2, 5, 4), torch.zeros(2, 6, 3)), r"share \(n, t\)"),
+    (lambda k: k.accumulate_lambda_(torch.zeros(3, 5), torch.zeros(2, 5, 4), torch.zeros(2, 5, 3)), r"lam must be"),
+    (lambda k: k.accumulate_lambda_(torch.zeros(3, 4), torch.zeros(2, 5, 4), torch.zeros(2, 5, 3).half()), "dtype"),
+    (lambda k: k.self_scores(torch.zeros(2, 5, 4), torch.zeros(2, 5, 3), torch.zeros(4, 3)), r"scale must be"),
+    (lambda k: k.self_scores(torch.zeros(2, 5, 4), torch.zeros(2, 5, 3), torch.zeros(3, 4), torch.ones(5, 2)),
+     r"mask must be"),
+    (lambda k: k.pairwise_scores(torch.zeros(2, 5, 4), torch.zeros(2, 5, 3), torch.zeros(2, 4, 3)), r"u must be"),
+    (lambda k: k.precondition_queries(torch.zeros(2, 3, 4), torch.eye(4), torch.eye(4), torch.zeros(3, 4)),
+     r"q_s must be"),
+    (lambda k: k.precondition_queries(torch.zeros(2, 3, 4), torch.eye(3), torch.eye(4), torch.zeros(4, 3)),
+     r"lam must be"),
+])
+def test_launchers_reject_bad_arguments(call, match):
+    from source_fast import _triton
+
+    if _triton.import_error():
+        pytest.skip(_triton.import_error())
+    with pytest.raises(ValueError, match=match):
+        call(_triton.kernels())
+
+
+# ---- realistic sizes, native bf16/fp16 MMA: GPU only -------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("t, d_a, d_out", [(512, 1024, 1024), (128, 1024, 4096), (1, 4096, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_lambda_and_self_scores_at_scale(t, d_a, d_out, dtype):
+    dev = torch.device("cuda")
+    n = 32 if t == 1 else 4
+    a = torch.randn(n, t, d_a, device=dev, dtype=dtype)
+    g = torch.randn(n, t, d_out, device=dev, dtype=dtype)
+    mask = torch.rand(n, t, device=dev) > 0.1
+    lam = torch.zeros(d_out, d_a, device=dev)
+    ops.accumulate_lambda_(lam, a, g, mask, backend="triton")
+    ref64 = torch.zeros(d_out, d_a, device=dev, dtype=torch.float64)
+    reference.accumulate_lambda_(ref64, a.double(), g.double(), mask)
+    same = torch.zeros(d_out, d_a, device=dev)
+    reference.accumulate_lambda_(same, a, g, mask)
+    _assert_close(lam, ref64, same, dtype)
+    scale = torch.rand(d_out, d_a, device=dev)
+    out = ops.self_scores(a, g, scale, mask, backend="triton")
+    _assert_close(out, reference.self_scores(a.double(), g.double(), scale.double(), mask),
+                  reference.self_scores(a, g, scale, mask), dtype)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("t, d_a, d_out", [(256, 1024, 1024), (1, 4096, 1024)])
+def test_cuda_pairwise_at_scale(t, d_a, d_out):
+    dev = torch.device("cuda")
+    a = torch.randn(48, t, d_a, device=dev, dtype=torch.bfloat16)
+    g = torch.randn(48, t, d_out, device=dev, dtype=torch.bfloat16)
+    u = torch.randn(20, d_out, d_a, device=dev)
+    out = ops.pairwise_scores(a, g, u, backend="triton")
+    ref64 = reference.pairwise_scores(a.double(), g.double(), u.double())
+    _assert_close(out, ref64, reference.pairwise_scores(a, g, u), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("horizon", [None, 10.0])
+def test_cuda_precondition_at_scale(horizon):
+    dev = torch.device("cuda")
+    d_out, d_a = 1024, 4096
+    v = torch.randn(8, d_out, d_a, device=dev, dtype=torch.bfloat16)
+    q_s = _eigvecs(d_out, torch.bfloat16, dev)
+    q_a = _eigvecs(d_a, torch.bfloat16, dev)
+    lam = torch.rand(d_out, d_a, device=dev).pow(4)
+    u, v_next = ops.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=1e-3, backend="triton")
+    ru, rv = reference.precondition_queries(v.double(), q_s.double(), q_a.double(), lam.double(),
+                                            horizon=horizon, damping=1e-3)
+    su, sv = reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=1e-3)
+    _assert_close(u, ru, su, torch.bfloat16)
+    if horizon is not None:
+        _assert_close(v_next, rv, sv, torch.bfloat16)
