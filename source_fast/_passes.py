@@ -34,8 +34,11 @@ def model_device(model: nn.Module) -> torch.device:
 def make_loader(data: Any, batch_size: int, collate_fn: Callable | None) -> DataLoader:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(data, DataLoader):
-        return data
+    if isinstance(data, DataLoader) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise TypeError(
+            f"data must be a map-style dataset (len() and indexing), got {type(data).__name__}; pass a "
+            "DataLoader's dataset and its collate_fn instead (source_fast batches, shards and resumes by index)"
+        )
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
 
 

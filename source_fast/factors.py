@@ -12,8 +12,10 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from . import ops
+from ._dist import all_reduce_int, all_reduce_sum_, rank_range
 from ._io import atomic_path, sha256_file
 from ._passes import make_loader, run_pass
 from .capture import LayerSpec, tracked_layers, with_ones
@@ -237,7 +239,8 @@ def fit_factors(
         for ell, seg in enumerate(trajectory.segments):
             what = f"segment {ell}"
             ckpts = segment_checkpoints(seg, average_params, what)
-            loader = make_loader(seg.data, batch_size, collate_fn)
+            # Under torch.distributed each rank reads a contiguous slice; sums are all-reduced.
+            loader = make_loader(Subset(seg.data, rank_range(len(seg.data))), batch_size, collate_fn)
             device = next(model.parameters()).device
             a_cov = {s.name: torch.zeros(s.d_a, s.d_a, device=device, dtype=dtype) for s in specs}
             s_cov = {s.name: torch.zeros(s.d_out, s.d_out, device=device, dtype=dtype) for s in specs}
@@ -278,7 +281,7 @@ def _covariances(model, task, specs, loader, objective, what, progress):
     a_sum = {s.name: torch.zeros(s.d_a, s.d_a, device=device, dtype=dtype) for s in specs}
     s_sum = {s.name: torch.zeros(s.d_out, s.d_out, device=device, dtype=dtype) for s in specs}
     rows = dict.fromkeys((s.name for s in specs), 0)
-    bar = _progress(progress, len(loader.dataset), f"covariances ({what})")
+    bar = _progress(progress, len(loader.dataset), f"covariances ({what})")  # this rank's share
     for _, _, rec in run_pass(model, task, specs, loader, objective, what, bar):
         covs, xs, masks, ones = [], [], [], []
         for s in specs:
@@ -292,6 +295,8 @@ def _covariances(model, task, specs, loader, objective, what, progress):
         ops.covariance_accumulate_(covs, xs, masks, ones)
     if bar is not None:
         bar.close()
+    all_reduce_sum_([*a_sum.values(), *s_sum.values()])
+    rows = {k: all_reduce_int(v, device) for k, v in rows.items()}
     for s in specs:
         if rows[s.name] == 0:
             raise ValueError(f"{what}: module {s.name!r} saw no unmasked rows")
@@ -321,6 +326,8 @@ def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress):
         count += n
     if bar is not None:
         bar.close()
+    all_reduce_sum_(list(lam.values()))
+    count = all_reduce_int(count, device)
     return {k: v / count for k, v in lam.items()}
 
 

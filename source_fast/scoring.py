@@ -38,7 +38,17 @@ class _Plan:
     segments: list[int]
     checkpoints: dict[int, list[Checkpoint]]
     weights: dict[int, float]
-    queries: dict[int, list[Grads]]
+    queries: dict[int, list[Any]]  # Grads, or per-layer (left, right) factors when lowrank
+    lowrank: bool = False
+
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for qs in self.queries.values():
+            for q in qs:
+                if id(q) not in seen:
+                    seen.add(id(q))
+                    total += sum(t.numel() * t.element_size() for v in q.values() for t in (v if isinstance(v, tuple) else (v,)))
+        return total
 
 
 def _check_method(method: str) -> None:
@@ -238,28 +248,53 @@ def score(
         with restored(model):
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
+    with restored(model):
+        plan = prepare_queries(
+            model, task, specs, trajectory, factors, method, train_data, query_data, damping=damping,
+            train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
+        )
+        return score_rows(model, task, specs, plan, train_data, batch_size=batch_size, collate_fn=collate_fn,
+                          progress=progress)
+
+
+def prepare_queries(
+    model, task, specs, trajectory, factors, method, train_data, query_data, *, damping, train_segments, query_rank,
+    batch_size, collate_fn,
+) -> _Plan:
+    """The query side, once: preconditioned query gradients for every checkpoint that will score
+    the training data (low-rank factors when `query_rank` is set)."""
     single = method in _FINAL_ONLY
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
-    with restored(model):
-        plan = _plan(
-            model, task, specs, trajectory, factors, method, query_data, "measurement", damping, train_segs,
-            batch_size, collate_fn,
-        )
-        loader = make_loader(train_data, batch_size, collate_fn)
-        scores = None
-        for ell in plan.segments:
-            for c, ckpt in enumerate(plan.checkpoints[ell]):
-                what = f"segment {ell}, checkpoint {c}"
-                load_into(model, ckpt, what)
-                queries = _lowrank(plan.queries[ell][c], query_rank) if query_rank else plan.queries[ell][c]
-                bar = _progress(progress, n_train, f"scoring ({what})")
-                for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar):
-                    block = _score_block(specs, rec, queries, query_rank is not None)
-                    if scores is None:
-                        scores = block.new_zeros(block.shape[1], n_train)
-                    scores[:, start : start + n] += plan.weights[ell] * block.T
-                if bar is not None:
-                    bar.close()
+    plan = _plan(
+        model, task, specs, trajectory, factors, method, query_data, "measurement", damping, train_segs,
+        batch_size, collate_fn,
+    )
+    if query_rank:
+        lowrank = {}  # SOURCE shares one u_ℓ across a segment's checkpoints: factorise each once
+        plan.queries = {
+            ell: [lowrank.setdefault(id(q), _lowrank(q, query_rank)) for q in qs] for ell, qs in plan.queries.items()
+        }
+    plan.lowrank = bool(query_rank)
+    return plan
+
+
+def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn, progress=False) -> Tensor:
+    """(n_query, len(data)) scores of `data` (training examples) against prepared queries: one pass
+    over `data` per checkpoint, all queries at once."""
+    loader = make_loader(data, batch_size, collate_fn)
+    scores = None
+    for ell in plan.segments:
+        for c, ckpt in enumerate(plan.checkpoints[ell]):
+            what = f"segment {ell}, checkpoint {c}"
+            load_into(model, ckpt, what)
+            bar = _progress(progress, len(data), f"scoring ({what})")
+            for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar):
+                block = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank)
+                if scores is None:
+                    scores = block.new_zeros(block.shape[1], len(data))
+                scores[:, start : start + n] += plan.weights[ell] * block.T
+            if bar is not None:
+                bar.close()
     assert scores is not None
     return scores
 

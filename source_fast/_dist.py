@@ -1,0 +1,38 @@
+"""torch.distributed helpers: a no-op in a single process, data sharding and sums across ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_range(n: int) -> range:
+    """This rank's contiguous slice of n items (ranks differ by at most one item)."""
+    rank, world = rank_and_world()
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
+    if rank_and_world()[1] == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_reduce_int(value: int, device: torch.device) -> int:
+    if rank_and_world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()

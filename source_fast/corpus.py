@@ -1,0 +1,285 @@
+"""Scoring corpora too large for memory: sharded, checksummed, resumable output, top-k, and
+torch.distributed (each rank takes a contiguous run of shards).
+
+Layout of `out_dir`:
+  manifest.json                  what was asked (fingerprint of factors, data, queries, options)
+  shards/q{b}_{start}-{end}.safetensors  scores of training rows [start, end) against query block b:
+                                 key "scores" (n_query_block, rows), or with top_k the per-shard
+                                 "top_values/top_indices/bottom_values/bottom_indices" (n_query_block, k)
+  shards/q{b}_{start}-{end}.json  its checksum, written after it: a shard counts as done only when both
+                                 exist and agree, so a job killed at any point resumes after its last
+                                 complete shard, recomputes a corrupted one, and writes identical bytes.
+  top_k.safetensors              (top_k mode) the merged k largest / smallest per query, by rank 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from ._dist import barrier, rank_and_world
+from ._io import atomic_path, sha256_file
+from .capture import tracked_layers
+from .factors import Factors, restored
+from .scoring import Damping, Method, _FINAL_ONLY, _check_method, prepare_queries, score_rows
+from .task import Task
+from .trajectory import Trajectory
+
+MANIFEST_VERSION = 1
+
+
+def _digest_tensors(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _digest_examples(data: Any, limit: int = 16) -> str:
+    """A fingerprint of a dataset: its length and up to `limit` evenly spaced examples."""
+    n = len(data)
+    picks = sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))})
+    leaves = []
+    for i in picks:
+        leaves += [x for x in torch.utils._pytree.tree_leaves(data[i]) if isinstance(x, Tensor)]
+        leaves += [torch.tensor([float(x)]) for x in torch.utils._pytree.tree_leaves(data[i]) if isinstance(x, (int, float))]
+    return f"{n}:{_digest_tensors(leaves)}"
+
+
+def _fingerprint(trajectory, factors, method, options, train_data, query_data) -> dict:
+    fac = None
+    if isinstance(factors, Factors):
+        fac = _digest_tensors(lf.lam for seg in factors.segments for lf in seg.values())
+    return {
+        "method": method,
+        "options": options,
+        "factors": fac,
+        "trajectory": [[len(s.checkpoints), s.lr_sum, s.momentum, s.optimizer, s.weight_decay] for s in trajectory.segments],
+        "train_data": _digest_examples(train_data),
+        "query_data": _digest_examples(query_data),
+    }
+
+
+def _query_blocks(plan_bytes_per_query: int, n_query: int, budget: int) -> list[range]:
+    per_block = max(1, budget // max(1, plan_bytes_per_query))
+    return [range(s, min(n_query, s + per_block)) for s in range(0, n_query, per_block)]
+
+
+def score_corpus(
+    model: nn.Module,
+    task: Task,
+    trajectory: Trajectory,
+    factors: Factors | None,
+    train_data: Any,
+    query_data: Any,
+    out_dir: str | os.PathLike,
+    method: Method = "source",
+    *,
+    damping: Damping = "heuristic",
+    shard_size: int = 4096,
+    top_k: int | None = None,
+    query_memory_budget: int = 1 << 30,
+    query_rank: int | None = None,
+    train_segments: list[int] | Literal["all"] | None = None,
+    batch_size: int = 32,
+    collate_fn: Callable | None = None,
+    progress: bool = True,
+) -> Path:
+    """Scores `train_data` against `query_data` like `score`, streaming to sharded files in `out_dir`.
+
+    Each training row is read once per checkpoint for every query in a block; queries go in blocks
+    whose preconditioned gradients fit `query_memory_budget` bytes (one block when they all fit;
+    `query_rank` shrinks them). Peak memory depends on the budget, `shard_size` and `batch_size`,
+    never on the number of training examples. Scores are float32 (float64 for a float64 model).
+    With `top_k`, only each query's k largest and k smallest scores and their row indices are kept.
+    Under torch.distributed, factors-free work is split: each rank takes a contiguous run of shards.
+    Returns `out_dir`; read it with `load_scores` or `load_top_k`.
+    """
+    _check_method(method)
+    if method in ("grad_cos", "trak", "repsim", "unroll"):
+        raise ValueError(f"score_corpus supports {['source', 'fast_source', 'ekfac', 'tracin', 'grad_dot']}, not {method!r}")
+    if shard_size < 1 or (top_k is not None and top_k < 1):
+        raise ValueError(f"shard_size and top_k must be positive, got {shard_size} and {top_k}")
+    specs = tracked_layers(model, task.get_influence_tracked_modules())
+    if isinstance(factors, Factors):
+        factors.check_model(model, specs)
+        factors.check_trajectory(trajectory, average_params=method == "fast_source")
+    elif method in ("source", "fast_source", "ekfac"):
+        raise TypeError(f"method {method!r} needs Factors from fit_factors(), got {type(factors).__name__}")
+    n_train, n_query = len(train_data), len(query_data)
+    if n_train == 0 or n_query == 0:
+        raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
+    out = Path(out_dir)
+    rank, world = rank_and_world()
+    options = {"damping": damping, "shard_size": shard_size, "top_k": top_k, "query_rank": query_rank,
+               "query_memory_budget": query_memory_budget, "train_segments": train_segments}
+    fingerprint = _fingerprint(trajectory, factors, method, options, train_data, query_data)
+    _check_or_write_manifest(out, fingerprint, rank)
+    barrier()
+
+    # Bytes one query occupies once prepared: per layer d_out·d_a (or r·(d_out + d_a)) per distinct
+    # preconditioned copy (one per segment for SOURCE, one per checkpoint for TracIn).
+    copies = 1 if method in _FINAL_ONLY else (
+        sum(len(s.checkpoints) for s in trajectory.segments) if method == "tracin" else len(trajectory.segments)
+    )
+    itemsize = 8 if any(p.dtype == torch.float64 for p in model.parameters()) else 4
+    per_layer = [s.d_out * s.d_a if not query_rank else query_rank * (s.d_out + s.d_a) for s in specs]
+    blocks = _query_blocks(copies * itemsize * sum(per_layer), n_query, query_memory_budget)
+    shards = [(s, min(n_train, s + shard_size)) for s in range(0, n_train, shard_size)]
+    mine = [shards[i] for i in range(rank * len(shards) // world, (rank + 1) * len(shards) // world)]
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+
+    with restored(model):
+        for b, qrange in enumerate(blocks):
+            todo = [sh for sh in mine if not _shard_done(out, b, sh)]
+            if not todo:
+                continue
+            queries = Subset(query_data, list(qrange))
+            plan = prepare_queries(
+                model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
+                train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
+            )
+            for k, (start, end) in enumerate(todo):
+                if progress:
+                    print(f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}/{len(todo)}: rows {start}-{end}", flush=True)
+                try:
+                    rows = score_rows(model, task, specs, plan, Subset(train_data, range(start, end)),
+                                      batch_size=batch_size, collate_fn=collate_fn, progress=progress)
+                except torch.OutOfMemoryError as exc:
+                    raise torch.OutOfMemoryError(
+                        f"out of memory scoring rows {start}-{end} against query block {b}: lower batch_size "
+                        f"({batch_size}) or query_memory_budget ({query_memory_budget} bytes), or set query_rank"
+                    ) from exc
+                _write_shard(out, b, (start, end), rows, top_k)
+    barrier()
+    if rank == 0 and top_k is not None:
+        _merge_top_k(out, blocks, shards, top_k)
+    barrier()
+    return out
+
+
+def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int) -> None:
+    path = out / "manifest.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} is corrupted; delete {out} to start over") from None
+        if old.get("fingerprint") != fingerprint:
+            diff = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
+            raise ValueError(
+                f"{out} holds the output of a different run (it differs in: {', '.join(diff)}); "
+                "use another output folder or delete this one"
+            )
+        return
+    if rank == 0:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"format": "source_fast.scores", "version": MANIFEST_VERSION,
+                                       "fingerprint": fingerprint}, indent=1))
+
+
+def _shard_paths(out: Path, block: int, rows: tuple[int, int]) -> tuple[Path, Path]:
+    stem = out / "shards" / f"q{block}_{rows[0]}-{rows[1]}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _shard_done(out: Path, block: int, rows: tuple[int, int]) -> bool:
+    data, meta = _shard_paths(out, block, rows)
+    if not (data.exists() and meta.exists()):
+        return False
+    try:
+        ok = json.loads(meta.read_text()).get("sha256") == sha256_file(data)
+    except json.JSONDecodeError:
+        ok = False
+    if not ok:  # corrupted or truncated: recompute it
+        data.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+    return ok
+
+
+def _write_shard(out: Path, block: int, rows: tuple[int, int], scores: Tensor, top_k: int | None) -> None:
+    from safetensors.torch import save_file
+
+    if top_k is None:
+        tensors = {"scores": scores.contiguous().cpu()}
+    else:
+        k = min(top_k, scores.shape[1])
+        top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
+        tensors = {
+            "top_values": top.values.cpu().contiguous(), "top_indices": (top.indices + rows[0]).cpu().contiguous(),
+            "bottom_values": bottom.values.cpu().contiguous(), "bottom_indices": (bottom.indices + rows[0]).cpu().contiguous(),
+        }
+    data, meta = _shard_paths(out, block, rows)
+    with atomic_path(data) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(meta) as tmp:
+        tmp.write_text(json.dumps({"block": block, "rows": list(rows), "sha256": sha256_file(data)}))
+
+
+def _read_shard(out: Path, block: int, rows: tuple[int, int]) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if not _shard_done(out, block, rows):
+        raise ValueError(f"{out}: shard q{block} rows {rows[0]}-{rows[1]} is missing or corrupted; run score_corpus again to finish it")
+    return load_file(str(_shard_paths(out, block, rows)[0]))
+
+
+def _merge_top_k(out: Path, blocks: list[range], shards: list[tuple[int, int]], top_k: int) -> None:
+    from safetensors.torch import save_file
+
+    result = {}
+    for side, largest in (("top", True), ("bottom", False)):
+        vals, idx = [], []
+        for b in range(len(blocks)):
+            parts = [_read_shard(out, b, sh) for sh in shards]
+            v = torch.cat([p[f"{side}_values"] for p in parts], 1)
+            i = torch.cat([p[f"{side}_indices"] for p in parts], 1)
+            # Stable order for ties: sort by index first, then a stable sort by value.
+            order = i.argsort(dim=1, stable=True)
+            v, i = v.gather(1, order), i.gather(1, order)
+            order = v.argsort(dim=1, descending=largest, stable=True)[:, :top_k]
+            vals.append(v.gather(1, order))
+            idx.append(i.gather(1, order))
+        result[f"{side}_values"], result[f"{side}_indices"] = torch.cat(vals), torch.cat(idx)
+    with atomic_path(out / "top_k.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
+
+
+def _shards_of(out: Path) -> tuple[list[int], list[tuple[int, int]], int]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    opts = manifest["fingerprint"]["options"]
+    n_train = int(manifest["fingerprint"]["train_data"].split(":")[0])
+    n_query = int(manifest["fingerprint"]["query_data"].split(":")[0])
+    metas = [json.loads(p.read_text()) for p in (out / "shards").glob("*.json")]
+    blocks = sorted({m["block"] for m in metas})
+    shards = [(s, min(n_train, s + opts["shard_size"])) for s in range(0, n_train, opts["shard_size"])]
+    return blocks, shards, n_query
+
+
+def load_scores(out_dir: str | os.PathLike) -> Tensor:
+    """The full (n_query, n_train) matrix from a finished `score_corpus` run (checksums verified)."""
+    out = Path(out_dir)
+    blocks, shards, n_query = _shards_of(out)
+    rows = [torch.cat([_read_shard(out, b, sh)["scores"] for sh in shards], 1) for b in blocks]
+    result = torch.cat(rows)
+    if result.shape[0] != n_query:
+        raise ValueError(f"{out}: found scores for {result.shape[0]} of {n_query} queries; run score_corpus again")
+    return result
+
+
+def load_top_k(out_dir: str | os.PathLike) -> dict[str, Tensor]:
+    """top_values/top_indices (k largest, descending) and bottom_values/bottom_indices (k smallest)."""
+    from safetensors.torch import load_file
+
+    path = Path(out_dir) / "top_k.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the run was not in top_k mode or has not finished")
+    return load_file(str(path))

@@ -1,0 +1,59 @@
+"""A scoring job run in subprocesses by the corpus tests (kill-and-resume, torchrun with gloo).
+
+usage: python _corpus_job.py OUT_DIR [--top-k K] [--slow SECONDS] [--factors-out DIR]
+Under torchrun it initialises the gloo process group and every rank takes part.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _helpers import ClassifyTask, classification_data, mlp, perturbed_states  # noqa: E402
+
+import source_fast as sf  # noqa: E402
+from source_fast.corpus import score_corpus  # noqa: E402
+
+
+class SlowTask(ClassifyTask):
+    def __init__(self, delay):
+        self.delay = delay
+
+    def compute_train_loss(self, batch, model, sample=False):
+        time.sleep(self.delay)
+        return super().compute_train_loss(batch, model, sample)
+
+
+def job():
+    model = mlp(6, 7, 4, dtype=torch.float32)
+    data = classification_data(90, 6, 4, seed=1, dtype=torch.float32)
+    queries = classification_data(5, 6, 4, seed=2, dtype=torch.float32)
+    traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 40, 2, data, momentum=0.9)
+    return model, data, queries, traj
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--factors-out", default=None)
+    args = p.parse_args()
+    if "RANK" in os.environ:
+        torch.distributed.init_process_group("gloo")
+    model, data, queries, traj = job()
+    task = SlowTask(args.slow)
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
+    if args.factors_out and int(os.environ.get("RANK", "0")) == 0:
+        factors.save(args.factors_out)
+    score_corpus(model, task, traj, factors, data, queries, args.out, shard_size=16, top_k=args.top_k,
+                 batch_size=8, query_memory_budget=2 * 4 * (7 * 7 + 4 * 8) * 2, progress=False)
+    if "RANK" in os.environ:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

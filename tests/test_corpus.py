@@ -1,0 +1,121 @@
+"""Sharded, resumable corpus scoring: equal to in-memory scores, top-k, kill-and-resume with
+identical bytes, checksums, foreign manifests, and torchrun with 2 gloo processes."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _corpus_job import job
+
+import source_fast as sf
+from source_fast.corpus import load_scores, load_top_k, score_corpus
+from _helpers import ClassifyTask
+
+HERE = Path(__file__).parent
+JOB = [sys.executable, str(HERE / "_corpus_job.py")]
+
+
+def _digest(out: Path) -> dict[str, str]:
+    files = sorted((out / "shards").glob("*")) + [out / "manifest.json"] + sorted(out.glob("top_k.safetensors"))
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, data, queries, traj = job()
+    task = ClassifyTask()
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
+    return model, task, data, queries, traj, factors, sf.score(model, task, traj, factors, data, queries)
+
+
+def test_shards_and_query_blocks_equal_in_memory_scores(reference, tmp_path):
+    model, task, data, queries, traj, factors, full = reference
+    # A budget of two queries' prepared gradients: 3 query blocks, and 6 row shards of at most 16.
+    budget = 2 * 4 * (7 * 7 + 4 * 8) * 2
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, query_memory_budget=budget, progress=False)
+    assert len(list((tmp_path / "shards").glob("q2_*.safetensors"))) == 6
+    got = load_scores(tmp_path)
+    assert torch.allclose(got, full, rtol=1e-5, atol=1e-7), (got - full).abs().max()
+
+
+def test_top_k_matches_the_full_matrix(reference, tmp_path):
+    model, task, data, queries, traj, factors, full = reference
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, top_k=5, query_memory_budget=600, progress=False)
+    top = load_top_k(tmp_path)
+    for side, largest in (("top", True), ("bottom", False)):
+        want = full.topk(5, dim=1, largest=largest)
+        assert torch.allclose(top[f"{side}_values"], want.values, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(full.gather(1, top[f"{side}_indices"]), want.values, rtol=1e-5, atol=1e-7)
+
+
+def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(reference, tmp_path):
+    model, task, data, queries, traj, factors, full = reference
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
+    before = _digest(tmp_path)
+    with pytest.raises(ValueError, match=r"output of a different run \(it differs in: options\)"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, damping=0.1, progress=False)
+    other = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, seed=1)
+    other = sf.Factors(other.layers, [{k: type(v)(v.a_cov, v.s_cov, v.q_a, v.q_s, v.lam * 2) for k, v in seg.items()} for seg in other.segments], other.num_examples, other.layout, other.fisher, other.average_params)
+    with pytest.raises(ValueError, match="differs in: factors"):
+        score_corpus(model, task, traj, other, data, queries, tmp_path, shard_size=32, progress=False)
+    shard = sorted((tmp_path / "shards").glob("*.safetensors"))[1]
+    blob = bytearray(shard.read_bytes())
+    blob[-1] ^= 0x55
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="missing or corrupted"):
+        load_scores(tmp_path)
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
+    assert _digest(tmp_path) == before
+
+
+def test_out_of_memory_suggests_the_fix(reference, tmp_path, monkeypatch):
+    import source_fast.corpus as corpus
+
+    model, task, data, queries, traj, factors, _ = reference
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(corpus, "score_rows", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="rows 0-32 against query block 0: lower batch_size"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
+
+
+def test_killed_job_resumes_with_identical_bytes(tmp_path):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(JOB + [str(clean), "--top-k", "3"], check=True, timeout=300)
+    proc = subprocess.Popen(JOB + [str(killed), "--top-k", "3", "--slow", "0.02"])
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((killed / "shards").glob("*.json"))) < 4:
+        time.sleep(0.05)
+    done_before = {p.name: p.stat().st_mtime_ns for p in (killed / "shards").glob("*.json")}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 4 <= len(done_before) < 18, "the job must be killed midway"
+    assert not (killed / "top_k.safetensors").exists()
+    subprocess.run(JOB + [str(killed), "--top-k", "3"], check=True, timeout=300)
+    for name, mtime in done_before.items():  # finished shards were not redone
+        assert (killed / "shards" / name).stat().st_mtime_ns == mtime
+    assert _digest(killed) == _digest(clean)
+    assert not list(killed.rglob("*.tmp"))
+
+
+def test_torchrun_two_gloo_processes_equal_one(reference, tmp_path):
+    model, task, data, queries, traj, factors, full = reference
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           str(HERE / "_corpus_job.py"), str(tmp_path / "scores"), "--factors-out", str(tmp_path / "factors")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, timeout=300, env=env)
+    dist_factors = sf.Factors.load(tmp_path / "factors")
+    for a, b in zip(dist_factors.segments, factors.segments):
+        for name in a:
+            assert torch.allclose(a[name].a_cov, b[name].a_cov, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(a[name].lam, b[name].lam, rtol=1e-4, atol=1e-8)
+    got = load_scores(tmp_path / "scores")
+    assert torch.allclose(got, full, rtol=1e-4, atol=1e-6), (got - full).abs().max()
