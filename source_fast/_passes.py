@@ -55,7 +55,7 @@ def run_pass(
     objective: "fisher" (sampled labels), "train" (true labels) or "measurement"."""
     device = model_device(model)
     capturer = Capturer(model, specs)
-    start = 0
+    start = tokens = 0
     for b, batch in enumerate(loader):
         batch = to_device(batch, device)
         mask = task.get_attention_mask(batch)
@@ -91,4 +91,7 @@ def run_pass(
         yield start, n, records
         start += n
         if progress is not None:
+            a = records[specs[0].name].a
+            tokens += a.shape[0] * a.shape[1] if mask is None or a.shape[1] == 1 else int((mask != 0).sum())
+            progress.set_postfix_str(f"{tokens / max(progress.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
             progress.update(n)

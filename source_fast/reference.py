@@ -169,3 +169,13 @@ def pairwise_scores_lowrank(a: Tensor, g: Tensor, left: Tensor, right: Tensor, m
     gl = torch.einsum("nto,qor->ntqr", g.to(dt), left.to(dt))
     ar = torch.einsum("nti,qir->ntqr", a_, right.to(dt))
     return (gl * ar).sum((1, 3))
+
+
+def pairwise_token_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-token split of `pairwise_scores`: out[n, q, t] = g_tᵀ U_q a_t, summing over t to the pair's score.
+
+    a: (n, t, d_a), g: (n, t, d_out), u: (q, d_out, d_a), mask: (n, t) or None. Returns (n, q, t).
+    """
+    dt = compute_dtype(a, g, u)
+    ua = torch.einsum("qoi,nti->nqto", u.to(dt), _masked(a, mask, dt))
+    return torch.einsum("nqto,nto->nqt", ua, g.to(dt))

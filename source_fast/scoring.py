@@ -211,6 +211,7 @@ def score(
     trak_dim: int = 256,
     seed: int = 0,
     record: TrainingRecord | None = None,
+    per_token: bool = False,
 ) -> Tensor:
     """Scores every (query, training example) pair: a (n_query, n_train) tensor.
 
@@ -236,6 +237,8 @@ def score(
     query_rank: approximate each preconditioned query layer by its top singular vectors (cheaper
         scoring of huge corpora; None = exact).
     train_segments: which segments trained on `train_data` (None: those whose `data` is it).
+    per_token: return (n_query, n_train, tokens), each training example's score split over its
+        tokens (all tracked layers must see the same token count; padded tokens get 0).
     Training gradients come from one pass over `train_data` per checkpoint, for all queries.
     """
     specs = _validate(model, task, trajectory, factors, method)
@@ -244,6 +247,8 @@ def score(
         raise ValueError(f"empty data: {len(query_data)} queries, {n_train} training examples")
     if query_rank is not None and query_rank < 1:
         raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
+    if per_token and query_rank:
+        raise ValueError("per_token scores need exact queries: drop query_rank")
     if method in ("grad_cos", "trak", "repsim", "unroll"):
         with restored(model):
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
@@ -254,7 +259,7 @@ def score(
             train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
         )
         return score_rows(model, task, specs, plan, train_data, batch_size=batch_size, collate_fn=collate_fn,
-                          progress=progress)
+                          progress=progress, per_token=per_token)
 
 
 def prepare_queries(
@@ -278,9 +283,9 @@ def prepare_queries(
     return plan
 
 
-def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn, progress=False) -> Tensor:
+def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn, progress=False, per_token=False) -> Tensor:
     """(n_query, len(data)) scores of `data` (training examples) against prepared queries: one pass
-    over `data` per checkpoint, all queries at once."""
+    over `data` per checkpoint, all queries at once. per_token: (n_query, len(data), tokens)."""
     loader = make_loader(data, batch_size, collate_fn)
     scores = None
     for ell in plan.segments:
@@ -289,10 +294,10 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
             load_into(model, ckpt, what)
             bar = _progress(progress, len(data), f"scoring ({what})")
             for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar):
-                block = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank)
+                block = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token)
                 if scores is None:
-                    scores = block.new_zeros(block.shape[1], len(data))
-                scores[:, start : start + n] += plan.weights[ell] * block.T
+                    scores = block.new_zeros((block.shape[1], len(data)) + block.shape[2:])
+                scores[:, start : start + n] += plan.weights[ell] * block.transpose(0, 1)
             if bar is not None:
                 bar.close()
     assert scores is not None
@@ -314,12 +319,16 @@ def _baseline(model, task, specs, trajectory, method, train_data, query_data, da
     return baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim, damping=damping, seed=seed)
 
 
-def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool) -> Tensor:
+def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token: bool = False) -> Tensor:
     total = None
     for s in specs:
         r = rec[s.name]
         a = with_ones(r.a, s, r.mask)
-        if lowrank:
+        if per_token:
+            if total is not None and total.shape[-1] != a.shape[1]:
+                raise ValueError(f"per_token: module {s.name!r} sees {a.shape[1]} tokens, others {total.shape[-1]}")
+            part = reference.pairwise_token_scores(a, r.g, queries[s.name], r.mask)
+        elif lowrank:
             left, right = queries[s.name]
             part = reference.pairwise_scores_lowrank(a, r.g, left, right, r.mask)
         else:

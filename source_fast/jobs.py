@@ -1,0 +1,80 @@
+"""`source-fast fit` and `source-fast score`: jobs described by a small Python file.
+
+The file defines `job()` returning a `Job`:
+
+    import source_fast
+    def job():
+        model = ...                      # weights: any; checkpoints are loaded into it
+        return source_fast.Job(model, MyTask(), trajectory, train_data, query_data, batch_size=16)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .factors import Factors, fit_factors
+from .task import Task
+from .trajectory import Trajectory
+
+
+@dataclass
+class Job:
+    model: nn.Module
+    task: Task
+    trajectory: Trajectory
+    train_data: Any
+    query_data: Any
+    collate_fn: Callable | None = None
+    batch_size: int = 32
+
+
+def load_job(path: str | os.PathLike) -> Job:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"source_fast_job_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.resolve()))  # let the job import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, "job"):
+        raise AttributeError(f"{path} must define job() returning source_fast.Job")
+    job = module.job()
+    if not isinstance(job, Job):
+        raise TypeError(f"{path}: job() returned a {type(job).__name__}, not a source_fast.Job")
+    return job
+
+
+def fit(job_path, out, *, fisher="true", average_params=False, final=False) -> Factors:
+    """final: fit the one-checkpoint trajectory.final() (for method ekfac) instead of the whole one."""
+    job = load_job(job_path)
+    trajectory = job.trajectory.final() if final else job.trajectory
+    factors = fit_factors(job.model, job.task, trajectory, fisher=fisher, average_params=average_params,
+                          batch_size=job.batch_size, collate_fn=job.collate_fn, progress=True)
+    factors.save(out)
+    print(f"factors of {len(factors.segments)} segment(s), {len(factors.layers)} layers, written to {Path(out).resolve()}")
+    return factors
+
+
+def score(job_path, factors_dir, out, *, method="source", damping="heuristic", top_k=None, shard_size=4096,
+          query_memory_budget=1 << 30, query_rank=None, final=False) -> Path:
+    from .corpus import score_corpus
+
+    job = load_job(job_path)
+    factors = Factors.load(factors_dir) if factors_dir else None
+    trajectory = job.trajectory.final() if final else job.trajectory
+    result = score_corpus(job.model, job.task, trajectory, factors, job.train_data, job.query_data, out, method,
+                          damping=damping, shard_size=shard_size, top_k=top_k, query_memory_budget=query_memory_budget,
+                          query_rank=query_rank, batch_size=job.batch_size, collate_fn=job.collate_fn)
+    print(f"scores written to {result.resolve()}")
+    return result

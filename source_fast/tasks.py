@@ -1,0 +1,59 @@
+"""Ready-made tasks for common models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .capture import layer_kind
+from .task import Task
+
+
+def mlp_modules(model: nn.Module) -> list[str]:
+    """Names of the supported layers inside transformer MLP blocks (`.mlp.` in the name)."""
+    return [n for n, m in model.named_modules() if ".mlp." in f"{n}." and layer_kind(m) is not None]
+
+
+class CausalLMTask(Task):
+    """Next-token cross-entropy for Hugging Face causal LMs.
+
+    Batches are dicts with `input_ids` (n, t) and `attention_mask` (n, t); padded positions have
+    mask 0 and are dropped from factors and gradients. `normalize` must match training: "sum" (loss
+    summed over an example's tokens) or "mean" (averaged over its unmasked tokens), because SOURCE's
+    curvature scale is that of the objective really optimised. The measurement is the query's loss
+    with the same normalisation. `tracked`: module names, or None for every Linear/Conv1D.
+    """
+
+    def __init__(self, tracked: list[str] | None = None, normalize: Literal["sum", "mean"] = "sum"):
+        if normalize not in ("sum", "mean"):
+            raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
+        self.tracked = tracked
+        self.normalize = normalize
+
+    def _loss(self, batch, model, sample: bool) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        labels, keep = ids[:, 1:], mask[:, 1:].to(logits.dtype)
+        if sample:
+            with torch.no_grad():
+                labels = torch.distributions.Categorical(logits=logits).sample()
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none") * keep
+        per_example = per_token.sum(1)
+        if self.normalize == "mean":
+            per_example = per_example / keep.sum(1).clamp_min(1)
+        return per_example.sum()
+
+    def compute_train_loss(self, batch, model, sample=False):
+        return self._loss(batch, model, sample)
+
+    def compute_measurement(self, batch, model):
+        return self._loss(batch, model, False)
+
+    def get_influence_tracked_modules(self):
+        return self.tracked
+
+    def get_attention_mask(self, batch):
+        return batch["attention_mask"]

@@ -1,0 +1,99 @@
+"""Hugging Face GPT-2 (Conv1D) and Llama-style (nn.Linear) models built from configs, with padded
+batches and a causal-LM loss, against explicit per-example gradients and the dense EK-FAC matrix."""
+
+import pytest
+import torch
+
+import source_fast as sf
+from _helpers import dense_curvature
+from source_fast.tasks import CausalLMTask, mlp_modules
+
+transformers = pytest.importorskip("transformers")
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_embd=8, n_layer=2, n_head=2, vocab_size=23, n_positions=16, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=23, max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Right-padded sequences of random tokens, lengths 3..t."""
+
+    def __init__(self, n, t, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, 23, (n, t), generator=g)
+        lengths = torch.randint(3, t + 1, (n,), generator=g)
+        self.mask = (torch.arange(t)[None] < lengths[:, None]).long()
+        self.ids = self.ids * self.mask  # pad id 0
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+def _explicit(model, task, data, names):
+    """Per-example gradients by autograd, one example at a time, in the (d_out, d_a) layout."""
+    modules = dict(model.named_modules())
+    rows = []
+    for i in range(len(data)):
+        batch = {k: v[None] for k, v in data[i].items()}
+        model.zero_grad()
+        task.compute_train_loss(batch, model).backward()
+        blocks = []
+        for n in names:
+            m = modules[n]
+            w = m.weight.grad.T if type(m).__name__ == "Conv1D" else m.weight.grad
+            if getattr(m, "bias", None) is not None:
+                w = torch.cat([w, m.bias.grad[:, None]], 1)
+            blocks.append(w.flatten())
+        rows.append(torch.cat(blocks))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama])
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
+def test_causal_lm_ekfac_matches_explicit_gradients(build, normalize):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    names = mlp_modules(model)
+    task = CausalLMTask(tracked=names, normalize=normalize)
+    data, queries = TokenData(12, 7, 0), TokenData(3, 7, 1)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, batch_size=5)
+    scores = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=1e-3, batch_size=4)
+    h = torch.block_diag(*(dense_curvature(factors.segments[0][n]) for n in names))
+    v, g = _explicit(model, task, queries, names), _explicit(model, task, data, names)
+    expected = torch.linalg.solve(h + 1e-3 * torch.eye(h.shape[0], dtype=h.dtype), v.T).T @ g.T / len(data)
+    err = (scores - expected).abs().max() / expected.abs().max()
+    assert err < 1e-8, err
+    # Per-token scores split each training example's score over its tokens; padding gets nothing.
+    per_token = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=1e-3, per_token=True)
+    assert per_token.shape == (3, 12, 7)
+    assert torch.allclose(per_token.sum(-1), scores, rtol=1e-9, atol=1e-14)
+    assert (per_token * (1 - data.mask)[None]).abs().max() == 0
+
+
+def test_bf16_activations_track_fp32_scores():
+    """bf16 model: activations and gradients in bf16, factors and accumulation in fp32."""
+    torch.manual_seed(0)
+    model = _gpt2().eval()
+    task = CausalLMTask(tracked=mlp_modules(model))
+    data, queries = TokenData(24, 8, 0), TokenData(4, 8, 1)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model.to(dtype)
+        traj = sf.Trajectory.even([m.state_dict()], [0.1] * 10, 1, data)
+        factors = sf.fit_factors(m, task, traj, fisher="empirical")
+        assert all(lf.lam.dtype == torch.float32 for lf in factors.segments[0].values())
+        results[dtype] = sf.score(m, task, traj, factors, data, queries)
+        assert results[dtype].dtype == torch.float32
+    corr = torch.corrcoef(torch.stack([results[torch.float32].flatten(), results[torch.bfloat16].flatten()]))[0, 1]
+    assert corr > 0.97, corr
