@@ -27,9 +27,8 @@ from torch.utils.data import Subset
 
 from ._dist import barrier, rank_and_world
 from ._io import atomic_path, sha256_file
-from .capture import tracked_layers
 from .factors import Factors, restored
-from .scoring import Damping, Method, _FINAL_ONLY, _check_method, prepare_queries, score_rows
+from .scoring import _FINAL_ONLY, _SELF_METHODS, Damping, Method, _validate, prepare_queries, score_rows
 from .task import Task
 from .trajectory import Trajectory
 
@@ -103,17 +102,11 @@ def score_corpus(
     Under torch.distributed, factors-free work is split: each rank takes a contiguous run of shards.
     Returns `out_dir`; read it with `load_scores` or `load_top_k`.
     """
-    _check_method(method)
-    if method in ("grad_cos", "trak", "repsim", "unroll"):
-        raise ValueError(f"score_corpus supports {['source', 'fast_source', 'ekfac', 'tracin', 'grad_dot']}, not {method!r}")
+    specs = _validate(model, task, trajectory, factors, method)
+    if method not in _SELF_METHODS:  # the factor- and gradient-based methods stream; baselines do not
+        raise ValueError(f"score_corpus supports the methods {list(_SELF_METHODS)}, not {method!r}")
     if shard_size < 1 or (top_k is not None and top_k < 1):
         raise ValueError(f"shard_size and top_k must be positive, got {shard_size} and {top_k}")
-    specs = tracked_layers(model, task.get_influence_tracked_modules())
-    if isinstance(factors, Factors):
-        factors.check_model(model, specs)
-        factors.check_trajectory(trajectory, average_params=method == "fast_source")
-    elif method in ("source", "fast_source", "ekfac"):
-        raise TypeError(f"method {method!r} needs Factors from fit_factors(), got {type(factors).__name__}")
     n_train, n_query = len(train_data), len(query_data)
     if n_train == 0 or n_query == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
