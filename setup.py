@@ -45,7 +45,11 @@ def _extensions_and_cmdclass():
 
     # Decided from the torch build and the toolkit, never from a visible GPU: build boxes often have none.
     with_cuda = FORCE_CUDA or (torch.version.cuda is not None and CUDA_HOME is not None)
-    sources = sorted(glob.glob("csrc/*.cpp")) + (sorted(glob.glob("csrc/*.cu")) if with_cuda else [])
+    # csrc/cuda/ holds everything that needs the CUDA toolkit: the .cu kernels (CUDA headers only)
+    # and the thin .cpp that binds them to the dispatcher (needs ATen's CUDA headers).
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     ext_cls = CUDAExtension if with_cuda else CppExtension
     ext = ext_cls(
         "source_fast._C",

@@ -1,0 +1,310 @@
+// CUDA kernel for source_fast::covariance_accumulate_: one grouped launch over the upper-triangle
+// output tiles of every layer (the SYRK half of X̂ᵀX̂), fp32 accumulation, tensor cores (WMMA,
+// fp32 accumulators) for fp16/bf16 and FFMA for fp32 (TF32 would lose the 13 mantissa bits that
+// eigendecompositions of the covariances care about). Includes CUDA headers only.
+//
+// Each CTA owns one 128×128 tile (ti <= tj) and loops over all rows of its layer, so every cov
+// element has one writer: no atomics, deterministic sums, and the mirrored (j, i) element gets the
+// very float written to (i, j). Rows are not split across CTAs: GPT-2-sized layer lists give
+// thousands of tiles, enough to fill a GPU; a split over rows would need atomics (order-dependent
+// rounding, no exact symmetry) or a workspace pass.
+//
+// The loader builds X̂'s tiles in shared memory: dropped rows (mask == 0) and rows past the end
+// become zeros, and the virtual ones column (index d) is synthesized, so X̂ is never materialized
+// and the ones block (column sums, kept-row count) falls out of the same MMA.
+#include "covariance_kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <type_traits>
+
+namespace source_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBM = static_cast<int>(kCovTile);  // tile rows (i) == tile cols (j)
+constexpr int kBK = 32;                          // rows of X consumed per main-loop step
+// Padding keeps WMMA's 32-byte fragment alignment (row pitch 272 B for 16-bit, 528 B for fp32)
+// and staggers banks between consecutive k rows.
+template <typename T>
+constexpr int kPad = 16 / static_cast<int>(sizeof(T));
+template <typename T>
+constexpr int kPitch = kBM + kPad<T>;
+
+template <typename T>
+__device__ __forceinline__ T one_value();
+template <>
+__device__ __forceinline__ float one_value<float>() { return 1.0f; }
+template <>
+__device__ __forceinline__ __half one_value<__half>() { return __ushort_as_half(0x3C00); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 one_value<__nv_bfloat16>() { return __ushort_as_bfloat16(0x3F80); }
+
+template <typename T>
+__device__ __forceinline__ T zero_value() {
+  if constexpr (std::is_same_v<T, float>) {
+    return 0.0f;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __ushort_as_half(0);
+  } else {
+    return __ushort_as_bfloat16(0);
+  }
+}
+
+// Whether this compilation pass can emit WMMA for T: fp16 needs sm_70, bf16 sm_80. The host pass
+// (no __CUDA_ARCH__) compiles every branch; it only needs the declarations.
+template <typename T>
+__host__ __device__ constexpr bool mma_supported() {
+#if defined(__CUDA_ARCH__)
+  return __CUDA_ARCH__ >= (std::is_same_v<T, __nv_bfloat16> ? 800 : 700);
+#else
+  return true;
+#endif
+}
+
+// Same rule as torch's `mask != 0`: NaN keeps the row, -0.0 drops it.
+__device__ __forceinline__ bool row_kept(const CovLayer& L, int64_t r) {
+  if (L.mask == nullptr) return true;
+  const char* p = static_cast<const char*>(L.mask) + r * L.mask_stride * L.mask_itemsize;
+  switch (L.mask_itemsize) {
+    case 1:
+      return *reinterpret_cast<const uint8_t*>(p) != 0;
+    case 2: {
+      const uint16_t v = *reinterpret_cast<const uint16_t*>(p);
+      return (L.mask_is_float ? (v & 0x7fffu) : v) != 0;
+    }
+    case 4: {
+      const uint32_t v = *reinterpret_cast<const uint32_t*>(p);
+      return (L.mask_is_float ? (v & 0x7fffffffu) : v) != 0;
+    }
+    default: {
+      const uint64_t v = *reinterpret_cast<const uint64_t*>(p);
+      return (L.mask_is_float ? (v & 0x7fffffffffffffffull) : v) != 0;
+    }
+  }
+}
+
+// Global -> registers -> shared staging of one kBK × kBM slab of X̂ (rows k0.., columns col0..).
+// Each thread owns kChunks runs of kVec consecutive columns (16 bytes), so the shared-memory
+// store is always one 16-byte store per run; the global read is one 16-byte load when the layer's
+// rows are contiguous and aligned, else element by element (transposed or sliced views).
+template <typename T>
+struct SlabLoader {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kRunsPerRow = kBM / kVec;
+  static constexpr int kChunks = kBK * kRunsPerRow / kThreads;
+  static_assert(kChunks * kThreads == kBK * kRunsPerRow, "slab must split evenly across threads");
+
+  uint4 regs[kChunks];
+
+  __device__ __forceinline__ void load(const CovLayer& L, bool vec_ok, int64_t k0, int64_t col0) {
+    const T* x = static_cast<const T*>(L.x);
+#pragma unroll
+    for (int e = 0; e < kChunks; ++e) {
+      const int q = threadIdx.x + kThreads * e;
+      const int64_t r = k0 + q / kRunsPerRow;
+      const int64_t c0 = col0 + (q % kRunsPerRow) * kVec;
+      T* run = reinterpret_cast<T*>(&regs[e]);
+      const bool row_ok = r < L.rows && row_kept(L, r);
+      if (row_ok && vec_ok && c0 + kVec <= L.d) {
+        regs[e] = __ldg(reinterpret_cast<const uint4*>(x + r * L.x_stride_row + c0));
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          const int64_t c = c0 + v;
+          T value = zero_value<T>();
+          if (row_ok && c < L.d) {
+            value = x[r * L.x_stride_row + c * L.x_stride_col];
+          } else if (row_ok && L.append_ones && c == L.d) {
+            value = one_value<T>();
+          }
+          run[v] = value;
+        }
+      }
+    }
+  }
+
+  // smem is [kBK][kPitch<T>]: element (k, m) of the slab at smem[k * kPitch + m].
+  __device__ __forceinline__ void store(T* smem) const {
+#pragma unroll
+    for (int e = 0; e < kChunks; ++e) {
+      const int q = threadIdx.x + kThreads * e;
+      *reinterpret_cast<uint4*>(smem + (q / kRunsPerRow) * kPitch<T> + (q % kRunsPerRow) * kVec) = regs[e];
+    }
+  }
+};
+
+// cov[gi, gj] += alpha·v for the upper triangle (gi <= gj) of the tile, and cov[gj, gi] += alpha·v
+// for its strict upper part, so both triangles receive the same float.
+__device__ __forceinline__ void add_upper(const CovLayer& L, int64_t dim, int64_t gi, int64_t gj, float v,
+                                          float alpha) {
+  if (gi <= gj && gj < dim) L.cov[gi * L.cov_stride_row + gj * L.cov_stride_col] += alpha * v;
+}
+__device__ __forceinline__ void add_mirror(const CovLayer& L, int64_t dim, int64_t gi, int64_t gj, float v,
+                                           float alpha) {
+  if (gi < gj && gj < dim) L.cov[gj * L.cov_stride_row + gi * L.cov_stride_col] += alpha * v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    covariance_tiles_kernel(const CovLayer* __restrict__ layers, const CovTile* __restrict__ tiles, float alpha) {
+  const CovTile tile = tiles[blockIdx.x];
+  const CovLayer L = layers[tile.layer];
+  const int64_t dim = L.d + (L.append_ones ? 1 : 0);
+  const int64_t i0 = static_cast<int64_t>(tile.ti) * kBM;
+  const int64_t j0 = static_cast<int64_t>(tile.tj) * kBM;
+  const bool diagonal = tile.ti == tile.tj;  // A and B slabs are the same columns: load once
+  constexpr int kVec = SlabLoader<T>::kVec;
+  const bool vec_ok = L.x_stride_col == 1 && L.x_stride_row % kVec == 0 &&
+                      reinterpret_cast<uintptr_t>(L.x) % 16 == 0;
+
+  __shared__ __align__(128) unsigned char smem_raw[2 * kBK * kPitch<T> * sizeof(T)];
+  T* a_s = reinterpret_cast<T*>(smem_raw);  // [kBK][kPitch]: X̂[k0 + k, i0 + m]
+  T* b_s = diagonal ? a_s : a_s + kBK * kPitch<T>;  // [kBK][kPitch]: X̂[k0 + k, j0 + n]
+
+  SlabLoader<T> load_a, load_b;
+  load_a.load(L, vec_ok, 0, i0);
+  if (!diagonal) load_b.load(L, vec_ok, 0, j0);
+
+  if constexpr (std::is_same_v<T, float>) {
+    // FFMA path: thread (tx, ty) owns rows ty + 16a and columns tx + 16b of the tile. Strided
+    // ownership makes a warp's shared reads 2 broadcasts (a) and 16 consecutive words (b).
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float acc[8][8] = {};
+    for (int64_t k0 = 0; k0 < L.rows; k0 += kBK) {
+      load_a.store(a_s);
+      if (!diagonal) load_b.store(b_s);
+      __syncthreads();
+      if (k0 + kBK < L.rows) {  // next slab's global loads overlap this slab's math
+        load_a.load(L, vec_ok, k0 + kBK, i0);
+        if (!diagonal) load_b.load(L, vec_ok, k0 + kBK, j0);
+      }
+#pragma unroll 4
+      for (int k = 0; k < kBK; ++k) {
+        float av[8], bv[8];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          av[t] = a_s[k * kPitch<T> + ty + 16 * t];
+          bv[t] = b_s[k * kPitch<T> + tx + 16 * t];
+        }
+#pragma unroll
+        for (int a = 0; a < 8; ++a) {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) acc[a][b] = fmaf(av[a], bv[b], acc[a][b]);
+        }
+      }
+      __syncthreads();
+    }
+    // Upper writes are coalesced along tx; the mirrored writes are strided (once per tile).
+#pragma unroll
+    for (int a = 0; a < 8; ++a) {
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const int64_t gi = i0 + ty + 16 * a, gj = j0 + tx + 16 * b;
+        add_upper(L, dim, gi, gj, acc[a][b], alpha);
+        add_mirror(L, dim, gi, gj, acc[a][b], alpha);
+      }
+    }
+  } else if constexpr (!mma_supported<T>()) {
+    __trap();  // the host binding refuses these dtypes on such GPUs before launching
+  } else {
+    namespace wmma = nvcuda::wmma;
+    // 8 warps as 2 (along i) × 4 (along j); each warp owns a 64 × 32 block = 4 × 2 fragments.
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = (warp % 2) * 64, wn = (warp / 2) * 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.0f);
+    }
+    for (int64_t k0 = 0; k0 < L.rows; k0 += kBK) {
+      load_a.store(a_s);
+      if (!diagonal) load_b.store(b_s);
+      __syncthreads();
+      if (k0 + kBK < L.rows) {
+        load_a.load(L, vec_ok, k0 + kBK, i0);
+        if (!diagonal) load_b.load(L, vec_ok, k0 + kBK, j0);
+      }
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        // A = X̂ᵀ (i × k): a_s holds it column-major (element (m, k) at k·pitch + m).
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[4];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+#pragma unroll
+        for (int a = 0; a < 4; ++a) wmma::load_matrix_sync(fa[a], a_s + kk * kPitch<T> + wm + 16 * a, kPitch<T>);
+#pragma unroll
+        for (int b = 0; b < 2; ++b) wmma::load_matrix_sync(fb[b], b_s + kk * kPitch<T> + wn + 16 * b, kPitch<T>);
+#pragma unroll
+        for (int a = 0; a < 4; ++a) {
+#pragma unroll
+          for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+        }
+      }
+      __syncthreads();
+    }
+    // Epilogue through a per-warp 16×16 staging tile (the slabs are free now: the loop ended on a
+    // barrier). Pass 1 walks columns fastest (coalesced cov[i, j]); pass 2 walks rows fastest
+    // (coalesced mirrored cov[j, i]).
+    float* stage = reinterpret_cast<float*>(smem_raw) + warp * 256;
+    static_assert(8 * 256 * sizeof(float) <= 2 * kBK * kPitch<T> * sizeof(T), "staging must fit in the slabs");
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        wmma::store_matrix_sync(stage, acc[a][b], 16, wmma::mem_row_major);
+        __syncwarp();
+        const int64_t fi = i0 + wm + 16 * a, fj = j0 + wn + 16 * b;
+        for (int e = lane; e < 256; e += 32) {
+          add_upper(L, dim, fi + e / 16, fj + e % 16, stage[e], alpha);
+          add_mirror(L, dim, fi + e % 16, fj + e / 16, stage[(e % 16) * 16 + e / 16], alpha);
+        }
+        __syncwarp();
+      }
+    }
+  }
+}
+
+// Variadic: __CUDA_ARCH_LIST__ expands to a comma-separated list.
+#define SF_STRINGIFY_(...) #__VA_ARGS__
+#define SF_STRINGIFY(...) SF_STRINGIFY_(__VA_ARGS__)
+
+}  // namespace
+
+cudaError_t covariance_accumulate_launch(CovDtype dtype, const CovLayer* layers, const CovTile* tiles,
+                                         int64_t num_tiles, float alpha, cudaStream_t stream) {
+  if (num_tiles <= 0) return cudaSuccess;
+  if (num_tiles > 0x7fffffff) return cudaErrorInvalidValue;  // gridDim.x limit
+  const dim3 grid(static_cast<unsigned>(num_tiles));
+  switch (dtype) {
+    case CovDtype::kFloat32:
+      covariance_tiles_kernel<float><<<grid, kThreads, 0, stream>>>(layers, tiles, alpha);
+      break;
+    case CovDtype::kFloat16:
+      covariance_tiles_kernel<__half><<<grid, kThreads, 0, stream>>>(layers, tiles, alpha);
+      break;
+    case CovDtype::kBFloat16:
+      covariance_tiles_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(layers, tiles, alpha);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+const char* cuda_build_version() {
+  return SF_STRINGIFY(__CUDACC_VER_MAJOR__) "." SF_STRINGIFY(__CUDACC_VER_MINOR__);
+}
+
+const char* cuda_build_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return SF_STRINGIFY(__CUDA_ARCH_LIST__);
+#else
+  return "";
+#endif
+}
+
+}  // namespace source_fast

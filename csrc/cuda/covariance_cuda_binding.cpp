@@ -1,0 +1,110 @@
+// CUDA dispatcher entry for source_fast::covariance_accumulate_ (compiled only in CUDA builds).
+// Checks the arguments, turns the tensors into the launcher's plain descriptors plus a work list
+// of upper-triangle tiles, ships both to the device in one async copy, and launches on the
+// current stream. The kernel itself lives in covariance_cuda.cu, which sees no torch header.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../covariance.h"
+#include "covariance_kernels.cuh"
+
+namespace source_fast {
+namespace {
+
+CovDtype cov_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return CovDtype::kFloat32;
+    case at::kHalf:
+      return CovDtype::kFloat16;
+    default:
+      return CovDtype::kBFloat16;  // check_covariance_args admitted only these three
+  }
+}
+
+CovLayer describe_layer(const at::Tensor& cov, const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                        bool append_ones) {
+  CovLayer layer{};
+  layer.x = x.data_ptr();
+  layer.cov = cov.data_ptr<float>();
+  layer.rows = x.size(0);
+  layer.d = x.size(1);
+  layer.x_stride_row = x.stride(0);
+  layer.x_stride_col = x.stride(1);
+  layer.cov_stride_row = cov.stride(0);
+  layer.cov_stride_col = cov.stride(1);
+  layer.append_ones = append_ones ? 1 : 0;
+  if (mask.has_value()) {
+    layer.mask = mask->data_ptr();
+    layer.mask_stride = mask->stride(0);
+    layer.mask_itemsize = static_cast<int32_t>(mask->element_size());
+    layer.mask_is_float = mask->is_floating_point() ? 1 : 0;
+  }
+  return layer;
+}
+
+void covariance_accumulate_cuda(at::TensorList covs, at::TensorList xs,
+                                const c10::List<std::optional<at::Tensor>>& masks, const c10::List<bool>& append_ones,
+                                double alpha) {
+  check_covariance_args(covs, xs, masks, append_ones);
+  if (xs.empty()) return;
+  const c10::cuda::CUDAGuard guard(xs[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // One launch per input dtype present (the kernel is templated on it); normally exactly one.
+  for (const at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    std::vector<size_t> order;
+    for (size_t i = 0; i < xs.size(); ++i) {
+      if (xs[i].scalar_type() == dtype && xs[i].size(0) > 0 && covs[i].numel() > 0) order.push_back(i);
+    }
+    if (order.empty()) continue;
+    if (dtype == at::kBFloat16) {
+      TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8,
+                  "covariance_accumulate_: bfloat16 inputs need a GPU of compute capability 8.0 or newer");
+    }
+    // Layers with the most rows first: their tiles take longest, so they should start first.
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return xs[a].size(0) > xs[b].size(0); });
+
+    std::vector<CovLayer> layers;
+    std::vector<CovTile> tiles;
+    for (const size_t i : order) {
+      const auto layer_index = static_cast<int32_t>(layers.size());
+      layers.push_back(describe_layer(covs[i], xs[i], masks.get(i), append_ones.get(i)));
+      const auto side = static_cast<int32_t>(cov_tiles_per_side(covs[i].size(0)));
+      for (int32_t ti = 0; ti < side; ++ti) {
+        for (int32_t tj = ti; tj < side; ++tj) tiles.push_back(CovTile{layer_index, ti, tj, 0});
+      }
+    }
+
+    // Descriptors and work list travel in one pinned buffer and one async copy on `stream`; the
+    // caching host allocator keeps the pinned block alive until that copy has finished.
+    const size_t layer_bytes = layers.size() * sizeof(CovLayer);
+    const size_t tile_bytes = tiles.size() * sizeof(CovTile);
+    static_assert(sizeof(CovLayer) % alignof(CovTile) == 0, "tiles must stay aligned after the layers");
+    at::Tensor host = at::empty({static_cast<int64_t>(layer_bytes + tile_bytes)},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr<uint8_t>(), layers.data(), layer_bytes);
+    std::memcpy(host.data_ptr<uint8_t>() + layer_bytes, tiles.data(), tile_bytes);
+    const at::Tensor device_buf = host.to(xs[0].device(), /*non_blocking=*/true);
+    const uint8_t* base = device_buf.data_ptr<uint8_t>();
+
+    C10_CUDA_CHECK(covariance_accumulate_launch(
+        cov_dtype(dtype), reinterpret_cast<const CovLayer*>(base), reinterpret_cast<const CovTile*>(base + layer_bytes),
+        static_cast<int64_t>(tiles.size()), static_cast<float>(alpha), stream));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(source_fast, CUDA, m) {
+  m.impl("covariance_accumulate_", &covariance_accumulate_cuda);
+}
+
+}  // namespace source_fast

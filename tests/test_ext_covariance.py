@@ -1,0 +1,257 @@
+"""torch.ops.source_fast.covariance_accumulate_ (the C++/CUDA extension) against float64 truth.
+
+Tolerance. fp16/bf16 → fp32 is exact, and so is every product of two fp16/bf16 values in fp32, so
+for every input dtype the only error is fp32 accumulation. The float64 truth is computed from the
+same (already rounded) inputs, and the bound is the one for fp32 dot products: |error| ≤ γ·Σ|aᵢbᵢ|
+with γ ≈ rows·2⁻²⁴ in the worst case and ≈ √rows·2⁻²⁴ in practice. The tests use
+    max|ext - truth| ≤ 1e-5 · (|alpha|·max(|X̂|ᵀ|X̂|) + max|cov₀|)
+(the cov₀ term covers the one rounding of the in-place add), which holds with margin for the
+≤ 5000-row cases here; the torch fp32 path's own error is printed next to it on failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from source_fast import _dispatch, _ext, ops, reference
+
+REQUIRE_EXT = os.environ.get("SOURCE_FAST_REQUIRE_EXT") == "1"
+RTOL = 1e-5
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Without SOURCE_FAST_REQUIRE_EXT=1 a missing extension skips these tests (pure-Python installs);
+# with it, nothing skips and test_extension_loaded fails loudly.
+pytestmark = pytest.mark.skipif(
+    _ext.load_error is not None and not REQUIRE_EXT, reason=f"extension not loaded: {_ext.load_error}"
+)
+
+
+def _op():
+    return torch.ops.source_fast.covariance_accumulate_
+
+
+def _truth(cov0, x, mask, ones, alpha):
+    """(cov₀ + alpha·X̂ᵀX̂ in float64 built the obvious way, max(|X̂|ᵀ|X̂|) for the error bound)."""
+    xd = x.double()
+    if ones:
+        xd = torch.cat([xd, xd.new_ones(xd.shape[0], 1)], dim=1)
+    if mask is not None:
+        xd = xd[mask != 0]
+    return cov0.double() + alpha * (xd.T @ xd), (xd.abs().T @ xd.abs()).max()
+
+
+def _same_layout_copy(t):
+    """A copy with t's strides (clone() makes sliced views contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _check(covs0, xs, masks, ones, alpha):
+    """Runs the op and the torch fp32 reference on copies of covs0 and compares both to float64."""
+    covs = [_same_layout_copy(c) for c in covs0]
+    _op()(covs, xs, masks, ones, alpha)
+    ref = [_same_layout_copy(c) for c in covs0]
+    reference.covariance_accumulate_(ref, xs, masks, ones, alpha)
+    for i, (cov, base, cov0, x, mask, one) in enumerate(zip(covs, ref, covs0, xs, masks, ones)):
+        truth, scale = _truth(cov0, x, mask, one, alpha)
+        bound = RTOL * (abs(alpha) * scale + cov0.abs().max()).item()
+        err = (cov.double() - truth).abs().max().item()
+        base_err = (base.double() - truth).abs().max().item()
+        assert err <= bound, (
+            f"layer {i} ({x.dtype}, {tuple(x.shape)}, ones={one}, mask={mask is not None}): "
+            f"max|Δ|={err:.3g} > bound {bound:.3g}; torch fp32 path max|Δ|={base_err:.3g}"
+        )
+    return covs
+
+
+def _symmetric(n, device="cpu"):
+    c = torch.randn(n, n, device=device)
+    return c + c.T
+
+
+def test_extension_loaded():
+    if not REQUIRE_EXT:
+        pytest.skip("SOURCE_FAST_REQUIRE_EXT is not 1")
+    assert _ext._C is not None, _ext.load_error
+    assert _ext.has_op("covariance_accumulate_", "cpu")
+
+
+# (rows, d, ones, mask kind): d = 300 spans two 256-wide column panels; the (200, 300) layer is
+# more than half of the call's work, so with 2+ threads one call runs both CPU schedules (a
+# dominant layer alone with multi-threaded BLAS, the rest one layer per thread).
+RAGGED = [
+    (37, 5, True, None),
+    (1, 1, True, "bool"),
+    (64, 17, False, "float"),
+    (200, 300, True, "bool"),
+    (13, 64, True, "none_kept"),
+    (90, 300, False, None),
+    (0, 8, True, None),
+    (50, 33, True, "int"),
+]
+
+
+def _mask(kind, rows, device="cpu"):
+    if kind is None:
+        return None
+    if kind == "bool":
+        return torch.rand(rows, device=device) > 0.4
+    if kind == "float":  # zeros and non-zeros of mixed sign: only exact zeros drop a row
+        return torch.randint(-1, 2, (rows,), device=device).float() * torch.rand(rows, device=device)
+    if kind == "int":
+        return torch.randint(0, 3, (rows,), device=device)
+    assert kind == "none_kept"
+    return torch.zeros(rows, dtype=torch.bool, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [1.0, -0.37])
+def test_ragged_layers_match_float64(dtype, alpha):
+    xs = [torch.randn(rows, d).to(dtype) for rows, d, _, _ in RAGGED]
+    masks = [_mask(kind, rows) for rows, _, _, kind in RAGGED]
+    ones = [one for _, _, one, _ in RAGGED]
+    covs0 = [_symmetric(d + one) for (_, d, one, _) in RAGGED]
+    covs = _check(covs0, xs, masks, ones, alpha)
+    for i, cov in enumerate(covs):
+        assert torch.equal(cov, cov.T), f"layer {i}: result is not exactly symmetric"
+
+
+def _views(dtype):
+    """Non-contiguous (rows, d) inputs: a column slice, a row-strided slice, a transposed view, and
+    one with neither stride equal to 1."""
+    wide = torch.randn(70, 90).to(dtype)
+    return {
+        "column_slice": wide[:, 5:48],
+        "row_stride": wide[::3, :41],
+        "transposed": torch.randn(29, 61).to(dtype).T,
+        "no_unit_stride": wide[::2, ::3],
+    }
+
+
+@pytest.mark.parametrize("view", ["column_slice", "row_stride", "transposed", "no_unit_stride"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_non_contiguous_inputs(view, dtype, masked):
+    x = _views(dtype)[view]
+    assert not x.is_contiguous()
+    mask = (torch.rand(x.shape[0]) > 0.5) if masked else None
+    _check([_symmetric(x.shape[1] + 1)], [x], [mask], [True], 0.5)
+
+
+def test_strided_and_non_symmetric_covs():
+    """covs may be views, and a non-symmetric cov still gets exactly cov₀ + alpha·X̂ᵀX̂ (each
+    triangle its own old value plus the same increment)."""
+    xs = [torch.randn(40, 20), torch.randn(40, 11)]
+    covs0 = [torch.randn(30, 30)[3:24, 2:23], torch.randn(12, 12).T]
+    covs = _check(covs0, xs, [None, torch.rand(40) > 0.5], [True, True], 1.0)
+    assert [c.stride() for c in covs] == [(30, 1), (1, 12)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_cross_conversion_blocks(dtype):
+    """Enough kept rows (about 4500) that masked and bf16 inputs are gathered/converted in two
+    blocks (a block is 2²² elements: 4072 rows of width 1030)."""
+    x = torch.randn(5000, 1030).to(dtype)
+    mask = torch.rand(5000) > 0.1
+    _check([torch.zeros(1031, 1031)], [x], [mask], [True], 1.0)
+
+
+def test_empty_call_is_a_no_op():
+    # The dispatcher needs a tensor to pick a kernel, so the raw op cannot take empty lists;
+    # ops.covariance_accumulate_ returns before dispatching.
+    ops.covariance_accumulate_([], [], [], [], backend="ext")
+
+
+def test_opcheck():
+    xs = [torch.randn(7, 3), torch.randn(5, 4).half(), torch.randn(6, 2).bfloat16()]
+    covs = [torch.zeros(4, 4), torch.zeros(4, 4), _symmetric(2)]
+    args = (covs, xs, [torch.rand(7) > 0.3, None, torch.rand(6)], [True, False, False], 0.5)
+    torch.library.opcheck(_op().default, args)
+
+
+def _good_layers():
+    xs = [torch.randn(6, 3), torch.randn(5, 4)]
+    return [torch.zeros(4, 4), torch.zeros(5, 5)], xs, [None, torch.ones(5)], [True, True]
+
+
+# Each case breaks layer 1 only; the error must name it.
+BAD_LAYER_1 = {
+    "x_dtype_float64": (lambda c, x, m, o: x.__setitem__(1, x[1].double()), "float32, float16 or bfloat16"),
+    "x_dtype_int": (lambda c, x, m, o: x.__setitem__(1, x[1].int()), "float32, float16 or bfloat16"),
+    "x_not_2d": (lambda c, x, m, o: x.__setitem__(1, x[1].reshape(5, 2, 2)), r"\(rows, d\)"),
+    "cov_not_float32": (lambda c, x, m, o: c.__setitem__(1, c[1].double()), "covs must be float32"),
+    "cov_not_square": (lambda c, x, m, o: c.__setitem__(1, torch.zeros(5, 4)), "square"),
+    "cov_wrong_size": (lambda c, x, m, o: c.__setitem__(1, torch.zeros(4, 4)), r"must be \(5, 5\)"),
+    "cov_without_ones_slot": (lambda c, x, m, o: o.__setitem__(1, False), r"must be \(4, 4\)"),
+    "cov_expanded": (lambda c, x, m, o: c.__setitem__(1, torch.zeros(1, 5).expand(5, 5)), "overlapping"),
+    "mask_wrong_length": (lambda c, x, m, o: m.__setitem__(1, torch.ones(4)), r"mask must be \(5,\)"),
+    "mask_2d": (lambda c, x, m, o: m.__setitem__(1, torch.ones(5, 1)), r"mask must be \(5,\)"),
+    "cov_other_device": (lambda c, x, m, o: c.__setitem__(1, torch.zeros(5, 5, device="meta")), "must be on cpu"),
+    "mask_other_device": (lambda c, x, m, o: m.__setitem__(1, torch.ones(5, device="meta")), "must be on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LAYER_1))
+def test_bad_input_names_the_layer(case):
+    covs, xs, masks, ones = _good_layers()
+    breaker, message = BAD_LAYER_1[case]
+    breaker(covs, xs, masks, ones)
+    with pytest.raises(RuntimeError, match=rf"covariance_accumulate_: layer 1: .*{message}"):
+        _op()(covs, xs, masks, ones)
+
+
+def test_mismatched_list_lengths():
+    covs, xs, masks, ones = _good_layers()
+    with pytest.raises(RuntimeError, match="got 2 covs, 2 xs, 1 masks and 2 append_ones flags"):
+        _op()(covs, xs, masks[:1], ones)
+
+
+def test_ops_backend_ext_and_auto_choice():
+    xs = [torch.randn(20, 9).bfloat16(), torch.randn(15, 4)]
+    masks = [torch.rand(20) > 0.5, None]
+    covs0 = [_symmetric(10), _symmetric(4)]
+    direct = [c.clone() for c in covs0]
+    _op()(direct, xs, masks, [True, False], 2.0)
+    via_ops = [c.clone() for c in covs0]
+    ops.covariance_accumulate_(via_ops, xs, masks, [True, False], 2.0, backend="ext")
+    for a, b in zip(direct, via_ops):
+        assert torch.equal(a, b)
+    if os.environ.get("SOURCE_FAST_DISABLE_EXT") != "1" and os.environ.get("SOURCE_FAST_BACKEND") != "torch":
+        assert _dispatch.select("covariance_accumulate_", torch.device("cpu"), torch.float32) == "ext"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_float64(dtype):
+    if not _ext.has_op("covariance_accumulate_", "cuda"):
+        pytest.skip(f"extension has no CUDA kernel (build_info: {_ext.build_info()})")
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bfloat16 needs compute capability 8.0")
+    dev = "cuda"
+    # GPT-2-like widths plus odd ones that leave partial 128-wide tiles, aligned and unaligned
+    # row pitches (16-byte vector loads vs element loads), a transposed view, and every mask kind.
+    wide = torch.randn(1100, 3100, device=dev).to(dtype)
+    cases = [
+        (torch.randn(2048, 768, device=dev).to(dtype), _mask("bool", 2048, dev), True),
+        (wide[:1000, 1:3073], _mask("float", 1000, dev), True),
+        (torch.randn(777, 130, device=dev).to(dtype).T.contiguous().T, None, False),
+        (torch.randn(300, 257, device=dev).to(dtype), _mask("int", 300, dev), True),
+        (torch.randn(5, 1, device=dev).to(dtype), _mask("none_kept", 5, dev), True),
+        (torch.randn(1, 3, device=dev).to(dtype), None, True),
+    ]
+    xs = [x for x, _, _ in cases]
+    masks = [m for _, m, _ in cases]
+    ones = [o for _, _, o in cases]
+    covs0 = [_symmetric(x.shape[1] + o, dev) for x, _, o in cases]
+    covs = _check(covs0, xs, masks, ones, 0.75)
+    for i, cov in enumerate(covs):
+        assert torch.equal(cov, cov.T), f"layer {i}: CUDA result is not exactly symmetric"
+    # Deterministic: one writer per element, so a rerun is bit-identical.
+    again = [c.clone() for c in covs0]
+    _op()(again, xs, masks, ones, 0.75)
+    for i, (a, b) in enumerate(zip(covs, again)):
+        assert torch.equal(a, b), f"layer {i}: CUDA result differs between runs"
+    torch.library.opcheck(_op().default, ([c.clone() for c in covs0[3:]], xs[3:], masks[3:], ones[3:], 0.5))
