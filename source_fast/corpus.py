@@ -28,7 +28,7 @@ from torch.utils.data import Subset
 from ._dist import barrier, rank_and_world
 from ._io import atomic_path, sha256_file
 from .factors import Factors, restored
-from .scoring import _FINAL_ONLY, _SELF_METHODS, Damping, Method, _validate, prepare_queries, score_rows
+from .scoring import _SELF_METHODS, Damping, Method, _validate, prepare_queries, query_blocks, score_rows
 from .task import Task
 from .trajectory import Trajectory
 
@@ -65,11 +65,6 @@ def _fingerprint(trajectory, factors, method, options, train_data, query_data) -
         "train_data": _digest_examples(train_data),
         "query_data": _digest_examples(query_data),
     }
-
-
-def _query_blocks(plan_bytes_per_query: int, n_query: int, budget: int) -> list[range]:
-    per_block = max(1, budget // max(1, plan_bytes_per_query))
-    return [range(s, min(n_query, s + per_block)) for s in range(0, n_query, per_block)]
 
 
 def score_corpus(
@@ -118,14 +113,7 @@ def score_corpus(
     _check_or_write_manifest(out, fingerprint, rank)
     barrier()
 
-    # Bytes one query occupies once prepared: per layer d_out·d_a (or r·(d_out + d_a)) per distinct
-    # preconditioned copy (one per segment for SOURCE, one per checkpoint for TracIn).
-    copies = 1 if method in _FINAL_ONLY else (
-        sum(len(s.checkpoints) for s in trajectory.segments) if method == "tracin" else len(trajectory.segments)
-    )
-    itemsize = 8 if any(p.dtype == torch.float64 for p in model.parameters()) else 4
-    per_layer = [s.d_out * s.d_a if not query_rank else query_rank * (s.d_out + s.d_a) for s in specs]
-    blocks = _query_blocks(copies * itemsize * sum(per_layer), n_query, query_memory_budget)
+    blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
     shards = [(s, min(n_train, s + shard_size)) for s in range(0, n_train, shard_size)]
     mine = [shards[i] for i in range(rank * len(shards) // world, (rank + 1) * len(shards) // world)]
     (out / "shards").mkdir(parents=True, exist_ok=True)

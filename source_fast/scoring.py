@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from . import baselines, ops, reference
 from ._passes import make_loader, run_pass
@@ -212,6 +213,7 @@ def score(
     seed: int = 0,
     record: TrainingRecord | None = None,
     per_token: bool = False,
+    query_memory_budget: int = 1 << 30,
 ) -> Tensor:
     """Scores every (query, training example) pair: a (n_query, n_train) tensor.
 
@@ -234,6 +236,8 @@ def score(
       "unroll"      exact unrolled differentiation of the recorded run `record` (small models only;
                     in f's units, no 1/N: it is the first-order leave-one-out change itself)
     damping: for "ekfac", and for the H̄⁻¹ of Adam segments in SOURCE (SGD segments need none).
+    query_memory_budget: bytes for prepared queries; more queries go in blocks, each block re-reading
+        the training data once per checkpoint (kronfluence re-reads it for every query batch).
     query_rank: approximate each preconditioned query layer by its top singular vectors (cheaper
         scoring of huge corpora; None = exact).
     train_segments: which segments trained on `train_data` (None: those whose `data` is it).
@@ -253,13 +257,33 @@ def score(
         with restored(model):
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
+    blocks = query_blocks(model, specs, trajectory, method, len(query_data), query_rank, query_memory_budget)
+    parts = []
     with restored(model):
-        plan = prepare_queries(
-            model, task, specs, trajectory, factors, method, train_data, query_data, damping=damping,
-            train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
-        )
-        return score_rows(model, task, specs, plan, train_data, batch_size=batch_size, collate_fn=collate_fn,
-                          progress=progress, per_token=per_token)
+        for block in blocks:  # more than one block re-reads the training data once per block
+            queries = query_data if len(blocks) == 1 else Subset(query_data, list(block))
+            plan = prepare_queries(
+                model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
+                train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
+            )
+            parts.append(score_rows(model, task, specs, plan, train_data, batch_size=batch_size, collate_fn=collate_fn,
+                                    progress=progress, per_token=per_token))
+    return torch.cat(parts)
+
+
+def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: int) -> list[range]:
+    """Query index blocks whose prepared gradients fit `budget` bytes: a query takes d_out·d_a
+    (or r·(d_out + d_a) with query_rank r) per layer for each distinct preconditioned copy (one per
+    segment for SOURCE, one per checkpoint for TracIn)."""
+    if budget < 1:
+        raise ValueError(f"query_memory_budget must be a positive number of bytes, got {budget}")
+    copies = 1 if method in _FINAL_ONLY else (
+        sum(len(s.checkpoints) for s in trajectory.segments) if method == "tracin" else len(trajectory.segments)
+    )
+    itemsize = factor_dtype(model).itemsize
+    per_query = copies * itemsize * sum(s.d_out * s.d_a if not query_rank else query_rank * (s.d_out + s.d_a) for s in specs)
+    per_block = max(1, budget // per_query)
+    return [range(s, min(n_query, s + per_block)) for s in range(0, n_query, per_block)]
 
 
 def prepare_queries(

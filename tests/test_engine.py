@@ -292,6 +292,8 @@ def test_batch_size_and_chunking_do_not_change_scores(setup, tmp_path):
     s1 = sf.score(model, task, traj, f1, data, queries, batch_size=1)
     s2 = sf.score(model, task, traj, f2, data, queries, batch_size=17)
     _close(s1, s2)
+    # A budget of one query's prepared gradients (2 segments × 43 parameters × 8 bytes): 4 blocks.
+    _close(sf.score(model, task, traj, f1, data, queries, query_memory_budget=2 * 43 * 8), s1)
     d1 = sf.self_score(model, task, traj, f1, data, chunk_size=7, batch_size=3)
     d2 = sf.self_score(model, task, traj, f1, data, chunk_size=60, batch_size=60)
     _close(d1, d2)
