@@ -1,0 +1,322 @@
+"""source_fast against kronfluence 1.0.1 on the same EK-FAC workloads, phase by phase.
+
+    python bench/bench_vs_kronfluence.py --quick --out vs_kron.jsonl
+    python bench/bench_vs_kronfluence.py --workloads digits_mlp wide_mlp --out vs_kron.jsonl
+
+Workloads (--quick sizes in brackets):
+  digits_mlp  sklearn digits (1797 rows), MLP 64-256-10                           [same]
+  wide_mlp    784-1024-1024-10 on 20,000 synthetic rows                 [128 rows, 8 and 32 queries]
+  gpt2        GPT2LMHeadModel(GPT2Config()) (random weights, nothing downloaded), the 48 block
+              linears tracked, 512 sequences × 128 tokens  [2 layers, width 256, vocabulary 8192, 32 × 32]
+Both libraries: empirical Fisher, heuristic damping (kronfluence's damping_factor=None), training
+batch 64 (8 for gpt2), the model's dtype (float32), everything else at each library's default;
+kronfluence computes query gradients in batches of 32 (8 for gpt2) and re-reads the training set
+once per query batch, source_fast reads it once for all queries (its design, kept here).
+
+Phases and what each number covers:
+  covariance  kronfluence: fit_covariance_matrices (one pass, writes its files)
+              source_fast: factors._covariances (one pass, in memory)
+  eigen       kronfluence: perform_eigendecomposition (reads covariances, writes eigenvectors)
+              source_fast: factors._eigh of every A and S (float64, like kronfluence)
+  lambda      kronfluence: fit_lambda_matrices (one pass, writes Λ)
+              source_fast: factors._lambdas (one pass)
+  score_Q     pairwise scores of Q queries (Q = 32 and 256; 8 and 32 for gpt2 and quick wide_mlp) against the whole
+              training set, query gradients included: kronfluence compute_pairwise_scores (incl.
+              loading its factor files), source_fast score(method="ekfac").
+fit_factors() is exactly covariance + eigen + lambda plus bookkeeping, so those three add up to it.
+
+Threads: each child uses --threads intra-op threads (default 1): on a shared machine, OpenMP
+threads that spin-wait for a busy core inflate some phases by 10-100× at random.
+
+Memory: every (library, workload) runs in its own fresh subprocess, so peak RSS is that process's
+alone. Peak RSS is monotone within a process, so each phase reports the peak so far (after setup:
+model and data); a phase's own footprint shows as the growth over the previous phase's value.
+
+Before anything is timed, each workload's scores from both libraries (first 512 training
+examples, 8 queries) must agree to Pearson ≥ 0.999; the bench stops otherwise. Runs alternate
+library order per repeat. JSON lines go to --out, a Markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from kronfluence.task import Task
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Subset, TensorDataset
+
+LIBS = ["kronfluence", "source_fast"]
+WORKLOADS = ["digits_mlp", "wide_mlp", "gpt2"]
+CHECK_TRAIN, CHECK_QUERIES, MIN_PEARSON = 512, 8, 0.999
+
+
+# ---- workloads -------------------------------------------------------------------------------
+
+
+class ClassifyTask(Task):
+    """A kronfluence Task, used unchanged by source_fast: summed cross-entropy."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x)
+        if sample:
+            with torch.no_grad():
+                y = torch.distributions.Categorical(logits=logits).sample()
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="sum")
+
+
+class LMTask(ClassifyTask):
+    """Next-token loss summed over full-length sequences (no padding); block linears tracked."""
+
+    def __init__(self, n_layer: int):
+        self.n_layer = n_layer
+
+    def _loss(self, batch, model, sample):
+        logits = model(input_ids=batch).logits[:, :-1].flatten(0, 1)
+        labels = batch[:, 1:].flatten()
+        if sample:
+            with torch.no_grad():
+                labels = torch.distributions.Categorical(logits=logits).sample()
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def compute_train_loss(self, batch, model, sample=False):
+        return self._loss(batch, model, sample)
+
+    def compute_measurement(self, batch, model):
+        return self._loss(batch, model, False)
+
+    def get_influence_tracked_modules(self):
+        return [f"transformer.h.{i}.{m}" for i in range(self.n_layer)
+                for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def _conv1d_to_linear(model: nn.Module) -> None:
+    """GPT-2's transformers Conv1D (y = x W + b, W: d_in × d_out) as nn.Linear, which kronfluence tracks."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "Conv1D":
+            d_in, d_out = module.weight.shape
+            linear = nn.Linear(d_in, d_out)
+            linear.weight.data.copy_(module.weight.data.T)
+            linear.bias.data.copy_(module.bias.data)
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], linear)
+
+
+def build(workload: str, quick: bool):
+    """(model, task, train, all queries, query counts, train batch, query batch); deterministic."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if workload == "digits_mlp":
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        return model, ClassifyTask(), TensorDataset(x, y), TensorDataset(x[:256] + 0.05, y[:256]), [32, 256], 64, 32
+    if workload == "wide_mlp":
+        n = 128 if quick else 20_000
+        x = torch.randn(n + 256, 784, generator=g)
+        y = torch.randint(0, 10, (n + 256,), generator=g)
+        model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        counts = [8, 32] if quick else [32, 256]
+        return model, ClassifyTask(), TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), counts, 64, 32
+    if workload == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=8192) if quick else GPT2Config()
+        n, t = (32, 32) if quick else (512, 128)
+        model = GPT2LMHeadModel(cfg)
+        model.config.use_cache = False
+        _conv1d_to_linear(model)
+        ids = torch.randint(0, cfg.vocab_size, (n + 32, t), generator=g)
+        return model, LMTask(cfg.n_layer), ids[:n], ids[n:], [8, 32], 8, 8
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+# ---- one library, one workload ----------------------------------------------------------------
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Phases:
+    def __init__(self):
+        self.rows = [{"phase": "setup", "seconds": 0.0, "peak_rss_mb": _peak_mb()}]
+
+    def time(self, phase, fn):
+        gc.collect()
+        t = time.perf_counter()
+        out = fn()
+        self.rows.append({"phase": phase, "seconds": time.perf_counter() - t, "peak_rss_mb": _peak_mb()})
+        return out
+
+
+def run_kronfluence(model, task, train, queries, counts, batch, qbatch, out_dir, phases: Phases | None):
+    """Returns {Q: scores (Q, N)} in kronfluence's scale."""
+    import kronfluence
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    model = kronfluence.prepare_model(model, task)
+    an = kronfluence.Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=out_dir,
+                              log_level=logging.WARNING)
+    fa = FactorArguments(use_empirical_fisher=True)
+    sa = ScoreArguments(damping_factor=None)
+    run = phases.time if phases else (lambda _, fn: fn())
+    run("covariance", lambda: an.fit_covariance_matrices("f", train, per_device_batch_size=batch, factor_args=fa))
+    run("eigen", lambda: an.perform_eigendecomposition("f", factor_args=fa))
+    run("lambda", lambda: an.fit_lambda_matrices("f", train, per_device_batch_size=batch, factor_args=fa))
+    out = {}
+    for q in counts:
+        qs = Subset(queries, range(q))
+        run(f"score_{q}", lambda: an.compute_pairwise_scores(
+            f"s{q}", "f", qs, train, per_device_query_batch_size=qbatch, per_device_train_batch_size=batch,
+            score_args=sa))
+        out[q] = an.load_pairwise_scores(f"s{q}")["all_modules"]
+    return out
+
+
+def run_source_fast(model, task, train, queries, counts, batch, qbatch, out_dir, phases: Phases | None):
+    """Returns {Q: scores (Q, N)} × N (kronfluence's scale), phases through factors' internals."""
+    del qbatch, out_dir
+    import source_fast as sf
+    from source_fast import factors as fm
+    from source_fast._passes import make_loader
+    from source_fast.capture import tracked_layers
+
+    run = phases.time if phases else (lambda _, fn: fn())
+    specs = tracked_layers(model, task.get_influence_tracked_modules())
+    loader = make_loader(train, batch, None)
+    with fm.restored(model):
+        a_cov, s_cov = run("covariance", lambda: fm._covariances(model, task, specs, loader, "train", "bench", False))
+        q_a, q_s = run("eigen", lambda: (
+            {s.name: fm._eigh(a_cov[s.name]).to(a_cov[s.name].dtype) for s in specs},
+            {s.name: fm._eigh(s_cov[s.name]).to(s_cov[s.name].dtype) for s in specs}))
+        lam = run("lambda", lambda: fm._lambdas(model, task, specs, loader, "train", q_a, q_s, "bench", False))
+    layers = {s.name: fm.LayerFactors(a_cov[s.name], s_cov[s.name], q_a[s.name], q_s[s.name], lam[s.name])
+              for s in specs}
+    factors = fm.Factors(specs, [layers], [len(train)], [1], "empirical", False)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    out = {}
+    for q in counts:
+        qs = Subset(queries, range(q))
+        out[q] = run(f"score_{q}", lambda: sf.score(model, task, traj, factors, train, qs, method="ekfac",
+                                                     damping="heuristic", batch_size=batch)) * len(train)
+    return out
+
+
+RUNNERS = {"kronfluence": run_kronfluence, "source_fast": run_source_fast}
+
+
+def child_time(lib: str, workload: str, quick: bool) -> list[dict]:
+    model, task, train, queries, counts, batch, qbatch = build(workload, quick)
+    phases = Phases()
+    with tempfile.TemporaryDirectory() as tmp:
+        RUNNERS[lib](model, task, train, queries, counts, batch, qbatch, tmp, phases)
+    return phases.rows
+
+
+def child_check(workload: str, quick: bool) -> dict:
+    """Both libraries on the first CHECK_TRAIN examples and CHECK_QUERIES queries: Pearson of the scores."""
+    import copy
+
+    model, task, train, queries, _, batch, qbatch = build(workload, quick)
+    train = Subset(train, range(min(CHECK_TRAIN, len(train))))
+    with tempfile.TemporaryDirectory() as tmp:
+        scores = {lib: RUNNERS[lib](copy.deepcopy(model), task, train, queries, [CHECK_QUERIES], batch, qbatch, tmp,
+                                    None)[CHECK_QUERIES] for lib in LIBS}
+    a, b = (scores[lib].double().flatten() for lib in LIBS)
+    return {"pearson": float(torch.corrcoef(torch.stack([a, b]))[0, 1]),
+            "max_rel_err": float((a - b).abs().max() / b.abs().max())}
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+
+def _child(args: list[str]) -> object:
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(records: list[dict]) -> str:
+    best: dict[tuple, dict] = {}
+    for r in records:  # fastest repeat per (workload, phase, library)
+        key = (r["workload"], r["phase"], r["library"])
+        if key not in best or r["seconds"] < best[key]["seconds"]:
+            best[key] = r
+    lines = ["| workload | phase | kronfluence s | source_fast s | speed-up | kronfluence peak RSS MB | "
+             "source_fast peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|"]
+    for (workload, phase, lib), r in best.items():
+        if lib != "kronfluence":
+            continue
+        o = best[(workload, phase, "source_fast")]
+        ratio = f"{r['seconds'] / o['seconds']:.1f}×" if o["seconds"] > 0 else "—"
+        lines.append(f"| {workload} | {phase} | {r['seconds']:.2f} | {o['seconds']:.2f} | {ratio} | "
+                     f"{r['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (< 3 min on 2 CPU cores)")
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per library; order alternates")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per child process")
+    p.add_argument("--out", type=Path, help="JSON lines output")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's torch.cuda.amp.GradScaler
+    if args.child:
+        torch.set_num_threads(args.threads)
+        mode, *rest = args.child
+        result = child_check(rest[0], args.quick) if mode == "check" else child_time(rest[0], rest[1], args.quick)
+        print(json.dumps(result))
+        return
+    import kronfluence
+
+    import source_fast
+
+    flags = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    meta = {"bench": "vs_kronfluence", "quick": args.quick, "torch": torch.__version__,
+            "kronfluence": kronfluence.__version__, "source_fast": source_fast.__version__,
+            "threads": args.threads, "utc": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    records = []
+    for workload in args.workloads:
+        check = _child(["check", workload] + flags)
+        print(f"{workload}: scores agree, Pearson {check['pearson']:.6f} (max rel err {check['max_rel_err']:.2g})",
+              file=sys.stderr)
+        if check["pearson"] < MIN_PEARSON:
+            raise SystemExit(f"{workload}: Pearson {check['pearson']:.6f} < {MIN_PEARSON}; not timing")
+        for rep in range(args.repeats):
+            for lib in LIBS if rep % 2 == 0 else LIBS[::-1]:
+                for row in _child(["time", lib, workload] + flags):
+                    records.append({**meta, "workload": workload, "library": lib, "repeat": rep,
+                                    "check_pearson": check["pearson"], **row})
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    print(_table([r for r in records if r["phase"] != "setup"]))
+
+
+if __name__ == "__main__":
+    main()

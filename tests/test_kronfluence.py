@@ -1,0 +1,333 @@
+"""source_fast against kronfluence 1.0.1 (the PyPI package as the reference), on CPU.
+
+One kronfluence-style script body runs twice per workload: with kronfluence's `Analyzer` and
+`prepare_model`, and with source_fast's shim. Both use the empirical Fisher (sampled labels would
+differ between the libraries). Then:
+  native source_fast EK-FAC scores = kronfluence's / N (damping 1e-8 and the heuristic), self too;
+  factors read from kronfluence's files reproduce kronfluence's scores;
+  kronfluence reads the factors the shim wrote and reproduces the shim's scores;
+  the shim's outputs equal kronfluence's.
+float64 runs (model and every kronfluence dtype float64) agree to relative 1e-6 of the largest
+score; float32 runs with kronfluence's defaults to Pearson 0.9999.
+"""
+
+import copy
+import gc
+import json
+import logging
+import os
+
+import kronfluence
+import pytest
+import torch
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.task import Task
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+import source_fast as sf
+from source_fast.interop import kronfluence as kf
+
+RTOL64 = 1e-6
+PEARSON32 = 0.9999
+DAMPINGS = {"d1e-8": 1e-8, "heuristic": None}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _lean_runtime():
+    """kronfluence calls gc.collect() dozens of times per analysis; freezing the objects alive now
+    (torch, transformers) keeps each collection cheap. One intra-op thread: these models are tiny
+    and the test machine's two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.freeze()
+    yield
+    gc.unfreeze()
+    torch.set_num_threads(threads)
+
+
+# ---- tasks: kronfluence Task subclasses, used unchanged by source_fast ------------------------
+
+
+class ClassifyTask(Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x)
+        if sample:
+            with torch.no_grad():
+                y = torch.distributions.Categorical(logits=logits.detach()).sample()
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="sum")
+
+
+class LanguageModelTask(Task):
+    """Next-token loss summed over real tokens; right padding (labels -100) with causal attention,
+    so padded positions get exactly zero output gradient, as kronfluence assumes."""
+
+    def _logits_labels(self, batch, model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()
+
+    def compute_train_loss(self, batch, model, sample=False):
+        logits, labels = self._logits_labels(batch, model)
+        if sample:
+            with torch.no_grad():
+                drawn = torch.distributions.Categorical(logits=logits.detach()).sample()
+            labels = torch.where(labels == -100, labels, drawn)
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        logits, labels = self._logits_labels(batch, model)
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+    def get_influence_tracked_modules(self):
+        return [f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+    def get_attention_mask(self, batch):
+        return batch["attention_mask"]
+
+
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, **tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+# ---- workloads -------------------------------------------------------------------------------
+
+
+def _digits_mlp(dtype):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x[:96] / 16.0, dtype=dtype)
+    y = torch.tensor(y[:96])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 10)).to(dtype)
+    return model, ClassifyTask(), TensorDataset(x[:80], y[:80]), TensorDataset(x[80:], y[80:])
+
+
+def _conv(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(56, 2, 8, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (56,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, bias=False), nn.Tanh(),
+        nn.Flatten(), nn.Linear(36, 3),
+    ).to(dtype)
+    return model, ClassifyTask(), TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:])
+
+
+def _llama(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=24, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    g = torch.Generator().manual_seed(2)
+    n, t = 30, 10
+    ids = torch.randint(0, 24, (n, t), generator=g)
+    lengths = torch.randint(4, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).long()
+    labels = torch.where(mask.bool(), ids, -100)
+    data = DictDataset(input_ids=ids, attention_mask=mask, labels=labels)
+    train, queries = torch.utils.data.Subset(data, range(24)), torch.utils.data.Subset(data, range(24, n))
+    return model, LanguageModelTask(), train, queries
+
+
+WORKLOADS = {"digits_mlp": _digits_mlp, "conv": _conv, "llama": _llama}
+
+
+# ---- the script body, run with kronfluence and with the shim ----------------------------------
+
+
+def _script(lib, model, task, train, queries, output_dir, dtype):
+    """A kronfluence-style analysis; `lib` is the kronfluence module or source_fast's shim."""
+    model = lib.prepare_model(model, task)
+    analyzer = lib.Analyzer("run", model, task, cpu=True, disable_tqdm=True, output_dir=output_dir,
+                            log_level=logging.WARNING)
+    f64 = dtype == torch.float64
+    factor_args = FactorArguments(use_empirical_fisher=True, **(dict(
+        activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype,
+        lambda_dtype=dtype) if f64 else {}))
+    analyzer.fit_all_factors("ekfac", train, per_device_batch_size=16, factor_args=factor_args)
+    out = {}
+    for key, damping in DAMPINGS.items():
+        score_args = ScoreArguments(damping_factor=damping, **(dict(
+            per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype,
+            query_gradient_svd_dtype=dtype) if f64 else {}))
+        analyzer.compute_pairwise_scores(f"pair_{key}", "ekfac", queries, train, per_device_query_batch_size=4,
+                                         per_device_train_batch_size=16, score_args=score_args)
+        analyzer.compute_self_scores(f"self_{key}", "ekfac", train, per_device_train_batch_size=16,
+                                     score_args=score_args)
+        out[f"pair_{key}"] = analyzer.load_pairwise_scores(f"pair_{key}")["all_modules"]
+        out[f"self_{key}"] = analyzer.load_self_scores(f"self_{key}")["all_modules"]
+    return out
+
+
+def _agree(actual, expected, dtype, what):
+    actual, expected = actual.double().flatten(), expected.double().flatten()
+    if dtype == torch.float64:
+        err = float((actual - expected).abs().max() / expected.abs().max())
+        assert err <= RTOL64, f"{what}: relative error {err:.3g} > {RTOL64}"
+    else:
+        r = float(torch.corrcoef(torch.stack([actual, expected]))[0, 1])
+        assert r >= PEARSON32, f"{what}: Pearson {r:.6f} < {PEARSON32}"
+
+
+def _native(model, task, train, queries, factors):
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    out = {}
+    for key, damping in DAMPINGS.items():
+        d = "heuristic" if damping is None else damping
+        out[f"pair_{key}"] = sf.score(model, task, traj, factors, train, queries, method="ekfac", damping=d,
+                                      batch_size=16)
+        out[f"self_{key}"] = sf.self_score(model, task, traj, factors, train, method="ekfac", damping=d, batch_size=16)
+    return out
+
+
+@pytest.fixture(scope="module", params=[(w, p) for w in WORKLOADS for p in ("fp64", "fp32")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def run(request, tmp_path_factory):
+    workload, precision = request.param
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    model, task, train, queries = WORKLOADS[workload](dtype)
+    root = tmp_path_factory.mktemp(f"{workload}_{precision}")
+    kron = _script(kronfluence, copy.deepcopy(model), task, train, queries, str(root / "kron"), dtype)
+    shim = _script(kf, copy.deepcopy(model), task, train, queries, str(root / "shim"), dtype)
+    return dict(model=model, task=task, train=train, queries=queries, dtype=dtype, root=root, kron=kron, shim=shim)
+
+
+def test_native_ekfac_is_kronfluence_over_n(run):
+    model, task, train = run["model"], run["task"], run["train"]
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=16)
+    native = _native(model, task, train, run["queries"], factors)
+    for key, kron in run["kron"].items():
+        _agree(native[key] * len(train), kron, run["dtype"], key)
+
+
+def test_factors_read_from_kronfluence_reproduce_its_scores(run):
+    model, task, train = run["model"], run["task"], run["train"]
+    factors = kf.load_factors(run["root"] / "kron" / "run" / "factors_ekfac", model, task)
+    assert factors.fisher == "empirical" and factors.num_examples == [len(train)]
+    native = _native(model, task, train, run["queries"], factors)
+    for key, kron in run["kron"].items():
+        _agree(native[key] * len(train), kron, run["dtype"], key)
+
+
+def test_shim_matches_kronfluence(run):
+    for key, kron in run["kron"].items():
+        assert run["shim"][key].shape == kron.shape
+        _agree(run["shim"][key], kron, run["dtype"], key)
+
+
+def test_kronfluence_reads_factors_the_shim_wrote(run):
+    """kronfluence's own loaders and scoring on factors_ekfac written by source_fast."""
+    model = kronfluence.prepare_model(copy.deepcopy(run["model"]), run["task"])
+    analyzer = kronfluence.Analyzer("run", model, run["task"], cpu=True, disable_tqdm=True,
+                                    output_dir=str(run["root"] / "shim"), log_level=logging.WARNING)
+    assert analyzer.load_factor_args("ekfac").use_empirical_fisher
+    f64 = run["dtype"] == torch.float64
+    for key, damping in DAMPINGS.items():
+        score_args = ScoreArguments(damping_factor=damping, **(dict(
+            per_sample_gradient_dtype=torch.float64, precondition_dtype=torch.float64,
+            score_dtype=torch.float64) if f64 else {}))
+        analyzer.compute_pairwise_scores(f"kron_pair_{key}", "ekfac", run["queries"], run["train"],
+                                         per_device_query_batch_size=4, per_device_train_batch_size=16,
+                                         score_args=score_args)
+        theirs = analyzer.load_pairwise_scores(f"kron_pair_{key}")["all_modules"]
+        _agree(theirs, run["shim"][f"pair_{key}"], run["dtype"], key)
+
+
+# ---- formats and errors (float64 MLP, no kronfluence run needed beyond the fixture's) ----------
+
+
+@pytest.fixture(scope="module")
+def kron_dir(tmp_path_factory):
+    model, task, train, queries = _digits_mlp(torch.float64)
+    root = tmp_path_factory.mktemp("kron_dir")
+    m = kronfluence.prepare_model(copy.deepcopy(model), task)
+    analyzer = kronfluence.Analyzer("run", m, task, cpu=True, disable_tqdm=True, output_dir=str(root),
+                                    log_level=logging.WARNING)
+    analyzer.fit_all_factors("ekfac", train, per_device_batch_size=32)
+    return model, task, root / "run" / "factors_ekfac"
+
+
+def _copy_dir(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_load_factors_errors(kron_dir, tmp_path):
+    model, task, src = kron_dir
+    missing = _copy_dir(src, tmp_path / "missing")
+    os.remove(missing / "lambda_matrix.safetensors")
+    with pytest.raises(FileNotFoundError, match="lambda_matrix.safetensors"):
+        kf.load_factors(missing, model, task)
+
+    no_module = _copy_dir(src, tmp_path / "no_module")
+    tensors = load_file(str(no_module / "gradient_eigenvectors.safetensors"))
+    del tensors["2"]
+    save_file(tensors, str(no_module / "gradient_eigenvectors.safetensors"))
+    with pytest.raises(ValueError, match="gradient_eigenvectors.*module '2'"):
+        kf.load_factors(no_module, model, task)
+
+    wider = nn.Sequential(nn.Linear(64, 30), nn.Tanh(), nn.Linear(30, 10)).double()
+    with pytest.raises(ValueError, match="module '0'.*shape"):
+        kf.load_factors(src, wider, task)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        kf.load_factors(tmp_path / "nowhere", model, task)
+
+
+def test_load_factors_true_fisher_normalizes(kron_dir):
+    """kronfluence's defaults (true Fisher, float32 storage): means = sums / counts."""
+    model, task, src = kron_dir
+    factors = kf.load_factors(src, model, task)
+    assert factors.fisher == "true" and factors.layout == [1]
+    lam = load_file(str(src / "lambda_matrix.safetensors"))["0"]
+    n = int(load_file(str(src / "num_lambda_processed.safetensors"))["0"])
+    torch.testing.assert_close(factors.segments[0]["0"].lam, (lam.double() / n).to(lam.dtype))
+    a_cov = factors.segments[0]["0"].a_cov
+    assert a_cov.shape == (65, 65) and torch.allclose(a_cov[-1, -1], torch.tensor(1.0, dtype=a_cov.dtype))
+
+
+def test_save_factors_replaces_atomically(kron_dir, tmp_path):
+    model, task, src = kron_dir
+    factors = kf.load_factors(src, model, task)
+    out = tmp_path / "factors_x"
+    kf.save_factors(factors, out)
+    kf.save_factors(factors, out)  # over an existing directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["factors_x"]
+    args = json.loads((out / "factor_arguments.json").read_text())
+    assert FactorArguments(**args).strategy == "ekfac" and args["use_empirical_fisher"] is False
+    again = kf.load_factors(out, model, task)
+    for name, lf in factors.segments[0].items():
+        for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):
+            torch.testing.assert_close(getattr(again.segments[0][name], field), getattr(lf, field))
+
+
+def test_shim_rejects_what_it_cannot_reproduce(kron_dir, tmp_path):
+    model, task, _ = kron_dir
+    prepared = kf.prepare_model(copy.deepcopy(model), task)
+    analyzer = kf.Analyzer("run", prepared, task, cpu=True, output_dir=str(tmp_path))
+    with pytest.raises(NotImplementedError, match="strategy"):
+        analyzer.fit_all_factors("k", [], factor_args=FactorArguments(strategy="kfac"))
+    wrapped = kronfluence.prepare_model(copy.deepcopy(model), task)
+    with pytest.raises(ValueError, match="TrackedModule"):
+        kf.Analyzer("run", wrapped, task, cpu=True, output_dir=str(tmp_path))
