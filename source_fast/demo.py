@@ -1,23 +1,43 @@
-"""The demo: an MLP trained on scikit-learn's bundled digits with SGD + momentum and a warm-up/cosine
-schedule; SOURCE and EK-FAC influence name each query digit's top proponents and opponents.
+"""The demo: how well do SOURCE, EK-FAC influence and the baselines predict real retraining?
+
+On scikit-learn's bundled digits, MLPs are trained with SGD + momentum and a warm-up/cosine
+schedule in three scenarios:
+
+  standard       trained to convergence on all ten classes
+  non-converged  30% of the training labels randomized, a few epochs
+  multi-stage    pretrained on classes 0-4, fine-tuned on 5-9; the pretraining data is attributed
+                 (segments per stage, each carrying that stage's data) for test digits of the
+                 fine-tuned task (5-9): which pretraining digits shaped the features it reuses
+
+Each method scores every attributed training digit against test queries; the linear datamodeling
+score (LDS, source_fast.eval) compares those scores with the query losses of models retrained on
+random halves of the data (several data orders each). Retraining keeps the original
+initialisation and varies the data and its order. EK-FAC's damping is chosen on held-out queries,
+never on the evaluated ones. The outputs: a table (Markdown, JSON), a bar chart, a grid of top
+proponents and opponents, the checkpoints and factors of each scenario, and the retraining cache
+(a rerun with the same settings reuses it).
 
 Run with `source-fast demo [--out DIR] [--quick]` or `python -m source_fast demo`.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.data import TensorDataset
+from torch import Tensor, nn
+from torch.utils.data import Subset, TensorDataset
 
 from . import Factors, Segment, Task, Trajectory, fit_factors, score
+from . import eval as ev
 from ._io import atomic_path
+from .unroll import TrainingRecord
 
 
 class DigitsTask(Task):
@@ -36,14 +56,18 @@ class DigitsTask(Task):
         return nn.functional.cross_entropy(model(x), y, reduction="sum")
 
 
-def digits_data(n_train: int, n_test: int, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+def _digits_split(n_train: int, n_test: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Raw digits (1797, 64) in [0, 1], labels, and the seeded train / test index split."""
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
+    return torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y), perm[:n_train], perm[n_train : n_train + n_test]
+
+
+def digits_data(n_train: int, n_test: int, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """Standardised digits (with the training split's statistics): (train, test) datasets."""
+    x, y, tr, te = _digits_split(n_train, n_test, seed)
     mean, std = x[tr].mean(0), x[tr].std(0) + 0.1
     return TensorDataset((x[tr] - mean) / std, y[tr]), TensorDataset((x[te] - mean) / std, y[te])
 
@@ -55,102 +79,604 @@ def make_mlp(seed: int = 0, hidden: int = 64) -> nn.Module:
 
 def schedule(steps: int, peak: float, warmup: int) -> list[float]:
     """Linear warm-up, then cosine decay to 0: the real per-step rates SOURCE sums per segment."""
-    return [peak * (k + 1) / warmup if k < warmup else peak * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup))) for k in range(steps)]
+    return [
+        peak * (k + 1) / warmup if k < warmup else peak * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup)))
+        for k in range(steps)
+    ]
+
+
+# ---- scenarios -----------------------------------------------------------------------------------
+
+ALL_CLASSES = tuple(range(10))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage: the digit classes it trains on, its epochs and its peak learning rate."""
+
+    classes: tuple[int, ...]
+    epochs: int
+    lr: float = 0.05
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One experiment. Stage 0's examples are the attributed data; later stages always train on
+    all their data. Queries are test digits of `query_classes`: the first `n_query` are evaluated,
+    the next `n_heldout` only choose the influence function's damping."""
+
+    name: str
+    title: str
+    stages: tuple[Stage, ...]
+    label_noise: float = 0.0
+    query_classes: tuple[int, ...] = ALL_CLASSES
+    n_train: int = 1000
+    n_test: int = 797
+    n_query: int = 150
+    n_heldout: int = 75
+    hidden: int = 64
+    batch_size: int = 64
+    momentum: float = 0.9
+    checkpoints: int = 6  # per stage, evenly spaced; the last is the stage's end
+
+    @property
+    def data(self) -> ScenarioData:
+        return _scenario_data(self)
+
+    def train(self, indices: list[int] | None, seed: int) -> nn.Module:
+        """The retraining function for source_fast.eval: stage 0 on `indices` only."""
+        return run_training(self, indices, seed).model
+
+    def measure(self, model: nn.Module) -> Tensor:
+        """f for every query (evaluated, then held-out): its cross-entropy loss, (n_query + n_heldout,)."""
+        x, y = self.data.queries.tensors
+        with torch.no_grad():
+            return nn.functional.cross_entropy(model(x), y, reduction="none").double()
+
+    def margins(self, count: int, model: nn.Module) -> Tensor:
+        """The first `count` evaluated queries' margins: true-class logit − best other logit, (count,).
+        Positive when the query is classified correctly; a sign change is a flipped prediction."""
+        x, y = self.data.queries.tensors
+        with torch.no_grad():
+            logits = model(x[:count]).double()
+        true = logits.gather(1, y[:count, None])[:, 0]
+        return true - logits.scatter(1, y[:count, None], -math.inf).amax(1)
+
+
+@dataclass
+class ScenarioData:
+    stages: list[TensorDataset]  # the training data of each stage (labels as trained on)
+    queries: TensorDataset  # n_query evaluated, then n_heldout held-out test digits
+    test: TensorDataset  # every test digit of the query classes (accuracy)
+    images: Tensor  # (N_0, 8, 8) raw pixels of the attributed (stage 0) digits
+    query_images: Tensor  # (n_query + n_heldout, 8, 8)
+    true_labels: Tensor  # (N_0,) stage 0's labels before randomization
+
+
+@functools.lru_cache(maxsize=8)
+def _scenario_data(sc: Scenario) -> ScenarioData:
+    raw, labels, tr, te = _digits_split(sc.n_train, sc.n_test, seed=0)
+    mean, std = raw[tr].mean(0), raw[tr].std(0) + 0.1
+    x, y_true = (raw[tr] - mean) / std, labels[tr]
+    y = y_true.clone()
+    if sc.label_noise:
+        g = torch.Generator().manual_seed(1)
+        noisy = torch.rand(len(y), generator=g) < sc.label_noise
+        y[noisy] = torch.randint(10, (len(y),), generator=g)[noisy]
+    stages, stage0 = [], None
+    for s, stage in enumerate(sc.stages):
+        keep = torch.isin(y, torch.tensor(stage.classes))
+        stages.append(TensorDataset(x[keep], y[keep]))
+        if s == 0:
+            stage0 = keep
+    in_query = torch.isin(labels[te], torch.tensor(sc.query_classes))
+    te = te[in_query]
+    n_q = sc.n_query + sc.n_heldout
+    if len(te) < n_q:
+        raise ValueError(f"scenario {sc.name!r} needs {n_q} test digits of classes {sc.query_classes}, has {len(te)}")
+    xq, yq = (raw[te] - mean) / std, labels[te]
+    return ScenarioData(
+        stages, TensorDataset(xq[:n_q], yq[:n_q]), TensorDataset(xq, yq), raw[tr][stage0].reshape(-1, 8, 8),
+        raw[te[:n_q]].reshape(-1, 8, 8), y_true[stage0],
+    )
 
 
 @dataclass
 class Run:
     model: nn.Module
-    checkpoints: list[dict]
-    lrs: list[float]
+    checkpoints: list[list[dict]]  # per stage
+    lrs: list[list[float]]  # per stage, per step
+    batches: list[list[int]]  # per step, indices into the stages' data concatenated
+    init: dict
     test_accuracy: float
 
 
-def train(train_data, test_data, *, epochs: int, batch_size: int = 64, lr: float = 0.05, momentum: float = 0.9,
-          checkpoints: int = 6, seed: int = 0) -> Run:
-    """Minibatch SGD with momentum; saves `checkpoints` state_dicts evenly over the run (the last is final)."""
-    model = make_mlp(seed)
+def run_training(sc: Scenario, indices: list[int] | None = None, seed: int = 0) -> Run:
+    """SGD with momentum through the stages, a warm-up/cosine schedule per stage, `sc.checkpoints`
+    state_dicts saved evenly in each. Stage 0 uses only `indices` (None: all). The initialisation is
+    fixed (retraining varies the data and its order, drawn from `seed`); one optimizer runs through
+    every stage, so momentum carries across the boundary as in the exact unrolled reference."""
+    data = sc.data
+    model = make_mlp(0, sc.hidden)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=sc.stages[0].lr, momentum=sc.momentum)
     task = DigitsTask()
-    n = len(train_data)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    lrs = schedule(total, lr, max(1, total // 10))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    save_at = {round((c + 1) * total / checkpoints) for c in range(checkpoints)}
-    saved, step = [], 0
     g = torch.Generator().manual_seed(seed)
-    x, y = train_data.tensors
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            for group in opt.param_groups:
-                group["lr"] = lrs[step]
-            opt.zero_grad()
-            (task.compute_train_loss((x[idx], y[idx]), model) / len(idx)).backward()
-            opt.step()
-            step += 1
-            if step in save_at:
-                saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    checkpoints, all_lrs, batches, offset = [], [], [], 0
+    for s, (stage, ds) in enumerate(zip(sc.stages, data.stages)):
+        x, y = ds.tensors
+        pool = torch.as_tensor(indices, dtype=torch.long) if s == 0 and indices is not None else torch.arange(len(ds))
+        n = len(pool)
+        total = stage.epochs * math.ceil(n / sc.batch_size)
+        lrs = schedule(total, stage.lr, max(1, total // 10))
+        save_at = {round((c + 1) * total / sc.checkpoints) for c in range(sc.checkpoints)}
+        saved, step = [], 0
+        for _ in range(stage.epochs):
+            order = pool[torch.randperm(n, generator=g)]
+            for i in range(0, n, sc.batch_size):
+                idx = order[i : i + sc.batch_size]
+                for group in opt.param_groups:
+                    group["lr"] = lrs[step]
+                opt.zero_grad()
+                (task.compute_train_loss((x[idx], y[idx]), model) / len(idx)).backward()
+                opt.step()
+                step += 1
+                batches.append((idx + offset).tolist())
+                if step in save_at:
+                    saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        checkpoints.append(saved)
+        all_lrs.append(lrs)
+        offset += len(ds)
     with torch.no_grad():
-        acc = float((model(test_data.tensors[0]).argmax(1) == test_data.tensors[1]).float().mean())
-    return Run(model, saved, lrs, acc)
+        xt, yt = data.test.tensors
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+    return Run(model, checkpoints, all_lrs, batches, init, acc)
 
 
-def _save_run(out: Path, run: Run) -> None:
+def scenarios(quick: bool) -> list[Scenario]:
+    """The three scenarios; `quick` shrinks them for a smoke test."""
+    out = [
+        Scenario("standard", "standard (converged)", (Stage(ALL_CLASSES, epochs=15),)),
+        Scenario("non_converged", "non-converged (30% noisy labels)", (Stage(ALL_CLASSES, epochs=3),), label_noise=0.3),
+        Scenario(
+            "multi_stage", "multi-stage (pretrain 0-4, fine-tune 5-9)",
+            (Stage((0, 1, 2, 3, 4), epochs=10), Stage((5, 6, 7, 8, 9), epochs=3)), query_classes=(5, 6, 7, 8, 9),
+        ),
+    ]
+    if quick:
+        out = [
+            replace(sc, n_train=300, n_query=16, n_heldout=8, hidden=32, checkpoints=3,
+                    stages=tuple(replace(st, epochs=max(1, st.epochs // 3)) for st in sc.stages))
+            for sc in out
+        ]
+    return out
+
+
+# ---- attribution ---------------------------------------------------------------------------------
+
+
+def _save_checkpoints(folder: Path, run: Run) -> list[list[Path]]:
     from safetensors.torch import save_file
 
-    for c, state in enumerate(run.checkpoints):
-        with atomic_path(out / "checkpoints" / f"checkpoint_{c}.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    with atomic_path(out / "checkpoints" / "lrs.json") as tmp:
+    files = []
+    for s, states in enumerate(run.checkpoints):
+        files.append([])
+        for c, state in enumerate(states):
+            path = folder / f"stage{s}_checkpoint_{c}.safetensors"
+            with atomic_path(path) as tmp:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            files[-1].append(path)
+    with atomic_path(folder / "lrs.json") as tmp:
         tmp.write_text(json.dumps(run.lrs))
+    return files
 
 
-def main(out: str | Path = "source_fast_demo", quick: bool = False, queries: int = 4, top: int = 3) -> dict:
-    out = Path(out)
-    t0 = time.perf_counter()
-    n_train, n_test, epochs = (400, 100, 4) if quick else (1200, 400, 12)
-    train_data, test_data = digits_data(n_train, n_test)
-    print(f"training an MLP (64-64-64-10) on {n_train} digits: SGD, momentum 0.9, warm-up + cosine, {epochs} epochs")
-    run = train(train_data, test_data, epochs=epochs)
-    _save_run(out, run)
-    print(f"  test accuracy {run.test_accuracy:.3f}; {len(run.checkpoints)} checkpoints and the schedule in {out / 'checkpoints'}")
-    task = DigitsTask()
-    ckpt_files = [out / "checkpoints" / f"checkpoint_{c}.safetensors" for c in range(len(run.checkpoints))]
-    trajectory = Trajectory.even(ckpt_files, run.lrs, num_segments=3, data=train_data, momentum=0.9)
-    model = run.model
-    print("fitting EK-FAC factors: one per segment (SOURCE, 3 segments × 2 checkpoints) and one at the final weights")
-    factors = fit_factors(model, task, trajectory, progress=True)
-    factors.save(out / "factors_source")
-    final = trajectory.final()
-    if_factors = fit_factors(model, task, final, progress=True)
-    if_factors.save(out / "factors_ekfac")
-    query_set = torch.utils.data.Subset(test_data, range(queries))
-    print("scoring every training digit against each query")
-    results = {
-        "source": score(model, task, trajectory, Factors.load(out / "factors_source"), train_data, query_set, method="source"),
-        "ekfac": score(model, task, final, if_factors, train_data, query_set, method="ekfac", damping="implied"),
+def _trajectory(sc: Scenario, files: list[list[Path]], run: Run, per_stage: int) -> Trajectory:
+    """`per_stage` segments in each stage, each carrying its stage's data and real learning rates."""
+    segments = []
+    for s, ds in enumerate(sc.data.stages):
+        segments += Trajectory.even(files[s], run.lrs[s], per_stage, ds, momentum=sc.momentum).segments
+    return Trajectory(segments)
+
+
+def same_class_scores(train_labels: Tensor, query_labels: Tensor) -> Tensor:
+    """The sanity floor: +1/N when a training digit has the query's class (removing it should raise
+    the query's loss), 0 otherwise; (n_query, N). Giving −1/N to the other classes would change
+    nothing: every subset leaves out the same number of examples, so the prediction only shifts."""
+    return (query_labels[:, None] == train_labels[None, :]).double() / len(train_labels)
+
+
+@dataclass
+class Attribution:
+    scores: dict[str, Tensor]  # method → (n_query, N_0) on the evaluated queries
+    heldout: dict[str, Tensor]  # candidates needing a choice → (n_heldout, N_0)
+    factors_source: Factors
+    if_factors: Factors
+    implied_damping: float  # 1/c of the whole run
+    seconds: dict[str, float]
+
+
+SOURCE_L3, IF_IMPLIED, IF_TUNED = "SOURCE (L=3)", "IF (damping 1/c)", "IF (held-out damping)"
+
+
+def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float]) -> Attribution:
+    """Every method's scores of the attributed (stage 0) data against all queries; the influence
+    function at every damping of `grid` too, for the held-out choice. Exact unrolling is affordable
+    at these sizes (it dominates this step: about 0.3 s per query for the standard run)."""
+    from tqdm.auto import tqdm
+
+    data = sc.data
+    task, model, train = DigitsTask(), run.model, data.stages[0]
+    files = _save_checkpoints(folder / "checkpoints", run)
+    traj1, traj3 = _trajectory(sc, files, run, 1), _trajectory(sc, files, run, min(3, sc.checkpoints))
+    # The influence function sees one checkpoint, θ_T, with the curvature of the attributed data and
+    # the whole run's horizon (damping "implied" = 1/c).
+    final = Trajectory([Segment([files[-1][-1]], train, lr_sum=sum(s.horizon for s in traj1.segments))])
+    nq = sc.n_query
+    queries = data.queries
+    out: dict[str, Tensor] = {}
+    heldout: dict[str, Tensor] = {}
+    seconds: dict[str, float] = {}
+    steps = ["SOURCE (L=1)", SOURCE_L3, "Fast-SOURCE (L=3)", "TracIn", "IF", "grad-dot", "TRAK", "unroll"]
+    factors_source = if_factors = None
+    bar = tqdm(steps, desc=f"{sc.name}: scoring", unit="method", dynamic_ncols=True)
+    for step in bar:
+        bar.set_postfix_str(step)
+        t0 = time.perf_counter()
+        if step == "SOURCE (L=1)":
+            f1 = fit_factors(model, task, traj1)
+            s = score(model, task, traj1, f1, train, queries, method="source")
+        elif step == SOURCE_L3:
+            factors_source = fit_factors(model, task, traj3)
+            factors_source.save(folder / "factors_source")
+            s = score(model, task, traj3, factors_source, train, queries, method="source")
+        elif step == "Fast-SOURCE (L=3)":
+            fast = fit_factors(model, task, traj3, average_params=True)
+            s = score(model, task, traj3, fast, train, queries, method="fast_source")
+        elif step == "TracIn":
+            s = score(model, task, traj3, None, train, queries, method="tracin")
+        elif step == "IF":
+            if_factors = fit_factors(model, task, final)
+            if_factors.save(folder / "factors_ekfac")
+            out[IF_IMPLIED] = score(model, task, final, if_factors, train, queries, method="ekfac", damping="implied")[:nq]
+            for lam in grid:
+                heldout[f"IF λ={lam:g}"] = score(
+                    model, task, final, if_factors, train, queries, method="ekfac", damping=lam
+                )
+            seconds[step] = time.perf_counter() - t0
+            continue
+        elif step == "grad-dot":
+            s = score(model, task, final, None, train, queries, method="grad_dot")
+        elif step == "TRAK":
+            s = score(model, task, final, None, train, queries, method="trak")
+        else:
+            s = _unroll(sc, run, model, task)
+        out[step] = s[:nq]
+        seconds[step] = time.perf_counter() - t0
+    same = same_class_scores(train.tensors[1], queries.tensors[1][:nq])
+    if same.any():  # multi-stage: no pretraining digit shares a query's class, nothing to rank
+        out["same class"] = same
+    assert factors_source is not None and if_factors is not None
+    return Attribution(out, heldout, factors_source, if_factors, 1.0 / final.segments[0].horizon, seconds)
+
+
+def _unroll(sc: Scenario, run: Run, model: nn.Module, task: Task, chunk: int = 25) -> Tensor:
+    """Exact unrolled differentiation of the recorded run, for the evaluated queries, (n_query, N_0).
+    Later stages' examples get their own ε too (the stages' data concatenated); only stage 0's
+    columns are kept. Queries go in chunks for a progress bar (each chunk replays training)."""
+    from tqdm.auto import tqdm
+
+    stages = sc.data.stages
+    every = TensorDataset(*(torch.cat(t) for t in zip(*(ds.tensors for ds in stages))))
+    final = Trajectory([Segment([run.checkpoints[-1][-1]], every, lr_sum=1.0)])
+    record = TrainingRecord(run.init, run.batches, [lr for lrs in run.lrs for lr in lrs], momentum=sc.momentum)
+    parts = []
+    with tqdm(total=sc.n_query, desc=f"{sc.name}: exact unrolling", unit="query", dynamic_ncols=True, leave=False) as bar:
+        for start in range(0, sc.n_query, chunk):
+            q = Subset(sc.data.queries, range(start, min(sc.n_query, start + chunk)))
+            parts.append(score(model, task, final, None, every, q, method="unroll", record=record)[:, : len(stages[0])])
+            bar.update(len(q))
+    return torch.cat(parts)
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+
+def _settings_key(sc: Scenario, extra: dict) -> tuple[dict, str]:
+    settings = {"scenario": asdict(sc), **extra}
+    return settings, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def evaluate(sc: Scenario, att: Attribution, folder: Path, *, subsets: int, seeds: int, pool) -> dict:
+    """Retrains on random halves, then the LDS of every method (and the held-out damping choice)."""
+    n0 = len(sc.data.stages[0])
+    subs = ev.random_subsets(n0, subsets, alpha=0.5, seed=0)
+    settings, key = _settings_key(sc, {"alpha": 0.5})
+    measured = ev.retrain(
+        sc.train, sc.measure, subs, seeds=list(range(seeds)), cache_dir=folder / f"retraining-{key}",
+        executor=pool, settings=settings, desc=f"{sc.name}: retraining",
+    )
+    nq = sc.n_query
+    evaluated, held = measured[..., :nq], measured[..., nq:]
+    heldout_lds = {name: ev.lds(s[nq:], subs, held).mean for name, s in att.heldout.items()}
+    best = max(heldout_lds, key=heldout_lds.get)
+    att.scores[IF_TUNED] = att.heldout[best][:nq]
+    results = {name: ev.lds(s, subs, evaluated) for name, s in att.scores.items()}
+    paired = {
+        f"{SOURCE_L3} − {IF_IMPLIED}": ev.paired_difference(results[SOURCE_L3], results[IF_IMPLIED]),
+        f"{SOURCE_L3} − {IF_TUNED}": ev.paired_difference(results[SOURCE_L3], results[IF_TUNED]),
     }
-    labels = train_data.tensors[1]
-    summary = {"test_accuracy": run.test_accuracy, "queries": []}
-    for q in range(queries):
-        qlabel = int(test_data.tensors[1][q])
+    return {
+        "lds": results, "paired": paired, "heldout_lds": heldout_lds,
+        "chosen_damping": float(best.split("=")[1]),
+        "implied_damping": att.implied_damping,
+        "subsets": subsets, "seeds": seeds, "n_train": n0,
+    }
+
+
+def removal(sc: Scenario, att: Attribution, folder: Path, *, k: int, count: int, seeds: int, pool) -> dict:
+    """Subset removal on the first `count` evaluated queries: retrain without each query's k top
+    proponents under SOURCE and the influence function, or k random digits; the flip rate of the
+    predictions and the change in the true-class margin."""
+    chosen = {m: att.scores[m][:count] for m in (SOURCE_L3, IF_IMPLIED)}
+    settings, key = _settings_key(sc, {"count": count})
+    out = ev.subset_removal(
+        chosen, sc.train, functools.partial(sc.margins, count), k, kind="flip", seeds=list(range(seeds)),
+        cache_dir=folder / f"removal-{key}", executor=pool, settings=settings,
+    )
+    return {"k": k, "queries": count, "seeds": seeds, "methods": out}
+
+
+# ---- reports -------------------------------------------------------------------------------------
+
+
+def _fmt(iv: ev.Interval, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{iv.mean:{sign}.3f} [{iv.low:{sign}.3f}, {iv.high:{sign}.3f}]"
+
+
+def lds_markdown(report: dict) -> str:
+    """The LDS table (methods × scenarios), the paired differences and the settings, as Markdown."""
+    names = list(report["scenarios"])
+    heads = [report["scenarios"][n]["title"] for n in names]
+    methods = list(dict.fromkeys(m for n in names for m in report["scenarios"][n]["lds"]))
+    lines = [
+        "## Linear datamodeling score (LDS)",
+        "",
+        "Spearman correlation between predicted and retrained query losses over random halves of the",
+        "attributed data; mean over the evaluated queries with a 95% bootstrap interval over queries.",
+        "",
+        "| method | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for m in methods:
+        cells = [_fmt(report["scenarios"][n]["lds"][m]) if m in report["scenarios"][n]["lds"] else "—" for n in names]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    paired = list(dict.fromkeys(p for n in names for p in report["scenarios"][n]["paired"]))
+    lines += [
+        "", "Paired differences (same queries resampled for both methods):", "",
+        "| difference | " + " | ".join(heads) + " |", "|---|" + "---|" * len(names),
+    ]
+    for p in paired:
+        lines.append(f"| {p} | " + " | ".join(_fmt(report["scenarios"][n]["paired"][p], True) for n in names) + " |")
+    lines += ["", "| setting | " + " | ".join(heads) + " |", "|---|" + "---|" * len(names)]
+    rows = [
+        ("attributed training digits", lambda r: str(r["n_train"])),
+        ("subsets × seeds retrained", lambda r: f"{r['subsets']} × {r['seeds']}"),
+        ("evaluated / held-out queries", lambda r: f"{r['n_query']} / {r['n_heldout']}"),
+        ("test accuracy on the query classes", lambda r: f"{r['test_accuracy']:.3f}"),
+        ("IF damping 1/c (implied)", lambda r: f"{r['implied_damping']:.3g}"),
+        ("IF damping chosen on held-out queries", lambda r: f"{r['chosen_damping']:g}"),
+    ]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(get(report["scenarios"][n]) for n in names) + " |")
+    lines += [
+        "",
+        "L = segments per training stage. \"same class\" scores +1/N for training digits of the query's",
+        "(trained-on) class: a sanity floor (— where no attributed digit shares a query's class). unroll =",
+        "exact unrolled differentiation of the recorded run (one data order). IF = EK-FAC influence at θ_T.",
+    ]
+    rem = report.get("removal")
+    if rem:
+        lines += [
+            "",
+            f"## Subset removal ({rem['scenario']}): retrain without each query's top {rem['k']} proponents",
+            "",
+            f"{rem['queries']} evaluated queries, {rem['seeds']} seed(s) each; "
+            "a flip = the prediction changes between right and wrong.",
+            "",
+            "| removed | flip rate | change in true-class margin |",
+            "|---|---|---|",
+        ]
+        for m, r in rem["methods"].items():
+            label = m if m != "random" else f"{rem['k']} random digits"
+            lines.append(f"| {label} | {r.flip_rate:.2f} | {_fmt(r.change, True)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(obj):
+    if isinstance(obj, (ev.Interval, ev.Removal)):
+        return obj.to_dict()
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _color(method: str) -> str:
+    return "tab:blue" if "SOURCE" in method else "tab:orange" if method.startswith("IF") else "tab:gray"
+
+
+def plot_lds(report: dict, path: Path) -> None:
+    """One panel per scenario: each method's LDS with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["scenarios"])
+    methods = list(dict.fromkeys(m for n in names for m in report["scenarios"][n]["lds"]))
+    size = (4.2 * len(names), 0.38 * len(methods) + 1.6)
+    fig, axes = plt.subplots(1, len(names), figsize=size, sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], names):
+        res = report["scenarios"][n]["lds"]
+        ys = [i for i, m in enumerate(methods) if m in res]
+        iv = [res[methods[i]] for i in ys]
+        ax.barh(ys, [v.mean for v in iv], color=[_color(methods[i]) for i in ys],
+                xerr=[[v.mean - v.low for v in iv], [v.high - v.mean for v in iv]], capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(report["scenarios"][n]["title"], fontsize=10)
+        ax.set_xlabel("LDS (Spearman)")
+    axes[0][0].set_yticks(range(len(methods)), methods)
+    axes[0][0].invert_yaxis()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_proponents(images: Tensor, labels: Tensor, query_images: Tensor, query_labels: Tensor,
+                    scores: dict[str, Tensor], queries: list[int], top: int, path: Path) -> None:
+    """Per query and method a row: the query digit, its `top` proponents (highest scores: removing
+    them raises its loss most) and its `top` opponents (lowest scores). images: (N, 8, 8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(q, m) for q in queries for m in scores]
+    cols = 2 + 2 * top
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.05 * cols, 1.25 * len(rows)), squeeze=False)
+    for r, (q, m) in enumerate(rows):
+        s = scores[m][q]
+        cells = [("query", query_images[q], f"query: a {int(query_labels[q])}\n{m}")] + [("gap", None, "")]
+        cells += [("pro", images[i], f"+ a {int(labels[i])}\n{float(s[i]):.1e}") for i in s.topk(top).indices.tolist()]
+        cells += [("con", images[i], f"− a {int(labels[i])}\n{float(s[i]):.1e}") for i in (-s).topk(top).indices.tolist()]
+        for c, (kind, img, title) in enumerate(cells):
+            ax = axes[r][c]
+            ax.axis("off")
+            if img is None:
+                continue
+            ax.imshow(img, cmap="gray_r" if kind != "con" else "Reds", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=6.5)
+    fig.suptitle("top proponents (+, gray) and opponents (−, red) of query digits", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _distinct_classes(labels: Tensor, count: int) -> list[int]:
+    """The first query of each class, up to `count` of them: a varied set of digits to show."""
+    firsts: dict[int, int] = {}
+    for q, y in enumerate(labels.tolist()):
+        firsts.setdefault(y, q)
+    return sorted(firsts.values())[:count]
+
+
+def _print_proponents(att: Attribution, train: TensorDataset, queries: TensorDataset, count: int, top: int) -> list[dict]:
+    """The original demo's listing: each query's top proponents and opponents under SOURCE and IF."""
+    labels = train.tensors[1]
+    entries = []
+    for q in range(count):
+        qlabel = int(queries.tensors[1][q])
         entry = {"query": q, "label": qlabel}
         print(f"\nquery {q} (a {qlabel}): training digits whose removal would most raise (+) or lower (−) its loss")
-        for method, s in results.items():
-            pro = s[q].topk(top).indices.tolist()
-            con = (-s[q]).topk(top).indices.tolist()
+        for method in (SOURCE_L3, IF_IMPLIED):
+            s = att.scores[method]
+            pro, con = s[q].topk(top).indices.tolist(), (-s[q]).topk(top).indices.tolist()
             fmt = lambda idx: ", ".join(f"#{i} (a {int(labels[i])}, {float(s[q, i]):+.2e})" for i in idx)  # noqa: E731
-            print(f"  {method:>6} proponents: {fmt(pro)}")
-            print(f"  {method:>6} opponents:  {fmt(con)}")
+            print(f"  {method:>16} proponents: {fmt(pro)}")
+            print(f"  {method:>16} opponents:  {fmt(con)}")
             entry[method] = {"proponents": pro, "opponents": con}
-        summary["queries"].append(entry)
-    rank = [torch.corrcoef(torch.stack([results["source"][q], results["ekfac"][q]]))[0, 1].item() for q in range(queries)]
-    summary["pearson_source_vs_ekfac"] = rank
-    summary["seconds"] = time.perf_counter() - t0
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
-    print(f"\nPearson correlation of SOURCE and EK-FAC scores per query: {', '.join(f'{r:.2f}' for r in rank)}")
-    print(f"done in {summary['seconds']:.0f} s; outputs in {out.resolve()}")
-    return summary
+        entries.append(entry)
+    return entries
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def main(
+    out: str | Path = "source_fast_demo",
+    quick: bool = False,
+    *,
+    workers: int = 2,
+    subsets: int | None = None,
+    seeds: int | None = None,
+    only: list[str] | None = None,
+    queries: int = 4,
+    top: int = 3,
+) -> dict:
+    """Runs the scenarios (all, or those named in `only`), writes the report into `out` and returns it.
+
+    subsets / seeds: retrainings per scenario (default 100 × 3; --quick 12 × 1).
+    workers: retraining processes.
+    """
+    out = Path(out)
+    t0 = time.perf_counter()
+    n_subsets = subsets or (12 if quick else 100)
+    n_seeds = seeds or (1 if quick else 3)
+    grid = [1e-3, 1e-2, 1e-1] if quick else [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+    chosen = [sc for sc in scenarios(quick) if only is None or sc.name in only]
+    if not chosen:
+        raise ValueError(f"no scenario named {only}; valid: {[sc.name for sc in scenarios(quick)]}")
+    # These models are tiny: one thread per process beats threads contending for shared cores, and
+    # the retraining workers run in parallel anyway.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    report: dict = {"scenarios": {}, "quick": quick}
+    summary: dict = {}
+    pool = ev.worker_pool(workers) if workers > 1 else None  # started now: workers import while we train
+    try:
+        for sc in chosen:
+            folder = out / sc.name
+            print(f"\n=== {sc.title}: {sc.hidden}-unit MLP, SGD + momentum {sc.momentum}, warm-up + cosine, "
+                  f"stages {[f'{len(st.classes)} classes × {st.epochs} epochs' for st in sc.stages]}")
+            ts = time.perf_counter()
+            run = run_training(sc)
+            print(f"  test accuracy {run.test_accuracy:.3f}; checkpoints in {folder / 'checkpoints'}")
+            att = attribute(sc, run, folder, grid=grid)
+            result = evaluate(sc, att, folder, subsets=n_subsets, seeds=n_seeds, pool=pool)
+            result.update(title=sc.title, test_accuracy=run.test_accuracy, n_query=sc.n_query, n_heldout=sc.n_heldout,
+                          score_seconds=att.seconds)
+            for m, iv in result["lds"].items():
+                print(f"  LDS {m:<22} {_fmt(iv)}")
+            if sc.name == "standard":
+                data = sc.data
+                summary = {"test_accuracy": run.test_accuracy,
+                           "queries": _print_proponents(att, data.stages[0], data.queries, min(queries, sc.n_query), top)}
+                rank = [torch.corrcoef(torch.stack([att.scores[SOURCE_L3][q], att.scores[IF_IMPLIED][q]]))[0, 1].item()
+                        for q in range(min(queries, sc.n_query))]
+                summary["pearson_source_vs_ekfac"] = rank
+                print(f"\nPearson correlation of SOURCE and EK-FAC scores per query: {', '.join(f'{r:.2f}' for r in rank)}")
+                plot_proponents(data.images, data.stages[0].tensors[1], data.query_images, data.queries.tensors[1],
+                                {"SOURCE": att.scores[SOURCE_L3], "IF": att.scores[IF_IMPLIED]},
+                                _distinct_classes(data.queries.tensors[1][: sc.n_query], 3), 5, out / "proponents.png")
+                rem = removal(sc, att, folder, k=10 if quick else 40, count=min(sc.n_query, 8 if quick else 40),
+                              seeds=min(n_seeds, 2), pool=pool)
+                report["removal"] = {"scenario": sc.title, **rem}
+            result["seconds"] = time.perf_counter() - ts
+            report["scenarios"][sc.name] = result
+            print(f"  {sc.name} done in {result['seconds']:.0f} s")
+        report["seconds"] = time.perf_counter() - t0
+        table = lds_markdown(report)
+        with atomic_path(out / "lds.md") as tmp:
+            tmp.write_text(table)
+        with atomic_path(out / "lds.json") as tmp:
+            tmp.write_text(json.dumps(_jsonable(report), indent=1))
+        plot_lds(report, out / "lds.png")
+        summary["seconds"] = report["seconds"]
+        with atomic_path(out / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)
+    print("\n" + table)
+    print(f"done in {report['seconds']:.0f} s; outputs in {out.resolve()}:")
+    for name in ("lds.md", "lds.json", "lds.png", "proponents.png", "summary.json"):
+        if (out / name).exists():
+            print(f"  {out.resolve() / name}")
+    print(f"  {out.resolve()}/<scenario>/: checkpoints, factors, retraining caches")
+    return report

@@ -1,0 +1,63 @@
+"""The README's main command, end to end: `python -m source_fast demo --quick --out DIR`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SCENARIOS = ["standard", "non_converged", "multi_stage"]
+METHODS = [
+    "SOURCE (L=1)", "SOURCE (L=3)", "Fast-SOURCE (L=3)", "TracIn", "IF (damping 1/c)", "IF (held-out damping)",
+    "grad-dot", "TRAK", "unroll", "same class",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "source_fast", "demo", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_demo_writes_a_well_formed_report(demo):
+    out, stdout = demo
+    assert str(out.resolve()) in stdout  # says where the outputs went
+    report = json.loads((out / "lds.json").read_text())
+    assert list(report["scenarios"]) == SCENARIOS
+    for name in SCENARIOS:
+        sc = report["scenarios"][name]
+        # Multi-stage queries are fine-tune classes: no pretraining digit shares their class.
+        expected = [m for m in METHODS if not (name == "multi_stage" and m == "same class")]
+        assert sorted(sc["lds"]) == sorted(expected)
+        for m, iv in sc["lds"].items():
+            assert -1 <= iv["low"] <= iv["mean"] <= iv["high"] <= 1, (name, m, iv)
+            assert len(iv["per_query"]) == sc["n_query"]
+        for diff in sc["paired"].values():
+            assert diff["low"] <= diff["mean"] <= diff["high"]
+        # The damping is chosen on held-out queries, from the grid.
+        assert sc["chosen_damping"] in [float(k.split("=")[1]) for k in sc["heldout_lds"]]
+    removal = report["removal"]["methods"]
+    assert set(removal) == {"SOURCE (L=3)", "IF (damping 1/c)", "random"}
+    assert all(0 <= r["flip_rate"] <= 1 for r in removal.values())
+    table = (out / "lds.md").read_text()
+    assert "\n| SOURCE (L=3) | " in table and "Paired differences" in table and "Subset removal" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["queries"]) == 4 and len(summary["pearson_source_vs_ekfac"]) == 4
+
+
+def test_demo_writes_images_checkpoints_and_factors(demo):
+    out, _ = demo
+    for png in ("lds.png", "proponents.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    for name in SCENARIOS:
+        assert list((out / name / "checkpoints").glob("*.safetensors"))
+        for factors in ("factors_source", "factors_ekfac"):
+            assert (out / name / factors / "factors.json").exists()
+        (cache,) = (out / name).glob("retraining-*")
+        assert (cache / "manifest.json").exists() and len(list((cache / "runs").glob("*.pt"))) == 12

@@ -1,0 +1,192 @@
+"""The evaluation harness where the answer is known.
+
+Least-squares regression solved in closed form is the converged model influence functions assume,
+and with f = the query's prediction (linear in θ) the exact influence function predicts
+leave-half-out changes almost perfectly: its LDS must be near 1, its negation's near −1.
+"""
+
+import functools
+
+import pytest
+import torch
+from _helpers import RegressTask, spearman
+from torch.utils.data import TensorDataset
+
+import source_fast as sf
+from source_fast import eval as ev
+
+N, D, Q = 120, 6, 40
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N + Q, D, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(D, generator=g, dtype=torch.float64) + 0.5 * torch.randn(N + Q, generator=g, dtype=torch.float64)
+    return x, y
+
+
+X, Y = _problem()
+
+
+def fit(indices, seed):
+    """Least squares with an intercept on the given examples: an nn.Linear state_dict."""
+    xa = torch.cat([X[indices], torch.ones(len(indices), 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.solve(xa.T @ xa, xa.T @ Y[indices])
+    return {"weight": sol[:D][None], "bias": sol[D:]}
+
+
+def fit_or_fail(indices, seed, *, bad):
+    if list(indices) == bad:
+        raise RuntimeError("simulated crash")
+    return fit(indices, seed)
+
+
+def predict(state):
+    """f for every query: its prediction, (Q,)."""
+    return X[N:] @ state["weight"][0] + state["bias"]
+
+
+class PredictionTask(RegressTask):
+    def compute_measurement(self, batch, model):
+        return model(batch[0]).sum()
+
+
+SETTINGS = {"model": "lstsq"}
+
+
+class Counting:
+    """fit, counting its calls, raising after `fail_after` of them (an interrupted run)."""
+
+    def __init__(self, fail_after=None):
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def __call__(self, indices, seed):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return fit(indices, seed)
+
+
+@pytest.fixture(scope="module")
+def influence():
+    """EK-FAC influence (exact here: one linear layer, one output) of the full-data solution."""
+    model = torch.nn.Linear(D, 1).double()
+    model.load_state_dict(fit(list(range(N)), 0))
+    train, queries = TensorDataset(X[:N], Y[:N]), TensorDataset(X[N:], Y[N:])
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    factors = sf.fit_factors(model, PredictionTask(), traj)
+    return sf.score(model, PredictionTask(), traj, factors, train, queries, method="ekfac", damping=1e-8)
+
+
+def test_lds_of_influence_on_converged_linear_regression(influence):
+    subsets = ev.random_subsets(N, 40, alpha=0.5, seed=1)
+    measured = ev.retrain(fit, predict, subsets, seeds=[0, 1], progress=False)
+    assert measured.shape == (40, 2, Q)
+    result = ev.lds(influence, subsets, measured)
+    assert result.mean > 0.9, result
+    # The sign convention: the left-out examples' scores predict f, so negated scores anti-correlate.
+    assert ev.lds(-influence, subsets, measured).mean < -0.9
+    noise = torch.randn(influence.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs(ev.lds(noise, subsets, measured).mean) < 0.15
+    # Ranks ignore a positive scale, and a 2-D measured is the seed mean already taken.
+    assert ev.lds(influence * 7.0, subsets, measured.mean(1)).mean == pytest.approx(result.mean)
+
+
+def test_resume_after_interruption_redoes_nothing(tmp_path, influence):
+    subsets = ev.random_subsets(N, 12, seed=2)
+    seeds = [0, 1]
+    reference = ev.retrain(fit, predict, subsets, seeds=seeds, progress=False)
+    first = Counting(fail_after=7)
+    with pytest.raises(KeyboardInterrupt):
+        ev.retrain(first, predict, subsets, seeds=seeds, cache_dir=tmp_path, settings=SETTINGS, progress=False)
+    assert len(list((tmp_path / "runs").glob("*.pt"))) == 7
+    assert not list((tmp_path / "runs").glob(".*"))  # no temporary files left behind
+    second = Counting()
+    resumed = ev.retrain(second, predict, subsets, seeds=seeds, cache_dir=tmp_path, settings=SETTINGS, progress=False)
+    assert second.calls == len(subsets) * len(seeds) - 7
+    assert torch.equal(resumed, reference)
+    third = Counting()
+    again = ev.retrain(third, predict, subsets, seeds=seeds, cache_dir=tmp_path, settings=SETTINGS, progress=False)
+    assert third.calls == 0 and torch.equal(again, resumed)
+
+
+def test_mismatched_cache_is_refused(tmp_path):
+    subsets = ev.random_subsets(N, 4, seed=3)
+    ev.retrain(fit, predict, subsets, cache_dir=tmp_path, settings={"epochs": 3}, progress=False)
+    for change in (
+        {"subsets": ev.random_subsets(N, 4, seed=4)},
+        {"seeds": [0, 1]},
+        {"settings": {"epochs": 4}},
+    ):
+        kwargs = {"subsets": subsets, "seeds": [0], "settings": {"epochs": 3}, **change}
+        with pytest.raises(ValueError, match="different subsets or settings"):
+            ev.retrain(fit, predict, kwargs.pop("subsets"), cache_dir=tmp_path, progress=False, **kwargs)
+
+
+def test_worker_processes_match_inline_and_keep_finished_runs(tmp_path):
+    subsets = ev.random_subsets(N, 8, seed=5)
+    reference = ev.retrain(fit, predict, subsets, progress=False)
+    crash = functools.partial(fit_or_fail, bad=subsets[5])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ev.retrain(crash, predict, subsets, cache_dir=tmp_path, workers=2, progress=False)
+    cached = len(list((tmp_path / "runs").glob("*.pt")))
+    assert cached < len(subsets)
+    counter = Counting()
+    resumed = ev.retrain(counter, predict, subsets, cache_dir=tmp_path, progress=False)
+    assert counter.calls == len(subsets) - cached
+    torch.testing.assert_close(resumed, reference)
+
+
+def test_bootstrap_interval():
+    g = torch.Generator().manual_seed(0)
+    small = 0.5 + 0.2 * torch.randn(20, generator=g, dtype=torch.float64)
+    large = 0.5 + 0.2 * torch.randn(500, generator=g, dtype=torch.float64)
+    a = ev.bootstrap_interval(small, seed=0)
+    assert a.low < a.mean < a.high and a.mean == pytest.approx(float(small.mean()))
+    b = ev.bootstrap_interval(large, seed=0)
+    assert b.low < b.mean < b.high
+    assert (b.high - b.low) < 0.5 * (a.high - a.low)
+    again = ev.bootstrap_interval(small, seed=0)
+    assert (again.low, again.high) == (a.low, a.high)
+    assert (ev.bootstrap_interval(small, seed=1).low, ev.bootstrap_interval(small, seed=1).high) != (a.low, a.high)
+
+
+def test_paired_difference_resamples_the_same_queries():
+    g = torch.Generator().manual_seed(0)
+    hard = torch.rand(50, generator=g, dtype=torch.float64)  # query difficulty both methods share
+    a, b = ev.bootstrap_interval(hard + 0.05), ev.bootstrap_interval(hard)
+    diff = ev.paired_difference(a, b)
+    assert diff.mean == pytest.approx(0.05)
+    assert diff.high - diff.low < 1e-9  # the shared part cancels exactly
+    assert a.high - a.low > 0.1
+    with pytest.raises(ValueError, match="same queries"):
+        ev.paired_difference(a, hard[:10])
+
+
+def test_spearman_handles_ties():
+    a = torch.tensor([[1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 5.0]])
+    b = torch.tensor([[2.0, 1.0, 4.0, 3.0, 7.0, 6.0, 6.0]])
+    from scipy.stats import spearmanr
+
+    assert float(ev.spearman_rows(a, b)[0]) == pytest.approx(spearmanr(a[0], b[0]).statistic)
+    x = torch.randn(30, generator=torch.Generator().manual_seed(0))
+    assert float(ev.spearman_rows(x[None], (x**3)[None])[0]) == pytest.approx(1.0)
+    assert float(ev.spearman_rows(x[None], torch.ones(1, 30))[0]) == 0.0  # nothing to rank
+    y = torch.randn(30, generator=torch.Generator().manual_seed(1))
+    assert float(ev.spearman_rows(x[None], y[None])[0]) == pytest.approx(spearman(x, y))
+
+
+def test_subset_removal_beats_random(influence, tmp_path):
+    k = 10
+    out = ev.subset_removal({"influence": influence}, fit, predict, k, kind="flip", cache_dir=tmp_path, progress=False)
+    top, rnd = out["influence"], out["random"]
+    assert len(top.removed) == Q and all(len(r) == k for r in top.removed)
+    assert top.removed[0] == sorted(influence[0].topk(k).indices.tolist())
+    # Positive scores are removals that increase f: removing the top k must raise every query's f,
+    # by about what the scores add up to, and far more than k random examples do on average.
+    predicted = torch.stack([influence[q, top.removed[q]].sum() for q in range(Q)])
+    assert (top.change.per_query > 0).all()
+    assert spearman(top.change.per_query, predicted) > 0.8
+    assert top.change.mean > 5 * abs(rnd.change.mean)
+    assert top.flipped.shape == (Q,) and top.flip_rate >= rnd.flip_rate
