@@ -9,8 +9,9 @@ Importing it initialises neither CUDA nor Triton.
 
 from ._version import __version__
 from .factors import Factors, fit_factors
+from .jobs import Job
 from .scoring import score, self_score
 from .task import Task
 from .trajectory import Segment, Trajectory
 
-__all__ = ["Task", "Segment", "Trajectory", "fit_factors", "Factors", "score", "self_score", "__version__"]
+__all__ = ["Task", "Segment", "Trajectory", "fit_factors", "Factors", "score", "self_score", "Job", "__version__"]

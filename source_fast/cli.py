@@ -19,7 +19,26 @@ def main(argv: list[str] | None = None) -> int:
         help="run only this scenario (repeatable; default: all three)",
     )
     sub.add_parser("info", help="versions, the extension and the backend chosen for each op")
+    fit = sub.add_parser("fit", help="fit the EK-FAC factors of a job file's trajectory")
+    fit.add_argument("job", help="a Python file defining job() -> source_fast.Job")
+    fit.add_argument("--out", required=True, help="factor folder to write")
+    fit.add_argument("--fisher", choices=["true", "empirical"], default="true")
+    fit.add_argument("--average-params", action="store_true", help="Fast-SOURCE: fit at each segment's mean weights")
+    fit.add_argument("--final", action="store_true", help="fit only the final checkpoint (for --method ekfac)")
+    score = sub.add_parser("score", help="score a job's training data against its queries, sharded and resumable")
+    score.add_argument("job", help="a Python file defining job() -> source_fast.Job")
+    score.add_argument("--factors", default=None, help="factor folder from `source-fast fit`")
+    score.add_argument("--out", required=True, help="score folder (resumes a killed run of the same job)")
+    score.add_argument("--method", default="source", choices=["source", "fast_source", "ekfac", "tracin", "grad_dot"])
+    score.add_argument("--damping", default="heuristic", help="ekfac/adam damping: a number, heuristic or implied")
+    score.add_argument("--final", action="store_true", help="use only the final checkpoint (for --method ekfac)")
+    score.add_argument("--top-k", type=int, default=None, help="keep only each query's k largest and smallest scores")
+    score.add_argument("--shard-size", type=int, default=4096, help="training rows per output shard")
+    score.add_argument("--query-memory-gb", type=float, default=1.0, help="memory for prepared queries (GiB)")
+    score.add_argument("--query-rank", type=int, default=None, help="low-rank query factors of this rank")
     args = parser.parse_args(argv)
+    if args.command in ("fit", "score"):
+        return _job_command(args)
     if args.command == "demo":
         from .demo import main as demo_main
 
@@ -28,4 +47,28 @@ def main(argv: list[str] | None = None) -> int:
         from .info import main as info_main
 
         info_main()
+    return 0
+
+
+def _job_command(args) -> int:
+    import os
+
+    import torch
+
+    from . import jobs
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    if distributed:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        if args.command == "fit":
+            jobs.fit(args.job, args.out, fisher=args.fisher, average_params=args.average_params, final=args.final)
+        else:
+            damping = args.damping if args.damping in ("heuristic", "implied") else float(args.damping)
+            jobs.score(args.job, args.factors, args.out, method=args.method, damping=damping, top_k=args.top_k,
+                       shard_size=args.shard_size, query_memory_budget=int(args.query_memory_gb * (1 << 30)),
+                       query_rank=args.query_rank, final=args.final)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
     return 0
