@@ -1,0 +1,63 @@
+"""The engine driving the Triton kernels (under TRITON_INTERPRET on CPU) gives the torch engine's
+answers: checks the shapes, strides, masks and dtypes the engine really hands the kernels.
+
+Automatic dispatch never picks the interpreter, so the test points it at Triton for the four
+kernel ops; nothing else changes."""
+
+import pytest
+import torch
+from test_layers import TokenModel, TokenTask, _token_data
+
+import source_fast as sf
+from source_fast import _dispatch, _triton
+
+
+@pytest.fixture
+def triton_everywhere(monkeypatch):
+    if _dispatch.unsupported_reasons("triton", "pairwise_scores", torch.device("cpu"), torch.float32):
+        pytest.fail("the Triton interpreter must be available on CPU test machines (TRITON_INTERPRET=1, triton installed)")
+    chosen = []
+
+    def auto(op, device_type, device_index, dtype):
+        backend = "triton" if op in ("accumulate_lambda_", "self_scores", "precondition_queries", "pairwise_scores") else "torch"
+        chosen.append((op, backend))
+        return backend
+
+    monkeypatch.setattr(_dispatch, "_auto", auto)
+    return chosen
+
+
+def _run(model, task, data, queries):
+    states = [model.state_dict(), {k: v * 1.05 for k, v in model.state_dict().items()}]
+    traj = sf.Trajectory.even(states, [0.1] * 8, 2, data, momentum=0.5)
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=6)
+    final = traj.final()
+    f_final = sf.fit_factors(model, task, final, fisher="empirical", batch_size=6)
+    return (
+        factors,
+        sf.score(model, task, traj, factors, data, queries, batch_size=5),
+        sf.score(model, task, final, f_final, data, queries, method="ekfac", batch_size=5),
+        sf.self_score(model, task, final, f_final, data, method="ekfac", batch_size=5),
+    )
+
+
+def test_engine_with_triton_kernels_matches_torch_engine(triton_everywhere):
+    assert _triton.interpreting()
+    torch.manual_seed(0)
+    model = TokenModel().float()
+    data, queries = _token_data(14, 6, 0, garbage=1), _token_data(3, 6, 2, garbage=2)
+    data = torch.utils.data.TensorDataset(*(t.float() if t.is_floating_point() else t for t in data.tensors))
+    queries = torch.utils.data.TensorDataset(*(t.float() if t.is_floating_point() else t for t in queries.tensors))
+    fast = _run(model, TokenTask(), data, queries)
+    assert {op for op, b in triton_everywhere if b == "triton"} == {"accumulate_lambda_", "self_scores", "precondition_queries", "pairwise_scores"}
+    triton_everywhere.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOURCE_FAST_BACKEND", "torch")
+        ref = _run(model, TokenTask(), data, queries)
+    assert not triton_everywhere  # the reference run never asked for a kernel
+    for a, b in zip(fast[0].segments, ref[0].segments):
+        for name in a:
+            assert torch.allclose(a[name].lam, b[name].lam, rtol=1e-4, atol=1e-7)
+    # fp32 throughout; the kernels and torch sum in different orders: agree to 1e-4 of the scale.
+    for x, y in zip(fast[1:], ref[1:]):
+        assert (x - y).abs().max() <= 1e-4 * y.abs().max(), (x - y).abs().max()
