@@ -1,21 +1,25 @@
 """The demo: how well do SOURCE, EK-FAC influence and the baselines predict real retraining?
 
-On scikit-learn's bundled digits, MLPs are trained with SGD + momentum and a warm-up/cosine
-schedule in three scenarios:
+MLPs are trained with SGD + momentum and a warm-up/cosine schedule in four scenarios, three on
+scikit-learn's bundled digits and one on its bundled diabetes regression data:
 
   standard       trained to convergence on all ten classes
   non-converged  30% of the training labels randomized, a few epochs
   multi-stage    pretrained on classes 0-4, fine-tuned on 5-9; the pretraining data is attributed
                  (segments per stage, each carrying that stage's data) for test digits of the
                  fine-tuned task (5-9): which pretraining digits shaped the features it reuses
+  regression     diabetes progression from 10 features, squared error, stopped early (at about its
+                 best test error, far from the training optimum influence functions assume)
 
-Each method scores every attributed training digit against test queries; the linear datamodeling
+Each method scores every attributed training example against test queries; the linear datamodeling
 score (LDS, source_fast.eval) compares those scores with the query losses of models retrained on
 random halves of the data (several data orders each). Retraining keeps the original
 initialisation and varies the data and its order. EK-FAC's damping is chosen on held-out queries,
-never on the evaluated ones. The outputs: a table (Markdown, JSON), a bar chart, a grid of top
-proponents and opponents, the checkpoints and factors of each scenario, and the retraining cache
-(a rerun with the same settings reuses it).
+never on the evaluated ones. Where exact unrolling is cheap (non-converged, regression), each
+method is also compared with the mean of the exact unrolled scores of several other data orders
+(what SOURCE estimates; one order alone is noisy). The outputs: a table (Markdown, JSON), a bar
+chart, a grid of top proponents and opponents, the checkpoints and factors of each scenario, and
+the retraining cache (a rerun with the same settings reuses it).
 
 Run with `source-fast demo [--out DIR] [--quick]` or `python -m source_fast demo`.
 """
@@ -72,9 +76,28 @@ def digits_data(n_train: int, n_test: int, seed: int = 0) -> tuple[TensorDataset
     return TensorDataset((x[tr] - mean) / std, y[tr]), TensorDataset((x[te] - mean) / std, y[te])
 
 
-def make_mlp(seed: int = 0, hidden: int = 64) -> nn.Module:
+class SquaredErrorTask(Task):
+    """½(f − y)² regression; the measurement is the query's ½ squared error (positive score: a
+    proponent). Sampled targets y ~ N(f, 1) make the Fisher this loss's Gauss-Newton matrix."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        out = model(x).squeeze(-1)
+        if sample:
+            y = out.detach() + torch.randn_like(out)
+        return 0.5 * ((out - y) ** 2).sum()
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return 0.5 * ((model(x).squeeze(-1) - y) ** 2).sum()
+
+
+def make_mlp(seed: int = 0, hidden: int = 64, d_in: int = 64, d_out: int = 10) -> nn.Module:
+    """Two tanh hidden layers; the defaults fit digits (64 pixels, 10 classes)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, d_out)
+    )
 
 
 def schedule(steps: int, peak: float, warmup: int) -> list[float]:
@@ -103,7 +126,9 @@ class Stage:
 class Scenario:
     """One experiment. Stage 0's examples are the attributed data; later stages always train on
     all their data. Queries are test digits of `query_classes`: the first `n_query` are evaluated,
-    the next `n_heldout` only choose the influence function's damping."""
+    the next `n_heldout` only choose the influence function's damping. `unroll_orders` > 0: exact
+    unrolling of that many other data orders, averaged, as a reference every method is ranked
+    against. `removal_k` > 0: subset removal of each query's `removal_k` top proponents."""
 
     name: str
     title: str
@@ -118,10 +143,31 @@ class Scenario:
     batch_size: int = 64
     momentum: float = 0.9
     checkpoints: int = 6  # per stage, evenly spaced; the last is the stage's end
+    unroll_orders: int = 0
+    removal_k: int = 0
+
+    classification = True  # class attributes, not fields: what kind of task the scenario is
+    metric_name = "accuracy"
+    # Subset removal measures the true-class margin: a sign change is a flipped prediction.
+    removal_kind = "flip"
 
     @property
     def data(self) -> ScenarioData:
         return _scenario_data(self)
+
+    @property
+    def task(self) -> Task:
+        return DigitsTask()
+
+    def make_model(self) -> nn.Module:
+        """The fixed initialisation every run starts from."""
+        return make_mlp(0, self.hidden)
+
+    def test_metric(self, model: nn.Module) -> float:
+        """Accuracy on every test digit of the query classes."""
+        xt, yt = self.data.test.tensors
+        with torch.no_grad():
+            return float((model(xt).argmax(1) == yt).float().mean())
 
     def train(self, indices: list[int] | None, seed: int) -> nn.Module:
         """The retraining function for source_fast.eval: stage 0 on `indices` only."""
@@ -142,15 +188,56 @@ class Scenario:
         true = logits.gather(1, y[:count, None])[:, 0]
         return true - logits.scatter(1, y[:count, None], -math.inf).amax(1)
 
+    def removal_measure(self, count: int, model: nn.Module) -> Tensor:
+        """What subset removal measures for the first `count` evaluated queries (`removal_kind`)."""
+        return self.margins(count, model)
+
+
+@dataclass(frozen=True)
+class RegressionScenario(Scenario):
+    """Diabetes regression (scikit-learn's 442 patients, 10 standardised features, the standardised
+    disease progression as target): `n_train` attributed examples, the rest are queries. The
+    measurement is the query's ½ squared error; subset removal reports its change."""
+
+    classification = False
+    metric_name = "R²"
+    removal_kind = "change"
+
+    @property
+    def data(self) -> ScenarioData:
+        return _diabetes_data(self)
+
+    @property
+    def task(self) -> Task:
+        return SquaredErrorTask()
+
+    def make_model(self) -> nn.Module:
+        return make_mlp(0, self.hidden, d_in=10, d_out=1)
+
+    def measure(self, model: nn.Module) -> Tensor:
+        """f for every query (evaluated, then held-out): ½ (prediction − target)², (n_query + n_heldout,)."""
+        x, y = self.data.queries.tensors
+        with torch.no_grad():
+            return (0.5 * (model(x).squeeze(-1) - y) ** 2).double()
+
+    def test_metric(self, model: nn.Module) -> float:
+        """R² on every test patient (the queries and the rest of the test split)."""
+        xt, yt = self.data.test.tensors
+        with torch.no_grad():
+            return float(1 - ((model(xt).squeeze(-1) - yt) ** 2).mean() / yt.var(unbiased=False))
+
+    def removal_measure(self, count: int, model: nn.Module) -> Tensor:
+        return self.measure(model)[:count]
+
 
 @dataclass
 class ScenarioData:
     stages: list[TensorDataset]  # the training data of each stage (labels as trained on)
-    queries: TensorDataset  # n_query evaluated, then n_heldout held-out test digits
-    test: TensorDataset  # every test digit of the query classes (accuracy)
-    images: Tensor  # (N_0, 8, 8) raw pixels of the attributed (stage 0) digits
-    query_images: Tensor  # (n_query + n_heldout, 8, 8)
-    true_labels: Tensor  # (N_0,) stage 0's labels before randomization
+    queries: TensorDataset  # n_query evaluated, then n_heldout held-out test examples
+    test: TensorDataset  # every test example (of the query classes): the test metric
+    images: Tensor | None = None  # (N_0, 8, 8) raw pixels of the attributed (stage 0) digits
+    query_images: Tensor | None = None  # (n_query + n_heldout, 8, 8)
+    true_labels: Tensor | None = None  # (N_0,) stage 0's labels before randomization
 
 
 @functools.lru_cache(maxsize=8)
@@ -181,6 +268,25 @@ def _scenario_data(sc: Scenario) -> ScenarioData:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _diabetes_data(sc: RegressionScenario) -> ScenarioData:
+    """A seeded split of diabetes, features and target standardised with the training split's
+    statistics; the first n_query + n_heldout test patients are the queries."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[: sc.n_train], perm[sc.n_train : sc.n_train + sc.n_test]
+    n_q = sc.n_query + sc.n_heldout
+    if len(te) < n_q:
+        raise ValueError(f"scenario {sc.name!r} needs {n_q} test patients, has {len(te)}")
+    x = (x - x[tr].mean(0)) / x[tr].std(0)
+    y = (y - y[tr].mean()) / y[tr].std()
+    queries = TensorDataset(x[te[:n_q]], y[te[:n_q]])
+    return ScenarioData([TensorDataset(x[tr], y[tr])], queries, TensorDataset(x[te], y[te]))
+
+
 @dataclass
 class Run:
     model: nn.Module
@@ -188,7 +294,7 @@ class Run:
     lrs: list[list[float]]  # per stage, per step
     batches: list[list[int]]  # per step, indices into the stages' data concatenated
     init: dict
-    test_accuracy: float
+    test_metric: float  # the scenario's metric_name on its test split
 
 
 def run_training(sc: Scenario, indices: list[int] | None = None, seed: int = 0) -> Run:
@@ -197,10 +303,10 @@ def run_training(sc: Scenario, indices: list[int] | None = None, seed: int = 0) 
     fixed (retraining varies the data and its order, drawn from `seed`); one optimizer runs through
     every stage, so momentum carries across the boundary as in the exact unrolled reference."""
     data = sc.data
-    model = make_mlp(0, sc.hidden)
+    model = sc.make_model()
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=sc.stages[0].lr, momentum=sc.momentum)
-    task = DigitsTask()
+    task = sc.task
     g = torch.Generator().manual_seed(seed)
     checkpoints, all_lrs, batches, offset = [], [], [], 0
     for s, (stage, ds) in enumerate(zip(sc.stages, data.stages)):
@@ -227,25 +333,31 @@ def run_training(sc: Scenario, indices: list[int] | None = None, seed: int = 0) 
         checkpoints.append(saved)
         all_lrs.append(lrs)
         offset += len(ds)
-    with torch.no_grad():
-        xt, yt = data.test.tensors
-        acc = float((model(xt).argmax(1) == yt).float().mean())
-    return Run(model, checkpoints, all_lrs, batches, init, acc)
+    return Run(model, checkpoints, all_lrs, batches, init, sc.test_metric(model))
 
 
 def scenarios(quick: bool) -> list[Scenario]:
-    """The three scenarios; `quick` shrinks them for a smoke test."""
+    """The four scenarios; `quick` shrinks them for a smoke test. Exact unrolling of several data
+    orders is run where training is short (tens of steps), so it costs seconds."""
     out = [
-        Scenario("standard", "standard (converged)", (Stage(ALL_CLASSES, epochs=15),)),
-        Scenario("non_converged", "non-converged (30% noisy labels)", (Stage(ALL_CLASSES, epochs=3),), label_noise=0.3),
+        Scenario("standard", "standard (converged)", (Stage(ALL_CLASSES, epochs=15),), removal_k=40),
+        Scenario("non_converged", "non-converged (30% noisy labels)", (Stage(ALL_CLASSES, epochs=3),), label_noise=0.3,
+                 unroll_orders=4),
         Scenario(
             "multi_stage", "multi-stage (pretrain 0-4, fine-tune 5-9)",
             (Stage((0, 1, 2, 3, 4), epochs=10), Stage((5, 6, 7, 8, 9), epochs=3)), query_classes=(5, 6, 7, 8, 9),
         ),
+        # 5 epochs is about where the test error bottoms out (R² 0.56; training error is still
+        # falling and keeps doing so for tens of epochs while the test error rises): the early-
+        # stopped model a practitioner keeps, and a run the influence function's optimum does not fit.
+        RegressionScenario("regression", "regression (diabetes, early-stopped)", (Stage((), epochs=5),),  # no classes
+                           n_train=300, n_test=142, n_query=100, n_heldout=42, hidden=32, batch_size=32,
+                           unroll_orders=4, removal_k=15),
     ]
     if quick:
         out = [
             replace(sc, n_train=300, n_query=16, n_heldout=8, hidden=32, checkpoints=3,
+                    unroll_orders=min(sc.unroll_orders, 3), removal_k=min(sc.removal_k, 10),
                     stages=tuple(replace(st, epochs=max(1, st.epochs // 3)) for st in sc.stages))
             for sc in out
         ]
@@ -294,19 +406,27 @@ class Attribution:
     if_factors: Factors
     implied_damping: float  # 1/c of the whole run
     seconds: dict[str, float]
+    # (n_query, N_0): the mean of the exact unrolled scores of `sc.unroll_orders` other data orders
+    # (None where the scenario runs none)
+    unroll_mean: Tensor | None = None
 
 
 SOURCE_L3, IF_IMPLIED, IF_TUNED = "SOURCE (L=3)", "IF (damping 1/c)", "IF (held-out damping)"
+UNROLL_ORDERS = "unroll, other data orders"
 
 
 def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float]) -> Attribution:
     """Every method's scores of the attributed (stage 0) data against all queries; the influence
     function at every damping of `grid` too, for the held-out choice. Exact unrolling is affordable
-    at these sizes (it dominates this step: about 0.3 s per query for the standard run)."""
+    at these sizes (it dominates this step: about 0.3 s per query for the standard run). With
+    `sc.unroll_orders` = R > 0, training is rerun from the same initialisation with the data orders
+    of seeds 1..R (the original run is seed 0) and each run is unrolled: their mean is the reference
+    SOURCE estimates, and leaving the original order out of it lets the "unroll" row show how far
+    one order's exact scores are from it."""
     from tqdm.auto import tqdm
 
     data = sc.data
-    task, model, train = DigitsTask(), run.model, data.stages[0]
+    task, model, train = sc.task, run.model, data.stages[0]
     files = _save_checkpoints(folder / "checkpoints", run)
     traj1, traj3 = _trajectory(sc, files, run, 1), _trajectory(sc, files, run, min(3, sc.checkpoints))
     # The influence function sees one checkpoint, θ_T, with the curvature of the attributed data and
@@ -318,7 +438,9 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float]) -> Att
     heldout: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
     steps = ["SOURCE (L=1)", SOURCE_L3, "Fast-SOURCE (L=3)", "TracIn", "IF", "grad-dot", "TRAK", "unroll"]
-    factors_source = if_factors = None
+    if sc.unroll_orders:
+        steps.append(UNROLL_ORDERS)
+    factors_source = if_factors = unroll_mean = None
     bar = tqdm(steps, desc=f"{sc.name}: scoring", unit="method", dynamic_ncols=True)
     for step in bar:
         bar.set_postfix_str(step)
@@ -349,15 +471,21 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float]) -> Att
             s = score(model, task, final, None, train, queries, method="grad_dot")
         elif step == "TRAK":
             s = score(model, task, final, None, train, queries, method="trak")
-        else:
+        elif step == "unroll":
             s = _unroll(sc, run, model, task)
+        else:
+            runs = (run_training(sc, None, seed) for seed in range(1, sc.unroll_orders + 1))
+            unroll_mean = sum(_unroll(sc, other, other.model, task) for other in runs) / sc.unroll_orders
+            seconds[step] = time.perf_counter() - t0
+            continue
         out[step] = s[:nq]
         seconds[step] = time.perf_counter() - t0
-    same = same_class_scores(train.tensors[1], queries.tensors[1][:nq])
-    if same.any():  # multi-stage: no pretraining digit shares a query's class, nothing to rank
-        out["same class"] = same
+    if sc.classification:
+        same = same_class_scores(train.tensors[1], queries.tensors[1][:nq])
+        if same.any():  # multi-stage: no pretraining digit shares a query's class, nothing to rank
+            out["same class"] = same
     assert factors_source is not None and if_factors is not None
-    return Attribution(out, heldout, factors_source, if_factors, 1.0 / final.segments[0].horizon, seconds)
+    return Attribution(out, heldout, factors_source, if_factors, 1.0 / final.segments[0].horizon, seconds, unroll_mean)
 
 
 def _unroll(sc: Scenario, run: Run, model: nn.Module, task: Task, chunk: int = 25) -> Tensor:
@@ -388,7 +516,8 @@ def _settings_key(sc: Scenario, extra: dict) -> tuple[dict, str]:
 
 
 def evaluate(sc: Scenario, att: Attribution, folder: Path, *, subsets: int, seeds: int, pool) -> dict:
-    """Retrains on random halves, then the LDS of every method (and the held-out damping choice)."""
+    """Retrains on random halves, then the LDS of every method (and the held-out damping choice);
+    where the scenario unrolled other data orders, each method's rank agreement with their mean."""
     n0 = len(sc.data.stages[0])
     subs = ev.random_subsets(n0, subsets, alpha=0.5, seed=0)
     settings, key = _settings_key(sc, {"alpha": 0.5})
@@ -406,25 +535,31 @@ def evaluate(sc: Scenario, att: Attribution, folder: Path, *, subsets: int, seed
         f"{SOURCE_L3} − {IF_IMPLIED}": ev.paired_difference(results[SOURCE_L3], results[IF_IMPLIED]),
         f"{SOURCE_L3} − {IF_TUNED}": ev.paired_difference(results[SOURCE_L3], results[IF_TUNED]),
     }
-    return {
+    out = {
         "lds": results, "paired": paired, "heldout_lds": heldout_lds,
         "chosen_damping": float(best.split("=")[1]),
         "implied_damping": att.implied_damping,
         "subsets": subsets, "seeds": seeds, "n_train": n0,
     }
+    if att.unroll_mean is not None:
+        out["unroll_orders"] = sc.unroll_orders
+        out["rho_unroll"] = {name: ev.rank_agreement(s, att.unroll_mean) for name, s in att.scores.items()}
+    return out
 
 
-def removal(sc: Scenario, att: Attribution, folder: Path, *, k: int, count: int, seeds: int, pool) -> dict:
-    """Subset removal on the first `count` evaluated queries: retrain without each query's k top
-    proponents under SOURCE and the influence function, or k random digits; the flip rate of the
-    predictions and the change in the true-class margin."""
+def removal(sc: Scenario, att: Attribution, folder: Path, *, count: int, seeds: int, pool) -> dict:
+    """Subset removal on the first `count` evaluated queries: retrain without each query's
+    `sc.removal_k` top proponents under SOURCE and the influence function, or as many random
+    examples; the change in what `sc.removal_measure` measures (digits: the true-class margin, with
+    the flip rate of the predictions; regression: the query's ½ squared error)."""
     chosen = {m: att.scores[m][:count] for m in (SOURCE_L3, IF_IMPLIED)}
     settings, key = _settings_key(sc, {"count": count})
     out = ev.subset_removal(
-        chosen, sc.train, functools.partial(sc.margins, count), k, kind="flip", seeds=list(range(seeds)),
-        cache_dir=folder / f"removal-{key}", executor=pool, settings=settings,
+        chosen, sc.train, functools.partial(sc.removal_measure, count), sc.removal_k, kind=sc.removal_kind,
+        seeds=list(range(seeds)), cache_dir=folder / f"removal-{key}", executor=pool, settings=settings,
     )
-    return {"k": k, "queries": count, "seeds": seeds, "methods": out}
+    return {"scenario": sc.title, "kind": sc.removal_kind, "k": sc.removal_k, "queries": count, "seeds": seeds,
+            "methods": out}
 
 
 # ---- reports -------------------------------------------------------------------------------------
@@ -436,61 +571,79 @@ def _fmt(iv: ev.Interval, signed: bool = False) -> str:
 
 
 def lds_markdown(report: dict) -> str:
-    """The LDS table (methods × scenarios), the paired differences and the settings, as Markdown."""
+    """The LDS table (methods × scenarios, with a column of rank agreement with exact unrolling
+    after the LDS of scenarios that have one), the paired differences, the settings and the subset
+    removals, as Markdown."""
     names = list(report["scenarios"])
-    heads = [report["scenarios"][n]["title"] for n in names]
-    methods = list(dict.fromkeys(m for n in names for m in report["scenarios"][n]["lds"]))
+    scs = [report["scenarios"][n] for n in names]
+    heads = [r["title"] for r in scs]
+    methods = list(dict.fromkeys(m for r in scs for m in r["lds"]))
+    # (header, {method: Interval}) per column: each scenario's LDS, then its ρ vs unroll if any
+    columns = []
+    for r in scs:
+        columns.append((r["title"], r["lds"]))
+        if "rho_unroll" in r:
+            columns.append((f"{r['title']}: ρ vs unroll (mean of {r['unroll_orders']} orders)", r["rho_unroll"]))
     lines = [
         "## Linear datamodeling score (LDS)",
         "",
-        "Spearman correlation between predicted and retrained query losses over random halves of the",
-        "attributed data; mean over the evaluated queries with a 95% bootstrap interval over queries.",
+        "Spearman correlation between predicted and retrained query losses (digits: cross-entropy;",
+        "regression: ½ squared error) over random halves of the attributed data; mean over the evaluated",
+        "queries with a 95% bootstrap interval over queries. \"ρ vs unroll\" columns: per query, the",
+        "Spearman correlation over training examples between the method's scores and the mean of the",
+        "exact unrolled scores of R other data orders (each rerun from the same initialisation); same mean",
+        "and interval.",
         "",
-        "| method | " + " | ".join(heads) + " |",
-        "|---|" + "---|" * len(names),
+        "| method | " + " | ".join(h for h, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for m in methods:
-        cells = [_fmt(report["scenarios"][n]["lds"][m]) if m in report["scenarios"][n]["lds"] else "—" for n in names]
+        cells = [_fmt(col[m]) if m in col else "—" for _, col in columns]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    paired = list(dict.fromkeys(p for n in names for p in report["scenarios"][n]["paired"]))
+    paired = list(dict.fromkeys(p for r in scs for p in r["paired"]))
     lines += [
         "", "Paired differences (same queries resampled for both methods):", "",
         "| difference | " + " | ".join(heads) + " |", "|---|" + "---|" * len(names),
     ]
     for p in paired:
-        lines.append(f"| {p} | " + " | ".join(_fmt(report["scenarios"][n]["paired"][p], True) for n in names) + " |")
+        lines.append(f"| {p} | " + " | ".join(_fmt(r["paired"][p], True) for r in scs) + " |")
     lines += ["", "| setting | " + " | ".join(heads) + " |", "|---|" + "---|" * len(names)]
     rows = [
-        ("attributed training digits", lambda r: str(r["n_train"])),
+        ("attributed training examples", lambda r: str(r["n_train"])),
         ("subsets × seeds retrained", lambda r: f"{r['subsets']} × {r['seeds']}"),
         ("evaluated / held-out queries", lambda r: f"{r['n_query']} / {r['n_heldout']}"),
-        ("test accuracy on the query classes", lambda r: f"{r['test_accuracy']:.3f}"),
+        ("test metric (digits: of the query classes)", lambda r: f"{r['test_metric_name']} {r['test_metric']:.3f}"),
         ("IF damping 1/c (implied)", lambda r: f"{r['implied_damping']:.3g}"),
         ("IF damping chosen on held-out queries", lambda r: f"{r['chosen_damping']:g}"),
+        ("data orders unrolled for ρ vs unroll", lambda r: str(r.get("unroll_orders", "—"))),
     ]
     for label, get in rows:
-        lines.append(f"| {label} | " + " | ".join(get(report["scenarios"][n]) for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(get(r) for r in scs) + " |")
     lines += [
         "",
         "L = segments per training stage. \"same class\" scores +1/N for training digits of the query's",
         "(trained-on) class: a sanity floor (— where no attributed digit shares a query's class). unroll =",
-        "exact unrolled differentiation of the recorded run (one data order). IF = EK-FAC influence at θ_T.",
+        "exact unrolled differentiation of the recorded run (one data order; its ρ vs unroll compares it with",
+        "the other orders' mean, so it shows how noisy one order is). IF = EK-FAC influence at θ_T.",
     ]
-    rem = report.get("removal")
-    if rem:
+    for rem in report.get("removal", {}).values():
+        flip = rem["kind"] == "flip"
         lines += [
             "",
             f"## Subset removal ({rem['scenario']}): retrain without each query's top {rem['k']} proponents",
             "",
-            f"{rem['queries']} evaluated queries, {rem['seeds']} seed(s) each; "
-            "a flip = the prediction changes between right and wrong.",
+            f"{rem['queries']} evaluated queries, {rem['seeds']} seed(s) each"
+            + ("; a flip = the prediction changes between right and wrong." if flip else
+               "; proponents are predicted to raise the query's error when removed."),
             "",
-            "| removed | flip rate | change in true-class margin |",
-            "|---|---|---|",
+            "| removed | flip rate | change in true-class margin |" if flip else
+            "| removed | change in ½ squared error |",
+            "|---|---|---|" if flip else "|---|---|",
         ]
         for m, r in rem["methods"].items():
-            label = m if m != "random" else f"{rem['k']} random digits"
-            lines.append(f"| {label} | {r.flip_rate:.2f} | {_fmt(r.change, True)} |")
+            label = m if m != "random" else f"{rem['k']} random examples"
+            flips = f" {r.flip_rate:.2f} |" if flip else ""
+            lines.append(f"| {label} |{flips} {_fmt(r.change, True)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -631,20 +784,22 @@ def main(
     try:
         for sc in chosen:
             folder = out / sc.name
+            stages = [f"{len(ds)} examples × {st.epochs} epochs" for st, ds in zip(sc.stages, sc.data.stages)]
             print(f"\n=== {sc.title}: {sc.hidden}-unit MLP, SGD + momentum {sc.momentum}, warm-up + cosine, "
-                  f"stages {[f'{len(st.classes)} classes × {st.epochs} epochs' for st in sc.stages]}")
+                  f"stages {stages}")
             ts = time.perf_counter()
             run = run_training(sc)
-            print(f"  test accuracy {run.test_accuracy:.3f}; checkpoints in {folder / 'checkpoints'}")
+            print(f"  test {sc.metric_name} {run.test_metric:.3f}; checkpoints in {folder / 'checkpoints'}")
             att = attribute(sc, run, folder, grid=grid)
             result = evaluate(sc, att, folder, subsets=n_subsets, seeds=n_seeds, pool=pool)
-            result.update(title=sc.title, test_accuracy=run.test_accuracy, n_query=sc.n_query, n_heldout=sc.n_heldout,
-                          score_seconds=att.seconds)
+            result.update(title=sc.title, test_metric=run.test_metric, test_metric_name=sc.metric_name,
+                          n_query=sc.n_query, n_heldout=sc.n_heldout, score_seconds=att.seconds)
+            rho = result.get("rho_unroll", {})
             for m, iv in result["lds"].items():
-                print(f"  LDS {m:<22} {_fmt(iv)}")
+                print(f"  LDS {m:<22} {_fmt(iv)}" + (f"   ρ vs unroll {_fmt(rho[m])}" if m in rho else ""))
             if sc.name == "standard":
                 data = sc.data
-                summary = {"test_accuracy": run.test_accuracy,
+                summary = {"test_accuracy": run.test_metric,
                            "queries": _print_proponents(att, data.stages[0], data.queries, min(queries, sc.n_query), top)}
                 rank = [torch.corrcoef(torch.stack([att.scores[SOURCE_L3][q], att.scores[IF_IMPLIED][q]]))[0, 1].item()
                         for q in range(min(queries, sc.n_query))]
@@ -653,9 +808,10 @@ def main(
                 plot_proponents(data.images, data.stages[0].tensors[1], data.query_images, data.queries.tensors[1],
                                 {"SOURCE": att.scores[SOURCE_L3], "IF": att.scores[IF_IMPLIED]},
                                 _distinct_classes(data.queries.tensors[1][: sc.n_query], 3), 5, out / "proponents.png")
-                rem = removal(sc, att, folder, k=10 if quick else 40, count=min(sc.n_query, 8 if quick else 40),
-                              seeds=min(n_seeds, 2), pool=pool)
-                report["removal"] = {"scenario": sc.title, **rem}
+            if sc.removal_k:
+                report.setdefault("removal", {})[sc.name] = removal(
+                    sc, att, folder, count=min(sc.n_query, 8 if quick else 40), seeds=min(n_seeds, 2), pool=pool
+                )
             result["seconds"] = time.perf_counter() - ts
             report["scenarios"][sc.name] = result
             print(f"  {sc.name} done in {result['seconds']:.0f} s")

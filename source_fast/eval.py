@@ -347,6 +347,21 @@ def lds(
     return bootstrap_interval(per_query, bootstrap=bootstrap, confidence=confidence, seed=seed)
 
 
+def rank_agreement(
+    scores: Tensor, reference: Tensor, *, bootstrap: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> Interval:
+    """How well scores rank the training examples as a reference attribution does (e.g. exact
+    unrolling): per query, the Spearman correlation over training examples of scores[q] with
+    reference[q]; the mean over queries with a bootstrap interval over queries.
+    scores, reference: (n_query, n_train); scale and units do not matter (ranks)."""
+    if scores.dim() != 2 or scores.shape != reference.shape:
+        raise ValueError(
+            f"scores and reference must both be (n_query, n_train); got {tuple(scores.shape)}, {tuple(reference.shape)}"
+        )
+    per_query = spearman_rows(scores.cpu(), reference.cpu())
+    return bootstrap_interval(per_query, bootstrap=bootstrap, confidence=confidence, seed=seed)
+
+
 def paired_difference(
     a: Interval | Tensor, b: Interval | Tensor, *, bootstrap: int = 2000, confidence: float = 0.95, seed: int = 0
 ) -> Interval:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-SCENARIOS = ["standard", "non_converged", "multi_stage"]
+SCENARIOS = ["standard", "non_converged", "multi_stage", "regression"]
 METHODS = [
     "SOURCE (L=1)", "SOURCE (L=3)", "Fast-SOURCE (L=3)", "TracIn", "IF (damping 1/c)", "IF (held-out damping)",
     "grad-dot", "TRAK", "unroll", "same class",
@@ -31,21 +31,36 @@ def test_demo_writes_a_well_formed_report(demo):
     assert list(report["scenarios"]) == SCENARIOS
     for name in SCENARIOS:
         sc = report["scenarios"][name]
-        # Multi-stage queries are fine-tune classes: no pretraining digit shares their class.
-        expected = [m for m in METHODS if not (name == "multi_stage" and m == "same class")]
+        # Multi-stage queries are fine-tune classes: no pretraining digit shares their class; the
+        # regression has no classes at all.
+        expected = [m for m in METHODS if not (name in ("multi_stage", "regression") and m == "same class")]
         assert sorted(sc["lds"]) == sorted(expected)
-        for m, iv in sc["lds"].items():
+        # Exact unrolling of other data orders, where training is short enough (3 orders in --quick).
+        rho = sc.get("rho_unroll", {})
+        if name in ("non_converged", "regression"):
+            assert sc["unroll_orders"] == 3 and sorted(rho) == sorted(expected)
+        else:
+            assert not rho and "unroll_orders" not in sc
+        for m, iv in [*sc["lds"].items(), *rho.items()]:
             assert -1 <= iv["low"] <= iv["mean"] <= iv["high"] <= 1, (name, m, iv)
             assert len(iv["per_query"]) == sc["n_query"]
         for diff in sc["paired"].values():
             assert diff["low"] <= diff["mean"] <= diff["high"]
         # The damping is chosen on held-out queries, from the grid.
         assert sc["chosen_damping"] in [float(k.split("=")[1]) for k in sc["heldout_lds"]]
-    removal = report["removal"]["methods"]
-    assert set(removal) == {"SOURCE (L=3)", "IF (damping 1/c)", "random"}
-    assert all(0 <= r["flip_rate"] <= 1 for r in removal.values())
+    assert report["scenarios"]["regression"]["test_metric_name"] == "R²"
+    # Subset removal: prediction flips of digits, the change of the squared error for regression.
+    assert set(report["removal"]) == {"standard", "regression"}
+    for name, rem in report["removal"].items():
+        assert set(rem["methods"]) == {"SOURCE (L=3)", "IF (damping 1/c)", "random"}
+        for r in rem["methods"].values():
+            assert len(r["removed"]) == rem["queries"] and all(len(s) == rem["k"] for s in r["removed"])
+            assert r["flip_rate"] is None if name == "regression" else 0 <= r["flip_rate"] <= 1
     table = (out / "lds.md").read_text()
-    assert "\n| SOURCE (L=3) | " in table and "Paired differences" in table and "Subset removal" in table
+    assert "\n| SOURCE (L=3) | " in table and "Paired differences" in table
+    assert "Subset removal (standard" in table and "Subset removal (regression" in table
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    assert header.count("ρ vs unroll (mean of 3 orders)") == 2 and header.count(" | ") == 6  # 4 LDS + 2 ρ columns
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["queries"]) == 4 and len(summary["pearson_source_vs_ekfac"]) == 4
 

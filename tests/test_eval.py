@@ -190,3 +190,17 @@ def test_subset_removal_beats_random(influence, tmp_path):
     assert spearman(top.change.per_query, predicted) > 0.8
     assert top.change.mean > 5 * abs(rnd.change.mean)
     assert top.flipped.shape == (Q,) and top.flip_rate >= rnd.flip_rate
+
+
+def test_rank_agreement_with_a_reference():
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(30, 50, generator=g, dtype=torch.float64)
+    same = ev.rank_agreement(reference**3 * 5.0, reference)  # any monotone map ranks alike
+    assert same.mean == pytest.approx(1.0) and same.per_query.shape == (30,)
+    assert ev.rank_agreement(-reference, reference).mean == pytest.approx(-1.0)
+    scores = reference + torch.randn(30, 50, generator=g, dtype=torch.float64)
+    noisy = ev.rank_agreement(scores, reference)
+    assert 0.3 < noisy.low <= noisy.mean <= noisy.high < 0.95
+    assert float(noisy.per_query[3]) == pytest.approx(spearman(scores[3], reference[3]))  # per query, over examples
+    with pytest.raises(ValueError, match="n_query, n_train"):
+        ev.rank_agreement(reference[:, :10], reference)

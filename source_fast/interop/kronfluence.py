@@ -8,7 +8,7 @@ kronfluence `Task` subclasses work unchanged: source_fast's Task protocol has th
 (`compute_train_loss(batch, model, sample)`, `compute_measurement`, `get_influence_tracked_modules`,
 `get_attention_mask`).
 
-Differences to know (see /work/shared/KRONFLUENCE_FORMAT.md for the file format):
+Differences to know (the file format is in the project's shared KRONFLUENCE_FORMAT.md):
 - Scale. kronfluence's score is ∇f(q)ᵀ (Λ/n + λ)⁻¹-preconditioned ∇L(m), NOT divided by the number of
   training examples N. source_fast's native `score`/`self_score` carry the 1/N (scores in the
   measurement's units): native = kronfluence / N, same sign. The `Analyzer` shim multiplies by N, so it
