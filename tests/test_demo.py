@@ -76,3 +76,32 @@ def test_demo_writes_images_checkpoints_and_factors(demo):
             assert (out / name / factors / "factors.json").exists()
         (cache,) = (out / name).glob("retraining-*")
         assert (cache / "manifest.json").exists() and len(list((cache / "runs").glob("*.pt"))) == 12
+
+
+def test_killing_the_demo_during_retraining_loses_nothing(tmp_path):
+    """SIGKILL in the middle of retraining, run again: finished retrainings are kept (not redone)
+    and the final numbers equal an uninterrupted run's."""
+    import signal
+    import time
+
+    args = ["--quick", "--scenario", "regression", "--subsets", "30", "--seeds", "2", "--workers", "1"]
+    run = lambda out: [sys.executable, "-m", "source_fast", "demo", "--out", str(out), *args]  # noqa: E731
+    subprocess.run(run(tmp_path / "clean"), check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(run(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    runs = lambda: list(killed.glob("regression/retraining-*/runs/*.pt"))  # noqa: E731
+    while time.time() < deadline and len(runs()) < 5:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in runs()}
+    assert 5 <= len(finished) < 60, "the demo must be killed during retraining"
+    subprocess.run(run(killed), check=True, capture_output=True, timeout=600)
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # kept, not redone
+    assert len(runs()) == 60
+    clean, again = (json.loads((d / "lds.json").read_text()) for d in (tmp_path / "clean", killed))
+    timing = ("seconds", "score_seconds")
+    strip = lambda sc: {k: v for k, v in sc.items() if k not in timing}  # noqa: E731
+    assert strip(again["scenarios"]["regression"]) == strip(clean["scenarios"]["regression"])
+    assert again["removal"] == clean["removal"]
