@@ -3,7 +3,7 @@ memory stay flat). Each N runs in its own process so its peak RSS is its own.
 
     python bench/bench_scaling.py [--sizes 1000 4000 16000] [--out bench/results/scaling.jsonl] [--plot bench/scaling.png]
 
-Workload: a small GPT-2-config model (d 64, 2 layers, 64-token sequences, MLP layers tracked),
+Workload: a small GPT-2-config model (d 64, 2 layers, 32-token sequences, MLP layers tracked),
 SOURCE with one segment of two checkpoints, factors fitted on the first 1,000 sequences, 16
 queries, scores streamed to shards of 1,024 rows (score_corpus), float32 on the CPU.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 WORKER = r"""
 import json, resource, sys, time, torch, transformers
+torch.set_num_threads(1)  # one core: the measurement should not depend on what else runs
 import source_fast as sf
 from source_fast.corpus import score_corpus
 from source_fast.tasks import CausalLMTask, mlp_modules
@@ -33,7 +34,7 @@ class Seqs(torch.utils.data.Dataset):  # generated on the fly: the corpus is nev
     def __len__(self): return self.n
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(self.seed * 10_000_019 + i)
-        return {"input_ids": torch.randint(1, 512, (64,), generator=g), "attention_mask": torch.ones(64, dtype=torch.long)}
+        return {"input_ids": torch.randint(1, 512, (32,), generator=g), "attention_mask": torch.ones(32, dtype=torch.long)}
 train, queries = Seqs(n, 0), Seqs(16, 1)
 ckpts = [model.state_dict(), {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}]
 task = CausalLMTask(tracked=mlp_modules(model))
@@ -44,8 +45,8 @@ t1 = time.perf_counter()
 traj = sf.Trajectory([sf.Segment(ckpts, train, lr_sum=1.0)])
 score_corpus(model, task, traj, factors, train, queries, out, shard_size=1024, batch_size=32, progress=False)
 t2 = time.perf_counter()
-print(json.dumps({"n": n, "fit_s": t1 - t0, "score_s": t2 - t1, "tokens": n * 64,
-                  "score_tok_per_s": 2 * n * 64 / (t2 - t1),
+print(json.dumps({"n": n, "fit_s": t1 - t0, "score_s": t2 - t1, "tokens": n * 32,
+                  "score_tok_per_s": 2 * n * 32 / (t2 - t1),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
