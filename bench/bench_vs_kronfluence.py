@@ -2,6 +2,18 @@
 
     python bench/bench_vs_kronfluence.py --quick --out vs_kron.jsonl
     python bench/bench_vs_kronfluence.py --workloads digits_mlp wide_mlp --out vs_kron.jsonl
+    python bench/bench_vs_kronfluence.py --workloads wide_mlp --rows 4096 --out vs_kron.jsonl
+    python bench/bench_vs_kronfluence.py --workloads gpt2 --seqs 16 --tokens 64 --queries 8 \
+        --query-budget-mb 2600 --check-train 4 --out vs_kron.jsonl
+
+Size overrides (full runs at the issue's sizes do not finish on a 2-core CPU in reasonable time):
+  --rows N          wide_mlp training rows (default 20,000)
+  --seqs N --tokens T   gpt2 training sequences and tokens per sequence (default 512 × 128)
+  --queries Q ...   query counts to time (default per workload, see below)
+  --query-budget-mb M   source_fast's score(query_memory_budget=M MiB) (default: the library's 1 GiB);
+                    e.g. kronfluence's query batch × one query's gradient bytes, so both libraries
+                    hold the same number of queries per pass over the training data
+  --check-train N   training examples in the pre-timing equality check (default 512); --check-queries
 
 Workloads (--quick sizes in brackets):
   digits_mlp  sklearn digits (1797 rows), MLP 64-256-10                           [same]
@@ -32,9 +44,12 @@ Memory: every (library, workload) runs in its own fresh subprocess, so peak RSS 
 alone. Peak RSS is monotone within a process, so each phase reports the peak so far (after setup:
 model and data); a phase's own footprint shows as the growth over the previous phase's value.
 
-Before anything is timed, each workload's scores from both libraries (first 512 training
-examples, 8 queries) must agree to Pearson ≥ 0.999; the bench stops otherwise. Runs alternate
-library order per repeat. JSON lines go to --out, a Markdown table to stdout.
+Before anything is timed, each workload's scores from both libraries (first --check-train (512)
+training examples, 8 queries) must agree to Pearson ≥ 0.999; the bench stops otherwise. The timed
+runs' own scores (every Q, whole training set) are compared again afterwards (timed_pearson in
+the records). Runs alternate library order per repeat. JSON lines go to --out (each line also
+carries the sizes and the 1-minute load average at the start and end of the child), Markdown
+tables to stdout: per phase, and END-TO-END (the sum of the phases, every Q included).
 """
 
 from __future__ import annotations
@@ -44,6 +59,7 @@ import datetime as _dt
 import gc
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -61,6 +77,7 @@ from torch.utils.data import Subset, TensorDataset
 LIBS = ["kronfluence", "source_fast"]
 WORKLOADS = ["digits_mlp", "wide_mlp", "gpt2"]
 CHECK_TRAIN, CHECK_QUERIES, MIN_PEARSON = 512, 8, 0.999
+SIZES = {"rows": None, "seqs": None, "tokens": None, "queries": None, "query_budget_mb": None}  # set by flags
 
 
 # ---- workloads -------------------------------------------------------------------------------
@@ -129,24 +146,27 @@ def build(workload: str, quick: bool):
         x, y = load_digits(return_X_y=True)
         x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
         model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
-        return model, ClassifyTask(), TensorDataset(x, y), TensorDataset(x[:256] + 0.05, y[:256]), [32, 256], 64, 32
+        return (model, ClassifyTask(), TensorDataset(x, y), TensorDataset(x[:256] + 0.05, y[:256]),
+                SIZES["queries"] or [32, 256], 64, 32)
     if workload == "wide_mlp":
-        n = 128 if quick else 20_000
+        n = SIZES["rows"] or (128 if quick else 20_000)
         x = torch.randn(n + 256, 784, generator=g)
         y = torch.randint(0, 10, (n + 256,), generator=g)
         model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
-        counts = [8, 32] if quick else [32, 256]
+        counts = SIZES["queries"] or ([8, 32] if quick else [32, 256])
         return model, ClassifyTask(), TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), counts, 64, 32
     if workload == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
         cfg = GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=8192) if quick else GPT2Config()
         n, t = (32, 32) if quick else (512, 128)
+        n, t = SIZES["seqs"] or n, SIZES["tokens"] or t
         model = GPT2LMHeadModel(cfg)
         model.config.use_cache = False
         _conv1d_to_linear(model)
-        ids = torch.randint(0, cfg.vocab_size, (n + 32, t), generator=g)
-        return model, LMTask(cfg.n_layer), ids[:n], ids[n:], [8, 32], 8, 8
+        nq = max(SIZES["queries"] or [32])
+        ids = torch.randint(0, cfg.vocab_size, (n + nq, t), generator=g)
+        return model, LMTask(cfg.n_layer), ids[:n], ids[n:], SIZES["queries"] or [8, 32], 8, 8
     raise ValueError(f"unknown workload {workload!r}")
 
 
@@ -217,20 +237,26 @@ def run_source_fast(model, task, train, queries, counts, batch, qbatch, out_dir,
     out = {}
     for q in counts:
         qs = Subset(queries, range(q))
+        budget = {} if SIZES["query_budget_mb"] is None else {"query_memory_budget": SIZES["query_budget_mb"] << 20}
         out[q] = run(f"score_{q}", lambda: sf.score(model, task, traj, factors, train, qs, method="ekfac",
-                                                     damping="heuristic", batch_size=batch)) * len(train)
+                                                     damping="heuristic", batch_size=batch, **budget)) * len(train)
     return out
 
 
 RUNNERS = {"kronfluence": run_kronfluence, "source_fast": run_source_fast}
 
 
-def child_time(lib: str, workload: str, quick: bool) -> list[dict]:
+def child_time(lib: str, workload: str, quick: bool, scores_path: str) -> list[dict]:
+    load0 = os.getloadavg()[0]
     model, task, train, queries, counts, batch, qbatch = build(workload, quick)
     phases = Phases()
     with tempfile.TemporaryDirectory() as tmp:
-        RUNNERS[lib](model, task, train, queries, counts, batch, qbatch, tmp, phases)
-    return phases.rows
+        scores = RUNNERS[lib](model, task, train, queries, counts, batch, qbatch, tmp, phases)
+    torch.save({q: s.detach().cpu() for q, s in scores.items()}, scores_path)
+    sizes = {"n_train": len(train), "queries": counts, "train_batch": batch, "query_batch": qbatch,
+             "tokens": int(train.shape[1]) if isinstance(train, torch.Tensor) else 1,
+             "load_start": load0, "load_end": os.getloadavg()[0]}
+    return [{**r, **sizes} for r in phases.rows]
 
 
 def child_check(workload: str, quick: bool) -> dict:
@@ -238,7 +264,8 @@ def child_check(workload: str, quick: bool) -> dict:
     import copy
 
     model, task, train, queries, _, batch, qbatch = build(workload, quick)
-    train = Subset(train, range(min(CHECK_TRAIN, len(train))))
+    train = Subset(train, range(min(CHECK_TRAIN, len(train)))) if not isinstance(train, torch.Tensor) else \
+        train[:CHECK_TRAIN]
     with tempfile.TemporaryDirectory() as tmp:
         scores = {lib: RUNNERS[lib](copy.deepcopy(model), task, train, queries, [CHECK_QUERIES], batch, qbatch, tmp,
                                     None)[CHECK_QUERIES] for lib in LIBS}
@@ -250,11 +277,20 @@ def child_check(workload: str, quick: bool) -> dict:
 # ---- driver ----------------------------------------------------------------------------------
 
 
-def _child(args: list[str]) -> object:
+def _child(args: list[str], log_dir: Path | None = None) -> object:
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if log_dir is not None:  # keep each child's output
+        stem = "_".join(a for a in args if not a.startswith("-") and "/" not in a)[:80]
+        (log_dir / f"{stem}.{time.strftime('%H%M%S')}.log").write_text(
+            f"$ {' '.join(args)}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
     if proc.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1]), float((a - b).abs().max() / b.abs().max())
 
 
 def _table(records: list[dict]) -> str:
@@ -275,47 +311,118 @@ def _table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _end_to_end(records: list[dict]) -> str:
+    """Per workload: the sum of every phase (covariance + eigen + lambda + every score_Q) of each repeat,
+    fastest repeat per library; peak RSS is the child's overall peak."""
+    totals: dict[tuple, dict] = {}
+    for r in records:
+        t = totals.setdefault((r["workload"], r["library"], r["repeat"]),
+                              {"seconds": 0.0, "peak": 0.0, "phases": [], "r": r})
+        t["seconds"] += r["seconds"]
+        t["peak"] = max(t["peak"], r["peak_rss_mb"])
+        t["phases"].append(r["phase"])
+    best: dict[tuple, dict] = {}
+    for (workload, lib, _), t in totals.items():
+        if (workload, lib) not in best or t["seconds"] < best[(workload, lib)]["seconds"]:
+            best[(workload, lib)] = t
+    lines = ["| workload | sizes | phases summed | kronfluence s | source_fast s | speed-up | kronfluence peak RSS MB | "
+             "source_fast peak RSS MB | load (1-min avg) kron / sf |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for workload in dict.fromkeys(w for w, _ in best):
+        k, o = best.get((workload, "kronfluence")), best.get((workload, "source_fast"))
+        if k is None or o is None:
+            continue
+        r = k["r"]
+        sizes = f"N={r.get('n_train')}×{r.get('tokens')} tok, Q={r.get('queries')}"
+        loads = " / ".join(f"{t['r'].get('load_start', float('nan')):.1f}→{t['r'].get('load_end', float('nan')):.1f}"
+                           for t in (k, o))
+        lines.append(f"| {workload} | {sizes} | {' + '.join(k['phases'])} | {k['seconds']:.1f} | {o['seconds']:.1f} | "
+                     f"{k['seconds'] / o['seconds']:.1f}× | {k['peak']:.0f} | {o['peak']:.0f} | {loads} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    global CHECK_TRAIN, CHECK_QUERIES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (< 3 min on 2 CPU cores)")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per library; order alternates")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per child process")
     p.add_argument("--out", type=Path, help="JSON lines output")
+    p.add_argument("--rows", type=int, help="wide_mlp training rows (default 20000; 128 with --quick)")
+    p.add_argument("--seqs", type=int, help="gpt2 training sequences (default 512; 32 with --quick)")
+    p.add_argument("--tokens", type=int, help="gpt2 tokens per sequence (default 128; 32 with --quick)")
+    p.add_argument("--queries", type=int, nargs="+", help="query counts to time (default per workload)")
+    p.add_argument("--query-budget-mb", type=int, help="source_fast score(query_memory_budget=) in MiB")
+    p.add_argument("--check-train", type=int, default=CHECK_TRAIN,
+                   help="training examples in the pre-timing check; 0 skips it (the timed runs are still compared)")
+    p.add_argument("--check-queries", type=int, default=CHECK_QUERIES)
+    p.add_argument("--log-dir", type=Path, help="keep every child's stdout/stderr here")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
+    CHECK_TRAIN, CHECK_QUERIES = args.check_train, args.check_queries
+    SIZES.update(rows=args.rows, seqs=args.seqs, tokens=args.tokens, queries=args.queries,
+                 query_budget_mb=args.query_budget_mb)
     warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's torch.cuda.amp.GradScaler
     if args.child:
         torch.set_num_threads(args.threads)
         mode, *rest = args.child
-        result = child_check(rest[0], args.quick) if mode == "check" else child_time(rest[0], rest[1], args.quick)
+        result = child_check(rest[0], args.quick) if mode == "check" else \
+            child_time(rest[0], rest[1], args.quick, rest[2])
         print(json.dumps(result))
         return
     import kronfluence
 
     import source_fast
 
-    flags = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    flags = ["--threads", str(args.threads), "--check-train", str(args.check_train),
+             "--check-queries", str(args.check_queries)] + (["--quick"] if args.quick else [])
+    for opt in ("rows", "seqs", "tokens", "query_budget_mb"):
+        if getattr(args, opt) is not None:
+            flags += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+    if args.queries:
+        flags += ["--queries", *map(str, args.queries)]
+    if args.log_dir:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+    scores_dir = Path(tempfile.mkdtemp(prefix="vs_kron_scores_"))
     meta = {"bench": "vs_kronfluence", "quick": args.quick, "torch": torch.__version__,
             "kronfluence": kronfluence.__version__, "source_fast": source_fast.__version__,
             "threads": args.threads, "utc": _dt.datetime.now(_dt.timezone.utc).isoformat()}
     records = []
     for workload in args.workloads:
-        check = _child(["check", workload] + flags)
-        print(f"{workload}: scores agree, Pearson {check['pearson']:.6f} (max rel err {check['max_rel_err']:.2g})",
-              file=sys.stderr)
-        if check["pearson"] < MIN_PEARSON:
-            raise SystemExit(f"{workload}: Pearson {check['pearson']:.6f} < {MIN_PEARSON}; not timing")
+        if args.check_train > 0:
+            check = _child(["check", workload] + flags, args.log_dir)
+            print(f"{workload}: scores agree, Pearson {check['pearson']:.6f} (max rel err {check['max_rel_err']:.2g})",
+                  file=sys.stderr)
+            if check["pearson"] < MIN_PEARSON:
+                raise SystemExit(f"{workload}: Pearson {check['pearson']:.6f} < {MIN_PEARSON}; not timing")
+        else:
+            check = {"pearson": None}
+            print(f"{workload}: pre-timing check skipped (--check-train 0); the timed runs are compared", file=sys.stderr)
         for rep in range(args.repeats):
+            rows, scores = {}, {}
             for lib in LIBS if rep % 2 == 0 else LIBS[::-1]:
-                for row in _child(["time", lib, workload] + flags):
+                path = scores_dir / f"{workload}_{lib}_{rep}.pt"
+                rows[lib] = _child(["time", lib, workload, str(path)] + flags, args.log_dir)
+                scores[lib] = torch.load(path)
+            timed = {q: _pearson(scores["kronfluence"][q], scores["source_fast"][q]) for q in scores["kronfluence"]}
+            worst = min(v[0] for v in timed.values())
+            print(f"{workload} repeat {rep}: timed runs' scores agree, Pearson " +
+                  ", ".join(f"Q={q}: {v[0]:.6f} (max rel err {v[1]:.2g})" for q, v in timed.items()), file=sys.stderr)
+            for lib in LIBS:
+                for row in rows[lib]:
                     records.append({**meta, "workload": workload, "library": lib, "repeat": rep,
-                                    "check_pearson": check["pearson"], **row})
+                                    "check_pearson": check["pearson"], "check_train": args.check_train,
+                                    "timed_pearson": worst, "query_budget_mb": args.query_budget_mb, **row})
+            if worst < MIN_PEARSON:
+                print(f"WARNING {workload}: timed runs' scores Pearson {worst:.6f} < {MIN_PEARSON}", file=sys.stderr)
     if args.out:
         with open(args.out, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-    print(_table([r for r in records if r["phase"] != "setup"]))
+    timed_rows = [r for r in records if r["phase"] != "setup"]
+    print(_table(timed_rows))
+    print()
+    print(_end_to_end(timed_rows))
 
 
 if __name__ == "__main__":
