@@ -76,17 +76,59 @@ def _segments_for(trajectory: Trajectory, train_data: Any, train_segments) -> li
     return idx
 
 
-def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn) -> Grads:
-    """Per-example layer gradients (n, d_out, d_a) of the measurement or training loss: used only
-    for queries (few) and for self-influence chunks (bounded), never for the training corpus."""
+def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn, bases=None) -> tuple[Grads, float]:
+    """Per-example layer gradients (n, d_out, d_a) of the measurement or training loss, and the mean
+    number of tokens per example: used only for queries (few) and self-influence chunks (bounded),
+    never for the training corpus.
+
+    bases: {name: LayerFactors} to return Q_Sᵀ G_n Q_A instead, computed from the rotated token
+    matrices Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ when that is cheaper — t·(d_out² + d_a²) per example against
+    d_out·d_a·(d_out + d_a) for rotating G_n itself (by far, for few tokens)."""
     dtype = factor_dtype(model)
     parts: dict[str, list[Tensor]] = {s.name: [] for s in specs}
-    for _, _, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what):
+    tokens = examples = 0
+    for _, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what):
         for s in specs:
             r = rec[s.name]
-            a = with_ones(r.a, s, r.mask).to(dtype)
-            parts[s.name].append(torch.einsum("nto,nti->noi", r.g.to(dtype), a))
-    return {k: torch.cat(v) for k, v in parts.items()}
+            a, g = with_ones(r.a, s, r.mask).to(dtype), r.g.to(dtype)
+            lf = None if bases is None else bases[s.name]
+            if lf is not None and a.shape[1] * (s.d_a**2 + s.d_out**2) < s.d_out * s.d_a * (s.d_out + s.d_a):
+                a, g, lf = a @ lf.q_a, g @ lf.q_s, None
+            tile = torch.einsum("nto,nti->noi", g, a)
+            parts[s.name].append(tile if lf is None else lf.q_s.T @ tile @ lf.q_a)
+        first = rec[specs[0].name]
+        tokens += first.a.shape[0] * first.a.shape[1] if first.mask is None else int((first.mask != 0).sum())
+        examples += n
+    return {k: torch.cat(v) for k, v in parts.items()}, tokens / max(examples, 1)
+
+
+@dataclass(frozen=True)
+class EigenQuery:
+    """A preconditioned query kept in its layer's eigenbasis: scoring rotates the training tokens
+    (a Q_A, g Q_S) instead of rotating the queries back, when that costs less."""
+
+    r: Tensor  # (q, d_out, d_a) in the eigenbasis
+    q_a: Tensor
+    q_s: Tensor
+
+    def in_parameter_basis(self) -> Tensor:
+        return self.q_s @ self.r @ self.q_a.T
+
+
+def _param_basis(q: Tensor | EigenQuery) -> Tensor:
+    return q.in_parameter_basis() if isinstance(q, EigenQuery) else q
+
+
+def _one_basis_queries(scaled: Grads, lfs: dict[str, LayerFactors], train_rows: float) -> dict[str, Tensor | EigenQuery]:
+    """Per layer, the cheaper of rotating the queries back once (q·d_out·d_a·(d_out + d_a)) or
+    rotating every training token of every pass into the eigenbasis (rows·(d_out² + d_a²))."""
+    out: dict[str, Tensor | EigenQuery] = {}
+    for name, r in scaled.items():
+        lf = lfs[name]
+        q, d_out, d_a = r.shape
+        eig = EigenQuery(r, lf.q_a, lf.q_s)
+        out[name] = eig if train_rows * (d_out**2 + d_a**2) < q * d_out * d_a * (d_out + d_a) else eig.in_parameter_basis()
+    return out
 
 
 def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str) -> float:
@@ -139,24 +181,14 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
     return _ekfac_inverse((1 - shrink) * v, lf, delta), shrink * v
 
 
-def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate):
+def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
+          n_train: int):
     final = trajectory.final_checkpoint
-    if method in _FINAL_ONLY:
-        if sum(trajectory.layout()) != 1:
-            raise ValueError(
-                f"method {method!r} uses one checkpoint; pass trajectory.final() (this trajectory has "
-                f"{trajectory.layout()} checkpoints per segment)"
-            )
-        load_into(model, final, "final checkpoint")
-        v = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate)
-        seg = trajectory.segments[0]
-        if method == "ekfac":
-            v = {
-                name: _ekfac_inverse(vq, lf.to(vq.device, vq.dtype), _damping_value(damping, lf, seg.horizon, name))
-                for name, vq in v.items()
-                for lf in [factors.segments[0][name]]
-            }
-        return _Plan([0], {0: [final]}, {0: 1.0 / seg.num_examples}, {0: [v]})
+    if method in _FINAL_ONLY and sum(trajectory.layout()) != 1:
+        raise ValueError(
+            f"method {method!r} uses one checkpoint; pass trajectory.final() (this trajectory has "
+            f"{trajectory.layout()} checkpoints per segment)"
+        )
     if method == "tracin":
         plan = _Plan(train_segs, {}, {}, {})
         for ell in train_segs:
@@ -167,19 +199,34 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
             for c, ckpt in enumerate(seg.checkpoints):
                 load_into(model, ckpt, f"segment {ell}, checkpoint {c}")
                 what = f"queries at segment {ell}, checkpoint {c}"
-                plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective, what, bs, collate))
+                plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective, what, bs, collate)[0])
         return plan
-    # source / fast_source
     load_into(model, final, "final checkpoint")
-    v = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate)
+    if method == "grad_dot":
+        v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate)
+        return _Plan([0], {0: [final]}, {0: 1.0 / trajectory.segments[0].num_examples}, {0: [v]})
+    ckpts = {ell: segment_checkpoints(trajectory.segments[ell], method == "fast_source", f"segment {ell}") for ell in train_segs}
+    plan = _Plan(train_segs, ckpts, {ell: 1.0 / (trajectory.segments[ell].num_examples * len(ckpts[ell])) for ell in train_segs}, {})
+    if len(trajectory.segments) == 1 and trajectory.segments[0].optimizer == "sgd":
+        # One basis (EK-FAC, or SOURCE with one SGD segment): the queries never leave the
+        # eigenbasis — rotated in from their tokens, scaled, and rotated back only if cheaper.
+        seg = trajectory.segments[0]
+        device, dtype = next(model.parameters()).device, factor_dtype(model)
+        lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
+        rot, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=lfs)
+        if method == "ekfac":
+            scale = {n: dict(horizon=None, damping=_damping_value(damping, factors.segments[0][n], seg.horizon, n)) for n in rot}
+        else:
+            scale = {n: dict(horizon=seg.horizon, damping=seg.weight_decay) for n in rot}
+        scaled = {n: reference.eigen_scale(r, lfs[n].lam, **scale[n]).to(dtype) for n, r in rot.items()}
+        queries = _one_basis_queries(scaled, lfs, n_train * tokens * len(plan.checkpoints[0]))
+        plan.queries[0] = [queries] * len(plan.checkpoints[0])
+        return plan
+    # SOURCE across segments: each segment's basis differs, so the walk works in the parameter basis.
+    v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate)
     us = _source_walk(v, trajectory, factors, damping)
-    plan = _Plan(train_segs, {}, {}, {})
     for ell in train_segs:
-        seg = trajectory.segments[ell]
-        ckpts = segment_checkpoints(seg, method == "fast_source", f"segment {ell}")
-        plan.checkpoints[ell] = ckpts
-        plan.weights[ell] = 1.0 / (seg.num_examples * len(ckpts))
-        plan.queries[ell] = [us[ell]] * len(ckpts)
+        plan.queries[ell] = [us[ell]] * len(ckpts[ell])
     return plan
 
 
@@ -296,7 +343,7 @@ def prepare_queries(
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
     plan = _plan(
         model, task, specs, trajectory, factors, method, query_data, "measurement", damping, train_segs,
-        batch_size, collate_fn,
+        batch_size, collate_fn, len(train_data),
     )
     if query_rank:
         lowrank = {}  # SOURCE shares one u_ℓ across a segment's checkpoints: factorise each once
@@ -337,7 +384,7 @@ def _baseline(model, task, specs, trajectory, method, train_data, query_data, da
     load_into(model, trajectory.final_checkpoint, "final checkpoint")
     if method == "repsim":
         return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn)
-    v = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
+    v, _ = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
     if method == "grad_cos":
         return baselines.grad_cos(model, task, specs, v, train_data, batch_size, collate_fn)
     return baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim, damping=damping, seed=seed)
@@ -347,16 +394,18 @@ def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token:
     total = None
     for s in specs:
         r = rec[s.name]
-        a = with_ones(r.a, s, r.mask)
+        a, g, q = with_ones(r.a, s, r.mask), r.g, queries[s.name]
+        if isinstance(q, EigenQuery):
+            a, g, q = a @ q.q_a.to(a.dtype), g @ q.q_s.to(g.dtype), q.r
         if per_token:
             if total is not None and total.shape[-1] != a.shape[1]:
                 raise ValueError(f"per_token: module {s.name!r} sees {a.shape[1]} tokens, others {total.shape[-1]}")
-            part = reference.pairwise_token_scores(a, r.g, queries[s.name], r.mask)
+            part = reference.pairwise_token_scores(a, g, q, r.mask)
         elif lowrank:
-            left, right = queries[s.name]
-            part = reference.pairwise_scores_lowrank(a, r.g, left, right, r.mask)
+            left, right = q
+            part = reference.pairwise_scores_lowrank(a, g, left, right, r.mask)
         else:
-            part = ops.pairwise_scores(a, r.g, queries[s.name], r.mask)
+            part = ops.pairwise_scores(a, g, q, r.mask)
         total = part if total is None else total + part
     return total
 
@@ -365,7 +414,7 @@ def _lowrank(queries: Grads, rank: int) -> dict[str, tuple[Tensor, Tensor]]:
     """U_q ≈ Σ_r s_r p_r q_rᵀ from the SVD; returns (left (q, d_out, r) = p·s, right (q, d_a, r))."""
     out = {}
     for name, u in queries.items():
-        p, s, vh = torch.linalg.svd(u, full_matrices=False)
+        p, s, vh = torch.linalg.svd(_param_basis(u), full_matrices=False)
         r = min(rank, s.shape[-1])
         out[name] = (p[..., :r] * s[:, None, :r], vh[:, :r, :].transpose(1, 2))
     return out
@@ -415,15 +464,15 @@ def self_score(
             chunk = torch.utils.data.Subset(train_data, idx[start : start + chunk_size])
             plan = _plan(
                 model, task, specs, trajectory, factors, method, chunk, "train", damping, train_segs, batch_size,
-                collate_fn,
+                collate_fn, len(chunk),
             )
             total = None
             for ell in plan.segments:
                 for c, ckpt in enumerate(plan.checkpoints[ell]):
                     what = f"segment {ell}, checkpoint {c}"
                     load_into(model, ckpt, what)
-                    g = _example_grads(model, task, specs, chunk, "train", what, batch_size, collate_fn)
-                    part = sum((plan.queries[ell][c][k] * g[k]).sum((1, 2)) for k in g) * plan.weights[ell]
+                    g, _ = _example_grads(model, task, specs, chunk, "train", what, batch_size, collate_fn)
+                    part = sum((_param_basis(plan.queries[ell][c][k]) * g[k]).sum((1, 2)) for k in g) * plan.weights[ell]
                     total = part if total is None else total + part
             out.append(total)
         return torch.cat(out)

@@ -319,3 +319,34 @@ def test_model_weights_and_mode_are_restored(setup):
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["ekfac", "source"])
+def test_one_basis_queries_in_either_basis_match_dense(setup, method):
+    """With one basis, scoring either rotates the queries back or the training tokens forward,
+    whichever costs less; many queries against few training rows picks the eigenbasis."""
+    from source_fast.capture import tracked_layers
+    from source_fast.scoring import EigenQuery, prepare_queries
+
+    model, data, _, ckpts = setup
+    task = ClassifyTask()
+    ck = ckpts[-1:] if method == "ekfac" else ckpts[:2]
+    traj = sf.Trajectory([sf.Segment(ck, data, lr_sum=2.0, weight_decay=1e-3)])
+    factors = sf.fit_factors(model, task, traj)
+    specs = tracked_layers(model, None)
+    for queries, eigen in [(data, True), (Subset(data, range(2)), False)]:
+        plan = prepare_queries(model, task, specs, traj, factors, method, data, queries, damping=0.01,
+                               train_segments=None, query_rank=None, batch_size=16, collate_fn=None)
+        assert all(isinstance(q, EigenQuery) == eigen for q in plan.queries[0][0].values())
+        scores = sf.score(model, task, traj, factors, data, queries, method=method, damping=0.01)
+        h = _block_diag_curvature(factors, 0)
+        v = _grads(model, ck[-1], queries.dataset if isinstance(queries, Subset) else queries,
+                   None if not isinstance(queries, Subset) else list(queries.indices))
+        g = torch.stack([_grads(model, st, data) for st in ck]).mean(0)
+        if method == "ekfac":
+            expected = torch.linalg.solve(h + 0.01 * torch.eye(h.shape[0], dtype=h.dtype), v.T).T @ g.T / len(data)
+        else:
+            hw = h + 1e-3 * torch.eye(h.shape[0], dtype=h.dtype)
+            e = torch.linalg.matrix_exp(-2.0 * hw)
+            expected = torch.linalg.solve(hw, (torch.eye(h.shape[0], dtype=h.dtype) - e) @ v.T).T @ g.T / len(data)
+        _close(scores, expected)
