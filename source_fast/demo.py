@@ -41,23 +41,8 @@ from torch.utils.data import Subset, TensorDataset
 from . import Factors, Segment, Task, Trajectory, fit_factors, score
 from . import eval as ev
 from ._io import atomic_path
+from .tasks import ClassificationTask, RegressionTask
 from .unroll import TrainingRecord
-
-
-class DigitsTask(Task):
-    """Cross-entropy on digits; the measurement is the query's loss (positive score: a proponent)."""
-
-    def compute_train_loss(self, batch, model, sample=False):
-        x, y = batch
-        logits = model(x)
-        if sample:
-            with torch.no_grad():
-                y = torch.distributions.Categorical(logits=logits).sample()
-        return nn.functional.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-        x, y = batch
-        return nn.functional.cross_entropy(model(x), y, reduction="sum")
 
 
 def _digits_split(n_train: int, n_test: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -74,22 +59,6 @@ def digits_data(n_train: int, n_test: int, seed: int = 0) -> tuple[TensorDataset
     x, y, tr, te = _digits_split(n_train, n_test, seed)
     mean, std = x[tr].mean(0), x[tr].std(0) + 0.1
     return TensorDataset((x[tr] - mean) / std, y[tr]), TensorDataset((x[te] - mean) / std, y[te])
-
-
-class SquaredErrorTask(Task):
-    """½(f − y)² regression; the measurement is the query's ½ squared error (positive score: a
-    proponent). Sampled targets y ~ N(f, 1) make the Fisher this loss's Gauss-Newton matrix."""
-
-    def compute_train_loss(self, batch, model, sample=False):
-        x, y = batch
-        out = model(x).squeeze(-1)
-        if sample:
-            y = out.detach() + torch.randn_like(out)
-        return 0.5 * ((out - y) ** 2).sum()
-
-    def compute_measurement(self, batch, model):
-        x, y = batch
-        return 0.5 * ((model(x).squeeze(-1) - y) ** 2).sum()
 
 
 def make_mlp(seed: int = 0, hidden: int = 64, d_in: int = 64, d_out: int = 10) -> nn.Module:
@@ -157,7 +126,7 @@ class Scenario:
 
     @property
     def task(self) -> Task:
-        return DigitsTask()
+        return ClassificationTask()
 
     def make_model(self) -> nn.Module:
         """The fixed initialisation every run starts from."""
@@ -209,7 +178,7 @@ class RegressionScenario(Scenario):
 
     @property
     def task(self) -> Task:
-        return SquaredErrorTask()
+        return RegressionTask()
 
     def make_model(self) -> nn.Module:
         return make_mlp(0, self.hidden, d_in=10, d_out=1)

@@ -12,6 +12,39 @@ from .capture import layer_kind
 from .task import Task
 
 
+class ClassificationTask(Task):
+    """Cross-entropy on (inputs, labels) batches, summed; the measurement is the query's loss
+    (positive score: a proponent). `sample=True` draws labels from the model's softmax (true Fisher)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x)
+        if sample:
+            with torch.no_grad():
+                y = torch.distributions.Categorical(logits=logits).sample()
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="sum")
+
+
+class RegressionTask(Task):
+    """½(f − y)² on (inputs, targets) batches, summed; the measurement is the query's ½ squared
+    error. Sampled targets y ~ N(f, 1) make the true Fisher this loss's Gauss-Newton matrix."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        out = model(x).squeeze(-1)
+        if sample:
+            y = out.detach() + torch.randn_like(out)
+        return 0.5 * ((out - y) ** 2).sum()
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return 0.5 * ((model(x).squeeze(-1) - y) ** 2).sum()
+
+
 def mlp_modules(model: nn.Module) -> list[str]:
     """Names of the supported layers inside transformer MLP blocks (`.mlp.` in the name)."""
     return [n for n, m in model.named_modules() if ".mlp." in f"{n}." and layer_kind(m) is not None]

@@ -13,7 +13,8 @@ from source_fast.corpus import load_scores, load_top_k
 JOB = textwrap.dedent('''
     import torch
     import source_fast as sf
-    from source_fast.demo import DigitsTask, digits_data, make_mlp
+    from source_fast.demo import digits_data, make_mlp
+    from source_fast.tasks import ClassificationTask
 
     def job():
         torch.manual_seed(0)
@@ -23,7 +24,7 @@ JOB = textwrap.dedent('''
         for _ in range(2):
             states.append({k: v + 0.05 * torch.randn_like(v) for k, v in states[-1].items()})
         trajectory = sf.Trajectory.even(states, [0.05] * 30, 3, train, momentum=0.9)
-        return sf.Job(make_mlp(hidden=16), DigitsTask(), trajectory, train, test, batch_size=16)
+        return sf.Job(make_mlp(hidden=16), ClassificationTask(), trajectory, train, test, batch_size=16)
 ''')
 
 
