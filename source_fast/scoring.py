@@ -85,9 +85,11 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
     matrices Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ when that is cheaper — t·(d_out² + d_a²) per example against
     d_out·d_a·(d_out + d_a) for rotating G_n itself (by far, for few tokens)."""
     dtype = factor_dtype(model)
-    parts: dict[str, list[Tensor]] = {s.name: [] for s in specs}
-    tokens = examples = 0
-    for _, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what):
+    device = next(model.parameters()).device
+    # Written in place, not concatenated: the queries can be most of a job's memory.
+    out = {s.name: torch.empty(len(data), s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
+    tokens = 0
+    for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what):
         for s in specs:
             r = rec[s.name]
             a, g = with_ones(r.a, s, r.mask).to(dtype), r.g.to(dtype)
@@ -95,11 +97,10 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
             if lf is not None and a.shape[1] * (s.d_a**2 + s.d_out**2) < s.d_out * s.d_a * (s.d_out + s.d_a):
                 a, g, lf = a @ lf.q_a, g @ lf.q_s, None
             tile = torch.einsum("nto,nti->noi", g, a)
-            parts[s.name].append(tile if lf is None else lf.q_s.T @ tile @ lf.q_a)
+            out[s.name][start : start + n] = tile if lf is None else lf.q_s.T @ tile @ lf.q_a
         first = rec[specs[0].name]
         tokens += first.a.shape[0] * first.a.shape[1] if first.mask is None else int((first.mask != 0).sum())
-        examples += n
-    return {k: torch.cat(v) for k, v in parts.items()}, tokens / max(examples, 1)
+    return out, tokens / max(len(data), 1)
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,8 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
             scale = {n: dict(horizon=None, damping=_damping_value(damping, factors.segments[0][n], seg.horizon, n)) for n in rot}
         else:
             scale = {n: dict(horizon=seg.horizon, damping=seg.weight_decay) for n in rot}
-        scaled = {n: reference.eigen_scale(r, lfs[n].lam, **scale[n]).to(dtype) for n, r in rot.items()}
+        # pop: each layer's unscaled copy is freed as soon as its scaled one exists
+        scaled = {n: reference.eigen_scale(rot.pop(n), lfs[n].lam, **scale[n]).to(dtype) for n in list(rot)}
         queries = _one_basis_queries(scaled, lfs, n_train * tokens * len(plan.checkpoints[0]))
         plan.queries[0] = [queries] * len(plan.checkpoints[0])
         return plan
