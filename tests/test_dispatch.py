@@ -1,0 +1,42 @@
+"""Backend choice: auto never picks the interpreter, forced backends run or say why, switches work."""
+
+import pytest
+import torch
+
+from source_fast import _dispatch, _ext, ops
+
+CPU = torch.device("cpu")
+
+
+def test_auto_on_cpu_uses_torch_for_kernel_ops_and_the_extension_for_covariances():
+    for op in ("accumulate_lambda_", "self_scores", "precondition_queries", "pairwise_scores"):
+        assert _dispatch.select(op, CPU, torch.float32) == "torch"  # never the Triton interpreter
+    expected = "ext" if _ext.load_error is None else "torch"
+    assert _dispatch.select("covariance_accumulate_", CPU, torch.float32) == expected
+    assert _dispatch.select("covariance_accumulate_", CPU, torch.float64) == "torch"  # kernels are fp32/16
+
+
+def test_forced_backend_that_cannot_run_lists_the_reasons(monkeypatch):
+    with pytest.raises(NotImplementedError, match=r"backend 'ext' cannot run pairwise_scores .*has no ext implementation"):
+        _dispatch.select("pairwise_scores", CPU, torch.float32, "ext")
+    with pytest.raises(NotImplementedError, match=r"dtype torch.float64 is not one of float32/float16/bfloat16"):
+        _dispatch.select("pairwise_scores", CPU, torch.float64, "triton")
+    monkeypatch.setenv("SOURCE_FAST_DISABLE_TRITON", "1")
+    with pytest.raises(NotImplementedError, match="disabled by SOURCE_FAST_DISABLE_TRITON=1"):
+        _dispatch.select("self_scores", CPU, torch.float32, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("SOURCE_FAST_DISABLE_TRITON")
+    with pytest.raises(NotImplementedError, match="device is cpu, and Triton runs on CUDA"):
+        ops.pairwise_scores(torch.zeros(1, 1, 2), torch.zeros(1, 1, 3), torch.zeros(1, 3, 2), backend="triton")
+
+
+def test_global_switch_and_bad_values(monkeypatch):
+    monkeypatch.setenv("SOURCE_FAST_BACKEND", "torch")
+    assert _dispatch.select("covariance_accumulate_", CPU, torch.float32) == "torch"
+    monkeypatch.setenv("SOURCE_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SOURCE_FAST_BACKEND='cuda' is not valid; the only valid value is 'torch'"):
+        _dispatch.select("pairwise_scores", CPU, torch.float32)
+    with pytest.raises(ValueError, match="unknown backend 'fast'; valid:"):
+        _dispatch.select("pairwise_scores", CPU, torch.float32, "fast")
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        _dispatch.unsupported_reasons("torch", "nope", CPU, torch.float32)
