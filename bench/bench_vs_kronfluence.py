@@ -70,6 +70,7 @@ from pathlib import Path
 
 import torch
 from kronfluence.task import Task
+from source_fast.tasks import ClassificationTask
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Subset, TensorDataset
@@ -83,20 +84,8 @@ SIZES = {"rows": None, "seqs": None, "tokens": None, "queries": None, "query_bud
 # ---- workloads -------------------------------------------------------------------------------
 
 
-class ClassifyTask(Task):
-    """A kronfluence Task, used unchanged by source_fast: summed cross-entropy."""
-
-    def compute_train_loss(self, batch, model, sample=False):
-        x, y = batch
-        logits = model(x)
-        if sample:
-            with torch.no_grad():
-                y = torch.distributions.Categorical(logits=logits).sample()
-        return F.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-        x, y = batch
-        return F.cross_entropy(model(x), y, reduction="sum")
+class ClassifyTask(ClassificationTask, Task):
+    """source_fast's summed cross-entropy, also a kronfluence Task so both libraries run it."""
 
 
 class LMTask(ClassifyTask):
