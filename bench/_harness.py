@@ -24,7 +24,7 @@ REQUIRED_FIELDS = {
     "params": dict, "ms_p20": float, "ms_p50": float, "ms_p80": float, "gbps": float, "tflops": float,
     "flops": int, "bytes": int, "max_abs_err": float, "sqnr_db": float, "source_fast": str, "torch": str,
     "utc": str,
-}  # plus speedup_vs_torch (float or None), git_sha, triton (str or None), ext (dict or None)
+}  # plus speedup_vs_torch and roofline_frac (float or None), git_sha, triton (str or None), ext and ceilings (dict or None)
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,37 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     return float(q[0]), float(q[1]), float(q[2])
 
 
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict | None:
+    """The roofline's two ceilings measured here and now (GPU only): the matrix rate of a large
+    square product in `dtype` and device-to-device copy bandwidth (bytes read + written)."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+
+    def matmul_ms(n: int) -> float:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        return triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200)
+
+    def copy_ms(nbytes: int) -> float:
+        src = torch.empty(nbytes, device=device, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        return triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100)
+
+    n, nbytes = 8192, 2**30  # 1 GiB copies: far larger than the L2
+    ms_mm, ms_copy = matmul_ms(n), copy_ms(nbytes)
+    torch.cuda.empty_cache()
+    return {"matmul_tflops": 2 * n**3 / (ms_mm * 1e-3) / 1e12, "copy_gbps": 2 * nbytes / (ms_copy * 1e-3) / 1e9,
+            "matmul_dtype": str(dtype).removeprefix("torch.")}
+
+
+def roofline_fraction(flops: int, bytes_moved: int, ms: float, ceilings: dict | None) -> float | None:
+    """Achieved FLOP/s over the attainable min(matrix rate, intensity × bandwidth) for this case."""
+    if ceilings is None:
+        return None
+    attainable = min(ceilings["matmul_tflops"] * 1e12, flops / bytes_moved * ceilings["copy_gbps"] * 1e9)
+    return flops / (ms * 1e-3) / attainable
+
+
 def error_stats(actual, ref64) -> tuple[float, float]:
     """(max |actual − ref|, SQNR in dB) over one tensor or a tuple of tensors."""
     pairs = list(zip(actual, ref64)) if isinstance(actual, (tuple, list)) else [(actual, ref64)]
@@ -75,7 +106,7 @@ def _git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
-def env_metadata(device: torch.device) -> dict:
+def env_metadata(device: torch.device, ceilings: dict | None = None) -> dict:
     import source_fast
     from source_fast import _ext, _triton
 
@@ -87,7 +118,7 @@ def env_metadata(device: torch.device) -> dict:
     return {
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "source_fast": source_fast.__version__, "git_sha": _git_sha(), "torch": str(torch.__version__),
-        "triton": triton_version, "ext": _ext.build_info(),
+        "triton": triton_version, "ext": _ext.build_info(), "ceilings": ceilings,
     }
 
 
@@ -101,6 +132,8 @@ def make_record(bench: str, case: Case, backend: str, device: torch.device, ms: 
         "gbps": case.bytes_moved / (p50 * 1e-3) / 1e9, "tflops": case.flops / (p50 * 1e-3) / 1e12,
         "flops": case.flops, "bytes": case.bytes_moved,
         "speedup_vs_torch": None, "max_abs_err": err, "sqnr_db": sqnr,
+        "roofline_frac": roofline_fraction(case.flops, case.bytes_moved, p50, meta.get("ceilings")),
+        "ceilings": meta.get("ceilings"),
         "source_fast": meta["source_fast"], "git_sha": meta["git_sha"], "torch": meta["torch"],
         "triton": meta["triton"], "ext": meta["ext"],
         "utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -175,8 +208,9 @@ def compare(records: list[dict], base_path: str, fail_pct: float | None) -> bool
 
 def print_table(records: list[dict]) -> None:
     print(f"{'op':22s} {'backend':12s} {'dtype':9s} {'params':52s} {'p50 ms':>9s} {'TFLOP/s':>8s} {'GB/s':>8s} "
-          f"{'vs torch':>8s} {'max|err|':>9s} {'sqnr':>6s}")
+          f"{'vs torch':>8s} {'roofline':>8s} {'max|err|':>9s} {'sqnr':>6s}")
     for r in records:
         speed = "" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x"
+        roof = "" if r.get("roofline_frac") is None else f"{100 * r['roofline_frac']:.0f}%"
         print(f"{r['op']:22s} {r['backend']:12s} {r['dtype']:9s} {json.dumps(r['params']):52s} {r['ms_p50']:9.3f} "
-              f"{r['tflops']:8.2f} {r['gbps']:8.1f} {speed:>8s} {r['max_abs_err']:9.2e} {r['sqnr_db']:6.1f}")
+              f"{r['tflops']:8.2f} {r['gbps']:8.1f} {speed:>8s} {roof:>8s} {r['max_abs_err']:9.2e} {r['sqnr_db']:6.1f}")

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     cases = QUICK_CASES if args.quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
 
-    meta = _harness.env_metadata(device)
+    meta = _harness.env_metadata(device, _harness.measure_ceilings(device, dtype))
     records = []
     for _label, widths, rows, masked in cases:
         case, run, ref64 = covariance_case(widths, rows, masked, dtype, device)

@@ -59,27 +59,30 @@ def main(argv=None):
     meta = {"bench": "gpt2", "device": str(device), "dtype": args.dtype, "seqs": args.seqs, "tokens": args.tokens,
             "queries": args.queries, "layers": len(tracked), "torch": torch.__version__, "source_fast": sf.__version__,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    records = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tokens = args.seqs * args.tokens
+
+    def record(phase, seconds, tokens_read):
+        # Written phase by phase, so a run cut short by a time limit keeps what it measured.
+        rec = {**meta, "phase": phase, "seconds": seconds, "tokens_per_s": tokens_read / seconds}
+        if device.type == "cuda":
+            rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        print(json.dumps(rec), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     _sync(device)
     t0 = time.perf_counter()
     factors = sf.fit_factors(model, task, traj, batch_size=args.batch_size)
     _sync(device)
+    record("fit (2 passes + eigh)", time.perf_counter() - t0, 2 * tokens)
     t1 = time.perf_counter()
     scores = sf.score(model, task, traj, factors, train, queries, method="ekfac", batch_size=args.batch_size,
                       query_memory_budget=64 << 30 if device.type == "cuda" else 1 << 30)
     _sync(device)
-    t2 = time.perf_counter()
+    record(f"score ({args.queries} queries, 1 pass)", time.perf_counter() - t1, tokens)
     if not torch.isfinite(scores).all():
         raise SystemExit("non-finite scores")
-    tokens = args.seqs * args.tokens
-    records.append({**meta, "phase": "fit (2 passes + eigh)", "seconds": t1 - t0, "tokens_per_s": 2 * tokens / (t1 - t0)})
-    records.append({**meta, "phase": f"score ({args.queries} queries, 1 pass)", "seconds": t2 - t1, "tokens_per_s": tokens / (t2 - t1)})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in records:
-            print(json.dumps(r))
-            f.write(json.dumps(r) + "\n")
-
 
 if __name__ == "__main__":
     main()

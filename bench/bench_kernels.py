@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         for horizon in (None, 10.0):
             builders.append(lambda d_a=d_a, d_out=d_out, h=horizon: precondition_case(nq, d_a, d_out, dtype, device, h))
 
-    meta = _harness.env_metadata(device)
+    meta = _harness.env_metadata(device, _harness.measure_ceilings(device, dtype))
     out = Path(args.out) if args.out else _harness.default_out(BENCH)
     records = []
     for build in builders:

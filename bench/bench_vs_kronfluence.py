@@ -5,6 +5,8 @@
     python bench/bench_vs_kronfluence.py --workloads wide_mlp --rows 4096 --out vs_kron.jsonl
     python bench/bench_vs_kronfluence.py --workloads gpt2 --seqs 16 --tokens 64 --queries 8 \
         --query-budget-mb 2600 --check-train 4 --out vs_kron.jsonl
+    python bench/bench_vs_kronfluence.py --device cuda --workloads gpt2 --seqs 512 --tokens 512 \
+        --queries 32 --batch 16 --query-batch 32 --query-budget-mb 16384 --check-train 32
 
 Size overrides (full runs at the issue's sizes do not finish on a 2-core CPU in reasonable time):
   --rows N          wide_mlp training rows (default 20,000)
@@ -14,6 +16,8 @@ Size overrides (full runs at the issue's sizes do not finish on a 2-core CPU in 
                     e.g. kronfluence's query batch × one query's gradient bytes, so both libraries
                     hold the same number of queries per pass over the training data
   --check-train N   training examples in the pre-timing equality check (default 512); --check-queries
+  --batch B --query-batch QB   training batch (both libraries) and kronfluence's query batch
+  --device cuda     both libraries on the GPU (memory columns then show torch's allocator peak)
 
 Workloads (--quick sizes in brackets):
   digits_mlp  sklearn digits (1797 rows), MLP 64-256-10                           [same]
@@ -78,7 +82,9 @@ from torch.utils.data import Subset, TensorDataset
 LIBS = ["kronfluence", "source_fast"]
 WORKLOADS = ["digits_mlp", "wide_mlp", "gpt2"]
 CHECK_TRAIN, CHECK_QUERIES, MIN_PEARSON = 512, 8, 0.999
-SIZES = {"rows": None, "seqs": None, "tokens": None, "queries": None, "query_budget_mb": None}  # set by flags
+SIZES = {"rows": None, "seqs": None, "tokens": None, "queries": None, "query_budget_mb": None,
+         "batch": None, "query_batch": None}  # set by flags
+DEVICE = torch.device("cpu")  # --device; data stays on the CPU and each library moves its batches
 
 
 # ---- workloads -------------------------------------------------------------------------------
@@ -127,6 +133,11 @@ def _conv1d_to_linear(model: nn.Module) -> None:
 
 def build(workload: str, quick: bool):
     """(model, task, train, all queries, query counts, train batch, query batch); deterministic."""
+    model, task, train, queries, counts, batch, qbatch = _build(workload, quick)
+    return model, task, train, queries, counts, SIZES["batch"] or batch, SIZES["query_batch"] or qbatch
+
+
+def _build(workload: str, quick: bool):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if workload == "digits_mlp":
@@ -162,19 +173,30 @@ def build(workload: str, quick: bool):
 # ---- one library, one workload ----------------------------------------------------------------
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _peaks() -> dict:
+    """Peak RSS so far (Linux reports KiB) and, on a GPU, the peak of torch's allocator so far."""
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if DEVICE.type == "cuda":
+        peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated(DEVICE) / 2**20
+    return peaks
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 class Phases:
     def __init__(self):
-        self.rows = [{"phase": "setup", "seconds": 0.0, "peak_rss_mb": _peak_mb()}]
+        self.rows = [{"phase": "setup", "seconds": 0.0, **_peaks()}]
 
     def time(self, phase, fn):
         gc.collect()
+        _sync()
         t = time.perf_counter()
         out = fn()
-        self.rows.append({"phase": phase, "seconds": time.perf_counter() - t, "peak_rss_mb": _peak_mb()})
+        _sync()
+        self.rows.append({"phase": phase, "seconds": time.perf_counter() - t, **_peaks()})
         return out
 
 
@@ -184,7 +206,7 @@ def run_kronfluence(model, task, train, queries, counts, batch, qbatch, out_dir,
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
     model = kronfluence.prepare_model(model, task)
-    an = kronfluence.Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=out_dir,
+    an = kronfluence.Analyzer("bench", model, task, cpu=DEVICE.type == "cpu", disable_tqdm=True, output_dir=out_dir,
                               log_level=logging.WARNING)
     fa = FactorArguments(use_empirical_fisher=True)
     sa = ScoreArguments(damping_factor=None)
@@ -211,6 +233,7 @@ def run_source_fast(model, task, train, queries, counts, batch, qbatch, out_dir,
     from source_fast.capture import tracked_layers
 
     run = phases.time if phases else (lambda _, fn: fn())
+    model.to(DEVICE)
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     loader = make_loader(train, batch, None)
     with fm.restored(model):
@@ -282,40 +305,47 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1]), float((a - b).abs().max() / b.abs().max())
 
 
+def _mem(records: list[dict]) -> tuple[str, str]:
+    """The memory column: the GPU allocator's peak when the run was on a GPU, else peak RSS."""
+    return ("peak_gpu_mb", "peak GPU MB") if "peak_gpu_mb" in records[0] else ("peak_rss_mb", "peak RSS MB")
+
+
 def _table(records: list[dict]) -> str:
+    key_mb, label = _mem(records)
     best: dict[tuple, dict] = {}
     for r in records:  # fastest repeat per (workload, phase, library)
         key = (r["workload"], r["phase"], r["library"])
         if key not in best or r["seconds"] < best[key]["seconds"]:
             best[key] = r
-    lines = ["| workload | phase | kronfluence s | source_fast s | speed-up | kronfluence peak RSS MB | "
-             "source_fast peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| workload | phase | kronfluence s | source_fast s | speed-up | kronfluence {label} | "
+             f"source_fast {label} |", "|---|---|---:|---:|---:|---:|---:|"]
     for (workload, phase, lib), r in best.items():
         if lib != "kronfluence":
             continue
         o = best[(workload, phase, "source_fast")]
         ratio = f"{r['seconds'] / o['seconds']:.1f}×" if o["seconds"] > 0 else "—"
         lines.append(f"| {workload} | {phase} | {r['seconds']:.2f} | {o['seconds']:.2f} | {ratio} | "
-                     f"{r['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} |")
+                     f"{r[key_mb]:.0f} | {o[key_mb]:.0f} |")
     return "\n".join(lines)
 
 
 def _end_to_end(records: list[dict]) -> str:
     """Per workload: the sum of every phase (covariance + eigen + lambda + every score_Q) of each repeat,
-    fastest repeat per library; peak RSS is the child's overall peak."""
+    fastest repeat per library; peak memory is the child's overall peak."""
+    key_mb, label = _mem(records)
     totals: dict[tuple, dict] = {}
     for r in records:
         t = totals.setdefault((r["workload"], r["library"], r["repeat"]),
                               {"seconds": 0.0, "peak": 0.0, "phases": [], "r": r})
         t["seconds"] += r["seconds"]
-        t["peak"] = max(t["peak"], r["peak_rss_mb"])
+        t["peak"] = max(t["peak"], r[key_mb])
         t["phases"].append(r["phase"])
     best: dict[tuple, dict] = {}
     for (workload, lib, _), t in totals.items():
         if (workload, lib) not in best or t["seconds"] < best[(workload, lib)]["seconds"]:
             best[(workload, lib)] = t
-    lines = ["| workload | sizes | phases summed | kronfluence s | source_fast s | speed-up | kronfluence peak RSS MB | "
-             "source_fast peak RSS MB | load (1-min avg) kron / sf |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| workload | sizes | phases summed | kronfluence s | source_fast s | speed-up | kronfluence {label} | "
+             f"source_fast {label} | load (1-min avg) kron / sf |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for workload in dict.fromkeys(w for w, _ in best):
         k, o = best.get((workload, "kronfluence")), best.get((workload, "source_fast"))
         if k is None or o is None:
@@ -330,9 +360,11 @@ def _end_to_end(records: list[dict]) -> str:
 
 
 def main() -> None:
-    global CHECK_TRAIN, CHECK_QUERIES
+    global CHECK_TRAIN, CHECK_QUERIES, DEVICE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (< 3 min on 2 CPU cores)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where both libraries compute (kronfluence: Analyzer(cpu=False) puts the model on the GPU)")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per library; order alternates")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per child process")
@@ -342,6 +374,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, help="gpt2 tokens per sequence (default 128; 32 with --quick)")
     p.add_argument("--queries", type=int, nargs="+", help="query counts to time (default per workload)")
     p.add_argument("--query-budget-mb", type=int, help="source_fast score(query_memory_budget=) in MiB")
+    p.add_argument("--batch", type=int, help="training batch of both libraries (default 64; 8 for gpt2)")
+    p.add_argument("--query-batch", type=int, help="kronfluence's query batch (default 32; 8 for gpt2)")
     p.add_argument("--check-train", type=int, default=CHECK_TRAIN,
                    help="training examples in the pre-timing check; 0 skips it (the timed runs are still compared)")
     p.add_argument("--check-queries", type=int, default=CHECK_QUERIES)
@@ -349,8 +383,9 @@ def main() -> None:
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     CHECK_TRAIN, CHECK_QUERIES = args.check_train, args.check_queries
+    DEVICE = torch.device(args.device)
     SIZES.update(rows=args.rows, seqs=args.seqs, tokens=args.tokens, queries=args.queries,
-                 query_budget_mb=args.query_budget_mb)
+                 query_budget_mb=args.query_budget_mb, batch=args.batch, query_batch=args.query_batch)
     warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's torch.cuda.amp.GradScaler
     if args.child:
         torch.set_num_threads(args.threads)
@@ -363,9 +398,9 @@ def main() -> None:
 
     import source_fast
 
-    flags = ["--threads", str(args.threads), "--check-train", str(args.check_train),
+    flags = ["--device", args.device, "--threads", str(args.threads), "--check-train", str(args.check_train),
              "--check-queries", str(args.check_queries)] + (["--quick"] if args.quick else [])
-    for opt in ("rows", "seqs", "tokens", "query_budget_mb"):
+    for opt in ("rows", "seqs", "tokens", "query_budget_mb", "batch", "query_batch"):
         if getattr(args, opt) is not None:
             flags += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
     if args.queries:
@@ -375,7 +410,8 @@ def main() -> None:
     scores_dir = Path(tempfile.mkdtemp(prefix="vs_kron_scores_"))
     meta = {"bench": "vs_kronfluence", "quick": args.quick, "torch": torch.__version__,
             "kronfluence": kronfluence.__version__, "source_fast": source_fast.__version__,
-            "threads": args.threads, "utc": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+            "threads": args.threads, "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "utc": _dt.datetime.now(_dt.timezone.utc).isoformat()}
     records = []
     for workload in args.workloads:
         if args.check_train > 0:
