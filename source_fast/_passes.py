@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
 
+from ._dist import rank_and_world
 from .capture import Captured, Capturer, LayerSpec
 from .task import Task
 
@@ -31,15 +32,136 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# ---- the three forms of data: map-style datasets, re-iterable streams of examples, DataLoaders ----
+#
+# Map-style (len() and indexing) is addressed by position: shards, ranks and resumes pick index ranges.
+# A stream (an IterableDataset, or any object whose iter() starts over) is read from the start on every
+# pass; anything that needs positions (shards, chunks) buffers a bounded number of its examples. A
+# DataLoader brings its own batch size, collate_fn and workers; it must read its dataset in order,
+# since scores are indexed by position.
+
+
+def _check_loader(loader: DataLoader, collate_fn: Callable | None) -> None:
+    if collate_fn is not None:
+        raise ValueError("data is a DataLoader, which brings its own collate_fn: do not pass collate_fn too")
+    if loader.batch_size is None:
+        raise ValueError("the DataLoader has batch_size=None or a batch_sampler: give it batch_size= and no sampler")
+    if loader.drop_last:
+        raise ValueError("the DataLoader has drop_last=True, which would skip training examples")
+    if not isinstance(loader.dataset, IterableDataset) and not isinstance(loader.sampler, SequentialSampler):
+        raise ValueError(  # noqa: TRY004 (the loader's setting is wrong, not the argument's type)
+            "the DataLoader shuffles or samples its dataset; scores are indexed by position, so use shuffle=False and no sampler"
+        )
+
+
+def _rebuild(loader: DataLoader, dataset: Any) -> DataLoader:
+    """A DataLoader with `loader`'s settings over another dataset (a slice, or buffered examples)."""
+    workers = loader.num_workers if not isinstance(dataset, list) else 0  # buffered: already in memory
+    extra = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} if workers else {}
+    return DataLoader(dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn,
+                      num_workers=workers, pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context if workers else None,
+                      timeout=loader.timeout if workers else 0, **extra)
+
+
+def is_stream(data: Any) -> bool:
+    """True for data read front to back (no len() and indexing); raises for what cannot be read twice."""
+    if isinstance(data, DataLoader):
+        return is_stream(data.dataset)
+    if isinstance(data, IterableDataset):
+        return True
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        return False
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"data is a one-shot iterator ({type(data).__name__}); source_fast reads the data several times (once "
+            "per checkpoint): pass a dataset, an IterableDataset or any object whose iter() starts over"
+        )
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be a dataset (len() and indexing), an iterable of examples or a DataLoader; got {type(data).__name__}"
+        )
+    return True
+
+
+def length(data: Any) -> int | None:
+    """The number of examples, or None for a stream (a DataLoader's len() counts batches, not this)."""
+    if is_stream(data):
+        return None
+    return len(data.dataset if isinstance(data, DataLoader) else data)
+
+
+class _Examples(IterableDataset):
+    """A stream's examples, optionally only those whose position passes `keep`."""
+
+    def __init__(self, data: Any, keep: Callable[[int], bool] | None = None):
+        self.data, self.keep = data, keep
+
+    def __iter__(self):
+        for i, example in enumerate(self.data):
+            if self.keep is None or self.keep(i):
+                yield example
+
+
 def make_loader(data: Any, batch_size: int, collate_fn: Callable | None) -> DataLoader:
+    """Batches of `data` in order (a DataLoader's own batches; batch_size then does not apply)."""
+    if isinstance(data, DataLoader):
+        _check_loader(data, collate_fn)
+        return data
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(data, DataLoader) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
-        raise TypeError(
-            f"data must be a map-style dataset (len() and indexing), got {type(data).__name__}; pass a "
-            "DataLoader's dataset and its collate_fn instead (source_fast batches, shards and resumes by index)"
-        )
+    if is_stream(data):
+        return DataLoader(_Examples(data), batch_size=batch_size, collate_fn=collate_fn)
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+
+
+def subset(data: Any, indices: Sequence[int]) -> Any:
+    """The examples of map-style `data` at `indices`, in the same form (a DataLoader stays one)."""
+    if isinstance(data, DataLoader):
+        return _rebuild(data, Subset(data.dataset, list(indices)))
+    return Subset(data, list(indices))
+
+
+def rank_share(data: Any) -> Any:
+    """This rank's share under torch.distributed: a contiguous slice of a map-style dataset, every
+    world-th example of a stream (each rank reads the whole stream and keeps its own)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return data
+    if not is_stream(data):
+        n = length(data)
+        return subset(data, range(rank * n // world, (rank + 1) * n // world))
+    source = data.dataset if isinstance(data, DataLoader) else data
+    mine = _Examples(source, lambda i: i % world == rank)
+    return _rebuild(data, mine) if isinstance(data, DataLoader) else mine
+
+
+def materialize(data: Any) -> Any:
+    """Map-style data as is; a stream's examples in a list (for queries, which are few)."""
+    if not is_stream(data):
+        return data
+    if isinstance(data, DataLoader):
+        return _rebuild(data, list(data.dataset))
+    return list(data)
+
+
+def chunks(data: Any, size: int) -> Iterator[tuple[int, Any]]:
+    """(first position, map-style piece) of at most `size` examples each, in order: slices of a map-style
+    dataset, or a stream's examples buffered `size` at a time (memory bounded by `size`)."""
+    if not is_stream(data):
+        n = length(data)
+        for start in range(0, n, size):
+            yield start, subset(data, range(start, min(n, start + size)))
+        return
+    source = data.dataset if isinstance(data, DataLoader) else data
+    start, buffer = 0, []
+    for example in source:
+        buffer.append(example)
+        if len(buffer) == size:
+            yield start, _rebuild(data, buffer) if isinstance(data, DataLoader) else buffer
+            start, buffer = start + size, []
+    if buffer:
+        yield start, _rebuild(data, buffer) if isinstance(data, DataLoader) else buffer
 
 
 def run_pass(

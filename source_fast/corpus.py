@@ -10,11 +10,18 @@ Layout of `out_dir`:
                                  exist and agree, so a job killed at any point resumes after its last
                                  complete shard, recomputes a corrupted one, and writes identical bytes.
   top_k.safetensors              (top_k mode) the merged k largest / smallest per query, by rank 0.
+  rows.json                      the number of training rows scored, written last: the run is complete.
+
+The training data may be a dataset, a DataLoader or a re-iterable stream of examples: shards are its
+consecutive runs of `shard_size` examples, so a stream is read once per query block, one shard buffered
+at a time. Under torch.distributed a dataset's shards go to the ranks in contiguous runs; a stream is
+read by every rank, each scoring every world-th shard.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -23,16 +30,17 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader
 
 from ._dist import barrier, rank_and_world
 from ._io import atomic_path, sha256_file
+from ._passes import chunks, length, materialize, subset
 from .factors import Factors, restored
 from .scoring import _SELF_METHODS, Damping, Method, _validate, prepare_queries, query_blocks, score_rows
 from .task import Task
 from .trajectory import Trajectory
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def _digest_tensors(tensors) -> str:
@@ -43,14 +51,19 @@ def _digest_tensors(tensors) -> str:
 
 
 def _digest_examples(data: Any, limit: int = 16) -> str:
-    """A fingerprint of a dataset: its length and up to `limit` evenly spaced examples."""
-    n = len(data)
-    picks = sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))})
+    """A fingerprint of a dataset: its length and up to `limit` evenly spaced examples (a stream:
+    its first `limit` examples)."""
+    source = data.dataset if isinstance(data, DataLoader) else data
+    n = length(data)
+    if n is None:
+        examples = list(itertools.islice(source, limit))
+    else:
+        examples = [source[i] for i in sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))})]
     leaves = []
-    for i in picks:
-        leaves += [x for x in torch.utils._pytree.tree_leaves(data[i]) if isinstance(x, Tensor)]
-        leaves += [torch.tensor([float(x)]) for x in torch.utils._pytree.tree_leaves(data[i]) if isinstance(x, (int, float))]
-    return f"{n}:{_digest_tensors(leaves)}"
+    for example in examples:
+        leaves += [x for x in torch.utils._pytree.tree_leaves(example) if isinstance(x, Tensor)]
+        leaves += [torch.tensor([float(x)]) for x in torch.utils._pytree.tree_leaves(example) if isinstance(x, (int, float))]
+    return f"{'stream' if n is None else n}:{_digest_tensors(leaves)}"
 
 
 def _fingerprint(trajectory, factors, method, options, train_data, query_data) -> dict:
@@ -102,7 +115,8 @@ def score_corpus(
         raise ValueError(f"score_corpus supports the methods {list(_SELF_METHODS)}, not {method!r}")
     if shard_size < 1 or (top_k is not None and top_k < 1):
         raise ValueError(f"shard_size and top_k must be positive, got {shard_size} and {top_k}")
-    n_train, n_query = len(train_data), len(query_data)
+    query_data = materialize(query_data)
+    n_train, n_query = length(train_data), length(query_data)
     if n_train == 0 or n_query == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
     out = Path(out_dir)
@@ -114,35 +128,56 @@ def score_corpus(
     barrier()
 
     blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
-    shards = [(s, min(n_train, s + shard_size)) for s in range(0, n_train, shard_size)]
-    mine = [shards[i] for i in range(rank * len(shards) // world, (rank + 1) * len(shards) // world)]
+    n_shards = None if n_train is None else -(-n_train // shard_size)
+    if n_shards is None:  # a stream: every rank reads it all and scores every world-th shard
+        def mine(k):
+            return k % world == rank
+    else:  # a dataset: contiguous runs of shards
+        def mine(k):
+            return rank * n_shards // world <= k < (rank + 1) * n_shards // world
     (out / "shards").mkdir(parents=True, exist_ok=True)
 
+    rows_seen = set()
     with restored(model):
         for b, qrange in enumerate(blocks):
-            todo = [sh for sh in mine if not _shard_done(out, b, sh)]
-            if not todo:
-                continue
-            queries = Subset(query_data, list(qrange))
-            plan = prepare_queries(
-                model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
-                train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
-            )
-            for k, (start, end) in enumerate(todo):
+            plan = None  # prepared on the first shard that needs it: a finished block costs nothing
+            end = 0
+            for k, (start, piece) in enumerate(chunks(train_data, shard_size)):
+                end = start + length(piece)
+                if not mine(k) or _shard_done(out, b, (start, end)):
+                    continue
+                if plan is None:
+                    plan = prepare_queries(
+                        model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
+                        damping=damping, train_segments=train_segments, query_rank=query_rank,
+                        batch_size=batch_size, collate_fn=collate_fn,
+                    )
                 if progress:
-                    print(f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}/{len(todo)}: rows {start}-{end}", flush=True)
+                    of = "" if n_shards is None else f"/{n_shards}"
+                    print(f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}", flush=True)
                 try:
-                    rows = score_rows(model, task, specs, plan, Subset(train_data, range(start, end)),
-                                      batch_size=batch_size, collate_fn=collate_fn, progress=progress)
+                    rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
+                                      progress=progress)
                 except torch.OutOfMemoryError as exc:
                     raise torch.OutOfMemoryError(
                         f"out of memory scoring rows {start}-{end} against query block {b}: lower batch_size "
                         f"({batch_size}) or query_memory_budget ({query_memory_budget} bytes), or set query_rank"
                     ) from exc
                 _write_shard(out, b, (start, end), rows, top_k)
+            rows_seen.add(end)
+    if len(rows_seen) != 1 or 0 in rows_seen:
+        raise ValueError(
+            f"the training data yielded {sorted(rows_seen)} examples on its passes (one per query block): a stream must "
+            "yield the same non-empty sequence of examples on every pass"
+        )
+    n_rows = rows_seen.pop()
+    shards = [(s, min(n_rows, s + shard_size)) for s in range(0, n_rows, shard_size)]
     barrier()
-    if rank == 0 and top_k is not None:
-        _merge_top_k(out, blocks, shards, top_k)
+    if rank == 0:
+        if top_k is not None:
+            _merge_top_k(out, blocks, shards, top_k)
+        with atomic_path(out / "rows.json") as tmp:
+            tmp.write_text(json.dumps({"rows": n_rows}))
     barrier()
     return out
 
@@ -236,8 +271,12 @@ def _merge_top_k(out: Path, blocks: list[range], shards: list[tuple[int, int]], 
 
 def _shards_of(out: Path) -> tuple[list[int], list[tuple[int, int]], int]:
     manifest = json.loads((out / "manifest.json").read_text())
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{out} was written by another version of score_corpus (format {manifest.get('version')}); score again")
+    if not (out / "rows.json").exists():
+        raise ValueError(f"{out}: the run has not finished (no rows.json); run score_corpus again to finish it")
     opts = manifest["fingerprint"]["options"]
-    n_train = int(manifest["fingerprint"]["train_data"].split(":")[0])
+    n_train = json.loads((out / "rows.json").read_text())["rows"]
     n_query = int(manifest["fingerprint"]["query_data"].split(":")[0])
     metas = [json.loads(p.read_text()) for p in (out / "shards").glob("*.json")]
     blocks = sorted({m["block"] for m in metas})

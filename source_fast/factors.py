@@ -12,12 +12,11 @@ from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Subset
 
 from . import ops
-from ._dist import all_reduce_int, all_reduce_sum_, rank_range
+from ._dist import all_reduce_int, all_reduce_sum_
 from ._io import atomic_path, sha256_file
-from ._passes import make_loader, run_pass
+from ._passes import length, make_loader, rank_share, run_pass
 from .capture import LayerSpec, tracked_layers, with_ones
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
@@ -192,7 +191,7 @@ def segment_checkpoints(segment: Segment, average_params: bool, what: str) -> li
     return [averaged_checkpoint(segment, what)] if average_params else list(segment.checkpoints)
 
 
-def _progress(enabled: bool, total: int, desc: str):
+def _progress(enabled: bool, total: int | None, desc: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -239,14 +238,15 @@ def fit_factors(
         for ell, seg in enumerate(trajectory.segments):
             what = f"segment {ell}"
             ckpts = segment_checkpoints(seg, average_params, what)
-            # Under torch.distributed each rank reads a contiguous slice; sums are all-reduced.
-            loader = make_loader(Subset(seg.data, rank_range(len(seg.data))), batch_size, collate_fn)
+            # Under torch.distributed each rank reads its share (rank_share); sums are all-reduced.
+            loader = make_loader(rank_share(seg.data), batch_size, collate_fn)
             device = next(model.parameters()).device
             a_cov = {s.name: torch.zeros(s.d_a, s.d_a, device=device, dtype=dtype) for s in specs}
             s_cov = {s.name: torch.zeros(s.d_out, s.d_out, device=device, dtype=dtype) for s in specs}
             for c, ckpt in enumerate(ckpts):
                 load_into(model, ckpt, f"{what}, checkpoint {c}")
-                a_c, s_c = _covariances(model, task, specs, loader, objective, f"{what}, checkpoint {c}", progress)
+                a_c, s_c = _covariances(model, task, specs, loader, objective, f"{what}, checkpoint {c}", progress,
+                                        expected=seg.num_examples)
                 for s in specs:
                     a_cov[s.name] += a_c[s.name] / len(ckpts)
                     s_cov[s.name] += s_c[s.name] / len(ckpts)
@@ -255,7 +255,8 @@ def fit_factors(
             lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
             for c, ckpt in enumerate(ckpts):
                 load_into(model, ckpt, f"{what}, checkpoint {c}")
-                lam_c = _lambdas(model, task, specs, loader, objective, q_a, q_s, f"{what}, checkpoint {c}", progress)
+                lam_c = _lambdas(model, task, specs, loader, objective, q_a, q_s, f"{what}, checkpoint {c}", progress,
+                                 expected=seg.num_examples)
                 for s in specs:
                     lam[s.name] += lam_c[s.name] / len(ckpts)
             precond = _adam_preconditioner(model, seg, specs, what) if seg.optimizer != "sgd" else {}
@@ -268,21 +269,24 @@ def fit_factors(
                     for s in specs
                 }
             )
-            num_examples.append(len(seg.data))
+            num_examples.append(seg.num_examples)
     layout = [1] * len(trajectory.segments) if average_params else trajectory.layout()
     return Factors(specs, segments, num_examples, layout, fisher, average_params)
 
 
-def _covariances(model, task, specs, loader, objective, what, progress):
-    """Per-row means of a aᵀ (ones column last) and g gᵀ over the unmasked rows, every layer at once."""
+def _covariances(model, task, specs, loader, objective, what, progress, expected: int | None = None):
+    """Per-row means of a aᵀ (ones column last) and g gᵀ over the unmasked rows, every layer at once.
+    expected: the segment's N_ℓ, checked against the examples read."""
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
     # float32 accumulators (the kernels' contract); float64 for a float64 model (exact references).
     a_sum = {s.name: torch.zeros(s.d_a, s.d_a, device=device, dtype=dtype) for s in specs}
     s_sum = {s.name: torch.zeros(s.d_out, s.d_out, device=device, dtype=dtype) for s in specs}
     rows = dict.fromkeys((s.name for s in specs), 0)
-    bar = _progress(progress, len(loader.dataset), f"covariances ({what})")  # this rank's share
-    for _, _, rec in run_pass(model, task, specs, loader, objective, what, bar):
+    examples = 0
+    bar = _progress(progress, length(loader.dataset), f"covariances ({what})")  # this rank's share
+    for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar):
+        examples += n
         covs, xs, masks, ones = [], [], [], []
         for s in specs:
             r = rec[s.name]
@@ -297,6 +301,7 @@ def _covariances(model, task, specs, loader, objective, what, progress):
         bar.close()
     all_reduce_sum_([*a_sum.values(), *s_sum.values()])
     rows = {k: all_reduce_int(v, device) for k, v in rows.items()}
+    _check_count(all_reduce_int(examples, device), expected, what)
     for s in specs:
         if rows[s.name] == 0:
             raise ValueError(f"{what}: module {s.name!r} saw no unmasked rows")
@@ -306,13 +311,14 @@ def _covariances(model, task, specs, loader, objective, what, progress):
     )
 
 
-def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress):
-    """Λ = mean over examples of (Q_Sᵀ G_n Q_A)²: rotate the token matrices, then reduce per example."""
+def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, expected: int | None = None):
+    """Λ = mean over examples of (Q_Sᵀ G_n Q_A)²: rotate the token matrices, then reduce per example.
+    expected: the segment's N_ℓ; a pass that read another number of examples is an error."""
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
     lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
     count = 0
-    bar = _progress(progress, len(loader.dataset), f"eigenvalue corrections ({what})")
+    bar = _progress(progress, length(loader.dataset), f"eigenvalue corrections ({what})")
     for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar):
         for s in specs:
             r = rec[s.name]
@@ -328,7 +334,16 @@ def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress):
         bar.close()
     all_reduce_sum_(list(lam.values()))
     count = all_reduce_int(count, device)
+    _check_count(count, expected, what)
     return {k: v / count for k, v in lam.items()}
+
+
+def _check_count(count: int, expected: int | None, what: str) -> None:
+    if expected is not None and count != expected:
+        raise ValueError(
+            f"{what}: the data yielded {count} examples but the segment has num_examples={expected}; a stream must "
+            "yield the same examples on every pass"
+        )
 
 
 def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec], what: str) -> dict[str, Tensor]:

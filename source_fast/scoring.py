@@ -13,10 +13,9 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Subset
 
 from . import baselines, ops, reference
-from ._passes import make_loader, run_pass
+from ._passes import chunks, is_stream, length, make_loader, materialize, run_pass, subset
 from .capture import LayerSpec, tracked_layers, with_ones
 from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints
 from .task import Task
@@ -87,7 +86,8 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
     # Written in place, not concatenated: the queries can be most of a job's memory.
-    out = {s.name: torch.empty(len(data), s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
+    n_rows = length(data)
+    out = {s.name: torch.empty(n_rows, s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
     tokens = 0
     for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what):
         for s in specs:
@@ -100,7 +100,7 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
             out[s.name][start : start + n] = tile if lf is None else lf.q_s.T @ tile @ lf.q_a
         first = rec[specs[0].name]
         tokens += first.a.shape[0] * first.a.shape[1] if first.mask is None else int((first.mask != 0).sum())
-    return out, tokens / max(len(data), 1)
+    return out, tokens / max(n_rows, 1)
 
 
 @dataclass(frozen=True)
@@ -293,31 +293,50 @@ def score(
     per_token: return (n_query, n_train, tokens), each training example's score split over its
         tokens (all tracked layers must see the same token count; padded tokens get 0).
     Training gradients come from one pass over `train_data` per checkpoint, for all queries.
+    train_data: a dataset, a re-iterable stream of examples (read in pieces of `STREAM_CHUNK`
+        examples, each piece scored at every checkpoint) or a DataLoader that reads in order (its own
+        batch size and collate_fn then apply); query_data likewise (a stream's queries are held in memory).
     """
     specs = _validate(model, task, trajectory, factors, method)
-    n_train = len(train_data)
-    if len(query_data) == 0 or n_train == 0:
-        raise ValueError(f"empty data: {len(query_data)} queries, {n_train} training examples")
+    query_data = materialize(query_data)
+    n_train, n_query = length(train_data), length(query_data)
+    if n_query == 0 or n_train == 0:
+        raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
     if query_rank is not None and query_rank < 1:
         raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
     if per_token and query_rank:
         raise ValueError("per_token scores need exact queries: drop query_rank")
     if method in ("grad_cos", "trak", "repsim", "unroll"):
+        if n_train is None:
+            raise TypeError(f"method {method!r} needs a dataset with len() and indexing, not a stream")
         with restored(model):
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
-    blocks = query_blocks(model, specs, trajectory, method, len(query_data), query_rank, query_memory_budget)
+    blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
     parts = []
     with restored(model):
         for block in blocks:  # more than one block re-reads the training data once per block
-            queries = query_data if len(blocks) == 1 else Subset(query_data, list(block))
+            queries = query_data if len(blocks) == 1 else subset(query_data, block)
             plan = prepare_queries(
                 model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                 train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
             )
-            parts.append(score_rows(model, task, specs, plan, train_data, batch_size=batch_size, collate_fn=collate_fn,
-                                    progress=progress, per_token=per_token))
+            parts.append(_score_all_rows(model, task, specs, plan, train_data, batch_size=batch_size,
+                                         collate_fn=collate_fn, progress=progress, per_token=per_token))
     return torch.cat(parts)
+
+
+STREAM_CHUNK = 4096  # examples of a stream buffered at a time by `score`: bounds its memory
+
+
+def _score_all_rows(model, task, specs, plan, train_data, **kwargs) -> Tensor:
+    """score_rows over all of `train_data`; a stream in buffered pieces (one read of the stream)."""
+    if not is_stream(train_data):
+        return score_rows(model, task, specs, plan, train_data, **kwargs)
+    parts = [score_rows(model, task, specs, plan, piece, **kwargs) for _, piece in chunks(train_data, STREAM_CHUNK)]
+    if not parts:
+        raise ValueError("empty data: the training stream yielded no examples")
+    return torch.cat(parts, 1)
 
 
 def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: int) -> list[range]:
@@ -343,9 +362,12 @@ def prepare_queries(
     the training data (low-rank factors when `query_rank` is set)."""
     single = method in _FINAL_ONLY
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
+    n_train = length(train_data)
+    if n_train is None:  # a stream: its segments' N (only steers which basis scoring works in)
+        n_train = sum(trajectory.segments[ell].num_examples for ell in train_segs)
     plan = _plan(
         model, task, specs, trajectory, factors, method, query_data, "measurement", damping, train_segs,
-        batch_size, collate_fn, len(train_data),
+        batch_size, collate_fn, n_train,
     )
     if query_rank:
         lowrank = {}  # SOURCE shares one u_ℓ across a segment's checkpoints: factorise each once
@@ -357,19 +379,20 @@ def prepare_queries(
 
 
 def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn, progress=False, per_token=False) -> Tensor:
-    """(n_query, len(data)) scores of `data` (training examples) against prepared queries: one pass
-    over `data` per checkpoint, all queries at once. per_token: (n_query, len(data), tokens)."""
+    """(n_query, len(data)) scores of map-style `data` (training examples) against prepared queries:
+    one pass over `data` per checkpoint, all queries at once. per_token: (n_query, len(data), tokens)."""
     loader = make_loader(data, batch_size, collate_fn)
+    n_rows = length(data)
     scores = None
     for ell in plan.segments:
         for c, ckpt in enumerate(plan.checkpoints[ell]):
             what = f"segment {ell}, checkpoint {c}"
             load_into(model, ckpt, what)
-            bar = _progress(progress, len(data), f"scoring ({what})")
+            bar = _progress(progress, n_rows, f"scoring ({what})")
             for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar):
                 block = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token)
                 if scores is None:
-                    scores = block.new_zeros((block.shape[1], len(data)) + block.shape[2:])
+                    scores = block.new_zeros((block.shape[1], n_rows) + block.shape[2:])
                 scores[:, start : start + n] += plan.weights[ell] * block.transpose(0, 1)
             if bar is not None:
                 bar.close()
@@ -447,8 +470,7 @@ def self_score(
     specs = _validate(model, task, trajectory, factors, method)
     if method not in _SELF_METHODS:
         raise ValueError(f"self_score supports the methods {list(_SELF_METHODS)}, not {method!r}")
-    n_train = len(train_data)
-    if n_train == 0:
+    if length(train_data) == 0:
         raise ValueError("empty data: no training examples")
     single = method in _FINAL_ONLY
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
@@ -461,12 +483,10 @@ def self_score(
         if fused:
             return _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size, collate_fn, progress)
         out = []
-        idx = list(range(n_train))
-        for start in range(0, n_train, chunk_size):
-            chunk = torch.utils.data.Subset(train_data, idx[start : start + chunk_size])
+        for _, chunk in chunks(train_data, chunk_size):
             plan = _plan(
                 model, task, specs, trajectory, factors, method, chunk, "train", damping, train_segs, batch_size,
-                collate_fn, len(chunk),
+                collate_fn, length(chunk),
             )
             total = None
             for ell in plan.segments:
@@ -477,6 +497,8 @@ def self_score(
                     part = sum((_param_basis(plan.queries[ell][c][k]) * g[k]).sum((1, 2)) for k in g) * plan.weights[ell]
                     total = part if total is None else total + part
             out.append(total)
+        if not out:
+            raise ValueError("empty data: the training stream yielded no examples")
         return torch.cat(out)
 
 
@@ -498,9 +520,10 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
         else:
             scales[s.name] = reference.source_factor(lf.lam.clamp_min(0) + seg.weight_decay, seg.horizon)
         bases[s.name] = lf
-    out = torch.zeros(len(train_data), device=device, dtype=dtype)
-    bar = _progress(progress, len(train_data), "self-influence")
-    for start, n, rec in run_pass(model, task, specs, make_loader(train_data, batch_size, collate_fn), "train", "self-influence", bar):
+    out = []  # one (n,) piece per batch: a stream's length is known only at its end
+    bar = _progress(progress, length(train_data), "self-influence")
+    for _, n, rec in run_pass(model, task, specs, make_loader(train_data, batch_size, collate_fn), "train", "self-influence", bar):
+        piece = torch.zeros(n, device=device, dtype=dtype)
         for s in specs:
             r = rec[s.name]
             a = with_ones(r.a, s, r.mask)
@@ -508,7 +531,10 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
             lf = bases[s.name]
             if lf is not None:
                 a, g = a @ lf.q_a.to(a.dtype), g @ lf.q_s.to(g.dtype)
-            out[start : start + n] += ops.self_scores(a, g, scales[s.name], r.mask).to(dtype)
+            piece += ops.self_scores(a, g, scales[s.name], r.mask).to(dtype)
+        out.append(piece)
     if bar is not None:
         bar.close()
-    return out / seg.num_examples
+    if not out:
+        raise ValueError("empty data: the training stream yielded no examples")
+    return torch.cat(out) / seg.num_examples

@@ -55,8 +55,10 @@ class Segment:
     """A stretch of training whose curvature and gradients SOURCE treats as stationary.
 
     checkpoints: state_dicts or file paths saved inside the segment, in training order
-    data: the dataset the segment trained on (len() is N_ℓ); multi-stage training gives each
-        stage's segments that stage's data
+    data: the examples the segment trained on: a dataset (len() is N_ℓ), a re-iterable stream of
+        examples (an IterableDataset; give num_examples) or a DataLoader that reads in order;
+        multi-stage training gives each stage's segments that stage's data
+    num_examples: N_ℓ, needed when `data` is a stream (fit_factors checks it against what it reads)
     lr_sum: c_ℓ = Σ η_k over the segment's steps (warm-up and decay included), or
     lrs: the per-step learning rates, summed for you (give exactly one of the two)
     momentum: heavy-ball β of SGD; the effective horizon is c/(1−β)
@@ -77,7 +79,10 @@ class Segment:
         optimizer: Optimizer = "sgd",
         optimizer_states: Sequence[Any] | None = None,
         weight_decay: float = 0.0,
+        num_examples: int | None = None,
     ):
+        from ._passes import length
+
         checkpoints = list(checkpoints)
         if not checkpoints:
             raise ValueError("Segment has no checkpoints; give at least one (the weights at the segment's end)")
@@ -105,8 +110,19 @@ class Segment:
                     f"optimizer={optimizer!r} needs one optimizer state per checkpoint "
                     f"({len(checkpoints)}), got {0 if optimizer_states is None else len(optimizer_states)}"
                 )
-        if data is None or len(data) == 0:
-            raise ValueError("Segment data is empty: give the dataset this segment trained on")
+        if data is None:
+            raise ValueError("Segment data is None: give the examples this segment trained on")
+        n = length(data)
+        if n is None and num_examples is None:
+            raise ValueError(
+                f"Segment data is a stream ({type(data).__name__}, no len()): give num_examples=, the number of "
+                "examples it yields (N_ℓ in the scores' 1/N)"
+            )
+        if n is not None and num_examples is not None and n != num_examples:
+            raise ValueError(f"Segment num_examples={num_examples} but its data has {n} examples")
+        n = n if n is not None else num_examples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"Segment data is empty or num_examples is not a positive integer: {n!r}")
         self.checkpoints = checkpoints
         self.data = data
         self.lr_sum = float(lr_sum)
@@ -114,10 +130,7 @@ class Segment:
         self.optimizer: Optimizer = optimizer
         self.optimizer_states = None if optimizer_states is None else list(optimizer_states)
         self.weight_decay = float(weight_decay)
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.data)
+        self.num_examples = n
 
     @property
     def horizon(self) -> float:
@@ -156,10 +169,12 @@ class Trajectory:
         *,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        num_examples: int | None = None,
     ) -> Trajectory:
         """The paper's default: C checkpoints evenly spaced over the run's T steps (checkpoint c,
         counting from 1, saved after step round(c·T/C), so the last is the final weights), split into
-        `num_segments` consecutive groups; each segment's c_ℓ sums the real per-step rates `lrs`."""
+        `num_segments` consecutive groups; each segment's c_ℓ sums the real per-step rates `lrs`.
+        num_examples: as for Segment (needed when `data` is a stream)."""
         checkpoints = list(checkpoints)
         lrs = [float(x) for x in lrs]
         n_ckpt, n_steps = len(checkpoints), len(lrs)
@@ -178,7 +193,7 @@ class Trajectory:
             segments.append(
                 Segment(
                     [checkpoints[c] for c in group], data, lrs=lrs[start:end], momentum=momentum,
-                    weight_decay=weight_decay,
+                    weight_decay=weight_decay, num_examples=num_examples,
                 )
             )
             start = end
@@ -189,7 +204,8 @@ class Trajectory:
         horizon is the whole run's, so damping="implied" gives 1/c of the run."""
         last = self.segments[-1]
         return Trajectory(
-            [Segment([last.checkpoints[-1]], last.data, lr_sum=sum(s.horizon for s in self.segments))]
+            [Segment([last.checkpoints[-1]], last.data, lr_sum=sum(s.horizon for s in self.segments),
+                     num_examples=last.num_examples)]
         )
 
     @property

@@ -1,7 +1,8 @@
 """A scoring job run in subprocesses by the corpus tests (kill-and-resume, torchrun with gloo).
 
-usage: python _corpus_job.py OUT_DIR [--top-k K] [--slow SECONDS] [--factors-out DIR]
-Under torchrun it initialises the gloo process group and every rank takes part.
+usage: python _corpus_job.py OUT_DIR [--top-k K] [--slow SECONDS] [--factors-out DIR] [--stream]
+Under torchrun it initialises the gloo process group and every rank takes part. --stream hands the
+training examples over as an IterableDataset (no len(), no indexing) for fitting and scoring.
 """
 
 import argparse
@@ -18,6 +19,16 @@ import source_fast as sf  # noqa: E402
 from source_fast.corpus import score_corpus  # noqa: E402
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """A dataset's examples as a stream: iterable from the start on every pass, nothing else."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return (self.data[i] for i in range(len(self.data)))
+
+
 class SlowTask(ClassifyTask):
     def __init__(self, delay):
         self.delay = delay
@@ -27,11 +38,14 @@ class SlowTask(ClassifyTask):
         return super().compute_train_loss(batch, model, sample)
 
 
-def job():
+def job(stream=False):
     model = mlp(6, 7, 4, dtype=torch.float32)
     data = classification_data(90, 6, 4, seed=1, dtype=torch.float32)
     queries = classification_data(5, 6, 4, seed=2, dtype=torch.float32)
-    traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 40, 2, data, momentum=0.9)
+    if stream:
+        data = Stream(data)
+    traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 40, 2, data, momentum=0.9,
+                              num_examples=90)
     return model, data, queries, traj
 
 
@@ -41,10 +55,11 @@ def main():
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--factors-out", default=None)
+    p.add_argument("--stream", action="store_true")
     args = p.parse_args()
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
-    model, data, queries, traj = job()
+    model, data, queries, traj = job(args.stream)
     task = SlowTask(args.slow)
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
     if args.factors_out and int(os.environ.get("RANK", "0")) == 0:

@@ -106,10 +106,14 @@ def test_killed_job_resumes_with_identical_bytes(tmp_path):
     assert not list(killed.rglob("*.tmp"))
 
 
-def test_torchrun_two_gloo_processes_equal_one(reference, tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["dataset", "stream"])
+def test_torchrun_two_gloo_processes_equal_one(reference, tmp_path, stream):
+    """A dataset: each rank fits on and scores contiguous slices. A stream: every rank reads it all and
+    keeps every other example (fitting) or shard (scoring)."""
     model, task, data, queries, traj, factors, full = reference
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29533 + stream),
            str(HERE / "_corpus_job.py"), str(tmp_path / "scores"), "--factors-out", str(tmp_path / "factors")]
+    cmd += ["--stream"] if stream else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, timeout=300, env=env)
     dist_factors = sf.Factors.load(tmp_path / "factors")

@@ -1,0 +1,163 @@
+"""Training data as a stream (an IterableDataset: no len(), no indexing) or a DataLoader gives the
+same factors and scores as the dataset itself, reads the stream as often as promised, and bad
+forms of data are refused with errors that say what to do."""
+
+import hashlib
+
+import pytest
+import torch
+from _helpers import ClassifyTask, classification_data, mlp, perturbed_states
+from torch.utils.data import DataLoader
+
+import source_fast as sf
+from source_fast import scoring
+from source_fast.corpus import load_scores, load_top_k, score_corpus
+
+N = 50  # not a multiple of any chunk or batch size below
+
+
+class CountingStream(torch.utils.data.IterableDataset):
+    """A dataset's examples as a stream that counts how often it is read from the start."""
+
+    def __init__(self, data):
+        self.data, self.reads = data, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return (self.data[i] for i in range(len(self.data)))
+
+
+@pytest.fixture
+def setup():
+    model = mlp(5, 6, 3)
+    data = classification_data(N, 5, 3, seed=1)
+    queries = classification_data(4, 5, 3, seed=2)
+    states = perturbed_states(model, 4, scale=0.1)
+    return model, ClassifyTask(), data, queries, states
+
+
+def _trajectory(states, data, **kwargs):
+    return sf.Trajectory.even(states, [0.05] * 40, 2, data, momentum=0.9, **kwargs)
+
+
+def _assert_same_factors(a, b):
+    for sa, sb in zip(a.segments, b.segments):
+        for name in sa:
+            for field in ("a_cov", "s_cov", "lam"):
+                x, y = getattr(sa[name], field), getattr(sb[name], field)
+                assert torch.allclose(x, y, rtol=1e-10, atol=1e-14), (name, field)
+    assert a.num_examples == b.num_examples
+
+
+# float64 throughout; the forms batch the examples differently (stream chunks, DataLoader batches),
+# so sums run in other orders: agreement to 1e-10 relative, not bit for bit.
+@pytest.mark.parametrize("form", ["stream", "loader_of_dataset", "loader_of_stream"])
+def test_every_form_of_training_data_gives_the_dataset_scores(setup, form, monkeypatch):
+    model, task, data, queries, states = setup
+    monkeypatch.setattr(scoring, "STREAM_CHUNK", 16)  # 4 pieces of the 50 examples
+    stream = CountingStream(data)
+    other = {"stream": stream, "loader_of_dataset": DataLoader(data, batch_size=7),
+             "loader_of_stream": DataLoader(stream, batch_size=6)}[form]
+    ref_traj, traj = _trajectory(states, data), _trajectory(states, other, num_examples=N)
+    ref_f = sf.fit_factors(model, task, ref_traj, fisher="empirical", batch_size=8)
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
+    if form != "loader_of_dataset":  # covariance and Λ passes at each of the 4 checkpoints
+        assert stream.reads == 2 * 4
+    _assert_same_factors(factors, ref_f)
+    query_stream = CountingStream(queries)
+    for method, t, rt, f, rf in [("source", traj, ref_traj, factors, ref_f), ("tracin", traj, ref_traj, None, None)]:
+        reads = stream.reads
+        got = sf.score(model, task, t, f, other, query_stream, method=method, batch_size=8)
+        want = sf.score(model, task, rt, rf, data, queries, method=method, batch_size=8)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14), (method, (got - want).abs().max())
+        if form != "loader_of_dataset":  # all 4 checkpoints score each buffered piece: one read
+            assert stream.reads == reads + 1
+    final, ref_final = traj.final(), ref_traj.final()
+    f_final = sf.fit_factors(model, task, final, fisher="empirical", batch_size=8)
+    ref_f_final = sf.fit_factors(model, task, ref_final, fisher="empirical", batch_size=8)
+    got = sf.score(model, task, final, f_final, other, queries, method="ekfac", damping=1e-3)
+    want = sf.score(model, task, ref_final, ref_f_final, data, queries, method="ekfac", damping=1e-3)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+    # Self-influence: the fused one-basis path (ekfac) and the chunked walk (SOURCE over 2 segments).
+    got = sf.self_score(model, task, final, f_final, other, method="ekfac", damping=1e-3)
+    want = sf.self_score(model, task, ref_final, ref_f_final, data, method="ekfac", damping=1e-3)
+    assert got.shape == (N,) and torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+    got = sf.self_score(model, task, traj, factors, other, chunk_size=16)
+    want = sf.self_score(model, task, ref_traj, ref_f, data, chunk_size=16)
+    assert got.shape == (N,) and torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
+def _digest(out):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").glob("*"))}
+
+
+def test_corpus_from_a_stream_shards_resumes_and_keeps_top_k(setup, tmp_path):
+    model, task, data, queries, states = setup
+    stream = CountingStream(data)
+    traj = _trajectory(states, stream, num_examples=N)
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
+    full = sf.score(model, task, _trajectory(states, data), factors, data, queries)
+    budget = 2 * 2 * 8 * (6 * 6 + 3 * 7)  # two queries' prepared gradients (2 segments, float64): 2 blocks
+    reads = stream.reads
+    out = tmp_path / "scores"
+    score_corpus(model, task, traj, factors, stream, queries, out, shard_size=16, query_memory_budget=budget,
+                 progress=False)
+    assert stream.reads == reads + 2 + 1  # once per query block, plus the manifest's fingerprint
+    assert sorted(p.name for p in (out / "shards").glob("q1_*.json")) == [
+        "q1_0-16.json", "q1_16-32.json", "q1_32-48.json", "q1_48-50.json"]
+    assert torch.allclose(load_scores(out), full, rtol=1e-10, atol=1e-14)
+    before = _digest(out)
+    # A job killed after some shards: remove one shard, corrupt another, drop the completion mark.
+    (out / "shards" / "q0_16-32.json").unlink()
+    shard = out / "shards" / "q1_48-50.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    (out / "rows.json").unlink()
+    with pytest.raises(ValueError, match="has not finished"):
+        load_scores(out)
+    score_corpus(model, task, traj, factors, stream, queries, out, shard_size=16, query_memory_budget=budget,
+                 progress=False)
+    assert _digest(out) == before
+    top = tmp_path / "top"
+    score_corpus(model, task, traj, factors, stream, queries, top, shard_size=16, top_k=5, progress=False)
+    got = load_top_k(top)
+    want = full.topk(5, dim=1)
+    assert torch.allclose(got["top_values"], want.values, rtol=1e-10, atol=1e-14)
+    assert torch.equal(got["top_indices"], want.indices)
+
+
+class Shrinking(CountingStream):
+    """Yields one example fewer on every pass: not the same data twice."""
+
+    def __iter__(self):
+        self.reads += 1
+        return (self.data[i] for i in range(len(self.data) - self.reads))
+
+
+def test_bad_data_is_refused_with_the_fix(setup, tmp_path):
+    model, task, data, queries, states = setup
+    traj = _trajectory(states, data)
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        sf.score(model, task, traj, factors, iter(list(data)), queries, train_segments="all")
+    with pytest.raises(TypeError, match="an iterable of examples or a DataLoader; got int"):
+        sf.score(model, task, traj, factors, 3, queries, train_segments="all")
+    with pytest.raises(ValueError, match="shuffles or samples"):
+        sf.score(model, task, traj, factors, DataLoader(data, batch_size=4, shuffle=True), queries, train_segments="all")
+    with pytest.raises(ValueError, match="drop_last"):
+        sf.score(model, task, traj, factors, DataLoader(data, batch_size=4, drop_last=True), queries, train_segments="all")
+    with pytest.raises(ValueError, match="brings its own collate_fn"):
+        sf.score(model, task, traj, factors, DataLoader(data, batch_size=4), queries, train_segments="all",
+                 collate_fn=torch.utils.data.default_collate)
+    with pytest.raises(ValueError, match="give num_examples="):
+        _trajectory(states, CountingStream(data))
+    with pytest.raises(ValueError, match="num_examples=49 but its data has 50"):
+        _trajectory(states, data, num_examples=49)
+    with pytest.raises(ValueError, match=r"segment 0, checkpoint 0: the data yielded 50 examples but the segment has num_examples=51"):
+        sf.fit_factors(model, task, _trajectory(states, CountingStream(data), num_examples=51), fisher="empirical")
+    final = _trajectory(states, CountingStream(data), num_examples=N).final()
+    with pytest.raises(TypeError, match="method 'trak' needs a dataset with len"):
+        sf.score(model, task, final, None, final.segments[0].data, queries, method="trak")
+    shrinking = Shrinking(data)
+    with pytest.raises(ValueError, match=r"yielded \[47, 48\] examples"):
+        score_corpus(model, task, traj, factors, shrinking, queries, tmp_path, shard_size=16, train_segments="all",
+                     query_memory_budget=2 * 2 * 8 * (6 * 6 + 3 * 7), progress=False)
