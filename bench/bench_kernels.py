@@ -87,10 +87,16 @@ def self_scores_case(n, t, d_a, d_out, dtype, device):
     a = torch.randn(n, t, d_a, device=device, dtype=dtype)
     g = torch.randn(n, t, d_out, device=device, dtype=dtype)
     scale = torch.rand(d_out, d_a, device=device)
+    if t == 1:
+        # Rank-one G̃_n: Σ_j ã_j² ((g̃∘g̃) @ scale)_j, one GEMM plus the squares and the row-dot epilogue.
+        flops = 2 * n * d_out * d_a + n * (d_out + d_a) + 2 * n * d_a
+    else:
+        # Per-example tiles over tokens, then scale ⊙ tile² summed.
+        flops = 2 * n * t * d_out * d_a + 3 * n * d_out * d_a
     case = _harness.Case(
         "self_scores", {"n": n, "t": t, "d_a": d_a, "d_out": d_out}, dtype,
         bytes_moved=n * t * (d_a + d_out) * _size(dtype) + d_out * d_a * 4 + n * 4,
-        flops=2 * n * t * d_out * d_a + 3 * n * d_out * d_a,
+        flops=flops,
     )
 
     def run(backend):
@@ -108,7 +114,8 @@ def pairwise_case(n, t, d_a, d_out, dtype, device, q):
     case = _harness.Case(
         "pairwise_scores", {"n": n, "t": t, "d_a": d_a, "d_out": d_out, "q": q}, dtype,
         bytes_moved=n * t * (d_a + d_out) * _size(dtype) + q * d_out * d_a * 4 + n * q * 4,
-        flops=2 * d_out * d_a * n * min(t + q, t * q),  # the cheaper contraction (reference docstring)
+        # The cheaper contraction (reference docstring); t == 1 gives the T = 1 kernel's 2·n·q·d_out·d_a.
+        flops=2 * d_out * d_a * n * min(t + q, t * q),
     )
 
     def run(backend):

@@ -6,6 +6,9 @@ them to (BLOCK_E, BLOCK_M·BLOCK_N) and multiplies by the matching (BLOCK_M·BLO
 queries: the query contraction runs on tensor cores too, and each query tile is read once per example
 block instead of once per example. Splits over the tile list write disjoint (n, q) slabs summed in a
 fixed order (deterministic, no atomics).
+
+One token per example (t == 1, MLPs) takes _pairwise_t1_kernel instead: there G_n is rank one and the
+scores are g_nᵀ (U_q a_n), one GEMM per query with a row-dot epilogue, no token padding.
 """
 
 from __future__ import annotations
@@ -93,6 +96,86 @@ def _pairwise_kernel(
     tl.store(out_ptrs, acc, mask=e_ok[:, None] & q_ok[None, :])
 
 
+# One token per example. BLOCK_E × BLOCK_M is the MMA tile (examples × d_out rows of one query), BLOCK_K
+# the d_a step. The first config is the interpreter's and must not spill on sm_90; tiles past 64×64 take 8
+# warps: with 4, 128×64 sits at 240-255 registers (tests/test_kernels_sm90.py records them).
+_T1_CONFIGS = [
+    triton.Config({"BLOCK_E": 64, "BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_E": 128, "BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_E": 128, "BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_E": 64, "BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+# Extremes over the T = 1 configs, for the split heuristic: fewest programs, most d_out blocks.
+_T1_MAX_BLOCK_E, _T1_MIN_BLOCK_M = 128, 64
+
+
+@triton.autotune(configs=autotune_configs(_T1_CONFIGS), key=["d_out", "d_a", "Q"])
+@triton.jit
+def _pairwise_t1_kernel(
+    # Pointers
+    a_ptr, g_ptr, mask_ptr, u_ptr, out_ptr,
+    # Sizes
+    n, d_out, d_a, Q,
+    # Strides (elements): token 0 of each example only
+    stride_an, stride_ad, stride_gn, stride_gd, stride_mn,
+    stride_uq, stride_um, stride_ud, stride_os, stride_on, stride_oq,
+    # Meta-parameters
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One token per example: scores[n, q] = g_nᵀ (U_q a_n), a GEMM with a row-dot epilogue.
+
+    Program ((query, example block), split) walks its share of the d_out blocks; per block it forms
+    (BLOCK_E, BLOCK_M) = a[E, :] @ U_q[M, :]ᵀ over d_a (a real MMA tile, where the token-tile kernel would
+    pad one token to BLOCK_T), multiplies by g[E, M] and reduces over M into a per-example partial. The
+    split partials go to disjoint (n, q) slabs summed in a fixed order (deterministic, no atomics).
+    Consecutive programs share the query and the d_out blocks, so each U_q block is read from HBM about
+    once and then from L2 by the other example blocks.
+
+    Precision: U is fp32, so the dot takes fp32 operands, TF32 for 16-bit inputs (the rule of the token
+    kernel's query contraction), full fp32 when torch's matmul precision is "highest". bf16 and fp16 values
+    are exact in TF32 (8 and 11 significant bits, within TF32's 11 and its 8-bit exponent), so for 16-bit
+    inputs only U is rounded (TF32 keeps 2^-10 relative or better); rounding U to bf16 instead, for a bf16
+    MMA at twice the rate, would cost 2^-8, and fp16 cannot hold U's range. Both operands are fp32 here,
+    so the interpreter needs no upcast (_mma)."""
+    # Axis 0 is (query, example block), example blocks fastest: no 65535 limit on the number of queries,
+    # and neighbouring programs read the same U_q blocks.
+    blocks_e = tl.cdiv(n, BLOCK_E)
+    pid = tl.program_id(0)
+    pid_e = pid % blocks_e
+    q = (pid // blocks_e).to(tl.int64)  # q · stride_uq overflows int32 for large q·d_out·d_a
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    e_ok = offs_e < n
+    e64 = offs_e.to(tl.int64)  # e · stride overflows int32 for large n·d
+    if HAS_MASK:  # a dropped example reads nothing and scores exactly 0
+        e_ok &= tl.load(mask_ptr + e64 * stride_mn, mask=e_ok, other=0) != 0
+    a_rows = a_ptr + e64[:, None] * stride_an
+    u_q = u_ptr + q * stride_uq
+    part = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for mb in range(pid_s, tl.cdiv(d_out, BLOCK_M), n_split):
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < d_out
+        # g is loaded ahead of the d_a loop: its latency hides behind the MMAs, and on sm_90 the product
+        # and row sum then stay in the MMA layout (loaded after the loop, Triton converted the fp32
+        # (BLOCK_E, BLOCK_M) product to the load's layout through shared memory, and 27 more registers).
+        g = tl.load(g_ptr + e64[:, None] * stride_gn + offs_m[None, :] * stride_gd,
+                    mask=e_ok[:, None] & row_ok[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_E, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, d_a, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < d_a
+            a = tl.load(a_rows + k[None, :] * stride_ad, mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+            u = tl.load(u_q + offs_m[:, None] * stride_um + k[None, :] * stride_ud,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(tl.float32), tl.trans(u.to(tl.float32)), acc, input_precision=DOT_PRECISION)
+        part += tl.sum(acc * g.to(tl.float32), axis=1)
+    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + e64 * stride_on + q * stride_oq
+    tl.store(out_ptrs, part, mask=offs_e < n)
+
+
 def pairwise_scores(
     a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -115,6 +198,8 @@ def pairwise_scores(
     q = u.shape[0]
     if n == 0 or q == 0 or t == 0 or d_out == 0 or d_a == 0:
         return torch.zeros((n, q), device=a.device, dtype=torch.float32)
+    if t == 1:
+        return _pairwise_scores_t1(a, g, u, m)
     programs = triton.cdiv(n, _MAX_BLOCK_E) * triton.cdiv(q, _MAX_BLOCK_Q)
     tiles = triton.cdiv(d_out, _MIN_TILE[0]) * triton.cdiv(d_a, _MIN_TILE[1])
     split = split_count(programs, tiles, a.device)
@@ -129,5 +214,26 @@ def pairwise_scores(
         *a.stride(), *g.stride(), *(m.stride() if m is not None else (0, 0)),
         *u.stride(), *out.stride(),
         HAS_MASK=m is not None, UPCAST_DOT=is_interpret(), DOT_PRECISION=dot_precision(a.dtype),
+    )
+    return out[0] if split == 1 else out.sum(0)
+
+
+def _pairwise_scores_t1(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """pairwise_scores for one token per example (checked, non-empty arguments): see _pairwise_t1_kernel."""
+    n, _, d_a = a.shape
+    q, d_out = u.shape[0], u.shape[1]
+    programs = triton.cdiv(n, _T1_MAX_BLOCK_E) * q
+    split = split_count(programs, triton.cdiv(d_out, _T1_MIN_BLOCK_M), a.device)
+    out = torch.empty((split, n, q), device=a.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_E"]) * q, split)
+
+    _pairwise_t1_kernel[grid](
+        a, g, m if m is not None else a, u, out,  # the mask pointer is unread without HAS_MASK
+        n, d_out, d_a, q,
+        a.stride(0), a.stride(2), g.stride(0), g.stride(2), m.stride(0) if m is not None else 0,
+        *u.stride(), *out.stride(),
+        HAS_MASK=m is not None, DOT_PRECISION=dot_precision(a.dtype),
     )
     return out[0] if split == 1 else out.sum(0)

@@ -265,6 +265,136 @@ def test_launchers_reject_bad_arguments(call, match):
         call(_triton.kernels())
 
 
+# ---- one token per example (t == 1): the GEMM-shaped kernels -----------------------------------------
+# With t == 1 both launchers take their own kernels (_pairwise_t1_kernel: a @ U_qᵀ with a g row-dot
+# epilogue; _self_scores_t1_kernel: (g̃∘g̃) @ scale with an ã² row-dot epilogue). Sizes are odd and straddle
+# the 64-wide blocks of the first (interpreted) config: 1, less than a block, more than two blocks (masked
+# tails in every dimension). Tolerances are the module's: the kernels accumulate in fp32 and, on CUDA, dot
+# fp32 operands as TF32 for 16-bit inputs (bf16/fp16 values are exact in TF32, so only U or the squares and
+# scale are rounded: ≤ 2^-10 relative per operand, inside 2e-3 of max|ref| even when, as for the all-positive
+# self-influence sums, the truncation errors do not cancel) and in full fp32 for fp32 inputs (1e-5).
+
+T1_SHAPES = [(1, 1, 1), (5, 17, 33), (70, 130, 257), (70, 1, 33), (5, 130, 1), (1, 17, 257)]  # n, d_a, d_out
+
+
+def _t1_inputs(n, d_a, d_out, dtype, device, layout, mask_kind):
+    a = _tokens(n, 1, d_a, dtype, device, layout)
+    g = _tokens(n, 1, d_out, dtype, device, layout)
+    mask = _mask(n, 1, device, mask_kind)
+    if mask is not None and n > 1:
+        mask[-1, 0] = 0  # t == 1: a dropped token is a whole dropped example; make sure one is
+    return a, g, mask
+
+
+def _assert_dropped_rows_zero(out, mask):
+    """A dropped example reads nothing and its score is exactly 0, not a rounding residue."""
+    if mask is not None:
+        assert (out[(mask[:, 0] == 0).to(out.device)] == 0).all()
+
+
+@pytest.mark.parametrize("n, d_a, d_out", T1_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, mask_kind", VARIANTS)
+def test_pairwise_scores_t1_matches_reference(n, d_a, d_out, dtype, layout, mask_kind, device):
+    _require_triton("pairwise_scores", device, dtype)
+    a, g, mask = _t1_inputs(n, d_a, d_out, dtype, device, layout, mask_kind)
+    if layout == "contiguous":
+        u = torch.randn(1, d_out, d_a, device=device)  # Q = 1
+    else:  # Q = 17 (several query programs), feature-major or every other query of a wider batch
+        wide = torch.randn(34, d_a, d_out, device=device).transpose(1, 2)
+        u = wide[::2] if layout == "sliced" else wide[:17]
+    out = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    m64 = None if mask is None else mask.cpu()
+    ref64 = reference.pairwise_scores(a.double().cpu(), g.double().cpu(), u.double().cpu(), m64)
+    _assert_close(out, ref64, reference.pairwise_scores(a, g, u, mask), dtype)
+    _assert_dropped_rows_zero(out, mask)
+
+
+@pytest.mark.parametrize("n, d_a, d_out", T1_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, mask_kind", VARIANTS)
+def test_self_scores_t1_matches_reference(n, d_a, d_out, dtype, layout, mask_kind, device):
+    _require_triton("self_scores", device, dtype)
+    a, g, mask = _t1_inputs(n, d_a, d_out, dtype, device, layout, mask_kind)
+    if layout == "feature_major":
+        scale = torch.rand(d_a, d_out, device=device).T  # column-major scale
+    else:
+        scale = torch.rand(d_out, d_a + 3, device=device)[:, 1 : 1 + d_a]
+    out = ops.self_scores(a, g, scale, mask, backend="triton")
+    m64 = None if mask is None else mask.cpu()
+    ref64 = reference.self_scores(a.double().cpu(), g.double().cpu(), scale.double().cpu(), m64)
+    _assert_close(out, ref64, reference.self_scores(a, g, scale, mask), dtype)
+    _assert_dropped_rows_zero(out, mask)
+
+
+def test_t1_fully_masked_batch_scores_zero(device):
+    _require_triton("pairwise_scores", device, torch.bfloat16)
+    a = torch.randn(9, 1, 20, device=device, dtype=torch.bfloat16)
+    g = torch.randn(9, 1, 12, device=device, dtype=torch.bfloat16)
+    mask = torch.zeros(9, 1, dtype=torch.bool, device=device)
+    pw = ops.pairwise_scores(a, g, torch.randn(3, 12, 20, device=device), mask, backend="triton")
+    si = ops.self_scores(a, g, torch.rand(12, 20, device=device), mask, backend="triton")
+    assert pw.shape == (9, 3) and (pw == 0).all()
+    assert si.shape == (9,) and (si == 0).all()
+
+
+class _LaunchSpy:
+    """Stands in for an autotuned kernel in its module and counts `kernel[grid](...)` launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_t1_inputs_take_the_t1_kernels(t, device, monkeypatch):
+    """t == 1 must launch the GEMM-shaped kernels (and only them); t > 1 the token-tile kernels."""
+    _require_triton("pairwise_scores", device, torch.float32)
+    from source_fast.kernels import pairwise, self_influence
+
+    spies = {}
+    for mod, name in [(pairwise, "_pairwise_kernel"), (pairwise, "_pairwise_t1_kernel"),
+                      (self_influence, "_self_scores_kernel"), (self_influence, "_self_scores_t1_kernel")]:
+        spies[name] = _LaunchSpy(getattr(mod, name))
+        monkeypatch.setattr(mod, name, spies[name])
+    a, g = torch.randn(4, t, 10, device=device), torch.randn(4, t, 6, device=device)
+    ops.pairwise_scores(a, g, torch.randn(2, 6, 10, device=device), backend="triton")
+    ops.self_scores(a, g, torch.rand(6, 10, device=device), backend="triton")
+    launched = {name: spy.launches for name, spy in spies.items()}
+    if t == 1:
+        assert launched == {"_pairwise_kernel": 0, "_pairwise_t1_kernel": 1,
+                            "_self_scores_kernel": 0, "_self_scores_t1_kernel": 1}
+    else:
+        assert launched == {"_pairwise_kernel": 1, "_pairwise_t1_kernel": 0,
+                            "_self_scores_kernel": 1, "_self_scores_t1_kernel": 0}
+
+
+def test_t1_split_reductions_match_unsplit_and_repeat(device, monkeypatch):
+    """Pretending to have many SMs splits the d_out (pairwise) and d_a (self) blocks over programs; the
+    slabs are summed in a fixed order, so repeated runs agree bit for bit."""
+    _require_triton("pairwise_scores", device, torch.float32)
+    from source_fast.kernels import _common
+
+    a = torch.randn(9, 1, 150, device=device)
+    g = torch.randn(9, 1, 200, device=device)
+    mask = torch.rand(9, 1, device=device) > 0.2
+    u = torch.randn(2, 200, 150, device=device)
+    scale = torch.rand(200, 150, device=device)
+    p_unsplit = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    s_unsplit = ops.self_scores(a, g, scale, mask, backend="triton")
+    monkeypatch.setattr(_common, "num_sms", lambda device: 8)
+    p_split = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    s_split = ops.self_scores(a, g, scale, mask, backend="triton")
+    # Only the summation order differs: fp32 round-off of sums of ~150-200 unit-scale products.
+    torch.testing.assert_close(p_split, p_unsplit, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s_split, s_unsplit, rtol=1e-5, atol=1e-4)
+    assert torch.equal(ops.pairwise_scores(a, g, u, mask, backend="triton"), p_split)
+    assert torch.equal(ops.self_scores(a, g, scale, mask, backend="triton"), s_split)
+
+
 # ---- realistic sizes, native bf16/fp16 MMA: GPU only -------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -323,3 +453,23 @@ def test_cuda_precondition_at_scale(horizon):
     _assert_close(u, ru, su, torch.bfloat16)
     if horizon is not None:
         _assert_close(v_next, rv, sv, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_t1_kernels_at_scale(dtype):
+    """One token per example at MLP sizes, every dtype: TF32 MMA (16-bit) or full fp32 (fp32 inputs)."""
+    dev = torch.device("cuda")
+    n, d_a, d_out, q = 1000, 1030, 770, 20  # not multiples of the blocks: masked tails on the tensor cores
+    a = torch.randn(n, 1, d_a, device=dev).to(dtype)
+    g = torch.randn(n, 1, d_out, device=dev).to(dtype)
+    mask = torch.rand(n, 1, device=dev) > 0.1
+    u = torch.randn(q, d_out, d_a, device=dev)
+    out = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    _assert_close(out, reference.pairwise_scores(a.double(), g.double(), u.double(), mask),
+                  reference.pairwise_scores(a, g, u, mask), dtype)
+    scale = torch.rand(d_out, d_a, device=dev)
+    out = ops.self_scores(a, g, scale, mask, backend="triton")
+    _assert_close(out, reference.self_scores(a.double(), g.double(), scale.double(), mask),
+                  reference.self_scores(a, g, scale, mask), dtype)

@@ -30,7 +30,10 @@ _FLOATS = {"alpha", "horizon", "damping"}
 
 
 def _specs():
-    """(label, autotuned kernel, pointer dtypes, launch constexprs, expect wgmma) for each kernel variant.
+    """(label, autotuned kernel, pointer dtypes, launch constexprs, expected wgmma) for each kernel variant.
+    The expectation is the wgmma operand type the PTX must use ("bf16", "f16", "tf32": a plain "wgmma"
+    substring would also accept a 16-bit kernel whose dots fell back to TF32 at half the rate), False for
+    no wgmma at all (ieee fp32 dots run on FMA units), or None for unchecked.
     bf16 (the production dtype) and the scaling epilogue compile every autotune config; the other dtypes
     compile the first config only (fp16 lowers like bf16), which keeps this test near a minute on 2 cores."""
     from source_fast.kernels import lam, pairwise, precondition, self_influence
@@ -38,7 +41,8 @@ def _specs():
     specs = []
     for dt in ("bf16", "fp16", "fp32"):
         prec = "ieee" if dt == "fp32" else "tf32"
-        mma16 = dt != "fp32"  # ieee fp32 dots run on FMA units, not MMA
+        mma16 = {"bf16": "bf16", "fp16": "f16", "fp32": False}[dt]  # 16-bit operands straight into wgmma
+        tf32 = dt != "fp32" and "tf32"  # fp32 operands (squares, U) from 16-bit inputs: TF32 wgmma
         specs += [
             (f"lambda/{dt}", lam._lambda_kernel, {"a_ptr": dt, "g_ptr": dt, "mask_ptr": "u8", "out_ptr": "fp32"},
              {"HAS_MASK": True, "ACCUMULATE": True, "UPCAST_DOT": False, "DOT_PRECISION": prec}, mma16),
@@ -52,19 +56,26 @@ def _specs():
              {"a_ptr": dt, "b_ptr": dt, "c_ptr": "fp32", "lam_ptr": "fp32"},
              {"EPILOGUE": precondition._PLAIN, "CAST_F32": False, "UPCAST_DOT": False, "DOT_PRECISION": prec},
              mma16),
+            # T = 1 (one token per example): fp32 operands, TF32 MMA for 16-bit inputs, FMA for ieee fp32.
+            (f"pairwise_t1/{dt}", pairwise._pairwise_t1_kernel,
+             {"a_ptr": dt, "g_ptr": dt, "mask_ptr": "u8", "u_ptr": "fp32", "out_ptr": "fp32"},
+             {"HAS_MASK": True, "DOT_PRECISION": prec}, tf32),
+            (f"self_scores_t1/{dt}", self_influence._self_scores_t1_kernel,
+             {"a_ptr": dt, "g_ptr": dt, "mask_ptr": "u8", "scale_ptr": "fp32", "out_ptr": "fp32"},
+             {"HAS_MASK": True, "DOT_PRECISION": prec}, tf32),
         ]
     specs += [
         # T = 1: fp32 squares through TF32 MMA (16-bit inputs) or fp32 FMA (fp32 with "highest").
         ("lambda_t1/bf16", lam._lambda_t1_kernel,
          {"a_ptr": "bf16", "g_ptr": "bf16", "mask_ptr": "u8", "out_ptr": "fp32"},
-         {"HAS_MASK": True, "ACCUMULATE": True, "DOT_PRECISION": "tf32"}, True),
+         {"HAS_MASK": True, "ACCUMULATE": True, "DOT_PRECISION": "tf32"}, "tf32"),
         ("lambda_t1/fp32", lam._lambda_t1_kernel,
          {"a_ptr": "fp32", "g_ptr": "fp32", "mask_ptr": "u8", "out_ptr": "fp32"},
          {"HAS_MASK": True, "ACCUMULATE": True, "DOT_PRECISION": "ieee"}, False),
         # The fused scaling epilogue: fp32 intermediate × 16-bit eigenvectors, TF32 and full fp32.
         ("precondition_source/bf16", precondition._bmm_kernel, {"a_ptr": "bf16", "b_ptr": "fp32", "c_ptr": "fp32",
          "lam_ptr": "fp32"}, {"EPILOGUE": precondition._SOURCE, "CAST_F32": True, "UPCAST_DOT": False,
-                              "DOT_PRECISION": "tf32"}, True),
+                              "DOT_PRECISION": "tf32"}, "tf32"),
         ("precondition_ekfac/fp32", precondition._bmm_kernel, {"a_ptr": "fp32", "b_ptr": "fp32", "c_ptr": "fp32",
          "lam_ptr": "fp32"}, {"EPILOGUE": precondition._EKFAC, "CAST_F32": False, "UPCAST_DOT": False,
                               "DOT_PRECISION": "ieee"}, False),
@@ -83,6 +94,13 @@ def _ptxas_usage(ptxas: str, ptx: str) -> tuple[int, int]:
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return regs, spills
+
+
+def _wgmma_types(ptx: str) -> list[str]:
+    """Operand types of the warpgroup MMAs in the PTX, e.g. ["bf16"] for
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 (D type first, then A and B)."""
+    pattern = r"wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k\d+\.\w+\.(\w+)\."
+    return sorted({m.group(1) for m in re.finditer(pattern, ptx)})
 
 
 def compile_all(out_path: str) -> None:
@@ -120,7 +138,8 @@ def compile_all(out_path: str) -> None:
             rows.append({
                 "kernel": label, "config": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                 "n_regs": regs, "spill_bytes": spills, "shared_bytes": kernel.metadata.shared,
-                "wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx, "expect_wgmma": expect_wgmma,
+                "wgmma": "wgmma" in ptx, "wgmma_types": _wgmma_types(ptx), "mma_sync": "mma.sync" in ptx,
+                "expect_wgmma": expect_wgmma,
             })
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps({"target": "sm_90", "triton": triton.__version__, "kernels": rows}, indent=1))
@@ -150,11 +169,14 @@ def test_kernels_compile_for_sm90():
     print(f"\nsm_90 compile report: {REPORT}")
     for r in rows:
         print(f"  {r['kernel']:28s} {r['config']!s:78s} warps={r['num_warps']} regs={r['n_regs']:3d} "
-              f"spill={r['spill_bytes']:5d}B smem={r['shared_bytes']:6d}B wgmma={r['wgmma']}")
+              f"spill={r['spill_bytes']:5d}B smem={r['shared_bytes']:6d}B wgmma={','.join(r['wgmma_types']) or '-'}")
     assert rows
     for r in rows:
-        if r["expect_wgmma"] is not None:
-            assert r["wgmma"] == r["expect_wgmma"], f"{r['kernel']} {r['config']}: wgmma={r['wgmma']}"
+        expect, where = r["expect_wgmma"], f"{r['kernel']} {r['config']}: wgmma operand types {r['wgmma_types']}"
+        if expect is False:
+            assert not r["wgmma"], where
+        elif expect is not None:
+            assert r["wgmma_types"] == [expect], f"{where}, expected [{expect!r}]"
     # The default (first) config of each kernel is the one the interpreter runs and the one most shapes
     # tune to on small problems: it must not spill.
     firsts = {}
