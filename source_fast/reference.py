@@ -95,18 +95,21 @@ def self_scores(a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None
 
 
 def eigen_scale(x: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0) -> Tensor:
-    """The eigenvalue-corrected preconditioner applied elementwise in the eigenbasis.
-
-    x: (..., d_out, d_a), lam: (d_out, d_a) eigenvalues Λ (negative round-off clamped to 0).
-    horizon None (EK-FAC):  x / (Λ + damping)
-    horizon c (SOURCE):     x · F(σ), σ = Λ + damping, F(σ) = (1 − exp(−cσ))/σ = c·φ(cσ),
-                            φ(y) = −expm1(−y)/y, φ(0) = 1, so σ = 0 gives c, never NaN.
-    """
+    """The eigenvalue-corrected preconditioner applied elementwise in the eigenbasis:
+    x (..., d_out, d_a) times eigen_factor(lam, horizon=, damping=)."""
     dt = compute_dtype(x, lam)
-    sigma = lam.to(dt).clamp_min(0) + damping
-    if horizon is None:
-        return x.to(dt) / sigma
-    return x.to(dt) * source_factor(sigma, horizon)
+    return x.to(dt) * eigen_factor(lam.to(dt), horizon=horizon, damping=damping)
+
+
+def eigen_factor(lam: Tensor, *, horizon: float | None = None, damping: float = 0.0) -> Tensor:
+    """The preconditioner's diagonal in the eigenbasis, for eigenvalues Λ (d_out, d_a) (negative
+    round-off clamped to 0), σ = Λ + damping:
+    horizon None (EK-FAC):  1 / σ
+    horizon c (SOURCE):     F(σ) = (1 − exp(−cσ))/σ = c·φ(cσ), φ(y) = −expm1(−y)/y, φ(0) = 1,
+                            so σ = 0 gives c, never NaN.
+    """
+    sigma = lam.clamp_min(0) + damping
+    return 1.0 / sigma if horizon is None else source_factor(sigma, horizon)
 
 
 def source_factor(sigma: Tensor, horizon: float) -> Tensor:

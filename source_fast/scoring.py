@@ -122,14 +122,23 @@ def _param_basis(q: Tensor | EigenQuery) -> Tensor:
 
 def _one_basis_queries(scaled: Grads, lfs: dict[str, LayerFactors], train_rows: float) -> dict[str, Tensor | EigenQuery]:
     """Per layer, the cheaper of rotating the queries back once (q·d_out·d_a·(d_out + d_a)) or
-    rotating every training token of every pass into the eigenbasis (rows·(d_out² + d_a²))."""
+    rotating every training token of every pass into the eigenbasis (rows·(d_out² + d_a²)).
+    Consumes `scaled` layer by layer and rotates in place, so the queries exist once, not twice."""
     out: dict[str, Tensor | EigenQuery] = {}
-    for name, r in scaled.items():
-        lf = lfs[name]
+    for name in list(scaled):
+        r, lf = scaled.pop(name), lfs[name]
         q, d_out, d_a = r.shape
-        eig = EigenQuery(r, lf.q_a, lf.q_s)
-        out[name] = eig if train_rows * (d_out**2 + d_a**2) < q * d_out * d_a * (d_out + d_a) else eig.in_parameter_basis()
+        if train_rows * (d_out**2 + d_a**2) < q * d_out * d_a * (d_out + d_a):
+            out[name] = EigenQuery(r, lf.q_a, lf.q_s)
+            continue
+        step = max(1, _ROTATE_BYTES // (d_out * d_a * r.element_size()))  # bounds the temporaries
+        for i in range(0, q, step):
+            r[i : i + step] = lf.q_s @ r[i : i + step] @ lf.q_a.T
+        out[name] = r
     return out
+
+
+_ROTATE_BYTES = 64 << 20
 
 
 def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str) -> float:
@@ -148,19 +157,22 @@ def _ekfac_inverse(v: Tensor, lf: LayerFactors, damping: float) -> Tensor:
 
 
 def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Damping) -> list[Grads]:
-    """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … 1."""
+    """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … 1. Consumes `v` (its
+    layers are popped), so each v is freed as soon as its successor exists."""
     us: list[Grads] = [{} for _ in trajectory.segments]
     for ell in reversed(range(len(trajectory.segments))):
         seg = trajectory.segments[ell]
         nxt = {}
-        for name, vq in v.items():
+        for name in list(v):
+            vq = v.pop(name)
             lf = factors.segments[ell][name].to(vq.device, vq.dtype)
             if seg.optimizer == "sgd":
-                us[ell][name], nxt[name] = ops.precondition_queries(
-                    vq, lf.q_s, lf.q_a, lf.lam, horizon=seg.horizon, damping=seg.weight_decay
-                )
+                u, v_next = ops.precondition_queries(vq, lf.q_s, lf.q_a, lf.lam, horizon=seg.horizon, damping=seg.weight_decay)
             else:
-                us[ell][name], nxt[name] = _adam_segment(vq, lf, seg, damping, name)
+                u, v_next = _adam_segment(vq, lf, seg, damping, name)
+            us[ell][name] = u
+            if ell > 0:  # the first segment's S̄ v is never used
+                nxt[name] = v_next
         v = nxt
     return us
 
@@ -219,14 +231,14 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
             scale = {n: dict(horizon=None, damping=_damping_value(damping, factors.segments[0][n], seg.horizon, n)) for n in rot}
         else:
             scale = {n: dict(horizon=seg.horizon, damping=seg.weight_decay) for n in rot}
-        # pop: each layer's unscaled copy is freed as soon as its scaled one exists
-        scaled = {n: reference.eigen_scale(rot.pop(n), lfs[n].lam, **scale[n]).to(dtype) for n in list(rot)}
-        queries = _one_basis_queries(scaled, lfs, n_train * tokens * len(plan.checkpoints[0]))
+        for n, r in rot.items():  # in place: the queries are most of the memory a job uses
+            r.mul_(reference.eigen_factor(lfs[n].lam, **scale[n]).to(dtype))
+        queries = _one_basis_queries(rot, lfs, n_train * tokens * len(plan.checkpoints[0]))
         plan.queries[0] = [queries] * len(plan.checkpoints[0])
         return plan
     # SOURCE across segments: each segment's basis differs, so the walk works in the parameter basis.
     v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate)
-    us = _source_walk(v, trajectory, factors, damping)
+    us = _source_walk(v, trajectory, factors, damping)  # consumes v
     for ell in train_segs:
         plan.queries[ell] = [us[ell]] * len(ckpts[ell])
     return plan
@@ -317,6 +329,7 @@ def score(
     with restored(model):
         for block in blocks:  # more than one block re-reads the training data once per block
             queries = query_data if len(blocks) == 1 else subset(query_data, block)
+            plan = None  # the previous block's queries go before this block's are made
             plan = prepare_queries(
                 model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                 train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
@@ -515,10 +528,9 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
             continue
         lf = factors.segments[0][s.name].to(device, dtype)
         if method == "ekfac":
-            delta = _damping_value(damping, lf, seg.horizon, s.name)
-            scales[s.name] = 1.0 / (lf.lam.clamp_min(0) + delta)
+            scales[s.name] = reference.eigen_factor(lf.lam, damping=_damping_value(damping, lf, seg.horizon, s.name))
         else:
-            scales[s.name] = reference.source_factor(lf.lam.clamp_min(0) + seg.weight_decay, seg.horizon)
+            scales[s.name] = reference.eigen_factor(lf.lam, horizon=seg.horizon, damping=seg.weight_decay)
         bases[s.name] = lf
     out = []  # one (n,) piece per batch: a stream's length is known only at its end
     bar = _progress(progress, length(train_data), "self-influence")
