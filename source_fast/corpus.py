@@ -36,7 +36,7 @@ from ._dist import barrier, rank_and_world
 from ._io import atomic_path, sha256_file
 from ._passes import chunks, length, materialize, subset
 from .factors import Factors, restored
-from .scoring import _SELF_METHODS, Damping, Method, _validate, prepare_queries, query_blocks, score_rows
+from .scoring import _SELF_METHODS, Damping, Method, _validate, oom_hint, prepare_queries, query_blocks, score_rows
 from .task import Task
 from .trajectory import Trajectory
 
@@ -147,22 +147,18 @@ def score_corpus(
                 if not mine(k) or _shard_done(out, b, (start, end)):
                     continue
                 if plan is None:
-                    plan = prepare_queries(
-                        model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
-                        damping=damping, train_segments=train_segments, query_rank=query_rank,
-                        batch_size=batch_size, collate_fn=collate_fn,
-                    )
+                    with oom_hint(f"preparing query block {b}", batch_size, query_memory_budget):
+                        plan = prepare_queries(
+                            model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
+                            damping=damping, train_segments=train_segments, query_rank=query_rank,
+                            batch_size=batch_size, collate_fn=collate_fn,
+                        )
                 if progress:
                     of = "" if n_shards is None else f"/{n_shards}"
                     print(f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}", flush=True)
-                try:
+                with oom_hint(f"scoring rows {start}-{end} against query block {b}", batch_size, query_memory_budget):
                     rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
                                       progress=progress)
-                except torch.OutOfMemoryError as exc:
-                    raise torch.OutOfMemoryError(
-                        f"out of memory scoring rows {start}-{end} against query block {b}: lower batch_size "
-                        f"({batch_size}) or query_memory_budget ({query_memory_budget} bytes), or set query_rank"
-                    ) from exc
                 _write_shard(out, b, (start, end), rows, top_k)
             rows_seen.add(end)
     if len(rows_seen) != 1 or 0 in rows_seen:

@@ -7,7 +7,8 @@ the measurement's own units.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -327,16 +328,29 @@ def score(
     blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
     parts = []
     with restored(model):
-        for block in blocks:  # more than one block re-reads the training data once per block
+        for b, block in enumerate(blocks):  # more than one block re-reads the training data once per block
             queries = query_data if len(blocks) == 1 else subset(query_data, block)
             plan = None  # the previous block's queries go before this block's are made
-            plan = prepare_queries(
-                model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
-                train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
-            )
-            parts.append(_score_all_rows(model, task, specs, plan, train_data, batch_size=batch_size,
-                                         collate_fn=collate_fn, progress=progress, per_token=per_token))
+            with oom_hint(f"scoring query block {b} ({len(block)} queries)", batch_size, query_memory_budget):
+                plan = prepare_queries(
+                    model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
+                    train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
+                )
+                parts.append(_score_all_rows(model, task, specs, plan, train_data, batch_size=batch_size,
+                                             collate_fn=collate_fn, progress=progress, per_token=per_token))
     return torch.cat(parts)
+
+
+@contextlib.contextmanager
+def oom_hint(where: str, batch_size: int, query_memory_budget: int) -> Iterator[None]:
+    """Running out of memory, re-raised with the options that fix it."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise torch.OutOfMemoryError(
+            f"out of memory {where}: lower batch_size ({batch_size}) or query_memory_budget "
+            f"({query_memory_budget} bytes), or set query_rank"
+        ) from exc
 
 
 STREAM_CHUNK = 4096  # examples of a stream buffered at a time by `score`: bounds its memory

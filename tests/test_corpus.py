@@ -76,6 +76,7 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
 
 def test_out_of_memory_suggests_the_fix(reference, tmp_path, monkeypatch):
     import source_fast.corpus as corpus
+    import source_fast.scoring as scoring
 
     model, task, data, queries, traj, factors, _ = reference
 
@@ -85,6 +86,12 @@ def test_out_of_memory_suggests_the_fix(reference, tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "score_rows", oom)
     with pytest.raises(torch.OutOfMemoryError, match="rows 0-32 against query block 0: lower batch_size"):
         score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
+    monkeypatch.setattr(corpus, "prepare_queries", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"preparing query block 0: lower batch_size \(32\)"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
+    monkeypatch.setattr(scoring, "score_rows", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"scoring query block 0 \(5 queries\): .* or set query_rank"):
+        sf.score(model, task, traj, factors, data, queries)
 
 
 def test_killed_job_resumes_with_identical_bytes(tmp_path):
