@@ -90,6 +90,8 @@ def self_scores(a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None
     dt = compute_dtype(a_rot, g_rot, scale)
     a = _masked(a_rot, mask, dt)
     g = g_rot.to(dt)
+    if a.shape[1] == 1:  # one token per example: Σ_ij s_ij g_i² a_j² = rowsum(((g∘g) s) ∘ (a∘a)), no tiles
+        return (((g[:, 0] ** 2) @ scale.to(dt)) * a[:, 0] ** 2).sum(1)
     tiles = torch.einsum("nto,nti->noi", g, a)
     return (tiles**2 * scale.to(dt)).sum((1, 2))
 

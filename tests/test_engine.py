@@ -182,6 +182,19 @@ def test_source_factor_at_zero_curvature_is_exactly_c():
     assert out[0, 0] == 4.0 and out[0, 1] == 4.0
 
 
+def test_one_token_reference_forms_equal_the_explicit_tiles():
+    """With one token per example, Λ and self-influence skip the per-example tiles; float64, masks."""
+    g64 = torch.Generator().manual_seed(3)
+    a, g = torch.randn(9, 1, 7, generator=g64, dtype=torch.float64), torch.randn(9, 1, 5, generator=g64, dtype=torch.float64)
+    scale = torch.rand(5, 7, generator=g64, dtype=torch.float64)
+    mask = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1, 1])[:, None]
+    tiles = torch.einsum("no,ni->noi", g[:, 0], a[:, 0] * mask)
+    _close(reference.self_scores(a, g, scale, mask), (tiles**2 * scale).sum((1, 2)), 1e-13)
+    lam = torch.zeros(5, 7, dtype=torch.float64)
+    reference.accumulate_lambda_(lam, a, g, mask)
+    _close(lam, (tiles**2).sum(0), 1e-13)
+
+
 def test_tracin_and_grad_dot_match_explicit_gradients(setup):
     model, data, queries, ckpts = setup
     task = ClassifyTask()
