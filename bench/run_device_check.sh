@@ -17,6 +17,7 @@ OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/device_check.log"
 cd "$(dirname "$0")/.."
 
+PY=${PYTHON:-python3}  # the device image's python3 is the one that holds torch
 export SOURCE_FAST_REQUIRE_EXT=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # a leftover interpreter flag would silently run every kernel on the CPU
 FAILED=()
@@ -43,10 +44,10 @@ step() {
     [ "$rc" -eq 0 ] || FAILED+=("$name(rc=$rc)")
 }
 
-{ nvidia-smi; python -c 'import sys, torch, triton; print(sys.version, torch.__version__, torch.version.cuda, triton.__version__)'; } >>"$LOG" 2>&1
+{ nvidia-smi; "$PY" -c 'import sys, torch, triton; print(sys.version, torch.__version__, torch.version.cuda, triton.__version__)'; } >>"$LOG" 2>&1
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    step wheels 60 python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    step wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
@@ -54,32 +55,32 @@ fi
 # The Python package first (seconds), then the native build in the background while the Triton
 # kernel tests compile their kernels on other cores (their cache serves the benches later).
 # --no-deps: the environment already has torch and friends, and the machine has no network.
-step install_python 90 env SOURCE_FAST_BUILD_EXT=0 python -m pip install --no-build-isolation --no-deps -e .
+step install_python 90 env SOURCE_FAST_BUILD_EXT=0 "$PY" -m pip install --no-build-isolation --no-deps -e .
 BUILD_LIMIT=$(limit_for 240)
 echo "=== build_ext (background, limit ${BUILD_LIMIT}s, t=${SECONDS}s)" | tee -a "$LOG"
-timeout "$BUILD_LIMIT" python setup.py build_ext --inplace >"$OUT/build_ext.log" 2>&1 &
+timeout "$BUILD_LIMIT" "$PY" setup.py build_ext --inplace >"$OUT/build_ext.log" 2>&1 &
 BUILD_PID=$!
-step pytest_kernels_cuda 200 python -m pytest -m cuda -q -rs -n 8 tests/test_kernels.py
+step pytest_kernels_cuda 200 "$PY" -m pytest -m cuda -q -rs -n 8 tests/test_kernels.py
 wait "$BUILD_PID"
 BUILD_RC=$?
 echo "=== build_ext: rc=$BUILD_RC at t=${SECONDS}s (log: build_ext.log)" | tee -a "$LOG"
 [ "$BUILD_RC" -eq 0 ] || FAILED+=("build_ext(rc=$BUILD_RC)")
 tail -n 30 "$OUT/build_ext.log" >>"$LOG"
 
-step info 30 python -m source_fast.info
-step pytest_ext_engine_cuda 200 python -m pytest -m cuda -q -rA -n 3 tests/test_ext_covariance.py \
+step info 30 "$PY" -m source_fast.info
+step pytest_ext_engine_cuda 200 "$PY" -m pytest -m cuda -q -rA -n 3 tests/test_ext_covariance.py \
     tests/test_engine_cuda.py
 # Kernels against torch and kronfluence's Λ path, with the roofline measured in the same process.
-step bench_kernels_bf16 150 env TRITON_PRINT_AUTOTUNING=1 python bench/bench_kernels.py --device cuda --dtype bfloat16 \
+step bench_kernels_bf16 150 env TRITON_PRINT_AUTOTUNING=1 "$PY" bench/bench_kernels.py --device cuda --dtype bfloat16 \
     --out "$OUT/bench_kernels_bf16.jsonl"
-step bench_covariance_bf16 60 python bench/bench_covariance.py --device cuda --dtype bfloat16 \
+step bench_covariance_bf16 60 "$PY" bench/bench_covariance.py --device cuda --dtype bfloat16 \
     --out "$OUT/bench_covariance_bf16.jsonl"
 # Same fp32 model, same inputs, both libraries on the GPU; each library in its own process.
-step vs_kronfluence_gpt2 200 python bench/bench_vs_kronfluence.py --device cuda --workloads gpt2 \
+step vs_kronfluence_gpt2 200 "$PY" bench/bench_vs_kronfluence.py --device cuda --workloads gpt2 \
     --seqs 512 --tokens 512 --queries 32 --batch 16 --query-batch 32 --query-budget-mb 16384 \
     --check-train 32 --out "$OUT/vs_kronfluence_gpt2.jsonl"
 # tokens/s at GPT-2 small in bf16; the rest of the budget decides how far it gets (records per phase).
-step bench_gpt2_bf16 240 python bench/bench_gpt2.py --device cuda --dtype bfloat16 --seqs 2048 \
+step bench_gpt2_bf16 240 "$PY" bench/bench_gpt2.py --device cuda --dtype bfloat16 --seqs 2048 \
     --out "$OUT/bench_gpt2_bf16.jsonl"
 
 if [ "${#FAILED[@]}" -ne 0 ]; then
