@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
 
 from ._dist import rank_and_world
@@ -89,6 +91,29 @@ def length(data: Any) -> int | None:
     if is_stream(data):
         return None
     return len(data.dataset if isinstance(data, DataLoader) else data)
+
+
+def digest_tensors(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def digest_examples(data: Any, limit: int = 16) -> str:
+    """A fingerprint of a dataset: its length and up to `limit` evenly spaced examples (a stream:
+    its first `limit` examples)."""
+    source = data.dataset if isinstance(data, DataLoader) else data
+    n = length(data)
+    if n is None:
+        examples = list(itertools.islice(source, limit))
+    else:
+        examples = [source[i] for i in sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))})]
+    leaves = []
+    for example in examples:
+        leaves += [x for x in torch.utils._pytree.tree_leaves(example) if isinstance(x, Tensor)]
+        leaves += [torch.tensor([float(x)]) for x in torch.utils._pytree.tree_leaves(example) if isinstance(x, (int, float))]
+    return f"{'stream' if n is None else n}:{digest_tensors(leaves)}"
 
 
 class _Examples(IterableDataset):

@@ -20,8 +20,6 @@ read by every rank, each scoring every world-th shard.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import os
 from collections.abc import Callable
@@ -30,11 +28,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from ._dist import barrier, rank_and_world
 from ._io import atomic_path, sha256_file
-from ._passes import chunks, length, materialize, subset
+from ._passes import chunks, digest_examples, digest_tensors, length, materialize, subset
 from .factors import Factors, restored
 from .scoring import _SELF_METHODS, Damping, Method, _validate, oom_hint, prepare_queries, query_blocks, score_rows
 from .task import Task
@@ -43,40 +40,17 @@ from .trajectory import Trajectory
 MANIFEST_VERSION = 2
 
 
-def _digest_tensors(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _digest_examples(data: Any, limit: int = 16) -> str:
-    """A fingerprint of a dataset: its length and up to `limit` evenly spaced examples (a stream:
-    its first `limit` examples)."""
-    source = data.dataset if isinstance(data, DataLoader) else data
-    n = length(data)
-    if n is None:
-        examples = list(itertools.islice(source, limit))
-    else:
-        examples = [source[i] for i in sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))})]
-    leaves = []
-    for example in examples:
-        leaves += [x for x in torch.utils._pytree.tree_leaves(example) if isinstance(x, Tensor)]
-        leaves += [torch.tensor([float(x)]) for x in torch.utils._pytree.tree_leaves(example) if isinstance(x, (int, float))]
-    return f"{'stream' if n is None else n}:{_digest_tensors(leaves)}"
-
-
 def _fingerprint(trajectory, factors, method, options, train_data, query_data) -> dict:
     fac = None
     if isinstance(factors, Factors):
-        fac = _digest_tensors(lf.lam for seg in factors.segments for lf in seg.values())
+        fac = digest_tensors(lf.lam for seg in factors.segments for lf in seg.values())
     return {
         "method": method,
         "options": options,
         "factors": fac,
         "trajectory": [[len(s.checkpoints), s.lr_sum, s.momentum, s.optimizer, s.weight_decay] for s in trajectory.segments],
-        "train_data": _digest_examples(train_data),
-        "query_data": _digest_examples(query_data),
+        "train_data": digest_examples(train_data),
+        "query_data": digest_examples(query_data),
     }
 
 

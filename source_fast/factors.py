@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._dist import all_reduce_int, all_reduce_sum_
+from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world
 from ._io import atomic_path, sha256_file
-from ._passes import length, make_loader, rank_share, run_pass
+from ._passes import digest_examples, digest_tensors, length, make_loader, rank_share, run_pass
 from .capture import LayerSpec, tracked_layers, with_ones
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
@@ -216,6 +216,7 @@ def fit_factors(
     collate_fn: Callable | None = None,
     seed: int = 0,
     progress: bool = False,
+    resume_dir: str | os.PathLike | None = None,
 ) -> Factors:
     """Fits one EK-FAC per segment (ALGORITHM.md §5): covariances A and S averaged over the
     segment's checkpoints, one float64 eigendecomposition (the segment's basis), then each
@@ -224,7 +225,10 @@ def fit_factors(
     fisher: "true" draws labels from the model (`compute_train_loss(..., sample=True)`);
         "empirical" uses the data's labels.
     average_params: Fast-SOURCE — fit at the mean of each segment's checkpoints (L fits, not C).
-    seed: seeds the label sampling (the caller's RNG state is restored afterwards).
+    seed: seeds the label sampling, pass by pass (the caller's RNG state is restored afterwards).
+    resume_dir: keep each finished pass's sums there (atomically, by rank 0; every rank must see the
+        folder) and skip the passes already there: a fit killed midway resumes after its last finished
+        pass with the same result. A folder from a different fit is refused.
     The model's weights and train/eval mode are restored on return.
     """
     if fisher not in get_args(Fisher):
@@ -232,21 +236,37 @@ def fit_factors(
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     dtype = factor_dtype(model)
     objective = "fisher" if fisher == "true" else "train"
+    device = next(model.parameters()).device
     segments, num_examples = [], []
+    saved = _FitProgress(resume_dir, specs, trajectory, fisher, average_params, seed, batch_size)
+
+    def run(kind, ell, c, compute):
+        """One pass's sums: from resume_dir when finished there before, else computed (and kept)."""
+        found = saved.load(kind, ell, c, device)
+        if found is not None:
+            return found
+        # Seeded per pass, so a resumed fit samples the labels an uninterrupted one would.
+        torch.manual_seed(seed * 1_000_003 + 2 * (ell * 10_007 + c) + (kind == "lam"))
+        result = compute()
+        saved.store(kind, ell, c, result)
+        return result
+
     with restored(model), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
         for ell, seg in enumerate(trajectory.segments):
             what = f"segment {ell}"
             ckpts = segment_checkpoints(seg, average_params, what)
             # Under torch.distributed each rank reads its share (rank_share); sums are all-reduced.
             loader = make_loader(rank_share(seg.data), batch_size, collate_fn)
-            device = next(model.parameters()).device
             a_cov = {s.name: torch.zeros(s.d_a, s.d_a, device=device, dtype=dtype) for s in specs}
             s_cov = {s.name: torch.zeros(s.d_out, s.d_out, device=device, dtype=dtype) for s in specs}
             for c, ckpt in enumerate(ckpts):
-                load_into(model, ckpt, f"{what}, checkpoint {c}")
-                a_c, s_c = _covariances(model, task, specs, loader, objective, f"{what}, checkpoint {c}", progress,
-                                        expected=seg.num_examples)
+                where = f"{what}, checkpoint {c}"
+
+                def covariances(ckpt=ckpt, where=where, loader=loader, n=seg.num_examples):
+                    load_into(model, ckpt, where)
+                    return _covariances(model, task, specs, loader, objective, where, progress, expected=n)
+
+                a_c, s_c = run("cov", ell, c, covariances)
                 for s in specs:
                     a_cov[s.name] += a_c[s.name] / len(ckpts)
                     s_cov[s.name] += s_c[s.name] / len(ckpts)
@@ -254,9 +274,13 @@ def fit_factors(
             q_s = {s.name: _eigh(s_cov[s.name]).to(dtype) for s in specs}
             lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
             for c, ckpt in enumerate(ckpts):
-                load_into(model, ckpt, f"{what}, checkpoint {c}")
-                lam_c = _lambdas(model, task, specs, loader, objective, q_a, q_s, f"{what}, checkpoint {c}", progress,
-                                 expected=seg.num_examples)
+                where = f"{what}, checkpoint {c}"
+
+                def lambdas(ckpt=ckpt, where=where, loader=loader, n=seg.num_examples, q_a=q_a, q_s=q_s):
+                    load_into(model, ckpt, where)
+                    return (_lambdas(model, task, specs, loader, objective, q_a, q_s, where, progress, expected=n),)
+
+                (lam_c,) = run("lam", ell, c, lambdas)
                 for s in specs:
                     lam[s.name] += lam_c[s.name] / len(ckpts)
             precond = _adam_preconditioner(model, seg, specs, what) if seg.optimizer != "sgd" else {}
@@ -272,6 +296,65 @@ def fit_factors(
             num_examples.append(seg.num_examples)
     layout = [1] * len(trajectory.segments) if average_params else trajectory.layout()
     return Factors(specs, segments, num_examples, layout, fisher, average_params)
+
+
+class _FitProgress:
+    """fit_factors' finished passes in `folder`: seg{ℓ}_{cov|lam}{c}.safetensors, one per pass, plus
+    fit.json naming what is being fitted (layers, trajectory, data, options)."""
+
+    def __init__(self, folder, specs, trajectory, fisher, average_params, seed, batch_size):
+        self.folder = None if folder is None else Path(folder)
+        if self.folder is None:
+            return
+        fingerprint = {
+            "layers": [[s.name, s.d_out, s.d_a] for s in specs], "layout": trajectory.layout(),
+            "checkpoints": [[_checkpoint_digest(c) for c in seg.checkpoints] for seg in trajectory.segments],
+            "data": [digest_examples(seg.data) for seg in trajectory.segments],
+            "num_examples": [seg.num_examples for seg in trajectory.segments],
+            "fisher": fisher, "average_params": average_params, "seed": seed, "batch_size": batch_size,
+        }
+        path = self.folder / "fit.json"
+        if path.exists():
+            old = json.loads(path.read_text()).get("fingerprint", {})
+            if old != fingerprint:
+                diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+                raise ValueError(f"{self.folder} holds the passes of a different fit (it differs in: {', '.join(diff)}); "
+                                 "use another resume_dir or delete this one")
+        elif rank_and_world()[0] == 0:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps({"format": "source_fast.fit_progress", "fingerprint": fingerprint}, indent=1))
+        barrier()
+
+    def _path(self, kind, ell, c) -> Path:
+        return self.folder / f"seg{ell}_{kind}{c}.safetensors"
+
+    def load(self, kind, ell, c, device) -> tuple[dict[str, Tensor], ...] | None:
+        if self.folder is None or not self._path(kind, ell, c).exists():
+            return None
+        from safetensors.torch import load_file
+
+        flat = load_file(str(self._path(kind, ell, c)), device=str(device))
+        parts = sorted({int(k.split(".", 1)[0]) for k in flat})
+        return tuple({k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(f"{i}.")} for i in parts)
+
+    def store(self, kind, ell, c, result: tuple[dict[str, Tensor], ...]) -> None:
+        if self.folder is None:
+            return
+        if rank_and_world()[0] == 0:
+            from safetensors.torch import save_file
+
+            flat = {f"{i}.{name}": t.detach().cpu().contiguous() for i, part in enumerate(result) for name, t in part.items()}
+            with atomic_path(self._path(kind, ell, c)) as tmp:
+                save_file(flat, str(tmp))
+        barrier()
+
+
+def _checkpoint_digest(checkpoint: Checkpoint) -> str:
+    """A file checkpoint by path, size and modification time; an in-memory one by its first values."""
+    if not isinstance(checkpoint, dict):
+        st = os.stat(checkpoint)
+        return f"{os.fspath(checkpoint)}:{st.st_size}:{st.st_mtime_ns}"
+    return digest_tensors(v.reshape(-1)[:1024] for v in checkpoint.values() if isinstance(v, Tensor))
 
 
 def _covariances(model, task, specs, loader, objective, what, progress, expected: int | None = None):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from ._dist import barrier, rank_and_world
 from .factors import Factors, fit_factors
 from .task import Task
 from .trajectory import Trajectory
@@ -56,12 +58,18 @@ def load_job(path: str | os.PathLike) -> Job:
 
 
 def fit(job_path, out, *, fisher="true", average_params=False, final=False) -> Factors:
-    """final: fit the one-checkpoint trajectory.final() (for method ekfac) instead of the whole one."""
+    """final: fit the one-checkpoint trajectory.final() (for method ekfac) instead of the whole one.
+    Finished passes are kept in `<out>.partial/` until the factors are written, so a killed fit
+    started again resumes after its last finished pass."""
     job = load_job(job_path)
     trajectory = job.trajectory.final() if final else job.trajectory
+    partial = Path(out).with_name(Path(out).name + ".partial")
     factors = fit_factors(job.model, job.task, trajectory, fisher=fisher, average_params=average_params,
-                          batch_size=job.batch_size, collate_fn=job.collate_fn, progress=True)
-    factors.save(out)
+                          batch_size=job.batch_size, collate_fn=job.collate_fn, progress=True, resume_dir=partial)
+    if rank_and_world()[0] == 0:
+        factors.save(out)
+        shutil.rmtree(partial)
+    barrier()
     print(f"factors of {len(factors.segments)} segment(s), {len(factors.layers)} layers, written to {Path(out).resolve()}")
     return factors
 

@@ -1,0 +1,65 @@
+"""A factor fit killed midway and started again with the same resume_dir skips its finished passes
+and gives exactly the factors of an uninterrupted fit; a folder from another fit is refused."""
+
+import pytest
+import torch
+from _helpers import ClassifyTask, classification_data, mlp, perturbed_states
+
+import source_fast as sf
+from source_fast import factors as fm
+
+
+class Killed(Exception):
+    pass
+
+
+def _setup():
+    model = mlp(5, 6, 3)
+    data = classification_data(40, 5, 3, seed=1)
+    traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 20, 2, data, momentum=0.5)
+    return model, ClassifyTask(), traj
+
+
+def _count_calls(monkeypatch, name, fail_on=None):
+    calls = []
+    real = getattr(fm, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args[5 if name == "_covariances" else 7])  # `what`: "segment ℓ, checkpoint c"
+        if fail_on is not None and len(calls) == fail_on:
+            raise Killed(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fm, name, spy)
+    return calls
+
+
+def test_a_killed_fit_resumes_after_its_last_finished_pass(tmp_path, monkeypatch):
+    model, task, traj = _setup()
+    # fisher="true" samples labels: equal results need the same samples on every pass, resumed or not.
+    clean = sf.fit_factors(model, task, traj, fisher="true", batch_size=8)
+    with monkeypatch.context() as mp:
+        _count_calls(mp, "_lambdas", fail_on=2)  # killed in segment 0's second Λ pass
+        with pytest.raises(Killed):
+            sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["seg0_cov0.safetensors", "seg0_cov1.safetensors",
+                                                                   "seg0_lam0.safetensors"]
+    covs, lams = _count_calls(monkeypatch, "_covariances"), _count_calls(monkeypatch, "_lambdas")
+    resumed = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
+    assert covs == ["segment 1, checkpoint 0", "segment 1, checkpoint 1"]
+    assert lams == ["segment 0, checkpoint 1", "segment 1, checkpoint 0", "segment 1, checkpoint 1"]
+    for a, b in zip(resumed.segments, clean.segments):
+        for name in a:
+            for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):
+                assert torch.equal(getattr(a[name], field), getattr(b[name], field)), (name, field)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_folder_from_another_fit_is_refused(tmp_path):
+    model, task, traj = _setup()
+    sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"passes of a different fit \(it differs in: fisher, seed\)"):
+        sf.fit_factors(model, task, traj, fisher="true", batch_size=8, seed=3, resume_dir=tmp_path)
+    other = sf.Trajectory.even(perturbed_states(model, 4, scale=0.2), [0.05] * 20, 2, traj.segments[0].data)
+    with pytest.raises(ValueError, match=r"differs in: checkpoints"):
+        sf.fit_factors(model, task, other, fisher="empirical", batch_size=8, resume_dir=tmp_path)
