@@ -183,6 +183,9 @@ void check_covariance_args(at::TensorList covs, at::TensorList xs, const c10::Li
                   x.size(0), ",) to match xs of shape ", x.sizes(), ", got shape ", mask->sizes());
       TORCH_CHECK(!mask->is_complex(), kOp, ": layer ", i, ": mask must be bool, integer or floating, got ",
                   mask->scalar_type());
+      // 1-byte floats (float8) would be read as raw bytes: -0.0 and tiny values would not mean `!= 0`.
+      TORCH_CHECK(!mask->is_floating_point() || mask->element_size() >= 2, kOp, ": layer ", i,
+                  ": a floating mask must be float16 or wider, got ", mask->scalar_type());
     }
     const bool same_device = x.device() == device && cov.device() == device &&
                              (!mask.has_value() || mask->device() == device);
@@ -192,10 +195,29 @@ void check_covariance_args(at::TensorList covs, at::TensorList xs, const c10::Li
   }
 }
 
+void check_distinct_covs(at::TensorList covs) {
+  // [first, last] element of a cov within its storage (strides are positive: cov is a plain matrix).
+  auto span = [](const at::Tensor& t) {
+    int64_t last = t.storage_offset();
+    for (int64_t k = 0; k < t.dim(); ++k) last += (t.size(k) - 1) * t.stride(k);
+    return std::make_pair(t.storage_offset(), last);
+  };
+  for (size_t i = 0; i < covs.size(); ++i) {
+    if (covs[i].numel() == 0) continue;
+    for (size_t j = i + 1; j < covs.size(); ++j) {
+      if (covs[j].numel() == 0 || !covs[i].is_alias_of(covs[j])) continue;
+      const auto a = span(covs[i]), b = span(covs[j]);
+      TORCH_CHECK(a.second < b.first || b.second < a.first, kOp, ": layers ", i, " and ", j,
+                  ": covs share memory (views of one tensor?); give each layer its own matrix");
+    }
+  }
+}
+
 void covariance_accumulate_cpu(at::TensorList covs, at::TensorList xs,
                                const c10::List<std::optional<at::Tensor>>& masks, const c10::List<bool>& append_ones,
                                double alpha) {
   check_covariance_args(covs, xs, masks, append_ones);
+  check_distinct_covs(covs);
   const size_t n = xs.size();
   std::vector<int64_t> cost(n);
   int64_t total = 0;

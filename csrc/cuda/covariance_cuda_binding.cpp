@@ -54,6 +54,7 @@ void covariance_accumulate_cuda(at::TensorList covs, at::TensorList xs,
                                 const c10::List<std::optional<at::Tensor>>& masks, const c10::List<bool>& append_ones,
                                 double alpha) {
   check_covariance_args(covs, xs, masks, append_ones);
+  check_distinct_covs(covs);
   if (xs.empty()) return;
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -65,9 +66,14 @@ void covariance_accumulate_cuda(at::TensorList covs, at::TensorList xs,
       if (xs[i].scalar_type() == dtype && xs[i].size(0) > 0 && covs[i].numel() > 0) order.push_back(i);
     }
     if (order.empty()) continue;
+    // The kernel's tensor-core paths need these; refusing here keeps a __trap() from poisoning the context.
     if (dtype == at::kBFloat16) {
       TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8,
                   "covariance_accumulate_: bfloat16 inputs need a GPU of compute capability 8.0 or newer");
+    }
+    if (dtype == at::kHalf) {
+      TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 7,
+                  "covariance_accumulate_: float16 inputs need a GPU of compute capability 7.0 or newer");
     }
     // Layers with the most rows first: their tiles take longest, so they should start first.
     std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return xs[a].size(0) > xs[b].size(0); });
