@@ -377,7 +377,15 @@ def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: 
     )
     itemsize = factor_dtype(model).itemsize
     per_query = copies * itemsize * sum(s.d_out * s.d_a if not query_rank else query_rank * (s.d_out + s.d_a) for s in specs)
-    per_block = max(1, budget // per_query)
+    if per_query > budget:  # even one query would break the promise: say what fits instead
+        per_rank = copies * itemsize * sum(s.d_out + s.d_a for s in specs)
+        fits = f"query_rank={budget // per_rank}" if budget >= per_rank else "no query_rank either"
+        raise ValueError(
+            f"one query's prepared gradients take {per_query} bytes ({copies} cop{'y' if copies == 1 else 'ies'} of "
+            f"{len(specs)} layers), more than query_memory_budget={budget}: raise the budget, or approximate the "
+            f"queries with a lower rank ({fits} fits)"
+        )
+    per_block = budget // per_query
     return [range(s, min(n_query, s + per_block)) for s in range(0, n_query, per_block)]
 
 

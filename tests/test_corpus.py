@@ -46,7 +46,13 @@ def test_shards_and_query_blocks_equal_in_memory_scores(reference, tmp_path):
 
 def test_top_k_matches_the_full_matrix(reference, tmp_path):
     model, task, data, queries, traj, factors, full = reference
-    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, top_k=5, query_memory_budget=600, progress=False)
+    one_query = 2 * 4 * (7 * 7 + 4 * 8)  # prepared bytes of one query: 2 segments, float32, 81 parameters
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, top_k=5, query_memory_budget=one_query,
+                 progress=False)
+    assert len(list((tmp_path / "shards").glob("q4_*.safetensors"))) == 6  # 5 blocks of one query
+    with pytest.raises(ValueError, match=r"take 648 bytes \(2 copies of 2 layers\), more than query_memory_budget=600: .* "
+                                         r"\(query_rank=2 fits\)"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path / "x", top_k=5, query_memory_budget=600)
     top = load_top_k(tmp_path)
     for side, largest in (("top", True), ("bottom", False)):
         want = full.topk(5, dim=1, largest=largest)
