@@ -179,6 +179,8 @@ def main(argv=None) -> int:
             lambda n=n, t=t, d_a=d_a, d_out=d_out: self_scores_case(n, t, d_a, d_out, dtype, device),
             lambda n=n, t=t, d_a=d_a, d_out=d_out: pairwise_case(n, t, d_a, d_out, dtype, device, nq),
         ]
+        if t > 1:  # one query ("why did the model say this?") takes the token-row path
+            builders.append(lambda n=n, t=t, d_a=d_a, d_out=d_out: pairwise_case(n, t, d_a, d_out, dtype, device, 1))
     for _label, _n, _t, d_a, d_out in shapes:
         if _t == 1 and not args.quick:
             continue  # the same d as another shape; the query side does not depend on t

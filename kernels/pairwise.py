@@ -8,7 +8,8 @@ block instead of once per example. Splits over the tile list write disjoint (n, 
 fixed order (deterministic, no atomics).
 
 One token per example (t == 1, MLPs) takes _pairwise_t1_kernel instead: there G_n is rank one and the
-scores are g_nᵀ (U_q a_n), one GEMM per query with a row-dot epilogue, no token padding.
+scores are g_nᵀ (U_q a_n), one GEMM per query with a row-dot epilogue, no token padding. So does a single
+query (q == 1) at any t, with every token a row and the rows summed per example.
 """
 
 from __future__ import annotations
@@ -200,6 +201,12 @@ def pairwise_scores(
         return torch.zeros((n, q), device=a.device, dtype=torch.float32)
     if t == 1:
         return _pairwise_scores_t1(a, g, u, m)
+    if q == 1:
+        # One query: the token sum Σ_t g_tᵀ (U a_t) costs t·d_out·d_a against (t + 1)·d_out·d_a for the
+        # per-example tiles, and runs as full GEMM tiles: every token is a row of the one-token kernel.
+        rows = _pairwise_scores_t1(a.reshape(n * t, 1, d_a), g.reshape(n * t, 1, d_out), u,
+                                   None if m is None else m.reshape(n * t, 1))
+        return rows.view(n, t).sum(1, keepdim=True)
     programs = triton.cdiv(n, _MAX_BLOCK_E) * triton.cdiv(q, _MAX_BLOCK_Q)
     tiles = triton.cdiv(d_out, _MIN_TILE[0]) * triton.cdiv(d_a, _MIN_TILE[1])
     split = split_count(programs, tiles, a.device)

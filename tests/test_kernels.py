@@ -125,6 +125,22 @@ def test_pairwise_scores_matches_reference(n, t, d_a, d_out, dtype, layout, mask
     _assert_close(out, ref64, reference.pairwise_scores(a, g, u, mask), dtype)
 
 
+@pytest.mark.parametrize("n, t, d_a, d_out", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, mask_kind", VARIANTS)
+def test_pairwise_one_query_matches_reference(n, t, d_a, d_out, dtype, layout, mask_kind, device):
+    """One query takes the one-token kernel over all tokens as rows, summed per example."""
+    _require_triton("pairwise_scores", device, dtype)
+    a = _tokens(n, t, d_a, dtype, device, layout)
+    g = _tokens(n, t, d_out, dtype, device, layout)
+    mask = _mask(n, t, device, mask_kind)
+    u = torch.randn(1, d_a, d_out, device=device).transpose(1, 2)
+    out = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    m64 = None if mask is None else mask.cpu()
+    ref64 = reference.pairwise_scores(a.double().cpu(), g.double().cpu(), u.double().cpu(), m64)
+    _assert_close(out, ref64, reference.pairwise_scores(a, g, u, mask), dtype)
+
+
 def _eigvecs(d, dtype, device):
     return torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].to(device=device, dtype=dtype)
 
@@ -349,9 +365,10 @@ class _LaunchSpy:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("t", [1, 2])
-def test_t1_inputs_take_the_t1_kernels(t, device, monkeypatch):
-    """t == 1 must launch the GEMM-shaped kernels (and only them); t > 1 the token-tile kernels."""
+@pytest.mark.parametrize("t, q", [(1, 2), (2, 2), (3, 1)])
+def test_t1_inputs_take_the_t1_kernels(t, q, device, monkeypatch):
+    """t == 1 must launch the GEMM-shaped kernels (and only them); t > 1 the token-tile kernels, except
+    pairwise scores of one query, which run the one-token kernel over every token."""
     _require_triton("pairwise_scores", device, torch.float32)
     from source_fast.kernels import pairwise, self_influence
 
@@ -361,15 +378,12 @@ def test_t1_inputs_take_the_t1_kernels(t, device, monkeypatch):
         spies[name] = _LaunchSpy(getattr(mod, name))
         monkeypatch.setattr(mod, name, spies[name])
     a, g = torch.randn(4, t, 10, device=device), torch.randn(4, t, 6, device=device)
-    ops.pairwise_scores(a, g, torch.randn(2, 6, 10, device=device), backend="triton")
+    ops.pairwise_scores(a, g, torch.randn(q, 6, 10, device=device), backend="triton")
     ops.self_scores(a, g, torch.rand(6, 10, device=device), backend="triton")
     launched = {name: spy.launches for name, spy in spies.items()}
-    if t == 1:
-        assert launched == {"_pairwise_kernel": 0, "_pairwise_t1_kernel": 1,
-                            "_self_scores_kernel": 0, "_self_scores_t1_kernel": 1}
-    else:
-        assert launched == {"_pairwise_kernel": 1, "_pairwise_t1_kernel": 0,
-                            "_self_scores_kernel": 1, "_self_scores_t1_kernel": 0}
+    pairwise_t1, self_t1 = int(t == 1 or q == 1), int(t == 1)
+    assert launched == {"_pairwise_kernel": 1 - pairwise_t1, "_pairwise_t1_kernel": pairwise_t1,
+                        "_self_scores_kernel": 1 - self_t1, "_self_scores_t1_kernel": self_t1}
 
 
 def test_t1_split_reductions_match_unsplit_and_repeat(device, monkeypatch):
@@ -425,12 +439,12 @@ def test_cuda_lambda_and_self_scores_at_scale(t, d_a, d_out, dtype):
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("t, d_a, d_out", [(256, 1024, 1024), (1, 4096, 1024)])
-def test_cuda_pairwise_at_scale(t, d_a, d_out):
+@pytest.mark.parametrize("t, d_a, d_out, q", [(256, 1024, 1024, 20), (1, 4096, 1024, 20), (256, 1024, 1024, 1)])
+def test_cuda_pairwise_at_scale(t, d_a, d_out, q):
     dev = torch.device("cuda")
     a = torch.randn(48, t, d_a, device=dev, dtype=torch.bfloat16)
     g = torch.randn(48, t, d_out, device=dev, dtype=torch.bfloat16)
-    u = torch.randn(20, d_out, d_a, device=dev)
+    u = torch.randn(q, d_out, d_a, device=dev)
     out = ops.pairwise_scores(a, g, u, backend="triton")
     ref64 = reference.pairwise_scores(a.double(), g.double(), u.double())
     _assert_close(out, ref64, reference.pairwise_scores(a, g, u), torch.bfloat16)
