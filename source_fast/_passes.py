@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
@@ -43,9 +44,8 @@ def model_device(model: nn.Module) -> torch.device:
 # since scores are indexed by position.
 
 
-def _check_loader(loader: DataLoader, collate_fn: Callable | None) -> None:
-    if collate_fn is not None:
-        raise ValueError("data is a DataLoader, which brings its own collate_fn: do not pass collate_fn too")
+def _check_loader(loader: DataLoader) -> None:
+    """A DataLoader must yield its dataset's examples once each, in the dataset's order."""
     if loader.batch_size is None:
         raise ValueError("the DataLoader has batch_size=None or a batch_sampler: give it batch_size= and no sampler")
     if loader.drop_last:
@@ -53,6 +53,13 @@ def _check_loader(loader: DataLoader, collate_fn: Callable | None) -> None:
     if not isinstance(loader.dataset, IterableDataset) and not isinstance(loader.sampler, SequentialSampler):
         raise ValueError(  # noqa: TRY004 (the loader's setting is wrong, not the argument's type)
             "the DataLoader shuffles or samples its dataset; scores are indexed by position, so use shuffle=False and no sampler"
+        )
+    if getattr(loader, "in_order", True) is False:
+        raise ValueError("the DataLoader has in_order=False: batches from its workers would land on the wrong rows")
+    if isinstance(loader.dataset, IterableDataset) and loader.num_workers > 0:
+        raise ValueError(
+            "the DataLoader reads an IterableDataset with num_workers > 0: each worker yields its own copy or share of "
+            "the stream, in an order source_fast cannot index; use num_workers=0, or a map-style dataset with workers"
         )
 
 
@@ -67,8 +74,10 @@ def _rebuild(loader: DataLoader, dataset: Any) -> DataLoader:
 
 
 def is_stream(data: Any) -> bool:
-    """True for data read front to back (no len() and indexing); raises for what cannot be read twice."""
+    """True for data read front to back (no len() and indexing); raises for what cannot be read twice
+    or in order. Every function here asks this first, so every DataLoader is checked."""
     if isinstance(data, DataLoader):
+        _check_loader(data)
         return is_stream(data.dataset)
     if isinstance(data, IterableDataset):
         return True
@@ -109,11 +118,18 @@ def digest_examples(data: Any, limit: int = 16) -> str:
         examples = list(itertools.islice(source, limit))
     else:
         examples = [source[i] for i in sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))})]
-    leaves = []
-    for example in examples:
-        leaves += [x for x in torch.utils._pytree.tree_leaves(example) if isinstance(x, Tensor)]
-        leaves += [torch.tensor([float(x)]) for x in torch.utils._pytree.tree_leaves(example) if isinstance(x, (int, float))]
+    leaves = [_as_tensor(x) for example in examples for x in torch.utils._pytree.tree_leaves(example)]
     return f"{'stream' if n is None else n}:{digest_tensors(leaves)}"
+
+
+def _as_tensor(leaf: Any) -> Tensor:
+    """Any leaf of an example as bytes to hash: tensors and arrays by value, text by its UTF-8, the rest by repr."""
+    if isinstance(leaf, Tensor):
+        return leaf
+    if isinstance(leaf, (np.ndarray, np.generic, int, float, bool)):
+        return torch.as_tensor(np.asarray(leaf))
+    raw = leaf if isinstance(leaf, bytes) else (leaf if isinstance(leaf, str) else repr(leaf)).encode()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
 
 
 class _Examples(IterableDataset):
@@ -131,7 +147,9 @@ class _Examples(IterableDataset):
 def make_loader(data: Any, batch_size: int, collate_fn: Callable | None) -> DataLoader:
     """Batches of `data` in order (a DataLoader's own batches; batch_size then does not apply)."""
     if isinstance(data, DataLoader):
-        _check_loader(data, collate_fn)
+        if collate_fn is not None:
+            raise ValueError("data is a DataLoader, which brings its own collate_fn: do not pass collate_fn too")
+        is_stream(data)  # checks its settings
         return data
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -28,12 +28,23 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from ._dist import barrier, rank_and_world
 from ._io import atomic_path, sha256_file
 from ._passes import chunks, digest_examples, digest_tensors, length, materialize, subset
 from .factors import Factors, restored
-from .scoring import _SELF_METHODS, Damping, Method, _validate, oom_hint, prepare_queries, query_blocks, score_rows
+from .scoring import (
+    _SELF_METHODS,
+    Damping,
+    Method,
+    _validate,
+    check_rows,
+    oom_hint,
+    prepare_queries,
+    query_blocks,
+    score_rows,
+)
 from .task import Task
 from .trajectory import Trajectory
 
@@ -99,6 +110,9 @@ def score_corpus(
                "query_memory_budget": query_memory_budget, "train_segments": train_segments}
     fingerprint = _fingerprint(trajectory, factors, method, options, train_data, query_data)
     _check_or_write_manifest(out, fingerprint, rank)
+    if rank == 0:  # the marks of a finished run go until this one finishes (a stream may have grown)
+        (out / "rows.json").unlink(missing_ok=True)
+        (out / "top_k.safetensors").unlink(missing_ok=True)
     barrier()
 
     blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
@@ -110,6 +124,7 @@ def score_corpus(
         def mine(k):
             return rank * n_shards // world <= k < (rank + 1) * n_shards // world
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    loader_batch = train_data.batch_size if isinstance(train_data, DataLoader) else batch_size  # for error messages
 
     rows_seen = set()
     with restored(model):
@@ -121,7 +136,7 @@ def score_corpus(
                 if not mine(k) or _shard_done(out, b, (start, end)):
                     continue
                 if plan is None:
-                    with oom_hint(f"preparing query block {b}", batch_size, query_memory_budget):
+                    with oom_hint(f"preparing query block {b}", loader_batch, query_memory_budget):
                         plan = prepare_queries(
                             model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
                             damping=damping, train_segments=train_segments, query_rank=query_rank,
@@ -130,7 +145,7 @@ def score_corpus(
                 if progress:
                     of = "" if n_shards is None else f"/{n_shards}"
                     print(f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}", flush=True)
-                with oom_hint(f"scoring rows {start}-{end} against query block {b}", batch_size, query_memory_budget):
+                with oom_hint(f"scoring rows {start}-{end} against query block {b}", loader_batch, query_memory_budget):
                     rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
                                       progress=progress)
                 _write_shard(out, b, (start, end), rows, top_k)
@@ -141,6 +156,7 @@ def score_corpus(
             "yield the same non-empty sequence of examples on every pass"
         )
     n_rows = rows_seen.pop()
+    check_rows(trajectory, train_data, n_rows)
     shards = [(s, min(n_rows, s + shard_size)) for s in range(0, n_rows, shard_size)]
     barrier()
     if rank == 0:
@@ -159,6 +175,9 @@ def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise ValueError(f"{path} is corrupted; delete {out} to start over") from None
+        if old.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"{out} was written by another version of score_corpus (format {old.get('version')}); "
+                             "delete it to score again")
         if old.get("fingerprint") != fingerprint:
             diff = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
             raise ValueError(

@@ -68,7 +68,7 @@ def subsets_digest(subsets: Sequence[Sequence[int]]) -> str:
 def _run_one(train_fn: TrainFn, measure_fn: MeasureFn, indices: list[int], seed: int) -> Tensor:
     """One retraining and its measurements, (n_query,) float64 on the CPU. The RNG is seeded with
     `seed` and restored afterwards, so inline and worker runs draw the same numbers."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         out = measure_fn(train_fn(list(indices), seed))
     out = torch.as_tensor(out).detach().to("cpu", torch.float64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -238,7 +239,7 @@ def fit_factors(
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
     segments, num_examples = [], []
-    saved = _FitProgress(resume_dir, specs, trajectory, fisher, average_params, seed, batch_size)
+    saved = _FitProgress(resume_dir, specs, trajectory, fisher, average_params, seed, batch_size, dtype, device)
 
     def run(kind, ell, c, compute):
         """One pass's sums: from resume_dir when finished there before, else computed (and kept)."""
@@ -251,7 +252,7 @@ def fit_factors(
         saved.store(kind, ell, c, result)
         return result
 
-    with restored(model), torch.random.fork_rng(devices=[]):
+    with restored(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for ell, seg in enumerate(trajectory.segments):
             what = f"segment {ell}"
             ckpts = segment_checkpoints(seg, average_params, what)
@@ -302,28 +303,33 @@ class _FitProgress:
     """fit_factors' finished passes in `folder`: seg{ℓ}_{cov|lam}{c}.safetensors, one per pass, plus
     fit.json naming what is being fitted (layers, trajectory, data, options)."""
 
-    def __init__(self, folder, specs, trajectory, fisher, average_params, seed, batch_size):
+    def __init__(self, folder, specs, trajectory, fisher, average_params, seed, batch_size, dtype, device):
         self.folder = None if folder is None else Path(folder)
         if self.folder is None:
             return
-        fingerprint = {
-            "layers": [[s.name, s.d_out, s.d_a] for s in specs], "layout": trajectory.layout(),
-            "checkpoints": [[_checkpoint_digest(c) for c in seg.checkpoints] for seg in trajectory.segments],
-            "data": [digest_examples(seg.data) for seg in trajectory.segments],
-            "num_examples": [seg.num_examples for seg in trajectory.segments],
-            "fisher": fisher, "average_params": average_params, "seed": seed, "batch_size": batch_size,
-        }
-        path = self.folder / "fit.json"
-        if path.exists():
-            old = json.loads(path.read_text()).get("fingerprint", {})
-            if old != fingerprint:
+        rank, world = rank_and_world()
+        diff = []
+        if rank == 0:  # rank 0 decides, and every rank raises together (none is left waiting at a barrier)
+            fingerprint = {
+                "layers": [[s.name, s.d_out, s.d_a] for s in specs], "layout": trajectory.layout(),
+                "checkpoints": [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
+                                for ell, seg in enumerate(trajectory.segments)],
+                "data": [digest_examples(seg.data) for seg in trajectory.segments],
+                "num_examples": [seg.num_examples for seg in trajectory.segments],
+                "fisher": fisher, "average_params": average_params, "seed": seed, "batch_size": batch_size,
+                "dtype": str(dtype), "world_size": world,
+            }
+            path = self.folder / "fit.json"
+            if path.exists():
+                old = json.loads(path.read_text()).get("fingerprint", {})
                 diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
-                raise ValueError(f"{self.folder} holds the passes of a different fit (it differs in: {', '.join(diff)}); "
-                                 "use another resume_dir or delete this one")
-        elif rank_and_world()[0] == 0:
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps({"format": "source_fast.fit_progress", "fingerprint": fingerprint}, indent=1))
-        barrier()
+            else:
+                with atomic_path(path) as tmp:
+                    tmp.write_text(json.dumps({"format": "source_fast.fit_progress", "fingerprint": fingerprint}, indent=1))
+        if all_reduce_int(len(diff), device):
+            where = f"it differs in: {', '.join(diff)}" if rank == 0 else "rank 0 says what differs"
+            raise ValueError(f"{self.folder} holds the passes of a different fit ({where}); use another resume_dir or "
+                             "delete this one")
 
     def _path(self, kind, ell, c) -> Path:
         return self.folder / f"seg{ell}_{kind}{c}.safetensors"
@@ -349,12 +355,19 @@ class _FitProgress:
         barrier()
 
 
-def _checkpoint_digest(checkpoint: Checkpoint) -> str:
-    """A file checkpoint by path, size and modification time; an in-memory one by its first values."""
+def _checkpoint_digest(checkpoint: Checkpoint, what: str) -> str:
+    """A checkpoint by content: a file's bytes (a copy elsewhere is the same checkpoint), or every
+    tensor of an in-memory state_dict with its name, dtype and shape. One read, less than a data pass."""
     if not isinstance(checkpoint, dict):
-        st = os.stat(checkpoint)
-        return f"{os.fspath(checkpoint)}:{st.st_size}:{st.st_mtime_ns}"
-    return digest_tensors(v.reshape(-1)[:1024] for v in checkpoint.values() if isinstance(v, Tensor))
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"{what}: checkpoint file {os.fspath(checkpoint)!r} does not exist")
+        return sha256_file(checkpoint)[:16]
+    h = hashlib.sha256()
+    for key, value in checkpoint.items():
+        if isinstance(value, Tensor):
+            h.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+            h.update(digest_tensors([value]).encode())
+    return h.hexdigest()[:16]
 
 
 def _covariances(model, task, specs, loader, objective, what, progress, expected: int | None = None):

@@ -63,7 +63,8 @@ def fit(job_path, out, *, fisher="true", average_params=False, final=False) -> F
     started again resumes after its last finished pass."""
     job = load_job(job_path)
     trajectory = job.trajectory.final() if final else job.trajectory
-    partial = Path(out).with_name(Path(out).name + ".partial")
+    out = Path(out).resolve()  # `--out .` has no name to extend
+    partial = out.with_name(out.name + ".partial")
     factors = fit_factors(job.model, job.task, trajectory, fisher=fisher, average_params=average_params,
                           batch_size=job.batch_size, collate_fn=job.collate_fn, progress=True, resume_dir=partial)
     if rank_and_world()[0] == 0:

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from . import baselines, ops, reference
 from ._passes import chunks, is_stream, length, make_loader, materialize, run_pass, subset
@@ -326,19 +327,28 @@ def score(
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
     blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
+    loader_batch = train_data.batch_size if isinstance(train_data, DataLoader) else batch_size  # for error messages
     parts = []
     with restored(model):
         for b, block in enumerate(blocks):  # more than one block re-reads the training data once per block
             queries = query_data if len(blocks) == 1 else subset(query_data, block)
             plan = None  # the previous block's queries go before this block's are made
-            with oom_hint(f"scoring query block {b} ({len(block)} queries)", batch_size, query_memory_budget):
+            with oom_hint(f"scoring query block {b} ({len(block)} queries)", loader_batch, query_memory_budget):
                 plan = prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
                 )
                 parts.append(_score_all_rows(model, task, specs, plan, train_data, batch_size=batch_size,
                                              collate_fn=collate_fn, progress=progress, per_token=per_token))
+            check_rows(trajectory, train_data, parts[-1].shape[1])
     return torch.cat(parts)
+
+
+def check_rows(trajectory: Trajectory, train_data: Any, rows: int) -> None:
+    """A stream's segments declare num_examples (N in the 1/N); the examples read must match it."""
+    for ell, seg in enumerate(trajectory.segments):
+        if seg.data is train_data and seg.num_examples != rows:
+            raise ValueError(f"the training data yielded {rows} examples but segment {ell} has num_examples={seg.num_examples}")
 
 
 @contextlib.contextmanager
@@ -363,7 +373,7 @@ def _score_all_rows(model, task, specs, plan, train_data, **kwargs) -> Tensor:
     parts = [score_rows(model, task, specs, plan, piece, **kwargs) for _, piece in chunks(train_data, STREAM_CHUNK)]
     if not parts:
         raise ValueError("empty data: the training stream yielded no examples")
-    return torch.cat(parts, 1)
+    return torch.cat(parts, 1)  # check_rows runs on the result, in score()
 
 
 def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: int) -> list[range]:
@@ -534,7 +544,9 @@ def self_score(
             out.append(total)
         if not out:
             raise ValueError("empty data: the training stream yielded no examples")
-        return torch.cat(out)
+        scores = torch.cat(out)
+        check_rows(trajectory, train_data, len(scores))
+        return scores
 
 
 def _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size, collate_fn, progress):
@@ -571,4 +583,6 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
         bar.close()
     if not out:
         raise ValueError("empty data: the training stream yielded no examples")
-    return torch.cat(out) / seg.num_examples
+    scores = torch.cat(out)
+    check_rows(trajectory, train_data, len(scores))
+    return scores / seg.num_examples

@@ -115,8 +115,8 @@ class Segment:
         n = length(data)
         if n is None and num_examples is None:
             raise ValueError(
-                f"Segment data is a stream ({type(data).__name__}, no len()): give num_examples=, the number of "
-                "examples it yields (N_ℓ in the scores' 1/N)"
+                f"Segment data is a stream ({type(data).__name__}, read front to back, not indexed): give "
+                "num_examples=, the number of examples it yields (N_ℓ in the scores' 1/N)"
             )
         if n is not None and num_examples is not None and n != num_examples:
             raise ValueError(f"Segment num_examples={num_examples} but its data has {n} examples")

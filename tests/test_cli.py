@@ -37,6 +37,9 @@ def test_fit_and_score_from_a_job_file(tmp_path):
     job_file.write_text(JOB)
     _run("fit", str(job_file), "--out", str(tmp_path / "factors"))
     assert not (tmp_path / "factors.partial").exists()  # finished passes are dropped once the factors exist
+    (tmp_path / "here").mkdir()
+    _run("fit", str(job_file), "--out", ".", cwd=tmp_path / "here")  # `.` has no name to add ".partial" to
+    assert (tmp_path / "here" / "factors.safetensors").exists() and not (tmp_path / "here.partial").exists()
     _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "scores"), "--shard-size", "50")
     _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "top"), "--top-k", "4")
     spec = __import__("importlib.util").util.spec_from_file_location("job", job_file)

@@ -63,3 +63,19 @@ def test_a_folder_from_another_fit_is_refused(tmp_path):
     other = sf.Trajectory.even(perturbed_states(model, 4, scale=0.2), [0.05] * 20, 2, traj.segments[0].data)
     with pytest.raises(ValueError, match=r"differs in: checkpoints"):
         sf.fit_factors(model, task, other, fisher="empirical", batch_size=8, resume_dir=tmp_path)
+
+
+def test_checkpoints_are_identified_by_content(tmp_path):
+    """Every value counts (not just the first ones), and a file copied elsewhere is the same checkpoint."""
+    from safetensors.torch import save_file
+
+    state = {"w": torch.zeros(2000), "b": torch.ones(3)}
+    other = {"w": torch.zeros(2000), "b": torch.ones(3)}
+    other["w"][1500] = 1.0
+    assert fm._checkpoint_digest(state, "c") != fm._checkpoint_digest(other, "c")
+    save_file(state, str(tmp_path / "a.safetensors"))
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "b.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())
+    assert fm._checkpoint_digest(tmp_path / "a.safetensors", "c") == fm._checkpoint_digest(tmp_path / "copy" / "b.safetensors", "c")
+    with pytest.raises(FileNotFoundError, match="segment 1, checkpoint 0: checkpoint file .* does not exist"):
+        fm._checkpoint_digest(tmp_path / "missing.safetensors", "segment 1, checkpoint 0")

@@ -4,6 +4,7 @@ forms of data are refused with errors that say what to do."""
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 from _helpers import ClassifyTask, classification_data, mlp, perturbed_states
@@ -91,6 +92,26 @@ def _digest(out):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").glob("*"))}
 
 
+def test_fingerprints_see_text_and_arrays():
+    """Corpus and fit fingerprints must tell apart data that is text (tokenized by a collate_fn) or numpy."""
+    from source_fast._passes import digest_examples
+
+    texts = [digest_examples([{"text": t, "label": 1}] * 3) for t in ("a cat", "a dog")]
+    arrays = [digest_examples([(np.full(4, v), np.int64(2))]) for v in (0.0, 1.0)]
+    assert texts[0] != texts[1] and arrays[0] != arrays[1]
+
+
+def test_an_output_folder_of_another_format_is_refused(setup, tmp_path):
+    model, task, data, queries, states = setup
+    traj = _trajectory(states, data)
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, progress=False)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    with pytest.raises(ValueError, match=r"another version of score_corpus \(format 1\); delete it"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path, progress=False)
+
+
 def test_corpus_from_a_stream_shards_resumes_and_keeps_top_k(setup, tmp_path):
     model, task, data, queries, states = setup
     stream = CountingStream(data)
@@ -157,6 +178,18 @@ def test_bad_data_is_refused_with_the_fix(setup, tmp_path):
     final = _trajectory(states, CountingStream(data), num_examples=N).final()
     with pytest.raises(TypeError, match="method 'trak' needs a dataset with len"):
         sf.score(model, task, final, None, final.segments[0].data, queries, method="trak")
+    with pytest.raises(ValueError, match="IterableDataset with num_workers > 0"):
+        sf.score(model, task, traj, factors, DataLoader(CountingStream(data), batch_size=4, num_workers=2), queries,
+                 train_segments="all")
+    with pytest.raises(ValueError, match="in_order=False"):
+        sf.score(model, task, traj, factors, DataLoader(data, batch_size=4, num_workers=1, in_order=False), queries,
+                 train_segments="all")
+    sampled = DataLoader(data, batch_size=4, sampler=torch.utils.data.SubsetRandomSampler(range(10)))
+    with pytest.raises(ValueError, match="shuffles or samples"):  # score_corpus slices the loader's dataset itself
+        score_corpus(model, task, traj, factors, sampled, queries, tmp_path / "sampled", train_segments="all")
+    stream_traj = _trajectory(states, CountingStream(data), num_examples=51)
+    with pytest.raises(ValueError, match="yielded 50 examples but segment 0 has num_examples=51"):
+        sf.score(model, task, stream_traj, None, stream_traj.segments[0].data, queries, method="tracin")
     shrinking = Shrinking(data)
     with pytest.raises(ValueError, match=r"yielded \[47, 48\] examples"):
         score_corpus(model, task, traj, factors, shrinking, queries, tmp_path, shard_size=16, train_segments="all",
