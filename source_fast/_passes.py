@@ -126,7 +126,7 @@ def _as_tensor(leaf: Any) -> Tensor:
     """Any leaf of an example as bytes to hash: tensors and arrays by value, text by its UTF-8, the rest by repr."""
     if isinstance(leaf, Tensor):
         return leaf
-    if isinstance(leaf, (np.ndarray, np.generic, int, float, bool)):
+    if isinstance(leaf, (int, float, bool)) or (isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype.kind in "biuf"):
         return torch.as_tensor(np.asarray(leaf))
     raw = leaf if isinstance(leaf, bytes) else (leaf if isinstance(leaf, str) else repr(leaf)).encode()
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
