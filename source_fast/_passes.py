@@ -180,7 +180,10 @@ def rank_share(data: Any) -> Any:
 
 
 def materialize(data: Any) -> Any:
-    """Map-style data as is; a stream's examples in a list (for queries, which are few)."""
+    """Map-style data as is; a stream's examples in a list (for queries: few, and read once, so even a
+    one-shot iterator will do)."""
+    if isinstance(data, Iterator):
+        return list(data)
     if not is_stream(data):
         return data
     if isinstance(data, DataLoader):

@@ -117,6 +117,8 @@ def score_corpus(
 
     blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
     n_shards = None if n_train is None else -(-n_train // shard_size)
+    # For progress only: a stream's length is its segment's num_examples, checked at the end.
+    n_expected = n_train if n_train is not None else next((s.num_examples for s in trajectory.segments if s.data is train_data), None)
     if n_shards is None:  # a stream: every rank reads it all and scores every world-th shard
         def mine(k):
             return k % world == rank
@@ -143,7 +145,7 @@ def score_corpus(
                             batch_size=batch_size, collate_fn=collate_fn,
                         )
                 if progress:
-                    of = "" if n_shards is None else f"/{n_shards}"
+                    of = f"/{-(-n_expected // shard_size)}" if n_expected else ""
                     print(f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}", flush=True)
                 with oom_hint(f"scoring rows {start}-{end} against query block {b}", loader_batch, query_memory_budget):
                     rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,

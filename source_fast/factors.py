@@ -200,6 +200,15 @@ def _progress(enabled: bool, total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, leave=False)
 
 
+def _share(loader, expected: int | None) -> int | None:
+    """Examples this rank reads in a pass (a progress bar's total): a stream's from its segment's N."""
+    n = length(loader.dataset)
+    if n is None and expected is not None:
+        rank, world = rank_and_world()
+        n = len(range(rank, expected, world))
+    return n
+
+
 def _eigh(cov: Tensor) -> Tensor:
     """Eigenvectors (columns, ascending) of a symmetric matrix, computed in float64."""
     c = cov.double()
@@ -380,7 +389,7 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
     s_sum = {s.name: torch.zeros(s.d_out, s.d_out, device=device, dtype=dtype) for s in specs}
     rows = dict.fromkeys((s.name for s in specs), 0)
     examples = 0
-    bar = _progress(progress, length(loader.dataset), f"covariances ({what})")  # this rank's share
+    bar = _progress(progress, _share(loader, expected), f"covariances ({what})")
     for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar):
         examples += n
         covs, xs, masks, ones = [], [], [], []
@@ -414,7 +423,7 @@ def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, ex
     device = next(model.parameters()).device
     lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
     count = 0
-    bar = _progress(progress, length(loader.dataset), f"eigenvalue corrections ({what})")
+    bar = _progress(progress, _share(loader, expected), f"eigenvalue corrections ({what})")
     for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar):
         for s in specs:
             r = rec[s.name]

@@ -65,6 +65,9 @@ def test_every_form_of_training_data_gives_the_dataset_scores(setup, form, monke
     if form != "loader_of_dataset":  # covariance and Λ passes at each of the 4 checkpoints
         assert stream.reads == 2 * 4
     _assert_same_factors(factors, ref_f)
+    # Queries are read once, into memory: a one-shot iterator will do.
+    assert torch.equal(sf.score(model, task, ref_traj, ref_f, data, iter([queries[i] for i in range(4)])),
+                       sf.score(model, task, ref_traj, ref_f, data, queries))
     query_stream = CountingStream(queries)
     for method, t, rt, f, rf in [("source", traj, ref_traj, factors, ref_f), ("tracin", traj, ref_traj, None, None)]:
         reads = stream.reads
