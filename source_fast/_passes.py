@@ -109,13 +109,15 @@ def digest_tensors(tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def digest_examples(data: Any, limit: int = 16) -> str:
+def digest_examples(data: Any, limit: int | None = 16) -> str:
     """A fingerprint of a dataset: its length and up to `limit` evenly spaced examples (a stream:
-    its first `limit` examples)."""
+    its first `limit` examples); limit None: every example."""
     source = data.dataset if isinstance(data, DataLoader) else data
     n = length(data)
     if n is None:
         examples = list(itertools.islice(source, limit))
+    elif limit is None:
+        examples = [source[i] for i in range(n)]
     else:
         examples = [source[i] for i in sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))})]
     leaves = [_as_tensor(x) for example in examples for x in torch.utils._pytree.tree_leaves(example)]

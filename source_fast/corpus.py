@@ -6,9 +6,11 @@ Layout of `out_dir`:
   shards/q{b}_{start}-{end}.safetensors  scores of training rows [start, end) against query block b:
                                  key "scores" (n_query_block, rows), or with top_k the per-shard
                                  "top_values/top_indices/bottom_values/bottom_indices" (n_query_block, k)
-  shards/q{b}_{start}-{end}.json  its checksum, written after it: a shard counts as done only when both
-                                 exist and agree, so a job killed at any point resumes after its last
-                                 complete shard, recomputes a corrupted one, and writes identical bytes.
+  shards/q{b}_{start}-{end}.json  its checksum and a digest of its examples, written after it: a shard
+                                 counts as done only when both exist and agree and its examples are the
+                                 same, so a job killed at any point resumes after its last complete shard,
+                                 recomputes a corrupted one (or one whose examples changed), and writes
+                                 identical bytes.
   top_k.safetensors              (top_k mode) the merged k largest / smallest per query, by rank 0.
   rows.json                      the number of training rows scored, written last: the run is complete.
 
@@ -135,7 +137,11 @@ def score_corpus(
             end = 0
             for k, (start, piece) in enumerate(chunks(train_data, shard_size)):
                 end = start + length(piece)
-                if not mine(k) or _shard_done(out, b, (start, end)):
+                if not mine(k):
+                    continue
+                # A shard is done only for the same examples: a stream's later examples may have changed.
+                examples = digest_examples(piece, limit=None)
+                if _shard_done(out, b, (start, end), examples):
                     continue
                 if plan is None:
                     with oom_hint(f"preparing query block {b}", loader_batch, query_memory_budget):
@@ -150,7 +156,7 @@ def score_corpus(
                 with oom_hint(f"scoring rows {start}-{end} against query block {b}", loader_batch, query_memory_budget):
                     rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
                                       progress=progress)
-                _write_shard(out, b, (start, end), rows, top_k)
+                _write_shard(out, b, (start, end), rows, top_k, examples)
             rows_seen.add(end)
     if len(rows_seen) != 1 or 0 in rows_seen:
         raise ValueError(
@@ -198,21 +204,23 @@ def _shard_paths(out: Path, block: int, rows: tuple[int, int]) -> tuple[Path, Pa
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _shard_done(out: Path, block: int, rows: tuple[int, int]) -> bool:
+def _shard_done(out: Path, block: int, rows: tuple[int, int], examples: str | None = None) -> bool:
+    """Whether the shard is complete and intact (and, given `examples`, scored those examples)."""
     data, meta = _shard_paths(out, block, rows)
     if not (data.exists() and meta.exists()):
         return False
     try:
-        ok = json.loads(meta.read_text()).get("sha256") == sha256_file(data)
+        info = json.loads(meta.read_text())
+        ok = info.get("sha256") == sha256_file(data) and examples in (None, info.get("examples"))
     except json.JSONDecodeError:
         ok = False
-    if not ok:  # corrupted or truncated: recompute it
+    if not ok:  # corrupted, truncated or of other examples: recompute it
         data.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
     return ok
 
 
-def _write_shard(out: Path, block: int, rows: tuple[int, int], scores: Tensor, top_k: int | None) -> None:
+def _write_shard(out: Path, block: int, rows: tuple[int, int], scores: Tensor, top_k: int | None, examples: str) -> None:
     from safetensors.torch import save_file
 
     if top_k is None:
@@ -228,7 +236,7 @@ def _write_shard(out: Path, block: int, rows: tuple[int, int], scores: Tensor, t
     with atomic_path(data) as tmp:
         save_file(tensors, str(tmp))
     with atomic_path(meta) as tmp:
-        tmp.write_text(json.dumps({"block": block, "rows": list(rows), "sha256": sha256_file(data)}))
+        tmp.write_text(json.dumps({"block": block, "rows": list(rows), "sha256": sha256_file(data), "examples": examples}))
 
 
 def _read_shard(out: Path, block: int, rows: tuple[int, int]) -> dict[str, Tensor]:

@@ -142,6 +142,17 @@ def test_corpus_from_a_stream_shards_resumes_and_keeps_top_k(setup, tmp_path):
     score_corpus(model, task, traj, factors, stream, queries, out, shard_size=16, query_memory_budget=budget,
                  progress=False)
     assert _digest(out) == before
+    # A stream whose examples 16-31 changed since: only that shard is scored again (in both blocks).
+    changed = CountingStream(torch.utils.data.TensorDataset(data.tensors[0].clone(), data.tensors[1]))
+    changed.data.tensors[0][20] += 1.0
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}
+    traj_changed = _trajectory(states, changed, num_examples=N)
+    score_corpus(model, task, traj_changed, factors, changed, queries, out, shard_size=16, query_memory_budget=budget,
+                 progress=False)
+    redone = sorted(name for name, t in mtimes.items() if (out / "shards" / name).stat().st_mtime_ns != t)
+    assert redone == ["q0_16-32.json", "q1_16-32.json"]
+    new_full = sf.score(model, task, _trajectory(states, changed.data), factors, changed.data, queries)
+    assert torch.allclose(load_scores(out), new_full, rtol=1e-10, atol=1e-14)
     top = tmp_path / "top"
     score_corpus(model, task, traj, factors, stream, queries, top, shard_size=16, top_k=5, progress=False)
     got = load_top_k(top)
