@@ -237,7 +237,7 @@ def run_source_fast(model, task, train, queries, counts, batch, qbatch, out_dir,
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     loader = make_loader(train, batch, None)
     with fm.restored(model):
-        a_cov, s_cov = run("covariance", lambda: fm._covariances(model, task, specs, loader, "train", "bench", False))
+        a_cov, s_cov, _ = run("covariance", lambda: fm._covariances(model, task, specs, loader, "train", "bench", False))
         q_a, q_s = run("eigen", lambda: (
             {s.name: fm._eigh(a_cov[s.name]).to(a_cov[s.name].dtype) for s in specs},
             {s.name: fm._eigh(s_cov[s.name]).to(s_cov[s.name].dtype) for s in specs}))

@@ -35,6 +35,7 @@ class LayerFactors:
     q_a, q_s: eigenvectors of a_cov, s_cov
     lam: (d_out, d_a) Λ = mean over examples of (Q_Sᵀ G_n Q_A)², averaged over the checkpoints
     precond: (d_out, d_a) Adam's diagonal P = 1/(√v̂ + ε) averaged over the checkpoints, or None
+    rows: the unmasked rows (tokens) one covariance pass averaged over, or None where unknown
     """
 
     a_cov: Tensor
@@ -43,10 +44,12 @@ class LayerFactors:
     q_s: Tensor
     lam: Tensor
     precond: Tensor | None = None
+    rows: int | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LayerFactors:
         conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return LayerFactors(*(conv(getattr(self, f)) for f in ("a_cov", "s_cov", "q_a", "q_s", "lam", "precond")))
+        tensors = (conv(getattr(self, f)) for f in ("a_cov", "s_cov", "q_a", "q_s", "lam", "precond"))
+        return LayerFactors(*tensors, rows=self.rows)
 
     def diag_hessian(self) -> Tensor:
         """diag of the EK-FAC curvature, (d_out, d_a): (Q_S∘Q_S) Λ (Q_A∘Q_A)ᵀ."""
@@ -111,6 +114,8 @@ class Factors:
             "format_version": FORMAT_VERSION,
             "layers": [vars(s) for s in self.layers],
             "num_examples": self.num_examples,
+            "rows": {f"{ell}/{name}": lf.rows for ell, seg in enumerate(self.segments) for name, lf in seg.items()
+                     if lf.rows is not None},
             "layout": self.layout,
             "fisher": self.fisher,
             "average_params": self.average_params,
@@ -149,7 +154,8 @@ class Factors:
                 if missing:
                     raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r} lacks {missing}")
                 seg[spec.name] = LayerFactors(
-                    *(tensors[key(f)] for f in ("a_cov", "s_cov", "q_a", "q_s", "lam")), tensors.get(key("precond"))
+                    *(tensors[key(f)] for f in ("a_cov", "s_cov", "q_a", "q_s", "lam")), tensors.get(key("precond")),
+                    meta.get("rows", {}).get(f"{ell}/{spec.name}"),
                 )
             segments.append(seg)
         return cls(layers, segments, meta["num_examples"], meta["layout"], meta["fisher"], meta["average_params"])
@@ -276,7 +282,7 @@ def fit_factors(
                     load_into(model, ckpt, where)
                     return _covariances(model, task, specs, loader, objective, where, progress, expected=n)
 
-                a_c, s_c = run("cov", ell, c, covariances)
+                a_c, s_c, rows = run("cov", ell, c, covariances)
                 for s in specs:
                     a_cov[s.name] += a_c[s.name] / len(ckpts)
                     s_cov[s.name] += s_c[s.name] / len(ckpts)
@@ -299,6 +305,7 @@ def fit_factors(
                     s.name: LayerFactors(
                         a_cov[s.name], s_cov[s.name], q_a[s.name], q_s[s.name], lam[s.name],
                         None if s.name not in precond else precond[s.name].to(device=device, dtype=dtype),
+                        int(rows[s.name]),  # every checkpoint's pass reads the same rows
                     )
                     for s in specs
                 }
@@ -380,8 +387,8 @@ def _checkpoint_digest(checkpoint: Checkpoint, what: str) -> str:
 
 
 def _covariances(model, task, specs, loader, objective, what, progress, expected: int | None = None):
-    """Per-row means of a aᵀ (ones column last) and g gᵀ over the unmasked rows, every layer at once.
-    expected: the segment's N_ℓ, checked against the examples read."""
+    """Per-row means of a aᵀ (ones column last) and g gᵀ over the unmasked rows, every layer at once,
+    and the row counts. expected: the segment's N_ℓ, checked against the examples read."""
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
     # float32 accumulators (the kernels' contract); float64 for a float64 model (exact references).
@@ -413,6 +420,7 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
     return (
         {k: (v / rows[k]).to(dtype) for k, v in a_sum.items()},
         {k: (v / rows[k]).to(dtype) for k, v in s_sum.items()},
+        {k: torch.tensor([v], dtype=torch.int64) for k, v in rows.items()},  # a tensor, so resume_dir keeps it
     )
 
 

@@ -313,6 +313,8 @@ def test_batch_size_and_chunking_do_not_change_scores(setup, tmp_path):
     f1.save(tmp_path / "f")
     loaded = sf.Factors.load(tmp_path / "f")
     assert loaded.layout == f1.layout and loaded.layers == f1.layers and loaded.num_examples == f1.num_examples
+    rows = [lf.rows for seg in loaded.segments for lf in seg.values()]
+    assert rows == [lf.rows for seg in f1.segments for lf in seg.values()] == [len(data)] * len(rows)  # one token each
     for a, b in zip(f1.segments, loaded.segments):
         for n in LAYERS:
             for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):

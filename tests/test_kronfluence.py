@@ -253,6 +253,21 @@ def test_kronfluence_reads_factors_the_shim_wrote(run):
         _agree(theirs, run["shim"][f"pair_{key}"], run["dtype"], key)
 
 
+def test_factors_the_shim_wrote_count_what_kronfluence_counts(run):
+    """Covariance sums and counts as kronfluence itself writes them: tokens (unmasked), not examples."""
+    from safetensors.torch import load_file
+
+    kron, shim = (run["root"] / lib / "run" / "factors_ekfac" for lib in ("kron", "shim"))
+    for stem in ("num_activation_covariance_processed", "num_lambda_processed"):
+        theirs, ours = load_file(str(kron / f"{stem}.safetensors")), load_file(str(shim / f"{stem}.safetensors"))
+        assert theirs.keys() == ours.keys()
+        for name in theirs:
+            assert torch.equal(theirs[name], ours[name]), (stem, name, theirs[name], ours[name])
+    theirs, ours = (load_file(str(d / "activation_covariance.safetensors")) for d in (kron, shim))
+    for name in theirs:
+        _agree(ours[name], theirs[name], run["dtype"], name)
+
+
 # ---- formats and errors (float64 MLP, no kronfluence run needed beyond the fixture's) ----------
 
 

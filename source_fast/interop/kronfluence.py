@@ -184,7 +184,8 @@ def load_factors(factors_dir: str | os.PathLike, model: nn.Module, task: Task) -
     layers, num_examples = {}, None
     for s in specs:
         sq_a, sq_s = (s.d_a, s.d_a), (s.d_out, s.d_out)
-        a_cov = _normalized(_module_tensor(files, A_COV, s, sq_a, factors_dir), _count(files, A_COUNT, s, factors_dir))
+        rows = _count(files, A_COUNT, s, factors_dir)
+        a_cov = _normalized(_module_tensor(files, A_COV, s, sq_a, factors_dir), rows)
         s_cov = _normalized(_module_tensor(files, S_COV, s, sq_s, factors_dir), _count(files, S_COUNT, s, factors_dir))
         n = _count(files, LAMBDA_COUNT, s, factors_dir)
         if num_examples is not None and n != num_examples:
@@ -194,7 +195,7 @@ def load_factors(factors_dir: str | os.PathLike, model: nn.Module, task: Task) -
         dtype = a_cov.dtype
         layers[s.name] = LayerFactors(
             a_cov, s_cov.to(dtype), _module_tensor(files, Q_A, s, sq_a, factors_dir).to(dtype),
-            _module_tensor(files, Q_S, s, sq_s, factors_dir).to(dtype), lam.to(dtype),
+            _module_tensor(files, Q_S, s, sq_s, factors_dir).to(dtype), lam.to(dtype), rows=rows,
         )
     assert num_examples is not None  # tracked_layers never returns an empty list
     return Factors(specs, [layers], [num_examples], [1], fisher, False)
@@ -238,8 +239,9 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
     """Writes one-segment EK-FAC Factors as a kronfluence `factors_<name>/` directory, atomically
     (a temporary folder renamed into place; an existing directory is replaced).
 
-    Files (keys = module names): sums = mean × num_examples with counts = num_examples (source_fast
-    keeps means, not token counts; kronfluence only uses sum / count), eigenvectors as they are,
+    Files (keys = module names): covariance sums = mean × rows with counts = rows, the unmasked tokens
+    of the fit (num_examples for factors that do not know their rows, e.g. from an older
+    source_fast: kronfluence only uses sum / count), eigenvectors as they are,
     eigenvalues as the Rayleigh quotients diag(Qᵀ C Q) of those eigenvectors, lambda_matrix = Λ × N,
     num_lambda_processed = N, and factor_arguments.json (`factor_args`' fields over kronfluence's
     defaults; strategy and use_empirical_fisher always describe these factors). kronfluence's
@@ -261,13 +263,14 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
         if lf.precond is not None:
             warnings.warn(f"module {name!r}: the Adam preconditioner has no kronfluence counterpart; not written",
                           stacklevel=2)
+        rows = n if lf.rows is None else lf.rows
         for cov_stem, count_stem, q_stem, e_stem, cov, q in (
             (A_COV, A_COUNT, Q_A, E_A, lf.a_cov, lf.q_a),
             (S_COV, S_COUNT, Q_S, E_S, lf.s_cov, lf.q_s),
         ):
             cpu_cov, cpu_q = cov.detach().cpu(), q.detach().cpu()
-            files[cov_stem][name] = (cpu_cov.double() * n).to(cpu_cov.dtype).contiguous()
-            files[count_stem][name] = count.clone()
+            files[cov_stem][name] = (cpu_cov.double() * rows).to(cpu_cov.dtype).contiguous()
+            files[count_stem][name] = torch.tensor([rows], dtype=torch.int64)
             files[q_stem][name] = cpu_q.contiguous()
             qd = cpu_q.double()
             files[e_stem][name] = ((qd * (cpu_cov.double() @ qd)).sum(0)).to(cpu_cov.dtype).contiguous()
