@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One script for a lent GPU (H200: torch 2.11, triton 3.6, Python 3.12 preinstalled; no network).
-#   bench/run_device_check.sh OUTDIR [BUDGET_SECONDS]
+#   [ONLY="step names"] [GPT2_SEQS=N] bench/run_device_check.sh OUTDIR [BUDGET_SECONDS]
 # Builds the extension for sm_90 only, prints the backend table, runs the `cuda` tests, then the
 # benches (kernels with their roofline fractions, covariance, GPU kronfluence comparison, GPT-2
 # throughput). Every step runs under its own time limit, cut further so that the whole script ends
@@ -31,6 +31,9 @@ step() {
     local name=$1 limit
     limit=$(limit_for "$2")
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY wheels install_python " != *" $name "* ]]; then
+        return  # ONLY="step names": a rerun of some steps (the install and the build always run)
+    fi
     if [ "$limit" -lt 15 ]; then
         echo "=== $name: SKIPPED, ${limit}s of the budget left" | tee -a "$LOG"
         FAILED+=("$name(skipped)")
@@ -77,7 +80,7 @@ step bench_covariance_bf16 60 "$PY" bench/bench_covariance.py --device cuda --dt
     --out "$OUT/bench_covariance_bf16.jsonl"
 # Same fp32 model, same inputs, both libraries on the GPU; each library in its own process.
 step vs_kronfluence_gpt2 200 "$PY" bench/bench_vs_kronfluence.py --device cuda --workloads gpt2 \
-    --seqs 512 --tokens 512 --queries 32 --batch 16 --query-batch 32 --query-budget-mb 16384 \
+    --seqs "${GPT2_SEQS:-512}" --tokens 512 --queries 32 --batch 16 --query-batch 32 --query-budget-mb 16384 \
     --check-train 32 --out "$OUT/vs_kronfluence_gpt2.jsonl"
 # tokens/s at GPT-2 small in bf16; the rest of the budget decides how far it gets (records per phase).
 step bench_gpt2_bf16 240 "$PY" bench/bench_gpt2.py --device cuda --dtype bfloat16 --seqs 2048 \

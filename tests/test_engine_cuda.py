@@ -36,7 +36,8 @@ def _run(model, data, queries):
     return {
         "source": sf.score(model, task, traj, factors, data, queries, batch_size=6),
         "ekfac": sf.score(model, task, final, f_final, data, queries, method="ekfac", batch_size=6),
-        "self_source": sf.self_score(model, task, traj, factors, data, batch_size=6),
+        "self_source": sf.self_score(model, task, traj, factors, data, batch_size=6),  # per-chunk walk
+        "self_ekfac": sf.self_score(model, task, final, f_final, data, method="ekfac", batch_size=6),  # fused kernel
     }
 
 
