@@ -236,8 +236,6 @@ def run_pass(
                 out = task.compute_train_loss(batch, model, objective == "fisher")
             if not isinstance(out, torch.Tensor) or out.dim() != 0:
                 raise ValueError(f"{what}, batch {b}: the task must return a scalar tensor (summed over the batch)")
-            if not math.isfinite(out.item()):
-                raise FloatingPointError(f"{what}, batch {b}: the {objective} loss is {out.item()}")
             missing = [s.name for s in specs if s.name not in records]
             if missing:
                 raise ValueError(f"{what}, batch {b}: tracked modules {missing} did not run in the forward pass")
@@ -254,10 +252,16 @@ def run_pass(
                     f"{what}, batch {b}: module {spec.name!r} saw {rec.a.shape[0]} examples, others {n}; "
                     "examples must be the first dimension of every tracked layer's input"
                 )
-        # Backward runs from the last layer to the first: the last non-finite one is where it entered.
-        for spec in reversed(specs):
-            if not torch.isfinite(records[spec.name].g).all():
-                raise FloatingPointError(f"{what}, batch {b}: non-finite gradient at module {spec.name!r}")
+        # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
+        # the slow path below runs only to name what went wrong.
+        finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(records[s.name].g).all() for s in specs])
+        if not bool(finite.all()):
+            if not math.isfinite(out.item()):
+                raise FloatingPointError(f"{what}, batch {b}: the {objective} loss is {out.item()}")
+            # Backward runs from the last layer to the first: the last non-finite one is where it entered.
+            for spec in reversed(specs):
+                if not torch.isfinite(records[spec.name].g).all():
+                    raise FloatingPointError(f"{what}, batch {b}: non-finite gradient at module {spec.name!r}")
         yield start, n, records
         start += n
         if progress is not None:

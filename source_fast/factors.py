@@ -403,7 +403,7 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
         for s in specs:
             r = rec[s.name]
             m = None if r.mask is None else r.mask.reshape(-1)
-            rows[s.name] += r.a.shape[0] * r.a.shape[1] if m is None else int((m != 0).sum())
+            rows[s.name] += r.a.shape[0] * r.a.shape[1] if m is None else (m != 0).sum()  # on device: no sync
             covs += [a_sum[s.name], s_sum[s.name]]
             xs += [r.a.reshape(-1, s.d_in), r.g.reshape(-1, s.d_out)]
             masks += [m, m]
@@ -412,7 +412,7 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
     if bar is not None:
         bar.close()
     all_reduce_sum_([*a_sum.values(), *s_sum.values()])
-    rows = {k: all_reduce_int(v, device) for k, v in rows.items()}
+    rows = {k: all_reduce_int(int(v), device) for k, v in rows.items()}
     _check_count(all_reduce_int(examples, device), expected, what)
     for s in specs:
         if rows[s.name] == 0:
