@@ -206,6 +206,15 @@ def compare(records: list[dict], base_path: str, fail_pct: float | None) -> bool
     return ok
 
 
+def finish(records: list[dict], out: Path, args: argparse.Namespace) -> int:
+    """The end of every bench script: the table, where the records went, and the --compare verdict (exit code)."""
+    print_table(records)
+    print(f"wrote {len(records)} records to {out}")
+    if args.compare and not compare(records, args.compare, args.fail_on_regression):
+        return 1
+    return 0
+
+
 def print_table(records: list[dict]) -> None:
     print(f"{'op':22s} {'backend':12s} {'dtype':9s} {'params':52s} {'p50 ms':>9s} {'TFLOP/s':>8s} {'GB/s':>8s} "
           f"{'vs torch':>8s} {'roofline':>8s} {'max|err|':>9s} {'sqnr':>6s}")

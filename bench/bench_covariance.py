@@ -153,11 +153,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else _harness.default_out(BENCH)
     _harness.write_jsonl(out, records)
-    _harness.print_table(records)
-    print(f"wrote {len(records)} records to {out}")
-    if args.compare and not _harness.compare(records, args.compare, args.fail_on_regression):
-        return 1
-    return 0
+    return _harness.finish(records, out, args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from ._dist import barrier, rank_and_world
 from ._io import atomic_path, sha256_file
@@ -128,7 +127,6 @@ def score_corpus(
         def mine(k):
             return rank * n_shards // world <= k < (rank + 1) * n_shards // world
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    loader_batch = train_data.batch_size if isinstance(train_data, DataLoader) else batch_size  # for error messages
 
     rows_seen = set()
     with restored(model):
@@ -144,7 +142,7 @@ def score_corpus(
                 if _shard_done(out, b, (start, end), examples):
                     continue
                 if plan is None:
-                    with oom_hint(f"preparing query block {b}", loader_batch, query_memory_budget):
+                    with oom_hint(f"preparing query block {b}", train_data, batch_size, query_memory_budget):
                         plan = prepare_queries(
                             model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
                             damping=damping, train_segments=train_segments, query_rank=query_rank,
@@ -153,7 +151,8 @@ def score_corpus(
                 if progress:
                     of = f"/{-(-n_expected // shard_size)}" if n_expected else ""
                     print(f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}", flush=True)
-                with oom_hint(f"scoring rows {start}-{end} against query block {b}", loader_batch, query_memory_budget):
+                with oom_hint(f"scoring rows {start}-{end} against query block {b}", train_data, batch_size,
+                              query_memory_budget):
                     rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
                                       progress=progress)
                 _write_shard(out, b, (start, end), rows, top_k, examples)

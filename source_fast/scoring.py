@@ -327,13 +327,12 @@ def score(
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
     blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
-    loader_batch = train_data.batch_size if isinstance(train_data, DataLoader) else batch_size  # for error messages
     parts = []
     with restored(model):
         for b, block in enumerate(blocks):  # more than one block re-reads the training data once per block
             queries = query_data if len(blocks) == 1 else subset(query_data, block)
             plan = None  # the previous block's queries go before this block's are made
-            with oom_hint(f"scoring query block {b} ({len(block)} queries)", loader_batch, query_memory_budget):
+            with oom_hint(f"scoring query block {b} ({len(block)} queries)", train_data, batch_size, query_memory_budget):
                 plan = prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
@@ -352,8 +351,10 @@ def check_rows(trajectory: Trajectory, train_data: Any, rows: int) -> None:
 
 
 @contextlib.contextmanager
-def oom_hint(where: str, batch_size: int, query_memory_budget: int) -> Iterator[None]:
-    """Running out of memory, re-raised with the options that fix it."""
+def oom_hint(where: str, train_data: Any, batch_size: int, query_memory_budget: int) -> Iterator[None]:
+    """Running out of memory, re-raised with the options that fix it (a DataLoader's own batch size)."""
+    if isinstance(train_data, DataLoader):
+        batch_size = train_data.batch_size
     try:
         yield
     except torch.OutOfMemoryError as exc:
