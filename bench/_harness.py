@@ -223,3 +223,26 @@ def print_table(records: list[dict]) -> None:
         roof = "" if r.get("roofline_frac") is None else f"{100 * r['roofline_frac']:.0f}%"
         print(f"{r['op']:22s} {r['backend']:12s} {r['dtype']:9s} {json.dumps(r['params']):52s} {r['ms_p50']:9.3f} "
               f"{r['tflops']:8.2f} {r['gbps']:8.1f} {speed:>8s} {roof:>8s} {r['max_abs_err']:9.2e} {r['sqnr_db']:6.1f}")
+
+
+def fit_in_phases(model, task, data, batch_size: int, fisher: str, time_phase: Callable[[str, Callable], object]):
+    """fit_factors for one checkpoint (the model's current weights) as its three phases, each run
+    through time_phase(name, fn): "covariance" (one pass), "eigen" (the float64 eigendecompositions),
+    "lambda" (one pass). fit_factors() is exactly these plus bookkeeping; returns the Factors."""
+    from source_fast import factors as fm
+    from source_fast._passes import make_loader
+    from source_fast.capture import tracked_layers
+
+    specs = tracked_layers(model, task.get_influence_tracked_modules())
+    loader = make_loader(data, batch_size, None)
+    objective = "fisher" if fisher == "true" else "train"
+    with fm.restored(model):
+        a_cov, s_cov, rows = time_phase("covariance", lambda: fm._covariances(
+            model, task, specs, loader, objective, "bench", False))
+        q_a, q_s = time_phase("eigen", lambda: (
+            {s.name: fm._eigh(a_cov[s.name]).to(a_cov[s.name].dtype) for s in specs},
+            {s.name: fm._eigh(s_cov[s.name]).to(s_cov[s.name].dtype) for s in specs}))
+        lam = time_phase("lambda", lambda: fm._lambdas(model, task, specs, loader, objective, q_a, q_s, "bench", False))
+    layers = {s.name: fm.LayerFactors(a_cov[s.name], s_cov[s.name], q_a[s.name], q_s[s.name], lam[s.name],
+                                      rows=int(rows[s.name])) for s in specs}
+    return fm.Factors(specs, [layers], [len(data)], [1], fisher, False)

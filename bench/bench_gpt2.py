@@ -5,19 +5,30 @@ machines have no network, and throughput does not depend on the text).
     python bench/bench_gpt2.py --device cuda --dtype bfloat16 [--seqs 4656 --tokens 512 --queries 32]
     python bench/bench_gpt2.py --quick          # tiny config on the CPU (smoke test)
 
-Tracks the transformer blocks' Conv1D layers (not lm_head); EK-FAC with one checkpoint (fit =
-covariance pass + eigendecomposition + Λ pass), then `score` of every sequence against the queries.
-Prints one JSON object per phase and appends them to --out.
+Tracks the transformer blocks' Conv1D layers (not lm_head); EK-FAC with one checkpoint, timed phase
+by phase: the covariance pass, the float64 eigendecompositions, the Λ pass (together exactly
+fit_factors), then `score` of every sequence against the queries. Prints one JSON object per phase
+and appends them to --out.
+
+    python bench/bench_gpt2.py --device cuda --dtype bfloat16 --seqs 256 --profile prof.txt
+
+--profile runs everything under torch.profiler and writes, per phase, the ops that took the most
+device time and the most host time (where the tokens/s go).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
 
 
 def _sync(device):
@@ -35,6 +46,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="2-layer, d=64 config, 64 × 32 tokens, 4 queries")
     p.add_argument("--out", default="bench/results/gpt2.jsonl")
+    p.add_argument("--profile", type=Path, help="write torch.profiler tables per phase to this file")
     args = p.parse_args(argv)
     import transformers
 
@@ -64,25 +76,54 @@ def main(argv=None):
 
     def record(phase, seconds, tokens_read):
         # Written phase by phase, so a run cut short by a time limit keeps what it measured.
-        rec = {**meta, "phase": phase, "seconds": seconds, "tokens_per_s": tokens_read / seconds}
+        rec = {**meta, "phase": phase, "seconds": seconds, "tokens_per_s": tokens_read / seconds if tokens_read else None}
         if device.type == "cuda":
             rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         print(json.dumps(rec), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    _sync(device)
-    t0 = time.perf_counter()
-    factors = sf.fit_factors(model, task, traj, batch_size=args.batch_size)
-    _sync(device)
-    record("fit (2 passes + eigh)", time.perf_counter() - t0, 2 * tokens)
-    t1 = time.perf_counter()
-    scores = sf.score(model, task, traj, factors, train, queries, method="ekfac", batch_size=args.batch_size,
-                      query_memory_budget=64 << 30 if device.type == "cuda" else 1 << 30)
-    _sync(device)
-    record(f"score ({args.queries} queries, 1 pass)", time.perf_counter() - t1, tokens)
+    tables = []
+
+    def timed(phase, fn, tokens_read):
+        profiler = _profiler(device) if args.profile else contextlib.nullcontext()
+        _sync(device)
+        t0 = time.perf_counter()
+        with profiler as prof:
+            out = fn()
+            _sync(device)
+        record(phase, time.perf_counter() - t0, tokens_read)
+        if args.profile:
+            tables.append(_profile_tables(phase, prof, device))
+            args.profile.write_text("\n".join(tables))
+        return out
+
+    per_phase_tokens = {"covariance": tokens, "eigen": 0, "lambda": tokens}
+    factors = _harness.fit_in_phases(model, task, train, args.batch_size, "true",
+                                     lambda phase, fn: timed(phase, fn, per_phase_tokens[phase]))
+    scores = timed(f"score ({args.queries} queries, 1 pass)", lambda: sf.score(
+        model, task, traj, factors, train, queries, method="ekfac", batch_size=args.batch_size,
+        query_memory_budget=64 << 30 if device.type == "cuda" else 1 << 30), tokens)
     if not torch.isfinite(scores).all():
         raise SystemExit("non-finite scores")
+
+
+def _profiler(device):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities)
+
+
+def _profile_tables(phase, prof, device) -> str:
+    """The ops with the most device time and with the most host time, for one phase."""
+    averages = prof.key_averages()
+    parts = [f"===== {phase}"]
+    if device.type == "cuda":
+        parts += ["-- by device time", averages.table(sort_by="self_device_time_total", row_limit=25)]
+    parts += ["-- by host time", averages.table(sort_by="self_cpu_time_total", row_limit=25)]
+    return "\n".join(parts)
+
 
 if __name__ == "__main__":
     main()

@@ -48,10 +48,13 @@ def test_bench_kernels_quick_writes_valid_jsonl(tmp_path, dtype):
 
 
 def test_bench_gpt2_quick(tmp_path):
-    out = tmp_path / "gpt2.jsonl"
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_gpt2.py"), "--quick", "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, check=False)
+    out, prof = tmp_path / "gpt2.jsonl", tmp_path / "profile.txt"
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_gpt2.py"), "--quick", "--device", "cpu", "--out", str(out),
+                           "--profile", str(prof)], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["phase"].split()[0] for r in records] == ["fit", "score"]
-    assert all(r["tokens_per_s"] > 0 and r["layers"] == 8 for r in records)  # 4 Conv1D per block × 2 blocks
+    assert [r["phase"].split()[0] for r in records] == ["covariance", "eigen", "lambda", "score"]
+    assert all(r["layers"] == 8 and r["seconds"] > 0 for r in records)  # 4 Conv1D per block × 2 blocks
+    assert [r["tokens_per_s"] is None for r in records] == [False, True, False, False]
+    tables = prof.read_text()
+    assert tables.count("=====") == 4 and "aten::mm" in tables  # one table per phase, the GEMMs in it
