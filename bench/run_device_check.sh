@@ -63,7 +63,8 @@ BUILD_LIMIT=$(limit_for 240)
 echo "=== build_ext (background, limit ${BUILD_LIMIT}s, t=${SECONDS}s)" | tee -a "$LOG"
 timeout "$BUILD_LIMIT" "$PY" setup.py build_ext --inplace >"$OUT/build_ext.log" 2>&1 &
 BUILD_PID=$!
-step pytest_kernels_cuda 200 "$PY" -m pytest -m cuda -q -rs -n 8 tests/test_kernels.py
+# Every device-parametrized kernel test, compiled for the GPU (odd shapes, strides, masks, dtypes).
+step pytest_kernels_cuda 300 "$PY" -m pytest -m cuda -q -rs -n 8 tests/test_kernels.py
 wait "$BUILD_PID"
 BUILD_RC=$?
 echo "=== build_ext: rc=$BUILD_RC at t=${SECONDS}s (log: build_ext.log)" | tee -a "$LOG"

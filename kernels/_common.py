@@ -55,6 +55,35 @@ def mask_u8(mask: torch.Tensor | None, n: int, t: int, device: torch.device) -> 
     return (mask != 0).view(torch.uint8)
 
 
+# CUDA's limit on grid axes 1 and 2 (axis 0 takes 2^31 - 1): launchers chunk whatever they put there.
+MAX_GRID_YZ = 65535
+
+
+def int32_safe(x: torch.Tensor, name: str, widened: tuple[int, ...] = (0,), *, copy: bool = True) -> torch.Tensor:
+    """x, or a contiguous copy of it, such that the kernels' element offsets fit in int32.
+
+    Kernels widen the index of the dims in `widened` (examples, queries, batch) to int64 and compute
+    the rest as int32 products summed together, so Σ (size − 1)·stride over the other dims must stay
+    below 2^31. Odd layouts (a feature-major view of a big tensor, say) can pass it; a contiguous
+    copy brings it down to one example's size. Outputs (copy=False) cannot be copied: they raise."""
+
+    def reach(t: torch.Tensor) -> int:
+        return sum((size - 1) * abs(stride) for dim, (size, stride) in enumerate(zip(t.shape, t.stride()))
+                   if dim not in widened and size > 0)
+
+    if reach(x) < 2**31:
+        return x
+    if copy:
+        x = x.contiguous()
+        if reach(x) < 2**31:
+            return x
+    raise ValueError(
+        f"{name} {tuple(x.shape)} with strides {x.stride()}: offsets within one "
+        f"{'example' if widened else 'matrix'} reach {reach(x)}, past the kernels' 32-bit offsets (2^31)"
+        + ("" if copy else "; pass a contiguous tensor")
+    )
+
+
 def check_tokens(a: torch.Tensor, g: torch.Tensor, a_name: str, g_name: str) -> None:
     """a (n, t, d_a) and g (n, t, d_out) must share n, t, device and dtype (tl.dot needs one operand dtype)."""
     if a.dim() != 3 or g.dim() != 3:
@@ -126,8 +155,16 @@ def _expm1(x):
 def _source_scale(lam, damping, horizon):
     """(F(σ), exp(−cσ)) with σ = max(Λ, 0) + damping and F(σ) = (1 − exp(−cσ))/σ = c·φ(cσ),
     φ(y) = −expm1(−y)/y, φ(0) = 1: σ = 0 gives c exactly, never 0/0."""
-    sigma = tl.maximum(lam, 0.0) + damping
+    sigma = _clamp_lam(lam) + damping
     y = sigma * horizon
-    safe_y = tl.where(y > 0.0, y, 1.0)
-    phi = tl.where(y > 0.0, -_expm1(-safe_y) / safe_y, 1.0)
+    # y == 0, not y > 0, picks the limit: a NaN Λ must stay NaN, as in the torch reference.
+    safe_y = tl.where(y == 0.0, 1.0, y)
+    phi = tl.where(y == 0.0, 1.0, -_expm1(-safe_y) / safe_y)
     return horizon * phi, tl.exp(-y)
+
+
+@triton.jit
+def _clamp_lam(lam):
+    """max(Λ, 0) that keeps NaN (PTX max.f32 returns the other operand): a broken Λ must show in
+    the scores, as torch's clamp_min shows it, not turn into Λ = 0."""
+    return tl.maximum(lam, 0.0, propagate_nan=tl.PropagateNan.ALL)

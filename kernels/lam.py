@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _example_tile, autotune_configs, check_tokens, dot_precision, is_interpret, mask_u8, split_count
+from ._common import (
+    _example_tile, autotune_configs, check_tokens, dot_precision, int32_safe, is_interpret, mask_u8, split_count,
+)
 
 # Sizes the split heuristic assumes: the largest tile in the configs below (fewest programs).
 _MAX_BLOCK = 128
@@ -140,6 +142,8 @@ def accumulate_lambda_(
     m = mask_u8(mask, n, t, a_rot.device)
     if n == 0 or t == 0 or d_out == 0 or d_a == 0:
         return
+    a_rot, g_rot = int32_safe(a_rot, "a_rot"), int32_safe(g_rot, "g_rot")
+    int32_safe(lam, "lam", (), copy=False)
     tiles = triton.cdiv(d_out, _MAX_BLOCK) * triton.cdiv(d_a, _MAX_BLOCK)
     if t == 1:
         split = split_count(tiles, triton.cdiv(n, 32), a_rot.device)

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _mma, autotune_configs, check_tokens, dot_precision, is_interpret, mask_u8, split_count
+from ._common import (
+    MAX_GRID_YZ, _mma, autotune_configs, check_tokens, dot_precision, int32_safe, is_interpret, mask_u8, split_count,
+)
 
 # Small tiles on purpose: the 3-D operand loads carry a 64-bit pointer per element, and larger tiles
 # spill on sm_90 (tests/test_kernels_sm90.py records registers and spills per config).
@@ -199,6 +201,7 @@ def pairwise_scores(
     q = u.shape[0]
     if n == 0 or q == 0 or t == 0 or d_out == 0 or d_a == 0:
         return torch.zeros((n, q), device=a.device, dtype=torch.float32)
+    a, g, u = int32_safe(a, "a"), int32_safe(g, "g"), int32_safe(u, "u")
     if t == 1:
         return _pairwise_scores_t1(a, g, u, m)
     if q == 1:
@@ -207,6 +210,10 @@ def pairwise_scores(
         rows = _pairwise_scores_t1(a.reshape(n * t, 1, d_a), g.reshape(n * t, 1, d_out), u,
                                    None if m is None else m.reshape(n * t, 1))
         return rows.view(n, t).sum(1, keepdim=True)
+    # Query blocks go on grid axis 1: more than MAX_GRID_YZ of them run as several launches.
+    chunk = MAX_GRID_YZ * _MAX_BLOCK_Q
+    if q > chunk:
+        return torch.cat([pairwise_scores(a, g, u[s : s + chunk], mask) for s in range(0, q, chunk)], dim=1)
     programs = triton.cdiv(n, _MAX_BLOCK_E) * triton.cdiv(q, _MAX_BLOCK_Q)
     tiles = triton.cdiv(d_out, _MIN_TILE[0]) * triton.cdiv(d_a, _MIN_TILE[1])
     split = split_count(programs, tiles, a.device)

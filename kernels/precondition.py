@@ -16,7 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _mma, _source_scale, autotune_configs, dot_precision, is_interpret
+from ._common import (
+    MAX_GRID_YZ,
+    _clamp_lam,
+    _mma,
+    _source_scale,
+    autotune_configs,
+    dot_precision,
+    int32_safe,
+    is_interpret,
+)
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
@@ -83,7 +92,7 @@ def _bmm_kernel(
         lam = tl.load(lam_ptr + offs_m[:, None] * stride_lm + offs_n[None, :] * stride_ln, mask=out_mask, other=0.0)
         lam = lam.to(tl.float32)
         if EPILOGUE == 1:
-            tl.store(c_ptrs, acc / (tl.maximum(lam, 0.0) + damping), mask=out_mask)
+            tl.store(c_ptrs, acc / (_clamp_lam(lam) + damping), mask=out_mask)
         else:
             factor, shrink = _source_scale(lam, damping, horizon)
             tl.store(c_ptrs, acc * factor, mask=out_mask)
@@ -94,6 +103,18 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, lam=None, horiz
     """out[i] = a[i] @ b[i] for 3-D views (a 2-D operand is shared across the batch via batch stride 0)."""
     batch, m, n = out.shape
     k = a.shape[-1]
+    # The batch index is int64 in the kernel, the rest int32 (a shared 2-D operand has no batch dim).
+    a = int32_safe(a, "query operand" if a.dim() == 3 else "eigenvectors", (0,) if a.dim() == 3 else ())
+    b = int32_safe(b, "query operand" if b.dim() == 3 else "eigenvectors", (0,) if b.dim() == 3 else ())
+    int32_safe(out, "output", copy=False)
+    if lam is not None:
+        lam = int32_safe(lam, "lam", ())
+    if batch > MAX_GRID_YZ:  # the batch is grid axis 1: launch it in chunks
+        for s in range(0, batch, MAX_GRID_YZ):
+            e = min(batch, s + MAX_GRID_YZ)
+            _bmm(a[s:e] if a.dim() == 3 else a, b[s:e] if b.dim() == 3 else b, out[s:e], lam=lam, horizon=horizon,
+                 damping=damping, out2_stride=out2_stride)
+        return
     a_strides = a.stride() if a.dim() == 3 else (0, *a.stride())
     b_strides = b.stride() if b.dim() == 3 else (0, *b.stride())
     epilogue = _PLAIN if lam is None else (_EKFAC if horizon is None else _SOURCE)

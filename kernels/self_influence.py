@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _example_tile, autotune_configs, check_tokens, dot_precision, is_interpret, mask_u8, split_count
+from ._common import (
+    _example_tile, autotune_configs, check_tokens, dot_precision, int32_safe, is_interpret, mask_u8, split_count,
+)
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4, num_stages=3),
@@ -151,6 +153,8 @@ def self_scores(
     m = mask_u8(mask, n, t, a_rot.device)
     if n == 0 or t == 0 or d_out == 0 or d_a == 0:
         return torch.zeros(n, device=a_rot.device, dtype=torch.float32)
+    a_rot, g_rot = int32_safe(a_rot, "a_rot"), int32_safe(g_rot, "g_rot")
+    scale = int32_safe(scale, "scale", ())
     if t == 1:
         return _self_scores_t1(a_rot, g_rot, scale, m)
     tiles = triton.cdiv(d_out, _MIN_BLOCK) * triton.cdiv(d_a, _MIN_BLOCK)

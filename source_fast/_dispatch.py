@@ -72,11 +72,15 @@ def unsupported_reasons(backend: Backend, op: str, device: torch.device, dtype: 
 
 
 @functools.lru_cache(maxsize=None)
-def _auto(op: str, device_type: str, device_index: int | None, dtype: torch.dtype) -> Backend:
+def _auto(op: str, device_type: str, device_index: int | None, dtype: torch.dtype, flags: tuple) -> Backend:
+    """`flags` (the environment switches unsupported_reasons reads) are part of the cache key, so
+    setting one after a first call still takes effect."""
+    del flags
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     for backend in PRIORITY[op]:
-        # auto never picks the Triton interpreter: it is for tests, and far slower than torch.
-        if backend == "triton" and device.type != "cuda":
+        # auto never picks the Triton interpreter, not even for CUDA tensors: it is for tests, copies
+        # CUDA tensors to the host and back, and is far slower than torch.
+        if backend == "triton" and (device.type != "cuda" or _triton.interpreting()):
             continue
         if not unsupported_reasons(backend, op, device, dtype):
             return backend
@@ -90,7 +94,8 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: BackendAr
         # SOURCE_FAST_BACKEND=torch forces the reference for every automatic choice (debugging).
         if _global_backend() == "torch":
             return "torch"
-        return _auto(op, device.type, device.index, dtype)
+        flags = (os.environ.get("SOURCE_FAST_DISABLE_TRITON"), _triton.interpreting())
+        return _auto(op, device.type, device.index, dtype, flags)
     reasons = unsupported_reasons(backend, op, device, dtype)
     if reasons:
         raise NotImplementedError(

@@ -6,8 +6,11 @@ module is imported, so nothing imports it before first use (TRITON_INTERPRET mus
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+
+import torch
 
 
 @functools.cache
@@ -21,6 +24,12 @@ def import_error() -> str | None:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' device (cuda:1 tensors while
+    cuda:0 is current would otherwise run on the wrong GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache

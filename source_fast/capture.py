@@ -115,6 +115,18 @@ def with_ones(a: Tensor, spec: LayerSpec, mask: Tensor | None) -> Tensor:
     return torch.cat([a, ones], dim=-1)
 
 
+def _string_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """F.pad's (left, right, top, bottom) for padding="valid" / "same". "same" pads dilation·(k − 1)
+    per dimension, the odd element on the right / bottom, as torch's convolution does."""
+    if module.padding == "valid":
+        return (0, 0, 0, 0)
+    pads = []
+    for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):  # width first, as F.pad wants
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
 class Capturer:
     """Hooks the tracked layers of `model`; `capture(mask)` records inputs and output gradients."""
 
@@ -127,7 +139,11 @@ class Capturer:
 
     def _tokens(self, spec: LayerSpec, module: nn.Module, x: Tensor) -> Tensor:
         if spec.kind == "conv2d":
-            cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+            padding = module.padding
+            if isinstance(padding, str):  # "valid" or "same": pad as the convolution does, then unfold
+                x = F.pad(x, _string_padding(module))
+                padding = 0
+            cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
             return cols.transpose(1, 2)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
@@ -143,6 +159,11 @@ class Capturer:
 
     @contextlib.contextmanager
     def capture(self, mask: Tensor | None) -> Iterator[dict[str, Captured]]:
+        if isinstance(mask, dict):
+            raise NotImplementedError(
+                "per-module attention masks (a dict from get_attention_mask) are not supported: return one "
+                "(examples, tokens) mask for every tracked layer"
+            )
         self.records = {}
         self._mask = mask
         handles = []
@@ -166,9 +187,11 @@ class Capturer:
             a = self._tokens(spec, module, x.detach())
             n, t = a.shape[0], a.shape[1]
             mask = self._layer_mask(spec, n, t, x.dim())
-            keep = None if mask is None else (mask != 0).to(a.dtype).unsqueeze(-1)
+            # Dropped tokens are selected away, not multiplied by 0: a NaN or inf there (a fully masked
+            # attention row, say) must not reach the factors or the scores.
+            keep = None if mask is None else (mask != 0).unsqueeze(-1)
             if keep is not None:
-                a = a * keep
+                a = torch.where(keep, a, 0)
             if spec.name in self.records:
                 raise ValueError(
                     f"module {spec.name!r} ran twice in one forward pass; shared (re-used) layers are not supported"
@@ -184,7 +207,7 @@ class Capturer:
                 else:
                     g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
                 if keep is not None:
-                    g = g * keep.to(g.dtype)
+                    g = torch.where(keep, g, 0)
                 record.g = g.detach()
 
             output.register_hook(grad_hook)

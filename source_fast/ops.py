@@ -10,11 +10,16 @@ from . import _triton, reference
 from ._dispatch import BackendArg, select
 
 
-def _kernel_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype a kernel would run in: the inputs' common dtype. Mixed dtypes (and float64) report
-    float64, which only the torch reference takes, so auto picks it and a forced kernel says why."""
-    dtypes = {t.dtype for t in tensors}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float64
+def _kernel_dtype(op: str, backend: BackendArg, **tensors: Tensor) -> torch.dtype:
+    """The dtype a kernel would run in: the inputs' common dtype. Only the torch reference takes mixed
+    dtypes, so for them auto gets float64 (which no kernel takes) and a forced kernel says which differ."""
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) == 1:
+        return next(iter(dtypes.values()))
+    if backend not in ("auto", "torch"):
+        listed = ", ".join(f"{name} {str(d).removeprefix('torch.')}" for name, d in dtypes.items())
+        raise NotImplementedError(f"backend {backend!r} cannot run {op}: the kernel takes one dtype for {listed}")
+    return torch.float64
 
 
 def covariance_accumulate_(
@@ -39,9 +44,13 @@ def accumulate_lambda_(
     *, backend: BackendArg = "auto",
 ) -> None:
     # Kernels take float32 Λ and one dtype for a and g.
-    dtype = _kernel_dtype(a_rot, g_rot) if lam.dtype == torch.float32 else torch.float64
-    if select("accumulate_lambda_", a_rot.device, dtype, backend) == "triton":
-        _triton.kernels().accumulate_lambda_(lam, a_rot, g_rot, mask, alpha)
+    if lam.dtype != torch.float32 and backend not in ("auto", "torch"):
+        raise NotImplementedError(f"backend {backend!r} cannot run accumulate_lambda_: lam must be float32, got {lam.dtype}")
+    dtype = _kernel_dtype("accumulate_lambda_", backend, a_rot=a_rot, g_rot=g_rot)
+    if select("accumulate_lambda_", a_rot.device, dtype if lam.dtype == torch.float32 else torch.float64,
+              backend) == "triton":
+        with _triton.on_device(a_rot.device):
+            _triton.kernels().accumulate_lambda_(lam, a_rot, g_rot, mask, alpha)
     else:
         reference.accumulate_lambda_(lam, a_rot, g_rot, mask, alpha)
 
@@ -49,8 +58,10 @@ def accumulate_lambda_(
 def self_scores(
     a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
 ) -> Tensor:
-    if select("self_scores", a_rot.device, _kernel_dtype(a_rot, g_rot), backend) == "triton":
-        return _triton.kernels().self_scores(a_rot, g_rot, scale, mask)
+    if select("self_scores", a_rot.device, _kernel_dtype("self_scores", backend, a_rot=a_rot, g_rot=g_rot),
+              backend) == "triton":
+        with _triton.on_device(a_rot.device):
+            return _triton.kernels().self_scores(a_rot, g_rot, scale, mask)
     return reference.self_scores(a_rot, g_rot, scale, mask)
 
 
@@ -59,13 +70,15 @@ def precondition_queries(
     backend: BackendArg = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     if select("precondition_queries", v.device, v.dtype, backend) == "triton":
-        return _triton.kernels().precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
+        with _triton.on_device(v.device):
+            return _triton.kernels().precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
     return reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
 
 
 def pairwise_scores(
     a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
 ) -> Tensor:
-    if select("pairwise_scores", a.device, _kernel_dtype(a, g), backend) == "triton":
-        return _triton.kernels().pairwise_scores(a, g, u, mask)
+    if select("pairwise_scores", a.device, _kernel_dtype("pairwise_scores", backend, a=a, g=g), backend) == "triton":
+        with _triton.on_device(a.device):
+            return _triton.kernels().pairwise_scores(a, g, u, mask)
     return reference.pairwise_scores(a, g, u, mask)

@@ -24,10 +24,12 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _masked(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """x in `dtype` with dropped tokens set to 0: selected, not multiplied, so a NaN or inf in a
+    dropped token (say, a fully masked attention row) cannot leak, as the kernels never read them."""
     x = x.to(dtype)
     if mask is None:
         return x
-    return x * (mask != 0).to(dtype).unsqueeze(-1)
+    return torch.where((mask != 0).unsqueeze(-1), x, 0)
 
 
 def covariance_accumulate_(
@@ -72,8 +74,7 @@ def accumulate_lambda_(lam: Tensor, a_rot: Tensor, g_rot: Tensor, mask: Tensor |
     mask:  (n, t) or None
     """
     dt = compute_dtype(lam, a_rot, g_rot)
-    a = _masked(a_rot, mask, dt)
-    g = g_rot.to(dt)
+    a, g = _masked(a_rot, mask, dt), _masked(g_rot, mask, dt)
     if a.shape[1] == 1:  # one token per example: Σ_n (g ⊗ a)² = (g∘g)ᵀ (a∘a), one GEMM
         lam.add_(((g[:, 0] ** 2).T @ (a[:, 0] ** 2)).to(lam.dtype), alpha=alpha)
         return
@@ -88,8 +89,7 @@ def self_scores(a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None
     Returns (n,) float32 (float64 for float64 inputs).
     """
     dt = compute_dtype(a_rot, g_rot, scale)
-    a = _masked(a_rot, mask, dt)
-    g = g_rot.to(dt)
+    a, g = _masked(a_rot, mask, dt), _masked(g_rot, mask, dt)
     if a.shape[1] == 1:  # one token per example: Σ_ij s_ij g_i² a_j² = rowsum(((g∘g) s) ∘ (a∘a)), no tiles
         return (((g[:, 0] ** 2) @ scale.to(dt)) * a[:, 0] ** 2).sum(1)
     tiles = torch.einsum("nto,nti->noi", g, a)
@@ -117,8 +117,9 @@ def eigen_factor(lam: Tensor, *, horizon: float | None = None, damping: float = 
 def source_factor(sigma: Tensor, horizon: float) -> Tensor:
     """F(σ) = (1 − exp(−cσ))/σ with F(0) = c, evaluated with expm1 (exact for tiny cσ)."""
     y = sigma * horizon
-    safe = torch.where(y > 0, y, torch.ones_like(y))
-    phi = torch.where(y > 0, -torch.expm1(-safe) / safe, torch.ones_like(y))
+    # y == 0 (not y > 0) selects the limit, so a NaN σ stays NaN instead of becoming F = c.
+    safe = torch.where(y == 0, torch.ones_like(y), y)
+    phi = torch.where(y == 0, torch.ones_like(y), -torch.expm1(-safe) / safe)
     return horizon * phi
 
 
@@ -152,8 +153,7 @@ def pairwise_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None)
     Σ_t g_tᵀ (U_q a_t) (n·t·q·d_out·d_a flops).
     """
     dt = compute_dtype(a, g, u)
-    a_ = _masked(a, mask, dt)
-    g_ = g.to(dt)
+    a_, g_ = _masked(a, mask, dt), _masked(g, mask, dt)
     u_ = u.to(dt)
     n, t, d_a = a_.shape
     q, d_out = u_.shape[0], u_.shape[1]
@@ -171,7 +171,7 @@ def pairwise_scores_lowrank(a: Tensor, g: Tensor, left: Tensor, right: Tensor, m
     """
     dt = compute_dtype(a, g, left)
     a_ = _masked(a, mask, dt)
-    gl = torch.einsum("nto,qor->ntqr", g.to(dt), left.to(dt))
+    gl = torch.einsum("nto,qor->ntqr", _masked(g, mask, dt), left.to(dt))
     ar = torch.einsum("nti,qir->ntqr", a_, right.to(dt))
     return (gl * ar).sum((1, 3))
 
@@ -183,4 +183,4 @@ def pairwise_token_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None =
     """
     dt = compute_dtype(a, g, u)
     ua = torch.einsum("qoi,nti->nqto", u.to(dt), _masked(a, mask, dt))
-    return torch.einsum("nqto,nto->nqt", ua, g.to(dt))
+    return torch.einsum("nqto,nto->nqt", ua, _masked(g, mask, dt))

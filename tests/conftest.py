@@ -17,6 +17,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=DEVICES)
+# The cuda case carries the `cuda` mark, so `pytest -m cuda` (the device script) runs every
+# device-parametrized test compiled on the GPU, not only the tests written for it.
+@pytest.fixture(params=[pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d for d in DEVICES])
 def device(request):
     return torch.device(request.param)

@@ -30,6 +30,30 @@ def test_forced_backend_that_cannot_run_lists_the_reasons(monkeypatch):
         ops.pairwise_scores(torch.zeros(1, 1, 2), torch.zeros(1, 1, 3), torch.zeros(1, 3, 2), backend="triton")
 
 
+def test_auto_for_cuda_tensors_follows_the_switches_and_skips_the_interpreter(monkeypatch):
+    """No GPU needed: auto only reads the environment and the device type here. The interpreter
+    never serves CUDA tensors, and a switch set after a first call takes effect (it is in the key)."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _dispatch.select("pairwise_scores", cuda, torch.float32) == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert _dispatch.select("pairwise_scores", cuda, torch.float32) == "triton"
+    monkeypatch.setenv("SOURCE_FAST_DISABLE_TRITON", "1")
+    assert _dispatch.select("pairwise_scores", cuda, torch.float32) == "torch"
+
+
+def test_forced_kernel_names_the_mixed_dtypes():
+    a, g = torch.zeros(1, 2, 3, dtype=torch.bfloat16), torch.zeros(1, 2, 4, dtype=torch.float16)
+    with pytest.raises(NotImplementedError, match=r"one dtype for a bfloat16, g float16"):
+        ops.pairwise_scores(a, g, torch.zeros(1, 4, 3), backend="triton")
+    with pytest.raises(NotImplementedError, match=r"one dtype for a_rot bfloat16, g_rot float16"):
+        ops.self_scores(a, g, torch.zeros(4, 3), backend="triton")
+    with pytest.raises(NotImplementedError, match=r"lam must be float32, got torch.float64"):
+        ops.accumulate_lambda_(torch.zeros(4, 3, dtype=torch.float64), a.float(), g.float(), backend="triton")
+    # The reference takes mixed dtypes (in float64 here), so auto and torch run them.
+    assert ops.pairwise_scores(a, g, torch.zeros(1, 4, 3)).shape == (1, 1)
+
+
 def test_global_switch_and_bad_values(monkeypatch):
     monkeypatch.setenv("SOURCE_FAST_BACKEND", "torch")
     assert _dispatch.select("covariance_accumulate_", CPU, torch.float32) == "torch"

@@ -53,8 +53,8 @@ def chosen(monkeypatch):
     picks = []
     auto = _dispatch._auto
 
-    def recording(op, device_type, device_index, dtype):
-        backend = auto(op, device_type, device_index, dtype)
+    def recording(op, device_type, device_index, dtype, flags):
+        backend = auto(op, device_type, device_index, dtype, flags)
         picks.append((op, device_type, backend))
         return backend
 

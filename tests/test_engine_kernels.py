@@ -18,7 +18,7 @@ def triton_everywhere(monkeypatch):
         pytest.fail("the Triton interpreter must be available on CPU test machines (TRITON_INTERPRET=1, triton installed)")
     chosen = []
 
-    def auto(op, device_type, device_index, dtype):
+    def auto(op, device_type, device_index, dtype, flags):
         backend = "triton" if op in ("accumulate_lambda_", "self_scores", "precondition_queries", "pairwise_scores") else "torch"
         chosen.append((op, backend))
         return backend

@@ -225,27 +225,145 @@ def test_ekfac_scale_is_inverse_of_damped_lambda(device):
     torch.testing.assert_close(u[0], torch.tensor([[0.4, 1.0], [2.0, 2.0]], device=device), rtol=1e-6, atol=0.0)
 
 
-@pytest.mark.parametrize("t", [1, 6])
-def test_split_reductions_match_unsplit(t, device, monkeypatch):
-    """Pretending to have many SMs forces the split paths (workspace slabs summed in a fixed order)."""
+@pytest.mark.parametrize("n, t", [(70, 1), (7, 6)])
+def test_split_reductions_match_unsplit(n, t, device, monkeypatch):
+    """Pretending to have many SMs forces the split paths (workspace slabs summed in a fixed order).
+    The sizes make every launcher split: examples for Λ (blocks of 32 with t = 1), tiles of
+    150 × 130 for self-influence and pairwise, d_a blocks for one token; split_count is spied to
+    prove it."""
     _require_triton("accumulate_lambda_", device, torch.float32)
-    from source_fast.kernels import _common
+    from source_fast.kernels import _common, lam, pairwise, self_influence
 
-    a = torch.randn(7, t, 40, device=device)
-    g = torch.randn(7, t, 24, device=device)
-    mask = torch.rand(7, t, device=device) > 0.2
-    u = torch.randn(4, 24, 40, device=device)
-    scale = torch.rand(24, 40, device=device)
-    unsplit = torch.zeros(24, 40, device=device)
-    ops.accumulate_lambda_(unsplit, a, g, mask, backend="triton")
-    s_unsplit = ops.self_scores(a, g, scale, mask, backend="triton")
-    p_unsplit = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    a = torch.randn(n, t, 130, device=device)
+    g = torch.randn(n, t, 150, device=device)
+    mask = torch.rand(n, t, device=device) > 0.2
+    u = torch.randn(4, 150, 130, device=device)
+    scale = torch.rand(150, 130, device=device)
+
+    def run():
+        lam_ = torch.zeros(150, 130, device=device)
+        ops.accumulate_lambda_(lam_, a, g, mask, backend="triton")
+        return (lam_, ops.self_scores(a, g, scale, mask, backend="triton"),
+                ops.pairwise_scores(a, g, u, mask, backend="triton"))
+
+    unsplit = run()
+    splits = []
+
+    def spy(programs, work, dev):
+        splits.append(split_count(programs, work, dev))
+        return splits[-1]
+
+    split_count = _common.split_count
     monkeypatch.setattr(_common, "num_sms", lambda device: 8)
-    split = torch.zeros(24, 40, device=device)
-    ops.accumulate_lambda_(split, a, g, mask, backend="triton")
-    torch.testing.assert_close(split, unsplit, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ops.self_scores(a, g, scale, mask, backend="triton"), s_unsplit, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(ops.pairwise_scores(a, g, u, mask, backend="triton"), p_unsplit, rtol=1e-5, atol=1e-4)
+    for module in (lam, self_influence, pairwise):
+        monkeypatch.setattr(module, "split_count", spy)
+    split = run()
+    assert len(splits) == 3 and min(splits) > 1, splits
+    for got, want in zip(split, unsplit):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_nan_in_lambda_propagates_like_the_reference(device):
+    """PTX max.f32 returns the non-NaN operand: a NaN Λ must stay NaN (not become Λ = 0, or F = c)."""
+    _require_triton("precondition_queries", device, torch.float32)
+    eye = torch.eye(3, device=device)
+    lam = torch.rand(3, 3, device=device)
+    lam[0, 0] = float("nan")
+    v = torch.ones(1, 3, 3, device=device)
+    for horizon in (None, 2.0):
+        got = ops.precondition_queries(v, eye, eye, lam, horizon=horizon, damping=0.5, backend="triton")
+        want = reference.precondition_queries(v, eye, eye, lam, horizon=horizon, damping=0.5)
+        for x, y in zip(got, want):
+            if y is None:
+                continue
+            assert torch.equal(torch.isnan(x), torch.isnan(y)) and torch.isnan(x[0, 0, 0]), (horizon, x, y)
+            torch.testing.assert_close(x.nan_to_num(), y.nan_to_num(), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_nan_in_dropped_tokens_is_never_read(t, device):
+    """Masked tokens are dropped, not multiplied by 0, in the kernels and the reference alike."""
+    _require_triton("pairwise_scores", device, torch.float32)
+    a, g = torch.randn(5, t, 9, device=device), torch.randn(5, t, 7, device=device)
+    mask = torch.rand(5, t, device=device) > 0.4
+    mask[0, 0], mask[1, 0] = True, False
+    clean_a, clean_g = torch.where(mask[..., None], a, 0), torch.where(mask[..., None], g, 0)
+    a[~mask], g[~mask] = float("nan"), float("inf")
+    u, scale = torch.randn(3, 7, 9, device=device), torch.rand(7, 9, device=device)
+    for backend in ("triton", "torch"):
+        lam, want = torch.zeros(7, 9, device=device), torch.zeros(7, 9, device=device)
+        ops.accumulate_lambda_(lam, a, g, mask, backend=backend)
+        ops.accumulate_lambda_(want, clean_a, clean_g, backend=backend)
+        torch.testing.assert_close(lam, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ops.self_scores(a, g, scale, mask, backend=backend),
+                                   ops.self_scores(clean_a, clean_g, scale, backend=backend), rtol=1e-5, atol=1e-6)
+        for q in (u, u[:1]):
+            torch.testing.assert_close(ops.pairwise_scores(a, g, q, mask, backend=backend),
+                                       ops.pairwise_scores(clean_a, clean_g, q, backend=backend), rtol=1e-5, atol=1e-5)
+
+
+def _far_strided(shape, stride, dtype, device):
+    """A view whose last element sits just past 2^31 elements into its storage (4 GiB of bf16, of
+    which only the viewed elements are ever touched), filled with random values."""
+    reach = sum((s - 1) * st for s, st in zip(shape, stride))
+    assert reach >= 2**31
+    storage = torch.empty(reach + 1, dtype=dtype, device=device)
+    view = storage.as_strided(shape, stride)
+    view.copy_(torch.randn(shape, device=device).to(dtype))
+    return view
+
+
+def test_offsets_past_int32_within_one_example(device):
+    """Kernels widen the example / query index to int64 and keep in-example offsets int32: a layout
+    whose in-example offsets pass 2^31 (feature-major views of big tensors) is copied first."""
+    _require_triton("pairwise_scores", device, torch.bfloat16)
+    dtype, big = torch.bfloat16, 2**25 + 1  # 64 · big ≥ 2^31
+    for t in (1, 3):
+        a = _far_strided((2, t, 65), (1, 2, big), dtype, device)
+        g = torch.randn(2, t, 6, device=device).to(dtype)
+        u, scale = torch.randn(3, 6, 65, device=device), torch.rand(6, 65, device=device)
+        lam = torch.zeros(6, 65, device=device)
+        ops.accumulate_lambda_(lam, a, g, backend="triton")
+        ref = torch.zeros(6, 65, device=device)
+        ops.accumulate_lambda_(ref, a.contiguous(), g, backend="triton")
+        assert torch.equal(lam, ref)
+        assert torch.equal(ops.self_scores(a, g, scale, backend="triton"),
+                           ops.self_scores(a.contiguous(), g, scale, backend="triton"))
+        for q in (u, u[:1]):
+            assert torch.equal(ops.pairwise_scores(a, g, q, backend="triton"),
+                               ops.pairwise_scores(a.contiguous(), g, q, backend="triton"))
+    v = _far_strided((2, 6, 65), (1, 2, big), dtype, device)
+    eye_s, eye_a = torch.eye(6, device=device), torch.eye(65, device=device)
+    got = ops.precondition_queries(v, eye_s, eye_a, scale, damping=0.5, backend="triton")[0]
+    torch.testing.assert_close(got, v.float() / (scale + 0.5), rtol=1e-6, atol=0.0)
+
+
+def test_outputs_past_int32_are_refused():
+    from source_fast.kernels._common import int32_safe
+
+    wide = torch.empty(2**31 + 3, dtype=torch.uint8).as_strided((2, 3), (2**31, 1))  # 2 GiB, untouched
+    with pytest.raises(ValueError, match=r"lam \(2, 3\) with strides \(2147483648, 1\).*pass a contiguous tensor"):
+        int32_safe(wide, "lam", (), copy=False)
+    assert int32_safe(wide, "lam", (0,), copy=False) is wide  # the widened dim may be as far as it likes
+
+
+def test_grid_axis_limits_are_chunked(device, monkeypatch):
+    """Query blocks (pairwise) and the query batch (preconditioning) sit on grid axis 1, limited to
+    65535 on CUDA: past it the launchers split the launch. A tiny limit exercises that here."""
+    _require_triton("pairwise_scores", device, torch.float32)
+    from source_fast.kernels import pairwise, precondition
+
+    a, g = torch.randn(3, 4, 9, device=device), torch.randn(3, 4, 7, device=device)
+    u = torch.randn(40, 7, 9, device=device)
+    q_s, q_a = torch.linalg.qr(torch.randn(7, 7, device=device))[0], torch.linalg.qr(torch.randn(9, 9, device=device))[0]
+    lam = torch.rand(7, 9, device=device)
+    whole = ops.pairwise_scores(a, g, u, backend="triton")
+    pre = ops.precondition_queries(u, q_s, q_a, lam, horizon=2.0, backend="triton")
+    monkeypatch.setattr(pairwise, "MAX_GRID_YZ", 1)  # one 16-query block per launch
+    monkeypatch.setattr(precondition, "MAX_GRID_YZ", 3)
+    torch.testing.assert_close(ops.pairwise_scores(a, g, u, backend="triton"), whole, rtol=0, atol=0)
+    for x, y in zip(ops.precondition_queries(u, q_s, q_a, lam, horizon=2.0, backend="triton"), pre):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 def test_empty_batch_is_a_no_op(device):

@@ -123,6 +123,61 @@ def test_masked_tokens_match_explicit_gradients_and_ignore_padding():
     assert torch.allclose(s1, s2, rtol=1e-9, atol=1e-14)
 
 
+class NanSafeTokenTask(TokenTask):
+    """The loss selects the real tokens (a product with the mask would be NaN · 0 = NaN)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y, mask = batch
+        per_token = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        return torch.where(mask > 0, per_token, 0).sum()
+
+    compute_measurement = compute_train_loss
+
+
+def test_nan_under_the_mask_does_not_reach_factors_or_scores():
+    """NaN inputs at padded positions (a fully masked attention row gives them) make NaN activations
+    and, through tanh', NaN output gradients there: masked tokens must be dropped, not multiplied by 0."""
+    torch.manual_seed(0)
+    model, task = TokenModel().double(), NanSafeTokenTask()
+    data, queries = _token_data(24, 7, 0, garbage=1), _token_data(3, 7, 5, garbage=2)
+    x, y, mask = data.tensors
+    poisoned = TensorDataset(torch.where(mask[..., None] > 0, x, float("nan")), y, mask)
+    results = []
+    for d in (data, poisoned):
+        traj = sf.Trajectory([sf.Segment([model.state_dict()], d, lr_sum=1.0)])
+        factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=5)
+        results.append((factors, sf.score(model, task, traj, factors, d, queries, method="ekfac", damping=0.01),
+                        sf.self_score(model, task, traj, factors, d, method="ekfac", damping=0.01)))
+    (f1, s1, self1), (f2, s2, self2) = results
+    for name in ("inp", "out"):
+        for field in ("a_cov", "s_cov", "lam"):
+            assert torch.equal(getattr(f1.segments[0][name], field), getattr(f2.segments[0][name], field)), (name, field)
+    assert torch.equal(s1, s2) and torch.equal(self1, self2)
+
+
+def test_conv2d_string_padding_matches_explicit_gradients():
+    """padding="same" with an even kernel pads one more on the right/bottom, like torch's convolution."""
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    model.conv = nn.Conv2d(2, 3, kernel_size=(3, 2), padding="same", dilation=(1, 2)).double()
+    model.head = nn.Linear(3 * 4 * 5, 4).double()
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(20, 2, 4, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (20,), generator=g))
+    queries = TensorDataset(torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (2,), generator=g))
+    _check_ekfac_dense(model, ImageTask(), lambda out, y: F.cross_entropy(out, y, reduction="sum"), data, queries)
+
+
+def test_per_module_masks_are_refused():
+    class DictMaskTask(TokenTask):
+        def get_attention_mask(self, batch):
+            return {"inp": batch[2]}
+
+    model, data = TokenModel().double(), _token_data(4, 7, 0, garbage=1)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(NotImplementedError, match="per-module attention masks"):
+        sf.fit_factors(model, DictMaskTask(), traj)
+
+
 def test_conv2d_unfold_layout_matches_weight_view():
     torch.manual_seed(0)
     model = ConvNet().double()
