@@ -1,13 +1,35 @@
-"""Atomic file writes: write to a temporary file in the target folder, then rename."""
+"""Atomic writes: build a file or folder under a temporary name in the target folder, then rename."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc without changing it; elsewhere it can only be read
+    by setting it and putting it back, which a thread creating a file in between would see."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions open()/mkdir() would give a new file/folder: 0666/0777 less the umask.
+    mkstemp and mkdtemp create theirs private (0600/0700), so results are set to this before the rename."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 @contextlib.contextmanager
@@ -19,10 +41,59 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where
+    the C library or the file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a fresh temporary folder beside `path`; it takes `path`'s place only if the block succeeds.
+
+    A new `path` appears in one rename. An existing one is exchanged with the new folder in one atomic
+    step where Linux renameat2(RENAME_EXCHANGE) is available (readers see the old or the new folder,
+    never a mix or nothing), then deleted; elsewhere it is moved aside first, so `path` is missing for
+    the moment between the two renames. A crash before the swap leaves a hidden `.<name>.*.tmp` folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, default_mode(directory=True))
+        if not path.exists():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp)  # it holds the old folder now
+        else:
+            # A non-empty folder cannot be renamed over: move the old one aside, then drop it.
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

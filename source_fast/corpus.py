@@ -37,6 +37,7 @@ from ._passes import chunks, digest_examples, digest_tensors, length, materializ
 from .factors import Factors, restored
 from .scoring import (
     _SELF_METHODS,
+    DEFAULT_QUERY_MEMORY_BUDGET,
     Damping,
     Method,
     _validate,
@@ -79,7 +80,7 @@ def score_corpus(
     damping: Damping = "heuristic",
     shard_size: int = 4096,
     top_k: int | None = None,
-    query_memory_budget: int = 1 << 30,
+    query_memory_budget: int = DEFAULT_QUERY_MEMORY_BUDGET,
     query_rank: int | None = None,
     train_segments: list[int] | Literal["all"] | None = None,
     batch_size: int = 32,

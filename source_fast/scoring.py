@@ -31,6 +31,10 @@ Damping = float | Literal["heuristic", "implied"]
 
 Grads = dict[str, Tensor]  # module name → (n, d_out, d_a)
 
+# Bytes of prepared queries score() and score_corpus() hold by default: each block of that many is
+# one pass over the training data.
+DEFAULT_QUERY_MEMORY_BUDGET = 1 << 30
+
 
 @dataclass
 class _Plan:
@@ -276,7 +280,7 @@ def score(
     seed: int = 0,
     record: TrainingRecord | None = None,
     per_token: bool = False,
-    query_memory_budget: int = 1 << 30,
+    query_memory_budget: int = DEFAULT_QUERY_MEMORY_BUDGET,
 ) -> Tensor:
     """Scores every (query, training example) pair: a (n_query, n_train) tensor.
 

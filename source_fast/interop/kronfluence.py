@@ -13,60 +13,81 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   training examples N. source_fast's native `score`/`self_score` carry the 1/N (scores in the
   measurement's units): native = kronfluence / N, same sign. The `Analyzer` shim multiplies by N, so it
   returns and writes kronfluence's numbers.
+- Tracked modules. With `get_influence_tracked_modules()` None, kronfluence tracks the leaf nn.Linear and
+  nn.Conv2d modules only; source_fast's own default also tracks transformers' Conv1D and layers with
+  children. Everything here uses kronfluence's rule (`tracked_modules`); to score factors from
+  `load_factors` natively, pass `kronfluence_task(model, task)` as the task.
 - Masks. kronfluence masks activations but not output gradients in the covariances, and masks
   neither in per-example gradients: it relies on padded tokens having zero output gradient (true when
   nothing attends to them and the loss ignores them). source_fast masks both sides; the two agree
   whenever that assumption holds, and source_fast stays right when it does not.
 - Per-module masks (a dict from `get_attention_mask`), `enable_post_process_per_sample_gradient`,
-  shared (re-used) modules, AMP, per-module / per-token scores and gradient aggregation are not
-  supported by the shim; it raises instead of silently computing something else.
-- Precision knobs (`*_dtype` fields) are not used: source_fast computes in the model's dtype with
-  float32 accumulation (float64 for a float64 model) and float64 eigendecompositions. Partition and
-  accumulation knobs only trade memory for passes in kronfluence and do not change results; they are
-  ignored. `query_gradient_low_rank` maps to source_fast's `query_rank` (exact SVD, never randomized).
+  shared (re-used) modules, AMP, per-module / per-token pairwise scores, gradient aggregation and
+  partition targets are not supported by the shim; it raises instead of silently computing something else.
+- Precision knobs (`*_dtype` fields other than `score_dtype`) are not used: source_fast computes in the
+  model's dtype with float32 accumulation (float64 for a float64 model) and float64 eigendecompositions;
+  scores are cast to `score_dtype`. Partition and accumulation knobs only trade memory for passes in
+  kronfluence and do not change results; they are ignored. `query_gradient_low_rank` maps to
+  source_fast's `query_rank` (exact SVD, never randomized).
 - Batching. `per_device_batch_size=None` does not search for the largest batch: it means 32. Pairwise
-  scoring uses `per_device_train_batch_size` for queries and training data alike, and reads the
-  training set once for all queries (kronfluence re-reads it per query batch).
-- Token counts. source_fast's Factors keep per-row MEAN covariances, not the row counts, so
-  `save_factors` writes sums = mean × num_examples with count = num_examples: the pair kronfluence
-  divides is exact, but the count is not the number of tokens kronfluence itself would have stored.
+  scoring holds as many prepared queries as fit in the larger of `per_device_query_batch_size`
+  queries and source_fast's default query budget (1 GiB), and reads the training set once per such
+  block: never more often than kronfluence, which reads it once per query batch.
+- Token counts. `save_factors` writes covariance sums with the fit's row (unmasked token) counts, as
+  kronfluence stores them; only factors that do not know their rows (from an older source_fast, or
+  read from a directory without covariance files) are written with count = num_examples, which
+  kronfluence, dividing sum by count, reads the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
-import shutil
-import tempfile
+import re
+import types
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
-from .._io import atomic_path
+from .._io import atomic_dir, atomic_path
 from ..capture import LayerSpec, tracked_layers
-from ..factors import Factors, LayerFactors, fit_factors
-from ..scoring import score, self_score
+from ..factors import Factors, LayerFactors, _covariances, _lambdas, factor_dtype, restored
+from ..scoring import DEFAULT_QUERY_MEMORY_BUDGET, score, self_score
 from ..task import Task
 from ..trajectory import Segment, Trajectory
 
-__all__ = ["load_factors", "save_factors", "prepare_model", "Analyzer"]
+__all__ = ["Analyzer", "FactorsNotFoundError", "kronfluence_task", "load_factors", "prepare_model", "save_factors",
+           "tracked_modules"]
 
-# kronfluence's file stems (kronfluence.utils.constants), one safetensors file each, keyed by module.
+# kronfluence's file stems (kronfluence.utils.constants), one safetensors file each, keyed by module,
+# in the groups its stages write and its loaders read.
 A_COV, S_COV = "activation_covariance", "gradient_covariance"
 A_COUNT, S_COUNT = "num_activation_covariance_processed", "num_gradient_covariance_processed"
 Q_A, Q_S = "activation_eigenvectors", "gradient_eigenvectors"
 E_A, E_S = "activation_eigenvalues", "gradient_eigenvalues"
 LAMBDA, LAMBDA_COUNT = "lambda_matrix", "num_lambda_processed"
+COVARIANCE_STEMS = (A_COV, S_COV, A_COUNT, S_COUNT)
+EIGEN_STEMS = (Q_A, E_A, Q_S, E_S)
+LAMBDA_STEMS = (LAMBDA, LAMBDA_COUNT)
 FACTOR_ARGS_FILE = "factor_arguments.json"
 SCORE_ARGS_FILE = "score_arguments.json"
+MODEL_FILE = "model.safetensors"
 ALL_MODULES = "all_modules"
 DEFAULT_BATCH_SIZE = 32
+# What kronfluence's Analyzer.load_all_factors reads per strategy (FactorConfig.requires_*_for_precondition).
+PRECONDITION_GROUPS = {"identity": (), "diagonal": ("lambda",), "kfac": ("eigendecomposition",),
+                       "ekfac": ("eigendecomposition", "lambda")}
+# Every file kronfluence writes in a factor directory (partitioned files before aggregation included).
+_FACTOR_FILE = re.compile(
+    rf"({'|'.join(COVARIANCE_STEMS + EIGEN_STEMS + LAMBDA_STEMS)})(_data_partition\d+_module_partition\d+)?"
+    r"\.safetensors|factor(_loaded_\w+)?_arguments\.json|\w+_dataset_metadata\.json"
+)
 
 # FactorArguments / ScoreArguments of kronfluence 1.0.1 with their defaults: what a missing or
 # duck-typed argument object stands for, and the complete JSON kronfluence's loaders accept.
@@ -109,6 +130,56 @@ SCORE_DEFAULTS: dict[str, Any] = {
     "precondition_dtype": "torch.float32",
     "score_dtype": "torch.float32",
 }
+# Score arguments kronfluence resets, with a warning, for self-influence (ScoreComputer.compute_self_scores).
+SELF_IGNORED = {"query_gradient_accumulation_steps": 1, "query_gradient_low_rank": None,
+                "aggregate_query_gradients": False, "aggregate_train_gradients": False,
+                "compute_per_token_scores": False}
+
+
+class FactorsNotFoundError(ValueError):
+    """kronfluence's FactorsNotFoundError (a ValueError): a stage's input factors are missing."""
+
+
+# ---- tracked modules ---------------------------------------------------------------------------
+
+
+def tracked_modules(model: nn.Module, task: Task) -> list[str]:
+    """The names of the modules kronfluence tracks for `task` on `model`: the task's
+    `get_influence_tracked_modules()`, or when that is None every LEAF nn.Linear / nn.Conv2d
+    (kronfluence.module.utils.wrap_tracked_modules). Named modules are taken as named (source_fast
+    also supports transformers' Conv1D there; kronfluence does not)."""
+    names = task.get_influence_tracked_modules()
+    if names is not None:
+        return list(names)
+    names = [name for name, m in model.named_modules()
+             if next(m.children(), None) is None and isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not names:
+        raise ValueError(
+            "the model has no leaf nn.Linear or nn.Conv2d module, which is all kronfluence tracks by default; "
+            "name the modules to track in task.get_influence_tracked_modules()"
+        )
+    return names
+
+
+class _TrackedAs:
+    """`task` with `get_influence_tracked_modules()` fixed to `names`; everything else is the task's."""
+
+    def __init__(self, task: Task, names: list[str]) -> None:
+        self._task, self._names = task, names
+
+    def get_influence_tracked_modules(self) -> list[str]:
+        return list(self._names)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr == "_task":  # not set yet (copy and pickle build the object without __init__)
+            raise AttributeError(attr)
+        return getattr(self._task, attr)
+
+
+def kronfluence_task(model: nn.Module, task: Task) -> Task:
+    """`task` tracking exactly the modules kronfluence tracks on `model` (`tracked_modules`): the task
+    to give source_fast's own functions along with factors from `load_factors`."""
+    return _TrackedAs(task, tracked_modules(model, task))  # type: ignore[return-value]
 
 
 # ---- factor files ------------------------------------------------------------------------------
@@ -125,11 +196,33 @@ def _read(factors_dir: Path, stem: str) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
+def _exist(factors_dir: Path, stems: tuple[str, ...]) -> bool:
+    return all((factors_dir / f"{stem}.safetensors").exists() for stem in stems)
+
+
+def _load_group(factors_dir: Path, stems: tuple[str, ...]) -> dict[str, dict[str, Tensor]] | None:
+    """kronfluence's loaders: {stem: {module: tensor}} for a complete group of files, else None."""
+    return {stem: _read(factors_dir, stem) for stem in stems} if _exist(factors_dir, stems) else None
+
+
+def _write_group(factors_dir: Path, group: dict[str, dict[str, Tensor]], metadata: dict[str, str] | None) -> None:
+    from safetensors.torch import save_file
+
+    for stem, tensors in group.items():
+        with atomic_path(factors_dir / f"{stem}.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
 def _module_tensor(files: dict[str, dict[str, Tensor]], stem: str, spec: LayerSpec, shape: tuple[int, ...],
                    factors_dir: Path) -> Tensor:
     """One module's tensor from one factor file, checked against the model's layer shape."""
     tensors = files[stem]
     if spec.name not in tensors:
+        if spec.kind == "conv1d":
+            raise ValueError(
+                f"{factors_dir / (stem + '.safetensors')} has no factor for module {spec.name!r}: it is a "
+                "transformers Conv1D, and kronfluence does not track transformers' Conv1D layers"
+            )
         raise ValueError(
             f"{factors_dir / (stem + '.safetensors')} has no factor for module {spec.name!r} "
             f"(it has {sorted(tensors)[:8]}); were the factors fitted with the same tracked modules?"
@@ -150,75 +243,84 @@ def _count(files: dict[str, dict[str, Tensor]], stem: str, spec: LayerSpec, fact
     return n
 
 
-def _normalized(total: Tensor, count: int) -> Tensor:
-    # Divide in float64 (kronfluence divides Λ in float64 too), keep the stored dtype.
-    return (total.double() / count).to(total.dtype)
+def _factor_args_json(factors_dir: Path) -> dict[str, Any]:
+    """factor_arguments.json over kronfluence's defaults (what FactorArguments(**json) holds)."""
+    path = factors_dir / FACTOR_ARGS_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: kronfluence writes it with every factor directory (and reads it first, "
+            "as source_fast does to know the strategy and the Fisher)"
+        )
+    return {**FACTOR_DEFAULTS, **json.loads(path.read_text())}
 
 
 def load_factors(factors_dir: str | os.PathLike, model: nn.Module, task: Task) -> Factors:
     """Reads a kronfluence EK-FAC `factors_<name>/` directory into one-segment source_fast Factors.
 
-    Per tracked module (as `task.get_influence_tracked_modules()` selects them on `model`):
+    Per tracked module (kronfluence's rule, `tracked_modules(model, task)`):
       a_cov (d_a, d_a) = activation_covariance / num_activation_covariance_processed
       s_cov (d_out, d_out) = gradient_covariance / num_gradient_covariance_processed
       q_a, q_s = kronfluence's eigenvectors as stored (so scores reproduce kronfluence's)
       lam (d_out, d_a) = lambda_matrix / num_lambda_processed
-    Each module's tensors keep the dtype they were stored in. Modules in the files that the task does
-    not track are ignored, as kronfluence ignores them. Use the factors with a one-checkpoint
-    trajectory, `Trajectory([Segment([model.state_dict()], train_data, lr_sum=1.0)])`, and
-    method="ekfac".
+    Without covariance files (kronfluence's fit_lambda_matrices(load_from_factors_name=...) writes
+    none; EK-FAC scoring never reads them) a_cov and s_cov are rebuilt as Q diag(eigenvalues) Qᵀ and
+    the row counts are unknown. Each module's tensors share the widest of their stored dtypes and
+    float32 (bfloat16 covariances do not round a float32 Λ). Modules in the files that are not tracked
+    are ignored, as kronfluence ignores them. Score with a one-checkpoint trajectory,
+    `Trajectory([Segment([model.state_dict()], train_data, lr_sum=1.0)])`, method="ekfac", and
+    `kronfluence_task(model, task)` as the task.
     """
     factors_dir = Path(factors_dir)
     if not factors_dir.is_dir():
         raise FileNotFoundError(f"kronfluence factor directory {str(factors_dir)!r} does not exist")
-    fisher = "true"
-    args_path = factors_dir / FACTOR_ARGS_FILE
-    if args_path.exists():
-        args = json.loads(args_path.read_text())
-        if args.get("strategy", "ekfac") != "ekfac":
-            raise ValueError(f"{args_path}: strategy {args['strategy']!r}; source_fast reads EK-FAC factors only")
-        fisher = "empirical" if args.get("use_empirical_fisher") else "true"
-    stems = (A_COV, S_COV, A_COUNT, S_COUNT, Q_A, Q_S, LAMBDA, LAMBDA_COUNT)
+    args = _factor_args_json(factors_dir)
+    if args["strategy"] != "ekfac":
+        raise ValueError(f"{factors_dir / FACTOR_ARGS_FILE}: strategy {args['strategy']!r}; source_fast reads "
+                         "EK-FAC factors only")
+    has_cov = _exist(factors_dir, COVARIANCE_STEMS)
+    stems = (COVARIANCE_STEMS if has_cov else (E_A, E_S)) + (Q_A, Q_S) + LAMBDA_STEMS
     files = {stem: _read(factors_dir, stem) for stem in stems}
-    specs = tracked_layers(model, task.get_influence_tracked_modules())
+    specs = tracked_layers(model, tracked_modules(model, task))
     layers, num_examples = {}, None
     for s in specs:
         sq_a, sq_s = (s.d_a, s.d_a), (s.d_out, s.d_out)
-        rows = _count(files, A_COUNT, s, factors_dir)
-        a_cov = _normalized(_module_tensor(files, A_COV, s, sq_a, factors_dir), rows)
-        s_cov = _normalized(_module_tensor(files, S_COV, s, sq_s, factors_dir), _count(files, S_COUNT, s, factors_dir))
+        q_a, q_s = _module_tensor(files, Q_A, s, sq_a, factors_dir), _module_tensor(files, Q_S, s, sq_s, factors_dir)
+        lam = _module_tensor(files, LAMBDA, s, (s.d_out, s.d_a), factors_dir)
         n = _count(files, LAMBDA_COUNT, s, factors_dir)
         if num_examples is not None and n != num_examples:
             raise ValueError(f"module {s.name!r}: num_lambda_processed is {n}, other modules have {num_examples}")
         num_examples = n
-        lam = _normalized(_module_tensor(files, LAMBDA, s, (s.d_out, s.d_a), factors_dir), n)
-        dtype = a_cov.dtype
+        # Sums are divided in float64 (kronfluence divides Λ in float64 too).
+        if has_cov:
+            a_sum, s_sum = _module_tensor(files, A_COV, s, sq_a, factors_dir), _module_tensor(files, S_COV, s, sq_s, factors_dir)
+            rows = _count(files, A_COUNT, s, factors_dir)
+            a_cov, s_cov = a_sum.double() / rows, s_sum.double() / _count(files, S_COUNT, s, factors_dir)
+            stored = (a_sum, s_sum, q_a, q_s, lam)
+        else:
+            e_a, e_s = _module_tensor(files, E_A, s, (s.d_a,), factors_dir), _module_tensor(files, E_S, s, (s.d_out,), factors_dir)
+            a_cov, s_cov = ((q.double() * e.double()) @ q.double().T for q, e in ((q_a, e_a), (q_s, e_s)))
+            rows = None
+            stored = (q_a, q_s, lam, e_a, e_s)
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in stored), torch.float32)
         layers[s.name] = LayerFactors(
-            a_cov, s_cov.to(dtype), _module_tensor(files, Q_A, s, sq_a, factors_dir).to(dtype),
-            _module_tensor(files, Q_S, s, sq_s, factors_dir).to(dtype), lam.to(dtype), rows=rows,
+            a_cov.to(dtype), s_cov.to(dtype), q_a.to(dtype), q_s.to(dtype), (lam.double() / n).to(dtype), rows=rows,
         )
     assert num_examples is not None  # tracked_layers never returns an empty list
-    return Factors(specs, [layers], [num_examples], [1], fisher, False)
+    return Factors(specs, [layers], [num_examples], [1], "empirical" if args["use_empirical_fisher"] else "true", False)
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yields a fresh temporary folder beside `path`; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            # A non-empty folder cannot be renamed over: move the old one aside, then drop it.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _check_replaceable(factors_dir: Path) -> None:
+    """save_factors replaces the whole directory: refuse one that holds anything but factor files."""
+    if not factors_dir.exists():
+        return
+    if not factors_dir.is_dir():
+        raise FileExistsError(f"{str(factors_dir)!r} exists and is not a directory")
+    foreign = sorted(p.name for p in factors_dir.iterdir() if not (p.is_file() and _FACTOR_FILE.fullmatch(p.name)))
+    if foreign:
+        raise FileExistsError(
+            f"{str(factors_dir)!r} holds more than kronfluence factor files ({foreign[:5]}), and save_factors "
+            "replaces the whole directory: give it a factors_<name> folder of its own"
+        )
 
 
 def _jsonable(value: Any) -> Any:
@@ -235,30 +337,41 @@ def _args_dict(args: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _str_dict(args: dict[str, Any]) -> dict[str, str]:
+    """kronfluence's `Arguments.to_str_dict()`: the safetensors metadata of its factor and score files."""
+    return {k: str(v) for k, v in args.items()}
+
+
 def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_args: Any = None) -> None:
-    """Writes one-segment EK-FAC Factors as a kronfluence `factors_<name>/` directory, atomically
-    (a temporary folder renamed into place; an existing directory is replaced).
+    """Writes one-segment EK-FAC Factors as a kronfluence `factors_<name>/` directory.
+
+    The files are written to a temporary folder that then takes `factors_dir`'s place: an existing
+    directory is exchanged in one atomic step on Linux (elsewhere it is missing for the moment
+    between two renames; see `source_fast._io.atomic_dir`) and deleted. A directory that holds
+    anything other than kronfluence's factor files is refused, not replaced.
 
     Files (keys = module names): covariance sums = mean × rows with counts = rows, the unmasked tokens
-    of the fit (num_examples for factors that do not know their rows, e.g. from an older
-    source_fast: kronfluence only uses sum / count), eigenvectors as they are,
-    eigenvalues as the Rayleigh quotients diag(Qᵀ C Q) of those eigenvectors, lambda_matrix = Λ × N,
-    num_lambda_processed = N, and factor_arguments.json (`factor_args`' fields over kronfluence's
-    defaults; strategy and use_empirical_fisher always describe these factors). kronfluence's
-    `Analyzer.compute_pairwise_scores(..., factors_name=...)` then reproduces source_fast's EK-FAC
-    scores × N.
+    of the fit (num_examples for factors that do not know their rows: kronfluence only uses
+    sum / count), eigenvectors as they are, eigenvalues as the Rayleigh quotients diag(Qᵀ C Q) of those
+    eigenvectors, lambda_matrix = Λ × N, num_lambda_processed = N, and factor_arguments.json
+    (`factor_args`' fields over kronfluence's defaults; strategy and use_empirical_fisher always
+    describe these factors). kronfluence's `Analyzer.compute_pairwise_scores(..., factors_name=...)`
+    then reproduces source_fast's EK-FAC scores × N.
     """
-    from safetensors.torch import save_file
-
     if len(factors.segments) != 1 or factors.layout != [1]:
         raise ValueError(
             f"kronfluence stores one EK-FAC at one checkpoint; these factors have {len(factors.segments)} segments "
             f"with {factors.layout} checkpoints (fit them on trajectory.final())"
         )
+    if factors.average_params:
+        raise ValueError(
+            "these factors were fitted with average_params=True (Fast-SOURCE, at a segment's mean parameters), "
+            "not as an EK-FAC at one checkpoint; fit them with average_params=False on trajectory.final()"
+        )
+    factors_dir = Path(factors_dir)
+    _check_replaceable(factors_dir)
     n = factors.num_examples[0]
-    count = torch.tensor([n], dtype=torch.int64)
-    files: dict[str, dict[str, Tensor]] = {stem: {} for stem in (A_COV, S_COV, A_COUNT, S_COUNT, Q_A, Q_S, E_A, E_S,
-                                                                  LAMBDA, LAMBDA_COUNT)}
+    files: dict[str, dict[str, Tensor]] = {stem: {} for stem in COVARIANCE_STEMS + EIGEN_STEMS + LAMBDA_STEMS}
     for name, lf in factors.segments[0].items():
         if lf.precond is not None:
             warnings.warn(f"module {name!r}: the Adam preconditioner has no kronfluence counterpart; not written",
@@ -269,19 +382,18 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
             (S_COV, S_COUNT, Q_S, E_S, lf.s_cov, lf.q_s),
         ):
             cpu_cov, cpu_q = cov.detach().cpu(), q.detach().cpu()
-            files[cov_stem][name] = (cpu_cov.double() * rows).to(cpu_cov.dtype).contiguous()
+            files[cov_stem][name] = (cpu_cov.double() * rows).to(cpu_cov.dtype)
             files[count_stem][name] = torch.tensor([rows], dtype=torch.int64)
-            files[q_stem][name] = cpu_q.contiguous()
+            files[q_stem][name] = cpu_q
             qd = cpu_q.double()
-            files[e_stem][name] = ((qd * (cpu_cov.double() @ qd)).sum(0)).to(cpu_cov.dtype).contiguous()
+            files[e_stem][name] = ((qd * (cpu_cov.double() @ qd)).sum(0)).to(cpu_cov.dtype)
         lam = lf.lam.detach().cpu()
-        files[LAMBDA][name] = (lam.double() * n).to(lam.dtype).contiguous()
-        files[LAMBDA_COUNT][name] = count.clone()
+        files[LAMBDA][name] = (lam.double() * n).to(lam.dtype)
+        files[LAMBDA_COUNT][name] = torch.tensor([n], dtype=torch.int64)
     args = _args_dict(factor_args, FACTOR_DEFAULTS)
     args.update(strategy="ekfac", use_empirical_fisher=factors.fisher == "empirical")
-    with _atomic_dir(Path(factors_dir)) as tmp:
-        for stem, tensors in files.items():
-            save_file(tensors, str(tmp / f"{stem}.safetensors"))
+    with atomic_dir(factors_dir) as tmp:
+        _write_group(tmp, files, _str_dict(args))
         (tmp / FACTOR_ARGS_FILE).write_text(json.dumps(args, indent=4))
 
 
@@ -291,8 +403,8 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
 def prepare_model(model: nn.Module, task: Task) -> nn.Module:
     """kronfluence's `prepare_model`: eval mode, parameters and buffers frozen. Unlike kronfluence it
     installs no wrappers (source_fast hooks the layers during each pass), so the model is unchanged
-    otherwise; `task` is accepted for signature compatibility and its tracked modules are checked."""
-    tracked_layers(model, task.get_influence_tracked_modules())
+    otherwise; the modules kronfluence would wrap (`tracked_modules`) are checked."""
+    tracked_layers(model, tracked_modules(model, task))
     model.eval()
     for p in model.parameters():
         p.requires_grad = False
@@ -312,13 +424,52 @@ def _reject(args: Any, defaults: dict[str, Any], fields: dict[str, str]) -> None
             raise NotImplementedError(f"{field}={value!r} is not supported by source_fast's Analyzer: {why}")
 
 
+def _no_partition_targets(target_data_partitions: Any, target_module_partitions: Any) -> None:
+    for field, value in (("target_data_partitions", target_data_partitions),
+                         ("target_module_partitions", target_module_partitions)):
+        if value is not None:
+            raise NotImplementedError(
+                f"{field}={value!r} is not supported by source_fast's Analyzer: it computes all partitions in one "
+                "call (partitions change nothing but kronfluence's memory use)"
+            )
+
+
 def _subset(dataset: Any, indices: Any) -> Any:
     return dataset if indices is None else Subset(dataset, list(indices))
+
+
+def _limited(dataset: Any, limit: int | None) -> Any:
+    """kronfluence's `*_max_examples`: the first `limit` examples (None: all)."""
+    return dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
 
 
 def _save_json(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=4))
+
+
+def _save_or_compare(path: Path, obj: dict[str, Any], overwrite: bool, differs: str) -> None:
+    """kronfluence's `_save_arguments` / `_save_dataset_metadata`: write `obj`, or when the file exists
+    and not `overwrite`, refuse (ValueError) if it holds something else."""
+    obj = json.loads(json.dumps(obj))  # as it would read back (tuples become lists)
+    if path.exists() and not overwrite:
+        saved = json.loads(path.read_text())
+        if saved != obj:
+            raise ValueError(f"{differs} (`{path}`). Set `overwrite_output_dir=True` to overwrite the existing "
+                             f"experiment.\nNew: {obj}\nSaved: {saved}")
+    else:
+        _save_json(obj, path)
+
+
+def _save_dataset_metadata(name: str, dataset: Any, indices: Any, out: Path, overwrite: bool) -> None:
+    meta = {"type": type(dataset).__name__, "dataset_size": len(dataset),
+            "indices": None if indices is None else [int(i) for i in indices]}
+    _save_or_compare(out / f"{name}_dataset_metadata.json", meta, overwrite,
+                     "Attempting to use the dataset that differs from the one already saved")
+
+
+def _save_arguments(path: Path, args: dict[str, Any], overwrite: bool) -> None:
+    _save_or_compare(path, args, overwrite, "New arguments differ from saved arguments")
 
 
 def _save_scores(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -334,16 +485,54 @@ def _load_scores(path: Path) -> dict[str, Tensor] | None:
     return load_file(str(path)) if path.exists() else None
 
 
+def _dtype(value: Any) -> torch.dtype:
+    """A dtype field: a torch.dtype, or its string as the JSON files hold it ("torch.float32")."""
+    return value if isinstance(value, torch.dtype) else getattr(torch, str(value).removeprefix("torch."))
+
+
+def _arguments(cls_name: str, fields: dict[str, Any]) -> Any:
+    """kronfluence's FactorArguments / ScoreArguments when kronfluence is installed, else a namespace."""
+    try:
+        from kronfluence import arguments
+    except ImportError:
+        return types.SimpleNamespace(**fields)
+    return getattr(arguments, cls_name)(**fields)
+
+
+def _kronfluence_state_dict(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """The state_dict kronfluence's `_save_model` writes for the prepared model: its TrackedModule
+    wrapper puts each tracked module X's tensors under X.original_module and adds X._constant = zeros(1)."""
+    tracked = set(names)
+    out = {}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        # Cloned (as kronfluence does): safetensors refuses tensors that share memory (tied weights).
+        out[f"{module}.original_module.{leaf}" if module in tracked else key] = value.detach().cpu().clone()
+    modules = dict(model.named_modules())
+    for name in names:
+        out[f"{name}._constant"] = torch.zeros(1, dtype=modules[name].weight.dtype)
+    return out
+
+
+def _same_model(saved: dict[str, Tensor], current: dict[str, Tensor]) -> bool:
+    """kronfluence's verify_models_equivalence: same keys, values allclose in float32 on the CPU."""
+    return saved.keys() == current.keys() and all(
+        torch.allclose(saved[k].float().cpu(), current[k].float().cpu(), rtol=1.3e-6, atol=1e-5) for k in saved
+    )
+
+
 class Analyzer:
     """kronfluence's `Analyzer`, computed by source_fast's engine (method="ekfac").
 
     Same constructor, same method names and arguments (FactorArguments / ScoreArguments from
     kronfluence, or any objects with those fields), same output layout:
-      <output_dir>/<analysis_name>/factors_<name>/   kronfluence's factor files (`save_factors`)
+      <output_dir>/<analysis_name>/factors_<name>/   kronfluence's factor files, stage by stage
       <output_dir>/<analysis_name>/scores_<name>/pairwise_scores.safetensors  {"all_modules": (n_query, n_train)}
       <output_dir>/<analysis_name>/scores_<name>/self_scores.safetensors      {"all_modules": (n_train,)}
-    and scores in kronfluence's convention (NOT divided by N). Factors written by kronfluence itself
-    can be scored here, and kronfluence can score factors fitted here.
+    with kronfluence's argument and dataset-metadata JSON files (an existing one that differs is an
+    error unless `overwrite_output_dir`), and scores in kronfluence's convention (NOT divided by N).
+    Factors written by kronfluence itself can be scored here, and kronfluence can score factors
+    fitted here.
     """
 
     def __init__(
@@ -371,19 +560,36 @@ class Analyzer:
         device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
         self.model = model.to(device)
         self.task = task
+        self._names = tracked_modules(model, task)
+        self._task = _TrackedAs(task, self._names)  # what source_fast runs: kronfluence's tracked modules
+        self._specs = tracked_layers(model, self._names)
         self.progress = not disable_tqdm
         self.output_dir = Path(output_dir).joinpath(analysis_name).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.collate_fn = None
+        self._dataloader_kwargs: Any = None
         if not disable_model_save:
-            from safetensors.torch import save_file
+            self._save_model()
 
-            with atomic_path(self.output_dir / "model.safetensors") as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    def _save_model(self) -> None:
+        """kronfluence's `_save_model`: model.safetensors with its key names, or a check against it."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.output_dir / MODEL_FILE
+        state = _kronfluence_state_dict(self.model, self._names)
+        if path.exists():
+            if not _same_model(load_file(str(path)), state):
+                raise ValueError(
+                    f"Detected a difference between the current model and the one saved at `{path}`. "
+                    "Consider using a different `analysis_name` to avoid conflicts."
+                )
+        else:
+            with atomic_path(path) as tmp:
+                save_file(state, str(tmp))
 
     def set_dataloader_kwargs(self, dataloader_kwargs: Any) -> None:
-        """Only `collate_fn` matters to source_fast (it loads data in the main process, in order)."""
-        self.collate_fn = getattr(dataloader_kwargs, "collate_fn", None)
+        """kronfluence's DataLoaderKwargs (or any object with DataLoader keyword fields), used by every
+        call that is not given its own."""
+        self._dataloader_kwargs = dataloader_kwargs
 
     def factors_output_dir(self, factors_name: str) -> Path:
         return self.output_dir / f"factors_{factors_name}"
@@ -391,12 +597,55 @@ class Analyzer:
     def scores_output_dir(self, scores_name: str) -> Path:
         return self.output_dir / f"scores_{scores_name}"
 
-    def _collate(self, dataloader_kwargs: Any) -> Any:
-        return self.collate_fn if dataloader_kwargs is None else getattr(dataloader_kwargs, "collate_fn", None)
+    def _loader(self, dataset: Any, batch_size: int | None, dataloader_kwargs: Any) -> DataLoader:
+        """kronfluence's DataLoader: in order, every example, with all of the DataLoaderKwargs fields
+        (source_fast reads a DataLoader that reads in order as it comes)."""
+        kwargs = self._dataloader_kwargs if dataloader_kwargs is None else dataloader_kwargs
+        fields = {} if kwargs is None else kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(vars(kwargs))
+        return DataLoader(dataset, batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, shuffle=False,
+                          drop_last=False, **fields)
 
     def _checkpoint(self) -> dict[str, Tensor]:
-        """The model's current weights: the one checkpoint of the EK-FAC trajectory."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """The model's current weights, the one checkpoint of the EK-FAC trajectory. Not copied:
+        source_fast puts the weights back after every pass."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int):
+        """One fitting pass: weights restored afterwards, labels sampled from a fixed seed (the caller's
+        RNG untouched). Seeds 0 (covariances) and 1 (Λ) are fit_factors' for one checkpoint, so a true
+        Fisher fitted here is source_fast.fit_factors' on the same data."""
+        device = next(self.model.parameters()).device
+        with restored(self.model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    # ---- factors ---------------------------------------------------------------------------------
+
+    def _factor_args(self, factor_args: Any, out: Path, overwrite_output_dir: bool) -> dict[str, Any]:
+        """The factor arguments as kronfluence's JSON, checked, and saved (or compared with the saved)."""
+        _reject(factor_args, FACTOR_DEFAULTS, {
+            "strategy": "source_fast fits EK-FAC only",
+            "amp_dtype": "cast the model to the low-precision dtype instead (accumulation stays float32)",
+            "has_shared_parameters": "source_fast does not support modules that run twice per forward pass",
+        })
+        args = _args_dict(factor_args, FACTOR_DEFAULTS)
+        _save_arguments(out / FACTOR_ARGS_FILE, args, overwrite_output_dir)
+        return args
+
+    def _stage(self, factors_name: str, stems: tuple[str, ...], factor_args: Any,
+               overwrite_output_dir: bool) -> tuple[Path, dict[str, Any]] | None:
+        """A fitting stage's folder and checked arguments, or None when its files exist (kronfluence
+        then skips the stage, unless overwrite_output_dir)."""
+        out = self.factors_output_dir(factors_name)
+        out.mkdir(parents=True, exist_ok=True)
+        if _exist(out, stems) and not overwrite_output_dir:
+            return None
+        return out, self._factor_args(factor_args, out, overwrite_output_dir)
+
+    def _save_loaded_arguments(self, stage: str, source: Path, out: Path) -> None:
+        """kronfluence records the arguments of factors taken from another directory (always overwritten)."""
+        _save_arguments(out / f"factor_loaded_{stage}_arguments.json", _factor_args_json(source), True)
 
     def fit_all_factors(
         self,
@@ -409,63 +658,184 @@ class Analyzer:
         overwrite_output_dir: bool = False,
     ) -> None:
         """Covariances, eigendecomposition and Λ (empirical Fisher if `use_empirical_fisher`, else
-        labels sampled by `compute_train_loss(..., sample=True)`), written as kronfluence's files.
-        Existing factors are kept unless `overwrite_output_dir`. kronfluence fits on the first
-        `covariance_max_examples` / `lambda_max_examples` examples; source_fast needs both equal."""
+        labels sampled by `compute_train_loss(..., sample=True)`), written as kronfluence's files by
+        the three stages, as kronfluence runs them: each stage is skipped when its files exist (unless
+        `overwrite_output_dir`), and otherwise first checks the factor arguments against the saved ones."""
+        self.fit_covariance_matrices(factors_name, dataset, per_device_batch_size, initial_per_device_batch_size_attempt,
+                                     dataloader_kwargs, factor_args, overwrite_output_dir=overwrite_output_dir)
+        self.perform_eigendecomposition(factors_name, factor_args, overwrite_output_dir)
+        self.fit_lambda_matrices(factors_name, dataset, per_device_batch_size, initial_per_device_batch_size_attempt,
+                                 dataloader_kwargs, factor_args, overwrite_output_dir=overwrite_output_dir)
+
+    def fit_covariance_matrices(
+        self,
+        factors_name: str,
+        dataset: Any,
+        per_device_batch_size: int | None = None,
+        initial_per_device_batch_size_attempt: int = 4096,
+        dataloader_kwargs: Any = None,
+        factor_args: Any = None,
+        target_data_partitions: Any = None,
+        target_module_partitions: Any = None,
+        overwrite_output_dir: bool = False,
+    ) -> None:
+        """Activation and gradient covariance sums over the first `covariance_max_examples` examples,
+        with their row (unmasked token) counts."""
         del initial_per_device_batch_size_attempt
-        out = self.factors_output_dir(factors_name)
-        if (out / f"{LAMBDA}.safetensors").exists() and not overwrite_output_dir:
+        _no_partition_targets(target_data_partitions, target_module_partitions)
+        stage = self._stage(factors_name, COVARIANCE_STEMS, factor_args, overwrite_output_dir)
+        if stage is None:
             return
-        _reject(factor_args, FACTOR_DEFAULTS, {
-            "strategy": "source_fast fits EK-FAC only",
-            "amp_dtype": "cast the model to the low-precision dtype instead (accumulation stays float32)",
-            "has_shared_parameters": "source_fast does not support modules that run twice per forward pass",
-        })
-        limits = {
-            field: len(dataset) if _get(factor_args, field, FACTOR_DEFAULTS) is None
-            else min(len(dataset), _get(factor_args, field, FACTOR_DEFAULTS))
-            for field in ("covariance_max_examples", "lambda_max_examples")
-        }
-        if len(set(limits.values())) != 1:
-            raise NotImplementedError(
-                f"{limits} select different examples; source_fast fits covariances and Λ on the same data"
+        out, args = stage
+        _save_dataset_metadata("covariance", dataset, None, out, overwrite_output_dir)
+        data = _limited(dataset, args["covariance_max_examples"])
+        loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
+        objective = "train" if args["use_empirical_fisher"] else "fisher"
+        with self._seeded(0):
+            a_cov, s_cov, rows = _covariances(self.model, self._task, self._specs, loader, objective, "covariances",
+                                              self.progress, expected=len(data))
+        group: dict[str, dict[str, Tensor]] = {stem: {} for stem in COVARIANCE_STEMS}
+        for s in self._specs:
+            n = int(rows[s.name])
+            for stem, count_stem, mean in ((A_COV, A_COUNT, a_cov[s.name]), (S_COV, S_COUNT, s_cov[s.name])):
+                group[stem][s.name] = (mean.double() * n).to(mean.dtype)
+                group[count_stem][s.name] = torch.tensor([n], dtype=torch.int64)
+        _write_group(out, group, _str_dict(args))
+
+    def perform_eigendecomposition(
+        self,
+        factors_name: str,
+        factor_args: Any = None,
+        overwrite_output_dir: bool = False,
+        load_from_factors_name: str | None = None,
+    ) -> None:
+        """Eigenvectors and eigenvalues of covariance / count (float64, symmetrized, stored in the
+        covariances' dtype), from this directory's covariances or `load_from_factors_name`'s (copied here)."""
+        stage = self._stage(factors_name, EIGEN_STEMS, factor_args, overwrite_output_dir)
+        if stage is None:
+            return
+        out, args = stage
+        source = out if load_from_factors_name is None else self.factors_output_dir(load_from_factors_name)
+        covs = _load_group(source, COVARIANCE_STEMS)
+        if covs is None:
+            raise FactorsNotFoundError(f"Covariance matrices not found at `{source}`. To perform eigendecomposition, "
+                                       "covariance matrices need to be first computed.")
+        if load_from_factors_name is not None:
+            _write_group(out, covs, None)
+            self._save_loaded_arguments("covariance", source, out)
+        device = next(self.model.parameters()).device
+        group: dict[str, dict[str, Tensor]] = {stem: {} for stem in EIGEN_STEMS}
+        for s in self._specs:
+            for cov_stem, count_stem, q_stem, e_stem, d in ((A_COV, A_COUNT, Q_A, E_A, s.d_a),
+                                                           (S_COV, S_COUNT, Q_S, E_S, s.d_out)):
+                total = _module_tensor(covs, cov_stem, s, (d, d), source)
+                c = total.to(device, torch.float64) / _count(covs, count_stem, s, source)
+                values, vectors = torch.linalg.eigh((c + c.T) / 2)
+                group[e_stem][s.name], group[q_stem][s.name] = values.to(total.dtype), vectors.to(total.dtype)
+        _write_group(out, group, _str_dict(args))
+
+    def fit_lambda_matrices(
+        self,
+        factors_name: str,
+        dataset: Any,
+        per_device_batch_size: int | None = None,
+        initial_per_device_batch_size_attempt: int = 4096,
+        dataloader_kwargs: Any = None,
+        factor_args: Any = None,
+        target_data_partitions: Any = None,
+        target_module_partitions: Any = None,
+        overwrite_output_dir: bool = False,
+        load_from_factors_name: str | None = None,
+    ) -> None:
+        """Λ sums over the first `lambda_max_examples` examples in this directory's eigenbasis or
+        `load_from_factors_name`'s (copied here), with the example count."""
+        del initial_per_device_batch_size_attempt
+        _no_partition_targets(target_data_partitions, target_module_partitions)
+        stage = self._stage(factors_name, LAMBDA_STEMS, factor_args, overwrite_output_dir)
+        if stage is None:
+            return
+        out, args = stage
+        _save_dataset_metadata("lambda", dataset, None, out, overwrite_output_dir)
+        source = out if load_from_factors_name is None else self.factors_output_dir(load_from_factors_name)
+        eigen = _load_group(source, EIGEN_STEMS)
+        if eigen is None:
+            raise FactorsNotFoundError(
+                f"Eigendecomposition results not found at `{source}`. To fit Lambda matrices for `ekfac`, "
+                "eigendecomposition must be performed before computing Lambda matrices."
             )
-        limit = limits["covariance_max_examples"]
-        data = dataset if limit == len(dataset) else Subset(dataset, range(limit))
-        fisher = "empirical" if _get(factor_args, "use_empirical_fisher", FACTOR_DEFAULTS) else "true"
-        trajectory = Trajectory([Segment([self._checkpoint()], data, lr_sum=1.0)])
-        factors = fit_factors(
-            self.model, self.task, trajectory, fisher=fisher, batch_size=per_device_batch_size or DEFAULT_BATCH_SIZE,
-            collate_fn=self._collate(dataloader_kwargs), progress=self.progress,
-        )
-        save_factors(factors, out, factor_args=factor_args)
+        if load_from_factors_name is not None:
+            _write_group(out, eigen, None)
+            self._save_loaded_arguments("eigendecomposition", source, out)
+        device, dtype = next(self.model.parameters()).device, factor_dtype(self.model)
+        q_a = {s.name: _module_tensor(eigen, Q_A, s, (s.d_a, s.d_a), source).to(device, dtype) for s in self._specs}
+        q_s = {s.name: _module_tensor(eigen, Q_S, s, (s.d_out, s.d_out), source).to(device, dtype) for s in self._specs}
+        data = _limited(dataset, args["lambda_max_examples"])
+        loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
+        objective = "train" if args["use_empirical_fisher"] else "fisher"
+        with self._seeded(1):
+            lam = _lambdas(self.model, self._task, self._specs, loader, objective, q_a, q_s, "Lambda matrices",
+                           self.progress, expected=len(data))
+        group = {
+            LAMBDA: {name: (mean.double() * len(data)).to(mean.dtype) for name, mean in lam.items()},
+            LAMBDA_COUNT: {name: torch.tensor([len(data)], dtype=torch.int64) for name in lam},
+        }
+        _write_group(out, group, _str_dict(args))
 
-    def load_all_factors(self, factors_name: str) -> Factors:
-        """The named factors (kronfluence's files, whoever wrote them) as source_fast Factors."""
-        return load_factors(self.factors_output_dir(factors_name), self.model, self.task)
+    def load_factor_args(self, factors_name: str) -> Any:
+        """factor_arguments.json as kronfluence's FactorArguments (a namespace without kronfluence), or None."""
+        path = self.factors_output_dir(factors_name) / FACTOR_ARGS_FILE
+        return _arguments("FactorArguments", json.loads(path.read_text())) if path.exists() else None
 
-    def _score_setup(self, scores_name: str, factors_name: str, score_args: Any, datasets: dict[str, tuple]) -> tuple:
-        _reject(score_args, SCORE_DEFAULTS, {
-            "amp_dtype": "cast the model to the low-precision dtype instead",
-            "compute_per_module_scores": "source_fast sums the modules' scores",
-            "compute_per_token_scores": "source_fast scores whole examples",
-            "aggregate_query_gradients": "score the queries and sum the rows",
-            "aggregate_train_gradients": "score the examples and sum the columns",
-            "use_measurement_for_self_influence": "self-influence uses the training loss",
-        })
-        factors = self.load_all_factors(factors_name)
-        damping = _get(score_args, "damping_factor", SCORE_DEFAULTS)
-        out = self.scores_output_dir(scores_name)
+    def load_covariance_matrices(self, factors_name: str) -> dict[str, dict[str, Tensor]] | None:
+        return _load_group(self.factors_output_dir(factors_name), COVARIANCE_STEMS)
+
+    def load_eigendecomposition(self, factors_name: str) -> dict[str, dict[str, Tensor]] | None:
+        return _load_group(self.factors_output_dir(factors_name), EIGEN_STEMS)
+
+    def load_lambda_matrices(self, factors_name: str) -> dict[str, dict[str, Tensor]] | None:
+        return _load_group(self.factors_output_dir(factors_name), LAMBDA_STEMS)
+
+    def load_all_factors(self, factors_name: str) -> dict[str, dict[str, Tensor]]:
+        """kronfluence's `load_all_factors`: {file stem: {module: tensor}} of the files its strategy
+        preconditions with (EK-FAC: eigendecomposition and Λ). `load_factors` gives source_fast Factors."""
+        factors_dir = self.factors_output_dir(factors_name)
+        args = self.load_factor_args(factors_name)
+        if args is None:
+            raise FileNotFoundError(f"Factors with name `{factors_name}` was not found at `{factors_dir}`.")
+        loaded: dict[str, dict[str, Tensor]] = {}
+        for group in PRECONDITION_GROUPS[args.strategy]:
+            found = {"eigendecomposition": self.load_eigendecomposition, "lambda": self.load_lambda_matrices}[group](
+                factors_name)
+            if found is None:
+                raise FactorsNotFoundError(f"Strategy `{args.strategy}` requires {group} results. However, the "
+                                           f"{group} results were not found at `{factors_dir}`.")
+            loaded.update(found)
+        return loaded
+
+    # ---- scores ----------------------------------------------------------------------------------
+
+    def _score_setup(self, out: Path, factors_name: str, score_args: Any, overwrite_output_dir: bool,
+                     datasets: dict[str, tuple[Any, Any]]) -> tuple[Factors, dict[str, Any]]:
+        """kronfluence's order: the score arguments and the factors' arguments saved (or compared), the
+        datasets' metadata likewise, then the factors loaded."""
+        factors_dir = self.factors_output_dir(factors_name)
+        if not (factors_dir / FACTOR_ARGS_FILE).exists():
+            raise FactorsNotFoundError(f"Factors with name `{factors_name}` not found at `{factors_dir}`.")
         args = _args_dict(score_args, SCORE_DEFAULTS)
-        _save_json(args, out / SCORE_ARGS_FILE)
-        factor_args_path = self.factors_output_dir(factors_name) / FACTOR_ARGS_FILE
-        if factor_args_path.exists():
-            _save_json(json.loads(factor_args_path.read_text()), out / FACTOR_ARGS_FILE)
+        _save_arguments(out / SCORE_ARGS_FILE, args, overwrite_output_dir)
+        _save_arguments(out / FACTOR_ARGS_FILE, _factor_args_json(factors_dir), overwrite_output_dir)
         for name, (dataset, indices) in datasets.items():
-            meta = {"type": type(dataset).__name__, "dataset_size": len(dataset),
-                    "indices": None if indices is None else list(indices)}
-            _save_json(meta, out / f"{name}_dataset_metadata.json")
-        return factors, "heuristic" if damping is None else float(damping), out, {k: str(v) for k, v in args.items()}
+            _save_dataset_metadata(name, dataset, indices, out, overwrite_output_dir)
+        return load_factors(factors_dir, self.model, self._task), args
+
+    def _query_budget(self, queries: int, rank: int | None) -> int:
+        """The bytes `score` may hold for prepared queries: at least `queries` of them (the per-query
+        size source_fast.scoring.query_blocks counts, one EK-FAC copy), as kronfluence holds a query
+        batch, and at least source_fast's default budget, so a pass never holds fewer queries than
+        either library would (each pass reads the whole training set)."""
+        itemsize = factor_dtype(self.model).itemsize
+        per_query = itemsize * sum(s.d_out * s.d_a if not rank else rank * (s.d_out + s.d_a) for s in self._specs)
+        return max(queries * per_query, DEFAULT_QUERY_MEMORY_BUDGET)
 
     def compute_pairwise_scores(
         self,
@@ -480,29 +850,39 @@ class Analyzer:
         train_indices: Any = None,
         dataloader_kwargs: Any = None,
         score_args: Any = None,
+        target_data_partitions: Any = None,
+        target_module_partitions: Any = None,
         overwrite_output_dir: bool = False,
     ) -> dict[str, Tensor]:
         """EK-FAC influence of every training example on every query, kronfluence's scale:
-        {"all_modules": (n_query, n_train)} = N × source_fast.score(method="ekfac"). Also written to
-        scores_<name>/pairwise_scores.safetensors; existing scores are returned unless overwrite."""
-        del per_device_query_batch_size, initial_per_device_train_batch_size_attempt
-        path = self.scores_output_dir(scores_name) / "pairwise_scores.safetensors"
-        if path.exists() and not overwrite_output_dir:
-            return _load_scores(path)
-        factors, damping, out, meta = self._score_setup(
-            scores_name, factors_name, score_args,
-            {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)},
-        )
-        queries, train = _subset(query_dataset, query_indices), _subset(train_dataset, train_indices)
-        trajectory = Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)])
+        {"all_modules": (n_query, n_train)} = N × source_fast.score(method="ekfac"), in `score_dtype`.
+        Also written to scores_<name>/pairwise_scores.safetensors; existing scores are returned unless
+        overwrite. `use_measurement_for_self_influence` does not apply here and is ignored, as kronfluence does."""
+        del initial_per_device_train_batch_size_attempt
+        _no_partition_targets(target_data_partitions, target_module_partitions)
+        out = self.scores_output_dir(scores_name)
+        if (out / "pairwise_scores.safetensors").exists() and not overwrite_output_dir:
+            return _load_scores(out / "pairwise_scores.safetensors")
+        _reject(score_args, SCORE_DEFAULTS, {
+            "amp_dtype": "cast the model to the low-precision dtype instead",
+            "compute_per_module_scores": "source_fast sums the modules' scores",
+            "compute_per_token_scores": "source_fast scores whole examples",
+            "aggregate_query_gradients": "score the queries and sum the rows",
+            "aggregate_train_gradients": "score the examples and sum the columns",
+        })
+        factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
+                                          {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
+        queries = self._loader(_subset(query_dataset, query_indices), per_device_query_batch_size, dataloader_kwargs)
+        train = self._loader(_subset(train_dataset, train_indices), per_device_train_batch_size, dataloader_kwargs)
+        rank = args["query_gradient_low_rank"]
+        damping = args["damping_factor"]
         scores = score(
-            self.model, self.task, trajectory, factors, train, queries, method="ekfac", damping=damping,
-            batch_size=per_device_train_batch_size or DEFAULT_BATCH_SIZE,
-            query_rank=_get(score_args, "query_gradient_low_rank", SCORE_DEFAULTS),
-            collate_fn=self._collate(dataloader_kwargs), progress=self.progress,
+            self.model, self._task, Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)]), factors, train,
+            queries, method="ekfac", damping="heuristic" if damping is None else float(damping), query_rank=rank,
+            progress=self.progress, query_memory_budget=self._query_budget(per_device_query_batch_size, rank),
         )
-        result = {ALL_MODULES: scores * len(train)}
-        _save_scores(result, out / "pairwise_scores.safetensors", meta)
+        result = {ALL_MODULES: (scores * len(train.dataset)).to(_dtype(args["score_dtype"]))}
+        _save_scores(result, out / "pairwise_scores.safetensors", _str_dict(args))
         return result
 
     def compute_self_scores(
@@ -515,27 +895,56 @@ class Analyzer:
         train_indices: Any = None,
         dataloader_kwargs: Any = None,
         score_args: Any = None,
+        target_data_partitions: Any = None,
+        target_module_partitions: Any = None,
         overwrite_output_dir: bool = False,
     ) -> dict[str, Tensor]:
-        """Self-influence of every training example (training loss on both sides), kronfluence's
-        scale: {"all_modules": (n_train,)} = N × source_fast.self_score(method="ekfac")."""
+        """Self-influence of every training example, kronfluence's scale, in `score_dtype`:
+        {"all_modules": (n_train,)} = N × source_fast.self_score(method="ekfac") (training loss on both
+        sides), or with `use_measurement_for_self_influence` ∇f(z)ᵀ (preconditioner) ∇L(z). Query
+        low rank / accumulation, gradient aggregation and per-token scores do not apply to
+        self-influence: ignored with a warning, as kronfluence does."""
         del initial_per_device_train_batch_size_attempt
-        path = self.scores_output_dir(scores_name) / "self_scores.safetensors"
-        if path.exists() and not overwrite_output_dir:
-            return _load_scores(path)
-        factors, damping, out, meta = self._score_setup(
-            scores_name, factors_name, score_args, {"train": (train_dataset, train_indices)}
-        )
-        train = _subset(train_dataset, train_indices)
+        _no_partition_targets(target_data_partitions, target_module_partitions)
+        out = self.scores_output_dir(scores_name)
+        if (out / "self_scores.safetensors").exists() and not overwrite_output_dir:
+            return _load_scores(out / "self_scores.safetensors")
+        _reject(score_args, SCORE_DEFAULTS, {
+            "amp_dtype": "cast the model to the low-precision dtype instead",
+            "compute_per_module_scores": "source_fast sums the modules' scores",
+        })
+        factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
+                                          {"train": (train_dataset, train_indices)})
+        ignored = sorted(k for k, v in SELF_IGNORED.items() if args[k] != v)
+        if ignored:
+            warnings.warn(f"{ignored} do not apply to self-influence scores: ignored, as kronfluence does", stacklevel=2)
+            args = {**args, **SELF_IGNORED}  # the scores' metadata records what was used, as kronfluence's does
+        data = _subset(train_dataset, train_indices)
+        train = self._loader(data, per_device_train_batch_size, dataloader_kwargs)
         trajectory = Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)])
-        scores = self_score(
-            self.model, self.task, trajectory, factors, train, method="ekfac", damping=damping,
-            batch_size=per_device_train_batch_size or DEFAULT_BATCH_SIZE,
-            collate_fn=self._collate(dataloader_kwargs), progress=self.progress,
-        )
-        result = {ALL_MODULES: scores * len(train)}
-        _save_scores(result, out / "self_scores.safetensors", meta)
+        damping = "heuristic" if args["damping_factor"] is None else float(args["damping_factor"])
+        if args["use_measurement_for_self_influence"]:
+            # score() of a chunk against itself: its diagonal pairs each example's measurement gradient
+            # with its own training gradient. Chunks of one batch bound the (chunk × chunk) work; score
+            # divides by the trajectory's N, which the × N below undoes.
+            step, parts = train.batch_size, []
+            for start in range(0, len(data), step):
+                chunk = self._loader(Subset(data, range(start, min(start + step, len(data)))), step, dataloader_kwargs)
+                pairs = score(self.model, self._task, trajectory, factors, chunk, chunk, method="ekfac", damping=damping,
+                              query_memory_budget=self._query_budget(len(chunk.dataset), None))
+                parts.append(torch.diagonal(pairs))
+            scores = torch.cat(parts)
+        else:
+            scores = self_score(self.model, self._task, trajectory, factors, train, method="ekfac", damping=damping,
+                                progress=self.progress)
+        result = {ALL_MODULES: (scores * len(data)).to(_dtype(args["score_dtype"]))}
+        _save_scores(result, out / "self_scores.safetensors", _str_dict(args))
         return result
+
+    def load_score_args(self, scores_name: str) -> Any:
+        """score_arguments.json as kronfluence's ScoreArguments (a namespace without kronfluence), or None."""
+        path = self.scores_output_dir(scores_name) / SCORE_ARGS_FILE
+        return _arguments("ScoreArguments", json.loads(path.read_text())) if path.exists() else None
 
     def load_pairwise_scores(self, scores_name: str) -> dict[str, Tensor] | None:
         return _load_scores(self.scores_output_dir(scores_name) / "pairwise_scores.safetensors")

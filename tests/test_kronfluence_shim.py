@@ -1,0 +1,454 @@
+"""The kronfluence shim's behaviour beyond its numbers (tests/test_kronfluence.py checks those):
+tracked modules, stored dtypes, the saved model, argument files, staged fits, score options,
+score dtype, query batching, DataLoader arguments, file permissions and directory replacement.
+Where kronfluence 1.0.1 does the same thing, it runs alongside; tiny float64 models on CPU.
+"""
+
+import copy
+import dataclasses
+import logging
+import os
+import stat
+
+import kronfluence
+import pytest
+import torch
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.utils.dataset import DataLoaderKwargs
+from safetensors.torch import load_file
+from test_kronfluence import ClassifyTask as KronClassifyTask
+from test_kronfluence import _lean_runtime  # noqa: F401 (the module's autouse fixture: cheap gc, one thread)
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+import source_fast as sf
+from source_fast import _io
+from source_fast.interop import kronfluence as kf
+
+LIBS = {"kron": kronfluence, "shim": kf}
+F64 = torch.float64
+# kronfluence computes in float64 only when told so field by field.
+FACTOR_ARGS = {"use_empirical_fisher": True, "activation_covariance_dtype": F64, "gradient_covariance_dtype": F64,
+               "per_sample_gradient_dtype": F64, "lambda_dtype": F64}
+SCORE_ARGS = {"per_sample_gradient_dtype": F64, "precondition_dtype": F64, "score_dtype": F64,
+              "query_gradient_svd_dtype": F64}
+RTOL64 = 1e-6
+
+
+class ClassifyTask(KronClassifyTask):
+    """test_kronfluence's task, with a measurement that is not the training loss (the loss of the next
+    class), so self-measurement scores differ from self-influence."""
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return F.cross_entropy(model(x), (y + 1) % 3, reduction="sum")
+
+
+def _data(dtype=F64):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 6, generator=g, dtype=dtype), torch.randint(0, 3, (30,), generator=g)
+    return TensorDataset(x[:24], y[:24]), TensorDataset(x[24:], y[24:])
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _analyzer(lib, model, task, root, **kwargs):
+    prepared = lib.prepare_model(copy.deepcopy(model), task)
+    return lib.Analyzer("run", prepared, task, cpu=True, disable_tqdm=True, output_dir=str(root),
+                        log_level=logging.WARNING, **kwargs)
+
+
+def _pairwise(analyzer, scores_name, factors_name, train, queries, **score_args):
+    """kronfluence's compute_pairwise_scores returns nothing on a first run: read the file back."""
+    analyzer.compute_pairwise_scores(scores_name, factors_name, queries, train, per_device_query_batch_size=4,
+                                     per_device_train_batch_size=8,
+                                     score_args=ScoreArguments(**{**SCORE_ARGS, **score_args}))
+    return analyzer.load_pairwise_scores(scores_name)["all_modules"]
+
+
+def _self(analyzer, scores_name, factors_name, train, **score_args):
+    analyzer.compute_self_scores(scores_name, factors_name, train, per_device_train_batch_size=8,
+                                 score_args=ScoreArguments(**{**SCORE_ARGS, **score_args}))
+    return analyzer.load_self_scores(scores_name)["all_modules"]
+
+
+def _close(actual, expected):
+    assert actual.shape == expected.shape
+    actual, expected = actual.double(), expected.double()
+    err = float((actual - expected).abs().max() / expected.abs().max())
+    assert err <= RTOL64, f"relative error {err:.3g}"
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """The float64 MLP's empirical-Fisher factors "f", fitted by kronfluence and by the shim."""
+    model, task = _mlp(), ClassifyTask()
+    train, queries = _data()
+    roots, analyzers = {}, {}
+    for name, lib in LIBS.items():
+        roots[name] = tmp_path_factory.mktemp(name)
+        analyzers[name] = _analyzer(lib, model, task, roots[name])
+        analyzers[name].fit_all_factors("f", train, per_device_batch_size=8, factor_args=FactorArguments(**FACTOR_ARGS))
+    return {"model": model, "task": task, "train": train, "queries": queries, "roots": roots, "analyzers": analyzers}
+
+
+# ---- 1. tracked modules ----------------------------------------------------------------------
+
+
+class LinearWithChild(nn.Linear):
+    """A Linear with a submodule: not a leaf, so kronfluence does not track it by default."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+def test_default_tracked_modules_are_kronfluences(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(5, 6), nn.Tanh(), LinearWithChild(5, 5), nn.Linear(5, 3)).double()
+    task = ClassifyTask()
+    train, queries = _data()
+    assert kf.tracked_modules(model, task) == ["3"]
+    scores, dirs = {}, {}
+    for name, lib in LIBS.items():
+        analyzer = _analyzer(lib, model, task, tmp_path / name)
+        analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=FactorArguments(**FACTOR_ARGS))
+        scores[name], dirs[name] = _pairwise(analyzer, "p", "f", train, queries), analyzer.factors_output_dir("f")
+    for stem in ("activation_covariance", "lambda_matrix"):
+        assert load_file(str(dirs["shim"] / f"{stem}.safetensors")).keys() == {"3"}
+    _close(scores["shim"], scores["kron"])
+
+    assert [s.name for s in kf.load_factors(dirs["kron"], model, task).layers] == ["3"]
+
+    class NamedConv1D(ClassifyTask):
+        def get_influence_tracked_modules(self):
+            return ["0", "3"]
+
+    with pytest.raises(ValueError, match="kronfluence does not track transformers' Conv1D"):
+        kf.load_factors(dirs["kron"], model, NamedConv1D())
+
+
+# ---- 2. stored dtypes ------------------------------------------------------------------------
+
+
+def test_low_precision_covariances_keep_float32_lambda(tmp_path):
+    """kronfluence's smart_low_precision preset: bfloat16 covariances and eigenvectors, float32 Λ."""
+    from kronfluence.utils.common.factor_arguments import smart_low_precision_factor_arguments
+
+    model, task = _mlp().float(), ClassifyTask()
+    train, _ = _data(torch.float32)
+    analyzer = _analyzer(kronfluence, model, task, tmp_path)
+    analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=smart_low_precision_factor_arguments())
+    src = analyzer.factors_output_dir("f")
+    files = {stem: load_file(str(src / f"{stem}.safetensors"))
+             for stem in ("activation_covariance", "num_activation_covariance_processed", "lambda_matrix",
+                          "num_lambda_processed")}
+    factors = kf.load_factors(src, model, task)
+    for name, lf in factors.segments[0].items():
+        assert files["activation_covariance"][name].dtype == torch.bfloat16
+        assert files["lambda_matrix"][name].dtype == torch.float32
+        assert {t.dtype for t in (lf.a_cov, lf.s_cov, lf.q_a, lf.q_s, lf.lam)} == {torch.float32}
+        n = int(files["num_lambda_processed"][name])
+        assert torch.equal(lf.lam, (files["lambda_matrix"][name].double() / n).float())
+        rows = int(files["num_activation_covariance_processed"][name])
+        assert torch.equal(lf.a_cov, (files["activation_covariance"][name].double() / rows).float())
+
+
+# ---- 3. the saved model ----------------------------------------------------------------------
+
+
+def test_saved_model_is_kronfluences(tmp_path):
+    model, task = _mlp(), ClassifyTask()
+    _analyzer(kf, model, task, tmp_path / "shim_first", disable_model_save=False)
+    _analyzer(kronfluence, model, task, tmp_path / "shim_first", disable_model_save=False)  # accepts the shim's
+    _analyzer(kronfluence, model, task, tmp_path / "kron_first", disable_model_save=False)
+    _analyzer(kf, model, task, tmp_path / "kron_first", disable_model_save=False)  # accepts kronfluence's
+    ours, theirs = (load_file(str(tmp_path / d / "run" / "model.safetensors")) for d in ("shim_first", "kron_first"))
+    assert ours.keys() == theirs.keys() and "0.original_module.weight" in ours and "2._constant" in ours
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[0].weight += 1e-3
+    for folder in ("shim_first", "kron_first"):
+        for lib in LIBS.values():
+            with pytest.raises(ValueError, match="Detected a difference between the current model"):
+                _analyzer(lib, changed, task, tmp_path / folder, disable_model_save=False)
+
+
+# ---- 4. argument and dataset files -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_saved_arguments_and_datasets_are_compared(lib, tmp_path):
+    """The same calls raise (or not) under kronfluence and the shim."""
+    model, task = _mlp(), ClassifyTask()
+    train, queries = _data()
+    analyzer = _analyzer(LIBS[lib], model, task, tmp_path)
+    analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=FactorArguments(**FACTOR_ARGS))
+    other = FactorArguments(**{**FACTOR_ARGS, "lambda_max_examples": 10})
+    # Every stage's files exist, so every stage is skipped before its arguments are compared.
+    analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=other)
+    os.remove(analyzer.factors_output_dir("f") / "lambda_matrix.safetensors")
+    with pytest.raises(ValueError, match="differ from saved arguments"):
+        analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=other)
+    analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=FactorArguments(**FACTOR_ARGS))
+
+    _pairwise(analyzer, "s", "f", train, queries)
+    os.remove(analyzer.scores_output_dir("s") / "pairwise_scores.safetensors")
+    with pytest.raises(ValueError, match="differ from saved arguments"):
+        _pairwise(analyzer, "s", "f", train, queries, damping_factor=None)
+    with pytest.raises(ValueError, match="dataset that differs"):
+        analyzer.compute_pairwise_scores("s", "f", queries, train, per_device_query_batch_size=4,
+                                         per_device_train_batch_size=8, train_indices=list(range(10)),
+                                         score_args=ScoreArguments(**SCORE_ARGS))
+    analyzer.compute_pairwise_scores("s", "f", queries, train, per_device_query_batch_size=4,
+                                     per_device_train_batch_size=8, train_indices=list(range(10)),
+                                     score_args=ScoreArguments(**SCORE_ARGS), overwrite_output_dir=True)
+    assert analyzer.load_pairwise_scores("s")["all_modules"].shape == (len(queries), 10)
+
+
+# ---- 5. score options ------------------------------------------------------------------------
+
+
+def test_self_measurement_scores_match_kronfluence(fitted):
+    train = fitted["train"]
+    got = {name: _self(a, "self_measurement", "f", train, use_measurement_for_self_influence=True)
+           for name, a in fitted["analyzers"].items()}
+    _close(got["shim"], got["kron"])
+    plain = _self(fitted["analyzers"]["shim"], "self_plain", "f", train)
+    assert not torch.allclose(got["shim"], plain)  # the measurement is not the training loss
+
+
+def test_self_scores_ignore_what_kronfluence_ignores(fitted):
+    train = fitted["train"]
+    ignored = {"aggregate_query_gradients": True, "aggregate_train_gradients": True, "compute_per_token_scores": True,
+               "query_gradient_low_rank": 2}
+    args = ScoreArguments(**SCORE_ARGS, **ignored)
+    before = args.to_dict()
+    shim = fitted["analyzers"]["shim"]
+    with pytest.warns(UserWarning, match="self-influence"):
+        got = shim.compute_self_scores("self_ignored", "f", train, per_device_train_batch_size=8, score_args=args)
+    assert args.to_dict() == before  # the caller's object is not changed
+    torch.testing.assert_close(got["all_modules"], _self(shim, "self_default", "f", train))
+    _close(got["all_modules"], _self(fitted["analyzers"]["kron"], "self_ignored", "f", train, **ignored))
+
+
+def test_pairwise_scores_ignore_the_self_measurement_flag(fitted):
+    shim, train, queries = fitted["analyzers"]["shim"], fitted["train"], fitted["queries"]
+    flagged = _pairwise(shim, "pair_flagged", "f", train, queries, use_measurement_for_self_influence=True)
+    torch.testing.assert_close(flagged, _pairwise(shim, "pair_plain", "f", train, queries))
+
+
+# ---- 6. partitions, loaders, staged fits -----------------------------------------------------
+
+
+def test_partition_targets_are_refused(fitted):
+    shim, train, queries = fitted["analyzers"]["shim"], fitted["train"], fitted["queries"]
+    with pytest.raises(NotImplementedError, match="target_data_partitions"):
+        shim.compute_pairwise_scores("x", "f", queries, train, per_device_query_batch_size=4,
+                                     target_data_partitions=[0])
+    with pytest.raises(NotImplementedError, match="target_module_partitions"):
+        shim.compute_self_scores("x", "f", train, target_module_partitions=[0])
+
+
+def test_loaders_return_what_kronfluence_returns(fitted):
+    """Both libraries read the shim's directory: the same objects, the same tensors."""
+    model, task = fitted["model"], fitted["task"]
+    shim = fitted["analyzers"]["shim"]
+    kron = _analyzer(kronfluence, model, task, fitted["roots"]["shim"])
+    _self(shim, "for_args", "f", fitted["train"])
+    assert shim.load_factor_args("f").to_dict() == kron.load_factor_args("f").to_dict()
+    assert shim.load_score_args("for_args").to_dict() == kron.load_score_args("for_args").to_dict()
+    for loader in ("load_covariance_matrices", "load_eigendecomposition", "load_lambda_matrices", "load_all_factors"):
+        ours, theirs = getattr(shim, loader)("f"), getattr(kron, loader)("f")
+        assert list(ours) == list(theirs), loader
+        for stem in ours:
+            assert ours[stem].keys() == theirs[stem].keys()
+            assert all(torch.equal(ours[stem][m], theirs[stem][m]) for m in ours[stem])
+    for loader in ("load_factor_args", "load_covariance_matrices", "load_eigendecomposition", "load_lambda_matrices"):
+        assert getattr(shim, loader)("missing") is None and getattr(kron, loader)("missing") is None
+    assert shim.load_score_args("missing") is None
+    for analyzer in (shim, kron):
+        with pytest.raises(FileNotFoundError, match="missing"):
+            analyzer.load_all_factors("missing")
+
+
+def _fit_in_stages(analyzer, train):
+    """Three directories: covariances, then eigenvectors and then Λ each from the previous one's."""
+    args = FactorArguments(**FACTOR_ARGS)
+    analyzer.fit_covariance_matrices("cov", train, per_device_batch_size=8, factor_args=args)
+    analyzer.perform_eigendecomposition("eig", factor_args=args, load_from_factors_name="cov")
+    analyzer.fit_lambda_matrices("lam", train, per_device_batch_size=8, factor_args=args, load_from_factors_name="eig")
+
+
+def test_staged_fits_are_fit_all_factors(fitted):
+    model, task, train, queries = fitted["model"], fitted["task"], fitted["train"], fitted["queries"]
+    kron, shim = fitted["analyzers"]["kron"], fitted["analyzers"]["shim"]
+    for analyzer in (kron, shim):
+        _fit_in_stages(analyzer, train)
+    for stage in ("cov", "eig", "lam"):
+        assert sorted(os.listdir(shim.factors_output_dir(stage))) == sorted(os.listdir(kron.factors_output_dir(stage)))
+    assert not (shim.factors_output_dir("lam") / "activation_covariance.safetensors").exists()
+
+    staged = _pairwise(shim, "staged", "lam", train, queries)
+    torch.testing.assert_close(staged, _pairwise(shim, "whole", "f", train, queries))
+    kron_on_shim = _analyzer(kronfluence, model, task, fitted["roots"]["shim"])
+    _close(_pairwise(kron_on_shim, "kron_staged", "lam", train, queries), staged)
+    # kronfluence's own covariance-free directory, read by the shim (eigenvalues stand in for covariances)
+    shim_on_kron = _analyzer(kf, model, task, fitted["roots"]["kron"])
+    _close(_pairwise(shim_on_kron, "shim_staged", "lam", train, queries), _pairwise(kron, "staged", "lam", train, queries))
+
+
+def test_true_fisher_fit_is_fit_factors(tmp_path):
+    """The shim seeds its label sampling as fit_factors does for one checkpoint."""
+    model, task = _mlp(), ClassifyTask()
+    train, _ = _data()
+    shim = _analyzer(kf, model, task, tmp_path)
+    shim.fit_all_factors("f", train, per_device_batch_size=8)
+    got = kf.load_factors(shim.factors_output_dir("f"), model, task)
+    trajectory = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    want = sf.fit_factors(model, kf.kronfluence_task(model, task), trajectory, fisher="true", batch_size=8)
+    assert got.fisher == "true"
+    for name, lf in want.segments[0].items():
+        for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):
+            torch.testing.assert_close(getattr(got.segments[0][name], field), getattr(lf, field))
+
+
+# ---- 7. factor directories -------------------------------------------------------------------
+
+
+def test_load_factors_needs_factor_arguments(fitted, tmp_path):
+    src = fitted["analyzers"]["kron"].factors_output_dir("f")
+    copied = tmp_path / "no_args"
+    copied.mkdir()
+    for p in src.iterdir():
+        if p.name != "factor_arguments.json":
+            (copied / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(FileNotFoundError, match="factor_arguments.json"):
+        kf.load_factors(copied, fitted["model"], fitted["task"])
+
+
+# ---- 8, 9. query batching, score dtype ---------------------------------------------------------
+
+
+def test_queries_per_pass_follow_per_device_query_batch_size(fitted, monkeypatch):
+    """A pass holds at least per_device_query_batch_size queries (kronfluence's query batch: a model
+    whose query exceeds source_fast's default budget still runs) and at least the default budget's."""
+    from source_fast import scoring
+
+    blocks, query_blocks = [], scoring.query_blocks
+    monkeypatch.setattr(scoring, "query_blocks", lambda *a, **k: blocks.append(query_blocks(*a, **k)) or blocks[-1])
+    _pairwise(fitted["analyzers"]["shim"], "blocks", "f", fitted["train"], fitted["queries"])
+    assert blocks == [[range(6)]]  # the tiny model's 6 queries fit the default budget: one pass
+    monkeypatch.setattr(kf, "DEFAULT_QUERY_MEMORY_BUDGET", 1)
+    _pairwise(fitted["analyzers"]["shim"], "blocks_small", "f", fitted["train"], fitted["queries"])
+    assert blocks[1] == [range(4), range(4, 6)]  # per_device_query_batch_size=4
+
+
+def test_scores_are_in_score_dtype(fitted):
+    """Default ScoreArguments on a float64 model: kronfluence writes float32 scores."""
+    train, queries = fitted["train"], fitted["queries"]
+    for analyzer in fitted["analyzers"].values():
+        analyzer.compute_pairwise_scores("default_dtype", "f", queries, train, per_device_query_batch_size=4,
+                                         per_device_train_batch_size=8)
+        analyzer.compute_self_scores("default_dtype_self", "f", train, per_device_train_batch_size=8)
+        assert analyzer.load_pairwise_scores("default_dtype")["all_modules"].dtype == torch.float32
+        assert analyzer.load_self_scores("default_dtype_self")["all_modules"].dtype == torch.float32
+
+
+# ---- 10, 11. files and directories -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_umask_permissions(umask, fitted, tmp_path):
+    factors = kf.load_factors(fitted["analyzers"]["shim"].factors_output_dir("f"), fitted["model"], fitted["task"])
+    old = os.umask(umask)
+    try:
+        assert _io._umask() == umask
+        kf.save_factors(factors, tmp_path / "factors_x")
+        with _io.atomic_path(tmp_path / "file.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
+    assert mode(tmp_path / "factors_x") == 0o777 & ~umask
+    assert {mode(p) for p in (tmp_path / "factors_x").iterdir()} == {0o666 & ~umask}
+    assert mode(tmp_path / "file.txt") == 0o666 & ~umask
+
+
+def test_save_factors_replaces_only_factor_directories(fitted, tmp_path):
+    factors = kf.load_factors(fitted["analyzers"]["kron"].factors_output_dir("f"), fitted["model"], fitted["task"])
+    analysis = tmp_path / "run"
+    (analysis / "scores_x").mkdir(parents=True)
+    (analysis / "scores_x" / "pairwise_scores.safetensors").write_bytes(b"kept")
+    with pytest.raises(FileExistsError, match="scores_x"):
+        kf.save_factors(factors, analysis)
+    assert (analysis / "scores_x" / "pairwise_scores.safetensors").read_bytes() == b"kept"
+
+    # kronfluence's own factor directory (with its JSON files) is replaced whole.
+    target = analysis / "factors_f"
+    target.mkdir()
+    for p in fitted["analyzers"]["kron"].factors_output_dir("f").iterdir():
+        (target / p.name).write_bytes(p.read_bytes())
+    kf.save_factors(factors, target)
+    assert not (target / "covariance_dataset_metadata.json").exists()
+    assert sorted(os.listdir(analysis)) == ["factors_f", "scores_x"]
+
+    with pytest.raises(ValueError, match="average_params"):
+        kf.save_factors(dataclasses.replace(factors, average_params=True), tmp_path / "fast_source")
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two_renames"])
+def test_atomic_dir_replaces_a_folder(exchange, tmp_path, monkeypatch):
+    if not exchange:
+        monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+    target = tmp_path / "folder"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with _io.atomic_dir(target) as tmp:
+        (tmp / "new").write_text("new")
+    assert os.listdir(target) == ["new"] and os.listdir(tmp_path) == ["folder"]
+
+
+def test_exchange_swaps_two_folders(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / folder.name).write_text("")
+    assert _io._exchange(a, b)  # Linux with glibc >= 2.28 on a local file system, as the test machines are
+    assert os.listdir(a) == ["b"] and os.listdir(b) == ["a"]
+
+
+# ---- 12. DataLoader arguments, checkpoint --------------------------------------------------------
+
+
+def test_dataloader_kwargs_reach_the_dataloader(fitted, tmp_path):
+    model, task, train, queries = fitted["model"], fitted["task"], fitted["train"], fitted["queries"]
+    started = tmp_path / "workers"
+    started.mkdir()
+
+    def note_worker(worker_id):
+        (started / f"{os.getpid()}_{worker_id}").touch()
+
+    shim = _analyzer(kf, model, task, fitted["roots"]["shim"])
+    shim.set_dataloader_kwargs(DataLoaderKwargs(num_workers=1, worker_init_fn=note_worker))
+    got = _pairwise(shim, "workers", "f", train, queries)
+    assert any(started.iterdir())
+    torch.testing.assert_close(got, _pairwise(fitted["analyzers"]["shim"], "no_workers", "f", train, queries))
+
+
+def test_checkpoint_is_the_models_weights(fitted):
+    shim = fitted["analyzers"]["shim"]
+    state = shim.model.state_dict()
+    assert all(t.data_ptr() == state[k].data_ptr() for k, t in shim._checkpoint().items())
