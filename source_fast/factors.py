@@ -417,9 +417,9 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
     for s in specs:
         if rows[s.name] == 0:
             raise ValueError(f"{what}: module {s.name!r} saw no unmasked rows")
-    return (
-        {k: (v / rows[k]).to(dtype) for k, v in a_sum.items()},
-        {k: (v / rows[k]).to(dtype) for k, v in s_sum.items()},
+    return (  # divided in place: a new copy of every factor costs a page fault per 4 KiB on the CPU
+        {k: v.div_(rows[k]) for k, v in a_sum.items()},
+        {k: v.div_(rows[k]) for k, v in s_sum.items()},
         {k: torch.tensor([v], dtype=torch.int64) for k, v in rows.items()},  # a tensor, so resume_dir keeps it
     )
 
