@@ -91,8 +91,9 @@ def _lambda_t1_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One token per example: Σ_n (g_n ⊗ a_n)² = (g∘g)ᵀ (a∘a), a GEMM whose K dimension is the examples.
-    The squares are formed in fp32 and dotted as fp32 (TF32 unless full precision is asked for):
-    squaring fp16 in fp16 overflows above 256 and flushes gradients below 2.4e-4 to zero."""
+    The squares are formed in fp32 and dotted as fp32: squaring fp16 in fp16 overflows above 256 and
+    flushes gradients below 2.4e-4 to zero. The dot is TF32 for 16-bit inputs (dot_precision), and for
+    fp32 inputs unless torch's matmul precision is "highest"."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
