@@ -23,7 +23,8 @@ def _train_pass(model, task, specs, data, batch_size, collate_fn, what, consume)
 def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn) -> Tensor:
     """cos(∇f(z_q), ∇L(z_m)) over the tracked parameters (unitless: no 1/N)."""
     norm_q = torch.sqrt(sum((x.flatten(1) ** 2).sum(1) for x in v.values()))
-    u = {k: x / norm_q[:, None, None] for k, x in v.items()}
+    # A zero gradient (a query the model fits exactly) has cosine 0 with everything, on both sides.
+    u = {k: x / norm_q.clamp_min(1e-30)[:, None, None] for k, x in v.items()}
     out = torch.zeros(len(norm_q), len(train_data), dtype=norm_q.dtype, device=norm_q.device)
 
     def consume(start, n, layers):
@@ -56,7 +57,13 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
 
     _train_pass(model, task, specs, train_data, batch_size, collate_fn, "trak", consume)
     gram = phi.T @ phi
-    lam = 0.1 * float(torch.trace(gram)) / (dim * n) if damping == "heuristic" else float(damping)
+    if damping == "heuristic":
+        lam = 0.1 * float(torch.trace(gram)) / (dim * n)
+    elif isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0:
+        lam = float(damping)
+    else:
+        raise ValueError(f"trak's damping must be a number >= 0 or 'heuristic' (it has no learning-rate horizon "
+                         f"for 'implied'); got {damping!r}")
     return torch.linalg.solve(gram + n * lam * torch.eye(dim, dtype=dtype, device=device), phi_q.T).T @ phi.T
 
 

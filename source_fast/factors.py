@@ -479,11 +479,20 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         p_by_name = {}
         for i, name in enumerate(names):
             s = state["state"].get(i)
-            if s is None or "exp_avg_sq" not in s:
-                raise ValueError(f"{what}, optimizer state {c} has no exp_avg_sq for parameter {name!r}")
             group = index_group[i]
+            # AMSGrad divides by the running maximum of the second moment, not the moment itself.
+            moment = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+            if s is None or moment not in s:
+                raise ValueError(f"{what}, optimizer state {c} has no {moment} for parameter {name!r}")
+            decoupled = group.get("decoupled_weight_decay")
+            if decoupled is not None and decoupled != (seg.optimizer == "adamw") and group.get("weight_decay"):
+                raise ValueError(
+                    f"{what}, optimizer state {c}: parameter {name!r} was trained with "
+                    f"{'decoupled (AdamW)' if decoupled else 'L2 (Adam)'} weight decay, but the segment says "
+                    f"optimizer={seg.optimizer!r}"
+                )
             step = float(s["step"])
-            v_hat = s["exp_avg_sq"].double() / (1 - group["betas"][1] ** step)
+            v_hat = s[moment].double() / (1 - group["betas"][1] ** step)
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
         for spec in specs:
             out[spec.name] = out.get(spec.name, 0) + spec.param_matrix(p_by_name).double() / len(seg.optimizer_states)

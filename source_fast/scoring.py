@@ -151,15 +151,13 @@ def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str
     if damping == "heuristic":  # kronfluence's damping_factor=None: 0.1 × mean eigenvalue
         return 0.1 * float(lf.lam.clamp_min(0).mean())
     if damping == "implied":  # SOURCE with one segment acts like damping 1/c (ALGORITHM.md §4)
+        if horizon <= 0:
+            raise ValueError(f"damping='implied' is 1/c, and the segment's learning-rate sum c is {horizon} "
+                             f"(module {name!r}): give a number instead")
         return 1.0 / horizon
     if isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0:
         return float(damping)
     raise ValueError(f"damping for module {name!r} must be a number >= 0, 'heuristic' or 'implied'; got {damping!r}")
-
-
-def _ekfac_inverse(v: Tensor, lf: LayerFactors, damping: float) -> Tensor:
-    u, _ = ops.precondition_queries(v, lf.q_s, lf.q_a, lf.lam, horizon=None, damping=damping)
-    return u
 
 
 def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Damping) -> list[Grads]:
@@ -185,19 +183,29 @@ def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Da
 
 def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, name: str) -> tuple[Tensor, Tensor]:
     """Adam/AdamW (ALGORITHM.md §4): the exponentials act elementwise with σ = p ⊙ diag(H̄) (+ decay),
-    while H̄⁻¹ uses the full EK-FAC: u = (H̄ + δ)⁻¹ [(1 − E) ⊙ v], v ← E ⊙ v, E = exp(−c σ)."""
+    while the inverse uses the full EK-FAC: u = (H̄ + W + δ)⁻¹ [(1 − E) ⊙ v], v ← E ⊙ v, E = exp(−c σ).
+
+    W is what weight decay adds to the curvature the update divides by. Adam (L2 inside the gradient):
+    the loss's Hessian gains wd·I, so W = wd. AdamW (decoupled): θ −= η(P m̂ + wd θ) linearizes to
+    I − η(PH + wd), whose summed response (I − e^{−cA})A⁻¹P g has A⁻¹P = (H + wd P⁻¹)⁻¹, so W = wd P⁻¹,
+    a diagonal in the parameter basis; in the eigenbasis it is taken by its diagonal,
+    (Q_S∘Q_S)ᵀ (wd/p) (Q_A∘Q_A) (exact when P is uniform), as EK-FAC takes H̄ by Λ."""
     if lf.precond is None:
         raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
     diag = lf.diag_hessian()
-    if seg.optimizer == "adam":  # L2 in the gradient: its curvature wd sits inside P's scope
+    lam = lf.lam
+    if seg.optimizer == "adam":
         sigma = lf.precond * (diag + seg.weight_decay)
         extra = seg.weight_decay
-    else:  # adamw: decoupled decay shrinks the weights directly
+    else:
         sigma = lf.precond * diag + seg.weight_decay
         extra = 0.0
+        if seg.weight_decay:
+            lam = lam.clamp_min(0) + seg.weight_decay * ((lf.q_s**2).T @ (1 / lf.precond) @ lf.q_a**2)
     shrink = torch.exp(-seg.lr_sum * sigma)
     delta = _damping_value(damping, lf, seg.lr_sum, name) + extra
-    return _ekfac_inverse((1 - shrink) * v, lf, delta), shrink * v
+    u, _ = ops.precondition_queries((1 - shrink) * v, lf.q_s, lf.q_a, lam, horizon=None, damping=delta)
+    return u, shrink * v
 
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
@@ -226,9 +234,9 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         return _Plan([0], {0: [final]}, {0: 1.0 / trajectory.segments[0].num_examples}, {0: [v]})
     ckpts = {ell: segment_checkpoints(trajectory.segments[ell], method == "fast_source", f"segment {ell}") for ell in train_segs}
     plan = _Plan(train_segs, ckpts, {ell: 1.0 / (trajectory.segments[ell].num_examples * len(ckpts[ell])) for ell in train_segs}, {})
-    if len(trajectory.segments) == 1 and trajectory.segments[0].optimizer == "sgd":
-        # One basis (EK-FAC, or SOURCE with one SGD segment): the queries never leave the
-        # eigenbasis — rotated in from their tokens, scaled, and rotated back only if cheaper.
+    if len(trajectory.segments) == 1 and (method == "ekfac" or trajectory.segments[0].optimizer == "sgd"):
+        # One basis (EK-FAC, whatever the optimizer, or SOURCE with one SGD segment): the queries never
+        # leave the eigenbasis — rotated in from their tokens, scaled, and rotated back only if cheaper.
         seg = trajectory.segments[0]
         device, dtype = next(model.parameters()).device, factor_dtype(model)
         lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
@@ -292,8 +300,9 @@ def score(
       "fast_source" SOURCE at the mean parameters of each segment; factors from
                     fit_factors(trajectory, average_params=True)
       "ekfac"       influence function (H + λI)⁻¹ at a one-checkpoint trajectory (trajectory.final()),
-                    λ = `damping`: a number, "heuristic" (0.1 × mean Λ, per layer) or "implied" (1/c)
-      "tracin"      Σ_ℓ (c_ℓ/N_ℓ) mean over the checkpoints of ⟨∇f(z_q, θ_c), ∇L(z_m, θ_c)⟩
+                    λ = `damping`: a number, "heuristic" (0.1 × mean Λ, per layer) or "implied" (1/c,
+                    with c the segment's horizon; what SOURCE implies for SGD)
+      "tracin"      Σ_ℓ (c_ℓ/((1 − β_ℓ)N_ℓ)) mean over the checkpoints of ⟨∇f(z_q, θ_c), ∇L(z_m, θ_c)⟩
       "grad_dot"    ⟨∇f(z_q, θ_T), ∇L(z_m, θ_T)⟩ / N at a one-checkpoint trajectory
     Baselines for comparisons (one-checkpoint trajectory; factors unused):
       "grad_cos"    cosine of the two gradients (unitless)
@@ -513,7 +522,7 @@ def self_score(
     """Self-influence score(m, m) of every training example, with its training loss as the
     measurement: a (n_train,) tensor, same methods, sign and scale as `score`.
 
-    One-checkpoint methods (ekfac, grad_dot, and source/fast_source with one segment of one
+    One-checkpoint methods (ekfac, grad_dot, and source/fast_source with one SGD segment of one
     checkpoint) take the fused eigenbasis path Σ_ij s_ij (Q_Sᵀ G_n Q_A)_ij² with no per-example
     gradient in memory; otherwise examples go in chunks of `chunk_size`, each with its own walk.
     """

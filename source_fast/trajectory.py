@@ -65,7 +65,9 @@ class Segment:
     optimizer: "sgd", "adam" (L2 penalty inside the gradient) or "adamw" (decoupled decay)
     optimizer_states: for adam/adamw, the optimizer state_dicts (or files) saved with each
         checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε)
-    weight_decay: adds wd to every curvature eigenvalue (SGD, AdamW) or to the gradient (Adam)
+    weight_decay: SGD: adds wd to every curvature eigenvalue. Adam (L2 in the gradient): adds wd to
+        the curvature, inside P's scope. AdamW (decoupled): adds wd to the exponent's σ = p ⊙ diag(H̄)
+        and wd·P⁻¹ to the curvature the inverse uses (see scoring._adam_segment)
     """
 
     def __init__(
@@ -91,8 +93,9 @@ class Segment:
         if lrs is not None:
             lr_sum = float(sum(float(x) for x in lrs))
         assert lr_sum is not None
-        if not math.isfinite(lr_sum) or lr_sum <= 0:
-            raise ValueError(f"Segment learning-rate sum must be positive and finite, got {lr_sum}")
+        # c = 0 is a frozen stretch (or a schedule decayed to 0): S̄ = I and r̄ = 0, well defined.
+        if not math.isfinite(lr_sum) or lr_sum < 0:
+            raise ValueError(f"Segment learning-rate sum must be >= 0 and finite, got {lr_sum}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Segment momentum must be in [0, 1), got {momentum}")
         if optimizer not in get_args(Optimizer):

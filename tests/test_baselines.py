@@ -29,6 +29,23 @@ def test_grad_cos(setup):
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_grad_cos_of_a_zero_gradient_is_zero(setup):
+    from source_fast import baselines
+    from source_fast.capture import tracked_layers
+
+    model, data, _, _, _, g = setup
+    specs = tracked_layers(model, None)
+    zero = {s.name: torch.zeros(1, s.d_out, s.d_a, dtype=torch.float64) for s in specs}
+    got = baselines.grad_cos(model, ClassifyTask(), specs, zero, data, 7, None)
+    assert torch.equal(got, torch.zeros_like(got))
+
+
+def test_trak_refuses_implied_damping(setup):
+    model, data, queries, traj, _, _ = setup
+    with pytest.raises(ValueError, match="trak's damping must be a number >= 0 or 'heuristic'"):
+        sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=4, damping="implied")
+
+
 def test_trak_is_the_projected_influence_function(setup):
     model, data, queries, traj, v, g = setup
     dim = 12

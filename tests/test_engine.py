@@ -275,11 +275,104 @@ def test_adam_segments_match_the_dense_formula(setup):
             p = p + torch.cat([torch.cat([per[f"{n}.weight"], per[f"{n}.bias"][:, None]], 1).flatten() for n in LAYERS]) / 2
         sigma = p * (torch.diagonal(h) + wd) if flavour == "adam" else p * torch.diagonal(h) + wd
         e = torch.exp(-0.5 * sigma)
-        delta = 0.01 + (wd if flavour == "adam" else 0.0)
+        if flavour == "adam":  # L2: the loss's Hessian gains wd·I
+            h_inv = h + (0.01 + wd) * torch.eye(h.shape[0], dtype=h.dtype)
+        else:  # decoupled: wd·P⁻¹, a diagonal, taken in each layer's eigenbasis by its diagonal
+            blocks, start = [], 0
+            for n in LAYERS:
+                lf = factors.segments[0][n]
+                w = (wd / p[start : start + lf.lam.numel()]).view_as(lf.lam)
+                start += lf.lam.numel()
+                k = torch.kron(lf.q_s, lf.q_a)
+                eig = lf.lam.clamp_min(0) + (lf.q_s**2).T @ w @ lf.q_a**2
+                blocks.append(k @ torch.diag(eig.reshape(-1)) @ k.T)
+            h_inv = torch.block_diag(*blocks) + 0.01 * torch.eye(h.shape[0], dtype=h.dtype)
         v = _grads(model, ckpts[1], queries)
-        u = torch.linalg.solve(h + delta * torch.eye(h.shape[0], dtype=h.dtype), ((1 - e) * v).T).T
+        u = torch.linalg.solve(h_inv, ((1 - e) * v).T).T
         g = torch.stack([_grads(model, s, data) for s in ckpts[:2]]).mean(0)
         _close(scores, u @ g.T / len(data))
+
+
+def _adam_states(model, task, data, ckpts, **kwargs):
+    states = []
+    for st in ckpts:
+        model.load_state_dict(st)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-6, **kwargs)
+        for _ in range(3):
+            opt.zero_grad()
+            task.compute_train_loss(data.tensors, model).backward()
+            opt.step()
+        states.append(opt.state_dict())
+    return states
+
+
+def test_adamw_inverse_is_exact_for_a_uniform_preconditioner(setup):
+    """AdamW's decoupled decay linearizes to A = PH + wd, whose summed response needs (H + wd P⁻¹)⁻¹:
+    with a uniform P that is (H̄ + wd/p + δ)⁻¹, exactly, whatever the eigenbasis."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    states = _adam_states(model, task, data, ckpts[:1])
+    for s in states[0]["state"].values():
+        s["exp_avg_sq"] = torch.full_like(s["exp_avg_sq"], 0.04)  # v̂ = 0.04 / (1 − 0.999³)
+    wd, c = 0.5, 0.5
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=c, optimizer="adamw", optimizer_states=states,
+                                     weight_decay=wd)])
+    factors = sf.fit_factors(model, task, traj)
+    scores = sf.score(model, task, traj, factors, data, queries, damping=0.01)
+    p = 1 / ((0.04 / (1 - 0.999**3)) ** 0.5 + 1e-6)
+    h = _block_diag_curvature(factors, 0)
+    e = torch.exp(-c * (p * torch.diagonal(h) + wd))
+    v, g = _grads(model, ckpts[0], queries), _grads(model, ckpts[0], data)
+    u = torch.linalg.solve(h + (wd / p + 0.01) * torch.eye(h.shape[0], dtype=h.dtype), ((1 - e) * v).T).T
+    _close(scores, u @ g.T / len(data))
+
+
+def test_ekfac_on_an_adam_checkpoint_is_the_influence_function(setup):
+    """method="ekfac" ignores the optimizer: (H̄ + λ)⁻¹ at the checkpoint, in score and self_score alike."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw",
+                                     optimizer_states=_adam_states(model, task, data, ckpts[:1]), weight_decay=0.1)])
+    factors = sf.fit_factors(model, task, traj)
+    h = _block_diag_curvature(factors, 0) + 0.01 * torch.eye(_grads(model, ckpts[0], queries).shape[1], dtype=torch.float64)
+    v, g = _grads(model, ckpts[0], queries), _grads(model, ckpts[0], data)
+    _close(sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=0.01),
+           torch.linalg.solve(h, v.T).T @ g.T / len(data))
+    _close(sf.self_score(model, task, traj, factors, data, method="ekfac", damping=0.01),
+           (g * torch.linalg.solve(h, g.T).T).sum(1) / len(data))
+
+
+def test_adam_preconditioner_follows_amsgrad_and_refuses_the_other_decay(setup):
+    model, data, _, ckpts = setup
+    task = ClassifyTask()
+    states = _adam_states(model, task, data, ckpts[:1], amsgrad=True, betas=(0.9, 0.5))
+    factors = sf.fit_factors(model, task, sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adam",
+                                                                      optimizer_states=states)]))
+    s = states[0]["state"][0]  # layer "0".weight: AMSGrad divides by the running maximum
+    expected = 1 / ((s["max_exp_avg_sq"] / (1 - 0.5**3)).sqrt() + 1e-6)
+    assert not torch.allclose(s["max_exp_avg_sq"], s["exp_avg_sq"])
+    torch.testing.assert_close(factors.segments[0]["0"].precond[:, :-1], expected, rtol=1e-12, atol=0)
+    decayed = _adam_states(model, task, data, ckpts[:1], weight_decay=0.1)
+    decayed[0]["param_groups"][0]["decoupled_weight_decay"] = True  # what torch.optim.AdamW saves
+    seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adam", optimizer_states=decayed, weight_decay=0.1)
+    with pytest.raises(ValueError, match=r"optimizer state 0: parameter '0.weight' was trained with decoupled \(AdamW\)"):
+        sf.fit_factors(model, task, sf.Trajectory([seg]))
+
+
+def test_a_segment_with_zero_learning_rate_is_frozen(setup):
+    """c = 0: S̄ = I and r̄ = 0, the limit of a vanishing learning-rate sum; "implied" damping (1/c) says why it cannot."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    scores = []
+    for lr in (0.0, 1e-300):
+        traj = sf.Trajectory.even(ckpts, [0.1] * 5 + [lr] * 5, 2, data)
+        factors = sf.fit_factors(model, task, traj, fisher="empirical")
+        scores.append(sf.score(model, task, traj, factors, data, queries))
+    assert torch.isfinite(scores[0]).all() and scores[0].abs().max() > 0
+    _close(scores[0], scores[1], rtol=1e-12)
+    final = sf.Trajectory([sf.Segment(ckpts[-1:], data, lr_sum=0.0)])
+    with pytest.raises(ValueError, match="damping='implied' is 1/c"):
+        sf.score(model, task, final, sf.fit_factors(model, task, final), data, queries, method="ekfac", damping="implied")
 
 
 def test_low_rank_queries(setup):

@@ -51,8 +51,8 @@ def test_segment_arguments(setup):
     _, data, ckpts = setup
     with pytest.raises(ValueError, match="no checkpoints"):
         sf.Segment([], data, lr_sum=1.0)
-    for lr in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="must be positive and finite"):
+    for lr in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be >= 0 and finite"):
             sf.Segment(ckpts, data, lr_sum=lr)
     with pytest.raises(ValueError, match="exactly one of lr_sum"):
         sf.Segment(ckpts, data, lr_sum=1.0, lrs=[1.0])
