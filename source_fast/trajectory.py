@@ -204,7 +204,8 @@ class Trajectory:
 
     def final(self) -> Trajectory:
         """One segment holding only the final checkpoint: what EK-FAC influence functions use. Its
-        horizon is the whole run's, so damping="implied" gives 1/c of the run."""
+        horizon is the whole run's, so damping="implied" gives 1/c of the run. That is SOURCE's damping
+        for SGD; an Adam step is c·P, not c, so for Adam runs give the damping as a number."""
         last = self.segments[-1]
         return Trajectory(
             [Segment([last.checkpoints[-1]], last.data, lr_sum=sum(s.horizon for s in self.segments),
