@@ -480,8 +480,19 @@ def _unroll(sc: Scenario, run: Run, model: nn.Module, task: Task, chunk: int = 2
 
 
 def _settings_key(sc: Scenario, extra: dict) -> tuple[dict, str]:
-    settings = {"scenario": asdict(sc), **extra}
+    """The settings a retraining cache is checked against, and the folder name they hash to. Everything
+    the cache checks is in the name, so a rerun with other settings gets a folder of its own instead
+    of a refusal; the code of this module and eval's is in it too, so an edit never reuses old runs."""
+    settings = {"scenario": asdict(sc), "code": _code_digest(), **extra}
     return settings, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+@functools.cache
+def _code_digest() -> str:
+    h = hashlib.sha256()
+    for module in (__file__, ev.__file__):
+        h.update(Path(module).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def evaluate(sc: Scenario, att: Attribution, folder: Path, *, subsets: int, seeds: int, pool) -> dict:
@@ -489,7 +500,7 @@ def evaluate(sc: Scenario, att: Attribution, folder: Path, *, subsets: int, seed
     where the scenario unrolled other data orders, each method's rank agreement with their mean."""
     n0 = len(sc.data.stages[0])
     subs = ev.random_subsets(n0, subsets, alpha=0.5, seed=0)
-    settings, key = _settings_key(sc, {"alpha": 0.5})
+    settings, key = _settings_key(sc, {"alpha": 0.5, "subsets": ev.subsets_digest(subs), "seeds": seeds})
     measured = ev.retrain(
         sc.train, sc.measure, subs, seeds=list(range(seeds)), cache_dir=folder / f"retraining-{key}",
         executor=pool, settings=settings, desc=f"{sc.name}: retraining",
@@ -522,7 +533,9 @@ def removal(sc: Scenario, att: Attribution, folder: Path, *, count: int, seeds: 
     examples; the change in what `sc.removal_measure` measures (digits: the true-class margin, with
     the flip rate of the predictions; regression: the query's ½ squared error)."""
     chosen = {m: att.scores[m][:count] for m in (SOURCE_L3, IF_IMPLIED)}
-    settings, key = _settings_key(sc, {"count": count})
+    # The removed sets come from the scores: a change in scoring must not meet old retrainings.
+    scores = hashlib.sha256(b"".join(s.double().cpu().numpy().tobytes() for s in chosen.values())).hexdigest()[:16]
+    settings, key = _settings_key(sc, {"count": count, "scores": scores, "seeds": seeds})
     out = ev.subset_removal(
         chosen, sc.train, functools.partial(sc.removal_measure, count), sc.removal_k, kind=sc.removal_kind,
         seeds=list(range(seeds)), cache_dir=folder / f"removal-{key}", executor=pool, settings=settings,

@@ -74,6 +74,10 @@ def _run_one(train_fn: TrainFn, measure_fn: MeasureFn, indices: list[int], seed:
     out = torch.as_tensor(out).detach().to("cpu", torch.float64)
     if out.dim() != 1:
         raise ValueError(f"measure_fn must return a (n_query,) tensor, got shape {tuple(out.shape)}")
+    if not torch.isfinite(out).all():  # a diverged retraining would otherwise take a rank silently
+        bad = torch.nonzero(~torch.isfinite(out)).flatten().tolist()
+        raise FloatingPointError(f"retraining with seed {seed} on {len(indices)} examples measured non-finite "
+                                 f"values for queries {bad[:8]}")
     return out
 
 
@@ -312,7 +316,11 @@ def predicted_effects(scores: Tensor, subsets: Sequence[Sequence[int]]) -> Tenso
         if idx.numel() and (idx.min() < 0 or idx.max() >= n_train):
             raise ValueError(f"subset {i} has indices outside 0..{n_train - 1} (scores have {n_train} training columns)")
         left_out[i, idx] = 0.0
-    return scores.double().cpu() @ left_out.T
+    effects = scores.double().cpu() @ left_out.T
+    # Equal sums of the same scores come out of the GEMM in different groupings, a few ulps apart:
+    # rounded to 1e-12 of each query's largest, exact ties (count-like scores) rank as ties.
+    scale = effects.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    return torch.round(effects / scale * 1e12) * (scale / 1e12)
 
 
 def lds(

@@ -105,3 +105,8 @@ def test_killing_the_demo_during_retraining_loses_nothing(tmp_path):
     strip = lambda sc: {k: v for k, v in sc.items() if k not in timing}  # noqa: E731
     assert strip(again["scenarios"]["regression"]) == strip(clean["scenarios"]["regression"])
     assert again["removal"] == clean["removal"]
+    # Other settings in the same folder get their own retraining cache, not a refusal.
+    more = [a if a != "30" else "32" for a in args]
+    subprocess.run([sys.executable, "-m", "source_fast", "demo", "--out", str(killed), *more], check=True,
+                   capture_output=True, timeout=600)
+    assert len(list(killed.glob("regression/retraining-*"))) == 2

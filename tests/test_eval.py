@@ -164,6 +164,27 @@ def test_paired_difference_resamples_the_same_queries():
         ev.paired_difference(a, hard[:10])
 
 
+def test_count_like_scores_predict_exact_ties():
+    """Scores of 0 or 1/N (a same-class rule): subsets leaving out as many 1/N's must tie exactly,
+    although a GEMM sums them in different groupings."""
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    scores = (torch.rand(3, n, generator=g) > 0.5).double() / n
+    subsets = ev.random_subsets(n, 100, alpha=0.5, seed=0)
+    effects = ev.predicted_effects(scores, subsets)
+    left_out = torch.ones(100, n)
+    for i, sub in enumerate(subsets):
+        left_out[i, sub] = 0
+    counts = (scores > 0).double() @ left_out.double().T  # exact integers
+    for q in range(3):
+        assert len(torch.unique(effects[q])) == len(torch.unique(counts[q]))
+
+
+def test_a_diverged_retraining_is_an_error():
+    with pytest.raises(FloatingPointError, match=r"seed 0 on 2 examples measured non-finite values for queries \[1\]"):
+        ev.retrain(lambda idx, seed: None, lambda model: torch.tensor([1.0, float("nan")]), [[0, 1]], progress=False)
+
+
 def test_spearman_handles_ties():
     a = torch.tensor([[1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 5.0]])
     b = torch.tensor([[2.0, 1.0, 4.0, 3.0, 7.0, 6.0, 6.0]])
