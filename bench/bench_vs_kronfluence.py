@@ -227,24 +227,12 @@ def run_kronfluence(model, task, train, queries, counts, batch, qbatch, out_dir,
 def run_source_fast(model, task, train, queries, counts, batch, qbatch, out_dir, phases: Phases | None):
     """Returns {Q: scores (Q, N)} × N (kronfluence's scale), phases through factors' internals."""
     del qbatch, out_dir
+    import _harness
     import source_fast as sf
-    from source_fast import factors as fm
-    from source_fast._passes import make_loader
-    from source_fast.capture import tracked_layers
 
     run = phases.time if phases else (lambda _, fn: fn())
     model.to(DEVICE)
-    specs = tracked_layers(model, task.get_influence_tracked_modules())
-    loader = make_loader(train, batch, None)
-    with fm.restored(model):
-        a_cov, s_cov, _ = run("covariance", lambda: fm._covariances(model, task, specs, loader, "train", "bench", False))
-        q_a, q_s = run("eigen", lambda: (
-            {s.name: fm._eigh(a_cov[s.name]).to(a_cov[s.name].dtype) for s in specs},
-            {s.name: fm._eigh(s_cov[s.name]).to(s_cov[s.name].dtype) for s in specs}))
-        lam = run("lambda", lambda: fm._lambdas(model, task, specs, loader, "train", q_a, q_s, "bench", False))
-    layers = {s.name: fm.LayerFactors(a_cov[s.name], s_cov[s.name], q_a[s.name], q_s[s.name], lam[s.name])
-              for s in specs}
-    factors = fm.Factors(specs, [layers], [len(train)], [1], "empirical", False)
+    factors = _harness.fit_in_phases(model, task, train, batch, "empirical", run)
     traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
     out = {}
     for q in counts:

@@ -61,7 +61,8 @@ class Segment:
     num_examples: N_ℓ, needed when `data` is a stream (fit_factors checks it against what it reads)
     lr_sum: c_ℓ = Σ η_k over the segment's steps (warm-up and decay included), or
     lrs: the per-step learning rates, summed for you (give exactly one of the two)
-    momentum: heavy-ball β of SGD; the effective horizon is c/(1−β)
+    momentum: heavy-ball β of SGD; the effective horizon is c/(1−β) (also Nesterov's, to first
+        order; with torch's `dampening` d, pass lr_sum·(1 − d))
     optimizer: "sgd", "adam" (L2 penalty inside the gradient) or "adamw" (decoupled decay)
     optimizer_states: for adam/adamw, the optimizer state_dicts (or files) saved with each
         checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε)

@@ -1,4 +1,4 @@
-"""The kernel bench runs end to end on CPU (Triton interpreted) and writes schema-valid JSONL."""
+"""The bench scripts run end to end on CPU (Triton interpreted) and write what they promise."""
 
 from __future__ import annotations
 
@@ -58,3 +58,18 @@ def test_bench_gpt2_quick(tmp_path):
     assert [r["tokens_per_s"] is None for r in records] == [False, True, False, False]
     tables = prof.read_text()
     assert tables.count("=====") == 4 and "aten::mm" in tables  # one table per phase, the GEMMs in it
+
+
+def test_bench_vs_kronfluence_quick_digits(tmp_path):
+    """Both libraries, every phase, scores checked equal before and after timing (the bench stops
+    otherwise)."""
+    out = tmp_path / "vs_kron.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_vs_kronfluence.py"), "--quick", "--workloads",
+                           "digits_mlp", "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    phases = {"covariance", "eigen", "lambda", "score_32", "score_256"}
+    for lib in ("kronfluence", "source_fast"):
+        rows = [r for r in records if r["library"] == lib and r["phase"] != "setup"]
+        assert {r["phase"] for r in rows} == phases and all(r["seconds"] > 0 for r in rows)
+    assert all(r["check_pearson"] > 0.999 and r["timed_pearson"] > 0.999 for r in records)
