@@ -26,8 +26,17 @@ REQUIRE_EXT = _flag("SOURCE_FAST_REQUIRE_EXT")
 FORCE_CUDA = _flag("SOURCE_FAST_FORCE_CUDA")
 
 
+def _remove_builds(paths) -> None:
+    """Deletes earlier builds of source_fast._C (in build/ and in the package folder), so a pure-Python
+    install or a failed build never leaves an old binary to be loaded."""
+    for path in [*paths, *glob.glob(os.path.join("source_fast", "_C.*.so")), *glob.glob(os.path.join("source_fast", "_C.*.pyd"))]:
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def _extensions_and_cmdclass():
     if not BUILD_EXT:
+        _remove_builds([])
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -36,6 +45,9 @@ def _extensions_and_cmdclass():
         # torch's ninja path raises RuntimeError, which setuptools' `optional=True` does not catch,
         # so a failed build is turned into a warning here (unless SOURCE_FAST_REQUIRE_EXT=1).
         def build_extension(self, ext):
+            # An earlier build's binary must not survive a failed one: setuptools would copy the old
+            # build/lib file into the package and stale code would load without a word.
+            _remove_builds([self.get_ext_fullpath(ext.name)])
             try:
                 super().build_extension(ext)
             except Exception as exc:
@@ -44,7 +56,10 @@ def _extensions_and_cmdclass():
                 warnings.warn(f"source_fast: building {ext.name} failed; only the torch/Triton paths will run ({exc})")
 
     # Decided from the torch build and the toolkit, never from a visible GPU: build boxes often have none.
-    with_cuda = FORCE_CUDA or (torch.version.cuda is not None and CUDA_HOME is not None)
+    # A CUDA_HOME without nvcc (CUDA runtime images) cannot build the .cu part: build for the CPU then.
+    with_cuda = FORCE_CUDA or (
+        torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    )
     # csrc/cuda/ holds everything that needs the CUDA toolkit: the .cu kernels (CUDA headers only)
     # and the thin .cpp that binds them to the dispatcher (needs ATen's CUDA headers).
     sources = sorted(glob.glob("csrc/*.cpp"))
@@ -55,7 +70,9 @@ def _extensions_and_cmdclass():
         "source_fast._C",
         sources,
         define_macros=[("SOURCE_FAST_WITH_CUDA", "1" if with_cuda else "0")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        # The host compiler takes torch's language standard (C++20 for torch 2.13's headers); the .cu
+        # files include CUDA headers only.
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
         extra_link_args=["-fopenmp"],
         optional=not REQUIRE_EXT,  # lets setuptools skip copying a .so that was never built
     )

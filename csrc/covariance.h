@@ -19,9 +19,10 @@ void check_covariance_args(
     const c10::List<std::optional<at::Tensor>>& masks,
     const c10::List<bool>& append_ones);
 
-// Layers are accumulated concurrently (threads, CTAs), so no two covs may share memory. Checked by
-// the CPU and CUDA kernels only: it needs real storage, which FakeTensors tracing the op lack.
-void check_distinct_covs(at::TensorList covs);
+// Layers are accumulated concurrently (threads, CTAs), so no cov may share memory with another cov or
+// with any layer's xs. Checked by the CPU and CUDA kernels only: it needs real storage, which
+// FakeTensors tracing the op lack.
+void check_distinct_covs(at::TensorList covs, at::TensorList xs);
 
 void covariance_accumulate_cpu(
     at::TensorList covs,

@@ -114,16 +114,26 @@ struct Workspace {
   Scratch rows;  // (chunk, d) gathered / converted rows
 };
 
-void accumulate_layer_(const at::Tensor& cov, const at::Tensor& x, const std::optional<at::Tensor>& mask,
-                       bool append_ones, float alpha, Workspace& ws) {
-  const int64_t d = x.size(1);
-  int64_t n = x.size(0);
-  at::Tensor kept;  // indices of kept rows; undefined when every row is kept
-  if (mask.has_value()) {
-    kept = at::nonzero(*mask).view(-1);
-    n = kept.numel();
-    if (n == x.size(0)) kept = at::Tensor();
+// The indices of a layer's kept rows (mask != 0), or an undefined tensor when every row is kept.
+// Unsigned masks are read through the signed type of their width (nonzero has no uint16/32/64
+// kernel; the bits, hence `!= 0`, are the same).
+at::Tensor kept_rows(const at::Tensor& x, const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return at::Tensor();
+  at::Tensor m = *mask;
+  switch (m.scalar_type()) {
+    case at::kUInt16: m = m.view(at::kShort); break;
+    case at::kUInt32: m = m.view(at::kInt); break;
+    case at::kUInt64: m = m.view(at::kLong); break;
+    default: break;
   }
+  at::Tensor kept = at::nonzero(m).view(-1);
+  return kept.numel() == x.size(0) ? at::Tensor() : kept;
+}
+
+void accumulate_layer_(const at::Tensor& cov, const at::Tensor& x, const at::Tensor& kept, bool append_ones,
+                       float alpha, Workspace& ws) {
+  const int64_t d = x.size(1);
+  const int64_t n = kept.defined() ? kept.numel() : x.size(0);
   if (n == 0) return;
 
   const bool direct = x.scalar_type() == at::kFloat && !kept.defined() && blas_friendly(x);
@@ -195,20 +205,28 @@ void check_covariance_args(at::TensorList covs, at::TensorList xs, const c10::Li
   }
 }
 
-void check_distinct_covs(at::TensorList covs) {
-  // [first, last] element of a cov within its storage (strides are positive: cov is a plain matrix).
+void check_distinct_covs(at::TensorList covs, at::TensorList xs) {
+  // Layers run concurrently, in cost order: a cov written by one layer must not be memory another
+  // layer writes or reads. Compared by [first, last] element in the storage (strides are positive),
+  // so interleaved but disjoint views count as sharing too.
   auto span = [](const at::Tensor& t) {
     int64_t last = t.storage_offset();
     for (int64_t k = 0; k < t.dim(); ++k) last += (t.size(k) - 1) * t.stride(k);
     return std::make_pair(t.storage_offset(), last);
   };
+  auto overlap = [&](const at::Tensor& a, const at::Tensor& b) {
+    if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
+    const auto sa = span(a), sb = span(b);
+    return !(sa.second < sb.first || sb.second < sa.first);
+  };
   for (size_t i = 0; i < covs.size(); ++i) {
-    if (covs[i].numel() == 0) continue;
     for (size_t j = i + 1; j < covs.size(); ++j) {
-      if (covs[j].numel() == 0 || !covs[i].is_alias_of(covs[j])) continue;
-      const auto a = span(covs[i]), b = span(covs[j]);
-      TORCH_CHECK(a.second < b.first || b.second < a.first, kOp, ": layers ", i, " and ", j,
-                  ": covs share memory (views of one tensor?); give each layer its own matrix");
+      TORCH_CHECK(!overlap(covs[i], covs[j]), kOp, ": layers ", i, " and ", j,
+                  ": covs share memory (views of one tensor whose spans overlap?); give each layer its own matrix");
+    }
+    for (size_t j = 0; j < xs.size(); ++j) {
+      TORCH_CHECK(!overlap(covs[i], xs[j]), kOp, ": layer ", j, "'s xs shares memory with layer ", i,
+                  "'s cov, which this call writes; pass a copy");
     }
   }
 }
@@ -217,8 +235,15 @@ void covariance_accumulate_cpu(at::TensorList covs, at::TensorList xs,
                                const c10::List<std::optional<at::Tensor>>& masks, const c10::List<bool>& append_ones,
                                double alpha) {
   check_covariance_args(covs, xs, masks, append_ones);
-  check_distinct_covs(covs);
+  check_distinct_covs(covs, xs);
   const size_t n = xs.size();
+  // Everything that can fail runs before any cov is touched: the kept rows of every layer. Inputs
+  // are detached: at::mm_out refuses tensors that require grad, and nothing here is differentiable.
+  std::vector<at::Tensor> x(n), kept(n);
+  for (size_t i = 0; i < n; ++i) {
+    x[i] = xs[i].detach();
+    kept[i] = kept_rows(x[i], masks.get(i));
+  }
   std::vector<int64_t> cost(n);
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -242,14 +267,14 @@ void covariance_accumulate_cpu(at::TensorList covs, at::TensorList xs,
   Workspace ws;
   for (size_t k = 0; k < first_shared; ++k) {
     const size_t i = order[k];
-    accumulate_layer_(covs[i], xs[i], masks.get(i), append_ones.get(i), a, ws);
+    accumulate_layer_(covs[i], x[i], kept[i], append_ones.get(i), a, ws);
   }
   std::atomic<size_t> next{first_shared};
   at::parallel_for(0, threads, 1, [&](int64_t /*begin*/, int64_t /*end*/) {
     Workspace local;
     for (size_t k = next++; k < n; k = next++) {
       const size_t i = order[k];
-      accumulate_layer_(covs[i], xs[i], masks.get(i), append_ones.get(i), a, local);
+      accumulate_layer_(covs[i], x[i], kept[i], append_ones.get(i), a, local);
     }
   });
 }

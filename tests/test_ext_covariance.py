@@ -216,6 +216,34 @@ def test_layers_sharing_a_cov_are_refused():
         _op()([big[:4, :4], big], xs, masks, ones)
 
 
+def test_xs_that_share_memory_with_a_cov_are_refused():
+    """A cov is written while other layers (run concurrently, in cost order) may still read their xs."""
+    covs, xs, masks, ones = _good_layers()
+    with pytest.raises(RuntimeError, match="layer 0's xs shares memory with layer 1's cov"):
+        _op()(covs, [covs[1][: xs[0].shape[0], : xs[0].shape[1]], xs[1]], masks, ones)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_masks(dtype):
+    """Every integer mask means `!= 0`; nonzero() has no unsigned 16/32/64-bit kernel to lean on."""
+    x = torch.randn(40, 6)
+    keep = torch.rand(40) > 0.5
+    mask = (keep.to(torch.int64) * torch.randint(1, 2**15, (40,))).to(dtype)  # non-zero values of any size
+    cov = torch.zeros(7, 7)
+    _op()([cov], [x], [mask], [True])
+    truth, _ = _truth(torch.zeros(7, 7), x, keep, True, 1.0)
+    torch.testing.assert_close(cov.double(), truth, rtol=1e-6, atol=1e-5)
+
+
+def test_inputs_that_require_grad():
+    """Layer inputs captured from a model in training carry requires_grad; the op reads them as data."""
+    x = torch.randn(30, 5, requires_grad=True)
+    cov = torch.zeros(6, 6)
+    _op()([cov], [x], [None], [True])
+    truth, _ = _truth(torch.zeros(6, 6), x.detach(), None, True, 1.0)
+    torch.testing.assert_close(cov.double(), truth, rtol=1e-6, atol=1e-5)
+
+
 def test_mismatched_list_lengths():
     covs, xs, masks, ones = _good_layers()
     with pytest.raises(RuntimeError, match="got 2 covs, 2 xs, 1 masks and 2 append_ones flags"):

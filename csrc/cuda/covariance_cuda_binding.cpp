@@ -54,7 +54,7 @@ void covariance_accumulate_cuda(at::TensorList covs, at::TensorList xs,
                                 const c10::List<std::optional<at::Tensor>>& masks, const c10::List<bool>& append_ones,
                                 double alpha) {
   check_covariance_args(covs, xs, masks, append_ones);
-  check_distinct_covs(covs);
+  check_distinct_covs(covs, xs);
   if (xs.empty()) return;
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
