@@ -1,4 +1,5 @@
-"""The README's example runs as written, on a model really trained with SGD + momentum."""
+"""The README's code blocks run as written: the example (on a model really trained with SGD +
+momentum) and the kronfluence import swap."""
 
 import re
 from pathlib import Path
@@ -30,3 +31,17 @@ def test_readme_example_runs():
     exec(compile(code, str(README), "exec"), env)
     assert env["scores"].shape == env["if_scores"].shape == (5, 48)
     assert torch.isfinite(env["scores"]).all() and env["proponents"].shape == (5, 5)
+
+
+def test_readme_kronfluence_snippet_runs(tmp_path, monkeypatch):
+    """The "Coming from kronfluence" block, with a kronfluence Task, in a scratch folder."""
+    from test_kronfluence import ClassifyTask
+
+    section = README.read_text().split("## Coming from kronfluence", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    env = {"model": mlp(4, 8, 3), "task": ClassifyTask(), "train_set": classification_data(40, 4, 3),
+           "queries": classification_data(6, 4, 3, seed=1)}
+    exec(compile(code, str(README), "exec"), env)
+    assert env["scores"].shape == (6, 40) and torch.isfinite(env["scores"]).all()
+    assert (tmp_path / "influence_results" / "run" / "scores_scores" / "pairwise_scores.safetensors").exists()
