@@ -25,3 +25,23 @@ def test_import_with_the_extension_disabled():
     env = {**os.environ, "SOURCE_FAST_DISABLE_EXT": "1"}
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "disabled by SOURCE_FAST_DISABLE_EXT=1"
+
+
+# setup.py where torch cannot be imported: an isolated build (pyproject.toml keeps torch out of it).
+NO_TORCH_SETUP = """
+import os, sys
+sys.modules["torch"] = None
+sys.argv = ["setup.py", "--name"]
+exec(compile(open("setup.py").read(), "setup.py", "exec"))
+"""
+
+
+def test_build_without_torch_installs_pure_python_or_fails_when_the_extension_is_required():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOURCE_FAST_")}
+    ok = subprocess.run([sys.executable, "-c", NO_TORCH_SETUP], cwd=repo, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("source_fast"), ok.stderr[-2000:]
+    assert "torch is not importable while building" in ok.stderr and "--no-build-isolation" in ok.stderr
+    required = subprocess.run([sys.executable, "-c", NO_TORCH_SETUP], cwd=repo, capture_output=True, text=True,
+                              env={**env, "SOURCE_FAST_REQUIRE_EXT": "1"})
+    assert required.returncode != 0 and "SOURCE_FAST_REQUIRE_EXT=1: torch is not importable" in required.stderr
