@@ -174,23 +174,28 @@ void check_covariance_args(at::TensorList covs, at::TensorList xs, const c10::Li
     const at::Tensor& x = xs[i];
     const at::Tensor& cov = covs[i];
     const std::optional<at::Tensor> mask = masks.get(i);
-    TORCH_CHECK(x.dim() == 2, kOp, ": layer ", i, ": xs must be (rows, d), got shape ", x.sizes());
+    TORCH_CHECK(x.dim() == 2, kOp, ": layer ", i, ": xs must be (rows, d), got shape ", x.sym_sizes());
     const auto dt = x.scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kOp, ": layer ", i,
                 ": xs must be float32, float16 or bfloat16, got ", dt);
     TORCH_CHECK(cov.scalar_type() == at::kFloat, kOp, ": layer ", i, ": covs must be float32, got ",
                 cov.scalar_type());
-    TORCH_CHECK(cov.dim() == 2 && cov.size(0) == cov.size(1), kOp, ": layer ", i, ": cov must be square, got shape ",
-                cov.sizes());
+    // Sizes are compared as SymInts: under torch.compile(dynamic=True) the Meta kernel runs this on
+    // symbolic shapes, and a plain size() would pin every batch's row count (a recompile per shape).
+    TORCH_CHECK(cov.dim() == 2, kOp, ": layer ", i, ": cov must be square, got shape ", cov.sym_sizes());
+    TORCH_SYM_CHECK(cov.sym_size(0).sym_eq(cov.sym_size(1)), kOp, ": layer ", i, ": cov must be square, got shape ",
+                    cov.sym_sizes());
     const bool ones = append_ones.get(i);
-    const int64_t dim = x.size(1) + (ones ? 1 : 0);
-    TORCH_CHECK(cov.size(0) == dim, kOp, ": layer ", i, ": cov must be (", dim, ", ", dim, ") for xs of shape ",
-                x.sizes(), ones ? " plus a ones column" : "", ", got ", cov.sizes());
+    const c10::SymInt dim = x.sym_size(1) + (ones ? 1 : 0);
+    TORCH_SYM_CHECK(cov.sym_size(0).sym_eq(dim), kOp, ": layer ", i, ": cov must be (", dim, ", ", dim,
+                    ") for xs of shape ", x.sym_sizes(), ones ? " plus a ones column" : "", ", got ", cov.sym_sizes());
     TORCH_CHECK(at::has_internal_overlap(cov) != at::MemOverlap::Yes, kOp, ": layer ", i,
                 ": cov has overlapping memory (an expanded tensor?) and cannot be updated in place");
     if (mask.has_value()) {
-      TORCH_CHECK(mask->dim() == 1 && mask->size(0) == x.size(0), kOp, ": layer ", i, ": mask must be (",
-                  x.size(0), ",) to match xs of shape ", x.sizes(), ", got shape ", mask->sizes());
+      TORCH_CHECK(mask->dim() == 1, kOp, ": layer ", i, ": mask must be (", x.sym_size(0), ",) to match xs of shape ",
+                  x.sym_sizes(), ", got shape ", mask->sym_sizes());
+      TORCH_SYM_CHECK(mask->sym_size(0).sym_eq(x.sym_size(0)), kOp, ": layer ", i, ": mask must be (", x.sym_size(0),
+                      ",) to match xs of shape ", x.sym_sizes(), ", got shape ", mask->sym_sizes());
       TORCH_CHECK(!mask->is_complex(), kOp, ": layer ", i, ": mask must be bool, integer or floating, got ",
                   mask->scalar_type());
       // 1-byte floats (float8) would be read as raw bytes: -0.0 and tiny values would not mean `!= 0`.

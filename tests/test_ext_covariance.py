@@ -208,6 +208,25 @@ def test_bad_input_names_the_layer(case):
         _op()(covs, xs, masks, ones)
 
 
+def test_compiled_with_dynamic_shapes_compiles_once():
+    """The Meta kernel checks symbolic sizes: every batch's row count must not be pinned (a recompile
+    per batch shape, then a fall-back to eager)."""
+    from torch._dynamo.testing import CompileCounter
+
+    def accumulate(cov, x, mask):
+        _op()([cov], [x], [mask], [True])
+        return cov
+
+    counter = CompileCounter()
+    compiled = torch.compile(accumulate, backend=counter, fullgraph=True, dynamic=True)
+    for rows in (10, 17, 33):
+        x, mask = torch.randn(rows, 5), torch.rand(rows) > 0.3
+        expected = torch.zeros(6, 6)
+        _op()([expected], [x], [mask], [True])
+        torch.testing.assert_close(compiled(torch.zeros(6, 6), x, mask), expected, rtol=0, atol=0)
+    assert counter.frame_count == 1
+
+
 def test_layers_sharing_a_cov_are_refused():
     """Layers are accumulated concurrently, so a shared or overlapping cov would be a data race."""
     covs, xs, masks, ones = _good_layers()
