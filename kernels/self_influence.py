@@ -98,8 +98,9 @@ def _self_scores_t1_kernel(
     Program (example block, split) walks its share of the d_a blocks; per block it forms
     (BLOCK_E, BLOCK_N) = (g̃∘g̃)[E, :] @ scale[:, N] and reduces ã²[E, N] ⊙ it over N into a per-example
     partial. Split partials go to disjoint slots of a (split, n) workspace summed in a fixed order.
-    The squares are formed in fp32 on load and dotted as fp32 (TF32 unless full precision is asked for),
-    as in the T = 1 Λ kernel: squaring fp16 in fp16 overflows above 256 and flushes values below 2.4e-4."""
+    The squares are formed in fp32 on load and dotted as fp32, as in the T = 1 Λ kernel: squaring fp16
+    in fp16 overflows above 256 and flushes values below 2.4e-4. The dot is TF32 for 16-bit inputs, and
+    for fp32 inputs unless torch's matmul precision is "highest" (dot_precision)."""
     pid_e = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
