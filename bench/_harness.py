@@ -240,8 +240,8 @@ def fit_in_phases(model, task, data, batch_size: int, fisher: str, time_phase: C
         a_cov, s_cov, rows = time_phase("covariance", lambda: fm._covariances(
             model, task, specs, loader, objective, "bench", False))
         q_a, q_s = time_phase("eigen", lambda: (
-            {s.name: fm._eigh(a_cov[s.name]).to(a_cov[s.name].dtype) for s in specs},
-            {s.name: fm._eigh(s_cov[s.name]).to(s_cov[s.name].dtype) for s in specs}))
+            {s.name: fm._eigh(a_cov[s.name]).eigenvectors.to(a_cov[s.name].dtype) for s in specs},
+            {s.name: fm._eigh(s_cov[s.name]).eigenvectors.to(s_cov[s.name].dtype) for s in specs}))
         lam = time_phase("lambda", lambda: fm._lambdas(model, task, specs, loader, objective, q_a, q_s, "bench", False))
     layers = {s.name: fm.LayerFactors(a_cov[s.name], s_cov[s.name], q_a[s.name], q_s[s.name], lam[s.name],
                                       rows=int(rows[s.name])) for s in specs}

@@ -215,10 +215,11 @@ def _share(loader, expected: int | None) -> int | None:
     return n
 
 
-def _eigh(cov: Tensor) -> Tensor:
-    """Eigenvectors (columns, ascending) of a symmetric matrix, computed in float64."""
+def _eigh(cov: Tensor):
+    """torch.linalg.eigh of a covariance in float64, symmetrized first (round-off leaves it slightly
+    asymmetric): eigenvalues ascending, eigenvectors in columns."""
     c = cov.double()
-    return torch.linalg.eigh((c + c.T) / 2).eigenvectors
+    return torch.linalg.eigh((c + c.T) / 2)
 
 
 def fit_factors(
@@ -286,8 +287,8 @@ def fit_factors(
                 for s in specs:
                     a_cov[s.name] += a_c[s.name] / len(ckpts)
                     s_cov[s.name] += s_c[s.name] / len(ckpts)
-            q_a = {s.name: _eigh(a_cov[s.name]).to(dtype) for s in specs}
-            q_s = {s.name: _eigh(s_cov[s.name]).to(dtype) for s in specs}
+            q_a = {s.name: _eigh(a_cov[s.name]).eigenvectors.to(dtype) for s in specs}
+            q_s = {s.name: _eigh(s_cov[s.name]).eigenvectors.to(dtype) for s in specs}
             lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
             for c, ckpt in enumerate(ckpts):
                 where = f"{what}, checkpoint {c}"

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._io import atomic_dir, atomic_path
 from ..capture import LayerSpec, tracked_layers
-from ..factors import Factors, LayerFactors, _covariances, _lambdas, factor_dtype, restored
+from ..factors import Factors, LayerFactors, _covariances, _eigh, _lambdas, factor_dtype, restored
 from ..scoring import DEFAULT_QUERY_MEMORY_BUDGET, score, self_score
 from ..task import Task
 from ..trajectory import Segment, Trajectory
@@ -729,8 +729,7 @@ class Analyzer:
             for cov_stem, count_stem, q_stem, e_stem, d in ((A_COV, A_COUNT, Q_A, E_A, s.d_a),
                                                            (S_COV, S_COUNT, Q_S, E_S, s.d_out)):
                 total = _module_tensor(covs, cov_stem, s, (d, d), source)
-                c = total.to(device, torch.float64) / _count(covs, count_stem, s, source)
-                values, vectors = torch.linalg.eigh((c + c.T) / 2)
+                values, vectors = _eigh(total.to(device, torch.float64) / _count(covs, count_stem, s, source))
                 group[e_stem][s.name], group[q_stem][s.name] = values.to(total.dtype), vectors.to(total.dtype)
         _write_group(out, group, _str_dict(args))
 
