@@ -1,7 +1,9 @@
 """Covariance accumulation for many layers at once: torch.ops.source_fast.covariance_accumulate_ (one
 call, "ext") against the per-layer torch loop (source_fast.reference, "torch") and a per-layer
 addmm loop ("addmm_loop": ones column concatenated, masked rows gathered, one GEMM into cov; on
-CUDA fp16/bf16 it uses tensor cores with fp32 output through mm's out_dtype).
+CUDA fp16/bf16 it uses tensor cores with fp32 output through mm's out_dtype). "ext_pipelined" is the
+extension with SOURCE_FAST_COV_PIPELINE=1: on CUDA, fp16/bf16 layers go to the cp.async kernel that
+is opt-in until these timings decide between the two (elsewhere it is the same kernel as "ext").
 
     python bench/bench_covariance.py --device cpu --dtype float32 --out cov.jsonl
     python bench/bench_covariance.py --device cuda --dtype bfloat16 --out cov.jsonl
@@ -14,6 +16,7 @@ diagonal), whatever a backend actually computes. Every backend is checked agains
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
 
 BENCH = "covariance"
-BACKENDS = ["ext", "torch", "addmm_loop"]
+BACKENDS = ["ext", "ext_pipelined", "torch", "addmm_loop"]
 
 # (label, layer widths d, rows, fraction of rows masked out). GPT-2 small's 48 linear layers see
 # inputs of width 768 (c_attn, attn c_proj, c_fc: 36 layers) or 3072 (mlp c_proj: 12), all with a
@@ -93,8 +96,9 @@ def covariance_case(widths, rows, masked, dtype, device):
                 c.zero_()
             if backend == "addmm_loop":
                 _addmm_loop(covs, xs, masks, ones)
-            else:
-                ops.covariance_accumulate_(covs, xs, masks, ones, backend=backend)
+            else:  # the binding reads the variable at every call
+                os.environ["SOURCE_FAST_COV_PIPELINE"] = "1" if backend == "ext_pipelined" else "0"
+                ops.covariance_accumulate_(covs, xs, masks, ones, backend="ext")
             return tuple(covs)
 
         return fn
@@ -124,9 +128,10 @@ def main(argv=None) -> int:
     from source_fast import _dispatch
 
     reasons = _dispatch.unsupported_reasons("ext", "covariance_accumulate_", device, dtype)
-    if "ext" in wanted and reasons:
-        print(f"skipping backend ext: {'; '.join(reasons)}")
-        wanted.remove("ext")
+    for backend in ("ext", "ext_pipelined"):
+        if backend in wanted and reasons:
+            print(f"skipping backend {backend}: {'; '.join(reasons)}")
+            wanted.remove(backend)
     torch.manual_seed(0)
     cases = QUICK_CASES if args.quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
 

@@ -77,7 +77,8 @@ step pytest_ext_engine_cuda 200 "$PY" -m pytest -m cuda -q -rA -n 3 tests/test_e
 # Kernels against torch and kronfluence's Λ path, with the roofline measured in the same process.
 step bench_kernels_bf16 150 env TRITON_PRINT_AUTOTUNING=1 "$PY" bench/bench_kernels.py --device cuda --dtype bfloat16 \
     --out "$OUT/bench_kernels_bf16.jsonl"
-step bench_covariance_bf16 60 "$PY" bench/bench_covariance.py --device cuda --dtype bfloat16 \
+# The general and the cp.async-pipelined CUDA covariance kernels side by side (backends ext, ext_pipelined).
+step bench_covariance_bf16 80 "$PY" bench/bench_covariance.py --device cuda --dtype bfloat16 \
     --out "$OUT/bench_covariance_bf16.jsonl"
 # Where GPT-2's tokens/s go: torch.profiler tables per phase (ops by device and host time), 256 × 512.
 step profile_gpt2_bf16 90 "$PY" bench/bench_gpt2.py --device cuda --dtype bfloat16 --seqs 256 \

@@ -10,7 +10,10 @@ import torch
 from . import _dispatch, _ext, _triton
 from ._version import __version__
 
-FLAGS = ["SOURCE_FAST_BACKEND", "SOURCE_FAST_DISABLE_TRITON", "SOURCE_FAST_DISABLE_EXT", "TRITON_INTERPRET"]
+FLAGS = [
+    "SOURCE_FAST_BACKEND", "SOURCE_FAST_DISABLE_TRITON", "SOURCE_FAST_DISABLE_EXT", "SOURCE_FAST_COV_PIPELINE",
+    "TRITON_INTERPRET",
+]
 
 
 def report() -> str:

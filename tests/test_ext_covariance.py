@@ -285,8 +285,12 @@ def test_ops_backend_ext_and_auto_choice():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pipeline", ["0", "1"], ids=["general", "pipelined"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_matches_float64(dtype):
+def test_cuda_matches_float64(dtype, pipeline, monkeypatch):
+    # SOURCE_FAST_COV_PIPELINE=1 sends fp16/bf16 layers with aligned rows and d % 8 == 0 to the
+    # cp.async kernel (read by the binding at every call); the rest still take the general one.
+    monkeypatch.setenv("SOURCE_FAST_COV_PIPELINE", pipeline)
     if not _ext.has_op("covariance_accumulate_", "cuda"):
         pytest.skip(f"extension has no CUDA kernel (build_info: {_ext.build_info()})")
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
@@ -302,6 +306,13 @@ def test_cuda_matches_float64(dtype):
         (torch.randn(300, 257, device=dev).to(dtype), _mask("int", 300, dev), True),
         (torch.randn(5, 1, device=dev).to(dtype), _mask("none_kept", 5, dev), True),
         (torch.randn(1, 3, device=dev).to(dtype), None, True),
+        # Pipelined-kernel shapes: the ones column opening a tile of its own (d = 256), inside a
+        # tile (d = 136), a padded row pitch (264), fewer rows than the pipeline's depth, a row
+        # count that leaves a partial last slab.
+        (torch.randn(1001, 256, device=dev).to(dtype), _mask("float", 1001, dev), True),
+        (torch.randn(333, 136, device=dev).to(dtype), None, True),
+        (torch.randn(300, 264, device=dev).to(dtype)[:, :256], _mask("bool", 300, dev), False),
+        (torch.randn(7, 8, device=dev).to(dtype), None, True),
     ]
     xs = [x for x, _, _ in cases]
     masks = [m for _, m, _ in cases]

@@ -7,6 +7,7 @@ so `nvcc -c` needs nothing but the toolkit.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -41,4 +42,27 @@ def test_nvcc_compiles(source, arch, defines, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     # Warnings in kernel code are usually real bugs (narrowing, unused results): keep them out.
+    assert "warning" not in proc.stderr.lower(), proc.stderr
+
+
+STUBS = Path(__file__).resolve().parent / "cuda_stubs"
+CXX = shutil.which("c++") or shutil.which("g++")
+
+
+@pytest.mark.skipif(NVCC is None or CXX is None, reason="needs nvcc's CUDA headers and a C++ compiler")
+def test_cuda_binding_type_checks():
+    """The torch-facing CUDA binding is compiled only in CUDA builds, which CPU machines never make;
+    type-checking it here against torch's headers (c10/cuda declared by tests/cuda_stubs) and the
+    CUDA runtime headers keeps a broken binding from reaching a GPU session."""
+    import torch.utils.cpp_extension as ext
+
+    # nvcc may be a wrapper script outside the toolkit: ask the toolkit layouts where the headers are.
+    roots = [os.environ.get("CUDA_HOME"), str(Path(NVCC).resolve().parents[1]), "/usr/local/cuda"]
+    cuda_include = next((Path(r) / "include" for r in roots if r and (Path(r) / "include" / "cuda_runtime_api.h").exists()), None)
+    assert cuda_include is not None, f"nvcc is at {NVCC} but cuda_runtime_api.h is under none of {roots}"
+    binding = CSRC / "cuda" / "covariance_cuda_binding.cpp"
+    cmd = [CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", f"-I{STUBS}", f"-I{cuda_include}"]
+    cmd += [f"-isystem{p}" for p in ext.include_paths()]
+    proc = subprocess.run([*cmd, str(binding)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} {binding}\n{proc.stderr}"
     assert "warning" not in proc.stderr.lower(), proc.stderr

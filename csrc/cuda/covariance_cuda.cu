@@ -148,6 +148,52 @@ __device__ __forceinline__ void add_mirror(const CovLayer& L, int64_t dim, int64
   if (gi < gj && gj < dim) L.cov[gj * L.cov_stride_row + gi * L.cov_stride_col] += alpha * v;
 }
 
+using AccFragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// One warp's share of a slab: its 64 × 32 block (4 × 2 fragments at rows wm.., columns wn..) of
+// the tile += a_sᵀ b_s over the slab's kBK rows. A = X̂ᵀ (i × k): a_s holds it column-major
+// (element (m, k) at k·pitch + m).
+template <typename T>
+__device__ __forceinline__ void warp_mma_slab(AccFragment (&acc)[4][2], const T* a_s, const T* b_s, int wm, int wn) {
+  namespace wmma = nvcuda::wmma;
+#pragma unroll
+  for (int kk = 0; kk < kBK; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[4];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) wmma::load_matrix_sync(fa[a], a_s + kk * kPitch<T> + wm + 16 * a, kPitch<T>);
+#pragma unroll
+    for (int b = 0; b < 2; ++b) wmma::load_matrix_sync(fb[b], b_s + kk * kPitch<T> + wn + 16 * b, kPitch<T>);
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+    }
+  }
+}
+
+// Epilogue of one warp's 64 × 32 block at (i0, j0) of the cov, through a 16×16 fp32 staging tile
+// in shared memory (free once the main loop has ended on a barrier). Pass 1 walks columns fastest
+// (coalesced cov[i, j]); pass 2 walks rows fastest (coalesced mirrored cov[j, i]).
+template <typename Fragment>  // a template, so architectures without WMMA never compile it
+__device__ __forceinline__ void warp_store_tile(const CovLayer& L, int64_t dim, int64_t i0, int64_t j0,
+                                                Fragment (&acc)[4][2], float* stage, int lane, float alpha) {
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      nvcuda::wmma::store_matrix_sync(stage, acc[a][b], 16, nvcuda::wmma::mem_row_major);
+      __syncwarp();
+      const int64_t fi = i0 + 16 * a, fj = j0 + 16 * b;
+      for (int e = lane; e < 256; e += 32) {
+        add_upper(L, dim, fi + e / 16, fj + e % 16, stage[e], alpha);
+        add_mirror(L, dim, fi + e % 16, fj + e / 16, stage[(e % 16) * 16 + e / 16], alpha);
+      }
+      __syncwarp();
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     covariance_tiles_kernel(const CovLayer* __restrict__ layers, const CovTile* __restrict__ tiles, float alpha) {
@@ -215,7 +261,7 @@ __global__ void __launch_bounds__(kThreads)
     // 8 warps as 2 (along i) × 4 (along j); each warp owns a 64 × 32 block = 4 × 2 fragments.
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = (warp % 2) * 64, wn = (warp / 2) * 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+    AccFragment acc[4][2];
 #pragma unroll
     for (int a = 0; a < 4; ++a) {
 #pragma unroll
@@ -229,43 +275,169 @@ __global__ void __launch_bounds__(kThreads)
         load_a.load(L, vec_ok, k0 + kBK, i0);
         if (!diagonal) load_b.load(L, vec_ok, k0 + kBK, j0);
       }
-#pragma unroll
-      for (int kk = 0; kk < kBK; kk += 16) {
-        // A = X̂ᵀ (i × k): a_s holds it column-major (element (m, k) at k·pitch + m).
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[4];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
-#pragma unroll
-        for (int a = 0; a < 4; ++a) wmma::load_matrix_sync(fa[a], a_s + kk * kPitch<T> + wm + 16 * a, kPitch<T>);
-#pragma unroll
-        for (int b = 0; b < 2; ++b) wmma::load_matrix_sync(fb[b], b_s + kk * kPitch<T> + wn + 16 * b, kPitch<T>);
-#pragma unroll
-        for (int a = 0; a < 4; ++a) {
-#pragma unroll
-          for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
-        }
-      }
+      warp_mma_slab<T>(acc, a_s, b_s, wm, wn);
       __syncthreads();
     }
-    // Epilogue through a per-warp 16×16 staging tile (the slabs are free now: the loop ended on a
-    // barrier). Pass 1 walks columns fastest (coalesced cov[i, j]); pass 2 walks rows fastest
-    // (coalesced mirrored cov[j, i]).
-    float* stage = reinterpret_cast<float*>(smem_raw) + warp * 256;
     static_assert(8 * 256 * sizeof(float) <= 2 * kBK * kPitch<T> * sizeof(T), "staging must fit in the slabs");
+    warp_store_tile(L, dim, i0 + wm, j0 + wn, acc, reinterpret_cast<float*>(smem_raw) + warp * 256, lane, alpha);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelined variant for 16-bit inputs (sm_80+), opt-in with SOURCE_FAST_COV_PIPELINE=1 until it
+// has been timed against covariance_tiles_kernel on a GPU (the kernel above uses 234 registers, so
+// one CTA per SM, and stages every slab through registers with two barriers per slab).
+// Here slabs go global -> shared with cp.async (no staging registers), kStages deep, one barrier
+// per slab, and __launch_bounds__(256, 2) asks for two CTAs per SM. Dropped rows and rows past the
+// end are zero-filled by the copy itself (src-size 0); the ones column is written into shared
+// memory after the copy lands. Only layers the binding vetted use it: 16-byte aligned rows with
+// unit column stride and d % 8 == 0, so every 16-byte run is entirely inside or entirely past the
+// row; other layers go to covariance_tiles_kernel in a second launch.
+constexpr int kStages = 4;
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+#else
+  __trap();  // the binding never picks this kernel below sm_80
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// One kBK × kBM slab of X̂ (rows k0.., columns col0..) into smem [kBK][kPitch]: each thread copies
+// kChunks 16-byte runs. Runs of dropped rows, of rows past the end and of columns >= d read nothing
+// (src-size 0) and land as zeros; the source address is then the layer's base, which is valid.
+template <typename T>
+struct AsyncSlab {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kRunsPerRow = kBM / kVec;
+  static constexpr int kChunks = kBK * kRunsPerRow / kThreads;
+  static_assert(kChunks * kThreads == kBK * kRunsPerRow, "slab must split evenly across threads");
+
+  __device__ __forceinline__ static int row_in_slab(int e) { return (threadIdx.x + kThreads * e) / kRunsPerRow; }
+  __device__ __forceinline__ static int col_in_slab(int e) {
+    return ((threadIdx.x + kThreads * e) % kRunsPerRow) * kVec;
+  }
+
+  __device__ __forceinline__ static void issue(const CovLayer& L, const bool (&kept)[kChunks], int64_t k0,
+                                               int64_t col0, T* smem) {
+    const T* x = static_cast<const T*>(L.x);
+#pragma unroll
+    for (int e = 0; e < kChunks; ++e) {
+      const int64_t r = k0 + row_in_slab(e), c0 = col0 + col_in_slab(e);
+      const bool copy = kept[e] && c0 < L.d;  // d % 8 == 0: a run is all inside or all past the row
+      cp_async_16(smem + row_in_slab(e) * kPitch<T> + col_in_slab(e), copy ? x + r * L.x_stride_row + c0 : x,
+                  copy ? 16 : 0);
+    }
+  }
+
+  // The virtual ones column (index d) of kept rows, once the slab's copies have landed.
+  __device__ __forceinline__ static void ones(const CovLayer& L, const bool (&kept)[kChunks], int64_t col0, T* smem) {
+#pragma unroll
+    for (int e = 0; e < kChunks; ++e) {
+      if (kept[e] && col0 + col_in_slab(e) == L.d) smem[row_in_slab(e) * kPitch<T> + col_in_slab(e)] = one_value<T>();
+    }
+  }
+
+  // Which of this thread's runs come from kept rows (the same rows for both slabs of a tile).
+  __device__ __forceinline__ static void rows_kept(const CovLayer& L, int64_t k0, bool (&kept)[kChunks]) {
+#pragma unroll
+    for (int e = 0; e < kChunks; ++e) {
+      const int64_t r = k0 + row_in_slab(e);
+      kept[e] = r < L.rows && row_kept(L, r);
+    }
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    covariance_tiles_pipelined_kernel(const CovLayer* __restrict__ layers, const CovTile* __restrict__ tiles,
+                                      float alpha) {
+  if constexpr (!mma_supported<T>() || std::is_same_v<T, float>) {
+    __trap();  // the binding sends only fp16/bf16 on sm_80+ here
+  } else {
+    namespace wmma = nvcuda::wmma;
+    using Slab = AsyncSlab<T>;
+    const CovTile tile = tiles[blockIdx.x];
+    const CovLayer& L = layers[tile.layer];  // read through L1 where used: a register copy spills
+    const int64_t dim = L.d + (L.append_ones ? 1 : 0);
+    const int64_t i0 = static_cast<int64_t>(tile.ti) * kBM;
+    const int64_t j0 = static_cast<int64_t>(tile.tj) * kBM;
+    const bool diagonal = tile.ti == tile.tj;
+    constexpr int kSlabElems = kBK * kPitch<T>;
+    extern __shared__ __align__(128) unsigned char smem_dyn[];
+    T* slabs = reinterpret_cast<T*>(smem_dyn);  // stage s: a at slabs + 2s·kSlabElems, b right after
+    const int64_t num_slabs = (L.rows + kBK - 1) / kBK;
+
+    auto issue = [&](int64_t slab) {
+      if (slab < num_slabs) {
+        T* a_s = slabs + 2 * (slab % kStages) * kSlabElems;
+        bool kept[Slab::kChunks];
+        Slab::rows_kept(L, slab * kBK, kept);
+        Slab::issue(L, kept, slab * kBK, i0, a_s);
+        if (!diagonal) Slab::issue(L, kept, slab * kBK, j0, a_s + kSlabElems);
+      }
+      cp_async_commit();  // an empty group past the end keeps wait_group's count uniform
+    };
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = (warp % 2) * 64, wn = (warp / 2) * 32;
+    AccFragment acc[4][2];
 #pragma unroll
     for (int a = 0; a < 4; ++a) {
 #pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        wmma::store_matrix_sync(stage, acc[a][b], 16, wmma::mem_row_major);
-        __syncwarp();
-        const int64_t fi = i0 + wm + 16 * a, fj = j0 + wn + 16 * b;
-        for (int e = lane; e < 256; e += 32) {
-          add_upper(L, dim, fi + e / 16, fj + e % 16, stage[e], alpha);
-          add_mirror(L, dim, fi + e % 16, fj + e / 16, stage[(e % 16) * 16 + e / 16], alpha);
-        }
-        __syncwarp();
-      }
+      for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.0f);
     }
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) issue(s);
+
+    for (int64_t slab = 0; slab < num_slabs; ++slab) {
+      T* a_s = slabs + 2 * (slab % kStages) * kSlabElems;
+      T* b_s = diagonal ? a_s : a_s + kSlabElems;
+      cp_async_wait<kStages - 2>();  // this thread's copies of `slab` have landed
+      if (L.append_ones) {
+        bool kept[Slab::kChunks];
+        Slab::rows_kept(L, slab * kBK, kept);
+        Slab::ones(L, kept, i0, a_s);
+        if (!diagonal) Slab::ones(L, kept, j0, b_s);
+      }
+      // Everyone's copies of `slab` are visible, and everyone is done with slab - 1, whose stage
+      // the next issue refills.
+      __syncthreads();
+      issue(slab + kStages - 1);
+      warp_mma_slab<T>(acc, a_s, b_s, wm, wn);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stages are free for the epilogue's staging tiles
+    warp_store_tile(L, dim, i0 + wm, j0 + wn, acc, reinterpret_cast<float*>(smem_dyn) + warp * 256, lane, alpha);
   }
+}
+
+template <typename T>
+cudaError_t launch_pipelined(dim3 grid, const CovLayer* layers, const CovTile* tiles, float alpha,
+                             cudaStream_t stream) {
+  constexpr int bytes = kStages * 2 * kBK * kPitch<T> * static_cast<int>(sizeof(T));
+  static_assert(8 * 256 * sizeof(float) <= bytes, "the epilogue's staging must fit in the stages");
+  // Above 48 KB of dynamic shared memory needs an opt-in, once per kernel (and device; setting it
+  // again is harmless).
+  const cudaError_t err = cudaFuncSetAttribute(covariance_tiles_pipelined_kernel<T>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  covariance_tiles_pipelined_kernel<T><<<grid, kThreads, bytes, stream>>>(layers, tiles, alpha);
+  return cudaGetLastError();
 }
 
 // Variadic: __CUDA_ARCH_LIST__ expands to a comma-separated list.
@@ -293,6 +465,21 @@ cudaError_t covariance_accumulate_launch(CovDtype dtype, const CovLayer* layers,
       return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+cudaError_t covariance_accumulate_pipelined_launch(CovDtype dtype, const CovLayer* layers, const CovTile* tiles,
+                                                   int64_t num_tiles, float alpha, cudaStream_t stream) {
+  if (num_tiles <= 0) return cudaSuccess;
+  if (num_tiles > 0x7fffffff) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(num_tiles));
+  switch (dtype) {
+    case CovDtype::kFloat16:
+      return launch_pipelined<__half>(grid, layers, tiles, alpha, stream);
+    case CovDtype::kBFloat16:
+      return launch_pipelined<__nv_bfloat16>(grid, layers, tiles, alpha, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 const char* cuda_build_version() {

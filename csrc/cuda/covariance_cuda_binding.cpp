@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -50,6 +52,44 @@ CovLayer describe_layer(const at::Tensor& cov, const at::Tensor& x, const std::o
   return layer;
 }
 
+// One grouped launch over the upper-triangle tiles of the layers in `order`.
+void launch_group(at::TensorList covs, at::TensorList xs, const c10::List<std::optional<at::Tensor>>& masks,
+                  const c10::List<bool>& append_ones, std::vector<size_t> order, at::ScalarType dtype, float alpha,
+                  cudaStream_t stream, bool pipelined) {
+  if (order.empty()) return;
+  // Layers with the most rows first: their tiles take longest, so they should start first.
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return xs[a].size(0) > xs[b].size(0); });
+
+  std::vector<CovLayer> layers;
+  std::vector<CovTile> tiles;
+  for (const size_t i : order) {
+    const auto layer_index = static_cast<int32_t>(layers.size());
+    layers.push_back(describe_layer(covs[i], xs[i], masks.get(i), append_ones.get(i)));
+    const auto side = static_cast<int32_t>(cov_tiles_per_side(covs[i].size(0)));
+    for (int32_t ti = 0; ti < side; ++ti) {
+      for (int32_t tj = ti; tj < side; ++tj) tiles.push_back(CovTile{layer_index, ti, tj, 0});
+    }
+  }
+
+  // Descriptors and work list travel in one pinned buffer and one async copy on `stream`; the
+  // caching host allocator keeps the pinned block alive until that copy has finished.
+  const size_t layer_bytes = layers.size() * sizeof(CovLayer);
+  const size_t tile_bytes = tiles.size() * sizeof(CovTile);
+  static_assert(sizeof(CovLayer) % alignof(CovTile) == 0, "tiles must stay aligned after the layers");
+  at::Tensor host = at::empty({static_cast<int64_t>(layer_bytes + tile_bytes)},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr<uint8_t>(), layers.data(), layer_bytes);
+  std::memcpy(host.data_ptr<uint8_t>() + layer_bytes, tiles.data(), tile_bytes);
+  const at::Tensor device_buf = host.to(xs[order[0]].device(), /*non_blocking=*/true);
+  const uint8_t* base = device_buf.data_ptr<uint8_t>();
+  const auto* layer_ptr = reinterpret_cast<const CovLayer*>(base);
+  const auto* tile_ptr = reinterpret_cast<const CovTile*>(base + layer_bytes);
+  const auto num_tiles = static_cast<int64_t>(tiles.size());
+  C10_CUDA_CHECK(pipelined
+                     ? covariance_accumulate_pipelined_launch(cov_dtype(dtype), layer_ptr, tile_ptr, num_tiles, alpha, stream)
+                     : covariance_accumulate_launch(cov_dtype(dtype), layer_ptr, tile_ptr, num_tiles, alpha, stream));
+}
+
 void covariance_accumulate_cuda(at::TensorList covs, at::TensorList xs,
                                 const c10::List<std::optional<at::Tensor>>& masks, const c10::List<bool>& append_ones,
                                 double alpha) {
@@ -75,35 +115,20 @@ void covariance_accumulate_cuda(at::TensorList covs, at::TensorList xs,
       TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 7,
                   "covariance_accumulate_: float16 inputs need a GPU of compute capability 7.0 or newer");
     }
-    // Layers with the most rows first: their tiles take longest, so they should start first.
-    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return xs[a].size(0) > xs[b].size(0); });
-
-    std::vector<CovLayer> layers;
-    std::vector<CovTile> tiles;
+    // The pipelined kernel (fp16/bf16, sm_80+) is opt-in until it has been timed on a GPU; the
+    // layers it cannot take (strided, unaligned, d % 8 != 0) go to the general kernel.
+    const char* pipeline_env = std::getenv("SOURCE_FAST_COV_PIPELINE");
+    const bool pipeline = dtype != at::kFloat && pipeline_env != nullptr && std::strcmp(pipeline_env, "1") == 0 &&
+                          at::cuda::getCurrentDeviceProperties()->major >= 8;
+    std::vector<size_t> general, pipelined;
     for (const size_t i : order) {
-      const auto layer_index = static_cast<int32_t>(layers.size());
-      layers.push_back(describe_layer(covs[i], xs[i], masks.get(i), append_ones.get(i)));
-      const auto side = static_cast<int32_t>(cov_tiles_per_side(covs[i].size(0)));
-      for (int32_t ti = 0; ti < side; ++ti) {
-        for (int32_t tj = ti; tj < side; ++tj) tiles.push_back(CovTile{layer_index, ti, tj, 0});
-      }
+      const at::Tensor& x = xs[i];
+      const bool fits = x.size(1) > 0 && x.size(1) % 8 == 0 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
+                        reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+      (pipeline && fits ? pipelined : general).push_back(i);
     }
-
-    // Descriptors and work list travel in one pinned buffer and one async copy on `stream`; the
-    // caching host allocator keeps the pinned block alive until that copy has finished.
-    const size_t layer_bytes = layers.size() * sizeof(CovLayer);
-    const size_t tile_bytes = tiles.size() * sizeof(CovTile);
-    static_assert(sizeof(CovLayer) % alignof(CovTile) == 0, "tiles must stay aligned after the layers");
-    at::Tensor host = at::empty({static_cast<int64_t>(layer_bytes + tile_bytes)},
-                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(host.data_ptr<uint8_t>(), layers.data(), layer_bytes);
-    std::memcpy(host.data_ptr<uint8_t>() + layer_bytes, tiles.data(), tile_bytes);
-    const at::Tensor device_buf = host.to(xs[0].device(), /*non_blocking=*/true);
-    const uint8_t* base = device_buf.data_ptr<uint8_t>();
-
-    C10_CUDA_CHECK(covariance_accumulate_launch(
-        cov_dtype(dtype), reinterpret_cast<const CovLayer*>(base), reinterpret_cast<const CovTile*>(base + layer_bytes),
-        static_cast<int64_t>(tiles.size()), static_cast<float>(alpha), stream));
+    launch_group(covs, xs, masks, append_ones, general, dtype, static_cast<float>(alpha), stream, false);
+    launch_group(covs, xs, masks, append_ones, pipelined, dtype, static_cast<float>(alpha), stream, true);
   }
 }
 

@@ -50,6 +50,12 @@ inline int64_t cov_tiles_per_side(int64_t dim) { return (dim + kCovTile - 1) / k
 cudaError_t covariance_accumulate_launch(CovDtype dtype, const CovLayer* layers, const CovTile* tiles,
                                          int64_t num_tiles, float alpha, cudaStream_t stream);
 
+// The cp.async-pipelined kernel for fp16/bf16 on sm_80+ (opt-in: SOURCE_FAST_COV_PIPELINE=1 until
+// timed against the kernel above). Same contract, plus: every layer's x has unit column stride, a
+// row stride that is a multiple of 8 elements, a 16-byte aligned base and d a positive multiple of 8.
+cudaError_t covariance_accumulate_pipelined_launch(CovDtype dtype, const CovLayer* layers, const CovTile* tiles,
+                                                   int64_t num_tiles, float alpha, cudaStream_t stream);
+
 // Build facts for build_info(): the CUDA runtime the kernels were compiled against ("13.0") and
 // the compiled architectures ("80,90", from nvcc's __CUDA_ARCH_LIST__).
 const char* cuda_build_version();
