@@ -99,6 +99,18 @@ def check_tokens(a: torch.Tensor, g: torch.Tensor, a_name: str, g_name: str) -> 
 
 
 @triton.jit
+def _kept_examples(mask_ptr, stride_mn, n, pid_e, BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr):
+    """A one-token kernel's block of examples: (offsets, in range and kept, offsets as int64 — e · stride
+    overflows int32 for large n·d). A dropped example reads nothing and scores exactly 0."""
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = offs_e < n
+    e64 = offs_e.to(tl.int64)
+    if HAS_MASK:
+        e_ok &= tl.load(mask_ptr + e64 * stride_mn, mask=e_ok, other=0) != 0
+    return offs_e, e_ok, e64
+
+
+@triton.jit
 def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # The interpreter multiplies raw bf16 bit patterns in tl.dot (DESIGN V2): upcast there only.
     if UPCAST_DOT:

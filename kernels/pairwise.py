@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    MAX_GRID_YZ, _mma, autotune_configs, check_tokens, dot_precision, int32_safe, is_interpret, mask_u8, split_count,
+    MAX_GRID_YZ, _kept_examples, _mma, autotune_configs, check_tokens, dot_precision, int32_safe, is_interpret, mask_u8, split_count,
 )
 
 # Small tiles on purpose: the 3-D operand loads carry a 64-bit pointer per element, and larger tiles
@@ -149,12 +149,8 @@ def _pairwise_t1_kernel(
     q = (pid // blocks_e).to(tl.int64)  # q · stride_uq overflows int32 for large q·d_out·d_a
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_e, e_ok, e64 = _kept_examples(mask_ptr, stride_mn, n, pid_e, BLOCK_E, HAS_MASK)
     offs_k = tl.arange(0, BLOCK_K)
-    e_ok = offs_e < n
-    e64 = offs_e.to(tl.int64)  # e · stride overflows int32 for large n·d
-    if HAS_MASK:  # a dropped example reads nothing and scores exactly 0
-        e_ok &= tl.load(mask_ptr + e64 * stride_mn, mask=e_ok, other=0) != 0
     a_rows = a_ptr + e64[:, None] * stride_an
     u_q = u_ptr + q * stride_uq
     part = tl.zeros((BLOCK_E,), dtype=tl.float32)

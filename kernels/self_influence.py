@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _example_tile, autotune_configs, check_tokens, dot_precision, int32_safe, is_interpret, mask_u8, split_count,
+    _example_tile, _kept_examples, autotune_configs, check_tokens, dot_precision, int32_safe, is_interpret, mask_u8,
+    split_count,
 )
 
 _CONFIGS = [
@@ -104,12 +105,8 @@ def _self_scores_t1_kernel(
     pid_e = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_e, e_ok, e64 = _kept_examples(mask_ptr, stride_mn, n, pid_e, BLOCK_E, HAS_MASK)
     offs_k = tl.arange(0, BLOCK_K)
-    e_ok = offs_e < n
-    e64 = offs_e.to(tl.int64)  # e · stride overflows int32 for large n·d
-    if HAS_MASK:  # a dropped example reads nothing and scores exactly 0
-        e_ok &= tl.load(mask_ptr + e64 * stride_mn, mask=e_ok, other=0) != 0
     g_rows = g_ptr + e64[:, None] * stride_gn
     part = tl.zeros((BLOCK_E,), dtype=tl.float32)
     for nb in range(pid_s, tl.cdiv(d_a, BLOCK_N), n_split):
