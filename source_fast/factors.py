@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,7 +479,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
                 f"{what}, optimizer state {c} covers {len(index_group)} parameters, the model has {len(names)}; "
                 "build the optimizer from model.parameters()"
             )
-        p_by_name = {}
+        p_by_name, wd_by_name = {}, {}
         for i, name in enumerate(names):
             s = state["state"].get(i)
             group = index_group[i]
@@ -495,6 +497,32 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             step = float(s["step"])
             v_hat = s[moment].double() / (1 - group["betas"][1] ** step)
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
+            wd_by_name[name] = float(group.get("weight_decay", 0.0))
+        _check_weight_decay(specs, wd_by_name, seg, f"{what}, optimizer state {c}")
         for spec in specs:
             out[spec.name] = out.get(spec.name, 0) + spec.param_matrix(p_by_name).double() / len(seg.optimizer_states)
     return out
+
+
+def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], seg: Segment, what: str) -> None:
+    """The segment's one weight decay must be the one its optimizer applied to every tracked weight
+    (torch's AdamW decays by 0.01 unless told otherwise: a segment left at 0 would silently drop it).
+    A bias decayed differently (often not at all) shares its layer's Kronecker-factored curvature,
+    which can only give it the weight's decay: a warning says so."""
+    odd_biases = []
+    for spec in specs:
+        wd = wd_by_name[f"{spec.name}.weight"]
+        if not math.isclose(wd, seg.weight_decay, rel_tol=1e-9, abs_tol=0.0):
+            raise ValueError(
+                f"{what}: parameter '{spec.name}.weight' was trained with weight_decay={wd:g}, but the segment "
+                f"says weight_decay={seg.weight_decay:g}; pass Segment(weight_decay={wd:g}) (the tracked layers "
+                "of a segment share one weight decay)"
+            )
+        if spec.has_bias and not math.isclose(wd_by_name[f"{spec.name}.bias"], wd, rel_tol=1e-9, abs_tol=0.0):
+            odd_biases.append(spec.name)
+    if odd_biases:
+        warnings.warn(
+            f"{what}: the biases of {odd_biases} were trained with another weight decay than their weights; "
+            f"their layers' curvature gives them the weights' ({seg.weight_decay:g})",
+            stacklevel=3,
+        )

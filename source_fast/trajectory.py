@@ -68,7 +68,9 @@ class Segment:
         checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε)
     weight_decay: SGD: adds wd to every curvature eigenvalue. Adam (L2 in the gradient): adds wd to
         the curvature, inside P's scope. AdamW (decoupled): adds wd to the exponent's σ = p ⊙ diag(H̄)
-        and wd·P⁻¹ to the curvature the inverse uses (see scoring._adam_segment)
+        and wd·P⁻¹ to the curvature the inverse uses (see scoring._adam_segment). For adam/adamw
+        it must be the decay the optimizer states record for every tracked weight (fit_factors
+        checks; torch's AdamW defaults to 0.01)
     """
 
     def __init__(

@@ -4,6 +4,9 @@ Everything runs in float64, so the only differences from the dense constructions
 order: tolerances are relative 1e-9 unless a test says otherwise.
 """
 
+import copy
+import warnings
+
 import pytest
 import torch
 from _helpers import (
@@ -259,7 +262,8 @@ def test_adam_segments_match_the_dense_formula(setup):
             opt.step()
         opt_states.append(opt.state_dict())
     for flavour, wd in [("adam", 1e-2), ("adamw", 1e-2)]:
-        seg = sf.Segment(ckpts[:2], data, lr_sum=0.5, optimizer=flavour, optimizer_states=opt_states, weight_decay=wd)
+        seg = sf.Segment(ckpts[:2], data, lr_sum=0.5, optimizer=flavour, weight_decay=wd,
+                         optimizer_states=_as_trained_with(opt_states, wd, flavour == "adamw"))
         traj = sf.Trajectory([seg])
         factors = sf.fit_factors(model, task, traj)
         scores = sf.score(model, task, traj, factors, data, queries, damping=0.01)
@@ -306,6 +310,16 @@ def _adam_states(model, task, data, ckpts, **kwargs):
     return states
 
 
+def _as_trained_with(states, weight_decay, decoupled):
+    """The states of a run whose optimizer decayed by `weight_decay` (AdamW-style when `decoupled`), as
+    torch saves them: the decay is a param-group entry, which the segment's weight_decay must match."""
+    states = copy.deepcopy(states)
+    for st in states:
+        for group in st["param_groups"]:
+            group.update(weight_decay=weight_decay, decoupled_weight_decay=decoupled)
+    return states
+
+
 def test_adamw_inverse_is_exact_for_a_uniform_preconditioner(setup):
     """AdamW's decoupled decay linearizes to A = PH + wd, whose summed response needs (H + wd P⁻¹)⁻¹:
     with a uniform P that is (H̄ + wd/p + δ)⁻¹, exactly, whatever the eigenbasis."""
@@ -315,8 +329,8 @@ def test_adamw_inverse_is_exact_for_a_uniform_preconditioner(setup):
     for s in states[0]["state"].values():
         s["exp_avg_sq"] = torch.full_like(s["exp_avg_sq"], 0.04)  # v̂ = 0.04 / (1 − 0.999³)
     wd, c = 0.5, 0.5
-    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=c, optimizer="adamw", optimizer_states=states,
-                                     weight_decay=wd)])
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=c, optimizer="adamw",
+                                     optimizer_states=_as_trained_with(states, wd, True), weight_decay=wd)])
     factors = sf.fit_factors(model, task, traj)
     scores = sf.score(model, task, traj, factors, data, queries, damping=0.01)
     p = 1 / ((0.04 / (1 - 0.999**3)) ** 0.5 + 1e-6)
@@ -332,7 +346,8 @@ def test_ekfac_on_an_adam_checkpoint_is_the_influence_function(setup):
     model, data, queries, ckpts = setup
     task = ClassifyTask()
     traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw",
-                                     optimizer_states=_adam_states(model, task, data, ckpts[:1]), weight_decay=0.1)])
+                                     optimizer_states=_as_trained_with(_adam_states(model, task, data, ckpts[:1]), 0.1, True),
+                                     weight_decay=0.1)])
     factors = sf.fit_factors(model, task, traj)
     h = _block_diag_curvature(factors, 0) + 0.01 * torch.eye(_grads(model, ckpts[0], queries).shape[1], dtype=torch.float64)
     v, g = _grads(model, ckpts[0], queries), _grads(model, ckpts[0], data)
@@ -356,6 +371,36 @@ def test_adam_preconditioner_follows_amsgrad_and_refuses_the_other_decay(setup):
     decayed[0]["param_groups"][0]["decoupled_weight_decay"] = True  # what torch.optim.AdamW saves
     seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adam", optimizer_states=decayed, weight_decay=0.1)
     with pytest.raises(ValueError, match=r"optimizer state 0: parameter '0.weight' was trained with decoupled \(AdamW\)"):
+        sf.fit_factors(model, task, sf.Trajectory([seg]))
+
+
+def test_segment_weight_decay_must_be_the_optimizers(setup):
+    """torch's AdamW decays by 0.01 by default: a segment that says 0 (or anything else) would silently
+    model another run. A bias decayed differently from its weight (HF's no-decay groups) is a warning."""
+    model, data, _, ckpts = setup
+    task = ClassifyTask()
+    model.load_state_dict(ckpts[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # weight_decay=0.01, its default
+    task.compute_train_loss(data.tensors, model).backward()
+    opt.step()
+    state = opt.state_dict()
+    for wd in (0.0, 0.1):
+        seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=[state], weight_decay=wd)
+        with pytest.raises(ValueError, match=r"optimizer state 0: parameter '0.weight' was trained with "
+                                             r"weight_decay=0.01, but the segment says weight_decay=.*Segment\(weight_decay=0.01\)"):
+            sf.fit_factors(model, task, sf.Trajectory([seg]))
+    seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=[state], weight_decay=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sf.fit_factors(model, task, sf.Trajectory([seg]))
+    names = [n for n, _ in model.named_parameters()]
+    no_decay = [i for i, n in enumerate(names) if n.endswith(".bias")]
+    split = copy.deepcopy(state)
+    group = split["param_groups"][0]
+    split["param_groups"] = [{**group, "params": [i for i in group["params"] if i not in no_decay]},
+                             {**group, "params": no_decay, "weight_decay": 0.0}]
+    seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=[split], weight_decay=0.01)
+    with pytest.warns(UserWarning, match=r"the biases of \['0', '2'\] were trained with another weight decay"):
         sf.fit_factors(model, task, sf.Trajectory([seg]))
 
 
