@@ -78,8 +78,7 @@ def accumulate_lambda_(lam: Tensor, a_rot: Tensor, g_rot: Tensor, mask: Tensor |
     if a.shape[1] == 1:  # one token per example: Σ_n (g ⊗ a)² = (g∘g)ᵀ (a∘a), one GEMM
         lam.add_(((g[:, 0] ** 2).T @ (a[:, 0] ** 2)).to(lam.dtype), alpha=alpha)
         return
-    tiles = torch.einsum("nto,nti->noi", g, a)
-    lam.add_((tiles**2).sum(0).to(lam.dtype), alpha=alpha)
+    lam.add_(_tiles_transposed(a, g).square_().sum(0).T.to(lam.dtype), alpha=alpha)
 
 
 def self_scores(a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -92,8 +91,14 @@ def self_scores(a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None
     a, g = _masked(a_rot, mask, dt), _masked(g_rot, mask, dt)
     if a.shape[1] == 1:  # one token per example: Σ_ij s_ij g_i² a_j² = rowsum(((g∘g) s) ∘ (a∘a)), no tiles
         return (((g[:, 0] ** 2) @ scale.to(dt)) * a[:, 0] ** 2).sum(1)
-    tiles = torch.einsum("nto,nti->noi", g, a)
-    return (tiles**2 * scale.to(dt)).sum((1, 2))
+    return (_tiles_transposed(a, g).square_() * scale.to(dt).T).sum((1, 2))
+
+
+def _tiles_transposed(a: Tensor, g: Tensor) -> Tensor:
+    """The per-example tiles as (n, d_a, d_out), G_nᵀ = Σ_t a_t g_tᵀ: on CPU, MKL's batched GEMM
+    forms this orientation 1.3-1.6x faster than (n, d_out, d_a) at GPT-2 shapes (t = 128, one
+    thread), and squares and sums do not care which way round a tile is."""
+    return torch.bmm(a.transpose(1, 2), g)
 
 
 def eigen_scale(x: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0) -> Tensor:
