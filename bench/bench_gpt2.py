@@ -102,8 +102,7 @@ def main(argv=None):
     factors = _harness.fit_in_phases(model, task, train, args.batch_size, "true",
                                      lambda phase, fn: timed(phase, fn, per_phase_tokens[phase]))
     scores = timed(f"score ({args.queries} queries, 1 pass)", lambda: sf.score(
-        model, task, traj, factors, train, queries, method="ekfac", batch_size=args.batch_size,
-        query_memory_budget=64 << 30 if device.type == "cuda" else 1 << 30), tokens)
+        model, task, traj, factors, train, queries, method="ekfac", batch_size=args.batch_size), tokens)
     if not torch.isfinite(scores).all():
         raise SystemExit("non-finite scores")
 

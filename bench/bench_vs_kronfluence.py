@@ -12,7 +12,7 @@ Size overrides (full runs at the issue's sizes do not finish on a 2-core CPU in 
   --rows N          wide_mlp training rows (default 20,000)
   --seqs N --tokens T   gpt2 training sequences and tokens per sequence (default 512 × 128)
   --queries Q ...   query counts to time (default per workload, see below)
-  --query-budget-mb M   source_fast's score(query_memory_budget=M MiB) (default: the library's 1 GiB);
+  --query-budget-mb M   source_fast's score(query_memory_budget=M MiB) (default: the library's automatic budget);
                     e.g. kronfluence's query batch × one query's gradient bytes, so both libraries
                     hold the same number of queries per pass over the training data
   --check-train N   training examples in the pre-timing equality check (default 512); --check-queries

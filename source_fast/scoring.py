@@ -8,6 +8,7 @@ the measurement's own units.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -31,9 +32,37 @@ Damping = float | Literal["heuristic", "implied"]
 
 Grads = dict[str, Tensor]  # module name → (n, d_out, d_a)
 
-# Bytes of prepared queries score() and score_corpus() hold by default: each block of that many is
-# one pass over the training data.
+# Bytes of prepared queries score_corpus() holds by default, and the least score() takes: each block
+# of that many is one pass over the training data.
 DEFAULT_QUERY_MEMORY_BUDGET = 1 << 30
+
+
+def automatic_query_budget(device: torch.device) -> int:
+    """score()'s default budget: half the free memory of a CUDA device (the passes need the rest), a
+    quarter of the available RAM on CPU, and never less than DEFAULT_QUERY_MEMORY_BUDGET. A fixed
+    1 GiB holds three GPT-2-small queries, so 32 queries would read the corpus 11 times on a GPU
+    with 140 GB free."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        share = free // 2
+    else:
+        share = _available_ram() // 4
+    return max(share, DEFAULT_QUERY_MEMORY_BUDGET)
+
+
+def _available_ram() -> int:
+    """MemAvailable (free plus reclaimable cache) where Linux reports it, else free pages, else 0."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 @dataclass
@@ -288,7 +317,7 @@ def score(
     seed: int = 0,
     record: TrainingRecord | None = None,
     per_token: bool = False,
-    query_memory_budget: int = DEFAULT_QUERY_MEMORY_BUDGET,
+    query_memory_budget: int | None = None,
 ) -> Tensor:
     """Scores every (query, training example) pair: a (n_query, n_train) tensor.
 
@@ -313,7 +342,9 @@ def score(
                     in f's units, no 1/N: it is the first-order leave-one-out change itself)
     damping: for "ekfac", and for the H̄⁻¹ of Adam segments in SOURCE (SGD segments need none).
     query_memory_budget: bytes for prepared queries; more queries go in blocks, each block re-reading
-        the training data once per checkpoint (kronfluence re-reads it for every query batch).
+        the training data once per checkpoint (kronfluence re-reads it for every query batch). None:
+        automatic_query_budget(the model's device), half the free GPU memory or a quarter of the
+        available RAM, at least 1 GiB.
     query_rank: approximate each preconditioned query layer by its top singular vectors (cheaper
         scoring of huge corpora; None = exact).
     train_segments: which segments trained on `train_data` (None: those whose `data` is it).
@@ -339,6 +370,8 @@ def score(
         with restored(model):
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
+    if query_memory_budget is None:
+        query_memory_budget = automatic_query_budget(next(model.parameters()).device)
     blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
     parts = []
     with restored(model):

@@ -503,3 +503,18 @@ def test_one_basis_queries_in_either_basis_match_dense(setup, method):
             e = torch.linalg.matrix_exp(-2.0 * hw)
             expected = torch.linalg.solve(hw, (torch.eye(h.shape[0], dtype=h.dtype) - e) @ v.T).T @ g.T / len(data)
         _close(scores, expected)
+
+
+def test_automatic_query_budget_follows_the_available_memory():
+    """score()'s default budget: a quarter of the RAM Linux says is available (CPU), at least 1 GiB."""
+    from source_fast.scoring import DEFAULT_QUERY_MEMORY_BUDGET, automatic_query_budget
+
+    budget = automatic_query_budget(torch.device("cpu"))
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    expected = max(DEFAULT_QUERY_MEMORY_BUDGET, available // 4)
+    assert abs(budget - expected) <= 0.05 * expected  # other processes move MemAvailable between the reads
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        expected = max(DEFAULT_QUERY_MEMORY_BUDGET, free // 2)
+        assert abs(automatic_query_budget(torch.device("cuda")) - expected) <= 0.05 * expected
