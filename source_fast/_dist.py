@@ -1,4 +1,5 @@
-"""torch.distributed helpers: a no-op in a single process, data sharding and sums across ranks."""
+"""torch.distributed helpers: a no-op in a single process, sums and barriers across ranks (data
+sharding is _passes.rank_share)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def rank_range(n: int) -> range:
-    """This rank's contiguous slice of n items (ranks differ by at most one item)."""
-    rank, world = rank_and_world()
-    return range(rank * n // world, (rank + 1) * n // world)
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:

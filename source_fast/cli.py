@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--factors", default=None, help="factor folder from `source-fast fit`")
     score.add_argument("--out", required=True, help="score folder (resumes a killed run of the same job)")
     score.add_argument("--method", default="source", choices=["source", "fast_source", "ekfac", "tracin", "grad_dot"])
-    score.add_argument("--damping", default="heuristic", help="ekfac/adam damping: a number, heuristic or implied")
+    score.add_argument("--damping", default="heuristic", type=_damping, help="ekfac/adam damping: a number, heuristic or implied")
     score.add_argument("--final", action="store_true", help="use only the final checkpoint (for --method ekfac)")
     score.add_argument("--top-k", type=int, default=None, help="keep only each query's k largest and smallest scores")
     score.add_argument("--shard-size", type=int, default=4096, help="training rows per output shard")
@@ -50,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _damping(value: str) -> float | str:
+    """--damping, checked while parsing: a typo is a usage error that names the option, not a traceback."""
+    if value in ("heuristic", "implied"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number, heuristic or implied") from None
+
+
 def _job_command(args) -> int:
     import os
 
@@ -59,13 +69,13 @@ def _job_command(args) -> int:
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
     if distributed:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # NCCL takes only CUDA tensors: gloo carries the collectives of a job whose model stays on the CPU.
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:
         if args.command == "fit":
             jobs.fit(args.job, args.out, fisher=args.fisher, average_params=args.average_params, final=args.final)
         else:
-            damping = args.damping if args.damping in ("heuristic", "implied") else float(args.damping)
-            jobs.score(args.job, args.factors, args.out, method=args.method, damping=damping, top_k=args.top_k,
+            jobs.score(args.job, args.factors, args.out, method=args.method, damping=args.damping, top_k=args.top_k,
                        shard_size=args.shard_size, query_memory_budget=int(args.query_memory_gb * (1 << 30)),
                        query_rank=args.query_rank, final=args.final)
     finally:

@@ -2,7 +2,7 @@
 torch.distributed (each rank takes a contiguous run of shards).
 
 Layout of `out_dir`:
-  manifest.json                  what was asked (fingerprint of factors, data, queries, options)
+  manifest.json                  what was asked (fingerprint of factors, checkpoints, data, queries, options)
   shards/q{b}_{start}-{end}.safetensors  scores of training rows [start, end) against query block b:
                                  key "scores" (n_query_block, rows), or with top_k the per-shard
                                  "top_values/top_indices/bottom_values/bottom_indices" (n_query_block, k)
@@ -31,10 +31,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._dist import barrier, rank_and_world
+from ._dist import all_reduce_int, barrier, rank_and_world
 from ._io import atomic_path, sha256_file
-from ._passes import chunks, digest_examples, digest_tensors, length, materialize, subset
-from .factors import Factors, restored
+from ._passes import chunks, digest_examples, digest_tensors, length, materialize, model_device, subset
+from .factors import Factors, _checkpoint_digest, restored
 from .scoring import (
     _SELF_METHODS,
     DEFAULT_QUERY_MEMORY_BUDGET,
@@ -50,21 +50,27 @@ from .scoring import (
 from .task import Task
 from .trajectory import Trajectory
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 
 def _fingerprint(trajectory, factors, method, options, train_data, query_data) -> dict:
     fac = None
     if isinstance(factors, Factors):
         fac = digest_tensors(lf.lam for seg in factors.segments for lf in seg.values())
-    return {
+    fingerprint = {
         "method": method,
         "options": options,
         "factors": fac,
-        "trajectory": [[len(s.checkpoints), s.lr_sum, s.momentum, s.optimizer, s.weight_decay] for s in trajectory.segments],
+        # Every score carries 1/N_ℓ and the gradients at these weights: a shard of other ones is not this run's.
+        "trajectory": [[len(s.checkpoints), s.lr_sum, s.momentum, s.optimizer, s.weight_decay, s.num_examples]
+                       for s in trajectory.segments],
+        "checkpoints": [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(s.checkpoints)]
+                        for ell, s in enumerate(trajectory.segments)],
         "train_data": digest_examples(train_data),
         "query_data": digest_examples(query_data),
     }
+    # As the manifest will read it back (a tuple of train_segments becomes a list), or a resume would not match.
+    return json.loads(json.dumps(fingerprint))
 
 
 def score_corpus(
@@ -91,7 +97,8 @@ def score_corpus(
 
     Each training row is read once per checkpoint for every query in a block; queries go in blocks
     whose preconditioned gradients fit `query_memory_budget` bytes (one block when they all fit;
-    `query_rank` shrinks them). Peak memory depends on the budget, `shard_size` and `batch_size`,
+    `query_rank` shrinks them; unlike score()'s, the default is fixed, not taken from the free memory,
+    because the shards belong to query blocks and a resumed run must cut the same blocks). Peak memory depends on the budget, `shard_size` and `batch_size`,
     never on the number of training examples. Scores are float32 (float64 for a float64 model).
     With `top_k`, only each query's k largest and k smallest scores and their row indices are kept.
     Under torch.distributed, factors-free work is split: each rank takes a contiguous run of shards.
@@ -102,22 +109,28 @@ def score_corpus(
         raise ValueError(f"score_corpus supports the methods {list(_SELF_METHODS)}, not {method!r}")
     if shard_size < 1 or (top_k is not None and top_k < 1):
         raise ValueError(f"shard_size and top_k must be positive, got {shard_size} and {top_k}")
+    if query_rank is not None and query_rank < 1:
+        raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
     query_data = materialize(query_data)
     n_train, n_query = length(train_data), length(query_data)
     if n_train == 0 or n_query == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
+    # Before the manifest is written: a refused setting must not pin out_dir to it.
+    blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
     out = Path(out_dir)
     rank, world = rank_and_world()
     options = {"damping": damping, "shard_size": shard_size, "top_k": top_k, "query_rank": query_rank,
                "query_memory_budget": query_memory_budget, "train_segments": train_segments}
     fingerprint = _fingerprint(trajectory, factors, method, options, train_data, query_data)
-    _check_or_write_manifest(out, fingerprint, rank)
+    _check_or_write_manifest(out, fingerprint, rank, world, model_device(model))
     if rank == 0:  # the marks of a finished run go until this one finishes (a stream may have grown)
         (out / "rows.json").unlink(missing_ok=True)
         (out / "top_k.safetensors").unlink(missing_ok=True)
+        # atomic_path's temp files that a killed job never renamed; no rank writes until the barrier.
+        for stale in [*out.glob(".*.tmp"), *out.glob("shards/.*.tmp")]:
+            stale.unlink(missing_ok=True)
     barrier()
 
-    blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
     n_shards = None if n_train is None else -(-n_train // shard_size)
     # For progress only: a stream's length is its segment's num_examples, checked at the end.
     n_expected = n_train if n_train is not None else next((s.num_examples for s in trajectory.segments if s.data is train_data), None)
@@ -167,6 +180,7 @@ def score_corpus(
     check_rows(trajectory, train_data, n_rows)
     shards = [(s, min(n_rows, s + shard_size)) for s in range(0, n_rows, shard_size)]
     barrier()
+    _check_same_examples(out, len(blocks), shards)  # on every rank, so all raise together
     if rank == 0:
         if top_k is not None:
             _merge_top_k(out, blocks, shards, top_k)
@@ -176,27 +190,55 @@ def score_corpus(
     return out
 
 
-def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int) -> None:
-    path = out / "manifest.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise ValueError(f"{path} is corrupted; delete {out} to start over") from None
-        if old.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"{out} was written by another version of score_corpus (format {old.get('version')}); "
-                             "delete it to score again")
-        if old.get("fingerprint") != fingerprint:
-            diff = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
-            raise ValueError(
-                f"{out} holds the output of a different run (it differs in: {', '.join(diff)}); "
-                "use another output folder or delete this one"
-            )
+def _check_same_examples(out: Path, n_blocks: int, shards: list[tuple[int, int]]) -> None:
+    """Every query block scored the same examples at each row: a stream that yields another order on
+    another pass would give each block's scores columns of other examples, with nothing to show it."""
+    if n_blocks == 1:
         return
-    if rank == 0:
+    for rows in shards:
+        seen = {json.loads(_shard_paths(out, b, rows)[1].read_text())["examples"] for b in range(n_blocks)}
+        if len(seen) > 1:
+            raise ValueError(
+                f"the training data yielded other examples at rows {rows[0]}-{rows[1]} on different passes (one per "
+                "query block): a stream must yield the same sequence of examples on every pass"
+            )
+
+
+def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int, world: int, device: torch.device) -> None:
+    """Rank 0 writes the manifest of a new run; then every rank compares its own inputs with it, and all
+    raise together (none is left waiting at a barrier). Ranks given different inputs would otherwise
+    each score their shards of a different run, into one matrix."""
+    path = out / "manifest.json"
+    if rank == 0 and not path.exists():
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({"format": "source_fast.scores", "version": MANIFEST_VERSION,
                                        "fingerprint": fingerprint}, indent=1))
+    barrier()
+    problem = _manifest_problem(out, fingerprint)
+    if all_reduce_int(problem is not None, device):
+        if world == 1:
+            raise ValueError(problem)
+        raise ValueError(f"rank {rank}: {problem or 'another rank refused the run (its error says why)'}; "
+                         "under torch.distributed every rank must be given the same inputs")
+
+
+def _manifest_problem(out: Path, fingerprint: dict) -> str | None:
+    """Why `out` cannot hold this run's output, or None when its manifest asked for the same run."""
+    path = out / "manifest.json"
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:  # rank 0 wrote it before the barrier: this rank sees another folder
+        return f"{path} does not exist on this rank: out_dir must be a folder every rank sees (a shared file system)"
+    except json.JSONDecodeError:
+        return f"{path} is corrupted; delete {out} to start over"
+    if old.get("version") != MANIFEST_VERSION:
+        return (f"{out} was written by another version of score_corpus (format {old.get('version')}); "
+                "delete it to score again")
+    if old.get("fingerprint") != fingerprint:
+        diff = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
+        return (f"{out} holds the output of a different run (it differs in: {', '.join(diff)}); "
+                "use another output folder or delete this one")
+    return None
 
 
 def _shard_paths(out: Path, block: int, rows: tuple[int, int]) -> tuple[Path, Path]:
@@ -248,24 +290,31 @@ def _read_shard(out: Path, block: int, rows: tuple[int, int]) -> dict[str, Tenso
 
 
 def _merge_top_k(out: Path, blocks: list[range], shards: list[tuple[int, int]], top_k: int) -> None:
+    """Each query's k best of all shards, kept as a running k while the shards are read one at a time:
+    memory is that of a few shards' candidates, not of every shard's (n_shards · k per query)."""
     from safetensors.torch import save_file
 
-    result = {}
-    for side, largest in (("top", True), ("bottom", False)):
-        vals, idx = [], []
-        for b in range(len(blocks)):
-            parts = [_read_shard(out, b, sh) for sh in shards]
-            v = torch.cat([p[f"{side}_values"] for p in parts], 1)
-            i = torch.cat([p[f"{side}_indices"] for p in parts], 1)
-            # Stable order for ties: sort by index first, then a stable sort by value.
-            order = i.argsort(dim=1, stable=True)
-            v, i = v.gather(1, order), i.gather(1, order)
-            order = v.argsort(dim=1, descending=largest, stable=True)[:, :top_k]
-            vals.append(v.gather(1, order))
-            idx.append(i.gather(1, order))
-        result[f"{side}_values"], result[f"{side}_indices"] = torch.cat(vals), torch.cat(idx)
+    sides = (("top", True), ("bottom", False))
+    merged = {f"{side}_{what}": [] for side, _ in sides for what in ("values", "indices")}
+    for b in range(len(blocks)):
+        kept = dict.fromkeys((side for side, _ in sides), None)
+        for sh in shards:
+            part = _read_shard(out, b, sh)
+            for side, largest in sides:
+                v, i = part[f"{side}_values"], part[f"{side}_indices"]
+                if kept[side] is not None:
+                    v, i = torch.cat([kept[side][0], v], 1), torch.cat([kept[side][1], i], 1)
+                # Ties go to the lower index (sort by index, then a stable sort by value): a total order, so
+                # the k best of the kept k and one more shard are the k best of all shards so far.
+                order = i.argsort(dim=1, stable=True)
+                v, i = v.gather(1, order), i.gather(1, order)
+                order = v.argsort(dim=1, descending=largest, stable=True)[:, :top_k]
+                kept[side] = (v.gather(1, order), i.gather(1, order))
+        for side, _ in sides:
+            merged[f"{side}_values"].append(kept[side][0])
+            merged[f"{side}_indices"].append(kept[side][1])
     with atomic_path(out / "top_k.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
+        save_file({k: torch.cat(v).contiguous() for k, v in merged.items()}, str(tmp))
 
 
 def _shards_of(out: Path) -> tuple[list[int], list[tuple[int, int]], int]:
@@ -275,6 +324,9 @@ def _shards_of(out: Path) -> tuple[list[int], list[tuple[int, int]], int]:
     if not (out / "rows.json").exists():
         raise ValueError(f"{out}: the run has not finished (no rows.json); run score_corpus again to finish it")
     opts = manifest["fingerprint"]["options"]
+    if opts["top_k"] is not None:  # its shards hold only each query's extremes, not a "scores" matrix
+        raise ValueError(f"{out} was scored with top_k={opts['top_k']}: it holds each query's {opts['top_k']} largest "
+                         "and smallest scores, not the full matrix; read it with load_top_k")
     n_train = json.loads((out / "rows.json").read_text())["rows"]
     n_query = int(manifest["fingerprint"]["query_data"].split(":")[0])
     metas = [json.loads(p.read_text()) for p in (out / "shards").glob("*.json")]

@@ -44,14 +44,15 @@ def load_job(path: str | os.PathLike) -> Job:
         raise FileNotFoundError(f"job file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"source_fast_job_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent.resolve()))  # let the job import its neighbours
+    folder = str(path.parent.resolve())
+    sys.path.insert(0, folder)  # let the job import its neighbours, at its top level or inside job()
     try:
         spec.loader.exec_module(module)
+        if not hasattr(module, "job"):
+            raise AttributeError(f"{path} must define job() returning source_fast.Job")
+        job = module.job()
     finally:
-        sys.path.pop(0)
-    if not hasattr(module, "job"):
-        raise AttributeError(f"{path} must define job() returning source_fast.Job")
-    job = module.job()
+        sys.path.remove(folder)  # not pop(0): the job may have put its own entries first
     if not isinstance(job, Job):
         raise TypeError(f"{path}: job() returned a {type(job).__name__}, not a source_fast.Job")
     return job

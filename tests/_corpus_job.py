@@ -1,8 +1,9 @@
 """A scoring job run in subprocesses by the corpus tests (kill-and-resume, torchrun with gloo).
 
-usage: python _corpus_job.py OUT_DIR [--top-k K] [--slow SECONDS] [--factors-out DIR] [--stream]
+usage: python _corpus_job.py OUT_DIR [--top-k K] [--slow SECONDS] [--factors-out DIR] [--stream] [--skew]
 Under torchrun it initialises the gloo process group and every rank takes part. --stream hands the
-training examples over as an IterableDataset (no len(), no indexing) for fitting and scoring.
+training examples over as an IterableDataset (no len(), no indexing) for fitting and scoring; --skew
+gives rank 1 other queries than rank 0 (a job whose ranks disagree).
 """
 
 import argparse
@@ -56,10 +57,13 @@ def main():
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--factors-out", default=None)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--skew", action="store_true")
     args = p.parse_args()
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
     model, data, queries, traj = job(args.stream)
+    if args.skew and int(os.environ.get("RANK", "0")) == 1:
+        queries = classification_data(5, 6, 4, seed=3, dtype=torch.float32)
     task = SlowTask(args.slow)
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
     if args.factors_out and int(os.environ.get("RANK", "0")) == 0:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import source_fast as sf
@@ -40,7 +41,8 @@ def test_fit_and_score_from_a_job_file(tmp_path):
     (tmp_path / "here").mkdir()
     _run("fit", str(job_file), "--out", ".", cwd=tmp_path / "here")  # `.` has no name to add ".partial" to
     assert (tmp_path / "here" / "factors.safetensors").exists() and not (tmp_path / "here.partial").exists()
-    _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "scores"), "--shard-size", "50")
+    first = _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "scores"), "--shard-size", "50")
+    assert "query block 1/1, shard 3/3: rows 100-120" in first.stdout  # each shard it scores is reported
     _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "top"), "--top-k", "4")
     spec = __import__("importlib.util").util.spec_from_file_location("job", job_file)
     mod = __import__("importlib.util").util.module_from_spec(spec)
@@ -54,7 +56,7 @@ def test_fit_and_score_from_a_job_file(tmp_path):
     manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
     assert manifest["fingerprint"]["method"] == "source"
     out = _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "scores"), "--shard-size", "50")
-    assert "scores written" in out.stdout  # a finished run is recognised, nothing recomputed
+    assert "scores written" in out.stdout and "shard" not in out.stdout  # a finished run is recognised, nothing recomputed
 
 
 def test_torchrun_job(tmp_path):
@@ -81,3 +83,22 @@ def test_torchrun_job(tmp_path):
 def test_info_reports_backends():
     out = _run("info").stdout
     assert "covariance_accumulate_" in out and "pairwise_scores" in out and "torch" in out
+
+
+def test_a_job_imports_its_neighbours_inside_job(tmp_path):
+    """job() runs with the job file's folder importable, as the file's top level does."""
+    from source_fast.jobs import load_job
+
+    (tmp_path / "neighbour_of_the_job.py").write_text(JOB)
+    (tmp_path / "job.py").write_text("def job():\n    from neighbour_of_the_job import job as real\n    return real()\n")
+    before = list(sys.path)
+    assert len(load_job(tmp_path / "job.py").train_data) == 120
+    assert sys.path == before
+
+
+def test_a_mistyped_damping_is_a_usage_error(capsys):
+    from source_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["score", "job.py", "--out", "scores", "--damping", "heurstic"])
+    assert "argument --damping: 'heurstic' is not a number, heuristic or implied" in capsys.readouterr().err

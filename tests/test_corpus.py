@@ -53,6 +53,8 @@ def test_top_k_matches_the_full_matrix(reference, tmp_path):
     with pytest.raises(ValueError, match=r"take 648 bytes \(2 copies of 2 layers\), more than query_memory_budget=600: .* "
                                          r"\(query_rank=2 fits\)"):
         score_corpus(model, task, traj, factors, data, queries, tmp_path / "x", top_k=5, query_memory_budget=600)
+    with pytest.raises(ValueError, match=r"scored with top_k=5: .* read it with load_top_k"):
+        load_scores(tmp_path)
     top = load_top_k(tmp_path)
     for side, largest in (("top", True), ("bottom", False)):
         want = full.topk(5, dim=1, largest=largest)
@@ -76,8 +78,12 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
     shard.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="missing or corrupted"):
         load_scores(tmp_path)
+    # What a job killed while writing leaves: temp files that never got their names. A rerun removes them.
+    (tmp_path / "shards" / f".{shard.name}.x1y2.tmp").write_bytes(blob[:100])
+    (tmp_path / ".rows.json.x1y2.tmp").write_text("{")
     score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
     assert _digest(tmp_path) == before
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_out_of_memory_suggests_the_fix(reference, tmp_path, monkeypatch):
@@ -136,3 +142,40 @@ def test_torchrun_two_gloo_processes_equal_one(reference, tmp_path, stream):
             assert torch.allclose(a[name].lam, b[name].lam, rtol=1e-4, atol=1e-8)
     got = load_scores(tmp_path / "scores")
     assert torch.allclose(got, full, rtol=1e-4, atol=1e-6), (got - full).abs().max()
+
+
+def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):
+    """Every rank checks its own inputs against the manifest rank 0 wrote, so a job whose ranks build
+    different data stops (all ranks together) instead of scoring a matrix of two runs' shards."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29535",
+           str(HERE / "_corpus_job.py"), str(tmp_path / "scores"), "--skew"]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    assert "rank 1: " in run.stderr and "differs in: query_data" in run.stderr, run.stderr[-3000:]
+    assert "rank 0: another rank refused the run" in run.stderr  # not left waiting at a barrier
+    assert not list((tmp_path / "scores").glob("shards/*.json"))
+
+
+MERGE = """
+import resource, sys
+from pathlib import Path
+import torch
+from source_fast.corpus import _merge_top_k, _write_shard
+out, n_query, k, shards = Path(sys.argv[1]), 100, 20, [(s, s + 40) for s in range(0, 40 * 1000, 40)]
+g = torch.Generator().manual_seed(0)
+for rows in shards:
+    _write_shard(out, 0, rows, torch.randn(n_query, 40, generator=g), k, "")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_merge_top_k(out, [range(n_query)], shards, k)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_top_k_merge_memory_does_not_grow_with_the_shards(tmp_path):
+    """1,000 shards of 100 queries' top and bottom 20: the merge keeps a running k per query (about
+    0.1 MB), not every shard's candidates at once (about 50 MB read, and as much again sorting them)."""
+    run = subprocess.run([sys.executable, "-c", MERGE, str(tmp_path)], check=True, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    grown_mb = int(run.stdout.split()[-1])
+    assert grown_mb < 20, f"the merge grew the peak RSS by {grown_mb} MB"

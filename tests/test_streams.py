@@ -111,8 +111,8 @@ def test_an_output_folder_of_another_format_is_refused(setup, tmp_path):
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
     score_corpus(model, task, traj, factors, data, queries, tmp_path, progress=False)
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
-    with pytest.raises(ValueError, match=r"another version of score_corpus \(format 1\); delete it"):
+    manifest.write_text(manifest.read_text().replace('"version": 3', '"version": 2'))
+    with pytest.raises(ValueError, match=r"another version of score_corpus \(format 2\); delete it"):
         score_corpus(model, task, traj, factors, data, queries, tmp_path, progress=False)
 
 
@@ -209,3 +209,54 @@ def test_bad_data_is_refused_with_the_fix(setup, tmp_path):
     with pytest.raises(ValueError, match=r"yielded \[47, 48\] examples"):
         score_corpus(model, task, traj, factors, shrinking, queries, tmp_path, shard_size=16, train_segments="all",
                      query_memory_budget=2 * 2 * 8 * (6 * 6 + 3 * 7), progress=False)
+
+
+def test_a_rerun_scored_with_other_checkpoints_or_num_examples_is_refused(setup, tmp_path):
+    """Finished shards are reused only for the same weights and the same N (the 1/N in every score)."""
+    model, task, data, queries, states = setup
+    stream = CountingStream(data)
+    with pytest.raises(ValueError, match="yielded 50 examples but segment 0 has num_examples=51"):
+        score_corpus(model, task, _trajectory(states, stream, num_examples=N + 1), None, stream, queries, tmp_path / "n",
+                     "tracin", shard_size=16, progress=False)
+    with pytest.raises(ValueError, match=r"differs in: trajectory"):  # its shards were scored with 1/51, not 1/50
+        score_corpus(model, task, _trajectory(states, stream, num_examples=N), None, stream, queries, tmp_path / "n",
+                     "tracin", shard_size=16, progress=False)
+    score_corpus(model, task, _trajectory(states, data), None, data, queries, tmp_path / "c", "tracin", progress=False)
+    moved = [{k: v + 0.01 for k, v in s.items()} for s in states]  # training went on: the same shapes, other weights
+    with pytest.raises(ValueError, match=r"differs in: checkpoints"):
+        score_corpus(model, task, _trajectory(moved, data), None, data, queries, tmp_path / "c", "tracin", progress=False)
+
+
+def test_a_refused_setting_leaves_nothing_to_refuse_its_fix(setup, tmp_path):
+    """Settings are checked before the manifest is written: the rerun the error suggests is accepted."""
+    model, task, data, queries, states = setup
+    traj = _trajectory(states, data)
+    with pytest.raises(ValueError, match=r"more than query_memory_budget=1500: .* \(query_rank=2 fits\)"):
+        score_corpus(model, task, traj, None, data, queries, tmp_path, "tracin", query_memory_budget=1500, progress=False)
+    with pytest.raises(ValueError, match="query_rank must be a positive integer or None, got -1"):
+        score_corpus(model, task, traj, None, data, queries, tmp_path, "tracin", query_rank=-1, progress=False)
+    score_corpus(model, task, traj, None, data, queries, tmp_path, "tracin", query_memory_budget=1500, query_rank=2,
+                 progress=False)
+    # train_segments as a tuple: the manifest stores JSON, and a resume must still recognise its own run.
+    for _ in range(2):
+        score_corpus(model, task, traj, None, data, queries, tmp_path / "t", "tracin", train_segments=(0, 1), progress=False)
+
+
+class Reordering(CountingStream):
+    """The same examples on every pass, but every other pass in reverse: not the same sequence."""
+
+    def __iter__(self):
+        self.reads += 1
+        order = range(len(self.data)) if self.reads % 2 else reversed(range(len(self.data)))
+        return (self.data[i] for i in order)
+
+
+def test_a_stream_reordered_between_query_blocks_is_refused(setup, tmp_path):
+    """Each query block reads the stream again: its scores' columns must be the same examples as the others'."""
+    model, task, data, queries, states = setup
+    stream = Reordering(data)
+    traj = _trajectory(states, stream, num_examples=N)
+    with pytest.raises(ValueError, match=r"other examples at rows 0-16 on different passes"):
+        score_corpus(model, task, traj, None, stream, queries, tmp_path, "tracin", shard_size=16,
+                     query_memory_budget=2 * 4 * 8 * (6 * 6 + 3 * 7), progress=False)  # 2 blocks of 2 queries
+    assert not (tmp_path / "rows.json").exists()
