@@ -32,6 +32,20 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    """Flushes a file's data, or a folder's entries, to the disk. A rename is atomic but not durable:
+    after a power cut the new name can point at a file whose data never reached the disk (an empty
+    manifest or factor file), unless the data is synced before the rename and the folder after it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot fsync a folder; the data itself was synced
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
@@ -42,7 +56,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, default_mode())
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -82,6 +98,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, default_mode(directory=True))
+        for inner in [*tmp.rglob("*"), tmp]:
+            _fsync(inner)
         if not path.exists():
             os.replace(tmp, path)
         elif _exchange(tmp, path):
@@ -92,6 +110,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
