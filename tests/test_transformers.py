@@ -97,3 +97,20 @@ def test_bf16_activations_track_fp32_scores():
         assert results[dtype].dtype == torch.float32
     corr = torch.corrcoef(torch.stack([results[torch.float32].flatten(), results[torch.bfloat16].flatten()]))[0, 1]
     assert corr > 0.97, corr
+
+
+def test_sampled_tokens_follow_the_softmax():
+    """CausalLMTask's true-Fisher labels: frequencies over 200k draws per row match softmax(logits)
+    within 5 binomial standard deviations, and a token of zero probability is never drawn."""
+    from source_fast.tasks import sample_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11) * 2
+    logits[:, 4] = -float("inf")  # probability exactly 0
+    draws = sample_tokens(logits.expand(200_000, 3, 11))
+    assert draws.shape == (200_000, 3) and draws.dtype == torch.int64
+    p = torch.softmax(logits, -1)
+    freq = torch.stack([torch.bincount(draws[:, r], minlength=11) for r in range(3)]).double() / 200_000
+    sd = (p * (1 - p) / 200_000).sqrt().double()
+    assert ((freq - p).abs() <= 5 * sd + 1e-12).all(), (freq - p).abs().max()
+    assert (draws != 4).all()
