@@ -3,13 +3,14 @@ and exact unrolling. All use the final checkpoint only, except "unroll", which r
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import ops
-from ._passes import make_loader, run_pass
+from ._passes import length, make_loader, run_pass
 from .capture import with_ones
 from .factors import factor_dtype
 from .unroll import TrainingRecord, unroll_scores
@@ -25,7 +26,7 @@ def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn) -> Tenso
     norm_q = torch.sqrt(sum((x.flatten(1) ** 2).sum(1) for x in v.values()))
     # A zero gradient (a query the model fits exactly) has cosine 0 with everything, on both sides.
     u = {k: x / norm_q.clamp_min(1e-30)[:, None, None] for k, x in v.items()}
-    out = torch.zeros(len(norm_q), len(train_data), dtype=norm_q.dtype, device=norm_q.device)
+    out = torch.zeros(len(norm_q), length(train_data), dtype=norm_q.dtype, device=norm_q.device)
 
     def consume(start, n, layers):
         dots = sum(ops.pairwise_scores(a, g, u[k], m) for k, (a, g, m) in layers.items())
@@ -41,6 +42,12 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
     φ = P g (computed as ⟨G_n, P_r⟩ without forming G_n), then τ = φ_qᵀ (ΦᵀΦ + Nλ I)⁻¹ φ_m, the
     influence function of the projected empirical Fisher ΦᵀΦ/N, with its 1/N scale.
     damping λ: a number, or "heuristic" = 0.1 × mean eigenvalue of ΦᵀΦ/N."""
+    # Checked before the pass over the training data, which is the expensive part.
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise ValueError(f"trak_dim must be a positive integer, got {dim!r}")
+    if damping != "heuristic" and not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0):
+        raise ValueError(f"trak's damping must be a number >= 0 or 'heuristic' (it has no learning-rate horizon "
+                         f"for 'implied'); got {damping!r}")
     dtype = factor_dtype(model)
     device = next(iter(v.values())).device
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -49,7 +56,7 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
         for s in specs
     }
     phi_q = sum(torch.einsum("qoi,koi->qk", v[k], p) for k, p in proj.items())
-    n = len(train_data)
+    n = length(train_data)
     phi = torch.zeros(n, dim, dtype=dtype, device=device)
 
     def consume(start, b, layers):
@@ -57,13 +64,7 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
 
     _train_pass(model, task, specs, train_data, batch_size, collate_fn, "trak", consume)
     gram = phi.T @ phi
-    if damping == "heuristic":
-        lam = 0.1 * float(torch.trace(gram)) / (dim * n)
-    elif isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0:
-        lam = float(damping)
-    else:
-        raise ValueError(f"trak's damping must be a number >= 0 or 'heuristic' (it has no learning-rate horizon "
-                         f"for 'implied'); got {damping!r}")
+    lam = 0.1 * float(torch.trace(gram)) / (dim * n) if damping == "heuristic" else float(damping)
     return torch.linalg.solve(gram + n * lam * torch.eye(dim, dtype=dtype, device=device), phi_q.T).T @ phi.T
 
 
@@ -87,10 +88,10 @@ def repsim(model, task, specs, query_data, train_data, batch_size, collate_fn) -
     return q @ t.T
 
 
-def unroll(model, task, record: TrainingRecord | None, train_data: Any, query_data: Any) -> Tensor:
+def unroll(model, task, record: TrainingRecord | None, train_data: Any, query_data: Any, collate_fn) -> Tensor:
     if not isinstance(record, TrainingRecord):
         raise TypeError("method 'unroll' needs record=TrainingRecord(init_state, batches, lrs, ...) of the training run")
     return unroll_scores(
         model, task, record.init_state, train_data, record.batches, record.lrs, query_data,
-        momentum=record.momentum, weight_decay=record.weight_decay,
+        momentum=record.momentum, weight_decay=record.weight_decay, collate_fn=collate_fn,
     ).to(factor_dtype(model))

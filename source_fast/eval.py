@@ -298,11 +298,20 @@ def bootstrap_interval(values: Tensor, *, bootstrap: int = 2000, confidence: flo
         raise ValueError("no values to bootstrap")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if bootstrap < 1:
+        raise ValueError(f"bootstrap is the number of resamples, at least 1; got {bootstrap}")
     g = torch.Generator().manual_seed(seed)
     means = values[torch.randint(n, (bootstrap, n), generator=g)].mean(1)
     tail = (1.0 - confidence) / 2
     low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
     return Interval(float(values.mean()), low, high, values)
+
+
+def _check_finite(values: Tensor, what: str) -> None:
+    """values: (n_query, ...). A NaN or inf would take a rank (or a top-k place) silently."""
+    bad = ~torch.isfinite(values).flatten(1).all(1)
+    if bad.any():
+        raise ValueError(f"{what} non-finite values for queries {torch.nonzero(bad).flatten().tolist()[:8]}")
 
 
 def predicted_effects(scores: Tensor, subsets: Sequence[Sequence[int]]) -> Tensor:
@@ -340,6 +349,8 @@ def lds(
     subsets: M lists of KEPT training indices, as given to `retrain`
     measured: (M, n_query), or (M, R, n_query) from `retrain` (averaged over the R seeds)
     """
+    if len(subsets) < 2:  # one subset has no ranking: its correlation would read 0
+        raise ValueError(f"a rank correlation over subsets needs at least 2 of them, got {len(subsets)}")
     measured = torch.as_tensor(measured, dtype=torch.float64).cpu()
     if measured.dim() == 3:
         measured = measured.mean(1)
@@ -351,6 +362,8 @@ def lds(
         raise ValueError(
             f"measured has shape {tuple(measured.shape)}, expected (M={len(subsets)} subsets, {scores.shape[0]} queries)"
         )
+    _check_finite(scores, "scores have")
+    _check_finite(measured.T, "measured has")
     per_query = spearman_rows(predicted_effects(scores, subsets), measured.T)
     return bootstrap_interval(per_query, bootstrap=bootstrap, confidence=confidence, seed=seed)
 
@@ -366,6 +379,8 @@ def rank_agreement(
         raise ValueError(
             f"scores and reference must both be (n_query, n_train); got {tuple(scores.shape)}, {tuple(reference.shape)}"
         )
+    _check_finite(scores, "scores have")
+    _check_finite(reference, "reference has")
     per_query = spearman_rows(scores.cpu(), reference.cpu())
     return bootstrap_interval(per_query, bootstrap=bootstrap, confidence=confidence, seed=seed)
 
@@ -422,13 +437,17 @@ def subset_removal(
     executor: cf.Executor | None = None,
 ) -> dict[str, Removal]:
     """For every query, retrain without its k top proponents (its k highest scores: the examples
-    whose removal most increases f) under each method, and without k random examples (a baseline
-    drawn per query from a generator seeded by `random_seed`), each with every seed.
+    whose removal most increases the scores' measurement, e.g. the loss) under each method, and
+    without k random examples (a baseline drawn per query from a generator seeded by `random_seed`),
+    each with every seed.
 
     scores: {method: (n_query, n_train)} (or one tensor, named "scores"), all on the same queries.
-    measure_fn(model) gives f for every query; query q's entry is read from the runs removing its
-    own examples. kind="flip": f is a margin (positive: the query is classified as its label), and
-    a query flips when its seed-averaged margin changes sign; kind="change": only the change in f.
+    measure_fn(model) gives f for every query (it need not be what the scores measure); query q's
+    entry is read from the runs removing its own examples. kind="flip": f is a margin (positive: the
+    query is classified as its label), and a query flips when its seed-averaged margin changes sign;
+    the scores must then measure something that rises as the margin falls (the loss, or −margin):
+    scores of the margin itself would remove the examples whose removal raises it, and nothing
+    flips. kind="change": only the change in f.
     Returns {method: Removal, ..., "random": Removal}; one full-data run per seed is the reference.
     Runs go through `retrain` (so caching, resume and workers behave the same).
     """
@@ -442,6 +461,8 @@ def subset_removal(
     if len(shapes) != 1:
         raise ValueError(f"every method must score the same queries and training examples, got shapes {sorted(shapes)}")
     n_query, n_train = next(iter(shapes))
+    for name, s in scores.items():
+        _check_finite(s, f"scores {name!r} have")
     if not 1 <= k < n_train:
         raise ValueError(f"k must be between 1 and n_train - 1 = {n_train - 1}, got {k}")
     removed: dict[str, list[list[int]]] = {

@@ -367,6 +367,10 @@ def score(
     if method in ("grad_cos", "trak", "repsim", "unroll"):
         if n_train is None:
             raise TypeError(f"method {method!r} needs a dataset with len() and indexing, not a stream")
+        for option, value in (("per_token", per_token), ("query_rank", query_rank)):
+            if value:  # these baselines score whole examples exactly; dropping the option would be silent
+                raise ValueError(f"{option} is not available for method {method!r}; it applies to source, "
+                                 "fast_source, ekfac, tracin and grad_dot")
         with restored(model):
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
@@ -495,7 +499,7 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
 def _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size, collate_fn,
               trak_dim, seed, record) -> Tensor:
     if method == "unroll":
-        return baselines.unroll(model, task, record, train_data, query_data)
+        return baselines.unroll(model, task, record, train_data, query_data, collate_fn)
     if sum(trajectory.layout()) != 1:
         raise ValueError(f"method {method!r} uses one checkpoint; pass trajectory.final()")
     load_into(model, trajectory.final_checkpoint, "final checkpoint")

@@ -51,6 +51,15 @@ def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
     model.load_state_dict(state)
 
 
+def _rates(lrs: Sequence[float], what: str) -> list[float]:
+    """Per-step learning rates as floats; a negative one is refused even when the sum is not."""
+    rates = [float(x) for x in lrs]
+    bad = [k for k, x in enumerate(rates) if not (math.isfinite(x) and x >= 0)]
+    if bad:
+        raise ValueError(f"{what}: learning rates must be >= 0 and finite, step {bad[0]} has {rates[bad[0]]}")
+    return rates
+
+
 class Segment:
     """A stretch of training whose curvature and gradients SOURCE treats as stationary.
 
@@ -94,7 +103,7 @@ class Segment:
         if (lr_sum is None) == (lrs is None):
             raise ValueError("Segment needs exactly one of lr_sum= (Σ η over its steps) or lrs= (per-step rates)")
         if lrs is not None:
-            lr_sum = float(sum(float(x) for x in lrs))
+            lr_sum = sum(_rates(lrs, "Segment lrs"))
         assert lr_sum is not None
         # c = 0 is a frozen stretch (or a schedule decayed to 0): S̄ = I and r̄ = 0, well defined.
         if not math.isfinite(lr_sum) or lr_sum < 0:
@@ -182,7 +191,7 @@ class Trajectory:
         `num_segments` consecutive groups; each segment's c_ℓ sums the real per-step rates `lrs`.
         num_examples: as for Segment (needed when `data` is a stream)."""
         checkpoints = list(checkpoints)
-        lrs = [float(x) for x in lrs]
+        lrs = _rates(lrs, "Trajectory.even")
         n_ckpt, n_steps = len(checkpoints), len(lrs)
         if n_ckpt == 0:
             raise ValueError("Trajectory.even needs at least one checkpoint")

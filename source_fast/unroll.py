@@ -7,14 +7,14 @@ run per query, so it is for small models only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from .task import Task
 
@@ -52,6 +52,14 @@ class TrainingRecord:
     weight_decay: float = 0.0
 
 
+def _indexed(data: Any, collate_fn: Callable | None) -> tuple[Any, Callable]:
+    """The examples to index and how to batch them: a DataLoader's dataset and its own collate_fn
+    (unrolling picks each step's examples itself, so the loader's batching does not apply)."""
+    if isinstance(data, DataLoader):
+        return data.dataset, data.collate_fn
+    return data, collate_fn or default_collate
+
+
 def unroll_scores(
     model: nn.Module,
     task: Task,
@@ -63,6 +71,7 @@ def unroll_scores(
     *,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    collate_fn: Callable | None = None,
 ) -> Tensor:
     """Exact removal-effect scores (n_query, n_train) of a recorded SGD run.
 
@@ -70,9 +79,15 @@ def unroll_scores(
     θ ← θ − η_k (b with b ← β b + ∇[(1/B) Σ_i (1 + ε_i) L(z_i, θ)] + wd θ), the torch.optim.SGD update.
     Returns −∂f(z_q, θ_T)/∂ε_m: the first-order change of f when z_m is removed (ε_m = −1), with the
     project's sign convention (positive: removing z_m increases f). Scale: no 1/N (it is exact).
+    train_data, query_data: datasets (len() and indexing), or DataLoaders over them, whose own
+    collate_fn then makes the batches; collate_fn: that of the datasets (default: default_collate).
     """
     if len(batches) != len(lrs):
         raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates: give one rate per step")
+    if not batches:  # ε would not reach f at all: autograd's error would not say why
+        raise ValueError("the training record has no training steps (batches is empty)")
+    train_data, collate = _indexed(train_data, collate_fn)
+    query_data, query_collate = _indexed(query_data, collate_fn)
     n_train = len(train_data)
     names = [n for n, p in model.named_parameters()]
     buffers = {k: v for k, v in model.named_buffers()}
@@ -82,7 +97,7 @@ def unroll_scores(
     velocity = {k: torch.zeros_like(v) for k, v in params.items()}
     for k, (idx, lr) in enumerate(zip(batches, lrs)):
         idx = list(idx)
-        batch = default_collate([train_data[i] for i in idx])
+        batch = collate([train_data[i] for i in idx])
         losses = _per_example_losses(model, task, {**params, **buffers}, batch)
         objective = ((1 + eps[idx]) * losses).mean()
         grads = torch.autograd.grad(objective, list(params.values()), create_graph=True)
@@ -91,7 +106,7 @@ def unroll_scores(
                 g = g + weight_decay * p
             velocity[name] = momentum * velocity[name] + g if (momentum and k > 0) else g
             params[name] = p - lr * velocity[name]
-    queries = default_collate([query_data[i] for i in range(len(query_data))])
+    queries = query_collate([query_data[i] for i in range(len(query_data))])
     out = []
     for q in range(len(query_data)):
         single = torch.utils._pytree.tree_map(lambda t: t[q : q + 1], queries)

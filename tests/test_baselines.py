@@ -4,6 +4,7 @@ import pytest
 import torch
 from _helpers import ClassifyTask, classification_data, mlp, per_example_grads
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 import source_fast as sf
 from source_fast.unroll import TrainingRecord, unroll_scores
@@ -83,3 +84,36 @@ def test_unroll_method_replays_the_record(setup):
         sf.score(model, ClassifyTask(), traj, None, data, queries, method="unroll")
     with pytest.raises(ValueError, match="self_score supports the methods"):
         sf.self_score(model, ClassifyTask(), traj, None, data, method="trak")
+
+
+@pytest.mark.parametrize("method", ["grad_cos", "trak", "repsim", "unroll"])
+def test_baselines_refuse_per_token_and_query_rank(setup, method):
+    """They score whole examples exactly: these options would otherwise be dropped without a word."""
+    model, data, queries, traj, _, _ = setup
+    record = TrainingRecord(model.state_dict(), [[0, 1]], [0.1])
+    for option in ({"per_token": True}, {"query_rank": 2}):
+        with pytest.raises(ValueError, match=f"{next(iter(option))} is not available for method '{method}'"):
+            sf.score(model, ClassifyTask(), traj, None, data, queries, method=method, trak_dim=4, record=record, **option)
+
+
+def test_trak_dim_must_be_a_positive_integer(setup):
+    model, data, queries, traj, _, _ = setup
+    for dim in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"trak_dim must be a positive integer, got {dim}"):
+            sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=dim)
+
+
+@pytest.mark.parametrize("method", ["grad_cos", "trak", "repsim", "unroll"])
+def test_baselines_read_dataloaders_and_collate_fn_like_datasets(setup, method):
+    """score() takes DataLoaders (their own batches and collate_fn) and collate_fn for every method."""
+    model, data, queries, traj, _, _ = setup
+    record = TrainingRecord({k: v + 0.1 for k, v in model.state_dict().items()}, [[0, 1, 2], [3, 4, 5]], [0.1, 0.2])
+    kwargs = {"method": method, "trak_dim": 6, "record": record}
+    expected = sf.score(model, ClassifyTask(), traj, None, data, queries, **kwargs)
+    loaders = DataLoader(data, batch_size=7), DataLoader(queries, batch_size=2)
+    torch.testing.assert_close(sf.score(model, ClassifyTask(), traj, None, *loaders, **kwargs), expected, rtol=1e-12, atol=0)
+    # Examples as dicts, which default_collate would keep as a dict: only the collate_fn makes (x, y) batches.
+    as_dicts = lambda d: [{"x": x, "y": y} for x, y in zip(*d.tensors)]  # noqa: E731
+    to_tuple = lambda ex: (torch.stack([e["x"] for e in ex]), torch.stack([e["y"] for e in ex]))  # noqa: E731
+    got = sf.score(model, ClassifyTask(), traj, None, as_dicts(data), as_dicts(queries), collate_fn=to_tuple, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)

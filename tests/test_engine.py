@@ -106,6 +106,8 @@ def test_source_matches_dense_matrix_functions(setup, momentum, wd):
         sf.Segment(ckpts[:2], data, lrs=[0.5] * 6, momentum=momentum, weight_decay=wd),
         sf.Segment(ckpts[2:], data, lr_sum=2.0, momentum=momentum, weight_decay=wd),
     ]
+    # _dense_source reads seg.horizon: pin it to the rates summed and heavy-ball's c/(1 − β) by hand.
+    assert [s.horizon for s in segs] == pytest.approx([3.0 / (1 - momentum), 2.0 / (1 - momentum)], rel=1e-15)
     traj = sf.Trajectory(segs)
     factors = sf.fit_factors(model, ClassifyTask(), traj, batch_size=16)
     scores = sf.score(model, ClassifyTask(), traj, factors, data, queries, batch_size=13)
@@ -204,9 +206,9 @@ def test_tracin_and_grad_dot_match_explicit_gradients(setup):
     traj = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=0.8, momentum=0.5), sf.Segment(ckpts[2:], data, lr_sum=0.3)])
     scores = sf.score(model, task, traj, None, data, queries, method="tracin")
     expected = 0
-    for seg in traj.segments:
+    for seg, horizon in zip(traj.segments, [0.8 / (1 - 0.5), 0.3]):  # heavy-ball momentum β: c/(1 − β)
         for st in seg.checkpoints:
-            expected = expected + seg.horizon / (len(data) * 2) * _grads(model, st, queries) @ _grads(model, st, data).T
+            expected = expected + horizon / (len(data) * 2) * _grads(model, st, queries) @ _grads(model, st, data).T
     _close(scores, expected)
     gd = sf.score(model, task, traj.final(), None, data, queries, method="grad_dot")
     _close(gd, _grads(model, ckpts[-1], queries) @ _grads(model, ckpts[-1], data).T / len(data))

@@ -54,6 +54,10 @@ def test_segment_arguments(setup):
     for lr in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="must be >= 0 and finite"):
             sf.Segment(ckpts, data, lr_sum=lr)
+    with pytest.raises(ValueError, match="Segment lrs: learning rates must be >= 0 and finite, step 1 has -0.2"):
+        sf.Segment(ckpts, data, lrs=[0.5, -0.2])  # a positive sum does not make a negative rate valid
+    with pytest.raises(ValueError, match="Trajectory.even: learning rates must be >= 0 and finite, step 3 has -0.1"):
+        sf.Trajectory.even(ckpts, [0.1] * 3 + [-0.1] + [0.1] * 4, 2, data)
     with pytest.raises(ValueError, match="exactly one of lr_sum"):
         sf.Segment(ckpts, data, lr_sum=1.0, lrs=[1.0])
     with pytest.raises(ValueError, match="exactly one of lr_sum"):

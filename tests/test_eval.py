@@ -89,6 +89,8 @@ def test_lds_of_influence_on_converged_linear_regression(influence):
     assert ev.lds(-influence, subsets, measured).mean < -0.9
     noise = torch.randn(influence.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert abs(ev.lds(noise, subsets, measured).mean) < 0.15
+    with pytest.raises(ValueError, match="needs at least 2 of them, got 1"):
+        ev.lds(influence, subsets[:1], measured[:1])
     # Ranks ignore a positive scale, and a 2-D measured is the seed mean already taken.
     assert ev.lds(influence * 7.0, subsets, measured.mean(1)).mean == pytest.approx(result.mean)
 
@@ -147,6 +149,8 @@ def test_bootstrap_interval():
     b = ev.bootstrap_interval(large, seed=0)
     assert b.low < b.mean < b.high
     assert (b.high - b.low) < 0.5 * (a.high - a.low)
+    with pytest.raises(ValueError, match="bootstrap is the number of resamples, at least 1; got 0"):
+        ev.bootstrap_interval(small, bootstrap=0)
     again = ev.bootstrap_interval(small, seed=0)
     assert (again.low, again.high) == (a.low, a.high)
     assert (ev.bootstrap_interval(small, seed=1).low, ev.bootstrap_interval(small, seed=1).high) != (a.low, a.high)
@@ -225,3 +229,23 @@ def test_rank_agreement_with_a_reference():
     assert float(noisy.per_query[3]) == pytest.approx(spearman(scores[3], reference[3]))  # per query, over examples
     with pytest.raises(ValueError, match="n_query, n_train"):
         ev.rank_agreement(reference[:, :10], reference)
+
+
+def test_non_finite_scores_or_measurements_are_an_error():
+    """A NaN would otherwise take a rank (or a top-k place) silently and yield a plausible number."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    scores[1, 4] = float("nan")
+    subsets = ev.random_subsets(20, 6)
+    measured = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"scores have non-finite values for queries \[1\]"):
+        ev.lds(scores, subsets, measured)
+    with pytest.raises(ValueError, match=r"scores have non-finite values for queries \[1\]"):
+        ev.rank_agreement(scores, scores.nan_to_num())
+    with pytest.raises(ValueError, match=r"reference has non-finite values for queries \[1\]"):
+        ev.rank_agreement(scores.nan_to_num(), scores)
+    with pytest.raises(ValueError, match=r"scores 'scores' have non-finite values for queries \[1\]"):
+        ev.subset_removal(scores, fit, predict, 2, progress=False)
+    measured[2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"measured has non-finite values for queries \[0\]"):
+        ev.lds(scores.nan_to_num(), subsets, measured)

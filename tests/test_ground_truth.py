@@ -107,3 +107,42 @@ def test_source_tracks_exact_unrolling_better_than_influence_functions(run):
     assert corr["source L=3"] >= 0.92
     assert corr["source L=1"] >= 0.90
     assert corr["source L=3"] > corr["ekfac implied"] > corr["ekfac heuristic"]
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.5, 0.05)])
+def test_unroll_with_momentum_and_weight_decay_is_torch_sgd(momentum, weight_decay):
+    """−∂f/∂ε_m against central differences of torch.optim.SGD runs (heavy-ball momentum, L2 weight
+    decay, a warm-up-and-decay schedule) with example m's loss weighted 1 ∓ h."""
+    train, queries = _data()
+    task = RegressTask()
+    batches = _order(1)[:8]
+    lrs = [0.02, 0.05, 0.1, 0.1, 0.08, 0.05, 0.03, 0.01]
+    x, y = train.tensors
+
+    def final_f(m=None, h=0.0):
+        model = mlp(10, 16, 1, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+        for b, lr in zip(batches, lrs):
+            opt.param_groups[0]["lr"] = lr
+            opt.zero_grad()
+            weights = torch.tensor([1.0 - h if i == m else 1.0 for i in b], dtype=torch.float64)
+            losses = torch.stack([task.compute_train_loss((x[i : i + 1], y[i : i + 1]), model) for i in b])
+            (weights * losses).mean().backward()
+            opt.step()
+        with torch.no_grad():
+            return torch.stack([task.compute_measurement((xq[None], yq[None]), model) for xq, yq in zip(*queries.tensors)])
+
+    init = mlp(10, 16, 1, seed=0).state_dict()
+    tau = unroll_scores(mlp(10, 16, 1, seed=0), task, init, train, batches, lrs, queries, momentum=momentum,
+                        weight_decay=weight_decay)
+    h = 1e-4
+    for m in (batches[0][0], batches[4][3]):
+        removal = (final_f(m, h) - final_f(m, -h)) / (2 * h)  # d f / d(−ε_m)
+        torch.testing.assert_close(tau[:, m], removal, rtol=1e-6, atol=1e-10)
+
+
+def test_unroll_needs_training_steps():
+    train, queries = _data()
+    model = mlp(10, 16, 1, seed=0)
+    with pytest.raises(ValueError, match="no training steps"):
+        unroll_scores(model, RegressTask(), model.state_dict(), train, [], [], queries)
