@@ -114,3 +114,24 @@ def test_sampled_tokens_follow_the_softmax():
     sd = (p * (1 - p) / 200_000).sqrt().double()
     assert ((freq - p).abs() <= 5 * sd + 1e-12).all(), (freq - p).abs().max()
     assert (draws != 4).all()
+
+
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
+def test_causal_lm_loss_is_hugging_faces(normalize):
+    """CausalLMTask's loss against the model's own: HF shifts `labels` itself and ignores -100, and
+    averages over the kept targets of what it is given, so one example at a time it is the "mean"
+    loss, and the kept-target count times it the "sum" loss. Padded batches sum the examples.
+    HF casts float64 logits down to float32 for its loss (the task keeps float64): rtol 1e-6."""
+    torch.manual_seed(0)
+    model = _gpt2().double().eval()  # built from a config, it is in training mode: dropout
+    data = TokenData(5, 9, seed=3)
+    task = CausalLMTask(normalize=normalize)
+    expected = 0.0
+    for i in range(len(data)):
+        ids, mask = data[i]["input_ids"][None], data[i]["attention_mask"][None]
+        hf = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        kept = int(mask[0, 1:].sum())
+        expected = expected + (hf.double() if normalize == "mean" else hf.double() * kept)
+    batch = {"input_ids": data.ids, "attention_mask": data.mask}
+    torch.testing.assert_close(task.compute_measurement(batch, model), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(task.compute_train_loss(batch, model), expected, rtol=1e-6, atol=0)
