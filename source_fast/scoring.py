@@ -433,9 +433,7 @@ def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: 
     segment for SOURCE, one per checkpoint for TracIn)."""
     if budget < 1:
         raise ValueError(f"query_memory_budget must be a positive number of bytes, got {budget}")
-    copies = 1 if method in _FINAL_ONLY else (
-        sum(len(s.checkpoints) for s in trajectory.segments) if method == "tracin" else len(trajectory.segments)
-    )
+    copies = _prepared_copies(trajectory, method)
     itemsize = factor_dtype(model).itemsize
     per_query = copies * itemsize * sum(s.d_out * s.d_a if not query_rank else query_rank * (s.d_out + s.d_a) for s in specs)
     if per_query > budget:  # even one query would break the promise: say what fits instead
@@ -448,6 +446,28 @@ def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: 
         )
     per_block = budget // per_query
     return [range(s, min(n_query, s + per_block)) for s in range(0, n_query, per_block)]
+
+
+def _prepared_copies(trajectory: Trajectory, method: str) -> int:
+    """How many preconditioned copies of a query a plan holds: one per segment for SOURCE, one per
+    checkpoint for TracIn, one for the one-checkpoint methods."""
+    if method in _FINAL_ONLY:
+        return 1
+    if method == "tracin":
+        return sum(len(s.checkpoints) for s in trajectory.segments)
+    return len(trajectory.segments)
+
+
+def self_chunk_size(model, specs, trajectory, method, budget: int) -> int:
+    """Examples per chunk of self_score's unfused path: each example holds its preconditioned copies
+    and its gradient at the checkpoint being read, d_out·d_a per layer each (340 MB per copy for
+    GPT-2 small in fp32, so a fixed chunk of 256 needed 174 GB)."""
+    per_example = (_prepared_copies(trajectory, method) + 1) * factor_dtype(model).itemsize * sum(
+        s.d_out * s.d_a for s in specs)
+    if per_example > budget:
+        raise ValueError(f"one example's self-influence takes {per_example} bytes of gradients, more than the "
+                         f"{budget} bytes available: give chunk_size=1 to run it anyway, or track fewer layers")
+    return budget // per_example
 
 
 def prepare_queries(
@@ -551,7 +571,7 @@ def self_score(
     *,
     damping: Damping = "heuristic",
     batch_size: int = 32,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     train_segments: list[int] | Literal["all"] | None = None,
     collate_fn: Callable | None = None,
     progress: bool = False,
@@ -561,7 +581,8 @@ def self_score(
 
     One-checkpoint methods (ekfac, grad_dot, and source/fast_source with one SGD segment of one
     checkpoint) take the fused eigenbasis path Σ_ij s_ij (Q_Sᵀ G_n Q_A)_ij² with no per-example
-    gradient in memory; otherwise examples go in chunks of `chunk_size`, each with its own walk.
+    gradient in memory; otherwise examples go in chunks of `chunk_size`, each with its own walk
+    (None: as many as fit automatic_query_budget, half the free GPU memory or a quarter of the RAM).
     """
     specs = _validate(model, task, trajectory, factors, method)
     if method not in _SELF_METHODS:
@@ -578,6 +599,11 @@ def self_score(
     with restored(model):
         if fused:
             return _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size, collate_fn, progress)
+        if chunk_size is None:
+            chunk_size = self_chunk_size(model, specs, trajectory, method,
+                                         automatic_query_budget(next(model.parameters()).device))
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
         out = []
         for _, chunk in chunks(train_data, chunk_size):
             plan = _plan(

@@ -450,6 +450,17 @@ def test_batch_size_and_chunking_do_not_change_scores(setup, tmp_path):
     d1 = sf.self_score(model, task, traj, f1, data, chunk_size=7, batch_size=3)
     d2 = sf.self_score(model, task, traj, f1, data, chunk_size=60, batch_size=60)
     _close(d1, d2)
+    _close(sf.self_score(model, task, traj, f1, data), d1)  # chunks sized to the free memory
+    # Each example holds 2 preconditioned copies (one per segment) and one gradient: 3 × 43 × 8 bytes.
+    from source_fast.capture import tracked_layers
+    from source_fast.scoring import self_chunk_size
+
+    specs = tracked_layers(model, task.get_influence_tracked_modules())
+    assert self_chunk_size(model, specs, traj, "source", 10_000) == 10_000 // (3 * 43 * 8)
+    with pytest.raises(ValueError, match=r"one example's self-influence takes 1032 bytes .* give chunk_size=1"):
+        self_chunk_size(model, specs, traj, "source", 1000)
+    with pytest.raises(ValueError, match="chunk_size must be a positive number of examples, got 0"):
+        sf.self_score(model, task, traj, f1, data, chunk_size=0)
     f1.save(tmp_path / "f")
     loaded = sf.Factors.load(tmp_path / "f")
     assert loaded.layout == f1.layout and loaded.layers == f1.layers and loaded.num_examples == f1.num_examples
