@@ -47,6 +47,14 @@ def test_trak_refuses_implied_damping(setup):
         sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=4, damping="implied")
 
 
+def test_trak_refuses_a_projection_that_cannot_fit(setup):
+    """The dense Gaussian map is trak_dim · Σ d_out·d_a numbers: refused before any pass when it
+    exceeds the memory budget (a GPT-2-small map at trak_dim 256 would be 87 GB in float32)."""
+    model, data, queries, traj, _, _ = setup
+    with pytest.raises(ValueError, match=r"TRAK's projection with trak_dim=1000000000 takes \d+ bytes .* lower trak_dim"):
+        sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=10**9, damping=0.01)
+
+
 def test_trak_is_the_projected_influence_function(setup):
     model, data, queries, traj, v, g = setup
     dim = 12
