@@ -69,8 +69,11 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
 
 
 def _representations(model, task, specs, data, batch_size, collate_fn, what) -> Tensor:
-    """The input of the last tracked layer (the penultimate representation), mean over unmasked tokens."""
-    last = specs[-1]
+    """The input of the last tracked layer (the penultimate representation), mean over unmasked tokens.
+    Last in the model's module order, nearest the output for a feed-forward stack, whatever order the
+    task lists its tracked modules in."""
+    order = {name: k for k, (name, _) in enumerate(model.named_modules())}
+    last = max(specs, key=lambda s: order[s.name])
     feats = []
     for _, _, rec in run_pass(model, task, [last], make_loader(data, batch_size, collate_fn), "train", what):
         r = rec[last.name]

@@ -79,6 +79,12 @@ def test_repsim(setup):
     expected = (q / q.norm(dim=1, keepdim=True)) @ (t / t.norm(dim=1, keepdim=True)).T
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
 
+    class Reversed(ClassifyTask):  # the tracked modules listed output first
+        def get_influence_tracked_modules(self):
+            return list(reversed(LAYERS))
+
+    assert torch.equal(sf.score(model, Reversed(), traj, None, data, queries, method="repsim"), got)
+
 
 def test_unroll_method_replays_the_record(setup):
     model, data, queries, traj, _, _ = setup
