@@ -141,6 +141,7 @@ def score_corpus(
         def mine(k):
             return rank * n_shards // world <= k < (rank + 1) * n_shards // world
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    of = f"/{-(-n_expected // shard_size)}" if n_expected else ""  # shards in all, for progress lines
 
     rows_seen = set()
     with restored(model):
@@ -153,7 +154,10 @@ def score_corpus(
                     continue
                 # A shard is done only for the same examples: a stream's later examples may have changed.
                 examples = digest_examples(piece, limit=None)
+                where = f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}"
                 if _shard_done(out, b, (start, end), examples):
+                    if progress:  # a resume reads every finished shard's examples to check them: say so
+                        print(f"{where} already done", flush=True)
                     continue
                 if plan is None:
                     with oom_hint(f"preparing query block {b}", train_data, batch_size, query_memory_budget):
@@ -163,8 +167,7 @@ def score_corpus(
                             batch_size=batch_size, collate_fn=collate_fn,
                         )
                 if progress:
-                    of = f"/{-(-n_expected // shard_size)}" if n_expected else ""
-                    print(f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}", flush=True)
+                    print(where, flush=True)
                 with oom_hint(f"scoring rows {start}-{end} against query block {b}", train_data, batch_size,
                               query_memory_budget):
                     rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,

@@ -56,7 +56,10 @@ def test_fit_and_score_from_a_job_file(tmp_path):
     manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
     assert manifest["fingerprint"]["method"] == "source"
     out = _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "scores"), "--shard-size", "50")
-    assert "scores written" in out.stdout and "shard" not in out.stdout  # a finished run is recognised, nothing recomputed
+    # A finished run is recognised: every shard is reported as already done, nothing recomputed.
+    shard_lines = [line for line in out.stdout.splitlines() if "shard" in line]
+    assert "scores written" in out.stdout and len(shard_lines) == 3
+    assert all(line.endswith("already done") for line in shard_lines), shard_lines
 
 
 def test_torchrun_job(tmp_path):
