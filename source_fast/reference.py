@@ -163,6 +163,9 @@ def pairwise_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None)
     n, t, d_a = a_.shape
     q, d_out = u_.shape[0], u_.shape[1]
     if t * d_out * d_a + q * d_out * d_a <= t * q * d_out * d_a:
+        u_t = u_.transpose(1, 2)
+        if u_t.is_contiguous():  # queries laid out (q, d_a, d_out)-major, as scoring keeps them on CPU
+            return _tiles_transposed(a_, g_).reshape(n, -1) @ u_t.reshape(q, -1).T
         tiles = torch.einsum("nto,nti->noi", g_, a_)
         return tiles.reshape(n, -1) @ u_.reshape(q, -1).T
     ua = torch.einsum("qoi,nti->ntqo", u_, a_)
