@@ -327,3 +327,29 @@ def test_cuda_matches_float64(dtype, pipeline, monkeypatch):
     for i, (a, b) in enumerate(zip(covs, again)):
         assert torch.equal(a, b), f"layer {i}: CUDA result differs between runs"
     torch.library.opcheck(_op().default, ([c.clone() for c in covs0[3:]], xs[3:], masks[3:], ones[3:], 0.5))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_pipelined_kernel_is_bit_identical_to_the_general_one(dtype, monkeypatch):
+    """Same shared-memory contents, same WMMA k order, same epilogue: the cp.async kernel must give the
+    general kernel's floats exactly (a far tighter check than the float64 bound)."""
+    if not _ext.has_op("covariance_accumulate_", "cuda"):
+        pytest.skip(f"extension has no CUDA kernel (build_info: {_ext.build_info()})")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the pipelined kernel needs compute capability 8.0")
+    dev = "cuda"
+    xs = [torch.randn(1001, 256, device=dev).to(dtype), torch.randn(333, 136, device=dev).to(dtype),
+          torch.randn(300, 264, device=dev).to(dtype)[:, :256], torch.randn(7, 8, device=dev).to(dtype),
+          torch.randn(2048, 768, device=dev).to(dtype)]
+    masks = [_mask("float", 1001, dev), None, _mask("bool", 300, dev), None, _mask("int", 2048, dev)]
+    ones = [True, True, False, True, True]
+    results = {}
+    for pipeline in ("0", "1"):
+        monkeypatch.setenv("SOURCE_FAST_COV_PIPELINE", pipeline)
+        covs = [torch.zeros(x.shape[1] + o, x.shape[1] + o, device=dev) for x, o in zip(xs, ones)]
+        _op()(covs, xs, masks, ones, 0.5)
+        results[pipeline] = covs
+    for i, (a, b) in enumerate(zip(results["0"], results["1"])):
+        assert torch.equal(a, b), f"layer {i}: pipelined and general kernels differ by {(a - b).abs().max().item():.3g}"

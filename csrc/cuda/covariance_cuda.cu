@@ -298,7 +298,9 @@ constexpr int kStages = 4;
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+  const size_t src = __cvta_generic_to_global(gmem);
+  // "memory": no ordinary shared-memory access (the ones column) may move across the copy.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 #else
   __trap();  // the binding never picks this kernel below sm_80
 #endif
@@ -306,14 +308,14 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
 
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -403,12 +405,15 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) issue(s);
+    // Only the tiles holding column d (the last tile row or column) write ones: the others skip the
+    // mask reads that locating them takes.
+    const bool ones_in_tile = L.append_ones && ((i0 <= L.d && L.d < i0 + kBM) || (j0 <= L.d && L.d < j0 + kBM));
 
     for (int64_t slab = 0; slab < num_slabs; ++slab) {
       T* a_s = slabs + 2 * (slab % kStages) * kSlabElems;
       T* b_s = diagonal ? a_s : a_s + kSlabElems;
       cp_async_wait<kStages - 2>();  // this thread's copies of `slab` have landed
-      if (L.append_ones) {
+      if (ones_in_tile) {
         bool kept[Slab::kChunks];
         Slab::rows_kept(L, slab * kBK, kept);
         Slab::ones(L, kept, i0, a_s);
@@ -432,9 +437,13 @@ cudaError_t launch_pipelined(dim3 grid, const CovLayer* layers, const CovTile* t
   constexpr int bytes = kStages * 2 * kBK * kPitch<T> * static_cast<int>(sizeof(T));
   static_assert(8 * 256 * sizeof(float) <= bytes, "the epilogue's staging must fit in the stages");
   // Above 48 KB of dynamic shared memory needs an opt-in, once per kernel (and device; setting it
-  // again is harmless).
-  const cudaError_t err = cudaFuncSetAttribute(covariance_tiles_pipelined_kernel<T>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  // again is harmless); the largest shared-memory carveout lets two CTAs share an SM.
+  cudaError_t err = cudaFuncSetAttribute(covariance_tiles_pipelined_kernel<T>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(covariance_tiles_pipelined_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared);
+  }
   if (err != cudaSuccess) return err;
   covariance_tiles_pipelined_kernel<T><<<grid, kThreads, bytes, stream>>>(layers, tiles, alpha);
   return cudaGetLastError();
@@ -480,6 +489,18 @@ cudaError_t covariance_accumulate_pipelined_launch(CovDtype dtype, const CovLaye
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+int covariance_kernels_ptx_version() {
+  // The architecture the device code was compiled for (80 for sm_80 code, 75 for sm_75 PTX that the
+  // driver JIT-compiles): a GPU of compute capability 8.x running code built for less traps on bf16
+  // and cp.async, so the binding asks this, not the device.
+  cudaFuncAttributes attrs{};
+  if (cudaFuncGetAttributes(&attrs, covariance_tiles_kernel<float>) != cudaSuccess) {
+    cudaGetLastError();  // consume the error: the next launch's check must not report it
+    return 0;
+  }
+  return attrs.ptxVersion;
 }
 
 const char* cuda_build_version() {

@@ -106,20 +106,21 @@ void covariance_accumulate_cuda(at::TensorList covs, at::TensorList xs,
       if (xs[i].scalar_type() == dtype && xs[i].size(0) > 0 && covs[i].numel() > 0) order.push_back(i);
     }
     if (order.empty()) continue;
-    // The kernel's tensor-core paths need these; refusing here keeps a __trap() from poisoning the context.
-    if (dtype == at::kBFloat16) {
-      TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8,
-                  "covariance_accumulate_: bfloat16 inputs need a GPU of compute capability 8.0 or newer");
-    }
-    if (dtype == at::kHalf) {
-      TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 7,
-                  "covariance_accumulate_: float16 inputs need a GPU of compute capability 7.0 or newer");
-    }
+    // The kernel's tensor-core paths need these; refusing here keeps a __trap() from poisoning the
+    // context. What counts is the architecture the device code was built for, which can be below the
+    // GPU's (PTX of an older one, JIT-compiled by the driver).
+    const int arch = covariance_kernels_ptx_version();
+    const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+    const int needed = dtype == at::kBFloat16 ? 80 : dtype == at::kHalf ? 70 : 0;
+    TORCH_CHECK(arch >= needed, "covariance_accumulate_: ", dtype == at::kBFloat16 ? "bfloat16" : "float16",
+                " inputs need device code for compute capability ", needed / 10, ".0 or newer; this GPU is ",
+                props->major, ".", props->minor, " and source_fast._C's code for it targets ", arch / 10, ".",
+                arch % 10, " (rebuild with TORCH_CUDA_ARCH_LIST including ", props->major, ".", props->minor, ")");
     // The pipelined kernel (fp16/bf16, sm_80+) is opt-in until it has been timed on a GPU; the
     // layers it cannot take (strided, unaligned, d % 8 != 0) go to the general kernel.
     const char* pipeline_env = std::getenv("SOURCE_FAST_COV_PIPELINE");
-    const bool pipeline = dtype != at::kFloat && pipeline_env != nullptr && std::strcmp(pipeline_env, "1") == 0 &&
-                          at::cuda::getCurrentDeviceProperties()->major >= 8;
+    const bool pipeline =
+        dtype != at::kFloat && pipeline_env != nullptr && std::strcmp(pipeline_env, "1") == 0 && arch >= 80;
     std::vector<size_t> general, pipelined;
     for (const size_t i : order) {
       const at::Tensor& x = xs[i];

@@ -56,6 +56,11 @@ cudaError_t covariance_accumulate_launch(CovDtype dtype, const CovLayer* layers,
 cudaError_t covariance_accumulate_pipelined_launch(CovDtype dtype, const CovLayer* layers, const CovTile* tiles,
                                                    int64_t num_tiles, float alpha, cudaStream_t stream);
 
+// The virtual architecture the kernels' device code targets on the current device (e.g. 90, or 75
+// when sm_75 PTX was JIT-compiled for a newer GPU); 0 if it cannot be read. bf16 and the pipelined
+// kernel need 80: checking the device alone would let them trap on such builds.
+int covariance_kernels_ptx_version();
+
 // Build facts for build_info(): the CUDA runtime the kernels were compiled against ("13.0") and
 // the compiled architectures ("80,90", from nvcc's __CUDA_ARCH_LIST__).
 const char* cuda_build_version();
