@@ -353,3 +353,16 @@ def test_cuda_pipelined_kernel_is_bit_identical_to_the_general_one(dtype, monkey
         results[pipeline] = covs
     for i, (a, b) in enumerate(zip(results["0"], results["1"])):
         assert torch.equal(a, b), f"layer {i}: pipelined and general kernels differ by {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture_is_refused():
+    if not _ext.has_op("covariance_accumulate_", "cuda"):
+        pytest.skip(f"extension has no CUDA kernel (build_info: {_ext.build_info()})")
+    x, cov = torch.randn(64, 16, device="cuda"), torch.zeros(17, 17, device="cuda")
+    _op()([cov], [x], [None], [True], 1.0)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            _op()([cov], [x], [None], [True], 1.0)

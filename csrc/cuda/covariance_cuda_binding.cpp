@@ -98,6 +98,13 @@ void covariance_accumulate_cuda(at::TensorList covs, at::TensorList xs,
   if (xs.empty()) return;
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // Each call ships its layer descriptors from a pinned host buffer that is reused afterwards: a
+  // captured graph would replay that copy from whatever the buffer then holds.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "covariance_accumulate_ cannot be captured in a CUDA graph (its per-call layer descriptors "
+              "come from a reused host buffer); call it outside the capture");
 
   // One launch per input dtype present (the kernel is templated on it); normally exactly one.
   for (const at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
