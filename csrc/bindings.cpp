@@ -25,8 +25,8 @@ namespace {
 // with the same messages as the real kernels.
 void covariance_accumulate_meta(at::TensorList covs, at::TensorList xs,
                                 const c10::List<std::optional<at::Tensor>>& masks,
-                                const c10::List<bool>& append_ones, double /*alpha*/) {
-  source_fast::check_covariance_args(covs, xs, masks, append_ones);
+                                const c10::List<bool>& append_ones, double alpha) {
+  source_fast::check_covariance_args(covs, xs, masks, append_ones, alpha);
 }
 
 }  // namespace

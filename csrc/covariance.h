@@ -17,7 +17,8 @@ void check_covariance_args(
     at::TensorList covs,
     at::TensorList xs,
     const c10::List<std::optional<at::Tensor>>& masks,
-    const c10::List<bool>& append_ones);
+    const c10::List<bool>& append_ones,
+    double alpha);
 
 // Layers are accumulated concurrently (threads, CTAs), so no cov may share memory with another cov or
 // with any layer's xs. Checked by the CPU and CUDA kernels only: it needs real storage, which

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -164,7 +165,10 @@ void accumulate_layer_(const at::Tensor& cov, const at::Tensor& x, const at::Ten
 }  // namespace
 
 void check_covariance_args(at::TensorList covs, at::TensorList xs, const c10::List<std::optional<at::Tensor>>& masks,
-                           const c10::List<bool>& append_ones) {
+                           const c10::List<bool>& append_ones, double alpha) {
+  // A NaN or infinite alpha has no meaning, and the backends would disagree on it (the CPU kernel
+  // skips a layer with no kept rows; the CUDA kernel adds alpha·0 = NaN).
+  TORCH_CHECK(std::isfinite(alpha), kOp, ": alpha must be finite, got ", alpha);
   TORCH_CHECK(covs.size() == xs.size() && xs.size() == masks.size() && masks.size() == append_ones.size(), kOp,
               ": got ", covs.size(), " covs, ", xs.size(), " xs, ", masks.size(), " masks and ", append_ones.size(),
               " append_ones flags; they must be equal");
@@ -239,7 +243,7 @@ void check_distinct_covs(at::TensorList covs, at::TensorList xs) {
 void covariance_accumulate_cpu(at::TensorList covs, at::TensorList xs,
                                const c10::List<std::optional<at::Tensor>>& masks, const c10::List<bool>& append_ones,
                                double alpha) {
-  check_covariance_args(covs, xs, masks, append_ones);
+  check_covariance_args(covs, xs, masks, append_ones, alpha);
   check_distinct_covs(covs, xs);
   const size_t n = xs.size();
   // Everything that can fail runs before any cov is touched: the kept rows of every layer. Inputs

@@ -235,6 +235,18 @@ def test_layers_sharing_a_cov_are_refused():
         _op()([big[:4, :4], big], xs, masks, ones)
 
 
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_non_finite_alpha_is_refused(alpha):
+    """The backends would disagree on it (a layer with no kept rows: skipped on CPU, += NaN·0 on CUDA)."""
+    covs, xs, masks, ones = _good_layers()
+    before = [c.clone() for c in covs]
+    with pytest.raises(RuntimeError, match="covariance_accumulate_: alpha must be finite"):
+        _op()(covs, xs, masks, ones, alpha)
+    with pytest.raises(ValueError, match="covariance_accumulate_: alpha must be finite"):
+        reference.covariance_accumulate_(covs, xs, masks, ones, alpha)
+    assert all(torch.equal(a, b) for a, b in zip(covs, before))
+
+
 def test_xs_that_share_memory_with_a_cov_are_refused():
     """A cov is written while other layers (run concurrently, in cost order) may still read their xs."""
     covs, xs, masks, ones = _good_layers()

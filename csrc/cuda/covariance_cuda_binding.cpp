@@ -93,7 +93,7 @@ void launch_group(at::TensorList covs, at::TensorList xs, const c10::List<std::o
 void covariance_accumulate_cuda(at::TensorList covs, at::TensorList xs,
                                 const c10::List<std::optional<at::Tensor>>& masks, const c10::List<bool>& append_ones,
                                 double alpha) {
-  check_covariance_args(covs, xs, masks, append_ones);
+  check_covariance_args(covs, xs, masks, append_ones, alpha);
   check_distinct_covs(covs, xs);
   if (xs.empty()) return;
   const c10::cuda::CUDAGuard guard(xs[0].device());
