@@ -550,10 +550,12 @@ def _baseline(model, task, specs, trajectory, method, train_data, query_data, da
     load_into(model, trajectory.final_checkpoint, "final checkpoint")
     if method == "repsim":
         return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn)
-    if method == "trak":  # a dense Gaussian map per layer, dim · d_out · d_a (built in float64)
-        need = trak_dim * sum(s.d_out * s.d_a for s in specs) * (8 + factor_dtype(model).itemsize)
+    # TRAK builds a dense Gaussian map per layer, dim · d_out · d_a (in float64 first); a trak_dim that
+    # is not an integer is refused by trak() itself.
+    if method == "trak" and isinstance(trak_dim, numbers.Integral) and not isinstance(trak_dim, bool):
+        need = int(trak_dim) * sum(s.d_out * s.d_a for s in specs) * (8 + factor_dtype(model).itemsize)
         budget = automatic_query_budget(next(model.parameters()).device)
-        if isinstance(trak_dim, numbers.Integral) and need > budget:  # other values: trak() says what is wrong
+        if need > budget:
             raise ValueError(f"TRAK's projection with trak_dim={trak_dim} takes {need} bytes for these {len(specs)} "
                              f"layers, more than the {budget} available: lower trak_dim or track fewer layers")
     v, _ = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)

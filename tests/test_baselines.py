@@ -112,8 +112,8 @@ def test_baselines_refuse_per_token_and_query_rank(setup, method):
 
 def test_trak_dim_must_be_a_positive_integer(setup):
     model, data, queries, traj, _, _ = setup
-    for dim in (0, -3, 2.5):
-        with pytest.raises(ValueError, match=f"trak_dim must be a positive integer, got {dim}"):
+    for dim in (0, -3, 2.5, "4"):  # a string must not reach the memory estimate (str * int repeats it)
+        with pytest.raises(ValueError, match=f"trak_dim must be a positive integer, got {dim!r}"):
             sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=dim)
 
 
