@@ -505,24 +505,25 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
 
 
 def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], seg: Segment, what: str) -> None:
-    """The segment's one weight decay must be the one its optimizer applied to every tracked weight
+    """The segment's weight decay must be the one its optimizer applied to every tracked weight
     (torch's AdamW decays by 0.01 unless told otherwise: a segment left at 0 would silently drop it).
     A bias decayed differently (often not at all) shares its layer's Kronecker-factored curvature,
     which can only give it the weight's decay: a warning says so."""
     odd_biases = []
     for spec in specs:
-        wd = wd_by_name[f"{spec.name}.weight"]
-        if not math.isclose(wd, seg.weight_decay, rel_tol=1e-9, abs_tol=0.0):
+        wd, expected = wd_by_name[f"{spec.name}.weight"], seg.decay(spec.name)
+        if not math.isclose(wd, expected, rel_tol=1e-9, abs_tol=0.0):
+            fix = (f"weight_decay[{spec.name!r}]={wd:g}" if isinstance(seg.weight_decay, dict)
+                   else f"Segment(weight_decay={wd:g}), or a dict per tracked module if they differ")
             raise ValueError(
                 f"{what}: parameter '{spec.name}.weight' was trained with weight_decay={wd:g}, but the segment "
-                f"says weight_decay={seg.weight_decay:g}; pass Segment(weight_decay={wd:g}) (the tracked layers "
-                "of a segment share one weight decay)"
+                f"says weight_decay={expected:g} for it; pass {fix}"
             )
         if spec.has_bias and not math.isclose(wd_by_name[f"{spec.name}.bias"], wd, rel_tol=1e-9, abs_tol=0.0):
             odd_biases.append(spec.name)
     if odd_biases:
         warnings.warn(
             f"{what}: the biases of {odd_biases} were trained with another weight decay than their weights; "
-            f"their layers' curvature gives them the weights' ({seg.weight_decay:g})",
+            "their layers' curvature gives them the weights' decay",
             stacklevel=3,
         )

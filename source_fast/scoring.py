@@ -201,7 +201,7 @@ def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Da
             vq = v.pop(name)
             lf = factors.segments[ell][name].to(vq.device, vq.dtype)
             if seg.optimizer == "sgd":
-                u, v_next = ops.precondition_queries(vq, lf.q_s, lf.q_a, lf.lam, horizon=seg.horizon, damping=seg.weight_decay)
+                u, v_next = ops.precondition_queries(vq, lf.q_s, lf.q_a, lf.lam, horizon=seg.horizon, damping=seg.decay(name))
             else:
                 u, v_next = _adam_segment(vq, lf, seg, damping, name)
             us[ell][name] = u
@@ -224,14 +224,15 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
         raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
     diag = lf.diag_hessian()
     lam = lf.lam
+    wd = seg.decay(name)
     if seg.optimizer == "adam":
-        sigma = lf.precond * (diag + seg.weight_decay)
-        extra = seg.weight_decay
+        sigma = lf.precond * (diag + wd)
+        extra = wd
     else:
-        sigma = lf.precond * diag + seg.weight_decay
+        sigma = lf.precond * diag + wd
         extra = 0.0
-        if seg.weight_decay:
-            lam = lam.clamp_min(0) + seg.weight_decay * ((lf.q_s**2).T @ (1 / lf.precond) @ lf.q_a**2)
+        if wd:
+            lam = lam.clamp_min(0) + wd * ((lf.q_s**2).T @ (1 / lf.precond) @ lf.q_a**2)
     shrink = torch.exp(-seg.lr_sum * sigma)
     delta = _damping_value(damping, lf, seg.lr_sum, name) + extra
     u, _ = ops.precondition_queries((1 - shrink) * v, lf.q_s, lf.q_a, lam, horizon=None, damping=delta)
@@ -274,7 +275,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         if method == "ekfac":
             scale = {n: dict(horizon=None, damping=_damping_value(damping, factors.segments[0][n], seg.horizon, n)) for n in rot}
         else:
-            scale = {n: dict(horizon=seg.horizon, damping=seg.weight_decay) for n in rot}
+            scale = {n: dict(horizon=seg.horizon, damping=seg.decay(n)) for n in rot}
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
             r.mul_(reference.eigen_factor(lfs[n].lam, **scale[n]).to(dtype))
         queries = _one_basis_queries(rot, lfs, n_train * tokens * len(plan.checkpoints[0]))
@@ -674,7 +675,7 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
         if method == "ekfac":
             scales[s.name] = reference.eigen_factor(lf.lam, damping=_damping_value(damping, lf, seg.horizon, s.name))
         else:
-            scales[s.name] = reference.eigen_factor(lf.lam, horizon=seg.horizon, damping=seg.weight_decay)
+            scales[s.name] = reference.eigen_factor(lf.lam, horizon=seg.horizon, damping=seg.decay(s.name))
         bases[s.name] = lf
     out = []  # one (n,) piece per batch: a stream's length is known only at its end
     bar = _progress(progress, length(train_data), "self-influence")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -79,7 +79,8 @@ class Segment:
         the curvature, inside P's scope. AdamW (decoupled): adds wd to the exponent's σ = p ⊙ diag(H̄)
         and wd·P⁻¹ to the curvature the inverse uses (see scoring._adam_segment). For adam/adamw
         it must be the decay the optimizer states record for every tracked weight (fit_factors
-        checks; torch's AdamW defaults to 0.01)
+        checks; torch's AdamW defaults to 0.01). A number for every tracked module, or a dict
+        {module name: decay} when they differ (per-layer parameter groups)
     """
 
     def __init__(
@@ -92,7 +93,7 @@ class Segment:
         momentum: float = 0.0,
         optimizer: Optimizer = "sgd",
         optimizer_states: Sequence[Any] | None = None,
-        weight_decay: float = 0.0,
+        weight_decay: float | Mapping[str, float] = 0.0,
         num_examples: int | None = None,
     ):
         from ._passes import length
@@ -112,8 +113,9 @@ class Segment:
             raise ValueError(f"Segment momentum must be in [0, 1), got {momentum}")
         if optimizer not in get_args(Optimizer):
             raise ValueError(f"unknown optimizer {optimizer!r}; valid: {sorted(get_args(Optimizer))}")
-        if weight_decay < 0:
-            raise ValueError(f"Segment weight_decay must be >= 0, got {weight_decay}")
+        decays = list(weight_decay.values()) if isinstance(weight_decay, Mapping) else [weight_decay]
+        if not all(math.isfinite(float(w)) and float(w) >= 0 for w in decays):
+            raise ValueError(f"Segment weight_decay must be >= 0 and finite, got {weight_decay}")
         if optimizer == "sgd":
             if optimizer_states is not None:
                 raise ValueError("optimizer_states are only used with optimizer='adam' or 'adamw'")
@@ -144,8 +146,19 @@ class Segment:
         self.momentum = float(momentum)
         self.optimizer: Optimizer = optimizer
         self.optimizer_states = None if optimizer_states is None else list(optimizer_states)
-        self.weight_decay = float(weight_decay)
+        self.weight_decay: float | dict[str, float] = (
+            {str(k): float(w) for k, w in weight_decay.items()} if isinstance(weight_decay, Mapping) else float(weight_decay)
+        )
         self.num_examples = n
+
+    def decay(self, module: str) -> float:
+        """The weight decay this segment applied to tracked module `module`."""
+        if not isinstance(self.weight_decay, dict):
+            return self.weight_decay
+        if module not in self.weight_decay:
+            raise ValueError(f"Segment weight_decay has no entry for tracked module {module!r} (it has "
+                             f"{sorted(self.weight_decay)}): give one for every tracked module")
+        return self.weight_decay[module]
 
     @property
     def horizon(self) -> float:
@@ -183,7 +196,7 @@ class Trajectory:
         data: Any,
         *,
         momentum: float = 0.0,
-        weight_decay: float = 0.0,
+        weight_decay: float | Mapping[str, float] = 0.0,
         num_examples: int | None = None,
     ) -> Trajectory:
         """The paper's default: C checkpoints evenly spaced over the run's T steps (checkpoint c,

@@ -35,8 +35,12 @@ def _grads(model, state, data, idx=None):
 
 
 def _block_diag_curvature(factors, ell, wd=0.0):
-    h = torch.block_diag(*(dense_curvature(factors.segments[ell][n]) for n in LAYERS))
-    return h + wd * torch.eye(h.shape[0], dtype=h.dtype)
+    """The dense EK-FAC curvature, plus weight decay wd·I (wd a number, or {layer: wd} per block)."""
+    blocks = []
+    for n in LAYERS:
+        h = dense_curvature(factors.segments[ell][n])
+        blocks.append(h + (wd[n] if isinstance(wd, dict) else wd) * torch.eye(h.shape[0], dtype=h.dtype))
+    return torch.block_diag(*blocks)
 
 
 def _close(actual, expected, rtol=RTOL):
@@ -99,7 +103,7 @@ def _dense_source(factors, traj, v, grads_by_ckpt, train_segments):
     return out
 
 
-@pytest.mark.parametrize("momentum, wd", [(0.0, 1e-3), (0.9, 1e-2)])
+@pytest.mark.parametrize("momentum, wd", [(0.0, 1e-3), (0.9, 1e-2), (0.5, {"0": 1e-3, "2": 5e-2})])
 def test_source_matches_dense_matrix_functions(setup, momentum, wd):
     model, data, queries, ckpts = setup
     segs = [
@@ -531,3 +535,32 @@ def test_automatic_query_budget_follows_the_available_memory():
         free, _ = torch.cuda.mem_get_info()
         expected = max(DEFAULT_QUERY_MEMORY_BUDGET, free // 2)
         assert abs(automatic_query_budget(torch.device("cuda")) - expected) <= 0.05 * expected
+
+
+def test_per_layer_weight_decay_is_read_per_layer(setup):
+    """A dict gives each tracked module its own decay: a module it leaves out is an error naming it,
+    and Adam states whose groups decay the layers differently must be matched layer by layer."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, weight_decay={"0": 0.1})
+    factors = sf.fit_factors(model, task, sf.Trajectory([seg]))
+    with pytest.raises(ValueError, match=r"Segment weight_decay has no entry for tracked module '2' \(it has \['0'\]\)"):
+        sf.score(model, task, sf.Trajectory([seg]), factors, data, queries)
+    states = _adam_states(model, task, data, ckpts[:1])
+    names = [n for n, _ in model.named_parameters()]
+    group = states[0]["param_groups"][0]
+    states[0]["param_groups"] = [
+        {**group, "weight_decay": 0.1, "decoupled_weight_decay": True,
+         "params": [i for i, n in enumerate(names) if n.startswith("0.")]},
+        {**group, "weight_decay": 0.3, "decoupled_weight_decay": True,
+         "params": [i for i, n in enumerate(names) if n.startswith("2.")]},
+    ]
+    per_layer = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=states,
+                           weight_decay={"0": 0.1, "2": 0.3})
+    sf.fit_factors(model, task, sf.Trajectory([per_layer]))
+    one = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=states, weight_decay=0.1)
+    with pytest.raises(ValueError, match=r"parameter '2.weight' was trained with weight_decay=0.3, but the segment "
+                                         r"says weight_decay=0.1 for it; pass .*a dict per tracked module"):
+        sf.fit_factors(model, task, sf.Trajectory([one]))
+    with pytest.raises(ValueError, match="Segment weight_decay must be >= 0 and finite"):
+        sf.Segment(ckpts[:1], data, lr_sum=0.5, weight_decay={"0": -1.0, "2": 0.0})
