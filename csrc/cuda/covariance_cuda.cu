@@ -322,12 +322,12 @@ __device__ __forceinline__ void cp_async_wait() {
 // One kBK × kBM slab of X̂ (rows k0.., columns col0..) into smem [kBK][kPitch]: each thread copies
 // kChunks 16-byte runs. Runs of dropped rows, of rows past the end and of columns >= d read nothing
 // (src-size 0) and land as zeros; the source address is then the layer's base, which is valid.
+// Runs are those of the general kernel's SlabLoader, so both kernels lay a slab out the same way.
 template <typename T>
 struct AsyncSlab {
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-  static constexpr int kRunsPerRow = kBM / kVec;
-  static constexpr int kChunks = kBK * kRunsPerRow / kThreads;
-  static_assert(kChunks * kThreads == kBK * kRunsPerRow, "slab must split evenly across threads");
+  static constexpr int kVec = SlabLoader<T>::kVec;
+  static constexpr int kRunsPerRow = SlabLoader<T>::kRunsPerRow;
+  static constexpr int kChunks = SlabLoader<T>::kChunks;
 
   __device__ __forceinline__ static int row_in_slab(int e) { return (threadIdx.x + kThreads * e) / kRunsPerRow; }
   __device__ __forceinline__ static int col_in_slab(int e) {
