@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import baselines, ops, reference
-from ._passes import chunks, is_stream, length, make_loader, materialize, run_pass, subset
+from ._passes import chunks, is_stream, length, make_loader, materialize, model_device, run_pass, subset
 from .capture import LayerSpec, tracked_layers, with_ones
 from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints
 from .task import Task
@@ -377,7 +377,7 @@ def score(
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
     if query_memory_budget is None:
-        query_memory_budget = automatic_query_budget(next(model.parameters()).device)
+        query_memory_budget = automatic_query_budget(model_device(model))
     blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
     parts = []
     with restored(model):
@@ -493,7 +493,7 @@ def prepare_queries(
             ell: [lowrank.setdefault(id(q), _lowrank(q, query_rank)) for q in qs] for ell, qs in plan.queries.items()
         }
     plan.lowrank = bool(query_rank)
-    if not query_rank and next(model.parameters()).device.type == "cpu":
+    if not query_rank and model_device(model).type == "cpu":
         _tiles_major_on_cpu(plan)
     return plan
 
@@ -555,7 +555,7 @@ def _baseline(model, task, specs, trajectory, method, train_data, query_data, da
     # is not an integer is refused by trak() itself.
     if method == "trak" and isinstance(trak_dim, numbers.Integral) and not isinstance(trak_dim, bool):
         need = int(trak_dim) * sum(s.d_out * s.d_a for s in specs) * (8 + factor_dtype(model).itemsize)
-        budget = automatic_query_budget(next(model.parameters()).device)
+        budget = automatic_query_budget(model_device(model))
         if need > budget:
             raise ValueError(f"TRAK's projection with trak_dim={trak_dim} takes {need} bytes for these {len(specs)} "
                              f"layers, more than the {budget} available: lower trak_dim or track fewer layers")
@@ -635,7 +635,7 @@ def self_score(
             return _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size, collate_fn, progress)
         if chunk_size is None:
             chunk_size = self_chunk_size(model, specs, trajectory, method,
-                                         automatic_query_budget(next(model.parameters()).device))
+                                         automatic_query_budget(model_device(model)))
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
         out = []
