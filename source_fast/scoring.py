@@ -111,24 +111,29 @@ def _segments_for(trajectory: Trajectory, train_data: Any, train_segments) -> li
     return idx
 
 
-def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn, bases=None) -> tuple[Grads, float]:
+def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn, bases=None,
+                   summed=False) -> tuple[Grads, float]:
     """Per-example layer gradients (n, d_out, d_a) of the measurement or training loss, and the mean
     number of tokens per example: used only for queries (few) and self-influence chunks (bounded),
-    never for the training corpus.
+    never for the training corpus. summed: their sum over the examples instead, (1, d_out, d_a).
 
     bases: {name: LayerFactors} to return Q_Sᵀ G_n Q_A instead, computed from the rotated token
     matrices Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ when that is cheaper — t·(d_out² + d_a²) per example against
-    d_out·d_a·(d_out + d_a) for rotating G_n itself (by far, for few tokens)."""
+    d_out·d_a·(d_out + d_a) for rotating G_n itself (by far, for few tokens); a sum is rotated once."""
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
     # Written in place, not concatenated: the queries can be most of a job's memory.
     n_rows = length(data)
-    out = {s.name: torch.empty(n_rows, s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
+    out = {s.name: torch.zeros(1, s.d_out, s.d_a, device=device, dtype=dtype) if summed else
+           torch.empty(n_rows, s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
     tokens = 0
     for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what):
         for s in specs:
             r = rec[s.name]
             a, g = with_ones(r.a, s, r.mask).to(dtype), r.g.to(dtype)
+            if summed:
+                out[s.name][0] += torch.einsum("nto,nti->oi", g, a)
+                continue
             lf = None if bases is None else bases[s.name]
             if lf is not None and a.shape[1] * (s.d_a**2 + s.d_out**2) < s.d_out * s.d_a * (s.d_out + s.d_a):
                 a, g, lf = a @ lf.q_a, g @ lf.q_s, None
@@ -136,6 +141,9 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
             out[s.name][start : start + n] = tile if lf is None else lf.q_s.T @ tile @ lf.q_a
         first = rec[specs[0].name]
         tokens += first.a.shape[0] * first.a.shape[1] if first.mask is None else int((first.mask != 0).sum())
+    if summed and bases is not None:
+        for s in specs:
+            out[s.name][0] = bases[s.name].q_s.T @ out[s.name][0] @ bases[s.name].q_a
     return out, tokens / max(n_rows, 1)
 
 
@@ -240,7 +248,7 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
 
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
-          n_train: int):
+          n_train: int, summed: bool = False):
     final = trajectory.final_checkpoint
     if method in _FINAL_ONLY and sum(trajectory.layout()) != 1:
         raise ValueError(
@@ -257,11 +265,12 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
             for c, ckpt in enumerate(seg.checkpoints):
                 load_into(model, ckpt, f"segment {ell}, checkpoint {c}")
                 what = f"queries at segment {ell}, checkpoint {c}"
-                plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective, what, bs, collate)[0])
+                plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective, what, bs, collate,
+                                                        summed=summed)[0])
         return plan
     load_into(model, final, "final checkpoint")
     if method == "grad_dot":
-        v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate)
+        v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, summed=summed)
         return _Plan([0], {0: [final]}, {0: 1.0 / trajectory.segments[0].num_examples}, {0: [v]})
     ckpts = {ell: segment_checkpoints(trajectory.segments[ell], method == "fast_source", f"segment {ell}") for ell in train_segs}
     plan = _Plan(train_segs, ckpts, {ell: 1.0 / (trajectory.segments[ell].num_examples * len(ckpts[ell])) for ell in train_segs}, {})
@@ -271,7 +280,8 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         seg = trajectory.segments[0]
         device, dtype = next(model.parameters()).device, factor_dtype(model)
         lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
-        rot, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=lfs)
+        rot, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=lfs,
+                                     summed=summed)
         if method == "ekfac":
             scale = {n: dict(horizon=None, damping=_damping_value(damping, factors.segments[0][n], seg.horizon, n)) for n in rot}
         else:
@@ -282,7 +292,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         plan.queries[0] = [queries] * len(plan.checkpoints[0])
         return plan
     # SOURCE across segments: each segment's basis differs, so the walk works in the parameter basis.
-    v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate)
+    v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, summed=summed)
     us = _source_walk(v, trajectory, factors, damping)  # consumes v
     for ell in train_segs:
         plan.queries[ell] = [us[ell]] * len(ckpts[ell])
@@ -319,8 +329,10 @@ def score(
     seed: int = 0,
     record: TrainingRecord | None = None,
     per_token: bool = False,
+    per_module: bool = False,
+    sum_queries: bool = False,
     query_memory_budget: int | None = None,
-) -> Tensor:
+) -> Tensor | dict[str, Tensor]:
     """Scores every (query, training example) pair: a (n_query, n_train) tensor.
 
     score[q, m] estimates f(z_q, θ_T without z_m) − f(z_q, θ_T) (positive: removing z_m increases f;
@@ -352,6 +364,10 @@ def score(
     train_segments: which segments trained on `train_data` (None: those whose `data` is it).
     per_token: return (n_query, n_train, tokens), each training example's score split over its
         tokens (all tracked layers must see the same token count; padded tokens get 0).
+    per_module: return {tracked module name: its scores}, which sum to the scores (EK-FAC and
+        SOURCE are block-diagonal over layers, so each module's part is its own attribution).
+    sum_queries: score the sum of the queries' measurements, (1, n_train): the same as summing the
+        rows, but with one prepared query, so the training data is read once however many queries.
     Training gradients come from one pass over `train_data` per checkpoint, for all queries.
     train_data: a dataset, a re-iterable stream of examples (read in pieces of `STREAM_CHUNK`
         examples, each piece scored at every checkpoint) or a DataLoader that reads in order (its own
@@ -369,7 +385,8 @@ def score(
     if method in ("grad_cos", "trak", "repsim", "unroll"):
         if n_train is None:
             raise TypeError(f"method {method!r} needs a dataset with len() and indexing, not a stream")
-        for option, value in (("per_token", per_token), ("query_rank", query_rank)):
+        for option, value in (("per_token", per_token), ("query_rank", query_rank), ("per_module", per_module),
+                              ("sum_queries", sum_queries)):
             if value:  # these baselines score whole examples exactly; dropping the option would be silent
                 raise ValueError(f"{option} is not available for method {method!r}; it applies to source, "
                                  "fast_source, ekfac, tracin and grad_dot")
@@ -378,7 +395,8 @@ def score(
                              collate_fn, trak_dim, seed, record)
     if query_memory_budget is None:
         query_memory_budget = automatic_query_budget(model_device(model))
-    blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
+    blocks = query_blocks(model, specs, trajectory, method, 1 if sum_queries else n_query, query_rank,
+                          query_memory_budget)
     parts = []
     with restored(model):
         for b, block in enumerate(blocks):  # more than one block re-reads the training data once per block
@@ -388,11 +406,14 @@ def score(
                 plan = prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
+                    sum_queries=sum_queries,
                 )
                 parts.append(_score_all_rows(model, task, specs, plan, train_data, batch_size=batch_size,
-                                             collate_fn=collate_fn, progress=progress, per_token=per_token))
-            check_rows(trajectory, train_data, parts[-1].shape[1])
-    return torch.cat(parts)
+                                             collate_fn=collate_fn, progress=progress, per_token=per_token,
+                                             per_module=per_module))
+            first = next(iter(parts[-1].values())) if per_module else parts[-1]
+            check_rows(trajectory, train_data, first.shape[1])
+    return _cat(parts, 0)
 
 
 def check_rows(trajectory: Trajectory, train_data: Any, rows: int) -> None:
@@ -426,7 +447,14 @@ def _score_all_rows(model, task, specs, plan, train_data, **kwargs) -> Tensor:
     parts = [score_rows(model, task, specs, plan, piece, **kwargs) for _, piece in chunks(train_data, STREAM_CHUNK)]
     if not parts:
         raise ValueError("empty data: the training stream yielded no examples")
-    return torch.cat(parts, 1)  # check_rows runs on the result, in score()
+    return _cat(parts, 1)  # check_rows runs on the result, in score()
+
+
+def _cat(parts: list[Tensor] | list[dict[str, Tensor]], dim: int) -> Tensor | dict[str, Tensor]:
+    """torch.cat of score pieces, module by module for per-module scores."""
+    if isinstance(parts[0], dict):
+        return {name: torch.cat([p[name] for p in parts], dim) for name in parts[0]}
+    return torch.cat(parts, dim)
 
 
 def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: int) -> list[range]:
@@ -474,10 +502,10 @@ def self_chunk_size(model, specs, trajectory, method, budget: int) -> int:
 
 def prepare_queries(
     model, task, specs, trajectory, factors, method, train_data, query_data, *, damping, train_segments, query_rank,
-    batch_size, collate_fn,
+    batch_size, collate_fn, sum_queries=False,
 ) -> _Plan:
     """The query side, once: preconditioned query gradients for every checkpoint that will score
-    the training data (low-rank factors when `query_rank` is set)."""
+    the training data (low-rank factors when `query_rank` is set; one summed query with sum_queries)."""
     single = method in _FINAL_ONLY
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
     n_train = length(train_data)
@@ -485,7 +513,7 @@ def prepare_queries(
         n_train = sum(trajectory.segments[ell].num_examples for ell in train_segs)
     plan = _plan(
         model, task, specs, trajectory, factors, method, query_data, "measurement", damping, train_segs,
-        batch_size, collate_fn, n_train,
+        batch_size, collate_fn, n_train, summed=sum_queries,
     )
     if query_rank:
         lowrank = {}  # SOURCE shares one u_ℓ across a segment's checkpoints: factorise each once
@@ -520,26 +548,32 @@ def _transposed_layout(u: Tensor) -> Tensor:
     return u.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn, progress=False, per_token=False) -> Tensor:
+def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn, progress=False, per_token=False,
+               per_module=False) -> Tensor | dict[str, Tensor]:
     """(n_query, len(data)) scores of map-style `data` (training examples) against prepared queries:
-    one pass over `data` per checkpoint, all queries at once. per_token: (n_query, len(data), tokens)."""
+    one pass over `data` per checkpoint, all queries at once. per_token: (n_query, len(data), tokens).
+    per_module: {tracked module: its part of those scores}."""
     loader = make_loader(data, batch_size, collate_fn)
     n_rows = length(data)
-    scores = None
+    scores: dict[str, Tensor] = {}
     for ell in plan.segments:
         for c, ckpt in enumerate(plan.checkpoints[ell]):
             what = f"segment {ell}, checkpoint {c}"
             load_into(model, ckpt, what)
             bar = _progress(progress, n_rows, f"scoring ({what})")
             for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar):
-                block = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token)
-                if scores is None:
-                    scores = block.new_zeros((block.shape[1], n_rows) + block.shape[2:])
-                scores[:, start : start + n] += plan.weights[ell] * block.transpose(0, 1)
+                parts = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token, per_module)
+                for key, block in parts.items():
+                    if key not in scores:
+                        scores[key] = block.new_zeros((block.shape[1], n_rows) + block.shape[2:])
+                    scores[key][:, start : start + n] += plan.weights[ell] * block.transpose(0, 1)
             if bar is not None:
                 bar.close()
-    assert scores is not None
-    return scores
+    assert scores
+    return scores if per_module else scores[_ALL]
+
+
+_ALL = ""  # _score_block's key for the sum over modules (no module has the empty name)
 
 
 def _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size, collate_fn,
@@ -565,24 +599,32 @@ def _baseline(model, task, specs, trajectory, method, train_data, query_data, da
     return baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim, damping=damping, seed=seed)
 
 
-def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token: bool = False) -> Tensor:
-    total = None
+def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token: bool = False,
+                 per_module: bool = False) -> dict[str, Tensor]:
+    """One batch's (n, q[, t]) scores: {module: its part} with per_module, else {_ALL: their sum}."""
+    parts: dict[str, Tensor] = {}
     for s in specs:
         r = rec[s.name]
         a, g, q = with_ones(r.a, s, r.mask), r.g, queries[s.name]
         if isinstance(q, EigenQuery):
             a, g, q = a @ q.q_a.to(a.dtype), g @ q.q_s.to(g.dtype), q.r
         if per_token:
-            if total is not None and total.shape[-1] != a.shape[1]:
-                raise ValueError(f"per_token: module {s.name!r} sees {a.shape[1]} tokens, others {total.shape[-1]}")
             part = reference.pairwise_token_scores(a, g, q, r.mask)
         elif lowrank:
             left, right = q
             part = reference.pairwise_scores_lowrank(a, g, left, right, r.mask)
         else:
             part = ops.pairwise_scores(a, g, q, r.mask)
-        total = part if total is None else total + part
-    return total
+        if per_module:
+            parts[s.name] = part
+        elif _ALL not in parts:
+            parts[_ALL] = part
+        elif per_token and parts[_ALL].shape[-1] != part.shape[-1]:
+            raise ValueError(f"per_token: module {s.name!r} sees {part.shape[-1]} tokens, others "
+                             f"{parts[_ALL].shape[-1]} (per_module=True keeps each module's tokens apart)")
+        else:
+            parts[_ALL] = parts[_ALL] + part
+    return parts
 
 
 def _lowrank(queries: Grads, rank: int) -> dict[str, tuple[Tensor, Tensor]]:
@@ -609,9 +651,11 @@ def self_score(
     train_segments: list[int] | Literal["all"] | None = None,
     collate_fn: Callable | None = None,
     progress: bool = False,
-) -> Tensor:
+    per_module: bool = False,
+) -> Tensor | dict[str, Tensor]:
     """Self-influence score(m, m) of every training example, with its training loss as the
-    measurement: a (n_train,) tensor, same methods, sign and scale as `score`.
+    measurement: a (n_train,) tensor, same methods, sign and scale as `score` (per_module: as there,
+    {tracked module name: its part}).
 
     One-checkpoint methods (ekfac, grad_dot, and source/fast_source with one SGD segment of one
     checkpoint) take the fused eigenbasis path Σ_ij s_ij (Q_Sᵀ G_n Q_A)_ij² with no per-example
@@ -632,7 +676,9 @@ def self_score(
     )
     with restored(model):
         if fused:
-            return _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size, collate_fn, progress)
+            scores = _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size,
+                                 collate_fn, progress)
+            return scores if per_module else sum(scores.values())
         if chunk_size is None:
             chunk_size = self_chunk_size(model, specs, trajectory, method,
                                          automatic_query_budget(model_device(model)))
@@ -644,20 +690,21 @@ def self_score(
                 model, task, specs, trajectory, factors, method, chunk, "train", damping, train_segs, batch_size,
                 collate_fn, length(chunk),
             )
-            total = None
+            total: dict[str, Tensor] = {}
             for ell in plan.segments:
                 for c, ckpt in enumerate(plan.checkpoints[ell]):
                     what = f"segment {ell}, checkpoint {c}"
                     load_into(model, ckpt, what)
                     g, _ = _example_grads(model, task, specs, chunk, "train", what, batch_size, collate_fn)
-                    part = sum((_param_basis(plan.queries[ell][c][k]) * g[k]).sum((1, 2)) for k in g) * plan.weights[ell]
-                    total = part if total is None else total + part
+                    for k in list(g):  # each gradient freed once used
+                        part = (_param_basis(plan.queries[ell][c][k]) * g.pop(k)).sum((1, 2)) * plan.weights[ell]
+                        total[k] = part if k not in total else total[k] + part
             out.append(total)
         if not out:
             raise ValueError("empty data: the training stream yielded no examples")
-        scores = torch.cat(out)
-        check_rows(trajectory, train_data, len(scores))
-        return scores
+        per_layer = {k: torch.cat([o[k] for o in out]) for k in out[0]}
+        check_rows(trajectory, train_data, len(next(iter(per_layer.values()))))
+        return per_layer if per_module else sum(per_layer.values())
 
 
 def _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size, collate_fn, progress):
@@ -677,10 +724,9 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
         else:
             scales[s.name] = reference.eigen_factor(lf.lam, horizon=seg.horizon, damping=seg.decay(s.name))
         bases[s.name] = lf
-    out = []  # one (n,) piece per batch: a stream's length is known only at its end
+    out: dict[str, list[Tensor]] = {s.name: [] for s in specs}  # (n,) pieces: a stream's length shows at its end
     bar = _progress(progress, length(train_data), "self-influence")
     for _, n, rec in run_pass(model, task, specs, make_loader(train_data, batch_size, collate_fn), "train", "self-influence", bar):
-        piece = torch.zeros(n, device=device, dtype=dtype)
         for s in specs:
             r = rec[s.name]
             a = with_ones(r.a, s, r.mask)
@@ -688,12 +734,11 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
             lf = bases[s.name]
             if lf is not None:
                 a, g = a @ lf.q_a.to(a.dtype), g @ lf.q_s.to(g.dtype)
-            piece += ops.self_scores(a, g, scales[s.name], r.mask).to(dtype)
-        out.append(piece)
+            out[s.name].append(ops.self_scores(a, g, scales[s.name], r.mask).to(dtype))
     if bar is not None:
         bar.close()
-    if not out:
+    if not out[specs[0].name]:
         raise ValueError("empty data: the training stream yielded no examples")
-    scores = torch.cat(out)
-    check_rows(trajectory, train_data, len(scores))
-    return scores / seg.num_examples
+    scores = {name: torch.cat(pieces) / seg.num_examples for name, pieces in out.items()}
+    check_rows(trajectory, train_data, len(scores[specs[0].name]))
+    return scores

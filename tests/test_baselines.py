@@ -101,11 +101,11 @@ def test_unroll_method_replays_the_record(setup):
 
 
 @pytest.mark.parametrize("method", ["grad_cos", "trak", "repsim", "unroll"])
-def test_baselines_refuse_per_token_and_query_rank(setup, method):
+def test_baselines_refuse_the_scoring_options(setup, method):
     """They score whole examples exactly: these options would otherwise be dropped without a word."""
     model, data, queries, traj, _, _ = setup
     record = TrainingRecord(model.state_dict(), [[0, 1]], [0.1])
-    for option in ({"per_token": True}, {"query_rank": 2}):
+    for option in ({"per_token": True}, {"query_rank": 2}, {"per_module": True}, {"sum_queries": True}):
         with pytest.raises(ValueError, match=f"{next(iter(option))} is not available for method '{method}'"):
             sf.score(model, ClassifyTask(), traj, None, data, queries, method=method, trak_dim=4, record=record, **option)
 

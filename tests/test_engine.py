@@ -564,3 +564,89 @@ def test_per_layer_weight_decay_is_read_per_layer(setup):
         sf.fit_factors(model, task, sf.Trajectory([one]))
     with pytest.raises(ValueError, match="Segment weight_decay must be >= 0 and finite"):
         sf.Segment(ckpts[:1], data, lr_sum=0.5, weight_decay={"0": -1.0, "2": 0.0})
+
+
+@pytest.mark.parametrize("method", ["source", "ekfac", "tracin", "grad_dot"])
+def test_per_module_scores_are_each_layers_dense_block(setup, method):
+    """EK-FAC and SOURCE are block-diagonal over layers, so a module's part of a score is the dense
+    formula with the query's other blocks zeroed; the parts sum to the scores, for self-influence too."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    one = method in ("ekfac", "grad_dot")
+    traj = sf.Trajectory([sf.Segment([ckpts[-1]], data, lr_sum=3.0)]) if one else sf.Trajectory(
+        [sf.Segment(ckpts[:2], data, lr_sum=1.5, weight_decay=1e-3), sf.Segment(ckpts[2:], data, lr_sum=2.0)])
+    factors = sf.fit_factors(model, task, traj) if method in ("source", "ekfac") else None
+    parts = sf.score(model, task, traj, factors, data, queries, method=method, damping=0.05, batch_size=13,
+                     per_module=True)
+    assert list(parts) == LAYERS
+    modules = dict(model.named_modules())
+    sizes = [modules[n].out_features * (modules[n].in_features + 1) for n in LAYERS]  # (d_out, d_in + bias)
+    grads = {ell: [_grads(model, s, data) for s in seg.checkpoints] for ell, seg in enumerate(traj.segments)}
+    for b, name in enumerate(LAYERS):
+        keep = torch.zeros(sum(sizes), dtype=torch.float64)
+        keep[sum(sizes[:b]) : sum(sizes[: b + 1])] = 1
+        v = _grads(model, ckpts[-1], queries) * keep
+        if method == "source":
+            expected = _dense_source(factors, traj, v, grads, {0, 1})
+        elif method == "ekfac":
+            h = _block_diag_curvature(factors, 0) + 0.05 * torch.eye(len(keep), dtype=torch.float64)
+            expected = torch.linalg.solve(h, v.T).T @ grads[0][0].T / len(data)
+        elif method == "tracin":  # Σ_ℓ c_ℓ/N mean_c ⟨∇f(θ_c), ∇L(θ_c)⟩, both at every checkpoint
+            expected = sum(seg.horizon / (len(data) * len(seg.checkpoints)) * (_grads(model, s, queries) * keep)
+                           @ g.T for ell, seg in enumerate(traj.segments) for s, g in zip(seg.checkpoints, grads[ell]))
+        else:
+            expected = v @ grads[0][0].T / len(data)
+        _close(parts[name], expected)
+    _close(sum(parts.values()), sf.score(model, task, traj, factors, data, queries, method=method, damping=0.05))
+    # Self-influence, fused (one checkpoint) and chunked (SOURCE, TracIn): the diagonals of the parts.
+    small = Subset(data, range(23))
+    if not one:
+        traj = sf.Trajectory([sf.Segment(s.checkpoints, small, lr_sum=s.lr_sum) for s in traj.segments])
+        factors = factors and sf.fit_factors(model, task, traj)
+    train = data if one else small
+    self_parts = sf.self_score(model, task, traj, factors, train, method=method, damping=0.05, chunk_size=10,
+                               per_module=True)
+    pair_parts = sf.score(model, task, traj, factors, train, train, method=method, damping=0.05, per_module=True)
+    assert list(self_parts) == LAYERS
+    for name in LAYERS:
+        _close(self_parts[name], torch.diagonal(pair_parts[name]))
+
+
+@pytest.mark.parametrize("method", ["source", "fast_source", "ekfac", "tracin", "grad_dot"])
+def test_summed_queries_read_the_training_data_once(setup, method):
+    """sum_queries scores the queries' summed measurement: the rows' sum, from one prepared query,
+    so a budget that holds one query still reads the training set once per checkpoint."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    one = method in ("ekfac", "grad_dot")
+    traj = sf.Trajectory.even(ckpts[-1:] if one else ckpts, [0.2] * 12, 1 if one else 2, data)
+    factors = sf.fit_factors(model, task, traj, average_params=method == "fast_source") if method not in (
+        "tracin", "grad_dot") else None
+
+    class Counted(torch.utils.data.Dataset):
+        reads = 0
+
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            Counted.reads += 1
+            return data[i]
+
+    counted = Counted()
+    copies = 1 if one else 2 if method != "tracin" else 4  # prepared copies of one query
+    budget = copies * 43 * 8
+    rows = sf.score(model, task, traj, factors, counted, queries, method=method, batch_size=16,
+                    train_segments="all", query_memory_budget=budget)
+    per_pass = len(data)
+    passes = sum(1 if method == "fast_source" else len(s.checkpoints) for s in traj.segments)
+    assert Counted.reads == len(queries) * passes * per_pass  # one block per query
+    Counted.reads = 0
+    summed = sf.score(model, task, traj, factors, counted, queries, method=method, batch_size=16,
+                      train_segments="all", query_memory_budget=budget, sum_queries=True)
+    assert Counted.reads == passes * per_pass
+    assert summed.shape == (1, len(data))
+    _close(summed, rows.sum(0, keepdim=True))
+    # query_rank approximates the one summed query: full rank is exact, rank 1 is not.
+    _close(sf.score(model, task, traj, factors, data, queries, method=method, sum_queries=True, query_rank=5,
+                    train_segments="all"), summed)

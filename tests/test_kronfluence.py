@@ -346,3 +346,32 @@ def test_shim_rejects_what_it_cannot_reproduce(kron_dir, tmp_path):
     wrapped = kronfluence.prepare_model(copy.deepcopy(model), task)
     with pytest.raises(ValueError, match="TrackedModule"):
         kf.Analyzer("run", wrapped, task, cpu=True, output_dir=str(tmp_path))
+
+
+def test_per_token_scores_match_kronfluence(tmp_path):
+    """compute_per_token_scores on the padded Llama workload in float64: every module's token scores
+    and their sum equal kronfluence's, and padded tokens score exactly 0."""
+    model, task, train, queries = _llama(torch.float64)
+    f64 = dict(per_sample_gradient_dtype=torch.float64, precondition_dtype=torch.float64, score_dtype=torch.float64)
+    got = {}
+    for name, lib in (("kron", kronfluence), ("shim", kf)):
+        analyzer = lib.Analyzer("run", lib.prepare_model(copy.deepcopy(model), task), task, cpu=True,
+                                disable_tqdm=True, output_dir=str(tmp_path / name), log_level=logging.WARNING)
+        analyzer.fit_all_factors("ekfac", train, per_device_batch_size=16, factor_args=FactorArguments(
+            use_empirical_fisher=True, activation_covariance_dtype=torch.float64,
+            gradient_covariance_dtype=torch.float64, per_sample_gradient_dtype=torch.float64,
+            lambda_dtype=torch.float64))
+        for per_module in (False, True):
+            analyzer.compute_pairwise_scores(f"tokens_{per_module}", "ekfac", queries, train, per_device_query_batch_size=4,
+                                             per_device_train_batch_size=16, score_args=ScoreArguments(
+                                                 compute_per_token_scores=True, compute_per_module_scores=per_module,
+                                                 **f64))
+            got[name, per_module] = analyzer.load_pairwise_scores(f"tokens_{per_module}")
+    assert list(got["shim", True]) == sorted(task.get_influence_tracked_modules()) == list(got["kron", True])
+    pad = 1 - torch.stack([train[i]["attention_mask"] for i in range(len(train))])
+    for per_module in (False, True):
+        for module, theirs in got["kron", per_module].items():
+            ours = got["shim", per_module][module]
+            assert ours.shape == theirs.shape == (len(queries), len(train), 10)
+            _agree(ours, theirs, torch.float64, f"{module} per token")
+            assert (ours * pad).abs().max() == 0

@@ -250,6 +250,52 @@ def test_pairwise_scores_ignore_the_self_measurement_flag(fitted):
     torch.testing.assert_close(flagged, _pairwise(shim, "pair_plain", "f", train, queries))
 
 
+def _all_scores(analyzer, kind, name, train, queries, **score_args):
+    """Every tensor of a pairwise or self scores file (module names, or all_modules)."""
+    args = ScoreArguments(**{**SCORE_ARGS, **score_args})
+    if kind == "pairwise":
+        analyzer.compute_pairwise_scores(name, "f", queries, train, per_device_query_batch_size=4,
+                                         per_device_train_batch_size=8, score_args=args)
+        return analyzer.load_pairwise_scores(name)
+    analyzer.compute_self_scores(name, "f", train, per_device_train_batch_size=8, score_args=args)
+    return analyzer.load_self_scores(name)
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("pairwise", {"compute_per_module_scores": True}),
+    ("pairwise", {"aggregate_query_gradients": True}),
+    ("pairwise", {"aggregate_train_gradients": True}),
+    ("pairwise", {"aggregate_query_gradients": True, "aggregate_train_gradients": True,
+                  "compute_per_module_scores": True}),
+    # kronfluence's default low rank is torch.svd_lowrank's randomized one; source_fast always takes the
+    # exact truncated SVD, which is kronfluence's use_full_svd.
+    ("pairwise", {"query_gradient_low_rank": 1, "use_full_svd": True}),
+    ("pairwise", {"aggregate_query_gradients": True, "query_gradient_low_rank": 1, "use_full_svd": True}),
+    ("self", {"compute_per_module_scores": True}),
+    ("self", {"compute_per_module_scores": True, "use_measurement_for_self_influence": True}),
+], ids=lambda v: v if isinstance(v, str) else "+".join(sorted(v)))
+def test_module_and_aggregation_options_match_kronfluence(fitted, kind, options):
+    train, queries = fitted["train"], fitted["queries"]
+    name = f"{kind}_{'_'.join(sorted(options))}"
+    got = {lib: _all_scores(a, kind, name, train, queries, **options) for lib, a in fitted["analyzers"].items()}
+    assert list(got["shim"]) == list(got["kron"])
+    assert list(got["shim"]) == (["0", "2"] if options.get("compute_per_module_scores") else ["all_modules"])
+    for module in got["kron"]:
+        _close(got["shim"][module], got["kron"][module])
+    rows = 1 if options.get("aggregate_query_gradients") else len(queries)
+    cols = 1 if options.get("aggregate_train_gradients") else len(train)
+    assert next(iter(got["shim"].values())).shape == ((rows, cols) if kind == "pairwise" else (len(train),))
+
+
+def test_per_token_scores_of_summed_training_gradients_are_dropped(fitted):
+    shim, train, queries = fitted["analyzers"]["shim"], fitted["train"], fitted["queries"]
+    with pytest.warns(UserWarning, match="compute_per_token_scores is ignored"):
+        got = _all_scores(shim, "pairwise", "tok_agg", train, queries, compute_per_token_scores=True,
+                          aggregate_train_gradients=True)
+    plain = _all_scores(shim, "pairwise", "agg", train, queries, aggregate_train_gradients=True)
+    torch.testing.assert_close(got["all_modules"], plain["all_modules"])
+
+
 # ---- 6. partitions, loaders, staged fits -----------------------------------------------------
 
 

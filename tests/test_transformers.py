@@ -79,6 +79,11 @@ def test_causal_lm_ekfac_matches_explicit_gradients(build, normalize):
     assert per_token.shape == (3, 12, 7)
     assert torch.allclose(per_token.sum(-1), scores, rtol=1e-9, atol=1e-14)
     assert (per_token * (1 - data.mask)[None]).abs().max() == 0
+    # Per module and per token: each module's tokens, summing to the per-token scores.
+    parts = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=1e-3, per_token=True,
+                     per_module=True)
+    assert list(parts) == names and all(p.shape == (3, 12, 7) for p in parts.values())
+    assert torch.allclose(sum(parts.values()), per_token, rtol=1e-9, atol=1e-14)
 
 
 def test_bf16_activations_track_fp32_scores():

@@ -22,13 +22,14 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   nothing attends to them and the loss ignores them). source_fast masks both sides; the two agree
   whenever that assumption holds, and source_fast stays right when it does not.
 - Per-module masks (a dict from `get_attention_mask`), `enable_post_process_per_sample_gradient`,
-  shared (re-used) modules, AMP, per-module / per-token pairwise scores, gradient aggregation and
-  partition targets are not supported by the shim; it raises instead of silently computing something else.
+  shared (re-used) modules, AMP and partition targets are not supported by the shim; it raises instead
+  of silently computing something else. Per-module and per-token scores and aggregated query or
+  training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
 - Precision knobs (`*_dtype` fields other than `score_dtype`) are not used: source_fast computes in the
   model's dtype with float32 accumulation (float64 for a float64 model) and float64 eigendecompositions;
   scores are cast to `score_dtype`. Partition and accumulation knobs only trade memory for passes in
   kronfluence and do not change results; they are ignored. `query_gradient_low_rank` maps to
-  source_fast's `query_rank` (exact SVD, never randomized).
+  source_fast's `query_rank` (exact SVD, never randomized: kronfluence's `use_full_svd=True`).
 - Batching. `per_device_batch_size=None` does not search for the largest batch: it means 32. Pairwise
   scoring holds as many prepared queries as fit in the larger of `per_device_query_batch_size`
   queries and source_fast's default query budget (1 GiB), and reads the training set once per such
@@ -854,7 +855,10 @@ class Analyzer:
         overwrite_output_dir: bool = False,
     ) -> dict[str, Tensor]:
         """EK-FAC influence of every training example on every query, kronfluence's scale:
-        {"all_modules": (n_query, n_train)} = N × source_fast.score(method="ekfac"), in `score_dtype`.
+        {"all_modules": (n_query, n_train)} = N × source_fast.score(method="ekfac"), in `score_dtype`
+        ({module: ...} with `compute_per_module_scores`; (n_query, n_train, tokens) with
+        `compute_per_token_scores`; one row for the summed queries with `aggregate_query_gradients`, one
+        column for the summed training examples with `aggregate_train_gradients`).
         Also written to scores_<name>/pairwise_scores.safetensors; existing scores are returned unless
         overwrite. `use_measurement_for_self_influence` does not apply here and is ignored, as kronfluence does."""
         del initial_per_device_train_batch_size_attempt
@@ -862,15 +866,13 @@ class Analyzer:
         out = self.scores_output_dir(scores_name)
         if (out / "pairwise_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "pairwise_scores.safetensors")
-        _reject(score_args, SCORE_DEFAULTS, {
-            "amp_dtype": "cast the model to the low-precision dtype instead",
-            "compute_per_module_scores": "source_fast sums the modules' scores",
-            "compute_per_token_scores": "source_fast scores whole examples",
-            "aggregate_query_gradients": "score the queries and sum the rows",
-            "aggregate_train_gradients": "score the examples and sum the columns",
-        })
+        _reject(score_args, SCORE_DEFAULTS, {"amp_dtype": "cast the model to the low-precision dtype instead"})
         factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
                                           {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
+        if args["compute_per_token_scores"] and args["aggregate_train_gradients"]:
+            warnings.warn("per-token scores do not apply to aggregated training gradients: "
+                          "compute_per_token_scores is ignored, as kronfluence does", stacklevel=2)
+            args = {**args, "compute_per_token_scores": False}  # the scores' metadata records what was used
         queries = self._loader(_subset(query_dataset, query_indices), per_device_query_batch_size, dataloader_kwargs)
         train = self._loader(_subset(train_dataset, train_indices), per_device_train_batch_size, dataloader_kwargs)
         rank = args["query_gradient_low_rank"]
@@ -879,8 +881,15 @@ class Analyzer:
             self.model, self._task, Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)]), factors, train,
             queries, method="ekfac", damping="heuristic" if damping is None else float(damping), query_rank=rank,
             progress=self.progress, query_memory_budget=self._query_budget(per_device_query_batch_size, rank),
+            per_token=args["compute_per_token_scores"], per_module=args["compute_per_module_scores"],
+            sum_queries=args["aggregate_query_gradients"],
         )
-        result = {ALL_MODULES: (scores * len(train.dataset)).to(_dtype(args["score_dtype"]))}
+        if not args["compute_per_module_scores"]:
+            scores = {ALL_MODULES: scores}
+        if args["aggregate_train_gradients"]:  # linear in the training gradient: the columns' sum is exact
+            scores = {name: s.sum(1, keepdim=True) for name, s in scores.items()}
+        dtype = _dtype(args["score_dtype"])
+        result = {name: (s * len(train.dataset)).to(dtype) for name, s in scores.items()}
         _save_scores(result, out / "pairwise_scores.safetensors", _str_dict(args))
         return result
 
@@ -900,7 +909,8 @@ class Analyzer:
     ) -> dict[str, Tensor]:
         """Self-influence of every training example, kronfluence's scale, in `score_dtype`:
         {"all_modules": (n_train,)} = N × source_fast.self_score(method="ekfac") (training loss on both
-        sides), or with `use_measurement_for_self_influence` ∇f(z)ᵀ (preconditioner) ∇L(z). Query
+        sides; {module: ...} with `compute_per_module_scores`), or with
+        `use_measurement_for_self_influence` ∇f(z)ᵀ (preconditioner) ∇L(z). Query
         low rank / accumulation, gradient aggregation and per-token scores do not apply to
         self-influence: ignored with a warning, as kronfluence does."""
         del initial_per_device_train_batch_size_attempt
@@ -908,10 +918,7 @@ class Analyzer:
         out = self.scores_output_dir(scores_name)
         if (out / "self_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "self_scores.safetensors")
-        _reject(score_args, SCORE_DEFAULTS, {
-            "amp_dtype": "cast the model to the low-precision dtype instead",
-            "compute_per_module_scores": "source_fast sums the modules' scores",
-        })
+        _reject(score_args, SCORE_DEFAULTS, {"amp_dtype": "cast the model to the low-precision dtype instead"})
         factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
                                           {"train": (train_dataset, train_indices)})
         ignored = sorted(k for k, v in SELF_IGNORED.items() if args[k] != v)
@@ -930,13 +937,16 @@ class Analyzer:
             for start in range(0, len(data), step):
                 chunk = self._loader(Subset(data, range(start, min(start + step, len(data)))), step, dataloader_kwargs)
                 pairs = score(self.model, self._task, trajectory, factors, chunk, chunk, method="ekfac", damping=damping,
-                              query_memory_budget=self._query_budget(len(chunk.dataset), None))
-                parts.append(torch.diagonal(pairs))
-            scores = torch.cat(parts)
+                              query_memory_budget=self._query_budget(len(chunk.dataset), None), per_module=True)
+                parts.append({name: torch.diagonal(p) for name, p in pairs.items()})
+            scores = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         else:
             scores = self_score(self.model, self._task, trajectory, factors, train, method="ekfac", damping=damping,
-                                progress=self.progress)
-        result = {ALL_MODULES: (scores * len(data)).to(_dtype(args["score_dtype"]))}
+                                progress=self.progress, per_module=True)
+        if not args["compute_per_module_scores"]:
+            scores = {ALL_MODULES: sum(scores.values())}  # (n,) per module: small
+        dtype = _dtype(args["score_dtype"])
+        result = {name: (s * len(data)).to(dtype) for name, s in scores.items()}
         _save_scores(result, out / "self_scores.safetensors", _str_dict(args))
         return result
 
