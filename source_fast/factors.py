@@ -464,33 +464,34 @@ def _check_count(count: int, expected: int | None, what: str) -> None:
 
 def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec], what: str) -> dict[str, Tensor]:
     """P = 1/(√v̂ + ε) per tracked parameter, from each checkpoint's Adam state, averaged (d_out, d_a).
-
-    The optimizer must have been built from `model.parameters()` (state index i ↔ i-th parameter)."""
-    names = [n for n, _ in model.named_parameters()]
+    Only the tracked layers' parameters need a state (a frozen or unused head has none)."""
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
+    needed = [f"{s.name}.{p}" for s in specs for p in (("weight", "bias") if s.has_bias else ("weight",))]
     out: dict[str, Tensor] = {}
     assert seg.optimizer_states is not None
     for c, st in enumerate(seg.optimizer_states):
-        state = load_state_dict(st, f"{what}, optimizer state {c}") if not isinstance(st, dict) else st
+        where = f"{what}, optimizer state {c}"
+        state = load_state_dict(st, where) if not isinstance(st, dict) else st
         if "state" not in state or "param_groups" not in state:
-            raise ValueError(f"{what}, optimizer state {c} is not an optimizer state_dict (needs 'state', 'param_groups')")
+            raise ValueError(f"{where} is not an optimizer state_dict (needs 'state', 'param_groups')")
+        index = _optimizer_indices(model, state["param_groups"], where)
         index_group = {i: g for g in state["param_groups"] for i in g["params"]}
-        if len(index_group) != len(names):
-            raise ValueError(
-                f"{what}, optimizer state {c} covers {len(index_group)} parameters, the model has {len(names)}; "
-                "build the optimizer from model.parameters()"
-            )
         p_by_name, wd_by_name = {}, {}
-        for i, name in enumerate(names):
-            s = state["state"].get(i)
-            group = index_group[i]
+        for name in needed:
+            i = index.get(name)
+            group = index_group.get(i)
             # AMSGrad divides by the running maximum of the second moment, not the moment itself.
-            moment = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+            moment = "max_exp_avg_sq" if group is not None and group.get("amsgrad") else "exp_avg_sq"
+            s = state["state"].get(i) if i is not None else None
             if s is None or moment not in s:
-                raise ValueError(f"{what}, optimizer state {c} has no {moment} for parameter {name!r}")
+                raise ValueError(f"{where} has no {moment} for tracked parameter {name!r}")
+            if tuple(s[moment].shape) != tuple(params[name].shape):
+                raise ValueError(f"{where}: the {moment} it holds for parameter {name!r} has shape "
+                                 f"{tuple(s[moment].shape)}, the parameter {tuple(params[name].shape)}")
             decoupled = group.get("decoupled_weight_decay")
             if decoupled is not None and decoupled != (seg.optimizer == "adamw") and group.get("weight_decay"):
                 raise ValueError(
-                    f"{what}, optimizer state {c}: parameter {name!r} was trained with "
+                    f"{where}: parameter {name!r} was trained with "
                     f"{'decoupled (AdamW)' if decoupled else 'L2 (Adam)'} weight decay, but the segment says "
                     f"optimizer={seg.optimizer!r}"
                 )
@@ -498,10 +499,36 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             v_hat = s[moment].double() / (1 - group["betas"][1] ** step)
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
             wd_by_name[name] = float(group.get("weight_decay", 0.0))
-        _check_weight_decay(specs, wd_by_name, seg, f"{what}, optimizer state {c}")
+        _check_weight_decay(specs, wd_by_name, seg, where)
         for spec in specs:
             out[spec.name] = out.get(spec.name, 0) + spec.param_matrix(p_by_name).double() / len(seg.optimizer_states)
     return out
+
+
+def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict[str, int]:
+    """Each parameter name's index in an optimizer state_dict. torch numbers the states group after
+    group, so only the names torch records with each group (optimizers built from named parameters)
+    say which state is whose; without them, one group built from model.parameters() is read in that
+    order. The names of a tied weight all map to its one state."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if all("param_names" in g for g in groups):
+        by_id = {id(params[n]): i for g in groups for n, i in zip(g["param_names"], g["params"]) if n in params}
+    elif len(groups) != 1:
+        raise ValueError(
+            f"{where} has {len(groups)} parameter groups that do not record their parameters' names, so which "
+            "state belongs to which parameter is unknown (torch numbers them group after group): build the "
+            "optimizer from named parameters (torch.optim.AdamW(model.named_parameters()), or groups of "
+            "(name, parameter) pairs), or add each group's names to the saved state as group['param_names']"
+        )
+    else:
+        order = list(model.parameters())
+        if len(groups[0]["params"]) != len(order):
+            raise ValueError(
+                f"{where} covers {len(groups[0]['params'])} parameters, the model has {len(order)}: build the "
+                "optimizer from model.parameters(), or from named parameters so that its states say whose they are"
+            )
+        by_id = {id(p): i for p, i in zip(order, groups[0]["params"])}
+    return {n: by_id[id(p)] for n, p in params.items() if id(p) in by_id}
 
 
 def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], seg: Segment, what: str) -> None:

@@ -74,7 +74,9 @@ class Segment:
         order; with torch's `dampening` d, pass lr_sum·(1 − d))
     optimizer: "sgd", "adam" (L2 penalty inside the gradient) or "adamw" (decoupled decay)
     optimizer_states: for adam/adamw, the optimizer state_dicts (or files) saved with each
-        checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε)
+        checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε). States are
+        matched to parameters by the names torch records when the optimizer is built from named
+        parameters (needed with several parameter groups), else in model.parameters() order
     weight_decay: SGD: adds wd to every curvature eigenvalue. Adam (L2 in the gradient): adds wd to
         the curvature, inside P's scope. AdamW (decoupled): adds wd to the exponent's σ = p ⊙ diag(H̄)
         and wd·P⁻¹ to the curvature the inverse uses (see scoring._adam_segment). For adam/adamw

@@ -399,13 +399,14 @@ def test_segment_weight_decay_must_be_the_optimizers(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sf.fit_factors(model, task, sf.Trajectory([seg]))
-    names = [n for n, _ in model.named_parameters()]
-    no_decay = [i for i, n in enumerate(names) if n.endswith(".bias")]
-    split = copy.deepcopy(state)
-    group = split["param_groups"][0]
-    split["param_groups"] = [{**group, "params": [i for i in group["params"] if i not in no_decay]},
-                             {**group, "params": no_decay, "weight_decay": 0.0}]
-    seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=[split], weight_decay=0.01)
+    # Hugging Face's grouping: biases in a group of their own, not decayed.
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [(n, p) for n, p in named if n.endswith(".bias")], "weight_decay": 0.0},
+                             {"params": [(n, p) for n, p in named if n.endswith(".weight")]}], lr=1e-2)
+    task.compute_train_loss(data.tensors, model).backward()
+    opt.step()
+    seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=[opt.state_dict()],
+                     weight_decay=0.01)
     with pytest.warns(UserWarning, match=r"the biases of \['0', '2'\] were trained with another weight decay"):
         sf.fit_factors(model, task, sf.Trajectory([seg]))
 
@@ -546,15 +547,13 @@ def test_per_layer_weight_decay_is_read_per_layer(setup):
     factors = sf.fit_factors(model, task, sf.Trajectory([seg]))
     with pytest.raises(ValueError, match=r"Segment weight_decay has no entry for tracked module '2' \(it has \['0'\]\)"):
         sf.score(model, task, sf.Trajectory([seg]), factors, data, queries)
-    states = _adam_states(model, task, data, ckpts[:1])
-    names = [n for n, _ in model.named_parameters()]
-    group = states[0]["param_groups"][0]
-    states[0]["param_groups"] = [
-        {**group, "weight_decay": 0.1, "decoupled_weight_decay": True,
-         "params": [i for i, n in enumerate(names) if n.startswith("0.")]},
-        {**group, "weight_decay": 0.3, "decoupled_weight_decay": True,
-         "params": [i for i, n in enumerate(names) if n.startswith("2.")]},
-    ]
+    model.load_state_dict(ckpts[0])
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [(n, p) for n, p in named if n.startswith(layer)], "weight_decay": wd}
+                             for layer, wd in (("2.", 0.3), ("0.", 0.1))], lr=1e-2)
+    task.compute_train_loss(data.tensors, model).backward()
+    opt.step()
+    states = [opt.state_dict()]
     per_layer = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=states,
                            weight_decay={"0": 0.1, "2": 0.3})
     sf.fit_factors(model, task, sf.Trajectory([per_layer]))
@@ -650,3 +649,62 @@ def test_summed_queries_read_the_training_data_once(setup, method):
     # query_rank approximates the one summed query: full rank is exact, rank 1 is not.
     _close(sf.score(model, task, traj, factors, data, queries, method=method, sum_queries=True, query_rank=5,
                     train_segments="all"), summed)
+
+
+def test_adam_states_are_matched_to_parameters_by_name(setup):
+    """torch numbers optimizer states group after group: with groups listed out of module order the
+    i-th state is not the i-th parameter's, so states are read by the names torch records. Groups that
+    record no names are refused; a tied weight's state serves each of its names; parameters outside
+    the tracked layers need no state (an unused head never gets one)."""
+    model, data, _, ckpts = setup
+    task = ClassifyTask()
+    model.load_state_dict(ckpts[0])
+
+    def trained(groups):
+        opt = torch.optim.Adam(groups, lr=1e-2, eps=1e-6)
+        for _ in range(2):
+            opt.zero_grad()
+            task.compute_train_loss(data.tensors, model).backward()
+            opt.step()
+        own = {f"{m}.weight": opt.state[dict(model.named_parameters())[f"{m}.weight"]]["exp_avg_sq"] for m in LAYERS}
+        return opt.state_dict(), own
+
+    named = list(model.named_parameters())
+    state, own = trained([{"params": [(n, p) for n, p in named if n.startswith(layer)]} for layer in ("2.", "0.")])
+    assert state["param_groups"][0]["params"] == [0, 1]  # layer 2's states come first
+    seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adam", optimizer_states=[state])
+    factors = sf.fit_factors(model, task, sf.Trajectory([seg]))
+    for m in LAYERS:
+        expected = 1 / ((own[f"{m}.weight"].double() / (1 - 0.999**2)).sqrt() + 1e-6)
+        _close(factors.segments[0][m].precond[:, :-1], expected)  # the last column is the bias
+    unnamed, _ = trained([{"params": [p for n, p in named if n.startswith(layer)]} for layer in ("2.", "0.")])
+    seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adam", optimizer_states=[unnamed])
+    with pytest.raises(ValueError, match=r"optimizer state 0 has 2 parameter groups that do not record their "
+                                         r"parameters' names.*model.named_parameters\(\)"):
+        sf.fit_factors(model, task, sf.Trajectory([seg]))
+
+    class Tied(torch.nn.Module):  # a language-model-style head sharing the embedding's weight
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head, self.unused = torch.nn.Embedding(7, 4), torch.nn.Linear(4, 7, bias=False), torch.nn.Linear(4, 2)
+            self.head.weight = self.emb.weight
+            self.emb.double(), self.unused.double()
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.emb(x)))
+
+    torch.manual_seed(0)
+    tied = Tied()
+    tokens = torch.utils.data.TensorDataset(torch.randint(0, 7, (20,)), torch.randint(0, 7, (20,)))
+    opt = torch.optim.Adam(tied.parameters(), lr=1e-2)  # one group, unnamed: read in model.parameters() order
+    F.cross_entropy(tied(tokens.tensors[0]), tokens.tensors[1], reduction="sum").backward()
+    opt.step()
+    assert len(opt.state) == 1  # the unused head got no state
+    seg = sf.Segment([tied.state_dict()], tokens, lr_sum=0.5, optimizer="adam", optimizer_states=[opt.state_dict()])
+    class HeadOnly(ClassifyTask):
+        def get_influence_tracked_modules(self):
+            return ["head"]
+
+    tied_factors = sf.fit_factors(tied, HeadOnly(), sf.Trajectory([seg]))
+    expected = 1 / ((opt.state[tied.emb.weight]["exp_avg_sq"].double() / (1 - 0.999)).sqrt() + 1e-8)
+    _close(tied_factors.segments[0]["head"].precond, expected)
