@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .capture import layer_kind
@@ -35,14 +35,23 @@ class RegressionTask(Task):
 
     def compute_train_loss(self, batch, model, sample=False):
         x, y = batch
-        out = model(x).squeeze(-1)
-        if sample:
-            y = out.detach() + torch.randn_like(out)
+        out = model(x)
+        y = out.detach() + torch.randn_like(out) if sample else _targets_like(out, y)
         return 0.5 * ((out - y) ** 2).sum()
 
     def compute_measurement(self, batch, model):
         x, y = batch
-        return 0.5 * ((model(x).squeeze(-1) - y) ** 2).sum()
+        out = model(x)
+        return 0.5 * ((out - _targets_like(out, y)) ** 2).sum()
+
+
+def _targets_like(out: Tensor, y: Tensor) -> Tensor:
+    """Targets in the outputs' shape: (n,) and (n, 1) are the same targets for a (n, 1) output, but
+    subtracting them as they are would broadcast to (n, n) and sum every pair."""
+    if y.numel() != out.numel() or y.shape[0] != out.shape[0]:
+        raise ValueError(f"RegressionTask: targets of shape {tuple(y.shape)} do not match the model's outputs "
+                         f"{tuple(out.shape)}")
+    return y.reshape(out.shape)
 
 
 def mlp_modules(model: nn.Module) -> list[str]:

@@ -708,3 +708,18 @@ def test_adam_states_are_matched_to_parameters_by_name(setup):
     tied_factors = sf.fit_factors(tied, HeadOnly(), sf.Trajectory([seg]))
     expected = 1 / ((opt.state[tied.emb.weight]["exp_avg_sq"].double() / (1 - 0.999)).sqrt() + 1e-8)
     _close(tied_factors.segments[0]["head"].precond, expected)
+
+
+def test_regression_task_reads_targets_in_the_outputs_shape():
+    """(n,) and (n, 1) targets are the same targets: subtracting (n,) outputs from (n, 1) targets
+    would broadcast to every pair, a loss that grows with the batch size."""
+    torch.manual_seed(0)
+    model = mlp(3, 4, 1)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    expected = 0.5 * ((model(x)[:, 0] - y) ** 2).sum()
+    task = RegressTask()
+    for targets in (y, y[:, None]):
+        torch.testing.assert_close(task.compute_train_loss((x, targets), model), expected, rtol=1e-15, atol=0)
+        torch.testing.assert_close(task.compute_measurement((x, targets), model), expected, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match=r"targets of shape \(6, 2\) do not match the model's outputs \(6, 1\)"):
+        task.compute_train_loss((x, torch.randn(6, 2, dtype=torch.float64)), model)
