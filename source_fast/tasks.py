@@ -63,7 +63,8 @@ class CausalLMTask(Task):
     """Next-token cross-entropy for Hugging Face causal LMs.
 
     Batches are dicts with `input_ids` (n, t) and `attention_mask` (n, t); padded positions have
-    mask 0 and are dropped from factors and gradients. `normalize` must match training: "sum" (loss
+    mask 0 and are dropped from factors and gradients (left or right padding; a token is predicted
+    only from a real token). `normalize` must match training: "sum" (loss
     summed over an example's tokens) or "mean" (averaged over its unmasked tokens), because SOURCE's
     curvature scale is that of the objective really optimised. The measurement is the query's loss
     with the same normalisation. `tracked`: module names, or None for every Linear/Conv1D.
@@ -89,7 +90,10 @@ class CausalLMTask(Task):
         # against targets shifted in place (ignored: -100), so the logits stay contiguous. The sliced,
         # transposed (n, V, t - 1) view cross_entropy took before cost a copy of all the logits and a
         # log-softmax along a strided dimension (1.5 s per 1,000 GPT-2 tokens on one CPU core).
-        keep = mask[:, 1:] != 0
+        # Scored: positions that are tokens themselves and predict a token. With left padding the
+        # padding before the first token would predict it, but the capture drops padded positions, so
+        # that term's gradient could never reach the factors or the scores.
+        keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
         target = F.pad(torch.where(keep, nxt, -100), (0, 1), value=-100)
         per_token = F.cross_entropy(logits.reshape(n * t, vocab), target.reshape(-1), reduction="none")
         per_example = per_token.view(n, t).sum(1)

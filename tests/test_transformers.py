@@ -23,13 +23,15 @@ def _llama():
 
 
 class TokenData(torch.utils.data.Dataset):
-    """Right-padded sequences of random tokens, lengths 3..t."""
+    """Right-padded (or left-padded) sequences of random tokens, lengths 3..t."""
 
-    def __init__(self, n, t, seed):
+    def __init__(self, n, t, seed, left=False):
         g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(1, 23, (n, t), generator=g)
         lengths = torch.randint(3, t + 1, (n,), generator=g)
         self.mask = (torch.arange(t)[None] < lengths[:, None]).long()
+        if left:
+            self.mask = self.mask.flip(1)
         self.ids = self.ids * self.mask  # pad id 0
 
     def __len__(self):
@@ -84,6 +86,23 @@ def test_causal_lm_ekfac_matches_explicit_gradients(build, normalize):
                      per_module=True)
     assert list(parts) == names and all(p.shape == (3, 12, 7) for p in parts.values())
     assert torch.allclose(sum(parts.values()), per_token, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
+def test_left_padding_scores_are_the_explicit_gradients(normalize):
+    """Left padding: the padding before a sequence's first token predicts nothing (the capture drops
+    padded positions, so a loss term there would be missing from the gradients): gradient dot
+    products equal explicit per-example autograd gradients of the task's own loss."""
+    torch.manual_seed(0)
+    model = _gpt2().double().eval()
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    task = CausalLMTask(tracked=names, normalize=normalize)
+    data, queries = TokenData(9, 7, 0, left=True), TokenData(3, 7, 1, left=True)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    scores = sf.score(model, task, traj, None, data, queries, method="grad_dot", batch_size=4)
+    expected = _explicit(model, task, queries, names) @ _explicit(model, task, data, names).T / len(data)
+    err = (scores - expected).abs().max() / expected.abs().max()
+    assert err < 1e-10, err
 
 
 def test_bf16_activations_track_fp32_scores():
