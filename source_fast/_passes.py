@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -122,6 +123,19 @@ def digest_examples(data: Any, limit: int | None = 16) -> str:
         examples = [source[i] for i in sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))})]
     leaves = [_as_tensor(x) for example in examples for x in torch.utils._pytree.tree_leaves(example)]
     return f"{'stream' if n is None else n}:{digest_tensors(leaves)}"
+
+
+def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
+    """A task for fingerprints: its class and plain settings (another loss or normalisation is another
+    run), and the collate function's name. Settings that are not plain values count by type only."""
+    def plain(v: Any) -> bool:
+        return v is None or isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, (list, tuple)) and all(plain(x) for x in v))
+
+    settings = {k: v if plain(v) else type(v).__qualname__ for k, v in sorted(getattr(task, "__dict__", {}).items())}
+    cls = type(task)
+    collate = None if collate_fn is None else getattr(collate_fn, "__qualname__", type(collate_fn).__qualname__)
+    return json.dumps([f"{cls.__module__}.{cls.__qualname__}", settings, collate], sort_keys=True)
 
 
 def _as_tensor(leaf: Any) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ._dist import all_reduce_int, barrier, rank_and_world
 from ._io import atomic_path, sha256_file
-from ._passes import chunks, digest_examples, digest_tensors, length, materialize, model_device, subset
+from ._passes import chunks, describe_task, digest_examples, digest_tensors, length, materialize, model_device, subset
 from .factors import Factors, _checkpoint_digest, restored
 from .scoring import (
     _SELF_METHODS,
@@ -50,15 +50,16 @@ from .scoring import (
 from .task import Task
 from .trajectory import Trajectory
 
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 
 
-def _fingerprint(trajectory, factors, method, options, train_data, query_data) -> dict:
+def _fingerprint(task, trajectory, factors, method, options, train_data, query_data, collate_fn) -> dict:
     fac = None
     if isinstance(factors, Factors):
         fac = digest_tensors(lf.lam for seg in factors.segments for lf in seg.values())
     fingerprint = {
         "method": method,
+        "task": describe_task(task, collate_fn),
         "options": options,
         "factors": fac,
         # Every score carries 1/N_ℓ and the gradients at these weights: a shard of other ones is not this run's.
@@ -121,7 +122,7 @@ def score_corpus(
     rank, world = rank_and_world()
     options = {"damping": damping, "shard_size": shard_size, "top_k": top_k, "query_rank": query_rank,
                "query_memory_budget": query_memory_budget, "train_segments": train_segments}
-    fingerprint = _fingerprint(trajectory, factors, method, options, train_data, query_data)
+    fingerprint = _fingerprint(task, trajectory, factors, method, options, train_data, query_data, collate_fn)
     _check_or_write_manifest(out, fingerprint, rank, world, model_device(model))
     if rank == 0:  # the marks of a finished run go until this one finishes (a stream may have grown)
         (out / "rows.json").unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import ops
 from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world
 from ._io import atomic_path, sha256_file
-from ._passes import digest_examples, digest_tensors, length, make_loader, rank_share, run_pass
+from ._passes import describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, run_pass
 from .capture import LayerSpec, tracked_layers, with_ones
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
@@ -247,7 +247,8 @@ def fit_factors(
     seed: seeds the label sampling, pass by pass (the caller's RNG state is restored afterwards).
     resume_dir: keep each finished pass's sums there (atomically, by rank 0; every rank must see the
         folder) and skip the passes already there: a fit killed midway resumes after its last finished
-        pass with the same result. A folder from a different fit is refused.
+        pass with the same result. A folder from a different fit (layers, checkpoints, data, options,
+        or the task: its class, plain settings and collate_fn) is refused.
     The model's weights and train/eval mode are restored on return.
     """
     if fisher not in get_args(Fisher):
@@ -257,7 +258,8 @@ def fit_factors(
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
     segments, num_examples = [], []
-    saved = _FitProgress(resume_dir, specs, trajectory, fisher, average_params, seed, batch_size, dtype, device)
+    saved = _FitProgress(resume_dir, specs, trajectory, describe_task(task, collate_fn), fisher, average_params, seed,
+                         batch_size, dtype, device)
 
     def run(kind, ell, c, compute):
         """One pass's sums: from resume_dir when finished there before, else computed (and kept)."""
@@ -322,7 +324,7 @@ class _FitProgress:
     """fit_factors' finished passes in `folder`: seg{ℓ}_{cov|lam}{c}.safetensors, one per pass, plus
     fit.json naming what is being fitted (layers, trajectory, data, options)."""
 
-    def __init__(self, folder, specs, trajectory, fisher, average_params, seed, batch_size, dtype, device):
+    def __init__(self, folder, specs, trajectory, task, fisher, average_params, seed, batch_size, dtype, device):
         self.folder = None if folder is None else Path(folder)
         if self.folder is None:
             return
@@ -330,7 +332,7 @@ class _FitProgress:
         diff = []
         if rank == 0:  # rank 0 decides, and every rank raises together (none is left waiting at a barrier)
             fingerprint = {
-                "layers": [[s.name, s.d_out, s.d_a] for s in specs], "layout": trajectory.layout(),
+                "layers": [[s.name, s.d_out, s.d_a] for s in specs], "layout": trajectory.layout(), "task": task,
                 "checkpoints": [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
                                 for ell, seg in enumerate(trajectory.segments)],
                 "data": [digest_examples(seg.data) for seg in trajectory.segments],

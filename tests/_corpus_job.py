@@ -31,8 +31,10 @@ class Stream(torch.utils.data.IterableDataset):
 
 
 class SlowTask(ClassifyTask):
-    def __init__(self, delay):
-        self.delay = delay
+    """ClassifyTask on a slow machine: the delay is the machine's, not a setting of the task (a task's
+    settings are part of a run's fingerprint, so the resumed run, not slowed, must match)."""
+
+    delay = 0.0
 
     def compute_train_loss(self, batch, model, sample=False):
         time.sleep(self.delay)
@@ -64,7 +66,8 @@ def main():
     model, data, queries, traj = job(args.stream)
     if args.skew and int(os.environ.get("RANK", "0")) == 1:
         queries = classification_data(5, 6, 4, seed=3, dtype=torch.float32)
-    task = SlowTask(args.slow)
+    SlowTask.delay = args.slow
+    task = SlowTask()
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
     if args.factors_out and int(os.environ.get("RANK", "0")) == 0:
         factors.save(args.factors_out)

@@ -15,7 +15,7 @@ from _corpus_job import job
 
 import source_fast as sf
 from source_fast.corpus import load_scores, load_top_k, score_corpus
-from _helpers import ClassifyTask
+from _helpers import ClassifyTask, RegressTask
 
 HERE = Path(__file__).parent
 JOB = [sys.executable, str(HERE / "_corpus_job.py")]
@@ -72,6 +72,8 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
     other = sf.Factors(other.layers, [{k: type(v)(v.a_cov, v.s_cov, v.q_a, v.q_s, v.lam * 2) for k, v in seg.items()} for seg in other.segments], other.num_examples, other.layout, other.fisher, other.average_params)
     with pytest.raises(ValueError, match="differs in: factors"):
         score_corpus(model, task, traj, other, data, queries, tmp_path, shard_size=32, progress=False)
+    with pytest.raises(ValueError, match=r"differs in: task\)"):  # another loss (or measurement)
+        score_corpus(model, RegressTask(), traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
     shard = sorted((tmp_path / "shards").glob("*.safetensors"))[1]
     blob = bytearray(shard.read_bytes())
     blob[-1] ^= 0x55

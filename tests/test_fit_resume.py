@@ -3,10 +3,12 @@ and gives exactly the factors of an uninterrupted fit; a folder from another fit
 
 import pytest
 import torch
-from _helpers import ClassifyTask, classification_data, mlp, perturbed_states
+from _helpers import ClassifyTask, RegressTask, classification_data, mlp, perturbed_states
 
 import source_fast as sf
 from source_fast import factors as fm
+from source_fast._passes import describe_task
+from source_fast.tasks import CausalLMTask
 
 
 class Killed(Exception):
@@ -63,6 +65,14 @@ def test_a_folder_from_another_fit_is_refused(tmp_path):
     other = sf.Trajectory.even(perturbed_states(model, 4, scale=0.2), [0.05] * 20, 2, traj.segments[0].data)
     with pytest.raises(ValueError, match=r"differs in: checkpoints"):
         sf.fit_factors(model, task, other, fisher="empirical", batch_size=8, resume_dir=tmp_path)
+    # Another loss is another fit: a task's class and plain settings, and the collate function, count.
+    with pytest.raises(ValueError, match=r"differs in: task"):
+        sf.fit_factors(model, RegressTask(), traj, fisher="empirical", batch_size=8, resume_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"differs in: task"):
+        sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path,
+                       collate_fn=torch.utils.data.default_collate)
+    assert describe_task(CausalLMTask(normalize="sum")) != describe_task(CausalLMTask(normalize="mean"))
+    assert describe_task(CausalLMTask(tracked=["a"])) != describe_task(CausalLMTask(tracked=["b"]))
 
 
 def test_checkpoints_are_identified_by_content(tmp_path):
