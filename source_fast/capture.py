@@ -199,7 +199,10 @@ class Capturer:
             record = Captured(a=a, g=None, mask=mask)
             self.records[spec.name] = record
             if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
+                # The first tracked layer (parameters are frozen during a pass): its output starts the
+                # graph. Cloned, so an in-place op right after the layer (ReLU(inplace=True)) does not
+                # modify a leaf, which autograd refuses.
+                output = output.detach().requires_grad_(True).clone()
 
             def grad_hook(grad: Tensor):
                 if spec.kind == "conv2d":

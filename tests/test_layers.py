@@ -206,3 +206,15 @@ def test_transformers_conv1d_layout():
     data, queries = _token_data(16, 6, 0, garbage=1), _token_data(2, 6, 3, garbage=2)
     factors, _ = _check_ekfac_dense(model, TokenTask(), _token_loss, data, queries)
     assert factors.layers[0].kind == "conv1d" and (factors.layers[0].d_in, factors.layers[0].d_out) == (3, 4)
+
+
+def test_an_in_place_op_after_the_first_tracked_layer():
+    """The first tracked layer's output starts the autograd graph during a pass; ReLU(inplace=True)
+    right after it must neither fail nor change the gradients (against explicit ones)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3), nn.ReLU(inplace=True),
+                          nn.Linear(3, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    _check_ekfac_dense(model, sf.tasks.ClassificationTask(), lambda out, y: F.cross_entropy(out, y, reduction="sum"),
+                       TensorDataset(x[:24], y[:24]), TensorDataset(x[24:], y[24:]))
