@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -63,6 +63,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_named_by_content(folder: Path, stem: str, suffix: str, write: Callable[[Path], None]) -> tuple[str, str]:
+    """Writes a file with `write(temporary path)` and renames it to `<stem>.<sha256[:16]><suffix>` in
+    `folder`: a file of that name is complete whenever it exists, so a small index file renamed after
+    it can be the single commit point of a save. Returns (the file's name, its sha256)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        digest = sha256_file(tmp)
+        name = f"{stem}.{digest[:16]}{suffix}"
+        os.chmod(tmp, default_mode())
+        _fsync(tmp)
+        os.replace(tmp, folder / name)
+        _fsync(folder)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return name, digest
 
 
 def _exchange(a: Path, b: Path) -> bool:

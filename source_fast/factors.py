@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from torch import Tensor, nn
 
 from . import ops
 from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world
-from ._io import atomic_path, sha256_file
+from ._io import atomic_path, sha256_file, write_named_by_content
 from ._passes import describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, run_pass
 from .capture import LayerSpec, tracked_layers, with_ones
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tensor file is named by its content (factors.json says which)
+_TENSOR_FILE = re.compile(r"factors(\.[0-9a-f]{16})?\.safetensors")
 Fisher = Literal["true", "empirical"]
 
 
@@ -74,14 +76,15 @@ class Factors:
     average_params: bool
 
     def check_model(self, model: nn.Module, specs: list[LayerSpec]) -> None:
-        if specs != self.layers:
-            theirs = {s.name: s for s in self.layers}
-            for s in specs:
-                if s.name not in theirs:
-                    raise ValueError(f"factors were not fitted for module {s.name!r} (they have {sorted(theirs)})")
-                if s != theirs[s.name]:
-                    raise ValueError(f"module {s.name!r} is {s} in the model but {theirs[s.name]} in the factors")
-            extra = sorted(set(theirs) - {s.name for s in specs})
+        """The task's tracked modules must be the factors' (in any order: factors are read by name)."""
+        theirs = {s.name: s for s in self.layers}
+        for s in specs:
+            if s.name not in theirs:
+                raise ValueError(f"factors were not fitted for module {s.name!r} (they have {sorted(theirs)})")
+            if s != theirs[s.name]:
+                raise ValueError(f"module {s.name!r} is {s} in the model but {theirs[s.name]} in the factors")
+        extra = sorted(set(theirs) - {s.name for s in specs})
+        if extra:
             raise ValueError(f"factors track modules the task does not: {extra}")
 
     def check_trajectory(self, trajectory: Trajectory, *, average_params: bool) -> None:
@@ -97,7 +100,9 @@ class Factors:
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Writes `path/factors.safetensors` and `path/factors.json` atomically (temp file, rename)."""
+        """Writes the tensors to `path/factors.<sha256[:16]>.safetensors`, then `path/factors.json`,
+        which names them: the json's rename is the one commit point, so a save killed at any moment
+        leaves the previous factors loadable (an earlier save's tensor file goes only afterwards)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -108,9 +113,8 @@ class Factors:
                     t = getattr(lf, field)
                     if t is not None:
                         tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
-        with atomic_path(path / "factors.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-            digest = sha256_file(tmp)
+        tensors_file, digest = write_named_by_content(path, "factors", ".safetensors",
+                                                      lambda tmp: save_file(tensors, str(tmp)))
         meta = {
             "format": "source_fast.factors",
             "format_version": FORMAT_VERSION,
@@ -121,28 +125,35 @@ class Factors:
             "layout": self.layout,
             "fisher": self.fisher,
             "average_params": self.average_params,
+            "tensors_file": tensors_file,
             "tensors_sha256": digest,
         }
         with atomic_path(path / "factors.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=1))
+        for old in path.iterdir():  # earlier saves' tensors (format 1's fixed name included)
+            if old.name != tensors_file and _TENSOR_FILE.fullmatch(old.name):
+                old.unlink()
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Factors:
         from safetensors.torch import load_file
 
         path = Path(path)
-        meta_path, tensor_path = path / "factors.json", path / "factors.safetensors"
-        for p in (meta_path, tensor_path):
-            if not p.exists():
-                raise FileNotFoundError(f"factor directory {str(path)!r} is incomplete: {p.name} is missing")
+        meta_path = path / "factors.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"factor directory {str(path)!r} is incomplete: factors.json is missing")
         try:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{meta_path} is corrupted: {exc}") from None
         if meta.get("format") != "source_fast.factors":
             raise ValueError(f"{meta_path} is not a source_fast factor file")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path} has format version {meta.get('format_version')}, this source_fast reads {FORMAT_VERSION}")
+        if meta.get("format_version") not in (1, FORMAT_VERSION):
+            raise ValueError(f"{meta_path} has format version {meta.get('format_version')}, this source_fast reads "
+                             f"1 to {FORMAT_VERSION}")
+        tensor_path = path / meta.get("tensors_file", "factors.safetensors")  # format 1: a fixed name
+        if not tensor_path.exists():
+            raise FileNotFoundError(f"factor directory {str(path)!r} is incomplete: {tensor_path.name} is missing")
         if sha256_file(tensor_path) != meta["tensors_sha256"]:
             raise ValueError(f"{tensor_path} is corrupted or was replaced: its checksum does not match factors.json")
         tensors = load_file(str(tensor_path), device=str(map_location))

@@ -40,7 +40,7 @@ def test_fit_and_score_from_a_job_file(tmp_path):
     assert not (tmp_path / "factors.partial").exists()  # finished passes are dropped once the factors exist
     (tmp_path / "here").mkdir()
     _run("fit", str(job_file), "--out", ".", cwd=tmp_path / "here")  # `.` has no name to add ".partial" to
-    assert (tmp_path / "here" / "factors.safetensors").exists() and not (tmp_path / "here.partial").exists()
+    assert (tmp_path / "here" / "factors.json").exists() and not (tmp_path / "here.partial").exists()
     first = _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "scores"), "--shard-size", "50")
     assert "query block 1/1, shard 3/3: rows 100-120" in first.stdout  # each shard it scores is reported
     _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "top"), "--top-k", "4")

@@ -1,6 +1,8 @@
 """Bad input gets a clear error that names the problem, and nothing half-written is left behind."""
 
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -149,6 +151,12 @@ def test_tracked_modules_must_exist_and_be_supported(setup):
     assert [s.name for s in f.layers] == ["2"]
     with pytest.raises(ValueError, match="factors were not fitted for module '0'"):
         sf.score(model, Named(["0", "2"]), traj, f, data, data)
+    both = sf.fit_factors(model, Named(["0", "2"]), traj)
+    with pytest.raises(ValueError, match=r"factors track modules the task does not: \['0'\]"):
+        sf.score(model, Named(["2"]), traj, both, data, data)
+    # The same modules listed in another order are the same factors (read by name).
+    torch.testing.assert_close(sf.score(model, Named(["2", "0"]), traj, both, data, data, method="ekfac"),
+                               sf.score(model, Named(["0", "2"]), traj, both, data, data, method="ekfac"))
 
 
 def test_factor_files_incomplete_corrupted_or_from_another_model(setup, tmp_path):
@@ -156,17 +164,23 @@ def test_factor_files_incomplete_corrupted_or_from_another_model(setup, tmp_path
     traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
     f = sf.fit_factors(model, ClassifyTask(), traj)
     f.save(tmp_path / "ok")
-    assert sorted(os.listdir(tmp_path / "ok")) == ["factors.json", "factors.safetensors"]  # no temp files left
+    tensors = json.loads((tmp_path / "ok" / "factors.json").read_text())["tensors_file"]
+    assert re.fullmatch(r"factors\.[0-9a-f]{16}\.safetensors", tensors)
+    assert sorted(os.listdir(tmp_path / "ok")) == sorted(["factors.json", tensors])  # no temp files left
 
     f.save(tmp_path / "incomplete")
     os.remove(tmp_path / "incomplete" / "factors.json")
     with pytest.raises(FileNotFoundError, match="incomplete: factors.json is missing"):
         sf.Factors.load(tmp_path / "incomplete")
+    f.save(tmp_path / "incomplete")
+    os.remove(tmp_path / "incomplete" / tensors)
+    with pytest.raises(FileNotFoundError, match=f"incomplete: {tensors} is missing"):
+        sf.Factors.load(tmp_path / "incomplete")
 
     f.save(tmp_path / "corrupt")
-    blob = bytearray((tmp_path / "corrupt" / "factors.safetensors").read_bytes())
+    blob = bytearray((tmp_path / "corrupt" / tensors).read_bytes())
     blob[-3] ^= 0xFF
-    (tmp_path / "corrupt" / "factors.safetensors").write_bytes(bytes(blob))
+    (tmp_path / "corrupt" / tensors).write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="corrupted or was replaced"):
         sf.Factors.load(tmp_path / "corrupt")
 
@@ -194,3 +208,35 @@ def test_a_failed_save_leaves_nothing_behind(setup, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         f.save(tmp_path / "f")
     assert os.listdir(tmp_path / "f") == []
+
+
+def test_a_factor_save_killed_midway_leaves_the_previous_factors(setup, tmp_path, monkeypatch):
+    """factors.json is the one commit point: killed after the new tensors are written but before the
+    json is, the folder still loads the previous factors; the next save removes the stray tensors.
+    Folders of format 1 (a fixed tensor file name) still load and are replaced cleanly."""
+    from source_fast import factors as fm
+
+    model, data, ckpts = setup
+    task = ClassifyTask()
+    first = sf.fit_factors(model, task, sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)]))
+    second = sf.fit_factors(model, task, sf.Trajectory([sf.Segment(ckpts[1:2], data, lr_sum=1.0)]))
+    first.save(tmp_path)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(fm, "atomic_path", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            second.save(tmp_path)
+    assert len(list(tmp_path.glob("factors.*.safetensors"))) == 2  # the new tensors, not yet committed
+    loaded = sf.Factors.load(tmp_path)
+    assert torch.equal(loaded.segments[0]["0"].lam, first.segments[0]["0"].lam)
+    second.save(tmp_path)
+    assert len(list(tmp_path.glob("factors.*.safetensors"))) == 1
+    assert torch.equal(sf.Factors.load(tmp_path).segments[0]["0"].lam, second.segments[0]["0"].lam)
+    # Format 1: tensors in factors.safetensors, no tensors_file in the json.
+    meta = json.loads((tmp_path / "factors.json").read_text())
+    os.replace(tmp_path / meta.pop("tensors_file"), tmp_path / "factors.safetensors")
+    (tmp_path / "factors.json").write_text(json.dumps({**meta, "format_version": 1}))
+    assert torch.equal(sf.Factors.load(tmp_path).segments[0]["0"].lam, second.segments[0]["0"].lam)
+    first.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["factors.json", json.loads(
+        (tmp_path / "factors.json").read_text())["tensors_file"]])
