@@ -513,6 +513,10 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
             wd_by_name[name] = float(group.get("weight_decay", 0.0))
         _check_weight_decay(specs, wd_by_name, seg, where)
+        lrs = {float(index_group[index[name]]["lr"]) for name in needed}
+        if len(lrs) > 1:  # the segment's one learning-rate sum (its horizon) applies to every layer
+            warnings.warn(f"{where}: the tracked parameters' groups have different learning rates "
+                          f"{sorted(lrs)}; the segment's lr_sum applies to all of them", stacklevel=3)
         for spec in specs:
             out[spec.name] = out.get(spec.name, 0) + spec.param_matrix(p_by_name).double() / len(seg.optimizer_states)
     return out

@@ -677,6 +677,9 @@ def test_adam_states_are_matched_to_parameters_by_name(setup):
     for m in LAYERS:
         expected = 1 / ((own[f"{m}.weight"].double() / (1 - 0.999**2)).sqrt() + 1e-6)
         _close(factors.segments[0][m].precond[:, :-1], expected)  # the last column is the bias
+    state["param_groups"][0]["lr"] = 1e-3  # a layer trained at another rate than the segment says
+    with pytest.warns(UserWarning, match=r"different learning rates \[0.001, 0.01\]; the segment's lr_sum applies"):
+        sf.fit_factors(model, task, sf.Trajectory([seg]))
     unnamed, _ = trained([{"params": [p for n, p in named if n.startswith(layer)]} for layer in ("2.", "0.")])
     seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adam", optimizer_states=[unnamed])
     with pytest.raises(ValueError, match=r"optimizer state 0 has 2 parameter groups that do not record their "
