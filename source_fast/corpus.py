@@ -41,6 +41,7 @@ from .scoring import (
     Damping,
     Method,
     _validate,
+    check_query_rank,
     check_rows,
     oom_hint,
     prepare_queries,
@@ -110,8 +111,7 @@ def score_corpus(
         raise ValueError(f"score_corpus supports the methods {list(_SELF_METHODS)}, not {method!r}")
     if shard_size < 1 or (top_k is not None and top_k < 1):
         raise ValueError(f"shard_size and top_k must be positive, got {shard_size} and {top_k}")
-    if query_rank is not None and query_rank < 1:
-        raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
+    check_query_rank(query_rank)
     query_data = materialize(query_data)
     n_train, n_query = length(train_data), length(query_data)
     if n_train == 0 or n_query == 0:
@@ -165,7 +165,7 @@ def score_corpus(
                         plan = prepare_queries(
                             model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
                             damping=damping, train_segments=train_segments, query_rank=query_rank,
-                            batch_size=batch_size, collate_fn=collate_fn,
+                            batch_size=batch_size, collate_fn=collate_fn, memory_budget=query_memory_budget,
                         )
                 if progress:
                     print(where, flush=True)

@@ -194,5 +194,22 @@ def pairwise_token_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None =
     a: (n, t, d_a), g: (n, t, d_out), u: (q, d_out, d_a), mask: (n, t) or None. Returns (n, q, t).
     """
     dt = compute_dtype(a, g, u)
-    ua = torch.einsum("qoi,nti->nqto", u.to(dt), _masked(a, mask, dt))
-    return torch.einsum("nqto,nto->nqt", ua, _masked(g, mask, dt))
+    a_, g_, u_ = _masked(a, mask, dt), _masked(g, mask, dt), u.to(dt)
+    n, t = a.shape[:2]
+    q, d_out, d_a = u.shape
+    # The (examples, queries, tokens, d) intermediate is the memory (d_out times the result's): U goes
+    # onto the side with more features, leaving the smaller d, a block of examples at a time.
+    per_example = q * t * min(d_out, d_a) * torch.finfo(dt).bits // 8
+    step = max(1, TOKEN_BLOCK_BYTES // max(per_example, 1))
+    out = torch.empty(n, q, t, dtype=dt, device=a.device)
+    for s in range(0, n, step):
+        if d_out <= d_a:
+            ua = torch.einsum("qoi,nti->nqto", u_, a_[s : s + step])
+            out[s : s + step] = torch.einsum("nqto,nto->nqt", ua, g_[s : s + step])
+        else:
+            gu = torch.einsum("qoi,nto->nqti", u_, g_[s : s + step])
+            out[s : s + step] = torch.einsum("nqti,nti->nqt", gu, a_[s : s + step])
+    return out
+
+
+TOKEN_BLOCK_BYTES = 64 << 20  # bounds pairwise_token_scores' intermediate

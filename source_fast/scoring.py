@@ -8,9 +8,11 @@ the measurement's own units.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -105,6 +107,9 @@ def _segments_for(trajectory: Trajectory, train_data: Any, train_segments) -> li
                 "whose data contains these examples) or train_segments='all'"
             )
         return found
+    if isinstance(train_segments, str) or not isinstance(train_segments, Iterable) or not all(
+            isinstance(i, numbers.Integral) for i in train_segments):
+        raise ValueError(f"train_segments must be None, 'all' or a list of segment indices, got {train_segments!r}")
     idx = sorted(set(int(i) for i in train_segments))
     if not idx or idx[0] < 0 or idx[-1] >= n_seg:
         raise ValueError(f"train_segments {list(train_segments)} must name segments in 0..{n_seg - 1}")
@@ -193,9 +198,10 @@ def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str
             raise ValueError(f"damping='implied' is 1/c, and the segment's learning-rate sum c is {horizon} "
                              f"(module {name!r}): give a number instead")
         return 1.0 / horizon
-    if isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0:
+    if isinstance(damping, (int, float)) and not isinstance(damping, bool) and 0 <= damping < math.inf:
         return float(damping)
-    raise ValueError(f"damping for module {name!r} must be a number >= 0, 'heuristic' or 'implied'; got {damping!r}")
+    raise ValueError(f"damping for module {name!r} must be a finite number >= 0, 'heuristic' or 'implied'; "
+                     f"got {damping!r}")
 
 
 def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Damping) -> list[Grads]:
@@ -241,14 +247,18 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
         extra = 0.0
         if wd:
             lam = lam.clamp_min(0) + wd * ((lf.q_s**2).T @ (1 / lf.precond) @ lf.q_a**2)
-    shrink = torch.exp(-seg.lr_sum * sigma)
+    x = seg.lr_sum * sigma
     delta = _damping_value(damping, lf, seg.lr_sum, name) + extra
-    u, _ = ops.precondition_queries((1 - shrink) * v, lf.q_s, lf.q_a, lam, horizon=None, damping=delta)
-    return u, shrink * v
+    if delta == 0 and bool((lam <= 0).any()):
+        raise ValueError(f"module {name!r}: an Adam segment with damping 0 divides by the curvature, which is 0 in "
+                         "some directions here: give damping > 0 (or 'heuristic')")
+    # 1 − e^{−x} by expm1: exact for the tiny cσ of late, low-learning-rate segments (ALGORITHM.md §4).
+    u, _ = ops.precondition_queries(-torch.expm1(-x) * v, lf.q_s, lf.q_a, lam, horizon=None, damping=delta)
+    return u, torch.exp(-x) * v
 
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
-          n_train: int, summed: bool = False):
+          n_train: float, summed: bool = False):
     final = trajectory.final_checkpoint
     if method in _FINAL_ONLY and sum(trajectory.layout()) != 1:
         raise ValueError(
@@ -378,8 +388,7 @@ def score(
     n_train, n_query = length(train_data), length(query_data)
     if n_query == 0 or n_train == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
-    if query_rank is not None and query_rank < 1:
-        raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
+    check_query_rank(query_rank)
     if per_token and query_rank:
         raise ValueError("per_token scores need exact queries: drop query_rank")
     if method in ("grad_cos", "trak", "repsim", "unroll"):
@@ -406,7 +415,7 @@ def score(
                 plan = prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
-                    sum_queries=sum_queries,
+                    sum_queries=sum_queries, memory_budget=query_memory_budget,
                 )
                 parts.append(_score_all_rows(model, task, specs, plan, train_data, batch_size=batch_size,
                                              collate_fn=collate_fn, progress=progress, per_token=per_token,
@@ -414,6 +423,12 @@ def score(
             first = next(iter(parts[-1].values())) if per_module else parts[-1]
             check_rows(trajectory, train_data, first.shape[1])
     return _cat(parts, 0)
+
+
+def check_query_rank(query_rank: Any) -> None:
+    if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, numbers.Integral)
+                                   or query_rank < 1):
+        raise ValueError(f"query_rank must be a positive integer or None, got {query_rank!r}")
 
 
 def check_rows(trajectory: Trajectory, train_data: Any, rows: int) -> None:
@@ -451,10 +466,17 @@ def _score_all_rows(model, task, specs, plan, train_data, **kwargs) -> Tensor:
 
 
 def _cat(parts: list[Tensor] | list[dict[str, Tensor]], dim: int) -> Tensor | dict[str, Tensor]:
-    """torch.cat of score pieces, module by module for per-module scores."""
+    """torch.cat of score pieces, module by module for per-module scores; per-token pieces are
+    padded to the most tokens any piece has."""
     if isinstance(parts[0], dict):
-        return {name: torch.cat([p[name] for p in parts], dim) for name in parts[0]}
-    return torch.cat(parts, dim)
+        return {name: _cat([p[name] for p in parts], dim) for name in parts[0]}
+    return torch.cat(_same_tokens(*parts) if parts[0].dim() == 3 else parts, dim)
+
+
+def _same_tokens(*scores: Tensor) -> tuple[Tensor, ...]:
+    """Per-token scores zero-padded on their last (token) axis to the longest."""
+    t = max(x.shape[-1] for x in scores)
+    return tuple(torch.nn.functional.pad(x, (0, t - x.shape[-1])) for x in scores)
 
 
 def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: int) -> list[range]:
@@ -502,10 +524,24 @@ def self_chunk_size(model, specs, trajectory, method, budget: int) -> int:
 
 def prepare_queries(
     model, task, specs, trajectory, factors, method, train_data, query_data, *, damping, train_segments, query_rank,
-    batch_size, collate_fn, sum_queries=False,
+    batch_size, collate_fn, sum_queries=False, memory_budget: int | None = None,
 ) -> _Plan:
     """The query side, once: preconditioned query gradients for every checkpoint that will score
-    the training data (low-rank factors when `query_rank` is set; one summed query with sum_queries)."""
+    the training data (low-rank factors when `query_rank` is set; one summed query with sum_queries).
+
+    memory_budget, with query_rank: each query is preconditioned at full rank before its SVD, so the
+    queries are prepared in pieces whose full-rank copies fit it (at least one query), each piece
+    factorised before the next; the low-rank factors are then the only memory that lasts."""
+    if query_rank and memory_budget is not None and not sum_queries:
+        n = length(query_data)
+        full = _prepared_copies(trajectory, method) * factor_dtype(model).itemsize * sum(s.d_out * s.d_a for s in specs)
+        step = max(1, memory_budget // full)
+        if step < n:
+            return _prepared_in_pieces(
+                n, step, lambda piece: prepare_queries(
+                    model, task, specs, trajectory, factors, method, train_data, piece, damping=damping,
+                    train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
+                    collate_fn=collate_fn), query_data)
     single = method in _FINAL_ONLY
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
     n_train = length(train_data)
@@ -516,14 +552,39 @@ def prepare_queries(
         batch_size, collate_fn, n_train, summed=sum_queries,
     )
     if query_rank:
-        lowrank = {}  # SOURCE shares one u_ℓ across a segment's checkpoints: factorise each once
-        plan.queries = {
-            ell: [lowrank.setdefault(id(q), _lowrank(q, query_rank)) for q in qs] for ell, qs in plan.queries.items()
-        }
+        lowrank: dict[int, Any] = {}  # SOURCE shares one u_ℓ across a segment's checkpoints: factorise each once
+        for qs in plan.queries.values():
+            for q in qs:
+                if id(q) not in lowrank:
+                    lowrank[id(q)] = _lowrank(q, query_rank)
+        plan.queries = {ell: [lowrank[id(q)] for q in qs] for ell, qs in plan.queries.items()}
     plan.lowrank = bool(query_rank)
     if not query_rank and model_device(model).type == "cpu":
         _tiles_major_on_cpu(plan)
     return plan
+
+
+def _prepared_in_pieces(n: int, step: int, prepare: Callable[[Any], _Plan], query_data: Any) -> _Plan:
+    """One low-rank plan for n queries from plans of `step` queries each, written into factors
+    allocated once (a concatenation at the end would hold every factor twice)."""
+    out: _Plan | None = None
+    for start in range(0, n, step):
+        piece = prepare(subset(query_data, range(start, min(n, start + step))))
+        pieces = piece.queries
+        if out is None:
+            merged: dict[int, dict[str, tuple[Tensor, ...]]] = {}
+            for qs in pieces.values():  # a segment's checkpoints may share one dict
+                for q in qs:
+                    if id(q) not in merged:
+                        merged[id(q)] = {k: tuple(f.new_empty((n,) + f.shape[1:]) for f in lr) for k, lr in q.items()}
+            out = dataclasses.replace(piece, queries={ell: [merged[id(q)] for q in qs] for ell, qs in pieces.items()})
+        for ell, qs in pieces.items():
+            for c, q in enumerate(qs):
+                for k, factors in q.items():
+                    for target, f in zip(out.queries[ell][c][k], factors):
+                        target[start : start + f.shape[0]] = f
+    assert out is not None
+    return out
 
 
 def _tiles_major_on_cpu(plan: _Plan) -> None:
@@ -564,9 +625,12 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
             for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar):
                 parts = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token, per_module)
                 for key, block in parts.items():
+                    block = block.transpose(0, 1)
                     if key not in scores:
-                        scores[key] = block.new_zeros((block.shape[1], n_rows) + block.shape[2:])
-                    scores[key][:, start : start + n] += plan.weights[ell] * block.transpose(0, 1)
+                        scores[key] = block.new_zeros((block.shape[0], n_rows) + block.shape[2:])
+                    if per_token:  # batches padded each to its own longest example differ in tokens
+                        scores[key], block = _same_tokens(scores[key], block)
+                    scores[key][:, start : start + n] += plan.weights[ell] * block
             if bar is not None:
                 bar.close()
     assert scores
@@ -668,6 +732,9 @@ def self_score(
     if length(train_data) == 0:
         raise ValueError("empty data: no training examples")
     single = method in _FINAL_ONLY
+    if single and sum(trajectory.layout()) != 1:
+        raise ValueError(f"method {method!r} uses one checkpoint; pass trajectory.final() (this trajectory has "
+                         f"{trajectory.layout()} checkpoints per segment)")
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
     # One segment of one checkpoint: query and training gradients are taken at the same weights,
     # so the score is a per-example quadratic form in the eigenbasis.
@@ -686,9 +753,11 @@ def self_score(
             raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
         out = []
         for _, chunk in chunks(train_data, chunk_size):
+            # The training side here is per-example gradients in the parameter basis (no token rotation),
+            # so the queries go back to it once: an infinite row count makes _plan choose that.
             plan = _plan(
                 model, task, specs, trajectory, factors, method, chunk, "train", damping, train_segs, batch_size,
-                collate_fn, length(chunk),
+                collate_fn, math.inf,
             )
             total: dict[str, Tensor] = {}
             for ell in plan.segments:

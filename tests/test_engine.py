@@ -5,6 +5,7 @@ order: tolerances are relative 1e-9 unless a test says otherwise.
 """
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -726,3 +727,120 @@ def test_regression_task_reads_targets_in_the_outputs_shape():
         torch.testing.assert_close(task.compute_measurement((x, targets), model), expected, rtol=1e-15, atol=0)
     with pytest.raises(ValueError, match=r"targets of shape \(6, 2\) do not match the model's outputs \(6, 1\)"):
         task.compute_train_loss((x, torch.randn(6, 2, dtype=torch.float64)), model)
+
+
+@pytest.mark.parametrize("d_out, d_a", [(3, 7), (7, 3)])
+def test_per_token_reference_is_explicit_in_blocks(d_out, d_a, monkeypatch):
+    """out[n, q, t] = g_tᵀ U_q a_t, masked tokens 0, whichever side U contracts with first and however
+    many examples a block holds (a block of one forced here)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, d_a, generator=g, dtype=torch.float64)
+    grads = torch.randn(5, 4, d_out, generator=g, dtype=torch.float64)
+    u = torch.randn(2, d_out, d_a, generator=g, dtype=torch.float64)
+    mask = (torch.rand(5, 4, generator=g) > 0.3).long()
+    expected = torch.stack([torch.stack([torch.stack([grads[n, t] @ u[q] @ a[n, t] * mask[n, t] for t in range(4)])
+                                         for q in range(2)]) for n in range(5)])
+    _close(reference.pairwise_token_scores(a, grads, u, mask), expected, 1e-14)
+    monkeypatch.setattr(reference, "TOKEN_BLOCK_BYTES", 1)
+    _close(reference.pairwise_token_scores(a, grads, u, mask), expected, 1e-14)
+
+
+def test_adam_segments_stay_exact_in_float32_at_small_horizons(setup):
+    """1 − e^{−cσ} by expm1: a float32 model's Adam SOURCE scores follow the float64 model's at the
+    tiny cσ of late low-rate segments (computed as 1 − exp, they lost all digits by c = 1e-8)."""
+    model64, data64, queries64, ckpts = setup
+    task = ClassifyTask()
+    states64 = _adam_states(model64, task, data64, ckpts[:1])
+    as32 = lambda d: {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in d.items()}  # noqa: E731
+    states32 = copy.deepcopy(states64)
+    for st in states32:
+        st["state"] = {k: as32(v) for k, v in st["state"].items()}
+    model32 = copy.deepcopy(model64).float()
+    data32 = TensorDataset(data64.tensors[0].float(), data64.tensors[1])
+    queries32 = TensorDataset(queries64.tensors[0].float(), queries64.tensors[1])
+    for c in (1e-4, 1e-8):
+        scores = []
+        for model, data, queries, ck, states in ((model64, data64, queries64, ckpts[0], states64),
+                                                 (model32, data32, queries32, as32(ckpts[0]), states32)):
+            traj = sf.Trajectory([sf.Segment([ck], data, lr_sum=c, optimizer="adam", optimizer_states=states)])
+            factors = sf.fit_factors(model, task, traj, fisher="empirical")
+            scores.append(sf.score(model, task, traj, factors, data, queries, damping=0.01).double())
+        _close(scores[1], scores[0], 1e-4)  # float32 rounding of the gradients and factors
+
+
+def test_adam_segment_without_damping_refuses_zero_curvature(setup):
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    x = data.tensors[0].clone()
+    x[:, 0] = 0  # an input feature that is always 0: zero curvature along it
+    flat = TensorDataset(x, data.tensors[1])
+    states = _adam_states(model, task, flat, ckpts[:1])
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], flat, lr_sum=0.5, optimizer="adam", optimizer_states=states)])
+    factors = sf.fit_factors(model, task, traj, fisher="empirical")
+    with pytest.raises(ValueError, match="module '0': an Adam segment with damping 0 divides by the curvature"):
+        sf.score(model, task, traj, factors, flat, queries, damping=0)
+    assert torch.isfinite(sf.score(model, task, traj, factors, flat, queries, damping=1e-3)).all()
+
+
+def test_scoring_options_are_checked(setup):
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory.even(ckpts, [0.1] * 8, 2, data)
+    factors = sf.fit_factors(model, task, traj)
+    for bad in (1, "last", [0.5]):
+        with pytest.raises(ValueError, match=r"train_segments must be None, 'all' or a list of segment indices"):
+            sf.score(model, task, traj, factors, data, queries, train_segments=bad)
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match=r"query_rank must be a positive integer or None, got"):
+            sf.score(model, task, traj, factors, data, queries, query_rank=bad)
+    final = traj.final()
+    f_final = sf.fit_factors(model, task, final)
+    for bad in (math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match="damping for module '0' must be a finite number >= 0"):
+            sf.score(model, task, final, f_final, data, queries, method="ekfac", damping=bad)
+    # One-checkpoint methods on a trajectory of several: refused by self_score as by score.
+    for method in ("ekfac", "grad_dot"):
+        with pytest.raises(ValueError, match=rf"method '{method}' uses one checkpoint; pass trajectory.final\(\)"):
+            sf.self_score(model, task, traj, factors, data, method=method)
+
+
+def test_low_rank_queries_are_prepared_within_the_budget(setup, monkeypatch):
+    """With query_rank, queries are preconditioned at full rank before their SVD: a budget that holds
+    the factors of all 4 queries (one block) but the full rank of only 3 prepares them 3 and 1 at a
+    time, with the same scores; each segment's query is factorised once, not once per checkpoint."""
+    from source_fast import scoring
+
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory.even(ckpts, [0.1] * 8, 2, data)  # two segments of two checkpoints
+    factors = sf.fit_factors(model, task, traj)
+    expected = sf.score(model, task, traj, factors, data, queries, query_rank=2)
+    alive, calls = [], []
+    real_plan, real_lowrank = scoring._plan, scoring._lowrank
+
+    def plan(*args, **kwargs):
+        alive.append(len(args[6]))  # the queries prepared at full rank at once
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_plan", plan)
+    monkeypatch.setattr(scoring, "_lowrank", lambda q, r: calls.append(1) or real_lowrank(q, r))
+    one_full = 2 * 43 * 8  # two segments' copies of one query, float64: 688 bytes
+    low_rank_all = 2 * 2 * (5 + 5 + 3 + 6) * 8 * len(queries)  # rank-2 factors of all 4 queries: 2432 bytes
+    got = sf.score(model, task, traj, factors, data, queries, query_rank=2, query_memory_budget=low_rank_all)
+    assert alive == [3, 1] and len(calls) == 2 * len(alive)
+    _close(got, expected)
+
+
+def test_unfused_self_influence_rotates_queries_back_once(setup, monkeypatch):
+    """Self-influence dots parameter-basis gradients, so its queries are never kept in the eigenbasis
+    (that would rotate them back at every checkpoint); the scores stay the pairwise diagonal."""
+    from source_fast import scoring
+
+    model, data, _, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])  # one basis, four checkpoints: unfused
+    factors = sf.fit_factors(model, task, traj)
+    monkeypatch.setattr(scoring.EigenQuery, "in_parameter_basis", lambda self: pytest.fail("rotated back per use"))
+    got = sf.self_score(model, task, traj, factors, data, chunk_size=60)
+    monkeypatch.undo()
+    _close(got, torch.diagonal(sf.score(model, task, traj, factors, data, data)))

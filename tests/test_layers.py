@@ -218,3 +218,51 @@ def test_an_in_place_op_after_the_first_tracked_layer():
     x, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
     _check_ekfac_dense(model, sf.tasks.ClassificationTask(), lambda out, y: F.cross_entropy(out, y, reduction="sum"),
                        TensorDataset(x[:24], y[:24]), TensorDataset(x[24:], y[24:]))
+
+
+class DictTokenTask(sf.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        per_token = F.cross_entropy(model(batch["x"]).flatten(0, 1), batch["y"].flatten(), reduction="none")
+        return torch.where(batch["mask"].flatten() != 0, per_token, 0).sum()
+
+    compute_measurement = compute_train_loss
+
+    def get_attention_mask(self, batch):
+        return batch["mask"]
+
+
+def _padded_to(length):
+    """Collate variable-length examples, padded to `length` tokens (None: the batch's longest)."""
+    def collate(examples):
+        t = length or max(len(e["y"]) for e in examples)
+        x = torch.full((len(examples), t, 3), 7.0, dtype=torch.float64)  # garbage under the mask
+        y, mask = torch.zeros(len(examples), t, dtype=torch.long), torch.zeros(len(examples), t, dtype=torch.long)
+        for i, e in enumerate(examples):
+            x[i, : len(e["y"])], y[i, : len(e["y"])], mask[i, : len(e["y"])] = e["x"], e["y"], 1
+        return {"x": x, "y": y, "mask": mask}
+    return collate
+
+
+def test_per_token_scores_with_batches_padded_to_their_own_length():
+    """A collate that pads each batch to its longest example gives batches of different token counts
+    (the longest last, a batch of one-token examples in the middle): per-token scores are laid out on
+    the longest, equal to padding every batch to it, and sum to the scores."""
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    g = torch.Generator().manual_seed(3)
+    lengths = [3, 2, 3, 1, 1, 1, 5, 4, 2]
+    train = [{"x": torch.randn(t, 3, generator=g, dtype=torch.float64), "y": torch.randint(0, 3, (t,), generator=g)}
+             for t in lengths]
+    queries = train[:2]
+    task = DictTokenTask()
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, collate_fn=_padded_to(None))
+    kw = dict(method="ekfac", damping=0.01, batch_size=3)
+    dynamic = sf.score(model, task, traj, factors, train, queries, collate_fn=_padded_to(None), per_token=True, **kw)
+    fixed = sf.score(model, task, traj, factors, train, queries, collate_fn=_padded_to(5), per_token=True, **kw)
+    assert dynamic.shape == fixed.shape == (2, 9, 5)
+    assert torch.allclose(dynamic, fixed, rtol=1e-12, atol=1e-15)
+    whole = sf.score(model, task, traj, factors, train, queries, collate_fn=_padded_to(None), **kw)
+    assert torch.allclose(dynamic.sum(-1), whole, rtol=1e-12, atol=1e-15)
+    for i, t in enumerate(lengths):
+        assert (dynamic[:, i, t:] == 0).all()

@@ -111,8 +111,11 @@ def test_an_output_folder_of_another_format_is_refused(setup, tmp_path):
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
     score_corpus(model, task, traj, factors, data, queries, tmp_path, progress=False)
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"version": 3', '"version": 2'))
-    with pytest.raises(ValueError, match=r"another version of score_corpus \(format 2\); delete it"):
+    from source_fast.corpus import MANIFEST_VERSION
+
+    old = MANIFEST_VERSION - 1
+    manifest.write_text(manifest.read_text().replace(f'"version": {MANIFEST_VERSION}', f'"version": {old}'))
+    with pytest.raises(ValueError, match=rf"another version of score_corpus \(format {old}\); delete it"):
         score_corpus(model, task, traj, factors, data, queries, tmp_path, progress=False)
 
 
