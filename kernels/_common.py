@@ -10,8 +10,13 @@ import triton
 import triton.language as tl
 
 
+# Read once: @triton.jit builds interpreted or compiled kernels by the environment at import, and what
+# the launches pass (bf16 dots upcast under the interpreter, one autotune config) must match that.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def is_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRET
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
@@ -155,12 +160,14 @@ def _expm1(x):
     # Kahan's expm1: libdevice is unavailable under TRITON_INTERPRET (DESIGN V5), and in fp32
     # exp(x) - 1 loses every digit once |x| < 6e-8 (exp rounds to 1), which is where c·λ lands for the
     # many near-zero eigenvalues. (u - 1)·x/log(u) cancels the rounding of u, since log is accurate
-    # near 1. Guards: u == 1 (x tiny: expm1(x) = x) and u == 0 (x < -104: log(0) = -inf gives 0, not -1).
+    # near 1. Guards: u == 1 (x tiny: expm1(x) = x) and x < -18, where expm1(x) is -1 to fp32 precision
+    # (e^-18 = 1.5e-8) and the formula is not: below -87 u is subnormal, log(u) no longer ≈ x (0.7 %
+    # off at x = -104), and below -104 u = 0 and log(0) = -inf.
     u = tl.exp(x)
     um1 = u - 1.0
-    safe_u = tl.where((u == 1.0) | (u == 0.0), 2.0, u)
+    safe_u = tl.where((u == 1.0) | (x < -18.0), 2.0, u)
     kahan = um1 * x / tl.log(safe_u)
-    return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, kahan))
+    return tl.where(u == 1.0, x, tl.where(x < -18.0, -1.0, kahan))
 
 
 @triton.jit

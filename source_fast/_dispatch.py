@@ -87,9 +87,26 @@ def _auto(op: str, device_type: str, device_index: int | None, dtype: torch.dtyp
     return "torch"
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype, backend: BackendArg = "auto") -> Backend:
+def why_not_auto(backend: Backend, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why the automatic choice does not take `backend` for `op` here (for `source_fast.info`)."""
+    if _global_backend() == "torch" and backend != "torch":
+        return ["SOURCE_FAST_BACKEND=torch"]
+    reasons = unsupported_reasons(backend, op, device, dtype)
+    if not reasons and backend == "triton" and (device.type != "cuda" or _triton.interpreting()):
+        reasons.append("auto never uses the Triton interpreter")
+    chosen = select(op, device, dtype)
+    if not reasons and PRIORITY[op].index(backend) > PRIORITY[op].index(chosen):
+        reasons.append(f"{chosen} comes first for {op}")
+    return reasons
+
+
+def check_backend(backend: str) -> None:
     if backend not in get_args(BackendArg):
         raise ValueError(f"unknown backend {backend!r}; valid: {sorted(get_args(BackendArg))}")
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, backend: BackendArg = "auto") -> Backend:
+    check_backend(backend)
     if backend == "auto":
         # SOURCE_FAST_BACKEND=torch forces the reference for every automatic choice (debugging).
         if _global_backend() == "torch":

@@ -28,15 +28,18 @@ def report() -> str:
         lines.append(f"  warning: built for torch {info['torch_version']}, running {torch.__version__}: rebuild it")
     lines.append("flags: " + ", ".join(f"{k}={os.environ.get(k, '')!r}" for k in FLAGS))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    lines.append("backend chosen automatically (op × device × dtype):")
+    try:
+        _dispatch.select("pairwise_scores", devices[0], torch.float32)
+    except ValueError as exc:  # a bad SOURCE_FAST_BACKEND: every automatic choice would raise it
+        lines.append(f"backend chosen automatically: none ({exc})")
+        return "\n".join(lines)
+    lines.append("backend chosen automatically (op × device × dtype), and why not the others:")
     for op in _dispatch.PRIORITY:
         for dev in devices:
             for dtype in (torch.float32, torch.bfloat16):
                 chosen = _dispatch.select(op, dev, dtype)
-                why = [
-                    f"{b}: {'; '.join(r)}" for b in _dispatch.PRIORITY[op] if b != chosen
-                    for r in [_dispatch.unsupported_reasons(b, op, dev, dtype)] if r
-                ]
+                why = [f"{b}: {'; '.join(_dispatch.why_not_auto(b, op, dev, dtype))}"
+                       for b in _dispatch.PRIORITY[op] if b != chosen]
                 lines.append(f"  {op:<24} {dev.type:<5} {str(dtype).removeprefix('torch.'):<9} -> {chosen}"
                              + (f"   ({' | '.join(why)})" if why else ""))
     return "\n".join(lines)

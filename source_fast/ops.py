@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _triton, reference
-from ._dispatch import BackendArg, select
+from ._dispatch import BackendArg, check_backend, select
 
 
 def _kernel_dtype(op: str, backend: BackendArg, **tensors: Tensor) -> torch.dtype:
@@ -32,6 +32,7 @@ def covariance_accumulate_(
     backend: BackendArg = "auto",
 ) -> None:
     if not xs:
+        check_backend(backend)  # nothing to do, but a wrong name is still wrong
         return
     if select("covariance_accumulate_", xs[0].device, xs[0].dtype, backend) == "ext":
         torch.ops.source_fast.covariance_accumulate_(covs, xs, masks, append_ones, alpha)

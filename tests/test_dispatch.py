@@ -64,3 +64,22 @@ def test_global_switch_and_bad_values(monkeypatch):
         _dispatch.select("pairwise_scores", CPU, torch.float32, "fast")
     with pytest.raises(ValueError, match="unknown op 'nope'"):
         _dispatch.unsupported_reasons("torch", "nope", CPU, torch.float32)
+    with pytest.raises(ValueError, match="unknown backend 'fast'; valid:"):
+        ops.covariance_accumulate_([], [], [], [], backend="fast")  # nothing to do, still a wrong name
+
+
+def test_info_says_why_auto_skips_each_backend(monkeypatch):
+    """Every backend auto passes over has a reason: unsupported here, the interpreter, the global
+    switch, or a faster one first (torch before the fused kernel for precondition_queries on CUDA)."""
+    from source_fast import info
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "(triton: auto never uses the Triton interpreter)" in info.report()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert _dispatch.why_not_auto("triton", "precondition_queries", cuda, torch.float32) == [
+        "torch comes first for precondition_queries"]
+    monkeypatch.setenv("SOURCE_FAST_BACKEND", "torch")
+    assert "(triton: SOURCE_FAST_BACKEND=torch)" in info.report()
+    monkeypatch.setenv("SOURCE_FAST_BACKEND", "bogus")
+    assert "backend chosen automatically: none (SOURCE_FAST_BACKEND='bogus' is not valid" in info.report()
