@@ -95,7 +95,8 @@ class Stage:
 class Scenario:
     """One experiment. Stage 0's examples are the attributed data; later stages always train on
     all their data. Queries are test digits of `query_classes`: the first `n_query` are evaluated,
-    the next `n_heldout` only choose the influence function's damping. `unroll_orders` > 0: exact
+    the next `n_heldout` only choose the influence function's damping and TRAK's dimension and
+    damping. `unroll_orders` > 0: exact
     unrolling of that many other data orders, averaged, as a reference every method is ranked
     against. `removal_k` > 0: subset removal of each query's `removal_k` top proponents."""
 
@@ -128,9 +129,9 @@ class Scenario:
     def task(self) -> Task:
         return ClassificationTask()
 
-    def make_model(self) -> nn.Module:
-        """The fixed initialisation every run starts from."""
-        return make_mlp(0, self.hidden)
+    def make_model(self, seed: int = 0) -> nn.Module:
+        """The initialisation drawn from `seed` (the attributed run's is seed 0)."""
+        return make_mlp(seed, self.hidden)
 
     def test_metric(self, model: nn.Module) -> float:
         """Accuracy on every test digit of the query classes."""
@@ -139,8 +140,13 @@ class Scenario:
             return float((model(xt).argmax(1) == yt).float().mean())
 
     def train(self, indices: list[int] | None, seed: int) -> nn.Module:
-        """The retraining function for source_fast.eval: stage 0 on `indices` only."""
-        return run_training(self, indices, seed).model
+        """The retraining function for source_fast.eval: stage 0 on `indices` only, from an
+        initialisation and a data order of their own for every (subset, seed), as the LDS protocol
+        retrains (Park et al. 2023): a shared initialisation or order would make retrainings agree
+        more than independent training runs do."""
+        key = json.dumps([seed, None if indices is None else sorted(int(i) for i in indices)]).encode()
+        run_seed = int(hashlib.sha256(key).hexdigest()[:8], 16)
+        return run_training(self, indices, run_seed, init_seed=run_seed).model
 
     def measure(self, model: nn.Module) -> Tensor:
         """f for every query (evaluated, then held-out): its cross-entropy loss, (n_query + n_heldout,)."""
@@ -180,8 +186,8 @@ class RegressionScenario(Scenario):
     def task(self) -> Task:
         return RegressionTask()
 
-    def make_model(self) -> nn.Module:
-        return make_mlp(0, self.hidden, d_in=10, d_out=1)
+    def make_model(self, seed: int = 0) -> nn.Module:
+        return make_mlp(seed, self.hidden, d_in=10, d_out=1)
 
     def measure(self, model: nn.Module) -> Tensor:
         """f for every query (evaluated, then held-out): ½ (prediction − target)², (n_query + n_heldout,)."""
@@ -266,13 +272,13 @@ class Run:
     test_metric: float  # the scenario's metric_name on its test split
 
 
-def run_training(sc: Scenario, indices: list[int] | None = None, seed: int = 0) -> Run:
+def run_training(sc: Scenario, indices: list[int] | None = None, seed: int = 0, init_seed: int = 0) -> Run:
     """SGD with momentum through the stages, a warm-up/cosine schedule per stage, `sc.checkpoints`
-    state_dicts saved evenly in each. Stage 0 uses only `indices` (None: all). The initialisation is
-    fixed (retraining varies the data and its order, drawn from `seed`); one optimizer runs through
-    every stage, so momentum carries across the boundary as in the exact unrolled reference."""
+    state_dicts saved evenly in each. Stage 0 uses only `indices` (None: all); the data order is drawn
+    from `seed`, the initialisation from `init_seed`. One optimizer runs through every stage, so
+    momentum carries across the boundary as in the exact unrolled reference."""
     data = sc.data
-    model = sc.make_model()
+    model = sc.make_model(init_seed)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=sc.stages[0].lr, momentum=sc.momentum)
     task = sc.task
@@ -370,7 +376,8 @@ def same_class_scores(train_labels: Tensor, query_labels: Tensor) -> Tensor:
 @dataclass
 class Attribution:
     scores: dict[str, Tensor]  # method → (n_query, N_0) on the evaluated queries
-    heldout: dict[str, Tensor]  # candidates needing a choice → (n_heldout, N_0)
+    # method → {setting: scores of every query}: settings chosen on the held-out queries
+    heldout: dict[str, dict[str, Tensor]]
     factors_source: Factors
     if_factors: Factors
     implied_damping: float  # 1/c of the whole run
@@ -381,12 +388,15 @@ class Attribution:
 
 
 SOURCE_L3, IF_IMPLIED, IF_TUNED = "SOURCE (L=3)", "IF (damping 1/c)", "IF (held-out damping)"
+TUNED = {"IF": IF_TUNED, "TRAK": "TRAK (held-out dim, damping)"}
 UNROLL_ORDERS = "unroll, other data orders"
 
 
-def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float]) -> Attribution:
+def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float], trak_grid: list[tuple[int, float]]
+              ) -> Attribution:
     """Every method's scores of the attributed (stage 0) data against all queries; the influence
-    function at every damping of `grid` too, for the held-out choice. Exact unrolling is affordable
+    function at every damping of `grid` and TRAK at every (dimension, damping) of `trak_grid` too,
+    for the held-out choice (TRAK's defaults are a row of their own). Exact unrolling is affordable
     at these sizes (it dominates this step: about 0.3 s per query for the standard run). With
     `sc.unroll_orders` = R > 0, training is rerun from the same initialisation with the data orders
     of seeds 1..R (the original run is seed 0) and each run is unrolled: their mean is the reference
@@ -404,7 +414,7 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float]) -> Att
     nq = sc.n_query
     queries = data.queries
     out: dict[str, Tensor] = {}
-    heldout: dict[str, Tensor] = {}
+    heldout: dict[str, dict[str, Tensor]] = {"IF": {}, "TRAK": {}}
     seconds: dict[str, float] = {}
     steps = ["SOURCE (L=1)", SOURCE_L3, "Fast-SOURCE (L=3)", "TracIn", "IF", "grad-dot", "TRAK", "unroll"]
     if sc.unroll_orders:
@@ -431,7 +441,7 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float]) -> Att
             if_factors.save(folder / "factors_ekfac")
             out[IF_IMPLIED] = score(model, task, final, if_factors, train, queries, method="ekfac", damping="implied")[:nq]
             for lam in grid:
-                heldout[f"IF λ={lam:g}"] = score(
+                heldout["IF"][f"λ={lam:g}"] = score(
                     model, task, final, if_factors, train, queries, method="ekfac", damping=lam
                 )
             seconds[step] = time.perf_counter() - t0
@@ -440,6 +450,9 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float]) -> Att
             s = score(model, task, final, None, train, queries, method="grad_dot")
         elif step == "TRAK":
             s = score(model, task, final, None, train, queries, method="trak")
+            for dim, lam in trak_grid:
+                heldout["TRAK"][f"dim={dim}, λ={lam:g}"] = score(model, task, final, None, train, queries,
+                                                                 method="trak", trak_dim=dim, damping=lam)
         elif step == "unroll":
             s = _unroll(sc, run, model, task)
         else:
@@ -489,9 +502,16 @@ def _settings_key(sc: Scenario, extra: dict) -> tuple[dict, str]:
 
 @functools.cache
 def _code_digest() -> str:
+    """This module, eval and the losses training optimises, and the libraries training runs on."""
+    import sklearn
+
+    from . import task as task_module
+    from . import tasks
+
     h = hashlib.sha256()
-    for module in (__file__, ev.__file__):
+    for module in (__file__, ev.__file__, tasks.__file__, task_module.__file__):
         h.update(Path(module).read_bytes())
+    h.update(f"torch {torch.__version__} sklearn {sklearn.__version__}".encode())
     return h.hexdigest()[:16]
 
 
@@ -507,17 +527,18 @@ def evaluate(sc: Scenario, att: Attribution, folder: Path, *, subsets: int, seed
     )
     nq = sc.n_query
     evaluated, held = measured[..., :nq], measured[..., nq:]
-    heldout_lds = {name: ev.lds(s[nq:], subs, held).mean for name, s in att.heldout.items()}
-    best = max(heldout_lds, key=heldout_lds.get)
-    att.scores[IF_TUNED] = att.heldout[best][:nq]
+    heldout_lds = {m: {k: ev.lds(s[nq:], subs, held).mean for k, s in grid.items()} for m, grid in att.heldout.items()}
+    chosen = {m: max(lds, key=lds.get) for m, lds in heldout_lds.items()}
+    for m, setting in chosen.items():
+        att.scores[TUNED[m]] = att.heldout[m][setting][:nq]
     results = {name: ev.lds(s, subs, evaluated) for name, s in att.scores.items()}
     paired = {
         f"{SOURCE_L3} − {IF_IMPLIED}": ev.paired_difference(results[SOURCE_L3], results[IF_IMPLIED]),
         f"{SOURCE_L3} − {IF_TUNED}": ev.paired_difference(results[SOURCE_L3], results[IF_TUNED]),
     }
     out = {
-        "lds": results, "paired": paired, "heldout_lds": heldout_lds,
-        "chosen_damping": float(best.split("=")[1]),
+        "lds": results, "paired": paired, "heldout_lds": heldout_lds, "chosen": chosen,
+        "seed_agreement": _seed_agreement(measured[..., :nq]),
         "implied_damping": att.implied_damping,
         "subsets": subsets, "seeds": seeds, "n_train": n0,
     }
@@ -525,6 +546,17 @@ def evaluate(sc: Scenario, att: Attribution, folder: Path, *, subsets: int, seed
         out["unroll_orders"] = sc.unroll_orders
         out["rho_unroll"] = {name: ev.rank_agreement(s, att.unroll_mean) for name, s in att.scores.items()}
     return out
+
+
+def _seed_agreement(measured: Tensor) -> float | None:
+    """How alike two retrainings of the same subsets are: per query, the Spearman correlation over
+    subsets between two seeds' measurements, averaged over queries and seed pairs (None with one
+    seed). The LDS of any method is bounded by how reproducible the retrained losses are."""
+    seeds = measured.shape[1]
+    pairs = [(a, b) for a in range(seeds) for b in range(a + 1, seeds)]
+    if not pairs:
+        return None
+    return float(sum(ev.spearman_rows(measured[:, a].T, measured[:, b].T).mean() for a, b in pairs) / len(pairs))
 
 
 def removal(sc: Scenario, att: Attribution, folder: Path, *, count: int, seeds: int, pool) -> dict:
@@ -570,7 +602,8 @@ def lds_markdown(report: dict) -> str:
         "## Linear datamodeling score (LDS)",
         "",
         "Spearman correlation between predicted and retrained query losses (digits: cross-entropy;",
-        "regression: ½ squared error) over random halves of the attributed data; mean over the evaluated",
+        "regression: ½ squared error) over random halves of the attributed data, each retrained from its",
+        "own random initialisation and data order (seed-averaged); mean over the evaluated",
         "queries with a 95% bootstrap interval over queries. \"ρ vs unroll\" columns: per query, the",
         "Spearman correlation over training examples between the method's scores and the mean of the",
         "exact unrolled scores of R other data orders (each rerun from the same initialisation); same mean",
@@ -596,7 +629,10 @@ def lds_markdown(report: dict) -> str:
         ("evaluated / held-out queries", lambda r: f"{r['n_query']} / {r['n_heldout']}"),
         ("test metric (digits: of the query classes)", lambda r: f"{r['test_metric_name']} {r['test_metric']:.3f}"),
         ("IF damping 1/c (implied)", lambda r: f"{r['implied_damping']:.3g}"),
-        ("IF damping chosen on held-out queries", lambda r: f"{r['chosen_damping']:g}"),
+        ("IF damping chosen on held-out queries", lambda r: r["chosen"]["IF"].removeprefix("λ=")),
+        ("TRAK dimension, damping chosen on held-out queries", lambda r: r["chosen"]["TRAK"]),
+        ("retraining seed agreement (Spearman of two seeds' losses)",
+         lambda r: "—" if r["seed_agreement"] is None else f"{r['seed_agreement']:.3f}"),
         ("data orders unrolled for ρ vs unroll", lambda r: str(r.get("unroll_orders", "—"))),
     ]
     for label, get in rows:
@@ -615,7 +651,8 @@ def lds_markdown(report: dict) -> str:
             f"## Subset removal ({rem['scenario']}): retrain without each query's top {rem['k']} proponents",
             "",
             f"{rem['queries']} evaluated queries, {rem['seeds']} seed(s) each"
-            + ("; a flip = the prediction changes between right and wrong." if flip else
+            + ("; a flip = a query classified right with all the data is wrong after the removal (rate over "
+               "the queries right at first)." if flip else
                "; proponents are predicted to raise the query's error when removed."),
             "",
             "| removed | flip rate | change in true-class margin |" if flip else
@@ -624,7 +661,7 @@ def lds_markdown(report: dict) -> str:
         ]
         for m, r in rem["methods"].items():
             label = m if m != "random" else f"{rem['k']} random examples"
-            flips = f" {r.flip_rate:.2f} |" if flip else ""
+            flips = (" — |" if r.flip_rate is None else f" {r.flip_rate:.2f} |") if flip else ""
             lines.append(f"| {label} |{flips} {_fmt(r.change, True)} |")
     return "\n".join(lines) + "\n"
 
@@ -753,6 +790,8 @@ def main(
     n_subsets = subsets or (12 if quick else 100)
     n_seeds = seeds or (1 if quick else 3)
     grid = [1e-3, 1e-2, 1e-1] if quick else [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+    trak_grid = [(dim, lam) for dim in ((256, 1024) if quick else (256, 1024, 4096))
+                 for lam in ((1e-3, 1e-2) if quick else (1e-4, 1e-3, 1e-2, 1e-1))]
     chosen = [sc for sc in scenarios(quick) if only is None or sc.name in only]
     if not chosen:
         raise ValueError(f"no scenario named {only}; valid: {[sc.name for sc in scenarios(quick)]}")
@@ -772,7 +811,7 @@ def main(
             ts = time.perf_counter()
             run = run_training(sc)
             print(f"  test {sc.metric_name} {run.test_metric:.3f}; checkpoints in {folder / 'checkpoints'}")
-            att = attribute(sc, run, folder, grid=grid)
+            att = attribute(sc, run, folder, grid=grid, trak_grid=trak_grid)
             result = evaluate(sc, att, folder, subsets=n_subsets, seeds=n_seeds, pool=pool)
             result.update(title=sc.title, test_metric=run.test_metric, test_metric_name=sc.metric_name,
                           n_query=sc.n_query, n_heldout=sc.n_heldout, score_seconds=att.seconds)

@@ -404,20 +404,25 @@ def paired_difference(
 class Removal:
     """Subset removal for one method (or the random baseline), per query q:
     change[q] = f(q) after retraining without the removed examples − f(q) with all data (means
-    over seeds); flipped[q] (kind="flip") whether f changed sign, i.e. the prediction flipped
-    when f is a margin."""
+    over seeds); with kind="flip" (f a margin), correct[q] whether q is classified right with all
+    data (f > 0) and flipped[q] whether it is then wrong after the removal (f ≤ 0). A wrong
+    prediction turned right is the removal failing, not a flip."""
 
     change: Interval
     flipped: Tensor | None
+    correct: Tensor | None
     removed: list[list[int]]
 
     @property
     def flip_rate(self) -> float | None:
-        return None if self.flipped is None else float(self.flipped.double().mean())
+        """The fraction of the queries classified right with all data that the removal makes wrong."""
+        if self.flipped is None or self.correct is None or not bool(self.correct.any()):
+            return None
+        return float(self.flipped[self.correct].double().mean())
 
     def to_dict(self) -> dict:
-        return {"change": self.change.to_dict(), "flip_rate": self.flip_rate,
-                "flipped": None if self.flipped is None else self.flipped.tolist(), "removed": self.removed}
+        listed = {k: None if v is None else v.tolist() for k, v in (("flipped", self.flipped), ("correct", self.correct))}
+        return {"change": self.change.to_dict(), "flip_rate": self.flip_rate, **listed, "removed": self.removed}
 
 
 def subset_removal(
@@ -444,7 +449,8 @@ def subset_removal(
     scores: {method: (n_query, n_train)} (or one tensor, named "scores"), all on the same queries.
     measure_fn(model) gives f for every query (it need not be what the scores measure); query q's
     entry is read from the runs removing its own examples. kind="flip": f is a margin (positive: the
-    query is classified as its label), and a query flips when its seed-averaged margin changes sign;
+    query is classified as its label), and a query flips when its seed-averaged margin goes from
+    positive with all data to ≤ 0 without the examples (the flip rate counts the queries right at first);
     the scores must then measure something that rises as the margin falls (the loss, or −margin):
     scores of the margin itself would remove the examples whose removal raises it, and nothing
     flips. kind="change": only the change in f.
@@ -488,6 +494,7 @@ def subset_removal(
     q = torch.arange(n_query)
     for j, (name, sets) in enumerate(removed.items()):
         after = measured[1 + j * n_query : 1 + (j + 1) * n_query][q, q]
-        flipped = (after > 0) != (base > 0) if kind == "flip" else None
-        out[name] = Removal(bootstrap_interval(after - base, bootstrap=bootstrap), flipped, sets)
+        correct = base > 0 if kind == "flip" else None
+        flipped = correct & (after <= 0) if correct is not None else None
+        out[name] = Removal(bootstrap_interval(after - base, bootstrap=bootstrap), flipped, correct, sets)
     return out

@@ -9,7 +9,7 @@ import pytest
 SCENARIOS = ["standard", "non_converged", "multi_stage", "regression"]
 METHODS = [
     "SOURCE (L=1)", "SOURCE (L=3)", "Fast-SOURCE (L=3)", "TracIn", "IF (damping 1/c)", "IF (held-out damping)",
-    "grad-dot", "TRAK", "unroll", "same class",
+    "grad-dot", "TRAK", "TRAK (held-out dim, damping)", "unroll", "same class",
 ]
 
 
@@ -46,8 +46,10 @@ def test_demo_writes_a_well_formed_report(demo):
             assert len(iv["per_query"]) == sc["n_query"]
         for diff in sc["paired"].values():
             assert diff["low"] <= diff["mean"] <= diff["high"]
-        # The damping is chosen on held-out queries, from the grid.
-        assert sc["chosen_damping"] in [float(k.split("=")[1]) for k in sc["heldout_lds"]]
+        # IF's damping and TRAK's dimension and damping are chosen on held-out queries, from their grids.
+        assert set(sc["chosen"]) == {"IF", "TRAK"}
+        assert all(sc["chosen"][m] in sc["heldout_lds"][m] for m in sc["chosen"])
+        assert sc["seed_agreement"] is None  # --quick retrains with one seed
     assert report["scenarios"]["regression"]["test_metric_name"] == "R²"
     # Subset removal: prediction flips of digits, the change of the squared error for regression.
     assert set(report["removal"]) == {"standard", "regression"}
@@ -55,7 +57,10 @@ def test_demo_writes_a_well_formed_report(demo):
         assert set(rem["methods"]) == {"SOURCE (L=3)", "IF (damping 1/c)", "random"}
         for r in rem["methods"].values():
             assert len(r["removed"]) == rem["queries"] and all(len(s) == rem["k"] for s in r["removed"])
-            assert r["flip_rate"] is None if name == "regression" else 0 <= r["flip_rate"] <= 1
+            if name == "regression" or not any(r["correct"]):
+                assert r["flip_rate"] is None
+            else:
+                assert 0 <= r["flip_rate"] <= 1
     table = (out / "lds.md").read_text()
     assert "\n| SOURCE (L=3) | " in table and "Paired differences" in table
     assert "Subset removal (standard" in table and "Subset removal (regression" in table

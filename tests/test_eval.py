@@ -217,6 +217,24 @@ def test_subset_removal_beats_random(influence, tmp_path):
     assert top.flipped.shape == (Q,) and top.flip_rate >= rnd.flip_rate
 
 
+def test_a_flip_is_a_right_prediction_turned_wrong():
+    """Query 0 is right and its removal makes it wrong (a flip); query 1 is wrong and its removal
+    makes it right (the removal failed, not a flip); query 2 stays right. The flip rate is over the
+    queries right at first: 1 of 2."""
+    def train(indices, seed):
+        return set(indices)
+
+    def margins(kept):
+        return torch.tensor([1.0 if 0 in kept else -1.0, -1.0 if 1 in kept else 1.0, 1.0], dtype=torch.float64)
+
+    scores = torch.tensor([[9.0, 0, 0, 0, 0], [0, 9.0, 0, 0, 0], [0, 0, 9.0, 0, 0]])
+    out = ev.subset_removal({"m": scores}, train, margins, 1, kind="flip", progress=False)["m"]
+    assert out.removed == [[0], [1], [2]]
+    assert out.correct.tolist() == [True, False, True] and out.flipped.tolist() == [True, False, False]
+    assert out.flip_rate == 0.5
+    assert ev.subset_removal({"m": scores}, train, margins, 1, kind="change", progress=False)["m"].flip_rate is None
+
+
 def test_rank_agreement_with_a_reference():
     g = torch.Generator().manual_seed(0)
     reference = torch.randn(30, 50, generator=g, dtype=torch.float64)
