@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import ops
 from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world
 from ._io import atomic_path, sha256_file, write_named_by_content
-from ._passes import describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, run_pass
+from ._passes import available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, run_pass
 from .capture import LayerSpec, tracked_layers, with_ones
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
@@ -268,6 +268,7 @@ def fit_factors(
     dtype = factor_dtype(model)
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
+    _check_factor_memory(specs, len(trajectory.segments), dtype, device)
     segments, num_examples = [], []
     saved = _FitProgress(resume_dir, specs, trajectory, describe_task(task, collate_fn), fisher, average_params, seed,
                          batch_size, dtype, device)
@@ -329,6 +330,25 @@ def fit_factors(
             num_examples.append(seg.num_examples)
     layout = [1] * len(trajectory.segments) if average_params else trajectory.layout()
     return Factors(specs, segments, num_examples, layout, fisher, average_params)
+
+
+def _check_factor_memory(specs: list[LayerSpec], n_segments: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuses, before any pass, factors that cannot fit: every segment keeps each layer's two
+    covariances and two eigenbases (2·(d_a² + d_out²)) and Λ (with Adam's P: 2·d_out·d_a), and the
+    float64 eigendecomposition of the largest factor needs about three d² float64 buffers more. A
+    language model's output head alone (GPT-2: 50,257 outputs) takes tens of GB."""
+    per_layer = {s.name: n_segments * dtype.itemsize * (2 * (s.d_a**2 + s.d_out**2) + 2 * s.d_out * s.d_a)
+                 for s in specs}
+    need = sum(per_layer.values()) + 3 * 8 * max(max(s.d_a, s.d_out) for s in specs) ** 2
+    available = available_memory(device)
+    if available and need > available:
+        largest = sorted(per_layer, key=per_layer.get, reverse=True)[:3]
+        listed = ", ".join(f"{n!r} ({per_layer[n] / 1e9:.1f} GB)" for n in largest)
+        raise ValueError(
+            f"the factors of these {len(specs)} tracked layers ({n_segments} segment(s)) take about {need / 1e9:.1f} "
+            f"GB, more than the {available / 1e9:.1f} GB free on {device}; the largest: {listed}. Track fewer "
+            "modules (the task's get_influence_tracked_modules; for a language model, leave out the output head)"
+        )
 
 
 class _FitProgress:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
 from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 from dataclasses import dataclass
@@ -21,7 +20,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import baselines, ops, reference
-from ._passes import chunks, is_stream, length, make_loader, materialize, model_device, run_pass, subset
+from ._passes import (
+    available_memory, chunks, is_stream, length, make_loader, materialize, model_device, run_pass, subset,
+)
 from .capture import LayerSpec, tracked_layers, with_ones
 from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints
 from .task import Task
@@ -45,27 +46,8 @@ def automatic_query_budget(device: torch.device) -> int:
     quarter of the available RAM on CPU, and never less than DEFAULT_QUERY_MEMORY_BUDGET. A fixed
     1 GiB holds three GPT-2-small queries, so 32 queries would read the corpus 11 times on a GPU
     with 140 GB free."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        share = free // 2
-    else:
-        share = _available_ram() // 4
+    share = available_memory(device) // (2 if device.type == "cuda" else 4)
     return max(share, DEFAULT_QUERY_MEMORY_BUDGET)
-
-
-def _available_ram() -> int:
-    """MemAvailable (free plus reclaimable cache) where Linux reports it, else free pages, else 0."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 0
 
 
 @dataclass

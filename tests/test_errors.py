@@ -240,3 +240,22 @@ def test_a_factor_save_killed_midway_leaves_the_previous_factors(setup, tmp_path
     first.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["factors.json", json.loads(
         (tmp_path / "factors.json").read_text())["tensors_file"]])
+
+
+def test_factors_that_cannot_fit_are_refused_before_any_pass(setup, monkeypatch):
+    """Each segment keeps two covariances, two eigenbases and Λ per layer (2·(25 + 25) + 2·25 = 150
+    and 2·(36 + 9) + 2·18 = 126 values here, float64) plus the largest float64 eigendecomposition's
+    3·6² values: a fit needing more than is free says which layers take it, before reading data."""
+    from source_fast import factors as fm
+
+    model, data, ckpts = setup
+    traj = sf.Trajectory.even(ckpts, [0.1] * 8, 2, data)
+    need = 2 * (150 + 126) * 8 + 3 * 8 * 36
+    monkeypatch.setattr(fm, "available_memory", lambda device: need - 1)
+    monkeypatch.setattr(fm, "_covariances", lambda *a, **k: pytest.fail("a pass ran"))
+    with pytest.raises(ValueError, match=r"the factors of these 2 tracked layers \(2 segment\(s\)\) take about .* GB, "
+                                         r"more than .* free on cpu; the largest: '0' .*, '2' .*Track fewer modules"):
+        sf.fit_factors(model, ClassifyTask(), traj)
+    monkeypatch.undo()
+    monkeypatch.setattr(fm, "available_memory", lambda device: need)  # exactly enough
+    sf.fit_factors(model, ClassifyTask(), traj)
