@@ -269,6 +269,12 @@ def fit_factors(
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
     _check_factor_memory(specs, len(trajectory.segments), dtype, device)
+    # Adam states are read (and checked: names, decay, optimizer kind) before any pass, not after hours.
+    notes: set[str] = set()
+    preconds = [_adam_preconditioner(model, seg, specs, f"segment {ell}", notes) if seg.optimizer != "sgd" else {}
+                for ell, seg in enumerate(trajectory.segments)]
+    for note in sorted(notes):
+        warnings.warn(note, stacklevel=2)
     segments, num_examples = [], []
     saved = _FitProgress(resume_dir, specs, trajectory, describe_task(task, collate_fn), fisher, average_params, seed,
                          batch_size, dtype, device)
@@ -316,7 +322,7 @@ def fit_factors(
                 (lam_c,) = run("lam", ell, c, lambdas)
                 for s in specs:
                     lam[s.name] += lam_c[s.name] / len(ckpts)
-            precond = _adam_preconditioner(model, seg, specs, what) if seg.optimizer != "sgd" else {}
+            precond = preconds[ell]
             segments.append(
                 {
                     s.name: LayerFactors(
@@ -495,9 +501,11 @@ def _check_count(count: int, expected: int | None, what: str) -> None:
         )
 
 
-def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec], what: str) -> dict[str, Tensor]:
+def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec], what: str,
+                         notes: set[str]) -> dict[str, Tensor]:
     """P = 1/(√v̂ + ε) per tracked parameter, from each checkpoint's Adam state, averaged (d_out, d_a).
-    Only the tracked layers' parameters need a state (a frozen or unused head has none)."""
+    Only the tracked layers' parameters need a state (a frozen or unused head has none). What
+    deserves a warning goes into `notes`, once for the whole fit however many states repeat it."""
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
     needed = [f"{s.name}.{p}" for s in specs for p in (("weight", "bias") if s.has_bias else ("weight",))]
     out: dict[str, Tensor] = {}
@@ -532,11 +540,11 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             v_hat = s[moment].double() / (1 - group["betas"][1] ** step)
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
             wd_by_name[name] = float(group.get("weight_decay", 0.0))
-        _check_weight_decay(specs, wd_by_name, seg, where)
+        _check_weight_decay(specs, wd_by_name, seg, where, notes)
         lrs = {float(index_group[index[name]]["lr"]) for name in needed}
         if len(lrs) > 1:  # the segment's one learning-rate sum (its horizon) applies to every layer
-            warnings.warn(f"{where}: the tracked parameters' groups have different learning rates "
-                          f"{sorted(lrs)}; the segment's lr_sum applies to all of them", stacklevel=3)
+            notes.add(f"the tracked parameters' optimizer groups have different learning rates {sorted(lrs)}; "
+                      "a segment's lr_sum applies to all of them")
         for spec in specs:
             out[spec.name] = out.get(spec.name, 0) + spec.param_matrix(p_by_name).double() / len(seg.optimizer_states)
     return out
@@ -568,7 +576,8 @@ def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict
     return {n: by_id[id(p)] for n, p in params.items() if id(p) in by_id}
 
 
-def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], seg: Segment, what: str) -> None:
+def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], seg: Segment, what: str,
+                        notes: set[str]) -> None:
     """The segment's weight decay must be the one its optimizer applied to every tracked weight
     (torch's AdamW decays by 0.01 unless told otherwise: a segment left at 0 would silently drop it).
     A bias decayed differently (often not at all) shares its layer's Kronecker-factored curvature,
@@ -586,8 +595,5 @@ def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], se
         if spec.has_bias and not math.isclose(wd_by_name[f"{spec.name}.bias"], wd, rel_tol=1e-9, abs_tol=0.0):
             odd_biases.append(spec.name)
     if odd_biases:
-        warnings.warn(
-            f"{what}: the biases of {odd_biases} were trained with another weight decay than their weights; "
-            "their layers' curvature gives them the weights' decay",
-            stacklevel=3,
-        )
+        notes.add(f"the biases of {odd_biases} were trained with another weight decay than their weights; "
+                  "their layers' curvature gives them the weights' decay")

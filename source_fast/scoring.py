@@ -242,11 +242,6 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
           n_train: float, summed: bool = False):
     final = trajectory.final_checkpoint
-    if method in _FINAL_ONLY and sum(trajectory.layout()) != 1:
-        raise ValueError(
-            f"method {method!r} uses one checkpoint; pass trajectory.final() (this trajectory has "
-            f"{trajectory.layout()} checkpoints per segment)"
-        )
     if method == "tracin":
         plan = _Plan(train_segs, {}, {}, {})
         for ell in train_segs:
@@ -292,7 +287,13 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
 
 
 def _validate(model, task, trajectory, factors, method):
+    """What can be refused before anything is computed or written (score_corpus writes a manifest next)."""
     _check_method(method)
+    if method in _FINAL_ONLY and sum(trajectory.layout()) != 1:
+        raise ValueError(
+            f"method {method!r} uses one checkpoint; pass trajectory.final() (this trajectory has "
+            f"{trajectory.layout()} checkpoints per segment)"
+        )
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     if method in ("source", "fast_source", "ekfac"):
         if not isinstance(factors, Factors):
@@ -626,8 +627,6 @@ def _baseline(model, task, specs, trajectory, method, train_data, query_data, da
               trak_dim, seed, record) -> Tensor:
     if method == "unroll":
         return baselines.unroll(model, task, record, train_data, query_data, collate_fn)
-    if sum(trajectory.layout()) != 1:
-        raise ValueError(f"method {method!r} uses one checkpoint; pass trajectory.final()")
     load_into(model, trajectory.final_checkpoint, "final checkpoint")
     if method == "repsim":
         return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn)
@@ -714,9 +713,6 @@ def self_score(
     if length(train_data) == 0:
         raise ValueError("empty data: no training examples")
     single = method in _FINAL_ONLY
-    if single and sum(trajectory.layout()) != 1:
-        raise ValueError(f"method {method!r} uses one checkpoint; pass trajectory.final() (this trajectory has "
-                         f"{trajectory.layout()} checkpoints per segment)")
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
     # One segment of one checkpoint: query and training gradients are taken at the same weights,
     # so the score is a per-example quadratic form in the eigenbasis.

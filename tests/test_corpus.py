@@ -181,3 +181,16 @@ def test_top_k_merge_memory_does_not_grow_with_the_shards(tmp_path):
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     grown_mb = int(run.stdout.split()[-1])
     assert grown_mb < 20, f"the merge grew the peak RSS by {grown_mb} MB"
+
+
+def test_a_refused_method_leaves_the_output_folder_unwritten(reference, tmp_path):
+    """ekfac on a trajectory of several checkpoints is refused before the manifest is written, so the
+    folder still takes the corrected run."""
+    model, task, data, queries, traj, factors, _ = reference
+    with pytest.raises(ValueError, match=r"method 'ekfac' uses one checkpoint; pass trajectory.final\(\)"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path / "s", method="ekfac", progress=False)
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+    final = traj.final()
+    f_final = sf.fit_factors(model, task, final, fisher="empirical", batch_size=8)
+    score_corpus(model, task, final, f_final, data, queries, tmp_path / "s", method="ekfac", progress=False)
+    assert load_scores(tmp_path / "s").shape == (len(queries), len(data))

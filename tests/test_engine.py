@@ -410,6 +410,21 @@ def test_segment_weight_decay_must_be_the_optimizers(setup):
                      weight_decay=0.01)
     with pytest.warns(UserWarning, match=r"the biases of \['0', '2'\] were trained with another weight decay"):
         sf.fit_factors(model, task, sf.Trajectory([seg]))
+    # Checked before any pass, and said once however many segments and states repeat it.
+    fm = __import__("source_fast.factors", fromlist=["_covariances"])
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][1]["weight_decay"] = 0.5
+    segs = [sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=[st], weight_decay=0.01)
+            for st in (opt.state_dict(), opt.state_dict(), bad)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fm, "_covariances", lambda *a, **k: pytest.fail("a pass ran before the states were checked"))
+        with pytest.raises(ValueError, match=r"segment 2, optimizer state 0: parameter '0.weight' was trained with "
+                                             r"weight_decay=0.5"):
+            sf.fit_factors(model, task, sf.Trajectory(segs))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sf.fit_factors(model, task, sf.Trajectory(segs[:2]))
+    assert len([w for w in caught if "the biases of" in str(w.message)]) == 1
 
 
 def test_a_segment_with_zero_learning_rate_is_frozen(setup):
@@ -679,7 +694,7 @@ def test_adam_states_are_matched_to_parameters_by_name(setup):
         expected = 1 / ((own[f"{m}.weight"].double() / (1 - 0.999**2)).sqrt() + 1e-6)
         _close(factors.segments[0][m].precond[:, :-1], expected)  # the last column is the bias
     state["param_groups"][0]["lr"] = 1e-3  # a layer trained at another rate than the segment says
-    with pytest.warns(UserWarning, match=r"different learning rates \[0.001, 0.01\]; the segment's lr_sum applies"):
+    with pytest.warns(UserWarning, match=r"different learning rates \[0.001, 0.01\]; a segment's lr_sum applies"):
         sf.fit_factors(model, task, sf.Trajectory([seg]))
     unnamed, _ = trained([{"params": [p for n, p in named if n.startswith(layer)]} for layer in ("2.", "0.")])
     seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adam", optimizer_states=[unnamed])
