@@ -156,7 +156,7 @@ def score_corpus(
                 # A shard is done only for the same examples: a stream's later examples may have changed.
                 examples = digest_examples(piece, limit=None)
                 where = f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}"
-                if _shard_done(out, b, (start, end), examples):
+                if _shard_done(out, b, (start, end), examples, repair=True, report=where if progress else None):
                     if progress:  # a resume reads every finished shard's examples to check them: say so
                         print(f"{where} already done", flush=True)
                     continue
@@ -166,6 +166,7 @@ def score_corpus(
                             model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
                             damping=damping, train_segments=train_segments, query_rank=query_rank,
                             batch_size=batch_size, collate_fn=collate_fn, memory_budget=query_memory_budget,
+                            progress=progress,
                         )
                 if progress:
                     print(where, flush=True)
@@ -239,10 +240,20 @@ def _manifest_problem(out: Path, fingerprint: dict) -> str | None:
         return (f"{out} was written by another version of score_corpus (format {old.get('version')}); "
                 "delete it to score again")
     if old.get("fingerprint") != fingerprint:
-        diff = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
+        before = old.get("fingerprint", {})
+        diff = [_difference(k, before.get(k), fingerprint[k]) for k in sorted(fingerprint)
+                if before.get(k) != fingerprint[k]]
         return (f"{out} holds the output of a different run (it differs in: {', '.join(diff)}); "
                 "use another output folder or delete this one")
     return None
+
+
+def _difference(key: str, old: Any, new: Any) -> str:
+    """A fingerprint entry that differs: settings (a dict) with their values, digests by name only."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"{key} ({'; '.join(f'{k}: {old.get(k)!r} before, {new.get(k)!r} now' for k in changed)})"
+    return key
 
 
 def _shard_paths(out: Path, block: int, rows: tuple[int, int]) -> tuple[Path, Path]:
@@ -250,19 +261,23 @@ def _shard_paths(out: Path, block: int, rows: tuple[int, int]) -> tuple[Path, Pa
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _shard_done(out: Path, block: int, rows: tuple[int, int], examples: str | None = None) -> bool:
-    """Whether the shard is complete and intact (and, given `examples`, scored those examples)."""
+def _shard_done(out: Path, block: int, rows: tuple[int, int], examples: str | None = None, *,
+                repair: bool = False, report: str | None = None) -> bool:
+    """Whether the shard is complete and intact (and, given `examples`, scored those examples). With
+    `repair` (scoring, not reading), one that is not is deleted for rescoring, said after `report`."""
     data, meta = _shard_paths(out, block, rows)
-    if not (data.exists() and meta.exists()):
+    if not (data.exists() or meta.exists()):
         return False
     try:
         info = json.loads(meta.read_text())
         ok = info.get("sha256") == sha256_file(data) and examples in (None, info.get("examples"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, FileNotFoundError):
         ok = False
-    if not ok:  # corrupted, truncated or of other examples: recompute it
+    if not ok and repair:  # corrupted, truncated, half there or of other examples: recompute it
         data.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
+        if report:
+            print(f"{report}: its shard was corrupted, incomplete or of other examples; scoring it again", flush=True)
     return ok
 
 

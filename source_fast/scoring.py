@@ -99,7 +99,7 @@ def _segments_for(trajectory: Trajectory, train_data: Any, train_segments) -> li
 
 
 def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn, bases=None,
-                   summed=False) -> tuple[Grads, float]:
+                   summed=False, progress=False) -> tuple[Grads, float]:
     """Per-example layer gradients (n, d_out, d_a) of the measurement or training loss, and the mean
     number of tokens per example: used only for queries (few) and self-influence chunks (bounded),
     never for the training corpus. summed: their sum over the examples instead, (1, d_out, d_a).
@@ -114,7 +114,8 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
     out = {s.name: torch.zeros(1, s.d_out, s.d_a, device=device, dtype=dtype) if summed else
            torch.empty(n_rows, s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
     tokens = 0
-    for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what):
+    bar = _progress(progress, n_rows, f"gradients of {what}")
+    for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what, bar):
         for s in specs:
             r = rec[s.name]
             a, g = with_ones(r.a, s, r.mask).to(dtype), r.g.to(dtype)
@@ -128,6 +129,8 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
             out[s.name][start : start + n] = tile if lf is None else lf.q_s.T @ tile @ lf.q_a
         first = rec[specs[0].name]
         tokens += first.a.shape[0] * first.a.shape[1] if first.mask is None else int((first.mask != 0).sum())
+    if bar is not None:
+        bar.close()
     if summed and bases is not None:
         for s in specs:
             out[s.name][0] = bases[s.name].q_s.T @ out[s.name][0] @ bases[s.name].q_a
@@ -186,10 +189,17 @@ def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str
                      f"got {damping!r}")
 
 
-def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Damping) -> list[Grads]:
+def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Damping, progress: bool = False
+                 ) -> list[Grads]:
     """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … 1. Consumes `v` (its
     layers are popped), so each v is freed as soon as its successor exists."""
     us: list[Grads] = [{} for _ in trajectory.segments]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(trajectory.segments) * len(v), desc="preconditioning queries", unit="layer",
+                   dynamic_ncols=True, leave=False)
     for ell in reversed(range(len(trajectory.segments))):
         seg = trajectory.segments[ell]
         nxt = {}
@@ -203,7 +213,11 @@ def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Da
             us[ell][name] = u
             if ell > 0:  # the first segment's S̄ v is never used
                 nxt[name] = v_next
+            if bar is not None:
+                bar.update()
         v = nxt
+    if bar is not None:
+        bar.close()
     return us
 
 
@@ -240,7 +254,7 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
 
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
-          n_train: float, summed: bool = False):
+          n_train: float, summed: bool = False, progress: bool = False):
     final = trajectory.final_checkpoint
     if method == "tracin":
         plan = _Plan(train_segs, {}, {}, {})
@@ -253,11 +267,12 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
                 load_into(model, ckpt, f"segment {ell}, checkpoint {c}")
                 what = f"queries at segment {ell}, checkpoint {c}"
                 plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective, what, bs, collate,
-                                                        summed=summed)[0])
+                                                        summed=summed, progress=progress)[0])
         return plan
     load_into(model, final, "final checkpoint")
     if method == "grad_dot":
-        v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, summed=summed)
+        v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, summed=summed,
+                              progress=progress)
         return _Plan([0], {0: [final]}, {0: 1.0 / trajectory.segments[0].num_examples}, {0: [v]})
     ckpts = {ell: segment_checkpoints(trajectory.segments[ell], method == "fast_source", f"segment {ell}") for ell in train_segs}
     plan = _Plan(train_segs, ckpts, {ell: 1.0 / (trajectory.segments[ell].num_examples * len(ckpts[ell])) for ell in train_segs}, {})
@@ -268,7 +283,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         device, dtype = next(model.parameters()).device, factor_dtype(model)
         lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
         rot, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=lfs,
-                                     summed=summed)
+                                     summed=summed, progress=progress)
         if method == "ekfac":
             scale = {n: dict(horizon=None, damping=_damping_value(damping, factors.segments[0][n], seg.horizon, n)) for n in rot}
         else:
@@ -279,8 +294,9 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         plan.queries[0] = [queries] * len(plan.checkpoints[0])
         return plan
     # SOURCE across segments: each segment's basis differs, so the walk works in the parameter basis.
-    v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, summed=summed)
-    us = _source_walk(v, trajectory, factors, damping)  # consumes v
+    v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, summed=summed,
+                          progress=progress)
+    us = _source_walk(v, trajectory, factors, damping, progress)  # consumes v
     for ell in train_segs:
         plan.queries[ell] = [us[ell]] * len(ckpts[ell])
     return plan
@@ -398,7 +414,7 @@ def score(
                 plan = prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
-                    sum_queries=sum_queries, memory_budget=query_memory_budget,
+                    sum_queries=sum_queries, memory_budget=query_memory_budget, progress=progress,
                 )
                 parts.append(_score_all_rows(model, task, specs, plan, train_data, batch_size=batch_size,
                                              collate_fn=collate_fn, progress=progress, per_token=per_token,
@@ -507,7 +523,7 @@ def self_chunk_size(model, specs, trajectory, method, budget: int) -> int:
 
 def prepare_queries(
     model, task, specs, trajectory, factors, method, train_data, query_data, *, damping, train_segments, query_rank,
-    batch_size, collate_fn, sum_queries=False, memory_budget: int | None = None,
+    batch_size, collate_fn, sum_queries=False, memory_budget: int | None = None, progress=False,
 ) -> _Plan:
     """The query side, once: preconditioned query gradients for every checkpoint that will score
     the training data (low-rank factors when `query_rank` is set; one summed query with sum_queries).
@@ -524,7 +540,7 @@ def prepare_queries(
                 n, step, lambda piece: prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, piece, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
-                    collate_fn=collate_fn), query_data)
+                    collate_fn=collate_fn, progress=progress), query_data)
     single = method in _FINAL_ONLY
     train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
     n_train = length(train_data)
@@ -532,7 +548,7 @@ def prepare_queries(
         n_train = sum(trajectory.segments[ell].num_examples for ell in train_segs)
     plan = _plan(
         model, task, specs, trajectory, factors, method, query_data, "measurement", damping, train_segs,
-        batch_size, collate_fn, n_train, summed=sum_queries,
+        batch_size, collate_fn, n_train, summed=sum_queries, progress=progress,
     )
     if query_rank:
         lowrank: dict[int, Any] = {}  # SOURCE shares one u_ℓ across a segment's checkpoints: factorise each once
@@ -730,19 +746,20 @@ def self_score(
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
         out = []
-        for _, chunk in chunks(train_data, chunk_size):
+        for first, chunk in chunks(train_data, chunk_size):
             # The training side here is per-example gradients in the parameter basis (no token rotation),
             # so the queries go back to it once: an infinite row count makes _plan choose that.
             plan = _plan(
                 model, task, specs, trajectory, factors, method, chunk, "train", damping, train_segs, batch_size,
-                collate_fn, math.inf,
+                collate_fn, math.inf, progress=progress,
             )
             total: dict[str, Tensor] = {}
             for ell in plan.segments:
                 for c, ckpt in enumerate(plan.checkpoints[ell]):
                     what = f"segment {ell}, checkpoint {c}"
                     load_into(model, ckpt, what)
-                    g, _ = _example_grads(model, task, specs, chunk, "train", what, batch_size, collate_fn)
+                    g, _ = _example_grads(model, task, specs, chunk, "train", f"examples {first}+, {what}", batch_size,
+                                          collate_fn, progress=progress)
                     for k in list(g):  # each gradient freed once used
                         part = (_param_basis(plan.queries[ell][c][k]) * g.pop(k)).sum((1, 2)) * plan.weights[ell]
                         total[k] = part if k not in total else total[k] + part

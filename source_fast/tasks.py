@@ -62,9 +62,9 @@ def mlp_modules(model: nn.Module) -> list[str]:
 class CausalLMTask(Task):
     """Next-token cross-entropy for Hugging Face causal LMs.
 
-    Batches are dicts with `input_ids` (n, t) and `attention_mask` (n, t); padded positions have
-    mask 0 and are dropped from factors and gradients (left or right padding; a token is predicted
-    only from a real token). `normalize` must match training: "sum" (loss
+    Batches are dicts with `input_ids` (n, t) and, for padded batches, `attention_mask` (n, t);
+    padded positions have mask 0 and are dropped from factors and gradients (left or right padding;
+    a token is predicted only from a real token). `normalize` must match training: "sum" (loss
     summed over an example's tokens) or "mean" (averaged over its unmasked tokens), because SOURCE's
     curvature scale is that of the objective really optimised. The measurement is the query's loss
     with the same normalisation. `tracked`: module names, or None for every Linear/Conv1D.
@@ -77,8 +77,11 @@ class CausalLMTask(Task):
         self.normalize = normalize
 
     def _loss(self, batch, model, sample: bool) -> torch.Tensor:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
         logits = model(input_ids=ids, attention_mask=mask).logits
+        if mask is None:  # unpadded batches: every token is real
+            mask = torch.ones_like(ids)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit up, float64 kept
         n, t, vocab = logits.shape
         if sample:
@@ -111,7 +114,7 @@ class CausalLMTask(Task):
         return self.tracked
 
     def get_attention_mask(self, batch):
-        return batch["attention_mask"]
+        return batch.get("attention_mask")
 
 
 def sample_tokens(logits: torch.Tensor) -> torch.Tensor:

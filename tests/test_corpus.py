@@ -62,11 +62,12 @@ def test_top_k_matches_the_full_matrix(reference, tmp_path):
         assert torch.allclose(full.gather(1, top[f"{side}_indices"]), want.values, rtol=1e-5, atol=1e-7)
 
 
-def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(reference, tmp_path):
+def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(reference, tmp_path, capsys):
     model, task, data, queries, traj, factors, full = reference
     score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
     before = _digest(tmp_path)
-    with pytest.raises(ValueError, match=r"output of a different run \(it differs in: options\)"):
+    with pytest.raises(ValueError, match=r"output of a different run \(it differs in: options \(damping: "
+                                         r"'heuristic' before, 0.1 now\)\)"):
         score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, damping=0.1, progress=False)
     other = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, seed=1)
     other = sf.Factors(other.layers, [{k: type(v)(v.a_cov, v.s_cov, v.q_a, v.q_s, v.lam * 2) for k, v in seg.items()} for seg in other.segments], other.num_examples, other.layout, other.fisher, other.average_params)
@@ -83,7 +84,10 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
     # What a job killed while writing leaves: temp files that never got their names. A rerun removes them.
     (tmp_path / "shards" / f".{shard.name}.x1y2.tmp").write_bytes(blob[:100])
     (tmp_path / ".rows.json.x1y2.tmp").write_text("{")
-    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
+    assert shard.read_bytes() == bytes(blob)  # reading reports the shard, it leaves it for the rerun
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=True)
+    assert "shard 2/3: rows 32-64: its shard was corrupted, incomplete or of other examples; scoring it again" in \
+        capsys.readouterr().out
     assert _digest(tmp_path) == before
     assert not list(tmp_path.rglob("*.tmp"))
 

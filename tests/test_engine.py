@@ -859,3 +859,19 @@ def test_unfused_self_influence_rotates_queries_back_once(setup, monkeypatch):
     got = sf.self_score(model, task, traj, factors, data, chunk_size=60)
     monkeypatch.undo()
     _close(got, torch.diagonal(sf.score(model, task, traj, factors, data, data)))
+
+
+def test_progress_covers_query_preparation_and_chunked_self_influence(setup, capfd):
+    """Query gradients and the SOURCE walk (tens of seconds for wide layers, before any shard) and the
+    chunked self-influence passes show progress too, not only the passes over the training data."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory.even(ckpts, [0.1] * 8, 2, data)
+    factors = sf.fit_factors(model, task, traj)
+    capfd.readouterr()
+    sf.score(model, task, traj, factors, data, queries, progress=True)
+    err = capfd.readouterr().err
+    assert "gradients of queries" in err and "preconditioning queries" in err and "scoring (segment 1" in err
+    sf.self_score(model, task, traj, factors, data, chunk_size=30, progress=True)
+    err = capfd.readouterr().err
+    assert "gradients of examples 30+, segment 1, checkpoint 1" in err

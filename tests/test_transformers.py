@@ -105,6 +105,22 @@ def test_left_padding_scores_are_the_explicit_gradients(normalize):
     assert err < 1e-10, err
 
 
+def test_unpadded_batches_need_no_attention_mask():
+    """Without an attention_mask every token is real: the same factors and scores as an all-ones mask."""
+    torch.manual_seed(0)
+    model = _gpt2().double().eval()
+    task = CausalLMTask(tracked=mlp_modules(model))
+    ids = torch.randint(1, 23, (6, 5), generator=torch.Generator().manual_seed(0))
+    with_mask = [{"input_ids": i, "attention_mask": torch.ones_like(i)} for i in ids]
+    without = [{"input_ids": i} for i in ids]
+    results = []
+    for data in (with_mask, without):
+        traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+        factors = sf.fit_factors(model, task, traj, fisher="empirical")
+        results.append(sf.score(model, task, traj, factors, data, data[:2], method="ekfac", damping=1e-3))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=0)
+
+
 def test_bf16_activations_track_fp32_scores():
     """bf16 model: activations and gradients in bf16, factors and accumulation in fp32."""
     torch.manual_seed(0)
