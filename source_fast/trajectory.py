@@ -200,12 +200,18 @@ class Trajectory:
         momentum: float = 0.0,
         weight_decay: float | Mapping[str, float] = 0.0,
         num_examples: int | None = None,
+        optimizer: Optimizer = "sgd",
+        optimizer_states: Sequence[Any] | None = None,
     ) -> Trajectory:
         """The paper's default: C checkpoints evenly spaced over the run's T steps (checkpoint c,
         counting from 1, saved after step round(c·T/C), so the last is the final weights), split into
         `num_segments` consecutive groups; each segment's c_ℓ sums the real per-step rates `lrs`.
-        num_examples: as for Segment (needed when `data` is a stream)."""
+        num_examples, optimizer: as for Segment (num_examples is needed when `data` is a stream);
+        optimizer_states: for adam/adamw, one per checkpoint, split with them."""
         checkpoints = list(checkpoints)
+        if optimizer_states is not None and len(optimizer_states) != len(checkpoints):
+            raise ValueError(f"Trajectory.even: {len(optimizer_states)} optimizer states for {len(checkpoints)} "
+                             "checkpoints: give one per checkpoint")
         lrs = _rates(lrs, "Trajectory.even")
         n_ckpt, n_steps = len(checkpoints), len(lrs)
         if n_ckpt == 0:
@@ -223,7 +229,8 @@ class Trajectory:
             segments.append(
                 Segment(
                     [checkpoints[c] for c in group], data, lrs=lrs[start:end], momentum=momentum,
-                    weight_decay=weight_decay, num_examples=num_examples,
+                    weight_decay=weight_decay, num_examples=num_examples, optimizer=optimizer,
+                    optimizer_states=None if optimizer_states is None else [optimizer_states[c] for c in group],
                 )
             )
             start = end

@@ -875,3 +875,21 @@ def test_progress_covers_query_preparation_and_chunked_self_influence(setup, cap
     sf.self_score(model, task, traj, factors, data, chunk_size=30, progress=True)
     err = capfd.readouterr().err
     assert "gradients of examples 30+, segment 1, checkpoint 1" in err
+
+
+def test_even_splits_adam_states_with_their_checkpoints(setup):
+    """Trajectory.even for an Adam run: each segment gets its checkpoints' optimizer states, so it
+    fits what hand-built segments fit."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    states = _adam_states(model, task, data, ckpts)
+    lrs = [0.01] * 8
+    traj = sf.Trajectory.even(ckpts, lrs, 2, data, optimizer="adam", optimizer_states=states)
+    by_hand = sf.Trajectory([sf.Segment(ckpts[:2], data, lrs=lrs[:4], optimizer="adam", optimizer_states=states[:2]),
+                             sf.Segment(ckpts[2:], data, lrs=lrs[4:], optimizer="adam", optimizer_states=states[2:])])
+    f, g = sf.fit_factors(model, task, traj, fisher="empirical"), sf.fit_factors(model, task, by_hand, fisher="empirical")
+    for a, b in zip(f.segments, g.segments):
+        for name in LAYERS:
+            assert torch.equal(a[name].precond, b[name].precond) and torch.equal(a[name].lam, b[name].lam)
+    with pytest.raises(ValueError, match="3 optimizer states for 4 checkpoints: give one per checkpoint"):
+        sf.Trajectory.even(ckpts, lrs, 2, data, optimizer="adam", optimizer_states=states[:3])
