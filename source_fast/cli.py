@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +79,20 @@ def _job_command(args) -> int:
             jobs.score(args.job, args.factors, args.out, method=args.method, damping=args.damping, top_k=args.top_k,
                        shard_size=args.shard_size, query_memory_budget=int(args.query_memory_gb * (1 << 30)),
                        query_rank=args.query_rank, final=args.final)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # The library's messages name its Python API; say what the same fix is on the command line.
+        hints = [hint for phrase, hint in _CLI_HINTS if phrase in str(exc)]
+        print(f"source-fast {args.command}: error: {exc}" + "".join(f"\n  on the command line: {h}" for h in hints),
+              file=sys.stderr)
+        return 2
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
     return 0
+
+
+_CLI_HINTS = [
+    ("trajectory.final()", "add --final (to `source-fast fit` too, for factors of the final checkpoint)"),
+    ("needs Factors from fit_factors()", "give --factors FOLDER, written by `source-fast fit`"),
+    ("use another resume_dir", "delete that .partial folder, or give another --out"),
+]

@@ -72,7 +72,8 @@ def fit(job_path, out, *, fisher="true", average_params=False, final=False) -> F
         factors.save(out)
         shutil.rmtree(partial)
     barrier()
-    print(f"factors of {len(factors.segments)} segment(s), {len(factors.layers)} layers, written to {Path(out).resolve()}")
+    if rank_and_world()[0] == 0:
+        print(f"factors of {len(factors.segments)} segment(s), {len(factors.layers)} layers, written to {out}")
     return factors
 
 
@@ -86,5 +87,6 @@ def score(job_path, factors_dir, out, *, method="source", damping="heuristic", t
     result = score_corpus(job.model, job.task, trajectory, factors, job.train_data, job.query_data, out, method,
                           damping=damping, shard_size=shard_size, top_k=top_k, query_memory_budget=query_memory_budget,
                           query_rank=query_rank, batch_size=job.batch_size, collate_fn=job.collate_fn)
-    print(f"scores written to {result.resolve()}")
+    if rank_and_world()[0] == 0:
+        print(f"scores written to {result.resolve()}")
     return result

@@ -105,3 +105,17 @@ def test_a_mistyped_damping_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["score", "job.py", "--out", "scores", "--damping", "heurstic"])
     assert "argument --damping: 'heurstic' is not a number, heuristic or implied" in capsys.readouterr().err
+
+
+def test_job_errors_say_the_command_line_fix(tmp_path, capsys):
+    """A refused job is an error message with the flag that fixes it, exit status 2, no traceback."""
+    from source_fast.cli import main
+
+    job_file = tmp_path / "job.py"
+    job_file.write_text(JOB)
+    assert main(["score", str(job_file), "--out", str(tmp_path / "s"), "--method", "ekfac"]) == 2
+    err = capsys.readouterr().err
+    assert "source-fast score: error: method 'ekfac' uses one checkpoint" in err
+    assert "on the command line: add --final" in err and "Traceback" not in err
+    assert main(["score", str(job_file), "--out", str(tmp_path / "s")]) == 2
+    assert "on the command line: give --factors FOLDER" in capsys.readouterr().err
