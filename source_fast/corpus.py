@@ -33,7 +33,9 @@ from torch import Tensor, nn
 
 from ._dist import all_reduce_int, barrier, rank_and_world
 from ._io import atomic_path, sha256_file
-from ._passes import chunks, describe_task, digest_examples, digest_tensors, length, materialize, model_device, subset
+from ._passes import (
+    chunks, describe_task, digest_examples, digest_tensors, length, materialize, model_device, reuse_large_blocks, subset,
+)
 from .factors import Factors, _checkpoint_digest, restored
 from .scoring import (
     _SELF_METHODS,
@@ -145,7 +147,7 @@ def score_corpus(
     of = f"/{-(-n_expected // shard_size)}" if n_expected else ""  # shards in all, for progress lines
 
     rows_seen = set()
-    with restored(model):
+    with restored(model), reuse_large_blocks(model_device(model)):
         for b, qrange in enumerate(blocks):
             plan = None  # prepared on the first shard that needs it: a finished block costs nothing
             end = 0

@@ -20,7 +20,10 @@ from torch import Tensor, nn
 from . import ops
 from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world
 from ._io import atomic_path, sha256_file, write_named_by_content
-from ._passes import available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, run_pass
+from ._passes import (
+    available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
+    run_pass,
+)
 from .capture import LayerSpec, tracked_layers, with_ones
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
@@ -290,7 +293,8 @@ def fit_factors(
         saved.store(kind, ell, c, result)
         return result
 
-    with restored(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with restored(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            reuse_large_blocks(device):
         for ell, seg in enumerate(trajectory.segments):
             what = f"segment {ell}"
             ckpts = segment_checkpoints(seg, average_params, what)

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from . import baselines, ops, reference
 from ._passes import (
-    available_memory, chunks, is_stream, length, make_loader, materialize, model_device, run_pass, subset,
+    available_memory, chunks, is_stream, length, make_loader, materialize, model_device, reuse_large_blocks, run_pass,
+    subset,
 )
 from .capture import LayerSpec, tracked_layers, with_ones
 from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints
@@ -398,7 +399,7 @@ def score(
             if value:  # these baselines score whole examples exactly; dropping the option would be silent
                 raise ValueError(f"{option} is not available for method {method!r}; it applies to source, "
                                  "fast_source, ekfac, tracin and grad_dot")
-        with restored(model):
+        with restored(model), reuse_large_blocks(model_device(model)):
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
     if query_memory_budget is None:
@@ -406,7 +407,7 @@ def score(
     blocks = query_blocks(model, specs, trajectory, method, 1 if sum_queries else n_query, query_rank,
                           query_memory_budget)
     parts = []
-    with restored(model):
+    with restored(model), reuse_large_blocks(model_device(model)):
         for b, block in enumerate(blocks):  # more than one block re-reads the training data once per block
             queries = query_data if len(blocks) == 1 else subset(query_data, block)
             plan = None  # the previous block's queries go before this block's are made
@@ -735,7 +736,7 @@ def self_score(
     fused = single or (
         method in ("source", "fast_source") and trajectory.layout() == [1] and trajectory.segments[0].optimizer == "sgd"
     )
-    with restored(model):
+    with restored(model), reuse_large_blocks(model_device(model)):
         if fused:
             scores = _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size,
                                  collate_fn, progress)
