@@ -87,6 +87,25 @@ def write_named_by_content(folder: Path, stem: str, suffix: str, write: Callable
     return name, digest
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str) -> Iterator[None]:
+    """An exclusive lock on `folder/name` (POSIX flock) while the block runs: writers of one folder,
+    in threads or processes, take turns. The lock file stays (removing it would let a waiter lock a
+    file that is gone). Where flock does not exist the block runs unlocked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / name, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swaps two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where
     the C library or the file system does not offer it."""

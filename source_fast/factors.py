@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world
-from ._io import atomic_path, sha256_file, write_named_by_content
+from ._io import atomic_path, folder_lock, sha256_file, write_named_by_content
 from ._passes import (
     available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
     run_pass,
@@ -116,6 +116,10 @@ class Factors:
                     t = getattr(lf, field)
                     if t is not None:
                         tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
+        with folder_lock(path, ".factors.lock"):  # a concurrent save would delete this one's tensors
+            self._save_locked(path, tensors, save_file)
+
+    def _save_locked(self, path: Path, tensors: dict[str, Tensor], save_file: Callable) -> None:
         tensors_file, digest = write_named_by_content(path, "factors", ".safetensors",
                                                       lambda tmp: save_file(tensors, str(tmp)))
         meta = {
@@ -274,8 +278,9 @@ def fit_factors(
     _check_factor_memory(specs, len(trajectory.segments), dtype, device)
     # Adam states are read (and checked: names, decay, optimizer kind) before any pass, not after hours.
     notes: set[str] = set()
-    preconds = [_adam_preconditioner(model, seg, specs, f"segment {ell}", notes) if seg.optimizer != "sgd" else {}
-                for ell, seg in enumerate(trajectory.segments)]
+    preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(
+        model, seg, specs, f"segment {ell}", notes).items()} if seg.optimizer != "sgd" else {}
+        for ell, seg in enumerate(trajectory.segments)]  # the factors' dtype: float64 only transiently
     for note in sorted(notes):
         warnings.warn(note, stacklevel=2)
     segments, num_examples = [], []
@@ -331,7 +336,7 @@ def fit_factors(
                 {
                     s.name: LayerFactors(
                         a_cov[s.name], s_cov[s.name], q_a[s.name], q_s[s.name], lam[s.name],
-                        None if s.name not in precond else precond[s.name].to(device=device, dtype=dtype),
+                        precond.get(s.name),
                         int(rows[s.name]),  # every checkpoint's pass reads the same rows
                     )
                     for s in specs
@@ -557,11 +562,20 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
 def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict[str, int]:
     """Each parameter name's index in an optimizer state_dict. torch numbers the states group after
     group, so only the names torch records with each group (optimizers built from named parameters)
-    say which state is whose; without them, one group built from model.parameters() is read in that
-    order. The names of a tied weight all map to its one state."""
+    say which state is whose; names recorded through a wrapper (DDP's `module.`, torch.compile's
+    `_orig_mod.`) are read without it. Without names, one group built from model.parameters() is read
+    in that order. The names of a tied weight all map to its one state."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    order = list(model.parameters())
     if all("param_names" in g for g in groups):
-        by_id = {id(params[n]): i for g in groups for n, i in zip(g["param_names"], g["params"]) if n in params}
+        recorded = [(_unwrapped(n), i) for g in groups for n, i in zip(g["param_names"], g["params"])]
+        unknown = [n for n, _ in recorded if n not in params]
+        if not unknown:
+            by_id = {id(params[n]): i for n, i in recorded}
+            return {n: by_id[id(p)] for n, p in params.items() if id(p) in by_id}
+        if len(groups) != 1 or len(recorded) != len(order):
+            raise ValueError(f"{where} records parameter names the model does not have, e.g. {unknown[:3]}: build "
+                             "the optimizer from the named parameters of the model given here")
     elif len(groups) != 1:
         raise ValueError(
             f"{where} has {len(groups)} parameter groups that do not record their parameters' names, so which "
@@ -569,15 +583,20 @@ def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict
             "optimizer from named parameters (torch.optim.AdamW(model.named_parameters()), or groups of "
             "(name, parameter) pairs), or add each group's names to the saved state as group['param_names']"
         )
-    else:
-        order = list(model.parameters())
-        if len(groups[0]["params"]) != len(order):
-            raise ValueError(
-                f"{where} covers {len(groups[0]['params'])} parameters, the model has {len(order)}: build the "
-                "optimizer from model.parameters(), or from named parameters so that its states say whose they are"
-            )
-        by_id = {id(p): i for p, i in zip(order, groups[0]["params"])}
+    if len(groups[0]["params"]) != len(order):
+        raise ValueError(
+            f"{where} covers {len(groups[0]['params'])} parameters, the model has {len(order)}: build the "
+            "optimizer from model.parameters(), or from named parameters so that its states say whose they are"
+        )
+    by_id = {id(p): i for p, i in zip(order, groups[0]["params"])}
     return {n: by_id[id(p)] for n, p in params.items() if id(p) in by_id}
+
+
+def _unwrapped(name: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
 
 
 def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], seg: Segment, what: str,

@@ -213,3 +213,11 @@ def pairwise_token_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None =
 
 
 TOKEN_BLOCK_BYTES = 64 << 20  # bounds pairwise_token_scores' intermediate
+
+
+def pairwise_token_scores_lowrank(a: Tensor, g: Tensor, left: Tensor, right: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-token split of `pairwise_scores_lowrank`: out[n, q, t] = Σ_r (g_tᵀ left_qr)(a_tᵀ right_qr), (n, q, t)."""
+    dt = compute_dtype(a, g, left)
+    gl = torch.einsum("nto,qor->nqtr", _masked(g, mask, dt), left.to(dt))
+    ar = torch.einsum("nti,qir->nqtr", _masked(a, mask, dt), right.to(dt))
+    return (gl * ar).sum(-1)

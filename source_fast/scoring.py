@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import operator
 from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 from dataclasses import dataclass
@@ -91,12 +92,21 @@ def _segments_for(trajectory: Trajectory, train_data: Any, train_segments) -> li
             )
         return found
     if isinstance(train_segments, str) or not isinstance(train_segments, Iterable) or not all(
-            isinstance(i, numbers.Integral) for i in train_segments):
+            _is_index(i) for i in train_segments):
         raise ValueError(f"train_segments must be None, 'all' or a list of segment indices, got {train_segments!r}")
-    idx = sorted(set(int(i) for i in train_segments))
+    idx = sorted(set(operator.index(i) for i in train_segments))
     if not idx or idx[0] < 0 or idx[-1] >= n_seg:
         raise ValueError(f"train_segments {list(train_segments)} must name segments in 0..{n_seg - 1}")
     return idx
+
+
+def _is_index(value: Any) -> bool:
+    """An integer, or anything that is one (numpy and 0-d torch integers), but not a bool or a float."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
 
 
 def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn, bases=None,
@@ -247,8 +257,8 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
     x = seg.lr_sum * sigma
     delta = _damping_value(damping, lf, seg.lr_sum, name) + extra
     if delta == 0 and bool((lam <= 0).any()):
-        raise ValueError(f"module {name!r}: an Adam segment with damping 0 divides by the curvature, which is 0 in "
-                         "some directions here: give damping > 0 (or 'heuristic')")
+        raise ValueError(f"module {name!r}: an Adam segment with damping {damping!r} (here 0) divides by the "
+                         "curvature, which is 0 in some directions here: give a damping > 0 as a number")
     # 1 − e^{−x} by expm1: exact for the tiny cσ of late, low-learning-rate segments (ALGORITHM.md §4).
     u, _ = ops.precondition_queries(-torch.expm1(-x) * v, lf.q_s, lf.q_a, lam, horizon=None, damping=delta)
     return u, torch.exp(-x) * v
@@ -389,8 +399,6 @@ def score(
     if n_query == 0 or n_train == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
     check_query_rank(query_rank)
-    if per_token and query_rank:
-        raise ValueError("per_token scores need exact queries: drop query_rank")
     if method in ("grad_cos", "trak", "repsim", "unroll"):
         if n_train is None:
             raise TypeError(f"method {method!r} needs a dataset with len() and indexing, not a stream")
@@ -670,7 +678,9 @@ def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token:
         a, g, q = with_ones(r.a, s, r.mask), r.g, queries[s.name]
         if isinstance(q, EigenQuery):
             a, g, q = a @ q.q_a.to(a.dtype), g @ q.q_s.to(g.dtype), q.r
-        if per_token:
+        if per_token and lowrank:
+            part = reference.pairwise_token_scores_lowrank(a, g, *q, r.mask)
+        elif per_token:
             part = reference.pairwise_token_scores(a, g, q, r.mask)
         elif lowrank:
             left, right = q

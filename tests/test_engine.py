@@ -702,6 +702,17 @@ def test_adam_states_are_matched_to_parameters_by_name(setup):
                                          r"parameters' names.*model.named_parameters\(\)"):
         sf.fit_factors(model, task, sf.Trajectory([seg]))
 
+    # Names recorded through a wrapper (torch.compile's _orig_mod., DDP's module.) are the same parameters.
+    compiled = torch.compile(model)  # compiles nothing until called; only its parameter names matter here
+    state, own = trained([{"params": [(n, p) for n, p in compiled.named_parameters()
+                                      if n.startswith(f"_orig_mod.{layer}")]} for layer in ("2.", "0.")])
+    assert state["param_groups"][0]["param_names"][0] == "_orig_mod.2.weight"
+    seg = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adam", optimizer_states=[state])
+    wrapped = sf.fit_factors(model, task, sf.Trajectory([seg]))
+    for m in LAYERS:
+        expected = 1 / ((own[f"{m}.weight"].double() / (1 - 0.999**2)).sqrt() + 1e-6)
+        _close(wrapped.segments[0][m].precond[:, :-1], expected)
+
     class Tied(torch.nn.Module):  # a language-model-style head sharing the embedding's weight
         def __init__(self):
             super().__init__()
@@ -792,7 +803,7 @@ def test_adam_segment_without_damping_refuses_zero_curvature(setup):
     states = _adam_states(model, task, flat, ckpts[:1])
     traj = sf.Trajectory([sf.Segment(ckpts[:1], flat, lr_sum=0.5, optimizer="adam", optimizer_states=states)])
     factors = sf.fit_factors(model, task, traj, fisher="empirical")
-    with pytest.raises(ValueError, match="module '0': an Adam segment with damping 0 divides by the curvature"):
+    with pytest.raises(ValueError, match=r"module '0': an Adam segment with damping 0 \(here 0\) divides by the curvature"):
         sf.score(model, task, traj, factors, flat, queries, damping=0)
     assert torch.isfinite(sf.score(model, task, traj, factors, flat, queries, damping=1e-3)).all()
 
@@ -802,9 +813,11 @@ def test_scoring_options_are_checked(setup):
     task = ClassifyTask()
     traj = sf.Trajectory.even(ckpts, [0.1] * 8, 2, data)
     factors = sf.fit_factors(model, task, traj)
-    for bad in (1, "last", [0.5]):
+    for bad in (1, "last", [0.5], [True]):
         with pytest.raises(ValueError, match=r"train_segments must be None, 'all' or a list of segment indices"):
             sf.score(model, task, traj, factors, data, queries, train_segments=bad)
+    _close(sf.score(model, task, traj, factors, data, queries, train_segments=torch.tensor([0, 1])),
+           sf.score(model, task, traj, factors, data, queries, train_segments=[0, 1]))
     for bad in (2.5, True, 0):
         with pytest.raises(ValueError, match=r"query_rank must be a positive integer or None, got"):
             sf.score(model, task, traj, factors, data, queries, query_rank=bad)

@@ -166,7 +166,7 @@ def test_factor_files_incomplete_corrupted_or_from_another_model(setup, tmp_path
     f.save(tmp_path / "ok")
     tensors = json.loads((tmp_path / "ok" / "factors.json").read_text())["tensors_file"]
     assert re.fullmatch(r"factors\.[0-9a-f]{16}\.safetensors", tensors)
-    assert sorted(os.listdir(tmp_path / "ok")) == sorted(["factors.json", tensors])  # no temp files left
+    assert sorted(os.listdir(tmp_path / "ok")) == sorted([".factors.lock", "factors.json", tensors])  # no temp files
 
     f.save(tmp_path / "incomplete")
     os.remove(tmp_path / "incomplete" / "factors.json")
@@ -207,7 +207,7 @@ def test_a_failed_save_leaves_nothing_behind(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         f.save(tmp_path / "f")
-    assert os.listdir(tmp_path / "f") == []
+    assert os.listdir(tmp_path / "f") == [".factors.lock"]  # no factor file, whole or half
 
 
 def test_a_factor_save_killed_midway_leaves_the_previous_factors(setup, tmp_path, monkeypatch):
@@ -238,7 +238,7 @@ def test_a_factor_save_killed_midway_leaves_the_previous_factors(setup, tmp_path
     (tmp_path / "factors.json").write_text(json.dumps({**meta, "format_version": 1}))
     assert torch.equal(sf.Factors.load(tmp_path).segments[0]["0"].lam, second.segments[0]["0"].lam)
     first.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["factors.json", json.loads(
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".factors.lock", "factors.json", json.loads(
         (tmp_path / "factors.json").read_text())["tensors_file"]])
 
 
@@ -259,3 +259,33 @@ def test_factors_that_cannot_fit_are_refused_before_any_pass(setup, monkeypatch)
     monkeypatch.undo()
     monkeypatch.setattr(fm, "available_memory", lambda device: need)  # exactly enough
     sf.fit_factors(model, ClassifyTask(), traj)
+
+
+def test_concurrent_factor_saves_to_one_folder_take_turns(setup, tmp_path, monkeypatch):
+    """Two saves overlapping in one folder (here: each pauses after writing its tensors) must leave
+    one complete save, not a factors.json naming tensors the other save's cleanup deleted."""
+    import threading
+    import time
+
+    from source_fast import factors as fm
+
+    model, data, ckpts = setup
+    task = ClassifyTask()
+    saves = [sf.fit_factors(model, task, sf.Trajectory([sf.Segment([c], data, lr_sum=1.0)])) for c in ckpts[:2]]
+    saves[0].save(tmp_path)
+    real = fm.write_named_by_content
+
+    def slow(*args, **kwargs):
+        out = real(*args, **kwargs)
+        time.sleep(0.2)  # without the lock the other save writes its tensors and cleans up meanwhile
+        return out
+
+    monkeypatch.setattr(fm, "write_named_by_content", slow)
+    threads = [threading.Thread(target=f.save, args=(tmp_path,)) for f in saves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    loaded = sf.Factors.load(tmp_path)
+    assert any(torch.equal(loaded.segments[0]["0"].lam, f.segments[0]["0"].lam) for f in saves)
+    assert len(list(tmp_path.glob("factors.*.safetensors"))) == 1

@@ -367,9 +367,14 @@ def test_per_token_scores_match_kronfluence(tmp_path):
                                                  compute_per_token_scores=True, compute_per_module_scores=per_module,
                                                  **f64))
             got[name, per_module] = analyzer.load_pairwise_scores(f"tokens_{per_module}")
+        analyzer.compute_pairwise_scores("tokens_rank2", "ekfac", queries, train, per_device_query_batch_size=4,
+                                         per_device_train_batch_size=16, score_args=ScoreArguments(
+                                             compute_per_token_scores=True, query_gradient_low_rank=2,
+                                             use_full_svd=True, query_gradient_svd_dtype=torch.float64, **f64))
+        got[name, "rank2"] = analyzer.load_pairwise_scores("tokens_rank2")
     assert list(got["shim", True]) == sorted(task.get_influence_tracked_modules()) == list(got["kron", True])
     pad = 1 - torch.stack([train[i]["attention_mask"] for i in range(len(train))])
-    for per_module in (False, True):
+    for per_module in (False, True, "rank2"):
         for module, theirs in got["kron", per_module].items():
             ours = got["shim", per_module][module]
             assert ours.shape == theirs.shape == (len(queries), len(train), 10)

@@ -86,6 +86,15 @@ def test_causal_lm_ekfac_matches_explicit_gradients(build, normalize):
                      per_module=True)
     assert list(parts) == names and all(p.shape == (3, 12, 7) for p in parts.values())
     assert torch.allclose(sum(parts.values()), per_token, rtol=1e-9, atol=1e-14)
+    # Low-rank queries split per token too: at full rank, the exact split; at rank 1, its own scores'.
+    full = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=1e-3, per_token=True,
+                    query_rank=64)
+    assert torch.allclose(full, per_token, rtol=1e-9, atol=1e-14)
+    rank1 = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=1e-3, per_token=True,
+                     query_rank=1)
+    assert torch.allclose(rank1.sum(-1), sf.score(model, task, traj, factors, data, queries, method="ekfac",
+                                                  damping=1e-3, query_rank=1), rtol=1e-9, atol=1e-14)
+    assert not torch.allclose(rank1, per_token)
 
 
 @pytest.mark.parametrize("normalize", ["sum", "mean"])
