@@ -538,12 +538,14 @@ def prepare_queries(
     the training data (low-rank factors when `query_rank` is set; one summed query with sum_queries).
 
     memory_budget, with query_rank: each query is preconditioned at full rank before its SVD, so the
-    queries are prepared in pieces whose full-rank copies fit it (at least one query), each piece
-    factorised before the next; the low-rank factors are then the only memory that lasts."""
+    queries are prepared in pieces whose full-rank copies fit in what the block's low-rank factors
+    leave of it (at least one query), each piece factorised before the next."""
     if query_rank and memory_budget is not None and not sum_queries:
         n = length(query_data)
-        full = _prepared_copies(trajectory, method) * factor_dtype(model).itemsize * sum(s.d_out * s.d_a for s in specs)
-        step = max(1, memory_budget // full)
+        per_copy = _prepared_copies(trajectory, method) * factor_dtype(model).itemsize
+        full = per_copy * sum(s.d_out * s.d_a for s in specs)
+        low_rank = n * per_copy * sum(query_rank * (s.d_out + s.d_a) for s in specs)
+        step = max(1, (memory_budget - low_rank) // full)
         if step < n:
             return _prepared_in_pieces(
                 n, step, lambda piece: prepare_queries(

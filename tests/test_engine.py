@@ -834,8 +834,8 @@ def test_scoring_options_are_checked(setup):
 
 def test_low_rank_queries_are_prepared_within_the_budget(setup, monkeypatch):
     """With query_rank, queries are preconditioned at full rank before their SVD: a budget that holds
-    the factors of all 4 queries (one block) but the full rank of only 3 prepares them 3 and 1 at a
-    time, with the same scores; each segment's query is factorised once, not once per checkpoint."""
+    the factors of all 4 queries (one block) and beside them the full rank of only 2 prepares them 2
+    at a time, with the same scores; each segment's query is factorised once, not once per checkpoint."""
     from source_fast import scoring
 
     model, data, queries, ckpts = setup
@@ -854,8 +854,9 @@ def test_low_rank_queries_are_prepared_within_the_budget(setup, monkeypatch):
     monkeypatch.setattr(scoring, "_lowrank", lambda q, r: calls.append(1) or real_lowrank(q, r))
     one_full = 2 * 43 * 8  # two segments' copies of one query, float64: 688 bytes
     low_rank_all = 2 * 2 * (5 + 5 + 3 + 6) * 8 * len(queries)  # rank-2 factors of all 4 queries: 2432 bytes
-    got = sf.score(model, task, traj, factors, data, queries, query_rank=2, query_memory_budget=low_rank_all)
-    assert alive == [3, 1] and len(calls) == 2 * len(alive)
+    got = sf.score(model, task, traj, factors, data, queries, query_rank=2,
+                   query_memory_budget=low_rank_all + 2 * one_full + one_full // 2)
+    assert alive == [2, 2] and len(calls) == 2 * len(alive)
     _close(got, expected)
 
 
