@@ -117,29 +117,26 @@ class Factors:
                     if t is not None:
                         tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
         with folder_lock(path, ".factors.lock"):  # a concurrent save would delete this one's tensors
-            self._save_locked(path, tensors, save_file)
-
-    def _save_locked(self, path: Path, tensors: dict[str, Tensor], save_file: Callable) -> None:
-        tensors_file, digest = write_named_by_content(path, "factors", ".safetensors",
-                                                      lambda tmp: save_file(tensors, str(tmp)))
-        meta = {
-            "format": "source_fast.factors",
-            "format_version": FORMAT_VERSION,
-            "layers": [vars(s) for s in self.layers],
-            "num_examples": self.num_examples,
-            "rows": {f"{ell}/{name}": lf.rows for ell, seg in enumerate(self.segments) for name, lf in seg.items()
-                     if lf.rows is not None},
-            "layout": self.layout,
-            "fisher": self.fisher,
-            "average_params": self.average_params,
-            "tensors_file": tensors_file,
-            "tensors_sha256": digest,
-        }
-        with atomic_path(path / "factors.json") as tmp:
-            tmp.write_text(json.dumps(meta, indent=1))
-        for old in path.iterdir():  # earlier saves' tensors (format 1's fixed name included)
-            if old.name != tensors_file and _TENSOR_FILE.fullmatch(old.name):
-                old.unlink()
+            tensors_file, digest = write_named_by_content(path, "factors", ".safetensors",
+                                                          lambda tmp: save_file(tensors, str(tmp)))
+            meta = {
+                "format": "source_fast.factors",
+                "format_version": FORMAT_VERSION,
+                "layers": [vars(s) for s in self.layers],
+                "num_examples": self.num_examples,
+                "rows": {f"{ell}/{name}": lf.rows for ell, seg in enumerate(self.segments) for name, lf in seg.items()
+                         if lf.rows is not None},
+                "layout": self.layout,
+                "fisher": self.fisher,
+                "average_params": self.average_params,
+                "tensors_file": tensors_file,
+                "tensors_sha256": digest,
+            }
+            with atomic_path(path / "factors.json") as tmp:
+                tmp.write_text(json.dumps(meta, indent=1))
+            for old in path.iterdir():  # earlier saves' tensors (format 1's fixed name included)
+                if old.name != tensors_file and _TENSOR_FILE.fullmatch(old.name):
+                    old.unlink()
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Factors:
@@ -218,12 +215,12 @@ def segment_checkpoints(segment: Segment, average_params: bool, what: str) -> li
     return [averaged_checkpoint(segment, what)] if average_params else list(segment.checkpoints)
 
 
-def _progress(enabled: bool, total: int | None, desc: str):
+def _progress(enabled: bool, total: int | None, desc: str, unit: str = "ex"):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
 
 
 def _share(loader, expected: int | None) -> int | None:

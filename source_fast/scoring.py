@@ -12,8 +12,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Iterable, Iterator
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -205,12 +204,7 @@ def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Da
     """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … 1. Consumes `v` (its
     layers are popped), so each v is freed as soon as its successor exists."""
     us: list[Grads] = [{} for _ in trajectory.segments]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(trajectory.segments) * len(v), desc="preconditioning queries", unit="layer",
-                   dynamic_ncols=True, leave=False)
+    bar = _progress(progress, len(trajectory.segments) * len(v), "preconditioning queries", unit="layer")
     for ell in reversed(range(len(trajectory.segments))):
         seg = trajectory.segments[ell]
         nxt = {}
@@ -482,9 +476,10 @@ def _cat(parts: list[Tensor] | list[dict[str, Tensor]], dim: int) -> Tensor | di
 
 
 def _same_tokens(*scores: Tensor) -> tuple[Tensor, ...]:
-    """Per-token scores zero-padded on their last (token) axis to the longest."""
+    """Per-token scores zero-padded on their last (token) axis to the longest; those already that
+    long are returned as they are (score_rows calls this on its whole accumulator every batch)."""
     t = max(x.shape[-1] for x in scores)
-    return tuple(torch.nn.functional.pad(x, (0, t - x.shape[-1])) for x in scores)
+    return tuple(x if x.shape[-1] == t else torch.nn.functional.pad(x, (0, t - x.shape[-1])) for x in scores)
 
 
 def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: int) -> list[range]:
@@ -587,7 +582,7 @@ def _prepared_in_pieces(n: int, step: int, prepare: Callable[[Any], _Plan], quer
                 for q in qs:
                     if id(q) not in merged:
                         merged[id(q)] = {k: tuple(f.new_empty((n,) + f.shape[1:]) for f in lr) for k, lr in q.items()}
-            out = dataclasses.replace(piece, queries={ell: [merged[id(q)] for q in qs] for ell, qs in pieces.items()})
+            out = replace(piece, queries={ell: [merged[id(q)] for q in qs] for ell, qs in pieces.items()})
         for ell, qs in pieces.items():
             for c, q in enumerate(qs):
                 for k, factors in q.items():
