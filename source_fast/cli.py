@@ -80,6 +80,8 @@ def _job_command(args) -> int:
                        shard_size=args.shard_size, query_memory_budget=int(args.query_memory_gb * (1 << 30)),
                        query_rank=args.query_rank, final=args.final)
     except (ValueError, TypeError, FileNotFoundError) as exc:
+        if not _refused_by_source_fast(exc):
+            raise  # from the job's own code (its task, its data) or torch: the traceback shows where
         # The library's messages name its Python API; say what the same fix is on the command line.
         hints = [hint for phrase, hint in _CLI_HINTS if phrase in str(exc)]
         print(f"source-fast {args.command}: error: {exc}" + "".join(f"\n  on the command line: {h}" for h in hints),
@@ -89,6 +91,19 @@ def _job_command(args) -> int:
         if distributed:
             torch.distributed.destroy_process_group()
     return 0
+
+
+def _refused_by_source_fast(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc` is source_fast's own code: its refusals of bad input are
+    messages for the user; the same exception types raised in a job's task or data code are their bugs,
+    whose tracebacks they need."""
+    import os
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(__file__))
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 
 _CLI_HINTS = [

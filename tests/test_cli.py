@@ -119,3 +119,14 @@ def test_job_errors_say_the_command_line_fix(tmp_path, capsys):
     assert "on the command line: add --final" in err and "Traceback" not in err
     assert main(["score", str(job_file), "--out", str(tmp_path / "s")]) == 2
     assert "on the command line: give --factors FOLDER" in capsys.readouterr().err
+
+
+def test_a_bug_in_the_job_keeps_its_traceback(tmp_path):
+    """The same exception types raised by the job's own code are its bugs: the user needs the traceback
+    (the CLI's one-line messages are for source_fast's refusals of bad input)."""
+    from source_fast.cli import main
+
+    job_file = tmp_path / "job.py"
+    job_file.write_text(JOB + "\ndef job():  # a job with a bug\n    return len(7)\n")
+    with pytest.raises(TypeError, match="has no len"):
+        main(["fit", str(job_file), "--out", str(tmp_path / "f")])
