@@ -263,7 +263,9 @@ def fit_factors(
     resume_dir: keep each finished pass's sums there (atomically, by rank 0; every rank must see the
         folder) and skip the passes already there: a fit killed midway resumes after its last finished
         pass with the same result. A folder from a different fit (layers, checkpoints, data, options,
-        or the task: its class, plain settings and collate_fn) is refused.
+        or the task: its class, plain settings and collate_fn) is refused. The resumed fit may run on
+        another number of ranks (a pass's sums are over all ranks): the result then equals the other
+        count's up to float summation order, and with fisher="true" its labels are another draw.
     The model's weights and train/eval mode are restored on return.
     """
     if fisher not in get_args(Fisher):
@@ -371,7 +373,7 @@ class _FitProgress:
         self.folder = None if folder is None else Path(folder)
         if self.folder is None:
             return
-        rank, world = rank_and_world()
+        rank = rank_and_world()[0]
         diff = []
         if rank == 0:  # rank 0 decides, and every rank raises together (none is left waiting at a barrier)
             fingerprint = {
@@ -381,7 +383,7 @@ class _FitProgress:
                 "data": [digest_examples(seg.data) for seg in trajectory.segments],
                 "num_examples": [seg.num_examples for seg in trajectory.segments],
                 "fisher": fisher, "average_params": average_params, "seed": seed, "batch_size": batch_size,
-                "dtype": str(dtype), "world_size": world,
+                "dtype": str(dtype),  # not the world size: a finished pass holds the sums over all ranks
             }
             path = self.folder / "fit.json"
             if path.exists():

@@ -83,6 +83,41 @@ def test_torchrun_job(tmp_path):
             assert torch.allclose(a[name].a_cov, b[name].a_cov, rtol=1e-5, atol=1e-7), name
 
 
+def test_a_fit_killed_on_one_process_resumes_under_torchrun(tmp_path, monkeypatch):
+    """A finished pass holds the sums over all ranks, so a fit may resume on another number of them
+    (a preempted job restarted on the machines at hand)."""
+    from source_fast import factors as fm
+    from source_fast.cli import main
+
+    job_file = tmp_path / "job.py"
+    job_file.write_text(JOB)
+    real = fm._lambdas
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped after segment 0's covariance pass
+
+    monkeypatch.setattr(fm, "_lambdas", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["fit", str(job_file), "--out", str(tmp_path / "resumed"), "--fisher", "empirical"])
+    monkeypatch.setattr(fm, "_lambdas", real)
+    partial = tmp_path / "resumed.partial"
+    assert [p.name for p in partial.glob("*.safetensors")] == ["seg0_cov0.safetensors"]
+    fit = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29543", "-m",
+           "source_fast", "fit", str(job_file), "--out", str(tmp_path / "resumed"), "--fisher", "empirical"]
+    subprocess.run(fit, check=True, capture_output=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert not partial.exists()
+    main(["fit", str(job_file), "--out", str(tmp_path / "clean"), "--fisher", "empirical"])
+    resumed, clean = sf.Factors.load(tmp_path / "resumed"), sf.Factors.load(tmp_path / "clean")
+    for ell, (a, b) in enumerate(zip(resumed.segments, clean.segments)):
+        for name in a:
+            for field in ("a_cov", "s_cov", "lam"):
+                x, y = getattr(a[name], field), getattr(b[name], field)
+                if ell == 0 and field != "lam":  # the pass the single process finished, read back
+                    assert torch.equal(x, y), (ell, name, field)
+                else:  # float32 sums over two ranks' halves: equal to rounding
+                    assert torch.allclose(x, y, rtol=1e-5, atol=1e-7 * y.abs().max()), (ell, name, field)
+
+
 def test_info_reports_backends():
     out = _run("info").stdout
     assert "covariance_accumulate_" in out and "pairwise_scores" in out and "torch" in out
