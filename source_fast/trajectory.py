@@ -36,6 +36,7 @@ def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
     """Loads a checkpoint into `model` in place, with an error that names the checkpoint and the keys."""
     state = load_state_dict(checkpoint, what)
     own = model.state_dict()
+    state = _with_tied_weights(state, own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -51,6 +52,26 @@ def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
     model.load_state_dict(state)
 
 
+def _with_tied_weights(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` plus the model's tied duplicates it leaves out: Hugging Face's save_pretrained stores
+    one of weights that share storage (GPT-2's lm_head.weight is transformer.wte.weight), and the
+    model's load would refill it from the other anyway."""
+    missing = set(own) - set(state)
+    if not missing:
+        return state
+    by_storage = {}
+    for key, value in own.items():
+        if key in state:
+            by_storage.setdefault((value.data_ptr(), tuple(value.shape), value.stride()), key)
+    filled = dict(state)
+    for key in missing:
+        value = own[key]
+        twin = by_storage.get((value.data_ptr(), tuple(value.shape), value.stride()))
+        if twin is not None and value.numel() > 0:
+            filled[key] = state[twin]
+    return filled
+
+
 def _rates(lrs: Sequence[float], what: str) -> list[float]:
     """Per-step learning rates as floats; a negative one is refused even when the sum is not."""
     rates = [float(x) for x in lrs]
@@ -63,7 +84,8 @@ def _rates(lrs: Sequence[float], what: str) -> list[float]:
 class Segment:
     """A stretch of training whose curvature and gradients SOURCE treats as stationary.
 
-    checkpoints: state_dicts or file paths saved inside the segment, in training order
+    checkpoints: state_dicts or file paths saved inside the segment, in training order (.safetensors,
+        save_pretrained's model.safetensors included, whose tied weights are stored once; or torch.save files)
     data: the examples the segment trained on: a dataset (len() is N_ℓ), a re-iterable stream of
         examples (an IterableDataset; give num_examples) or a DataLoader that reads in order;
         multi-stage training gives each stage's segments that stage's data

@@ -184,3 +184,28 @@ def test_causal_lm_loss_is_hugging_faces(normalize):
     batch = {"input_ids": data.ids, "attention_mask": data.mask}
     torch.testing.assert_close(task.compute_measurement(batch, model), expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(task.compute_train_loss(batch, model), expected, rtol=1e-6, atol=0)
+
+
+def test_save_pretrained_checkpoints_with_tied_weights(tmp_path):
+    """save_pretrained leaves out GPT-2's lm_head.weight (tied to the token embedding): such a file is
+    the same checkpoint as the full state_dict, whose scores it must give exactly."""
+    torch.manual_seed(0)
+    model = _gpt2().double()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied: one tensor
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    from safetensors.torch import load_file
+
+    assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
+    task = CausalLMTask(tracked=mlp_modules(model))
+    data, queries = TokenData(6, 5, 0), TokenData(2, 5, 1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = []
+    for ckpt in (expected, tmp_path / "model.safetensors"):
+        traj = sf.Trajectory([sf.Segment([ckpt], data, lr_sum=1.0)])
+        factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=3)
+        scores.append(sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=1e-3, batch_size=3))
+    assert torch.equal(scores[0], scores[1])
+    broken = _gpt2().double()  # untied: lm_head is a weight of its own, which the file does not have
+    broken.lm_head.weight = torch.nn.Parameter(broken.lm_head.weight.detach().clone())
+    with pytest.raises(ValueError, match=r"missing keys \['lm_head.weight'\]"):
+        sf.trajectory.load_into(broken, tmp_path / "model.safetensors", "segment 0, checkpoint 0")
