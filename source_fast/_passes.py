@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 import hashlib
@@ -10,7 +11,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,8 +27,15 @@ from .task import Task
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, Mapping):
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        if type(batch) is dict or not isinstance(batch, MutableMapping):
+            return moved
+        # The batch's own type, which the task may rely on: transformers' BatchEncoding (what its
+        # collators and tokenizer.pad return; a UserDict, not a dict), OrderedDict, ...
+        out = copy.copy(batch)
+        out.update(moved)
+        return out
     if isinstance(batch, (list, tuple)):
         moved = [to_device(v, device) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)

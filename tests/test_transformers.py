@@ -209,3 +209,23 @@ def test_save_pretrained_checkpoints_with_tied_weights(tmp_path):
     broken.lm_head.weight = torch.nn.Parameter(broken.lm_head.weight.detach().clone())
     with pytest.raises(ValueError, match=r"missing keys \['lm_head.weight'\]"):
         sf.trajectory.load_into(broken, tmp_path / "model.safetensors", "segment 0, checkpoint 0")
+
+
+def test_batches_move_to_the_model_device_in_their_own_type():
+    """transformers' collators return BatchEncoding, a UserDict (not a dict): its tensors must move to
+    the model's device like a dict's, and the task still gets a BatchEncoding (the meta device stands
+    in for a GPU here)."""
+    from collections import OrderedDict
+
+    from source_fast._passes import to_device
+
+    ids = torch.ones(2, 3, dtype=torch.long)
+    for batch in (transformers.BatchEncoding({"input_ids": ids, "attention_mask": ids}),
+                  OrderedDict(input_ids=ids), {"input_ids": ids}, [{"input_ids": ids}]):
+        moved = to_device(batch, torch.device("meta"))
+        assert type(moved) is type(batch)
+        inner = moved[0] if isinstance(moved, list) else moved
+        assert all(v.device.type == "meta" for v in inner.values())
+        original = batch[0] if isinstance(batch, list) else batch
+        assert all(v.device.type == "cpu" for v in original.values())  # the caller's batch is left alone
+    assert to_device(transformers.BatchEncoding({"input_ids": ids}), torch.device("meta")).input_ids.is_meta
