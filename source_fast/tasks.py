@@ -64,10 +64,13 @@ class CausalLMTask(Task):
 
     Batches are dicts with `input_ids` (n, t) and, for padded batches, `attention_mask` (n, t);
     padded positions have mask 0 and are dropped from factors and gradients (left or right padding;
-    a token is predicted only from a real token). `normalize` must match training: "sum" (loss
-    summed over an example's tokens) or "mean" (averaged over its unmasked tokens), because SOURCE's
-    curvature scale is that of the objective really optimised. The measurement is the query's loss
-    with the same normalisation. `tracked`: module names, or None for every Linear/Conv1D.
+    a token is predicted only from a real token). Optional `labels` (n, t), as Hugging Face takes
+    them: the targets, shifted by the task, and -100 where no token is predicted (a prompt
+    fine-tuned on its completion only); the prompt's tokens still count as inputs. `normalize`
+    must match training: "sum" (loss summed over an example's predicted tokens) or "mean"
+    (averaged over them), because SOURCE's curvature scale is that of the objective really
+    optimised. The measurement is the query's loss with the same labels and normalisation.
+    `tracked`: module names, or None for every Linear/Conv1D.
     """
 
     def __init__(self, tracked: list[str] | None = None, normalize: Literal["sum", "mean"] = "sum"):
@@ -84,11 +87,15 @@ class CausalLMTask(Task):
             mask = torch.ones_like(ids)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit up, float64 kept
         n, t, vocab = logits.shape
+        labels = batch.get("labels")
+        if labels is not None and labels.shape != ids.shape:
+            raise ValueError(f"CausalLMTask: labels of shape {tuple(labels.shape)} do not match input_ids "
+                             f"{tuple(ids.shape)} (Hugging Face's convention: unshifted, -100 where ignored)")
         if sample:
             with torch.no_grad():
                 nxt = sample_tokens(logits)[:, :-1]
         else:
-            nxt = ids[:, 1:]
+            nxt = (ids if labels is None else labels)[:, 1:]
         # Position k predicts token k + 1 and the last position nothing: every position is scored
         # against targets shifted in place (ignored: -100), so the logits stay contiguous. The sliced,
         # transposed (n, V, t - 1) view cross_entropy took before cost a copy of all the logits and a
@@ -97,6 +104,8 @@ class CausalLMTask(Task):
         # padding before the first token would predict it, but the capture drops padded positions, so
         # that term's gradient could never reach the factors or the scores.
         keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+        if labels is not None:  # sampled labels too: the true Fisher of the objective trained
+            keep &= labels[:, 1:] != -100
         target = F.pad(torch.where(keep, nxt, -100), (0, 1), value=-100)
         per_token = F.cross_entropy(logits.reshape(n * t, vocab), target.reshape(-1), reduction="none")
         per_example = per_token.view(n, t).sum(1)

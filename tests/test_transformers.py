@@ -186,6 +186,35 @@ def test_causal_lm_loss_is_hugging_faces(normalize):
     torch.testing.assert_close(task.compute_train_loss(batch, model), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
+def test_labels_select_the_predicted_tokens_as_hugging_face_does(normalize):
+    """Fine-tuning on completions: `labels` -100 on each prompt (its first 3 tokens). The loss is
+    Hugging Face's with those labels, and the true Fisher samples only the predicted positions."""
+    torch.manual_seed(0)
+    model = _gpt2().double().eval()
+    data = TokenData(5, 9, seed=3)
+    labels = data.ids.masked_fill(data.mask == 0, -100)
+    labels[:, :3] = -100
+    labels[0, 5] = 7  # a target other than the next input token
+    task = CausalLMTask(normalize=normalize)
+    expected = 0.0
+    for i in range(len(data)):
+        hf = model(input_ids=data.ids[i][None], attention_mask=data.mask[i][None], labels=labels[i][None]).loss
+        kept = int((labels[i, 1:] != -100).sum())
+        expected = expected + (hf.double() if normalize == "mean" else hf.double() * kept)
+    batch = {"input_ids": data.ids, "attention_mask": data.mask, "labels": labels}
+    torch.testing.assert_close(task.compute_measurement(batch, model), expected, rtol=1e-6, atol=0)
+    # Sampled labels: the gradient of a prompt position's logits is zero (nothing is predicted there).
+    logits = []
+    model.lm_head.register_forward_hook(lambda m, i, out: logits.append(out) or out.retain_grad())
+    task.compute_train_loss(batch, model, sample=True).backward()
+    grad = logits[0].grad
+    predicting = (labels[:, 1:] != -100)
+    assert (grad[:, :-1][~predicting] == 0).all() and (grad[:, :-1][predicting].abs().sum(-1) > 0).all()
+    with pytest.raises(ValueError, match="labels of shape"):
+        task.compute_train_loss({**batch, "labels": labels[:, 1:]}, model)
+
+
 def test_save_pretrained_checkpoints_with_tied_weights(tmp_path):
     """save_pretrained leaves out GPT-2's lm_head.weight (tied to the token embedding): such a file is
     the same checkpoint as the full state_dict, whose scores it must give exactly."""
