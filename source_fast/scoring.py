@@ -199,6 +199,19 @@ def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str
                      f"got {damping!r}")
 
 
+def _invertible(delta: float, lam: Tensor, damping: Damping, name: str, what: str) -> float:
+    """δ for a preconditioner 1/(Λ + δ), refused when 0 where Λ has zeros (an output softmax layer
+    always has some): the scores would be inf and NaN."""
+    if delta == 0 and bool((lam <= 0).any()):
+        raise ValueError(f"module {name!r}: {what} with damping {damping!r} (here 0) divides by the curvature, "
+                         "which is 0 in some directions here: give a damping > 0 as a number")
+    return delta
+
+
+def _ekfac_damping(damping: Damping, lf: LayerFactors, horizon: float, name: str) -> float:
+    return _invertible(_damping_value(damping, lf, horizon, name), lf.lam, damping, name, "method 'ekfac'")
+
+
 def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Damping, progress: bool = False
                  ) -> list[Grads]:
     """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … 1. Consumes `v` (its
@@ -249,10 +262,7 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
         if wd:
             lam = lam.clamp_min(0) + wd * ((lf.q_s**2).T @ (1 / lf.precond) @ lf.q_a**2)
     x = seg.lr_sum * sigma
-    delta = _damping_value(damping, lf, seg.lr_sum, name) + extra
-    if delta == 0 and bool((lam <= 0).any()):
-        raise ValueError(f"module {name!r}: an Adam segment with damping {damping!r} (here 0) divides by the "
-                         "curvature, which is 0 in some directions here: give a damping > 0 as a number")
+    delta = _invertible(_damping_value(damping, lf, seg.lr_sum, name) + extra, lam, damping, name, "an Adam segment")
     # 1 − e^{−x} by expm1: exact for the tiny cσ of late, low-learning-rate segments (ALGORITHM.md §4).
     u, _ = ops.precondition_queries(-torch.expm1(-x) * v, lf.q_s, lf.q_a, lam, horizon=None, damping=delta)
     return u, torch.exp(-x) * v
@@ -287,12 +297,12 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         seg = trajectory.segments[0]
         device, dtype = next(model.parameters()).device, factor_dtype(model)
         lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
+        if method == "ekfac":  # before the queries' pass: a refused damping costs nothing
+            scale = {n: dict(horizon=None, damping=_ekfac_damping(damping, factors.segments[0][n], seg.horizon, n)) for n in lfs}
+        else:
+            scale = {n: dict(horizon=seg.horizon, damping=seg.decay(n)) for n in lfs}
         rot, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=lfs,
                                      summed=summed, progress=progress)
-        if method == "ekfac":
-            scale = {n: dict(horizon=None, damping=_damping_value(damping, factors.segments[0][n], seg.horizon, n)) for n in rot}
-        else:
-            scale = {n: dict(horizon=seg.horizon, damping=seg.decay(n)) for n in rot}
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
             r.mul_(reference.eigen_factor(lfs[n].lam, **scale[n]).to(dtype))
         queries = _one_basis_queries(rot, lfs, n_train * tokens * len(plan.checkpoints[0]))
@@ -792,7 +802,7 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
             continue
         lf = factors.segments[0][s.name].to(device, dtype)
         if method == "ekfac":
-            scales[s.name] = reference.eigen_factor(lf.lam, damping=_damping_value(damping, lf, seg.horizon, s.name))
+            scales[s.name] = reference.eigen_factor(lf.lam, damping=_ekfac_damping(damping, lf, seg.horizon, s.name))
         else:
             scales[s.name] = reference.eigen_factor(lf.lam, horizon=seg.horizon, damping=seg.decay(s.name))
         bases[s.name] = lf

@@ -93,6 +93,23 @@ def test_empty_queries_and_unknown_method(setup):
         sf.score(model, ClassifyTask(), traj, f, classification_data(5, 4, 3), data)
 
 
+def test_ekfac_without_damping_is_refused_where_the_curvature_has_zeros(setup):
+    """An input feature that is always 0 (a corner pixel of scikit-learn's digits is) leaves exact zeros
+    in the first layer's Λ, and 1/(Λ + 0) would make the scores inf and NaN: refused before the
+    queries' pass."""
+    model, _, ckpts = setup
+    data = classification_data(20, 4, 3)
+    data.tensors[0][:, 0] = 0
+    traj = sf.Trajectory([sf.Segment(ckpts[-1:], data, lr_sum=1.0)])
+    f = sf.fit_factors(model, ClassifyTask(), traj)
+    assert (f.segments[0]["0"].lam == 0).any()
+    for run in (lambda: sf.score(model, ClassifyTask(), traj, f, data, data, method="ekfac", damping=0),
+                lambda: sf.self_score(model, ClassifyTask(), traj, f, data, method="ekfac", damping=0.0)):
+        with pytest.raises(ValueError, match=r"module '0': method 'ekfac' with damping 0(\.0)? \(here 0\) divides by"):
+            run()
+    assert torch.isfinite(sf.score(model, ClassifyTask(), traj, f, data, data, method="ekfac", damping=1e-6)).all()
+
+
 class NaNTask(ClassifyTask):
     def __init__(self, where):
         self.where = where
