@@ -72,6 +72,38 @@ def _with_tied_weights(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict
     return filled
 
 
+def _storages(obj: Any) -> set[int]:
+    """Where the tensors of an in-memory state_dict (optimizer states: nested) keep their data."""
+    if isinstance(obj, Tensor):
+        return {obj.untyped_storage().data_ptr()} if obj.numel() else set()
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(_storages(v) for v in obj)) if obj else set()
+    return set()
+
+
+def _check_saved_copies(saved: list[tuple[str, Any]], fix: str) -> None:
+    """Refuses two in-memory states whose tensors are all the same memory: state_dict() returns
+    references to the live tensors, so states kept without a copy all hold the weights (or moments)
+    training ended with, and SOURCE would silently model another run. (Some shared tensors, such as
+    frozen weights kept once, are fine.)"""
+    seen: dict[frozenset[int], str] = {}
+    objects = set()
+    for what, state in saved:
+        if isinstance(state, (str, os.PathLike)) or id(state) in objects:  # one object given twice is one state
+            continue
+        objects.add(id(state))
+        ptrs = frozenset(_storages(state))
+        if not ptrs:
+            continue
+        twin = next((other for key, other in seen.items() if ptrs <= key or key <= ptrs), None)
+        if twin is not None:
+            raise ValueError(f"{twin} and {what} are the same tensors in memory: a state_dict holds references to the "
+                             f"live tensors, so keep a copy of each as it is saved: {fix}")
+        seen[ptrs] = what
+
+
 def _rates(lrs: Sequence[float], what: str) -> list[float]:
     """Per-step learning rates as floats; a negative one is refused even when the sum is not."""
     rates = [float(x) for x in lrs]
@@ -210,6 +242,12 @@ class Trajectory:
         for i, seg in enumerate(self.segments):
             if not isinstance(seg, Segment):
                 raise TypeError(f"Trajectory segment {i} is a {type(seg).__name__}, not a Segment")
+        _check_saved_copies([(f"segment {i}, checkpoint {c}", ck) for i, seg in enumerate(self.segments)
+                             for c, ck in enumerate(seg.checkpoints)],
+                            "{k: v.clone() for k, v in model.state_dict().items()}, or torch.save each to a file")
+        _check_saved_copies([(f"segment {i}, optimizer state {c}", st) for i, seg in enumerate(self.segments)
+                             for c, st in enumerate(seg.optimizer_states or [])],
+                            "copy.deepcopy(optimizer.state_dict()), or torch.save each to a file")
 
     @classmethod
     def even(

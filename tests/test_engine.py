@@ -414,8 +414,9 @@ def test_segment_weight_decay_must_be_the_optimizers(setup):
     fm = __import__("source_fast.factors", fromlist=["_covariances"])
     bad = copy.deepcopy(opt.state_dict())
     bad["param_groups"][1]["weight_decay"] = 0.5
+    same = opt.state_dict()  # one state object repeated (distinct state_dict() calls would be refused as aliases)
     segs = [sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=[st], weight_decay=0.01)
-            for st in (opt.state_dict(), opt.state_dict(), bad)]
+            for st in (same, same, bad)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fm, "_covariances", lambda *a, **k: pytest.fail("a pass ran before the states were checked"))
         with pytest.raises(ValueError, match=r"segment 2, optimizer state 0: parameter '0.weight' was trained with "

@@ -110,6 +110,30 @@ def test_ekfac_without_damping_is_refused_where_the_curvature_has_zeros(setup):
     assert torch.isfinite(sf.score(model, ClassifyTask(), traj, f, data, data, method="ekfac", damping=1e-6)).all()
 
 
+def test_states_saved_without_a_copy_are_refused(setup):
+    """state_dict() returns references to the live tensors: "checkpoints" kept without a copy are all
+    the final weights (and Adam states the final moments), which SOURCE would silently take for the
+    run. Checkpoints that share only some tensors (frozen weights kept once) are fine."""
+    model, data, _ = setup
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ckpts, states = [], []
+    for _ in range(3):
+        opt.zero_grad()
+        ClassifyTask().compute_train_loss(data.tensors, model).backward()
+        opt.step()
+        ckpts.append(model.state_dict())
+        states.append(opt.state_dict())
+    with pytest.raises(ValueError, match=r"segment 0, checkpoint 0 and segment 1, checkpoint 0 are the same tensors "
+                                         r"in memory.*v.clone\(\)"):
+        sf.Trajectory.even(ckpts, [1e-2] * 3, 3, data)
+    copies = [{k: v.clone() for k, v in c.items()} for c in ckpts]
+    with pytest.raises(ValueError, match=r"segment 0, optimizer state 0 and segment 0, optimizer state 1 are the same "
+                                         r"tensors.*copy.deepcopy"):
+        sf.Trajectory.even(copies, [1e-2] * 3, 1, data, optimizer="adam", optimizer_states=states)
+    frozen = [{**c, "0.weight": ckpts[0]["0.weight"]} for c in copies]  # one tensor kept once: accepted
+    sf.Trajectory.even(frozen, [1e-2] * 3, 3, data)
+
+
 class NaNTask(ClassifyTask):
     def __init__(self, where):
         self.where = where
