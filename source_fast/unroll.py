@@ -7,7 +7,8 @@ run per query, so it is for small models only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,19 @@ class _Bound(nn.Module):
 
     def forward(self, *args, **kwargs):
         return functional_call(self._model[0], self._params, args, kwargs)
+
+
+@contextlib.contextmanager
+def _explained(where: str) -> Iterator[None]:
+    """torch's errors here name its internals, not what to change in the model."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{where}: {exc}\nunroll maps the loss over examples with torch.func.vmap and differentiates the "
+            "training run twice; a model with data-dependent control flow, or with attention kernels that have no "
+            "double backward (Hugging Face's default 'sdpa'), cannot: build it with attn_implementation='eager'"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -98,9 +112,10 @@ def unroll_scores(
     for k, (idx, lr) in enumerate(zip(batches, lrs)):
         idx = list(idx)
         batch = collate([train_data[i] for i in idx])
-        losses = _per_example_losses(model, task, {**params, **buffers}, batch)
-        objective = ((1 + eps[idx]) * losses).mean()
-        grads = torch.autograd.grad(objective, list(params.values()), create_graph=True)
+        with _explained(f"unrolling step {k}"):
+            losses = _per_example_losses(model, task, {**params, **buffers}, batch)
+            objective = ((1 + eps[idx]) * losses).mean()
+            grads = torch.autograd.grad(objective, list(params.values()), create_graph=True)
         for (name, p), g in zip(list(params.items()), grads):
             if weight_decay:
                 g = g + weight_decay * p
@@ -110,7 +125,8 @@ def unroll_scores(
     out = []
     for q in range(len(query_data)):
         single = torch.utils._pytree.tree_map(lambda t: t[q : q + 1], queries)
-        f = task.compute_measurement(single, _Bound(model, {**params, **buffers}))
-        (d_eps,) = torch.autograd.grad(f, eps, retain_graph=q + 1 < len(query_data))
+        with _explained(f"differentiating query {q} through the run"):
+            f = task.compute_measurement(single, _Bound(model, {**params, **buffers}))
+            (d_eps,) = torch.autograd.grad(f, eps, retain_graph=q + 1 < len(query_data))
         out.append(-d_eps.detach())
     return torch.stack(out)

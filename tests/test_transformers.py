@@ -258,3 +258,28 @@ def test_batches_move_to_the_model_device_in_their_own_type():
         original = batch[0] if isinstance(batch, list) else batch
         assert all(v.device.type == "cpu" for v in original.values())  # the caller's batch is left alone
     assert to_device(transformers.BatchEncoding({"input_ids": ids}), torch.device("meta")).input_ids.is_meta
+
+
+def test_unroll_says_how_to_build_an_attention_model_it_can_differentiate():
+    """Exact unrolling (the ground truth) differentiates the per-example losses twice under vmap:
+    Hugging Face's default SDPA attention cannot, eager attention can; the error says which."""
+    from source_fast.unroll import TrainingRecord
+
+    for attn, with_mask in (("sdpa", True), ("sdpa", False), ("eager", True)):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, vocab_size=23, max_position_embeddings=16,
+                                       attn_implementation=attn)
+        model = transformers.LlamaForCausalLM(cfg).double().eval()
+        data = [{"input_ids": torch.randint(1, 23, (5,))} for _ in range(4)]
+        if with_mask:
+            for d in data:
+                d["attention_mask"] = torch.tensor([1, 1, 1, 1, 0])
+        record = TrainingRecord({k: v.clone() for k, v in model.state_dict().items()}, [[0, 1], [2, 3]], [0.1, 0.1])
+        traj = sf.Trajectory.even([model.state_dict()], [0.1, 0.1], 1, data)
+        run = lambda: sf.score(model, CausalLMTask(), traj, None, data, data[:1], method="unroll", record=record)  # noqa: E731
+        if attn == "eager":
+            assert torch.isfinite(run()).all()
+        else:
+            with pytest.raises(RuntimeError, match="(?s)(unrolling step 0|differentiating query 0 through the run): .*attn_implementation='eager'"):
+                run()
