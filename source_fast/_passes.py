@@ -315,7 +315,10 @@ def run_pass(
                 raise ValueError(f"{what}, batch {b}: the task must return a scalar tensor (summed over the batch)")
             missing = [s.name for s in specs if s.name not in records]
             if missing:
-                raise ValueError(f"{what}, batch {b}: tracked modules {missing} did not run in the forward pass")
+                raise ValueError(
+                    f"{what}, batch {b}: tracked modules {missing} did not run in the forward pass (a module whose weights "
+                    "its parent uses without calling it, as nn.MultiheadAttention does its out_proj, cannot be tracked): "
+                    "name the modules to track in the task's get_influence_tracked_modules()")
             if not out.requires_grad:
                 raise ValueError(f"{what}, batch {b}: the loss does not depend on any tracked module")
             out.backward()

@@ -330,3 +330,25 @@ def test_concurrent_factor_saves_to_one_folder_take_turns(setup, tmp_path, monke
     loaded = sf.Factors.load(tmp_path)
     assert any(torch.equal(loaded.segments[0]["0"].lam, f.segments[0]["0"].lam) for f in saves)
     assert len(list(tmp_path.glob("factors.*.safetensors"))) == 1
+
+
+def test_a_tracked_module_that_never_runs_is_named_with_the_fix():
+    """nn.MultiheadAttention multiplies by its out_proj's weight without calling the module, so the
+    default tracking (every Linear) cannot capture it: the error names it and says how to choose."""
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Encoder().double()
+    data = torch.utils.data.TensorDataset(torch.randn(6, 4, 8, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(ValueError, match=r"segment 0, checkpoint 0, batch 0: tracked modules "
+                                         r"\['enc.self_attn.out_proj'\] did not run .*get_influence_tracked_modules"):
+        sf.fit_factors(model, ClassifyTask(), traj)
