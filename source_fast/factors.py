@@ -282,6 +282,7 @@ def fit_factors(
         for ell, seg in enumerate(trajectory.segments)]  # the factors' dtype: float64 only transiently
     for note in sorted(notes):
         warnings.warn(note, stacklevel=2)
+    trajectory.check_checkpoints(model)
     segments, num_examples = [], []
     saved = _FitProgress(resume_dir, specs, trajectory, describe_task(task, collate_fn), fisher, average_params, seed,
                          batch_size, dtype, device)

@@ -326,6 +326,8 @@ def _validate(model, task, trajectory, factors, method):
             f"{trajectory.layout()} checkpoints per segment)"
         )
     specs = tracked_layers(model, task.get_influence_tracked_modules())
+    if method != "unroll":  # the others read the trajectory's checkpoints
+        trajectory.check_checkpoints(model)
     if method in ("source", "fast_source", "ekfac"):
         if not isinstance(factors, Factors):
             raise TypeError(f"method {method!r} needs Factors from fit_factors(), got {type(factors).__name__}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -34,28 +35,55 @@ def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
 
 def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
     """Loads a checkpoint into `model` in place, with an error that names the checkpoint and the keys."""
-    state = load_state_dict(checkpoint, what)
     own = model.state_dict()
-    state = _with_tied_weights(state, own)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    state = _with_tied_weights(load_state_dict(checkpoint, what), own)
+    _check_shapes({k: tuple(v.shape) for k, v in state.items()}, own, what)
+    model.load_state_dict(state)
+
+
+def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
+    """load_into's checks without loading the weights: a file's header (safetensors) or its tensors
+    memory-mapped (torch.save's zip format), so every checkpoint of a trajectory is checked before
+    the first pass rather than when its pass comes, hours later."""
+    own = model.state_dict()
+    if isinstance(checkpoint, dict):
+        shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
+    else:
+        path = os.fspath(checkpoint)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        elif zipfile.is_zipfile(path):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict):
+                raise TypeError(f"{what}: {path!r} holds a {type(state).__name__}, not a state_dict")
+            shapes = {k: tuple(v.shape) for k, v in state.items()}
+        else:  # torch's legacy format cannot be mapped: checked when loaded
+            return
+    _check_shapes(_with_tied_weights(shapes, own), own, what)
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], own: dict[str, Tensor], what: str) -> None:
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
     if missing or unexpected:
         raise ValueError(
             f"{what} does not match the model: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(
-                f"{what}: {key!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the model"
-            )
-    model.load_state_dict(state)
+    for key, shape in shapes.items():
+        if shape != tuple(own[key].shape):
+            raise ValueError(f"{what}: {key!r} has shape {shape} in the checkpoint but {tuple(own[key].shape)} in the model")
 
 
-def _with_tied_weights(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`state` plus the model's tied duplicates it leaves out: Hugging Face's save_pretrained stores
-    one of weights that share storage (GPT-2's lm_head.weight is transformer.wte.weight), and the
-    model's load would refill it from the other anyway."""
+def _with_tied_weights(state: dict[str, Any], own: dict[str, Tensor]) -> dict[str, Any]:
+    """`state` (tensors or their shapes) plus the model's tied duplicates it leaves out: Hugging
+    Face's save_pretrained stores one of weights that share storage (GPT-2's lm_head.weight is
+    transformer.wte.weight), and the model's load would refill it from the other anyway."""
     missing = set(own) - set(state)
     if not missing:
         return state
@@ -309,6 +337,12 @@ class Trajectory:
     @property
     def final_checkpoint(self) -> Checkpoint:
         return self.segments[-1].checkpoints[-1]
+
+    def check_checkpoints(self, model: nn.Module) -> None:
+        """Every checkpoint matches the model (keys, shapes): refused before any pass."""
+        for ell, seg in enumerate(self.segments):
+            for c, ckpt in enumerate(seg.checkpoints):
+                check_checkpoint(model, ckpt, f"segment {ell}, checkpoint {c}")
 
     def layout(self) -> list[int]:
         """Checkpoints per segment: recorded in fitted factors to refuse a mismatched trajectory."""

@@ -36,6 +36,29 @@ def test_checkpoint_mismatch_names_the_checkpoint_and_keys(setup):
         sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment(["nope.pt"], data, lr_sum=1.0)]))
 
 
+def test_every_checkpoint_is_checked_before_the_first_pass(setup, tmp_path, monkeypatch):
+    """A checkpoint of the wrong model in the last segment is refused before any pass (it used to be
+    found when its own pass came): in memory, torch.save and safetensors files alike."""
+    from safetensors.torch import save_file
+
+    from source_fast import factors as fm
+    from source_fast import scoring as sm
+
+    model, data, ckpts = setup
+    shaped = {**ckpts[1], "0.weight": torch.zeros(5, 5, dtype=torch.float64)}
+    torch.save(shaped, tmp_path / "bad.pt")
+    save_file(shaped, str(tmp_path / "bad.safetensors"))
+    monkeypatch.setattr(fm, "_covariances", lambda *a, **k: pytest.fail("a pass ran before the checkpoints were checked"))
+    monkeypatch.setattr(sm, "_example_grads", lambda *a, **k: pytest.fail("a pass ran before the checkpoints were checked"))
+    for bad in (shaped, tmp_path / "bad.pt", str(tmp_path / "bad.safetensors")):
+        traj = sf.Trajectory([sf.Segment([ckpts[0]], data, lr_sum=1.0), sf.Segment([ckpts[0], bad], data, lr_sum=1.0)])
+        pattern = r"segment 1, checkpoint 1: '0.weight' has shape \(5, 5\) in the checkpoint but \(5, 4\)"
+        with pytest.raises(ValueError, match=pattern):
+            sf.fit_factors(model, ClassifyTask(), traj)
+        with pytest.raises(ValueError, match=pattern):
+            sf.score(model, ClassifyTask(), traj, None, data, data, method="tracin")
+
+
 def test_checkpoint_files_load(setup, tmp_path):
     from safetensors.torch import save_file
 
