@@ -175,27 +175,35 @@ def digest_tensors(tensors) -> str:
 
 def digest_examples(data: Any, limit: int | None = 16) -> str:
     """A fingerprint of a dataset: its length and up to `limit` evenly spaced examples (a stream:
-    its first `limit` examples); limit None: every example."""
+    its first `limit` examples); limit None: every example, read one at a time."""
     source = data.dataset if isinstance(data, DataLoader) else data
     n = length(data)
     if n is None:
-        examples = list(itertools.islice(source, limit))
+        examples = itertools.islice(source, limit)
     elif limit is None:
-        examples = [source[i] for i in range(n)]
+        examples = (source[i] for i in range(n))
     else:
-        examples = [source[i] for i in sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))})]
-    leaves = [_as_tensor(x) for example in examples for x in torch.utils._pytree.tree_leaves(example)]
+        examples = (source[i] for i in sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))}))
+    leaves = (_as_tensor(x) for example in examples for x in torch.utils._pytree.tree_leaves(example))
     return f"{'stream' if n is None else n}:{digest_tensors(leaves)}"
 
 
 def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
-    """A task for fingerprints: its class and plain settings (another loss or normalisation is another
-    run), and the collate function's name. Settings that are not plain values count by type only."""
-    def plain(v: Any) -> bool:
-        return v is None or isinstance(v, (bool, int, float, str)) or (
-            isinstance(v, (list, tuple)) and all(plain(x) for x in v))
+    """A task for fingerprints: its class and settings (another loss, normalisation or class weight is
+    another run), and the collate function's name. Plain values, lists and dicts are taken as they
+    are, tensors and arrays by content; other objects (a model, a tokenizer) count by type only."""
+    def describe(v: Any) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [describe(x) for x in v]
+        if isinstance(v, Mapping):
+            return {str(k): describe(x) for k, x in v.items()}
+        if isinstance(v, (Tensor, np.ndarray)):
+            return f"{type(v).__qualname__} {tuple(v.shape)} {v.dtype} {digest_tensors([torch.as_tensor(v)])}"
+        return type(v).__qualname__
 
-    settings = {k: v if plain(v) else type(v).__qualname__ for k, v in sorted(getattr(task, "__dict__", {}).items())}
+    settings = {k: describe(v) for k, v in sorted(getattr(task, "__dict__", {}).items())}
     cls = type(task)
     collate = None if collate_fn is None else getattr(collate_fn, "__qualname__", type(collate_fn).__qualname__)
     return json.dumps([f"{cls.__module__}.{cls.__qualname__}", settings, collate], sort_keys=True)

@@ -58,8 +58,9 @@ MANIFEST_VERSION = 4
 
 def _fingerprint(task, trajectory, factors, method, options, train_data, query_data, collate_fn) -> dict:
     fac = None
-    if isinstance(factors, Factors):
-        fac = digest_tensors(lf.lam for seg in factors.segments for lf in seg.values())
+    if isinstance(factors, Factors):  # everything scoring reads: bases, Λ, Adam's preconditioner
+        fac = digest_tensors(t for seg in factors.segments for lf in seg.values()
+                             for t in (lf.q_a, lf.q_s, lf.lam, lf.precond) if t is not None)
     fingerprint = {
         "method": method,
         "task": describe_task(task, collate_fn),
@@ -71,7 +72,7 @@ def _fingerprint(task, trajectory, factors, method, options, train_data, query_d
         "checkpoints": [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(s.checkpoints)]
                         for ell, s in enumerate(trajectory.segments)],
         "train_data": digest_examples(train_data),
-        "query_data": digest_examples(query_data),
+        "query_data": digest_examples(query_data, limit=None),  # held in memory: every query, cheaply
     }
     # As the manifest will read it back (a tuple of train_segments becomes a list), or a resume would not match.
     return json.loads(json.dumps(fingerprint))

@@ -381,7 +381,8 @@ class _FitProgress:
                 "layers": [[s.name, s.d_out, s.d_a] for s in specs], "layout": trajectory.layout(), "task": task,
                 "checkpoints": [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
                                 for ell, seg in enumerate(trajectory.segments)],
-                "data": [digest_examples(seg.data) for seg in trajectory.segments],
+                # Every example (a read of the data, no forward pass): a changed one would reuse stale sums.
+                "data": [digest_examples(seg.data, limit=None) for seg in trajectory.segments],
                 "num_examples": [seg.num_examples for seg in trajectory.segments],
                 "fisher": fisher, "average_params": average_params, "seed": seed, "batch_size": batch_size,
                 "dtype": str(dtype),  # not the world size: a finished pass holds the sums over all ranks

@@ -15,7 +15,7 @@ from _corpus_job import job
 
 import source_fast as sf
 from source_fast.corpus import load_scores, load_top_k, score_corpus
-from _helpers import ClassifyTask, RegressTask
+from _helpers import ClassifyTask, RegressTask, classification_data
 
 HERE = Path(__file__).parent
 JOB = [sys.executable, str(HERE / "_corpus_job.py")]
@@ -198,3 +198,38 @@ def test_a_refused_method_leaves_the_output_folder_unwritten(reference, tmp_path
     f_final = sf.fit_factors(model, task, final, fisher="empirical", batch_size=8)
     score_corpus(model, task, final, f_final, data, queries, tmp_path / "s", method="ekfac", progress=False)
     assert load_scores(tmp_path / "s").shape == (len(queries), len(data))
+
+
+class WeightedTask(ClassifyTask):
+    """Class weights in the loss: a tensor setting, which a resumed run must match by value."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y, weight=self.weight, reduction="sum")
+
+    compute_measurement = compute_train_loss
+
+
+def test_a_resumed_run_must_match_every_query_the_task_values_and_all_factors(reference, tmp_path):
+    """What a restart compares is the whole run: every query (not a sample of them: query 1 of 40 is
+    not among 16 evenly spaced ones), a task's tensor settings by value, and all the factors scoring
+    reads (bases and Adam's preconditioner too, not only Λ)."""
+    model, _, data, _, traj, factors, _ = reference
+    queries = classification_data(40, 6, 4, seed=3, dtype=torch.float32)
+    task = WeightedTask(torch.ones(4))
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
+    changed = classification_data(40, 6, 4, seed=3, dtype=torch.float32)
+    changed.tensors[1][1] = (changed.tensors[1][1] + 1) % 4
+    with pytest.raises(ValueError, match=r"differs in: query_data\)"):
+        score_corpus(model, task, traj, factors, data, changed, tmp_path, shard_size=32, progress=False)
+    with pytest.raises(ValueError, match=r"differs in: task\)"):
+        score_corpus(model, WeightedTask(torch.tensor([1.0, 2.0, 1.0, 1.0])), traj, factors, data, queries, tmp_path,
+                     shard_size=32, progress=False)
+    rotated = sf.Factors(factors.layers, [{k: type(v)(v.a_cov, v.s_cov, v.q_a.flip(1), v.q_s, v.lam) for k, v in seg.items()}
+                                          for seg in factors.segments], factors.num_examples, factors.layout,
+                         factors.fisher, factors.average_params)
+    with pytest.raises(ValueError, match=r"differs in: factors\)"):
+        score_corpus(model, task, traj, rotated, data, queries, tmp_path, shard_size=32, progress=False)

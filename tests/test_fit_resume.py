@@ -89,3 +89,25 @@ def test_checkpoints_are_identified_by_content(tmp_path):
     assert fm._checkpoint_digest(tmp_path / "a.safetensors", "c") == fm._checkpoint_digest(tmp_path / "copy" / "b.safetensors", "c")
     with pytest.raises(FileNotFoundError, match="segment 1, checkpoint 0: checkpoint file .* does not exist"):
         fm._checkpoint_digest(tmp_path / "missing.safetensors", "segment 1, checkpoint 0")
+
+
+def test_every_training_example_and_task_value_is_part_of_the_fit(tmp_path):
+    """A finished pass is reused only for the same data, all of it (example 1 of 40 is not among 16
+    evenly spaced ones), and a task whose dict or tensor settings are the same by value."""
+    model, task, traj = _setup()
+    sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path)
+    data = classification_data(40, 5, 3, seed=1)
+    data.tensors[0][1, 0] += 1.0
+    other = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 20, 2, data, momentum=0.5)
+    with pytest.raises(ValueError, match=r"differs in: data\)"):
+        sf.fit_factors(model, task, other, fisher="empirical", batch_size=8, resume_dir=tmp_path)
+
+    class Smoothed(ClassifyTask):
+        def __init__(self, options):
+            self.options = options
+
+    sf.fit_factors(model, Smoothed({"label_smoothing": torch.tensor(0.0)}), traj, fisher="empirical", batch_size=8,
+                   resume_dir=tmp_path / "smoothed")
+    with pytest.raises(ValueError, match=r"differs in: task\)"):
+        sf.fit_factors(model, Smoothed({"label_smoothing": torch.tensor(0.3)}), traj, fisher="empirical", batch_size=8,
+                       resume_dir=tmp_path / "smoothed")
