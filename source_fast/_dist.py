@@ -31,3 +31,12 @@ def all_reduce_int(value: int, device: torch.device) -> int:
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+def same_on_all_ranks(value: int, device: torch.device) -> bool:
+    """Whether every rank holds the same `value` (below 2**52, exact in float64)."""
+    if rank_and_world()[1] == 1:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0].item()) == -int(t[1].item())

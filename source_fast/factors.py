@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world
+from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world, same_on_all_ranks
 from ._io import atomic_path, folder_lock, sha256_file, write_named_by_content
 from ._passes import (
     available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
@@ -275,6 +275,7 @@ def fit_factors(
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
     _check_factor_memory(specs, len(trajectory.segments), dtype, device)
+    _check_same_inputs_on_ranks(specs, trajectory, task, collate_fn, fisher, average_params, seed, batch_size, device)
     # Adam states are read (and checked: names, decay, optimizer kind) before any pass, not after hours.
     notes: set[str] = set()
     preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(
@@ -421,6 +422,22 @@ class _FitProgress:
             with atomic_path(self._path(kind, ell, c)) as tmp:
                 save_file(flat, str(tmp))
         barrier()
+
+
+def _check_same_inputs_on_ranks(specs, trajectory, task, collate_fn, fisher, average_params, seed, batch_size,
+                                device) -> None:
+    """Under torch.distributed every rank must be given the whole data: each reads its own share of it
+    (rank_share). A rank handed a pre-sharded part (DDP's habit) would fit a fraction of the data with
+    the wrong N, silently."""
+    if rank_and_world()[1] == 1:
+        return
+    summary = json.dumps([[[s.name, s.d_out, s.d_a] for s in specs], trajectory.layout(),
+                          [[seg.lr_sum, seg.num_examples, digest_examples(seg.data)] for seg in trajectory.segments],
+                          describe_task(task, collate_fn), fisher, average_params, seed, batch_size])
+    if not same_on_all_ranks(int(hashlib.sha256(summary.encode()).hexdigest()[:12], 16), device):
+        raise ValueError(
+            f"rank {rank_and_world()[0]}: the ranks were given different inputs to fit_factors (layers, trajectory, "
+            "data or options): under torch.distributed give every rank the same, whole data; each reads its own share")
 
 
 def _checkpoint_digest(checkpoint: Checkpoint, what: str) -> str:

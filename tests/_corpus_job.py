@@ -1,9 +1,11 @@
 """A scoring job run in subprocesses by the corpus tests (kill-and-resume, torchrun with gloo).
 
 usage: python _corpus_job.py OUT_DIR [--top-k K] [--slow SECONDS] [--factors-out DIR] [--stream] [--skew]
+                            [--presharded]
 Under torchrun it initialises the gloo process group and every rank takes part. --stream hands the
 training examples over as an IterableDataset (no len(), no indexing) for fitting and scoring; --skew
-gives rank 1 other queries than rank 0 (a job whose ranks disagree).
+gives rank 1 other queries than rank 0 (a job whose ranks disagree); --presharded gives each rank only
+its own part of the training data (DDP's habit, wrong here: the library splits the data itself).
 """
 
 import argparse
@@ -41,14 +43,17 @@ class SlowTask(ClassifyTask):
         return super().compute_train_loss(batch, model, sample)
 
 
-def job(stream=False):
+def job(stream=False, part=None):
+    """part (rank, world): only that rank's examples, as DDP's DistributedSampler hands them out."""
     model = mlp(6, 7, 4, dtype=torch.float32)
     data = classification_data(90, 6, 4, seed=1, dtype=torch.float32)
     queries = classification_data(5, 6, 4, seed=2, dtype=torch.float32)
+    if part is not None:
+        data = torch.utils.data.Subset(data, range(part[0], 90, part[1]))
     if stream:
         data = Stream(data)
     traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 40, 2, data, momentum=0.9,
-                              num_examples=90)
+                              num_examples=len(data) if part is not None else 90)
     return model, data, queries, traj
 
 
@@ -60,10 +65,12 @@ def main():
     p.add_argument("--factors-out", default=None)
     p.add_argument("--stream", action="store_true")
     p.add_argument("--skew", action="store_true")
+    p.add_argument("--presharded", action="store_true")
     args = p.parse_args()
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
-    model, data, queries, traj = job(args.stream)
+    part = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if args.presharded else None
+    model, data, queries, traj = job(args.stream, part)
     if args.skew and int(os.environ.get("RANK", "0")) == 1:
         queries = classification_data(5, 6, 4, seed=3, dtype=torch.float32)
     SlowTask.delay = args.slow
