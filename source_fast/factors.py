@@ -293,8 +293,9 @@ def fit_factors(
         found = saved.load(kind, ell, c, device)
         if found is not None:
             return found
-        # Seeded per pass, so a resumed fit samples the labels an uninterrupted one would.
-        torch.manual_seed(seed * 1_000_003 + 2 * (ell * 10_007 + c) + (kind == "lam"))
+        # Seeded per pass, so a resumed fit samples the labels an uninterrupted one would, and per rank,
+        # so that ranks draw independent labels for their examples (one process: rank 0's seeds).
+        torch.manual_seed(seed * 1_000_003 + 2 * (ell * 10_007 + c) + (kind == "lam") + 1_000_000_007 * rank_and_world()[0])
         result = compute()
         saved.store(kind, ell, c, result)
         return result

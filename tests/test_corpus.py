@@ -244,3 +244,40 @@ def test_a_resumed_run_must_match_every_query_the_task_values_and_all_factors(re
                          factors.fisher, factors.average_params)
     with pytest.raises(ValueError, match=r"differs in: factors\)"):
         score_corpus(model, task, traj, rotated, data, queries, tmp_path, shard_size=32, progress=False)
+
+
+FISHER_DRAWS = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[2])
+from _corpus_job import job
+from _helpers import RegressTask
+import source_fast as sf
+
+class Recorded(RegressTask):
+    def compute_train_loss(self, batch, model, sample=False):
+        if sample:  # the draw the task makes for its true-Fisher targets
+            draws.append(torch.randn(4))
+        return super().compute_train_loss(batch, model, sample)
+
+torch.distributed.init_process_group("gloo")
+draws = []
+model, data, _, traj = job()
+x, y = data.tensors
+regress = torch.utils.data.TensorDataset(x, torch.nn.functional.one_hot(y, 4).float())
+traj = sf.Trajectory([sf.Segment(s.checkpoints, regress, lr_sum=s.lr_sum) for s in traj.segments])
+sf.fit_factors(model, Recorded(), traj, fisher="true", batch_size=8)
+torch.save(torch.stack(draws), os.path.join(sys.argv[1], f"rank{torch.distributed.get_rank()}.pt"))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_torchrun_ranks_draw_independent_true_fisher_labels(tmp_path):
+    """Each rank samples the labels of its own examples: with one seed for all, rank 1's draws were
+    rank 0's, draw for draw (their examples' sampled noise perfectly correlated)."""
+    script = tmp_path / "draws.py"
+    script.write_text(FISHER_DRAWS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29539",
+           str(script), str(tmp_path), str(HERE)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0.shape == rank1.shape and not torch.equal(rank0, rank1)
