@@ -217,11 +217,17 @@ def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int, world: int
     raise together (none is left waiting at a barrier). Ranks given different inputs would otherwise
     each score their shards of a different run, into one matrix."""
     path = out / "manifest.json"
+    orphans = 0
     if rank == 0 and not path.exists():
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({"format": "source_fast.scores", "version": MANIFEST_VERSION,
-                                       "fingerprint": fingerprint}, indent=1))
-    barrier()
+        # The manifest comes before any shard: shards without it are of a run nobody can name any more.
+        orphans = len(list(out.glob("shards/*.safetensors")))
+        if not orphans:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps({"format": "source_fast.scores", "version": MANIFEST_VERSION,
+                                           "fingerprint": fingerprint}, indent=1))
+    if all_reduce_int(orphans, device):  # also the barrier after rank 0's write
+        raise ValueError(f"{out} holds score shards but no manifest.json to say which run they belong to: delete the "
+                         "folder, or give another out_dir")
     problem = _manifest_problem(out, fingerprint)
     if all_reduce_int(problem is not None, device):
         if world == 1:

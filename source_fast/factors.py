@@ -117,6 +117,8 @@ class Factors:
                     if t is not None:
                         tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
         with folder_lock(path, ".factors.lock"):  # a concurrent save would delete this one's tensors
+            for stale in path.glob(".factors.*.tmp"):  # a killed save's temp files (the lock keeps live ones out)
+                stale.unlink(missing_ok=True)
             tensors_file, digest = write_named_by_content(path, "factors", ".safetensors",
                                                           lambda tmp: save_file(tensors, str(tmp)))
             meta = {
@@ -391,11 +393,19 @@ class _FitProgress:
             }
             path = self.folder / "fit.json"
             if path.exists():
-                old = json.loads(path.read_text()).get("fingerprint", {})
+                try:
+                    old = json.loads(path.read_text()).get("fingerprint", {})
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise ValueError(f"{path} is corrupted: delete {self.folder} to start the fit over") from None
                 diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+            elif any(self.folder.glob("seg*_*.safetensors")):  # fit.json comes first: someone deleted it
+                raise ValueError(f"{self.folder} holds finished passes but no fit.json to say which fit they belong "
+                                 "to: delete the folder, or use another resume_dir")
             else:
                 with atomic_path(path) as tmp:
                     tmp.write_text(json.dumps({"format": "source_fast.fit_progress", "fingerprint": fingerprint}, indent=1))
+            for stale in self.folder.glob(".*.tmp"):  # atomic_path's temp files that a killed fit never renamed
+                stale.unlink(missing_ok=True)
         if all_reduce_int(len(diff), device):
             where = f"it differs in: {', '.join(diff)}" if rank == 0 else "rank 0 says what differs"
             raise ValueError(f"{self.folder} holds the passes of a different fit ({where}); use another resume_dir or "
@@ -405,13 +415,24 @@ class _FitProgress:
         return self.folder / f"seg{ell}_{kind}{c}.safetensors"
 
     def load(self, kind, ell, c, device) -> tuple[dict[str, Tensor], ...] | None:
-        if self.folder is None or not self._path(kind, ell, c).exists():
+        """A finished pass's sums, or None to compute the pass (again: a damaged file is reported)."""
+        path = self._path(kind, ell, c) if self.folder is not None else None
+        if path is None or not path.exists():
             return None
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
-        flat = load_file(str(self._path(kind, ell, c)), device=str(device))
+        try:
+            with safe_open(str(path), "pt") as f:
+                flat = {k: f.get_tensor(k) for k in sorted(f.keys())}
+                recorded = (f.metadata() or {}).get("sha256")
+        except (SafetensorError, OSError):
+            recorded, flat = None, {}
+        if recorded is None or recorded != digest_tensors(flat.values()):
+            warnings.warn(f"{path} is corrupted or incomplete: computing its pass (segment {ell}, checkpoint {c}) again",
+                          stacklevel=3)
+            return None
         parts = sorted({int(k.split(".", 1)[0]) for k in flat})
-        return tuple({k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(f"{i}.")} for i in parts)
+        return tuple({k.split(".", 1)[1]: v.to(device) for k, v in flat.items() if k.startswith(f"{i}.")} for i in parts)
 
     def store(self, kind, ell, c, result: tuple[dict[str, Tensor], ...]) -> None:
         if self.folder is None:
@@ -420,8 +441,9 @@ class _FitProgress:
             from safetensors.torch import save_file
 
             flat = {f"{i}.{name}": t.detach().cpu().contiguous() for i, part in enumerate(result) for name, t in part.items()}
+            flat = dict(sorted(flat.items()))
             with atomic_path(self._path(kind, ell, c)) as tmp:
-                save_file(flat, str(tmp))
+                save_file(flat, str(tmp), metadata={"sha256": digest_tensors(flat.values())})
         barrier()
 
 

@@ -90,6 +90,9 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
         capsys.readouterr().out
     assert _digest(tmp_path) == before
     assert not list(tmp_path.rglob("*.tmp"))
+    (tmp_path / "manifest.json").unlink()  # its shards can no longer say which run they are from
+    with pytest.raises(ValueError, match="holds score shards but no manifest.json"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, damping=0.1, progress=False)
 
 
 def test_out_of_memory_suggests_the_fix(reference, tmp_path, monkeypatch):

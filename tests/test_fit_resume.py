@@ -111,3 +111,44 @@ def test_every_training_example_and_task_value_is_part_of_the_fit(tmp_path):
     with pytest.raises(ValueError, match=r"differs in: task\)"):
         sf.fit_factors(model, Smoothed({"label_smoothing": torch.tensor(0.3)}), traj, fisher="empirical", batch_size=8,
                        resume_dir=tmp_path / "smoothed")
+
+
+def test_damaged_pass_files_are_computed_again_and_stale_files_go(tmp_path):
+    """Each pass file carries the sha256 of its tensors: a flipped bit or a truncation is reported
+    and that pass is computed again (the result is the clean fit's, exactly); what a killed write
+    leaves behind is removed; a folder whose fit.json is damaged or gone is refused, not reused."""
+    model, task, traj = _setup()
+    clean = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
+    lam, cov = tmp_path / "seg0_lam1.safetensors", tmp_path / "seg1_cov0.safetensors"
+    blob = bytearray(lam.read_bytes())
+    blob[-3] ^= 0x10
+    lam.write_bytes(bytes(blob))
+    cov.write_bytes(cov.read_bytes()[:-20])
+    (tmp_path / ".seg1_lam0.safetensors.k1ll3d.tmp").write_bytes(b"half a pass")
+    with pytest.warns(UserWarning) as caught:
+        again = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
+    said = sorted(str(w.message) for w in caught)
+    assert said == [f"{lam} is corrupted or incomplete: computing its pass (segment 0, checkpoint 1) again",
+                    f"{cov} is corrupted or incomplete: computing its pass (segment 1, checkpoint 0) again"], said
+    for a, b in zip(again.segments, clean.segments):
+        for name in a:
+            for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):
+                assert torch.equal(getattr(a[name], field), getattr(b[name], field)), (name, field)
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "fit.json").write_text('{"format": "source_fast.fit_pro')
+    with pytest.raises(ValueError, match=r"fit.json is corrupted: delete .* to start the fit over"):
+        sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
+    (tmp_path / "fit.json").unlink()
+    with pytest.raises(ValueError, match="holds finished passes but no fit.json"):
+        sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
+
+
+def test_a_killed_save_leaves_no_temp_files_after_the_next(tmp_path):
+    model, task, traj = _setup()
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".factors.0123abcd.tmp").write_bytes(b"a killed save's tensors")
+    (tmp_path / ".factors.json.k1ll3d.tmp").write_text("{")
+    factors.save(tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.equal(sf.Factors.load(tmp_path).segments[1]["0"].lam, factors.segments[1]["0"].lam)
