@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -23,14 +24,26 @@ def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
     path = os.fspath(checkpoint)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    with _readable(path, what):
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise TypeError(f"{what}: {path!r} holds a {type(state).__name__}, not a state_dict")
     return state
+
+
+@contextlib.contextmanager
+def _readable(path: str, what: str) -> Iterator[None]:
+    """The readers' own errors (a truncated zip, a bad safetensors header) name neither the file nor the
+    checkpoint: say both."""
+    try:
+        yield
+    except Exception as exc:
+        raise ValueError(f"{what}: cannot read checkpoint file {path!r} (damaged or incomplete?): "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
@@ -55,15 +68,17 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
-            with safe_open(path, "pt") as f:
+            with _readable(path, what), safe_open(path, "pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        elif zipfile.is_zipfile(path):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            if zipfile.is_zipfile(path):
+                with _readable(path, what):
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            else:  # torch's legacy format cannot be mapped (a damaged zip lands here too): read it whole
+                state = load_state_dict(path, what)
             if not isinstance(state, dict):
                 raise TypeError(f"{what}: {path!r} holds a {type(state).__name__}, not a state_dict")
             shapes = {k: tuple(v.shape) for k, v in state.items()}
-        else:  # torch's legacy format cannot be mapped: checked when loaded
-            return
     _check_shapes(_with_tied_weights(shapes, own), own, what)
 
 

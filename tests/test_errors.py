@@ -59,6 +59,22 @@ def test_every_checkpoint_is_checked_before_the_first_pass(setup, tmp_path, monk
             sf.score(model, ClassifyTask(), traj, None, data, data, method="tracin")
 
 
+def test_a_damaged_checkpoint_file_is_named(setup, tmp_path):
+    """torch's and safetensors' own errors for a truncated file name neither the file nor the checkpoint."""
+    from safetensors.torch import save_file
+
+    model, data, ckpts = setup
+    torch.save(ckpts[1], tmp_path / "cut.pt")
+    save_file(ckpts[1], str(tmp_path / "cut.safetensors"))
+    for name in ("cut.pt", "cut.safetensors"):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[:-30])
+        traj = sf.Trajectory([sf.Segment([ckpts[0], path], data, lr_sum=1.0)])
+        with pytest.raises(ValueError, match=rf"segment 0, checkpoint 1: cannot read checkpoint file '.*{name}' "
+                                             r"\(damaged or incomplete\?\)"):
+            sf.fit_factors(model, ClassifyTask(), traj)
+
+
 def test_checkpoint_files_load(setup, tmp_path):
     from safetensors.torch import save_file
 
