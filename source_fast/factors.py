@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -218,11 +219,16 @@ def segment_checkpoints(segment: Segment, average_params: bool, what: str) -> li
 
 
 def _progress(enabled: bool, total: int | None, desc: str, unit: str = "ex"):
-    if not enabled:
+    """A progress bar, on rank 0 only (under torchrun every rank would draw its own, unlabelled), with
+    rank 0's share standing for all. Redrawn 10 times a second on a terminal; into a log file, every
+    30 s (else about 1 KB/s per rank of log)."""
+    rank, world = rank_and_world()
+    if not enabled or rank != 0:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc if world == 1 else f"{desc} [rank 0 of {world}]", unit=unit, dynamic_ncols=True,
+                leave=False, mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
 
 def _share(loader, expected: int | None) -> int | None:

@@ -892,6 +892,22 @@ def test_progress_covers_query_preparation_and_chunked_self_influence(setup, cap
     assert "gradients of examples 30+, segment 1, checkpoint 1" in err
 
 
+def test_progress_bars_suit_logs_and_ranks(monkeypatch):
+    """Into a log file a bar redraws every 30 s (10 times a second filled logs at 1 KB/s per rank);
+    under torchrun only rank 0 draws one, labelled."""
+    from source_fast import factors as fm
+
+    bar = fm._progress(True, 10, "covariances")
+    assert bar.mininterval == 30.0 and bar.desc == "covariances"  # pytest's stderr is not a terminal
+    bar.close()
+    monkeypatch.setattr(fm, "rank_and_world", lambda: (1, 2))
+    assert fm._progress(True, 10, "covariances") is None
+    monkeypatch.setattr(fm, "rank_and_world", lambda: (0, 2))
+    bar = fm._progress(True, 10, "covariances")
+    assert bar.desc == "covariances [rank 0 of 2]"
+    bar.close()
+
+
 def test_even_splits_adam_states_with_their_checkpoints(setup):
     """Trajectory.even for an Adam run: each segment gets its checkpoints' optimizer states, so it
     fits what hand-built segments fit."""
