@@ -266,6 +266,14 @@ def rank_share(data: Any) -> Any:
     return _rebuild(data, mine) if isinstance(data, DataLoader) else mine
 
 
+def share_start(data: Any) -> int | None:
+    """Where rank_share(data) begins in `data`: None for a stream's strided share under torch.distributed."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return 0
+    return None if is_stream(data) else rank * length(data) // world
+
+
 def materialize(data: Any) -> Any:
     """Map-style data as is; a stream's examples in a list (for queries: few, and read once, so even a
     one-shot iterator will do)."""
@@ -305,11 +313,20 @@ def run_pass(
     objective: str,
     what: str,
     progress: Any | None = None,
+    first: int | None = 0,
 ) -> Iterator[tuple[int, int, dict[str, Captured]]]:
     """For each batch: (first example index, batch size, captured layers) after one backward of the
-    objective: "fisher" (sampled labels), "train" (true labels) or "measurement"."""
+    objective: "fisher" (sampled labels), "train" (true labels) or "measurement".
+    first: the position of the loader's first example in the data the user gave (a shard's, a rank's
+    share's), for errors that name the examples; None where the loader's are not a run of them."""
     device = model_device(model)
     capturer = Capturer(model, specs)
+    rank, world = rank_and_world()
+
+    def where(b: int, start: int) -> str:
+        examples = "" if first is None else f" (examples from {first + start})"
+        return f"{f'rank {rank}: ' if world > 1 else ''}{what}, batch {b}{examples}"
+
     start = tokens = 0
     for b, batch in enumerate(loader):
         batch = to_device(batch, device)
@@ -320,24 +337,24 @@ def run_pass(
             else:
                 out = task.compute_train_loss(batch, model, objective == "fisher")
             if not isinstance(out, torch.Tensor) or out.dim() != 0:
-                raise ValueError(f"{what}, batch {b}: the task must return a scalar tensor (summed over the batch)")
+                raise ValueError(f"{where(b, start)}: the task must return a scalar tensor (summed over the batch)")
             missing = [s.name for s in specs if s.name not in records]
             if missing:
                 raise ValueError(
-                    f"{what}, batch {b}: tracked modules {missing} did not run in the forward pass (a module whose weights "
+                    f"{where(b, start)}: tracked modules {missing} did not run in the forward pass (a module whose weights "
                     "its parent uses without calling it, as nn.MultiheadAttention does its out_proj, cannot be tracked): "
                     "name the modules to track in the task's get_influence_tracked_modules()")
             if not out.requires_grad:
-                raise ValueError(f"{what}, batch {b}: the loss does not depend on any tracked module")
+                raise ValueError(f"{where(b, start)}: the loss does not depend on any tracked module")
             out.backward()
         n = next(iter(records.values())).a.shape[0]
         for spec in specs:
             rec = records[spec.name]
             if rec.g is None:
-                raise ValueError(f"{what}, batch {b}: module {spec.name!r} received no gradient from the loss")
+                raise ValueError(f"{where(b, start)}: module {spec.name!r} received no gradient from the loss")
             if rec.a.shape[0] != n:
                 raise ValueError(
-                    f"{what}, batch {b}: module {spec.name!r} saw {rec.a.shape[0]} examples, others {n}; "
+                    f"{where(b, start)}: module {spec.name!r} saw {rec.a.shape[0]} examples, others {n}; "
                     "examples must be the first dimension of every tracked layer's input"
                 )
         # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
@@ -345,11 +362,11 @@ def run_pass(
         finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(records[s.name].g).all() for s in specs])
         if not bool(finite.all()):
             if not math.isfinite(out.item()):
-                raise FloatingPointError(f"{what}, batch {b}: the {objective} loss is {out.item()}")
+                raise FloatingPointError(f"{where(b, start)}: the {objective} loss is {out.item()}")
             # Backward runs from the last layer to the first: the last non-finite one is where it entered.
             for spec in reversed(specs):
                 if not torch.isfinite(records[spec.name].g).all():
-                    raise FloatingPointError(f"{what}, batch {b}: non-finite gradient at module {spec.name!r}")
+                    raise FloatingPointError(f"{where(b, start)}: non-finite gradient at module {spec.name!r}")
         yield start, n, records
         start += n
         if progress is not None:

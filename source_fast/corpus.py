@@ -176,7 +176,7 @@ def score_corpus(
                 with oom_hint(f"scoring rows {start}-{end} against query block {b}", train_data, batch_size,
                               query_memory_budget):
                     rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
-                                      progress=progress)
+                                      progress=progress, first=start)
                 _write_shard(out, b, (start, end), rows, top_k, examples)
             rows_seen.add(end)
     if len(rows_seen) != 1 or 0 in rows_seen:

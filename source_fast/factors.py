@@ -23,7 +23,7 @@ from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world, sam
 from ._io import atomic_path, folder_lock, sha256_file, write_named_by_content
 from ._passes import (
     available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
-    run_pass,
+    run_pass, share_start,
 )
 from .capture import LayerSpec, tracked_layers, with_ones
 from .task import Task
@@ -315,6 +315,7 @@ def fit_factors(
             ckpts = segment_checkpoints(seg, average_params, what)
             # Under torch.distributed each rank reads its share (rank_share); sums are all-reduced.
             loader = make_loader(rank_share(seg.data), batch_size, collate_fn)
+            first = share_start(seg.data)
             a_cov = {s.name: torch.zeros(s.d_a, s.d_a, device=device, dtype=dtype) for s in specs}
             s_cov = {s.name: torch.zeros(s.d_out, s.d_out, device=device, dtype=dtype) for s in specs}
             for c, ckpt in enumerate(ckpts):
@@ -322,7 +323,7 @@ def fit_factors(
 
                 def covariances(ckpt=ckpt, where=where, loader=loader, n=seg.num_examples):
                     load_into(model, ckpt, where)
-                    return _covariances(model, task, specs, loader, objective, where, progress, expected=n)
+                    return _covariances(model, task, specs, loader, objective, where, progress, expected=n, first=first)
 
                 a_c, s_c, rows = run("cov", ell, c, covariances)
                 for s in specs:
@@ -336,7 +337,8 @@ def fit_factors(
 
                 def lambdas(ckpt=ckpt, where=where, loader=loader, n=seg.num_examples, q_a=q_a, q_s=q_s):
                     load_into(model, ckpt, where)
-                    return (_lambdas(model, task, specs, loader, objective, q_a, q_s, where, progress, expected=n),)
+                    return (_lambdas(model, task, specs, loader, objective, q_a, q_s, where, progress, expected=n,
+                                     first=first),)
 
                 (lam_c,) = run("lam", ell, c, lambdas)
                 for s in specs:
@@ -484,7 +486,8 @@ def _checkpoint_digest(checkpoint: Checkpoint, what: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _covariances(model, task, specs, loader, objective, what, progress, expected: int | None = None):
+def _covariances(model, task, specs, loader, objective, what, progress, expected: int | None = None,
+                 first: int | None = 0):
     """Per-row means of a aᵀ (ones column last) and g gᵀ over the unmasked rows, every layer at once,
     and the row counts. expected: the segment's N_ℓ, checked against the examples read."""
     dtype = factor_dtype(model)
@@ -495,7 +498,7 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
     rows = dict.fromkeys((s.name for s in specs), 0)
     examples = 0
     bar = _progress(progress, _share(loader, expected), f"covariances ({what})")
-    for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar):
+    for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar, first):
         examples += n
         covs, xs, masks, ones = [], [], [], []
         for s in specs:
@@ -522,7 +525,8 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
     )
 
 
-def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, expected: int | None = None):
+def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, expected: int | None = None,
+             first: int | None = 0):
     """Λ = mean over examples of (Q_Sᵀ G_n Q_A)²: rotate the token matrices, then reduce per example.
     expected: the segment's N_ℓ; a pass that read another number of examples is an error."""
     dtype = factor_dtype(model)
@@ -530,7 +534,7 @@ def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, ex
     lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
     count = 0
     bar = _progress(progress, _share(loader, expected), f"eigenvalue corrections ({what})")
-    for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar):
+    for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar, first):
         for s in specs:
             r = rec[s.name]
             a = with_ones(r.a, s, r.mask)

@@ -473,7 +473,8 @@ def _score_all_rows(model, task, specs, plan, train_data, **kwargs) -> Tensor:
     """score_rows over all of `train_data`; a stream in buffered pieces (one read of the stream)."""
     if not is_stream(train_data):
         return score_rows(model, task, specs, plan, train_data, **kwargs)
-    parts = [score_rows(model, task, specs, plan, piece, **kwargs) for _, piece in chunks(train_data, STREAM_CHUNK)]
+    parts = [score_rows(model, task, specs, plan, piece, first=start, **kwargs)
+             for start, piece in chunks(train_data, STREAM_CHUNK)]
     if not parts:
         raise ValueError("empty data: the training stream yielded no examples")
     return _cat(parts, 1)  # check_rows runs on the result, in score()
@@ -627,10 +628,11 @@ def _transposed_layout(u: Tensor) -> Tensor:
 
 
 def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn, progress=False, per_token=False,
-               per_module=False) -> Tensor | dict[str, Tensor]:
+               per_module=False, first=0) -> Tensor | dict[str, Tensor]:
     """(n_query, len(data)) scores of map-style `data` (training examples) against prepared queries:
     one pass over `data` per checkpoint, all queries at once. per_token: (n_query, len(data), tokens).
-    per_module: {tracked module: its part of those scores}."""
+    per_module: {tracked module: its part of those scores}. first: where `data` begins in the
+    training data (a shard, a stream's piece), for errors that name examples."""
     loader = make_loader(data, batch_size, collate_fn)
     n_rows = length(data)
     scores: dict[str, Tensor] = {}
@@ -639,7 +641,7 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
             what = f"segment {ell}, checkpoint {c}"
             load_into(model, ckpt, what)
             bar = _progress(progress, n_rows, f"scoring ({what})")
-            for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar):
+            for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar, first):
                 parts = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token, per_module)
                 for key, block in parts.items():
                     block = block.transpose(0, 1)

@@ -188,14 +188,30 @@ class NaNTask(ClassifyTask):
 
 
 @pytest.mark.parametrize("where, pattern", [
-    ("loss", r"segment 0, checkpoint 0, batch 2: the fisher loss is nan"),
-    ("grad", r"segment 0, checkpoint 0, batch 2: non-finite gradient at module '2'"),
+    ("loss", r"segment 0, checkpoint 0, batch 2 \(examples from 16\): the fisher loss is nan"),
+    ("grad", r"segment 0, checkpoint 0, batch 2 \(examples from 16\): non-finite gradient at module '2'"),
 ])
 def test_non_finite_loss_or_gradient_names_module_and_batch(setup, where, pattern):
     model, data, ckpts = setup
     traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
     with pytest.raises(FloatingPointError, match=pattern):
         sf.fit_factors(model, NaNTask(where), traj, batch_size=8)
+
+
+def test_errors_name_the_examples_of_a_shard(setup, tmp_path):
+    """score_corpus reads a shard at a time: the batch number counts within it, so the error also
+    says which examples (here 12 to 15, shard rows 8-16, batch 1 of 4 examples)."""
+    from source_fast.corpus import score_corpus
+
+    model, data, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj)
+    x, y = data.tensors
+    broken = torch.utils.data.TensorDataset(x.clone(), y)
+    broken.tensors[0][13] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"segment 0, checkpoint 0, batch 1 \(examples from 12\): the train loss"):
+        score_corpus(model, ClassifyTask(), traj, factors, broken, data, tmp_path, method="ekfac", shard_size=8,
+                     batch_size=4, train_segments=[0], progress=False)
 
 
 def test_mask_of_the_wrong_shape_names_the_module():
@@ -388,6 +404,6 @@ def test_a_tracked_module_that_never_runs_is_named_with_the_fix():
     model = Encoder().double()
     data = torch.utils.data.TensorDataset(torch.randn(6, 4, 8, dtype=torch.float64), torch.randint(0, 3, (6,)))
     traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
-    with pytest.raises(ValueError, match=r"segment 0, checkpoint 0, batch 0: tracked modules "
+    with pytest.raises(ValueError, match=r"segment 0, checkpoint 0, batch 0 \(examples from 0\): tracked modules "
                                          r"\['enc.self_attn.out_proj'\] did not run .*get_influence_tracked_modules"):
         sf.fit_factors(model, ClassifyTask(), traj)
