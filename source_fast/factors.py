@@ -218,6 +218,13 @@ def segment_checkpoints(segment: Segment, average_params: bool, what: str) -> li
     return [averaged_checkpoint(segment, what)] if average_params else list(segment.checkpoints)
 
 
+def pass_seed(seed: int, ell: int, c: int, kind: str, rank: int) -> int:
+    """The RNG seed of one fitting pass (kind "cov" or "lam"): per pass, so a resumed fit samples the
+    labels an uninterrupted one would, and per rank, so ranks draw independent labels for their
+    examples (one process: rank 0's). Within torch.manual_seed's 64 bits for any seed."""
+    return (seed * 1_000_003 + 2 * (ell * 10_007 + c) + (kind == "lam") + 1_000_000_007 * rank) % 2**64
+
+
 def _progress(enabled: bool, total: int | None, desc: str, unit: str = "ex"):
     """A progress bar, on rank 0 only (under torchrun every rank would draw its own, unlabelled), with
     rank 0's share standing for all. Redrawn 10 times a second on a terminal; into a log file, every
@@ -301,9 +308,7 @@ def fit_factors(
         found = saved.load(kind, ell, c, device)
         if found is not None:
             return found
-        # Seeded per pass, so a resumed fit samples the labels an uninterrupted one would, and per rank,
-        # so that ranks draw independent labels for their examples (one process: rank 0's seeds).
-        torch.manual_seed(seed * 1_000_003 + 2 * (ell * 10_007 + c) + (kind == "lam") + 1_000_000_007 * rank_and_world()[0])
+        torch.manual_seed(pass_seed(seed, ell, c, kind, rank_and_world()[0]))
         result = compute()
         saved.store(kind, ell, c, result)
         return result

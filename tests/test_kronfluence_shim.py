@@ -356,19 +356,63 @@ def test_staged_fits_are_fit_all_factors(fitted):
     _close(_pairwise(shim_on_kron, "shim_staged", "lam", train, queries), _pairwise(kron, "staged", "lam", train, queries))
 
 
-def test_true_fisher_fit_is_fit_factors(tmp_path):
-    """The shim seeds its label sampling as fit_factors does for one checkpoint."""
+def test_true_fisher_fit_is_fit_factors_seeded_by_the_caller(tmp_path):
+    """The shim samples labels as fit_factors(seed=s) does for one checkpoint, s the seed the caller
+    gave torch.manual_seed (kronfluence's sampling follows it too): another seed, another sample."""
     model, task = _mlp(), ClassifyTask()
     train, _ = _data()
-    shim = _analyzer(kf, model, task, tmp_path)
-    shim.fit_all_factors("f", train, per_device_batch_size=8)
-    got = kf.load_factors(shim.factors_output_dir("f"), model, task)
     trajectory = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
-    want = sf.fit_factors(model, kf.kronfluence_task(model, task), trajectory, fisher="true", batch_size=8)
-    assert got.fisher == "true"
-    for name, lf in want.segments[0].items():
-        for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):
-            torch.testing.assert_close(getattr(got.segments[0][name], field), getattr(lf, field))
+    fitted = {}
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        shim = _analyzer(kf, model, task, tmp_path / str(seed))
+        shim.fit_all_factors("f", train, per_device_batch_size=8)
+        fitted[seed] = got = kf.load_factors(shim.factors_output_dir("f"), model, task)
+        want = sf.fit_factors(model, kf.kronfluence_task(model, task), trajectory, fisher="true", batch_size=8, seed=seed)
+        assert got.fisher == "true"
+        for name, lf in want.segments[0].items():
+            for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):
+                torch.testing.assert_close(getattr(got.segments[0][name], field), getattr(lf, field))
+    assert not torch.equal(fitted[5].segments[0]["2"].s_cov, fitted[6].segments[0]["2"].s_cov)
+
+
+def test_compiled_models_precision_knobs_and_kronfluence_helpers(tmp_path):
+    """kronfluence's examples compile the model after prepare_model: the shim analyses the module
+    torch.compile wraps, under kronfluence's names. Precision knobs it does not use are said to be
+    unused. get_module_summary and the aggregate_* calls exist (nothing is partitioned here, so the
+    latter have nothing to do, as kronfluence's have not for unpartitioned results); profile warns."""
+    model, task = _mlp(), ClassifyTask()
+    train, queries = _data()
+    plain = _analyzer(kf, model, task, tmp_path / "plain")
+    plain.fit_all_factors("f", train, per_device_batch_size=8, factor_args=FactorArguments(**FACTOR_ARGS))
+    compiled = kf.Analyzer("run", torch.compile(kf.prepare_model(copy.deepcopy(model), task)), task, cpu=True,
+                           disable_tqdm=True, output_dir=str(tmp_path / "compiled"))
+    compiled.fit_all_factors("f", train, per_device_batch_size=8, factor_args=FactorArguments(**FACTOR_ARGS))
+    assert sorted(load_file(str(compiled.factors_output_dir("f") / "lambda_matrix.safetensors"))) == ["0", "2"]
+    torch.testing.assert_close(_pairwise(compiled, "s", "f", train, queries), _pairwise(plain, "s", "f", train, queries))
+    for lib in LIBS.values():
+        assert lib.Analyzer.get_module_summary(model) == kronfluence.Analyzer.get_module_summary(model)
+    plain.aggregate_covariance_matrices("f"), plain.aggregate_lambda_matrices("f")
+    plain.aggregate_pairwise_scores("s")
+    with pytest.raises(ValueError, match="Arguments for scores with name `none` was not found"):
+        plain.aggregate_self_scores("none")
+    bf16 = {**FACTOR_ARGS, "lambda_dtype": torch.bfloat16}
+    with pytest.warns(UserWarning, match=r"lambda_dtype=torch.bfloat16: not used by source_fast, which computes these "
+                                         r"in torch.float64 for this model"):
+        plain.fit_all_factors("g", train, per_device_batch_size=8, factor_args=FactorArguments(**bf16))
+    with pytest.warns(UserWarning, match="profile=True: source_fast's Analyzer has no profiler"):
+        _analyzer(kf, model, task, tmp_path / "profiled", profile=True)
+
+
+def test_scoring_needs_the_eigendecomposition_and_lambda_as_kronfluence_says(tmp_path):
+    """A folder with covariances only: kronfluence's FactorsNotFoundError, a ValueError, from both."""
+    model, task = _mlp(), ClassifyTask()
+    train, queries = _data()
+    for name, lib in LIBS.items():
+        analyzer = _analyzer(lib, model, task, tmp_path / name)
+        analyzer.fit_covariance_matrices("cov", train, per_device_batch_size=8, factor_args=FactorArguments(**FACTOR_ARGS))
+        with pytest.raises(ValueError, match="Strategy `ekfac` requires Eigendecomposition results. However"):
+            analyzer.compute_pairwise_scores("s", "cov", queries, train, per_device_query_batch_size=4)
 
 
 # ---- 7. factor directories -------------------------------------------------------------------

@@ -25,9 +25,10 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   shared (re-used) modules, AMP and partition targets are not supported by the shim; it raises instead
   of silently computing something else. Per-module and per-token scores and aggregated query or
   training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
-- Precision knobs (`*_dtype` fields other than `score_dtype`) are not used: source_fast computes in the
-  model's dtype with float32 accumulation (float64 for a float64 model) and float64 eigendecompositions;
-  scores are cast to `score_dtype`. Partition and accumulation knobs only trade memory for passes in
+- Precision knobs (`*_dtype` fields other than `score_dtype`) are not used, with a warning when one asks
+  for another precision: source_fast computes in the model's dtype with float32 accumulation (float64
+  for a float64 model) and float64 eigendecompositions; scores are cast to `score_dtype`. A model
+  wrapped by torch.compile is analysed through the module it wraps (kronfluence's module names). Partition and accumulation knobs only trade memory for passes in
   kronfluence and do not change results; they are ignored. `query_gradient_low_rank` maps to
   source_fast's `query_rank` (exact SVD, never randomized: kronfluence's `use_full_svd=True`).
 - Batching. `per_device_batch_size=None` does not search for the largest batch: it means 32. Pairwise
@@ -58,7 +59,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._io import atomic_dir, atomic_path
 from ..capture import LayerSpec, tracked_layers
-from ..factors import Factors, LayerFactors, _covariances, _eigh, _lambdas, factor_dtype, restored
+from ..factors import Factors, LayerFactors, _covariances, _eigh, _lambdas, factor_dtype, pass_seed, restored
 from ..scoring import DEFAULT_QUERY_MEMORY_BUDGET, score, self_score
 from ..task import Task
 from ..trajectory import Segment, Trajectory
@@ -425,6 +426,19 @@ def _reject(args: Any, defaults: dict[str, Any], fields: dict[str, str]) -> None
             raise NotImplementedError(f"{field}={value!r} is not supported by source_fast's Analyzer: {why}")
 
 
+def _unused_precisions(args: dict[str, Any], defaults: dict[str, Any], model: nn.Module) -> None:
+    """kronfluence's *_dtype knobs other than score_dtype are not used (the module docstring says what
+    source_fast computes in): say so when one is set to another precision than that, rather than let
+    results differ silently."""
+    used = str(factor_dtype(model))
+    unused = sorted(k for k, v in args.items() if k.endswith("_dtype") and k not in ("score_dtype", "amp_dtype")
+                    and v != defaults[k] and v != ("torch.float64" if k == "eigendecomposition_dtype" else used))
+    if unused:
+        warnings.warn(f"{', '.join(f'{k}={args[k]}' for k in unused)}: not used by source_fast, which computes "
+                      f"these in {used} for this model (float32 for 32- and 16-bit models, float64 for a float64 "
+                      "one) and eigendecompositions in float64; cast the model to change it", stacklevel=3)
+
+
 def _no_partition_targets(target_data_partitions: Any, target_module_partitions: Any) -> None:
     for field, value in (("target_data_partitions", target_data_partitions),
                          ("target_module_partitions", target_module_partitions)):
@@ -549,7 +563,13 @@ class Analyzer:
         output_dir: str = "./influence_results",
         disable_model_save: bool = True,
     ) -> None:
-        del log_level, log_main_process_only, profile  # kronfluence's logging/profiling knobs
+        del log_level, log_main_process_only  # kronfluence's logging knobs
+        if profile:
+            warnings.warn("profile=True: source_fast's Analyzer has no profiler; no profiler_output is written",
+                          stacklevel=2)
+        # torch.compile's wrapper (kronfluence's examples compile after prepare_model): the module it
+        # wraps has the same parameters and the names kronfluence keys its files by.
+        model = getattr(model, "_orig_mod", model)
         if getattr(task, "enable_post_process_per_sample_gradient", False):
             raise NotImplementedError("tasks with enable_post_process_per_sample_gradient are not supported")
         wrapped = [n for n, m in model.named_modules() if hasattr(m, "original_module")]
@@ -612,13 +632,13 @@ class Analyzer:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     @contextlib.contextmanager
-    def _seeded(self, seed: int):
-        """One fitting pass: weights restored afterwards, labels sampled from a fixed seed (the caller's
-        RNG untouched). Seeds 0 (covariances) and 1 (Λ) are fit_factors' for one checkpoint, so a true
-        Fisher fitted here is source_fast.fit_factors' on the same data."""
+    def _seeded(self, kind: str):
+        """One fitting pass: weights restored afterwards, labels sampled as fit_factors(seed=s) samples
+        them for one checkpoint, s = torch.initial_seed() (what the caller's torch.manual_seed set, as
+        kronfluence's sampling follows it; the caller's RNG state is left untouched)."""
         device = next(self.model.parameters()).device
         with restored(self.model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+            torch.manual_seed(pass_seed(torch.initial_seed(), 0, 0, kind, 0))
             yield
 
     # ---- factors ---------------------------------------------------------------------------------
@@ -631,6 +651,7 @@ class Analyzer:
             "has_shared_parameters": "source_fast does not support modules that run twice per forward pass",
         })
         args = _args_dict(factor_args, FACTOR_DEFAULTS)
+        _unused_precisions(args, FACTOR_DEFAULTS, self.model)
         _save_arguments(out / FACTOR_ARGS_FILE, args, overwrite_output_dir)
         return args
 
@@ -692,7 +713,7 @@ class Analyzer:
         data = _limited(dataset, args["covariance_max_examples"])
         loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
-        with self._seeded(0):
+        with self._seeded("cov"):
             a_cov, s_cov, rows = _covariances(self.model, self._task, self._specs, loader, objective, "covariances",
                                               self.progress, expected=len(data))
         group: dict[str, dict[str, Tensor]] = {stem: {} for stem in COVARIANCE_STEMS}
@@ -772,7 +793,7 @@ class Analyzer:
         data = _limited(dataset, args["lambda_max_examples"])
         loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
-        with self._seeded(1):
+        with self._seeded("lam"):
             lam = _lambdas(self.model, self._task, self._specs, loader, objective, q_a, q_s, "Lambda matrices",
                            self.progress, expected=len(data))
         group = {
@@ -780,6 +801,36 @@ class Analyzer:
             LAMBDA_COUNT: {name: torch.tensor([len(data)], dtype=torch.int64) for name in lam},
         }
         _write_group(out, group, _str_dict(args))
+
+    @staticmethod
+    def get_module_summary(model: nn.Module) -> str:
+        """kronfluence's summary of the leaf modules that have parameters (what a task may track)."""
+        lines = ["==Model Summary=="]
+        lines += [f"Module Name: `{name}`, Module: {module!r}" for name, module in model.named_modules()
+                  if not any(module.children()) and any(True for _ in module.parameters())]
+        return "\n".join(lines)
+
+    def aggregate_covariance_matrices(self, factors_name: str) -> None:
+        """kronfluence's aggregation of data-partitioned covariance files: nothing to do here, which
+        writes every partition in one file (kronfluence does nothing either for unpartitioned fits)."""
+        self._nothing_to_aggregate(self.factors_output_dir(factors_name) / FACTOR_ARGS_FILE, "factors", factors_name)
+
+    def aggregate_lambda_matrices(self, factors_name: str) -> None:
+        """As aggregate_covariance_matrices: nothing is partitioned."""
+        self._nothing_to_aggregate(self.factors_output_dir(factors_name) / FACTOR_ARGS_FILE, "factors", factors_name)
+
+    def aggregate_pairwise_scores(self, scores_name: str) -> None:
+        """As aggregate_covariance_matrices: nothing is partitioned."""
+        self._nothing_to_aggregate(self.scores_output_dir(scores_name) / SCORE_ARGS_FILE, "scores", scores_name)
+
+    def aggregate_self_scores(self, scores_name: str) -> None:
+        """As aggregate_covariance_matrices: nothing is partitioned."""
+        self._nothing_to_aggregate(self.scores_output_dir(scores_name) / SCORE_ARGS_FILE, "scores", scores_name)
+
+    @staticmethod
+    def _nothing_to_aggregate(arguments: Path, what: str, name: str) -> None:
+        if not arguments.exists():  # kronfluence's check before aggregating
+            raise ValueError(f"Arguments for {what} with name `{name}` was not found when trying to aggregate {what}.")
 
     def load_factor_args(self, factors_name: str) -> Any:
         """factor_arguments.json as kronfluence's FactorArguments (a namespace without kronfluence), or None."""
@@ -821,7 +872,12 @@ class Analyzer:
         factors_dir = self.factors_output_dir(factors_name)
         if not (factors_dir / FACTOR_ARGS_FILE).exists():
             raise FactorsNotFoundError(f"Factors with name `{factors_name}` not found at `{factors_dir}`.")
+        for group, stems in (("Eigendecomposition", EIGEN_STEMS), ("Lambda", LAMBDA_STEMS)):
+            if not _exist(factors_dir, stems):  # kronfluence's error, and its type (a ValueError)
+                raise FactorsNotFoundError(f"Strategy `ekfac` requires {group} results. However, the {group} results "
+                                           f"were not found at `{factors_dir}`.")
         args = _args_dict(score_args, SCORE_DEFAULTS)
+        _unused_precisions(args, SCORE_DEFAULTS, self.model)
         _save_arguments(out / SCORE_ARGS_FILE, args, overwrite_output_dir)
         _save_arguments(out / FACTOR_ARGS_FILE, _factor_args_json(factors_dir), overwrite_output_dir)
         for name, (dataset, indices) in datasets.items():
