@@ -606,3 +606,26 @@ def test_cuda_t1_kernels_at_scale(dtype):
     out = ops.self_scores(a, g, scale, mask, backend="triton")
     _assert_close(out, reference.self_scores(a.double(), g.double(), scale.double(), mask),
                   reference.self_scores(a, g, scale, mask), dtype)
+
+
+@pytest.mark.parametrize("t, q", [(1, 3), (1, 70), (5, 3), (2, 1)])  # token sum, tiles (one token, many queries), tiles, token sum
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("query_layout", ["plain", "feature_major"])
+def test_reference_pairwise_paths_match_float64(t, q, dtype, query_layout):
+    """The reference picks one of two contractions by shape (one token with 64+ queries takes the
+    tiles: measured faster); each must give Σ_t g_tᵀ U_q a_t, formed here explicitly in float64.
+    Inputs are rounded to `dtype` first and the reference accumulates in fp32: 1e-5 of max|ref|."""
+    g0 = torch.Generator().manual_seed(t * 100 + q)
+    n, d_a, d_out = 6, 19, 11
+    a = torch.randn(n, t, d_a, generator=g0).to(dtype)
+    g = torch.randn(n, t, d_out, generator=g0).to(dtype)
+    mask = torch.rand(n, t, generator=g0) > 0.3
+    u = torch.randn(q, d_out, d_a, generator=g0)
+    if query_layout == "feature_major":  # as scoring lays the queries out on CPU
+        u = u.transpose(1, 2).contiguous().transpose(1, 2)
+    keep = mask[..., None].double()
+    tiles = torch.einsum("nto,nti->noi", g.double() * keep, a.double() * keep)
+    ref = torch.einsum("noi,qoi->nq", tiles, u.double())
+    out = reference.pairwise_scores(a, g, u, mask)
+    assert out.dtype == torch.float32
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
