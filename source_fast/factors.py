@@ -278,7 +278,7 @@ def fit_factors(
     resume_dir: keep each finished pass's sums there (atomically, by rank 0; every rank must see the
         folder) and skip the passes already there: a fit killed midway resumes after its last finished
         pass with the same result. A folder from a different fit (layers, checkpoints, data, options,
-        or the task: its class, plain settings and collate_fn) is refused. The resumed fit may run on
+        or the task: its class, settings and collate_fn) is refused. The resumed fit may run on
         another number of ranks (a pass's sums are over all ranks): the result then equals the other
         count's up to float summation order, and with fisher="true" its labels are another draw.
     The model's weights and train/eval mode are restored on return.

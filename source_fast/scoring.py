@@ -200,8 +200,8 @@ def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str
 
 
 def _invertible(delta: float, lam: Tensor, damping: Damping, name: str, what: str) -> float:
-    """δ for a preconditioner 1/(Λ + δ), refused when 0 where Λ has zeros (an output softmax layer
-    always has some): the scores would be inf and NaN."""
+    """δ for a preconditioner 1/(Λ + δ), refused when 0 where Λ has exact zeros (an input feature that
+    is always 0 leaves some): the scores would be inf and NaN."""
     if delta == 0 and bool((lam <= 0).any()):
         raise ValueError(f"module {name!r}: {what} with damping {damping!r} (here 0) divides by the curvature, "
                          "which is 0 in some directions here: give a damping > 0 as a number")
