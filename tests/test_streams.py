@@ -91,6 +91,38 @@ def test_every_form_of_training_data_gives_the_dataset_scores(setup, form, monke
     assert got.shape == (N,) and torch.allclose(got, want, rtol=1e-10, atol=1e-14)
 
 
+class EditingTask(ClassifyTask):
+    """A task that doubles its batch's inputs in place: the data it was handed must stay as it was."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        batch[0].mul_(2.0)
+        return super().compute_train_loss(batch, model, sample)
+
+
+def test_tensor_datasets_read_by_the_batch_give_default_collates_batches(setup):
+    """A TensorDataset (or a Subset of one) is read a batch at a time: the same batches, bit for bit,
+    as a DataLoader's per-example reads and default_collate, the same sampled true-Fisher labels
+    (the DataLoader's one random draw per pass is kept), and new tensors, so a task editing its batch
+    in place leaves the dataset alone."""
+    from source_fast._passes import make_loader
+
+    model, task, data, queries, states = setup
+    part = torch.utils.data.Subset(torch.utils.data.Subset(data, list(range(3, N))), [5, 0, 9, 2, 30, 31, 17])
+    for given in (data, part):
+        fast, plain = make_loader(given, 4, None), DataLoader(given, batch_size=4)
+        for x, y in zip(fast, plain):
+            assert type(x) is type(y) and all(torch.equal(u, v) and u.dtype == v.dtype for u, v in zip(x, y))
+    traj, plain_traj = _trajectory(states, data), _trajectory(states, DataLoader(data, batch_size=8))
+    factors = sf.fit_factors(model, task, traj, fisher="true", batch_size=8)
+    plain_factors = sf.fit_factors(model, task, plain_traj, fisher="true")
+    for a, b in zip(factors.segments, plain_factors.segments):
+        for name in a:
+            assert torch.equal(a[name].lam, b[name].lam) and torch.equal(a[name].s_cov, b[name].s_cov), name
+    before = data.tensors[0].clone()
+    sf.fit_factors(model, EditingTask(), traj, fisher="empirical", batch_size=8)
+    assert torch.equal(data.tensors[0], before)
+
+
 def _digest(out):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").glob("*"))}
 
