@@ -68,12 +68,13 @@ def self_scores(
 
 def precondition_queries(
     v: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0,
-    backend: BackendArg = "auto",
+    shrink: bool = True, backend: BackendArg = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     if select("precondition_queries", v.device, v.dtype, backend) == "triton":
-        with _triton.on_device(v.device):
-            return _triton.kernels().precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
-    return reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
+        with _triton.on_device(v.device):  # its epilogue writes both outputs in one pass
+            u, v_next = _triton.kernels().precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
+        return u, v_next if shrink else None
+    return reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping, shrink=shrink)
 
 
 def pairwise_scores(

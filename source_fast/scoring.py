@@ -225,11 +225,12 @@ def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Da
             vq = v.pop(name)
             lf = factors.segments[ell][name].to(vq.device, vq.dtype)
             if seg.optimizer == "sgd":
-                u, v_next = ops.precondition_queries(vq, lf.q_s, lf.q_a, lf.lam, horizon=seg.horizon, damping=seg.decay(name))
+                u, v_next = ops.precondition_queries(vq, lf.q_s, lf.q_a, lf.lam, horizon=seg.horizon, damping=seg.decay(name),
+                                                     shrink=ell > 0)
             else:
                 u, v_next = _adam_segment(vq, lf, seg, damping, name)
             us[ell][name] = u
-            if ell > 0:  # the first segment's S̄ v is never used
+            if ell > 0:  # the first segment's S̄ v is never used (shrink=False skips its rotation)
                 nxt[name] = v_next
             if bar is not None:
                 bar.update()
