@@ -394,12 +394,17 @@ class _FitProgress:
         rank = rank_and_world()[0]
         diff = []
         if rank == 0:  # rank 0 decides, and every rank raises together (none is left waiting at a barrier)
+            # Every example (a read of the data, no forward pass): a changed one would reuse stale sums.
+            # The segments of one training stage share their data: it is read once.
+            digests: dict[int, str] = {}
+            for seg in trajectory.segments:
+                if id(seg.data) not in digests:
+                    digests[id(seg.data)] = digest_examples(seg.data, limit=None)
             fingerprint = {
                 "layers": [[s.name, s.d_out, s.d_a] for s in specs], "layout": trajectory.layout(), "task": task,
                 "checkpoints": [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
                                 for ell, seg in enumerate(trajectory.segments)],
-                # Every example (a read of the data, no forward pass): a changed one would reuse stale sums.
-                "data": [digest_examples(seg.data, limit=None) for seg in trajectory.segments],
+                "data": [digests[id(seg.data)] for seg in trajectory.segments],
                 "num_examples": [seg.num_examples for seg in trajectory.segments],
                 "fisher": fisher, "average_params": average_params, "seed": seed, "batch_size": batch_size,
                 "dtype": str(dtype),  # not the world size: a finished pass holds the sums over all ranks

@@ -152,3 +152,25 @@ def test_a_killed_save_leaves_no_temp_files_after_the_next(tmp_path):
     factors.save(tmp_path)
     assert not list(tmp_path.glob("*.tmp"))
     assert torch.equal(sf.Factors.load(tmp_path).segments[1]["0"].lam, factors.segments[1]["0"].lam)
+
+
+class CountingData(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data, self.reads = data, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.data[i]
+
+
+def test_the_fingerprint_reads_shared_data_once(tmp_path):
+    """Segments of one stage share their data: the resume fingerprint hashes it once, not per segment
+    (on top of the passes: 2 segments × 2 checkpoints × covariance and Λ)."""
+    model, task, _ = _setup()
+    data = CountingData(classification_data(40, 5, 3, seed=1))
+    traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 20, 2, data, momentum=0.5)
+    sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path)
+    assert data.reads == 8 * 40 + 40
