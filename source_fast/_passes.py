@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import dataclasses
+import enum
 import functools
 import hashlib
 import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections import UserDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,10 +32,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device)
     if isinstance(batch, Mapping):
         moved = {k: to_device(v, device) for k, v in batch.items()}
-        if type(batch) is dict or not isinstance(batch, MutableMapping):
+        if type(batch) is dict or not isinstance(batch, (dict, UserDict)):
             return moved
         # The batch's own type, which the task may rely on: transformers' BatchEncoding (what its
-        # collators and tokenizer.pad return; a UserDict, not a dict), OrderedDict, ...
+        # collators and tokenizer.pad return; a UserDict, not a dict), OrderedDict, ... whose copies
+        # are new mappings (another MutableMapping's shallow copy could write into the caller's batch).
         out = copy.copy(batch)
         out.update(moved)
         return out
@@ -190,17 +194,30 @@ def digest_examples(data: Any, limit: int | None = 16) -> str:
 
 def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
     """A task for fingerprints: its class and settings (another loss, normalisation or class weight is
-    another run), and the collate function's name. Plain values, lists and dicts are taken as they
-    are, tensors and arrays by content; other objects (a model, a tokenizer) count by type only."""
+    another run), and the collate function's name. Plain values (numpy scalars, dtypes and enums
+    too), lists, sets, dicts and dataclasses are taken as they are, tensors and arrays by content;
+    other objects (a model, a tokenizer) count by type only."""
     def describe(v: Any) -> Any:
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
+        if isinstance(v, (np.generic, torch.dtype, enum.Enum)):
+            return f"{type(v).__qualname__} {v}"
         if isinstance(v, (list, tuple)):
             return [describe(x) for x in v]
+        if isinstance(v, (set, frozenset)):
+            return sorted((describe(x) for x in v), key=repr)
         if isinstance(v, Mapping):
             return {str(k): describe(x) for k, x in v.items()}
-        if isinstance(v, (Tensor, np.ndarray)):
-            return f"{type(v).__qualname__} {tuple(v.shape)} {v.dtype} {digest_tensors([torch.as_tensor(v)])}"
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: describe(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Tensor):
+            if v.is_meta or v.layout != torch.strided:  # no values to read: shape and dtype say what they can
+                return f"Tensor {tuple(v.shape)} {v.dtype} {v.layout} {v.device.type}"
+            return f"Tensor {tuple(v.shape)} {v.dtype} {digest_tensors([v])}"
+        if isinstance(v, np.ndarray):
+            if v.dtype.kind == "O":  # objects have no bytes to hash (their reprs may hold addresses)
+                return f"ndarray {v.shape} object"
+            return f"ndarray {v.shape} {v.dtype} {hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()[:16]}"
         return type(v).__qualname__
 
     settings = {k: describe(v) for k, v in sorted(getattr(task, "__dict__", {}).items())}
@@ -261,7 +278,7 @@ class _TensorRows(Dataset):
     @classmethod
     def of(cls, data: Any) -> _TensorRows | None:
         rows = None
-        while isinstance(data, Subset):
+        while type(data) is Subset:  # a subclass may read its examples otherwise
             index = torch.as_tensor(list(data.indices), dtype=torch.long)
             rows = index if rows is None else index[rows]
             data = data.dataset

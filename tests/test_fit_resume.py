@@ -174,3 +174,35 @@ def test_the_fingerprint_reads_shared_data_once(tmp_path):
     traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 20, 2, data, momentum=0.5)
     sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path)
     assert data.reads == 8 * 40 + 40
+
+
+def test_any_task_setting_can_be_fingerprinted_and_values_count(tmp_path):
+    """Settings of every kind (text arrays, object arrays, meta and sparse tensors) leave the fit
+    running, and values, not only types, tell runs apart (enums, dataclasses, numpy scalars)."""
+    import dataclasses
+    import enum
+
+    import numpy as np
+
+    class Mode(enum.Enum):
+        SUM = 1
+        MEAN = 2
+
+    @dataclasses.dataclass
+    class Options:
+        smoothing: float
+
+    class Configured(ClassifyTask):
+        def __init__(self, **settings):
+            self.__dict__.update(settings)
+
+    model, _, traj = _setup()
+    odd = dict(names=np.array(["cat", "dog", "eel"]), handles=np.array([object()], dtype=object),
+               shape_only=torch.zeros(3, device="meta"), sparse=torch.eye(3).to_sparse())
+    sf.fit_factors(model, Configured(**odd), traj, fisher="empirical", batch_size=8, resume_dir=tmp_path / "odd")
+    for name, (one, other) in {"enum": (Mode.SUM, Mode.MEAN), "dataclass": (Options(0.0), Options(0.1)),
+                               "numpy scalar": (np.float32(1.0), np.float32(2.0))}.items():
+        sf.fit_factors(model, Configured(setting=one), traj, fisher="empirical", batch_size=8, resume_dir=tmp_path / name)
+        with pytest.raises(ValueError, match=r"differs in: task\)"):
+            sf.fit_factors(model, Configured(setting=other), traj, fisher="empirical", batch_size=8,
+                           resume_dir=tmp_path / name)

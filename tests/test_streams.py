@@ -108,7 +108,16 @@ def test_tensor_datasets_read_by_the_batch_give_default_collates_batches(setup):
 
     model, task, data, queries, states = setup
     part = torch.utils.data.Subset(torch.utils.data.Subset(data, list(range(3, N))), [5, 0, 9, 2, 30, 31, 17])
-    for given in (data, part):
+
+    class Doubled(torch.utils.data.Subset):  # a Subset that reads its examples its own way: left to it
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return 2 * x, y
+
+        def __getitems__(self, indices):  # torch asks a Subset overriding __getitem__ for both
+            return [self[i] for i in indices]
+
+    for given in (data, part, Doubled(data, [4, 1, 7])):
         fast, plain = make_loader(given, 4, None), DataLoader(given, batch_size=4)
         for x, y in zip(fast, plain):
             assert type(x) is type(y) and all(torch.equal(u, v) and u.dtype == v.dtype for u, v in zip(x, y))
