@@ -132,7 +132,8 @@ def score_corpus(
         (out / "top_k.safetensors").unlink(missing_ok=True)
         # atomic_path's temp files that a killed job never renamed; no rank writes until the barrier.
         for stale in [*out.glob(".*.tmp"), *out.glob("shards/.*.tmp")]:
-            stale.unlink(missing_ok=True)
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
     barrier()
 
     n_shards = None if n_train is None else -(-n_train // shard_size)

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +119,8 @@ class Factors:
                         tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
         with folder_lock(path, ".factors.lock"):  # a concurrent save would delete this one's tensors
             for stale in path.glob(".factors.*.tmp"):  # a killed save's temp files (the lock keeps live ones out)
-                stale.unlink(missing_ok=True)
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
             tensors_file, digest = write_named_by_content(path, "factors", ".safetensors",
                                                           lambda tmp: save_file(tensors, str(tmp)))
             meta = {
@@ -392,7 +393,7 @@ class _FitProgress:
         if self.folder is None:
             return
         rank = rank_and_world()[0]
-        diff = []
+        problem = None
         if rank == 0:  # rank 0 decides, and every rank raises together (none is left waiting at a barrier)
             # Every example (a read of the data, no forward pass): a changed one would reuse stale sums.
             # The segments of one training stage share their data: it is read once.
@@ -414,20 +415,24 @@ class _FitProgress:
                 try:
                     old = json.loads(path.read_text()).get("fingerprint", {})
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise ValueError(f"{path} is corrupted: delete {self.folder} to start the fit over") from None
-                diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+                    old = None
+                diff = [] if old is None else sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+                if old is None:
+                    problem = f"{path} is corrupted: delete {self.folder} to start the fit over"
+                elif diff:
+                    problem = (f"{self.folder} holds the passes of a different fit (it differs in: {', '.join(diff)}); "
+                               "use another resume_dir or delete this one")
             elif any(self.folder.glob("seg*_*.safetensors")):  # fit.json comes first: someone deleted it
-                raise ValueError(f"{self.folder} holds finished passes but no fit.json to say which fit they belong "
-                                 "to: delete the folder, or use another resume_dir")
+                problem = (f"{self.folder} holds finished passes but no fit.json to say which fit they belong to: "
+                           "delete the folder, or use another resume_dir")
             else:
                 with atomic_path(path) as tmp:
                     tmp.write_text(json.dumps({"format": "source_fast.fit_progress", "fingerprint": fingerprint}, indent=1))
             for stale in self.folder.glob(".*.tmp"):  # atomic_path's temp files that a killed fit never renamed
-                stale.unlink(missing_ok=True)
-        if all_reduce_int(len(diff), device):
-            where = f"it differs in: {', '.join(diff)}" if rank == 0 else "rank 0 says what differs"
-            raise ValueError(f"{self.folder} holds the passes of a different fit ({where}); use another resume_dir or "
-                             "delete this one")
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
+        if all_reduce_int(problem is not None, device):
+            raise ValueError(problem if rank == 0 else f"{self.folder} cannot be resumed here: rank 0 says why")
 
     def _path(self, kind, ell, c) -> Path:
         return self.folder / f"seg{ell}_{kind}{c}.safetensors"
@@ -469,16 +474,25 @@ def _check_same_inputs_on_ranks(specs, trajectory, task, collate_fn, fisher, ave
                                 device) -> None:
     """Under torch.distributed every rank must be given the whole data: each reads its own share of it
     (rank_share). A rank handed a pre-sharded part (DDP's habit) would fit a fraction of the data with
-    the wrong N, silently."""
-    if rank_and_world()[1] == 1:
+    the wrong N, silently. Sizes and options must agree (else refused); examples that differ where
+    sampled are only warned about, since data augmented at random per rank differs too."""
+    rank, world = rank_and_world()
+    if world == 1:
         return
-    summary = json.dumps([[[s.name, s.d_out, s.d_a] for s in specs], trajectory.layout(),
-                          [[seg.lr_sum, seg.num_examples, digest_examples(seg.data)] for seg in trajectory.segments],
-                          describe_task(task, collate_fn), fisher, average_params, seed, batch_size])
-    if not same_on_all_ranks(int(hashlib.sha256(summary.encode()).hexdigest()[:12], 16), device):
+
+    def same(value: Any) -> bool:
+        return same_on_all_ranks(int(hashlib.sha256(json.dumps(value).encode()).hexdigest()[:12], 16), device)
+
+    if not same([[[s.name, s.d_out, s.d_a] for s in specs], trajectory.layout(),
+                 [[seg.lr_sum, seg.num_examples, length(seg.data)] for seg in trajectory.segments],
+                 describe_task(task, collate_fn), fisher, average_params, seed, batch_size]):
         raise ValueError(
-            f"rank {rank_and_world()[0]}: the ranks were given different inputs to fit_factors (layers, trajectory, "
-            "data or options): under torch.distributed give every rank the same, whole data; each reads its own share")
+            f"rank {rank}: the ranks were given different inputs to fit_factors (layers, trajectory, data sizes or "
+            "options): under torch.distributed give every rank the same, whole data; each reads its own share")
+    if not same([digest_examples(seg.data) for seg in trajectory.segments]) and rank == 0:
+        warnings.warn("the ranks' data differ at sampled examples: each rank reads its own share of the data it is "
+                      "given, so if each was given its own part (DDP's habit), the factors fit only part of the data; "
+                      "data augmented at random per rank differs this way too", stacklevel=3)
 
 
 def _checkpoint_digest(checkpoint: Checkpoint, what: str) -> str:

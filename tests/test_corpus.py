@@ -166,15 +166,22 @@ def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):
     assert not list((tmp_path / "scores").glob("shards/*.json"))
 
 
-def test_torchrun_ranks_given_their_own_part_of_the_data_are_refused_by_the_fit(tmp_path):
-    """Handed a pre-sharded half each, the ranks would fit half the data with N = 45, silently."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29537",
-           str(HERE / "_corpus_job.py"), str(tmp_path / "scores"), "--presharded"]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode != 0
-    for rank in (0, 1):
-        assert f"rank {rank}: the ranks were given different inputs to fit_factors" in run.stderr, run.stderr[-3000:]
+def test_torchrun_ranks_given_their_own_part_of_the_data_are_told(tmp_path):
+    """Handed a pre-sharded part each, the ranks would fit part of the data, silently. Parts of other
+    sizes are refused by the fit; equal parts are warned about (data augmented at random per rank
+    differs the same way), and score_corpus then refuses them (its manifest hashes the data)."""
+    for parts, port in (("uneven", 29537), ("even", 29538)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+               str(HERE / "_corpus_job.py"), str(tmp_path / parts), "--presharded", parts]
+        run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode != 0
+        if parts == "uneven":
+            for rank in (0, 1):
+                assert f"rank {rank}: the ranks were given different inputs to fit_factors" in run.stderr, run.stderr[-3000:]
+        else:
+            assert "the ranks' data differ at sampled examples" in run.stderr, run.stderr[-3000:]
+            assert "differs in: train_data" in run.stderr, run.stderr[-3000:]
 
 
 MERGE = """

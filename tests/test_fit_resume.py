@@ -125,6 +125,7 @@ def test_damaged_pass_files_are_computed_again_and_stale_files_go(tmp_path):
     lam.write_bytes(bytes(blob))
     cov.write_bytes(cov.read_bytes()[:-20])
     (tmp_path / ".seg1_lam0.safetensors.k1ll3d.tmp").write_bytes(b"half a pass")
+    (tmp_path / ".someone_elses.tmp").mkdir()  # a folder of that name is not a temp file of ours: left alone
     with pytest.warns(UserWarning) as caught:
         again = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
     said = sorted(str(w.message) for w in caught)
@@ -134,7 +135,7 @@ def test_damaged_pass_files_are_computed_again_and_stale_files_go(tmp_path):
         for name in a:
             for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):
                 assert torch.equal(getattr(a[name], field), getattr(b[name], field)), (name, field)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == [".someone_elses.tmp"]
     (tmp_path / "fit.json").write_text('{"format": "source_fast.fit_pro')
     with pytest.raises(ValueError, match=r"fit.json is corrupted: delete .* to start the fit over"):
         sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
