@@ -171,10 +171,16 @@ def pairwise_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None)
     q, d_out = u_.shape[0], u_.shape[1]
     if t * d_out * d_a + q * d_out * d_a <= t * q * d_out * d_a or (t == 1 and q >= 64):
         u_t = u_.transpose(1, 2)
-        if u_t.is_contiguous():  # queries laid out (q, d_a, d_out)-major, as scoring keeps them on CPU
-            return _tiles_transposed(a_, g_).reshape(n, -1) @ u_t.reshape(q, -1).T
-        tiles = torch.einsum("nto,nti->noi", g_, a_)
-        return tiles.reshape(n, -1) @ u_.reshape(q, -1).T
+        transposed = u_t.is_contiguous()  # queries laid out (q, d_a, d_out)-major, as scoring keeps them on CPU
+        flat = (u_t if transposed else u_).reshape(q, -1).T
+        # The tiles of a block of examples at a time (TOKEN_BLOCK_BYTES): one example's can be tens of MB.
+        step = max(1, TOKEN_BLOCK_BYTES // (d_out * d_a * torch.finfo(dt).bits // 8))
+        out = torch.empty(n, q, dtype=dt, device=a_.device)
+        for s in range(0, n, step):
+            a_s, g_s = a_[s : s + step], g_[s : s + step]
+            tiles = _tiles_transposed(a_s, g_s) if transposed else torch.einsum("nto,nti->noi", g_s, a_s)
+            out[s : s + step] = tiles.reshape(len(a_s), -1) @ flat
+        return out
     ua = torch.einsum("qoi,nti->ntqo", u_, a_)
     return torch.einsum("ntqo,nto->nq", ua, g_)
 
@@ -215,7 +221,7 @@ def pairwise_token_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None =
     return out
 
 
-TOKEN_BLOCK_BYTES = 64 << 20  # bounds pairwise_token_scores' intermediate
+TOKEN_BLOCK_BYTES = 64 << 20  # bounds pairwise_scores' tiles and pairwise_token_scores' intermediate
 
 
 def pairwise_token_scores_lowrank(a: Tensor, g: Tensor, left: Tensor, right: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -624,10 +624,12 @@ def test_cuda_t1_kernels_at_scale(dtype):
 @pytest.mark.parametrize("t, q", [(1, 3), (1, 70), (5, 3), (2, 1)])  # token sum, tiles (one token, many queries), tiles, token sum
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("query_layout", ["plain", "feature_major"])
-def test_reference_pairwise_paths_match_float64(t, q, dtype, query_layout):
+def test_reference_pairwise_paths_match_float64(t, q, dtype, query_layout, monkeypatch):
     """The reference picks one of two contractions by shape (one token with 64+ queries takes the
     tiles: measured faster); each must give Σ_t g_tᵀ U_q a_t, formed here explicitly in float64.
-    Inputs are rounded to `dtype` first and the reference accumulates in fp32: 1e-5 of max|ref|."""
+    Inputs are rounded to `dtype` first and the reference accumulates in fp32: 1e-5 of max|ref|.
+    The tiles are formed a block of examples at a time: blocks of 2 of the 6 here."""
+    monkeypatch.setattr(reference, "TOKEN_BLOCK_BYTES", 2 * 11 * 19 * 4)
     g0 = torch.Generator().manual_seed(t * 100 + q)
     n, d_a, d_out = 6, 19, 11
     a = torch.randn(n, t, d_a, generator=g0).to(dtype)
