@@ -188,8 +188,24 @@ def digest_examples(data: Any, limit: int | None = 16) -> str:
         examples = (source[i] for i in range(n))
     else:
         examples = (source[i] for i in sorted({i * (n - 1) // max(1, limit - 1) for i in range(min(n, limit))}))
-    leaves = (_as_tensor(x) for example in examples for x in torch.utils._pytree.tree_leaves(example))
-    return f"{'stream' if n is None else n}:{digest_tensors(leaves)}"
+    return f"{'stream' if n is None else n}:{digest_tensors(x for example in examples for x in _leaves(example))}"
+
+
+def _leaves(x: Any) -> Iterator[Tensor]:
+    """An example's values as tensors to hash, in order. A list of numbers (token ids) is one array:
+    a tensor per number took 6.5 µs each, 1.8 hours for a million 512-token examples."""
+    if isinstance(x, (list, tuple)) and x and type(x[0]) in (int, float):
+        numbers = np.asarray(x)
+        if numbers.ndim == 1 and numbers.dtype.kind in "iuf":
+            yield torch.from_numpy(numbers)
+            return
+    if isinstance(x, Mapping):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield _as_tensor(x)
 
 
 def describe_task(task: Any, collate_fn: Callable | None = None) -> str:

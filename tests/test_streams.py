@@ -143,7 +143,10 @@ def test_fingerprints_see_text_and_arrays():
     texts = [digest_examples([{"text": t, "label": 1}] * 3) for t in ("a cat", "a dog")]
     arrays = [digest_examples([(np.full(4, v), np.int64(2))]) for v in (0.0, 1.0)]
     words = [digest_examples([np.array(["a", w])]) for w in ("cat", "dog")]  # numpy text, not numbers
+    tokens = [digest_examples([{"input_ids": [5, 9, v, 2]}]) for v in (3, 4)]  # token lists, hashed as arrays
+    mixed = [digest_examples([[1, w]]) for w in ("cat", "dog")]  # a list that is not all numbers
     assert texts[0] != texts[1] and arrays[0] != arrays[1] and words[0] != words[1]
+    assert tokens[0] != tokens[1] and mixed[0] != mixed[1]
 
 
 def test_an_output_folder_of_another_format_is_refused(setup, tmp_path):
