@@ -115,10 +115,11 @@ def _with_tied_weights(state: dict[str, Any], own: dict[str, Tensor]) -> dict[st
     return filled
 
 
-def _storages(obj: Any) -> set[int]:
-    """Where the tensors of an in-memory state_dict (optimizer states: nested) keep their data."""
+def _storages(obj: Any) -> set[tuple]:
+    """Where the tensors of an in-memory state_dict (optimizer states: nested) keep their data: the
+    memory each one views (not its storage: rows of one stacked history are different checkpoints)."""
     if isinstance(obj, Tensor):
-        return {obj.untyped_storage().data_ptr()} if obj.numel() else set()
+        return {(obj.data_ptr(), tuple(obj.shape), obj.stride())} if obj.numel() else set()
     if isinstance(obj, Mapping):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
@@ -131,7 +132,7 @@ def _check_saved_copies(saved: list[tuple[str, Any]], fix: str) -> None:
     references to the live tensors, so states kept without a copy all hold the weights (or moments)
     training ended with, and SOURCE would silently model another run. (Some shared tensors, such as
     frozen weights kept once, are fine.)"""
-    seen: dict[frozenset[int], str] = {}
+    seen: dict[frozenset[tuple], str] = {}
     objects = set()
     for what, state in saved:
         if isinstance(state, (str, os.PathLike)) or id(state) in objects:  # one object given twice is one state

@@ -171,6 +171,8 @@ def test_states_saved_without_a_copy_are_refused(setup):
         sf.Trajectory.even(copies, [1e-2] * 3, 1, data, optimizer="adam", optimizer_states=states)
     frozen = [{**c, "0.weight": ckpts[0]["0.weight"]} for c in copies]  # one tensor kept once: accepted
     sf.Trajectory.even(frozen, [1e-2] * 3, 3, data)
+    history = {k: torch.stack([c[k] for c in copies]) for k in copies[0]}  # rows of one tensor per key: accepted
+    sf.Trajectory.even([{k: v[i] for k, v in history.items()} for i in range(3)], [1e-2] * 3, 3, data)
 
 
 class NaNTask(ClassifyTask):
