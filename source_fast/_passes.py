@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, TensorDataset,
+)
 
 from ._dist import rank_and_world
 from .capture import Captured, Capturer, LayerSpec

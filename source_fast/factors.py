@@ -327,7 +327,7 @@ def fit_factors(
             for c, ckpt in enumerate(ckpts):
                 where = f"{what}, checkpoint {c}"
 
-                def covariances(ckpt=ckpt, where=where, loader=loader, n=seg.num_examples):
+                def covariances(ckpt=ckpt, where=where, loader=loader, n=seg.num_examples, first=first):
                     load_into(model, ckpt, where)
                     return _covariances(model, task, specs, loader, objective, where, progress, expected=n, first=first)
 
@@ -341,7 +341,7 @@ def fit_factors(
             for c, ckpt in enumerate(ckpts):
                 where = f"{what}, checkpoint {c}"
 
-                def lambdas(ckpt=ckpt, where=where, loader=loader, n=seg.num_examples, q_a=q_a, q_s=q_s):
+                def lambdas(ckpt=ckpt, where=where, loader=loader, n=seg.num_examples, q_a=q_a, q_s=q_s, first=first):
                     load_into(model, ckpt, where)
                     return (_lambdas(model, task, specs, loader, objective, q_a, q_s, where, progress, expected=n,
                                      first=first),)

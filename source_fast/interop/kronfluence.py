@@ -27,10 +27,11 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
 - Precision knobs (`*_dtype` fields other than `score_dtype`) are not used, with a warning when one asks
   for another precision: source_fast computes in the model's dtype with float32 accumulation (float64
-  for a float64 model) and float64 eigendecompositions; scores are cast to `score_dtype`. A model
-  wrapped by torch.compile is analysed through the module it wraps (kronfluence's module names). Partition and accumulation knobs only trade memory for passes in
-  kronfluence and do not change results; they are ignored. `query_gradient_low_rank` maps to
-  source_fast's `query_rank` (exact SVD, never randomized: kronfluence's `use_full_svd=True`).
+  for a float64 model) and float64 eigendecompositions; scores are cast to `score_dtype`. Partition
+  and accumulation knobs only trade memory for passes in kronfluence and do not change results; they
+  are ignored. `query_gradient_low_rank` maps to source_fast's `query_rank` (exact SVD, never
+  randomized: kronfluence's `use_full_svd=True`). A model wrapped by torch.compile is analysed
+  through the module it wraps (kronfluence's module names).
 - Batching. `per_device_batch_size=None` does not search for the largest batch: it means 32. Pairwise
   scoring holds as many prepared queries as fit in the larger of `per_device_query_batch_size`
   queries and source_fast's default query budget (1 GiB), and reads the training set once per such
