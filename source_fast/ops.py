@@ -68,13 +68,12 @@ def self_scores(
 
 def precondition_queries(
     v: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0,
-    shrink: bool = True, backend: BackendArg = "auto",
+    backend: BackendArg = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     if select("precondition_queries", v.device, v.dtype, backend) == "triton":
         with _triton.on_device(v.device):  # its epilogue writes both outputs in one pass
-            u, v_next = _triton.kernels().precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
-        return u, v_next if shrink else None
-    return reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping, shrink=shrink)
+            return _triton.kernels().precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
+    return reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
 
 
 def pairwise_scores(

@@ -133,23 +133,22 @@ def source_factor(sigma: Tensor, horizon: float) -> Tensor:
 
 
 def precondition_queries(
-    v: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0,
-    shrink: bool = True,
+    v: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0
 ) -> tuple[Tensor, Tensor | None]:
-    """Rotate query gradients into the eigenbasis, scale, rotate back (one segment of the walk).
+    """Rotate query gradients into the eigenbasis, scale, rotate back: one segment, parameter basis in and out
+    (Adam segments; scoring._source_walk keeps SGD segments' queries in their eigenbases instead).
 
     v:   (q, d_out, d_a) query gradients in the parameter basis
     q_s: (d_out, d_out), q_a: (d_a, d_a) eigenvectors in columns; lam: (d_out, d_a)
     Returns (u, v_next):
       u      = Q_S [scale(Λ) ⊙ (Q_Sᵀ v Q_A)] Q_Aᵀ with scale = 1/(Λ+δ) (EK-FAC) or F(Λ+δ) (SOURCE)
       v_next = Q_S [exp(−c(Λ+δ)) ⊙ (Q_Sᵀ v Q_A)] Q_Aᵀ for SOURCE (the segment's shrinkage S̄), None for EK-FAC
-               and with shrink=False (the walk's first segment, whose S̄v nothing uses: its rotation is skipped)
     """
     dt = compute_dtype(v, q_s, q_a, lam)
     qs, qa = q_s.to(dt), q_a.to(dt)
     rot = qs.T @ v.to(dt) @ qa
     u = qs @ eigen_scale(rot, lam, horizon=horizon, damping=damping) @ qa.T
-    if horizon is None or not shrink:
+    if horizon is None:
         return u, None
     return u, qs @ (rot * torch.exp(-horizon * (lam.to(dt).clamp_min(0) + damping))) @ qa.T
 

@@ -62,15 +62,6 @@ class _Plan:
     queries: dict[int, list[Any]]  # Grads, or per-layer (left, right) factors when lowrank
     lowrank: bool = False
 
-    def nbytes(self) -> int:
-        seen, total = set(), 0
-        for qs in self.queries.values():
-            for q in qs:
-                if id(q) not in seen:
-                    seen.add(id(q))
-                    total += sum(t.numel() * t.element_size() for v in q.values() for t in (v if isinstance(v, tuple) else (v,)))
-        return total
-
 
 def _check_method(method: str) -> None:
     if method not in get_args(Method):
@@ -212,32 +203,57 @@ def _ekfac_damping(damping: Damping, lf: LayerFactors, horizon: float, name: str
     return _invertible(_damping_value(damping, lf, horizon, name), lf.lam, damping, name, "method 'ekfac'")
 
 
-def _source_walk(v: Grads, trajectory: Trajectory, factors: Factors, damping: Damping, progress: bool = False
-                 ) -> list[Grads]:
-    """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … 1. Consumes `v` (its
-    layers are popped), so each v is freed as soon as its successor exists."""
-    us: list[Grads] = [{} for _ in trajectory.segments]
-    bar = _progress(progress, len(trajectory.segments) * len(v), "preconditioning queries", unit="layer")
-    for ell in reversed(range(len(trajectory.segments))):
+def _source_walk(v: Grads, basis: dict[str, LayerFactors | None], trajectory: Trajectory, factors: Factors,
+                 damping: Damping, used: list[int], train_rows: dict[int, float], progress: bool = False
+                 ) -> dict[int, dict[str, Tensor | EigenQuery]]:
+    """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … min(used); returns
+    u_ℓ for the used segments. v arrives in the parameter basis or, per layer, in `basis`'s eigenbasis,
+    and is consumed (its layers are popped), so each v is freed as soon as its successor exists.
+
+    An SGD segment's F and S̄ are diagonal in its own eigenbasis, so v stays in eigenbases and moves
+    from segment ℓ+1's to ℓ's by R_S = Q'_Sᵀ Q_S, R_A = Q'_Aᵀ Q_A: two GEMMs per segment where rotating
+    in, back for u and back for S̄v took six. u_ℓ goes back to the parameter basis only where that is
+    cheaper than rotating the training tokens (_one_basis_queries). Adam's exponentials act elementwise
+    in the parameter basis, so v returns there first."""
+    us: dict[int, dict[str, Tensor | EigenQuery]] = {ell: {} for ell in used}
+    last = min(used)
+    bar = _progress(progress, (len(trajectory.segments) - last) * len(v), "preconditioning queries", unit="layer")
+    for ell in reversed(range(last, len(trajectory.segments))):
         seg = trajectory.segments[ell]
-        nxt = {}
+        scaled, lfs = {}, {}
         for name in list(v):
-            vq = v.pop(name)
+            vq, old = v.pop(name), basis.pop(name)
             lf = factors.segments[ell][name].to(vq.device, vq.dtype)
             if seg.optimizer == "sgd":
-                u, v_next = ops.precondition_queries(vq, lf.q_s, lf.q_a, lf.lam, horizon=seg.horizon, damping=seg.decay(name),
-                                                     shrink=ell > 0)
+                r = _into_basis(vq, old, lf)
+                del vq
+                sigma = lf.lam.clamp_min(0) + seg.decay(name)
+                if ell in us:
+                    scaled[name], lfs[name] = r * reference.source_factor(sigma, seg.horizon), lf
+                if ell > last:
+                    v[name], basis[name] = r.mul_(torch.exp(-seg.horizon * sigma)), lf
             else:
-                u, v_next = _adam_segment(vq, lf, seg, damping, name)
-            us[ell][name] = u
-            if ell > 0:  # the first segment's S̄ v is never used (shrink=False skips its rotation)
-                nxt[name] = v_next
+                u, v_next = _adam_segment(_into_basis(vq, old, None), lf, seg, damping, name)
+                if ell in us:
+                    us[ell][name] = u
+                if ell > last:
+                    v[name], basis[name] = v_next, None
             if bar is not None:
                 bar.update()
-        v = nxt
+        if scaled:
+            us[ell].update(_one_basis_queries(scaled, lfs, train_rows[ell]))
     if bar is not None:
         bar.close()
     return us
+
+
+def _into_basis(v: Tensor, old: LayerFactors | None, new: LayerFactors | None) -> Tensor:
+    """v given in `old`'s eigenbasis (None: the parameter basis), expressed in `new`'s."""
+    if old is None:
+        return v if new is None else new.q_s.T @ v @ new.q_a
+    if new is None:
+        return old.q_s @ v @ old.q_a.T
+    return (old.q_s.T @ new.q_s).T @ v @ (old.q_a.T @ new.q_a)
 
 
 def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, name: str) -> tuple[Tensor, Tensor]:
@@ -309,10 +325,16 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         queries = _one_basis_queries(rot, lfs, n_train * tokens * len(plan.checkpoints[0]))
         plan.queries[0] = [queries] * len(plan.checkpoints[0])
         return plan
-    # SOURCE across segments: each segment's basis differs, so the walk works in the parameter basis.
-    v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, summed=summed,
-                          progress=progress)
-    us = _source_walk(v, trajectory, factors, damping, progress)  # consumes v
+    # SOURCE across segments: the walk goes from segment to segment in their eigenbases (_source_walk),
+    # starting in the last one's when it is SGD (rotating the queries' tokens in, where that is cheaper).
+    last = trajectory.segments[-1]
+    device, dtype = next(model.parameters()).device, factor_dtype(model)
+    bases = {s.name: factors.segments[-1][s.name].to(device, dtype) for s in specs} if last.optimizer == "sgd" else None
+    v, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=bases,
+                               summed=summed, progress=progress)
+    basis = {s.name: None if bases is None else bases[s.name] for s in specs}
+    rows = {ell: n_train * tokens * len(ckpts[ell]) for ell in train_segs}
+    us = _source_walk(v, basis, trajectory, factors, damping, train_segs, rows, progress)  # consumes v
     for ell in train_segs:
         plan.queries[ell] = [us[ell]] * len(ckpts[ell])
     return plan
@@ -770,21 +792,24 @@ def self_score(
             raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
         out = []
         for first, chunk in chunks(train_data, chunk_size):
-            # The training side here is per-example gradients in the parameter basis (no token rotation),
-            # so the queries go back to it once: an infinite row count makes _plan choose that.
+            # The chunk's examples are both the queries and the training side: a query left in its
+            # segment's eigenbasis (EigenQuery) is dotted with the examples' gradients taken in that basis.
             plan = _plan(
                 model, task, specs, trajectory, factors, method, chunk, "train", damping, train_segs, batch_size,
-                collate_fn, math.inf, progress=progress,
+                collate_fn, length(chunk), progress=progress,
             )
             total: dict[str, Tensor] = {}
             for ell in plan.segments:
                 for c, ckpt in enumerate(plan.checkpoints[ell]):
                     what = f"segment {ell}, checkpoint {c}"
                     load_into(model, ckpt, what)
+                    queries = plan.queries[ell][c]
+                    bases = {k: q if isinstance(q, EigenQuery) else None for k, q in queries.items()}
                     g, _ = _example_grads(model, task, specs, chunk, "train", f"examples {first}+, {what}", batch_size,
-                                          collate_fn, progress=progress)
+                                          collate_fn, bases=bases, progress=progress)
                     for k in list(g):  # each gradient freed once used
-                        part = (_param_basis(plan.queries[ell][c][k]) * g.pop(k)).sum((1, 2)) * plan.weights[ell]
+                        q = queries[k].r if isinstance(queries[k], EigenQuery) else queries[k]
+                        part = (q * g.pop(k)).sum((1, 2)) * plan.weights[ell]
                         total[k] = part if k not in total else total[k] + part
             out.append(total)
         if not out:

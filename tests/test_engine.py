@@ -327,6 +327,45 @@ def _as_trained_with(states, weight_decay, decoupled):
     return states
 
 
+def test_walk_across_sgd_and_adam_segments_matches_dense(setup):
+    """SGD segments keep the queries in their eigenbases and change basis between segments; an Adam
+    segment between two takes them back to the parameter basis. SGD, Adam, SGD against the dense
+    formula, with the prepared queries left in the eigenbases (many queries, few training rows) and not."""
+    from source_fast.capture import tracked_layers
+    from source_fast.scoring import EigenQuery, prepare_queries
+
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    segs = [sf.Segment(ckpts[:2], data, lr_sum=1.0, weight_decay=1e-3),
+            sf.Segment(ckpts[2:3], data, lr_sum=0.3, optimizer="adam",
+                       optimizer_states=_adam_states(model, task, data, ckpts[2:3])),
+            sf.Segment(ckpts[3:], data, lr_sum=2.0, momentum=0.5)]
+    traj = sf.Trajectory(segs)
+    factors = sf.fit_factors(model, task, traj)
+    grads = [torch.stack([_grads(model, st, data) for st in seg.checkpoints]).mean(0) for seg in segs]
+    specs = tracked_layers(model, None)
+    for q_data, eigen in [(data, True), (queries, False)]:
+        plan = prepare_queries(model, task, specs, traj, factors, "source", data, q_data, damping=0.01,
+                               train_segments=None, query_rank=None, batch_size=16, collate_fn=None)
+        for ell in (0, 2):
+            assert all(isinstance(q, EigenQuery) == eigen for q in plan.queries[ell][0].values())
+        scores = sf.score(model, task, traj, factors, data, q_data, damping=0.01)
+        v, expected = _grads(model, ckpts[-1], q_data), 0
+        for ell in reversed(range(len(segs))):
+            seg = segs[ell]
+            h = _block_diag_curvature(factors, ell, seg.weight_decay)
+            eye = torch.eye(h.shape[0], dtype=h.dtype)
+            if seg.optimizer == "sgd":
+                e = torch.linalg.matrix_exp(-seg.horizon * h)
+                u, v = torch.linalg.solve(h, (eye - e) @ v.T).T, (e @ v.T).T
+            else:  # elementwise exponentials with σ = p ⊙ diag(H̄), the full inverse with the damping
+                p = torch.cat([factors.segments[ell][n].precond.flatten() for n in LAYERS])
+                e = torch.exp(-seg.lr_sum * p * torch.diagonal(h))
+                u, v = torch.linalg.solve(h + 0.01 * eye, ((1 - e) * v).T).T, e * v
+            expected = expected + u @ grads[ell].T / seg.num_examples
+        _close(scores, expected)
+
+
 def test_adamw_inverse_is_exact_for_a_uniform_preconditioner(setup):
     """AdamW's decoupled decay linearizes to A = PH + wd, whose summed response needs (H + wd P⁻¹)⁻¹:
     with a uniform P that is (H̄ + wd/p + δ)⁻¹, exactly, whatever the eigenbasis."""

@@ -180,19 +180,6 @@ def test_precondition_accepts_float64_factors(device):
     _assert_close(v_next, rv, sv, torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_precondition_without_the_shrinkage(backend, device):
-    """shrink=False (the walk's first segment): the same u, and no S̄v (the reference skips it)."""
-    if backend == "triton":
-        _require_triton("precondition_queries", device, torch.float32)
-    v = torch.randn(3, 9, 17, device=device)
-    q_s, q_a = _eigvecs(9, torch.float32, device), _eigvecs(17, torch.float32, device)
-    lam = torch.rand(9, 17, device=device)
-    u, v_next = ops.precondition_queries(v, q_s, q_a, lam, horizon=2.0, shrink=False, backend=backend)
-    want, _ = ops.precondition_queries(v, q_s, q_a, lam, horizon=2.0, backend=backend)
-    assert v_next is None and torch.equal(u, want)
-
-
 @pytest.mark.parametrize("lam_value, horizon, damping, factor, shrink", [
     (0.0, 2.5, 0.0, 2.5, 1.0),  # σ = 0: F = c exactly, no 0/0
     (1e30, 1.0, 0.0, 1e-30, 0.0),  # cσ huge: F = 1/σ, shrink underflows to 0
