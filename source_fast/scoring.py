@@ -147,13 +147,6 @@ class EigenQuery:
     q_a: Tensor
     q_s: Tensor
 
-    def in_parameter_basis(self) -> Tensor:
-        return self.q_s @ self.r @ self.q_a.T
-
-
-def _param_basis(q: Tensor | EigenQuery) -> Tensor:
-    return q.in_parameter_basis() if isinstance(q, EigenQuery) else q
-
 
 def _one_basis_queries(scaled: Grads, lfs: dict[str, LayerFactors], train_rows: float) -> dict[str, Tensor | EigenQuery]:
     """Per layer, the cheaper of rotating the queries back once (q·d_out·d_a·(d_out + d_a)) or
@@ -588,6 +581,8 @@ def prepare_queries(
     n_train = length(train_data)
     if n_train is None:  # a stream: its segments' N (only steers which basis scoring works in)
         n_train = sum(trajectory.segments[ell].num_examples for ell in train_segs)
+    if query_rank:  # factorised in the eigenbasis, the queries' factors rotate back for little (_lowrank)
+        n_train = 0
     plan = _plan(
         model, task, specs, trajectory, factors, method, query_data, "measurement", damping, train_segs,
         batch_size, collate_fn, n_train, summed=sum_queries, progress=progress,
@@ -734,12 +729,15 @@ def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token:
 
 
 def _lowrank(queries: Grads, rank: int) -> dict[str, tuple[Tensor, Tensor]]:
-    """U_q ≈ Σ_r s_r p_r q_rᵀ from the SVD; returns (left (q, d_out, r) = p·s, right (q, d_a, r))."""
+    """U_q ≈ Σ_r s_r p_r q_rᵀ from the SVD; returns (left (q, d_out, r) = p·s, right (q, d_a, r)).
+    A query in an eigenbasis, U = Q_S R Q_Aᵀ, has R's singular values and vectors rotated by Q_S, Q_A:
+    R's SVD and the rotation of its r kept vectors replace rotating all of U back."""
     out = {}
     for name, u in queries.items():
-        p, s, vh = torch.linalg.svd(_param_basis(u), full_matrices=False)
+        p, s, vh = torch.linalg.svd(u.r if isinstance(u, EigenQuery) else u, full_matrices=False)
         r = min(rank, s.shape[-1])
-        out[name] = (p[..., :r] * s[:, None, :r], vh[:, :r, :].transpose(1, 2))
+        left, right = p[..., :r] * s[:, None, :r], vh[:, :r, :].transpose(1, 2)
+        out[name] = (u.q_s @ left, u.q_a @ right) if isinstance(u, EigenQuery) else (left, right)
     return out
 
 

@@ -900,18 +900,26 @@ def test_low_rank_queries_are_prepared_within_the_budget(setup, monkeypatch):
     _close(got, expected)
 
 
-def test_unfused_self_influence_rotates_queries_back_once(setup, monkeypatch):
-    """Self-influence dots parameter-basis gradients, so its queries are never kept in the eigenbasis
-    (that would rotate them back at every checkpoint); the scores stay the pairwise diagonal."""
+def test_unfused_self_influence_dots_in_each_querys_basis(setup, monkeypatch):
+    """Self-influence's chunks are queries and training examples at once: a query left in the
+    eigenbasis is dotted with the chunk's gradients taken in that basis, one in the parameter basis with
+    parameter-basis gradients. Here the two layers take one each; the scores stay the pairwise diagonal."""
     from source_fast import scoring
 
     model, data, _, ckpts = setup
     task = ClassifyTask()
     traj = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])  # one basis, four checkpoints: unfused
     factors = sf.fit_factors(model, task, traj)
-    monkeypatch.setattr(scoring.EigenQuery, "in_parameter_basis", lambda self: pytest.fail("rotated back per use"))
+    seen, example_grads = [], scoring._example_grads
+    def spy(*args, bases=None, **kwargs):
+        if args[5].startswith("examples"):  # the chunk as training examples, not as queries
+            seen.append({k: type(b).__name__ for k, b in bases.items()})
+        return example_grads(*args, bases=bases, **kwargs)
+    monkeypatch.setattr(scoring, "_example_grads", spy)
     got = sf.self_score(model, task, traj, factors, data, chunk_size=60)
     monkeypatch.undo()
+    # 240 rows of 5×5 gradients cost less to rotate than 60 queries; of 3×6 ones, more.
+    assert seen == [{"0": "EigenQuery", "2": "NoneType"}] * len(ckpts)
     _close(got, torch.diagonal(sf.score(model, task, traj, factors, data, data)))
 
 
