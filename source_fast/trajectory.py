@@ -343,12 +343,27 @@ class Trajectory:
     def final(self) -> Trajectory:
         """One segment holding only the final checkpoint: what EK-FAC influence functions use. Its
         horizon is the whole run's, so damping="implied" gives 1/c of the run. That is SOURCE's damping
-        for SGD; an Adam step is c·P, not c, so for Adam runs give the damping as a number."""
+        for SGD; an Adam step is c·P, not c, so for Adam runs give the damping as a number.
+
+        An SGD run's weight decay is kept as the horizon-weighted mean Σ c_ℓ wd_ℓ / Σ c_ℓ (per module
+        where the segments give a dict): the run's exponent Σ c_ℓ (H + wd_ℓ) at one curvature H.
+        Adam's decay acts through its states, which this SGD segment does not have: it is dropped."""
         last = self.segments[-1]
+        total = sum(s.horizon for s in self.segments)
         return Trajectory(
-            [Segment([last.checkpoints[-1]], last.data, lr_sum=sum(s.horizon for s in self.segments),
-                     num_examples=last.num_examples)]
+            [Segment([last.checkpoints[-1]], last.data, lr_sum=total, num_examples=last.num_examples,
+                     weight_decay=self._mean_decay(total))]
         )
+
+    def _mean_decay(self, total: float) -> float | dict[str, float]:
+        if any(s.optimizer != "sgd" for s in self.segments):
+            return 0.0
+        # With a zero horizon the decay has no effect (S̄ = I, r̄ = 0): any mean will do, so the plain one.
+        weights = [s.horizon / total if total > 0 else 1 / len(self.segments) for s in self.segments]
+        names = sorted({k for s in self.segments if isinstance(s.weight_decay, dict) for k in s.weight_decay})
+        if not names:
+            return sum(w * s.decay("") for w, s in zip(weights, self.segments))
+        return {k: sum(w * s.decay(k) for w, s in zip(weights, self.segments)) for k in names}
 
     @property
     def final_checkpoint(self) -> Checkpoint:

@@ -467,6 +467,24 @@ def test_segment_weight_decay_must_be_the_optimizers(setup):
     assert len([w for w in caught if "the biases of" in str(w.message)]) == 1
 
 
+def test_final_keeps_an_sgd_runs_weight_decay(setup):
+    """final()'s one segment spans the run: its decay is the horizon-weighted mean Σ c_ℓ wd_ℓ / Σ c_ℓ,
+    so its exponent is the run's Σ c_ℓ (H + wd_ℓ) (per module when a segment gives a dict); an Adam
+    run's decay lives in its states and is dropped."""
+    model, data, _, ckpts = setup
+    segs = [sf.Segment(ckpts[:2], data, lr_sum=1.0, momentum=0.5, weight_decay=1e-3),  # c = 2
+            sf.Segment(ckpts[2:], data, lr_sum=2.0, weight_decay={"0": 4e-3, "2": 1e-2})]
+    final = sf.Trajectory(segs).final().segments[0]
+    assert final.horizon == pytest.approx(4.0)
+    assert final.weight_decay == pytest.approx({"0": (2 * 1e-3 + 2 * 4e-3) / 4, "2": (2 * 1e-3 + 2 * 1e-2) / 4})
+    frozen = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=0.0, weight_decay=1e-3)]).final().segments[0]
+    assert frozen.weight_decay == pytest.approx(1e-3)
+    task = ClassifyTask()
+    states = _as_trained_with(_adam_states(model, task, data, ckpts[:1]), 0.1, True)
+    adamw = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=states, weight_decay=0.1)
+    assert sf.Trajectory([adamw]).final().segments[0].weight_decay == 0.0
+
+
 def test_a_segment_with_zero_learning_rate_is_frozen(setup):
     """c = 0: S̄ = I and r̄ = 0, the limit of a vanishing learning-rate sum; "implied" damping (1/c) says why it cannot."""
     model, data, queries, ckpts = setup
