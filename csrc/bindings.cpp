@@ -35,6 +35,38 @@ TORCH_LIBRARY_IMPL(source_fast, Meta, m) {
   m.impl("covariance_accumulate_", &covariance_accumulate_meta);
 }
 
+namespace {
+
+// What torch's own in-place ops do above the kernels: a cov that requires grad is refused (the op has
+// no derivative, so its history would be wrong), and every cov's version counter is bumped, so a
+// backward through a cov some other op saved before this one changed it raises instead of using the
+// new values. xs are read as data: they may require grad. (Inference mode skips this key, as it skips
+// version counters.)
+void covariance_accumulate_autograd(c10::DispatchKeySet ks, at::TensorList covs, at::TensorList xs,
+                                    const c10::List<std::optional<at::Tensor>>& masks,
+                                    const c10::List<bool>& append_ones, double alpha) {
+  for (size_t i = 0; i < covs.size(); ++i) {
+    TORCH_CHECK(!(at::GradMode::is_enabled() && covs[i].requires_grad()), "covariance_accumulate_: layer ", i,
+                ": cov requires grad, and the op is not differentiable; pass a tensor that does not (or run under "
+                "torch.no_grad())");
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("source_fast::covariance_accumulate_", "")
+                              .typed<void(at::TensorList, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
+                                          const c10::List<bool>&, double)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, covs, xs, masks, append_ones, alpha);
+  }
+  for (const at::Tensor& cov : covs) torch::autograd::impl::bump_version(cov);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(source_fast, Autograd, m) {
+  m.impl("covariance_accumulate_", &covariance_accumulate_autograd);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "build_info",

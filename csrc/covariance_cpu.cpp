@@ -167,8 +167,9 @@ void accumulate_layer_(const at::Tensor& cov, const at::Tensor& x, const at::Ten
 void check_covariance_args(at::TensorList covs, at::TensorList xs, const c10::List<std::optional<at::Tensor>>& masks,
                            const c10::List<bool>& append_ones, double alpha) {
   // A NaN or infinite alpha has no meaning, and the backends would disagree on it (the CPU kernel
-  // skips a layer with no kept rows; the CUDA kernel adds alpha·0 = NaN).
-  TORCH_CHECK(std::isfinite(alpha), kOp, ": alpha must be finite, got ", alpha);
+  // skips a layer with no kept rows; the CUDA kernel adds alpha·0 = NaN). The kernels scale in float32,
+  // so a double beyond float32's range is infinite there.
+  TORCH_CHECK(std::isfinite(static_cast<float>(alpha)), kOp, ": alpha must be finite (in float32), got ", alpha);
   TORCH_CHECK(covs.size() == xs.size() && xs.size() == masks.size() && masks.size() == append_ones.size(), kOp,
               ": got ", covs.size(), " covs, ", xs.size(), " xs, ", masks.size(), " masks and ", append_ones.size(),
               " append_ones flags; they must be equal");

@@ -34,7 +34,14 @@ def covariance_accumulate_(
     if not xs:
         check_backend(backend)  # nothing to do, but a wrong name is still wrong
         return
-    if select("covariance_accumulate_", xs[0].device, xs[0].dtype, backend) == "ext":
+    # The extension takes float32 covs and 16/32-bit xs (layers may differ); the reference also float64
+    # (a model with a float64 parameter gets float64 factors), so auto sends that there.
+    odd = [f"cov {i} {c.dtype}" for i, c in enumerate(covs) if c.dtype != torch.float32] + [
+        f"x {i} {x.dtype}" for i, x in enumerate(xs) if x.dtype not in (torch.float32, torch.float16, torch.bfloat16)]
+    if odd and backend not in ("auto", "torch"):
+        raise NotImplementedError(f"backend {backend!r} cannot run covariance_accumulate_: it takes float32 covs and "
+                                  f"float32/float16/bfloat16 xs; got {', '.join(odd)}")
+    if select("covariance_accumulate_", xs[0].device, torch.float64 if odd else xs[0].dtype, backend) == "ext":
         torch.ops.source_fast.covariance_accumulate_(covs, xs, masks, append_ones, alpha)
     else:
         reference.covariance_accumulate_(covs, xs, masks, append_ones, alpha)

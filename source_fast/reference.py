@@ -49,8 +49,8 @@ def covariance_accumulate_(
             f"covariance_accumulate_: got {len(covs)} covs, {len(xs)} xs, {len(masks)} masks, "
             f"{len(append_ones)} append_ones flags; they must be equal"
         )
-    if not math.isfinite(alpha):
-        raise ValueError(f"covariance_accumulate_: alpha must be finite, got {alpha}")
+    if not math.isfinite(alpha) or abs(alpha) > torch.finfo(torch.float32).max:
+        raise ValueError(f"covariance_accumulate_: alpha must be finite (in float32), got {alpha}")
     for i, (cov, x, mask, ones) in enumerate(zip(covs, xs, masks, append_ones)):
         if x.dim() != 2:
             raise ValueError(f"covariance_accumulate_: layer {i}: xs must be (rows, d), got {tuple(x.shape)}")

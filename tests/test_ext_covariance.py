@@ -235,16 +235,73 @@ def test_layers_sharing_a_cov_are_refused():
         _op()([big[:4, :4], big], xs, masks, ones)
 
 
-@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 1e39, -1e300])
 def test_non_finite_alpha_is_refused(alpha):
-    """The backends would disagree on it (a layer with no kept rows: skipped on CPU, += NaN·0 on CUDA)."""
+    """The backends would disagree on it (a layer with no kept rows: skipped on CPU, += NaN·0 on CUDA).
+    The kernels scale in float32, where 1e39 is infinite too."""
     covs, xs, masks, ones = _good_layers()
     before = [c.clone() for c in covs]
-    with pytest.raises(RuntimeError, match="covariance_accumulate_: alpha must be finite"):
+    with pytest.raises(RuntimeError, match=r"covariance_accumulate_: alpha must be finite \(in float32\)"):
         _op()(covs, xs, masks, ones, alpha)
-    with pytest.raises(ValueError, match="covariance_accumulate_: alpha must be finite"):
+    with pytest.raises(ValueError, match=r"covariance_accumulate_: alpha must be finite \(in float32\)"):
         reference.covariance_accumulate_(covs, xs, masks, ones, alpha)
     assert all(torch.equal(a, b) for a, b in zip(covs, before))
+
+
+def test_the_covs_written_are_seen_by_autograd():
+    """As for torch's in-place ops: the covs' versions go up, so a backward through a cov saved before
+    the op changed it raises, and a cov that requires grad is refused, not changed behind autograd."""
+    x = torch.randn(20, 5)
+    cov = torch.ones(6, 6)
+    _op()([cov], [x], [None], [True])
+    assert cov._version == 1
+    w = torch.randn(6, 6, requires_grad=True)
+    saved = torch.ones(6, 6)
+    y = (w * saved).sum()  # mul saves `saved` for w's gradient
+    _op()([saved], [x], [None], [True])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    leaf = torch.zeros(6, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="layer 0: cov requires grad, and the op is not differentiable"):
+        _op()([leaf], [x], [None], [True])
+    with torch.no_grad():
+        _op()([leaf], [x], [None], [True])
+    with torch.inference_mode():  # no version counters there; the op still runs
+        inf_cov = torch.zeros(6, 6)
+        _op()([inf_cov], [x], [None], [True])
+    torch.testing.assert_close(leaf.detach(), inf_cov)
+
+
+def test_float64_covs_go_to_the_reference():
+    """A model with one float64 parameter gets float64 factors while its layers' inputs stay float32:
+    the extension takes float32 covs only, so auto sends such calls to the reference and a forced
+    extension says why. Before, auto chose the extension by the inputs' dtype and the fit failed."""
+    import source_fast as sf
+    from _helpers import ClassifyTask, classification_data
+
+    x = torch.randn(20, 5)
+    cov = torch.zeros(6, 6, dtype=torch.float64)
+    ops.covariance_accumulate_([cov], [x], [None], [True])
+    truth, _ = _truth(torch.zeros(6, 6), x, None, True, 1.0)
+    torch.testing.assert_close(cov, truth)
+    with pytest.raises(NotImplementedError, match=r"backend 'ext' cannot run covariance_accumulate_: .* got cov 0 torch.float64"):
+        ops.covariance_accumulate_([cov], [x], [None], [True], backend="ext")
+
+    class Tempered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+            self.temperature = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x))) * self.temperature.float()
+
+    torch.manual_seed(0)
+    model = Tempered()
+    data = classification_data(20, 4, 3, dtype=torch.float32)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical", batch_size=7)
+    assert factors.segments[0]["fc1"].a_cov.dtype == torch.float64
 
 
 def test_xs_that_share_memory_with_a_cov_are_refused():
