@@ -8,6 +8,8 @@ per split, summed in a fixed order afterwards), which keeps the result determini
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -140,6 +142,8 @@ def accumulate_lambda_(
         raise ValueError(f"lam must be float32 ({d_out}, {d_a}); got {lam.dtype} {tuple(lam.shape)}")
     if lam.device != a_rot.device:
         raise ValueError(f"lam is on {lam.device}, a_rot on {a_rot.device}")
+    if not math.isfinite(alpha) or abs(alpha) > torch.finfo(torch.float32).max:  # the kernel scales in float32
+        raise ValueError(f"accumulate_lambda_: alpha must be finite (in float32), got {alpha}")
     m = mask_u8(mask, n, t, a_rot.device)
     if n == 0 or t == 0 or d_out == 0 or d_a == 0:
         return

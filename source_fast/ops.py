@@ -22,6 +22,12 @@ def _kernel_dtype(op: str, backend: BackendArg, **tensors: Tensor) -> torch.dtyp
     return torch.float64
 
 
+def _wide(weights: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The kernels take scale / u in any 16/32-bit float and return float32; float64 ones make the reference
+    compute and return float64 (its contract), so they count as float64, which no kernel takes."""
+    return torch.float64 if weights.dtype == torch.float64 else dtype
+
+
 def covariance_accumulate_(
     covs: list[Tensor],
     xs: list[Tensor],
@@ -66,8 +72,8 @@ def accumulate_lambda_(
 def self_scores(
     a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
 ) -> Tensor:
-    if select("self_scores", a_rot.device, _kernel_dtype("self_scores", backend, a_rot=a_rot, g_rot=g_rot),
-              backend) == "triton":
+    dtype = _kernel_dtype("self_scores", backend, a_rot=a_rot, g_rot=g_rot)
+    if select("self_scores", a_rot.device, _wide(scale, dtype), backend) == "triton":
         with _triton.on_device(a_rot.device):
             return _triton.kernels().self_scores(a_rot, g_rot, scale, mask)
     return reference.self_scores(a_rot, g_rot, scale, mask)
@@ -86,7 +92,8 @@ def precondition_queries(
 def pairwise_scores(
     a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
 ) -> Tensor:
-    if select("pairwise_scores", a.device, _kernel_dtype("pairwise_scores", backend, a=a, g=g), backend) == "triton":
+    if select("pairwise_scores", a.device, _wide(u, _kernel_dtype("pairwise_scores", backend, a=a, g=g)),
+              backend) == "triton":
         with _triton.on_device(a.device):
             return _triton.kernels().pairwise_scores(a, g, u, mask)
     return reference.pairwise_scores(a, g, u, mask)

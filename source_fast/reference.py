@@ -77,6 +77,8 @@ def accumulate_lambda_(lam: Tensor, a_rot: Tensor, g_rot: Tensor, mask: Tensor |
     g_rot: (n, t, d_out) output gradients already rotated: g Q_S
     mask:  (n, t) or None
     """
+    if not math.isfinite(alpha) or abs(alpha) > torch.finfo(torch.float32).max:
+        raise ValueError(f"accumulate_lambda_: alpha must be finite (in float32), got {alpha}")
     dt = compute_dtype(lam, a_rot, g_rot)
     a, g = _masked(a_rot, mask, dt), _masked(g_rot, mask, dt)
     if a.shape[1] == 1:  # one token per example: Σ_n (g ⊗ a)² = (g∘g)ᵀ (a∘a), one GEMM
@@ -173,7 +175,7 @@ def pairwise_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None)
         transposed = u_t.is_contiguous()  # queries laid out (q, d_a, d_out)-major, as scoring keeps them on CPU
         flat = (u_t if transposed else u_).reshape(q, -1).T
         # The tiles of a block of examples at a time (TOKEN_BLOCK_BYTES): one example's can be tens of MB.
-        step = max(1, TOKEN_BLOCK_BYTES // (d_out * d_a * torch.finfo(dt).bits // 8))
+        step = max(1, TOKEN_BLOCK_BYTES // max(1, d_out * d_a * torch.finfo(dt).bits // 8))
         out = torch.empty(n, q, dtype=dt, device=a_.device)
         for s in range(0, n, step):
             a_s, g_s = a_[s : s + step], g_[s : s + step]

@@ -378,6 +378,43 @@ def test_empty_batch_is_a_no_op(device):
     assert out.shape == (0,)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_width_layers_score_zero(backend, device):
+    """d_out or d_a = 0 (nothing to score): zeros of (n, q) from every path, for one token or many."""
+    if backend == "triton":
+        _require_triton("pairwise_scores", device, torch.float32)
+    for t, q, d_out, d_a in [(3, 4, 0, 5), (3, 4, 5, 0), (1, 64, 0, 5)]:
+        a, g = torch.randn(2, t, d_a, device=device), torch.randn(2, t, d_out, device=device)
+        out = ops.pairwise_scores(a, g, torch.randn(q, d_out, d_a, device=device), backend=backend)
+        assert out.shape == (2, q) and not out.any()
+
+
+def test_float64_weights_keep_the_references_float64(device):
+    """scale / u in float64 (a model with a float64 parameter gets float64 factors) make the reference
+    compute and return float64; the kernels return float32, so a forced kernel refuses them."""
+    _require_triton("pairwise_scores", device, torch.float32)
+    a, g = torch.randn(2, 3, 4, device=device), torch.randn(2, 3, 5, device=device)
+    u, scale = torch.randn(6, 5, 4, dtype=torch.float64, device=device), torch.rand(5, 4, dtype=torch.float64, device=device)
+    assert ops.pairwise_scores(a, g, u).dtype == ops.self_scores(a, g, scale).dtype == torch.float64
+    with pytest.raises(NotImplementedError, match="backend 'triton' cannot run pairwise_scores .*float64"):
+        ops.pairwise_scores(a, g, u, backend="triton")
+    with pytest.raises(NotImplementedError, match="backend 'triton' cannot run self_scores .*float64"):
+        ops.self_scores(a, g, scale, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("alpha", [1e39, -1e39, math.inf, math.nan])
+def test_lambda_alpha_beyond_float32_is_refused(backend, alpha, device):
+    """Λ accumulates in float32: an alpha float32 cannot hold would write inf and NaN (0·inf)."""
+    if backend == "triton":
+        _require_triton("accumulate_lambda_", device, torch.float32)
+    lam = torch.zeros(3, 4, device=device)
+    with pytest.raises(ValueError, match="accumulate_lambda_: alpha must be finite \\(in float32\\)"):
+        ops.accumulate_lambda_(lam, torch.randn(2, 1, 4, device=device), torch.randn(2, 1, 3, device=device),
+                               alpha=alpha, backend=backend)
+    assert not lam.any()
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda k: k.accumulate_lambda_(torch.zeros(3, 4), torch.zeros(2, 5, 4), torch.zeros(2, 6, 3)), r"share \(n, t\)"),
     (lambda k: k.accumulate_lambda_(torch.zeros(3, 5), torch.zeros(2, 5, 4), torch.zeros(2, 5, 3)), r"lam must be"),
