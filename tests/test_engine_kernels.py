@@ -4,6 +4,8 @@ answers: checks the shapes, strides, masks and dtypes the engine really hands th
 Automatic dispatch never picks the interpreter, so the test points it at Triton for the four
 kernel ops; nothing else changes."""
 
+import copy
+
 import pytest
 import torch
 from test_layers import TokenModel, TokenTask, _token_data
@@ -33,11 +35,20 @@ def _run(model, task, data, queries):
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=6)
     final = traj.final()
     f_final = sf.fit_factors(model, task, final, fisher="empirical", batch_size=6)
+    # An Adam segment: the one place the engine preconditions queries in the parameter basis.
+    trained = copy.deepcopy(model)
+    trained.load_state_dict(states[1])
+    opt = torch.optim.Adam(trained.parameters(), lr=1e-2)
+    task.compute_train_loss(data.tensors, trained).backward()
+    opt.step()
+    adam = sf.Trajectory([sf.Segment([states[1]], data, lr_sum=0.3, optimizer="adam", optimizer_states=[opt.state_dict()])])
+    f_adam = sf.fit_factors(model, task, adam, fisher="empirical", batch_size=6)
     return (
         factors,
         sf.score(model, task, traj, factors, data, queries, batch_size=5),
         sf.score(model, task, final, f_final, data, queries, method="ekfac", batch_size=5),
         sf.self_score(model, task, final, f_final, data, method="ekfac", batch_size=5),
+        sf.score(model, task, adam, f_adam, data, queries, damping=0.01, batch_size=5),
     )
 
 
