@@ -7,7 +7,8 @@ subset removal.
 
 `train_fn(indices, seed)` trains on the listed training examples and returns a model (or anything
 `measure_fn` accepts, e.g. a state_dict); `measure_fn(model)` returns f for every query, a
-(n_query,) tensor. With workers > 1 both run in spawned processes, so they must be picklable:
+(n_query,) tensor. torch's RNG is seeded anew for every (subset, seed) (`run_seed`), so a train_fn
+drawing its initialisation and data order from it retrains independently each time. With workers > 1 both run in spawned processes, so they must be picklable:
 module-level functions, `functools.partial` of them, or methods of picklable objects; and a
 script that starts workers needs the `if __name__ == "__main__":` guard (spawn re-imports it).
 
@@ -33,7 +34,7 @@ from torch import Tensor
 from ._io import atomic_path
 
 CACHE_FORMAT = "source_fast.retrain"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: torch's RNG seeded per (subset, seed), run_seed
 
 TrainFn = Callable[[list[int], int], Any]
 MeasureFn = Callable[[Any], Tensor]
@@ -65,11 +66,21 @@ def subsets_digest(subsets: Sequence[Sequence[int]]) -> str:
     return h.hexdigest()
 
 
+def run_seed(indices: Sequence[int], seed: int) -> int:
+    """The seed of torch's RNG for the retraining of `indices` with `seed`: drawn from both, so a train_fn
+    that initialises and orders its data from torch's generator gets its own draws for every (subset,
+    seed), as independent training runs would. One draw per seed shared by all subsets makes the
+    retrainings agree more than independent runs do (a review measured seed agreement 0.80 against
+    0.45 on a wine MLP), which inflates the LDS's noise floor most."""
+    key = json.dumps([int(seed), sorted(int(i) for i in indices)]).encode()
+    return int(hashlib.sha256(key).hexdigest()[:15], 16)
+
+
 def _run_one(train_fn: TrainFn, measure_fn: MeasureFn, indices: list[int], seed: int) -> Tensor:
-    """One retraining and its measurements, (n_query,) float64 on the CPU. The RNG is seeded with
-    `seed` and restored afterwards, so inline and worker runs draw the same numbers."""
+    """One retraining and its measurements, (n_query,) float64 on the CPU. torch's RNG is seeded with
+    run_seed(indices, seed) and restored afterwards, so inline and worker runs draw the same numbers."""
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(seed)
+        torch.manual_seed(run_seed(indices, seed))
         out = measure_fn(train_fn(list(indices), seed))
     out = torch.as_tensor(out).detach().to("cpu", torch.float64)
     if out.dim() != 1:

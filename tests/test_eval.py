@@ -140,6 +140,26 @@ def test_worker_processes_match_inline_and_keep_finished_runs(tmp_path):
     torch.testing.assert_close(resumed, reference)
 
 
+def _random_draw(indices, seed):
+    return torch.rand(3, dtype=torch.float64)  # an initialisation or data order drawn from torch's RNG
+
+
+def _identity(x):
+    return x
+
+
+def test_each_subset_and_seed_draws_its_own_random_numbers():
+    """A train_fn using torch's generator retrains independently for every (subset, seed): draws differ
+    across subsets of one seed and across seeds, and repeat for the same pair (inline, in workers, and
+    for a subset listed in another order)."""
+    subsets = ev.random_subsets(N, 4, seed=1)
+    draws = ev.retrain(_random_draw, _identity, subsets, seeds=[0, 1], progress=False)  # (4, 2, 3)
+    flat = draws.reshape(8, 3)
+    assert len({tuple(row.tolist()) for row in flat}) == 8
+    again = ev.retrain(_random_draw, _identity, [s[::-1] for s in subsets], seeds=[0, 1], workers=2, progress=False)
+    assert torch.equal(again, draws)
+
+
 def test_bootstrap_interval():
     g = torch.Generator().manual_seed(0)
     small = 0.5 + 0.2 * torch.randn(20, generator=g, dtype=torch.float64)
