@@ -8,6 +8,8 @@ run per query, so it is for small models only.
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +76,59 @@ def _indexed(data: Any, collate_fn: Callable | None) -> tuple[Any, Callable]:
     return data, collate_fn or default_collate
 
 
+def _checked_steps(batches, lrs, momentum: float, weight_decay: float, n_train: int
+                   ) -> tuple[list[list[int]], list[float]]:
+    """The record's steps as lists of example indices and learning rates, refused where they could not
+    have been a torch.optim.SGD run over these examples (a bad index would otherwise surface as an
+    IndexError naming neither the step nor the record, or wrap around silently when negative)."""
+    if len(batches) != len(lrs):
+        raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates: give one rate per step")
+    if len(batches) == 0:  # ε would not reach f at all: autograd's error would not say why
+        raise ValueError("the training record has no training steps (batches is empty)")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"the training record's momentum must be in [0, 1), got {momentum}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"the training record's weight_decay must be finite and >= 0, got {weight_decay}")
+    steps, rates = [], []
+    for k, (idx, lr) in enumerate(zip(batches, lrs)):
+        try:
+            idx = [operator.index(i) for i in idx]
+        except TypeError:
+            raise ValueError(f"training record step {k}: example indices must be integers, got {idx!r}") from None
+        if not idx:
+            raise ValueError(f"training record step {k}: the batch is empty")
+        outside = [i for i in idx if not 0 <= i < n_train]
+        if outside:
+            raise ValueError(f"training record step {k}: example indices {outside[:8]} are outside the training "
+                             f"data's 0..{n_train - 1}")
+        if not (math.isfinite(float(lr)) and float(lr) >= 0):
+            raise ValueError(f"training record step {k}: the learning rate must be finite and >= 0, got {lr}")
+        steps.append(idx)
+        rates.append(float(lr))
+    return steps, rates
+
+
+def _check_replayable(model: nn.Module, init_state: dict[str, Tensor]) -> None:
+    """init_state holds every parameter at the model's shapes, and the model computes in the replay what
+    it computed in training: BatchNorm normalises by each batch's statistics in training and by running
+    ones here (the replay runs the model as it is, in eval mode under score(); Dropout is off there too)."""
+    own = dict(model.named_parameters())
+    known = model.state_dict()
+    missing = [k for k in own if k not in init_state]
+    unexpected = [k for k in init_state if k not in known]
+    if missing or unexpected:
+        raise ValueError(f"the training record's init_state does not match the model: missing parameters "
+                         f"{missing[:8]}, unexpected keys {unexpected[:8]}")
+    for k, p in own.items():
+        if tuple(init_state[k].shape) != tuple(p.shape):
+            raise ValueError(f"the training record's init_state: {k!r} has shape {tuple(init_state[k].shape)} but "
+                             f"{tuple(p.shape)} in the model")
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise ValueError(f"unroll cannot replay a model with BatchNorm ({norms[:4]}): in training it normalises "
+                         "by each batch's statistics and updates running ones, which the replay does not")
+
+
 def unroll_scores(
     model: nn.Module,
     task: Task,
@@ -96,13 +151,11 @@ def unroll_scores(
     train_data, query_data: datasets (len() and indexing), or DataLoaders over them, whose own
     collate_fn then makes the batches; collate_fn: that of the datasets (default: default_collate).
     """
-    if len(batches) != len(lrs):
-        raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates: give one rate per step")
-    if not batches:  # ε would not reach f at all: autograd's error would not say why
-        raise ValueError("the training record has no training steps (batches is empty)")
     train_data, collate = _indexed(train_data, collate_fn)
     query_data, query_collate = _indexed(query_data, collate_fn)
     n_train = len(train_data)
+    batches, lrs = _checked_steps(batches, lrs, momentum, weight_decay, n_train)
+    _check_replayable(model, init_state)
     names = [n for n, p in model.named_parameters()]
     buffers = {k: v for k, v in model.named_buffers()}
     dtype = next(model.parameters()).dtype
@@ -110,7 +163,6 @@ def unroll_scores(
     params = {k: init_state[k].detach().clone().requires_grad_(True) for k in names}
     velocity = {k: torch.zeros_like(v) for k, v in params.items()}
     for k, (idx, lr) in enumerate(zip(batches, lrs)):
-        idx = list(idx)
         batch = collate([train_data[i] for i in idx])
         with _explained(f"unrolling step {k}"):
             losses = _per_example_losses(model, task, {**params, **buffers}, batch)

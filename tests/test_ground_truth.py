@@ -146,3 +146,38 @@ def test_unroll_needs_training_steps():
     model = mlp(10, 16, 1, seed=0)
     with pytest.raises(ValueError, match="no training steps"):
         unroll_scores(model, RegressTask(), model.state_dict(), train, [], [], queries)
+
+
+@pytest.mark.parametrize("batches, lrs, options, match", [
+    ([[0, 1], [2, len(_data()[0])]], [0.1, 0.1], {}, r"step 1: example indices \[\d+\] are outside the training data"),
+    ([[0, -1]], [0.1], {}, r"step 0: example indices \[-1\] are outside"),  # would wrap to the last example
+    ([[0, 1], []], [0.1, 0.1], {}, "step 1: the batch is empty"),
+    ([[0, 1.5]], [0.1], {}, "step 0: example indices must be integers"),
+    ([[0, 1]], [-0.1], {}, r"step 0: the learning rate must be finite and >= 0, got -0.1"),
+    ([[0, 1]], [float("nan")], {}, "step 0: the learning rate must be finite"),
+    ([[0, 1]], [0.1], {"momentum": 1.5}, r"momentum must be in \[0, 1\), got 1.5"),
+    ([[0, 1]], [0.1], {"weight_decay": -1e-3}, "weight_decay must be finite and >= 0"),
+])
+def test_unroll_refuses_a_record_that_cannot_be_a_run(batches, lrs, options, match):
+    train, queries = _data()
+    model = mlp(10, 16, 1, seed=0)
+    with pytest.raises(ValueError, match=match):
+        unroll_scores(model, RegressTask(), model.state_dict(), train, batches, lrs, queries, **options)
+
+
+def test_unroll_takes_tensor_records_and_refuses_models_it_cannot_replay():
+    train, queries = _data()
+    model = mlp(10, 16, 1, seed=0)
+    init = model.state_dict()
+    batches = torch.arange(8).view(4, 2)
+    lrs = torch.full((4,), 0.05, dtype=torch.float64)
+    torch.testing.assert_close(unroll_scores(model, RegressTask(), init, train, batches, lrs, queries),
+                               unroll_scores(model, RegressTask(), init, train, batches.tolist(), lrs.tolist(), queries))
+    wider = mlp(10, 17, 1, seed=0).state_dict()
+    with pytest.raises(ValueError, match=r"init_state: '0.weight' has shape \(17, 10\) but \(16, 10\) in the model"):
+        unroll_scores(model, RegressTask(), wider, train, batches, lrs, queries)
+    with pytest.raises(ValueError, match=r"init_state does not match the model: missing parameters \['2.bias'\]"):
+        unroll_scores(model, RegressTask(), {k: v for k, v in init.items() if k != "2.bias"}, train, batches, lrs, queries)
+    normed = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)).double()
+    with pytest.raises(ValueError, match=r"unroll cannot replay a model with BatchNorm \(\['1'\]\)"):
+        unroll_scores(normed, RegressTask(), normed.state_dict(), train, batches, lrs, queries)
