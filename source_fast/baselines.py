@@ -3,6 +3,8 @@ and exact unrolling. All use the final checkpoint only, except "unroll", which r
 
 from __future__ import annotations
 
+import math
+
 import numbers
 from typing import Any
 
@@ -45,9 +47,15 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
     # Checked before the pass over the training data, which is the expensive part.
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
         raise ValueError(f"trak_dim must be a positive integer, got {dim!r}")
-    if damping != "heuristic" and not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0):
-        raise ValueError(f"trak's damping must be a number >= 0 or 'heuristic' (it has no learning-rate horizon "
-                         f"for 'implied'); got {damping!r}")
+    if damping != "heuristic" and not (isinstance(damping, (int, float)) and not isinstance(damping, bool)
+                                       and 0 <= damping < math.inf):
+        raise ValueError(f"trak's damping must be a finite number >= 0 or 'heuristic' (it has no learning-rate "
+                         f"horizon for 'implied'); got {damping!r}")
+    n = length(train_data)
+    rank = min(n, sum(s.d_out * s.d_a for s in specs))
+    if damping == 0 and dim > rank:  # solve() would return round-off as scores
+        raise ValueError(f"trak_dim={dim} with damping 0: ΦᵀΦ has rank at most {rank} (min of the {n} training examples "
+                         f"and the tracked parameters), so it cannot be inverted; give trak_dim <= {rank} or a damping > 0")
     dtype = factor_dtype(model)
     device = next(iter(v.values())).device
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -56,7 +64,6 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
         for s in specs
     }
     phi_q = sum(torch.einsum("qoi,koi->qk", v[k], p) for k, p in proj.items())
-    n = length(train_data)
     phi = torch.zeros(n, dim, dtype=dtype, device=device)
 
     def consume(start, b, layers):
