@@ -196,12 +196,13 @@ def _ekfac_damping(damping: Damping, lf: LayerFactors, horizon: float, name: str
     return _invertible(_damping_value(damping, lf, horizon, name), lf.lam, damping, name, "method 'ekfac'")
 
 
-def _source_walk(v: Grads, basis: dict[str, LayerFactors | None], trajectory: Trajectory, factors: Factors,
+def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors] | None], trajectory: Trajectory, factors: Factors,
                  damping: Damping, used: list[int], train_rows: dict[int, float], progress: bool = False
                  ) -> dict[int, dict[str, Tensor | EigenQuery]]:
     """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … min(used); returns
-    u_ℓ for the used segments. v arrives in the parameter basis or, per layer, in `basis`'s eigenbasis,
-    and is consumed (its layers are popped), so each v is freed as soon as its successor exists.
+    u_ℓ for the used segments. v arrives in the parameter basis (basis None) or, per layer, in the
+    eigenbasis of basis = (segment, its factors), and is consumed (its layers are popped), so each v is
+    freed as soon as its successor exists.
 
     An SGD segment's F and S̄ are diagonal in its own eigenbasis, so v stays in eigenbases and moves
     from segment ℓ+1's to ℓ's by R_S = Q'_Sᵀ Q_S, R_A = Q'_Aᵀ Q_A: two GEMMs per segment where rotating
@@ -218,15 +219,15 @@ def _source_walk(v: Grads, basis: dict[str, LayerFactors | None], trajectory: Tr
             vq, old = v.pop(name), basis.pop(name)
             lf = factors.segments[ell][name].to(vq.device, vq.dtype)
             if seg.optimizer == "sgd":
-                r = _into_basis(vq, old, lf)
+                r = vq if old is not None and old[0] == ell else _into_basis(vq, old, lf)
                 del vq
                 sigma = lf.lam.clamp_min(0) + seg.decay(name)
                 if ell in us:
                     scaled[name], lfs[name] = r * reference.source_factor(sigma, seg.horizon), lf
                 if ell > last:
-                    v[name], basis[name] = r.mul_(torch.exp(-seg.horizon * sigma)), lf
+                    v[name], basis[name] = r.mul_(torch.exp(-seg.horizon * sigma)), (ell, lf)
             else:
-                u, v_next = _adam_segment(_into_basis(vq, old, None), lf, seg, damping, name)
+                u, v_next = _adam_segment(_into_basis(vq, old, None), lf, seg, damping, name, need_u=ell in us)
                 if ell in us:
                     us[ell][name] = u
                 if ell > last:
@@ -240,16 +241,17 @@ def _source_walk(v: Grads, basis: dict[str, LayerFactors | None], trajectory: Tr
     return us
 
 
-def _into_basis(v: Tensor, old: LayerFactors | None, new: LayerFactors | None) -> Tensor:
-    """v given in `old`'s eigenbasis (None: the parameter basis), expressed in `new`'s."""
+def _into_basis(v: Tensor, old: tuple[int, LayerFactors] | None, new: LayerFactors | None) -> Tensor:
+    """v given in the eigenbasis of old = (segment, factors) (None: the parameter basis), expressed in `new`'s."""
     if old is None:
         return v if new is None else new.q_s.T @ v @ new.q_a
     if new is None:
-        return old.q_s @ v @ old.q_a.T
-    return (old.q_s.T @ new.q_s).T @ v @ (old.q_a.T @ new.q_a)
+        return old[1].q_s @ v @ old[1].q_a.T
+    return (old[1].q_s.T @ new.q_s).T @ v @ (old[1].q_a.T @ new.q_a)
 
 
-def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, name: str) -> tuple[Tensor, Tensor]:
+def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, name: str, need_u: bool = True
+                  ) -> tuple[Tensor | None, Tensor]:
     """Adam/AdamW (ALGORITHM.md §4): the exponentials act elementwise with σ = p ⊙ diag(H̄) (+ decay),
     while the inverse uses the full EK-FAC: u = (H̄ + W + δ)⁻¹ [(1 − E) ⊙ v], v ← E ⊙ v, E = exp(−c σ).
 
@@ -257,7 +259,7 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
     the loss's Hessian gains wd·I, so W = wd. AdamW (decoupled): θ −= η(P m̂ + wd θ) linearizes to
     I − η(PH + wd), whose summed response (I − e^{−cA})A⁻¹P g has A⁻¹P = (H + wd P⁻¹)⁻¹, so W = wd P⁻¹,
     a diagonal in the parameter basis; in the eigenbasis it is taken by its diagonal,
-    (Q_S∘Q_S)ᵀ (wd/p) (Q_A∘Q_A) (exact when P is uniform), as EK-FAC takes H̄ by Λ."""
+    (Q_S∘Q_S)ᵀ (wd/p) (Q_A∘Q_A) (exact when P is uniform), as EK-FAC takes H̄ by Λ. need_u=False: (None, E ⊙ v)."""
     if lf.precond is None:
         raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
     diag = lf.diag_hessian()
@@ -272,6 +274,8 @@ def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, n
         if wd:
             lam = lam.clamp_min(0) + wd * ((lf.q_s**2).T @ (1 / lf.precond) @ lf.q_a**2)
     x = seg.lr_sum * sigma
+    if not need_u:  # a segment the training examples did not see: only its shrinkage, and no damping to refuse
+        return None, torch.exp(-x) * v
     delta = _invertible(_damping_value(damping, lf, seg.lr_sum, name) + extra, lam, damping, name, "an Adam segment")
     # 1 − e^{−x} by expm1: exact for the tiny cσ of late, low-learning-rate segments (ALGORITHM.md §4).
     u, _ = ops.precondition_queries(-torch.expm1(-x) * v, lf.q_s, lf.q_a, lam, horizon=None, damping=delta)
@@ -325,7 +329,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
     bases = {s.name: factors.segments[-1][s.name].to(device, dtype) for s in specs} if last.optimizer == "sgd" else None
     v, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=bases,
                                summed=summed, progress=progress)
-    basis = {s.name: None if bases is None else bases[s.name] for s in specs}
+    basis = {s.name: None if bases is None else (len(trajectory.segments) - 1, bases[s.name]) for s in specs}
     rows = {ell: n_train * tokens * len(ckpts[ell]) for ell in train_segs}
     us = _source_walk(v, basis, trajectory, factors, damping, train_segs, rows, progress)  # consumes v
     for ell in train_segs:

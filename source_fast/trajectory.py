@@ -360,10 +360,12 @@ class Trajectory:
             return 0.0
         # With a zero horizon the decay has no effect (S̄ = I, r̄ = 0): any mean will do, so the plain one.
         weights = [s.horizon / total if total > 0 else 1 / len(self.segments) for s in self.segments]
-        names = sorted({k for s in self.segments if isinstance(s.weight_decay, dict) for k in s.weight_decay})
-        if not names:
+        dicts = [set(s.weight_decay) for s in self.segments if isinstance(s.weight_decay, dict)]
+        if not dicts:
             return sum(w * s.decay("") for w, s in zip(weights, self.segments))
-        return {k: sum(w * s.decay(k) for w, s in zip(weights, self.segments)) for k in names}
+        # The modules every segment gives a decay for (a number gives one for all): a module only some
+        # segments name cannot be tracked (scoring would refuse the others), so it is left out.
+        return {k: sum(w * s.decay(k) for w, s in zip(weights, self.segments)) for k in sorted(set.intersection(*dicts))}
 
     @property
     def final_checkpoint(self) -> Checkpoint:

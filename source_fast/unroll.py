@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,9 +110,9 @@ def _checked_steps(batches, lrs, momentum: float, weight_decay: float, n_train: 
 
 
 def _check_replayable(model: nn.Module, init_state: dict[str, Tensor]) -> None:
-    """init_state holds every parameter at the model's shapes, and the model computes in the replay what
-    it computed in training: BatchNorm normalises by each batch's statistics in training and by running
-    ones here (the replay runs the model as it is, in eval mode under score(); Dropout is off there too)."""
+    """init_state holds every parameter at the model's shapes; a warning where the replay may not compute
+    what training did: BatchNorm in train mode normalises by each batch's statistics, the replay by the
+    running ones (it runs the model as it is, in eval mode under score(); Dropout is off there too)."""
     own = dict(model.named_parameters())
     known = model.state_dict()
     missing = [k for k in own if k not in init_state]
@@ -124,9 +125,11 @@ def _check_replayable(model: nn.Module, init_state: dict[str, Tensor]) -> None:
             raise ValueError(f"the training record's init_state: {k!r} has shape {tuple(init_state[k].shape)} but "
                              f"{tuple(p.shape)} in the model")
     norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms:
-        raise ValueError(f"unroll cannot replay a model with BatchNorm ({norms[:4]}): in training it normalises "
-                         "by each batch's statistics and updates running ones, which the replay does not")
+    if norms:  # right only if training kept BatchNorm frozen (eval mode), which cannot be seen from here
+        warnings.warn(f"unroll replays the model's BatchNorm modules ({norms[:4]}) with their running statistics, "
+                      "frozen: the scores are exact only if training ran them frozen too (in train mode they "
+                      "normalise by each batch and update the running statistics, which the replay does not)",
+                      stacklevel=3)
 
 
 def unroll_scores(

@@ -366,6 +366,40 @@ def test_walk_across_sgd_and_adam_segments_matches_dense(setup):
         _close(scores, expected)
 
 
+def test_walk_does_only_the_work_its_segments_need(setup, monkeypatch):
+    """The queries enter the last SGD segment's eigenbasis from their tokens, so the walk changes basis
+    once per segment boundary and never from a basis to itself; an Adam segment the training examples
+    did not see contributes only its shrinkage, so its damping (here 0, with exact zeros in Λ, which its
+    inverse would refuse) is never used."""
+    from torch.utils.data import TensorDataset
+
+    from source_fast import scoring
+
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    x, y = data.tensors
+    x = x.clone()
+    x[:, 3] = 0  # an input feature that is always 0: exact zeros in layer "0"'s Λ
+    data = TensorDataset(x, y)
+    sgd = sf.Trajectory([sf.Segment(ckpts[i : i + 2], data, lr_sum=1.0) for i in (0, 2)])
+    changes, into_basis = [], scoring._into_basis
+    monkeypatch.setattr(scoring, "_into_basis", lambda v, old, new: changes.append(old[0]) or into_basis(v, old, new))
+    sf.score(model, task, sgd, sf.fit_factors(model, task, sgd), data, queries)
+    assert changes == [1, 1]  # layers "0" and "2", from segment 1's basis into segment 0's
+    monkeypatch.undo()
+    segs = [sf.Segment(ckpts[:2], data, lr_sum=1.0),
+            sf.Segment(ckpts[2:3], data, lr_sum=0.3, optimizer="adam",
+                       optimizer_states=_adam_states(model, task, data, ckpts[2:3])),
+            sf.Segment(ckpts[3:], data, lr_sum=1.0)]
+    traj = sf.Trajectory(segs)
+    factors = sf.fit_factors(model, task, traj)
+    assert (factors.segments[1]["0"].lam <= 0).any()
+    with pytest.raises(ValueError, match="an Adam segment with damping 0.0 .* divides by the curvature"):
+        sf.score(model, task, traj, factors, data, queries, damping=0.0, train_segments=[1])
+    _close(sf.score(model, task, traj, factors, data, queries, damping=0.0, train_segments=[0]),
+           sf.score(model, task, traj, factors, data, queries, damping=1.0, train_segments=[0]))
+
+
 def test_adamw_inverse_is_exact_for_a_uniform_preconditioner(setup):
     """AdamW's decoupled decay linearizes to A = PH + wd, whose summed response needs (H + wd P⁻¹)⁻¹:
     with a uniform P that is (H̄ + wd/p + δ)⁻¹, exactly, whatever the eigenbasis."""
@@ -477,6 +511,10 @@ def test_final_keeps_an_sgd_runs_weight_decay(setup):
     final = sf.Trajectory(segs).final().segments[0]
     assert final.horizon == pytest.approx(4.0)
     assert final.weight_decay == pytest.approx({"0": (2 * 1e-3 + 2 * 4e-3) / 4, "2": (2 * 1e-3 + 2 * 1e-2) / 4})
+    # A module only one segment names (say a frozen, untracked embedding) is left out, not an error.
+    extra = [sf.Segment(ckpts[:2], data, lr_sum=1.0, weight_decay={"0": 1e-3, "2": 1e-3, "emb": 0.0}),
+             sf.Segment(ckpts[2:], data, lr_sum=1.0, weight_decay={"0": 3e-3, "2": 1e-3})]
+    assert sf.Trajectory(extra).final().segments[0].weight_decay == pytest.approx({"0": 2e-3, "2": 1e-3})
     frozen = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=0.0, weight_decay=1e-3)]).final().segments[0]
     assert frozen.weight_decay == pytest.approx(1e-3)
     task = ClassifyTask()
