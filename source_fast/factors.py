@@ -204,10 +204,15 @@ def restored(model: nn.Module) -> Iterator[None]:
 
 
 def averaged_checkpoint(segment: Segment, what: str) -> dict[str, Tensor]:
-    """Fast-SOURCE: the mean of the segment's checkpoints (floating tensors; others from the last)."""
+    """Fast-SOURCE: the mean of the segment's checkpoints (floating tensors; others from the last).
+    Keys some checkpoints leave out are tied weights a save_pretrained file stores once (the checkpoints
+    were checked against the model first): loading the mean restores them from their twin."""
     states = [load_state_dict(c, f"{what}, checkpoint {i}") for i, c in enumerate(segment.checkpoints)]
+    shared = set(states[0]).intersection(*states[1:])
     out = {}
     for key, last in states[-1].items():
+        if key not in shared:
+            continue
         if last.is_floating_point():
             out[key] = sum(s[key].double() for s in states).div(len(states)).to(last.dtype)
         else:

@@ -234,6 +234,13 @@ def test_save_pretrained_checkpoints_with_tied_weights(tmp_path):
         factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=3)
         scores.append(sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=1e-3, batch_size=3))
     assert torch.equal(scores[0], scores[1])
+    # Fast-SOURCE averages a segment mixing both kinds (the file lacks lm_head.weight, the dict has it).
+    mixed = sf.Trajectory([sf.Segment([tmp_path / "model.safetensors", expected], data, lr_sum=1.0)])
+    fast = sf.fit_factors(model, task, mixed, fisher="empirical", batch_size=3, average_params=True)
+    one = sf.Trajectory([sf.Segment([expected], data, lr_sum=1.0)])
+    torch.testing.assert_close(sf.score(model, task, mixed, fast, data, queries, method="fast_source", batch_size=3),
+                               sf.score(model, task, one, sf.fit_factors(model, task, one, fisher="empirical", batch_size=3),
+                                        data, queries, batch_size=3), rtol=1e-10, atol=0)
     broken = _gpt2().double()  # untied: lm_head is a weight of its own, which the file does not have
     broken.lm_head.weight = torch.nn.Parameter(broken.lm_head.weight.detach().clone())
     with pytest.raises(ValueError, match=r"missing keys \['lm_head.weight'\]"):
