@@ -27,6 +27,7 @@ from ._passes import (
 )
 from .capture import LayerSpec, tracked_layers, with_ones
 from .task import Task
+from .tasks import CausalLMTask
 from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
 
 FORMAT_VERSION = 2  # 2: the tensor file is named by its content (factors.json says which)
@@ -291,6 +292,10 @@ def fit_factors(
     """
     if fisher not in get_args(Fisher):
         raise ValueError(f"unknown fisher {fisher!r}; valid: {sorted(get_args(Fisher))}")
+    if fisher == "empirical" and isinstance(task, CausalLMTask) and task.normalize == "mean":
+        raise ValueError("CausalLMTask(normalize='mean') with fisher='empirical': the empirical Fisher of a loss "
+                         "averaged over an example's T tokens is T-fold smaller than its curvature; use "
+                         "fisher='true' (the default), which fits the mean's curvature")
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     dtype = factor_dtype(model)
     objective = "fisher" if fisher == "true" else "train"

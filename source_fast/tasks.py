@@ -69,7 +69,10 @@ class CausalLMTask(Task):
     fine-tuned on its completion only); the prompt's tokens still count as inputs. `normalize`
     must match training: "sum" (loss summed over an example's predicted tokens) or "mean"
     (averaged over them), because SOURCE's curvature scale is that of the objective really
-    optimised. The measurement is the query's loss with the same labels and normalisation.
+    optimised. "mean" needs the true Fisher (fit_factors' default), which it fits at the mean's scale;
+    the empirical Fisher of a per-example mean is T-fold too small (T predicted tokens), so
+    fit_factors refuses that pairing. The measurement is the query's loss with the same labels and
+    normalisation.
     `tracked`: module names, or None for every Linear/Conv1D.
     """
 
@@ -110,7 +113,11 @@ class CausalLMTask(Task):
         per_token = F.cross_entropy(logits.reshape(n * t, vocab), target.reshape(-1), reduction="none")
         per_example = per_token.view(n, t).sum(1)
         if self.normalize == "mean":
-            per_example = per_example / keep.sum(1).clamp_min(1)
+            count = keep.sum(1).clamp_min(1).to(per_example.dtype)
+            # The sampled loss only fits the curvature, whose scale must be the mean objective's Hessian,
+            # (1/T) Σ_t H_t. Each token's label is drawn independently, so the per-example Fisher of
+            # (1/T) Σ_t ℓ_t is (1/T²) Σ_t F_t, T-fold too small; that of Σ_t ℓ_t / √T is (1/T) Σ_t F_t.
+            per_example = per_example / (count.sqrt() if sample else count)
         return per_example.sum()
 
     def compute_train_loss(self, batch, model, sample=False):

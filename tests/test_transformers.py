@@ -165,6 +165,37 @@ def test_sampled_tokens_follow_the_softmax():
     assert (draws != 4).all()
 
 
+def test_mean_normalization_fits_the_mean_objectives_curvature():
+    """With T predicted tokens per example the mean objective is the sum's / T, and so is its
+    curvature: the true Fisher fitted with normalize="mean" is the sum's / T (the same label draws),
+    not / T² (a per-example mean's own Fisher), and SOURCE with the raw learning rates gives "sum"'s
+    scores with the rates / T, in the mean's units (/ T). The empirical Fisher cannot be put at that
+    scale and is refused."""
+    torch.manual_seed(0)
+    model = _gpt2().double().eval()
+    names = mlp_modules(model)
+    data, queries = TokenData(10, 7, 0), TokenData(3, 7, 1)
+    for d in (data, queries):
+        d.mask = torch.ones_like(d.mask)  # every sequence full: T = 6 predicted tokens each
+        d.ids = d.ids.clamp_min(1)
+    t = 6
+    state = model.state_dict()
+    fits, scores = {}, {}
+    for normalize, lr_sum in (("sum", 2.0 / t), ("mean", 2.0)):
+        task = CausalLMTask(tracked=names, normalize=normalize)
+        traj = sf.Trajectory([sf.Segment([state], data, lr_sum=lr_sum)])
+        fits[normalize] = sf.fit_factors(model, task, traj, batch_size=4, seed=3)
+        scores[normalize] = sf.score(model, task, traj, fits[normalize], data, queries, batch_size=4)
+    for name in names:
+        mean, total = fits["mean"].segments[0][name], fits["sum"].segments[0][name]
+        torch.testing.assert_close(mean.s_cov, total.s_cov / t, rtol=1e-10, atol=0)
+        torch.testing.assert_close(mean.lam, total.lam / t, rtol=1e-8, atol=1e-30)
+    torch.testing.assert_close(scores["mean"], scores["sum"] / t, rtol=1e-8, atol=0)
+    task = CausalLMTask(tracked=names, normalize="mean")
+    with pytest.raises(ValueError, match="normalize='mean'\\) with fisher='empirical'.* use fisher='true'"):
+        sf.fit_factors(model, task, sf.Trajectory([sf.Segment([state], data, lr_sum=2.0)]), fisher="empirical")
+
+
 @pytest.mark.parametrize("normalize", ["sum", "mean"])
 def test_causal_lm_loss_is_hugging_faces(normalize):
     """CausalLMTask's loss against the model's own: HF shifts `labels` itself and ignores -100, and
