@@ -49,6 +49,7 @@ from .scoring import (
     prepare_queries,
     query_blocks,
     score_rows,
+    used_segments,
 )
 from .task import Task
 from .trajectory import Trajectory
@@ -120,7 +121,8 @@ def score_corpus(
     if n_train == 0 or n_query == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
     # Before the manifest is written: a refused setting must not pin out_dir to it.
-    blocks = query_blocks(model, specs, trajectory, method, n_query, query_rank, query_memory_budget)
+    segments = used_segments(trajectory, method, train_data, train_segments)
+    blocks = query_blocks(model, specs, trajectory, method, segments, n_query, query_rank, query_memory_budget)
     out = Path(out_dir)
     rank, world = rank_and_world()
     options = {"damping": damping, "shard_size": shard_size, "top_k": top_k, "query_rank": query_rank,

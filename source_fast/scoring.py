@@ -90,6 +90,14 @@ def _segments_for(trajectory: Trajectory, train_data: Any, train_segments) -> li
     return idx
 
 
+def used_segments(trajectory: Trajectory, method: str, train_data: Any, train_segments) -> list[int]:
+    """The segments whose checkpoints score train_data: _segments_for's; the one-checkpoint methods' one
+    segment scores any data, but a train_segments naming another is refused there too, not ignored."""
+    if method in _FINAL_ONLY and train_segments is None:
+        return [0]
+    return _segments_for(trajectory, train_data, train_segments)
+
+
 def _is_index(value: Any) -> bool:
     """An integer, or anything that is one (numpy and 0-d torch integers), but not a bool or a float."""
     try:
@@ -438,7 +446,8 @@ def score(
                              collate_fn, trak_dim, seed, record)
     if query_memory_budget is None:
         query_memory_budget = automatic_query_budget(model_device(model))
-    blocks = query_blocks(model, specs, trajectory, method, 1 if sum_queries else n_query, query_rank,
+    segments = used_segments(trajectory, method, train_data, train_segments)
+    blocks = query_blocks(model, specs, trajectory, method, segments, 1 if sum_queries else n_query, query_rank,
                           query_memory_budget)
     parts = []
     with restored(model), reuse_large_blocks(model_device(model)):
@@ -515,13 +524,13 @@ def _same_tokens(*scores: Tensor) -> tuple[Tensor, ...]:
     return tuple(x if x.shape[-1] == t else torch.nn.functional.pad(x, (0, t - x.shape[-1])) for x in scores)
 
 
-def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: int) -> list[range]:
+def query_blocks(model, specs, trajectory, method, segments, n_query, query_rank, budget: int) -> list[range]:
     """Query index blocks whose prepared gradients fit `budget` bytes: a query takes d_out·d_a
     (or r·(d_out + d_a) with query_rank r) per layer for each distinct preconditioned copy (one per
-    segment for SOURCE, one per checkpoint for TracIn)."""
+    scored segment for SOURCE, one per checkpoint of those for TracIn)."""
     if budget < 1:
         raise ValueError(f"query_memory_budget must be a positive number of bytes, got {budget}")
-    copies = _prepared_copies(trajectory, method)
+    copies = _prepared_copies(trajectory, method, segments)
     itemsize = factor_dtype(model).itemsize
     per_query = copies * itemsize * sum(s.d_out * s.d_a if not query_rank else query_rank * (s.d_out + s.d_a) for s in specs)
     if per_query > budget:  # even one query would break the promise: say what fits instead
@@ -536,21 +545,21 @@ def query_blocks(model, specs, trajectory, method, n_query, query_rank, budget: 
     return [range(s, min(n_query, s + per_block)) for s in range(0, n_query, per_block)]
 
 
-def _prepared_copies(trajectory: Trajectory, method: str) -> int:
-    """How many preconditioned copies of a query a plan holds: one per segment for SOURCE, one per
-    checkpoint for TracIn, one for the one-checkpoint methods."""
+def _prepared_copies(trajectory: Trajectory, method: str, segments: list[int]) -> int:
+    """How many preconditioned copies of a query a plan holds: one per scored segment for SOURCE, one
+    per checkpoint of those for TracIn, one for the one-checkpoint methods."""
     if method in _FINAL_ONLY:
         return 1
     if method == "tracin":
-        return sum(len(s.checkpoints) for s in trajectory.segments)
-    return len(trajectory.segments)
+        return sum(len(trajectory.segments[ell].checkpoints) for ell in segments)
+    return len(segments)
 
 
-def self_chunk_size(model, specs, trajectory, method, budget: int) -> int:
+def self_chunk_size(model, specs, trajectory, method, segments, budget: int) -> int:
     """Examples per chunk of self_score's unfused path: each example holds its preconditioned copies
     and its gradient at the checkpoint being read, d_out·d_a per layer each (340 MB per copy for
     GPT-2 small in fp32, so a fixed chunk of 256 needed 174 GB)."""
-    per_example = (_prepared_copies(trajectory, method) + 1) * factor_dtype(model).itemsize * sum(
+    per_example = (_prepared_copies(trajectory, method, segments) + 1) * factor_dtype(model).itemsize * sum(
         s.d_out * s.d_a for s in specs)
     if per_example > budget:
         raise ValueError(f"one example's self-influence takes {per_example} bytes of gradients, more than the "
@@ -568,9 +577,10 @@ def prepare_queries(
     memory_budget, with query_rank: each query is preconditioned at full rank before its SVD, so the
     queries are prepared in pieces whose full-rank copies fit in what the block's low-rank factors
     leave of it (at least one query), each piece factorised before the next."""
+    train_segs = used_segments(trajectory, method, train_data, train_segments)
     if query_rank and memory_budget is not None and not sum_queries:
         n = length(query_data)
-        per_copy = _prepared_copies(trajectory, method) * factor_dtype(model).itemsize
+        per_copy = _prepared_copies(trajectory, method, train_segs) * factor_dtype(model).itemsize
         full = per_copy * sum(s.d_out * s.d_a for s in specs)
         low_rank = n * per_copy * sum(query_rank * (s.d_out + s.d_a) for s in specs)
         step = max(1, (memory_budget - low_rank) // full)
@@ -580,8 +590,6 @@ def prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, piece, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
                     collate_fn=collate_fn, progress=progress), query_data)
-    single = method in _FINAL_ONLY
-    train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
     n_train = length(train_data)
     if n_train is None:  # a stream: its segments' N (only steers which basis scoring works in)
         n_train = sum(trajectory.segments[ell].num_examples for ell in train_segs)
@@ -776,7 +784,7 @@ def self_score(
     if length(train_data) == 0:
         raise ValueError("empty data: no training examples")
     single = method in _FINAL_ONLY
-    train_segs = [0] if single else _segments_for(trajectory, train_data, train_segments)
+    train_segs = used_segments(trajectory, method, train_data, train_segments)
     # One segment of one checkpoint: query and training gradients are taken at the same weights,
     # so the score is a per-example quadratic form in the eigenbasis.
     fused = single or (
@@ -788,7 +796,7 @@ def self_score(
                                  collate_fn, progress)
             return scores if per_module else sum(scores.values())
         if chunk_size is None:
-            chunk_size = self_chunk_size(model, specs, trajectory, method,
+            chunk_size = self_chunk_size(model, specs, trajectory, method, train_segs,
                                          automatic_query_budget(model_device(model)))
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")

@@ -573,9 +573,17 @@ def test_batch_size_and_chunking_do_not_change_scores(setup, tmp_path):
     from source_fast.scoring import self_chunk_size
 
     specs = tracked_layers(model, task.get_influence_tracked_modules())
-    assert self_chunk_size(model, specs, traj, "source", 10_000) == 10_000 // (3 * 43 * 8)
+    assert self_chunk_size(model, specs, traj, "source", [0, 1], 10_000) == 10_000 // (3 * 43 * 8)
+    assert self_chunk_size(model, specs, traj, "source", [1], 10_000) == 10_000 // (2 * 43 * 8)  # one segment scored
     with pytest.raises(ValueError, match=r"one example's self-influence takes 1032 bytes .* give chunk_size=1"):
-        self_chunk_size(model, specs, traj, "source", 1000)
+        self_chunk_size(model, specs, traj, "source", [0, 1], 1000)
+    # A budget holding one query's copy for the one segment scored is enough for it.
+    _close(sf.score(model, task, traj, f1, data, queries, train_segments=[1], query_memory_budget=43 * 8),
+           sf.score(model, task, traj, f1, data, queries, train_segments=[1]))
+    final = traj.final()
+    with pytest.raises(ValueError, match=r"train_segments \[1\] must name segments in 0..0"):  # was ignored
+        sf.score(model, task, final, sf.fit_factors(model, task, final), data, queries, method="ekfac",
+                 train_segments=[1])
     with pytest.raises(ValueError, match="chunk_size must be a positive number of examples, got 0"):
         sf.self_score(model, task, traj, f1, data, chunk_size=0)
     f1.save(tmp_path / "f")
