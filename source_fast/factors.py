@@ -28,7 +28,7 @@ from ._passes import (
 from .capture import LayerSpec, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
-from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
+from .trajectory import Checkpoint, Segment, Trajectory, checkpoint_file, load_into, load_state_dict
 
 FORMAT_VERSION = 2  # 2: the tensor file is named by its content (factors.json says which)
 _TENSOR_FILE = re.compile(r"factors(\.[0-9a-f]{16})?\.safetensors")
@@ -509,9 +509,7 @@ def _checkpoint_digest(checkpoint: Checkpoint, what: str) -> str:
     """A checkpoint by content: a file's bytes (a copy elsewhere is the same checkpoint), or every
     tensor of an in-memory state_dict with its name, dtype and shape. One read, less than a data pass."""
     if not isinstance(checkpoint, dict):
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"{what}: checkpoint file {os.fspath(checkpoint)!r} does not exist")
-        return sha256_file(checkpoint)[:16]
+        return sha256_file(checkpoint_file(checkpoint, what))[:16]
     h = hashlib.sha256()
     for key, value in checkpoint.items():
         if isinstance(value, Tensor):

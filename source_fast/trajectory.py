@@ -21,9 +21,7 @@ def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
     """A state_dict from a dict or a file (.safetensors, or anything torch.load reads)."""
     if isinstance(checkpoint, dict):
         return checkpoint
-    path = os.fspath(checkpoint)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
+    path = checkpoint_file(checkpoint, what)
     with _readable(path, what):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -33,6 +31,17 @@ def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
     if not isinstance(state, dict):
         raise TypeError(f"{what}: {path!r} holds a {type(state).__name__}, not a state_dict")
     return state
+
+
+def checkpoint_file(checkpoint: Checkpoint, what: str) -> str:
+    path = os.fspath(checkpoint)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
+    if os.path.isdir(path):  # what save_pretrained writes: the weights are a file inside it
+        inside = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
+        raise IsADirectoryError(f"{what}: {path!r} is a folder; pass the weights file in it "
+                                f"({', '.join(inside) if inside else 'none found'}), e.g. {path}/model.safetensors")
+    return path
 
 
 @contextlib.contextmanager
@@ -62,9 +71,7 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
     if isinstance(checkpoint, dict):
         shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
     else:
-        path = os.fspath(checkpoint)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
+        path = checkpoint_file(checkpoint, what)
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
