@@ -151,6 +151,9 @@ def is_stream(data: Any) -> bool:
         return is_stream(data.dataset)
     if isinstance(data, IterableDataset):
         return True
+    if isinstance(data, Mapping):  # its len() and [i] are keys, not examples
+        raise TypeError(f"data is a {type(data).__name__} with keys {list(data)[:5]}, which looks like one batch: "
+                        "pass the examples, a dataset or a list of them (a DataLoader or collate_fn batches them)")
     if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
         return False
     if isinstance(data, Iterator):
@@ -266,11 +269,29 @@ class _Examples(IterableDataset):
                 yield example
 
 
+def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
+    """The loader's batches; default_collate's error on examples of different lengths says what to do."""
+    it = iter(loader)
+    for b in itertools.count():
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if "stack expects each tensor to be equal size" not in str(exc):
+                raise
+            raise RuntimeError(f"{where(b)}: {exc}\nexamples of different lengths need a collate_fn that pads them "
+                               "(and an attention mask the task returns): pass collate_fn=, or a DataLoader with one"
+                               ) from exc
+
+
 def make_loader(data: Any, batch_size: int, collate_fn: Callable | None) -> DataLoader:
     """Batches of `data` in order (a DataLoader's own batches; batch_size then does not apply)."""
     if isinstance(data, DataLoader):
-        if collate_fn is not None:
-            raise ValueError("data is a DataLoader, which brings its own collate_fn: do not pass collate_fn too")
+        if collate_fn is not None and collate_fn is not data.collate_fn:
+            raise ValueError("data is a DataLoader with a collate_fn of its own, and collate_fn= gives another: pass "
+                             "the loader's (it then batches the data given as datasets, e.g. the queries), or wrap "
+                             "that data in a DataLoader too")
         is_stream(data)  # checks its settings
         return data
     if batch_size < 1:
@@ -395,7 +416,7 @@ def run_pass(
         return f"{f'rank {rank}: ' if world > 1 else ''}{what}, batch {b}{examples}"
 
     start = tokens = 0
-    for b, batch in enumerate(loader):
+    for b, batch in enumerate(_batches(loader, lambda b: where(b, start))):
         batch = to_device(batch, device)
         mask = task.get_attention_mask(batch)
         with capturer.capture(mask) as records:

@@ -228,9 +228,16 @@ def test_bad_data_is_refused_with_the_fix(setup, tmp_path):
         sf.score(model, task, traj, factors, DataLoader(data, batch_size=4, shuffle=True), queries, train_segments="all")
     with pytest.raises(ValueError, match="drop_last"):
         sf.score(model, task, traj, factors, DataLoader(data, batch_size=4, drop_last=True), queries, train_segments="all")
-    with pytest.raises(ValueError, match="brings its own collate_fn"):
-        sf.score(model, task, traj, factors, DataLoader(data, batch_size=4), queries, train_segments="all",
-                 collate_fn=torch.utils.data.default_collate)
+    loader = DataLoader(data, batch_size=4)
+    with pytest.raises(ValueError, match="a collate_fn of its own, and collate_fn= gives another: pass the loader's"):
+        sf.score(model, task, traj, factors, loader, queries, train_segments="all",
+                 collate_fn=lambda b: torch.utils.data.default_collate(b))
+    # The loader's own collate_fn also batches the queries given as a list.
+    torch.testing.assert_close(
+        sf.score(model, task, traj, factors, loader, list(queries), train_segments="all", collate_fn=loader.collate_fn),
+        sf.score(model, task, traj, factors, data, queries, train_segments="all"))
+    with pytest.raises(TypeError, match=r"data is a dict with keys \[0, 1\], which looks like one batch: pass the examples"):
+        sf.score(model, task, traj, factors, data, {0: queries.tensors[0], 1: queries.tensors[1]}, train_segments="all")
     with pytest.raises(ValueError, match="give num_examples="):
         _trajectory(states, CountingStream(data))
     with pytest.raises(ValueError, match="num_examples=49 but its data has 50"):

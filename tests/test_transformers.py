@@ -165,6 +165,16 @@ def test_sampled_tokens_follow_the_softmax():
     assert (draws != 4).all()
 
 
+def test_examples_of_different_lengths_need_a_collate_fn():
+    """default_collate's own error ("stack expects each tensor to be equal size") says what to do."""
+    model = _gpt2().eval()
+    data = [{"input_ids": torch.randint(1, 23, (k,))} for k in (4, 6, 5)]
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(RuntimeError, match=r"segment 0, checkpoint 0, batch 0 \(examples from 0\): stack expects each "
+                                           r"tensor to be equal size.*\nexamples of different lengths need a collate_fn"):
+        sf.fit_factors(model, CausalLMTask(tracked=mlp_modules(model)), traj, batch_size=2)
+
+
 def test_mean_normalization_fits_the_mean_objectives_curvature():
     """With T predicted tokens per example the mean objective is the sum's / T, and so is its
     curvature: the true Fisher fitted with normalize="mean" is the sum's / T (the same label draws),
