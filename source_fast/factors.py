@@ -602,6 +602,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
     needed = [f"{s.name}.{p}" for s in specs for p in (("weight", "bias") if s.has_bias else ("weight",))]
     out: dict[str, Tensor] = {}
     assert seg.optimizer_states is not None
+    previous = None  # (state index, its step count)
     for c, st in enumerate(seg.optimizer_states):
         where = f"{what}, optimizer state {c}"
         state = load_state_dict(st, where) if not isinstance(st, dict) else st
@@ -633,6 +634,13 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
             wd_by_name[name] = float(group.get("weight_decay", 0.0))
         _check_weight_decay(specs, wd_by_name, seg, where, notes)
+        # One optimizer runs through a segment, saved with each checkpoint: its steps go up. (Across
+        # segments they may restart: a new stage may start a new optimizer.)
+        step = max(float(state["state"][index[name]]["step"]) for name in needed)
+        if previous is not None and step < previous[1]:
+            raise ValueError(f"{where} records step {step:g}, but optimizer state {previous[0]} before it records step "
+                             f"{previous[1]:g}: give the states, like the checkpoints, in training order")
+        previous = (c, step)
         lrs = {float(index_group[index[name]]["lr"]) for name in needed}
         if len(lrs) > 1:  # the segment's one learning-rate sum (its horizon) applies to every layer
             notes.add(f"the tracked parameters' optimizer groups have different learning rates {sorted(lrs)}; "

@@ -1035,6 +1035,14 @@ def test_even_splits_adam_states_with_their_checkpoints(setup):
             assert torch.equal(a[name].precond, b[name].precond) and torch.equal(a[name].lam, b[name].lam)
     with pytest.raises(ValueError, match="3 optimizer states for 4 checkpoints: give one per checkpoint"):
         sf.Trajectory.even(ckpts, lrs, 2, data, optimizer="adam", optimizer_states=states[:3])
+    # States recording their steps out of order (reversed with their checkpoints, say) are refused.
+    ordered = copy.deepcopy(states[:2])
+    ordered[1]["state"][0]["step"] = ordered[1]["state"][0]["step"] + 5  # saved 5 steps after the first
+    backwards = sf.Trajectory([sf.Segment(ckpts[:2][::-1], data, lrs=lrs[:4], optimizer="adam",
+                                          optimizer_states=ordered[::-1])])
+    with pytest.raises(ValueError, match=r"segment 0, optimizer state 1 records step 3, but optimizer state 0 before it "
+                                         r"records step 8: give the states, like the checkpoints, in training order"):
+        sf.fit_factors(model, task, backwards)
 
 
 def test_large_blocks_are_reused_during_a_call_and_returned_after():
