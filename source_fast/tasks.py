@@ -14,14 +14,17 @@ from .task import Task
 
 class ClassificationTask(Task):
     """Cross-entropy on (inputs, labels) batches, summed; the measurement is the query's loss
-    (positive score: a proponent). `sample=True` draws labels from the model's softmax (true Fisher)."""
+    (positive score: a proponent). `sample=True` draws labels from the model's softmax (true Fisher).
+
+    The tasks here draw their random numbers in float64 whatever the model's dtype, so a float64 copy
+    of a model draws the labels its float32 original draws from the same seed (up to rounding)."""
 
     def compute_train_loss(self, batch, model, sample=False):
         x, y = batch
         logits = model(x)
         if sample:
             with torch.no_grad():
-                y = torch.distributions.Categorical(logits=logits).sample()
+                y = torch.distributions.Categorical(logits=logits.double()).sample()
         return F.cross_entropy(logits, y, reduction="sum")
 
     def compute_measurement(self, batch, model):
@@ -36,7 +39,7 @@ class RegressionTask(Task):
     def compute_train_loss(self, batch, model, sample=False):
         x, y = batch
         out = model(x)
-        y = out.detach() + torch.randn_like(out) if sample else _targets_like(out, y)
+        y = out.detach() + torch.randn_like(out, dtype=torch.float64).to(out.dtype) if sample else _targets_like(out, y)
         return 0.5 * ((out - y) ** 2).sum()
 
     def compute_measurement(self, batch, model):
@@ -139,7 +142,9 @@ def sample_tokens(logits: torch.Tensor) -> torch.Tensor:
     a 50k vocabulary is 4 s per 1,000 GPT-2 tokens on one CPU core against 0.5 s here, paid in every
     true-Fisher pass."""
     cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
+    # Uniforms drawn in float64 for every dtype: a float64 copy of the model then draws what its float32
+    # original draws from the same seed (but where rounding puts u on the other side of a boundary).
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=torch.float64).to(cdf.dtype) * cdf[..., -1:]
     # right=True: the first token whose cumulative mass exceeds u, so a token of zero mass is never
     # drawn (u = 0 included); rounding can put u on the total, whence the clamp.
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(logits.shape[-1] - 1)

@@ -148,6 +148,31 @@ def test_bf16_activations_track_fp32_scores():
     assert corr > 0.97, corr
 
 
+def test_sampled_labels_do_not_depend_on_the_models_dtype():
+    """The tasks draw in float64 for every dtype, so a float64 copy of a float32 model samples the same
+    true-Fisher labels from the same seed (a check of a float32 fit in float64 compares like with like);
+    before, the draws agreed on 1.4 % of tokens."""
+    from source_fast.tasks import ClassificationTask, RegressionTask, sample_tokens
+
+    logits = torch.randn(2000, 11, generator=torch.Generator().manual_seed(0)) * 2
+    draws = []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        torch.manual_seed(1)
+        draws.append(sample_tokens(logits.to(dtype)))
+    assert (draws[0] == draws[1]).float().mean() > 0.999 and (draws[0] == draws[2]).float().mean() > 0.97
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 4)
+    x, y = torch.randn(64, 5), torch.randint(0, 4, (64,))
+    for task in (ClassificationTask(), RegressionTask()):
+        target = y if isinstance(task, ClassificationTask) else torch.randn(64, 4)
+        losses = []
+        for dtype in (torch.float32, torch.float64):
+            torch.manual_seed(2)
+            losses.append(float(task.compute_train_loss((x.to(dtype), target if target.dtype == torch.long
+                                                         else target.to(dtype)), net.to(dtype), sample=True)))
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5), (type(task).__name__, losses)
+
+
 def test_sampled_tokens_follow_the_softmax():
     """CausalLMTask's true-Fisher labels: frequencies over 200k draws per row match softmax(logits)
     within 5 binomial standard deviations, and a token of zero probability is never drawn."""
