@@ -234,15 +234,17 @@ def pass_seed(seed: int, ell: int, c: int, kind: str, rank: int) -> int:
 
 def _progress(enabled: bool, total: int | None, desc: str, unit: str = "ex"):
     """A progress bar, on rank 0 only (under torchrun every rank would draw its own, unlabelled), with
-    rank 0's share standing for all. Redrawn 10 times a second on a terminal; into a log file, every
-    30 s (else about 1 KB/s per rank of log)."""
+    rank 0's share standing for all. Redrawn 10 times a second on a terminal, and cleared when done;
+    into a log file, every 30 s (else about 1 KB/s per rank of log), and its final state is left there
+    (a pass shorter than 30 s would otherwise log only its 0 %)."""
     rank, world = rank_and_world()
     if not enabled or rank != 0:
         return None
     from tqdm.auto import tqdm
 
+    terminal = sys.stderr.isatty()
     return tqdm(total=total, desc=desc if world == 1 else f"{desc} [rank 0 of {world}]", unit=unit, dynamic_ncols=True,
-                leave=False, mininterval=0.1 if sys.stderr.isatty() else 30.0)
+                leave=not terminal, mininterval=0.1 if terminal else 30.0)
 
 
 def _share(loader, expected: int | None) -> int | None:

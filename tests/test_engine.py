@@ -1010,6 +1010,7 @@ def test_progress_bars_suit_logs_and_ranks(monkeypatch):
 
     bar = fm._progress(True, 10, "covariances")
     assert bar.mininterval == 30.0 and bar.desc == "covariances"  # pytest's stderr is not a terminal
+    assert bar.leave  # a pass shorter than 30 s still logs where it ended, not only its 0 %
     bar.close()
     monkeypatch.setattr(fm, "rank_and_world", lambda: (1, 2))
     assert fm._progress(True, 10, "covariances") is None
