@@ -151,7 +151,7 @@ def is_stream(data: Any) -> bool:
         return is_stream(data.dataset)
     if isinstance(data, IterableDataset):
         return True
-    if isinstance(data, Mapping):  # its len() and [i] are keys, not examples
+    if isinstance(data, Mapping) and set(data) != set(range(len(data))):  # keyed by names, not example indices
         raise TypeError(f"data is a {type(data).__name__} with keys {list(data)[:5]}, which looks like one batch: "
                         "pass the examples, a dataset or a list of them (a DataLoader or collate_fn batches them)")
     if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
@@ -278,7 +278,8 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
         except StopIteration:
             return
         except RuntimeError as exc:
-            if "stack expects each tensor to be equal size" not in str(exc):
+            if not any(m in str(exc) for m in ("stack expects each tensor to be equal size",
+                                               "each element in list of batch should be of equal size")):
                 raise
             raise RuntimeError(f"{where(b)}: {exc}\nexamples of different lengths need a collate_fn that pads them "
                                "(and an attention mask the task returns): pass collate_fn=, or a DataLoader with one"
@@ -288,7 +289,7 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
 def make_loader(data: Any, batch_size: int, collate_fn: Callable | None) -> DataLoader:
     """Batches of `data` in order (a DataLoader's own batches; batch_size then does not apply)."""
     if isinstance(data, DataLoader):
-        if collate_fn is not None and collate_fn is not data.collate_fn:
+        if collate_fn is not None and collate_fn != data.collate_fn:  # ==: a bound method is new at each access
             raise ValueError("data is a DataLoader with a collate_fn of its own, and collate_fn= gives another: pass "
                              "the loader's (it then batches the data given as datasets, e.g. the queries), or wrap "
                              "that data in a DataLoader too")

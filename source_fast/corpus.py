@@ -54,7 +54,7 @@ from .scoring import (
 from .task import Task
 from .trajectory import Trajectory
 
-MANIFEST_VERSION = 4
+MANIFEST_VERSION = 5  # 5: the query blocks are in the fingerprint
 
 
 def _fingerprint(task, trajectory, factors, method, options, train_data, query_data, collate_fn) -> dict:
@@ -125,8 +125,11 @@ def score_corpus(
     blocks = query_blocks(model, specs, trajectory, method, segments, n_query, query_rank, query_memory_budget)
     out = Path(out_dir)
     rank, world = rank_and_world()
+    # The query blocks are part of the run: a shard holds one block's queries, so a resume that cut the
+    # queries otherwise (another budget rule) would take old shards for finished ones.
     options = {"damping": damping, "shard_size": shard_size, "top_k": top_k, "query_rank": query_rank,
-               "query_memory_budget": query_memory_budget, "train_segments": train_segments}
+               "query_memory_budget": query_memory_budget, "train_segments": train_segments,
+               "query_blocks": [[b.start, b.stop] for b in blocks]}
     fingerprint = _fingerprint(task, trajectory, factors, method, options, train_data, query_data, collate_fn)
     _check_or_write_manifest(out, fingerprint, rank, world, model_device(model))
     if rank == 0:  # the marks of a finished run go until this one finishes (a stream may have grown)

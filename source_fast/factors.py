@@ -636,12 +636,14 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
             wd_by_name[name] = float(group.get("weight_decay", 0.0))
         _check_weight_decay(specs, wd_by_name, seg, where, notes)
-        # One optimizer runs through a segment, saved with each checkpoint: its steps go up. (Across
-        # segments they may restart: a new stage may start a new optimizer.)
+        # Saved with each checkpoint, the states' steps go up, unless the optimizer was restarted: a
+        # decrease is a mistake in order (states reversed with their checkpoints) or a restart, which is
+        # better a segment boundary. Each state's bias correction uses its own step either way.
         step = max(float(state["state"][index[name]]["step"]) for name in needed)
         if previous is not None and step < previous[1]:
-            raise ValueError(f"{where} records step {step:g}, but optimizer state {previous[0]} before it records step "
-                             f"{previous[1]:g}: give the states, like the checkpoints, in training order")
+            notes.add(f"{where} records step {step:g}, but optimizer state {previous[0]} before it records step "
+                      f"{previous[1]:g}: give the states, like the checkpoints, in training order (a restarted "
+                      "optimizer is best where a segment starts)")
         previous = (c, step)
         lrs = {float(index_group[index[name]]["lr"]) for name in needed}
         if len(lrs) > 1:  # the segment's one learning-rate sum (its horizon) applies to every layer

@@ -433,6 +433,9 @@ def score(
     if n_query == 0 or n_train == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
     check_query_rank(query_rank)
+    if method == "unroll" and train_segments is not None:
+        raise ValueError("train_segments is not for method 'unroll': its record says which examples each step trained on")
+    segments = used_segments(trajectory, method, train_data, train_segments) if method != "unroll" else [0]
     if method in ("grad_cos", "trak", "repsim", "unroll"):
         if n_train is None:
             raise TypeError(f"method {method!r} needs a dataset with len() and indexing, not a stream")
@@ -446,7 +449,6 @@ def score(
                              collate_fn, trak_dim, seed, record)
     if query_memory_budget is None:
         query_memory_budget = automatic_query_budget(model_device(model))
-    segments = used_segments(trajectory, method, train_data, train_segments)
     blocks = query_blocks(model, specs, trajectory, method, segments, 1 if sum_queries else n_query, query_rank,
                           query_memory_budget)
     parts = []

@@ -144,7 +144,10 @@ def sample_tokens(logits: torch.Tensor) -> torch.Tensor:
     cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
     # Uniforms drawn in float64 for every dtype: a float64 copy of the model then draws what its float32
     # original draws from the same seed (but where rounding puts u on the other side of a boundary).
-    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=torch.float64).to(cdf.dtype) * cdf[..., -1:]
+    total = cdf[..., -1:]
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=torch.float64).to(cdf.dtype) * total
     # right=True: the first token whose cumulative mass exceeds u, so a token of zero mass is never
-    # drawn (u = 0 included); rounding can put u on the total, whence the clamp.
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(logits.shape[-1] - 1)
+    # drawn (u = 0 included), as long as u < total: rounding (a float64 uniform rounded to 1.0 in
+    # float32, or the product) can put u on the total, which the last token of positive mass then takes.
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)

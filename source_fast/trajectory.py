@@ -38,9 +38,13 @@ def checkpoint_file(checkpoint: Checkpoint, what: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
     if os.path.isdir(path):  # what save_pretrained writes: the weights are a file inside it
-        inside = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
-        raise IsADirectoryError(f"{what}: {path!r} is a folder; pass the weights file in it "
-                                f"({', '.join(inside) if inside else 'none found'}), e.g. {path}/model.safetensors")
+        files = os.listdir(path)
+        if any(f.endswith(".index.json") for f in files):
+            raise IsADirectoryError(f"{what}: {path!r} is a folder of a checkpoint saved in shards, which is not read: "
+                                    "save it whole (save_pretrained's max_shard_size), or pass its state_dict")
+        weights = sorted(f for f in files if f.startswith(("model.", "pytorch_model.")))
+        raise IsADirectoryError(f"{what}: {path!r} is a folder; pass the weights file in it"
+                                + (f": {os.path.join(path, weights[0])}" if weights else " (none found)"))
     return path
 
 

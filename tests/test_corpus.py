@@ -75,6 +75,14 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
         score_corpus(model, task, traj, other, data, queries, tmp_path, shard_size=32, progress=False)
     with pytest.raises(ValueError, match=r"differs in: task\)"):  # another loss (or measurement)
         score_corpus(model, RegressTask(), traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
+    # The same options cutting the queries into other blocks (a changed budget rule): the old shards hold
+    # another block's queries, so they are not this run's.
+    import source_fast.corpus as corpus
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(corpus, "query_blocks", lambda *a, **k: [range(0, 2), range(2, len(queries))])
+        with pytest.raises(ValueError, match=r"differs in: options \(query_blocks: \[\[0, \d+\]\] before"):
+            score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
     shard = sorted((tmp_path / "shards").glob("*.safetensors"))[1]
     blob = bytearray(shard.read_bytes())
     blob[-1] ^= 0x55

@@ -581,9 +581,10 @@ def test_batch_size_and_chunking_do_not_change_scores(setup, tmp_path):
     _close(sf.score(model, task, traj, f1, data, queries, train_segments=[1], query_memory_budget=43 * 8),
            sf.score(model, task, traj, f1, data, queries, train_segments=[1]))
     final = traj.final()
-    with pytest.raises(ValueError, match=r"train_segments \[1\] must name segments in 0..0"):  # was ignored
-        sf.score(model, task, final, sf.fit_factors(model, task, final), data, queries, method="ekfac",
-                 train_segments=[1])
+    for method in ("ekfac", "grad_cos", "trak", "repsim"):  # was ignored
+        with pytest.raises(ValueError, match=r"train_segments \[1\] must name segments in 0..0"):
+            sf.score(model, task, final, sf.fit_factors(model, task, final), data, queries, method=method,
+                     train_segments=[1])
     with pytest.raises(ValueError, match="chunk_size must be a positive number of examples, got 0"):
         sf.self_score(model, task, traj, f1, data, chunk_size=0)
     f1.save(tmp_path / "f")
@@ -1041,9 +1042,9 @@ def test_even_splits_adam_states_with_their_checkpoints(setup):
     ordered[1]["state"][0]["step"] = ordered[1]["state"][0]["step"] + 5  # saved 5 steps after the first
     backwards = sf.Trajectory([sf.Segment(ckpts[:2][::-1], data, lrs=lrs[:4], optimizer="adam",
                                           optimizer_states=ordered[::-1])])
-    with pytest.raises(ValueError, match=r"segment 0, optimizer state 1 records step 3, but optimizer state 0 before it "
-                                         r"records step 8: give the states, like the checkpoints, in training order"):
-        sf.fit_factors(model, task, backwards)
+    with pytest.warns(UserWarning, match=r"segment 0, optimizer state 1 records step 3, but optimizer state 0 before "
+                                         r"it records step 8: give the states, like the checkpoints, in training order"):
+        sf.fit_factors(model, task, backwards)  # a warning: a restarted optimizer does this too
 
 
 def test_large_blocks_are_reused_during_a_call_and_returned_after():

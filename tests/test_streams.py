@@ -236,8 +236,19 @@ def test_bad_data_is_refused_with_the_fix(setup, tmp_path):
     torch.testing.assert_close(
         sf.score(model, task, traj, factors, loader, list(queries), train_segments="all", collate_fn=loader.collate_fn),
         sf.score(model, task, traj, factors, data, queries, train_segments="all"))
-    with pytest.raises(TypeError, match=r"data is a dict with keys \[0, 1\], which looks like one batch: pass the examples"):
-        sf.score(model, task, traj, factors, data, {0: queries.tensors[0], 1: queries.tensors[1]}, train_segments="all")
+    with pytest.raises(TypeError, match=r"data is a dict with keys \['x', 'y'\], which looks like one batch: pass the"):
+        sf.score(model, task, traj, factors, data, {"x": queries.tensors[0], "y": queries.tensors[1]}, train_segments="all")
+    # A dict keyed by the example indices is a dataset (DataLoader reads it so), not a batch.
+    as_dict = {i: queries[i] for i in range(len(queries))}
+    torch.testing.assert_close(sf.score(model, task, traj, factors, data, as_dict, train_segments="all"),
+                               sf.score(model, task, traj, factors, data, queries, train_segments="all"))
+    # The loader's collate_fn given again is that function even when it is a bound method (== not is).
+    class Collator:
+        def collate(self, batch):
+            return torch.utils.data.default_collate(batch)
+    col = Collator()
+    bound = DataLoader(data, batch_size=4, collate_fn=col.collate)
+    sf.score(model, task, traj, factors, bound, list(queries), train_segments="all", collate_fn=col.collate)
     with pytest.raises(ValueError, match="give num_examples="):
         _trajectory(states, CountingStream(data))
     with pytest.raises(ValueError, match="num_examples=49 but its data has 50"):

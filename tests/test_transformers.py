@@ -188,6 +188,12 @@ def test_sampled_tokens_follow_the_softmax():
     sd = (p * (1 - p) / 200_000).sqrt().double()
     assert ((freq - p).abs() <= 5 * sd + 1e-12).all(), (freq - p).abs().max()
     assert (draws != 4).all()
+    # A uniform that rounds to 1 (a float64 draw just below 1 is 1.0 in float32: once in 2^25) takes the
+    # last token of positive mass, not a last token of zero mass (whose loss would be inf).
+    logits[:, -1] = -float("inf")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
+        assert (sample_tokens(logits) == 9).all()
 
 
 def test_examples_of_different_lengths_need_a_collate_fn():
