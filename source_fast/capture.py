@@ -8,6 +8,7 @@ of the first tracked layer.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -78,11 +79,17 @@ class LayerSpec:
 
 
 def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]:
+    """The named modules, or by default every supported layer that trains. A layer that did not train
+    carries no training-data effect, so with some layers frozen (requires_grad=False: fine-tuning the
+    top, LoRA's frozen base) the default leaves them out, and naming one gets a warning; a model frozen
+    whole was frozen after training, and all its layers count."""
     modules = dict(model.named_modules())
+    some_train = any(p.requires_grad for p in model.parameters())
+    frozen = {n for n, m in modules.items() if some_train and not any(p.requires_grad for p in m.parameters(recurse=False))}
     if names is None:
-        specs = [LayerSpec.of(n, m) for n, m in modules.items() if layer_kind(m) is not None]
+        specs = [LayerSpec.of(n, m) for n, m in modules.items() if layer_kind(m) is not None and n not in frozen]
         if not specs:
-            raise ValueError("the model has no nn.Linear, nn.Conv2d or Conv1D layer to track")
+            raise ValueError("the model has no nn.Linear, nn.Conv2d or Conv1D layer to track (that trains)")
         return specs
     if len(set(names)) != len(names):
         raise ValueError(f"tracked modules are listed more than once: {names}")
@@ -92,6 +99,11 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
             close = [n for n in modules if n and (name in n or n in name)][:5]
             raise ValueError(f"tracked module {name!r} does not exist in the model" + (f" (close: {close})" if close else ""))
         specs.append(LayerSpec.of(name, modules[name]))
+    named_frozen = [n for n in names if n in frozen]
+    if named_frozen:
+        warnings.warn(f"tracked modules {named_frozen[:8]} are frozen (requires_grad=False) while others train: a "
+                      "layer that did not train carries no training-data effect, so their part of the scores is not "
+                      "one", stacklevel=3)
     return specs
 
 
@@ -103,6 +115,14 @@ class Captured:
     a: Tensor
     g: Tensor | None
     mask: Tensor | None
+
+
+def rotate(x: Tensor, q: Tensor) -> Tensor:
+    """x @ q (tokens into an eigenbasis) in x's dtype, but float16 in float32: a rotated entry can be as
+    large as the whole vector's length, past float16's 65504 where every entry is well inside it
+    (bfloat16 has float32's range)."""
+    dt = torch.float32 if x.dtype == torch.float16 else x.dtype
+    return x.to(dt) @ q.to(dt)
 
 
 def with_ones(a: Tensor, spec: LayerSpec, mask: Tensor | None) -> Tensor:

@@ -25,7 +25,7 @@ from ._passes import (
     available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
     run_pass, share_start,
 )
-from .capture import LayerSpec, tracked_layers, with_ones
+from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
 from .trajectory import Checkpoint, Segment, Trajectory, checkpoint_file, load_into, load_state_dict
@@ -575,15 +575,17 @@ def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, ex
             qa, qs = q_a[s.name], q_s[s.name]
             # Rotating the token matrices first (two GEMMs over all rows) is what lets Λ avoid
             # per-example d_out × d_a gradients; matmuls in the data dtype accumulate in fp32.
-            a_rot = a @ qa.to(a.dtype)
-            g_rot = r.g @ qs.to(r.g.dtype)
-            ops.accumulate_lambda_(lam[s.name], a_rot, g_rot, r.mask)
+            ops.accumulate_lambda_(lam[s.name], rotate(a, qa), rotate(r.g, qs), r.mask)
         count += n
     if bar is not None:
         bar.close()
     all_reduce_sum_(list(lam.values()))
     count = all_reduce_int(count, device)
     _check_count(count, expected, what)
+    for name, value in lam.items():  # factors that would make every score inf or NaN are not returned
+        if not bool(torch.isfinite(value).all()):
+            raise FloatingPointError(f"{what}: the eigenvalue corrections of module {name!r} are not finite (the "
+                                     "layer's inputs or output gradients overflow in the model's dtype?)")
     return {k: v / count for k, v in lam.items()}
 
 

@@ -24,7 +24,7 @@ from ._passes import (
     available_memory, chunks, is_stream, length, make_loader, materialize, model_device, reuse_large_blocks, run_pass,
     subset,
 )
-from .capture import LayerSpec, tracked_layers, with_ones
+from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into
@@ -720,7 +720,7 @@ def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token:
         r = rec[s.name]
         a, g, q = with_ones(r.a, s, r.mask), r.g, queries[s.name]
         if isinstance(q, EigenQuery):
-            a, g, q = a @ q.q_a.to(a.dtype), g @ q.q_s.to(g.dtype), q.r
+            a, g, q = rotate(a, q.q_a), rotate(g, q.q_s), q.r
         if per_token and lowrank:
             part = reference.pairwise_token_scores_lowrank(a, g, *q, r.mask)
         elif per_token:
@@ -857,7 +857,7 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
             g = r.g
             lf = bases[s.name]
             if lf is not None:
-                a, g = a @ lf.q_a.to(a.dtype), g @ lf.q_s.to(g.dtype)
+                a, g = rotate(a, lf.q_a), rotate(g, lf.q_s)
             out[s.name].append(ops.self_scores(a, g, scales[s.name], r.mask).to(dtype))
     if bar is not None:
         bar.close()

@@ -21,7 +21,7 @@ class ClassificationTask(Task):
 
     def compute_train_loss(self, batch, model, sample=False):
         x, y = batch
-        logits = model(x)
+        logits = _at_least_float32(model(x))
         if sample:
             with torch.no_grad():
                 y = torch.distributions.Categorical(logits=logits.double()).sample()
@@ -29,7 +29,7 @@ class ClassificationTask(Task):
 
     def compute_measurement(self, batch, model):
         x, y = batch
-        return F.cross_entropy(model(x), y, reduction="sum")
+        return F.cross_entropy(_at_least_float32(model(x)), y, reduction="sum")
 
 
 class RegressionTask(Task):
@@ -38,13 +38,13 @@ class RegressionTask(Task):
 
     def compute_train_loss(self, batch, model, sample=False):
         x, y = batch
-        out = model(x)
+        out = _at_least_float32(model(x))
         y = out.detach() + torch.randn_like(out, dtype=torch.float64).to(out.dtype) if sample else _targets_like(out, y)
         return 0.5 * ((out - y) ** 2).sum()
 
     def compute_measurement(self, batch, model):
         x, y = batch
-        out = model(x)
+        out = _at_least_float32(model(x))
         return 0.5 * ((out - _targets_like(out, y)) ** 2).sum()
 
 
@@ -91,7 +91,7 @@ class CausalLMTask(Task):
         logits = model(input_ids=ids, attention_mask=mask).logits
         if mask is None:  # unpadded batches: every token is real
             mask = torch.ones_like(ids)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit up, float64 kept
+        logits = _at_least_float32(logits)
         n, t, vocab = logits.shape
         labels = batch.get("labels")
         if labels is not None and labels.shape != ids.shape:
@@ -134,6 +134,13 @@ class CausalLMTask(Task):
 
     def get_attention_mask(self, batch):
         return batch.get("attention_mask")
+
+
+def _at_least_float32(out: Tensor) -> Tensor:
+    """A 16-bit model's outputs in float32 for the loss: in 16 bits a confident prediction's p − onehot,
+    or a sampled residual f + ε − f at |f| ~ 1000, is mostly rounding (a review measured per-query
+    Pearson 0.37 against float64 for confident digits, and a bf16 curvature 27 % small). float64 stays."""
+    return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
 def sample_tokens(logits: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Token sequences with padding masks, Conv2d and transformers' Conv1D against explicit per-example
 gradients (torch.func) and the dense EK-FAC matrix: checks the token layout, unfold order and masks."""
 
+import copy
+
 import pytest
 import torch
 from _helpers import dense_curvature
@@ -266,3 +268,62 @@ def test_per_token_scores_with_batches_padded_to_their_own_length():
     assert torch.allclose(dynamic.sum(-1), whole, rtol=1e-12, atol=1e-15)
     for i, t in enumerate(lengths):
         assert (dynamic[:, i, t:] == 0).all()
+
+
+def test_float16_tokens_are_rotated_in_float32():
+    """A rotated entry can be as long as the whole input vector: 16 inputs of ±2e4 (each well inside
+    float16's 65504) rotate to about 8e4 along the top eigenvector. Rotated in float16, Λ was inf and
+    EK-FAC scores NaN; rotated in float32 they match a float64 copy to float16's rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-4)  # keeps the first layer's outputs O(1)
+    sign = torch.randint(0, 2, (40, 16)) * 2 - 1
+    x = 2e4 * sign * (1 + 0.1 * torch.rand(40, 16))
+    y = torch.randint(0, 3, (40,))
+    task = sf.tasks.ClassificationTask()
+    scores = {}
+    for dtype in (torch.float16, torch.float64):
+        m = copy.deepcopy(model).to(dtype)
+        data = TensorDataset(x.to(dtype), y)
+        traj = sf.Trajectory([sf.Segment([m.state_dict()], data, lr_sum=1.0)])
+        factors = sf.fit_factors(m, task, traj, fisher="empirical", batch_size=8)
+        assert all(torch.isfinite(lf.lam).all() for lf in factors.segments[0].values())
+        scores[dtype] = sf.score(m, task, traj, factors, data, TensorDataset(x[:4].to(dtype), y[:4]),
+                                 method="ekfac", damping=1e-3, batch_size=8)
+    err = (scores[torch.float16].double() - scores[torch.float64]).abs().max() / scores[torch.float64].abs().max()
+    assert err < 2e-2, err
+
+
+def test_sixteen_bit_losses_are_taken_in_float32():
+    """ClassificationTask on a confident bfloat16 prediction: p − onehot rounds to noise in 16 bits (per
+    query Pearson 0.37 against float64 in a review); the loss is taken in float32, and its gradient
+    matches the float64 one to bfloat16's rounding of the logits."""
+    torch.manual_seed(0)
+    net = nn.Linear(6, 4)
+    with torch.no_grad():
+        net.weight.mul_(8)
+    x = torch.randn(32, 6)
+    y = net(x).argmax(1)  # confident and right: losses ~1e-4
+    grads = {}
+    for dtype in (torch.bfloat16, torch.float64):
+        m = copy.deepcopy(net).to(dtype)
+        loss = sf.tasks.ClassificationTask().compute_train_loss((x.to(dtype), y), m)
+        assert loss.dtype == (torch.float32 if dtype == torch.bfloat16 else torch.float64)
+        grads[dtype] = torch.autograd.grad(loss, m.weight)[0].double()
+    err = (grads[torch.bfloat16] - grads[torch.float64]).abs().max() / grads[torch.float64].abs().max()
+    assert err < 5e-2, err
+
+
+def test_frozen_layers_are_not_tracked_by_default():
+    """A layer that did not train carries no training-data effect: with others training, the default
+    leaves it out and naming it warns; a model frozen whole (after training) tracks every layer."""
+    from source_fast.capture import tracked_layers
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[0].requires_grad_(False)
+    assert [s.name for s in tracked_layers(model, None)] == ["2"]
+    with pytest.warns(UserWarning, match=r"tracked modules \['0'\] are frozen \(requires_grad=False\) while others train"):
+        tracked_layers(model, ["0", "2"])
+    model.requires_grad_(False)
+    assert [s.name for s in tracked_layers(model, None)] == ["0", "2"]
