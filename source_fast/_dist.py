@@ -3,6 +3,8 @@ sharding is _passes.rank_share)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -10,6 +12,11 @@ import torch.distributed as dist
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:  # launched by torchrun, yet each process would do the whole job
+        raise RuntimeError(f"WORLD_SIZE={world} (torchrun) but no torch.distributed process group: call "
+                           "torch.distributed.init_process_group() before source_fast (the source-fast CLI does), or "
+                           "every process does all the work into the same files")
     return 0, 1
 
 

@@ -303,7 +303,8 @@ def fit_factors(
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
     _check_factor_memory(specs, len(trajectory.segments), dtype, device)
-    _check_same_inputs_on_ranks(specs, trajectory, task, collate_fn, fisher, average_params, seed, batch_size, device)
+    _check_same_inputs_on_ranks(specs, trajectory, task, collate_fn, fisher, average_params, seed, batch_size,
+                                resume_dir is not None, device)
     # Adam states are read (and checked: names, decay, optimizer kind) before any pass, not after hours.
     notes: set[str] = set()
     preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(
@@ -319,6 +320,12 @@ def fit_factors(
     def run(kind, ell, c, compute):
         """One pass's sums: from resume_dir when finished there before, else computed (and kept)."""
         found = saved.load(kind, ell, c, device)
+        # Ranks that disagree would pair their sums with other passes' in the all-reduces (a folder on
+        # each node's own disk): wrong factors, saved as right.
+        if not same_on_all_ranks(int(found is not None), device):
+            raise ValueError(f"segment {ell}, checkpoint {c}: the ranks disagree on whether resume_dir {resume_dir!r} "
+                             f"holds this {'Λ' if kind == 'lam' else 'covariance'} pass: every rank must see the same "
+                             "folder (shared storage)")
         if found is not None:
             return found
         torch.manual_seed(pass_seed(seed, ell, c, kind, rank_and_world()[0]))
@@ -483,7 +490,7 @@ class _FitProgress:
 
 
 def _check_same_inputs_on_ranks(specs, trajectory, task, collate_fn, fisher, average_params, seed, batch_size,
-                                device) -> None:
+                                resume: bool, device) -> None:
     """Under torch.distributed every rank must be given the whole data: each reads its own share of it
     (rank_share). A rank handed a pre-sharded part (DDP's habit) would fit a fraction of the data with
     the wrong N, silently. Sizes and options must agree (else refused); examples that differ where
@@ -497,10 +504,11 @@ def _check_same_inputs_on_ranks(specs, trajectory, task, collate_fn, fisher, ave
 
     if not same([[[s.name, s.d_out, s.d_a] for s in specs], trajectory.layout(),
                  [[seg.lr_sum, seg.num_examples, length(seg.data)] for seg in trajectory.segments],
-                 describe_task(task, collate_fn), fisher, average_params, seed, batch_size]):
+                 describe_task(task, collate_fn), fisher, average_params, seed, batch_size, resume]):
         raise ValueError(
             f"rank {rank}: the ranks were given different inputs to fit_factors (layers, trajectory, data sizes or "
-            "options): under torch.distributed give every rank the same, whole data; each reads its own share")
+            "options, resume_dir or not): under torch.distributed give every rank the same, whole data; each reads "
+            "its own share")
     if not same([digest_examples(seg.data) for seg in trajectory.segments]) and rank == 0:
         warnings.warn("the ranks' data differ at sampled examples: each rank reads its own share of the data it is "
                       "given, so if each was given its own part (DDP's habit), the factors fit only part of the data; "

@@ -67,6 +67,8 @@ def main():
     p.add_argument("--stream", action="store_true")
     p.add_argument("--skew", action="store_true")
     p.add_argument("--presharded", choices=["even", "uneven"], default=None)
+    p.add_argument("--resume-per-rank", default=None, help="fit with resume_dir <this>/rank<RANK> (a node-local disk)")
+    p.add_argument("--fit-only", action="store_true")
     args = p.parse_args()
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
@@ -76,9 +78,12 @@ def main():
         queries = classification_data(5, 6, 4, seed=3, dtype=torch.float32)
     SlowTask.delay = args.slow
     task = SlowTask()
-    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
+    resume = None if args.resume_per_rank is None else os.path.join(args.resume_per_rank, f"rank{os.environ.get('RANK', '0')}")
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=resume)
     if args.factors_out and int(os.environ.get("RANK", "0")) == 0:
         factors.save(args.factors_out)
+    if args.fit_only:
+        return
     score_corpus(model, task, traj, factors, data, queries, args.out, shard_size=16, top_k=args.top_k,
                  batch_size=8, query_memory_budget=2 * 4 * (7 * 7 + 4 * 8) * 2, progress=False)
     if "RANK" in os.environ:

@@ -174,6 +174,25 @@ def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):
     assert not list((tmp_path / "scores").glob("shards/*.json"))
 
 
+def test_torchrun_ranks_that_see_different_resume_folders_are_refused(tmp_path):
+    """resume_dir on each node's own disk: rank 0 finds the passes a single-process fit left there,
+    rank 1 finds none, so their all-reduces would pair other passes' sums (wrong factors, saved as
+    right): both ranks refuse at the first pass. And a process launched by torchrun without a process
+    group would do the whole job beside the others: refused."""
+    job = [str(HERE / "_corpus_job.py"), str(tmp_path / "scores"), "--resume-per-rank", str(tmp_path / "local"),
+           "--fit-only"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *job], check=True, timeout=300, env=env)  # fills local/rank0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29539", *job]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode != 0
+    assert "the ranks disagree on whether resume_dir" in run.stderr, run.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "2")
+        with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2 \(torchrun\) but no torch.distributed process group"):
+            sf._dist.rank_and_world()
+
+
 def test_torchrun_ranks_given_their_own_part_of_the_data_are_told(tmp_path):
     """Handed a pre-sharded part each, the ranks would fit part of the data, silently. Parts of other
     sizes are refused by the fit; equal parts are warned about (data augmented at random per rank
