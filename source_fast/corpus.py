@@ -223,7 +223,7 @@ def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int, world: int
     raise together (none is left waiting at a barrier). Ranks given different inputs would otherwise
     each score their shards of a different run, into one matrix."""
     path = out / "manifest.json"
-    orphans = 0
+    orphans = wrote = 0
     if rank == 0 and not path.exists():
         # The manifest comes before any shard: shards without it are of a run nobody can name any more.
         orphans = len(list(out.glob("shards/*.safetensors")))
@@ -231,19 +231,24 @@ def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int, world: int
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({"format": "source_fast.scores", "version": MANIFEST_VERSION,
                                            "fingerprint": fingerprint}, indent=1))
+            wrote = 1
     if all_reduce_int(orphans, device):  # also the barrier after rank 0's write
         raise ValueError(f"{out} holds score shards but no manifest.json to say which run they belong to: delete the "
                          "folder, or give another out_dir")
-    problem = _manifest_problem(out, fingerprint)
-    if all_reduce_int(problem is not None, device):
+    new_run = bool(all_reduce_int(wrote, device))
+    problem = _manifest_problem(out, fingerprint, new_run)
+    if all_reduce_int(problem is not None, device):  # every rank has read the manifest by now
+        if wrote:  # written for a run that does not start: the folder stays free for the next
+            path.unlink(missing_ok=True)
         if world == 1:
             raise ValueError(problem)
         raise ValueError(f"rank {rank}: {problem or 'another rank refused the run (its error says why)'}; "
                          "under torch.distributed every rank must be given the same inputs")
 
 
-def _manifest_problem(out: Path, fingerprint: dict) -> str | None:
-    """Why `out` cannot hold this run's output, or None when its manifest asked for the same run."""
+def _manifest_problem(out: Path, fingerprint: dict, new_run: bool = False) -> str | None:
+    """Why `out` cannot hold this run's output, or None when its manifest asked for the same run.
+    new_run: rank 0 wrote the manifest for this run just now, so a difference is between the ranks."""
     path = out / "manifest.json"
     try:
         old = json.loads(path.read_text())
@@ -258,6 +263,8 @@ def _manifest_problem(out: Path, fingerprint: dict) -> str | None:
         before = old.get("fingerprint", {})
         diff = [_difference(k, before.get(k), fingerprint[k]) for k in sorted(fingerprint)
                 if before.get(k) != fingerprint[k]]
+        if new_run:
+            return f"the ranks were given different inputs: this rank's differ from rank 0's in: {', '.join(diff)}"
         return (f"{out} holds the output of a different run (it differs in: {', '.join(diff)}); "
                 "use another output folder or delete this one")
     return None

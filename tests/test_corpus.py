@@ -169,9 +169,11 @@ def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode != 0
-    assert "rank 1: " in run.stderr and "differs in: query_data" in run.stderr, run.stderr[-3000:]
+    assert "rank 1: the ranks were given different inputs: this rank's differ from rank 0's in: query_data" in \
+        run.stderr, run.stderr[-3000:]  # not "delete the folder": it was new
     assert "rank 0: another rank refused the run" in run.stderr  # not left waiting at a barrier
     assert not list((tmp_path / "scores").glob("shards/*.json"))
+    assert not (tmp_path / "scores" / "manifest.json").exists()  # the run never started: the folder is free
 
 
 def test_torchrun_ranks_that_see_different_resume_folders_are_refused(tmp_path):
@@ -208,7 +210,7 @@ def test_torchrun_ranks_given_their_own_part_of_the_data_are_told(tmp_path):
                 assert f"rank {rank}: the ranks were given different inputs to fit_factors" in run.stderr, run.stderr[-3000:]
         else:
             assert "the ranks' data differ at sampled examples" in run.stderr, run.stderr[-3000:]
-            assert "differs in: train_data" in run.stderr, run.stderr[-3000:]
+            assert "differ from rank 0's in: train_data" in run.stderr, run.stderr[-3000:]
 
 
 MERGE = """
