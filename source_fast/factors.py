@@ -622,7 +622,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             raise ValueError(f"{where} is not an optimizer state_dict (needs 'state', 'param_groups')")
         index = _optimizer_indices(model, state["param_groups"], where)
         index_group = {i: g for g in state["param_groups"] for i in g["params"]}
-        p_by_name, wd_by_name = {}, {}
+        p_by_name, wd_by_name, steps = {}, {}, []
         for name in needed:
             i = index.get(name)
             group = index_group.get(i)
@@ -642,6 +642,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
                     f"optimizer={seg.optimizer!r}"
                 )
             step = float(s["step"])
+            steps.append(step)
             v_hat = s[moment].double() / (1 - group["betas"][1] ** step)
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
             wd_by_name[name] = float(group.get("weight_decay", 0.0))
@@ -649,7 +650,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         # Saved with each checkpoint, the states' steps go up, unless the optimizer was restarted: a
         # decrease is a mistake in order (states reversed with their checkpoints) or a restart, which is
         # better a segment boundary. Each state's bias correction uses its own step either way.
-        step = max(float(state["state"][index[name]]["step"]) for name in needed)
+        step = max(steps)
         if previous is not None and step < previous[1]:
             notes.add(f"{where} records step {step:g}, but optimizer state {previous[0]} before it records step "
                       f"{previous[1]:g}: give the states, like the checkpoints, in training order (a restarted "

@@ -225,9 +225,10 @@ def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors] | None], tr
         scaled, lfs = {}, {}
         for name in list(v):
             vq, old = v.pop(name), basis.pop(name)
-            lf = factors.segments[ell][name].to(vq.device, vq.dtype)
+            here = old is not None and old[0] == ell  # v came in this segment's basis, its factors already moved
+            lf = old[1] if here else factors.segments[ell][name].to(vq.device, vq.dtype)
             if seg.optimizer == "sgd":
-                r = vq if old is not None and old[0] == ell else _into_basis(vq, old, lf)
+                r = vq if here else _into_basis(vq, old, lf)
                 del vq
                 sigma = lf.lam.clamp_min(0) + seg.decay(name)
                 if ell in us:
