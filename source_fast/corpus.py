@@ -36,7 +36,7 @@ from ._io import atomic_path, sha256_file
 from ._passes import (
     chunks, describe_task, digest_examples, digest_tensors, length, materialize, model_device, reuse_large_blocks, subset,
 )
-from .factors import Factors, _checkpoint_digest, restored
+from .factors import Factors, _checkpoint_digests, restored
 from .scoring import (
     _SELF_METHODS,
     DEFAULT_QUERY_MEMORY_BUDGET,
@@ -70,8 +70,7 @@ def _fingerprint(task, trajectory, factors, method, options, train_data, query_d
         # Every score carries 1/N_ℓ and the gradients at these weights: a shard of other ones is not this run's.
         "trajectory": [[len(s.checkpoints), s.lr_sum, s.momentum, s.optimizer, s.weight_decay, s.num_examples]
                        for s in trajectory.segments],
-        "checkpoints": [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(s.checkpoints)]
-                        for ell, s in enumerate(trajectory.segments)],
+        "checkpoints": _checkpoint_digests(trajectory),
         "train_data": digest_examples(train_data),
         "query_data": digest_examples(query_data, limit=None),  # held in memory: every query, cheaply
     }

@@ -303,8 +303,13 @@ def fit_factors(
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
     _check_factor_memory(specs, len(trajectory.segments), dtype, device)
-    _check_same_inputs_on_ranks(specs, trajectory, task, collate_fn, fisher, average_params, seed, batch_size,
-                                resume_dir is not None, device)
+    # A read of every checkpoint: the ranks compare them, and resume_dir's fingerprint names them.
+    ckpt_digests = None
+    if rank_and_world()[1] > 1:
+        ckpt_digests = _check_same_inputs_on_ranks(model, specs, trajectory, task, collate_fn, fisher, average_params,
+                                                   seed, batch_size, resume_dir is not None, device)
+    elif resume_dir is not None:
+        ckpt_digests = _checkpoint_digests(trajectory)
     # Adam states are read (and checked: names, decay, optimizer kind) before any pass, not after hours.
     notes: set[str] = set()
     preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(
@@ -314,8 +319,8 @@ def fit_factors(
         warnings.warn(note, stacklevel=2)
     trajectory.check_checkpoints(model)
     segments, num_examples = [], []
-    saved = _FitProgress(resume_dir, specs, trajectory, describe_task(task, collate_fn), fisher, average_params, seed,
-                         batch_size, dtype, device)
+    saved = _FitProgress(resume_dir, specs, trajectory, ckpt_digests, describe_task(task, collate_fn), fisher,
+                         average_params, seed, batch_size, dtype, device)
 
     def run(kind, ell, c, compute):
         """One pass's sums: from resume_dir when finished there before, else computed (and kept)."""
@@ -407,7 +412,8 @@ class _FitProgress:
     """fit_factors' finished passes in `folder`: seg{ℓ}_{cov|lam}{c}.safetensors, one per pass, plus
     fit.json naming what is being fitted (layers, trajectory, data, options)."""
 
-    def __init__(self, folder, specs, trajectory, task, fisher, average_params, seed, batch_size, dtype, device):
+    def __init__(self, folder, specs, trajectory, ckpt_digests, task, fisher, average_params, seed, batch_size, dtype,
+                 device):
         self.folder = None if folder is None else Path(folder)
         if self.folder is None:
             return
@@ -422,8 +428,7 @@ class _FitProgress:
                     digests[id(seg.data)] = digest_examples(seg.data, limit=None)
             fingerprint = {
                 "layers": [[s.name, s.d_out, s.d_a] for s in specs], "layout": trajectory.layout(), "task": task,
-                "checkpoints": [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
-                                for ell, seg in enumerate(trajectory.segments)],
+                "checkpoints": ckpt_digests,
                 "data": [digests[id(seg.data)] for seg in trajectory.segments],
                 "num_examples": [seg.num_examples for seg in trajectory.segments],
                 "fisher": fisher, "average_params": average_params, "seed": seed, "batch_size": batch_size,
@@ -489,30 +494,52 @@ class _FitProgress:
         barrier()
 
 
-def _check_same_inputs_on_ranks(specs, trajectory, task, collate_fn, fisher, average_params, seed, batch_size,
-                                resume: bool, device) -> None:
-    """Under torch.distributed every rank must be given the whole data: each reads its own share of it
-    (rank_share). A rank handed a pre-sharded part (DDP's habit) would fit a fraction of the data with
-    the wrong N, silently. Sizes and options must agree (else refused); examples that differ where
-    sampled are only warned about, since data augmented at random per rank differs too."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return
+def _check_same_inputs_on_ranks(model, specs, trajectory, task, collate_fn, fisher, average_params, seed, batch_size,
+                                resume: bool, device) -> list[list[str]]:
+    """Under torch.distributed every rank must be given the same model, checkpoints and whole data:
+    each reads its own share of the data (rank_share) and the sums are all-reduced, so a rank with a
+    stale checkpoint, another dtype or a pre-sharded part (DDP's habit) would mix another fit into
+    this one, silently. Everything but the examples must agree (else refused, naming what differs);
+    examples that differ where sampled are only warned about, since data augmented at random per rank
+    differs too. Returns the checkpoints' digests."""
+    rank = rank_and_world()[0]
+    try:
+        ckpt_digests, unreadable = _checkpoint_digests(trajectory), None
+    except (OSError, ValueError, TypeError, RuntimeError) as e:  # raised after the checks: no rank waits for this one
+        ckpt_digests, unreadable = None, e
 
     def same(value: Any) -> bool:
         return same_on_all_ranks(int(hashlib.sha256(json.dumps(value).encode()).hexdigest()[:12], 16), device)
 
-    if not same([[[s.name, s.d_out, s.d_a] for s in specs], trajectory.layout(),
-                 [[seg.lr_sum, seg.num_examples, length(seg.data)] for seg in trajectory.segments],
-                 describe_task(task, collate_fn), fisher, average_params, seed, batch_size, resume]):
-        raise ValueError(
-            f"rank {rank}: the ranks were given different inputs to fit_factors (layers, trajectory, data sizes or "
-            "options, resume_dir or not): under torch.distributed give every rank the same, whole data; each reads "
-            "its own share")
+    inputs = {
+        "tracked layers": [[s.name, s.d_out, s.d_a] for s in specs],
+        "model (parameter and buffer names, shapes, dtypes)": [[k, list(v.shape), str(v.dtype)]
+                                                               for k, v in model.state_dict().items()],
+        "checkpoints (contents)": ckpt_digests,
+        "trajectory (checkpoints per segment, learning rates, data sizes)": [
+            [len(seg.checkpoints), seg.lr_sum, seg.momentum, seg.optimizer, seg.weight_decay, seg.num_examples,
+             length(seg.data)] for seg in trajectory.segments],
+        "task": describe_task(task, collate_fn),
+        "options (fisher, average_params, seed, batch_size, resume_dir or not)": [fisher, average_params, seed,
+                                                                                  batch_size, resume],
+    }
+    differ = [what for what, value in inputs.items() if not same(value)]  # every rank runs every check
+    if unreadable is not None:
+        raise unreadable
+    if differ:
+        raise ValueError(f"rank {rank}: the ranks were given different inputs to fit_factors: they differ in "
+                         f"{'; '.join(differ)}. Under torch.distributed give every rank the same model, checkpoints "
+                         "and whole data; each reads its own share")
     if not same([digest_examples(seg.data) for seg in trajectory.segments]) and rank == 0:
         warnings.warn("the ranks' data differ at sampled examples: each rank reads its own share of the data it is "
                       "given, so if each was given its own part (DDP's habit), the factors fit only part of the data; "
                       "data augmented at random per rank differs this way too", stacklevel=3)
+    return ckpt_digests
+
+
+def _checkpoint_digests(trajectory: Trajectory) -> list[list[str]]:
+    return [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
+            for ell, seg in enumerate(trajectory.segments)]
 
 
 def _checkpoint_digest(checkpoint: Checkpoint, what: str) -> str:

@@ -1,7 +1,7 @@
 """A scoring job run in subprocesses by the corpus tests (kill-and-resume, torchrun with gloo).
 
 usage: python _corpus_job.py OUT_DIR [--top-k K] [--slow SECONDS] [--factors-out DIR] [--stream] [--skew]
-                            [--presharded even|uneven]
+                            [--presharded even|uneven] [--skew-fit checkpoints|dtype]
 Under torchrun it initialises the gloo process group and every rank takes part. --stream hands the
 training examples over as an IterableDataset (no len(), no indexing) for fitting and scoring; --skew
 gives rank 1 other queries than rank 0 (a job whose ranks disagree); --presharded gives each rank only
@@ -43,17 +43,17 @@ class SlowTask(ClassifyTask):
         return super().compute_train_loss(batch, model, sample)
 
 
-def job(stream=False, part=None, uneven=False):
+def job(stream=False, part=None, uneven=False, checkpoint_seed=1, dtype=torch.float32):
     """part (rank, world): only that rank's examples, as DDP's DistributedSampler hands them out;
     uneven: rank 1 without its last 5."""
-    model = mlp(6, 7, 4, dtype=torch.float32)
+    model = mlp(6, 7, 4, dtype=dtype)
     data = classification_data(90, 6, 4, seed=1, dtype=torch.float32)
     queries = classification_data(5, 6, 4, seed=2, dtype=torch.float32)
     if part is not None:
         data = torch.utils.data.Subset(data, range(part[0], 90 - 5 * (uneven and part[0] == 1), part[1]))
     if stream:
         data = Stream(data)
-    traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 40, 2, data, momentum=0.9,
+    traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1, seed=checkpoint_seed), [0.05] * 40, 2, data, momentum=0.9,
                               num_examples=len(data) if part is not None else 90)
     return model, data, queries, traj
 
@@ -67,13 +67,18 @@ def main():
     p.add_argument("--stream", action="store_true")
     p.add_argument("--skew", action="store_true")
     p.add_argument("--presharded", choices=["even", "uneven"], default=None)
+    p.add_argument("--skew-fit", choices=["checkpoints", "dtype"], default=None,
+                   help="rank 1 fits with other checkpoints (a stale copy) or a float64 model")
     p.add_argument("--resume-per-rank", default=None, help="fit with resume_dir <this>/rank<RANK> (a node-local disk)")
     p.add_argument("--fit-only", action="store_true")
     args = p.parse_args()
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
     part = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if args.presharded else None
-    model, data, queries, traj = job(args.stream, part, args.presharded == "uneven")
+    skewed = args.skew_fit if int(os.environ.get("RANK", "0")) == 1 else None
+    model, data, queries, traj = job(args.stream, part, args.presharded == "uneven",
+                                     checkpoint_seed=2 if skewed == "checkpoints" else 1,
+                                     dtype=torch.float64 if skewed == "dtype" else torch.float32)
     if args.skew and int(os.environ.get("RANK", "0")) == 1:
         queries = classification_data(5, 6, 4, seed=3, dtype=torch.float32)
     SlowTask.delay = args.slow

@@ -176,6 +176,23 @@ def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):
     assert not (tmp_path / "scores" / "manifest.json").exists()  # the run never started: the folder is free
 
 
+@pytest.mark.parametrize("skew, differ", [("checkpoints", "checkpoints (contents)"),
+                                         ("dtype", "model (parameter and buffer names, shapes, dtypes)")])
+def test_torchrun_ranks_fitting_other_weights_are_refused(tmp_path, skew, differ):
+    """A stale copy of a checkpoint on one node, or a model loaded in another dtype there: the
+    all-reduced sums would mix two fits, saved as one. Every rank refuses, naming what differs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29550 + (skew == "dtype")), str(HERE / "_corpus_job.py"), str(tmp_path / "scores"), "--skew-fit", skew,
+           "--fit-only", "--factors-out", str(tmp_path / "factors")]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: the ranks were given different inputs to fit_factors: they differ in {differ}" in \
+            run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "factors").exists()
+
+
 def test_torchrun_ranks_that_see_different_resume_folders_are_refused(tmp_path):
     """resume_dir on each node's own disk: rank 0 finds the passes a single-process fit left there,
     rank 1 finds none, so their all-reduces would pair other passes' sums (wrong factors, saved as
