@@ -127,37 +127,6 @@ def pairwise_case(n, t, d_a, d_out, dtype, device, q):
     return case, run, lambda: reference.pairwise_scores(a.double(), g.double(), u.double()), ["triton", "torch"]
 
 
-def precondition_case(q, d_a, d_out, dtype, device, horizon):
-    from source_fast import ops, reference
-
-    v = torch.randn(q, d_out, d_a, device=device, dtype=dtype)
-    q_a, q_s = _eigvecs(d_a, device, dtype), _eigvecs(d_out, device, dtype)
-    lam = torch.rand(d_out, d_a, device=device).pow(4)
-    outs = 1 if horizon is None else 2
-    case = _harness.Case(
-        "precondition_queries", {"q": q, "d_a": d_a, "d_out": d_out, "source": int(horizon is not None)}, dtype,
-        bytes_moved=(q * d_out * d_a + d_a * d_a + d_out * d_out) * _size(dtype) + d_out * d_a * 4
-        + outs * q * d_out * d_a * 4,
-        flops=(1 + outs) * 2 * q * d_out * d_a * (d_a + d_out),
-    )
-
-    def run(backend):
-        return lambda: ops.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=1e-3, backend=backend)
-
-    def ref64():
-        u, v_next = reference.precondition_queries(v.double(), q_s.double(), q_a.double(), lam.double(),
-                                                   horizon=horizon, damping=1e-3)
-        return (u,) if v_next is None else (u, v_next)
-
-    return case, run, ref64, ["triton", "torch"]
-
-
-def _as_tuple(x):
-    if isinstance(x, tuple):
-        return tuple(y for y in x if y is not None)
-    return (x,)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _harness.add_common_args(parser, BACKENDS)
@@ -186,24 +155,19 @@ def main(argv=None) -> int:
             builders.append(lambda n=n, t=t, d_a=d_a, d_out=d_out: pairwise_case(n, t, d_a, d_out, dtype, device, 1))
     for _label, n, t, d_a, d_out in ([] if args.quick else GPU_SHORT_BATCH):
         builders.append(lambda n=n, t=t, d_a=d_a, d_out=d_out: pairwise_case(n, t, d_a, d_out, dtype, device, nq))
-    for _label, _n, _t, d_a, d_out in shapes:
-        if _t == 1 and not args.quick:
-            continue  # the same d as another shape; the query side does not depend on t
-        for horizon in (None, 10.0):
-            builders.append(lambda d_a=d_a, d_out=d_out, h=horizon: precondition_case(nq, d_a, d_out, dtype, device, h))
 
     meta = _harness.env_metadata(device, _harness.measure_ceilings(device, dtype))
     out = Path(args.out) if args.out else _harness.default_out(BENCH)
     records = []
     for build in builders:
         case, run, ref64, backends = build()
-        expected = _as_tuple(ref64())
+        expected = ref64()
         case_records = {}
         for backend in backends:
             if backend not in wanted:
                 continue
             fn = run(backend)
-            err, sqnr = _harness.error_stats(_as_tuple(fn()), expected)
+            err, sqnr = _harness.error_stats(fn(), expected)
             ms = _harness.time_ms(fn, device, quick=args.quick)
             case_records[backend] = _harness.make_record(BENCH, case, backend, device, ms, err, sqnr, meta)
         base = case_records.get("torch")

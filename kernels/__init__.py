@@ -4,7 +4,6 @@ contract of its twin in `source_fast.reference`."""
 
 from .lam import accumulate_lambda_
 from .pairwise import pairwise_scores
-from .precondition import precondition_queries
 from .self_influence import self_scores
 
-__all__ = ["accumulate_lambda_", "pairwise_scores", "precondition_queries", "self_scores"]
+__all__ = ["accumulate_lambda_", "pairwise_scores", "self_scores"]

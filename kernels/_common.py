@@ -1,5 +1,5 @@
 """Shared pieces of the Triton kernels: interpreter detection, autotune lists, dot precision, and
-the @triton.jit helpers every kernel uses (the per-example tile, the SOURCE scaling)."""
+the @triton.jit helpers the kernels share (the dot, the per-example tile, a block's kept examples)."""
 
 from __future__ import annotations
 
@@ -153,37 +153,3 @@ def _example_tile(
         )
         tile = _mma(g_t, a, tile, UPCAST_DOT, DOT_PRECISION)
     return tile
-
-
-@triton.jit
-def _expm1(x):
-    # Kahan's expm1: libdevice is unavailable under TRITON_INTERPRET (DESIGN V5), and in fp32
-    # exp(x) - 1 loses every digit once |x| < 6e-8 (exp rounds to 1), which is where c·λ lands for the
-    # many near-zero eigenvalues. (u - 1)·x/log(u) cancels the rounding of u, since log is accurate
-    # near 1. Guards: u == 1 (x tiny: expm1(x) = x) and x < -18, where expm1(x) is -1 to fp32 precision
-    # (e^-18 = 1.5e-8) and the formula is not: below -87 u is subnormal, log(u) no longer ≈ x (0.7 %
-    # off at x = -104), and below -104 u = 0 and log(0) = -inf.
-    u = tl.exp(x)
-    um1 = u - 1.0
-    safe_u = tl.where((u == 1.0) | (x < -18.0), 2.0, u)
-    kahan = um1 * x / tl.log(safe_u)
-    return tl.where(u == 1.0, x, tl.where(x < -18.0, -1.0, kahan))
-
-
-@triton.jit
-def _source_scale(lam, damping, horizon):
-    """(F(σ), exp(−cσ)) with σ = max(Λ, 0) + damping and F(σ) = (1 − exp(−cσ))/σ = c·φ(cσ),
-    φ(y) = −expm1(−y)/y, φ(0) = 1: σ = 0 gives c exactly, never 0/0."""
-    sigma = _clamp_lam(lam) + damping
-    y = sigma * horizon
-    # y == 0, not y > 0, picks the limit: a NaN Λ must stay NaN, as in the torch reference.
-    safe_y = tl.where(y == 0.0, 1.0, y)
-    phi = tl.where(y == 0.0, 1.0, -_expm1(-safe_y) / safe_y)
-    return horizon * phi, tl.exp(-y)
-
-
-@triton.jit
-def _clamp_lam(lam):
-    """max(Λ, 0) that keeps NaN (PTX max.f32 returns the other operand): a broken Λ must show in
-    the scores, as torch's clamp_min shows it, not turn into Λ = 0."""
-    return tl.maximum(lam, 0.0, propagate_nan=tl.PropagateNan.ALL)

@@ -182,7 +182,7 @@ def pairwise_scores(
 
     a:    (n, t, d_a)       layer inputs, float32/float16/bfloat16, any strides
     g:    (n, t, d_out)     output gradients, same dtype
-    u:    (q, d_out, d_a)   preconditioned queries, any float dtype (float32 from precondition_queries)
+    u:    (q, d_out, d_a)   preconditioned queries, any float dtype (the engine's preconditioned queries are float32)
     mask: (n, t) or None; tokens with mask == 0 are dropped
     Returns (n, q) float32.
     """

@@ -22,9 +22,6 @@ PRIORITY: dict[str, tuple[Backend, ...]] = {
     "covariance_accumulate_": ("ext", "torch"),
     "accumulate_lambda_": ("triton", "torch"),
     "self_scores": ("triton", "torch"),
-    # Measured on an H200 (bench/RESULTS.md): the fused rotate-scale-rotate kernel ran at 0.80-0.98x
-    # torch's fp32 GEMMs, so auto keeps torch; backend="triton" runs (and the tests check) the kernel.
-    "precondition_queries": ("torch", "triton"),
     "pairwise_scores": ("triton", "torch"),
 }
 

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--factors", default=None, help="factor folder from `source-fast fit`")
     score.add_argument("--out", required=True, help="score folder (resumes a killed run of the same job)")
     score.add_argument("--method", default="source", choices=["source", "fast_source", "ekfac", "tracin", "grad_dot"])
-    score.add_argument("--damping", default="heuristic", type=_damping, help="ekfac/adam damping: a number, heuristic or implied")
+    score.add_argument("--damping", default=None, type=_damping,
+                       help="ekfac's damping: a number, heuristic (the default) or implied")
     score.add_argument("--final", action="store_true", help="use only the final checkpoint (for --method ekfac)")
     score.add_argument("--top-k", type=int, default=None, help="keep only each query's k largest and smallest scores")
     score.add_argument("--shard-size", type=int, default=4096, help="training rows per output shard")

@@ -43,8 +43,10 @@ from .scoring import (
     Damping,
     Method,
     _validate,
+    check_query_budget,
     check_query_rank,
     check_rows,
+    method_options,
     oom_hint,
     prepare_queries,
     query_blocks,
@@ -88,7 +90,7 @@ def score_corpus(
     out_dir: str | os.PathLike,
     method: Method = "source",
     *,
-    damping: Damping = "heuristic",
+    damping: Damping | None = None,
     shard_size: int = 4096,
     top_k: int | None = None,
     query_memory_budget: int = DEFAULT_QUERY_MEMORY_BUDGET,
@@ -114,7 +116,9 @@ def score_corpus(
         raise ValueError(f"score_corpus supports the methods {list(_SELF_METHODS)}, not {method!r}")
     if shard_size < 1 or (top_k is not None and top_k < 1):
         raise ValueError(f"shard_size and top_k must be positive, got {shard_size} and {top_k}")
+    damping = method_options(method, damping)[0]
     check_query_rank(query_rank)
+    check_query_budget(query_memory_budget)
     query_data = materialize(query_data)
     n_train, n_query = length(train_data), length(query_data)
     if n_train == 0 or n_query == 0:

@@ -1,4 +1,4 @@
-"""EK-FAC factors per segment: fitting (ALGORITHM.md §5), and saving/loading them."""
+"""EK-FAC factors per segment: fitting, and saving/loading them."""
 
 from __future__ import annotations
 
@@ -60,14 +60,10 @@ class LayerFactors:
         tensors = (conv(getattr(self, f)) for f in ("a_cov", "s_cov", "q_a", "q_s", "lam", "precond"))
         return LayerFactors(*tensors, rows=self.rows)
 
-    def diag_hessian(self) -> Tensor:
-        """diag of the EK-FAC curvature, (d_out, d_a): (Q_S∘Q_S) Λ (Q_A∘Q_A)ᵀ."""
-        return (self.q_s**2) @ self.lam.clamp_min(0) @ (self.q_a**2).T
-
 
 @dataclass(frozen=True)
 class Factors:
-    """EK-FAC factors of every segment of a trajectory (one per segment; ALGORITHM.md §5).
+    """EK-FAC factors of every segment of a trajectory (one per segment).
 
     segments[ℓ][module name] → LayerFactors. `layers` are the tracked layers, `layout` the number of
     checkpoints per segment they were fitted on (1 per segment when `average_params`: Fast-SOURCE).
@@ -276,7 +272,7 @@ def fit_factors(
     progress: bool = False,
     resume_dir: str | os.PathLike | None = None,
 ) -> Factors:
-    """Fits one EK-FAC per segment (ALGORITHM.md §5): covariances A and S averaged over the
+    """Fits one EK-FAC per segment : covariances A and S averaged over the
     segment's checkpoints, one float64 eigendecomposition (the segment's basis), then each
     checkpoint's eigenvalue corrections Λ in that basis, averaged.
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ._dist import barrier, rank_and_world
 from .factors import Factors, fit_factors
+from .scoring import DEFAULT_QUERY_MEMORY_BUDGET
 from .task import Task
 from .trajectory import Trajectory
 
@@ -77,8 +78,8 @@ def fit(job_path, out, *, fisher="true", average_params=False, final=False) -> F
     return factors
 
 
-def score(job_path, factors_dir, out, *, method="source", damping="heuristic", top_k=None, shard_size=4096,
-          query_memory_budget=1 << 30, query_rank=None, final=False) -> Path:
+def score(job_path, factors_dir, out, *, method="source", damping=None, top_k=None, shard_size=4096,
+          query_memory_budget=DEFAULT_QUERY_MEMORY_BUDGET, query_rank=None, final=False) -> Path:
     from .corpus import score_corpus
 
     job = load_job(job_path)

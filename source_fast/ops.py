@@ -79,16 +79,6 @@ def self_scores(
     return reference.self_scores(a_rot, g_rot, scale, mask)
 
 
-def precondition_queries(
-    v: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0,
-    backend: BackendArg = "auto",
-) -> tuple[Tensor, Tensor | None]:
-    if select("precondition_queries", v.device, v.dtype, backend) == "triton":
-        with _triton.on_device(v.device):  # its epilogue writes both outputs in one pass
-            return _triton.kernels().precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
-    return reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
-
-
 def pairwise_scores(
     a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
 ) -> Tensor:

@@ -107,24 +107,6 @@ def _tiles_transposed(a: Tensor, g: Tensor) -> Tensor:
     return torch.bmm(a.transpose(1, 2), g)
 
 
-def eigen_scale(x: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0) -> Tensor:
-    """The eigenvalue-corrected preconditioner applied elementwise in the eigenbasis:
-    x (..., d_out, d_a) times eigen_factor(lam, horizon=, damping=)."""
-    dt = compute_dtype(x, lam)
-    return x.to(dt) * eigen_factor(lam.to(dt), horizon=horizon, damping=damping)
-
-
-def eigen_factor(lam: Tensor, *, horizon: float | None = None, damping: float = 0.0) -> Tensor:
-    """The preconditioner's diagonal in the eigenbasis, for eigenvalues Λ (d_out, d_a) (negative
-    round-off clamped to 0), σ = Λ + damping:
-    horizon None (EK-FAC):  1 / σ
-    horizon c (SOURCE):     F(σ) = (1 − exp(−cσ))/σ = c·φ(cσ), φ(y) = −expm1(−y)/y, φ(0) = 1,
-                            so σ = 0 gives c, never NaN.
-    """
-    sigma = lam.clamp_min(0) + damping
-    return 1.0 / sigma if horizon is None else source_factor(sigma, horizon)
-
-
 def source_factor(sigma: Tensor, horizon: float) -> Tensor:
     """F(σ) = (1 − exp(−cσ))/σ with F(0) = c, evaluated with expm1 (exact for tiny cσ)."""
     y = sigma * horizon
@@ -132,27 +114,6 @@ def source_factor(sigma: Tensor, horizon: float) -> Tensor:
     safe = torch.where(y == 0, torch.ones_like(y), y)
     phi = torch.where(y == 0, torch.ones_like(y), -torch.expm1(-safe) / safe)
     return horizon * phi
-
-
-def precondition_queries(
-    v: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor, *, horizon: float | None = None, damping: float = 0.0
-) -> tuple[Tensor, Tensor | None]:
-    """Rotate query gradients into the eigenbasis, scale, rotate back: one segment, parameter basis in and out
-    (Adam segments; scoring._source_walk keeps SGD segments' queries in their eigenbases instead).
-
-    v:   (q, d_out, d_a) query gradients in the parameter basis
-    q_s: (d_out, d_out), q_a: (d_a, d_a) eigenvectors in columns; lam: (d_out, d_a)
-    Returns (u, v_next):
-      u      = Q_S [scale(Λ) ⊙ (Q_Sᵀ v Q_A)] Q_Aᵀ with scale = 1/(Λ+δ) (EK-FAC) or F(Λ+δ) (SOURCE)
-      v_next = Q_S [exp(−c(Λ+δ)) ⊙ (Q_Sᵀ v Q_A)] Q_Aᵀ for SOURCE (the segment's shrinkage S̄), None for EK-FAC
-    """
-    dt = compute_dtype(v, q_s, q_a, lam)
-    qs, qa = q_s.to(dt), q_a.to(dt)
-    rot = qs.T @ v.to(dt) @ qa
-    u = qs @ eigen_scale(rot, lam, horizon=horizon, damping=damping) @ qa.T
-    if horizon is None:
-        return u, None
-    return u, qs @ (rot * torch.exp(-horizon * (lam.to(dt).clamp_min(0) + damping))) @ qa.T
 
 
 def pairwise_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""Pairwise scores and self-influence for every method (ALGORITHM.md §1-§4).
+"""Pairwise scores and self-influence for every method (formulas: README, Methods).
 
 Sign and scale, for every method: score(q, m) estimates f(z_q, θ_T without z_m) − f(z_q, θ_T),
 positive when removing z_m would increase the measurement, and carries the 1/N factor, so it is in
@@ -180,7 +180,7 @@ _ROTATE_BYTES = 64 << 20
 def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str) -> float:
     if damping == "heuristic":  # kronfluence's damping_factor=None: 0.1 × mean eigenvalue
         return 0.1 * float(lf.lam.clamp_min(0).mean())
-    if damping == "implied":  # SOURCE with one segment acts like damping 1/c (ALGORITHM.md §4)
+    if damping == "implied":  # SOURCE with one segment acts like damping 1/c
         if horizon <= 0:
             raise ValueError(f"damping='implied' is 1/c, and the segment's learning-rate sum c is {horizon} "
                              f"(module {name!r}): give a number instead")
@@ -204,19 +204,25 @@ def _ekfac_damping(damping: Damping, lf: LayerFactors, horizon: float, name: str
     return _invertible(_damping_value(damping, lf, horizon, name), lf.lam, damping, name, "method 'ekfac'")
 
 
-def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors] | None], trajectory: Trajectory, factors: Factors,
-                 damping: Damping, used: list[int], train_rows: dict[int, float], progress: bool = False
-                 ) -> dict[int, dict[str, Tensor | EigenQuery]]:
-    """The query side of SOURCE: u_ℓ = F_ℓ(H̄_ℓ) v, then v ← S̄_ℓ v, for ℓ = L … min(used); returns
-    u_ℓ for the used segments. v arrives in the parameter basis (basis None) or, per layer, in the
-    eigenbasis of basis = (segment, its factors), and is consumed (its layers are popped), so each v is
-    freed as soon as its successor exists.
+def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: Damping, name: str) -> Tensor:
+    """The preconditioner's diagonal in the eigenbasis of a one-segment method: EK-FAC's 1/(Λ + λ), or
+    the segment's SOURCE factor."""
+    if method == "ekfac":
+        return 1.0 / (lf.lam.clamp_min(0) + _ekfac_damping(damping, lf, seg.horizon, name))  # round-off negatives
+    return _segment_scales(seg, lf, name)[0]
 
-    An SGD segment's F and S̄ are diagonal in its own eigenbasis, so v stays in eigenbases and moves
-    from segment ℓ+1's to ℓ's by R_S = Q'_Sᵀ Q_S, R_A = Q'_Aᵀ Q_A: two GEMMs per segment where rotating
-    in, back for u and back for S̄v took six. u_ℓ goes back to the parameter basis only where that is
-    cheaper than rotating the training tokens (_one_basis_queries). Adam's exponentials act elementwise
-    in the parameter basis, so v returns there first."""
+
+def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajectory: Trajectory, factors: Factors,
+                 used: list[int], train_rows: dict[int, float], progress: bool = False
+                 ) -> dict[int, dict[str, Tensor | EigenQuery]]:
+    """The query side of SOURCE: u_ℓ = F_ℓ v, then v ← S̄_ℓ v, for ℓ = L … min(used); returns u_ℓ for
+    the used segments. v arrives, per layer, in the eigenbasis of basis = (segment, its factors), and is
+    consumed (its layers are popped), so each v is freed as soon as its successor exists.
+
+    Every segment's F and S̄ are diagonal in its own eigenbasis (_segment_scales), so v stays in
+    eigenbases and moves from segment ℓ+1's to ℓ's by R_S = Q'_Sᵀ Q_S, R_A = Q'_Aᵀ Q_A: two GEMMs per
+    segment where rotating in, back for u and back for S̄v took six. u_ℓ goes back to the parameter
+    basis only where that is cheaper than rotating the training tokens (_one_basis_queries)."""
     us: dict[int, dict[str, Tensor | EigenQuery]] = {ell: {} for ell in used}
     last = min(used)
     bar = _progress(progress, (len(trajectory.segments) - last) * len(v), "preconditioning queries", unit="layer")
@@ -225,22 +231,15 @@ def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors] | None], tr
         scaled, lfs = {}, {}
         for name in list(v):
             vq, old = v.pop(name), basis.pop(name)
-            here = old is not None and old[0] == ell  # v came in this segment's basis, its factors already moved
+            here = old[0] == ell  # v came in this segment's basis, its factors already moved
             lf = old[1] if here else factors.segments[ell][name].to(vq.device, vq.dtype)
-            if seg.optimizer == "sgd":
-                r = vq if here else _into_basis(vq, old, lf)
-                del vq
-                sigma = lf.lam.clamp_min(0) + seg.decay(name)
-                if ell in us:
-                    scaled[name], lfs[name] = r * reference.source_factor(sigma, seg.horizon), lf
-                if ell > last:
-                    v[name], basis[name] = r.mul_(torch.exp(-seg.horizon * sigma)), (ell, lf)
-            else:
-                u, v_next = _adam_segment(_into_basis(vq, old, None), lf, seg, damping, name, need_u=ell in us)
-                if ell in us:
-                    us[ell][name] = u
-                if ell > last:
-                    v[name], basis[name] = v_next, None
+            r = vq if here else _into_basis(vq, old, lf)
+            del vq
+            u_scale, shrink = _segment_scales(seg, lf, name, need_u=ell in us, need_shrink=ell > last)
+            if u_scale is not None:
+                scaled[name], lfs[name] = r * u_scale, lf
+            if shrink is not None:
+                v[name], basis[name] = r.mul_(shrink), (ell, lf)
             if bar is not None:
                 bar.update()
         if scaled:
@@ -250,45 +249,38 @@ def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors] | None], tr
     return us
 
 
-def _into_basis(v: Tensor, old: tuple[int, LayerFactors] | None, new: LayerFactors | None) -> Tensor:
-    """v given in the eigenbasis of old = (segment, factors) (None: the parameter basis), expressed in `new`'s."""
-    if old is None:
-        return v if new is None else new.q_s.T @ v @ new.q_a
-    if new is None:
-        return old[1].q_s @ v @ old[1].q_a.T
+def _into_basis(v: Tensor, old: tuple[int, LayerFactors], new: LayerFactors) -> Tensor:
+    """v given in the eigenbasis of old = (segment, factors), expressed in `new`'s."""
     return (old[1].q_s.T @ new.q_s).T @ v @ (old[1].q_a.T @ new.q_a)
 
 
-def _adam_segment(v: Tensor, lf: LayerFactors, seg: Segment, damping: Damping, name: str, need_u: bool = True
-                  ) -> tuple[Tensor | None, Tensor]:
-    """Adam/AdamW (ALGORITHM.md §4): the exponentials act elementwise with σ = p ⊙ diag(H̄) (+ decay),
-    while the inverse uses the full EK-FAC: u = (H̄ + W + δ)⁻¹ [(1 − E) ⊙ v], v ← E ⊙ v, E = exp(−c σ).
+def _segment_scales(seg: Segment, lf: LayerFactors, name: str, need_u: bool = True, need_shrink: bool = False
+                    ) -> tuple[Tensor | None, Tensor | None]:
+    """One SOURCE segment in its eigenbasis: u = F ⊙ v and S̄v = e^{−cσ} ⊙ v, as
+    (F, e^{−cσ}), each only when needed (else None).
 
-    W is what weight decay adds to the curvature the update divides by. Adam (L2 inside the gradient):
-    the loss's Hessian gains wd·I, so W = wd. AdamW (decoupled): θ −= η(P m̂ + wd θ) linearizes to
-    I − η(PH + wd), whose summed response (I − e^{−cA})A⁻¹P g has A⁻¹P = (H + wd P⁻¹)⁻¹, so W = wd P⁻¹,
-    a diagonal in the parameter basis; in the eigenbasis it is taken by its diagonal,
-    (Q_S∘Q_S)ᵀ (wd/p) (Q_A∘Q_A) (exact when P is uniform), as EK-FAC takes H̄ by Λ. need_u=False: (None, E ⊙ v)."""
-    if lf.precond is None:
-        raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
-    diag = lf.diag_hessian()
-    lam = lf.lam
+    SGD: σ = Λ + wd, F = (1 − e^{−cσ})/σ with c the horizon. Adam/AdamW: θ −= ηP m̂ linearizes to
+    A = PH̄ (+ decay), whose summed response is (I − e^{−cA}) A⁻¹P g with c = Σ η. P, diagonal in the
+    parameter basis, is taken by its diagonal in H̄'s eigenbasis, p̃ = (Q_S∘Q_S)ᵀ P (Q_A∘Q_A), as EK-FAC
+    takes H̄ by Λ: then A commutes with H̄, σ = p̃(Λ + wd) (Adam: L2 decay is in the gradient) or
+    p̃Λ + wd (AdamW: decoupled), and F = p̃ (1 − e^{−cσ})/σ: no damping (F → c p̃ where σ → 0), and with a
+    uniform P exactly SGD with horizon c·p. (The earlier σ = p ⊙ diag(H̄) in the parameter basis
+    beside the full inverse H̄⁻¹ is not: it amplifies flat directions across steep coordinates by
+    diag(H̄)/λ_min, and tracked unrolled Adam worse than EK-FAC influence.)"""
+    lam = lf.lam.clamp_min(0)
     wd = seg.decay(name)
-    if seg.optimizer == "adam":
-        sigma = lf.precond * (diag + wd)
-        extra = wd
+    if seg.optimizer == "sgd":
+        p, sigma = None, lam + wd
     else:
-        sigma = lf.precond * diag + wd
-        extra = 0.0
-        if wd:
-            lam = lam.clamp_min(0) + wd * ((lf.q_s**2).T @ (1 / lf.precond) @ lf.q_a**2)
-    x = seg.lr_sum * sigma
-    if not need_u:  # a segment the training examples did not see: only its shrinkage, and no damping to refuse
-        return None, torch.exp(-x) * v
-    delta = _invertible(_damping_value(damping, lf, seg.lr_sum, name) + extra, lam, damping, name, "an Adam segment")
-    # 1 − e^{−x} by expm1: exact for the tiny cσ of late, low-learning-rate segments (ALGORITHM.md §4).
-    u, _ = ops.precondition_queries(-torch.expm1(-x) * v, lf.q_s, lf.q_a, lam, horizon=None, damping=delta)
-    return u, torch.exp(-x) * v
+        if lf.precond is None:
+            raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
+        p = (lf.q_s**2).T @ lf.precond @ lf.q_a**2
+        sigma = p * (lam + wd) if seg.optimizer == "adam" else p * lam + wd
+    shrink = torch.exp(-seg.horizon * sigma) if need_shrink else None
+    if not need_u:
+        return None, shrink
+    u = reference.source_factor(sigma, seg.horizon)
+    return (u if p is None else u.mul_(p)), shrink
 
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
@@ -314,33 +306,30 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         return _Plan([0], {0: [final]}, {0: 1.0 / trajectory.segments[0].num_examples}, {0: [v]})
     ckpts = {ell: segment_checkpoints(trajectory.segments[ell], method == "fast_source", f"segment {ell}") for ell in train_segs}
     plan = _Plan(train_segs, ckpts, {ell: 1.0 / (trajectory.segments[ell].num_examples * len(ckpts[ell])) for ell in train_segs}, {})
-    if len(trajectory.segments) == 1 and (method == "ekfac" or trajectory.segments[0].optimizer == "sgd"):
-        # One basis (EK-FAC, whatever the optimizer, or SOURCE with one SGD segment): the queries never
-        # leave the eigenbasis — rotated in from their tokens, scaled, and rotated back only if cheaper.
+    if len(trajectory.segments) == 1:
+        # One basis (EK-FAC, or SOURCE with one segment): the queries never leave the eigenbasis —
+        # rotated in from their tokens, scaled, and rotated back only if cheaper.
         seg = trajectory.segments[0]
         device, dtype = next(model.parameters()).device, factor_dtype(model)
         lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
-        if method == "ekfac":  # before the queries' pass: a refused damping costs nothing
-            scale = {n: dict(horizon=None, damping=_ekfac_damping(damping, factors.segments[0][n], seg.horizon, n)) for n in lfs}
-        else:
-            scale = {n: dict(horizon=seg.horizon, damping=seg.decay(n)) for n in lfs}
+        # Before the queries' pass: a refused damping costs nothing.
+        scale = {n: _one_checkpoint_scale(method, seg, lf, damping, n) for n, lf in lfs.items()}
         rot, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=lfs,
                                      summed=summed, progress=progress)
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
-            r.mul_(reference.eigen_factor(lfs[n].lam, **scale[n]).to(dtype))
+            r.mul_(scale[n].to(dtype))
         queries = _one_basis_queries(rot, lfs, n_train * tokens * len(plan.checkpoints[0]))
         plan.queries[0] = [queries] * len(plan.checkpoints[0])
         return plan
     # SOURCE across segments: the walk goes from segment to segment in their eigenbases (_source_walk),
-    # starting in the last one's when it is SGD (rotating the queries' tokens in, where that is cheaper).
-    last = trajectory.segments[-1]
+    # starting in the last one's (the queries' tokens rotated in, where that is cheaper).
     device, dtype = next(model.parameters()).device, factor_dtype(model)
-    bases = {s.name: factors.segments[-1][s.name].to(device, dtype) for s in specs} if last.optimizer == "sgd" else None
+    bases = {s.name: factors.segments[-1][s.name].to(device, dtype) for s in specs}
     v, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=bases,
                                summed=summed, progress=progress)
-    basis = {s.name: None if bases is None else (len(trajectory.segments) - 1, bases[s.name]) for s in specs}
+    basis = {s.name: (len(trajectory.segments) - 1, bases[s.name]) for s in specs}
     rows = {ell: n_train * tokens * len(ckpts[ell]) for ell in train_segs}
-    us = _source_walk(v, basis, trajectory, factors, damping, train_segs, rows, progress)  # consumes v
+    us = _source_walk(v, basis, trajectory, factors, train_segs, rows, progress)  # consumes v
     for ell in train_segs:
         plan.queries[ell] = [us[ell]] * len(ckpts[ell])
     return plan
@@ -374,14 +363,14 @@ def score(
     query_data: Any,
     method: Method = "source",
     *,
-    damping: Damping = "heuristic",
+    damping: Damping | None = None,
     batch_size: int = 32,
     query_rank: int | None = None,
     train_segments: list[int] | Literal["all"] | None = None,
     collate_fn: Callable | None = None,
     progress: bool = False,
-    trak_dim: int = 256,
-    seed: int = 0,
+    trak_dim: int | None = None,
+    seed: int | None = None,
     record: TrainingRecord | None = None,
     per_token: bool = False,
     per_module: bool = False,
@@ -394,7 +383,7 @@ def score(
     with f a loss, z_m helped the query) and includes the 1/N factor.
 
     method:
-      "source"      SOURCE (ALGORITHM.md §4) with the factors from fit_factors(trajectory)
+      "source"      SOURCE with the factors from fit_factors(trajectory)
       "fast_source" SOURCE at the mean parameters of each segment; factors from
                     fit_factors(trajectory, average_params=True)
       "ekfac"       influence function (H + λI)⁻¹ at a one-checkpoint trajectory (trajectory.final()),
@@ -409,7 +398,7 @@ def score(
       "repsim"      cosine similarity of the last tracked layer's inputs (unitless)
       "unroll"      exact unrolled differentiation of the recorded run `record` (small models only;
                     in f's units, no 1/N: it is the first-order leave-one-out change itself)
-    damping: for "ekfac", and for the H̄⁻¹ of Adam segments in SOURCE (SGD segments need none).
+    damping: for "ekfac" and "trak" (SOURCE needs none: F(0) = c).
     query_memory_budget: bytes for prepared queries; more queries go in blocks, each block re-reading
         the training data once per checkpoint (kronfluence re-reads it for every query batch). None:
         automatic_query_budget(the model's device), half the free GPU memory or a quarter of the
@@ -429,11 +418,13 @@ def score(
         batch size and collate_fn then apply); query_data likewise (a stream's queries are held in memory).
     """
     specs = _validate(model, task, trajectory, factors, method)
+    damping, trak_dim, seed = method_options(method, damping, trak_dim, seed, record)
     query_data = materialize(query_data)
     n_train, n_query = length(train_data), length(query_data)
     if n_query == 0 or n_train == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
     check_query_rank(query_rank)
+    check_query_budget(query_memory_budget)
     if method == "unroll" and train_segments is not None:
         raise ValueError("train_segments is not for method 'unroll': its record says which examples each step trained on")
     segments = used_segments(trajectory, method, train_data, train_segments) if method != "unroll" else [0]
@@ -469,6 +460,24 @@ def score(
             first = next(iter(parts[-1].values())) if per_module else parts[-1]
             check_rows(trajectory, train_data, first.shape[1])
     return _cat(parts, 0)
+
+
+def method_options(method: str, damping: Damping | None, trak_dim: int | None = None, seed: int | None = None,
+                   record: TrainingRecord | None = None) -> tuple[Damping, int, int]:
+    """Options only some methods read, refused for the others (dropped, they would change nothing,
+    silently), and their defaults: damping "heuristic", trak_dim 256, seed 0."""
+    users = {"damping": ("ekfac", "trak"), "trak_dim": ("trak",), "seed": ("trak",), "record": ("unroll",)}
+    for option, value in (("damping", damping), ("trak_dim", trak_dim), ("seed", seed), ("record", record)):
+        if value is not None and method not in users[option]:
+            why = (": SOURCE needs no damping (its factor at zero curvature is the horizon c)"
+                   if option == "damping" and method in ("source", "fast_source") else "")
+            raise ValueError(f"{option} is not used by method {method!r}, only by {' and '.join(users[option])}{why}")
+    return ("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim), (0 if seed is None else seed)
+
+
+def check_query_budget(budget: Any) -> None:
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget > 0):
+        raise ValueError(f"query_memory_budget must be a positive number of bytes or None, got {budget!r}")
 
 
 def check_query_rank(query_rank: Any) -> None:
@@ -531,8 +540,6 @@ def query_blocks(model, specs, trajectory, method, segments, n_query, query_rank
     """Query index blocks whose prepared gradients fit `budget` bytes: a query takes d_out·d_a
     (or r·(d_out + d_a) with query_rank r) per layer for each distinct preconditioned copy (one per
     scored segment for SOURCE, one per checkpoint of those for TracIn)."""
-    if budget < 1:
-        raise ValueError(f"query_memory_budget must be a positive number of bytes, got {budget}")
     copies = _prepared_copies(trajectory, method, segments)
     itemsize = factor_dtype(model).itemsize
     per_query = copies * itemsize * sum(s.d_out * s.d_a if not query_rank else query_rank * (s.d_out + s.d_a) for s in specs)
@@ -764,7 +771,7 @@ def self_score(
     train_data: Any,
     method: Method = "source",
     *,
-    damping: Damping = "heuristic",
+    damping: Damping | None = None,
     batch_size: int = 32,
     chunk_size: int | None = None,
     train_segments: list[int] | Literal["all"] | None = None,
@@ -784,15 +791,17 @@ def self_score(
     specs = _validate(model, task, trajectory, factors, method)
     if method not in _SELF_METHODS:
         raise ValueError(f"self_score supports the methods {list(_SELF_METHODS)}, not {method!r}")
+    damping = method_options(method, damping)[0]
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive number of examples or None, got {chunk_size!r}")
     if length(train_data) == 0:
         raise ValueError("empty data: no training examples")
     single = method in _FINAL_ONLY
     train_segs = used_segments(trajectory, method, train_data, train_segments)
     # One segment of one checkpoint: query and training gradients are taken at the same weights,
     # so the score is a per-example quadratic form in the eigenbasis.
-    fused = single or (
-        method in ("source", "fast_source") and trajectory.layout() == [1] and trajectory.segments[0].optimizer == "sgd"
-    )
+    fused = single or (method in ("source", "fast_source") and trajectory.layout() == [1])
     with restored(model), reuse_large_blocks(model_device(model)):
         if fused:
             scores = _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size,
@@ -801,8 +810,6 @@ def self_score(
         if chunk_size is None:
             chunk_size = self_chunk_size(model, specs, trajectory, method, train_segs,
                                          automatic_query_budget(model_device(model)))
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
         out = []
         for first, chunk in chunks(train_data, chunk_size):
             # The chunk's examples are both the queries and the training side: a query left in its
@@ -844,11 +851,7 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
             scales[s.name], bases[s.name] = torch.ones(s.d_out, s.d_a, device=device, dtype=dtype), None
             continue
         lf = factors.segments[0][s.name].to(device, dtype)
-        if method == "ekfac":
-            scales[s.name] = reference.eigen_factor(lf.lam, damping=_ekfac_damping(damping, lf, seg.horizon, s.name))
-        else:
-            scales[s.name] = reference.eigen_factor(lf.lam, horizon=seg.horizon, damping=seg.decay(s.name))
-        bases[s.name] = lf
+        scales[s.name], bases[s.name] = _one_checkpoint_scale(method, seg, lf, damping, s.name), lf
     out: dict[str, list[Tensor]] = {s.name: [] for s in specs}  # (n,) pieces: a stream's length shows at its end
     bar = _progress(progress, length(train_data), "self-influence")
     for _, n, rec in run_pass(model, task, specs, make_loader(train_data, batch_size, collate_fn), "train", "self-influence", bar):

@@ -187,8 +187,8 @@ class Segment:
         matched to parameters by the names torch records when the optimizer is built from named
         parameters (needed with several parameter groups), else in model.parameters() order
     weight_decay: SGD: adds wd to every curvature eigenvalue. Adam (L2 in the gradient): adds wd to
-        the curvature, inside P's scope. AdamW (decoupled): adds wd to the exponent's σ = p ⊙ diag(H̄)
-        and wd·P⁻¹ to the curvature the inverse uses (see scoring._adam_segment). For adam/adamw
+        the curvature, inside P's scope, σ = p̃(Λ + wd). AdamW (decoupled): adds wd outside it,
+        σ = p̃Λ + wd (see scoring._segment_scales). For adam/adamw
         it must be the decay the optimizer states record for every tracked weight (fit_factors
         checks; torch's AdamW defaults to 0.01). A number for every tracked module, or a dict
         {module name: decay} when they differ (per-layer parameter groups)

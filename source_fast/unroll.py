@@ -1,4 +1,4 @@
-"""Exact unrolled differentiation (ALGORITHM.md §3): the ground truth SOURCE approximates.
+"""Exact unrolled differentiation: the ground truth SOURCE approximates.
 
 Replays a recorded SGD run functionally with a weight (1 + ε_m) on every training example's loss
 and differentiates the final measurement with respect to ε. Costs a full graph of the training

@@ -122,7 +122,8 @@ def test_baselines_refuse_the_scoring_options(setup, method):
     record = TrainingRecord(model.state_dict(), [[0, 1]], [0.1])
     for option in ({"per_token": True}, {"query_rank": 2}, {"per_module": True}, {"sum_queries": True}):
         with pytest.raises(ValueError, match=f"{next(iter(option))} is not available for method '{method}'"):
-            sf.score(model, ClassifyTask(), traj, None, data, queries, method=method, trak_dim=4, record=record, **option)
+            sf.score(model, ClassifyTask(), traj, None, data, queries, method=method, **option,
+                     **{"trak": {"trak_dim": 4}, "unroll": {"record": record}}.get(method, {}))
 
 
 def test_trak_dim_must_be_a_positive_integer(setup):
@@ -137,7 +138,7 @@ def test_baselines_read_dataloaders_and_collate_fn_like_datasets(setup, method):
     """score() takes DataLoaders (their own batches and collate_fn) and collate_fn for every method."""
     model, data, queries, traj, _, _ = setup
     record = TrainingRecord({k: v + 0.1 for k, v in model.state_dict().items()}, [[0, 1, 2], [3, 4, 5]], [0.1, 0.2])
-    kwargs = {"method": method, "trak_dim": 6, "record": record}
+    kwargs = {"method": method, **{"trak": {"trak_dim": 6}, "unroll": {"record": record}}.get(method, {})}
     expected = sf.score(model, ClassifyTask(), traj, None, data, queries, **kwargs)
     loaders = DataLoader(data, batch_size=7), DataLoader(queries, batch_size=2)
     torch.testing.assert_close(sf.score(model, ClassifyTask(), traj, None, *loaders, **kwargs), expected, rtol=1e-12, atol=0)

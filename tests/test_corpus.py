@@ -66,9 +66,9 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
     model, task, data, queries, traj, factors, full = reference
     score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
     before = _digest(tmp_path)
-    with pytest.raises(ValueError, match=r"output of a different run \(it differs in: options \(damping: "
-                                         r"'heuristic' before, 0.1 now\)\)"):
-        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, damping=0.1, progress=False)
+    with pytest.raises(ValueError, match=r"output of a different run \(it differs in: options \(top_k: "
+                                         r"None before, 5 now\)\)"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, top_k=5, progress=False)
     other = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, seed=1)
     other = sf.Factors(other.layers, [{k: type(v)(v.a_cov, v.s_cov, v.q_a, v.q_s, v.lam * 2) for k, v in seg.items()} for seg in other.segments], other.num_examples, other.layout, other.fisher, other.average_params)
     with pytest.raises(ValueError, match="differs in: factors"):
@@ -100,7 +100,7 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
     assert not list(tmp_path.rglob("*.tmp"))
     (tmp_path / "manifest.json").unlink()  # its shards can no longer say which run they are from
     with pytest.raises(ValueError, match="holds score shards but no manifest.json"):
-        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, damping=0.1, progress=False)
+        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
 
 
 def test_out_of_memory_suggests_the_fix(reference, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ CPU = torch.device("cpu")
 
 
 def test_auto_on_cpu_uses_torch_for_kernel_ops_and_the_extension_for_covariances():
-    for op in ("accumulate_lambda_", "self_scores", "precondition_queries", "pairwise_scores"):
+    for op in ("accumulate_lambda_", "self_scores", "pairwise_scores"):
         assert _dispatch.select(op, CPU, torch.float32) == "torch"  # never the Triton interpreter
     expected = "ext" if _ext.load_error is None else "torch"
     assert _dispatch.select("covariance_accumulate_", CPU, torch.float32) == expected
@@ -70,15 +70,15 @@ def test_global_switch_and_bad_values(monkeypatch):
 
 def test_info_says_why_auto_skips_each_backend(monkeypatch):
     """Every backend auto passes over has a reason: unsupported here, the interpreter, the global
-    switch, or a faster one first (torch before the fused kernel for precondition_queries on CUDA)."""
+    switch, or a faster one first (the Triton kernel before torch for pairwise_scores on CUDA)."""
     from source_fast import info
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "(triton: auto never uses the Triton interpreter)" in info.report()
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert _dispatch.why_not_auto("triton", "precondition_queries", cuda, torch.float32) == [
-        "torch comes first for precondition_queries"]
+    assert _dispatch.why_not_auto("torch", "pairwise_scores", cuda, torch.float32) == [
+        "triton comes first for pairwise_scores"]
     monkeypatch.setenv("SOURCE_FAST_BACKEND", "torch")
     assert "(triton: SOURCE_FAST_BACKEND=torch)" in info.report()
     monkeypatch.setenv("SOURCE_FAST_BACKEND", "bogus")

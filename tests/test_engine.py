@@ -44,6 +44,11 @@ def _block_diag_curvature(factors, ell, wd=0.0):
     return torch.block_diag(*blocks)
 
 
+def _damping(method, value):
+    """The damping keyword for the one method here that takes it (the others refuse it)."""
+    return {"damping": value} if method == "ekfac" else {}
+
+
 def _close(actual, expected, rtol=RTOL):
     scale = expected.abs().max()
     err = (actual - expected).abs().max()
@@ -177,7 +182,7 @@ def test_limits_of_the_horizon():
         traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=c)])
         factors = sf.fit_factors(model, task, traj)
         src = sf.score(model, task, traj, factors, data, queries)
-        ref = sf.score(model, task, traj, factors, data, queries, method=method, damping=0.0)
+        ref = sf.score(model, task, traj, factors, data, queries, method=method, **_damping(method, 0.0))
         _close(src, ref if method == "ekfac" else c * ref, 1e-6)
 
 
@@ -187,9 +192,14 @@ def test_source_factor_at_zero_curvature_is_exactly_c():
     assert f[0] == 2.5 and torch.isfinite(f).all()
     expected = torch.tensor([2.5, 2.5, 2.5 * (1 - 1.25e-12), -torch.expm1(torch.tensor(-2.5, dtype=torch.float64)).item(), 1e-6], dtype=torch.float64)
     _close(f, expected, 1e-12)
+    from source_fast.factors import LayerFactors
+    from source_fast.scoring import _segment_scales
+
     lam = torch.tensor([[0.0, -1e-9], [2.0, 3.0]], dtype=torch.float64)  # round-off negatives clamp to 0
-    out = reference.eigen_scale(torch.ones(2, 2, dtype=torch.float64), lam, horizon=4.0)
-    assert out[0, 0] == 4.0 and out[0, 1] == 4.0
+    eye = torch.eye(2, dtype=torch.float64)
+    seg = sf.Segment([{}], [0], lr_sum=4.0)
+    u, shrink = _segment_scales(seg, LayerFactors(eye, eye, eye, eye, lam, None, 1), "layer", need_shrink=True)
+    assert u[0, 0] == 4.0 and u[0, 1] == 4.0 and shrink[0, 0] == 1.0 and shrink[0, 1] == 1.0
 
 
 def test_one_token_reference_forms_equal_the_explicit_tiles():
@@ -256,7 +266,33 @@ def test_self_score_is_the_diagonal_of_pairwise(setup, method, segments):
     _close(self_, torch.diagonal(pair))
 
 
+def _eigen_diagonal(factors, ell, p):
+    """P (flat, diagonal in the parameter basis) taken by its diagonal in each layer's EK-FAC eigenbasis,
+    as a dense block-diagonal matrix: K diag(Kᵀ diag(P) K) Kᵀ with K = Q_S ⊗ Q_A."""
+    blocks, start = [], 0
+    for n in LAYERS:
+        lf = factors.segments[ell][n]
+        k = torch.kron(lf.q_s, lf.q_a)
+        block = p[start : start + lf.lam.numel()]
+        start += lf.lam.numel()
+        blocks.append(k @ torch.diag((k**2).T @ block) @ k.T)
+    return torch.block_diag(*blocks)
+
+
+def _response(a, c):
+    """∫₀ᶜ e^{−sA} ds = (I − e^{−cA})A⁻¹, from one matrix exponential of [[−A, I], [0, 0]]·c (A may be
+    singular), and e^{−cA}."""
+    n = a.shape[0]
+    m = torch.zeros(2 * n, 2 * n, dtype=a.dtype)
+    m[:n, :n], m[:n, n:] = -a, torch.eye(n, dtype=a.dtype)
+    e = torch.linalg.matrix_exp(c * m)
+    return e[:n, n:], e[:n, :n]
+
+
 def test_adam_segments_match_the_dense_formula(setup):
+    """θ −= ηP m̂ (+ decay) linearizes to A = P̃(H̄ + wd) (Adam: L2 in the gradient) or P̃H̄ + wd (AdamW:
+    decoupled), with P̃ = P taken by its diagonal in H̄'s eigenbasis; the summed response of a segment
+    is ∫₀ᶜ e^{−sA} ds P̃ ∇L. P from the optimizer states by hand, matrix exponentials dense; no damping."""
     model, data, queries, ckpts = setup
     task = ClassifyTask()
     opt_states = []
@@ -268,14 +304,12 @@ def test_adam_segments_match_the_dense_formula(setup):
             task.compute_train_loss(data.tensors, model).backward()
             opt.step()
         opt_states.append(opt.state_dict())
-    for flavour, wd in [("adam", 1e-2), ("adamw", 1e-2)]:
+    for flavour, wd in [("adam", 1e-2), ("adamw", 1e-2), ("adam", 0.0)]:
         seg = sf.Segment(ckpts[:2], data, lr_sum=0.5, optimizer=flavour, weight_decay=wd,
                          optimizer_states=_as_trained_with(opt_states, wd, flavour == "adamw"))
         traj = sf.Trajectory([seg])
         factors = sf.fit_factors(model, task, traj)
-        scores = sf.score(model, task, traj, factors, data, queries, damping=0.01)
-        # dense: p from the optimizer states, diag(H) from the dense EK-FAC matrix
-        h = _block_diag_curvature(factors, 0)
+        scores = sf.score(model, task, traj, factors, data, queries)
         p = 0
         for state in opt_states:
             params = dict(model.named_parameters())
@@ -284,24 +318,40 @@ def test_adam_segments_match_the_dense_formula(setup):
                 s = state["state"][i]
                 per[name] = 1 / ((s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt() + 1e-6)
             p = p + torch.cat([torch.cat([per[f"{n}.weight"], per[f"{n}.bias"][:, None]], 1).flatten() for n in LAYERS]) / 2
-        sigma = p * (torch.diagonal(h) + wd) if flavour == "adam" else p * torch.diagonal(h) + wd
-        e = torch.exp(-0.5 * sigma)
-        if flavour == "adam":  # L2: the loss's Hessian gains wd·I
-            h_inv = h + (0.01 + wd) * torch.eye(h.shape[0], dtype=h.dtype)
-        else:  # decoupled: wd·P⁻¹, a diagonal, taken in each layer's eigenbasis by its diagonal
-            blocks, start = [], 0
-            for n in LAYERS:
-                lf = factors.segments[0][n]
-                w = (wd / p[start : start + lf.lam.numel()]).view_as(lf.lam)
-                start += lf.lam.numel()
-                k = torch.kron(lf.q_s, lf.q_a)
-                eig = lf.lam.clamp_min(0) + (lf.q_s**2).T @ w @ lf.q_a**2
-                blocks.append(k @ torch.diag(eig.reshape(-1)) @ k.T)
-            h_inv = torch.block_diag(*blocks) + 0.01 * torch.eye(h.shape[0], dtype=h.dtype)
+        h, pt = _block_diag_curvature(factors, 0), _eigen_diagonal(factors, 0, p)
+        eye = torch.eye(h.shape[0], dtype=h.dtype)
+        a = pt @ (h + wd * eye) if flavour == "adam" else pt @ h + wd * eye
+        integral, _ = _response(a, 0.5)
         v = _grads(model, ckpts[1], queries)
-        u = torch.linalg.solve(h_inv, ((1 - e) * v).T).T
         g = torch.stack([_grads(model, s, data) for s in ckpts[:2]]).mean(0)
-        _close(scores, u @ g.T / len(data))
+        _close(scores, v @ (integral @ pt).T @ g.T / len(data), rtol=1e-8)
+        _close(sf.self_score(model, task, traj, factors, data),
+               torch.stack([_grads(model, ckpts[1], data)[m] @ integral @ pt @ g[m] for m in range(len(data))]) / len(data),
+               rtol=1e-8)
+
+
+def test_adam_with_a_uniform_preconditioner_is_sgd(setup):
+    """With every second moment equal, P = p·I and Adam is SGD with learning rates p·η: Adam's L2
+    decay is SGD's, AdamW's decoupled decay wd is SGD's wd/p (θ −= η(pH + wd)θ = ηp(H + wd/p)θ). The
+    scores must agree, whatever the eigenbases."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    states = _adam_states(model, task, data, ckpts[:2])
+    for st in states:
+        for s in st["state"].values():
+            s["exp_avg_sq"] = torch.full_like(s["exp_avg_sq"], 0.04)  # v̂ = 0.04 / (1 − 0.999³)
+    p = 1 / ((0.04 / (1 - 0.999**3)) ** 0.5 + 1e-6)
+    c, wd = 0.05, 0.5
+    for flavour, sgd_wd in [("adam", wd), ("adamw", wd / p)]:
+        adam = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=c, optimizer=flavour, weight_decay=wd,
+                                         optimizer_states=_as_trained_with(states[:1], wd, flavour == "adamw")),
+                              sf.Segment(ckpts[1:2], data, lr_sum=c, optimizer=flavour, weight_decay=wd,
+                                         optimizer_states=_as_trained_with(states[1:], wd, flavour == "adamw"))])
+        sgd = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=c * p, weight_decay=sgd_wd),
+                             sf.Segment(ckpts[1:2], data, lr_sum=c * p, weight_decay=sgd_wd)])
+        factors = sf.fit_factors(model, task, sgd)
+        _close(sf.score(model, task, adam, sf.fit_factors(model, task, adam), data, queries),
+               sf.score(model, task, sgd, factors, data, queries))
 
 
 def _adam_states(model, task, data, ckpts, **kwargs):
@@ -328,9 +378,9 @@ def _as_trained_with(states, weight_decay, decoupled):
 
 
 def test_walk_across_sgd_and_adam_segments_matches_dense(setup):
-    """SGD segments keep the queries in their eigenbases and change basis between segments; an Adam
-    segment between two takes them back to the parameter basis. SGD, Adam, SGD against the dense
-    formula, with the prepared queries left in the eigenbases (many queries, few training rows) and not."""
+    """The queries stay in the segments' eigenbases and change basis between segments, Adam's as
+    SGD's. SGD, Adam, SGD against the dense formula, with the prepared queries left in the eigenbases
+    (many queries, few training rows) and not."""
     from source_fast.capture import tracked_layers
     from source_fast.scoring import EigenQuery, prepare_queries
 
@@ -345,11 +395,11 @@ def test_walk_across_sgd_and_adam_segments_matches_dense(setup):
     grads = [torch.stack([_grads(model, st, data) for st in seg.checkpoints]).mean(0) for seg in segs]
     specs = tracked_layers(model, None)
     for q_data, eigen in [(data, True), (queries, False)]:
-        plan = prepare_queries(model, task, specs, traj, factors, "source", data, q_data, damping=0.01,
+        plan = prepare_queries(model, task, specs, traj, factors, "source", data, q_data, damping="heuristic",
                                train_segments=None, query_rank=None, batch_size=16, collate_fn=None)
         for ell in (0, 2):
             assert all(isinstance(q, EigenQuery) == eigen for q in plan.queries[ell][0].values())
-        scores = sf.score(model, task, traj, factors, data, q_data, damping=0.01)
+        scores = sf.score(model, task, traj, factors, data, q_data)
         v, expected = _grads(model, ckpts[-1], q_data), 0
         for ell in reversed(range(len(segs))):
             seg = segs[ell]
@@ -358,19 +408,18 @@ def test_walk_across_sgd_and_adam_segments_matches_dense(setup):
             if seg.optimizer == "sgd":
                 e = torch.linalg.matrix_exp(-seg.horizon * h)
                 u, v = torch.linalg.solve(h, (eye - e) @ v.T).T, (e @ v.T).T
-            else:  # elementwise exponentials with σ = p ⊙ diag(H̄), the full inverse with the damping
-                p = torch.cat([factors.segments[ell][n].precond.flatten() for n in LAYERS])
-                e = torch.exp(-seg.lr_sum * p * torch.diagonal(h))
-                u, v = torch.linalg.solve(h + 0.01 * eye, ((1 - e) * v).T).T, e * v
+            else:  # A = P̃H̄, P̃ = P by its diagonal in the eigenbasis
+                pt = _eigen_diagonal(factors, ell, torch.cat([factors.segments[ell][n].precond.flatten() for n in LAYERS]))
+                integral, e = _response(pt @ h, seg.lr_sum)
+                u, v = (integral @ pt @ v.T).T, (e @ v.T).T
             expected = expected + u @ grads[ell].T / seg.num_examples
         _close(scores, expected)
 
 
 def test_walk_does_only_the_work_its_segments_need(setup, monkeypatch):
-    """The queries enter the last SGD segment's eigenbasis from their tokens, so the walk changes basis
-    once per segment boundary and never from a basis to itself; an Adam segment the training examples
-    did not see contributes only its shrinkage, so its damping (here 0, with exact zeros in Λ, which its
-    inverse would refuse) is never used."""
+    """The queries enter the last segment's eigenbasis from their tokens, so the walk changes basis
+    once per segment boundary and never from a basis to itself, across Adam segments too; exact zeros
+    in Λ need no damping (F(0) = c, c·p̃ for Adam)."""
     from torch.utils.data import TensorDataset
 
     from source_fast import scoring
@@ -394,31 +443,10 @@ def test_walk_does_only_the_work_its_segments_need(setup, monkeypatch):
     traj = sf.Trajectory(segs)
     factors = sf.fit_factors(model, task, traj)
     assert (factors.segments[1]["0"].lam <= 0).any()
-    with pytest.raises(ValueError, match="an Adam segment with damping 0.0 .* divides by the curvature"):
-        sf.score(model, task, traj, factors, data, queries, damping=0.0, train_segments=[1])
-    _close(sf.score(model, task, traj, factors, data, queries, damping=0.0, train_segments=[0]),
-           sf.score(model, task, traj, factors, data, queries, damping=1.0, train_segments=[0]))
-
-
-def test_adamw_inverse_is_exact_for_a_uniform_preconditioner(setup):
-    """AdamW's decoupled decay linearizes to A = PH + wd, whose summed response needs (H + wd P⁻¹)⁻¹:
-    with a uniform P that is (H̄ + wd/p + δ)⁻¹, exactly, whatever the eigenbasis."""
-    model, data, queries, ckpts = setup
-    task = ClassifyTask()
-    states = _adam_states(model, task, data, ckpts[:1])
-    for s in states[0]["state"].values():
-        s["exp_avg_sq"] = torch.full_like(s["exp_avg_sq"], 0.04)  # v̂ = 0.04 / (1 − 0.999³)
-    wd, c = 0.5, 0.5
-    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=c, optimizer="adamw",
-                                     optimizer_states=_as_trained_with(states, wd, True), weight_decay=wd)])
-    factors = sf.fit_factors(model, task, traj)
-    scores = sf.score(model, task, traj, factors, data, queries, damping=0.01)
-    p = 1 / ((0.04 / (1 - 0.999**3)) ** 0.5 + 1e-6)
-    h = _block_diag_curvature(factors, 0)
-    e = torch.exp(-c * (p * torch.diagonal(h) + wd))
-    v, g = _grads(model, ckpts[0], queries), _grads(model, ckpts[0], data)
-    u = torch.linalg.solve(h + (wd / p + 0.01) * torch.eye(h.shape[0], dtype=h.dtype), ((1 - e) * v).T).T
-    _close(scores, u @ g.T / len(data))
+    changes = []
+    monkeypatch.setattr(scoring, "_into_basis", lambda v, old, new: changes.append(old[0]) or into_basis(v, old, new))
+    assert torch.isfinite(sf.score(model, task, traj, factors, data, queries)).all()
+    assert changes == [2, 2, 1, 1]
 
 
 def test_ekfac_on_an_adam_checkpoint_is_the_influence_function(setup):
@@ -585,7 +613,7 @@ def test_batch_size_and_chunking_do_not_change_scores(setup, tmp_path):
         with pytest.raises(ValueError, match=r"train_segments \[1\] must name segments in 0..0"):
             sf.score(model, task, final, sf.fit_factors(model, task, final), data, queries, method=method,
                      train_segments=[1])
-    with pytest.raises(ValueError, match="chunk_size must be a positive number of examples, got 0"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive number of examples or None, got 0"):
         sf.self_score(model, task, traj, f1, data, chunk_size=0)
     f1.save(tmp_path / "f")
     loaded = sf.Factors.load(tmp_path / "f")
@@ -630,7 +658,7 @@ def test_one_basis_queries_in_either_basis_match_dense(setup, method):
         plan = prepare_queries(model, task, specs, traj, factors, method, data, queries, damping=0.01,
                                train_segments=None, query_rank=None, batch_size=16, collate_fn=None)
         assert all(isinstance(q, EigenQuery) == eigen for q in plan.queries[0][0].values())
-        scores = sf.score(model, task, traj, factors, data, queries, method=method, damping=0.01)
+        scores = sf.score(model, task, traj, factors, data, queries, method=method, **_damping(method, 0.01))
         h = _block_diag_curvature(factors, 0)
         v = _grads(model, ck[-1], queries.dataset if isinstance(queries, Subset) else queries,
                    None if not isinstance(queries, Subset) else list(queries.indices))
@@ -696,7 +724,7 @@ def test_per_module_scores_are_each_layers_dense_block(setup, method):
     traj = sf.Trajectory([sf.Segment([ckpts[-1]], data, lr_sum=3.0)]) if one else sf.Trajectory(
         [sf.Segment(ckpts[:2], data, lr_sum=1.5, weight_decay=1e-3), sf.Segment(ckpts[2:], data, lr_sum=2.0)])
     factors = sf.fit_factors(model, task, traj) if method in ("source", "ekfac") else None
-    parts = sf.score(model, task, traj, factors, data, queries, method=method, damping=0.05, batch_size=13,
+    parts = sf.score(model, task, traj, factors, data, queries, method=method, **_damping(method, 0.05), batch_size=13,
                      per_module=True)
     assert list(parts) == LAYERS
     modules = dict(model.named_modules())
@@ -717,16 +745,16 @@ def test_per_module_scores_are_each_layers_dense_block(setup, method):
         else:
             expected = v @ grads[0][0].T / len(data)
         _close(parts[name], expected)
-    _close(sum(parts.values()), sf.score(model, task, traj, factors, data, queries, method=method, damping=0.05))
+    _close(sum(parts.values()), sf.score(model, task, traj, factors, data, queries, method=method, **_damping(method, 0.05)))
     # Self-influence, fused (one checkpoint) and chunked (SOURCE, TracIn): the diagonals of the parts.
     small = Subset(data, range(23))
     if not one:
         traj = sf.Trajectory([sf.Segment(s.checkpoints, small, lr_sum=s.lr_sum) for s in traj.segments])
         factors = factors and sf.fit_factors(model, task, traj)
     train = data if one else small
-    self_parts = sf.self_score(model, task, traj, factors, train, method=method, damping=0.05, chunk_size=10,
+    self_parts = sf.self_score(model, task, traj, factors, train, method=method, **_damping(method, 0.05), chunk_size=10,
                                per_module=True)
-    pair_parts = sf.score(model, task, traj, factors, train, train, method=method, damping=0.05, per_module=True)
+    pair_parts = sf.score(model, task, traj, factors, train, train, method=method, **_damping(method, 0.05), per_module=True)
     assert list(self_parts) == LAYERS
     for name in LAYERS:
         _close(self_parts[name], torch.diagonal(pair_parts[name]))
@@ -895,22 +923,30 @@ def test_adam_segments_stay_exact_in_float32_at_small_horizons(setup):
                                                  (model32, data32, queries32, as32(ckpts[0]), states32)):
             traj = sf.Trajectory([sf.Segment([ck], data, lr_sum=c, optimizer="adam", optimizer_states=states)])
             factors = sf.fit_factors(model, task, traj, fisher="empirical")
-            scores.append(sf.score(model, task, traj, factors, data, queries, damping=0.01).double())
+            scores.append(sf.score(model, task, traj, factors, data, queries).double())
         _close(scores[1], scores[0], 1e-4)  # float32 rounding of the gradients and factors
 
 
-def test_adam_segment_without_damping_refuses_zero_curvature(setup):
+def test_adam_segment_needs_no_damping_at_zero_curvature(setup):
+    """An input feature that is always 0 leaves exact zeros in Λ; there an Adam segment's factor is its
+    limit c·p̃ (what the steps moved the weights by), never inf or NaN."""
+    from source_fast.scoring import _segment_scales
+
     model, data, queries, ckpts = setup
     task = ClassifyTask()
     x = data.tensors[0].clone()
-    x[:, 0] = 0  # an input feature that is always 0: zero curvature along it
+    x[:, 0] = 0
     flat = TensorDataset(x, data.tensors[1])
     states = _adam_states(model, task, flat, ckpts[:1])
-    traj = sf.Trajectory([sf.Segment(ckpts[:1], flat, lr_sum=0.5, optimizer="adam", optimizer_states=states)])
+    seg = sf.Segment(ckpts[:1], flat, lr_sum=0.5, optimizer="adam", optimizer_states=states)
+    traj = sf.Trajectory([seg])
     factors = sf.fit_factors(model, task, traj, fisher="empirical")
-    with pytest.raises(ValueError, match=r"module '0': an Adam segment with damping 0 \(here 0\) divides by the curvature"):
-        sf.score(model, task, traj, factors, flat, queries, damping=0)
-    assert torch.isfinite(sf.score(model, task, traj, factors, flat, queries, damping=1e-3)).all()
+    lf = factors.segments[0]["0"]
+    assert (lf.lam == 0).any()
+    u, _ = _segment_scales(seg, lf, "0")
+    p = (lf.q_s**2).T @ lf.precond @ lf.q_a**2
+    assert torch.equal(u[lf.lam == 0], 0.5 * p[lf.lam == 0])
+    assert torch.isfinite(sf.score(model, task, traj, factors, flat, queries)).all()
 
 
 def test_scoring_options_are_checked(setup):
@@ -935,6 +971,27 @@ def test_scoring_options_are_checked(setup):
     for method in ("ekfac", "grad_dot"):
         with pytest.raises(ValueError, match=rf"method '{method}' uses one checkpoint; pass trajectory.final\(\)"):
             sf.self_score(model, task, traj, factors, data, method=method)
+    # Options a method does not read are refused, not dropped; sizes that cannot be are refused by every path.
+    from source_fast.unroll import TrainingRecord
+
+    record = TrainingRecord(model.state_dict(), [[0, 1]], [0.1])
+    for method, trajectory, option, match in [
+        ("source", traj, {"damping": 0.1}, "damping is not used by method 'source', only by ekfac and trak: SOURCE needs"),
+        ("tracin", traj, {"damping": 1e9}, "damping is not used by method 'tracin'"),
+        ("grad_dot", final, {"trak_dim": -1}, "trak_dim is not used by method 'grad_dot', only by trak"),
+        ("ekfac", final, {"seed": 3}, "seed is not used by method 'ekfac', only by trak"),
+        ("grad_cos", final, {"record": record}, "record is not used by method 'grad_cos', only by unroll"),
+        ("trak", final, {"query_memory_budget": -1}, "query_memory_budget must be a positive number of bytes or None"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sf.score(model, task, trajectory, factors if trajectory is traj else f_final, data, queries, method=method,
+                     **option)
+    with pytest.raises(ValueError, match="damping is not used by method 'source'"):
+        sf.self_score(model, task, traj, factors, data, damping=0.1)
+    for method, trajectory in (("ekfac", final), ("source", traj)):  # fused and chunked paths alike
+        with pytest.raises(ValueError, match="chunk_size must be a positive number of examples or None, got 0"):
+            sf.self_score(model, task, trajectory, f_final if method == "ekfac" else factors, data, method=method,
+                          chunk_size=0)
 
 
 def test_low_rank_queries_are_prepared_within_the_budget(setup, monkeypatch):

@@ -14,7 +14,7 @@ from source_fast.tasks import CausalLMTask
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-# precondition_queries: Adam segments only (SGD walks stay in the eigenbases), and torch there (measured faster)
+# Every op with a Triton kernel: automatic dispatch must pick it on CUDA.
 KERNEL_OPS = ("accumulate_lambda_", "self_scores", "pairwise_scores")
 
 

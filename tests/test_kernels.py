@@ -1,7 +1,7 @@
 """Triton kernels vs the float64 reference and the same-precision torch path.
 
 On CPU these run under TRITON_INTERPRET=1 (conftest), where bf16 dots are upcast (DESIGN V2): they check
-indexing, masking, strides and the scaling math; the native MMA paths are the `cuda` cases at the end.
+indexing, masking and strides; the native MMA paths are the `cuda` cases at the end.
 
 Tolerances. The float64 reference sees exactly the same (already rounded) 16-bit inputs, and every
 kernel accumulates in fp32, so the only error is fp32 accumulation, plus TF32 rounding where a kernel
@@ -141,91 +141,6 @@ def test_pairwise_one_query_matches_reference(n, t, d_a, d_out, dtype, layout, m
     _assert_close(out, ref64, reference.pairwise_scores(a, g, u, mask), dtype)
 
 
-def _eigvecs(d, dtype, device):
-    return torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].to(device=device, dtype=dtype)
-
-
-@pytest.mark.parametrize("q, d_out, d_a", [(1, 1, 1), (3, 9, 17), (2, 65, 33), (5, 13, 20)])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("horizon, damping", [(None, 0.1), (3.0, 0.0), (0.5, 0.05)])
-def test_precondition_queries_matches_reference(q, d_out, d_a, dtype, horizon, damping, device):
-    _require_triton("precondition_queries", device, dtype)
-    v = torch.randn(q, d_a, d_out, device=device).to(dtype).transpose(1, 2)  # strided queries
-    q_s = _eigvecs(d_out, dtype, device)
-    q_a = _eigvecs(d_a, dtype, device)
-    lam = torch.rand(d_out, d_a, device=device) * 4
-    lam.view(-1)[::3] = 0.0  # F(0) = c exactly
-    lam.view(-1)[1::7] = -1e-4  # negative round-off, clamped
-    u, v_next = ops.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping, backend="triton")
-    args64 = [x.double().cpu() for x in (v, q_s, q_a, lam)]
-    ru, rv = reference.precondition_queries(*args64, horizon=horizon, damping=damping)
-    su, sv = reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=damping)
-    _assert_close(u, ru, su, dtype)
-    if horizon is None:
-        assert v_next is None
-    else:
-        _assert_close(v_next, rv, sv, dtype)
-
-
-def test_precondition_accepts_float64_factors(device):
-    """Fitted factors stay float64 (eigh precision); the kernels read them and compute in float32."""
-    _require_triton("precondition_queries", device, torch.float32)
-    v = torch.randn(2, 9, 17, device=device)
-    q_s, q_a = _eigvecs(9, torch.float64, device), _eigvecs(17, torch.float64, device)
-    lam = torch.rand(9, 17, device=device, dtype=torch.float64)
-    u, v_next = ops.precondition_queries(v, q_s, q_a, lam, horizon=2.0, backend="triton")
-    ru, rv = reference.precondition_queries(v.double(), q_s, q_a, lam, horizon=2.0)
-    su, sv = reference.precondition_queries(v, q_s.float(), q_a.float(), lam.float(), horizon=2.0)
-    _assert_close(u, ru, su, torch.float32)
-    _assert_close(v_next, rv, sv, torch.float32)
-
-
-@pytest.mark.parametrize("lam_value, horizon, damping, factor, shrink", [
-    (0.0, 2.5, 0.0, 2.5, 1.0),  # σ = 0: F = c exactly, no 0/0
-    (1e30, 1.0, 0.0, 1e-30, 0.0),  # cσ huge: F = 1/σ, shrink underflows to 0
-    (1e-12, 1.0, 0.0, 1.0, 1.0),  # cσ tiny: F = c (naive 1 - exp(-y) would give 0)
-    (0.0, 1e3, 2.0, 0.5, 0.0),  # damping alone: F = 1/δ once cδ ≫ 1
-    (-5.0, 2.0, 0.0, 2.0, 1.0),  # negative Λ clamps to 0
-])
-def test_source_scaling_limits(lam_value, horizon, damping, factor, shrink, device):
-    """With Q = I the preconditioner is the elementwise scale itself: u = F(σ)·v, v_next = exp(−cσ)·v."""
-    _require_triton("precondition_queries", device, torch.float32)
-    d = 4
-    v = torch.ones(1, d, d, device=device)
-    eye = torch.eye(d, device=device)
-    lam = torch.full((d, d), lam_value, device=device)
-    u, v_next = ops.precondition_queries(v, eye, eye, lam, horizon=horizon, damping=damping, backend="triton")
-    assert torch.isfinite(u).all() and torch.isfinite(v_next).all()
-    torch.testing.assert_close(u, torch.full_like(u, factor), rtol=1e-6, atol=0.0)
-    torch.testing.assert_close(v_next, torch.full_like(v_next, shrink), rtol=1e-6, atol=1e-30)
-
-
-def test_source_factor_across_magnitudes(device):
-    """F(σ)/c = φ(cσ) = −expm1(−y)/y against float64 over y from 1e-12 to 1e3: Kahan's expm1 keeps full
-    fp32 relative accuracy where 1 − exp(−y) loses every digit (y < 6e-8), and where exp(−y) is
-    subnormal (87 < y < 104: its formula was 0.7 % off there)."""
-    _require_triton("precondition_queries", device, torch.float32)
-    y = torch.cat([torch.logspace(-12, 3, 64, dtype=torch.float64), torch.linspace(85, 106, 64, dtype=torch.float64)])
-    lam = y.view(8, 16).float().to(device)
-    eye8, eye16 = torch.eye(8, device=device), torch.eye(16, device=device)
-    u, v_next = ops.precondition_queries(torch.ones(1, 8, 16, device=device), eye8, eye16, lam, horizon=1.0,
-                                         backend="triton")
-    y32 = lam.double().cpu()  # the fp32-rounded σ the kernel saw
-    torch.testing.assert_close(u[0].double().cpu(), -torch.expm1(-y32) / y32, rtol=2e-6, atol=0.0)
-    torch.testing.assert_close(v_next[0].double().cpu(), torch.exp(-y32), rtol=2e-5, atol=1e-37)
-
-
-def test_ekfac_scale_is_inverse_of_damped_lambda(device):
-    """With Q = I, EK-FAC's u is v / (max(Λ, 0) + δ) entry by entry, and there is no v_next."""
-    _require_triton("precondition_queries", device, torch.float32)
-    eye = torch.eye(2, device=device)
-    lam = torch.tensor([[2.0, 0.5], [-1.0, 0.0]], device=device)
-    u, v_next = ops.precondition_queries(torch.ones(1, 2, 2, device=device), eye, eye, lam, damping=0.5,
-                                         backend="triton")
-    assert v_next is None
-    torch.testing.assert_close(u[0], torch.tensor([[0.4, 1.0], [2.0, 2.0]], device=device), rtol=1e-6, atol=0.0)
-
-
 @pytest.mark.parametrize("n, t", [(70, 1), (7, 6)])
 def test_split_reductions_match_unsplit(n, t, device, monkeypatch):
     """Pretending to have many SMs forces the split paths (workspace slabs summed in a fixed order).
@@ -262,23 +177,6 @@ def test_split_reductions_match_unsplit(n, t, device, monkeypatch):
     assert len(splits) == 3 and min(splits) > 1, splits
     for got, want in zip(split, unsplit):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-
-
-def test_nan_in_lambda_propagates_like_the_reference(device):
-    """PTX max.f32 returns the non-NaN operand: a NaN Λ must stay NaN (not become Λ = 0, or F = c)."""
-    _require_triton("precondition_queries", device, torch.float32)
-    eye = torch.eye(3, device=device)
-    lam = torch.rand(3, 3, device=device)
-    lam[0, 0] = float("nan")
-    v = torch.ones(1, 3, 3, device=device)
-    for horizon in (None, 2.0):
-        got = ops.precondition_queries(v, eye, eye, lam, horizon=horizon, damping=0.5, backend="triton")
-        want = reference.precondition_queries(v, eye, eye, lam, horizon=horizon, damping=0.5)
-        for x, y in zip(got, want):
-            if y is None:
-                continue
-            assert torch.equal(torch.isnan(x), torch.isnan(y)) and torch.isnan(x[0, 0, 0]), (horizon, x, y)
-            torch.testing.assert_close(x.nan_to_num(), y.nan_to_num(), rtol=1e-6, atol=0.0)
 
 
 @pytest.mark.parametrize("t", [1, 4])
@@ -333,10 +231,6 @@ def test_offsets_past_int32_within_one_example(device):
         for q in (u, u[:1]):
             assert torch.equal(ops.pairwise_scores(a, g, q, backend="triton"),
                                ops.pairwise_scores(a.contiguous(), g, q, backend="triton"))
-    v = _far_strided((2, 6, 65), (1, 2, big), dtype, device)
-    eye_s, eye_a = torch.eye(6, device=device), torch.eye(65, device=device)
-    got = ops.precondition_queries(v, eye_s, eye_a, scale, damping=0.5, backend="triton")[0]
-    torch.testing.assert_close(got, v.float() / (scale + 0.5), rtol=1e-6, atol=0.0)
 
 
 def test_outputs_past_int32_are_refused():
@@ -349,22 +243,16 @@ def test_outputs_past_int32_are_refused():
 
 
 def test_grid_axis_limits_are_chunked(device, monkeypatch):
-    """Query blocks (pairwise) and the query batch (preconditioning) sit on grid axis 1, limited to
-    65535 on CUDA: past it the launchers split the launch. A tiny limit exercises that here."""
+    """Query blocks (pairwise) sit on grid axis 1, limited to 65535 on CUDA: past it the launcher
+    splits the launch. A tiny limit exercises that here."""
     _require_triton("pairwise_scores", device, torch.float32)
-    from source_fast.kernels import pairwise, precondition
+    from source_fast.kernels import pairwise
 
     a, g = torch.randn(3, 4, 9, device=device), torch.randn(3, 4, 7, device=device)
     u = torch.randn(40, 7, 9, device=device)
-    q_s, q_a = torch.linalg.qr(torch.randn(7, 7, device=device))[0], torch.linalg.qr(torch.randn(9, 9, device=device))[0]
-    lam = torch.rand(7, 9, device=device)
     whole = ops.pairwise_scores(a, g, u, backend="triton")
-    pre = ops.precondition_queries(u, q_s, q_a, lam, horizon=2.0, backend="triton")
     monkeypatch.setattr(pairwise, "MAX_GRID_YZ", 1)  # one 16-query block per launch
-    monkeypatch.setattr(precondition, "MAX_GRID_YZ", 3)
     torch.testing.assert_close(ops.pairwise_scores(a, g, u, backend="triton"), whole, rtol=0, atol=0)
-    for x, y in zip(ops.precondition_queries(u, q_s, q_a, lam, horizon=2.0, backend="triton"), pre):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 def test_empty_batch_is_a_no_op(device):
@@ -423,10 +311,6 @@ def test_lambda_alpha_beyond_float32_is_refused(backend, alpha, device):
     (lambda k: k.self_scores(torch.zeros(2, 5, 4), torch.zeros(2, 5, 3), torch.zeros(3, 4), torch.ones(5, 2)),
      r"mask must be"),
     (lambda k: k.pairwise_scores(torch.zeros(2, 5, 4), torch.zeros(2, 5, 3), torch.zeros(2, 4, 3)), r"u must be"),
-    (lambda k: k.precondition_queries(torch.zeros(2, 3, 4), torch.eye(4), torch.eye(4), torch.zeros(3, 4)),
-     r"q_s must be"),
-    (lambda k: k.precondition_queries(torch.zeros(2, 3, 4), torch.eye(3), torch.eye(4), torch.zeros(4, 3)),
-     r"lam must be"),
 ])
 def test_launchers_reject_bad_arguments(call, match):
     from source_fast import _triton
@@ -604,25 +488,6 @@ def test_cuda_pairwise_at_scale(t, d_a, d_out, q):
     out = ops.pairwise_scores(a, g, u, backend="triton")
     ref64 = reference.pairwise_scores(a.double(), g.double(), u.double())
     _assert_close(out, ref64, reference.pairwise_scores(a, g, u), torch.bfloat16)
-
-
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize("horizon", [None, 10.0])
-def test_cuda_precondition_at_scale(horizon):
-    dev = torch.device("cuda")
-    d_out, d_a = 1024, 4096
-    v = torch.randn(8, d_out, d_a, device=dev, dtype=torch.bfloat16)
-    q_s = _eigvecs(d_out, torch.bfloat16, dev)
-    q_a = _eigvecs(d_a, torch.bfloat16, dev)
-    lam = torch.rand(d_out, d_a, device=dev).pow(4)
-    u, v_next = ops.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=1e-3, backend="triton")
-    ru, rv = reference.precondition_queries(v.double(), q_s.double(), q_a.double(), lam.double(),
-                                            horizon=horizon, damping=1e-3)
-    su, sv = reference.precondition_queries(v, q_s, q_a, lam, horizon=horizon, damping=1e-3)
-    _assert_close(u, ru, su, torch.bfloat16)
-    if horizon is not None:
-        _assert_close(v_next, rv, sv, torch.bfloat16)
 
 
 @pytest.mark.cuda
