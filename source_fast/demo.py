@@ -551,7 +551,8 @@ def evaluate(sc: Scenario, att: Attribution, folder: Path, *, subsets: int, seed
 def _seed_agreement(measured: Tensor) -> float | None:
     """How alike two retrainings of the same subsets are: per query, the Spearman correlation over
     subsets between two seeds' measurements, averaged over queries and seed pairs (None with one
-    seed). The LDS of any method is bounded by how reproducible the retrained losses are."""
+    seed). A reproducibility measure of one retraining, not a bound on LDS, which is scored
+    against the mean of all seeds (less noisy than one)."""
     seeds = measured.shape[1]
     pairs = [(a, b) for a in range(seeds) for b in range(a + 1, seeds)]
     if not pairs:
