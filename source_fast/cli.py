@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("job", help="a Python file defining job() -> source_fast.Job")
     score.add_argument("--factors", default=None, help="factor folder from `source-fast fit`")
     score.add_argument("--out", required=True, help="score folder (resumes a killed run of the same job)")
+    # scoring.GRADIENT_METHODS, spelled out: importing it would import torch for --help (test_cli checks).
     score.add_argument("--method", default="source", choices=["source", "fast_source", "ekfac", "tracin", "grad_dot"])
     score.add_argument("--damping", default=None, type=_damping,
                        help="ekfac's damping: a number, heuristic (the default) or implied")

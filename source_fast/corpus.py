@@ -38,7 +38,7 @@ from ._passes import (
 )
 from .factors import Factors, _checkpoint_digests, restored
 from .scoring import (
-    _SELF_METHODS,
+    GRADIENT_METHODS,
     DEFAULT_QUERY_MEMORY_BUDGET,
     Damping,
     Method,
@@ -108,12 +108,13 @@ def score_corpus(
     because the shards belong to query blocks and a resumed run must cut the same blocks). Peak memory depends on the budget, `shard_size` and `batch_size`,
     never on the number of training examples. Scores are float32 (float64 for a float64 model).
     With `top_k`, only each query's k largest and k smallest scores and their row indices are kept.
-    Under torch.distributed, factors-free work is split: each rank takes a contiguous run of shards.
+    Under torch.distributed the shards are split across ranks: a dataset's as contiguous runs, a
+    stream's every world-th shard (each rank reads the whole stream).
     Returns `out_dir`; read it with `load_scores` or `load_top_k`.
     """
     specs = _validate(model, task, trajectory, factors, method)
-    if method not in _SELF_METHODS:  # the factor- and gradient-based methods stream; baselines do not
-        raise ValueError(f"score_corpus supports the methods {list(_SELF_METHODS)}, not {method!r}")
+    if method not in GRADIENT_METHODS:  # the factor- and gradient-based methods stream; baselines do not
+        raise ValueError(f"score_corpus supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
     if shard_size < 1 or (top_k is not None and top_k < 1):
         raise ValueError(f"shard_size and top_k must be positive, got {shard_size} and {top_k}")
     damping = method_options(method, damping)[0]

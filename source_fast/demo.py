@@ -212,15 +212,13 @@ class ScenarioData:
     test: TensorDataset  # every test example (of the query classes): the test metric
     images: Tensor | None = None  # (N_0, 8, 8) raw pixels of the attributed (stage 0) digits
     query_images: Tensor | None = None  # (n_query + n_heldout, 8, 8)
-    true_labels: Tensor | None = None  # (N_0,) stage 0's labels before randomization
 
 
 @functools.lru_cache(maxsize=8)
 def _scenario_data(sc: Scenario) -> ScenarioData:
     raw, labels, tr, te = _digits_split(sc.n_train, sc.n_test, seed=0)
     mean, std = raw[tr].mean(0), raw[tr].std(0) + 0.1
-    x, y_true = (raw[tr] - mean) / std, labels[tr]
-    y = y_true.clone()
+    x, y = (raw[tr] - mean) / std, labels[tr].clone()
     if sc.label_noise:
         g = torch.Generator().manual_seed(1)
         noisy = torch.rand(len(y), generator=g) < sc.label_noise
@@ -239,7 +237,7 @@ def _scenario_data(sc: Scenario) -> ScenarioData:
     xq, yq = (raw[te] - mean) / std, labels[te]
     return ScenarioData(
         stages, TensorDataset(xq[:n_q], yq[:n_q]), TensorDataset(xq, yq), raw[tr][stage0].reshape(-1, 8, 8),
-        raw[te[:n_q]].reshape(-1, 8, 8), y_true[stage0],
+        raw[te[:n_q]].reshape(-1, 8, 8),
     )
 
 

@@ -76,7 +76,7 @@ class Factors:
     fisher: Fisher
     average_params: bool
 
-    def check_model(self, model: nn.Module, specs: list[LayerSpec]) -> None:
+    def check_model(self, specs: list[LayerSpec]) -> None:
         """The task's tracked modules must be the factors' (in any order: factors are read by name)."""
         theirs = {s.name: s for s in self.layers}
         for s in specs:

@@ -32,7 +32,10 @@ from .unroll import TrainingRecord
 
 Method = Literal["source", "fast_source", "ekfac", "tracin", "grad_dot", "grad_cos", "trak", "repsim", "unroll"]
 _FINAL_ONLY = ("ekfac", "grad_dot", "grad_cos", "trak", "repsim")
-_SELF_METHODS = ("source", "fast_source", "ekfac", "tracin", "grad_dot")
+# Methods that score from per-example gradients in one pass over the data (self_score and
+# score_corpus take these); the rest are baselines that score whole examples at once.
+GRADIENT_METHODS = ("source", "fast_source", "ekfac", "tracin", "grad_dot")
+_BASELINES = tuple(m for m in get_args(Method) if m not in GRADIENT_METHODS)
 Damping = float | Literal["heuristic", "implied"]
 
 Grads = dict[str, Tensor]  # module name → (n, d_out, d_a)
@@ -349,7 +352,7 @@ def _validate(model, task, trajectory, factors, method):
     if method in ("source", "fast_source", "ekfac"):
         if not isinstance(factors, Factors):
             raise TypeError(f"method {method!r} needs Factors from fit_factors(), got {type(factors).__name__}")
-        factors.check_model(model, specs)
+        factors.check_model(specs)
         factors.check_trajectory(trajectory, average_params=method == "fast_source")
     return specs
 
@@ -405,7 +408,8 @@ def score(
         available RAM, at least 1 GiB.
     query_rank: approximate each preconditioned query layer by its top singular vectors (cheaper
         scoring of huge corpora; None = exact).
-    train_segments: which segments trained on `train_data` (None: those whose `data` is it).
+    train_segments: which segments trained on `train_data` (None: those whose `data` is it; "all":
+        every segment).
     per_token: return (n_query, n_train, tokens), each training example's score split over its
         tokens (all tracked layers must see the same token count; padded tokens get 0).
     per_module: return {tracked module name: its scores}, which sum to the scores (EK-FAC and
@@ -428,14 +432,14 @@ def score(
     if method == "unroll" and train_segments is not None:
         raise ValueError("train_segments is not for method 'unroll': its record says which examples each step trained on")
     segments = used_segments(trajectory, method, train_data, train_segments) if method != "unroll" else [0]
-    if method in ("grad_cos", "trak", "repsim", "unroll"):
+    if method in _BASELINES:
         if n_train is None:
             raise TypeError(f"method {method!r} needs a dataset with len() and indexing, not a stream")
         for option, value in (("per_token", per_token), ("query_rank", query_rank), ("per_module", per_module),
                               ("sum_queries", sum_queries)):
             if value:  # these baselines score whole examples exactly; dropping the option would be silent
-                raise ValueError(f"{option} is not available for method {method!r}; it applies to source, "
-                                 "fast_source, ekfac, tracin and grad_dot")
+                raise ValueError(f"{option} is not available for method {method!r}; it applies to "
+                                 f"{', '.join(GRADIENT_METHODS)}")
         with restored(model), reuse_large_blocks(model_device(model)):
             return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
                              collate_fn, trak_dim, seed, record)
@@ -789,8 +793,8 @@ def self_score(
     (None: as many as fit automatic_query_budget, half the free GPU memory or a quarter of the RAM).
     """
     specs = _validate(model, task, trajectory, factors, method)
-    if method not in _SELF_METHODS:
-        raise ValueError(f"self_score supports the methods {list(_SELF_METHODS)}, not {method!r}")
+    if method not in GRADIENT_METHODS:
+        raise ValueError(f"self_score supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
     damping = method_options(method, damping)[0]
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
