@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ._dist import all_reduce_int, barrier, rank_and_world
 from ._io import atomic_path, sha256_file
 from ._passes import (
-    chunks, describe_task, digest_examples, digest_tensors, length, materialize, model_device, reuse_large_blocks, subset,
+    chunks, describe_task, digest_examples, digest_tensors, length, model_device, reuse_large_blocks, subset,
 )
 from .factors import Factors, _checkpoint_digests, restored
 from .scoring import (
@@ -42,11 +42,8 @@ from .scoring import (
     DEFAULT_QUERY_MEMORY_BUDGET,
     Damping,
     Method,
-    _validate,
-    check_query_budget,
-    check_query_rank,
+    check_request,
     check_rows,
-    method_options,
     oom_hint,
     prepare_queries,
     query_blocks,
@@ -112,18 +109,12 @@ def score_corpus(
     stream's every world-th shard (each rank reads the whole stream).
     Returns `out_dir`; read it with `load_scores` or `load_top_k`.
     """
-    specs = _validate(model, task, trajectory, factors, method)
     if method not in GRADIENT_METHODS:  # the factor- and gradient-based methods stream; baselines do not
         raise ValueError(f"score_corpus supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
     if shard_size < 1 or (top_k is not None and top_k < 1):
         raise ValueError(f"shard_size and top_k must be positive, got {shard_size} and {top_k}")
-    damping = method_options(method, damping)[0]
-    check_query_rank(query_rank)
-    check_query_budget(query_memory_budget)
-    query_data = materialize(query_data)
-    n_train, n_query = length(train_data), length(query_data)
-    if n_train == 0 or n_query == 0:
-        raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
+    specs, (damping, _, _), query_data, n_train, n_query = check_request(
+        model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget)
     # Before the manifest is written: a refused setting must not pin out_dir to it.
     segments = used_segments(trajectory, method, train_data, train_segments)
     blocks = query_blocks(model, specs, trajectory, method, segments, n_query, query_rank, query_memory_budget)

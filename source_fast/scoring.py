@@ -421,14 +421,9 @@ def score(
         examples, each piece scored at every checkpoint) or a DataLoader that reads in order (its own
         batch size and collate_fn then apply); query_data likewise (a stream's queries are held in memory).
     """
-    specs = _validate(model, task, trajectory, factors, method)
-    damping, trak_dim, seed = method_options(method, damping, trak_dim, seed, record)
-    query_data = materialize(query_data)
-    n_train, n_query = length(train_data), length(query_data)
-    if n_query == 0 or n_train == 0:
-        raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
-    check_query_rank(query_rank)
-    check_query_budget(query_memory_budget)
+    specs, (damping, trak_dim, seed), query_data, n_train, n_query = check_request(
+        model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget,
+        trak_dim, seed, record)
     if method == "unroll" and train_segments is not None:
         raise ValueError("train_segments is not for method 'unroll': its record says which examples each step trained on")
     segments = used_segments(trajectory, method, train_data, train_segments) if method != "unroll" else [0]
@@ -464,6 +459,21 @@ def score(
             first = next(iter(parts[-1].values())) if per_module else parts[-1]
             check_rows(trajectory, train_data, first.shape[1])
     return _cat(parts, 0)
+
+
+def check_request(model, task, trajectory, factors, method, train_data, query_data, damping, query_rank,
+                  query_memory_budget, trak_dim=None, seed=None, record=None):
+    """The checks score and score_corpus make before any pass. Returns the tracked layers, the
+    resolved (damping, trak_dim, seed), the queries held in memory and both sizes."""
+    specs = _validate(model, task, trajectory, factors, method)
+    options = method_options(method, damping, trak_dim, seed, record)
+    check_query_rank(query_rank)
+    check_query_budget(query_memory_budget)
+    query_data = materialize(query_data)
+    n_train, n_query = length(train_data), length(query_data)
+    if n_query == 0 or n_train == 0:
+        raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
+    return specs, options, query_data, n_train, n_query
 
 
 def method_options(method: str, damping: Damping | None, trak_dim: int | None = None, seed: int | None = None,
