@@ -73,6 +73,10 @@ def _fingerprint(task, trajectory, factors, method, options, train_data, query_d
         "train_data": digest_examples(train_data),
         "query_data": digest_examples(query_data, limit=None),  # held in memory: every query, cheaply
     }
+    if any(s.optimizer != "sgd" for s in trajectory.segments):
+        # Shards of Adam segments written before P was taken in the eigenbases (commit 891b8bb) hold
+        # other scores: their manifests lack this, so such a folder is refused, not resumed.
+        fingerprint["adam_preconditioner"] = "diagonal in each segment's eigenbasis"
     # As the manifest will read it back (a tuple of train_segments becomes a list), or a resume would not match.
     return json.loads(json.dumps(fingerprint))
 

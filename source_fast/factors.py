@@ -28,7 +28,7 @@ from ._passes import (
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
-from .trajectory import Checkpoint, Segment, Trajectory, checkpoint_file, load_into, load_state_dict
+from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
 
 FORMAT_VERSION = 2  # 2: the tensor file is named by its content (factors.json says which)
 _TENSOR_FILE = re.compile(r"factors(\.[0-9a-f]{16})?\.safetensors")
@@ -299,18 +299,23 @@ def fit_factors(
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
     _check_factor_memory(specs, len(trajectory.segments), dtype, device)
-    # A read of every checkpoint: the ranks compare them, and resume_dir's fingerprint names them.
-    ckpt_digests = None
-    if rank_and_world()[1] > 1:
-        ckpt_digests = _check_same_inputs_on_ranks(model, specs, trajectory, task, collate_fn, fisher, average_params,
-                                                   seed, batch_size, resume_dir is not None, device)
-    elif resume_dir is not None:
-        ckpt_digests = _checkpoint_digests(trajectory)
-    # Adam states are read (and checked: names, decay, optimizer kind) before any pass, not after hours.
+    # Read before any pass, not after hours: every checkpoint (the ranks compare them, and resume_dir's
+    # fingerprint names them) and Adam's states (names, decay, optimizer kind checked).
+    distributed = rank_and_world()[1] > 1
     notes: set[str] = set()
-    preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(
-        model, seg, specs, f"segment {ell}", notes).items()} if seg.optimizer != "sgd" else {}
-        for ell, seg in enumerate(trajectory.segments)]  # the factors' dtype: float64 only transiently
+    try:
+        ckpt_digests = _checkpoint_digests(trajectory) if distributed or resume_dir is not None else None
+        preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(
+            model, seg, specs, f"segment {ell}", notes).items()} if seg.optimizer != "sgd" else {}
+            for ell, seg in enumerate(trajectory.segments)]  # the factors' dtype: float64 only transiently
+        unreadable = None
+    except Exception as e:  # under torch.distributed, raised after the ranks compare: none waits for this one
+        if not distributed:
+            raise
+        ckpt_digests, preconds, unreadable = None, None, e
+    if distributed:
+        _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds, unreadable, task, collate_fn,
+                                    fisher, average_params, seed, batch_size, resume_dir is not None, device)
     for note in sorted(notes):
         warnings.warn(note, stacklevel=2)
     trajectory.check_checkpoints(model)
@@ -490,28 +495,28 @@ class _FitProgress:
         barrier()
 
 
-def _check_same_inputs_on_ranks(model, specs, trajectory, task, collate_fn, fisher, average_params, seed, batch_size,
-                                resume: bool, device) -> list[list[str]]:
-    """Under torch.distributed every rank must be given the same model, checkpoints and whole data:
-    each reads its own share of the data (rank_share) and the sums are all-reduced, so a rank with a
-    stale checkpoint, another dtype or a pre-sharded part (DDP's habit) would mix another fit into
-    this one, silently. Everything but the examples must agree (else refused, naming what differs);
-    examples that differ where sampled are only warned about, since data augmented at random per rank
-    differs too. Returns the checkpoints' digests."""
+def _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds, unreadable, task, collate_fn, fisher,
+                                average_params, seed, batch_size, resume: bool, device) -> None:
+    """Under torch.distributed every rank must be given the same model, checkpoints, optimizer states
+    and whole data: each reads its own share of the data (rank_share) and the sums are all-reduced
+    (Adam's P is rank 0's), so a rank with a stale checkpoint, another dtype or a pre-sharded part
+    (DDP's habit) would mix another fit into this one, silently. Everything but the examples must
+    agree (else refused, naming what differs); examples that differ where sampled are only warned
+    about, since data augmented at random per rank differs too. `unreadable`: this rank's error
+    reading its checkpoints or states, raised once every rank has compared (none is left waiting)."""
     rank = rank_and_world()[0]
-    try:
-        ckpt_digests, unreadable = _checkpoint_digests(trajectory), None
-    except (OSError, ValueError, TypeError, RuntimeError) as e:  # raised after the checks: no rank waits for this one
-        ckpt_digests, unreadable = None, e
 
     def same(value: Any) -> bool:
-        return same_on_all_ranks(int(hashlib.sha256(json.dumps(value).encode()).hexdigest()[:12], 16), device)
+        text = json.dumps(value, sort_keys=True)  # a dict's order is not part of its value
+        return same_on_all_ranks(int(hashlib.sha256(text.encode()).hexdigest()[:12], 16), device)
 
     inputs = {
         "tracked layers": [[s.name, s.d_out, s.d_a] for s in specs],
         "model (parameter and buffer names, shapes, dtypes)": [[k, list(v.shape), str(v.dtype)]
                                                                for k, v in model.state_dict().items()],
         "checkpoints (contents)": ckpt_digests,
+        "optimizer states (Adam's preconditioner)": None if preconds is None else [
+            {k: digest_tensors([p]) for k, p in seg.items()} for seg in preconds],
         "trajectory (checkpoints per segment, learning rates, data sizes)": [
             [len(seg.checkpoints), seg.lr_sum, seg.momentum, seg.optimizer, seg.weight_decay, seg.num_examples,
              length(seg.data)] for seg in trajectory.segments],
@@ -530,7 +535,6 @@ def _check_same_inputs_on_ranks(model, specs, trajectory, task, collate_fn, fish
         warnings.warn("the ranks' data differ at sampled examples: each rank reads its own share of the data it is "
                       "given, so if each was given its own part (DDP's habit), the factors fit only part of the data; "
                       "data augmented at random per rank differs this way too", stacklevel=3)
-    return ckpt_digests
 
 
 def _checkpoint_digests(trajectory: Trajectory) -> list[list[str]]:
@@ -539,12 +543,13 @@ def _checkpoint_digests(trajectory: Trajectory) -> list[list[str]]:
 
 
 def _checkpoint_digest(checkpoint: Checkpoint, what: str) -> str:
-    """A checkpoint by content: a file's bytes (a copy elsewhere is the same checkpoint), or every
-    tensor of an in-memory state_dict with its name, dtype and shape. One read, less than a data pass."""
-    if not isinstance(checkpoint, dict):
-        return sha256_file(checkpoint_file(checkpoint, what))[:16]
+    """A checkpoint by content: every tensor with its name, dtype and shape, in name order, so the same
+    weights are the same checkpoint whether a file (either format, anywhere) or a state_dict in any
+    key order. One read of each, less than a data pass."""
+    state = load_state_dict(checkpoint, what)
     h = hashlib.sha256()
-    for key, value in checkpoint.items():
+    for key in sorted(state):
+        value = state[key]
         if isinstance(value, Tensor):
             h.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
             h.update(digest_tensors([value]).encode())

@@ -337,3 +337,46 @@ def test_torchrun_ranks_draw_independent_true_fisher_labels(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert rank0.shape == rank1.shape and not torch.equal(rank0, rank1)
+
+
+def test_a_checkpoint_is_its_weights_whatever_its_form(tmp_path):
+    """Ranks and resumed runs compare checkpoints by their weights: a state_dict in another key order,
+    a safetensors file and a torch.save file of the same weights are one checkpoint; other weights or
+    another dtype are not."""
+    from safetensors.torch import save_file
+
+    from source_fast.factors import _checkpoint_digest
+
+    state = {k: v.contiguous() for k, v in job()[0].state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save(state, tmp_path / "w.pt")
+    forms = [state, dict(reversed(list(state.items()))), tmp_path / "w.safetensors", str(tmp_path / "w.pt")]
+    assert len({_checkpoint_digest(c, "checkpoint") for c in forms}) == 1
+    other = {k: v + (k == "2.bias") * 1e-6 for k, v in state.items()}
+    halved = {k: v.half() for k, v in state.items()}
+    assert len({_checkpoint_digest(c, "checkpoint") for c in (state, other, halved)}) == 3
+
+
+def test_adam_shards_from_before_the_eigenbasis_preconditioner_are_not_resumed(tmp_path):
+    """Adam segments' scores changed with commit 891b8bb: a folder whose manifest predates it (no
+    adam_preconditioner entry) is refused; SGD folders' scores did not change and still resume."""
+    import json
+
+    from _helpers import mlp
+
+    model = mlp(6, 7, 4, dtype=torch.float32)
+    data = classification_data(40, 6, 4, seed=1, dtype=torch.float32)
+    queries = classification_data(3, 6, 4, seed=2, dtype=torch.float32)
+    task = ClassifyTask()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    task.compute_train_loss(data.tensors, model).backward()
+    opt.step()
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=0.1, optimizer="adam",
+                                     optimizer_states=[opt.state_dict()])])
+    factors = sf.fit_factors(model, task, traj, fisher="empirical")
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["fingerprint"]["adam_preconditioner"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"holds the output of a different run \(it differs in: adam_preconditioner\)"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, progress=False)
