@@ -124,6 +124,12 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
 
 
+def check_folder(path: str | os.PathLike, what: str) -> None:
+    """Refuses, before any work, an output folder that is a file (it would fail only when written)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{what} {os.fspath(path)!r} is a file; give a folder (new or from the same run)")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a fresh temporary folder beside `path`; it takes `path`'s place only if the block succeeds.

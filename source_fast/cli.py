@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--final", action="store_true", help="use only the final checkpoint (for --method ekfac)")
     score.add_argument("--top-k", type=int, default=None, help="keep only each query's k largest and smallest scores")
     score.add_argument("--shard-size", type=int, default=4096, help="training rows per output shard")
-    score.add_argument("--query-memory-gb", type=float, default=1.0, help="memory for prepared queries (GiB)")
+    score.add_argument("--query-memory-gb", type=_gib, default=1.0, help="memory for prepared queries (GiB)")
     score.add_argument("--query-rank", type=int, default=None, help="low-rank query factors of this rank")
     args = parser.parse_args(argv)
     if args.command in ("fit", "score"):
@@ -51,6 +51,17 @@ def main(argv: list[str] | None = None) -> int:
 
         info_main()
     return 0
+
+
+def _gib(value: str) -> float:
+    """--query-memory-gb, checked while parsing: at least one byte, finite."""
+    try:
+        gib = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of GiB") from None
+    if not 1 <= gib * (1 << 30) < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} GiB is not a positive, finite amount of memory")
+    return gib
 
 
 def _damping(value: str) -> float | str:

@@ -23,6 +23,7 @@ read by every rank, each scoring every world-th shard.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ._dist import all_reduce_int, barrier, rank_and_world
-from ._io import atomic_path, sha256_file
+from ._io import atomic_path, check_folder, sha256_file
 from ._passes import (
     chunks, describe_task, digest_examples, digest_tensors, length, model_device, reuse_large_blocks, subset,
 )
@@ -115,8 +116,14 @@ def score_corpus(
     """
     if method not in GRADIENT_METHODS:  # the factor- and gradient-based methods stream; baselines do not
         raise ValueError(f"score_corpus supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
-    if shard_size < 1 or (top_k is not None and top_k < 1):
-        raise ValueError(f"shard_size and top_k must be positive, got {shard_size} and {top_k}")
+    for option, value in (("shard_size", shard_size), ("top_k", top_k), ("batch_size", batch_size)):
+        if (value is not None or option != "top_k") and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{option} must be a positive integer{' or None' if option == 'top_k' else ''}, got {value!r}")
+    if query_memory_budget is None:  # the blocks must be the same when resumed: no budget from the free memory
+        raise ValueError("query_memory_budget must be a number of bytes for score_corpus (default "
+                         f"{DEFAULT_QUERY_MEMORY_BUDGET})")
+    check_folder(out_dir, "out_dir")
     specs, (damping, _, _), query_data, n_train, n_query = check_request(
         model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget)
     # Before the manifest is written: a refused setting must not pin out_dir to it.

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world, same_on_all_ranks
-from ._io import atomic_path, folder_lock, sha256_file, write_named_by_content
+from ._io import atomic_path, check_folder, folder_lock, sha256_file, write_named_by_content
 from ._passes import (
     available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
     run_pass, share_start,
@@ -98,6 +98,12 @@ class Factors:
                 f"factors were fitted on a trajectory with checkpoints per segment {self.layout}, "
                 f"this one has {layout}"
             )
+        # Not the examples: the curvature of a subset (kronfluence's covariance_max_examples) serves all.
+        for ell, seg in enumerate(trajectory.segments):
+            adam = any(lf.precond is not None for lf in self.segments[ell].values())
+            if adam != (seg.optimizer != "sgd"):
+                raise ValueError(f"segment {ell}: the factors were fitted for {'an Adam' if adam else 'an SGD'} segment, "
+                                 f"this one's optimizer is {seg.optimizer!r}; refit with this trajectory")
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -106,6 +112,7 @@ class Factors:
         leaves the previous factors loadable (an earlier save's tensor file goes only afterwards)."""
         from safetensors.torch import save_file
 
+        check_folder(path, "the factors' folder")
         path = Path(path)
         tensors = {}
         for ell, seg in enumerate(self.segments):
@@ -645,9 +652,18 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
     previous = None  # (state index, its step count)
     for c, st in enumerate(seg.optimizer_states):
         where = f"{what}, optimizer state {c}"
+        if isinstance(st, torch.optim.Optimizer):
+            raise TypeError(f"{where} is the optimizer itself: pass its state_dict(), saved with the checkpoint")
         state = load_state_dict(st, where) if not isinstance(st, dict) else st
         if "state" not in state or "param_groups" not in state:
             raise ValueError(f"{where} is not an optimizer state_dict (needs 'state', 'param_groups')")
+        for g, group in enumerate(state["param_groups"]):
+            # NAdam's and RAdam's states also hold exp_avg_sq and betas, but their steps are not Adam's;
+            # they have no amsgrad.
+            missing = sorted({"betas", "eps", "amsgrad"} - set(group))
+            if missing:
+                raise ValueError(f"{where}: parameter group {g} is not torch.optim.Adam's or AdamW's (it lacks "
+                                 f"{missing})")
         index = _optimizer_indices(model, state["param_groups"], where)
         index_group = {i: g for g in state["param_groups"] for i in g["params"]}
         p_by_name, wd_by_name, steps = {}, {}, []
@@ -669,7 +685,13 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
                     f"{'decoupled (AdamW)' if decoupled else 'L2 (Adam)'} weight decay, but the segment says "
                     f"optimizer={seg.optimizer!r}"
                 )
-            step = float(s["step"])
+            step = float(s.get("step", 0))
+            if not step >= 1:
+                raise ValueError(f"{where}: parameter {name!r} records step {s.get('step')!r}; Adam's bias correction "
+                                 "needs the number of steps taken (≥ 1)")
+            if not bool(torch.isfinite(s[moment]).all()) or bool((s[moment] < 0).any()):
+                raise ValueError(f"{where}: the {moment} of parameter {name!r} holds NaN, infinite or negative values "
+                                 "(a diverged run?)")
             steps.append(step)
             v_hat = s[moment].double() / (1 - group["betas"][1] ** step)
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])

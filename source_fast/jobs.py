@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from ._dist import barrier, rank_and_world
+from ._io import check_folder
 from .factors import Factors, fit_factors
 from .scoring import DEFAULT_QUERY_MEMORY_BUDGET
 from .task import Task
@@ -67,6 +68,8 @@ def fit(job_path, out, *, fisher="true", average_params=False, final=False) -> F
     trajectory = job.trajectory.final() if final else job.trajectory
     out = Path(out).resolve()  # `--out .` has no name to extend
     partial = out.with_name(out.name + ".partial")
+    check_folder(out, "--out")  # before the passes, not after
+    check_folder(partial, "the resume folder")
     factors = fit_factors(job.model, job.task, trajectory, fisher=fisher, average_params=average_params,
                           batch_size=job.batch_size, collate_fn=job.collate_fn, progress=True, resume_dir=partial)
     if rank_and_world()[0] == 0:

@@ -424,6 +424,9 @@ def score(
     specs, (damping, trak_dim, seed), query_data, n_train, n_query = check_request(
         model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget,
         trak_dim, seed, record)
+    for flag, value in (("per_token", per_token), ("per_module", per_module), ("sum_queries", sum_queries)):
+        if not isinstance(value, bool):  # "no" would be true
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
     if method == "unroll" and train_segments is not None:
         raise ValueError("train_segments is not for method 'unroll': its record says which examples each step trained on")
     segments = used_segments(trajectory, method, train_data, train_segments) if method != "unroll" else [0]
@@ -486,12 +489,15 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
             why = (": SOURCE needs no damping (its factor at zero curvature is the horizon c)"
                    if option == "damping" and method in ("source", "fast_source") else "")
             raise ValueError(f"{option} is not used by method {method!r}, only by {' and '.join(users[option])}{why}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     return ("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim), (0 if seed is None else seed)
 
 
 def check_query_budget(budget: Any) -> None:
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget > 0):
-        raise ValueError(f"query_memory_budget must be a positive number of bytes or None, got {budget!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
+                               or not 0 < budget < math.inf):
+        raise ValueError(f"query_memory_budget must be a positive, finite number of bytes or None, got {budget!r}")
 
 
 def check_query_rank(query_rank: Any) -> None:

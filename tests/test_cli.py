@@ -140,6 +140,22 @@ def test_a_mistyped_damping_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["score", "job.py", "--out", "scores", "--damping", "heurstic"])
     assert "argument --damping: 'heurstic' is not a number, heuristic or implied" in capsys.readouterr().err
+    for gib in ("inf", "nan", "1e-12", "lots"):
+        with pytest.raises(SystemExit):
+            main(["score", "job.py", "--out", "scores", "--query-memory-gb", gib])
+        assert "argument --query-memory-gb:" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused_before_fitting(tmp_path, capsys, monkeypatch):
+    from source_fast import factors
+    from source_fast.cli import main
+
+    job_file = tmp_path / "job.py"
+    job_file.write_text(JOB)
+    (tmp_path / "taken").write_text("")
+    monkeypatch.setattr(factors, "_covariances", lambda *a, **k: pytest.fail("a pass ran"))
+    assert main(["fit", str(job_file), "--out", str(tmp_path / "taken")]) == 2
+    assert "--out '" in capsys.readouterr().err and not (tmp_path / "taken.partial").exists()
 
 
 def test_job_errors_say_the_command_line_fix(tmp_path, capsys):

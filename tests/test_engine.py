@@ -981,7 +981,8 @@ def test_scoring_options_are_checked(setup):
         ("grad_dot", final, {"trak_dim": -1}, "trak_dim is not used by method 'grad_dot', only by trak"),
         ("ekfac", final, {"seed": 3}, "seed is not used by method 'ekfac', only by trak"),
         ("grad_cos", final, {"record": record}, "record is not used by method 'grad_cos', only by unroll"),
-        ("trak", final, {"query_memory_budget": -1}, "query_memory_budget must be a positive number of bytes or None"),
+        ("trak", final, {"query_memory_budget": -1}, "query_memory_budget must be a positive, finite number of bytes or None"),
+        ("trak", final, {"seed": 1.5}, "seed must be an integer, got 1.5"),
     ]:
         with pytest.raises(ValueError, match=match):
             sf.score(model, task, trajectory, factors if trajectory is traj else f_final, data, queries, method=method,

@@ -409,3 +409,79 @@ def test_a_tracked_module_that_never_runs_is_named_with_the_fix():
     with pytest.raises(ValueError, match=r"segment 0, checkpoint 0, batch 0 \(examples from 0\): tracked modules "
                                          r"\['enc.self_attn.out_proj'\] did not run .*get_influence_tracked_modules"):
         sf.fit_factors(model, ClassifyTask(), traj)
+
+
+def _adam_state(model, data):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ClassifyTask().compute_train_loss(data.tensors, model).backward()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("spoil, pattern", [
+    (lambda st: st["state"][0]["exp_avg_sq"].view(-1)[0].fill_(float("nan")),
+     r"optimizer state 0: the exp_avg_sq of parameter '0.weight' holds NaN, infinite or negative values"),
+    (lambda st: st["state"][2]["exp_avg_sq"].view(-1)[0].fill_(-1.0), r"parameter '2.weight' holds NaN, infinite or negative"),
+    (lambda st: st["state"][0].update(step=torch.tensor(0.0)), r"parameter '0.weight' records step .*needs the number of steps"),
+    (lambda st: st["param_groups"][0].pop("betas"), r"parameter group 0 is not torch.optim.Adam's or AdamW's \(it lacks \['betas'\]\)"),
+])
+def test_adam_states_that_cannot_be_a_run_are_named(setup, spoil, pattern):
+    """A diverged run's NaN second moments, a step count of 0, a hand-built group: each would give NaN
+    or zero scores, silently."""
+    model, data, _ = setup
+    state = _adam_state(model, data).state_dict()
+    spoil(state)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=0.1, optimizer="adam", optimizer_states=[state])])
+    with pytest.raises(ValueError, match=pattern):
+        sf.fit_factors(model, ClassifyTask(), traj)
+
+
+def test_states_of_other_optimizers_or_the_optimizer_itself_are_refused(setup):
+    model, data, _ = setup
+    for cls in (torch.optim.NAdam, torch.optim.RAdam):
+        opt = cls(model.parameters(), lr=1e-2)
+        ClassifyTask().compute_train_loss(data.tensors, model).backward()
+        opt.step()
+        traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=0.1, optimizer="adam",
+                                         optimizer_states=[opt.state_dict()])])
+        with pytest.raises(ValueError, match=r"parameter group 0 is not torch.optim.Adam's or AdamW's \(it lacks \['amsgrad'\]\)"):
+            sf.fit_factors(model, ClassifyTask(), traj)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=0.1, optimizer="adam",
+                                     optimizer_states=[_adam_state(model, data)])])
+    with pytest.raises(TypeError, match=r"optimizer state 0 is the optimizer itself: pass its state_dict\(\)"):
+        sf.fit_factors(model, ClassifyTask(), traj)
+
+
+def test_factors_of_another_trajectory_are_refused(setup):
+    """Same layout, another optimizer: the factors' Adam preconditioner would be silently dropped or
+    missing. (Other data is fine: the curvature of a subset serves the whole set.)"""
+    model, data, ckpts = setup
+    state = _adam_state(model, data).state_dict()
+    adam = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=0.1, optimizer="adam", optimizer_states=[state])])
+    factors = sf.fit_factors(model, ClassifyTask(), adam)
+    sgd = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=0.1)])
+    with pytest.raises(ValueError, match=r"segment 0: the factors were fitted for an Adam segment, this one's optimizer is 'sgd'"):
+        sf.score(model, ClassifyTask(), sgd, factors, data, data)
+    with pytest.raises(ValueError, match=r"segment 0: the factors were fitted for an SGD segment, this one's optimizer is 'adam'"):
+        sf.score(model, ClassifyTask(), adam, sf.fit_factors(model, ClassifyTask(), sgd), data, data)
+
+
+def test_score_corpus_refuses_bad_sizes_and_a_file_before_writing(setup, tmp_path):
+    model, data, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=0.1)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj)
+    from source_fast.corpus import score_corpus
+
+    for option, pattern in (({"top_k": 2.5}, "top_k must be a positive integer or None, got 2.5"),
+                            ({"shard_size": True}, "shard_size must be a positive integer, got True"),
+                            ({"batch_size": "8"}, "batch_size must be a positive integer, got '8'"),
+                            ({"query_memory_budget": None}, "query_memory_budget must be a number of bytes"),
+                            ({"query_memory_budget": float("inf")}, "positive, finite number of bytes")):
+        with pytest.raises(ValueError, match=re.escape(pattern)):
+            score_corpus(model, ClassifyTask(), traj, factors, data, data, tmp_path / "out", progress=False, **option)
+        assert not (tmp_path / "out").exists()  # nothing that would pin the folder to the refused settings
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"out_dir '.*file' is a file; give a folder"):
+        score_corpus(model, ClassifyTask(), traj, factors, data, data, tmp_path / "file", progress=False)
+    with pytest.raises(ValueError, match=r"the factors' folder '.*file' is a file"):
+        factors.save(tmp_path / "file")
