@@ -156,9 +156,9 @@ class Factors:
             raise FileNotFoundError(f"factor directory {str(path)!r} is incomplete: factors.json is missing")
         try:
             meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{meta_path} is corrupted: {exc}") from None
-        if meta.get("format") != "source_fast.factors":
+        if not isinstance(meta, dict) or meta.get("format") != "source_fast.factors":
             raise ValueError(f"{meta_path} is not a source_fast factor file")
         if meta.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(f"{meta_path} has format version {meta.get('format_version')}, this source_fast reads "
@@ -166,24 +166,44 @@ class Factors:
         tensor_path = path / meta.get("tensors_file", "factors.safetensors")  # format 1: a fixed name
         if not tensor_path.exists():
             raise FileNotFoundError(f"factor directory {str(path)!r} is incomplete: {tensor_path.name} is missing")
-        if sha256_file(tensor_path) != meta["tensors_sha256"]:
-            raise ValueError(f"{tensor_path} is corrupted or was replaced: its checksum does not match factors.json")
-        tensors = load_file(str(tensor_path), device=str(map_location))
-        layers = [LayerSpec(**d) for d in meta["layers"]]
+        try:
+            if sha256_file(tensor_path) != meta["tensors_sha256"]:
+                raise ValueError(f"{tensor_path} is corrupted or was replaced: its checksum does not match factors.json")
+            tensors = load_file(str(tensor_path), device=str(map_location))
+            layers = [LayerSpec(**d) for d in meta["layers"]]
+            layout, fisher, average_params = meta["layout"], meta["fisher"], meta["average_params"]
+            num_examples = meta["num_examples"]
+            if (fisher not in get_args(Fisher) or not isinstance(average_params, bool)
+                    or len(num_examples) != len(layout) or not all(isinstance(c, int) and c > 0 for c in layout)):
+                raise ValueError(f"{meta_path} is damaged: fisher {fisher!r}, average_params {average_params!r}, "
+                                 f"layout {layout!r}, num_examples {num_examples!r}")
+            rows = meta.get("rows", {})
+        except (KeyError, TypeError, AttributeError) as exc:  # a hand-edited or damaged json
+            raise ValueError(f"{meta_path} is damaged ({type(exc).__name__}: {exc}); refit the factors") from None
+        if any(int(k.split("/", 1)[0]) >= len(layout) for k in tensors):
+            raise ValueError(f"{meta_path} names {len(layout)} segment(s), {tensor_path.name} holds more")
         segments = []
-        for ell in range(len(meta["layout"])):
+        for ell in range(len(layout)):
             seg = {}
             for spec in layers:
                 key = lambda f: f"{ell}/{spec.name}/{f}"  # noqa: E731
                 missing = [f for f in ("a_cov", "s_cov", "q_a", "q_s", "lam") if key(f) not in tensors]
                 if missing:
                     raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r} lacks {missing}")
-                seg[spec.name] = LayerFactors(
-                    *(tensors[key(f)] for f in ("a_cov", "s_cov", "q_a", "q_s", "lam")), tensors.get(key("precond")),
-                    meta.get("rows", {}).get(f"{ell}/{spec.name}"),
-                )
+                lf = LayerFactors(*(tensors[key(f)] for f in ("a_cov", "s_cov", "q_a", "q_s", "lam")),
+                                  tensors.get(key("precond")), rows.get(f"{ell}/{spec.name}"))
+                shapes = {"a_cov": (spec.d_a,) * 2, "s_cov": (spec.d_out,) * 2, "q_a": (spec.d_a,) * 2,
+                          "q_s": (spec.d_out,) * 2, "lam": (spec.d_out, spec.d_a), "precond": (spec.d_out, spec.d_a)}
+                for field, shape in shapes.items():
+                    t = getattr(lf, field)
+                    if t is not None and tuple(t.shape) != shape:
+                        raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r}: {field} has shape "
+                                         f"{tuple(t.shape)}, the layer needs {shape}")
+                if not bool(torch.isfinite(lf.lam).all()):
+                    raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r}: Λ holds NaN or inf")
+                seg[spec.name] = lf
             segments.append(seg)
-        return cls(layers, segments, meta["num_examples"], meta["layout"], meta["fisher"], meta["average_params"])
+        return cls(layers, segments, num_examples, layout, fisher, average_params)
 
 
 # ---- fitting ---------------------------------------------------------------------------------

@@ -290,6 +290,29 @@ def test_factor_files_incomplete_corrupted_or_from_another_model(setup, tmp_path
     with pytest.raises(ValueError, match=r"checkpoints per segment \[1\], this one has \[2\]"):
         sf.score(model, ClassifyTask(), sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)]), loaded, data, data)
 
+    # A hand-edited or damaged factors.json (the tensors' checksum is in it, not of it).
+    meta = json.loads((tmp_path / "ok" / "factors.json").read_text())
+    for change, pattern in [
+        ({"layout": [1, 1], "num_examples": [20, 20]}, r"segment 1, module '0' lacks"),
+        ({"layout": [0]}, r"is damaged: fisher 'true', average_params False, layout \[0\], num_examples \[20\]"),
+        ({"fisher": "bogus"}, r"is damaged: fisher 'bogus'"),
+        ({"layers": [{"name": "0"}]}, r"is damaged \(TypeError: "),
+        ({"num_examples": None}, r"is damaged \(TypeError: "),
+    ]:
+        (tmp_path / "ok" / "factors.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ValueError, match=pattern):
+            sf.Factors.load(tmp_path / "ok")
+    two = sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0),
+                                                               sf.Segment(ckpts[1:], data, lr_sum=1.0)]))
+    two.save(tmp_path / "two")
+    meta = json.loads((tmp_path / "two" / "factors.json").read_text())
+    (tmp_path / "two" / "factors.json").write_text(json.dumps({**meta, "layout": [2], "num_examples": [20]}))
+    with pytest.raises(ValueError, match=r"factors.json names 1 segment\(s\), factors\..*\.safetensors holds more"):
+        sf.Factors.load(tmp_path / "two")
+    (tmp_path / "ok" / "factors.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match="factors.json is corrupted"):
+        sf.Factors.load(tmp_path / "ok")
+
 
 def test_a_failed_save_leaves_nothing_behind(setup, tmp_path, monkeypatch):
     import safetensors.torch
