@@ -5,6 +5,10 @@ and, for Λ, kronfluence's default path (fp32 per-example gradients materialized
     python bench/bench_kernels.py --quick --device cpu          # tiny shapes, Triton interpreted
 
 Every backend is checked against the float64 reference on the case before it is timed.
+
+Pairwise scores of several queries over tokens time both token kernels: "triton" is the token-tile kernel
+(run with SOURCE_FAST_PAIRWISE_GEMM=0) and "triton_gemm" the per-example wgmma tile kernel, called directly
+whatever its shape rule says. It is opt-in (SOURCE_FAST_PAIRWISE_GEMM=1) until these timings decide.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness
 
 BENCH = "kernels"
-BACKENDS = ["triton", "torch", "kronfluence"]
+BACKENDS = ["triton", "triton_gemm", "torch", "kronfluence"]
 
 # (label, n, t, d_a, d_out): GPT-2 small MLP (768 <-> 3072, T = 512), a Llama-7B projection (4096², T = 512)
 # and an MLP with one token per example. n = 32 is the engine's default batch: these are per-batch costs.
@@ -31,9 +35,9 @@ GPU_SHAPES = [
     ("llama_4096", 32, 512, 4096, 4096),
     ("mlp_t1", 1024, 1, 1024, 1024),
 ]
-# A short last batch, for pairwise scores only: the token-tile kernel pads examples to its example
-# block, which the first H200 run (n = 4, 0.66× torch) showed.
-GPU_SHORT_BATCH = [("llama_4096_short", 4, 512, 4096, 4096)]
+# Short batches, for pairwise scores only: the token-tile kernel pads examples to its example block, which
+# the first H200 run (n = 4, 0.66× torch) showed; these are also the first run's shapes for both token kernels.
+GPU_SHORT_BATCH = [("gpt2_c_fc_short", 8, 512, 768, 3072), ("llama_4096_short", 4, 512, 4096, 4096)]
 QUICK_SHAPES = [("quick", 3, 5, 24, 17), ("quick_t1", 6, 1, 16, 20)]
 GPU_QUERIES, QUICK_QUERIES = 16, 3
 
@@ -122,9 +126,25 @@ def pairwise_case(n, t, d_a, d_out, dtype, device, q):
     )
 
     def run(backend):
-        return lambda: ops.pairwise_scores(a, g, u, backend=backend)
+        if backend == "triton_gemm":
+            from source_fast import _triton
+            from source_fast.kernels import pairwise
 
-    return case, run, lambda: reference.pairwise_scores(a.double(), g.double(), u.double()), ["triton", "torch"]
+            def gemm():
+                with _triton.on_device(device):  # the launcher past its rule; the inputs need no checks here
+                    return pairwise._pairwise_scores_gemm(a, g, u, None)
+
+            return gemm
+
+        def fn():
+            os.environ["SOURCE_FAST_PAIRWISE_GEMM"] = "0"  # the launcher reads it at every call
+            return ops.pairwise_scores(a, g, u, backend=backend)
+
+        return fn
+
+    # Several queries over tokens: both token kernels (one token or one query take the one-token kernel).
+    backends = ["triton", "triton_gemm", "torch"] if t > 1 and q > 1 else ["triton", "torch"]
+    return case, run, lambda: reference.pairwise_scores(a.double(), g.double(), u.double()), backends
 
 
 def main(argv=None) -> int:

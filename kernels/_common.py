@@ -60,8 +60,9 @@ def mask_u8(mask: torch.Tensor | None, n: int, t: int, device: torch.device) -> 
     return (mask != 0).view(torch.uint8)
 
 
-# CUDA's limit on grid axes 1 and 2 (axis 0 takes 2^31 - 1): launchers chunk whatever they put there.
+# CUDA's limits on grid axes 1 and 2, and on axis 0: launchers chunk whatever they put there.
 MAX_GRID_YZ = 65535
+MAX_GRID_X = 2**31 - 1
 
 
 def int32_safe(x: torch.Tensor, name: str, widened: tuple[int, ...] = (0,), *, copy: bool = True) -> torch.Tensor:

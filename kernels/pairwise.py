@@ -10,16 +10,24 @@ fixed order (deterministic, no atomics).
 One token per example (t == 1, MLPs) takes _pairwise_t1_kernel instead: there G_n is rank one and the
 scores are g_nᵀ (U_q a_n), one GEMM per query with a row-dot epilogue, no token padding. So does a single
 query (q == 1) at any t, with every token a row and the rows summed per example.
+
+Long sequences can take _pairwise_gemm_kernel (opt-in, SOURCE_FAST_PAIRWISE_GEMM=1, until a GPU timing
+decides; see _use_gemm_kernel): one example's (BLOCK_M, BLOCK_N) tile of G_n per program, a plain 2-D
+GEMM over tokens that lowers to wgmma on sm_90 (the 3-D batched dots above lower to mma.sync), then an
+epilogue that dots the tile with each query's matching block.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    MAX_GRID_YZ, _kept_examples, _mma, autotune_configs, check_tokens, dot_precision, int32_safe, is_interpret, mask_u8, split_count,
+    MAX_GRID_X, MAX_GRID_YZ, _example_tile, _kept_examples, _mma, autotune_configs, check_tokens, dot_precision, int32_safe,
+    is_interpret, mask_u8, split_count,
 )
 
 # Small tiles on purpose: the 3-D operand loads carry a 64-bit pointer per element, and larger tiles
@@ -175,6 +183,86 @@ def _pairwise_t1_kernel(
     tl.store(out_ptrs, part, mask=offs_e < n)
 
 
+# One example's tile per program. BLOCK_M × BLOCK_N is the wgmma tile of G_n (d_out rows × d_a columns),
+# BLOCK_T the token step (the GEMM's K). The first config is the interpreter's and must not spill on sm_90
+# (tests/test_kernels_sm90.py records registers and spills per config).
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_T": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_T": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_T": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_T": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 64}, num_warps=4, num_stages=4),
+]
+# The smallest tile over the configs: the most tiles, which sizes the partials buffer.
+_GEMM_MIN_BLOCK = 64
+
+
+@triton.autotune(configs=autotune_configs(_GEMM_CONFIGS), key=["T", "d_out", "d_a", "Q"])
+@triton.jit
+def _pairwise_gemm_kernel(
+    # Pointers
+    a_ptr, g_ptr, mask_ptr, u_ptr, out_ptr,
+    # Sizes
+    n, T, d_out, d_a, Q,
+    # Strides (elements)
+    stride_an, stride_at, stride_ad, stride_gn, stride_gt, stride_gd, stride_mn, stride_mt,
+    stride_uq, stride_um, stride_ud, stride_os, stride_on, stride_oq,
+    # Meta-parameters
+    HAS_MASK: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Long sequences: program (tile, example) forms one (BLOCK_M, BLOCK_N) tile of G_n = Σ_t g_t a_tᵀ as a
+    2-D GEMM over tokens (16-bit operands straight into wgmma, fp32 accumulator; dropped tokens load as 0),
+    then, per query, Σ tile ⊙ U_q[tile] in fp32 into out[tile, n, q]. Each (tile, example, query) slot is
+    written by exactly one program and the launcher sums the tiles in a fixed order: deterministic, no
+    atomics.
+
+    One grid axis, examples fastest: the programs resident together hold the same tiles of several
+    examples, so each U_q block comes from HBM about once and from L2 for the other examples. U is the
+    larger operand per tile: q·BLOCK_M·BLOCK_N·4 bytes (1 MiB at q = 16, 128×128) against the tokens'
+    t·(BLOCK_M + BLOCK_N)·2 (256 KiB at t = 512, bf16), which one example's tiles would share instead
+    (tiles fastest). The one axis also has no 65535 limit (grid axes 1 and 2).
+
+    Precision: the epilogue is fp32 FMA on fp32 operands (no TF32 rounding of U, unlike the tile kernel's
+    query contraction); the tile GEMM is exact products with fp32 sums for 16-bit inputs, TF32 or full
+    fp32 for fp32 inputs as torch's matmul precision says (dot_precision)."""
+    pid = tl.program_id(0)
+    i = pid % n
+    tile_id = pid // n
+    tiles_n = tl.cdiv(d_a, BLOCK_N)
+    offs_m = (tile_id // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile_id % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile = _example_tile(
+        a_ptr, g_ptr, mask_ptr, i, offs_m, offs_n, T, d_out, d_a,
+        stride_an, stride_at, stride_ad, stride_gn, stride_gt, stride_gd, stride_mn, stride_mt,
+        HAS_MASK, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_T,
+    )
+    # The epilogue works on the tile flattened, in the 1-D layout of the U loads: Triton then converts the
+    # tile once, here, where a 2-D product kept it in the MMA layout and converted every U_q block through
+    # shared memory inside the query loop (64 KiB per query at 128×128; seen in the sm_90 TTGIR, Triton 3.6
+    # and 3.9), which would cost the shared-memory bandwidth the U loads need.
+    offs_k = tl.arange(0, BLOCK_M * BLOCK_N)
+    rows = (tile_id // tiles_n) * BLOCK_M + offs_k // BLOCK_N
+    cols = (tile_id % tiles_n) * BLOCK_N + offs_k % BLOCK_N
+    flat = tl.reshape(tile, (BLOCK_M * BLOCK_N,))
+    # 32-bit offsets within one query (int32_safe) and a scalar base pointer stepped per query: a block of
+    # 64-bit pointers would take two registers per element next to the fp32 tile.
+    u_offs = rows * stride_um + cols * stride_ud
+    u_ok = (rows < d_out) & (cols < d_a)
+    u_q = u_ptr
+    out_q = out_ptr + tile_id.to(tl.int64) * stride_os + i.to(tl.int64) * stride_on  # tiles·n·q may pass 2^31
+    # U_q+1 is loaded before U_q is reduced (the launcher has Q ≥ 1): the U reads bound this kernel, and with
+    # one CTA of a 128×128 config per SM only one query's block would be in flight otherwise.
+    u = tl.load(u_q + u_offs, mask=u_ok, other=0.0)
+    for _ in range(1, Q):
+        u_q += stride_uq
+        u_next = tl.load(u_q + u_offs, mask=u_ok, other=0.0)
+        tl.store(out_q, tl.sum(flat * u.to(tl.float32)))
+        out_q += stride_oq
+        u = u_next
+    tl.store(out_q, tl.sum(flat * u.to(tl.float32)))
+
+
 def pairwise_scores(
     a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -206,6 +294,8 @@ def pairwise_scores(
         rows = _pairwise_scores_t1(a.reshape(n * t, 1, d_a), g.reshape(n * t, 1, d_out), u,
                                    None if m is None else m.reshape(n * t, 1))
         return rows.view(n, t).sum(1, keepdim=True)
+    if _use_gemm_kernel(t, d_out, d_a, q):
+        return _pairwise_scores_gemm(a, g, u, m)
     # Query blocks go on grid axis 1: more than MAX_GRID_YZ of them run as several launches.
     chunk = MAX_GRID_YZ * _MAX_BLOCK_Q
     if q > chunk:
@@ -247,3 +337,61 @@ def _pairwise_scores_t1(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, m: to
         HAS_MASK=m is not None, DOT_PRECISION=dot_precision(a.dtype),
     )
     return out[0] if split == 1 else out.sum(0)
+
+
+# When _pairwise_gemm_kernel takes a call (with SOURCE_FAST_PAIRWISE_GEMM=1; see _use_gemm_kernel).
+_GEMM_MIN_T = 64  # tokens: the K of its tile GEMM
+_GEMM_MIN_D = 64  # d_out and d_a: one full tile of the smallest config
+_GEMM_TOKENS_PER_QUERY = 8  # t / q: the tile GEMM against the epilogue's U traffic
+
+
+def _use_gemm_kernel(t: int, d_out: int, d_a: int, q: int) -> bool:
+    """Whether pairwise scores of t ≥ 2 tokens and q ≥ 2 queries take _pairwise_gemm_kernel.
+
+    Opt-in (SOURCE_FAST_PAIRWISE_GEMM=1) until it has been timed against _pairwise_kernel on a GPU. Per
+    example and per element of (d_out, d_a), for 16-bit inputs and fp32 U:
+      - its tile GEMM does 2·t FLOPs on wgmma and reads 2·t·(1/BLOCK_M + 1/BLOCK_N) bytes of a and g: 64
+        FLOP/B at 128×128, where the token-tile kernel's 16×32 tiles get 10.7 on mma.sync (6-7 % of roofline
+        on the first H200 run, about 16-33 TFLOP/s);
+      - its epilogue does 2·q fp32 FLOPs on the FMA units and reads 4·q bytes of U, from L2 for all but
+        about one example per tile; the token-tile kernel contracts queries on tensor cores, reading U once
+        per block of 16-32 examples.
+    At 742 TFLOP/s (bf16, measured) the tile GEMM is the small part: this kernel runs at about 4·q bytes
+    per L2 bandwidth (a few TB/s), the token-tile kernel at about 2·t FLOPs per 25 TFLOP/s, so this one wins
+    from t ≈ 2·25/6 · q ≈ 8·q (t = 512, q = 16: by about 5x on paper). t ≥ 64: shorter sequences give the
+    GEMM only one or two token steps; d_out, d_a ≥ 64: a smaller layer would be mostly tile padding. The
+    three constants are estimates for the GPU timing to settle."""
+    if os.environ.get("SOURCE_FAST_PAIRWISE_GEMM") != "1":
+        return False
+    return t >= _GEMM_MIN_T and min(d_out, d_a) >= _GEMM_MIN_D and t >= _GEMM_TOKENS_PER_QUERY * q
+
+
+def _pairwise_scores_gemm(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """pairwise_scores through _pairwise_gemm_kernel (checked, non-empty arguments, any t and q)."""
+    n, t, d_a = a.shape
+    q, d_out = u.shape[0], u.shape[1]
+    max_tiles = triton.cdiv(d_out, _GEMM_MIN_BLOCK) * triton.cdiv(d_a, _GEMM_MIN_BLOCK)
+    # Grid axis 0 holds tiles × examples, at most MAX_GRID_X: more examples than that run as several launches.
+    chunk = max(1, MAX_GRID_X // max_tiles)
+    if n > chunk:
+        return torch.cat([_pairwise_scores_gemm(a[s : s + chunk], g[s : s + chunk], u,
+                                                None if m is None else m[s : s + chunk]) for s in range(0, n, chunk)])
+    # Sized for the smallest tile; the launch fills the first `tiles` slabs of its config (the grid function
+    # sees the config the autotuner launches last, which is the one kept), and only those are summed, so
+    # what other configs left behind while being benchmarked is never read.
+    out = torch.empty((max_tiles, n, q), device=a.device, dtype=torch.float32)
+    tiles = 0
+
+    def grid(meta):
+        nonlocal tiles
+        tiles = triton.cdiv(d_out, meta["BLOCK_M"]) * triton.cdiv(d_a, meta["BLOCK_N"])
+        return (tiles * n,)
+
+    _pairwise_gemm_kernel[grid](
+        a, g, m if m is not None else a, u, out,  # the mask pointer is unread without HAS_MASK
+        n, t, d_out, d_a, q,
+        *a.stride(), *g.stride(), *(m.stride() if m is not None else (0, 0)),
+        *u.stride(), *out.stride(),
+        HAS_MASK=m is not None, UPCAST_DOT=is_interpret(), DOT_PRECISION=dot_precision(a.dtype),
+    )
+    return out[:tiles].sum(0)

@@ -34,7 +34,8 @@ def test_bench_kernels_quick_writes_valid_jsonl(tmp_path, dtype):
         assert rec["dtype"] == dtype and rec["device"] == "cpu"
     ops = {r["op"] for r in records}
     assert ops == {"accumulate_lambda_", "self_scores", "pairwise_scores"}
-    assert {r["backend"] for r in records} == {"triton", "torch", "kronfluence"}
+    assert {r["backend"] for r in records} == {"triton", "triton_gemm", "torch", "kronfluence"}
+    assert {r["op"] for r in records if r["backend"] == "triton_gemm"} == {"pairwise_scores"}
     # Every backend was checked before it was timed: each matches the float64 reference.
     assert all(r["sqnr_db"] > 40 for r in records), [(r["op"], r["backend"], r["sqnr_db"]) for r in records]
     # A second run compared against the first finds every case (and no regression gate fires without a limit).

@@ -449,6 +449,81 @@ def test_t1_split_reductions_match_unsplit_and_repeat(device, monkeypatch):
     assert torch.equal(ops.self_scores(a, g, scale, mask, backend="triton"), s_split)
 
 
+# Long sequences can take _pairwise_gemm_kernel (opt-in, SOURCE_FAST_PAIRWISE_GEMM=1): one example's
+# 128×128 tile (the interpreter's config) per program over tokens, then an fp32 epilogue per query into
+# per-tile partials. The shapes are not multiples of the tile or the 64-token step; the tests call the
+# launcher directly, past the rule that picks it (which the dispatch test below checks).
+GEMM_SHAPES = [(3, 70, 150, 130), (2, 7, 33, 65), (4, 1, 20, 13)]  # n, t, d_a, d_out
+
+
+def _gemm_scores(a, g, u, mask):
+    from source_fast.kernels import _common, pairwise
+
+    return pairwise._pairwise_scores_gemm(a, g, u, _common.mask_u8(mask, a.shape[0], a.shape[1], a.device))
+
+
+@pytest.mark.parametrize("n, t, d_a, d_out", GEMM_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, mask_kind", VARIANTS)
+@pytest.mark.parametrize("q", [1, 17])
+def test_pairwise_gemm_matches_reference(n, t, d_a, d_out, dtype, layout, mask_kind, q, device):
+    _require_triton("pairwise_scores", device, dtype)
+    a = _tokens(n, t, d_a, dtype, device, layout)
+    g = _tokens(n, t, d_out, dtype, device, layout)
+    mask = _mask(n, t, device, mask_kind)
+    if mask is not None:
+        mask[-1] = 0  # an example with every token dropped scores exactly 0
+    u = torch.randn(q, d_out, d_a, device=device)
+    if layout != "contiguous":
+        u = torch.randn(q, d_a, d_out, device=device).transpose(1, 2)  # feature-major
+    if q == 1:
+        u = u.to(dtype)  # U in the inputs' dtype: the epilogue upcasts it
+    out = _gemm_scores(a, g, u, mask)
+    m64 = None if mask is None else mask.cpu()
+    ref64 = reference.pairwise_scores(a.double().cpu(), g.double().cpu(), u.double().cpu(), m64)
+    _assert_close(out, ref64, reference.pairwise_scores(a, g, u, mask), dtype)
+    if mask is not None:
+        assert torch.equal(out[-1], torch.zeros(q, device=device))
+
+
+@pytest.mark.parametrize("gemm, t, q", [("1", 64, 8), ("1", 64, 9), ("0", 64, 8), ("1", 63, 2)])
+def test_pairwise_gemm_is_opt_in_and_follows_the_rule(gemm, t, q, device, monkeypatch):
+    """SOURCE_FAST_PAIRWISE_GEMM=1 sends t ≥ 64, t ≥ 8·q, d_out, d_a ≥ 64 to _pairwise_gemm_kernel; anything
+    else (and everything without the flag) to the token-tile kernel. Both give the same scores, and the GEMM
+    kernel's per-tile partials are summed in a fixed order: reruns agree bit for bit."""
+    _require_triton("pairwise_scores", device, torch.float32)
+    from source_fast.kernels import pairwise
+
+    monkeypatch.setenv("SOURCE_FAST_PAIRWISE_GEMM", gemm)
+    spies = {}
+    for name in ("_pairwise_kernel", "_pairwise_gemm_kernel"):
+        spies[name] = _LaunchSpy(getattr(pairwise, name))
+        monkeypatch.setattr(pairwise, name, spies[name])
+    a, g = torch.randn(3, t, 130, device=device), torch.randn(3, t, 70, device=device)
+    mask = torch.rand(3, t, device=device) > 0.2
+    u = torch.randn(q, 70, 130, device=device)
+    out = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    taken = int(gemm == "1" and t >= 64 and t >= 8 * q)
+    assert {k: s.launches for k, s in spies.items()} == {"_pairwise_kernel": 1 - taken, "_pairwise_gemm_kernel": taken}
+    ref64 = reference.pairwise_scores(a.double().cpu(), g.double().cpu(), u.double().cpu(), mask.cpu())
+    _assert_close(out, ref64, reference.pairwise_scores(a, g, u, mask), torch.float32)
+    if taken:
+        assert torch.equal(ops.pairwise_scores(a, g, u, mask, backend="triton"), out)
+
+
+def test_pairwise_gemm_grid_limit_is_chunked(device, monkeypatch):
+    """Tiles × examples share grid axis 0 (2^31 - 1 programs): past it the launcher splits the examples."""
+    _require_triton("pairwise_scores", device, torch.float32)
+    from source_fast.kernels import pairwise
+
+    a, g = torch.randn(5, 6, 70, device=device), torch.randn(5, 6, 130, device=device)
+    mask = torch.rand(5, 6, device=device) > 0.2
+    u = torch.randn(3, 130, 70, device=device)
+    whole = _gemm_scores(a, g, u, mask)
+    monkeypatch.setattr(pairwise, "MAX_GRID_X", 2 * 3 * 2)  # 6 tiles of 64² at most: two examples a launch
+    assert torch.equal(_gemm_scores(a, g, u, mask), whole)
+
+
 # ---- realistic sizes, native bf16/fp16 MMA: GPU only -------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -488,6 +563,31 @@ def test_cuda_pairwise_at_scale(t, d_a, d_out, q):
     out = ops.pairwise_scores(a, g, u, backend="triton")
     ref64 = reference.pairwise_scores(a.double(), g.double(), u.double())
     _assert_close(out, ref64, reference.pairwise_scores(a, g, u), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_pairwise_gemm_at_scale(dtype, monkeypatch):
+    """The wgmma tile kernel (SOURCE_FAST_PAIRWISE_GEMM=1) compiled and autotuned at a GPT-2-like size, with
+    tails in every dimension (d_out, d_a not multiples of 64, t not of the token step) and a mask."""
+    monkeypatch.setenv("SOURCE_FAST_PAIRWISE_GEMM", "1")
+    from source_fast.kernels import pairwise
+
+    dev = torch.device("cuda")
+    n, t, d_a, d_out, q = 6, 300, 1030, 770, 20
+    a = torch.randn(n, t, d_a, device=dev).to(dtype)
+    g = torch.randn(n, t, d_out, device=dev).to(dtype)
+    mask = torch.rand(n, t, device=dev) > 0.1
+    mask[-1] = False
+    u = torch.randn(q, d_out, d_a, device=dev)
+    spy = _LaunchSpy(pairwise._pairwise_gemm_kernel)
+    monkeypatch.setattr(pairwise, "_pairwise_gemm_kernel", spy)
+    out = ops.pairwise_scores(a, g, u, mask, backend="triton")
+    assert spy.launches == 1
+    _assert_close(out, reference.pairwise_scores(a.double(), g.double(), u.double(), mask),
+                  reference.pairwise_scores(a, g, u, mask), dtype)
+    assert torch.equal(out[-1], torch.zeros(q, device=dev))
 
 
 @pytest.mark.cuda

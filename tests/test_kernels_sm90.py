@@ -52,6 +52,11 @@ def _specs():
             (f"pairwise/{dt}", pairwise._pairwise_kernel,
              {"a_ptr": dt, "g_ptr": dt, "mask_ptr": "u8", "u_ptr": "fp32", "out_ptr": "fp32"},
              {"HAS_MASK": True, "UPCAST_DOT": False, "DOT_PRECISION": prec}, None),
+            # Long sequences (opt-in): one example's tile as a 2-D GEMM over tokens, 16-bit operands straight
+            # into wgmma (the batched 3-D dots of the kernel above lower to mma.sync), fp32 FMA epilogue.
+            (f"pairwise_gemm/{dt}", pairwise._pairwise_gemm_kernel,
+             {"a_ptr": dt, "g_ptr": dt, "mask_ptr": "u8", "u_ptr": "fp32", "out_ptr": "fp32"},
+             {"HAS_MASK": True, "UPCAST_DOT": False, "DOT_PRECISION": prec}, mma16),
             # T = 1 (one token per example): fp32 operands, TF32 MMA for 16-bit inputs, FMA for ieee fp32.
             (f"pairwise_t1/{dt}", pairwise._pairwise_t1_kernel,
              {"a_ptr": dt, "g_ptr": dt, "mask_ptr": "u8", "u_ptr": "fp32", "out_ptr": "fp32"},
@@ -173,6 +178,9 @@ def test_kernels_compile_for_sm90():
         firsts.setdefault(r["kernel"], r)
     spilling = {k: r["spill_bytes"] for k, r in firsts.items() if r["spill_bytes"]}
     assert not spilling, f"first configs spill: {spilling}"
+    # The long-sequence pairwise kernel exists for its speed on sm_90: none of its configs may spill.
+    gemm = {f"{r['kernel']} {r['config']}": r["spill_bytes"] for r in rows if r["kernel"].startswith("pairwise_gemm/")}
+    assert gemm and not any(gemm.values()), f"pairwise_gemm spills: {gemm}"
 
 
 if __name__ == "__main__":
