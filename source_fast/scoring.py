@@ -401,7 +401,9 @@ def score(
       "repsim"      cosine similarity of the last tracked layer's inputs (unitless)
       "unroll"      exact unrolled differentiation of the recorded run `record` (small models only;
                     in f's units, no 1/N: it is the first-order leave-one-out change itself)
-    damping: for "ekfac" and "trak" (SOURCE needs none: F(0) = c).
+    damping, trak_dim, seed, record: only for the methods that read them (damping: "ekfac" and "trak",
+        default "heuristic"; trak_dim (default 256) and seed (default 0): "trak"; record: "unroll");
+        given to another method they are refused, not dropped. SOURCE needs no damping: F(0) = c.
     query_memory_budget: bytes for prepared queries; more queries go in blocks, each block re-reading
         the training data once per checkpoint (kronfluence re-reads it for every query batch). None:
         automatic_query_budget(the model's device), half the free GPU memory or a quarter of the
