@@ -124,7 +124,7 @@ def score_corpus(
         raise ValueError("query_memory_budget must be a number of bytes for score_corpus (default "
                          f"{DEFAULT_QUERY_MEMORY_BUDGET})")
     check_folder(out_dir, "out_dir")
-    specs, (damping, _, _), query_data, n_train, n_query = check_request(
+    specs, (damping, _, _, query_memory_budget), query_data, n_train, n_query = check_request(
         model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget)
     # Before the manifest is written: a refused setting must not pin out_dir to it.
     segments = used_segments(trajectory, method, train_data, train_segments)

@@ -74,7 +74,7 @@ def _check_method(method: str) -> None:
 def _segments_for(trajectory: Trajectory, train_data: Any, train_segments) -> list[int]:
     """Which segments trained on train_data: a stage's examples get nothing from the other stages."""
     n_seg = len(trajectory.segments)
-    if train_segments == "all":
+    if isinstance(train_segments, str) and train_segments == "all":  # (an array == "all" is elementwise)
         return list(range(n_seg))
     if train_segments is None:
         found = [i for i, s in enumerate(trajectory.segments) if s.data is train_data]
@@ -423,7 +423,7 @@ def score(
         examples, each piece scored at every checkpoint) or a DataLoader that reads in order (its own
         batch size and collate_fn then apply); query_data likewise (a stream's queries are held in memory).
     """
-    specs, (damping, trak_dim, seed), query_data, n_train, n_query = check_request(
+    specs, (damping, trak_dim, seed, query_memory_budget), query_data, n_train, n_query = check_request(
         model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget,
         trak_dim, seed, record)
     for flag, value in (("per_token", per_token), ("per_module", per_module), ("sum_queries", sum_queries)):
@@ -469,11 +469,10 @@ def score(
 def check_request(model, task, trajectory, factors, method, train_data, query_data, damping, query_rank,
                   query_memory_budget, trak_dim=None, seed=None, record=None):
     """The checks score and score_corpus make before any pass. Returns the tracked layers, the
-    resolved (damping, trak_dim, seed), the queries held in memory and both sizes."""
+    resolved (damping, trak_dim, seed, query_memory_budget), the queries held in memory and both sizes."""
     specs = _validate(model, task, trajectory, factors, method)
-    options = method_options(method, damping, trak_dim, seed, record)
+    options = (*method_options(method, damping, trak_dim, seed, record), check_query_budget(query_memory_budget))
     check_query_rank(query_rank)
-    check_query_budget(query_memory_budget)
     query_data = materialize(query_data)
     n_train, n_query = length(train_data), length(query_data)
     if n_query == 0 or n_train == 0:
@@ -496,10 +495,12 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
     return ("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim), (0 if seed is None else seed)
 
 
-def check_query_budget(budget: Any) -> None:
+def check_query_budget(budget: Any) -> int | None:
+    """The budget as whole bytes (2**30 * 0.5 is a fine way to say it), or None."""
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
-                               or not 0 < budget < math.inf):
+                               or not 1 <= budget < math.inf):
         raise ValueError(f"query_memory_budget must be a positive, finite number of bytes or None, got {budget!r}")
+    return None if budget is None else int(budget)
 
 
 def check_query_rank(query_rank: Any) -> None:

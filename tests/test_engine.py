@@ -8,6 +8,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from _helpers import (
@@ -959,6 +960,11 @@ def test_scoring_options_are_checked(setup):
             sf.score(model, task, traj, factors, data, queries, train_segments=bad)
     _close(sf.score(model, task, traj, factors, data, queries, train_segments=torch.tensor([0, 1])),
            sf.score(model, task, traj, factors, data, queries, train_segments=[0, 1]))
+    _close(sf.score(model, task, traj, factors, data, queries, train_segments=np.array([0, 1])),
+           sf.score(model, task, traj, factors, data, queries, train_segments=[0, 1]))
+    # A budget as a float (2**30 * 0.5 is a natural way to write one) is whole bytes, several blocks here.
+    _close(sf.score(model, task, traj, factors, data, queries, query_memory_budget=1500.0),
+           sf.score(model, task, traj, factors, data, queries))
     for bad in (2.5, True, 0):
         with pytest.raises(ValueError, match=r"query_rank must be a positive integer or None, got"):
             sf.score(model, task, traj, factors, data, queries, query_rank=bad)
