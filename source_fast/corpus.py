@@ -134,7 +134,9 @@ def score_corpus(
     # The query blocks are part of the run: a shard holds one block's queries, so a resume that cut the
     # queries otherwise (another budget rule) would take old shards for finished ones.
     options = {"damping": damping, "shard_size": shard_size, "top_k": top_k, "query_rank": query_rank,
-               "query_memory_budget": query_memory_budget, "train_segments": train_segments,
+               "query_memory_budget": query_memory_budget,
+               "train_segments": train_segments if train_segments is None or isinstance(train_segments, str)
+               else [int(i) for i in train_segments],  # a numpy array or tensor, as json
                "query_blocks": [[b.start, b.stop] for b in blocks]}
     fingerprint = _fingerprint(task, trajectory, factors, method, options, train_data, query_data, collate_fn)
     _check_or_write_manifest(out, fingerprint, rank, world, model_device(model))

@@ -678,12 +678,16 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         if "state" not in state or "param_groups" not in state:
             raise ValueError(f"{where} is not an optimizer state_dict (needs 'state', 'param_groups')")
         for g, group in enumerate(state["param_groups"]):
-            # NAdam's and RAdam's states also hold exp_avg_sq and betas, but their steps are not Adam's;
-            # they have no amsgrad.
-            missing = sorted({"betas", "eps", "amsgrad"} - set(group))
-            if missing:
-                raise ValueError(f"{where}: parameter group {g} is not torch.optim.Adam's or AdamW's (it lacks "
-                                 f"{missing})")
+            # NAdam's and RAdam's states also hold exp_avg_sq and betas, but their steps are not Adam's:
+            # NAdam's groups have momentum_decay, RAdam's are torch's (differentiable) without amsgrad.
+            # Other libraries' Adams (transformers', DeepSpeed's) have no amsgrad either: read as False.
+            missing = sorted({"betas", "eps"} - set(group))
+            other = "momentum_decay" in group or ("differentiable" in group and "amsgrad" not in group)
+            uncorrected = group.get("correct_bias", True) is False or group.get("bias_correction", True) is False
+            if missing or other or uncorrected:
+                why = (f"it lacks {missing}" if missing else "its steps are NAdam's or RAdam's" if other
+                       else "it skips Adam's bias correction, which P = 1/(√v̂ + ε) assumes")
+                raise ValueError(f"{where}: parameter group {g} is not Adam's or AdamW's ({why})")
         index = _optimizer_indices(model, state["param_groups"], where)
         index_group = {i: g for g in state["param_groups"] for i in g["params"]}
         p_by_name, wd_by_name, steps = {}, {}, []

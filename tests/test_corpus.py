@@ -339,6 +339,14 @@ def test_torchrun_ranks_draw_independent_true_fisher_labels(tmp_path):
     assert rank0.shape == rank1.shape and not torch.equal(rank0, rank1)
 
 
+def test_train_segments_as_an_array(reference, tmp_path):
+    import numpy as np
+
+    model, task, data, queries, traj, factors, full = reference
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, train_segments=np.array([0, 1]), progress=False)
+    assert torch.allclose(load_scores(tmp_path), full, rtol=1e-5, atol=1e-7)
+
+
 def test_a_checkpoint_is_its_weights_whatever_its_form(tmp_path):
     """Ranks and resumed runs compare checkpoints by their weights: a state_dict in another key order,
     a safetensors file and a torch.save file of the same weights are one checkpoint; other weights or

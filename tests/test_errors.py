@@ -446,7 +446,8 @@ def _adam_state(model, data):
      r"optimizer state 0: the exp_avg_sq of parameter '0.weight' holds NaN, infinite or negative values"),
     (lambda st: st["state"][2]["exp_avg_sq"].view(-1)[0].fill_(-1.0), r"parameter '2.weight' holds NaN, infinite or negative"),
     (lambda st: st["state"][0].update(step=torch.tensor(0.0)), r"parameter '0.weight' records step .*needs the number of steps"),
-    (lambda st: st["param_groups"][0].pop("betas"), r"parameter group 0 is not torch.optim.Adam's or AdamW's \(it lacks \['betas'\]\)"),
+    (lambda st: st["param_groups"][0].pop("betas"), r"parameter group 0 is not Adam's or AdamW's \(it lacks \['betas'\]\)"),
+    (lambda st: st["param_groups"][0].update(correct_bias=False), r"it skips Adam's bias correction"),
 ])
 def test_adam_states_that_cannot_be_a_run_are_named(setup, spoil, pattern):
     """A diverged run's NaN second moments, a step count of 0, a hand-built group: each would give NaN
@@ -467,12 +468,21 @@ def test_states_of_other_optimizers_or_the_optimizer_itself_are_refused(setup):
         opt.step()
         traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=0.1, optimizer="adam",
                                          optimizer_states=[opt.state_dict()])])
-        with pytest.raises(ValueError, match=r"parameter group 0 is not torch.optim.Adam's or AdamW's \(it lacks \['amsgrad'\]\)"):
+        with pytest.raises(ValueError, match=r"parameter group 0 is not Adam's or AdamW's \(its steps are NAdam's or RAdam's\)"):
             sf.fit_factors(model, ClassifyTask(), traj)
     traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=0.1, optimizer="adam",
                                      optimizer_states=[_adam_state(model, data)])])
     with pytest.raises(TypeError, match=r"optimizer state 0 is the optimizer itself: pass its state_dict\(\)"):
         sf.fit_factors(model, ClassifyTask(), traj)
+    # Other libraries' Adams (transformers', DeepSpeed's) save torch's per-parameter state but groups
+    # without amsgrad: they are Adam's, and fit as torch's does.
+    torch_state = _adam_state(model, data).state_dict()
+    theirs = {"state": torch_state["state"], "param_groups": [
+        {k: group[k] for k in ("params", "lr", "betas", "eps", "weight_decay")} | {"correct_bias": True}
+        for group in torch_state["param_groups"]]}
+    fits = [sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment(
+        [model.state_dict()], data, lr_sum=0.1, optimizer="adam", optimizer_states=[st])])) for st in (torch_state, theirs)]
+    assert torch.equal(fits[0].segments[0]["0"].precond, fits[1].segments[0]["0"].precond)
 
 
 def test_factors_of_another_trajectory_are_refused(setup):
