@@ -210,9 +210,15 @@ def _ekfac_damping(damping: Damping, lf: LayerFactors, horizon: float, name: str
 def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: Damping, name: str) -> Tensor:
     """The preconditioner's diagonal in the eigenbasis of a one-segment method: EK-FAC's 1/(Λ + λ), or
     the segment's SOURCE factor."""
-    if method == "ekfac":
-        return 1.0 / (lf.lam.clamp_min(0) + _ekfac_damping(damping, lf, seg.horizon, name))  # round-off negatives
-    return _segment_scales(seg, lf, name)[0]
+    if method != "ekfac":
+        return _segment_scales(seg, lf, name)[0]
+    lam = lf.lam.clamp_min(0)  # round-off negatives
+    if damping == "implied" and seg.optimizer != "sgd":
+        # One Adam segment's F = p̃(1 − e^{−cσ})/σ (σ = p̃Λ) acts like 1/(Λ + 1/(c·p̃)): a damping per
+        # eigen-direction, the counterpart of SGD's 1/c (an Adam step is c·P, not c).
+        _damping_value(damping, lf, seg.horizon, name)  # refuses c = 0
+        return 1.0 / (lam + 1.0 / (seg.horizon * _eigen_precond(lf, name)))
+    return 1.0 / (lam + _ekfac_damping(damping, lf, seg.horizon, name))
 
 
 def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajectory: Trajectory, factors: Factors,
@@ -252,6 +258,13 @@ def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajector
     return us
 
 
+def _eigen_precond(lf: LayerFactors, name: str) -> Tensor:
+    """Adam's P by its diagonal in the layer's eigenbasis: p̃ = (Q_S∘Q_S)ᵀ P (Q_A∘Q_A), (d_out, d_a)."""
+    if lf.precond is None:
+        raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
+    return (lf.q_s**2).T @ lf.precond @ lf.q_a**2
+
+
 def _into_basis(v: Tensor, old: tuple[int, LayerFactors], new: LayerFactors) -> Tensor:
     """v given in the eigenbasis of old = (segment, factors), expressed in `new`'s."""
     return (old[1].q_s.T @ new.q_s).T @ v @ (old[1].q_a.T @ new.q_a)
@@ -275,9 +288,7 @@ def _segment_scales(seg: Segment, lf: LayerFactors, name: str, need_u: bool = Tr
     if seg.optimizer == "sgd":
         p, sigma = None, lam + wd
     else:
-        if lf.precond is None:
-            raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
-        p = (lf.q_s**2).T @ lf.precond @ lf.q_a**2
+        p = _eigen_precond(lf, name)
         sigma = p * (lam + wd) if seg.optimizer == "adam" else p * lam + wd
     shrink = torch.exp(-seg.horizon * sigma) if need_shrink else None
     if not need_u:

@@ -353,14 +353,19 @@ class Trajectory:
 
     def final(self) -> Trajectory:
         """One segment holding only the final checkpoint: what EK-FAC influence functions use. Its
-        horizon is the whole run's, so damping="implied" gives 1/c of the run. That is SOURCE's damping
-        for SGD; an Adam step is c·P, not c, so for Adam runs give the damping as a number.
+        horizon is the whole run's, so damping="implied" gives 1/c of the run, SOURCE's damping for
+        SGD. A run whose last segment is Adam/AdamW gives an Adam segment with the last optimizer state
+        and its decay: "implied" is then 1/(c·p̃) per eigen-direction (an Adam step is c·P, not c).
+        Horizons of SGD and Adam segments are added as they are (their units differ).
 
         An SGD run's weight decay is kept as the horizon-weighted mean Σ c_ℓ wd_ℓ / Σ c_ℓ (per module
-        where the segments give a dict): the run's exponent Σ c_ℓ (H + wd_ℓ) at one curvature H.
-        Adam's decay acts through its states, which this SGD segment does not have: it is dropped."""
+        where the segments give a dict): the run's exponent Σ c_ℓ (H + wd_ℓ) at one curvature H."""
         last = self.segments[-1]
         total = sum(s.horizon for s in self.segments)
+        if last.optimizer != "sgd":  # an Adam run: its last state gives P, its decay stays with it
+            return Trajectory([Segment([last.checkpoints[-1]], last.data, lr_sum=total, num_examples=last.num_examples,
+                                       optimizer=last.optimizer, optimizer_states=[last.optimizer_states[-1]],
+                                       weight_decay=last.weight_decay)])
         return Trajectory(
             [Segment([last.checkpoints[-1]], last.data, lr_sum=total, num_examples=last.num_examples,
                      weight_decay=self._mean_decay(total))]

@@ -533,7 +533,7 @@ def test_segment_weight_decay_must_be_the_optimizers(setup):
 def test_final_keeps_an_sgd_runs_weight_decay(setup):
     """final()'s one segment spans the run: its decay is the horizon-weighted mean Σ c_ℓ wd_ℓ / Σ c_ℓ,
     so its exponent is the run's Σ c_ℓ (H + wd_ℓ) (per module when a segment gives a dict); an Adam
-    run's decay lives in its states and is dropped."""
+    run's final segment is Adam's, with its last state and decay."""
     model, data, _, ckpts = setup
     segs = [sf.Segment(ckpts[:2], data, lr_sum=1.0, momentum=0.5, weight_decay=1e-3),  # c = 2
             sf.Segment(ckpts[2:], data, lr_sum=2.0, weight_decay={"0": 4e-3, "2": 1e-2})]
@@ -549,7 +549,37 @@ def test_final_keeps_an_sgd_runs_weight_decay(setup):
     task = ClassifyTask()
     states = _as_trained_with(_adam_states(model, task, data, ckpts[:1]), 0.1, True)
     adamw = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=states, weight_decay=0.1)
-    assert sf.Trajectory([adamw]).final().segments[0].weight_decay == 0.0
+    final = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=1.0), adamw]).final().segments[0]
+    assert (final.optimizer, final.weight_decay, final.horizon) == ("adamw", 0.1, 1.5)
+    assert final.optimizer_states == [states[-1]]
+
+
+def test_implied_damping_of_an_adam_run_is_one_over_c_p(setup):
+    """EK-FAC with damping="implied" at an Adam run's final checkpoint: 1/(Λ + 1/(c·p̃)) per
+    eigen-direction, the large-c form of one Adam segment's F = p̃(1 − e^{−cσ})/σ, as 1/(Λ + 1/c) is
+    SGD's. Dense: K diag(1/(Λ + 1/(c p̃))) Kᵀ per layer, p̃ from the optimizer state by hand."""
+    model, data, queries, ckpts = setup
+    task = ClassifyTask()
+    states = _adam_states(model, task, data, ckpts[:2])
+    run = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=0.2, optimizer="adam", optimizer_states=states[:1]),
+                         sf.Segment(ckpts[1:2], data, lr_sum=0.3, optimizer="adam", optimizer_states=states[1:])])
+    final = run.final()
+    factors = sf.fit_factors(model, task, final)
+    scores = sf.score(model, task, final, factors, data, queries, method="ekfac", damping="implied")
+    params = dict(model.named_parameters())
+    per = {}
+    for i, name in enumerate(params):
+        s = states[1]["state"][i]
+        per[name] = 1 / ((s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt() + 1e-6)
+    blocks = []
+    for n in LAYERS:
+        lf = factors.segments[0][n]
+        p = torch.cat([per[f"{n}.weight"], per[f"{n}.bias"][:, None]], 1)
+        pt = (lf.q_s**2).T @ p @ lf.q_a**2
+        k = torch.kron(lf.q_s, lf.q_a)
+        blocks.append(k @ torch.diag((1 / (lf.lam.clamp_min(0) + 1 / (0.5 * pt))).reshape(-1)) @ k.T)
+    v, g = _grads(model, ckpts[1], queries), _grads(model, ckpts[1], data)
+    _close(scores, v @ torch.block_diag(*blocks) @ g.T / len(data))
 
 
 def test_a_segment_with_zero_learning_rate_is_frozen(setup):

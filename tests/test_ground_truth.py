@@ -235,15 +235,19 @@ def _adam_ground_truth(flavour, weight_decay):
 @pytest.mark.parametrize("flavour, weight_decay", [("adam", 0.0), ("adamw", 0.1)])
 def test_source_with_adam_tracks_exact_unrolling(flavour, weight_decay):
     """SOURCE's Adam segments (P by its diagonal in each eigenbasis, no damping) against the derivative
-    through the actual Adam/AdamW run: better than EK-FAC influence at the final weights."""
+    through the actual Adam/AdamW run: better than EK-FAC influence at the final weights, whose
+    damping "implied" (1/(c·p̃)) beats the heuristic one."""
     model, task, train, queries, ckpts, states, batches, exact = _adam_ground_truth(flavour, weight_decay)
     traj = sf.Trajectory.even(ckpts, [ADAM_LR] * len(batches), 3, train, optimizer=flavour,
                               optimizer_states=states, weight_decay=weight_decay)
     factors = sf.fit_factors(model, task, traj)
     source = _mean_spearman(sf.score(model, task, traj, factors, train, queries), exact)
     final = traj.final()
-    ekfac = _mean_spearman(sf.score(model, task, final, sf.fit_factors(model, task, final), train, queries,
-                                    method="ekfac"), exact)
-    print(flavour, {"source L=3": round(source, 3), "ekfac heuristic": round(ekfac, 3)})
+    final_factors = sf.fit_factors(model, task, final)
+    ekfac = {damping: _mean_spearman(sf.score(model, task, final, final_factors, train, queries, method="ekfac",
+                                              damping=damping), exact) for damping in ("implied", "heuristic")}
+    print(flavour, {"source L=3": round(source, 3), **{f"ekfac {k}": round(v, 3) for k, v in ekfac.items()}})
+    # Measured: Adam 0.872 / 0.855 / 0.757, AdamW 0.878 / 0.862 / 0.769 (damping "implied" of an Adam
+    # run is 1/(c·p̃); as SGD's 1/c it was 0.65).
     assert source >= 0.8
-    assert source > ekfac
+    assert source > ekfac["implied"] > ekfac["heuristic"]
