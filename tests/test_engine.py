@@ -580,6 +580,9 @@ def test_implied_damping_of_an_adam_run_is_one_over_c_p(setup):
         blocks.append(k @ torch.diag((1 / (lf.lam.clamp_min(0) + 1 / (0.5 * pt))).reshape(-1)) @ k.T)
     v, g = _grads(model, ckpts[1], queries), _grads(model, ckpts[1], data)
     _close(scores, v @ torch.block_diag(*blocks) @ g.T / len(data))
+    # The fused self-influence path takes the same per-direction damping.
+    _close(sf.self_score(model, task, final, factors, data, method="ekfac", damping="implied"),
+           (g @ torch.block_diag(*blocks) * g).sum(1) / len(data))
 
 
 def test_a_segment_with_zero_learning_rate_is_frozen(setup):
