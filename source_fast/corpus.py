@@ -23,7 +23,6 @@ read by every rank, each scoring every world-th shard.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ from .scoring import (
     DEFAULT_QUERY_MEMORY_BUDGET,
     Damping,
     Method,
+    check_count,
     check_request,
     check_rows,
     oom_hint,
@@ -116,10 +116,9 @@ def score_corpus(
     """
     if method not in GRADIENT_METHODS:  # the factor- and gradient-based methods stream; baselines do not
         raise ValueError(f"score_corpus supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
-    for option, value in (("shard_size", shard_size), ("top_k", top_k), ("batch_size", batch_size)):
-        if (value is not None or option != "top_k") and (
-                isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise ValueError(f"{option} must be a positive integer{' or None' if option == 'top_k' else ''}, got {value!r}")
+    check_count("shard_size", shard_size)
+    check_count("top_k", top_k, none_ok=True)
+    check_count("batch_size", batch_size)
     if query_memory_budget is None:  # the blocks must be the same when resumed: no budget from the free memory
         raise ValueError("query_memory_budget must be a number of bytes for score_corpus (default "
                          f"{DEFAULT_QUERY_MEMORY_BUDGET})")

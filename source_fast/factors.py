@@ -299,7 +299,7 @@ def fit_factors(
     progress: bool = False,
     resume_dir: str | os.PathLike | None = None,
 ) -> Factors:
-    """Fits one EK-FAC per segment : covariances A and S averaged over the
+    """Fits one EK-FAC per segment: covariances A and S averaged over the
     segment's checkpoints, one float64 eigendecomposition (the segment's basis), then each
     checkpoint's eigenvalue corrections Λ in that basis, averaged.
 

@@ -483,7 +483,7 @@ def check_request(model, task, trajectory, factors, method, train_data, query_da
     resolved (damping, trak_dim, seed, query_memory_budget), the queries held in memory and both sizes."""
     specs = _validate(model, task, trajectory, factors, method)
     options = (*method_options(method, damping, trak_dim, seed, record), check_query_budget(query_memory_budget))
-    check_query_rank(query_rank)
+    check_count("query_rank", query_rank, none_ok=True)
     query_data = materialize(query_data)
     n_train, n_query = length(train_data), length(query_data)
     if n_query == 0 or n_train == 0:
@@ -514,10 +514,11 @@ def check_query_budget(budget: Any) -> int | None:
     return None if budget is None else int(budget)
 
 
-def check_query_rank(query_rank: Any) -> None:
-    if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, numbers.Integral)
-                                   or query_rank < 1):
-        raise ValueError(f"query_rank must be a positive integer or None, got {query_rank!r}")
+def check_count(option: str, value: Any, none_ok: bool = False, unit: str = "integer") -> None:
+    """A positive integer option (not a bool, which is an int to Python), or None where none_ok."""
+    if (value is not None or not none_ok) and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                               or value < 1):
+        raise ValueError(f"{option} must be a positive {unit}{' or None' if none_ok else ''}, got {value!r}")
 
 
 def check_rows(trajectory: Trajectory, train_data: Any, rows: int) -> None:
@@ -826,9 +827,7 @@ def self_score(
     if method not in GRADIENT_METHODS:
         raise ValueError(f"self_score supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
     damping = method_options(method, damping)[0]
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive number of examples or None, got {chunk_size!r}")
+    check_count("chunk_size", chunk_size, none_ok=True, unit="number of examples")
     if length(train_data) == 0:
         raise ValueError("empty data: no training examples")
     single = method in _FINAL_ONLY
