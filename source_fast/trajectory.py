@@ -353,35 +353,29 @@ class Trajectory:
 
     def final(self) -> Trajectory:
         """One segment holding only the final checkpoint: what EK-FAC influence functions use. Its
-        horizon is the whole run's, so damping="implied" gives 1/c of the run, SOURCE's damping for
-        SGD. A run whose last segment is Adam/AdamW gives an Adam segment with the last optimizer state
-        and its decay: "implied" is then 1/(c·p̃) per eigen-direction (an Adam step is c·P, not c).
-        Horizons of SGD and Adam segments are added as they are (their units differ).
+        horizon is the run's, so damping="implied" gives 1/c of the run, SOURCE's damping for SGD. A run
+        whose last segment is Adam/AdamW gives an Adam segment with the last optimizer state and its
+        decay: "implied" is then 1/(c·p̃) per eigen-direction (an Adam step is c·P, not c).
 
-        An SGD run's weight decay is kept as the horizon-weighted mean Σ c_ℓ wd_ℓ / Σ c_ℓ (per module
-        where the segments give a dict): the run's exponent Σ c_ℓ (H + wd_ℓ) at one curvature H."""
+        A run that switched between SGD and Adam keeps the horizon of its last stage only (the trailing
+        segments with the last one's kind of optimizer): an SGD horizon counts steps of η, an Adam one
+        steps of η·P, and the two do not add. An SGD stage's weight decay is kept as the
+        horizon-weighted mean Σ c_ℓ wd_ℓ / Σ c_ℓ (per module where the segments give a dict): its
+        exponent Σ c_ℓ (H + wd_ℓ) at one curvature H."""
         last = self.segments[-1]
-        total = sum(s.horizon for s in self.segments)
-        if last.optimizer != "sgd":  # an Adam run: its last state gives P, its decay stays with it
+        start = len(self.segments) - 1
+        while start > 0 and (self.segments[start - 1].optimizer == "sgd") == (last.optimizer == "sgd"):
+            start -= 1
+        stage = self.segments[start:]
+        total = sum(s.horizon for s in stage)
+        if last.optimizer != "sgd":  # an Adam stage: its last state gives P, its decay stays with it
             return Trajectory([Segment([last.checkpoints[-1]], last.data, lr_sum=total, num_examples=last.num_examples,
                                        optimizer=last.optimizer, optimizer_states=[last.optimizer_states[-1]],
                                        weight_decay=last.weight_decay)])
         return Trajectory(
             [Segment([last.checkpoints[-1]], last.data, lr_sum=total, num_examples=last.num_examples,
-                     weight_decay=self._mean_decay(total))]
+                     weight_decay=_mean_decay(stage, total))]
         )
-
-    def _mean_decay(self, total: float) -> float | dict[str, float]:
-        if any(s.optimizer != "sgd" for s in self.segments):
-            return 0.0
-        # With a zero horizon the decay has no effect (S̄ = I, r̄ = 0): any mean will do, so the plain one.
-        weights = [s.horizon / total if total > 0 else 1 / len(self.segments) for s in self.segments]
-        dicts = [set(s.weight_decay) for s in self.segments if isinstance(s.weight_decay, dict)]
-        if not dicts:
-            return sum(w * s.decay("") for w, s in zip(weights, self.segments))
-        # The modules every segment gives a decay for (a number gives one for all): a module only some
-        # segments name cannot be tracked (scoring would refuse the others), so it is left out.
-        return {k: sum(w * s.decay(k) for w, s in zip(weights, self.segments)) for k in sorted(set.intersection(*dicts))}
 
     @property
     def final_checkpoint(self) -> Checkpoint:
@@ -396,3 +390,15 @@ class Trajectory:
     def layout(self) -> list[int]:
         """Checkpoints per segment: recorded in fitted factors to refuse a mismatched trajectory."""
         return [len(s.checkpoints) for s in self.segments]
+
+
+def _mean_decay(stage: list[Segment], total: float) -> float | dict[str, float]:
+    """The horizon-weighted mean weight decay of an SGD stage (per module where segments give dicts)."""
+    # With a zero horizon the decay has no effect (S̄ = I, r̄ = 0): any mean will do, so the plain one.
+    weights = [s.horizon / total if total > 0 else 1 / len(stage) for s in stage]
+    dicts = [set(s.weight_decay) for s in stage if isinstance(s.weight_decay, dict)]
+    if not dicts:
+        return sum(w * s.decay("") for w, s in zip(weights, stage))
+    # The modules every segment gives a decay for (a number gives one for all): a module only some
+    # segments name cannot be tracked (scoring would refuse the others), so it is left out.
+    return {k: sum(w * s.decay(k) for w, s in zip(weights, stage)) for k in sorted(set.intersection(*dicts))}

@@ -533,7 +533,8 @@ def test_segment_weight_decay_must_be_the_optimizers(setup):
 def test_final_keeps_an_sgd_runs_weight_decay(setup):
     """final()'s one segment spans the run: its decay is the horizon-weighted mean Σ c_ℓ wd_ℓ / Σ c_ℓ,
     so its exponent is the run's Σ c_ℓ (H + wd_ℓ) (per module when a segment gives a dict); an Adam
-    run's final segment is Adam's, with its last state and decay."""
+    run's final segment is Adam's, with its last state and decay; a run that switched optimizers keeps
+    its last stage's horizon."""
     model, data, _, ckpts = setup
     segs = [sf.Segment(ckpts[:2], data, lr_sum=1.0, momentum=0.5, weight_decay=1e-3),  # c = 2
             sf.Segment(ckpts[2:], data, lr_sum=2.0, weight_decay={"0": 4e-3, "2": 1e-2})]
@@ -549,9 +550,15 @@ def test_final_keeps_an_sgd_runs_weight_decay(setup):
     task = ClassifyTask()
     states = _as_trained_with(_adam_states(model, task, data, ckpts[:1]), 0.1, True)
     adamw = sf.Segment(ckpts[:1], data, lr_sum=0.5, optimizer="adamw", optimizer_states=states, weight_decay=0.1)
-    final = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=1.0), adamw]).final().segments[0]
-    assert (final.optimizer, final.weight_decay, final.horizon) == ("adamw", 0.1, 1.5)
+    adam = sf.Segment(ckpts[:1], data, lr_sum=0.25, optimizer="adam", optimizer_states=states)
+    final = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=1.0), adam, adamw]).final().segments[0]
+    # The SGD stage's horizon (steps of η) is not added to the Adam stage's (steps of η·P).
+    assert (final.optimizer, final.weight_decay, final.horizon) == ("adamw", 0.1, 0.75)
     assert final.optimizer_states == [states[-1]]
+    # Back to SGD after Adam: the last SGD stage alone, its own decays averaged.
+    tail = [sf.Segment(ckpts[2:], data, lr_sum=1.0, weight_decay=1e-2), sf.Segment(ckpts[2:], data, lr_sum=3.0)]
+    final = sf.Trajectory([segs[0], adamw, *tail]).final().segments[0]
+    assert (final.optimizer, final.horizon, final.weight_decay) == ("sgd", 4.0, pytest.approx(1e-2 / 4))
 
 
 def test_implied_damping_of_an_adam_run_is_one_over_c_p(setup):
