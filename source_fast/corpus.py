@@ -2,7 +2,8 @@
 torch.distributed (each rank takes a contiguous run of shards).
 
 Layout of `out_dir`:
-  manifest.json                  what was asked (fingerprint of factors, checkpoints, data, queries, options)
+  manifest.json                  what was asked (fingerprint of factors, checkpoints, model dtypes, data,
+                                 queries, options)
   shards/q{b}_{start}-{end}.safetensors  scores of training rows [start, end) against query block b:
                                  key "scores" (n_query_block, rows), or with top_k the per-shard
                                  "top_values/top_indices/bottom_values/bottom_indices" (n_query_block, k)
@@ -57,7 +58,7 @@ from .trajectory import Trajectory
 MANIFEST_VERSION = 5  # 5: the query blocks are in the fingerprint
 
 
-def _fingerprint(task, trajectory, factors, method, options, train_data, query_data, collate_fn) -> dict:
+def _fingerprint(model, task, trajectory, factors, method, options, train_data, query_data, collate_fn) -> dict:
     fac = None
     if isinstance(factors, Factors):  # everything scoring reads: bases, Λ, Adam's preconditioner
         fac = digest_tensors(t for seg in factors.segments for lf in seg.values()
@@ -65,6 +66,8 @@ def _fingerprint(task, trajectory, factors, method, options, train_data, query_d
     fingerprint = {
         "method": method,
         "task": describe_task(task, collate_fn),
+        # Gradients in bfloat16 are not float32's: a resume in another precision would mix the two.
+        "model_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
         "options": options,
         "factors": fac,
         # Every score carries 1/N_ℓ and the gradients at these weights: a shard of other ones is not this run's.
@@ -137,7 +140,7 @@ def score_corpus(
                "train_segments": train_segments if train_segments is None or isinstance(train_segments, str)
                else [int(i) for i in train_segments],  # a numpy array or tensor, as json
                "query_blocks": [[b.start, b.stop] for b in blocks]}
-    fingerprint = _fingerprint(task, trajectory, factors, method, options, train_data, query_data, collate_fn)
+    fingerprint = _fingerprint(model, task, trajectory, factors, method, options, train_data, query_data, collate_fn)
     _check_or_write_manifest(out, fingerprint, rank, world, model_device(model))
     if rank == 0:  # the marks of a finished run go until this one finishes (a stream may have grown)
         (out / "rows.json").unlink(missing_ok=True)

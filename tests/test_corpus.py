@@ -1,6 +1,7 @@
 """Sharded, resumable corpus scoring: equal to in-memory scores, top-k, kill-and-resume with
 identical bytes, checksums, foreign manifests, and torchrun with 2 gloo processes."""
 
+import copy
 import hashlib
 import os
 import signal
@@ -75,6 +76,9 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
         score_corpus(model, task, traj, other, data, queries, tmp_path, shard_size=32, progress=False)
     with pytest.raises(ValueError, match=r"differs in: task\)"):  # another loss (or measurement)
         score_corpus(model, RegressTask(), traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
+    with pytest.raises(ValueError, match=r"differs in: model_dtypes\)"):  # another precision's gradients
+        score_corpus(copy.deepcopy(model).double(), task, traj, factors, data, queries, tmp_path, shard_size=32,
+                     progress=False)
     # The same options cutting the queries into other blocks (a changed budget rule): the old shards hold
     # another block's queries, so they are not this run's.
     import source_fast.corpus as corpus
