@@ -67,7 +67,9 @@ class CausalLMTask(Task):
 
     Batches are dicts with `input_ids` (n, t) and, for padded batches, `attention_mask` (n, t);
     padded positions have mask 0 and are dropped from factors and gradients (left or right padding;
-    a token is predicted only from a real token). Optional `labels` (n, t), as Hugging Face takes
+    a token is predicted only from a real token). `position_ids` (n, t), when the batch has them,
+    are passed to the model; without them it numbers positions itself (GPT-2 from the first
+    column, padding included, so left padding shifts them: pad as in training). Optional `labels` (n, t), as Hugging Face takes
     them: the targets, shifted by the task, and -100 where no token is predicted (a prompt
     fine-tuned on its completion only); the prompt's tokens still count as inputs. `normalize`
     must match training: "sum" (loss summed over an example's predicted tokens) or "mean"
@@ -88,7 +90,8 @@ class CausalLMTask(Task):
     def _loss(self, batch, model, sample: bool) -> torch.Tensor:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        positions = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
+        logits = model(input_ids=ids, attention_mask=mask, **positions).logits
         if mask is None:  # unpadded batches: every token is real
             mask = torch.ones_like(ids)
         logits = _at_least_float32(logits)

@@ -114,6 +114,38 @@ def test_left_padding_scores_are_the_explicit_gradients(normalize):
     assert err < 1e-10, err
 
 
+class Shifted(torch.utils.data.Dataset):
+    """The same sequences left-padded, with the position_ids a generating model would give them."""
+
+    def __init__(self, right: TokenData):
+        t = right.ids.shape[1]
+        shifts = t - right.mask.sum(1)
+        self.ids = torch.stack([r.roll(int(k)) for r, k in zip(right.ids, shifts)])
+        self.mask = torch.stack([r.roll(int(k)) for r, k in zip(right.mask, shifts)])
+        self.positions = (self.mask.cumsum(1) - 1).clamp_min(0)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "position_ids": self.positions[i]}
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama])
+def test_position_ids_in_the_batch_reach_the_model(build):
+    """GPT-2 numbers positions from the first column, padding included: a left-padded sequence is
+    another input than the right-padded one unless the batch carries position_ids, which the task
+    passes on; with them the scores are the right-padded ones."""
+    torch.manual_seed(0)
+    model = build().double().eval()
+    task = CausalLMTask()
+    data, queries = TokenData(9, 7, 0), TokenData(3, 7, 1)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    right = sf.score(model, task, traj, None, data, queries, method="grad_dot", batch_size=4)
+    left = sf.score(model, task, traj, None, Shifted(data), Shifted(queries), method="grad_dot", batch_size=4)
+    torch.testing.assert_close(left, right, rtol=1e-10, atol=1e-12 * float(right.abs().max()))
+
+
 def test_unpadded_batches_need_no_attention_mask():
     """Without an attention_mask every token is real: the same factors and scores as an all-ones mask."""
     torch.manual_seed(0)
