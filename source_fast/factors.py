@@ -798,5 +798,6 @@ def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], se
         if spec.has_bias and not math.isclose(wd_by_name[f"{spec.name}.bias"], wd, rel_tol=1e-9, abs_tol=0.0):
             odd_biases.append(spec.name)
     if odd_biases:
-        notes.add(f"the biases of {odd_biases} were trained with another weight decay than their weights; "
-                  "their layers' curvature gives them the weights' decay")
+        notes.add(f"the biases of {odd_biases} were trained with another weight decay than their weights (as "
+                  "Hugging Face's Trainer does); a layer's Kronecker-factored curvature gives its bias the weight's "
+                  "decay: an approximation, nothing to change")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -168,6 +169,20 @@ def _rates(lrs: Sequence[float], what: str) -> list[float]:
     return rates
 
 
+def _steps(steps: Sequence[int], n_ckpt: int, n_steps: int) -> list[int]:
+    """Checkpoints' save steps for Trajectory.even: integers, increasing, the last one the run's end."""
+    steps = list(steps)
+    if len(steps) != n_ckpt or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) for k in steps):
+        raise ValueError(f"Trajectory.even: steps must be {n_ckpt} integers, one per checkpoint, got {steps!r}")
+    if steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"Trajectory.even: steps must increase from 1 or more (a checkpoint is saved after a step), "
+                         f"got {steps}")
+    if steps[-1] != n_steps:
+        raise ValueError(f"Trajectory.even: the last checkpoint was saved after step {steps[-1]}, but lrs has "
+                         f"{n_steps} rates: give the rates of the steps up to the last checkpoint (the final weights)")
+    return [int(k) for k in steps]
+
+
 class Segment:
     """A stretch of training whose curvature and gradients SOURCE treats as stationary.
 
@@ -317,10 +332,14 @@ class Trajectory:
         num_examples: int | None = None,
         optimizer: Optimizer = "sgd",
         optimizer_states: Sequence[Any] | None = None,
+        steps: Sequence[int] | None = None,
     ) -> Trajectory:
         """The paper's default: C checkpoints evenly spaced over the run's T steps (checkpoint c,
         counting from 1, saved after step round(c·T/C), so the last is the final weights), split into
         `num_segments` consecutive groups; each segment's c_ℓ sums the real per-step rates `lrs`.
+        steps: the step each checkpoint was saved after (counting from 1, increasing, the last = T)
+        when they were not evenly spaced, e.g. a save interval that does not divide T, or only the
+        last few kept (Trainer's checkpoint-N folders: `from_trainer` reads them).
         num_examples, optimizer: as for Segment (num_examples is needed when `data` is a stream);
         optimizer_states: for adam/adamw, one per checkpoint, split with them."""
         checkpoints = list(checkpoints)
@@ -335,7 +354,7 @@ class Trajectory:
             raise ValueError(f"num_segments must be between 1 and the number of checkpoints ({n_ckpt}), got {num_segments}")
         if n_steps < n_ckpt:
             raise ValueError(f"{n_steps} learning rates for {n_ckpt} checkpoints: give one rate per training step")
-        ckpt_step = [round((c + 1) * n_steps / n_ckpt) for c in range(n_ckpt)]
+        ckpt_step = [round((c + 1) * n_steps / n_ckpt) for c in range(n_ckpt)] if steps is None else _steps(steps, n_ckpt, n_steps)
         bounds = [round(s * n_ckpt / num_segments) for s in range(num_segments + 1)]
         segments, start = [], 0
         for s in range(num_segments):
@@ -350,6 +369,31 @@ class Trajectory:
             )
             start = end
         return cls(segments)
+
+    @classmethod
+    def from_trainer(
+        cls,
+        run_dir: str | os.PathLike,
+        model: nn.Module,
+        data: Any,
+        num_segments: int,
+        *,
+        lrs: Sequence[float] | None = None,
+        num_examples: int | None = None,
+    ) -> Trajectory:
+        """A Hugging Face `transformers.Trainer` run: its `run_dir/checkpoint-N/` folders (weights,
+        optimizer.pt, trainer_state.json) cut into `num_segments` segments, each with the rates of
+        its steps, as `even` with the steps N read from the folders' names. Read from the last
+        optimizer state: SGD (with its momentum and dampening) or AdamW (Adam when torch's state says
+        its decay is not decoupled), and each weight's decay. `model` is the model as trained (the same
+        parameters trainable): Trainer's optimizer groups do not name their parameters, so they are
+        named by Trainer's own decay rule. `lrs` (the rate of every step) is read from the log history
+        when the run logged every step (TrainingArguments(logging_steps=1)); otherwise give it.
+        `data` and `num_examples`: the examples the run trained on, as for Segment. A multi-stage run
+        is `Trajectory(first.segments + second.segments)` of one from_trainer per stage."""
+        from .interop.trainer import trainer_trajectory
+
+        return trainer_trajectory(run_dir, model, data, num_segments, lrs=lrs, num_examples=num_examples)
 
     def final(self) -> Trajectory:
         """One segment holding only the final checkpoint: what EK-FAC influence functions use. Its

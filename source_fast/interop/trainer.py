@@ -1,0 +1,147 @@
+"""Hugging Face `transformers.Trainer` runs as trajectories: `Trajectory.from_trainer` reads this.
+
+A Trainer run leaves `output_dir/checkpoint-N/` folders, N the optimizer step after which each was
+saved: the weights (`model.safetensors` or `pytorch_model.bin`), the optimizer's state_dict
+(`optimizer.pt`) and `trainer_state.json`, whose `log_history` holds the learning rate of every logged
+step. Three things need care, and are checked rather than assumed:
+- the save steps are rarely evenly spaced (the last one is the run's end, whatever save_steps is, and
+  save_total_limit deletes early ones), so segments take their rates by the steps in the names;
+- Trainer builds its optimizer from two unnamed parameter groups (weights it decays, then biases and
+  norms it does not), so which state is whose is rebuilt with Trainer's own rule and checked by
+  counts here and by shapes when the factors are fitted;
+- a log line's learning rate is, depending on the transformers version, the rate of its step or of
+  the next one; each optimizer state holds the next step's rate, which decides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..capture import layer_kind
+from ..trajectory import Trajectory
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, num_segments: int, *,
+                       lrs: list[float] | None = None, num_examples: int | None = None) -> Trajectory:
+    """See Trajectory.from_trainer."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"{run} is not a folder: give the Trainer's output_dir, which holds its checkpoint-N folders")
+    found = sorted((int(m.group(1)), p) for p in run.iterdir()
+                   if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)))
+    if not found:
+        raise ValueError(f"{run} has no checkpoint-N folders: train with TrainingArguments(save_strategy='steps') "
+                         "(or 'epoch') and give its output_dir")
+    steps = [n for n, _ in found]
+    folders = [p for _, p in found]
+    states = [_optimizer_state(folder, model) for folder in folders]
+    group = states[-1]["param_groups"][0]
+    where = folders[-1] / "optimizer.pt"
+    if {"momentum", "dampening"} <= set(group):  # torch's SGD
+        optimizer, momentum, scale = "sgd", float(group["momentum"]), 1.0 - float(group["dampening"])
+    elif {"betas", "eps"} <= set(group):
+        # Every Adam the Trainer offers decouples its decay (adamw_torch, adamw_torch_fused, ...); torch's
+        # states say so themselves since Adam and AdamW share one implementation.
+        optimizer = "adam" if group.get("decoupled_weight_decay") is False else "adamw"
+        momentum, scale = 0.0, 1.0
+    else:
+        raise ValueError(f"{where}: a state of neither torch's SGD nor an Adam (its parameter group has "
+                         f"{sorted(group)}); source_fast reads SGD, Adam and AdamW runs")
+    if lrs is None:
+        lrs = _logged_rates(folders[-1] / "trainer_state.json", steps, states)
+    return Trajectory.even(
+        [_weights_file(folder) for folder in folders], [scale * float(r) for r in lrs], num_segments, data,
+        momentum=momentum, weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
+        optimizer_states=None if optimizer == "sgd" else states, steps=steps,
+    )
+
+
+def _weights_file(folder: Path) -> str:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    if any(folder.glob("*.index.json")):
+        raise ValueError(f"{folder} holds a sharded checkpoint (*.index.json); source_fast reads one weights file: "
+                         "load it with from_pretrained and pass model.state_dict() copies to Trajectory.even")
+    raise ValueError(f"{folder} has no model.safetensors or pytorch_model.bin")
+
+
+def _optimizer_state(folder: Path, model: nn.Module) -> dict:
+    """optimizer.pt, memory-mapped (a state is twice the model), its groups named by Trainer's rule."""
+    path = folder / "optimizer.pt"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing (TrainingArguments(save_only_model=True)?): the optimizer's kind, "
+                         "momentum or second moments are read from it; without it build the trajectory with "
+                         "Trajectory.even(..., steps=) yourself")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    groups = state["param_groups"]
+    if len(groups) == 1 or all("param_names" in g for g in groups):
+        return state  # one group is read in model.parameters() order, named ones by their names
+    from transformers import Trainer
+
+    # Trainer.create_optimizer: the trainable parameters it decays, then the others, each in
+    # named_parameters() order. get_decay_parameter_names does not use the Trainer instance.
+    decayed = set(Trainer.get_decay_parameter_names(None, model))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = [[n for n in trained if n in decayed], [n for n in trained if n not in decayed]]
+    sizes = [len(g["params"]) for g in groups]
+    if sizes != [len(x) for x in names]:
+        raise ValueError(
+            f"{path}: its parameter groups hold {sizes} parameters, but Trainer's split of this model's trainable "
+            f"parameters into decayed and not decayed gives {[len(x) for x in names]}: give the model as it was "
+            "trained (the same parameters trainable); an optimizer of your own must be built from named "
+            "parameters so its state says whose each is"
+        )
+    return {**state, "param_groups": [{**g, "param_names": n} for g, n in zip(groups, names)]}
+
+
+def _weight_decay(state: dict, model: nn.Module) -> float | dict[str, float]:
+    """The decay of each trackable layer's weight, as its group says (one number when they all agree).
+    A tied weight (GPT-2's lm_head is its embedding) is named once in the groups, decays under each name."""
+    groups = state["param_groups"]
+    if "param_names" not in groups[0]:
+        return float(groups[0]["weight_decay"])  # one group, read in parameter order
+    params = dict(model.named_parameters(remove_duplicate=False))
+    decay_of = {id(params[n]): float(g["weight_decay"]) for g in groups for n in g["param_names"] if n in params}
+    by_module = {name: decay_of[id(m.weight)] for name, m in model.named_modules(remove_duplicate=False)
+                 if layer_kind(m) is not None and id(m.weight) in decay_of}
+    decays = set(by_module.values())
+    return decays.pop() if len(decays) == 1 else by_module
+
+
+def _logged_rates(path: Path, steps: list[int], states: list[dict]) -> list[float]:
+    """The learning rate of every step 1..T from log_history, checked against the optimizer states."""
+    try:
+        history = json.loads(path.read_text())["log_history"]
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: pass lrs=, the learning rate of every step") from None
+    logged = {int(h["step"]): float(h["learning_rate"]) for h in history if "learning_rate" in h and "step" in h}
+    total = steps[-1]
+    have = sum(1 for k in range(1, total + 1) if k in logged)
+    if have < total:
+        raise ValueError(
+            f"{path} records the learning rate of {have} of the {total} steps (the Trainer logs every logging_steps; "
+            "TrainingArguments(logging_steps=1) records each): pass lrs=, the rate of every step, e.g. "
+            "stepping the scheduler rebuilt with transformers.get_scheduler"
+        )
+    lrs = [logged[k] for k in range(1, total + 1)]
+    # A state saved after step n holds the rate of step n + 1 (the scheduler has stepped): lrs[n].
+    for n, state in zip(steps, states):
+        saved = float(state["param_groups"][0]["lr"])
+        if n < total and not math.isclose(saved, lrs[n], rel_tol=1e-6, abs_tol=1e-12):
+            raise ValueError(
+                f"{path}: the rate logged at step {n + 1} is {lrs[n]:g}, but checkpoint-{n}'s optimizer state "
+                f"holds {saved:g} for that step (this transformers version logs another step's rate): pass "
+                "lrs=, the rate of every step"
+            )
+    return lrs

@@ -1,0 +1,135 @@
+"""Trajectory.from_trainer against a real transformers.Trainer run (a small GPT-2, AdamW, warm-up and
+linear decay, checkpoints at uneven steps). The ground truth comes from the run itself: the rates
+from the scheduler rebuilt and stepped, Adam's second moments from the live optimizer, looked up by
+parameter object (not by the order the saved state numbers them in)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import source_fast as sf
+from source_fast.tasks import CausalLMTask
+
+STEPS, SAVE, WARMUP, LR, DECAY = 25, 10, 5, 1e-2, 0.01
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n, t, vocab, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, t), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer")
+    model, data = _model(), Tokens(48, 12, 40, seed=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=STEPS, save_steps=SAVE, per_device_train_batch_size=8, learning_rate=LR,
+        warmup_steps=WARMUP, weight_decay=DECAY, logging_steps=1, report_to="none", use_cpu=True, seed=0,
+        disable_tqdm=True, log_level="error")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return out, model, data, trainer.optimizer
+
+
+def _rates():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+    schedule = transformers.get_linear_schedule_with_warmup(opt, WARMUP, STEPS)
+    rates = []
+    for _ in range(STEPS):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    return rates
+
+
+def test_a_trainer_run_is_read_with_its_steps_rates_and_optimizer(run):
+    out, model, data, optimizer = run
+    traj = sf.Trajectory.from_trainer(out, model, data, num_segments=3)
+    rates = _rates()
+    # Checkpoints after steps 10, 20 and 25 (the run's end): each segment's rates are its own steps'.
+    assert [seg.lr_sum for seg in traj.segments] == pytest.approx([sum(rates[:10]), sum(rates[10:20]),
+                                                                    sum(rates[20:])], rel=1e-12)
+    assert [str(seg.checkpoints[0]) for seg in traj.segments] == [
+        str(out / f"checkpoint-{n}" / "model.safetensors") for n in (10, 20, 25)]
+    assert {(seg.optimizer, seg.weight_decay) for seg in traj.segments} == {("adamw", DECAY)}
+    # The saved states' two unnamed groups (decayed weights, then biases and norms) are named right:
+    # the preconditioner fitted from the last checkpoint's state is the live optimizer's, by object.
+    task = CausalLMTask(normalize="mean")
+    with pytest.warns(UserWarning, match=r"the biases of .* \(as Hugging Face's Trainer does\)"):
+        factors = sf.fit_factors(model, task, traj, batch_size=16)
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "lm_head"):
+        module = model.get_submodule(name)
+        group = optimizer.param_groups[0]
+
+        def p_of(param):
+            s = optimizer.state[param]
+            v_hat = s["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(s["step"]))
+            return 1 / (v_hat.sqrt() + group["eps"])
+
+        if name == "lm_head":  # tied to the embedding: one state, no bias
+            want = p_of(module.weight)
+        else:  # transformers' Conv1D stores (d_in, d_out)
+            want = torch.cat([p_of(module.weight).T, p_of(module.bias)[:, None]], 1)
+        got = factors.segments[-1][name].precond
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    scores = sf.score(model, task, traj, factors, data, torch.utils.data.Subset(data, range(3)))
+    assert scores.shape == (3, len(data)) and bool(torch.isfinite(scores).all())
+
+
+def test_uneven_steps_in_trajectory_even():
+    ckpts = [{"w": torch.zeros(1)} for _ in range(2)]
+    rates = [float(k) for k in range(1, 151)]
+    traj = sf.Trajectory.even(ckpts, rates, 2, list(range(4)), steps=[120, 150])
+    assert [s.lr_sum for s in traj.segments] == [sum(rates[:120]), sum(rates[120:])]
+    for steps, match in (([120], "2 integers"), ([150, 120], "must increase"), ([0, 150], "must increase"),
+                         ([100, 140], "after step 140, but lrs has 150"), ([100.0, 150], "2 integers")):
+        with pytest.raises(ValueError, match=match):
+            sf.Trajectory.even(ckpts, rates, 2, list(range(4)), steps=steps)
+
+
+def test_what_a_trainer_folder_lacks_is_named(run, tmp_path):
+    out, model, data, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    state_file = copy / "checkpoint-25" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    # Logged every fifth step only (logging_steps=5): the rates are not all there.
+    sparse = {**state, "log_history": [h for h in state["log_history"] if h.get("step", 0) % 5 == 0]}
+    state_file.write_text(json.dumps(sparse))
+    with pytest.raises(ValueError, match=r"the learning rate of 5 of the 25 steps .*logging_steps=1.* pass lrs="):
+        sf.Trajectory.from_trainer(copy, model, data, 3)
+    assert sf.Trajectory.from_trainer(copy, model, data, 3, lrs=_rates()).segments[0].lr_sum == pytest.approx(
+        sum(_rates()[:10]))
+    # A log whose every rate is the next step's (how some transformers versions log): refused.
+    shifted = [{**h, "learning_rate": _rates()[min(h["step"], STEPS - 1)]} if "learning_rate" in h else h
+               for h in state["log_history"]]
+    state_file.write_text(json.dumps({**state, "log_history": shifted}))
+    with pytest.raises(ValueError, match=r"rate logged at step 11 is .* checkpoint-10's optimizer state holds"):
+        sf.Trajectory.from_trainer(copy, model, data, 3)
+    state_file.write_text(json.dumps(state))
+    frozen = _model()
+    frozen.transformer.wpe.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"hold \[\d+, \d+\] parameters, but Trainer's split .* gives"):
+        sf.Trajectory.from_trainer(copy, frozen, data, 3)
+    (copy / "checkpoint-20" / "optimizer.pt").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint-20/optimizer.pt is missing"):
+        sf.Trajectory.from_trainer(copy, model, data, 3)
+    with pytest.raises(ValueError, match="has no checkpoint-N folders"):
+        sf.Trajectory.from_trainer(tmp_path, model, data, 3)
