@@ -404,14 +404,46 @@ def test_compiled_models_precision_knobs_and_kronfluence_helpers(tmp_path):
         _analyzer(kf, model, task, tmp_path / "profiled", profile=True)
 
 
+def test_amp_to_the_models_own_dtype_is_accepted(tmp_path):
+    """kronfluence's low-precision argument presets autocast to bfloat16. For a bfloat16 model that
+    changes only which ops autocast keeps in float32, so the shim runs it and agrees with kronfluence
+    as two bfloat16 computations do; for a float32 model autocasting would change every matmul, which
+    the shim does not do: refused, saying what to set."""
+    task = ClassifyTask()
+    model = _mlp().float()
+    train, queries = _data(torch.float32)
+    amp = {"use_empirical_fisher": True, "amp_dtype": torch.bfloat16}
+    refused = _analyzer(kf, model, task, tmp_path / "f32")
+    with pytest.raises(NotImplementedError, match=r"amp_dtype=torch.bfloat16 .* torch.float32 model .* set "
+                                                  r"amp_dtype=None .* cast the model to torch.bfloat16 instead"):
+        refused.fit_all_factors("f", train, per_device_batch_size=8, factor_args=FactorArguments(**amp))
+    train, queries = _data(torch.bfloat16)
+    scores = {}
+    for name, lib in LIBS.items():
+        analyzer = _analyzer(lib, model.bfloat16(), task, tmp_path / name)
+        analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=FactorArguments(**amp))
+        analyzer.compute_pairwise_scores("s", "f", queries, train, per_device_query_batch_size=4,
+                                         score_args=ScoreArguments(amp_dtype=torch.bfloat16))
+        scores[name] = analyzer.load_pairwise_scores("s")["all_modules"].float().flatten()
+    # The float64 scores of the same (bfloat16-valued) weights and data: the shim is as close as kronfluence.
+    exact = _analyzer(kf, model.double(), task, tmp_path / "f64")
+    train, queries = (TensorDataset(d.tensors[0].double(), d.tensors[1]) for d in (train, queries))
+    exact.fit_all_factors("f", train, per_device_batch_size=8, factor_args=FactorArguments(use_empirical_fisher=True))
+    truth = _pairwise(exact, "s", "f", train, queries).float().flatten()
+    pearson = {k: float(torch.corrcoef(torch.stack([v, truth]))[0, 1]) for k, v in scores.items()}
+    assert pearson["shim"] >= pearson["kron"] - 0.005, pearson
+
+
 def test_scoring_needs_the_eigendecomposition_and_lambda_as_kronfluence_says(tmp_path):
-    """A folder with covariances only: kronfluence's FactorsNotFoundError, a ValueError, from both."""
+    """A folder with covariances only: kronfluence's FactorsNotFoundError from both (a ValueError), so
+    a script's `except FactorsNotFoundError` catches the shim's too."""
     model, task = _mlp(), ClassifyTask()
     train, queries = _data()
     for name, lib in LIBS.items():
         analyzer = _analyzer(lib, model, task, tmp_path / name)
         analyzer.fit_covariance_matrices("cov", train, per_device_batch_size=8, factor_args=FactorArguments(**FACTOR_ARGS))
-        with pytest.raises(ValueError, match="Strategy `ekfac` requires Eigendecomposition results. However"):
+        with pytest.raises(kronfluence.utils.exceptions.FactorsNotFoundError,
+                           match="Strategy `ekfac` requires Eigendecomposition results. However"):
             analyzer.compute_pairwise_scores("s", "cov", queries, train, per_device_query_batch_size=4)
 
 

@@ -22,8 +22,10 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   nothing attends to them and the loss ignores them). source_fast masks both sides; the two agree
   whenever that assumption holds, and source_fast stays right when it does not.
 - Per-module masks (a dict from `get_attention_mask`), `enable_post_process_per_sample_gradient`,
-  shared (re-used) modules, AMP and partition targets are not supported by the shim; it raises instead
-  of silently computing something else. Per-module and per-token scores and aggregated query or
+  shared (re-used) modules, AMP to another dtype than the model's (`amp_dtype` equal to a bfloat16
+  model's own, as kronfluence's low-precision presets set it, is accepted: source_fast does not
+  autocast, which changes only what autocast keeps in float32) and partition targets are not
+  supported by the shim; it raises instead of silently computing something else. Per-module and per-token scores and aggregated query or
   training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
 - Precision knobs (`*_dtype` fields other than `score_dtype`) are not used, with a warning when one asks
   for another precision: source_fast computes in the model's dtype with float32 accumulation (float64
@@ -139,7 +141,13 @@ SELF_IGNORED = {"query_gradient_accumulation_steps": 1, "query_gradient_low_rank
                 "compute_per_token_scores": False}
 
 
-class FactorsNotFoundError(ValueError):
+try:  # a script's `except kronfluence...FactorsNotFoundError` must catch the shim's
+    from kronfluence.utils.exceptions import FactorsNotFoundError as _KronfluenceFactorsNotFoundError
+except ImportError:  # the shim runs without kronfluence installed
+    _KronfluenceFactorsNotFoundError = ValueError
+
+
+class FactorsNotFoundError(_KronfluenceFactorsNotFoundError):
     """kronfluence's FactorsNotFoundError (a ValueError): a stage's input factors are missing."""
 
 
@@ -427,6 +435,21 @@ def _reject(args: Any, defaults: dict[str, Any], fields: dict[str, str]) -> None
             raise NotImplementedError(f"{field}={value!r} is not supported by source_fast's Analyzer: {why}")
 
 
+def _check_amp(args: Any, defaults: dict[str, Any], model: nn.Module) -> None:
+    """kronfluence's amp_dtype autocasts the forward pass; source_fast does not. Autocasting a model
+    to its own dtype changes little (only which ops autocast keeps in float32), so that is accepted;
+    kronfluence's low-precision argument presets set it for a bfloat16 model, for instance."""
+    amp = _get(args, "amp_dtype", defaults)
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if amp is None or dtypes == {amp}:
+        return
+    raise NotImplementedError(
+        f"amp_dtype={amp!r} is not supported by source_fast's Analyzer for this {'/'.join(sorted(map(str, dtypes)))} "
+        "model (source_fast does not autocast): set amp_dtype=None in the arguments, and for a low-precision "
+        f"run cast the model to {amp} instead (accumulation stays float32)"
+    )
+
+
 def _unused_precisions(args: dict[str, Any], defaults: dict[str, Any], model: nn.Module) -> None:
     """kronfluence's *_dtype knobs other than score_dtype are not used (the module docstring says what
     source_fast computes in): say so when one is set to another precision than that, rather than let
@@ -648,9 +671,9 @@ class Analyzer:
         """The factor arguments as kronfluence's JSON, checked, and saved (or compared with the saved)."""
         _reject(factor_args, FACTOR_DEFAULTS, {
             "strategy": "source_fast fits EK-FAC only",
-            "amp_dtype": "cast the model to the low-precision dtype instead (accumulation stays float32)",
             "has_shared_parameters": "source_fast does not support modules that run twice per forward pass",
         })
+        _check_amp(factor_args, FACTOR_DEFAULTS, self.model)
         args = _args_dict(factor_args, FACTOR_DEFAULTS)
         _unused_precisions(args, FACTOR_DEFAULTS, self.model)
         _save_arguments(out / FACTOR_ARGS_FILE, args, overwrite_output_dir)
@@ -923,7 +946,7 @@ class Analyzer:
         out = self.scores_output_dir(scores_name)
         if (out / "pairwise_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "pairwise_scores.safetensors")
-        _reject(score_args, SCORE_DEFAULTS, {"amp_dtype": "cast the model to the low-precision dtype instead"})
+        _check_amp(score_args, SCORE_DEFAULTS, self.model)
         factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
                                           {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
         if args["compute_per_token_scores"] and args["aggregate_train_gradients"]:
@@ -975,7 +998,7 @@ class Analyzer:
         out = self.scores_output_dir(scores_name)
         if (out / "self_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "self_scores.safetensors")
-        _reject(score_args, SCORE_DEFAULTS, {"amp_dtype": "cast the model to the low-precision dtype instead"})
+        _check_amp(score_args, SCORE_DEFAULTS, self.model)
         factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
                                           {"train": (train_dataset, train_indices)})
         ignored = sorted(k for k, v in SELF_IGNORED.items() if args[k] != v)
