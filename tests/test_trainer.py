@@ -35,17 +35,20 @@ def _model():
     return transformers.GPT2LMHeadModel(config)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trainer")
+def _train(out, **options):
     model, data = _model(), Tokens(48, 12, 40, seed=1)
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=STEPS, save_steps=SAVE, per_device_train_batch_size=8, learning_rate=LR,
         warmup_steps=WARMUP, weight_decay=DECAY, logging_steps=1, report_to="none", use_cpu=True, seed=0,
-        disable_tqdm=True, log_level="error")
+        disable_tqdm=True, log_level="error", **options)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     return out, model, data, trainer.optimizer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("trainer"))
 
 
 def _rates():
@@ -91,6 +94,17 @@ def test_a_trainer_run_is_read_with_its_steps_rates_and_optimizer(run):
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
     scores = sf.score(model, task, traj, factors, data, torch.utils.data.Subset(data, range(3)))
     assert scores.shape == (3, len(data)) and bool(torch.isfinite(scores).all())
+
+
+def test_an_sgd_run_keeps_its_momentum_dampening_and_decay(tmp_path):
+    out, model, data, _ = _train(tmp_path, optim="sgd", optim_args="momentum=0.9,dampening=0.25")
+    traj = sf.Trajectory.from_trainer(out, model, data, num_segments=2)
+    rates = _rates()
+    # Checkpoints 10, 20, 25 in two segments: [10, 20], [25]; torch's dampening d scales each step by 1 − d.
+    assert [seg.lr_sum for seg in traj.segments] == pytest.approx([0.75 * sum(rates[:20]), 0.75 * sum(rates[20:])])
+    assert {(seg.optimizer, seg.momentum, seg.weight_decay, seg.optimizer_states) for seg in traj.segments} == {
+        ("sgd", 0.9, DECAY, None)}
+    assert [len(seg.checkpoints) for seg in traj.segments] == [2, 1]
 
 
 def test_uneven_steps_in_trajectory_even():
