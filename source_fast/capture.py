@@ -8,7 +8,6 @@ of the first tracked layer.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._warn import warn
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -101,9 +102,9 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
         specs.append(LayerSpec.of(name, modules[name]))
     named_frozen = [n for n in names if n in frozen]
     if named_frozen:
-        warnings.warn(f"tracked modules {named_frozen[:8]} are frozen (requires_grad=False) while others train: a "
-                      "layer that did not train carries no training-data effect, so their part of the scores is not "
-                      "one", stacklevel=3)
+        warn(f"tracked modules {named_frozen[:8]} are frozen (requires_grad=False) while others train: a "
+             "layer that did not train carries no training-data effect, so their part of the scores is not "
+             "one")
     return specs
 
 

@@ -9,7 +9,6 @@ import math
 import os
 import re
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from ._passes import (
     available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
     run_pass, share_start,
 )
+from ._warn import warn
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
@@ -344,7 +344,7 @@ def fit_factors(
         _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds, unreadable, task, collate_fn,
                                     fisher, average_params, seed, batch_size, resume_dir is not None, device)
     for note in sorted(notes):
-        warnings.warn(note, stacklevel=2)
+        warn(note)
     trajectory.check_checkpoints(model)
     segments, num_examples = [], []
     saved = _FitProgress(resume_dir, specs, trajectory, ckpt_digests, describe_task(task, collate_fn), fisher,
@@ -503,8 +503,7 @@ class _FitProgress:
         except (SafetensorError, OSError):
             recorded, flat = None, {}
         if recorded is None or recorded != digest_tensors(flat.values()):
-            warnings.warn(f"{path} is corrupted or incomplete: computing its pass (segment {ell}, checkpoint {c}) again",
-                          stacklevel=3)
+            warn(f"{path} is corrupted or incomplete: computing its pass (segment {ell}, checkpoint {c}) again")
             return None
         parts = sorted({int(k.split(".", 1)[0]) for k in flat})
         return tuple({k.split(".", 1)[1]: v.to(device) for k, v in flat.items() if k.startswith(f"{i}.")} for i in parts)
@@ -559,9 +558,9 @@ def _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds
                          f"{'; '.join(differ)}. Under torch.distributed give every rank the same model, checkpoints "
                          "and whole data; each reads its own share")
     if not same([digest_examples(seg.data) for seg in trajectory.segments]) and rank == 0:
-        warnings.warn("the ranks' data differ at sampled examples: each rank reads its own share of the data it is "
-                      "given, so if each was given its own part (DDP's habit), the factors fit only part of the data; "
-                      "data augmented at random per rank differs this way too", stacklevel=3)
+        warn("the ranks' data differ at sampled examples: each rank reads its own share of the data it is "
+             "given, so if each was given its own part (DDP's habit), the factors fit only part of the data; "
+             "data augmented at random per rank differs this way too")
 
 
 def _checkpoint_digests(trajectory: Trajectory) -> list[list[str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, default_collate
 
+from ._warn import warn
 from .task import Task
 
 
@@ -126,10 +126,9 @@ def _check_replayable(model: nn.Module, init_state: dict[str, Tensor]) -> None:
                              f"{tuple(p.shape)} in the model")
     norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if norms:  # right only if training kept BatchNorm frozen (eval mode), which cannot be seen from here
-        warnings.warn(f"unroll replays the model's BatchNorm modules ({norms[:4]}) with their running statistics, "
-                      "frozen: the scores are exact only if training ran them frozen too (in train mode they "
-                      "normalise by each batch and update the running statistics, which the replay does not)",
-                      stacklevel=3)
+        warn(f"unroll replays the model's BatchNorm modules ({norms[:4]}) with their running statistics, "
+             "frozen: the scores are exact only if training ran them frozen too (in train mode they "
+             "normalise by each batch and update the running statistics, which the replay does not)")
 
 
 def unroll_scores(

@@ -398,8 +398,9 @@ def test_compiled_models_precision_knobs_and_kronfluence_helpers(tmp_path):
         plain.aggregate_self_scores("none")
     bf16 = {**FACTOR_ARGS, "lambda_dtype": torch.bfloat16}
     with pytest.warns(UserWarning, match=r"lambda_dtype=torch.bfloat16: not used by source_fast, which computes these "
-                                         r"in torch.float64 for this model"):
+                                         r"in torch.float64 for this model") as caught:
         plain.fit_all_factors("g", train, per_device_batch_size=8, factor_args=FactorArguments(**bf16))
+    assert caught[0].filename == __file__  # the user's line, not the shim's, however deep the check
     with pytest.warns(UserWarning, match="profile=True: source_fast's Analyzer has no profiler"):
         _analyzer(kf, model, task, tmp_path / "profiled", profile=True)
 

@@ -52,7 +52,6 @@ import json
 import os
 import re
 import types
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from .._io import atomic_dir, atomic_path
+from .._warn import warn
 from ..capture import LayerSpec, tracked_layers
 from ..factors import Factors, LayerFactors, _covariances, _eigh, _lambdas, factor_dtype, pass_seed, restored
 from ..scoring import DEFAULT_QUERY_MEMORY_BUDGET, score, self_score
@@ -385,8 +385,7 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
     files: dict[str, dict[str, Tensor]] = {stem: {} for stem in COVARIANCE_STEMS + EIGEN_STEMS + LAMBDA_STEMS}
     for name, lf in factors.segments[0].items():
         if lf.precond is not None:
-            warnings.warn(f"module {name!r}: the Adam preconditioner has no kronfluence counterpart; not written",
-                          stacklevel=2)
+            warn(f"module {name!r}: the Adam preconditioner has no kronfluence counterpart; not written")
         rows = n if lf.rows is None else lf.rows
         for cov_stem, count_stem, q_stem, e_stem, cov, q in (
             (A_COV, A_COUNT, Q_A, E_A, lf.a_cov, lf.q_a),
@@ -458,9 +457,9 @@ def _unused_precisions(args: dict[str, Any], defaults: dict[str, Any], model: nn
     unused = sorted(k for k, v in args.items() if k.endswith("_dtype") and k not in ("score_dtype", "amp_dtype")
                     and v != defaults[k] and v != ("torch.float64" if k == "eigendecomposition_dtype" else used))
     if unused:
-        warnings.warn(f"{', '.join(f'{k}={args[k]}' for k in unused)}: not used by source_fast, which computes "
-                      f"these in {used} for this model (float32 for 32- and 16-bit models, float64 for a float64 "
-                      "one) and eigendecompositions in float64; cast the model to change it", stacklevel=3)
+        warn(f"{', '.join(f'{k}={args[k]}' for k in unused)}: not used by source_fast, which computes "
+             f"these in {used} for this model (float32 for 32- and 16-bit models, float64 for a float64 "
+             "one) and eigendecompositions in float64; cast the model to change it")
 
 
 def _no_partition_targets(target_data_partitions: Any, target_module_partitions: Any) -> None:
@@ -589,8 +588,7 @@ class Analyzer:
     ) -> None:
         del log_level, log_main_process_only  # kronfluence's logging knobs
         if profile:
-            warnings.warn("profile=True: source_fast's Analyzer has no profiler; no profiler_output is written",
-                          stacklevel=2)
+            warn("profile=True: source_fast's Analyzer has no profiler; no profiler_output is written")
         # torch.compile's wrapper (kronfluence's examples compile after prepare_model): the module it
         # wraps has the same parameters and the names kronfluence keys its files by.
         model = getattr(model, "_orig_mod", model)
@@ -950,8 +948,8 @@ class Analyzer:
         factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
                                           {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
         if args["compute_per_token_scores"] and args["aggregate_train_gradients"]:
-            warnings.warn("per-token scores do not apply to aggregated training gradients: "
-                          "compute_per_token_scores is ignored, as kronfluence does", stacklevel=2)
+            warn("per-token scores do not apply to aggregated training gradients: "
+                 "compute_per_token_scores is ignored, as kronfluence does")
             args = {**args, "compute_per_token_scores": False}  # the scores' metadata records what was used
         queries = self._loader(_subset(query_dataset, query_indices), per_device_query_batch_size, dataloader_kwargs)
         train = self._loader(_subset(train_dataset, train_indices), per_device_train_batch_size, dataloader_kwargs)
@@ -1003,7 +1001,7 @@ class Analyzer:
                                           {"train": (train_dataset, train_indices)})
         ignored = sorted(k for k, v in SELF_IGNORED.items() if args[k] != v)
         if ignored:
-            warnings.warn(f"{ignored} do not apply to self-influence scores: ignored, as kronfluence does", stacklevel=2)
+            warn(f"{ignored} do not apply to self-influence scores: ignored, as kronfluence does")
             args = {**args, **SELF_IGNORED}  # the scores' metadata records what was used, as kronfluence's does
         data = _subset(train_dataset, train_indices)
         train = self._loader(data, per_device_train_batch_size, dataloader_kwargs)
