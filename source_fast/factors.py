@@ -677,15 +677,8 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         if "state" not in state or "param_groups" not in state:
             raise ValueError(f"{where} is not an optimizer state_dict (needs 'state', 'param_groups')")
         for g, group in enumerate(state["param_groups"]):
-            # NAdam's and RAdam's states also hold exp_avg_sq and betas, but their steps are not Adam's:
-            # NAdam's groups have momentum_decay, RAdam's are torch's (differentiable) without amsgrad.
-            # Other libraries' Adams (transformers', DeepSpeed's) have no amsgrad either: read as False.
-            missing = sorted({"betas", "eps"} - set(group))
-            other = "momentum_decay" in group or ("differentiable" in group and "amsgrad" not in group)
-            uncorrected = group.get("correct_bias", True) is False or group.get("bias_correction", True) is False
-            if missing or other or uncorrected:
-                why = (f"it lacks {missing}" if missing else "its steps are NAdam's or RAdam's" if other
-                       else "it skips Adam's bias correction, which P = 1/(√v̂ + ε) assumes")
+            why = not_adam(group)
+            if why:
                 raise ValueError(f"{where}: parameter group {g} is not Adam's or AdamW's ({why})")
         index = _optimizer_indices(model, state["param_groups"], where)
         index_group = {i: g for g in state["param_groups"] for i in g["params"]}
@@ -697,7 +690,8 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             moment = "max_exp_avg_sq" if group is not None and group.get("amsgrad") else "exp_avg_sq"
             s = state["state"].get(i) if i is not None else None
             if s is None or moment not in s:
-                raise ValueError(f"{where} has no {moment} for tracked parameter {name!r}")
+                raise ValueError(f"{where} has no {moment} for tracked parameter {name!r}: if the optimizer did not "
+                                 "train it (frozen), leave its module out of the task's get_influence_tracked_modules")
             if tuple(s[moment].shape) != tuple(params[name].shape):
                 raise ValueError(f"{where}: the {moment} it holds for parameter {name!r} has shape "
                                  f"{tuple(s[moment].shape)}, the parameter {tuple(params[name].shape)}")
@@ -736,6 +730,22 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         for spec in specs:
             out[spec.name] = out.get(spec.name, 0) + spec.param_matrix(p_by_name).double() / len(seg.optimizer_states)
     return out
+
+
+def not_adam(group: dict) -> str | None:
+    """Why an optimizer state's parameter group is not Adam's or AdamW's, or None when it is.
+    NAdam's, RAdam's and Adamax's states also hold betas (and the first two exp_avg_sq), but their
+    steps are not Adam's: NAdam's groups have momentum_decay, the others are torch's (differentiable)
+    without amsgrad. Other libraries' Adams (transformers', DeepSpeed's) have no amsgrad either, nor
+    the differentiable flag: read as Adams without AMSGrad."""
+    missing = sorted({"betas", "eps"} - set(group))
+    if missing:
+        return f"it lacks {missing}"
+    if "momentum_decay" in group or ("differentiable" in group and "amsgrad" not in group):
+        return "its steps are another Adam variant's: NAdam's, RAdam's or Adamax's"
+    if group.get("correct_bias", True) is False or group.get("bias_correction", True) is False:
+        return "it skips Adam's bias correction, which P = 1/(√v̂ + ε) assumes"
+    return None
 
 
 def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict[str, int]:

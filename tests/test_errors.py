@@ -462,13 +462,14 @@ def test_adam_states_that_cannot_be_a_run_are_named(setup, spoil, pattern):
 
 def test_states_of_other_optimizers_or_the_optimizer_itself_are_refused(setup):
     model, data, _ = setup
-    for cls in (torch.optim.NAdam, torch.optim.RAdam):
+    for cls in (torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax):
         opt = cls(model.parameters(), lr=1e-2)
         ClassifyTask().compute_train_loss(data.tensors, model).backward()
         opt.step()
         traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=0.1, optimizer="adam",
                                          optimizer_states=[opt.state_dict()])])
-        with pytest.raises(ValueError, match=r"parameter group 0 is not Adam's or AdamW's \(its steps are NAdam's or RAdam's\)"):
+        with pytest.raises(ValueError, match=r"parameter group 0 is not Adam's or AdamW's \(its steps are another Adam variant's: "
+                                             r"NAdam's, RAdam's or Adamax's\)"):
             sf.fit_factors(model, ClassifyTask(), traj)
     traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=0.1, optimizer="adam",
                                      optimizer_states=[_adam_state(model, data)])])

@@ -51,11 +51,12 @@ def run(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("trainer"))
 
 
-def _rates():
+def _rates(steps=STEPS):
+    """The rate of each of `steps` steps of the run's schedule (past its end: the rate it would have next)."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
     schedule = transformers.get_linear_schedule_with_warmup(opt, WARMUP, STEPS)
     rates = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         rates.append(opt.param_groups[0]["lr"])
         opt.step()
         schedule.step()
@@ -96,15 +97,24 @@ def test_a_trainer_run_is_read_with_its_steps_rates_and_optimizer(run):
     assert scores.shape == (3, len(data)) and bool(torch.isfinite(scores).all())
 
 
-def test_an_sgd_run_keeps_its_momentum_dampening_and_decay(tmp_path):
-    out, model, data, _ = _train(tmp_path, optim="sgd", optim_args="momentum=0.9,dampening=0.25")
+@pytest.mark.parametrize("options, momentum, scale", [("momentum=0.9,dampening=0.25", 0.9, 0.75),
+                                                       ("dampening=0.5", 0.0, 1.0)])  # no buffer, no dampening
+def test_an_sgd_run_keeps_its_momentum_dampening_and_decay(tmp_path, options, momentum, scale):
+    out, model, data, _ = _train(tmp_path, optim="sgd", optim_args=options)
     traj = sf.Trajectory.from_trainer(out, model, data, num_segments=2)
     rates = _rates()
     # Checkpoints 10, 20, 25 in two segments: [10, 20], [25]; torch's dampening d scales each step by 1 − d.
-    assert [seg.lr_sum for seg in traj.segments] == pytest.approx([0.75 * sum(rates[:20]), 0.75 * sum(rates[20:])])
+    assert [seg.lr_sum for seg in traj.segments] == pytest.approx([scale * sum(rates[:20]), scale * sum(rates[20:])])
     assert {(seg.optimizer, seg.momentum, seg.weight_decay, seg.optimizer_states) for seg in traj.segments} == {
-        ("sgd", 0.9, DECAY, None)}
+        ("sgd", momentum, DECAY, None)}
     assert [len(seg.checkpoints) for seg in traj.segments] == [2, 1]
+
+
+def test_other_optimizers_are_refused(tmp_path):
+    out, model, data, _ = _train(tmp_path, optim="adagrad")
+    with pytest.raises(ValueError, match=r"checkpoint-25/optimizer.pt: the optimizer is neither SGD's nor Adam's; "
+                                         r".*optim='sgd', 'adamw_torch'"):
+        sf.Trajectory.from_trainer(out, model, data, 3)
 
 
 def test_uneven_steps_in_trajectory_even():
@@ -118,32 +128,71 @@ def test_uneven_steps_in_trajectory_even():
             sf.Trajectory.even(ckpts, rates, 2, list(range(4)), steps=steps)
 
 
+def _edit(run_dir, what, edit):
+    """Rewrites `what` (a JSON file) in every checkpoint, as one run would have written it."""
+    for folder in sorted(run_dir.glob("checkpoint-*")):
+        path = folder / what
+        path.write_text(json.dumps(edit(json.loads(path.read_text()), int(folder.name.split("-")[1]))))
+
+
 def test_what_a_trainer_folder_lacks_is_named(run, tmp_path):
     out, model, data, _ = run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    state_file = copy / "checkpoint-25" / "trainer_state.json"
-    state = json.loads(state_file.read_text())
+    original = {f.name: (f / "trainer_state.json").read_text() for f in copy.glob("checkpoint-*")}
     # Logged every fifth step only (logging_steps=5): the rates are not all there.
-    sparse = {**state, "log_history": [h for h in state["log_history"] if h.get("step", 0) % 5 == 0]}
-    state_file.write_text(json.dumps(sparse))
+    _edit(copy, "trainer_state.json",
+          lambda st, n: {**st, "log_history": [h for h in st["log_history"] if h.get("step", 0) % 5 == 0]})
     with pytest.raises(ValueError, match=r"the learning rate of 5 of the 25 steps .*logging_steps=1.* pass lrs="):
         sf.Trajectory.from_trainer(copy, model, data, 3)
     assert sf.Trajectory.from_trainer(copy, model, data, 3, lrs=_rates()).segments[0].lr_sum == pytest.approx(
         sum(_rates()[:10]))
-    # A log whose every rate is the next step's (how some transformers versions log): refused.
-    shifted = [{**h, "learning_rate": _rates()[min(h["step"], STEPS - 1)]} if "learning_rate" in h else h
-               for h in state["log_history"]]
-    state_file.write_text(json.dumps({**state, "log_history": shifted}))
+    for name, text in original.items():
+        (copy / name / "trainer_state.json").write_text(text)
+    # Each rate logged as the next step's, as transformers before 4.51 did: its version says so; without
+    # the version, the states say so.
+    _edit(copy, "config.json", lambda cfg, n: {**cfg, "transformers_version": "4.48.1"})
+    with pytest.raises(ValueError, match=r"transformers 4.48.1 logged each step's next learning rate"):
+        sf.Trajectory.from_trainer(copy, model, data, 3)
+    _edit(copy, "config.json", lambda cfg, n: {k: v for k, v in cfg.items() if k != "transformers_version"})
+    _edit(copy, "trainer_state.json", lambda st, n: {**st, "log_history": [
+        {**h, "learning_rate": _rates(STEPS + 1)[h["step"]]} if "learning_rate" in h else h
+        for h in st["log_history"]]})
     with pytest.raises(ValueError, match=r"rate logged at step 11 is .* checkpoint-10's optimizer state holds"):
         sf.Trajectory.from_trainer(copy, model, data, 3)
-    state_file.write_text(json.dumps(state))
+    for n in (10, 20):  # save_total_limit=1: only the final state, whose rate is the log's last
+        shutil.rmtree(copy / f"checkpoint-{n}")
+    with pytest.raises(ValueError, match=r"which step each logged learning rate belongs to is not known"):
+        sf.Trajectory.from_trainer(copy, model, data, 1)
+    (copy / "checkpoint-25" / "trainer_state.json").write_text(original["checkpoint-25"])
+    assert sf.Trajectory.from_trainer(copy, model, data, 1).segments[0].lr_sum == pytest.approx(sum(_rates()))
+
+
+def test_checkpoints_of_another_run_or_damaged_ones_are_refused(run, tmp_path):
+    out, model, data, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    # A second run into the same output_dir left checkpoint-10 of the first (another log).
+    state = json.loads((copy / "checkpoint-10" / "trainer_state.json").read_text())
+    state["log_history"][0]["loss"] += 0.5
+    (copy / "checkpoint-10" / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"checkpoint-10 is not from the same run as checkpoint-25 .* move them out"):
+        sf.Trajectory.from_trainer(copy, model, data, 3)
+    shutil.copytree(out / "checkpoint-20", copy / "checkpoint-15")
+    with pytest.raises(ValueError, match=r"checkpoint-15/trainer_state.json records global_step 20, not 15"):
+        sf.Trajectory.from_trainer(copy, model, data, 3)
+    shutil.rmtree(copy / "checkpoint-15")
+    shutil.copy(out / "checkpoint-10" / "trainer_state.json", copy / "checkpoint-10")
     frozen = _model()
     frozen.transformer.wpe.weight.requires_grad_(False)
     with pytest.raises(ValueError, match=r"hold \[\d+, \d+\] parameters, but Trainer's split .* gives"):
         sf.Trajectory.from_trainer(copy, frozen, data, 3)
+    blob = (copy / "checkpoint-20" / "optimizer.pt").read_bytes()
+    (copy / "checkpoint-20" / "optimizer.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint-20/optimizer.pt cannot be read as an optimizer state_dict"):
+        sf.Trajectory.from_trainer(copy, model, data, 3)
     (copy / "checkpoint-20" / "optimizer.pt").unlink()
-    with pytest.raises(ValueError, match=r"checkpoint-20/optimizer.pt is missing"):
+    with pytest.raises(ValueError, match=r"checkpoint-20/optimizer.pt is missing \(an incomplete checkpoint"):
         sf.Trajectory.from_trainer(copy, model, data, 3)
     with pytest.raises(ValueError, match="has no checkpoint-N folders"):
         sf.Trajectory.from_trainer(tmp_path, model, data, 3)

@@ -3,14 +3,15 @@
 A Trainer run leaves `output_dir/checkpoint-N/` folders, N the optimizer step after which each was
 saved: the weights (`model.safetensors` or `pytorch_model.bin`), the optimizer's state_dict
 (`optimizer.pt`) and `trainer_state.json`, whose `log_history` holds the learning rate of every logged
-step. Three things need care, and are checked rather than assumed:
+step. What needs care is checked rather than assumed:
 - the save steps are rarely evenly spaced (the last one is the run's end, whatever save_steps is, and
   save_total_limit deletes early ones), so segments take their rates by the steps in the names;
+- the Trainer does not clear output_dir: every checkpoint's log must be the start of the last one's;
 - Trainer builds its optimizer from two unnamed parameter groups (weights it decays, then biases and
   norms it does not), so which state is whose is rebuilt with Trainer's own rule and checked by
   counts here and by shapes when the factors are fitted;
-- a log line's learning rate is, depending on the transformers version, the rate of its step or of
-  the next one; each optimizer state holds the next step's rate, which decides.
+- a log line's learning rate is its step's since transformers 4.51 and the next step's before; the
+  version is in each checkpoint's config.json, and each optimizer state holds the next step's rate.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ..capture import layer_kind
+from ..factors import not_adam
 from ..trajectory import Trajectory
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -44,21 +46,25 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
                          "(or 'epoch') and give its output_dir")
     steps = [n for n, _ in found]
     folders = [p for _, p in found]
+    histories = _histories(folders, steps)
     states = [_optimizer_state(folder, model) for folder in folders]
     group = states[-1]["param_groups"][0]
     where = folders[-1] / "optimizer.pt"
     if {"momentum", "dampening"} <= set(group):  # torch's SGD
-        optimizer, momentum, scale = "sgd", float(group["momentum"]), 1.0 - float(group["dampening"])
-    elif {"betas", "eps"} <= set(group):
+        momentum = float(group["momentum"])
+        # torch applies dampening inside the momentum buffer only: without momentum it does nothing.
+        optimizer, scale = "sgd", 1.0 - float(group["dampening"]) if momentum else 1.0
+    elif not_adam(group) is None:
         # Every Adam the Trainer offers decouples its decay (adamw_torch, adamw_torch_fused, ...); torch's
         # states say so themselves since Adam and AdamW share one implementation.
         optimizer = "adam" if group.get("decoupled_weight_decay") is False else "adamw"
         momentum, scale = 0.0, 1.0
     else:
-        raise ValueError(f"{where}: a state of neither torch's SGD nor an Adam (its parameter group has "
-                         f"{sorted(group)}); source_fast reads SGD, Adam and AdamW runs")
+        kind = f"not Adam's ({not_adam(group)})" if {"betas", "eps"} <= set(group) else "neither SGD's nor Adam's"
+        raise ValueError(f"{where}: the optimizer is {kind}; source_fast reads SGD, Adam and AdamW runs "
+                         "(Trainer's optim='sgd', 'adamw_torch' or 'adamw_torch_fused')")
     if lrs is None:
-        lrs = _logged_rates(folders[-1] / "trainer_state.json", steps, states)
+        lrs = _logged_rates(folders[-1], histories[-1], steps, states)
     return Trajectory.even(
         [_weights_file(folder) for folder in folders], [scale * float(r) for r in lrs], num_segments, data,
         momentum=momentum, weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
@@ -80,10 +86,13 @@ def _optimizer_state(folder: Path, model: nn.Module) -> dict:
     """optimizer.pt, memory-mapped (a state is twice the model), its groups named by Trainer's rule."""
     path = folder / "optimizer.pt"
     if not path.is_file():
-        raise ValueError(f"{path} is missing (TrainingArguments(save_only_model=True)?): the optimizer's kind, "
-                         "momentum or second moments are read from it; without it build the trajectory with "
-                         "Trajectory.even(..., steps=) yourself")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        raise ValueError(f"{path} is missing (an incomplete checkpoint, or a run with save_only_model=True): the "
+                         "optimizer's kind, momentum or second moments are read from it; without it build the "
+                         "trajectory with Trajectory.even(..., steps=) yourself")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a truncated or foreign file: say which
+        raise ValueError(f"{path} cannot be read as an optimizer state_dict ({exc})") from exc
     groups = state["param_groups"]
     if len(groups) == 1 or all("param_names" in g for g in groups):
         return state  # one group is read in model.parameters() order, named ones by their names
@@ -119,12 +128,46 @@ def _weight_decay(state: dict, model: nn.Module) -> float | dict[str, float]:
     return decays.pop() if len(decays) == 1 else by_module
 
 
-def _logged_rates(path: Path, steps: list[int], states: list[dict]) -> list[float]:
-    """The learning rate of every step 1..T from log_history, checked against the optimizer states."""
+def _histories(folders: list[Path], steps: list[int]) -> list[list[dict]]:
+    """Each checkpoint's log_history, checked to be one run's: the Trainer does not clear output_dir,
+    so a second run into it leaves the first's checkpoints beside its own (at other steps, or
+    overwritten at the same), and their weights and optimizer states belong to another run."""
+    histories = []
+    for folder, n in zip(folders, steps):
+        path = folder / "trainer_state.json"
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path} is missing (an incomplete checkpoint?)") from None
+        if state.get("global_step") != n:
+            raise ValueError(f"{path} records global_step {state.get('global_step')}, not {n}")
+        histories.append(state.get("log_history", []))
+    last = histories[-1]
+    for folder, history in zip(folders[:-1], histories[:-1]):
+        # Training log lines of one run are the start of its later checkpoints' logs (also when it was
+        # resumed from a checkpoint: the resumed run continues that checkpoint's log).
+        if history != last[: len(history)]:
+            raise ValueError(f"{folder.name} is not from the same run as {folders[-1].name} (their trainer_state.json "
+                             f"logs differ): the Trainer does not clear output_dir, so another run's checkpoints stay "
+                             f"in {folder.parent}; move them out")
+    return histories
+
+
+def _own_step_rates(folder: Path) -> tuple[bool | None, str]:
+    """Whether the transformers that wrote this checkpoint logged each step's own learning rate (4.51
+    and later) or the next step's (before): (None, "") when its config.json does not say."""
     try:
-        history = json.loads(path.read_text())["log_history"]
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing: pass lrs=, the learning rate of every step") from None
+        version = str(json.loads((folder / "config.json").read_text())["transformers_version"])
+    except (FileNotFoundError, KeyError, TypeError, json.JSONDecodeError):
+        return None, ""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (None, version) if m is None else ((int(m[1]), int(m[2])) >= (4, 51), version)
+
+
+def _logged_rates(folder: Path, history: list[dict], steps: list[int], states: list[dict]) -> list[float]:
+    """The learning rate of every step 1..T from the last checkpoint's log_history, checked against the
+    optimizer states (each holds the rate of the step after it) and transformers' logging convention."""
+    path = folder / "trainer_state.json"
     logged = {int(h["step"]): float(h["learning_rate"]) for h in history if "learning_rate" in h and "step" in h}
     total = steps[-1]
     have = sum(1 for k in range(1, total + 1) if k in logged)
@@ -135,13 +178,22 @@ def _logged_rates(path: Path, steps: list[int], states: list[dict]) -> list[floa
             "stepping the scheduler rebuilt with transformers.get_scheduler"
         )
     lrs = [logged[k] for k in range(1, total + 1)]
+    own, version = _own_step_rates(folder)
+    if own is False:  # transformers PR 36973
+        raise ValueError(f"{path}: transformers {version} logged each step's next learning rate (fixed in 4.51), so "
+                         "the log cannot give the first step's: pass lrs=, the rate of every step")
     # A state saved after step n holds the rate of step n + 1 (the scheduler has stepped): lrs[n].
     for n, state in zip(steps, states):
         saved = float(state["param_groups"][0]["lr"])
         if n < total and not math.isclose(saved, lrs[n], rel_tol=1e-6, abs_tol=1e-12):
             raise ValueError(
                 f"{path}: the rate logged at step {n + 1} is {lrs[n]:g}, but checkpoint-{n}'s optimizer state "
-                f"holds {saved:g} for that step (this transformers version logs another step's rate): pass "
-                "lrs=, the rate of every step"
+                f"holds {saved:g} for that step: pass lrs=, the rate of every step"
             )
+    final = float(states[-1]["param_groups"][0]["lr"])  # step T + 1's rate
+    if own is None and len(steps) == 1 and len(set(lrs)) > 1 and math.isclose(final, lrs[-1], rel_tol=1e-6):
+        # Logged as the next step's, step T's entry would be exactly this; logged as its own, only a
+        # schedule flat at its end would be. No version to decide it: ask.
+        raise ValueError(f"{path}: which step each logged learning rate belongs to is not known (no config.json with "
+                         "transformers_version, one checkpoint): pass lrs=, the rate of every step")
     return lrs
