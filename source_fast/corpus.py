@@ -55,7 +55,7 @@ from .scoring import (
 from .task import Task
 from .trajectory import Trajectory
 
-MANIFEST_VERSION = 5  # 5: the query blocks are in the fingerprint
+MANIFEST_VERSION = 6  # 5: the query blocks are in the fingerprint; 6: the model's dtypes, Adam's p̃ from P⁻¹
 
 
 def _fingerprint(model, task, trajectory, factors, method, options, train_data, query_data, collate_fn) -> dict:
@@ -78,9 +78,9 @@ def _fingerprint(model, task, trajectory, factors, method, options, train_data, 
         "query_data": digest_examples(query_data, limit=None),  # held in memory: every query, cheaply
     }
     if any(s.optimizer != "sgd" for s in trajectory.segments):
-        # Shards of Adam segments written before P was taken in the eigenbases (commit 891b8bb) hold
-        # other scores: their manifests lack this, so such a folder is refused, not resumed.
-        fingerprint["adam_preconditioner"] = "diagonal in each segment's eigenbasis"
+        # Shards of Adam segments written with another p̃ (before commit 891b8bb, P in the parameter basis;
+        # before format 6, the diagonal of P rather than of P⁻¹) hold other scores: refused, not resumed.
+        fingerprint["adam_preconditioner"] = "P⁻¹ by its diagonal in each segment's eigenbasis"
     # As the manifest will read it back (a tuple of train_segments becomes a list), or a resume would not match.
     return json.loads(json.dumps(fingerprint))
 

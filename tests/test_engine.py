@@ -268,15 +268,15 @@ def test_self_score_is_the_diagonal_of_pairwise(setup, method, segments):
 
 
 def _eigen_diagonal(factors, ell, p):
-    """P (flat, diagonal in the parameter basis) taken by its diagonal in each layer's EK-FAC eigenbasis,
-    as a dense block-diagonal matrix: K diag(Kᵀ diag(P) K) Kᵀ with K = Q_S ⊗ Q_A."""
+    """P (flat, diagonal in the parameter basis) in each layer's EK-FAC eigenbasis, its inverse taken by
+    its diagonal there, as a dense block-diagonal matrix: K diag(Kᵀ diag(P⁻¹) K)⁻¹ Kᵀ, K = Q_S ⊗ Q_A."""
     blocks, start = [], 0
     for n in LAYERS:
         lf = factors.segments[ell][n]
         k = torch.kron(lf.q_s, lf.q_a)
         block = p[start : start + lf.lam.numel()]
         start += lf.lam.numel()
-        blocks.append(k @ torch.diag((k**2).T @ block) @ k.T)
+        blocks.append(k @ torch.diag(1 / ((k**2).T @ (1 / block))) @ k.T)
     return torch.block_diag(*blocks)
 
 
@@ -292,7 +292,7 @@ def _response(a, c):
 
 def test_adam_segments_match_the_dense_formula(setup):
     """θ −= ηP m̂ (+ decay) linearizes to A = P̃(H̄ + wd) (Adam: L2 in the gradient) or P̃H̄ + wd (AdamW:
-    decoupled), with P̃ = P taken by its diagonal in H̄'s eigenbasis; the summed response of a segment
+    decoupled), with P̃ = P in H̄'s eigenbasis, its inverse taken by its diagonal there; the summed response of a segment
     is ∫₀ᶜ e^{−sA} ds P̃ ∇L. P from the optimizer states by hand, matrix exponentials dense; no damping."""
     model, data, queries, ckpts = setup
     task = ClassifyTask()
@@ -582,7 +582,7 @@ def test_implied_damping_of_an_adam_run_is_one_over_c_p(setup):
     for n in LAYERS:
         lf = factors.segments[0][n]
         p = torch.cat([per[f"{n}.weight"], per[f"{n}.bias"][:, None]], 1)
-        pt = (lf.q_s**2).T @ p @ lf.q_a**2
+        pt = 1 / ((lf.q_s**2).T @ (1 / p) @ lf.q_a**2)
         k = torch.kron(lf.q_s, lf.q_a)
         blocks.append(k @ torch.diag((1 / (lf.lam.clamp_min(0) + 1 / (0.5 * pt))).reshape(-1)) @ k.T)
     v, g = _grads(model, ckpts[1], queries), _grads(model, ckpts[1], data)
@@ -985,7 +985,7 @@ def test_adam_segment_needs_no_damping_at_zero_curvature(setup):
     lf = factors.segments[0]["0"]
     assert (lf.lam == 0).any()
     u, _ = _segment_scales(seg, lf, "0")
-    p = (lf.q_s**2).T @ lf.precond @ lf.q_a**2
+    p = 1 / ((lf.q_s**2).T @ (1 / lf.precond) @ lf.q_a**2)
     assert torch.equal(u[lf.lam == 0], 0.5 * p[lf.lam == 0])
     assert torch.isfinite(sf.score(model, task, traj, factors, flat, queries)).all()
 
