@@ -265,8 +265,11 @@ def _eigen_precond(lf: LayerFactors, name: str) -> Tensor:
     weighs coordinates by how much Adam divides their gradient. The diagonal of P itself, an
     arithmetic mean, lets coordinates whose gradient is always zero (v̂ = 0, so P = 1/ε: GPT-2's key
     bias, which the softmax ignores) leak 1/ε into every direction that touches them: against the
-    derivative through AdamW on a one-layer GPT-2 it overstated scores 7.7-fold (Pearson 0.67), this
-    form 1.16-fold (0.91; tests/test_ground_truth.py). With uniform P both are P."""
+    derivative through AdamW on a one-layer GPT-2 it overstated scores 5.7–9.6-fold (Pearson 0.72–0.73
+    over four seeds), this form 1.2–1.5-fold (0.84–0.91; tests/test_ground_truth.py). The rate σ = p̃Λ
+    is the variational one and stiff directions (F → 1/Λ) are exact; in flat ones the response is cP,
+    whose diagonal is the arithmetic mean, so there p̃ understates it by the harmonic/arithmetic ratio
+    of P along the direction (about 0.9 in dense checks). With uniform P both are P."""
     if lf.precond is None:
         raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
     return 1.0 / ((lf.q_s**2).T @ lf.precond.reciprocal() @ lf.q_a**2)
