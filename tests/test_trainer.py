@@ -51,6 +51,12 @@ def run(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("trainer"))
 
 
+def _applied(rates, beta):
+    """The rates as SOURCE counts them with heavy-ball momentum β: step k's (of T) times 1 − β^(T − k),
+    the part of its gradient the buffer had applied when training stopped."""
+    return [r * (1 - beta ** (len(rates) - k)) for k, r in enumerate(rates)]
+
+
 def _rates(steps=STEPS):
     """The rate of each of `steps` steps of the run's schedule (past its end: the rate it would have next)."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
@@ -102,7 +108,7 @@ def test_a_trainer_run_is_read_with_its_steps_rates_and_optimizer(run):
 def test_an_sgd_run_keeps_its_momentum_dampening_and_decay(tmp_path, options, momentum, scale):
     out, model, data, _ = _train(tmp_path, optim="sgd", optim_args=options)
     traj = sf.Trajectory.from_trainer(out, model, data, num_segments=2)
-    rates = _rates()
+    rates = _applied(_rates(), momentum)
     # Checkpoints 10, 20, 25 in two segments: [10, 20], [25]; torch's dampening d scales each step by 1 − d.
     assert [seg.lr_sum for seg in traj.segments] == pytest.approx([scale * sum(rates[:20]), scale * sum(rates[20:])])
     assert {(seg.optimizer, seg.momentum, seg.weight_decay, seg.optimizer_states) for seg in traj.segments} == {
