@@ -86,6 +86,12 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
     whole was frozen after training, and all its layers count."""
     modules = dict(model.named_modules())
     some_train = any(p.requires_grad for p in model.parameters())
+    if not some_train and names is None and any("lora_A" in n.split(".") for n in modules):
+        # A LoRA model frozen whole was loaded for inference: read as frozen after training, every base
+        # layer would count as trained, while only the adapters did.
+        raise ValueError("the model has LoRA adapters (lora_A / lora_B modules) and no parameter that trains: load "
+                         "it as it was trained (PeftModel.from_pretrained(..., is_trainable=True)), so the adapters "
+                         "are tracked, or name the modules to track in the task's get_influence_tracked_modules")
     frozen = {n for n, m in modules.items() if some_train and not any(p.requires_grad for p in m.parameters(recurse=False))}
     if names is None:
         specs = [LayerSpec.of(n, m) for n, m in modules.items() if layer_kind(m) is not None and n not in frozen]

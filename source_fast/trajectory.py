@@ -400,8 +400,11 @@ class Trajectory:
         optimizer state: SGD (with its momentum and dampening) or AdamW (Adam when torch's state says
         its decay is not decoupled), and each weight's decay. `model` is the model as trained (the same
         parameters trainable): Trainer's optimizer groups do not name their parameters, so they are
-        named by Trainer's own decay rule. `lrs` (the rate of every step) is read from the log history
-        when the run logged every step (TrainingArguments(logging_steps=1)); otherwise give it.
+        named by Trainer's own decay rule. A PEFT (LoRA) run saves only its adapter: `model` is then
+        the PEFT model as trained (its adapters trainable), whose frozen base completes each checkpoint.
+        `lrs` (the rate of every step) is read from the log history when the run logged every step
+        (TrainingArguments(logging_steps=1)); otherwise give it. Gradient clipping (Trainer's
+        max_grad_norm, 1.0 by default) is not modelled: a clipped step counts at its full rate.
         `data` and `num_examples`: the examples the run trained on, as for Segment. A multi-stage run
         is `Trajectory(first.segments + second.segments)` of one from_trainer per stage."""
         from .interop.trainer import trainer_trajectory

@@ -202,3 +202,44 @@ def test_checkpoints_of_another_run_or_damaged_ones_are_refused(run, tmp_path):
         sf.Trajectory.from_trainer(copy, model, data, 3)
     with pytest.raises(ValueError, match="has no checkpoint-N folders"):
         sf.Trajectory.from_trainer(tmp_path, model, data, 3)
+
+
+def test_a_lora_run_is_read_through_its_peft_model(tmp_path):
+    """A LoRA run (peft) saves only its adapters, under keys without the adapter's name. The PEFT model
+    as trained completes each checkpoint with its frozen base; its LoRA layers, the ones that train, are
+    what is tracked; Adam's state is matched to them (checked against the live optimizer by object)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0,
+                             fan_in_fan_out=True)
+    model = peft.get_peft_model(_model(), config)
+    data = Tokens(48, 12, 40, seed=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, save_steps=SAVE, per_device_train_batch_size=8, learning_rate=LR,
+        warmup_steps=WARMUP, weight_decay=DECAY, logging_steps=1, report_to="none", use_cpu=True, seed=0,
+        disable_tqdm=True, log_level="error")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert not (tmp_path / "checkpoint-10" / "model.safetensors").exists()
+    traj = sf.Trajectory.from_trainer(tmp_path, model, data, num_segments=3)
+    assert [seg.lr_sum for seg in traj.segments] == pytest.approx([sum(_rates()[:10]), sum(_rates()[10:20]),
+                                                                    sum(_rates()[20:])], rel=1e-12)
+    live = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    last, first = traj.segments[-1].checkpoints[-1], traj.segments[0].checkpoints[0]
+    for name, value in live.items():  # the final checkpoint is the trained adapter; the first is not
+        assert torch.equal(last[name], value) and not torch.equal(first[name], value)
+    task = CausalLMTask(normalize="mean")
+    factors = sf.fit_factors(model, task, traj, batch_size=16)
+    assert factors.layers and all(spec.name.split(".")[-2] in ("lora_A", "lora_B") for spec in factors.layers)
+    name = "base_model.model.transformer.h.1.mlp.c_fc.lora_B.default"
+    weight = model.get_submodule(name).weight
+    state, group = trainer.optimizer.state[weight], trainer.optimizer.param_groups[0]
+    v_hat = state["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
+    torch.testing.assert_close(factors.segments[-1][name].precond.double(), 1 / (v_hat.sqrt() + group["eps"]),
+                               rtol=1e-6, atol=0)
+    scores = sf.score(model, task, traj, factors, data, torch.utils.data.Subset(data, range(3)))
+    assert scores.shape == (3, len(data)) and bool(torch.isfinite(scores).all())
+    # Loaded for inference (nothing trains), the base layers would read as trained: refused.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"LoRA adapters .* no parameter that trains: .*is_trainable=True"):
+        sf.fit_factors(model, task, sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)]))

@@ -1,7 +1,8 @@
 """Hugging Face `transformers.Trainer` runs as trajectories: `Trajectory.from_trainer` reads this.
 
 A Trainer run leaves `output_dir/checkpoint-N/` folders, N the optimizer step after which each was
-saved: the weights (`model.safetensors` or `pytorch_model.bin`), the optimizer's state_dict
+saved: the weights (`model.safetensors` or `pytorch_model.bin`; a PEFT run's adapter,
+`adapter_model.safetensors`, read into the PEFT model's keys), the optimizer's state_dict
 (`optimizer.pt`) and `trainer_state.json`, whose `log_history` holds the learning rate of every logged
 step. What needs care is checked rather than assumed:
 - the save steps are rarely evenly spaced (the last one is the run's end, whatever save_steps is, and
@@ -66,20 +67,52 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     if lrs is None:
         lrs = _logged_rates(folders[-1], histories[-1], steps, states)
     return Trajectory.even(
-        [_weights_file(folder) for folder in folders], [scale * float(r) for r in lrs], num_segments, data,
+        [_weights(folder, model) for folder in folders], [scale * float(r) for r in lrs], num_segments, data,
         momentum=momentum, weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
         optimizer_states=None if optimizer == "sgd" else states, steps=steps,
     )
 
 
-def _weights_file(folder: Path) -> str:
+def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
+    """A checkpoint's weights: the file of a full model, or a PEFT (LoRA) run's adapter as a state_dict."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return str(folder / name)
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            return _adapter_state(folder / name, model)
     if any(folder.glob("*.index.json")):
         raise ValueError(f"{folder} holds a sharded checkpoint (*.index.json); source_fast reads one weights file: "
                          "load it with from_pretrained and pass model.state_dict() copies to Trajectory.even")
-    raise ValueError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    raise ValueError(f"{folder} has no model.safetensors, pytorch_model.bin or adapter_model.safetensors")
+
+
+def _adapter_state(path: Path, model: nn.Module) -> dict[str, Any]:
+    """A PEFT adapter checkpoint as the whole model's state_dict: its weights under the model's keys
+    (PEFT saves them without the adapter's name: `lora_A.weight` for `lora_A.default.weight`), the
+    rest (the frozen base, which did not train) the model's own tensors, shared, not copied."""
+    adapters = list(getattr(model, "peft_config", None) or [])
+    if not adapters:
+        raise ValueError(f"{path} is a PEFT adapter: pass the PEFT model as it was trained (peft.get_peft_model, or "
+                         "PeftModel.from_pretrained(base, folder, is_trainable=True)), not the base model")
+    own = model.state_dict()
+    saved_as = {}
+    for key in own:
+        short = key
+        for adapter in adapters:
+            short = short.replace(f".{adapter}", "")
+        saved_as[short] = key
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path))
+    else:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    unknown = [k for k in saved if k not in saved_as]
+    if unknown:
+        raise ValueError(f"{path} holds weights the PEFT model does not have, e.g. {unknown[:3]}: pass the model "
+                         "with the adapter configuration it was trained with")
+    return {**own, **{saved_as[k]: v for k, v in saved.items()}}
 
 
 def _optimizer_state(folder: Path, model: nn.Module) -> dict:
