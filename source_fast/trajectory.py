@@ -195,9 +195,9 @@ class Segment:
     lr_sum: c_ℓ = Σ η_k over the segment's steps (warm-up and decay included), or
     lrs: the per-step learning rates, summed for you (give exactly one of the two)
     momentum: heavy-ball β of SGD; the effective horizon is c/(1−β) (also Nesterov's, to first
-        order; with torch's `dampening` d, pass lr_sum·(1 − d)). In the run's last segment, the
-        rate of the step j steps before the end counts (1 − β^j) times: the rest of its gradient was
-        still in the buffer when training stopped (Trajectory.even does this)
+        order; with torch's `dampening` d, pass lr_sum·(1 − d)). Each step's rate counts as far as
+        the buffer carried its gradient by the run's end, (1 − β) Σ_{i≥k} η_i β^{i−k}: at a constant
+        rate, the step j steps before the end counts 1 − β^j times (Trajectory.even does this)
     optimizer: "sgd", "adam" (L2 penalty inside the gradient) or "adamw" (decoupled decay)
     optimizer_states: for adam/adamw, the optimizer state_dicts (or files) saved with each
         checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε). States are
@@ -339,8 +339,8 @@ class Trajectory:
         """The paper's default: C checkpoints evenly spaced over the run's T steps (checkpoint c,
         counting from 1, saved after step round(c·T/C), so the last is the final weights), split into
         `num_segments` consecutive groups; each segment's c_ℓ sums the real per-step rates `lrs`, with
-        heavy-ball momentum β those of the run's last steps discounted by 1 − β^j (j steps before the
-        end): the part of their gradients still in the buffer when training stopped.
+        heavy-ball momentum β each step's as far as the buffer carried its gradient by the end,
+        (1 − β) Σ_{i≥k} η_i β^{i−k} (η(1 − β^j) j steps before the end at a constant rate).
         steps: the step each checkpoint was saved after (counting from 1, increasing, the last = T)
         when they were not evenly spaced, e.g. a save interval that does not divide T, or only the
         last few kept (Trainer's checkpoint-N folders: `from_trainer` reads them).
@@ -359,15 +359,21 @@ class Trajectory:
         if n_steps < n_ckpt:
             raise ValueError(f"{n_steps} learning rates for {n_ckpt} checkpoints: give one rate per training step")
         ckpt_step = [round((c + 1) * n_steps / n_ckpt) for c in range(n_ckpt)] if steps is None else _steps(steps, n_ckpt, n_steps)
-        # The run's last steps: with heavy-ball momentum β, a gradient taken j steps before the end has
-        # moved the weights by only 1 − β^j of its c/(1 − β), the rest still in the buffer when training
-        # stopped (on a 32-step GPT-2 run with β = 0.9, SOURCE's scale against the exact derivative went
-        # from 1.34 to 0.99, Pearson 0.996 to 0.997). Adam's first moment holds gradients back the same
-        # way, but discounting its β₁ lowered the rank agreement with exact unrolling (0.868 to 0.862 on
-        # the diabetes MLP, Pearson 0.908 to 0.899 on GPT-2): SOURCE leaves out Adam's second-moment path,
-        # which this would partly offset, so Adam's rates stay as given.
+        # Heavy-ball momentum β carries step k's gradient into every later step i at that step's rate:
+        # by the end it has moved the weights by s_k = Σ_{i≥k} η_i β^{i−k}, counted as a horizon c/(1 − β)
+        # by the rate (1 − β)s_k. With a constant rate that is η(1 − β^j), j steps before the end: the
+        # run's last ~1/(1 − β) gradients were still in the buffer when training stopped (on a 32-step
+        # GPT-2 run with β = 0.9, SOURCE's scale against the exact derivative went from 1.34 to 0.99), and
+        # a warm-up's zero-rate first step still moves the weights through it. Adam's first moment holds
+        # gradients back the same way, but the same treatment of its β₁ lowered the rank agreement with
+        # exact unrolling (0.868 to 0.862 on the diabetes MLP, Pearson 0.908 to 0.899 on GPT-2): SOURCE
+        # leaves out Adam's second-moment path, which it would partly offset, so Adam's rates stay as given.
         if optimizer == "sgd" and momentum:
-            lrs = [r * (1.0 - momentum ** (n_steps - k)) for k, r in enumerate(lrs)]
+            applied, carried = [], 0.0
+            for r in reversed(lrs):
+                carried = r + momentum * carried
+                applied.append((1.0 - momentum) * carried)
+            lrs = applied[::-1]
         bounds = [round(s * n_ckpt / num_segments) for s in range(num_segments + 1)]
         segments, start = [], 0
         for s in range(num_segments):

@@ -52,9 +52,9 @@ def run(tmp_path_factory):
 
 
 def _applied(rates, beta):
-    """The rates as SOURCE counts them with heavy-ball momentum β: step k's (of T) times 1 − β^(T − k),
-    the part of its gradient the buffer had applied when training stopped."""
-    return [r * (1 - beta ** (len(rates) - k)) for k, r in enumerate(rates)]
+    """The rates as SOURCE counts them with heavy-ball momentum β: (1 − β) Σ_{i≥k} η_i β^{i−k}, how far the
+    buffer carried step k's gradient by the end of training, written out term by term."""
+    return [(1 - beta) * sum(r * beta ** (i - k) for i, r in enumerate(rates) if i >= k) for k in range(len(rates))]
 
 
 def _rates(steps=STEPS):
@@ -243,3 +243,27 @@ def test_a_lora_run_is_read_through_its_peft_model(tmp_path):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match=r"LoRA adapters .* no parameter that trains: .*is_trainable=True"):
         sf.fit_factors(model, task, sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)]))
+
+
+def test_named_and_extra_adapters_and_modules_to_save_are_read(tmp_path):
+    """PEFT saves an adapter named other than "default" in checkpoint-N/<name>/, each adapter's keys
+    without its name, and modules_to_save without their wrapper: every trainable tensor of the final
+    checkpoint is the trained one, of the first another. DoRA is refused."""
+    peft = pytest.importorskip("peft")
+    lora = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_dropout=0.0, fan_in_fan_out=True)
+    model = peft.get_peft_model(_model(), peft.LoraConfig(modules_to_save=["ln_f"], **lora), adapter_name="mine")
+    model.add_adapter("spare", peft.LoraConfig(**lora))  # present, not trained
+    data = Tokens(24, 12, 40, seed=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, save_steps=3, per_device_train_batch_size=8, learning_rate=LR,
+        logging_steps=1, report_to="none", use_cpu=True, seed=0, disable_tqdm=True, log_level="error")
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    traj = sf.Trajectory.from_trainer(tmp_path, model, data, num_segments=2)
+    last, first = traj.segments[-1].checkpoints[-1], traj.segments[0].checkpoints[0]
+    live = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".modules_to_save.mine." in n for n in live) and not any(".spare." in n for n in live)
+    for name, value in live.items():
+        assert torch.equal(last[name], value) and not torch.equal(first[name], value), name
+    dora = peft.get_peft_model(_model(), peft.LoraConfig(use_dora=True, **lora))
+    with pytest.raises(ValueError, match="DoRA adapters are not supported"):
+        sf.Trajectory.from_trainer(tmp_path, dora, data, 2)

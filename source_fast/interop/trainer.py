@@ -45,6 +45,9 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     if not found:
         raise ValueError(f"{run} has no checkpoint-N folders: train with TrainingArguments(save_strategy='steps') "
                          "(or 'epoch') and give its output_dir")
+    if any(getattr(config, "use_dora", False) for config in (getattr(model, "peft_config", None) or {}).values()):
+        raise ValueError("DoRA adapters are not supported (a magnitude vector rescales each adapted layer's whole "
+                         "weight, which the tracked LoRA layers do not see)")
     steps = [n for n, _ in found]
     folders = [p for _, p in found]
     histories = _histories(folders, steps)
@@ -74,45 +77,57 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
 
 
 def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
-    """A checkpoint's weights: the file of a full model, or a PEFT (LoRA) run's adapter as a state_dict."""
+    """A checkpoint's weights: the file of a full model, or a PEFT (LoRA) run's adapters as a state_dict."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return str(folder / name)
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (folder / name).is_file():
-            return _adapter_state(folder / name, model)
+    if getattr(model, "peft_config", None):
+        return _adapter_state(folder, model)
     if any(folder.glob("*.index.json")):
         raise ValueError(f"{folder} holds a sharded checkpoint (*.index.json); source_fast reads one weights file: "
                          "load it with from_pretrained and pass model.state_dict() copies to Trajectory.even")
+    if any(folder.rglob("adapter_model.*")):
+        raise ValueError(f"{folder} holds PEFT adapters: pass the PEFT model as it was trained (peft.get_peft_model, "
+                         "or PeftModel.from_pretrained(base, folder, is_trainable=True)), not the base model")
     raise ValueError(f"{folder} has no model.safetensors, pytorch_model.bin or adapter_model.safetensors")
 
 
-def _adapter_state(path: Path, model: nn.Module) -> dict[str, Any]:
-    """A PEFT adapter checkpoint as the whole model's state_dict: its weights under the model's keys
-    (PEFT saves them without the adapter's name: `lora_A.weight` for `lora_A.default.weight`), the
-    rest (the frozen base, which did not train) the model's own tensors, shared, not copied."""
-    adapters = list(getattr(model, "peft_config", None) or [])
-    if not adapters:
-        raise ValueError(f"{path} is a PEFT adapter: pass the PEFT model as it was trained (peft.get_peft_model, or "
-                         "PeftModel.from_pretrained(base, folder, is_trainable=True)), not the base model")
-    own = model.state_dict()
-    saved_as = {}
-    for key in own:
-        short = key
-        for adapter in adapters:
-            short = short.replace(f".{adapter}", "")
-        saved_as[short] = key
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _adapter_state(folder: Path, model: nn.Module) -> dict[str, Any]:
+    """A PEFT checkpoint as the whole model's state_dict. PEFT saves each adapter (checkpoint-N/ for
+    "default", checkpoint-N/<name>/ for others) under its own keys (without the adapter's name, and
+    modules_to_save without their wrapper): peft's get_peft_model_state_dict says which live tensor each
+    saved key is, matched by identity. The rest, the frozen base, is the model's own tensors, shared."""
+    from peft.utils import get_peft_model_state_dict
 
-        saved = load_file(str(path))
-    else:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    unknown = [k for k in saved if k not in saved_as]
-    if unknown:
-        raise ValueError(f"{path} holds weights the PEFT model does not have, e.g. {unknown[:3]}: pass the model "
-                         "with the adapter configuration it was trained with")
-    return {**own, **{saved_as[k]: v for k, v in saved.items()}}
+    own = model.state_dict(keep_vars=True)
+    key_of = {id(v): k for k, v in own.items()}
+    state = {k: v.detach() for k, v in own.items()}
+    covered = set()
+    for adapter in model.peft_config:
+        where = folder if adapter == "default" else folder / adapter
+        path = next((where / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (where / n).is_file()), None)
+        if path is None:
+            continue  # an adapter this run did not save; a trainable one is caught below
+        saved_as = {k: key_of[id(v)] for k, v in get_peft_model_state_dict(model, state_dict=own, adapter_name=adapter).items()}
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            saved = load_file(str(path))
+        else:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        unknown = [k for k in saved if k not in saved_as]
+        if unknown:
+            raise ValueError(f"{path} holds weights adapter {adapter!r} of the PEFT model does not have, e.g. "
+                             f"{unknown[:3]}: pass the model with the adapter configuration it was trained with")
+        for k, v in saved.items():
+            state[saved_as[k]] = v
+            covered.add(saved_as[k])
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in covered]
+    if missing:
+        raise ValueError(f"{folder}: parameters that train were not saved with the adapters, e.g. {missing[:3]}, so "
+                         "their values at this checkpoint are unknown: freeze them as in training, or save whole "
+                         "checkpoints")
+    return state
 
 
 def _optimizer_state(folder: Path, model: nn.Module) -> dict:
