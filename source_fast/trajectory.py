@@ -409,8 +409,9 @@ class Trajectory:
         named by Trainer's own decay rule. A PEFT (LoRA) run saves only its adapter: `model` is then
         the PEFT model as trained (its adapters trainable), whose frozen base completes each checkpoint.
         `lrs` (the rate of every step) is read from the log history when the run logged every step
-        (TrainingArguments(logging_steps=1)); otherwise give it. Gradient clipping (Trainer's
-        max_grad_norm, 1.0 by default) is not modelled: a clipped step counts at its full rate.
+        (TrainingArguments(logging_steps=1)); otherwise give it. A step whose gradient was clipped
+        (Trainer's max_grad_norm, 1.0 by default, read from training_args.bin) counts at its rate times
+        max_grad_norm/‖g‖, the norm ‖g‖ before clipping as logged (every step's, with logging_steps=1).
         `data` and `num_examples`: the examples the run trained on, as for Segment. A multi-stage run
         is `Trajectory(first.segments + second.segments)` of one from_trainer per stage."""
         from .interop.trainer import trainer_trajectory

@@ -1,7 +1,8 @@
 """Trajectory.from_trainer against a real transformers.Trainer run (a small GPT-2, AdamW, warm-up and
-linear decay, checkpoints at uneven steps). The ground truth comes from the run itself: the rates
-from the scheduler rebuilt and stepped, Adam's second moments from the live optimizer, looked up by
-parameter object (not by the order the saved state numbers them in)."""
+linear decay, checkpoints at uneven steps; gradient clipping off except in its own test). The ground
+truth comes from the run itself: the rates from the scheduler rebuilt and stepped, Adam's second
+moments from the live optimizer, looked up by parameter object (not by the order the saved state
+numbers them in)."""
 
 import json
 import shutil
@@ -40,7 +41,7 @@ def _train(out, **options):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=STEPS, save_steps=SAVE, per_device_train_batch_size=8, learning_rate=LR,
         warmup_steps=WARMUP, weight_decay=DECAY, logging_steps=1, report_to="none", use_cpu=True, seed=0,
-        disable_tqdm=True, log_level="error", **options)
+        disable_tqdm=True, log_level="error", max_grad_norm=0.0, **options)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     return out, model, data, trainer.optimizer
@@ -216,7 +217,7 @@ def test_a_lora_run_is_read_through_its_peft_model(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=STEPS, save_steps=SAVE, per_device_train_batch_size=8, learning_rate=LR,
         warmup_steps=WARMUP, weight_decay=DECAY, logging_steps=1, report_to="none", use_cpu=True, seed=0,
-        disable_tqdm=True, log_level="error")
+        disable_tqdm=True, log_level="error", max_grad_norm=0.0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     assert not (tmp_path / "checkpoint-10" / "model.safetensors").exists()
@@ -256,7 +257,8 @@ def test_named_and_extra_adapters_and_modules_to_save_are_read(tmp_path):
     data = Tokens(24, 12, 40, seed=1)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=6, save_steps=3, per_device_train_batch_size=8, learning_rate=LR,
-        logging_steps=1, report_to="none", use_cpu=True, seed=0, disable_tqdm=True, log_level="error")
+        logging_steps=1, report_to="none", use_cpu=True, seed=0, disable_tqdm=True, log_level="error",
+        max_grad_norm=0.0)
     transformers.Trainer(model=model, args=args, train_dataset=data).train()
     traj = sf.Trajectory.from_trainer(tmp_path, model, data, num_segments=2)
     last, first = traj.segments[-1].checkpoints[-1], traj.segments[0].checkpoints[0]
@@ -267,3 +269,30 @@ def test_named_and_extra_adapters_and_modules_to_save_are_read(tmp_path):
     dora = peft.get_peft_model(_model(), peft.LoraConfig(use_dora=True, **lora))
     with pytest.raises(ValueError, match="DoRA adapters are not supported"):
         sf.Trajectory.from_trainer(tmp_path, dora, data, 2)
+
+
+def test_clipped_steps_count_at_the_rate_their_gradients_moved(tmp_path):
+    """Trainer clips each step's gradient to max_grad_norm (read from training_args.bin; the log's
+    grad_norm is the norm before). A clipped gradient moves the weights as a smaller rate would: each
+    step's rate is scaled by the clipping the optimizer saw (measured here from the gradients' norm
+    just before each optimizer step)."""
+    after = []
+
+    class Measure(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            after.append(float(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm()))
+
+    model, data = _model(), Tokens(48, 12, 40, seed=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, save_steps=SAVE, per_device_train_batch_size=8, learning_rate=LR,
+        warmup_steps=WARMUP, max_grad_norm=0.3, logging_steps=1, report_to="none", use_cpu=True, seed=0,
+        disable_tqdm=True, log_level="error")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[Measure()])
+    trainer.train()
+    before = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    scale = [a / b for a, b in zip(after, before)]
+    assert len(scale) == STEPS and min(scale) < 0.5  # most steps were clipped
+    rates = [r * c for r, c in zip(_rates(), scale)]
+    traj = sf.Trajectory.from_trainer(tmp_path, model, data, num_segments=3)
+    assert [seg.lr_sum for seg in traj.segments] == pytest.approx([sum(rates[:10]), sum(rates[10:20]),
+                                                                    sum(rates[20:])], rel=1e-5)

@@ -12,21 +12,27 @@ step. What needs care is checked rather than assumed:
   norms it does not), so which state is whose is rebuilt with Trainer's own rule and checked by
   counts here and by shapes when the factors are fitted;
 - a log line's learning rate is its step's since transformers 4.51 and the next step's before; the
-  version is in each checkpoint's config.json, and each optimizer state holds the next step's rate.
+  version is in each checkpoint's config.json, and each optimizer state holds the next step's rate;
+- gradient clipping scales a step as a smaller rate would: max_grad_norm from training_args.bin (a
+  pickle, read without running any of its code), each step's norm before clipping from the log.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._warn import warn
 from ..capture import layer_kind
 from ..factors import not_adam
 from ..trajectory import Trajectory
@@ -69,11 +75,61 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
                          "(Trainer's optim='sgd', 'adamw_torch' or 'adamw_torch_fused')")
     if lrs is None:
         lrs = _logged_rates(folders[-1], histories[-1], steps, states)
+    clipped = _clip_factors(folders[-1], histories[-1], steps[-1])
     return Trajectory.even(
-        [_weights(folder, model) for folder in folders], [scale * float(r) for r in lrs], num_segments, data,
+        [_weights(folder, model) for folder in folders], [scale * c * float(r) for r, c in zip(lrs, clipped)],
+        num_segments, data,
         momentum=momentum, weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
         optimizer_states=None if optimizer == "sgd" else states, steps=steps,
     )
+
+
+def _clip_factors(folder: Path, history: list[dict], total: int) -> list[float]:
+    """How much gradient clipping scaled each step's gradient, min(1, max_grad_norm / ‖g‖) as torch's
+    clip_grad_norm_ does: the log's grad_norm is the norm before clipping, max_grad_norm is in
+    training_args.bin. A clipped gradient moves the weights as a smaller rate would (with Adam too: P
+    comes from the clipped gradients' second moments). With momentum, the factor goes with the step's
+    rate rather than with its gradient, which the buffer carries on: the same while the norm changes
+    slowly. Without the setting or a logged norm for every step, the steps count as unclipped."""
+    limit = _max_grad_norm(folder / "training_args.bin")
+    norms = {int(h["step"]): h["grad_norm"] for h in history if "grad_norm" in h and "step" in h}
+    if not limit or any(not isinstance(norms.get(k), (int, float)) for k in range(1, total + 1)):
+        if limit and any(isinstance(v, (int, float)) and v > limit for v in norms.values()):
+            warn(f"{folder}: gradients were clipped at max_grad_norm={limit:g}, but not every step's grad_norm was "
+                 "logged (TrainingArguments(logging_steps=1) logs each): the steps count as unclipped")
+        return [1.0] * total
+    return [min(1.0, limit / (float(norms[k]) + 1e-6)) for k in range(1, total + 1)]
+
+
+class _Inert:
+    """Whatever a pickle names, in place of the real thing: reading training_args.bin runs no code."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _InertUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _Inert
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _max_grad_norm(path: Path) -> float | None:
+    """TrainingArguments.max_grad_norm from the Trainer's training_args.bin (a torch.save'd pickle of
+    the arguments object), or None when it cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+        state = _InertUnpickler(io.BytesIO(pickled)).load().state
+        value = (state[0] if isinstance(state, tuple) else state).get("max_grad_norm")
+    except Exception:  # missing, another format, another layout: clipping is then not known
+        return None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
