@@ -28,7 +28,7 @@ from ._warn import warn
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
-from .trajectory import Checkpoint, Segment, Trajectory, load_into, load_state_dict
+from .trajectory import Checkpoint, Segment, Trajectory, checkpoint_file, load_into, load_state_dict, readable
 
 FORMAT_VERSION = 2  # 2: the tensor file is named by its content (factors.json says which)
 _TENSOR_FILE = re.compile(r"factors(\.[0-9a-f]{16})?\.safetensors")
@@ -75,6 +75,9 @@ class Factors:
     layout: list[int]
     fisher: Fisher
     average_params: bool
+    # checkpoint_signature of each checkpoint fitted on, per segment: scoring another run's trajectory
+    # with these factors is refused (None: not known, e.g. factors read from kronfluence's files).
+    checkpoints: list[list[str]] | None = None
 
     def check_model(self, specs: list[LayerSpec]) -> None:
         """The task's tracked modules must be the factors' (in any order: factors are read by name)."""
@@ -98,6 +101,13 @@ class Factors:
                 f"factors were fitted on a trajectory with checkpoints per segment {self.layout}, "
                 f"this one has {layout}"
             )
+        if self.checkpoints is not None:
+            for ell, (seg, fitted) in enumerate(zip(trajectory.segments, self.checkpoints)):
+                for c, (ckpt, signature) in enumerate(zip(seg.checkpoints, fitted)):
+                    if checkpoint_signature(ckpt, f"segment {ell}, checkpoint {c}") != signature:
+                        raise ValueError(
+                            f"segment {ell}, checkpoint {c} is not the checkpoint these factors were fitted on (another "
+                            "run's, or a file rewritten since): refit them, or score the trajectory they were fitted on")
         # Not the examples: the curvature of a subset (kronfluence's covariance_max_examples) serves all.
         for ell, seg in enumerate(trajectory.segments):
             adam = any(lf.precond is not None for lf in self.segments[ell].values())
@@ -137,6 +147,7 @@ class Factors:
                 "layout": self.layout,
                 "fisher": self.fisher,
                 "average_params": self.average_params,
+                "checkpoints": self.checkpoints,
                 "tensors_file": tensors_file,
                 "tensors_sha256": digest,
             }
@@ -178,6 +189,10 @@ class Factors:
                 raise ValueError(f"{meta_path} is damaged: fisher {fisher!r}, average_params {average_params!r}, "
                                  f"layout {layout!r}, num_examples {num_examples!r}")
             rows = meta.get("rows", {})
+            checkpoints = meta.get("checkpoints")  # absent before 2026-11-29: not checked
+            if checkpoints is not None and (len(checkpoints) != len(layout) or not all(
+                    isinstance(c, list) and all(isinstance(x, str) for x in c) for c in checkpoints)):
+                raise ValueError(f"{meta_path} is damaged: checkpoints {checkpoints!r} for layout {layout!r}")
         except (KeyError, TypeError, AttributeError) as exc:  # a hand-edited or damaged json
             raise ValueError(f"{meta_path} is damaged ({type(exc).__name__}: {exc}); refit the factors") from None
         if any(int(k.split("/", 1)[0]) >= len(layout) for k in tensors):
@@ -203,7 +218,7 @@ class Factors:
                     raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r}: Λ holds NaN or inf")
                 seg[spec.name] = lf
             segments.append(seg)
-        return cls(layers, segments, num_examples, layout, fisher, average_params)
+        return cls(layers, segments, num_examples, layout, fisher, average_params, checkpoints)
 
 
 # ---- fitting ---------------------------------------------------------------------------------
@@ -414,7 +429,9 @@ def fit_factors(
             )
             num_examples.append(seg.num_examples)
     layout = [1] * len(trajectory.segments) if average_params else trajectory.layout()
-    return Factors(specs, segments, num_examples, layout, fisher, average_params)
+    signatures = [[checkpoint_signature(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
+                  for ell, seg in enumerate(trajectory.segments)]
+    return Factors(specs, segments, num_examples, layout, fisher, average_params, signatures)
 
 
 def _check_factor_memory(specs: list[LayerSpec], n_segments: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -561,6 +578,43 @@ def _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds
         warn("the ranks' data differ at sampled examples: each rank reads its own share of the data it is "
              "given, so if each was given its own part (DDP's habit), the factors fit only part of the data; "
              "data augmented at random per rank differs this way too")
+
+
+_SIGNATURE_VALUES = 4096
+
+
+def checkpoint_signature(checkpoint: Checkpoint, what: str) -> str:
+    """A checkpoint told from others cheaply: the set of its tensors' dtypes, shapes and first 4,096
+    values. Two runs, or two checkpoints of one run, differ in every trained tensor from its first
+    values on; a file is read only that far (safetensors lazily, torch files memory-mapped). Names are
+    left out and copies merged, so a tied weight stored once in a file and twice in a state_dict, or
+    a file against the state_dict it holds, agree."""
+    heads = {(str(dtype), shape, digest_tensors([head])) for dtype, shape, head in _tensor_heads(checkpoint, what)}
+    return hashlib.sha256(repr(sorted(heads)).encode()).hexdigest()[:16]
+
+
+def _tensor_heads(checkpoint: Checkpoint, what: str) -> Iterator[tuple[torch.dtype, tuple[int, ...], Tensor]]:
+    """(dtype, shape, first values) of each tensor of a checkpoint, reading a file no further."""
+    def head(t: Tensor) -> Tensor:
+        return (t.reshape(-1) if t.is_contiguous() else t.flatten())[:_SIGNATURE_VALUES]
+
+    if isinstance(checkpoint, dict):
+        yield from ((v.dtype, tuple(v.shape), head(v)) for v in checkpoint.values() if isinstance(v, Tensor))
+        return
+    path = checkpoint_file(checkpoint, what)
+    if not path.endswith(".safetensors"):
+        state = load_state_dict(path, what)
+        yield from ((v.dtype, tuple(v.shape), head(v)) for v in state.values() if isinstance(v, Tensor))
+        return
+    from safetensors import safe_open
+
+    with readable(path, what), safe_open(path, "pt") as f:
+        for key in f.keys():
+            piece = f.get_slice(key)
+            shape = tuple(piece.get_shape())
+            # The first rows that hold the first values (a scalar or a vector: all of it).
+            rows = piece[:] if len(shape) < 2 else piece[: -(-_SIGNATURE_VALUES // max(1, math.prod(shape[1:])))]
+            yield rows.dtype, shape, head(rows)
 
 
 def _checkpoint_digests(trajectory: Trajectory) -> list[list[str]]:

@@ -23,7 +23,7 @@ def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
     if isinstance(checkpoint, dict):
         return checkpoint
     path = checkpoint_file(checkpoint, what)
-    with _readable(path, what):
+    with readable(path, what):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
@@ -50,7 +50,7 @@ def checkpoint_file(checkpoint: Checkpoint, what: str) -> str:
 
 
 @contextlib.contextmanager
-def _readable(path: str, what: str) -> Iterator[None]:
+def readable(path: str, what: str) -> Iterator[None]:
     """The readers' own errors (a truncated zip, a bad safetensors header) name neither the file nor the
     checkpoint: say both."""
     try:
@@ -80,11 +80,11 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
-            with _readable(path, what), safe_open(path, "pt") as f:
+            with readable(path, what), safe_open(path, "pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         else:
             if zipfile.is_zipfile(path):
-                with _readable(path, what):
+                with readable(path, what):
                     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             else:  # torch's legacy format cannot be mapped (a damaged zip lands here too): read it whole
                 state = load_state_dict(path, what)

@@ -293,7 +293,9 @@ def test_factor_files_incomplete_corrupted_or_from_another_model(setup, tmp_path
     # A hand-edited or damaged factors.json (the tensors' checksum is in it, not of it).
     meta = json.loads((tmp_path / "ok" / "factors.json").read_text())
     for change, pattern in [
-        ({"layout": [1, 1], "num_examples": [20, 20]}, r"segment 1, module '0' lacks"),
+        ({"layout": [1, 1], "num_examples": [20, 20], "checkpoints": meta["checkpoints"] * 2},
+         r"segment 1, module '0' lacks"),
+        ({"checkpoints": [[1]]}, r"is damaged: checkpoints \[\[1\]\] for layout \[1\]"),
         ({"layout": [0]}, r"is damaged: fisher 'true', average_params False, layout \[0\], num_examples \[20\]"),
         ({"fisher": "bogus"}, r"is damaged: fisher 'bogus'"),
         ({"layers": [{"name": "0"}]}, r"is damaged \(TypeError: "),
@@ -306,7 +308,8 @@ def test_factor_files_incomplete_corrupted_or_from_another_model(setup, tmp_path
                                                                sf.Segment(ckpts[1:], data, lr_sum=1.0)]))
     two.save(tmp_path / "two")
     meta = json.loads((tmp_path / "two" / "factors.json").read_text())
-    (tmp_path / "two" / "factors.json").write_text(json.dumps({**meta, "layout": [2], "num_examples": [20]}))
+    (tmp_path / "two" / "factors.json").write_text(json.dumps({**meta, "layout": [2], "num_examples": [20],
+                                                               "checkpoints": [sum(meta["checkpoints"], [])]}))
     with pytest.raises(ValueError, match=r"factors.json names 1 segment\(s\), factors\..*\.safetensors holds more"):
         sf.Factors.load(tmp_path / "two")
     (tmp_path / "ok" / "factors.json").write_bytes(b"\xff\xfe\x00garbage")
@@ -519,3 +522,39 @@ def test_score_corpus_refuses_bad_sizes_and_a_file_before_writing(setup, tmp_pat
         score_corpus(model, ClassifyTask(), traj, factors, data, data, tmp_path / "file", progress=False)
     with pytest.raises(ValueError, match=r"the factors' folder '.*file' is a file"):
         factors.save(tmp_path / "file")
+
+
+def test_factors_refuse_checkpoints_of_another_run(setup, tmp_path):
+    """Factors remember which checkpoints they were fitted on: another run's trajectory (same
+    architecture) scored with them is refused, not scored with the wrong curvature. The same weights as
+    a safetensors or torch file, and after the factors' save and load, are the same checkpoints."""
+    from safetensors.torch import save_file
+
+    model, data, ckpts = setup
+    task = ClassifyTask()
+    traj = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj)
+    other = sf.Trajectory([sf.Segment([ckpts[0], {k: v + 1e-3 for k, v in ckpts[1].items()}], data, lr_sum=1.0)])
+    with pytest.raises(ValueError, match=r"segment 0, checkpoint 1 is not the checkpoint these factors were fitted on"):
+        sf.score(model, task, other, factors, data, data)
+    save_file(ckpts[0], str(tmp_path / "c0.safetensors"))
+    torch.save(ckpts[1], tmp_path / "c1.pt")
+    factors.save(tmp_path / "f")
+    as_files = sf.Trajectory([sf.Segment([tmp_path / "c0.safetensors", tmp_path / "c1.pt"], data, lr_sum=1.0)])
+    torch.testing.assert_close(sf.score(model, task, as_files, sf.Factors.load(tmp_path / "f"), data, data),
+                               sf.score(model, task, traj, factors, data, data), rtol=1e-12, atol=1e-15)
+
+
+def test_a_tied_weight_signs_a_file_and_its_state_dict_alike(tmp_path):
+    """save_pretrained stores a tied weight once; the model's state_dict has it under both names."""
+    transformers = pytest.importorskip("transformers")
+    from source_fast.factors import checkpoint_signature
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1,
+                                                                n_head=2))
+    model.save_pretrained(tmp_path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "lm_head.weight" in state
+    assert checkpoint_signature(tmp_path / "model.safetensors", "file") == checkpoint_signature(state, "dict")
+    state["transformer.h.0.mlp.c_fc.weight"][0, 0] += 1e-3
+    assert checkpoint_signature(tmp_path / "model.safetensors", "file") != checkpoint_signature(state, "dict")
