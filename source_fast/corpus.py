@@ -252,8 +252,9 @@ def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int, world: int
             path.unlink(missing_ok=True)
         if world == 1:
             raise ValueError(problem)
-        raise ValueError(f"rank {rank}: {problem or 'another rank refused the run (its error says why)'}; "
-                         "under torch.distributed every rank must be given the same inputs")
+        # Only a manifest written for this run can differ between its ranks; an older one, from the run.
+        between_ranks = "; under torch.distributed every rank must be given the same inputs" if new_run else ""
+        raise ValueError(f"rank {rank}: {problem or 'another rank refused the run (its error says why)'}{between_ranks}")
 
 
 def _manifest_problem(out: Path, fingerprint: dict, new_run: bool = False) -> str | None:
@@ -281,10 +282,13 @@ def _manifest_problem(out: Path, fingerprint: dict, new_run: bool = False) -> st
 
 
 def _difference(key: str, old: Any, new: Any) -> str:
-    """A fingerprint entry that differs: settings (a dict) with their values, digests by name only."""
+    """A fingerprint entry that differs: settings (a dict) with their values, the model's dtypes too,
+    digests by name only."""
     if isinstance(old, dict) and isinstance(new, dict):
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         return f"{key} ({'; '.join(f'{k}: {old.get(k)!r} before, {new.get(k)!r} now' for k in changed)})"
+    if key == "model_dtypes":
+        return f"{key} ({old!r} before, {new!r} now)"
     return key
 
 

@@ -76,7 +76,8 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
         score_corpus(model, task, traj, other, data, queries, tmp_path, shard_size=32, progress=False)
     with pytest.raises(ValueError, match=r"differs in: task\)"):  # another loss (or measurement)
         score_corpus(model, RegressTask(), traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
-    with pytest.raises(ValueError, match=r"differs in: model_dtypes\)"):  # another precision's gradients
+    with pytest.raises(ValueError, match=r"differs in: model_dtypes \(\['torch.float32'\] before, "
+                                         r"\['torch.float64'\] now\)\)"):  # another precision's gradients
         score_corpus(copy.deepcopy(model).double(), task, traj, factors, data, queries, tmp_path, shard_size=32,
                      progress=False)
     # The same options cutting the queries into other blocks (a changed budget rule): the old shards hold
@@ -163,6 +164,11 @@ def test_torchrun_two_gloo_processes_equal_one(reference, tmp_path, stream):
             assert torch.allclose(a[name].lam, b[name].lam, rtol=1e-4, atol=1e-8)
     got = load_scores(tmp_path / "scores")
     assert torch.allclose(got, full, rtol=1e-4, atol=1e-6), (got - full).abs().max()
+    if not stream:  # the same folder asked for another run: refused as that, not as ranks that disagree
+        run = subprocess.run(cmd[:-2] + ["--top-k", "3"], check=False, capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert run.returncode != 0 and "differs in: options (top_k: None before, 3 now)" in run.stderr, run.stderr[-3000:]
+        assert "every rank must be given the same inputs" not in run.stderr
 
 
 def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):
