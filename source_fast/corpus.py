@@ -23,9 +23,10 @@ read by every rank, each scoring every world-th shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,77 +142,109 @@ def score_corpus(
                else [int(i) for i in train_segments],  # a numpy array or tensor, as json
                "query_blocks": [[b.start, b.stop] for b in blocks]}
     fingerprint = _fingerprint(model, task, trajectory, factors, method, options, train_data, query_data, collate_fn)
-    _check_or_write_manifest(out, fingerprint, rank, world, model_device(model))
-    if rank == 0:  # the marks of a finished run go until this one finishes (a stream may have grown)
-        (out / "rows.json").unlink(missing_ok=True)
-        (out / "top_k.safetensors").unlink(missing_ok=True)
-        # atomic_path's temp files that a killed job never renamed; no rank writes until the barrier.
-        for stale in [*out.glob(".*.tmp"), *out.glob("shards/.*.tmp")]:
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
-    barrier()
+    with _one_run(out, rank, model_device(model)):
+        _check_or_write_manifest(out, fingerprint, rank, world, model_device(model))
+        if rank == 0:  # the marks of a finished run go until this one finishes (a stream may have grown)
+            (out / "rows.json").unlink(missing_ok=True)
+            (out / "top_k.safetensors").unlink(missing_ok=True)
+            # atomic_path's temp files that a killed job never renamed; no rank writes until the barrier.
+            for stale in [*out.glob(".*.tmp"), *out.glob("shards/.*.tmp")]:
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
+        barrier()
 
-    n_shards = None if n_train is None else -(-n_train // shard_size)
-    # For progress only: a stream's length is its segment's num_examples, checked at the end.
-    n_expected = n_train if n_train is not None else next((s.num_examples for s in trajectory.segments if s.data is train_data), None)
-    if n_shards is None:  # a stream: every rank reads it all and scores every world-th shard
-        def mine(k):
-            return k % world == rank
-    else:  # a dataset: contiguous runs of shards
-        def mine(k):
-            return rank * n_shards // world <= k < (rank + 1) * n_shards // world
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    of = f"/{-(-n_expected // shard_size)}" if n_expected else ""  # shards in all, for progress lines
+        n_shards = None if n_train is None else -(-n_train // shard_size)
+        # For progress only: a stream's length is its segment's num_examples, checked at the end.
+        n_expected = n_train if n_train is not None else next((s.num_examples for s in trajectory.segments if s.data is train_data), None)
+        if n_shards is None:  # a stream: every rank reads it all and scores every world-th shard
+            def mine(k):
+                return k % world == rank
+        else:  # a dataset: contiguous runs of shards
+            def mine(k):
+                return rank * n_shards // world <= k < (rank + 1) * n_shards // world
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        of = f"/{-(-n_expected // shard_size)}" if n_expected else ""  # shards in all, for progress lines
 
-    rows_seen = set()
-    with restored(model), reuse_large_blocks(model_device(model)):
-        for b, qrange in enumerate(blocks):
-            plan = None  # prepared on the first shard that needs it: a finished block costs nothing
-            end = 0
-            for k, (start, piece) in enumerate(chunks(train_data, shard_size)):
-                end = start + length(piece)
-                if not mine(k):
-                    continue
-                # A shard is done only for the same examples: a stream's later examples may have changed.
-                examples = digest_examples(piece, limit=None)
-                where = f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}"
-                if _shard_done(out, b, (start, end), examples, repair=True, report=where if progress else None):
-                    if progress:  # a resume reads every finished shard's examples to check them: say so
-                        print(f"{where} already done", flush=True)
-                    continue
-                if plan is None:
-                    with oom_hint(f"preparing query block {b}", train_data, batch_size, query_memory_budget):
-                        plan = prepare_queries(
-                            model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
-                            damping=damping, train_segments=train_segments, query_rank=query_rank,
-                            batch_size=batch_size, collate_fn=collate_fn, memory_budget=query_memory_budget,
-                            progress=progress,
-                        )
-                if progress:
-                    print(where, flush=True)
-                with oom_hint(f"scoring rows {start}-{end} against query block {b}", train_data, batch_size,
-                              query_memory_budget):
-                    rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
-                                      progress=progress, first=start)
-                _write_shard(out, b, (start, end), rows, top_k, examples)
-            rows_seen.add(end)
-    if len(rows_seen) != 1 or 0 in rows_seen:
-        raise ValueError(
-            f"the training data yielded {sorted(rows_seen)} examples on its passes (one per query block): a stream must "
-            "yield the same non-empty sequence of examples on every pass"
-        )
-    n_rows = rows_seen.pop()
-    check_rows(trajectory, train_data, n_rows)
-    shards = [(s, min(n_rows, s + shard_size)) for s in range(0, n_rows, shard_size)]
-    barrier()
-    _check_same_examples(out, len(blocks), shards)  # on every rank, so all raise together
+        rows_seen = set()
+        with restored(model), reuse_large_blocks(model_device(model)):
+            for b, qrange in enumerate(blocks):
+                plan = None  # prepared on the first shard that needs it: a finished block costs nothing
+                end = 0
+                for k, (start, piece) in enumerate(chunks(train_data, shard_size)):
+                    end = start + length(piece)
+                    if not mine(k):
+                        continue
+                    # A shard is done only for the same examples: a stream's later examples may have changed.
+                    examples = digest_examples(piece, limit=None)
+                    where = f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}"
+                    if _shard_done(out, b, (start, end), examples, repair=True, report=where if progress else None):
+                        if progress:  # a resume reads every finished shard's examples to check them: say so
+                            print(f"{where} already done", flush=True)
+                        continue
+                    if plan is None:
+                        with oom_hint(f"preparing query block {b}", train_data, batch_size, query_memory_budget):
+                            plan = prepare_queries(
+                                model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
+                                damping=damping, train_segments=train_segments, query_rank=query_rank,
+                                batch_size=batch_size, collate_fn=collate_fn, memory_budget=query_memory_budget,
+                                progress=progress,
+                            )
+                    if progress:
+                        print(where, flush=True)
+                    with oom_hint(f"scoring rows {start}-{end} against query block {b}", train_data, batch_size,
+                                  query_memory_budget):
+                        rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
+                                          progress=progress, first=start)
+                    _write_shard(out, b, (start, end), rows, top_k, examples)
+                rows_seen.add(end)
+        if len(rows_seen) != 1 or 0 in rows_seen:
+            raise ValueError(
+                f"the training data yielded {sorted(rows_seen)} examples on its passes (one per query block): a stream must "
+                "yield the same non-empty sequence of examples on every pass"
+            )
+        n_rows = rows_seen.pop()
+        check_rows(trajectory, train_data, n_rows)
+        shards = [(s, min(n_rows, s + shard_size)) for s in range(0, n_rows, shard_size)]
+        barrier()
+        _check_same_examples(out, len(blocks), shards)  # on every rank, so all raise together
+        if rank == 0:
+            if top_k is not None:
+                _merge_top_k(out, blocks, shards, top_k)
+            with atomic_path(out / "rows.json") as tmp:
+                tmp.write_text(json.dumps({"rows": n_rows}))
+        barrier()
+        return out
+
+
+@contextlib.contextmanager
+def _one_run(out: Path, rank: int, device: torch.device) -> Iterator[None]:
+    """One live run per out_dir: rank 0 holds out_dir/.score_corpus.lock (POSIX flock) while its run
+    lasts. A second run into the folder (a rerun started while a killed torchrun's workers, which run in
+    sessions of their own, still write) would delete the first's temp files and race it for shards:
+    refused, on every rank together. Where flock does not exist the run is not locked."""
+    lock = None
+    busy = 0
     if rank == 0:
-        if top_k is not None:
-            _merge_top_k(out, blocks, shards, top_k)
-        with atomic_path(out / "rows.json") as tmp:
-            tmp.write_text(json.dumps({"rows": n_rows}))
-    barrier()
-    return out
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / ".score_corpus.lock", "a")  # noqa: SIM115 (held across the run, closed below)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy = 1
+    try:
+        if all_reduce_int(busy, device):
+            raise ValueError(f"{out} is being written by another score_corpus run (one still going, or the workers of a "
+                             "killed torchrun, which run in sessions of their own): stop it or let it finish, then "
+                             "run again")
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
 
 
 def _check_same_examples(out: Path, n_blocks: int, shards: list[tuple[int, int]]) -> None:

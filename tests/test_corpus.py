@@ -398,3 +398,20 @@ def test_adam_shards_from_before_the_eigenbasis_preconditioner_are_not_resumed(t
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"holds the output of a different run \(it differs in: adam_preconditioner\)"):
         score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, progress=False)
+
+
+def test_a_second_live_run_into_the_folder_is_refused(tmp_path):
+    """A rerun started while the first still writes (e.g. a killed torchrun's workers, which run in
+    sessions of their own) would race it for shards and delete its temp files: refused while the
+    first holds the folder, accepted once it is gone."""
+    out = tmp_path / "scores"
+    first = subprocess.Popen(JOB + [str(out), "--slow", "0.05"])
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "shards").glob("*.json")):
+        time.sleep(0.05)
+    second = subprocess.run(JOB + [str(out)], check=False, capture_output=True, text=True, timeout=300)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert second.returncode != 0 and "is being written by another score_corpus run" in second.stderr, second.stderr[-2000:]
+    subprocess.run(JOB + [str(out)], check=True, timeout=300)  # the lock went with the process
+    assert (out / "rows.json").exists()
