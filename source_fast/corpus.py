@@ -176,7 +176,8 @@ def score_corpus(
                         continue
                     # A shard is done only for the same examples: a stream's later examples may have changed.
                     examples = digest_examples(piece, limit=None)
-                    where = f"[rank {rank}] query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}"
+                    where = (f"[rank {rank}] " if world > 1 else "") + (
+                        f"query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}")
                     if _shard_done(out, b, (start, end), examples, repair=True, report=where if progress else None):
                         if progress:  # a resume reads every finished shard's examples to check them: say so
                             print(f"{where} already done", flush=True)

@@ -42,7 +42,8 @@ def test_fit_and_score_from_a_job_file(tmp_path):
     _run("fit", str(job_file), "--out", ".", cwd=tmp_path / "here")  # `.` has no name to add ".partial" to
     assert (tmp_path / "here" / "factors.json").exists() and not (tmp_path / "here.partial").exists()
     first = _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "scores"), "--shard-size", "50")
-    assert "query block 1/1, shard 3/3: rows 100-120" in first.stdout  # each shard it scores is reported
+    assert "\nquery block 1/1, shard 3/3: rows 100-120" in first.stdout  # each shard it scores is reported
+    assert "[rank" not in first.stdout  # one process: no rank to name
     _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "top"), "--top-k", "4")
     spec = __import__("importlib.util").util.spec_from_file_location("job", job_file)
     mod = __import__("importlib.util").util.module_from_spec(spec)
