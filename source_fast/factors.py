@@ -375,6 +375,9 @@ def fit_factors(
                              f"holds this {'Λ' if kind == 'lam' else 'covariance'} pass: every rank must see the same "
                              "folder (shared storage)")
         if found is not None:
+            if progress and rank_and_world()[0] == 0:  # a resumed fit says what it skips, as score_corpus does
+                print(f"{'Λ' if kind == 'lam' else 'covariance'} pass of segment {ell}, checkpoint {c}: already done in "
+                      f"{resume_dir}", flush=True)
             return found
         torch.manual_seed(pass_seed(seed, ell, c, kind, rank_and_world()[0]))
         result = compute()

@@ -36,7 +36,7 @@ def _count_calls(monkeypatch, name, fail_on=None):
     return calls
 
 
-def test_a_killed_fit_resumes_after_its_last_finished_pass(tmp_path, monkeypatch):
+def test_a_killed_fit_resumes_after_its_last_finished_pass(tmp_path, monkeypatch, capsys):
     model, task, traj = _setup()
     # fisher="true" samples labels: equal results need the same samples on every pass, resumed or not.
     clean = sf.fit_factors(model, task, traj, fisher="true", batch_size=8)
@@ -47,7 +47,12 @@ def test_a_killed_fit_resumes_after_its_last_finished_pass(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["seg0_cov0.safetensors", "seg0_cov1.safetensors",
                                                                    "seg0_lam0.safetensors"]
     covs, lams = _count_calls(monkeypatch, "_covariances"), _count_calls(monkeypatch, "_lambdas")
-    resumed = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
+    capsys.readouterr()
+    resumed = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path, progress=True)
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "already done" in line]
+    assert skipped == [f"covariance pass of segment 0, checkpoint 0: already done in {tmp_path}",
+                       f"covariance pass of segment 0, checkpoint 1: already done in {tmp_path}",
+                       f"Λ pass of segment 0, checkpoint 0: already done in {tmp_path}"]
     assert covs == ["segment 1, checkpoint 0", "segment 1, checkpoint 1"]
     assert lams == ["segment 0, checkpoint 1", "segment 1, checkpoint 0", "segment 1, checkpoint 1"]
     for a, b in zip(resumed.segments, clean.segments):
