@@ -103,6 +103,9 @@ class Factors:
             )
         if self.checkpoints is not None:
             for ell, (seg, fitted) in enumerate(zip(trajectory.segments, self.checkpoints)):
+                if len(seg.checkpoints) != len(fitted):  # average_params: the layout says 1 either way
+                    raise ValueError(f"segment {ell} has {len(seg.checkpoints)} checkpoints, these factors were fitted "
+                                     f"on {len(fitted)}: refit them, or score the trajectory they were fitted on")
                 for c, (ckpt, signature) in enumerate(zip(seg.checkpoints, fitted)):
                     if checkpoint_signature(ckpt, f"segment {ell}, checkpoint {c}") != signature:
                         raise ValueError(
@@ -361,6 +364,8 @@ def fit_factors(
     for note in sorted(notes):
         warn(note)
     trajectory.check_checkpoints(model)
+    signatures = [[checkpoint_signature(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
+                  for ell, seg in enumerate(trajectory.segments)]
     segments, num_examples = [], []
     saved = _FitProgress(resume_dir, specs, trajectory, ckpt_digests, describe_task(task, collate_fn), fisher,
                          average_params, seed, batch_size, dtype, device)
@@ -432,8 +437,6 @@ def fit_factors(
             )
             num_examples.append(seg.num_examples)
     layout = [1] * len(trajectory.segments) if average_params else trajectory.layout()
-    signatures = [[checkpoint_signature(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
-                  for ell, seg in enumerate(trajectory.segments)]
     return Factors(specs, segments, num_examples, layout, fisher, average_params, signatures)
 
 
@@ -583,31 +586,37 @@ def _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds
              "data augmented at random per rank differs this way too")
 
 
-_SIGNATURE_VALUES = 4096
+_SIGNATURE_ROWS, _SIGNATURE_ROW_VALUES = 16, 1024
 
 
 def checkpoint_signature(checkpoint: Checkpoint, what: str) -> str:
-    """A checkpoint told from others cheaply: the set of its tensors' dtypes, shapes and first 4,096
-    values. Two runs, or two checkpoints of one run, differ in every trained tensor from its first
-    values on; a file is read only that far (safetensors lazily, torch files memory-mapped). Names are
-    left out and copies merged, so a tied weight stored once in a file and twice in a state_dict, or
-    a file against the state_dict it holds, agree."""
-    heads = {(str(dtype), shape, digest_tensors([head])) for dtype, shape, head in _tensor_heads(checkpoint, what)}
+    """A checkpoint told from others cheaply: the set of its tensors' dtypes, shapes and a sample of
+    their values (16 rows spread over the first dimension, the first 1,024 values of each; vectors and
+    scalars whole). Two runs, or two checkpoints of one run, differ in every trained tensor, and the
+    spread rows also catch a run that trained only some rows (new tokens' embeddings, appended last); a
+    file is read only that far (safetensors lazily). Names are left out and copies merged, so a tied
+    weight stored once in a file and twice in a state_dict, or a file against the state_dict it holds,
+    agree."""
+    heads = {(str(dtype), shape, digest_tensors([sample])) for dtype, shape, sample in _tensor_samples(checkpoint, what)}
     return hashlib.sha256(repr(sorted(heads)).encode()).hexdigest()[:16]
 
 
-def _tensor_heads(checkpoint: Checkpoint, what: str) -> Iterator[tuple[torch.dtype, tuple[int, ...], Tensor]]:
-    """(dtype, shape, first values) of each tensor of a checkpoint, reading a file no further."""
-    def head(t: Tensor) -> Tensor:
-        return (t.reshape(-1) if t.is_contiguous() else t.flatten())[:_SIGNATURE_VALUES]
+def _sample_rows(n: int) -> list[int]:
+    return sorted({round(i * (n - 1) / (_SIGNATURE_ROWS - 1)) for i in range(_SIGNATURE_ROWS)}) if n else []
+
+
+def _tensor_samples(checkpoint: Checkpoint, what: str) -> Iterator[tuple[torch.dtype, tuple[int, ...], Tensor]]:
+    """(dtype, shape, sampled values) of each tensor of a checkpoint, reading a file no further."""
+    def sample(t: Tensor) -> Tensor:
+        return t if t.dim() < 2 else t[_sample_rows(t.shape[0])].flatten(1)[:, :_SIGNATURE_ROW_VALUES]
 
     if isinstance(checkpoint, dict):
-        yield from ((v.dtype, tuple(v.shape), head(v)) for v in checkpoint.values() if isinstance(v, Tensor))
+        yield from ((v.dtype, tuple(v.shape), sample(v)) for v in checkpoint.values() if isinstance(v, Tensor))
         return
     path = checkpoint_file(checkpoint, what)
     if not path.endswith(".safetensors"):
         state = load_state_dict(path, what)
-        yield from ((v.dtype, tuple(v.shape), head(v)) for v in state.values() if isinstance(v, Tensor))
+        yield from ((v.dtype, tuple(v.shape), sample(v)) for v in state.values() if isinstance(v, Tensor))
         return
     from safetensors import safe_open
 
@@ -615,9 +624,12 @@ def _tensor_heads(checkpoint: Checkpoint, what: str) -> Iterator[tuple[torch.dty
         for key in f.keys():
             piece = f.get_slice(key)
             shape = tuple(piece.get_shape())
-            # The first rows that hold the first values (a scalar or a vector: all of it).
-            rows = piece[:] if len(shape) < 2 else piece[: -(-_SIGNATURE_VALUES // max(1, math.prod(shape[1:])))]
-            yield rows.dtype, shape, head(rows)
+            if len(shape) < 2:
+                t = f.get_tensor(key)
+                yield t.dtype, shape, t
+                continue
+            rows = torch.cat([piece[i : i + 1] for i in _sample_rows(shape[0])]) if shape[0] else f.get_tensor(key)
+            yield rows.dtype, shape, rows.flatten(1)[:, :_SIGNATURE_ROW_VALUES]
 
 
 def _checkpoint_digests(trajectory: Trajectory) -> list[list[str]]:

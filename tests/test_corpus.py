@@ -415,3 +415,20 @@ def test_a_second_live_run_into_the_folder_is_refused(tmp_path):
     assert second.returncode != 0 and "is being written by another score_corpus run" in second.stderr, second.stderr[-2000:]
     subprocess.run(JOB + [str(out)], check=True, timeout=300)  # the lock went with the process
     assert (out / "rows.json").exists()
+
+
+def test_a_file_system_without_locks_scores_unlocked(reference, tmp_path, monkeypatch):
+    """flock fails with ENOSYS where the file system does not lock (Lustre without -o flock): the run
+    goes on, unlocked, and says so."""
+    import errno
+    import fcntl
+
+    model, task, data, queries, traj, factors, full = reference
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="the file system does not lock files"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, progress=False)
+    assert torch.allclose(load_scores(tmp_path), full, rtol=1e-5, atol=1e-7)

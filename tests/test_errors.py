@@ -550,11 +550,38 @@ def test_a_tied_weight_signs_a_file_and_its_state_dict_alike(tmp_path):
     transformers = pytest.importorskip("transformers")
     from source_fast.factors import checkpoint_signature
 
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1,
-                                                                n_head=2))
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=400, n_positions=8, n_embd=16, n_layer=1,
+                                                                n_head=2))  # 6,400 embedding values
     model.save_pretrained(tmp_path)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert "lm_head.weight" in state
     assert checkpoint_signature(tmp_path / "model.safetensors", "file") == checkpoint_signature(state, "dict")
     state["transformer.h.0.mlp.c_fc.weight"][0, 0] += 1e-3
     assert checkpoint_signature(tmp_path / "model.safetensors", "file") != checkpoint_signature(state, "dict")
+    # A run that trained only the last rows (new tokens' embeddings) is another checkpoint too.
+    rows = {k: v.clone() for k, v in model.state_dict().items()}
+    rows["transformer.wte.weight"][-1] += 1e-3
+    assert checkpoint_signature(rows, "dict") != checkpoint_signature(tmp_path / "model.safetensors", "file")
+
+
+def test_factors_of_files_with_scalars_and_another_checkpoint_count(tmp_path):
+    """BatchNorm's num_batches_tracked is a 0-d tensor: a safetensors checkpoint holding one is signed
+    like its state_dict. With average_params (Fast-SOURCE) the layout says one checkpoint per segment
+    whatever their number: a segment with another number of checkpoints is refused too."""
+    from safetensors.torch import save_file
+
+    from source_fast.factors import checkpoint_signature
+
+    torch.manual_seed(0)
+    norm = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
+    state = {k: v.clone() for k, v in norm.state_dict().items()}
+    assert state["1.num_batches_tracked"].dim() == 0
+    save_file(state, str(tmp_path / "bn.safetensors"))
+    assert checkpoint_signature(tmp_path / "bn.safetensors", "file") == checkpoint_signature(state, "dict")
+    model, data = mlp(4, 5, 3), classification_data(20, 4, 3)
+    ckpts = perturbed_states(model, 3)
+    traj = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj, average_params=True)
+    more = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])
+    with pytest.raises(ValueError, match=r"segment 0 has 3 checkpoints, these factors were fitted on 2"):
+        sf.score(model, ClassifyTask(), more, factors, data, data, method="fast_source")

@@ -296,3 +296,28 @@ def test_clipped_steps_count_at_the_rate_their_gradients_moved(tmp_path):
     traj = sf.Trajectory.from_trainer(tmp_path, model, data, num_segments=3)
     assert [seg.lr_sum for seg in traj.segments] == pytest.approx([sum(rates[:10]), sum(rates[10:20]),
                                                                     sum(rates[20:])], rel=1e-5)
+
+
+def test_training_args_are_read_without_running_their_pickle(tmp_path):
+    """training_args.bin is a pickle: read for max_grad_norm only, with every class it names replaced
+    by an inert record. A crafted file cannot run code (os.system here), inflate memory through the
+    memo, or smuggle a bool or a non-finite number in as the clipping threshold."""
+    import struct
+    import zipfile
+
+    from source_fast.interop.trainer import _max_grad_norm
+
+    marker = tmp_path / "ran"
+    payloads = {
+        "code": b"\x80\x02cos\nsystem\n(X" + struct.pack("<I", len(f"touch {marker}")) + f"touch {marker}".encode()
+                + b"tR.",
+        "memo": b"\x80\x02Nr" + struct.pack("<I", 1 << 28) + b".",
+    }
+    arguments = b"\x80\x02ctransformers\nTrainingArguments\n)\x81}X\r\x00\x00\x00max_grad_norm%bsb."
+    payloads["bool"] = arguments % b"\x88"  # True
+    payloads["inf"] = arguments % (b"G" + struct.pack(">d", float("inf")))
+    for name, payload in [*payloads.items(), ("float", arguments % (b"G" + struct.pack(">d", 0.3)))]:
+        with zipfile.ZipFile(tmp_path / f"{name}.bin", "w") as z:
+            z.writestr("training_args/data.pkl", payload)
+        assert _max_grad_norm(tmp_path / f"{name}.bin") == (0.3 if name == "float" else None), name
+    assert not marker.exists()

@@ -111,7 +111,7 @@ class _Inert:
         self.state = state
 
 
-class _InertUnpickler(pickle.Unpickler):
+class _InertUnpickler(pickle._Unpickler):  # the pure-Python one: its memo is a dict a crafted index cannot inflate
     def find_class(self, module, name):
         return _Inert
 
@@ -121,15 +121,19 @@ class _InertUnpickler(pickle.Unpickler):
 
 def _max_grad_norm(path: Path) -> float | None:
     """TrainingArguments.max_grad_norm from the Trainer's training_args.bin (a torch.save'd pickle of
-    the arguments object), or None when it cannot be read."""
+    the arguments object, a few kB), or None when it cannot be read. A file that is not that (a zip
+    bomb, a pickle of another size) is not read."""
     try:
         with zipfile.ZipFile(path) as archive:
-            pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+            entry = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+            if entry.file_size > 1 << 20:
+                return None
+            pickled = archive.read(entry)
         state = _InertUnpickler(io.BytesIO(pickled)).load().state
         value = (state[0] if isinstance(state, tuple) else state).get("max_grad_norm")
+        return float(value) if type(value) in (int, float) and 0 < value < math.inf else None
     except Exception:  # missing, another format, another layout: clipping is then not known
         return None
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
