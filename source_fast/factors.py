@@ -102,15 +102,16 @@ class Factors:
                 f"this one has {layout}"
             )
         if self.checkpoints is not None:
-            for ell, (seg, fitted) in enumerate(zip(trajectory.segments, self.checkpoints)):
-                if len(seg.checkpoints) != len(fitted):  # average_params: the layout says 1 either way
-                    raise ValueError(f"segment {ell} has {len(seg.checkpoints)} checkpoints, these factors were fitted "
+            for ell, (given, fitted) in enumerate(zip(_checkpoint_digests(trajectory, checkpoint_signature),
+                                                      self.checkpoints)):
+                if len(given) != len(fitted):  # average_params: the layout says 1 either way
+                    raise ValueError(f"segment {ell} has {len(given)} checkpoints, these factors were fitted "
                                      f"on {len(fitted)}: refit them, or score the trajectory they were fitted on")
-                for c, (ckpt, signature) in enumerate(zip(seg.checkpoints, fitted)):
-                    if checkpoint_signature(ckpt, f"segment {ell}, checkpoint {c}") != signature:
-                        raise ValueError(
-                            f"segment {ell}, checkpoint {c} is not the checkpoint these factors were fitted on (another "
-                            "run's, or a file rewritten since): refit them, or score the trajectory they were fitted on")
+                c = next((c for c, (a, b) in enumerate(zip(given, fitted)) if a != b), None)
+                if c is not None:
+                    raise ValueError(
+                        f"segment {ell}, checkpoint {c} is not the checkpoint these factors were fitted on (another "
+                        "run's, or a file rewritten since): refit them, or score the trajectory they were fitted on")
         # Not the examples: the curvature of a subset (kronfluence's covariance_max_examples) serves all.
         for ell, seg in enumerate(trajectory.segments):
             adam = any(lf.precond is not None for lf in self.segments[ell].values())
@@ -364,8 +365,7 @@ def fit_factors(
     for note in sorted(notes):
         warn(note)
     trajectory.check_checkpoints(model)
-    signatures = [[checkpoint_signature(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
-                  for ell, seg in enumerate(trajectory.segments)]
+    signatures = _checkpoint_digests(trajectory, checkpoint_signature)
     segments, num_examples = [], []
     saved = _FitProgress(resume_dir, specs, trajectory, ckpt_digests, describe_task(task, collate_fn), fisher,
                          average_params, seed, batch_size, dtype, device)
@@ -632,8 +632,11 @@ def _tensor_samples(checkpoint: Checkpoint, what: str) -> Iterator[tuple[torch.d
             yield rows.dtype, shape, rows.flatten(1)[:, :_SIGNATURE_ROW_VALUES]
 
 
-def _checkpoint_digests(trajectory: Trajectory) -> list[list[str]]:
-    return [[_checkpoint_digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
+def _checkpoint_digests(trajectory: Trajectory, digest: Callable[[Checkpoint, str], str] | None = None
+                        ) -> list[list[str]]:
+    """digest (default: the full _checkpoint_digest) of every checkpoint, per segment."""
+    digest = digest or _checkpoint_digest
+    return [[digest(c, f"segment {ell}, checkpoint {i}") for i, c in enumerate(seg.checkpoints)]
             for ell, seg in enumerate(trajectory.segments)]
 
 
