@@ -183,6 +183,45 @@ def _steps(steps: Sequence[int], n_ckpt: int, n_steps: int) -> list[int]:
     return [int(k) for k in steps]
 
 
+def _scales(grad_scales: Sequence[float] | None, n_steps: int) -> list[float]:
+    if grad_scales is None:
+        return [1.0] * n_steps
+    scales = [float(x) for x in grad_scales]
+    if len(scales) != n_steps:
+        raise ValueError(f"Trajectory.even: {len(scales)} grad_scales for {n_steps} learning rates: give one per step")
+    bad = [k for k, x in enumerate(scales) if not (math.isfinite(x) and x >= 0)]
+    if bad:
+        raise ValueError(f"Trajectory.even: grad_scales must be >= 0 and finite, step {bad[0]} has {scales[bad[0]]}")
+    return scales
+
+
+def _moved(lrs: list[float], momentum: float, dampening: float, nesterov: bool,
+           grad_scales: Sequence[float] | None) -> list[float]:
+    """SGD's per-step rates as SOURCE counts them: (1 − β) times how far step k's gradient moved the
+    weights by the run's end, so that a segment's horizon c/(1 − β) is the sum of those distances.
+    torch's SGD puts the first gradient into the buffer as it is and every later one times 1 − d, and
+    steps by η_i·buffer (heavy ball) or η_i·(g_i + β·buffer) (Nesterov); the buffer carries step k's
+    gradient on at the later steps' rates: s_k = Σ_{i≥k} η_i β^{i−k}. The run's last ~1/(1 − β) gradients
+    were still in the buffer when training stopped (on a 32-step GPT-2 run with β = 0.9, counting every
+    step as η/(1 − β) put SOURCE's scale against the exact derivative at 1.34; this, at 0.99), and a
+    warm-up's zero-rate first step still moves the weights through it."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Trajectory.even: momentum must be in [0, 1), got {momentum}")
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"Trajectory.even: dampening must be in [0, 1], got {dampening}")
+    if nesterov and (not momentum or dampening):
+        raise ValueError("Trajectory.even: Nesterov momentum needs momentum > 0 and dampening 0 (as torch's SGD)")
+    scales = _scales(grad_scales, len(lrs))
+    if not momentum:  # no buffer: torch ignores dampening
+        return [r * g for r, g in zip(lrs, scales)]
+    moved, carried = [], 0.0
+    for k in reversed(range(len(lrs))):
+        carried = lrs[k] + momentum * carried
+        into_buffer = 1.0 if k == 0 else 1.0 - dampening
+        moved.append(lrs[k] + momentum * carried if nesterov else into_buffer * carried)
+    return [(1.0 - momentum) * m * g for m, g in zip(reversed(moved), scales)]
+
+
 class Segment:
     """A stretch of training whose curvature and gradients SOURCE treats as stationary.
 
@@ -194,10 +233,10 @@ class Segment:
     num_examples: N_ℓ, needed when `data` is a stream (fit_factors checks it against what it reads)
     lr_sum: c_ℓ = Σ η_k over the segment's steps (warm-up and decay included), or
     lrs: the per-step learning rates, summed for you (give exactly one of the two)
-    momentum: heavy-ball β of SGD; the effective horizon is c/(1−β) (also Nesterov's, to first
-        order; with torch's `dampening` d, pass lr_sum·(1 − d)). Each step's rate counts as far as
-        the buffer carried its gradient by the run's end, (1 − β) Σ_{i≥k} η_i β^{i−k}: at a constant
-        rate, the step j steps before the end counts 1 − β^j times (Trajectory.even does this)
+    momentum: SGD's momentum β; the effective horizon is c/(1−β), with each step's rate counted as far
+        as the buffer carried its gradient by the run's end, (1 − β) Σ_{i≥k} η_i β^{i−k}: at a constant
+        rate, the step j steps before the end counts 1 − β^j times (Trajectory.even does this, for
+        torch's dampening and Nesterov too)
     optimizer: "sgd", "adam" (L2 penalty inside the gradient) or "adamw" (decoupled decay)
     optimizer_states: for adam/adamw, the optimizer state_dicts (or files) saved with each
         checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε). States are
@@ -330,20 +369,28 @@ class Trajectory:
         data: Any,
         *,
         momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
         weight_decay: float | Mapping[str, float] = 0.0,
         num_examples: int | None = None,
         optimizer: Optimizer = "sgd",
         optimizer_states: Sequence[Any] | None = None,
         steps: Sequence[int] | None = None,
+        grad_scales: Sequence[float] | None = None,
     ) -> Trajectory:
         """The paper's default: C checkpoints evenly spaced over the run's T steps (checkpoint c,
         counting from 1, saved after step round(c·T/C), so the last is the final weights), split into
         `num_segments` consecutive groups; each segment's c_ℓ sums the real per-step rates `lrs`, with
-        heavy-ball momentum β each step's as far as the buffer carried its gradient by the end,
-        (1 − β) Σ_{i≥k} η_i β^{i−k} (η(1 − β^j) j steps before the end at a constant rate).
+        momentum each step's as far as torch's SGD moved the weights along its gradient by the run's
+        end: heavy-ball β, (1 − β) s_k with s_k = Σ_{i≥k} η_i β^{i−k} (η(1 − β^j) j steps before the end at a
+        constant rate); `dampening` d scales every gradient but the first by 1 − d as it enters the
+        buffer; `nesterov` (d = 0) moves by (1 − β)(η_k + β s_k).
         steps: the step each checkpoint was saved after (counting from 1, increasing, the last = T)
         when they were not evenly spaced, e.g. a save interval that does not divide T, or only the
         last few kept (Trainer's checkpoint-N folders: `from_trainer` reads them).
+        grad_scales: the factor each step's gradient was scaled by before the optimizer took it, e.g.
+        gradient clipping's min(1, max_norm/‖g‖) (clip_grad_norm_ returns ‖g‖); it goes with the gradient
+        wherever the momentum buffer carries it.
         num_examples, optimizer: as for Segment (num_examples is needed when `data` is a stream);
         optimizer_states: for adam/adamw, one per checkpoint, split with them."""
         checkpoints = list(checkpoints)
@@ -359,21 +406,16 @@ class Trajectory:
         if n_steps < n_ckpt:
             raise ValueError(f"{n_steps} learning rates for {n_ckpt} checkpoints: give one rate per training step")
         ckpt_step = [round((c + 1) * n_steps / n_ckpt) for c in range(n_ckpt)] if steps is None else _steps(steps, n_ckpt, n_steps)
-        # Heavy-ball momentum β carries step k's gradient into every later step i at that step's rate:
-        # by the end it has moved the weights by s_k = Σ_{i≥k} η_i β^{i−k}, counted as a horizon c/(1 − β)
-        # by the rate (1 − β)s_k. With a constant rate that is η(1 − β^j), j steps before the end: the
-        # run's last ~1/(1 − β) gradients were still in the buffer when training stopped (on a 32-step
-        # GPT-2 run with β = 0.9, SOURCE's scale against the exact derivative went from 1.34 to 0.99), and
-        # a warm-up's zero-rate first step still moves the weights through it. Adam's first moment holds
-        # gradients back the same way, but the same treatment of its β₁ lowered the rank agreement with
-        # exact unrolling (0.868 to 0.862 on the diabetes MLP, Pearson 0.908 to 0.899 on GPT-2): SOURCE
-        # leaves out Adam's second-moment path, which it would partly offset, so Adam's rates stay as given.
-        if optimizer == "sgd" and momentum:
-            applied, carried = [], 0.0
-            for r in reversed(lrs):
-                carried = r + momentum * carried
-                applied.append((1.0 - momentum) * carried)
-            lrs = applied[::-1]
+        if optimizer == "sgd":
+            lrs = _moved(lrs, momentum, dampening, nesterov, grad_scales)
+        else:
+            if dampening or nesterov:
+                raise ValueError("dampening and nesterov apply to SGD's momentum; Adam's moments come from optimizer_states")
+            # Adam's first moment holds gradients back as momentum does, but counting its β₁ that way lowered
+            # the rank agreement with exact unrolling (0.868 to 0.862 on the diabetes MLP, Pearson 0.908 to
+            # 0.899 on GPT-2): SOURCE leaves out Adam's second-moment path, which it would partly offset, so
+            # Adam's rates stay as given.
+            lrs = [r * g for r, g in zip(lrs, _scales(grad_scales, len(lrs)))]
         bounds = [round(s * n_ckpt / num_segments) for s in range(num_segments + 1)]
         segments, start = [], 0
         for s in range(num_segments):
@@ -403,7 +445,7 @@ class Trajectory:
         """A Hugging Face `transformers.Trainer` run: its `run_dir/checkpoint-N/` folders (weights,
         optimizer.pt, trainer_state.json) cut into `num_segments` segments, each with the rates of
         its steps, as `even` with the steps N read from the folders' names. Read from the last
-        optimizer state: SGD (with its momentum and dampening) or AdamW (Adam when torch's state says
+        optimizer state: SGD (with its momentum, dampening and Nesterov) or AdamW (Adam when torch's state says
         its decay is not decoupled), and each weight's decay. `model` is the model as trained (the same
         parameters trainable): Trainer's optimizer groups do not name their parameters, so they are
         named by Trainer's own decay rule. A PEFT (LoRA) run saves only its adapter: `model` is then

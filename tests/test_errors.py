@@ -111,6 +111,18 @@ def test_segment_arguments(setup):
         sf.Segment(ckpts, data, lr_sum=1.0, optimizer="rmsprop")
     with pytest.raises(ValueError, match="num_segments must be between 1 and"):
         sf.Trajectory.even(ckpts, [0.1] * 4, 3, data)
+    for options, message in [
+        ({"momentum": 1.0}, r"Trajectory.even: momentum must be in \[0, 1\), got 1.0"),
+        ({"momentum": 0.9, "dampening": 1.5}, r"dampening must be in \[0, 1\], got 1.5"),
+        ({"nesterov": True}, "Nesterov momentum needs momentum > 0 and dampening 0"),
+        ({"momentum": 0.9, "dampening": 0.1, "nesterov": True}, "Nesterov momentum needs momentum > 0 and dampening 0"),
+        ({"grad_scales": [1.0] * 3}, "3 grad_scales for 4 learning rates: give one per step"),
+        ({"grad_scales": [1.0, float("nan"), 1.0, 1.0]}, "grad_scales must be >= 0 and finite, step 1 has nan"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sf.Trajectory.even(ckpts, [0.1] * 4, 2, data, **options)
+    with pytest.raises(ValueError, match="dampening and nesterov apply to SGD's momentum"):
+        sf.Trajectory.even(ckpts, [0.1] * 4, 2, data, optimizer="adam", optimizer_states=[{}] * len(ckpts), dampening=0.1)
     with pytest.raises(ValueError, match="no segments"):
         sf.Trajectory([])
 

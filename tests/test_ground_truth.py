@@ -150,6 +150,27 @@ def test_source_with_momentum_has_the_scale_of_exact_unrolling(schedule):
     assert got["as applied"][1] > got["in full"][1]
 
 
+@pytest.mark.parametrize("options", [{"momentum": 0.9}, {"momentum": 0.9, "dampening": 0.25},
+                                     {"momentum": 0.9, "nesterov": True}, {"dampening": 0.5}, {}])
+def test_even_counts_each_step_as_far_as_torch_sgd_moved_it(options):
+    """Step k's gradient is the unit vector e_k (times its clipping factor), so torch's SGD moves
+    coordinate k by exactly how far its momentum buffer carried step k's gradient by the end. With one
+    checkpoint and one segment per step, each segment's horizon must be that distance (float64, exact
+    to rounding): heavy ball, dampening (the first gradient enters the buffer undamped), Nesterov,
+    dampening without momentum (ignored), a schedule that starts at rate 0."""
+    lrs = [0.0, 0.02, 0.05, 0.1, 0.1, 0.08, 0.05, 0.03, 0.01]
+    scales = [1.0, 0.5, 1.0, 0.25, 1.0, 1.0, 0.7, 1.0, 1.0]
+    theta = torch.zeros(len(lrs), dtype=torch.float64, requires_grad=True)
+    opt = _Scheduled([theta], lrs, **options)
+    for k, scale in enumerate(scales):
+        theta.grad = scale * torch.eye(len(lrs), dtype=torch.float64)[k]
+        opt.step()
+    traj = sf.Trajectory.even([{"w": torch.zeros(1)} for _ in lrs], lrs, len(lrs), list(range(4)),
+                              grad_scales=scales, **options)
+    horizons = torch.tensor([seg.horizon for seg in traj.segments], dtype=torch.float64)
+    torch.testing.assert_close(horizons, -theta.detach(), rtol=1e-12, atol=1e-15)
+
+
 class _Scheduled(torch.optim.SGD):
     """torch's SGD with the rate of each step taken from a list (step k uses lrs[k])."""
 

@@ -52,10 +52,16 @@ def run(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("trainer"))
 
 
-def _applied(rates, beta):
-    """The rates as SOURCE counts them with heavy-ball momentum β: (1 − β) Σ_{i≥k} η_i β^{i−k}, how far the
-    buffer carried step k's gradient by the end of training, written out term by term."""
-    return [(1 - beta) * sum(r * beta ** (i - k) for i, r in enumerate(rates) if i >= k) for k in range(len(rates))]
+def _applied(rates, beta, dampening=0.0, nesterov=False):
+    """The rates as SOURCE counts them with momentum β: (1 − β) times how far torch's SGD moved the weights
+    along step k's gradient by the end of training, written out term by term: the buffer takes the first
+    gradient whole and later ones times 1 − dampening, and carries them on at the later steps' rates."""
+    if not beta:
+        return list(rates)
+    carried = [sum(r * beta ** (i - k) for i, r in enumerate(rates) if i >= k) for k in range(len(rates))]
+    if nesterov:
+        return [(1 - beta) * (rates[k] + beta * carried[k]) for k in range(len(rates))]
+    return [(1 - beta) * (1 if k == 0 else 1 - dampening) * carried[k] for k in range(len(rates))]
 
 
 def _rates(steps=STEPS):
@@ -104,16 +110,18 @@ def test_a_trainer_run_is_read_with_its_steps_rates_and_optimizer(run):
     assert scores.shape == (3, len(data)) and bool(torch.isfinite(scores).all())
 
 
-@pytest.mark.parametrize("options, momentum, scale", [("momentum=0.9,dampening=0.25", 0.9, 0.75),
-                                                       ("dampening=0.5", 0.0, 1.0)])  # no buffer, no dampening
-def test_an_sgd_run_keeps_its_momentum_dampening_and_decay(tmp_path, options, momentum, scale):
-    out, model, data, _ = _train(tmp_path, optim="sgd", optim_args=options)
+@pytest.mark.parametrize("options, momentum", [("momentum=0.9,dampening=0.25", {"beta": 0.9, "dampening": 0.25}),
+                                               ("momentum=0.9,nesterov=true", {"beta": 0.9, "nesterov": True}),
+                                               ("dampening=0.5", {"beta": 0.0})])  # no buffer, no dampening
+def test_an_sgd_run_keeps_its_momentum_dampening_and_decay(tmp_path, options, momentum):
+    out, model, data, opt = _train(tmp_path, optim="sgd", optim_args=options)
+    assert opt.param_groups[0]["nesterov"] == ("nesterov" in momentum)
     traj = sf.Trajectory.from_trainer(out, model, data, num_segments=2)
-    rates = _applied(_rates(), momentum)
-    # Checkpoints 10, 20, 25 in two segments: [10, 20], [25]; torch's dampening d scales each step by 1 − d.
-    assert [seg.lr_sum for seg in traj.segments] == pytest.approx([scale * sum(rates[:20]), scale * sum(rates[20:])])
+    rates = _applied(_rates(), **momentum)
+    # Checkpoints 10, 20, 25 in two segments: [10, 20], [25].
+    assert [seg.lr_sum for seg in traj.segments] == pytest.approx([sum(rates[:20]), sum(rates[20:])])
     assert {(seg.optimizer, seg.momentum, seg.weight_decay, seg.optimizer_states) for seg in traj.segments} == {
-        ("sgd", momentum, DECAY, None)}
+        ("sgd", momentum["beta"], DECAY, None)}
     assert [len(seg.checkpoints) for seg in traj.segments] == [2, 1]
 
 

@@ -61,26 +61,25 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     group = states[-1]["param_groups"][0]
     where = folders[-1] / "optimizer.pt"
     if {"momentum", "dampening"} <= set(group):  # torch's SGD
-        momentum = float(group["momentum"])
-        # torch applies dampening inside the momentum buffer only: without momentum it does nothing.
-        optimizer, scale = "sgd", 1.0 - float(group["dampening"]) if momentum else 1.0
+        optimizer = "sgd"
+        momentum = {"momentum": float(group["momentum"]), "dampening": float(group["dampening"]),
+                    "nesterov": bool(group.get("nesterov", False))}
     elif not_adam(group) is None:
         # Every Adam the Trainer offers decouples its decay (adamw_torch, adamw_torch_fused, ...); torch's
         # states say so themselves since Adam and AdamW share one implementation.
         optimizer = "adam" if group.get("decoupled_weight_decay") is False else "adamw"
-        momentum, scale = 0.0, 1.0
+        momentum = {}
     else:
         kind = f"not Adam's ({not_adam(group)})" if {"betas", "eps"} <= set(group) else "neither SGD's nor Adam's"
         raise ValueError(f"{where}: the optimizer is {kind}; source_fast reads SGD, Adam and AdamW runs "
                          "(Trainer's optim='sgd', 'adamw_torch' or 'adamw_torch_fused')")
     if lrs is None:
         lrs = _logged_rates(folders[-1], histories[-1], steps, states)
-    clipped = _clip_factors(folders[-1], histories[-1], steps[-1])
     return Trajectory.even(
-        [_weights(folder, model) for folder in folders], [scale * c * float(r) for r, c in zip(lrs, clipped)],
-        num_segments, data,
-        momentum=momentum, weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
+        [_weights(folder, model) for folder in folders], lrs, num_segments, data, **momentum,
+        weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
         optimizer_states=None if optimizer == "sgd" else states, steps=steps,
+        grad_scales=_clip_factors(folders[-1], histories[-1], steps[-1]),
     )
 
 
@@ -88,9 +87,8 @@ def _clip_factors(folder: Path, history: list[dict], total: int) -> list[float]:
     """How much gradient clipping scaled each step's gradient, min(1, max_grad_norm / ‖g‖) as torch's
     clip_grad_norm_ does: the log's grad_norm is the norm before clipping, max_grad_norm is in
     training_args.bin. A clipped gradient moves the weights as a smaller rate would (with Adam too: P
-    comes from the clipped gradients' second moments). With momentum, the factor goes with the step's
-    rate rather than with its gradient, which the buffer carries on: the same while the norm changes
-    slowly. Without the setting or a logged norm for every step, the steps count as unclipped."""
+    comes from the clipped gradients' second moments); with momentum the buffer carries the clipped
+    gradient on. Without the setting or a logged norm for every step, the steps count as unclipped."""
     limit = _max_grad_norm(folder / "training_args.bin")
     norms = {int(h["step"]): h["grad_norm"] for h in history if "grad_norm" in h and "step" in h}
     if not limit or any(not isinstance(norms.get(k), (int, float)) for k in range(1, total + 1)):
