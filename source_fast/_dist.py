@@ -3,10 +3,16 @@ sharding is _passes.rank_share)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ._warn import warn
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -47,3 +53,44 @@ def same_on_all_ranks(value: int, device: torch.device) -> bool:
     t = torch.tensor([value, -value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t[0].item()) == -int(t[1].item())
+
+
+@contextlib.contextmanager
+def sole_writer(folder: Path, what: str, device: torch.device) -> Iterator[None]:
+    """One live `what` run per folder: rank 0 holds folder/.{what}.lock (POSIX flock) while the run
+    lasts. A second run into the folder (a rerun started while a killed torchrun's workers, which run
+    in sessions of their own, still write) would delete the first's temp files and race it for the
+    same files: refused, on every rank together. Where the file system has no flock (a Lustre mount
+    without it), the run goes unlocked with a warning."""
+    rank = rank_and_world()[0]
+    lock, busy, problem = None, 0, None
+    if rank == 0:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                lock = open(folder / f".{what}.lock", "a")  # noqa: SIM115 (held across the run, closed below)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy = 1
+            except OSError as exc:
+                if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):  # no flock there
+                    warn(f"{folder}: the file system does not lock files ({exc.strerror}): a second {what} run into "
+                         "this folder at the same time would not be refused")
+                else:  # every rank raises below, none waits for rank 0
+                    problem = f"{folder}: cannot create its lock file ({exc})"
+    try:
+        state = all_reduce_int(busy + 2 * (problem is not None), device)  # rank 0's, seen by every rank
+        if state == 2:
+            raise ValueError(problem if rank == 0 else f"rank {rank}: rank 0 could not lock {folder} (its error says why)")
+        if state:
+            raise ValueError(f"{folder} is being written by another {what} run (one still going, or the workers of a "
+                             "killed torchrun, which run in sessions of their own): stop it or let it finish, then "
+                             "run again")
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock

@@ -23,18 +23,16 @@ read by every rank, each scoring every world-th shard.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ._dist import all_reduce_int, barrier, rank_and_world
+from ._dist import all_reduce_int, barrier, rank_and_world, sole_writer
 from ._io import atomic_path, check_folder, sha256_file
 from ._passes import (
     chunks, describe_task, digest_examples, digest_tensors, length, model_device, reuse_large_blocks, subset,
@@ -144,7 +142,7 @@ def score_corpus(
                else [int(i) for i in train_segments],  # a numpy array or tensor, as json
                "query_blocks": [[b.start, b.stop] for b in blocks]}
     fingerprint = _fingerprint(model, task, trajectory, factors, method, options, train_data, query_data, collate_fn)
-    with _one_run(out, rank, model_device(model)):
+    with sole_writer(out, "score_corpus", model_device(model)):
         _check_or_write_manifest(out, fingerprint, rank, world, model_device(model))
         if rank == 0:  # the marks of a finished run go until this one finishes (a stream may have grown)
             (out / "rows.json").unlink(missing_ok=True)
@@ -217,48 +215,6 @@ def score_corpus(
                 tmp.write_text(json.dumps({"rows": n_rows}))
         barrier()
         return out
-
-
-@contextlib.contextmanager
-def _one_run(out: Path, rank: int, device: torch.device) -> Iterator[None]:
-    """One live run per out_dir: rank 0 holds out_dir/.score_corpus.lock (POSIX flock) while its run
-    lasts. A second run into the folder (a rerun started while a killed torchrun's workers, which run in
-    sessions of their own, still write) would delete the first's temp files and race it for shards:
-    refused, on every rank together. Where the file system has no flock (a Lustre mount without it), the
-    run goes unlocked with a warning."""
-    lock = None
-    busy = failed = 0
-    if rank == 0:
-        try:
-            import fcntl
-        except ImportError:
-            fcntl = None
-        if fcntl is not None:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                lock = open(out / ".score_corpus.lock", "a")  # noqa: SIM115 (held across the run, closed below)
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                busy = 1
-            except OSError as exc:
-                if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):  # no flock there
-                    warn(f"{out}: the file system does not lock files ({exc.strerror}): a second score_corpus run into "
-                         "this folder at the same time would not be refused")
-                else:
-                    failed = 1  # every rank raises below, none waits for rank 0
-                    problem = f"{out}: cannot create its lock file ({exc})"
-    try:
-        state = all_reduce_int(busy + 2 * failed, device)  # rank 0's, seen by every rank
-        if state == 2:
-            raise ValueError(problem if rank == 0 else f"rank {rank}: rank 0 could not lock {out} (its error says why)")
-        if state:
-            raise ValueError(f"{out} is being written by another score_corpus run (one still going, or the workers of a "
-                             "killed torchrun, which run in sessions of their own): stop it or let it finish, then "
-                             "run again")
-        yield
-    finally:
-        if lock is not None:
-            lock.close()  # releases the flock
 
 
 def _check_same_examples(out: Path, n_blocks: int, shards: list[tuple[int, int]]) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world, same_on_all_ranks
+from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world, same_on_all_ranks, sole_writer
 from ._io import atomic_path, check_folder, folder_lock, sha256_file, write_named_by_content
 from ._passes import (
     available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
@@ -329,7 +329,8 @@ def fit_factors(
     resume_dir: keep each finished pass's sums there (atomically, by rank 0; every rank must see the
         folder) and skip the passes already there: a fit killed midway resumes after its last finished
         pass with the same result. A folder from a different fit (layers, checkpoints, data, options,
-        or the task: its class, settings and collate_fn) is refused. The resumed fit may run on
+        or the task: its class, settings and collate_fn) is refused, and so is a second fit into the
+        folder while one still writes it. The resumed fit may run on
         another number of ranks (a pass's sums are over all ranks): the result then equals the other
         count's up to float summation order, and with fisher="true" its labels are another draw.
     The model's weights and train/eval mode are restored on return.
@@ -340,6 +341,8 @@ def fit_factors(
         raise ValueError("CausalLMTask(normalize='mean') with fisher='empirical': the empirical Fisher of a loss "
                          "averaged over an example's T tokens is T-fold smaller than its curvature; use "
                          "fisher='true' (the default), which fits the mean's curvature")
+    if resume_dir is not None:
+        check_folder(resume_dir, "resume_dir")
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     dtype = factor_dtype(model)
     objective = "fisher" if fisher == "true" else "train"
@@ -367,8 +370,6 @@ def fit_factors(
     trajectory.check_checkpoints(model)
     signatures = _checkpoint_digests(trajectory, checkpoint_signature)
     segments, num_examples = [], []
-    saved = _FitProgress(resume_dir, specs, trajectory, ckpt_digests, describe_task(task, collate_fn), fisher,
-                         average_params, seed, batch_size, dtype, device)
 
     def run(kind, ell, c, compute):
         """One pass's sums: from resume_dir when finished there before, else computed (and kept)."""
@@ -389,8 +390,12 @@ def fit_factors(
         saved.store(kind, ell, c, result)
         return result
 
-    with restored(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+    # One fit at a time into resume_dir: a second would delete this one's temp files as stale.
+    one_writer = sole_writer(Path(resume_dir), "fit_factors", device) if resume_dir is not None else contextlib.nullcontext()
+    with one_writer, restored(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             reuse_large_blocks(device):
+        saved = _FitProgress(resume_dir, specs, trajectory, ckpt_digests, describe_task(task, collate_fn), fisher,
+                             average_params, seed, batch_size, dtype, device)
         for ell, seg in enumerate(trajectory.segments):
             what = f"segment {ell}"
             ckpts = segment_checkpoints(seg, average_params, what)

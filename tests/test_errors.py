@@ -534,6 +534,8 @@ def test_score_corpus_refuses_bad_sizes_and_a_file_before_writing(setup, tmp_pat
         score_corpus(model, ClassifyTask(), traj, factors, data, data, tmp_path / "file", progress=False)
     with pytest.raises(ValueError, match=r"the factors' folder '.*file' is a file"):
         factors.save(tmp_path / "file")
+    with pytest.raises(ValueError, match=r"resume_dir '.*file' is a file; give a folder"):
+        sf.fit_factors(model, ClassifyTask(), traj, resume_dir=tmp_path / "file")
 
 
 def test_factors_refuse_checkpoints_of_another_run(setup, tmp_path):

@@ -224,3 +224,20 @@ def test_any_task_setting_can_be_fingerprinted_and_values_count(tmp_path):
         with pytest.raises(ValueError, match=r"differs in: task\)"):
             sf.fit_factors(model, Configured(setting=other), traj, fisher="empirical", batch_size=8,
                            resume_dir=tmp_path / name)
+
+
+def test_a_second_live_fit_into_the_folder_is_refused(tmp_path):
+    """A second fit into a resume_dir that a first still writes (started twice by mistake, or a killed
+    torchrun's workers, which run in sessions of their own) would delete the first's temp files as
+    stale: refused while another holds the folder's lock (here this process, through its own open
+    file), with nothing written; accepted once the lock is released."""
+    import fcntl
+
+    model, task, traj = _setup()
+    with open(tmp_path / ".fit_factors.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="is being written by another fit_factors run"):
+            sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".fit_factors.lock"]
+    sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path)
+    assert (tmp_path / "fit.json").exists() and len(list(tmp_path.glob("seg*.safetensors"))) == 8
