@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--fisher", choices=["true", "empirical"], default="true")
     fit.add_argument("--average-params", action="store_true", help="Fast-SOURCE: fit at each segment's mean weights")
     fit.add_argument("--final", action="store_true", help="fit only the final checkpoint (for --method ekfac)")
+    fit.add_argument("--seed", type=int, default=0, help="seeds the true Fisher's label sampling (default: 0)")
     score = sub.add_parser("score", help="score a job's training data against its queries, sharded and resumable")
     score.add_argument("job", help="a Python file defining job() -> source_fast.Job")
     score.add_argument("--factors", default=None, help="factor folder from `source-fast fit`")
@@ -87,7 +88,8 @@ def _job_command(args) -> int:
         torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:
         if args.command == "fit":
-            jobs.fit(args.job, args.out, fisher=args.fisher, average_params=args.average_params, final=args.final)
+            jobs.fit(args.job, args.out, fisher=args.fisher, average_params=args.average_params, final=args.final,
+                     seed=args.seed)
         else:
             jobs.score(args.job, args.factors, args.out, method=args.method, damping=args.damping, top_k=args.top_k,
                        shard_size=args.shard_size, query_memory_budget=int(args.query_memory_gb * (1 << 30)),

@@ -60,7 +60,7 @@ def load_job(path: str | os.PathLike) -> Job:
     return job
 
 
-def fit(job_path, out, *, fisher="true", average_params=False, final=False) -> Factors:
+def fit(job_path, out, *, fisher="true", average_params=False, final=False, seed=0) -> Factors:
     """final: fit the one-checkpoint trajectory.final() (for method ekfac) instead of the whole one.
     Finished passes are kept in `<out>.partial/` until the factors are written, so a killed fit
     started again resumes after its last finished pass."""
@@ -70,7 +70,7 @@ def fit(job_path, out, *, fisher="true", average_params=False, final=False) -> F
     partial = out.with_name(out.name + ".partial")
     check_folder(out, "--out")  # before the passes, not after
     check_folder(partial, "the resume folder")
-    factors = fit_factors(job.model, job.task, trajectory, fisher=fisher, average_params=average_params,
+    factors = fit_factors(job.model, job.task, trajectory, fisher=fisher, average_params=average_params, seed=seed,
                           batch_size=job.batch_size, collate_fn=job.collate_fn, progress=True, resume_dir=partial)
     if rank_and_world()[0] == 0:
         factors.save(out)

@@ -182,3 +182,20 @@ def test_a_bug_in_the_job_keeps_its_traceback(tmp_path):
     job_file.write_text(JOB + "\ndef job():  # a job with a bug\n    return len(7)\n")
     with pytest.raises(TypeError, match="has no len"):
         main(["fit", str(job_file), "--out", str(tmp_path / "f")])
+
+
+def test_fit_seeds_the_label_sampling_as_the_api_does(tmp_path):
+    from source_fast.cli import main
+    from source_fast.jobs import load_job
+
+    job_file = tmp_path / "job.py"
+    job_file.write_text(JOB)
+    assert main(["fit", str(job_file), "--out", str(tmp_path / "seed3"), "--seed", "3"]) == 0
+    job = load_job(job_file)
+    want = {seed: sf.fit_factors(job.model, job.task, job.trajectory, seed=seed, batch_size=job.batch_size)
+            for seed in (0, 3)}
+    got = sf.Factors.load(tmp_path / "seed3")
+    for ell, segment in enumerate(got.segments):
+        for name, layer in segment.items():
+            assert torch.equal(layer.lam, want[3].segments[ell][name].lam), (ell, name)
+    assert not torch.equal(got.segments[0]["0"].lam, want[0].segments[0]["0"].lam)  # the seed reached the draw
