@@ -136,14 +136,18 @@ def main(argv=None) -> int:
     cases = QUICK_CASES if args.quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
 
     meta = _harness.env_metadata(device, _harness.measure_ceilings(device, dtype))
-    records = []
+    records, wrong = [], []
     for _label, widths, rows, masked in cases:
         case, run, ref64 = covariance_case(widths, rows, masked, dtype, device)
         expected = ref64()
         case_records = {}
         for backend in wanted:
             fn = run(backend)
-            err, sqnr = _harness.error_stats(fn(), expected)
+            try:
+                err, sqnr = _harness.checked_error(case, backend, fn(), expected)
+            except _harness.WrongResult as exc:
+                wrong.append(str(exc))
+                continue
             ms = _harness.time_ms(fn, device, quick=args.quick)
             case_records[backend] = _harness.make_record(BENCH, case, backend, device, ms, err, sqnr, meta)
         for backend, rec in case_records.items():
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else _harness.default_out(BENCH)
     _harness.write_jsonl(out, records)
-    return _harness.finish(records, out, args)
+    return _harness.finish(records, out, args, wrong)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ epilogue that dots the tile with each query's matching block.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from source_fast._dispatch import env_flag
 
 from ._common import (
     MAX_GRID_X, MAX_GRID_YZ, _example_tile, _kept_examples, _mma, autotune_configs, check_tokens, dot_precision, int32_safe,
@@ -361,7 +361,7 @@ def _use_gemm_kernel(t: int, d_out: int, d_a: int, q: int) -> bool:
     from t ≈ 2·25/6 · q ≈ 8·q (t = 512, q = 16: by about 5x on paper). t ≥ 64: shorter sequences give the
     GEMM only one or two token steps; d_out, d_a ≥ 64: a smaller layer would be mostly tile padding. The
     three constants are estimates for the GPU timing to settle."""
-    if os.environ.get("SOURCE_FAST_PAIRWISE_GEMM") != "1":
+    if not env_flag("SOURCE_FAST_PAIRWISE_GEMM"):
         return False
     return t >= _GEMM_MIN_T and min(d_out, d_a) >= _GEMM_MIN_D and t >= _GEMM_TOKENS_PER_QUERY * q
 

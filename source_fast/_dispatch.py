@@ -37,6 +37,15 @@ def _global_backend() -> str | None:
     return value
 
 
+def env_flag(name: str) -> bool:
+    """An on/off switch from the environment: 1 is on, 0 or unset off; anything else is refused rather
+    than read as off (SOURCE_FAST_DISABLE_TRITON=true must not leave Triton on unnoticed)."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r} is not valid: use 1 (on), or 0 or unset (off)")
+    return value == "1"
+
+
 def unsupported_reasons(backend: Backend, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why `backend` cannot run `op` here (empty list: it can)."""
     if op not in PRIORITY:
@@ -47,18 +56,22 @@ def unsupported_reasons(backend: Backend, op: str, device: torch.device, dtype: 
     if backend not in PRIORITY[op]:
         reasons.append(f"{op} has no {backend} implementation")
     if backend == "triton":
-        if os.environ.get("SOURCE_FAST_DISABLE_TRITON") == "1":
+        if env_flag("SOURCE_FAST_DISABLE_TRITON"):
             reasons.append("disabled by SOURCE_FAST_DISABLE_TRITON=1")
         err = _triton.import_error()
         if err:
             reasons.append(err)
-        if device.type != "cuda" and not _triton.interpreting():
-            reasons.append(f"device is {device.type}, and Triton runs on CUDA (or on CPU under TRITON_INTERPRET=1)")
+        if device.type != "cuda" and not (device.type == "cpu" and _triton.interpreting()):
+            late = _triton.late_mode_change()
+            reasons.append(f"device is {device.type}, and Triton runs on CUDA (or on CPU under TRITON_INTERPRET=1)"
+                           + (f"; {late}" if late else ""))
         if dtype not in _KERNEL_DTYPES:
             reasons.append(f"dtype {dtype} is not one of float32/float16/bfloat16")
         if dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
             reasons.append("bfloat16 needs compute capability 8.0 or newer")
     elif backend == "ext":
+        if env_flag("SOURCE_FAST_DISABLE_EXT"):
+            reasons.append("disabled by SOURCE_FAST_DISABLE_EXT=1")
         if dtype not in _KERNEL_DTYPES:
             reasons.append(f"dtype {dtype} is not one of float32/float16/bfloat16")
         if _ext.load_error:
@@ -108,7 +121,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: BackendAr
         # SOURCE_FAST_BACKEND=torch forces the reference for every automatic choice (debugging).
         if _global_backend() == "torch":
             return "torch"
-        flags = (os.environ.get("SOURCE_FAST_DISABLE_TRITON"), _triton.interpreting())
+        flags = (env_flag("SOURCE_FAST_DISABLE_TRITON"), env_flag("SOURCE_FAST_DISABLE_EXT"), _triton.interpreting())
         return _auto(op, device.type, device.index, dtype, flags)
     reasons = unsupported_reasons(backend, op, device, dtype)
     if reasons:

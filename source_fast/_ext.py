@@ -8,8 +8,10 @@ import torch  # must come first: _C links against libtorch/libc10
 
 _C = None
 load_error: str | None = None
+# Not even loaded when disabled at import (a broken build must be avoidable); _dispatch also reads the
+# switch at every call, so setting it later takes effect too.
 if os.environ.get("SOURCE_FAST_DISABLE_EXT") == "1":
-    load_error = "disabled by SOURCE_FAST_DISABLE_EXT=1"
+    load_error = "disabled by SOURCE_FAST_DISABLE_EXT=1 when source_fast was imported"
 else:
     try:
         from source_fast import _C  # type: ignore[attr-defined, no-redef]
@@ -24,8 +26,8 @@ def has_op(name: str, device_type: str) -> bool:
     op = getattr(torch.ops.source_fast, name, None)
     if op is None:
         return False
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    return op.default.has_kernel_for_dispatch_key(key)
+    key = {"cuda": "CUDA", "cpu": "CPU"}.get(device_type)
+    return key is not None and op.default.has_kernel_for_dispatch_key(key)
 
 
 def build_info() -> dict | None:

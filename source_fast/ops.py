@@ -22,6 +22,19 @@ def _kernel_dtype(op: str, backend: BackendArg, **tensors: Tensor) -> torch.dtyp
     return torch.float64
 
 
+def _needs_reference(op: str, backend: BackendArg, **tensors: Tensor | None) -> bool:
+    """Whether autograd must see the op: the kernels record no graph (and would update a leaf that
+    requires grad in place), so the reference computes it, and a forced kernel is refused."""
+    check_backend(backend)
+    if not torch.is_grad_enabled():
+        return False
+    tracked = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+    if tracked and backend not in ("auto", "torch"):
+        raise NotImplementedError(f"backend {backend!r} cannot run {op}: {', '.join(tracked)} require grad, and the "
+                                  "kernels record no autograd graph; call it under torch.no_grad() or use backend='torch'")
+    return bool(tracked)
+
+
 def _wide(weights: Tensor, dtype: torch.dtype) -> torch.dtype:
     """The kernels take scale / u in any 16/32-bit float and return float32; float64 ones make the reference
     compute and return float64 (its contract), so they count as float64, which no kernel takes."""
@@ -40,6 +53,10 @@ def covariance_accumulate_(
     if not xs:
         check_backend(backend)  # nothing to do, but a wrong name is still wrong
         return
+    if _needs_reference("covariance_accumulate_", backend, **{f"covs[{i}]": c for i, c in enumerate(covs)},
+                        **{f"xs[{i}]": x for i, x in enumerate(xs)}):
+        reference.covariance_accumulate_(covs, xs, masks, append_ones, alpha)
+        return
     # The extension takes float32 covs and 16/32-bit xs (layers may differ); the reference also float64
     # (a model with a float64 parameter gets float64 factors), so auto sends that there.
     odd = [f"cov {i} {c.dtype}" for i, c in enumerate(covs) if c.dtype != torch.float32] + [
@@ -57,6 +74,12 @@ def accumulate_lambda_(
     lam: Tensor, a_rot: Tensor, g_rot: Tensor, mask: Tensor | None = None, alpha: float = 1.0,
     *, backend: BackendArg = "auto",
 ) -> None:
+    if any(size > 1 and stride == 0 for size, stride in zip(lam.shape, lam.stride())):
+        raise ValueError(f"accumulate_lambda_: lam (strides {lam.stride()}) has elements that share memory, e.g. an "
+                         "expanded tensor: updated in place, each would get several sums; give a tensor of its own")
+    if _needs_reference("accumulate_lambda_", backend, lam=lam, a_rot=a_rot, g_rot=g_rot):
+        reference.accumulate_lambda_(lam, a_rot, g_rot, mask, alpha)
+        return
     # Kernels take float32 Λ and one dtype for a and g.
     if lam.dtype != torch.float32 and backend not in ("auto", "torch"):
         raise NotImplementedError(f"backend {backend!r} cannot run accumulate_lambda_: lam must be float32, got {lam.dtype}")
@@ -72,6 +95,8 @@ def accumulate_lambda_(
 def self_scores(
     a_rot: Tensor, g_rot: Tensor, scale: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
 ) -> Tensor:
+    if _needs_reference("self_scores", backend, a_rot=a_rot, g_rot=g_rot, scale=scale):
+        return reference.self_scores(a_rot, g_rot, scale, mask)
     dtype = _kernel_dtype("self_scores", backend, a_rot=a_rot, g_rot=g_rot)
     if select("self_scores", a_rot.device, _wide(scale, dtype), backend) == "triton":
         with _triton.on_device(a_rot.device):
@@ -82,6 +107,8 @@ def self_scores(
 def pairwise_scores(
     a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None, *, backend: BackendArg = "auto"
 ) -> Tensor:
+    if _needs_reference("pairwise_scores", backend, a=a, g=g, u=u):
+        return reference.pairwise_scores(a, g, u, mask)
     if select("pairwise_scores", a.device, _wide(u, _kernel_dtype("pairwise_scores", backend, a=a, g=g)),
               backend) == "triton":
         with _triton.on_device(a.device):

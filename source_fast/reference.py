@@ -31,6 +31,8 @@ def _masked(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
     x = x.to(dtype)
     if mask is None:
         return x
+    if mask.shape != x.shape[:2]:  # the kernels take (n, t) only: no broadcasting here either
+        raise ValueError(f"mask must be (n, t) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
     return torch.where((mask != 0).unsqueeze(-1), x, 0)
 
 
@@ -79,6 +81,9 @@ def accumulate_lambda_(lam: Tensor, a_rot: Tensor, g_rot: Tensor, mask: Tensor |
     """
     if not math.isfinite(alpha) or abs(alpha) > torch.finfo(torch.float32).max:
         raise ValueError(f"accumulate_lambda_: alpha must be finite (in float32), got {alpha}")
+    if lam.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"accumulate_lambda_: lam must be float32 (or float64), got {lam.dtype}: a 16-bit Λ "
+                         "overflows (it sums squared gradients)")
     dt = compute_dtype(lam, a_rot, g_rot)
     a, g = _masked(a_rot, mask, dt), _masked(g_rot, mask, dt)
     if a.shape[1] == 1:  # one token per example: Σ_n (g ⊗ a)² = (g∘g)ᵀ (a∘a), one GEMM

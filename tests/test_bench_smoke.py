@@ -36,8 +36,13 @@ def test_bench_kernels_quick_writes_valid_jsonl(tmp_path, dtype):
     assert ops == {"accumulate_lambda_", "self_scores", "pairwise_scores"}
     assert {r["backend"] for r in records} == {"triton", "triton_gemm", "torch", "kronfluence"}
     assert {r["op"] for r in records if r["backend"] == "triton_gemm"} == {"pairwise_scores"}
-    # Every backend was checked before it was timed: each matches the float64 reference.
+    # Every backend was checked before it was timed: each matches the float64 reference. Λ's op is
+    # checked on the rotated tokens it was given: fp32 accumulation, not the rotation's 16-bit rounding.
     assert all(r["sqnr_db"] > 40 for r in records), [(r["op"], r["backend"], r["sqnr_db"]) for r in records]
+    assert all(r["sqnr_db"] > 100 for r in records if r["op"] == "accumulate_lambda_" and r["backend"] != "kronfluence")
+    one_token = next(r for r in records if r["op"] == "accumulate_lambda_" and r["params"]["t"] == 1)
+    n, d_a, d_out = (one_token["params"][k] for k in ("n", "d_a", "d_out"))  # one GEMM after the rotations
+    assert one_token["flops"] == 2 * n * (d_a**2 + d_out**2) + 2 * n * d_out * d_a + n * (d_out + d_a)
     # A second run compared against the first finds every case (and no regression gate fires without a limit).
     proc = subprocess.run(
         [sys.executable, str(BENCH_DIR / "bench_kernels.py"), "--quick", "--device", "cpu", "--dtype", dtype,
@@ -46,6 +51,44 @@ def test_bench_kernels_quick_writes_valid_jsonl(tmp_path, dtype):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("->") == sum(r["backend"] == "torch" for r in records)
+
+
+def test_bench_covariance_quick_writes_valid_jsonl(tmp_path):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import _harness
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    out = tmp_path / "cov.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_covariance.py"), "--quick", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for rec in records:
+        _harness.validate_record(rec)
+    assert {"torch", "addmm_loop"} <= {r["backend"] for r in records}
+    assert all(r["sqnr_db"] > 100 for r in records)  # fp32 sums of exact 16-bit products
+
+
+def test_a_wrong_kernel_is_reported_and_not_timed(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    from source_fast import ops
+
+    real = ops.self_scores
+    monkeypatch.setattr(ops, "self_scores", lambda a, g, scale, mask=None, *, backend="auto": (
+        real(a, g, scale, mask, backend=backend) * (0 if backend == "triton" else 1)))
+    out = tmp_path / "k.jsonl"
+    assert bench_kernels.main(["--quick", "--device", "cpu", "--backends", "triton,torch", "--out", str(out)]) == 1
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["op"], r["backend"]) for r in records} == {(op, b) for op in ("accumulate_lambda_", "self_scores",
+                                                         "pairwise_scores") for b in ("triton", "torch")} - {
+        ("self_scores", "triton")}
+    err = capsys.readouterr().err
+    assert err.count("WRONG RESULT: self_scores") == 2 and "backend 'triton' is wrong (SQNR 0.0 dB" in err
 
 
 def test_bench_gpt2_quick(tmp_path):
