@@ -281,6 +281,13 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
             if not any(m in str(exc) for m in ("stack expects each tensor to be equal size",
                                                "each element in list of batch should be of equal size")):
                 raise
+            source = loader.dataset
+            if isinstance(source, (tuple, list)) and all(isinstance(x, Tensor) and x.dim() for x in source) and \
+                    len({x.shape[0] for x in source}) == 1:  # (X, y): columns of N rows each, not N examples
+                raise RuntimeError(f"{where(b)}: {exc}\nthe data is a {type(source).__name__} of {len(source)} tensors "
+                                   f"of {source[0].shape[0]} rows each, read as {len(source)} examples (a {type(source).__name__} "
+                                   "is a sequence of examples): give columns as torch.utils.data.TensorDataset(X, y)"
+                                   ) from exc
             raise RuntimeError(f"{where(b)}: {exc}\nexamples of different lengths need a collate_fn that pads them "
                                "(and an attention mask the task returns): pass collate_fn=, or a DataLoader with one"
                                ) from exc

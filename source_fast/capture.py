@@ -55,10 +55,13 @@ class LayerSpec:
         if kind == "linear":
             d_in, d_out = module.in_features, module.out_features
         elif kind == "conv2d":
+            # By default every supported layer is tracked: say how to leave this one out.
+            leave_out = "; to attribute through the other layers, name them in the task's get_influence_tracked_modules"
             if module.groups != 1:
-                raise ValueError(f"module {name!r}: grouped Conv2d (groups={module.groups}) is not supported")
+                raise ValueError(f"module {name!r}: grouped Conv2d (groups={module.groups}) is not supported{leave_out}")
             if module.padding_mode != "zeros":
-                raise ValueError(f"module {name!r}: Conv2d padding_mode={module.padding_mode!r} is not supported")
+                raise ValueError(f"module {name!r}: Conv2d padding_mode={module.padding_mode!r} is not supported"
+                                 f"{leave_out}")
             d_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
             d_out = module.out_channels
         elif kind == "conv1d":

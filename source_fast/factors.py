@@ -344,6 +344,11 @@ def fit_factors(
     if resume_dir is not None:
         check_folder(resume_dir, "resume_dir")
     specs = tracked_layers(model, task.get_influence_tracked_modules())
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        warn(f"the model's BatchNorm modules ({norms[:4]}{' ...' if len(norms) > 4 else ''}) run in eval mode here, "
+             "with their running statistics (training normalised each batch by its own): factors and scores are "
+             "those of the model as it is evaluated; BatchNorm's own weight and bias are not tracked")
     dtype = factor_dtype(model)
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
@@ -369,6 +374,7 @@ def fit_factors(
         warn(note)
     trajectory.check_checkpoints(model)
     signatures = _checkpoint_digests(trajectory, checkpoint_signature)
+    _warn_repeated(signatures)
     segments, num_examples = [], []
 
     def run(kind, ell, c, compute):
@@ -635,6 +641,17 @@ def _tensor_samples(checkpoint: Checkpoint, what: str) -> Iterator[tuple[torch.d
                 continue
             rows = torch.cat([piece[i : i + 1] for i in _sample_rows(shape[0])]) if shape[0] else f.get_tensor(key)
             yield rows.dtype, shape, rows.flatten(1)[:, :_SIGNATURE_ROW_VALUES]
+
+
+def _warn_repeated(signatures: list[list[str]]) -> None:
+    """Consecutive checkpoints with the same weights: most likely one given twice (the final weights
+    as the last of C saved checkpoints and again as a file of their own), which shifts the steps
+    Trajectory.even takes each checkpoint to be saved after; a stretch trained at rate 0 also does it."""
+    order = [(f"segment {ell}, checkpoint {c}", sig) for ell, seg in enumerate(signatures) for c, sig in enumerate(seg)]
+    for (first, a), (second, b) in zip(order, order[1:]):
+        if a == b:
+            warn(f"{first} and {second} hold the same weights: the same checkpoint given twice? Trajectory.even takes "
+                 "C checkpoints as saved evenly over the run (or at steps=), so a repeated one shifts the others")
 
 
 def _checkpoint_digests(trajectory: Trajectory, digest: Callable[[Checkpoint, str], str] | None = None

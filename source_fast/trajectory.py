@@ -14,6 +14,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from ._warn import warn
+
 Optimizer = Literal["sgd", "adam", "adamw"]
 Checkpoint = dict[str, Tensor] | str | os.PathLike
 
@@ -192,6 +194,9 @@ def _scales(grad_scales: Sequence[float] | None, n_steps: int) -> list[float]:
     bad = [k for k, x in enumerate(scales) if not (math.isfinite(x) and x >= 0)]
     if bad:
         raise ValueError(f"Trajectory.even: grad_scales must be >= 0 and finite, step {bad[0]} has {scales[bad[0]]}")
+    if max(scales, default=0.0) > 1:
+        warn(f"Trajectory.even: grad_scales go up to {max(scales):g}, and clipping only shrinks gradients, "
+             "min(1, max_norm/‖g‖): given the norms clip_grad_norm_ returns instead?")
     return scales
 
 
@@ -491,10 +496,19 @@ class Trajectory:
         return self.segments[-1].checkpoints[-1]
 
     def check_checkpoints(self, model: nn.Module) -> None:
-        """Every checkpoint matches the model (keys, shapes): refused before any pass."""
+        """Every checkpoint matches the model (keys, shapes) and is not the model's own live weights:
+        refused before any pass."""
+        live = _storages([p for p in model.parameters() if p.requires_grad])
+        several = sum(self.layout()) > 1
         for ell, seg in enumerate(self.segments):
             for c, ckpt in enumerate(seg.checkpoints):
                 check_checkpoint(model, ckpt, f"segment {ell}, checkpoint {c}")
+                # Loading another checkpoint into the model writes into this one: it would be read as that.
+                if several and not isinstance(ckpt, (str, os.PathLike)) and live & _storages(ckpt):
+                    raise ValueError(
+                        f"segment {ell}, checkpoint {c} is the model's own weights (model.state_dict() holds references "
+                        "to them): loading the other checkpoints into the model overwrites it. Keep a copy, "
+                        "{k: v.clone() for k, v in model.state_dict().items()}, or torch.save it to a file")
 
     def layout(self) -> list[int]:
         """Checkpoints per segment: recorded in fitted factors to refuse a mismatched trajectory."""

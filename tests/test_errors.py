@@ -187,6 +187,33 @@ def test_states_saved_without_a_copy_are_refused(setup):
     sf.Trajectory.even([{k: v[i] for k, v in history.items()} for i in range(3)], [1e-2] * 3, 3, data)
 
 
+def test_the_models_own_state_dict_as_one_of_several_checkpoints_is_refused(setup):
+    """The final checkpoint given as model.state_dict() of the model being scored: loading the earlier
+    checkpoints into the model overwrote it, so it was silently read as the one before (scores off by
+    1-3 %). Alone (trajectory.final()) it is only loaded onto itself: fine."""
+    model, data, ckpts = setup
+    traj = sf.Trajectory.even([ckpts[0], model.state_dict()], [0.1] * 4, 2, data)
+    with pytest.raises(ValueError, match=r"segment 1, checkpoint 0 is the model's own weights \(model.state_dict\(\) "
+                                         r"holds references to them\).*v.clone\(\)"):
+        sf.fit_factors(model, ClassifyTask(), traj)
+    factors = sf.fit_factors(model, ClassifyTask(), traj.final())
+    assert sf.score(model, ClassifyTask(), traj.final(), factors, data, data, method="ekfac").isfinite().all()
+
+
+def test_likely_slips_are_warned(setup, tmp_path):
+    """The final weights given twice (as the last saved checkpoint and as a file of their own) shift
+    the steps the others are taken at; grad_scales above 1 are most likely the norms themselves."""
+    model, data, ckpts = setup
+    torch.save(ckpts[-1], tmp_path / "final.pt")
+    traj = sf.Trajectory.even(ckpts + [tmp_path / "final.pt"], [0.1] * 8, 2, data)
+    assert traj.layout() == [2, 1]
+    with pytest.warns(UserWarning, match=r"segment 0, checkpoint 1 and segment 1, checkpoint 0 hold the same weights: "
+                                         r"the same checkpoint given twice"):
+        sf.fit_factors(model, ClassifyTask(), traj)
+    with pytest.warns(UserWarning, match=r"grad_scales go up to 4.2, .*given the norms clip_grad_norm_ returns"):
+        sf.Trajectory.even(ckpts, [0.1] * 8, 2, data, grad_scales=[1.0] * 7 + [4.2])
+
+
 class NaNTask(ClassifyTask):
     def __init__(self, where):
         self.where = where
@@ -599,3 +626,15 @@ def test_factors_of_files_with_scalars_and_another_checkpoint_count(tmp_path):
     more = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])
     with pytest.raises(ValueError, match=r"segment 0 has 3 checkpoints, these factors were fitted on 2"):
         sf.score(model, ClassifyTask(), more, factors, data, data, method="fast_source")
+
+
+def test_columns_given_as_a_tuple_are_named_as_the_cause(setup):
+    """(X, y) is a sequence of two examples: stacking them fails with default_collate's size error,
+    which is not about padding here."""
+    model, data, ckpts = setup
+    traj = sf.Trajectory.even(ckpts, [0.1] * 4, 1, data)
+    factors = sf.fit_factors(model, ClassifyTask(), traj)
+    x, y = data.tensors
+    with pytest.raises(RuntimeError, match=r"queries, batch 0 .*\nthe data is a tuple of 2 tensors of 5 rows each, read as 2 "
+                                           r"examples .*TensorDataset\(X, y\)"):
+        sf.score(model, ClassifyTask(), traj, factors, data, (x[:5], y[:5]))

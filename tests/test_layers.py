@@ -327,3 +327,31 @@ def test_frozen_layers_are_not_tracked_by_default():
         tracked_layers(model, ["0", "2"])
     model.requires_grad_(False)
     assert [s.name for s in tracked_layers(model, None)] == ["0", "2"]
+
+
+@pytest.mark.parametrize("conv, what", [(nn.Conv2d(4, 4, 3, groups=2), r"grouped Conv2d \(groups=2\)"),
+                                        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                                         "Conv2d padding_mode='reflect'")])
+def test_unsupported_conv2d_says_how_to_track_the_other_layers(conv, what):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), conv, nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=rf"module '1': {what} is not supported; to attribute through the other "
+                                         r"layers, name them in the task's get_influence_tracked_modules"):
+        sf.capture.tracked_layers(model, None)
+    assert [s.name for s in sf.capture.tracked_layers(model, ["0", "3"])] == ["0", "3"]
+
+
+def test_batchnorm_models_are_told_they_run_in_eval_mode():
+    """Training normalised each batch by its own statistics; fitting and scoring run the model as it is
+    evaluated (running statistics), as kronfluence does: said once per call site, with BatchNorm's own
+    parameters left out of the tracked layers."""
+    from _helpers import ClassifyTask, classification_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    data = classification_data(24, 4, 3)
+    traj = sf.Trajectory([sf.Segment([{k: v.clone() for k, v in model.state_dict().items()}], data, lr_sum=0.1)])
+    with pytest.warns(UserWarning, match=r"BatchNorm modules \(\['1'\]\) run in eval mode here, with their running "
+                                         r"statistics .*BatchNorm's own weight and bias are not tracked"):
+        factors = sf.fit_factors(model, ClassifyTask(), traj)
+    assert list(factors.segments[0]) == ["0", "3"]

@@ -45,3 +45,37 @@ def test_readme_kronfluence_snippet_runs(tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), env)
     assert env["scores"].shape == (6, 40) and torch.isfinite(env["scores"]).all()
     assert (tmp_path / "influence_results" / "run" / "scores_scores" / "pairwise_scores.safetensors").exists()
+
+
+def test_readme_retraining_check_runs(tmp_path, monkeypatch):
+    """The "Checking attributions against retraining" block, on a small MLP retrained for real."""
+    import source_fast as sf
+    from _helpers import ClassifyTask
+
+    section = README.read_text().split("## Checking attributions against retraining", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    train_set = classification_data(40, 4, 3, dtype=torch.float32)
+    queries = classification_data(4, 4, 3, seed=1, dtype=torch.float32)
+    x, y = train_set.tensors
+
+    def train_fn(indices, seed):
+        model = mlp(4, 8, 3, dtype=torch.float32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(30):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[indices]), y[indices]).backward()
+            opt.step()
+        return model
+
+    def measure_fn(model):
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(queries.tensors[0]), queries.tensors[1], reduction="none")
+
+    final = train_fn(list(range(40)), 0)
+    traj = sf.Trajectory([sf.Segment([{k: v.clone() for k, v in final.state_dict().items()}], train_set, lr_sum=3.0)])
+    scores = sf.score(final, ClassifyTask(), traj, None, train_set, queries, method="grad_dot")
+    monkeypatch.chdir(tmp_path)
+    env = {"train_set": train_set, "train_fn": train_fn, "measure_fn": measure_fn, "scores": scores}
+    exec(compile(code, str(README), "exec"), env)
+    assert env["measured"].shape == (50, 2, 4) and len(list((tmp_path / "runs").rglob("subset*.pt"))) >= 100
+    assert set(env["removal"]) == {"source", "random"}
