@@ -56,7 +56,8 @@ from .scoring import (
 from .task import Task
 from .trajectory import Trajectory
 
-MANIFEST_VERSION = 6  # 5: the query blocks are in the fingerprint; 6: the model's dtypes, Adam's p̃ from P⁻¹
+MANIFEST_VERSION = 7  # 5: the query blocks are in the fingerprint; 6: the model's dtypes, Adam's p̃ from P⁻¹;
+# 7: the segments' decay_scale (clipping does not shrink the decay)
 
 
 def _fingerprint(model, task, trajectory, factors, method, options, train_data, query_data, collate_fn) -> dict:
@@ -72,7 +73,8 @@ def _fingerprint(model, task, trajectory, factors, method, options, train_data, 
         "options": options,
         "factors": fac,
         # Every score carries 1/N_ℓ and the gradients at these weights: a shard of other ones is not this run's.
-        "trajectory": [[len(s.checkpoints), s.lr_sum, s.momentum, s.optimizer, s.weight_decay, s.num_examples]
+        "trajectory": [[len(s.checkpoints), s.lr_sum, s.momentum, s.optimizer, s.weight_decay, s.decay_scale,
+                        s.num_examples]
                        for s in trajectory.segments],
         "checkpoints": _checkpoint_digests(trajectory),
         "train_data": digest_examples(train_data),

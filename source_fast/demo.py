@@ -274,7 +274,8 @@ def run_training(sc: Scenario, indices: list[int] | None = None, seed: int = 0, 
     """SGD with momentum through the stages, a warm-up/cosine schedule per stage, `sc.checkpoints`
     state_dicts saved evenly in each. Stage 0 uses only `indices` (None: all); the data order is drawn
     from `seed`, the initialisation from `init_seed`. One optimizer runs through every stage, so
-    momentum carries across the boundary as in the exact unrolled reference."""
+    momentum carries across the boundary (as the exact unrolled reference replays it, and as
+    _trajectory tells SOURCE with lrs_after)."""
     data = sc.data
     model = sc.make_model(init_seed)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -357,10 +358,12 @@ def _save_checkpoints(folder: Path, run: Run) -> list[list[Path]]:
 
 
 def _trajectory(sc: Scenario, files: list[list[Path]], run: Run, per_stage: int) -> Trajectory:
-    """`per_stage` segments in each stage, each carrying its stage's data and real learning rates."""
+    """`per_stage` segments in each stage, each carrying its stage's data and real learning rates; the
+    one optimizer's momentum buffer carries a stage's last gradients into the next stage's steps."""
     segments = []
     for s, ds in enumerate(sc.data.stages):
-        segments += Trajectory.even(files[s], run.lrs[s], per_stage, ds, momentum=sc.momentum).segments
+        later = [lr for lrs in run.lrs[s + 1 :] for lr in lrs]
+        segments += Trajectory.even(files[s], run.lrs[s], per_stage, ds, momentum=sc.momentum, lrs_after=later).segments
     return Trajectory(segments)
 
 

@@ -578,8 +578,8 @@ def _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds
         "optimizer states (Adam's preconditioner)": None if preconds is None else [
             {k: digest_tensors([p]) for k, p in seg.items()} for seg in preconds],
         "trajectory (checkpoints per segment, learning rates, data sizes)": [
-            [len(seg.checkpoints), seg.lr_sum, seg.momentum, seg.optimizer, seg.weight_decay, seg.num_examples,
-             length(seg.data)] for seg in trajectory.segments],
+            [len(seg.checkpoints), seg.lr_sum, seg.momentum, seg.optimizer, seg.weight_decay, seg.decay_scale,
+             seg.num_examples, length(seg.data)] for seg in trajectory.segments],
         "task": describe_task(task, collate_fn),
         "options (fisher, average_params, seed, batch_size, resume_dir or not)": [fisher, average_params, seed,
                                                                                   batch_size, resume],
@@ -839,6 +839,8 @@ def not_adam(group: dict) -> str | None:
         return "its steps are another Adam variant's: NAdam's, RAdam's or Adamax's"
     if group.get("correct_bias", True) is False or group.get("bias_correction", True) is False:
         return "it skips Adam's bias correction, which P = 1/(√v̂ + ε) assumes"
+    if group.get("maximize"):
+        return "it maximizes the objective (maximize=True): every step goes up the gradient"
     return None
 
 

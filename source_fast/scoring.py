@@ -295,7 +295,7 @@ def _segment_scales(seg: Segment, lf: LayerFactors, name: str, need_u: bool = Tr
     beside the full inverse H̄⁻¹ is not: it amplifies flat directions across steep coordinates by
     diag(H̄)/λ_min, and tracked unrolled Adam worse than EK-FAC influence.)"""
     lam = lf.lam.clamp_min(0)
-    wd = seg.decay(name)
+    wd = seg.decay(name) * seg.decay_scale
     if seg.optimizer == "sgd":
         p, sigma = None, lam + wd
     else:

@@ -99,7 +99,9 @@ def _dense_source(factors, traj, v, grads_by_ckpt, train_segments):
     out = 0
     for ell in reversed(range(len(traj.segments))):
         seg = traj.segments[ell]
-        h = _block_diag_curvature(factors, ell, seg.weight_decay)
+        wd = seg.weight_decay  # acting decay_scale times longer than the loss gradient (clipping)
+        wd = {k: w * seg.decay_scale for k, w in wd.items()} if isinstance(wd, dict) else wd * seg.decay_scale
+        h = _block_diag_curvature(factors, ell, wd)
         c = seg.horizon
         e = torch.linalg.matrix_exp(-c * h)
         u = torch.linalg.solve(h, (torch.eye(h.shape[0], dtype=h.dtype) - e) @ v.T).T
@@ -110,11 +112,12 @@ def _dense_source(factors, traj, v, grads_by_ckpt, train_segments):
     return out
 
 
-@pytest.mark.parametrize("momentum, wd", [(0.0, 1e-3), (0.9, 1e-2), (0.5, {"0": 1e-3, "2": 5e-2})])
-def test_source_matches_dense_matrix_functions(setup, momentum, wd):
+@pytest.mark.parametrize("momentum, wd, decay_scale", [(0.0, 1e-3, 1.0), (0.9, 1e-2, 3.0),
+                                                       (0.5, {"0": 1e-3, "2": 5e-2}, 2.5)])
+def test_source_matches_dense_matrix_functions(setup, momentum, wd, decay_scale):
     model, data, queries, ckpts = setup
     segs = [
-        sf.Segment(ckpts[:2], data, lrs=[0.5] * 6, momentum=momentum, weight_decay=wd),
+        sf.Segment(ckpts[:2], data, lrs=[0.5] * 6, momentum=momentum, weight_decay=wd, decay_scale=decay_scale),
         sf.Segment(ckpts[2:], data, lr_sum=2.0, momentum=momentum, weight_decay=wd),
     ]
     # _dense_source reads seg.horizon: pin it to the rates summed and heavy-ball's c/(1 − β) by hand.
@@ -404,7 +407,9 @@ def test_walk_across_sgd_and_adam_segments_matches_dense(setup):
         v, expected = _grads(model, ckpts[-1], q_data), 0
         for ell in reversed(range(len(segs))):
             seg = segs[ell]
-            h = _block_diag_curvature(factors, ell, seg.weight_decay)
+            wd = seg.weight_decay  # acting decay_scale times longer than the loss gradient (clipping)
+            wd = {k: w * seg.decay_scale for k, w in wd.items()} if isinstance(wd, dict) else wd * seg.decay_scale
+            h = _block_diag_curvature(factors, ell, wd)
             eye = torch.eye(h.shape[0], dtype=h.dtype)
             if seg.optimizer == "sgd":
                 e = torch.linalg.matrix_exp(-seg.horizon * h)

@@ -490,6 +490,7 @@ def _adam_state(model, data):
     (lambda st: st["state"][0].update(step=torch.tensor(0.0)), r"parameter '0.weight' records step .*needs the number of steps"),
     (lambda st: st["param_groups"][0].pop("betas"), r"parameter group 0 is not Adam's or AdamW's \(it lacks \['betas'\]\)"),
     (lambda st: st["param_groups"][0].update(correct_bias=False), r"it skips Adam's bias correction"),
+    (lambda st: st["param_groups"][0].update(maximize=True), r"it maximizes the objective \(maximize=True\)"),
 ])
 def test_adam_states_that_cannot_be_a_run_are_named(setup, spoil, pattern):
     """A diverged run's NaN second moments, a step count of 0, a hand-built group: each would give NaN

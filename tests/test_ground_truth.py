@@ -6,6 +6,7 @@ several data orders: SOURCE estimates that expectation, and one order alone is n
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -160,15 +161,58 @@ def test_even_counts_each_step_as_far_as_torch_sgd_moved_it(options):
     dampening without momentum (ignored), a schedule that starts at rate 0."""
     lrs = [0.0, 0.02, 0.05, 0.1, 0.1, 0.08, 0.05, 0.03, 0.01]
     scales = [1.0, 0.5, 1.0, 0.25, 1.0, 1.0, 0.7, 1.0, 1.0]
-    theta = torch.zeros(len(lrs), dtype=torch.float64, requires_grad=True)
-    opt = _Scheduled([theta], lrs, **options)
-    for k, scale in enumerate(scales):
-        theta.grad = scale * torch.eye(len(lrs), dtype=torch.float64)[k]
-        opt.step()
+
+    def moved(step_scales):
+        theta = torch.zeros(len(lrs), dtype=torch.float64, requires_grad=True)
+        opt = _Scheduled([theta], lrs, **options)
+        for k, scale in enumerate(step_scales):
+            theta.grad = scale * torch.eye(len(lrs), dtype=torch.float64)[k]
+            opt.step()
+        return -theta.detach()
+
     traj = sf.Trajectory.even([{"w": torch.zeros(1)} for _ in lrs], lrs, len(lrs), list(range(4)),
                               grad_scales=scales, **options)
     horizons = torch.tensor([seg.horizon for seg in traj.segments], dtype=torch.float64)
+    torch.testing.assert_close(horizons, moved(scales), rtol=1e-12, atol=1e-15)
+    # Weight decay is added after clipping: it moves the weights as an unclipped gradient would.
+    decay = torch.tensor([seg.horizon * seg.decay_scale for seg in traj.segments], dtype=torch.float64)
+    torch.testing.assert_close(decay, moved([1.0] * len(lrs)), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("options", [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}])
+def test_a_buffer_carried_into_a_next_stage_moves_this_stages_gradients_on(options):
+    """One optimizer through two stages: after this stage's last step, its momentum buffer still moves
+    the weights along this stage's gradients at the next stage's rates (lrs_after)."""
+    lrs, after = [0.01, 0.05, 0.1, 0.1, 0.05], [0.0, 0.2, 0.2, 0.1]
+    theta = torch.zeros(len(lrs), dtype=torch.float64, requires_grad=True)
+    opt = _Scheduled([theta], lrs + after, **options)
+    for k in range(len(lrs) + len(after)):
+        theta.grad = torch.eye(len(lrs), dtype=torch.float64)[k] if k < len(lrs) else torch.zeros(len(lrs), dtype=torch.float64)
+        opt.step()
+    traj = sf.Trajectory.even([{"w": torch.zeros(1)} for _ in lrs], lrs, len(lrs), list(range(4)), lrs_after=after,
+                              **options)
+    horizons = torch.tensor([seg.horizon for seg in traj.segments], dtype=torch.float64)
     torch.testing.assert_close(horizons, -theta.detach(), rtol=1e-12, atol=1e-15)
+    alone = sf.Trajectory.even([{"w": torch.zeros(1)} for _ in lrs], lrs, len(lrs), list(range(4)), **options)
+    assert alone.segments[-1].horizon < 0.5 * traj.segments[-1].horizon  # the carried part is most of it
+
+
+def test_clipping_does_not_shrink_the_weight_decay():
+    """torch's clip_grad_norm_ scales the loss gradient; SGD adds wd·θ after it. A weight with no loss
+    gradient decays over the run by exp(−wd Σ(moved)) with the unclipped distances, and SOURCE's
+    S̄ = e^{−cσ} on a zero-curvature direction must say the same (first order in wd, float64)."""
+    lrs, wd = [0.05] * 40, 1e-7
+    scales = [0.1 if k % 3 else 1.0 for k in range(40)]
+    theta = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    opt = _Scheduled([theta], lrs, momentum=0.9, weight_decay=wd)
+    for _ in lrs:
+        theta.grad = torch.zeros(1, dtype=torch.float64)  # no loss gradient: clipping has nothing to shrink
+        opt.step()
+    traj = sf.Trajectory.even([{"w": torch.zeros(1)} for _ in range(4)], lrs, 2, list(range(4)), momentum=0.9,
+                              weight_decay=wd, grad_scales=scales)
+    exponent = sum(seg.horizon * seg.decay("w") * seg.decay_scale for seg in traj.segments)
+    assert exponent == pytest.approx(-math.log(theta.item()), rel=1e-6)
+    assert traj.segments[0].decay_scale > 2  # most steps clipped to a tenth
 
 
 class _Scheduled(torch.optim.SGD):

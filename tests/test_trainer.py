@@ -162,6 +162,9 @@ def test_what_a_trainer_folder_lacks_is_named(run, tmp_path):
         sf.Trajectory.from_trainer(copy, model, data, 3)
     assert sf.Trajectory.from_trainer(copy, model, data, 3, lrs=_rates()).segments[0].lr_sum == pytest.approx(
         sum(_rates()[:10]))
+    with pytest.raises(ValueError, match=r"lrs= gives 0.075 for step 11, but checkpoint-10's optimizer state holds "
+                                         r"0.0075 .*as the run applied it"):
+        sf.Trajectory.from_trainer(copy, model, data, 3, lrs=[10 * r for r in _rates()])  # checked too
     for name, text in original.items():
         (copy / name / "trainer_state.json").write_text(text)
     # Each rate logged as the next step's, as transformers before 4.51 did: its version says so; without
@@ -173,7 +176,7 @@ def test_what_a_trainer_folder_lacks_is_named(run, tmp_path):
     _edit(copy, "trainer_state.json", lambda st, n: {**st, "log_history": [
         {**h, "learning_rate": _rates(STEPS + 1)[h["step"]]} if "learning_rate" in h else h
         for h in st["log_history"]]})
-    with pytest.raises(ValueError, match=r"rate logged at step 11 is .* checkpoint-10's optimizer state holds"):
+    with pytest.raises(ValueError, match=r"the log gives 0.007 for step 11, but checkpoint-10's optimizer state holds"):
         sf.Trajectory.from_trainer(copy, model, data, 3)
     for n in (10, 20):  # save_total_limit=1: only the final state, whose rate is the log's last
         shutil.rmtree(copy / f"checkpoint-{n}")
@@ -329,3 +332,39 @@ def test_training_args_are_read_without_running_their_pickle(tmp_path):
             z.writestr("training_args/data.pkl", payload)
         assert _max_grad_norm(tmp_path / f"{name}.bin") == (0.3 if name == "float" else None), name
     assert not marker.exists()
+
+
+def test_another_stages_data_or_model_is_named(run, tmp_path):
+    """The run's log says how many steps an epoch took: data no process count or accumulation can
+    explain is another run's (a second stage's, say). A model of another architecture is named by its
+    weights, before the optimizer's groups (which are named through the model) could say it less clearly."""
+    out, model, data, _ = run
+    with pytest.raises(ValueError, match=r"an epoch of this run took 6 optimizer steps of 8 examples per process .*"
+                                         r"which 30 examples cannot give: pass the data this run trained on"):
+        sf.Trajectory.from_trainer(out, model, torch.utils.data.Subset(data, range(30)), 3)
+    doubled = torch.utils.data.ConcatDataset([data, data])  # two processes of 8: as many steps per epoch
+    assert len(sf.Trajectory.from_trainer(out, model, doubled, 3).segments) == 3
+    other = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=3,
+                                                                 n_head=2))
+    with pytest.raises(ValueError, match=r"checkpoint-25.*transformer.h.2"):
+        sf.Trajectory.from_trainer(out, other, data, 3)
+
+
+def test_sgd_states_that_maximize_or_change_momentum_are_named(tmp_path):
+    out, model, data, _ = _train(tmp_path, optim="sgd", optim_args="momentum=0.9")
+
+    def edit(fn, names):
+        for name in names:
+            path = out / name / "optimizer.pt"
+            state = torch.load(path, weights_only=False)
+            fn(state["param_groups"])
+            torch.save(state, path)
+
+    edit(lambda groups: [g.update(momentum=0.5) for g in groups], ["checkpoint-10"])
+    with pytest.warns(UserWarning, match=r"the SGD momentum changed during the run \(0.5, 0.9, 0.9 at the checkpoints\)"
+                                         r": SOURCE takes one β for the run, their mean 0.766667"):
+        traj = sf.Trajectory.from_trainer(out, model, data, 3)
+    assert traj.segments[0].momentum == pytest.approx(2.3 / 3)
+    edit(lambda groups: [g.update(maximize=True) for g in groups], ["checkpoint-25"])
+    with pytest.raises(ValueError, match=r"checkpoint-25/optimizer.pt: the SGD optimizer maximizes its objective"):
+        sf.Trajectory.from_trainer(out, model, data, 3)

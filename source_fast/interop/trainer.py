@@ -35,7 +35,8 @@ from torch import nn
 from .._warn import warn
 from ..capture import layer_kind
 from ..factors import not_adam
-from ..trajectory import Trajectory
+from .._passes import length
+from ..trajectory import Trajectory, check_checkpoint
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -57,12 +58,22 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     steps = [n for n, _ in found]
     folders = [p for _, p in found]
     histories = _histories(folders, steps)
+    weights = [_weights(folder, model) for folder in folders]
+    check_checkpoint(model, weights[-1], str(folders[-1]))  # before the optimizer's groups, named by the model
+    _check_data_size(folders[-1], histories[-1], length(data) if num_examples is None else num_examples)
     states = [_optimizer_state(folder, model) for folder in folders]
     group = states[-1]["param_groups"][0]
     where = folders[-1] / "optimizer.pt"
     if {"momentum", "dampening"} <= set(group):  # torch's SGD
+        if group.get("maximize"):
+            raise ValueError(f"{where}: the SGD optimizer maximizes its objective (maximize=True), going up the "
+                             "gradient: source_fast reads runs that minimise the loss")
         optimizer = "sgd"
-        momentum = {"momentum": float(group["momentum"]), "dampening": float(group["dampening"]),
+        betas = [float(st["param_groups"][0]["momentum"]) for st in states]
+        if max(betas) - min(betas) > 1e-12:  # e.g. OneCycleLR(cycle_momentum=True)
+            warn(f"{folders[0].parent}: the SGD momentum changed during the run ({', '.join(f'{b:g}' for b in betas)} "
+                 f"at the checkpoints): SOURCE takes one β for the run, their mean {sum(betas) / len(betas):g}")
+        momentum = {"momentum": sum(betas) / len(betas), "dampening": float(group["dampening"]),
                     "nesterov": bool(group.get("nesterov", False))}
     elif not_adam(group) is None:
         # Every Adam the Trainer offers decouples its decay (adamw_torch, adamw_torch_fused, ...); torch's
@@ -75,8 +86,10 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
                          "(Trainer's optim='sgd', 'adamw_torch' or 'adamw_torch_fused')")
     if lrs is None:
         lrs = _logged_rates(folders[-1], histories[-1], steps, states)
+    else:
+        _check_rates(list(lrs), steps, states, "lrs= gives")
     return Trajectory.even(
-        [_weights(folder, model) for folder in folders], lrs, num_segments, data, **momentum,
+        weights, lrs, num_segments, data, **momentum,
         weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
         optimizer_states=None if optimizer == "sgd" else states, steps=steps,
         grad_scales=_clip_factors(folders[-1], histories[-1], steps[-1]),
@@ -270,6 +283,39 @@ def _own_step_rates(folder: Path) -> tuple[bool | None, str]:
     return (None, version) if m is None else ((int(m[1]), int(m[2])) >= (4, 51), version)
 
 
+def _check_rates(lrs: list[float], steps: list[int], states: list[dict], source: str) -> None:
+    """Each rate against the optimizer states: a state saved after step n holds the rate of step n + 1
+    (the scheduler has stepped), lrs[n]."""
+    for n, state in zip(steps, states):
+        saved = float(state["param_groups"][0]["lr"])
+        if n < len(lrs) and not math.isclose(saved, lrs[n], rel_tol=1e-6, abs_tol=1e-12):
+            raise ValueError(f"{source} {lrs[n]:g} for step {n + 1}, but checkpoint-{n}'s optimizer state holds {saved:g} "
+                             "for that step: pass lrs=, the rate of every step as the run applied it")
+
+
+def _check_data_size(folder: Path, history: list[dict], n: int | None) -> None:
+    """Refuses data of a size the run cannot have trained on (another stage's, say). The log's epoch
+    during the first epoch is k·a/B at optimizer step k (a: gradient accumulation, B: batches per epoch
+    on each process, ceil(N/(b·w)), or floor with dataloader_drop_last, w processes of b examples): any
+    a and w in reason may explain it, and only data that none can explain is refused."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    batch = state.get("train_batch_size")
+    inside = [(int(h["step"]), float(h["epoch"])) for h in history
+              if isinstance(h.get("step"), int) and isinstance(h.get("epoch"), (int, float)) and 0 < h["epoch"] < 1]
+    if n is None or not isinstance(batch, int) or batch < 1 or not inside:
+        return
+    k, epoch = max(inside)
+    per_step = k / epoch  # B / a
+    for w in range(1, 1025):
+        for batches in {-(-n // (batch * w)), n // (batch * w)}:
+            a = round(batches / per_step)
+            if batches and a >= 1 and abs(batches / a - per_step) <= 1e-3 * per_step + 0.01:
+                return
+    raise ValueError(f"{folder / 'trainer_state.json'}: an epoch of this run took {per_step:g} optimizer steps of "
+                     f"{batch} examples per process (before any gradient accumulation), which {n} examples cannot "
+                     "give: pass the data this run trained on (another stage's data gives wrong scores)")
+
+
 def _logged_rates(folder: Path, history: list[dict], steps: list[int], states: list[dict]) -> list[float]:
     """The learning rate of every step 1..T from the last checkpoint's log_history, checked against the
     optimizer states (each holds the rate of the step after it) and transformers' logging convention."""
@@ -288,14 +334,7 @@ def _logged_rates(folder: Path, history: list[dict], steps: list[int], states: l
     if own is False:  # transformers PR 36973
         raise ValueError(f"{path}: transformers {version} logged each step's next learning rate (fixed in 4.51), so "
                          "the log cannot give the first step's: pass lrs=, the rate of every step")
-    # A state saved after step n holds the rate of step n + 1 (the scheduler has stepped): lrs[n].
-    for n, state in zip(steps, states):
-        saved = float(state["param_groups"][0]["lr"])
-        if n < total and not math.isclose(saved, lrs[n], rel_tol=1e-6, abs_tol=1e-12):
-            raise ValueError(
-                f"{path}: the rate logged at step {n + 1} is {lrs[n]:g}, but checkpoint-{n}'s optimizer state "
-                f"holds {saved:g} for that step: pass lrs=, the rate of every step"
-            )
+    _check_rates(lrs, steps, states, f"{path}: the log gives")
     final = float(states[-1]["param_groups"][0]["lr"])  # step T + 1's rate
     if own is None and len(steps) == 1 and len(set(lrs)) > 1 and math.isclose(final, lrs[-1], rel_tol=1e-6):
         # Logged as the next step's, step T's entry would be exactly this; logged as its own, only a
