@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,13 +56,31 @@ def same_on_all_ranks(value: int, device: torch.device) -> bool:
     return int(t[0].item()) == -int(t[1].item())
 
 
+_held: set[tuple[str, str, int]] = set()  # (folder, what, thread) this process holds: nested holds are one run
+
+
 @contextlib.contextmanager
 def sole_writer(folder: Path, what: str, device: torch.device) -> Iterator[None]:
     """One live `what` run per folder: rank 0 holds folder/.{what}.lock (POSIX flock) while the run
     lasts. A second run into the folder (a rerun started while a killed torchrun's workers, which run
     in sessions of their own, still write) would delete the first's temp files and race it for the
     same files: refused, on every rank together. Where the file system has no flock (a Lustre mount
-    without it), the run goes unlocked with a warning."""
+    without it), the run goes unlocked with a warning. Within one thread, holding it again (a caller
+    that also cleans the folder up afterwards, around the run itself) is the same run."""
+    key = (os.path.abspath(folder), what, threading.get_ident())
+    if key in _held:
+        yield
+        return
+    _held.add(key)
+    try:
+        with _locked(folder, what, device):
+            yield
+    finally:
+        _held.discard(key)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, what: str, device: torch.device) -> Iterator[None]:
     rank = rank_and_world()[0]
     lock, busy, problem = None, 0, None
     if rank == 0:

@@ -282,12 +282,13 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
                                                "each element in list of batch should be of equal size")):
                 raise
             source = loader.dataset
-            if isinstance(source, (tuple, list)) and all(isinstance(x, Tensor) and x.dim() for x in source) and \
-                    len({x.shape[0] for x in source}) == 1:  # (X, y): columns of N rows each, not N examples
-                raise RuntimeError(f"{where(b)}: {exc}\nthe data is a {type(source).__name__} of {len(source)} tensors "
-                                   f"of {source[0].shape[0]} rows each, read as {len(source)} examples (a {type(source).__name__} "
-                                   "is a sequence of examples): give columns as torch.utils.data.TensorDataset(X, y)"
-                                   ) from exc
+            # (X, y): a tuple of columns of N rows each, not N examples (a list of examples is the usual
+            # sequence, and examples of different sizes, one image each, can share their first size).
+            if isinstance(source, tuple) and all(isinstance(x, Tensor) and x.dim() for x in source) and \
+                    len({x.shape[0] for x in source}) == 1:
+                raise RuntimeError(f"{where(b)}: {exc}\nthe data is a tuple of {len(source)} tensors of {source[0].shape[0]} "
+                                   f"rows each, read as {len(source)} examples (a tuple is a sequence of examples): give "
+                                   "columns as torch.utils.data.TensorDataset(X, y)") from exc
             raise RuntimeError(f"{where(b)}: {exc}\nexamples of different lengths need a collate_fn that pads them "
                                "(and an attention mask the task returns): pass collate_fn=, or a DataLoader with one"
                                ) from exc

@@ -125,4 +125,6 @@ _CLI_HINTS = [
     ("trajectory.final()", "add --final (to `source-fast fit` too, for factors of the final checkpoint)"),
     ("needs Factors from fit_factors()", "give --factors FOLDER, written by `source-fast fit`"),
     ("use another resume_dir", "delete that .partial folder, or give another --out"),
+    ("train_data is not the data of any segment", "make the job's train_data the very object its trajectory's "
+                                                  "segments were given as data"),
 ]

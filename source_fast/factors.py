@@ -344,11 +344,7 @@ def fit_factors(
     if resume_dir is not None:
         check_folder(resume_dir, "resume_dir")
     specs = tracked_layers(model, task.get_influence_tracked_modules())
-    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms:
-        warn(f"the model's BatchNorm modules ({norms[:4]}{' ...' if len(norms) > 4 else ''}) run in eval mode here, "
-             "with their running statistics (training normalised each batch by its own): factors and scores are "
-             "those of the model as it is evaluated; BatchNorm's own weight and bias are not tracked")
+    warn_batchnorm(model)
     dtype = factor_dtype(model)
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
@@ -641,6 +637,22 @@ def _tensor_samples(checkpoint: Checkpoint, what: str) -> Iterator[tuple[torch.d
                 continue
             rows = torch.cat([piece[i : i + 1] for i in _sample_rows(shape[0])]) if shape[0] else f.get_tensor(key)
             yield rows.dtype, shape, rows.flatten(1)[:, :_SIGNATURE_ROW_VALUES]
+
+
+def warn_batchnorm(model: nn.Module) -> None:
+    """Fitting and scoring run the model in eval mode, as kronfluence does; training normalised each
+    batch by its own statistics, so with BatchNorm the model attributed is the one evaluated."""
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    running = [n for n, m in norms if m.track_running_stats]
+    batch = [n for n, m in norms if not m.track_running_stats]
+    if running:
+        warn(f"the model's BatchNorm modules ({running[:4]}{' ...' if len(running) > 4 else ''}) run in eval mode here, "
+             "with their running statistics (training normalised each batch by its own): factors and scores are those "
+             "of the model as it is evaluated; BatchNorm's own weight and bias are not tracked")
+    if batch:
+        warn(f"the model's BatchNorm modules ({batch[:4]}{' ...' if len(batch) > 4 else ''}) keep no running statistics, "
+             "so even in eval mode they normalise each batch by its own: an example's gradient depends on the others "
+             "in its batch, and the scores on batch_size")
 
 
 def _warn_repeated(signatures: list[list[str]]) -> None:

@@ -21,8 +21,9 @@ from typing import Any
 
 from torch import nn
 
-from ._dist import barrier, rank_and_world
+from ._dist import barrier, rank_and_world, sole_writer
 from ._io import check_folder
+from ._passes import model_device
 from .factors import Factors, fit_factors
 from .scoring import DEFAULT_QUERY_MEMORY_BUDGET
 from .task import Task
@@ -70,12 +71,16 @@ def fit(job_path, out, *, fisher="true", average_params=False, final=False, seed
     partial = out.with_name(out.name + ".partial")
     check_folder(out, "--out")  # before the passes, not after
     check_folder(partial, "the resume folder")
-    factors = fit_factors(job.model, job.task, trajectory, fisher=fisher, average_params=average_params, seed=seed,
-                          batch_size=job.batch_size, collate_fn=job.collate_fn, progress=True, resume_dir=partial)
-    if rank_and_world()[0] == 0:
-        factors.save(out)
-        shutil.rmtree(partial)
-    barrier()
+    # fit_factors holds resume_dir's lock during the fit; held here too, it also covers saving the factors
+    # and removing the passes, which a second `fit` started meanwhile would race (it would find every pass
+    # done, and save and remove them under the first).
+    with sole_writer(partial, "fit_factors", model_device(job.model)):
+        factors = fit_factors(job.model, job.task, trajectory, fisher=fisher, average_params=average_params, seed=seed,
+                              batch_size=job.batch_size, collate_fn=job.collate_fn, progress=True, resume_dir=partial)
+        if rank_and_world()[0] == 0:
+            factors.save(out)
+            shutil.rmtree(partial)
+        barrier()
     if rank_and_world()[0] == 0:
         print(f"factors of {len(factors.segments)} segment(s), {len(factors.layers)} layers, written to {out}")
     return factors

@@ -25,7 +25,7 @@ from ._passes import (
     subset,
 )
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
-from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints
+from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints, warn_batchnorm
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into
 from .unroll import TrainingRecord
@@ -371,6 +371,8 @@ def _validate(model, task, trajectory, factors, method):
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     if method != "unroll":  # the others read the trajectory's checkpoints
         trajectory.check_checkpoints(model)
+    if method not in ("source", "fast_source", "ekfac", "unroll"):  # no fit_factors said it (unroll says its own)
+        warn_batchnorm(model)
     if method in ("source", "fast_source", "ekfac"):
         if not isinstance(factors, Factors):
             raise TypeError(f"method {method!r} needs Factors from fit_factors(), got {type(factors).__name__}")

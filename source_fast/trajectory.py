@@ -398,7 +398,8 @@ class Trajectory:
         buffer; `nesterov` (d = 0) moves by (1 − β)(η_k + β s_k).
         steps: the step each checkpoint was saved after (counting from 1, increasing, the last = T)
         when they were not evenly spaced, e.g. a save interval that does not divide T, or only the
-        last few kept (Trainer's checkpoint-N folders: `from_trainer` reads them).
+        last few kept (Trainer's checkpoint-N folders: `from_trainer` reads them). The first rate is the
+        optimizer's first step, its momentum buffer empty (torch does not damp the first gradient).
         grad_scales: the factor each step's gradient was scaled by before the optimizer took it, e.g.
         gradient clipping's min(1, max_norm/‖g‖) (clip_grad_norm_ returns ‖g‖); it goes with the gradient
         wherever the momentum buffer carries it.

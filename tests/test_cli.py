@@ -171,6 +171,11 @@ def test_job_errors_say_the_command_line_fix(tmp_path, capsys):
     assert "on the command line: add --final" in err and "Traceback" not in err
     assert main(["score", str(job_file), "--out", str(tmp_path / "s")]) == 2
     assert "on the command line: give --factors FOLDER" in capsys.readouterr().err
+    other = tmp_path / "other.py"  # train_data a copy of the segments' data: not the object they trained on
+    other.write_text(JOB.replace("train, test, batch_size=16)", "torch.utils.data.TensorDataset(*train.tensors), test, "
+                                                                "batch_size=16)"))
+    assert main(["score", str(other), "--out", str(tmp_path / "t"), "--method", "tracin"]) == 2
+    assert "on the command line: make the job's train_data the very object" in capsys.readouterr().err
 
 
 def test_a_bug_in_the_job_keeps_its_traceback(tmp_path):
@@ -199,3 +204,29 @@ def test_fit_seeds_the_label_sampling_as_the_api_does(tmp_path):
         for name, layer in segment.items():
             assert torch.equal(layer.lam, want[3].segments[ell][name].lam), (ell, name)
     assert not torch.equal(got.segments[0]["0"].lam, want[0].segments[0]["0"].lam)  # the seed reached the draw
+
+
+def test_fit_holds_the_resume_folder_until_the_factors_are_saved(tmp_path, monkeypatch):
+    """A second `fit` started after the first's passes but before its save would find every pass done,
+    save, and delete the folder under the first (which then crashed): the lock covers the save too."""
+    import fcntl
+
+    from source_fast import jobs
+
+    job_file = tmp_path / "job.py"
+    job_file.write_text(JOB)
+    real_save, seen = sf.Factors.save, []
+
+    def save(self, path):
+        with open(tmp_path / "out.partial" / ".fit_factors.lock", "a") as other:  # what a second run would try
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("unlocked")
+            except BlockingIOError:
+                seen.append("locked")
+        return real_save(self, path)
+
+    monkeypatch.setattr(sf.Factors, "save", save)
+    jobs.fit(job_file, tmp_path / "out", fisher="empirical")
+    assert seen == ["locked"] and not (tmp_path / "out.partial").exists()
+    assert (tmp_path / "out" / "factors.json").exists()

@@ -355,3 +355,10 @@ def test_batchnorm_models_are_told_they_run_in_eval_mode():
                                          r"statistics .*BatchNorm's own weight and bias are not tracked"):
         factors = sf.fit_factors(model, ClassifyTask(), traj)
     assert list(factors.segments[0]) == ["0", "3"]
+    with pytest.warns(UserWarning, match=r"BatchNorm modules \(\['1'\]\) run in eval mode here"):  # no factors here
+        sf.score(model, ClassifyTask(), traj, None, data, data, method="grad_dot")
+    model[1].track_running_stats, model[1].running_mean, model[1].running_var = False, None, None
+    with pytest.warns(UserWarning, match=r"BatchNorm modules \(\['1'\]\) keep no running statistics, so even in eval "
+                                         r"mode they normalise each batch by its own"):
+        sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment([{k: v.clone() for k, v in model.state_dict().items()}],
+                                                                          data, lr_sum=0.1)]))
