@@ -363,7 +363,8 @@ def _trajectory(sc: Scenario, files: list[list[Path]], run: Run, per_stage: int)
     segments = []
     for s, ds in enumerate(sc.data.stages):
         later = [lr for lrs in run.lrs[s + 1 :] for lr in lrs]
-        segments += Trajectory.even(files[s], run.lrs[s], per_stage, ds, momentum=sc.momentum, lrs_after=later).segments
+        segments += Trajectory.even(files[s], run.lrs[s], per_stage, ds, momentum=sc.momentum, lrs_after=later,
+                                    continued=s > 0).segments
     return Trajectory(segments)
 
 

@@ -200,11 +200,11 @@ def _scales(grad_scales: Sequence[float] | None, n_steps: int) -> list[float]:
     return scales
 
 
-def _moved(lrs: list[float], momentum: float, dampening: float, nesterov: bool) -> list[float]:
+def _moved(lrs: list[float], momentum: float, dampening: float, nesterov: bool, continued: bool) -> list[float]:
     """SGD's per-step rates as SOURCE counts them: (1 − β) times how far step k's gradient moved the
     weights by the run's end, so that a segment's horizon c/(1 − β) is the sum of those distances.
-    torch's SGD puts the first gradient into the buffer as it is and every later one times 1 − d, and
-    steps by η_i·buffer (heavy ball) or η_i·(g_i + β·buffer) (Nesterov); the buffer carries step k's
+    torch's SGD puts the first gradient into an empty buffer as it is (not when `continued`) and every
+    later one times 1 − d, and steps by η_i·buffer (heavy ball) or η_i·(g_i + β·buffer) (Nesterov); the buffer carries step k's
     gradient on at the later steps' rates: s_k = Σ_{i≥k} η_i β^{i−k}. The run's last ~1/(1 − β) gradients
     were still in the buffer when training stopped (on a 32-step GPT-2 run with β = 0.9, counting every
     step as η/(1 − β) put SOURCE's scale against the exact derivative at 1.34; this, at 0.99), and a
@@ -220,7 +220,7 @@ def _moved(lrs: list[float], momentum: float, dampening: float, nesterov: bool) 
     moved, carried = [], 0.0
     for k in reversed(range(len(lrs))):
         carried = lrs[k] + momentum * carried
-        into_buffer = 1.0 if k == 0 else 1.0 - dampening
+        into_buffer = 1.0 if k == 0 and not continued else 1.0 - dampening
         moved.append(lrs[k] + momentum * carried if nesterov else into_buffer * carried)
     return [(1.0 - momentum) * m for m in reversed(moved)]
 
@@ -388,6 +388,7 @@ class Trajectory:
         steps: Sequence[int] | None = None,
         grad_scales: Sequence[float] | None = None,
         lrs_after: Sequence[float] = (),
+        continued: bool = False,
     ) -> Trajectory:
         """The paper's default: C checkpoints evenly spaced over the run's T steps (checkpoint c,
         counting from 1, saved after step round(c·T/C), so the last is the final weights), split into
@@ -398,14 +399,15 @@ class Trajectory:
         buffer; `nesterov` (d = 0) moves by (1 − β)(η_k + β s_k).
         steps: the step each checkpoint was saved after (counting from 1, increasing, the last = T)
         when they were not evenly spaced, e.g. a save interval that does not divide T, or only the
-        last few kept (Trainer's checkpoint-N folders: `from_trainer` reads them). The first rate is the
-        optimizer's first step, its momentum buffer empty (torch does not damp the first gradient).
+        last few kept (Trainer's checkpoint-N folders: `from_trainer` reads them).
         grad_scales: the factor each step's gradient was scaled by before the optimizer took it, e.g.
         gradient clipping's min(1, max_norm/‖g‖) (clip_grad_norm_ returns ‖g‖); it goes with the gradient
         wherever the momentum buffer carries it.
         lrs_after: the rates of the steps the same SGD optimizer took after this run's last checkpoint,
         on other data (a next stage that kept the optimizer): its momentum buffer carried this run's
-        last gradients into them. By default the run's momentum buffer starts and ends with it.
+        last gradients into them; continued=True for that next stage (its optimizer's buffer is not
+        empty at its first step, whose gradient torch then damps too). By default the run's momentum
+        buffer starts and ends with it.
         num_examples, optimizer: as for Segment (num_examples is needed when `data` is a stream);
         optimizer_states: for adam/adamw, one per checkpoint, split with them."""
         checkpoints = list(checkpoints)
@@ -423,11 +425,12 @@ class Trajectory:
         ckpt_step = [round((c + 1) * n_steps / n_ckpt) for c in range(n_ckpt)] if steps is None else _steps(steps, n_ckpt, n_steps)
         scales = _scales(grad_scales, n_steps)
         if optimizer == "sgd":
-            unclipped = _moved(lrs + _rates(lrs_after, "Trajectory.even lrs_after"), momentum, dampening, nesterov)[:n_steps]
+            unclipped = _moved(lrs + _rates(lrs_after, "Trajectory.even lrs_after"), momentum, dampening, nesterov,
+                               continued)[:n_steps]
         else:
-            if dampening or nesterov or len(lrs_after):
-                raise ValueError("dampening, nesterov and lrs_after apply to SGD's momentum; Adam's moments come from "
-                                 "optimizer_states")
+            if dampening or nesterov or len(lrs_after) or continued:
+                raise ValueError("dampening, nesterov, lrs_after and continued apply to SGD's momentum; Adam's moments "
+                                 "come from optimizer_states")
             # Adam's first moment holds gradients back as momentum does, but counting its β₁ that way lowered
             # the rank agreement with exact unrolling (0.868 to 0.862 on the diabetes MLP, Pearson 0.908 to
             # 0.899 on GPT-2): SOURCE leaves out Adam's second-moment path, which it would partly offset, so

@@ -30,7 +30,7 @@ def triton_everywhere(monkeypatch):
 
 
 def _run(model, task, data, queries):
-    states = [model.state_dict(), {k: v * 1.05 for k, v in model.state_dict().items()}]
+    states = [{k: v.clone() for k, v in model.state_dict().items()}, {k: v * 1.05 for k, v in model.state_dict().items()}]
     traj = sf.Trajectory.even(states, [0.1] * 8, 2, data, momentum=0.5)
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=6)
     final = traj.final()

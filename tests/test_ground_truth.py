@@ -179,22 +179,27 @@ def test_even_counts_each_step_as_far_as_torch_sgd_moved_it(options):
     torch.testing.assert_close(decay, moved([1.0] * len(lrs)), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("options", [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}])
+@pytest.mark.parametrize("options", [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True},
+                                     {"momentum": 0.9, "dampening": 0.5}])
 def test_a_buffer_carried_into_a_next_stage_moves_this_stages_gradients_on(options):
-    """One optimizer through two stages: after this stage's last step, its momentum buffer still moves
-    the weights along this stage's gradients at the next stage's rates (lrs_after)."""
-    lrs, after = [0.01, 0.05, 0.1, 0.1, 0.05], [0.0, 0.2, 0.2, 0.1]
-    theta = torch.zeros(len(lrs), dtype=torch.float64, requires_grad=True)
-    opt = _Scheduled([theta], lrs + after, **options)
-    for k in range(len(lrs) + len(after)):
-        theta.grad = torch.eye(len(lrs), dtype=torch.float64)[k] if k < len(lrs) else torch.zeros(len(lrs), dtype=torch.float64)
+    """One optimizer through two stages: after the first stage's last step, its momentum buffer still
+    moves the weights along that stage's gradients at the next stage's rates (lrs_after); the next
+    stage starts with a buffer that is not empty (continued: torch damps its first gradient too)."""
+    first, second = [0.01, 0.05, 0.1, 0.1, 0.05], [0.0, 0.2, 0.2, 0.1]
+    n = len(first) + len(second)
+    theta = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    opt = _Scheduled([theta], first + second, **options)
+    for k in range(n):
+        theta.grad = torch.eye(n, dtype=torch.float64)[k]
         opt.step()
-    traj = sf.Trajectory.even([{"w": torch.zeros(1)} for _ in lrs], lrs, len(lrs), list(range(4)), lrs_after=after,
-                              **options)
-    horizons = torch.tensor([seg.horizon for seg in traj.segments], dtype=torch.float64)
-    torch.testing.assert_close(horizons, -theta.detach(), rtol=1e-12, atol=1e-15)
-    alone = sf.Trajectory.even([{"w": torch.zeros(1)} for _ in lrs], lrs, len(lrs), list(range(4)), **options)
-    assert alone.segments[-1].horizon < 0.5 * traj.segments[-1].horizon  # the carried part is most of it
+    moved = -theta.detach()
+    one = [{"w": torch.zeros(1)} for _ in range(len(first))]
+    stage1 = sf.Trajectory.even(one, first, len(first), list(range(4)), lrs_after=second, **options)
+    stage2 = sf.Trajectory.even(one[: len(second)], second, len(second), list(range(4)), continued=True, **options)
+    horizons = torch.tensor([seg.horizon for seg in stage1.segments + stage2.segments], dtype=torch.float64)
+    torch.testing.assert_close(horizons, moved, rtol=1e-12, atol=1e-15)
+    alone = sf.Trajectory.even(one, first, len(first), list(range(4)), **options)
+    assert alone.segments[-1].horizon < 0.5 * stage1.segments[-1].horizon  # the carried part is most of it
 
 
 def test_clipping_does_not_shrink_the_weight_decay():

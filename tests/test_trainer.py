@@ -316,7 +316,7 @@ def test_training_args_are_read_without_running_their_pickle(tmp_path):
     import struct
     import zipfile
 
-    from source_fast.interop.trainer import _max_grad_norm
+    from source_fast.interop.trainer import _training_arg
 
     marker = tmp_path / "ran"
     payloads = {
@@ -330,7 +330,7 @@ def test_training_args_are_read_without_running_their_pickle(tmp_path):
     for name, payload in [*payloads.items(), ("float", arguments % (b"G" + struct.pack(">d", 0.3)))]:
         with zipfile.ZipFile(tmp_path / f"{name}.bin", "w") as z:
             z.writestr("training_args/data.pkl", payload)
-        assert _max_grad_norm(tmp_path / f"{name}.bin") == (0.3 if name == "float" else None), name
+        assert _training_arg(tmp_path / f"{name}.bin", "max_grad_norm") == (0.3 if name == "float" else None), name
     assert not marker.exists()
 
 
@@ -368,3 +368,29 @@ def test_sgd_states_that_maximize_or_change_momentum_are_named(tmp_path):
     edit(lambda groups: [g.update(maximize=True) for g in groups], ["checkpoint-25"])
     with pytest.raises(ValueError, match=r"checkpoint-25/optimizer.pt: the SGD optimizer maximizes its objective"):
         sf.Trajectory.from_trainer(out, model, data, 3)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return (self.data[i] for i in range(len(self.data)))
+
+
+def test_data_size_checks_use_the_runs_accumulation_and_skip_streams(tmp_path):
+    """With gradient accumulation 2 (read from training_args.bin) an epoch of 48 examples in batches of
+    8 is 3 steps: half the data, which accumulation 1 would explain, is refused. A stream has no epochs
+    (the Trainer counts max_steps as one): not checked."""
+    out, model, data, _ = _train(tmp_path / "accumulated", gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match=r"an epoch of this run took 3 optimizer steps of 8 examples per process .*"
+                                         r"which 24 examples cannot give"):
+        sf.Trajectory.from_trainer(out, model, torch.utils.data.Subset(data, range(24)), 3)
+    model, data = _model(), Tokens(48, 12, 40, seed=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "stream"), max_steps=10, save_steps=5, per_device_train_batch_size=8,
+        learning_rate=LR, logging_steps=1, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+        log_level="error", max_grad_norm=0.0)
+    transformers.Trainer(model=model, args=args, train_dataset=_Stream(data)).train()
+    traj = sf.Trajectory.from_trainer(tmp_path / "stream", model, _Stream(data), 2, num_examples=48)
+    assert [seg.num_examples for seg in traj.segments] == [48, 48]

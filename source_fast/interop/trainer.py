@@ -13,8 +13,9 @@ step. What needs care is checked rather than assumed:
   counts here and by shapes when the factors are fitted;
 - a log line's learning rate is its step's since transformers 4.51 and the next step's before; the
   version is in each checkpoint's config.json, and each optimizer state holds the next step's rate;
-- gradient clipping scales a step as a smaller rate would: max_grad_norm from training_args.bin (a
-  pickle, read without running any of its code), each step's norm before clipping from the log.
+- gradient clipping scales a step's gradient (not the decay): max_grad_norm from training_args.bin (a
+  pickle, read without running any of its code), each step's norm before clipping from the log;
+- the data must be the run's: its size is checked against the steps the log says an epoch took.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     histories = _histories(folders, steps)
     weights = [_weights(folder, model) for folder in folders]
     check_checkpoint(model, weights[-1], str(folders[-1]))  # before the optimizer's groups, named by the model
-    _check_data_size(folders[-1], histories[-1], length(data) if num_examples is None else num_examples)
+    _check_data_size(folders[-1], histories[-1], length(data))
     states = [_optimizer_state(folder, model) for folder in folders]
     group = states[-1]["param_groups"][0]
     where = folders[-1] / "optimizer.pt"
@@ -101,8 +102,9 @@ def _clip_factors(folder: Path, history: list[dict], total: int) -> list[float]:
     clip_grad_norm_ does: the log's grad_norm is the norm before clipping, max_grad_norm is in
     training_args.bin. A clipped gradient moves the weights as a smaller rate would (with Adam too: P
     comes from the clipped gradients' second moments); with momentum the buffer carries the clipped
-    gradient on. Without the setting or a logged norm for every step, the steps count as unclipped."""
-    limit = _max_grad_norm(folder / "training_args.bin")
+    gradient on; the decay the optimizer adds afterwards is not clipped (Segment.decay_scale). Without
+    the setting or a logged norm for every step, the steps count as unclipped."""
+    limit = _training_arg(folder / "training_args.bin", "max_grad_norm")
     norms = {int(h["step"]): h["grad_norm"] for h in history if "grad_norm" in h and "step" in h}
     if not limit or any(not isinstance(norms.get(k), (int, float)) for k in range(1, total + 1)):
         if limit and any(isinstance(v, (int, float)) and v > limit for v in norms.values()):
@@ -130,10 +132,10 @@ class _InertUnpickler(pickle._Unpickler):  # the pure-Python one: its memo is a 
         return None
 
 
-def _max_grad_norm(path: Path) -> float | None:
-    """TrainingArguments.max_grad_norm from the Trainer's training_args.bin (a torch.save'd pickle of
-    the arguments object, a few kB), or None when it cannot be read. A file that is not that (a zip
-    bomb, a pickle of another size) is not read."""
+def _training_arg(path: Path, name: str) -> int | float | None:
+    """A positive number among the TrainingArguments in the Trainer's training_args.bin (a torch.save'd
+    pickle of the arguments object, a few kB): max_grad_norm, gradient_accumulation_steps; None when it
+    cannot be read. A file that is not that (a zip bomb, a pickle of another size) is not read."""
     try:
         with zipfile.ZipFile(path) as archive:
             entry = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
@@ -141,9 +143,9 @@ def _max_grad_norm(path: Path) -> float | None:
                 return None
             pickled = archive.read(entry)
         state = _InertUnpickler(io.BytesIO(pickled)).load().state
-        value = (state[0] if isinstance(state, tuple) else state).get("max_grad_norm")
-        return float(value) if type(value) in (int, float) and 0 < value < math.inf else None
-    except Exception:  # missing, another format, another layout: clipping is then not known
+        value = (state[0] if isinstance(state, tuple) else state).get(name)
+        return value if type(value) in (int, float) and 0 < value < math.inf else None
+    except Exception:  # missing, another format, another layout: the setting is then not known
         return None
 
 
@@ -295,9 +297,11 @@ def _check_rates(lrs: list[float], steps: list[int], states: list[dict], source:
 
 def _check_data_size(folder: Path, history: list[dict], n: int | None) -> None:
     """Refuses data of a size the run cannot have trained on (another stage's, say). The log's epoch
-    during the first epoch is k·a/B at optimizer step k (a: gradient accumulation, B: batches per epoch
-    on each process, ceil(N/(b·w)), or floor with dataloader_drop_last, w processes of b examples): any
-    a and w in reason may explain it, and only data that none can explain is refused."""
+    during the first epoch is k·a/B at optimizer step k (a: gradient accumulation, from training_args.bin
+    where it can be read; B: batches per epoch on each process, ceil(N/(b·w)), or floor with
+    dataloader_drop_last, w processes of b examples, not recorded): only data that no process count
+    explains is refused (twice the data passes as two processes). A stream (n None) has no epochs:
+    the Trainer counts max_steps as one."""
     state = json.loads((folder / "trainer_state.json").read_text())
     batch = state.get("train_batch_size")
     inside = [(int(h["step"]), float(h["epoch"])) for h in history
@@ -306,10 +310,11 @@ def _check_data_size(folder: Path, history: list[dict], n: int | None) -> None:
         return
     k, epoch = max(inside)
     per_step = k / epoch  # B / a
+    accumulation = _training_arg(folder / "training_args.bin", "gradient_accumulation_steps")
     for w in range(1, 1025):
         for batches in {-(-n // (batch * w)), n // (batch * w)}:
-            a = round(batches / per_step)
-            if batches and a >= 1 and abs(batches / a - per_step) <= 1e-3 * per_step + 0.01:
+            a = accumulation if type(accumulation) is int else max(1, round(batches / per_step))
+            if batches and abs(batches / a - per_step) <= 1e-3 * per_step + 0.01:
                 return
     raise ValueError(f"{folder / 'trainer_state.json'}: an epoch of this run took {per_step:g} optimizer steps of "
                      f"{batch} examples per process (before any gradient accumulation), which {n} examples cannot "
