@@ -277,9 +277,11 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
             yield next(it)
         except StopIteration:
             return
-        except RuntimeError as exc:
-            if not any(m in str(exc) for m in ("stack expects each tensor to be equal size",
-                                               "each element in list of batch should be of equal size")):
+        except Exception as exc:
+            if not isinstance(exc, RuntimeError) or not any(m in str(exc) for m in (
+                    "stack expects each tensor to be equal size", "each element in list of batch should be of equal size")):
+                if hasattr(exc, "add_note"):  # Python 3.11+: which pass and batch, beside the collate_fn's own words
+                    exc.add_note(f"source_fast: raised while reading {where(b)} (the data and its collate_fn)")
                 raise
             source = loader.dataset
             # (X, y): a tuple of columns of N rows each, not N examples (a list of examples is the usual

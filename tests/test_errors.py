@@ -639,3 +639,18 @@ def test_columns_given_as_a_tuple_are_named_as_the_cause(setup):
     with pytest.raises(RuntimeError, match=r"queries, batch 0 .*\nthe data is a tuple of 2 tensors of 5 rows each, read as 2 "
                                            r"examples .*TensorDataset\(X, y\)"):
         sf.score(model, ClassifyTask(), traj, factors, data, (x[:5], y[:5]))
+
+
+def test_a_collate_fn_error_says_which_pass_and_batch(setup):
+    """An error raised by the user's collate_fn (a dataset column it cannot batch, say) keeps its own type
+    and words, with a note naming where source_fast was reading."""
+    model, data, ckpts = setup
+
+    def collate(batch):
+        raise ValueError("Unable to create tensor: features (`text`) have excessive nesting")
+
+    traj = sf.Trajectory.even(ckpts, [0.1] * 4, 1, data)
+    with pytest.raises(ValueError, match="Unable to create tensor") as info:
+        sf.fit_factors(model, ClassifyTask(), traj, collate_fn=collate)
+    assert info.value.__notes__ == ["source_fast: raised while reading segment 0, checkpoint 0, batch 0 (examples from 0) "
+                                    "(the data and its collate_fn)"]

@@ -40,8 +40,8 @@ def _train(out, **options):
     model, data = _model(), Tokens(48, 12, 40, seed=1)
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=STEPS, save_steps=SAVE, per_device_train_batch_size=8, learning_rate=LR,
-        warmup_steps=WARMUP, weight_decay=DECAY, logging_steps=1, report_to="none", use_cpu=True, seed=0,
-        disable_tqdm=True, log_level="error", max_grad_norm=0.0, **options)
+        warmup_steps=WARMUP, weight_decay=DECAY, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+        log_level="error", **{"logging_steps": 1, "max_grad_norm": 0.0, **options})
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     return out, model, data, trainer.optimizer
@@ -255,6 +255,8 @@ def test_a_lora_run_is_read_through_its_peft_model(tmp_path):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match=r"LoRA adapters .* no parameter that trains: .*is_trainable=True"):
         sf.fit_factors(model, task, sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)]))
+    with pytest.raises(ValueError, match=r"the model has no parameter that trains: .*is_trainable=True"):
+        sf.Trajectory.from_trainer(tmp_path, model, data, 2)
 
 
 def test_named_and_extra_adapters_and_modules_to_save_are_read(tmp_path):
@@ -339,8 +341,9 @@ def test_another_stages_data_or_model_is_named(run, tmp_path):
     explain is another run's (a second stage's, say). A model of another architecture is named by its
     weights, before the optimizer's groups (which are named through the model) could say it less clearly."""
     out, model, data, _ = run
-    with pytest.raises(ValueError, match=r"an epoch of this run took 6 optimizer steps of 8 examples per process .*"
-                                         r"which 30 examples cannot give: pass the data this run trained on"):
+    with pytest.raises(ValueError, match=r"an epoch of this run took 6 batches of 8 examples on each process \(6 "
+                                         r"optimizer steps at gradient accumulation 1\), which 30 examples cannot give: "
+                                         r"pass the data this run trained on"):
         sf.Trajectory.from_trainer(out, model, torch.utils.data.Subset(data, range(30)), 3)
     doubled = torch.utils.data.ConcatDataset([data, data])  # two processes of 8: as many steps per epoch
     assert len(sf.Trajectory.from_trainer(out, model, doubled, 3).segments) == 3
@@ -383,8 +386,8 @@ def test_data_size_checks_use_the_runs_accumulation_and_skip_streams(tmp_path):
     8 is 3 steps: half the data, which accumulation 1 would explain, is refused. A stream has no epochs
     (the Trainer counts max_steps as one): not checked."""
     out, model, data, _ = _train(tmp_path / "accumulated", gradient_accumulation_steps=2)
-    with pytest.raises(ValueError, match=r"an epoch of this run took 3 optimizer steps of 8 examples per process .*"
-                                         r"which 24 examples cannot give"):
+    with pytest.raises(ValueError, match=r"an epoch of this run took 6 batches of 8 examples on each process \(3 "
+                                         r"optimizer steps at gradient accumulation 2\), which 24 examples cannot give"):
         sf.Trajectory.from_trainer(out, model, torch.utils.data.Subset(data, range(24)), 3)
     model, data = _model(), Tokens(48, 12, 40, seed=1)
     args = transformers.TrainingArguments(
@@ -394,3 +397,27 @@ def test_data_size_checks_use_the_runs_accumulation_and_skip_streams(tmp_path):
     transformers.Trainer(model=model, args=args, train_dataset=_Stream(data)).train()
     traj = sf.Trajectory.from_trainer(tmp_path / "stream", model, _Stream(data), 2, num_examples=48)
     assert [seg.num_examples for seg in traj.segments] == [48, 48]
+
+
+def test_unlogged_clipping_and_unnormalised_accumulation_are_said(tmp_path):
+    """Clipping on (max_grad_norm 1.0) but the norms not logged: the steps count as unclipped, said even
+    when no logged step shows a clip. A sequence classifier whose forward takes **kwargs without using
+    num_items_in_batch trained on the sum of its micro-batches' means under gradient accumulation."""
+    out, model, data, _ = _train(tmp_path / "clip", logging_steps=500, max_grad_norm=1.0)
+    with pytest.warns(UserWarning, match=r"clipped gradients at max_grad_norm=1 \(0 of the 0 logged steps over it\), but "
+                                         r"25 of its 25 steps have no logged grad_norm .*every step counts as unclipped"):
+        sf.Trajectory.from_trainer(out, model, data, 3, lrs=_rates())
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=2))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(0, 40, (8,), generator=g), "labels": int(i % 2)} for i in range(32)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "bert"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=LR, logging_steps=1, report_to="none", use_cpu=True, seed=0,
+        disable_tqdm=True, log_level="error", max_grad_norm=0.0)
+    transformers.Trainer(model=bert, args=args, train_dataset=rows).train()
+    with pytest.warns(UserWarning, match=r"gradient accumulation 2 with BertForSequenceClassification, whose forward "
+                                         r"takes \*\*kwargs but does not normalise .*minimised 2× the batch mean"):
+        sf.Trajectory.from_trainer(tmp_path / "bert", bert, rows, 2)

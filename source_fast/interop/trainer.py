@@ -20,6 +20,7 @@ step. What needs care is checked rather than assumed:
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import math
@@ -56,6 +57,10 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     if any(getattr(config, "use_dora", False) for config in (getattr(model, "peft_config", None) or {}).values()):
         raise ValueError("DoRA adapters are not supported (a magnitude vector rescales each adapted layer's whole "
                          "weight, which the tracked LoRA layers do not see)")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no parameter that trains: give it as it was trained (a PEFT model loaded with "
+                         "PeftModel.from_pretrained(base, folder, is_trainable=True)), so its optimizer's parameter "
+                         "groups can be named")
     steps = [n for n, _ in found]
     folders = [p for _, p in found]
     histories = _histories(folders, steps)
@@ -85,6 +90,7 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
         kind = f"not Adam's ({not_adam(group)})" if {"betas", "eps"} <= set(group) else "neither SGD's nor Adam's"
         raise ValueError(f"{where}: the optimizer is {kind}; source_fast reads SGD, Adam and AdamW runs "
                          "(Trainer's optim='sgd', 'adamw_torch' or 'adamw_torch_fused')")
+    _warn_unnormalised_accumulation(folders[-1], model)
     if lrs is None:
         lrs = _logged_rates(folders[-1], histories[-1], steps, states)
     else:
@@ -107,9 +113,11 @@ def _clip_factors(folder: Path, history: list[dict], total: int) -> list[float]:
     limit = _training_arg(folder / "training_args.bin", "max_grad_norm")
     norms = {int(h["step"]): h["grad_norm"] for h in history if "grad_norm" in h and "step" in h}
     if not limit or any(not isinstance(norms.get(k), (int, float)) for k in range(1, total + 1)):
-        if limit and any(isinstance(v, (int, float)) and v > limit for v in norms.values()):
-            warn(f"{folder}: gradients were clipped at max_grad_norm={limit:g}, but not every step's grad_norm was "
-                 "logged (TrainingArguments(logging_steps=1) logs each): the steps count as unclipped")
+        if limit:  # the norms of the steps not logged are unknown: any of them may have been clipped
+            clipped = sum(isinstance(v, (int, float)) and v > limit for v in norms.values())
+            warn(f"{folder}: the run clipped gradients at max_grad_norm={limit:g} ({clipped} of the {len(norms)} "
+                 f"logged steps over it), but {total - len(norms)} of its {total} steps have no logged grad_norm "
+                 "(TrainingArguments(logging_steps=1) logs each): every step counts as unclipped")
         return [1.0] * total
     return [min(1.0, limit / (float(norms[k]) + 1e-6)) for k in range(1, total + 1)]
 
@@ -285,6 +293,30 @@ def _own_step_rates(folder: Path) -> tuple[bool | None, str]:
     return (None, version) if m is None else ((int(m[1]), int(m[2])) >= (4, 51), version)
 
 
+def _warn_unnormalised_accumulation(folder: Path, model: nn.Module) -> None:
+    """transformers leaves each micro-batch's loss undivided by the accumulation steps when the model's
+    forward takes **kwargs, expecting the model to normalise by num_items_in_batch; a forward that takes
+    them without using them (sequence classification heads) then has the run minimise the sum of the
+    micro-batches' means, `a` times the batch mean SOURCE assumes."""
+    a = _training_arg(folder / "training_args.bin", "gradient_accumulation_steps")
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    forward = type(base).forward
+    accepts = getattr(base, "accepts_loss_kwargs", None)
+    if accepts is None:
+        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(forward).parameters.values())
+    if type(a) is not int or a < 2 or not accepts:
+        return
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return
+    if "num_items_in_batch" not in source and "loss_function" not in source:
+        warn(f"{folder}: gradient accumulation {a} with {type(base).__name__}, whose forward takes **kwargs but does not "
+             "normalise its loss by num_items_in_batch: transformers then leaves each micro-batch's loss undivided, so "
+             f"the run minimised {a}× the batch mean. SOURCE takes the batch mean: its steps count 1/{a} of their "
+             "effect on the curvature (scores' ranks change little; scale them with care)")
+
+
 def _check_rates(lrs: list[float], steps: list[int], states: list[dict], source: str) -> None:
     """Each rate against the optimizer states: a state saved after step n holds the rate of step n + 1
     (the scheduler has stepped), lrs[n]."""
@@ -311,13 +343,16 @@ def _check_data_size(folder: Path, history: list[dict], n: int | None) -> None:
     k, epoch = max(inside)
     per_step = k / epoch  # B / a
     accumulation = _training_arg(folder / "training_args.bin", "gradient_accumulation_steps")
+    known = type(accumulation) is int
     for w in range(1, 1025):
         for batches in {-(-n // (batch * w)), n // (batch * w)}:
-            a = accumulation if type(accumulation) is int else max(1, round(batches / per_step))
+            a = accumulation if known else max(1, round(batches / per_step))
             if batches and abs(batches / a - per_step) <= 1e-3 * per_step + 0.01:
                 return
-    raise ValueError(f"{folder / 'trainer_state.json'}: an epoch of this run took {per_step:g} optimizer steps of "
-                     f"{batch} examples per process (before any gradient accumulation), which {n} examples cannot "
+    took = (f"{per_step * accumulation:g} batches of {batch} examples on each process ({per_step:g} optimizer steps at "
+            f"gradient accumulation {accumulation})" if known else
+            f"{per_step:g} optimizer steps, each of one or more batches of {batch} examples on each process")
+    raise ValueError(f"{folder / 'trainer_state.json'}: an epoch of this run took {took}, which {n} examples cannot "
                      "give: pass the data this run trained on (another stage's data gives wrong scores)")
 
 
