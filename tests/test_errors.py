@@ -121,7 +121,7 @@ def test_segment_arguments(setup):
     ]:
         with pytest.raises(ValueError, match=message):
             sf.Trajectory.even(ckpts, [0.1] * 4, 2, data, **options)
-    with pytest.raises(ValueError, match="dampening, nesterov and lrs_after apply to SGD's momentum"):
+    with pytest.raises(ValueError, match="dampening, nesterov, lrs_after and continued apply to SGD's momentum"):
         sf.Trajectory.even(ckpts, [0.1] * 4, 2, data, optimizer="adam", optimizer_states=[{}] * len(ckpts), dampening=0.1)
     with pytest.raises(ValueError, match="no segments"):
         sf.Trajectory([])
