@@ -4,7 +4,6 @@ sharding is _passes.rank_share)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ._io import NO_FLOCK
 from ._warn import warn
 
 
@@ -96,7 +96,7 @@ def _locked(folder: Path, what: str, device: torch.device) -> Iterator[None]:
             except BlockingIOError:
                 busy = 1
             except OSError as exc:
-                if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):  # no flock there
+                if exc.errno in NO_FLOCK:
                     warn(f"{folder}: the file system does not lock files ({exc.strerror}): a second {what} run into "
                          "this folder at the same time would not be refused")
                 else:  # every rank raises below, none waits for rank 0

@@ -87,11 +87,15 @@ def write_named_by_content(folder: Path, stem: str, suffix: str, write: Callable
     return name, digest
 
 
+NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without locks (Lustre)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path, name: str) -> Iterator[None]:
     """An exclusive lock on `folder/name` (POSIX flock) while the block runs: writers of one folder,
     in threads or processes, take turns. The lock file stays (removing it would let a waiter lock a
-    file that is gone). Where flock does not exist the block runs unlocked."""
+    file that is gone). Where flock does not exist (no fcntl, or a file system without locks) the
+    block runs unlocked."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -99,11 +103,26 @@ def folder_lock(folder: Path, name: str) -> Iterator[None]:
         yield
         return
     with open(folder / name, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in NO_FLOCK:
+                raise
+            yield
+            return
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_temps(folder: Path, *patterns: str) -> None:
+    """Deletes the temp files of atomic writes that a killed process never renamed (call it only while
+    no live writer of the folder can have some: under its lock, or before any rank writes)."""
+    for pattern in patterns:
+        for stale in folder.glob(pattern):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:

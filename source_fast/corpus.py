@@ -33,11 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from ._dist import all_reduce_int, barrier, rank_and_world, sole_writer
-from ._io import atomic_path, check_folder, sha256_file
+from ._io import atomic_path, check_folder, remove_stale_temps, sha256_file
 from ._passes import (
     chunks, describe_task, digest_examples, digest_tensors, length, model_device, reuse_large_blocks, subset,
 )
-from ._warn import warn
 from .factors import Factors, _checkpoint_digests, restored
 from .scoring import (
     GRADIENT_METHODS,
@@ -149,10 +148,7 @@ def score_corpus(
         if rank == 0:  # the marks of a finished run go until this one finishes (a stream may have grown)
             (out / "rows.json").unlink(missing_ok=True)
             (out / "top_k.safetensors").unlink(missing_ok=True)
-            # atomic_path's temp files that a killed job never renamed; no rank writes until the barrier.
-            for stale in [*out.glob(".*.tmp"), *out.glob("shards/.*.tmp")]:
-                if stale.is_file():
-                    stale.unlink(missing_ok=True)
+            remove_stale_temps(out, ".*.tmp", "shards/.*.tmp")  # no rank writes until the barrier
         barrier()
 
         n_shards = None if n_train is None else -(-n_train // shard_size)

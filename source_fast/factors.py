@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world, same_on_all_ranks, sole_writer
-from ._io import atomic_path, check_folder, folder_lock, sha256_file, write_named_by_content
+from ._io import atomic_path, check_folder, folder_lock, remove_stale_temps, sha256_file, write_named_by_content
 from ._passes import (
     available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
     run_pass, share_start,
@@ -136,9 +136,7 @@ class Factors:
                     if t is not None:
                         tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
         with folder_lock(path, ".factors.lock"):  # a concurrent save would delete this one's tensors
-            for stale in path.glob(".factors.*.tmp"):  # a killed save's temp files (the lock keeps live ones out)
-                if stale.is_file():
-                    stale.unlink(missing_ok=True)
+            remove_stale_temps(path, ".factors.*.tmp")
             tensors_file, digest = write_named_by_content(path, "factors", ".safetensors",
                                                           lambda tmp: save_file(tensors, str(tmp)))
             meta = {
@@ -510,9 +508,7 @@ class _FitProgress:
             else:
                 with atomic_path(path) as tmp:
                     tmp.write_text(json.dumps({"format": "source_fast.fit_progress", "fingerprint": fingerprint}, indent=1))
-            for stale in self.folder.glob(".*.tmp"):  # atomic_path's temp files that a killed fit never renamed
-                if stale.is_file():
-                    stale.unlink(missing_ok=True)
+            remove_stale_temps(self.folder, ".*.tmp")  # under sole_writer's lock
         if all_reduce_int(problem is not None, device):
             raise ValueError(problem if rank == 0 else f"{self.folder} cannot be resumed here: rank 0 says why")
 

@@ -32,6 +32,10 @@ from .trajectory import Trajectory
 
 @dataclass
 class Job:
+    """What `source-fast fit` and `score` run: the model (checkpoints are loaded into it), the task, the
+    trajectory, the training data scored (the very object its segments were given) and the queries,
+    batched by collate_fn in batches of batch_size."""
+
     model: nn.Module
     task: Task
     trajectory: Trajectory

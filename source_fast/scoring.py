@@ -831,8 +831,8 @@ def self_score(
     measurement: a (n_train,) tensor, same methods, sign and scale as `score` (per_module: as there,
     {tracked module name: its part}).
 
-    One-checkpoint methods (ekfac, grad_dot, and source/fast_source with one SGD segment of one
-    checkpoint) take the fused eigenbasis path Σ_ij s_ij (Q_Sᵀ G_n Q_A)_ij² with no per-example
+    One-checkpoint methods (ekfac, grad_dot, and source/fast_source with one segment of one
+    checkpoint, SGD or Adam) take the fused eigenbasis path Σ_ij s_ij (Q_Sᵀ G_n Q_A)_ij² with no per-example
     gradient in memory; otherwise examples go in chunks of `chunk_size`, each with its own walk
     (None: as many as fit automatic_query_budget, half the free GPU memory or a quarter of the RAM).
     """

@@ -162,12 +162,13 @@ def _check_saved_copies(saved: list[tuple[str, Any]], fix: str) -> None:
         seen[ptrs] = what
 
 
-def _rates(lrs: Sequence[float], what: str) -> list[float]:
-    """Per-step learning rates as floats; a negative one is refused even when the sum is not."""
+def _rates(lrs: Sequence[float], what: str, name: str = "learning rates") -> list[float]:
+    """Per-step values (learning rates, gradient scales) as floats; a negative one is refused even when
+    the sum is not."""
     rates = [float(x) for x in lrs]
     bad = [k for k, x in enumerate(rates) if not (math.isfinite(x) and x >= 0)]
     if bad:
-        raise ValueError(f"{what}: learning rates must be >= 0 and finite, step {bad[0]} has {rates[bad[0]]}")
+        raise ValueError(f"{what}: {name} must be >= 0 and finite, step {bad[0]} has {rates[bad[0]]}")
     return rates
 
 
@@ -188,12 +189,9 @@ def _steps(steps: Sequence[int], n_ckpt: int, n_steps: int) -> list[int]:
 def _scales(grad_scales: Sequence[float] | None, n_steps: int) -> list[float]:
     if grad_scales is None:
         return [1.0] * n_steps
-    scales = [float(x) for x in grad_scales]
-    if len(scales) != n_steps:
-        raise ValueError(f"Trajectory.even: {len(scales)} grad_scales for {n_steps} learning rates: give one per step")
-    bad = [k for k, x in enumerate(scales) if not (math.isfinite(x) and x >= 0)]
-    if bad:
-        raise ValueError(f"Trajectory.even: grad_scales must be >= 0 and finite, step {bad[0]} has {scales[bad[0]]}")
+    if len(grad_scales) != n_steps:
+        raise ValueError(f"Trajectory.even: {len(grad_scales)} grad_scales for {n_steps} learning rates: give one per step")
+    scales = _rates(grad_scales, "Trajectory.even", "grad_scales")
     if max(scales, default=0.0) > 1:
         warn(f"Trajectory.even: grad_scales go up to {max(scales):g}, and clipping only shrinks gradients, "
              "min(1, max_norm/‖g‖): given the norms clip_grad_norm_ returns instead?")
@@ -236,10 +234,10 @@ class Segment:
     num_examples: N_ℓ, needed when `data` is a stream (fit_factors checks it against what it reads)
     lr_sum: c_ℓ = Σ η_k over the segment's steps (warm-up and decay included), or
     lrs: the per-step learning rates, summed for you (give exactly one of the two)
-    momentum: SGD's momentum β; the effective horizon is c/(1−β), with each step's rate counted as far
-        as the buffer carried its gradient by the run's end, (1 − β) Σ_{i≥k} η_i β^{i−k}: at a constant
-        rate, the step j steps before the end counts 1 − β^j times (Trajectory.even does this, for
-        torch's dampening and Nesterov too)
+    momentum: SGD's momentum β; the effective horizon is c/(1−β). `lrs` are summed as given: pass
+        each step's rate as far as the buffer carried its gradient by the run's end, (1 − β) Σ_{i≥k}
+        η_i β^{i−k} (the last steps count less), which Trajectory.even computes from the raw rates
+        (with torch's dampening and Nesterov too)
     optimizer: "sgd", "adam" (L2 penalty inside the gradient) or "adamw" (decoupled decay)
     optimizer_states: for adam/adamw, the optimizer state_dicts (or files) saved with each
         checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε). States are
@@ -469,9 +467,9 @@ class Trajectory:
     ) -> Trajectory:
         """A Hugging Face `transformers.Trainer` run: its `run_dir/checkpoint-N/` folders (weights,
         optimizer.pt, trainer_state.json) cut into `num_segments` segments, each with the rates of
-        its steps, as `even` with the steps N read from the folders' names. Read from the last
-        optimizer state: SGD (with its momentum, dampening and Nesterov) or AdamW (Adam when torch's state says
-        its decay is not decoupled), and each weight's decay. `model` is the model as trained (the same
+        its steps, as `even` with the steps N read from the folders' names. Read from the optimizer
+        states: SGD (its dampening, Nesterov and momentum, the checkpoints' mean, warned when it changed)
+        or AdamW (Adam when torch's state says its decay is not decoupled), and each weight's decay. `model` is the model as trained (the same
         parameters trainable): Trainer's optimizer groups do not name their parameters, so they are
         named by Trainer's own decay rule. A PEFT (LoRA) run saves only its adapter: `model` is then
         the PEFT model as trained (its adapters trainable), whose frozen base completes each checkpoint.

@@ -241,3 +241,21 @@ def test_a_second_live_fit_into_the_folder_is_refused(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == [".fit_factors.lock"]
     sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path)
     assert (tmp_path / "fit.json").exists() and len(list(tmp_path.glob("seg*.safetensors"))) == 8
+
+
+def test_a_file_system_without_locks_fits_and_saves_unlocked(tmp_path, monkeypatch):
+    """flock fails with ENOSYS where the file system does not lock (Lustre without -o flock): the fit
+    into resume_dir warns and runs unlocked, and saving the factors (their own lock) works too."""
+    import errno
+    import fcntl
+
+    model, task, traj = _setup()
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="the file system does not lock files"):
+        factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path / "passes")
+    factors.save(tmp_path / "factors")
+    assert sf.Factors.load(tmp_path / "factors").layout == factors.layout
