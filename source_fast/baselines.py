@@ -3,9 +3,6 @@ and exact unrolling. All use the final checkpoint only, except "unroll", which r
 
 from __future__ import annotations
 
-import math
-
-import numbers
 from typing import Any
 
 import torch
@@ -43,14 +40,8 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
     """TRAK with one checkpoint: per-example gradients projected to `dim` by a seeded Gaussian map P,
     φ = P g (computed as ⟨G_n, P_r⟩ without forming G_n), then τ = φ_qᵀ (ΦᵀΦ + Nλ I)⁻¹ φ_m, the
     influence function of the projected empirical Fisher ΦᵀΦ/N, with its 1/N scale.
-    damping λ: a number, or "heuristic" = 0.1 × mean eigenvalue of ΦᵀΦ/N."""
-    # Checked before the pass over the training data, which is the expensive part.
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-        raise ValueError(f"trak_dim must be a positive integer, got {dim!r}")
-    if damping != "heuristic" and not (isinstance(damping, (int, float)) and not isinstance(damping, bool)
-                                       and 0 <= damping < math.inf):
-        raise ValueError(f"trak's damping must be a finite number >= 0 or 'heuristic' (it has no learning-rate "
-                         f"horizon for 'implied'); got {damping!r}")
+    damping λ: a number, or "heuristic" = 0.1 × mean eigenvalue of ΦᵀΦ/N (both checked by
+    scoring.method_options before any pass)."""
     n = length(train_data)
     rank = min(n, sum(s.d_out * s.d_a for s in specs))
     if damping == 0 and dim > rank:  # solve() would return round-off as scores

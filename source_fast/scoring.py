@@ -516,6 +516,12 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
             raise ValueError(f"{option} is not used by method {method!r}, only by {' and '.join(users[option])}{why}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    # Checked here, before any pass: TRAK reads the training data only after the queries' gradients.
+    check_count("trak_dim", trak_dim, none_ok=True)
+    if method == "trak" and damping is not None and damping != "heuristic" and not (
+            isinstance(damping, (int, float)) and not isinstance(damping, bool) and 0 <= damping < math.inf):
+        raise ValueError(f"trak's damping must be a finite number >= 0 or 'heuristic' (it has no learning-rate "
+                         f"horizon for 'implied'); got {damping!r}")
     return ("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim), (0 if seed is None else seed)
 
 
@@ -754,9 +760,8 @@ def _baseline(model, task, specs, trajectory, method, train_data, query_data, da
     load_into(model, trajectory.final_checkpoint, "final checkpoint")
     if method == "repsim":
         return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn)
-    # TRAK builds a dense Gaussian map per layer, dim · d_out · d_a (in float64 first); a trak_dim that
-    # is not an integer is refused by trak() itself.
-    if method == "trak" and isinstance(trak_dim, numbers.Integral) and not isinstance(trak_dim, bool):
+    # TRAK builds a dense Gaussian map per layer, dim · d_out · d_a (in float64 first).
+    if method == "trak":
         need = int(trak_dim) * sum(s.d_out * s.d_a for s in specs) * (8 + factor_dtype(model).itemsize)
         budget = automatic_query_budget(model_device(model))
         if need > budget:

@@ -126,11 +126,19 @@ def test_baselines_refuse_the_scoring_options(setup, method):
                      **{"trak": {"trak_dim": 4}, "unroll": {"record": record}}.get(method, {}))
 
 
-def test_trak_dim_must_be_a_positive_integer(setup):
+def test_trak_dim_must_be_a_positive_integer(setup, monkeypatch):
     model, data, queries, traj, _, _ = setup
+    from source_fast import scoring
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass ran before the options were checked")
+
+    monkeypatch.setattr(scoring, "_example_grads", no_pass)
     for dim in (0, -3, 2.5, "4"):  # a string must not reach the memory estimate (str * int repeats it)
-        with pytest.raises(ValueError, match=f"trak_dim must be a positive integer, got {dim!r}"):
+        with pytest.raises(ValueError, match=f"trak_dim must be a positive integer or None, got {dim!r}"):
             sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=dim)
+    with pytest.raises(ValueError, match="trak's damping must be a finite number >= 0 or 'heuristic'"):
+        sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=4, damping="implied")
 
 
 @pytest.mark.parametrize("method", ["grad_cos", "trak", "repsim", "unroll"])
