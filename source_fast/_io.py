@@ -91,27 +91,31 @@ NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a fil
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, name: str) -> Iterator[None]:
+def folder_lock(folder: Path, name: str) -> Iterator[bool]:
     """An exclusive lock on `folder/name` (POSIX flock) while the block runs: writers of one folder,
     in threads or processes, take turns. The lock file stays (removing it would let a waiter lock a
-    file that is gone). Where flock does not exist (no fcntl, or a file system without locks) the
-    block runs unlocked."""
+    file that is gone). Yields whether it is held: where flock does not exist (no fcntl, or a file
+    system without locks) the block runs unlocked, and must not delete what another writer may be
+    writing."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     with open(folder / name, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX)
+            locked = True
         except OSError as exc:
             if exc.errno not in NO_FLOCK:
                 raise
-            yield
+            locked = False
+        if not locked:
+            yield False
             return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 

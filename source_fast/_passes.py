@@ -280,7 +280,9 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
         except Exception as exc:
             if not isinstance(exc, RuntimeError) or not any(m in str(exc) for m in (
                     "stack expects each tensor to be equal size", "each element in list of batch should be of equal size")):
-                if hasattr(exc, "add_note"):  # Python 3.11+: which pass and batch, beside the collate_fn's own words
+                # Python 3.11+: which pass and batch, beside the collate_fn's own words (an exception that
+                # takes no notes, a frozen dataclass say, goes on without).
+                with contextlib.suppress(Exception):
                     exc.add_note(f"source_fast: raised while reading {where(b)} (the data and its collate_fn)")
                 raise
             source = loader.dataset

@@ -135,8 +135,12 @@ class Factors:
                     t = getattr(lf, field)
                     if t is not None:
                         tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
-        with folder_lock(path, ".factors.lock"):  # a concurrent save would delete this one's tensors
-            remove_stale_temps(path, ".factors.*.tmp")
+        with folder_lock(path, ".factors.lock") as locked:  # a concurrent save would delete this one's tensors
+            if locked:
+                remove_stale_temps(path, ".factors.*.tmp")
+            else:
+                warn(f"{path}: the file system does not lock files: earlier saves' files are left in place, as a "
+                     "save running at the same time may be writing them")
             tensors_file, digest = write_named_by_content(path, "factors", ".safetensors",
                                                           lambda tmp: save_file(tensors, str(tmp)))
             meta = {
@@ -155,7 +159,7 @@ class Factors:
             }
             with atomic_path(path / "factors.json") as tmp:
                 tmp.write_text(json.dumps(meta, indent=1))
-            for old in path.iterdir():  # earlier saves' tensors (format 1's fixed name included)
+            for old in path.iterdir() if locked else ():  # earlier saves' tensors (format 1's fixed name included)
                 if old.name != tensors_file and _TENSOR_FILE.fullmatch(old.name):
                     old.unlink()
 

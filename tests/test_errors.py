@@ -654,3 +654,19 @@ def test_a_collate_fn_error_says_which_pass_and_batch(setup):
         sf.fit_factors(model, ClassifyTask(), traj, collate_fn=collate)
     assert info.value.__notes__ == ["source_fast: raised while reading segment 0, checkpoint 0, batch 0 (examples from 0) "
                                     "(the data and its collate_fn)"]
+
+
+
+def test_an_exception_that_takes_no_note_goes_on_unchanged(setup):
+    """add_note fails on an exception whose __notes__ is not a list: the collate_fn's own exception
+    still comes through, without the note."""
+    model, data, ckpts = setup
+
+    def collate(batch):
+        exc = ValueError("the collate_fn's own words")
+        exc.__notes__ = ("a tuple, which add_note cannot append to",)
+        raise exc
+
+    with pytest.raises(ValueError, match="the collate_fn's own words") as info:
+        sf.fit_factors(model, ClassifyTask(), sf.Trajectory.even(ckpts, [0.1] * 4, 1, data), collate_fn=collate)
+    assert info.value.__notes__ == ("a tuple, which add_note cannot append to",)

@@ -254,8 +254,17 @@ def test_a_file_system_without_locks_fits_and_saves_unlocked(tmp_path, monkeypat
     def no_flock(*args):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
+    factors.save(tmp_path / "factors")  # locked: the save's own files only
     monkeypatch.setattr(fcntl, "flock", no_flock)
     with pytest.warns(UserWarning, match="the file system does not lock files"):
-        factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path / "passes")
-    factors.save(tmp_path / "factors")
-    assert sf.Factors.load(tmp_path / "factors").layout == factors.layout
+        refit = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path / "passes")
+    # Unlocked, a save cannot know whether another is writing: it deletes nothing (an earlier save's
+    # tensors stay), and says so.
+    (tmp_path / "factors" / ".factors.x.tmp").write_text("")  # as a live save's temp file
+    with pytest.warns(UserWarning, match="does not lock files: earlier saves' files are left in place"):
+        refit.save(tmp_path / "factors")
+    assert len(list((tmp_path / "factors").glob("factors.*.safetensors"))) == 2
+    assert (tmp_path / "factors" / ".factors.x.tmp").exists()
+    loaded = sf.Factors.load(tmp_path / "factors")
+    assert torch.equal(loaded.segments[0]["0"].lam, refit.segments[0]["0"].lam)

@@ -20,7 +20,6 @@ step. What needs care is checked rather than assumed:
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import math
@@ -90,7 +89,6 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
         kind = f"not Adam's ({not_adam(group)})" if {"betas", "eps"} <= set(group) else "neither SGD's nor Adam's"
         raise ValueError(f"{where}: the optimizer is {kind}; source_fast reads SGD, Adam and AdamW runs "
                          "(Trainer's optim='sgd', 'adamw_torch' or 'adamw_torch_fused')")
-    _warn_unnormalised_accumulation(folders[-1], model)
     if lrs is None:
         lrs = _logged_rates(folders[-1], histories[-1], steps, states)
     else:
@@ -291,30 +289,6 @@ def _own_step_rates(folder: Path) -> tuple[bool | None, str]:
         return None, ""
     m = re.match(r"(\d+)\.(\d+)", version)
     return (None, version) if m is None else ((int(m[1]), int(m[2])) >= (4, 51), version)
-
-
-def _warn_unnormalised_accumulation(folder: Path, model: nn.Module) -> None:
-    """transformers leaves each micro-batch's loss undivided by the accumulation steps when the model's
-    forward takes **kwargs, expecting the model to normalise by num_items_in_batch; a forward that takes
-    them without using them (sequence classification heads) then has the run minimise the sum of the
-    micro-batches' means, `a` times the batch mean SOURCE assumes."""
-    a = _training_arg(folder / "training_args.bin", "gradient_accumulation_steps")
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    forward = type(base).forward
-    accepts = getattr(base, "accepts_loss_kwargs", None)
-    if accepts is None:
-        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(forward).parameters.values())
-    if type(a) is not int or a < 2 or not accepts:
-        return
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
-        return
-    if "num_items_in_batch" not in source and "loss_function" not in source:
-        warn(f"{folder}: gradient accumulation {a} with {type(base).__name__}, whose forward takes **kwargs but does not "
-             "normalise its loss by num_items_in_batch: transformers then leaves each micro-batch's loss undivided, so "
-             f"the run minimised {a}× the batch mean. SOURCE takes the batch mean: its steps count 1/{a} of their "
-             "effect on the curvature (scores' ranks change little; scale them with care)")
 
 
 def _check_rates(lrs: list[float], steps: list[int], states: list[dict], source: str) -> None:
