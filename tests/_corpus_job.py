@@ -16,20 +16,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _helpers import ClassifyTask, classification_data, mlp, perturbed_states  # noqa: E402
+from _helpers import ClassifyTask, Stream, classification_data, mlp, perturbed_states  # noqa: E402
 
 import source_fast as sf  # noqa: E402
 from source_fast.corpus import score_corpus  # noqa: E402
-
-
-class Stream(torch.utils.data.IterableDataset):
-    """A dataset's examples as a stream: iterable from the start on every pass, nothing else."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __iter__(self):
-        return (self.data[i] for i in range(len(self.data)))
 
 
 class SlowTask(ClassifyTask):

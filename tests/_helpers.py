@@ -28,6 +28,16 @@ def classification_data(n: int, d: int, k: int, *, seed: int = 0, dtype=torch.fl
     return TensorDataset(x, y)
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """A dataset's examples as a stream: iterable from the start on every pass, nothing else."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return (self.data[i] for i in range(len(self.data)))
+
+
 def perturbed_states(model: nn.Module, count: int, scale: float = 0.05, seed: int = 1) -> list[dict]:
     """`count` checkpoints near the model's weights (a stand-in trajectory for algebra tests)."""
     g = torch.Generator().manual_seed(seed)

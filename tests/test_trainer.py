@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from _helpers import Stream
 
 transformers = pytest.importorskip("transformers")
 
@@ -373,14 +374,6 @@ def test_sgd_states_that_maximize_or_change_momentum_are_named(tmp_path):
         sf.Trajectory.from_trainer(out, model, data, 3)
 
 
-class _Stream(torch.utils.data.IterableDataset):
-    def __init__(self, data):
-        self.data = data
-
-    def __iter__(self):
-        return (self.data[i] for i in range(len(self.data)))
-
-
 def test_data_size_checks_use_the_runs_accumulation_and_skip_streams(tmp_path):
     """With gradient accumulation 2 (read from training_args.bin) an epoch of 48 examples in batches of
     8 is 3 steps: half the data, which accumulation 1 would explain, is refused. A stream has no epochs
@@ -394,8 +387,8 @@ def test_data_size_checks_use_the_runs_accumulation_and_skip_streams(tmp_path):
         output_dir=str(tmp_path / "stream"), max_steps=10, save_steps=5, per_device_train_batch_size=8,
         learning_rate=LR, logging_steps=1, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
         log_level="error", max_grad_norm=0.0)
-    transformers.Trainer(model=model, args=args, train_dataset=_Stream(data)).train()
-    traj = sf.Trajectory.from_trainer(tmp_path / "stream", model, _Stream(data), 2, num_examples=48)
+    transformers.Trainer(model=model, args=args, train_dataset=Stream(data)).train()
+    traj = sf.Trajectory.from_trainer(tmp_path / "stream", model, Stream(data), 2, num_examples=48)
     assert [seg.num_examples for seg in traj.segments] == [48, 48]
 
 
