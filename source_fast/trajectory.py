@@ -202,11 +202,11 @@ def _moved(lrs: list[float], momentum: float, dampening: float, nesterov: bool, 
     """SGD's per-step rates as SOURCE counts them: (1 − β) times how far step k's gradient moved the
     weights by the run's end, so that a segment's horizon c/(1 − β) is the sum of those distances.
     torch's SGD puts the first gradient into an empty buffer as it is (not when `continued`) and every
-    later one times 1 − d, and steps by η_i·buffer (heavy ball) or η_i·(g_i + β·buffer) (Nesterov); the buffer carries step k's
-    gradient on at the later steps' rates: s_k = Σ_{i≥k} η_i β^{i−k}. The run's last ~1/(1 − β) gradients
-    were still in the buffer when training stopped (on a 32-step GPT-2 run with β = 0.9, counting every
-    step as η/(1 − β) put SOURCE's scale against the exact derivative at 1.34; this, at 0.99), and a
-    warm-up's zero-rate first step still moves the weights through it."""
+    later one times 1 − d, and steps by η_i·buffer (heavy ball) or η_i·(g_i + β·buffer) (Nesterov);
+    the buffer carries step k's gradient on at the later steps' rates: s_k = Σ_{i≥k} η_i β^{i−k}. The
+    run's last ~1/(1 − β) gradients were still in the buffer when training stopped (on a 32-step GPT-2
+    run with β = 0.9, counting every step as η/(1 − β) put SOURCE's scale against the exact derivative
+    at 1.34; this, at 0.99), and a warm-up's zero-rate first step still moves the weights through it."""
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"Trajectory.even: momentum must be in [0, 1), got {momentum}")
     if not 0.0 <= dampening <= 1.0:
@@ -469,8 +469,8 @@ class Trajectory:
         optimizer.pt, trainer_state.json) cut into `num_segments` segments, each with the rates of
         its steps, as `even` with the steps N read from the folders' names. Read from the optimizer
         states: SGD (its dampening, Nesterov and momentum, the checkpoints' mean, warned when it changed)
-        or AdamW (Adam when torch's state says its decay is not decoupled), and each weight's decay. `model` is the model as trained (the same
-        parameters trainable): Trainer's optimizer groups do not name their parameters, so they are
+        or AdamW (Adam when torch's state says its decay is not decoupled), and each weight's decay.
+        `model` is the model as trained (the same parameters trainable): Trainer's optimizer groups do not name their parameters, so they are
         named by Trainer's own decay rule. A PEFT (LoRA) run saves only its adapter: `model` is then
         the PEFT model as trained (its adapters trainable), whose frozen base completes each checkpoint.
         `lrs` (the rate of every step) is read from the log history when the run logged every step
