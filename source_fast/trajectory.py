@@ -409,9 +409,9 @@ class Trajectory:
         num_examples, optimizer: as for Segment (num_examples is needed when `data` is a stream);
         optimizer_states: for adam/adamw, one per checkpoint, split with them."""
         checkpoints = list(checkpoints)
-        if optimizer_states is not None and len(optimizer_states) != len(checkpoints):
-            raise ValueError(f"Trajectory.even: {len(optimizer_states)} optimizer states for {len(checkpoints)} "
-                             "checkpoints: give one per checkpoint")
+        if (optimizer_states is not None or optimizer != "sgd") and len(optimizer_states or ()) != len(checkpoints):
+            raise ValueError(f"Trajectory.even: {len(optimizer_states or ())} optimizer states for {len(checkpoints)} "
+                             f"checkpoints: give one per checkpoint{' (optimizer_states=)' if optimizer != 'sgd' else ''}")
         lrs = _rates(lrs, "Trajectory.even")
         n_ckpt, n_steps = len(checkpoints), len(lrs)
         if n_ckpt == 0:
@@ -516,13 +516,18 @@ class Trajectory:
         return self.segments[-1].checkpoints[-1]
 
     def check_checkpoints(self, model: nn.Module) -> None:
-        """Every checkpoint matches the model (keys, shapes) and is not the model's own live weights:
-        refused before any pass."""
+        """Every checkpoint matches the model (keys, shapes) and is not the model's own live weights, and
+        a weight_decay dict names the model's modules: refused before any pass."""
         live = _storages([p for p in model.parameters() if p.requires_grad])
         several = sum(self.layout()) > 1
         for ell, seg in enumerate(self.segments):
             for c, ckpt in enumerate(seg.checkpoints):
                 check_checkpoint(model, ckpt, f"segment {ell}, checkpoint {c}")
+                if c == 0 and isinstance(seg.weight_decay, dict):  # a typo would be silently no module's decay
+                    unknown = sorted(set(seg.weight_decay) - {name for name, _ in model.named_modules()})
+                    if unknown:
+                        raise ValueError(f"segment {ell}: weight_decay names modules the model does not have: {unknown} "
+                                         "(give {module name: decay}, names as model.named_modules() gives them)")
                 # Loading another checkpoint into the model writes into this one: it would be read as that.
                 if several and not isinstance(ckpt, (str, os.PathLike)) and live & _storages(ckpt):
                     raise ValueError(

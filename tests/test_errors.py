@@ -111,6 +111,9 @@ def test_segment_arguments(setup):
         sf.Segment(ckpts, data, lr_sum=1.0, optimizer="rmsprop")
     with pytest.raises(ValueError, match="num_segments must be between 1 and"):
         sf.Trajectory.even(ckpts, [0.1] * 4, 3, data)
+    with pytest.raises(ValueError, match=rf"Trajectory.even: 0 optimizer states for {len(ckpts)} checkpoints: give one per "
+                                         r"checkpoint \(optimizer_states=\)"):  # the call's count, not a segment's
+        sf.Trajectory.even(ckpts, [0.1] * 4, 2, data, optimizer="adamw")
     for options, message in [
         ({"momentum": 1.0}, r"Trajectory.even: momentum must be in \[0, 1\), got 1.0"),
         ({"momentum": 0.9, "dampening": 1.5}, r"dampening must be in \[0, 1\], got 1.5"),
@@ -670,3 +673,11 @@ def test_an_exception_that_takes_no_note_goes_on_unchanged(setup):
     with pytest.raises(ValueError, match="the collate_fn's own words") as info:
         sf.fit_factors(model, ClassifyTask(), sf.Trajectory.even(ckpts, [0.1] * 4, 1, data), collate_fn=collate)
     assert info.value.__notes__ == ("a tuple, which add_note cannot append to",)
+
+
+def test_a_weight_decay_dict_must_name_the_models_modules(setup):
+    """A typo in a {module name: decay} dict was an entry for no module, silently."""
+    model, data, ckpts = setup
+    traj = sf.Trajectory.even(ckpts, [0.1] * 4, 1, data, weight_decay={"0": 0.01, "2": 0.01, "3": 0.3})
+    with pytest.raises(ValueError, match=r"segment 0: weight_decay names modules the model does not have: \['3'\]"):
+        sf.fit_factors(model, ClassifyTask(), traj)
