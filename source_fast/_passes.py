@@ -269,6 +269,13 @@ class _Examples(IterableDataset):
                 yield example
 
 
+def _note(exc: BaseException, text: str) -> None:
+    """Adds where source_fast was to an exception from the user's code, beside its own words (Python
+    3.11+; one that takes no notes, with __notes__ not a list, say, goes on without)."""
+    with contextlib.suppress(Exception):
+        exc.add_note(text)
+
+
 def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
     """The loader's batches; default_collate's error on examples of different lengths says what to do."""
     it = iter(loader)
@@ -280,10 +287,7 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
         except Exception as exc:
             if not isinstance(exc, RuntimeError) or not any(m in str(exc) for m in (
                     "stack expects each tensor to be equal size", "each element in list of batch should be of equal size")):
-                # Python 3.11+: which pass and batch, beside the collate_fn's own words (an exception that
-                # takes no notes, a frozen dataclass say, goes on without).
-                with contextlib.suppress(Exception):
-                    exc.add_note(f"source_fast: raised while reading {where(b)} (the data and its collate_fn)")
+                _note(exc, f"source_fast: raised while reading {where(b)} (the data and its collate_fn)")
                 raise
             source = loader.dataset
             # (X, y): a tuple of columns of N rows each, not N examples (a list of examples is the usual
@@ -431,12 +435,21 @@ def run_pass(
     start = tokens = 0
     for b, batch in enumerate(_batches(loader, lambda b: where(b, start))):
         batch = to_device(batch, device)
-        mask = task.get_attention_mask(batch)
+        try:
+            mask = task.get_attention_mask(batch)
+        except Exception as exc:
+            _note(exc, f"source_fast: raised by the task's get_attention_mask on {where(b, start)}")
+            raise
         with capturer.capture(mask) as records:
-            if objective == "measurement":
-                out = task.compute_measurement(batch, model)
-            else:
-                out = task.compute_train_loss(batch, model, objective == "fisher")
+            try:
+                if objective == "measurement":
+                    out = task.compute_measurement(batch, model)
+                else:
+                    out = task.compute_train_loss(batch, model, objective == "fisher")
+            except Exception as exc:  # the task's or the model's own error: say which pass and batch
+                call = "compute_measurement" if objective == "measurement" else "compute_train_loss"
+                _note(exc, f"source_fast: raised in the task's {call} (the model's forward) on {where(b, start)}")
+                raise
             if not isinstance(out, torch.Tensor) or out.dim() != 0:
                 raise ValueError(f"{where(b, start)}: the task must return a scalar tensor (summed over the batch)")
             missing = [s.name for s in specs if s.name not in records]

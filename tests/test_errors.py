@@ -681,3 +681,18 @@ def test_a_weight_decay_dict_must_name_the_models_modules(setup):
     traj = sf.Trajectory.even(ckpts, [0.1] * 4, 1, data, weight_decay={"0": 0.01, "2": 0.01, "3": 0.3})
     with pytest.raises(ValueError, match=r"segment 0: weight_decay names modules the model does not have: \['3'\]"):
         sf.fit_factors(model, ClassifyTask(), traj)
+
+
+def test_an_error_in_the_tasks_code_says_which_pass_and_batch(setup):
+    """The task's (or the model's) own exception, unchanged, with a note naming the pass and batch."""
+    model, data, ckpts = setup
+
+    class Broken(ClassifyTask):
+        def compute_measurement(self, batch, model):
+            raise KeyError("input_ids")
+
+    traj = sf.Trajectory.even(ckpts, [0.1] * 4, 1, data)
+    with pytest.raises(KeyError, match="input_ids") as info:
+        sf.score(model, Broken(), traj, None, data, data, method="tracin", batch_size=8)
+    assert info.value.__notes__ == ["source_fast: raised in the task's compute_measurement (the model's forward) on "
+                                    "queries at segment 0, checkpoint 0, batch 0 (examples from 0)"]
