@@ -65,7 +65,8 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     histories = _histories(folders, steps)
     weights = [_weights(folder, model) for folder in folders]
     check_checkpoint(model, weights[-1], str(folders[-1]))  # before the optimizer's groups, named by the model
-    _check_data_size(folders[-1], histories[-1], length(data))
+    settings = _training_args(folders[-1] / "training_args.bin")  # read once: a pickle, read inertly
+    _check_data_size(folders[-1], histories[-1], length(data), settings.get("gradient_accumulation_steps"))
     states = [_optimizer_state(folder, model) for folder in folders]
     group = states[-1]["param_groups"][0]
     where = folders[-1] / "optimizer.pt"
@@ -97,18 +98,17 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
         weights, lrs, num_segments, data, **momentum,
         weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
         optimizer_states=None if optimizer == "sgd" else states, steps=steps,
-        grad_scales=_clip_factors(folders[-1], histories[-1], steps[-1]),
+        grad_scales=_clip_factors(folders[-1], histories[-1], steps[-1], settings.get("max_grad_norm")),
     )
 
 
-def _clip_factors(folder: Path, history: list[dict], total: int) -> list[float]:
+def _clip_factors(folder: Path, history: list[dict], total: int, limit: int | float | None) -> list[float]:
     """How much gradient clipping scaled each step's gradient, min(1, max_grad_norm / ‖g‖) as torch's
     clip_grad_norm_ does: the log's grad_norm is the norm before clipping, max_grad_norm is in
     training_args.bin. A clipped gradient moves the weights as a smaller rate would (with Adam too: P
     comes from the clipped gradients' second moments); with momentum the buffer carries the clipped
     gradient on; the decay the optimizer adds afterwards is not clipped (Segment.decay_scale). Without
     the setting or a logged norm for every step, the steps count as unclipped."""
-    limit = _training_arg(folder / "training_args.bin", "max_grad_norm")
     norms = {int(h["step"]): h["grad_norm"] for h in history if "grad_norm" in h and "step" in h}
     if not limit or any(not isinstance(norms.get(k), (int, float)) for k in range(1, total + 1)):
         if limit:  # the norms of the steps not logged are unknown: any of them may have been clipped
@@ -138,21 +138,22 @@ class _InertUnpickler(pickle._Unpickler):  # the pure-Python one: its memo is a 
         return None
 
 
-def _training_arg(path: Path, name: str) -> int | float | None:
-    """A positive number among the TrainingArguments in the Trainer's training_args.bin (a torch.save'd
-    pickle of the arguments object, a few kB): max_grad_norm, gradient_accumulation_steps; None when it
-    cannot be read. A file that is not that (a zip bomb, a pickle of another size) is not read."""
+def _training_args(path: Path) -> dict[str, int | float]:
+    """The positive numbers among the TrainingArguments in the Trainer's training_args.bin (a
+    torch.save'd pickle of the arguments object, a few kB): max_grad_norm, gradient_accumulation_steps,
+    ...; empty when it cannot be read. A file that is not that (a zip bomb, a pickle of another size)
+    is not read."""
     try:
         with zipfile.ZipFile(path) as archive:
             entry = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
             if entry.file_size > 1 << 20:
-                return None
+                return {}
             pickled = archive.read(entry)
         state = _InertUnpickler(io.BytesIO(pickled)).load().state
-        value = (state[0] if isinstance(state, tuple) else state).get(name)
-        return value if type(value) in (int, float) and 0 < value < math.inf else None
-    except Exception:  # missing, another format, another layout: the setting is then not known
-        return None
+        state = state[0] if isinstance(state, tuple) else state
+        return {k: v for k, v in state.items() if type(v) in (int, float) and 0 < v < math.inf}
+    except Exception:  # missing, another format, another layout: the settings are then not known
+        return {}
 
 
 def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
@@ -301,7 +302,7 @@ def _check_rates(lrs: list[float], steps: list[int], states: list[dict], source:
                              "for that step: pass lrs=, the rate of every step as the run applied it")
 
 
-def _check_data_size(folder: Path, history: list[dict], n: int | None) -> None:
+def _check_data_size(folder: Path, history: list[dict], n: int | None, accumulation: int | float | None) -> None:
     """Refuses data of a size the run cannot have trained on (another stage's, say). The log's epoch
     during the first epoch is k·a/B at optimizer step k (a: gradient accumulation, from training_args.bin
     where it can be read; B: batches per epoch on each process, ceil(N/(b·w)), or floor with
@@ -316,7 +317,6 @@ def _check_data_size(folder: Path, history: list[dict], n: int | None) -> None:
         return
     k, epoch = max(inside)
     per_step = k / epoch  # B / a
-    accumulation = _training_arg(folder / "training_args.bin", "gradient_accumulation_steps")
     known = type(accumulation) is int
     for w in range(1, 1025):
         for batches in {-(-n // (batch * w)), n // (batch * w)}:
