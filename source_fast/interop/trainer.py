@@ -62,11 +62,12 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
                          "groups can be named")
     steps = [n for n, _ in found]
     folders = [p for _, p in found]
-    histories = _histories(folders, steps)
+    logs = _trainer_states(folders, steps)
+    history = logs[-1].get("log_history", [])  # the last checkpoint's log holds the earlier ones
     weights = [_weights(folder, model) for folder in folders]
     check_checkpoint(model, weights[-1], str(folders[-1]))  # before the optimizer's groups, named by the model
     settings = _training_args(folders[-1] / "training_args.bin")  # read once: a pickle, read inertly
-    _check_data_size(folders[-1], histories[-1], length(data), settings.get("gradient_accumulation_steps"))
+    _check_data_size(folders[-1], logs[-1], length(data), settings.get("gradient_accumulation_steps"))
     states = [_optimizer_state(folder, model) for folder in folders]
     group = states[-1]["param_groups"][0]
     where = folders[-1] / "optimizer.pt"
@@ -91,14 +92,14 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
         raise ValueError(f"{where}: the optimizer is {kind}; source_fast reads SGD, Adam and AdamW runs "
                          "(Trainer's optim='sgd', 'adamw_torch' or 'adamw_torch_fused')")
     if lrs is None:
-        lrs = _logged_rates(folders[-1], histories[-1], steps, states)
+        lrs = _logged_rates(folders[-1], history, steps, states)
     else:
         _check_rates(list(lrs), steps, states, "lrs= gives")
     return Trajectory.even(
         weights, lrs, num_segments, data, **momentum,
         weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
         optimizer_states=None if optimizer == "sgd" else states, steps=steps,
-        grad_scales=_clip_factors(folders[-1], histories[-1], steps[-1], settings.get("max_grad_norm")),
+        grad_scales=_clip_factors(folders[-1], history, steps[-1], settings.get("max_grad_norm")),
     )
 
 
@@ -256,11 +257,11 @@ def _weight_decay(state: dict, model: nn.Module) -> float | dict[str, float]:
     return decays.pop() if len(decays) == 1 else by_module
 
 
-def _histories(folders: list[Path], steps: list[int]) -> list[list[dict]]:
-    """Each checkpoint's log_history, checked to be one run's: the Trainer does not clear output_dir,
-    so a second run into it leaves the first's checkpoints beside its own (at other steps, or
+def _trainer_states(folders: list[Path], steps: list[int]) -> list[dict]:
+    """Each checkpoint's trainer_state.json, its log_history checked to be one run's: the Trainer does not
+    clear output_dir, so a second run into it leaves the first's checkpoints beside its own (at other steps, or
     overwritten at the same), and their weights and optimizer states belong to another run."""
-    histories = []
+    states = []
     for folder, n in zip(folders, steps):
         path = folder / "trainer_state.json"
         try:
@@ -269,16 +270,17 @@ def _histories(folders: list[Path], steps: list[int]) -> list[list[dict]]:
             raise ValueError(f"{path} is missing (an incomplete checkpoint?)") from None
         if state.get("global_step") != n:
             raise ValueError(f"{path} records global_step {state.get('global_step')}, not {n}")
-        histories.append(state.get("log_history", []))
-    last = histories[-1]
-    for folder, history in zip(folders[:-1], histories[:-1]):
+        states.append(state)
+    last = states[-1].get("log_history", [])
+    for folder, state in zip(folders[:-1], states[:-1]):
+        history = state.get("log_history", [])
         # Training log lines of one run are the start of its later checkpoints' logs (also when it was
         # resumed from a checkpoint: the resumed run continues that checkpoint's log).
         if history != last[: len(history)]:
             raise ValueError(f"{folder.name} is not from the same run as {folders[-1].name} (their trainer_state.json "
                              f"logs differ): the Trainer does not clear output_dir, so another run's checkpoints stay "
                              f"in {folder.parent}; move them out")
-    return histories
+    return states
 
 
 def _own_step_rates(folder: Path) -> tuple[bool | None, str]:
@@ -302,16 +304,15 @@ def _check_rates(lrs: list[float], steps: list[int], states: list[dict], source:
                              "for that step: pass lrs=, the rate of every step as the run applied it")
 
 
-def _check_data_size(folder: Path, history: list[dict], n: int | None, accumulation: int | float | None) -> None:
+def _check_data_size(folder: Path, state: dict, n: int | None, accumulation: int | float | None) -> None:
     """Refuses data of a size the run cannot have trained on (another stage's, say). The log's epoch
     during the first epoch is k·a/B at optimizer step k (a: gradient accumulation, from training_args.bin
     where it can be read; B: batches per epoch on each process, ceil(N/(b·w)), or floor with
     dataloader_drop_last, w processes of b examples, not recorded): only data that no process count
     explains is refused (twice the data passes as two processes). A stream (n None) has no epochs:
     the Trainer counts max_steps as one."""
-    state = json.loads((folder / "trainer_state.json").read_text())
     batch = state.get("train_batch_size")
-    inside = [(int(h["step"]), float(h["epoch"])) for h in history
+    inside = [(int(h["step"]), float(h["epoch"])) for h in state.get("log_history", [])
               if isinstance(h.get("step"), int) and isinstance(h.get("epoch"), (int, float)) and 0 < h["epoch"] < 1]
     if n is None or not isinstance(batch, int) or batch < 1 or not inside:
         return
