@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch  # must come first: _C links against libtorch/libc10
@@ -12,10 +13,15 @@ load_error: str | None = None
 # switch at every call, so setting it later takes effect too.
 if os.environ.get("SOURCE_FAST_DISABLE_EXT") == "1":
     load_error = "disabled by SOURCE_FAST_DISABLE_EXT=1 when source_fast was imported"
+elif importlib.util.find_spec("source_fast._C") is None:
+    # (Importing it anyway would report "a circular import", Python's words for a missing submodule
+    # while its package initialises.)
+    load_error = ("not built: install with `pip install --no-build-isolation` and a C++ compiler "
+                  "(SOURCE_FAST_REQUIRE_EXT=1 shows why a build fails)")
 else:
     try:
         from source_fast import _C  # type: ignore[attr-defined, no-redef]
-    except ImportError as exc:
+    except ImportError as exc:  # built, but for another torch, say
         load_error = f"{type(exc).__name__}: {exc}"
 
 

@@ -2,6 +2,7 @@
 TRITON_INTERPRET is settled), no CUDA initialisation, and it works with the extension disabled."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,6 +26,17 @@ def test_import_with_the_extension_disabled():
     env = {**os.environ, "SOURCE_FAST_DISABLE_EXT": "1"}
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "disabled by SOURCE_FAST_DISABLE_EXT=1 when source_fast was imported"
+
+
+def test_an_extension_that_was_not_built_says_so(tmp_path):
+    """(Python's own words would be "a circular import".)"""
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "source_fast")
+    shutil.copytree(package, tmp_path / "source_fast", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            f"sys.path.insert(0, {str(tmp_path)!r}); import source_fast; from source_fast import _ext; "
+            "assert source_fast.__file__.startswith(sys.path[0]); print(_ext.load_error)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("not built: install with `pip install --no-build-isolation`"), out.stdout
 
 
 # setup.py where torch cannot be imported: an isolated build (pyproject.toml keeps torch out of it).
