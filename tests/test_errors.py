@@ -242,6 +242,18 @@ def test_non_finite_loss_or_gradient_names_module_and_batch(setup, where, patter
         sf.fit_factors(model, NaNTask(where), traj, batch_size=8)
 
 
+def test_a_float16_overflow_is_named():
+    """Logits past float16's largest value (65504) are inf, and the loss NaN: the error says so."""
+    model = nn.Sequential(nn.Linear(4, 3)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(300.0)  # inputs of 100 give logits of 1.2e5
+    data = torch.utils.data.TensorDataset(torch.full((8, 4), 100.0, dtype=torch.float16), torch.zeros(8, dtype=torch.long))
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(FloatingPointError, match=r"batch 0 \(examples from 0\): the train loss is nan \(float16 holds "
+                                                 r"values up to 65504"):
+        sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical")
+
+
 def test_errors_name_the_examples_of_a_shard(setup, tmp_path):
     """score_corpus reads a shard at a time: the batch number counts within it, so the error also
     says which examples (here 12 to 15, shard rows 8-16, batch 1 of 4 examples)."""
