@@ -17,7 +17,10 @@ class ClassificationTask(Task):
     (positive score: a proponent). `sample=True` draws labels from the model's softmax (true Fisher).
 
     The tasks here draw their random numbers in float64 whatever the model's dtype, so a float64 copy
-    of a model draws the labels its float32 original draws from the same seed (up to rounding)."""
+    of a model draws the labels its float32 original draws from the same seed, up to rounding: where
+    the logits differ, a draw near a boundary between two labels can differ (about 2 % of a bfloat16
+    model's draws from its float64 copy's, measured on small GPT-2 and Llama models; 0.1–0.6 % in
+    float16)."""
 
     def compute_train_loss(self, batch, model, sample=False):
         x, y = batch
