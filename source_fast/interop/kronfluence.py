@@ -21,13 +21,14 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   neither in per-example gradients: it relies on padded tokens having zero output gradient (true when
   nothing attends to them and the loss ignores them). source_fast masks both sides; the two agree
   whenever that assumption holds, and source_fast stays right when it does not.
+- `amp_dtype` runs the task's forward passes under torch.autocast, as kronfluence does; float16
+  autocast only for a float16 model (kronfluence's loss scaling, `amp_scale`, which keeps a float32
+  model's float16 output gradients from underflowing, is not done here).
 - Per-module masks (a dict from `get_attention_mask`), `enable_post_process_per_sample_gradient`,
-  shared (re-used) modules, AMP to another dtype than the model's (`amp_dtype` equal to a bfloat16
-  model's own, as kronfluence's low-precision presets set it, is accepted: source_fast does not
-  autocast, which changes only what autocast keeps in float32) and partition targets are not
-  supported by the shim; it raises instead of silently computing something else. Per-module and per-token scores and aggregated query or
+  shared (re-used) modules and partition targets are not supported by the shim; it raises instead of
+  silently computing something else. Per-module and per-token scores and aggregated query or
   training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
-- Precision knobs (`*_dtype` fields other than `score_dtype`) are not used, with a warning when one asks
+- Precision knobs (`*_dtype` fields other than `score_dtype` and `amp_dtype`) are not used, with a warning when one asks
   for another precision: source_fast computes in the model's dtype with float32 accumulation (float64
   for a float64 model) and float64 eigendecompositions; scores are cast to `score_dtype`. Partition
   and accumulation knobs only trade memory for passes in kronfluence and do not change results; they
@@ -434,19 +435,44 @@ def _reject(args: Any, defaults: dict[str, Any], fields: dict[str, str]) -> None
             raise NotImplementedError(f"{field}={value!r} is not supported by source_fast's Analyzer: {why}")
 
 
-def _check_amp(args: Any, defaults: dict[str, Any], model: nn.Module) -> None:
-    """kronfluence's amp_dtype autocasts the forward pass; source_fast does not. Autocasting a model
-    to its own dtype changes little (only which ops autocast keeps in float32), so that is accepted;
-    kronfluence's low-precision argument presets set it for a bfloat16 model, for instance."""
+def _autocast_dtype(args: Any, defaults: dict[str, Any], model: nn.Module) -> torch.dtype | None:
+    """The dtype kronfluence's `amp_dtype` autocasts the task's forward passes to (None: no autocast).
+    float16 autocast is only run for a float16 model: kronfluence scales the loss (`amp_scale`) so that
+    float16 output gradients of a float32 model do not underflow, which source_fast does not do."""
     amp = _get(args, "amp_dtype", defaults)
+    if amp is None:
+        return None
+    amp = _dtype(amp)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if amp is None or dtypes == {amp}:
-        return
+    if amp == torch.bfloat16 or dtypes == {amp}:
+        return amp
     raise NotImplementedError(
         f"amp_dtype={amp!r} is not supported by source_fast's Analyzer for this {'/'.join(sorted(map(str, dtypes)))} "
-        "model (source_fast does not autocast): set amp_dtype=None in the arguments, and for a low-precision "
-        f"run cast the model to {amp} instead (accumulation stays float32)"
+        "model: kronfluence scales the loss under float16 autocast (amp_scale) so that output gradients do not "
+        "underflow, which source_fast does not do; use amp_dtype=torch.bfloat16, or cast the model to float16"
     )
+
+
+class _Autocast:
+    """`task` whose losses and measurements (the forward passes) run under torch.autocast, as
+    kronfluence runs them with `amp_dtype`; backward passes and source_fast's own arithmetic stay outside
+    it (factors accumulate in float32)."""
+
+    def __init__(self, task: Task, device_type: str, dtype: torch.dtype) -> None:
+        self._task, self._device_type, self._dtype = task, device_type, dtype
+
+    def compute_train_loss(self, *args: Any, **kwargs: Any) -> Tensor:
+        with torch.autocast(self._device_type, dtype=self._dtype):
+            return self._task.compute_train_loss(*args, **kwargs)
+
+    def compute_measurement(self, *args: Any, **kwargs: Any) -> Tensor:
+        with torch.autocast(self._device_type, dtype=self._dtype):
+            return self._task.compute_measurement(*args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr == "_task":  # not set yet (copy and pickle build the object without __init__)
+            raise AttributeError(attr)
+        return getattr(self._task, attr)
 
 
 def _unused_precisions(args: dict[str, Any], defaults: dict[str, Any], model: nn.Module) -> None:
@@ -665,13 +691,19 @@ class Analyzer:
 
     # ---- factors ---------------------------------------------------------------------------------
 
+    def _task_for(self, args: Any, defaults: dict[str, Any]) -> Task:
+        """The task as these arguments run it: under autocast with `amp_dtype`."""
+        dtype = _autocast_dtype(args, defaults, self.model)
+        device = next(self.model.parameters()).device
+        return self._task if dtype is None else _Autocast(self._task, device.type, dtype)  # type: ignore[return-value]
+
     def _factor_args(self, factor_args: Any, out: Path, overwrite_output_dir: bool) -> dict[str, Any]:
         """The factor arguments as kronfluence's JSON, checked, and saved (or compared with the saved)."""
         _reject(factor_args, FACTOR_DEFAULTS, {
             "strategy": "source_fast fits EK-FAC only",
             "has_shared_parameters": "source_fast does not support modules that run twice per forward pass",
         })
-        _check_amp(factor_args, FACTOR_DEFAULTS, self.model)
+        _autocast_dtype(factor_args, FACTOR_DEFAULTS, self.model)  # refused before anything is written
         args = _args_dict(factor_args, FACTOR_DEFAULTS)
         _unused_precisions(args, FACTOR_DEFAULTS, self.model)
         _save_arguments(out / FACTOR_ARGS_FILE, args, overwrite_output_dir)
@@ -736,8 +768,8 @@ class Analyzer:
         loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
         with self._seeded("cov"):
-            a_cov, s_cov, rows = _covariances(self.model, self._task, self._specs, loader, objective, "covariances",
-                                              self.progress, expected=len(data))
+            a_cov, s_cov, rows = _covariances(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs,
+                                              loader, objective, "covariances", self.progress, expected=len(data))
         group: dict[str, dict[str, Tensor]] = {stem: {} for stem in COVARIANCE_STEMS}
         for s in self._specs:
             n = int(rows[s.name])
@@ -816,8 +848,8 @@ class Analyzer:
         loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
         with self._seeded("lam"):
-            lam = _lambdas(self.model, self._task, self._specs, loader, objective, q_a, q_s, "Lambda matrices",
-                           self.progress, expected=len(data))
+            lam = _lambdas(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs, loader, objective,
+                           q_a, q_s, "Lambda matrices", self.progress, expected=len(data))
         group = {
             LAMBDA: {name: (mean.double() * len(data)).to(mean.dtype) for name, mean in lam.items()},
             LAMBDA_COUNT: {name: torch.tensor([len(data)], dtype=torch.int64) for name in lam},
@@ -944,7 +976,7 @@ class Analyzer:
         out = self.scores_output_dir(scores_name)
         if (out / "pairwise_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "pairwise_scores.safetensors")
-        _check_amp(score_args, SCORE_DEFAULTS, self.model)
+        task = self._task_for(score_args, SCORE_DEFAULTS)
         factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
                                           {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
         if args["compute_per_token_scores"] and args["aggregate_train_gradients"]:
@@ -956,7 +988,7 @@ class Analyzer:
         rank = args["query_gradient_low_rank"]
         damping = args["damping_factor"]
         scores = score(
-            self.model, self._task, Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)]), factors, train,
+            self.model, task, Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)]), factors, train,
             queries, method="ekfac", damping="heuristic" if damping is None else float(damping), query_rank=rank,
             progress=self.progress, query_memory_budget=self._query_budget(per_device_query_batch_size, rank),
             per_token=args["compute_per_token_scores"], per_module=args["compute_per_module_scores"],
@@ -996,7 +1028,7 @@ class Analyzer:
         out = self.scores_output_dir(scores_name)
         if (out / "self_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "self_scores.safetensors")
-        _check_amp(score_args, SCORE_DEFAULTS, self.model)
+        task = self._task_for(score_args, SCORE_DEFAULTS)
         factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
                                           {"train": (train_dataset, train_indices)})
         ignored = sorted(k for k, v in SELF_IGNORED.items() if args[k] != v)
@@ -1014,12 +1046,12 @@ class Analyzer:
             step, parts = train.batch_size, []
             for start in range(0, len(data), step):
                 chunk = self._loader(Subset(data, range(start, min(start + step, len(data)))), step, dataloader_kwargs)
-                pairs = score(self.model, self._task, trajectory, factors, chunk, chunk, method="ekfac", damping=damping,
+                pairs = score(self.model, task, trajectory, factors, chunk, chunk, method="ekfac", damping=damping,
                               query_memory_budget=self._query_budget(len(chunk.dataset), None), per_module=True)
                 parts.append({name: torch.diagonal(p) for name, p in pairs.items()})
             scores = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         else:
-            scores = self_score(self.model, self._task, trajectory, factors, train, method="ekfac", damping=damping,
+            scores = self_score(self.model, task, trajectory, factors, train, method="ekfac", damping=damping,
                                 progress=self.progress, per_module=True)
         if not args["compute_per_module_scores"]:
             scores = {ALL_MODULES: sum(scores.values())}  # (n,) per module: small
