@@ -1,5 +1,6 @@
 """Baseline attribution methods for comparisons: gradient cosine, TRAK, representation similarity
-and exact unrolling. All use the final checkpoint only, except "unroll", which replays training."""
+and exact unrolling. Each takes the model at one checkpoint (scoring averages TRAK over several),
+except "unroll", which replays training."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn) -> Tenso
 
 
 def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int, damping: float | str, seed: int) -> Tensor:
-    """TRAK with one checkpoint: per-example gradients projected to `dim` by a seeded Gaussian map P,
+    """TRAK at the model's weights (one checkpoint): per-example gradients projected to `dim` by a seeded Gaussian map P,
     φ = P g (computed as ⟨G_n, P_r⟩ without forming G_n), then τ = φ_qᵀ (ΦᵀΦ + Nλ I)⁻¹ φ_m, the
     influence function of the projected empirical Fisher ΦᵀΦ/N, with its 1/N scale.
     damping λ: a number, or "heuristic" = 0.1 × mean eigenvalue of ΦᵀΦ/N (both checked by

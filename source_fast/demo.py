@@ -390,7 +390,8 @@ class Attribution:
 
 
 SOURCE_L3, IF_IMPLIED, IF_TUNED = "SOURCE (L=3)", "IF (damping 1/c)", "IF (held-out damping)"
-TUNED = {"IF": IF_TUNED, "TRAK": "TRAK (held-out dim, damping)"}
+TRAK_ALL = "TRAK, C checkpoints"
+TUNED = {"IF": IF_TUNED, "TRAK": "TRAK (held-out dim, damping)", TRAK_ALL: "TRAK, C checkpoints (held-out dim, damping)"}
 UNROLL_ORDERS = "unroll, other data orders"
 
 
@@ -416,7 +417,7 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float], trak_g
     nq = sc.n_query
     queries = data.queries
     out: dict[str, Tensor] = {}
-    heldout: dict[str, dict[str, Tensor]] = {"IF": {}, "TRAK": {}}
+    heldout: dict[str, dict[str, Tensor]] = {"IF": {}, "TRAK": {}, TRAK_ALL: {}}
     seconds: dict[str, float] = {}
     steps = ["SOURCE (L=1)", SOURCE_L3, "Fast-SOURCE (L=3)", "TracIn", "IF", "grad-dot", "TRAK", "unroll"]
     if sc.unroll_orders:
@@ -455,6 +456,9 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float], trak_g
             for dim, lam in trak_grid:
                 heldout["TRAK"][f"dim={dim}, λ={lam:g}"] = score(model, task, final, None, train, queries,
                                                                  method="trak", trak_dim=dim, damping=lam)
+                # TRAK's ensemble over the checkpoints SOURCE reads, for a comparison on equal inputs
+                heldout[TRAK_ALL][f"dim={dim}, λ={lam:g}"] = score(model, task, traj3, None, train, queries,
+                                                                   method="trak", trak_dim=dim, damping=lam)
         elif step == "unroll":
             s = _unroll(sc, run, model, task)
         else:
@@ -537,6 +541,7 @@ def evaluate(sc: Scenario, att: Attribution, folder: Path, *, subsets: int, seed
     paired = {
         f"{SOURCE_L3} − {IF_IMPLIED}": ev.paired_difference(results[SOURCE_L3], results[IF_IMPLIED]),
         f"{SOURCE_L3} − {IF_TUNED}": ev.paired_difference(results[SOURCE_L3], results[IF_TUNED]),
+        f"{SOURCE_L3} − {TUNED[TRAK_ALL]}": ev.paired_difference(results[SOURCE_L3], results[TUNED[TRAK_ALL]]),
     }
     out = {
         "lds": results, "paired": paired, "heldout_lds": heldout_lds, "chosen": chosen,
@@ -634,6 +639,7 @@ def lds_markdown(report: dict) -> str:
         ("IF damping 1/c (implied)", lambda r: f"{r['implied_damping']:.3g}"),
         ("IF damping chosen on held-out queries", lambda r: r["chosen"]["IF"].removeprefix("λ=")),
         ("TRAK dimension, damping chosen on held-out queries", lambda r: r["chosen"]["TRAK"]),
+        ("the same for TRAK over the C checkpoints", lambda r: r["chosen"][TRAK_ALL]),
         ("retraining seed agreement (Spearman of two seeds' losses)",
          lambda r: "—" if r["seed_agreement"] is None else f"{r['seed_agreement']:.3f}"),
         ("data orders unrolled for ρ vs unroll", lambda r: str(r.get("unroll_orders", "—"))),

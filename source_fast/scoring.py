@@ -31,7 +31,7 @@ from .trajectory import Checkpoint, Segment, Trajectory, load_into
 from .unroll import TrainingRecord
 
 Method = Literal["source", "fast_source", "ekfac", "tracin", "grad_dot", "grad_cos", "trak", "repsim", "unroll"]
-_FINAL_ONLY = ("ekfac", "grad_dot", "grad_cos", "trak", "repsim")
+_FINAL_ONLY = ("ekfac", "grad_dot", "grad_cos", "repsim")
 # Methods that score from per-example gradients in one pass over the data (self_score and
 # score_corpus take these); the rest are baselines that score whole examples at once.
 GRADIENT_METHODS = ("source", "fast_source", "ekfac", "tracin", "grad_dot")
@@ -96,7 +96,7 @@ def _segments_for(trajectory: Trajectory, train_data: Any, train_segments) -> li
 def used_segments(trajectory: Trajectory, method: str, train_data: Any, train_segments) -> list[int]:
     """The segments whose checkpoints score train_data: _segments_for's; the one-checkpoint methods' one
     segment scores any data, but a train_segments naming another is refused there too, not ignored."""
-    if method in _FINAL_ONLY and train_segments is None:
+    if (method in _FINAL_ONLY or method == "trak" and sum(trajectory.layout()) == 1) and train_segments is None:
         return [0]
     return _segments_for(trajectory, train_data, train_segments)
 
@@ -418,10 +418,12 @@ def score(
                     with c the segment's horizon; what SOURCE implies for SGD)
       "tracin"      Σ_ℓ (c_ℓ/((1 − β_ℓ)N_ℓ)) mean over the checkpoints of ⟨∇f(z_q, θ_c), ∇L(z_m, θ_c)⟩
       "grad_dot"    ⟨∇f(z_q, θ_T), ∇L(z_m, θ_T)⟩ / N at a one-checkpoint trajectory
-    Baselines for comparisons (one-checkpoint trajectory; factors unused):
+    Baselines for comparisons (factors unused; a one-checkpoint trajectory, except for trak):
       "grad_cos"    cosine of the two gradients (unitless)
       "trak"        TRAK: gradients projected to `trak_dim` dims by a Gaussian map seeded by `seed`,
-                    τ = φ_qᵀ (ΦᵀΦ + Nλ)⁻¹ φ_m (λ = `damping`; "heuristic": 0.1 × mean eigenvalue)
+                    τ = φ_qᵀ (ΦᵀΦ + Nλ)⁻¹ φ_m (λ = `damping`; "heuristic": 0.1 × mean eigenvalue),
+                    Φ the training loss's gradients; averaged over the checkpoints of the segments
+                    that trained on the data (TRAK's ensemble), or at a one-checkpoint trajectory
       "repsim"      cosine similarity of the last tracked layer's inputs (unitless)
       "unroll"      exact unrolled differentiation of the recorded run `record` (small models only;
                     in f's units, no 1/N: it is the first-order leave-one-out change itself)
@@ -465,8 +467,8 @@ def score(
                 raise ValueError(f"{option} is not available for method {method!r}; it applies to "
                                  f"{', '.join(GRADIENT_METHODS)}")
         with restored(model), reuse_large_blocks(model_device(model)):
-            return _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size,
-                             collate_fn, trak_dim, seed, record)
+            return _baseline(model, task, specs, trajectory, segments, method, train_data, query_data, damping,
+                             batch_size, collate_fn, trak_dim, seed, record)
     if query_memory_budget is None:
         query_memory_budget = automatic_query_budget(model_device(model))
     blocks = query_blocks(model, specs, trajectory, method, segments, 1 if sum_queries else n_query, query_rank,
@@ -753,24 +755,31 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
 _ALL = ""  # _score_block's key for the sum over modules (no module has the empty name)
 
 
-def _baseline(model, task, specs, trajectory, method, train_data, query_data, damping, batch_size, collate_fn,
-              trak_dim, seed, record) -> Tensor:
+def _baseline(model, task, specs, trajectory, segments, method, train_data, query_data, damping, batch_size,
+              collate_fn, trak_dim, seed, record) -> Tensor:
     if method == "unroll":
         return baselines.unroll(model, task, record, train_data, query_data, collate_fn)
-    load_into(model, trajectory.final_checkpoint, "final checkpoint")
-    if method == "repsim":
-        return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn)
-    # TRAK builds a dense Gaussian map per layer, dim · d_out · d_a (in float64 first).
     if method == "trak":
+        # TRAK builds a dense Gaussian map per layer, dim · d_out · d_a (in float64 first).
         need = int(trak_dim) * sum(s.d_out * s.d_a for s in specs) * (8 + factor_dtype(model).itemsize)
         budget = automatic_query_budget(model_device(model))
         if need > budget:
             raise ValueError(f"TRAK's projection with trak_dim={trak_dim} takes {need} bytes for these {len(specs)} "
                              f"layers, more than the {budget} available: lower trak_dim or track fewer layers")
+        # TRAK's ensemble: the mean of each checkpoint's scores, one map for all (one checkpoint: TRAK itself).
+        scores = []
+        for ell in segments:
+            for c, checkpoint in enumerate(trajectory.segments[ell].checkpoints):
+                load_into(model, checkpoint, f"segment {ell}, checkpoint {c}")
+                v, _ = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
+                scores.append(baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim,
+                                             damping=damping, seed=seed))
+        return sum(scores) / len(scores)
+    load_into(model, trajectory.final_checkpoint, "final checkpoint")
+    if method == "repsim":
+        return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn)
     v, _ = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
-    if method == "grad_cos":
-        return baselines.grad_cos(model, task, specs, v, train_data, batch_size, collate_fn)
-    return baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim, damping=damping, seed=seed)
+    return baselines.grad_cos(model, task, specs, v, train_data, batch_size, collate_fn)
 
 
 def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token: bool = False,

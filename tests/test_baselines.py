@@ -86,6 +86,29 @@ def test_trak_is_the_projected_influence_function(setup):
     assert torch.corrcoef(torch.stack([wide.flatten(), exact.flatten()]))[0, 1] > 0.95
 
 
+def test_trak_over_checkpoints_is_the_mean_of_each_checkpoints_trak(setup):
+    """TRAK's ensemble: one projection, each checkpoint's scores from its own gradients and damping,
+    averaged over the checkpoints of the segments that trained on the scored data (a second stage's
+    checkpoints do not count for the first stage's examples)."""
+    model, data, queries, _, _, _ = setup
+    ce = lambda out, y: F.cross_entropy(out, y, reduction="sum")  # noqa: E731
+    states = [{k: v + 0.2 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    other = classification_data(20, 4, 3, seed=5)
+    traj = sf.Trajectory([sf.Segment(states[:2], data, lr_sum=1.0), sf.Segment(states[2:], other, lr_sum=1.0)])
+    dim, n = 12, len(data)
+    gen = torch.Generator().manual_seed(3)
+    p = torch.cat([torch.randn(dim, o, i, generator=gen, dtype=torch.float64).flatten(1) for o, i in [(5, 5), (3, 6)]], 1) / dim**0.5
+    expected = 0
+    for state in states[:2]:
+        grads = [torch.cat([t.flatten(1) for t in per_example_grads(model, state, ce, *d.tensors, LAYERS).values()], 1)
+                 for d in (queries, data)]
+        phi_q, phi = grads[0] @ p.T, grads[1] @ p.T
+        lam = 0.1 * float(torch.trace(phi.T @ phi)) / (dim * n)  # "heuristic", at each checkpoint
+        expected = expected + phi_q @ torch.linalg.solve(phi.T @ phi / n + lam * torch.eye(dim, dtype=torch.float64), phi.T) / n / 2
+    got = sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=dim, seed=3)
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_repsim(setup):
     model, data, queries, traj, _, _ = setup
     got = sf.score(model, ClassifyTask(), traj, None, data, queries, method="repsim")

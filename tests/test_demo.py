@@ -9,7 +9,8 @@ import pytest
 SCENARIOS = ["standard", "non_converged", "multi_stage", "regression"]
 METHODS = [
     "SOURCE (L=1)", "SOURCE (L=3)", "Fast-SOURCE (L=3)", "TracIn", "IF (damping 1/c)", "IF (held-out damping)",
-    "grad-dot", "TRAK", "TRAK (held-out dim, damping)", "unroll", "same class",
+    "grad-dot", "TRAK", "TRAK (held-out dim, damping)", "TRAK, C checkpoints (held-out dim, damping)", "unroll",
+    "same class",
 ]
 
 
@@ -47,7 +48,7 @@ def test_demo_writes_a_well_formed_report(demo):
         for diff in sc["paired"].values():
             assert diff["low"] <= diff["mean"] <= diff["high"]
         # IF's damping and TRAK's dimension and damping are chosen on held-out queries, from their grids.
-        assert set(sc["chosen"]) == {"IF", "TRAK"}
+        assert set(sc["chosen"]) == {"IF", "TRAK", "TRAK, C checkpoints"}
         assert all(sc["chosen"][m] in sc["heldout_lds"][m] for m in sc["chosen"])
         assert sc["seed_agreement"] is None  # --quick retrains with one seed
     assert report["scenarios"]["regression"]["test_metric_name"] == "R²"
