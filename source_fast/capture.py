@@ -213,8 +213,11 @@ class Capturer:
 
     def _make_hook(self, spec: LayerSpec):
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor):
+            # Inputs and output gradients in the weights' dtype: under autocast a float32 model's layer
+            # sees bfloat16 ones (kronfluence takes them in float32 too), and the kernels take one dtype.
+            dtype = module.weight.dtype
             x = inputs[0]
-            a = self._tokens(spec, module, x.detach())
+            a = self._tokens(spec, module, x.detach().to(dtype))
             n, t = a.shape[0], a.shape[1]
             mask = self._layer_mask(spec, n, t, x.dim())
             # Dropped tokens are selected away, not multiplied by 0: a NaN or inf there (a fully masked
@@ -241,7 +244,7 @@ class Capturer:
                     g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
                 if keep is not None:
                     g = torch.where(keep, g, 0)
-                record.g = g.detach()
+                record.g = g.detach().to(dtype)
 
             output.register_hook(grad_hook)
             return output

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import stat
+import warnings
 
 import kronfluence
 import pytest
@@ -417,6 +418,12 @@ def test_amp_autocasts_the_forward_passes_as_kronfluence_does(tmp_path):
         _analyzer(kf, _mlp().float(), task, tmp_path / "f16").fit_all_factors(
             "f", _data(torch.float32)[0], per_device_batch_size=8,
             factor_args=FactorArguments(use_empirical_fisher=True, amp_dtype=torch.float16))
+    with warnings.catch_warnings(record=True) as caught:  # autocast to float32 is nothing: not run (torch warns)
+        warnings.simplefilter("always")
+        _analyzer(kf, _mlp().float(), task, tmp_path / "f32").fit_all_factors(
+            "f", _data(torch.float32)[0], per_device_batch_size=8,
+            factor_args=FactorArguments(use_empirical_fisher=True, amp_dtype=torch.float32))
+    assert not [w for w in caught if "autocast" in str(w.message)], [str(w.message) for w in caught]
     for dtype in (torch.float32, torch.bfloat16):
         model = _mlp().to(dtype)
         train, queries = _data(dtype)
@@ -431,7 +438,10 @@ def test_amp_autocasts_the_forward_passes_as_kronfluence_does(tmp_path):
         kron = scores["kron"]
         err = {k: float((v - kron).norm() / kron.norm()) for k, v in scores.items() if k != "kron"}
         assert float(torch.corrcoef(torch.stack([scores["shim"], kron]))[0, 1]) > 0.999, (dtype, err)
-        assert err["shim"] < err["shim without autocast"] / 3, (dtype, err)
+        # A float32 model's layers see bfloat16 under autocast; taken in float32, as kronfluence takes
+        # them, the scores agree to 0.007 (in bfloat16: 0.044). A bfloat16 model's stay bfloat16 here.
+        bound = {torch.float32: 0.02, torch.bfloat16: 0.05}[dtype]
+        assert err["shim"] < bound and err["shim"] < err["shim without autocast"] / 3, (dtype, err)
 
 
 def test_scoring_needs_the_eigendecomposition_and_lambda_as_kronfluence_says(tmp_path):

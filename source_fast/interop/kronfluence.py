@@ -440,9 +440,9 @@ def _autocast_dtype(args: Any, defaults: dict[str, Any], model: nn.Module) -> to
     float16 autocast is only run for a float16 model: kronfluence scales the loss (`amp_scale`) so that
     float16 output gradients of a float32 model do not underflow, which source_fast does not do."""
     amp = _get(args, "amp_dtype", defaults)
-    if amp is None:
-        return None
-    amp = _dtype(amp)
+    amp = None if amp is None else _dtype(amp)
+    if amp not in (torch.bfloat16, torch.float16):
+        return None  # torch.autocast to a wider dtype does nothing (it warns and turns itself off)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if amp == torch.bfloat16 or dtypes == {amp}:
         return amp
