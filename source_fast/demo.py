@@ -456,9 +456,11 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float], trak_g
             for dim, lam in trak_grid:
                 heldout["TRAK"][f"dim={dim}, λ={lam:g}"] = score(model, task, final, None, train, queries,
                                                                  method="trak", trak_dim=dim, damping=lam)
-                # TRAK's ensemble over the checkpoints SOURCE reads, for a comparison on equal inputs
+                # TRAK's ensemble over the checkpoints SOURCE reads (every stage's), for a comparison
+                # on equal inputs
                 heldout[TRAK_ALL][f"dim={dim}, λ={lam:g}"] = score(model, task, traj3, None, train, queries,
-                                                                   method="trak", trak_dim=dim, damping=lam)
+                                                                   method="trak", trak_dim=dim, damping=lam,
+                                                                   train_segments="all")
         elif step == "unroll":
             s = _unroll(sc, run, model, task)
         else:

@@ -423,7 +423,8 @@ def score(
       "trak"        TRAK: gradients projected to `trak_dim` dims by a Gaussian map seeded by `seed`,
                     τ = φ_qᵀ (ΦᵀΦ + Nλ)⁻¹ φ_m (λ = `damping`; "heuristic": 0.1 × mean eigenvalue),
                     Φ the training loss's gradients; averaged over the checkpoints of the segments
-                    that trained on the data (TRAK's ensemble), or at a one-checkpoint trajectory
+                    that trained on the data (TRAK's ensemble; the k-th checkpoint's map is seeded by
+                    `seed` + k), or at a one-checkpoint trajectory
       "repsim"      cosine similarity of the last tracked layer's inputs (unitless)
       "unroll"      exact unrolled differentiation of the recorded run `record` (small models only;
                     in f's units, no 1/N: it is the first-order leave-one-out change itself)
@@ -766,15 +767,17 @@ def _baseline(model, task, specs, trajectory, segments, method, train_data, quer
         if need > budget:
             raise ValueError(f"TRAK's projection with trak_dim={trak_dim} takes {need} bytes for these {len(specs)} "
                              f"layers, more than the {budget} available: lower trak_dim or track fewer layers")
-        # TRAK's ensemble: the mean of each checkpoint's scores, one map for all (one checkpoint: TRAK itself).
-        scores = []
-        for ell in segments:
-            for c, checkpoint in enumerate(trajectory.segments[ell].checkpoints):
-                load_into(model, checkpoint, f"segment {ell}, checkpoint {c}")
-                v, _ = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
-                scores.append(baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim,
-                                             damping=damping, seed=seed))
-        return sum(scores) / len(scores)
+        # TRAK's ensemble: the mean of the checkpoints' scores, each from its own map (seeds seed, seed + 1, ...,
+        # as TRAK seeds each model's projection apart), so that projection noise averages out too.
+        checkpoints = [(ell, c, ckpt) for ell in segments for c, ckpt in enumerate(trajectory.segments[ell].checkpoints)]
+        total = None
+        for k, (ell, c, checkpoint) in enumerate(checkpoints):
+            load_into(model, checkpoint, f"segment {ell}, checkpoint {c}")
+            v, _ = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
+            tau = baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim,
+                                 damping=damping, seed=seed + k)
+            total = tau if total is None else total.add_(tau)
+        return total / len(checkpoints)
     load_into(model, trajectory.final_checkpoint, "final checkpoint")
     if method == "repsim":
         return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn)

@@ -87,19 +87,19 @@ def test_trak_is_the_projected_influence_function(setup):
 
 
 def test_trak_over_checkpoints_is_the_mean_of_each_checkpoints_trak(setup):
-    """TRAK's ensemble: one projection, each checkpoint's scores from its own gradients and damping,
-    averaged over the checkpoints of the segments that trained on the scored data (a second stage's
-    checkpoints do not count for the first stage's examples)."""
+    """TRAK's ensemble: each checkpoint's scores from its own gradients, damping and map (seeded
+    seed + k), averaged over the checkpoints of the segments that trained on the scored data (a
+    second stage's checkpoints do not count for the first stage's examples)."""
     model, data, queries, _, _, _ = setup
     ce = lambda out, y: F.cross_entropy(out, y, reduction="sum")  # noqa: E731
     states = [{k: v + 0.2 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
     other = classification_data(20, 4, 3, seed=5)
     traj = sf.Trajectory([sf.Segment(states[:2], data, lr_sum=1.0), sf.Segment(states[2:], other, lr_sum=1.0)])
     dim, n = 12, len(data)
-    gen = torch.Generator().manual_seed(3)
-    p = torch.cat([torch.randn(dim, o, i, generator=gen, dtype=torch.float64).flatten(1) for o, i in [(5, 5), (3, 6)]], 1) / dim**0.5
     expected = 0
-    for state in states[:2]:
+    for k, state in enumerate(states[:2]):
+        gen = torch.Generator().manual_seed(3 + k)
+        p = torch.cat([torch.randn(dim, o, i, generator=gen, dtype=torch.float64).flatten(1) for o, i in [(5, 5), (3, 6)]], 1) / dim**0.5
         grads = [torch.cat([t.flatten(1) for t in per_example_grads(model, state, ce, *d.tensors, LAYERS).values()], 1)
                  for d in (queries, data)]
         phi_q, phi = grads[0] @ p.T, grads[1] @ p.T

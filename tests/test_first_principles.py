@@ -3,7 +3,8 @@ float64 quantities built from first principles: each layer's token rows and outp
 own forward hooks (Conv2d through F.unfold), per-example gradients from torch.func, dense Kronecker
 curvature, and one block matrix exponential per segment for SOURCE's e^{−M} and ∫₀¹e^{−sM}ds.
 test_engine does the same for an MLP with one token per example; test_layers checks these layers'
-scores through the library's own factors.
+scores through the library's own factors. Padding here holds garbage inputs but never reaches the
+loss, so these tests check the input side of masking; test_layers' NaN test checks the other.
 
 Tolerance 1e-10 of the largest entry: everything is float64, and only the order of sums, eigh and
 matrix_exp differ (observed ≤ 2e-14)."""
