@@ -23,6 +23,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +97,15 @@ def _run_one(train_fn: TrainFn, measure_fn: MeasureFn, indices: list[int], seed:
 def _init_worker(threads: int) -> None:
     # Several workers on a few cores: one BLAS thread each avoids oversubscription.
     torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        # A killed parent leaves its workers running the queue's retrainings for nobody: go with it.
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="source_fast: exit with the parent", daemon=True).start()
 
 
 class _Cache:
@@ -248,7 +259,13 @@ def _run_jobs(pool: cf.Executor, train_fn, measure_fn, subsets, seeds, jobs, fin
         for fut in cf.as_completed(futures):
             finish(*futures[fut], fut.result())  # re-raises a worker's exception here
             recorded.add(fut)
-    except BaseException:  # a failed run or KeyboardInterrupt: start nothing new, keep what finishes
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the workers too (one process group), and a pool broken that way may never
+        # settle a running future (CPython's manager thread fails on the cancelled ones): waiting for
+        # them could hang, so start nothing new and go; what finished is already in the cache.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    except BaseException:  # a failed run: start nothing new, keep what finishes
         for fut in futures:
             fut.cancel()
         cf.wait(futures)

@@ -5,7 +5,14 @@ and with f = the query's prediction (linear in θ) the exact influence function 
 leave-half-out changes almost perfectly: its LDS must be near 1, its negation's near −1.
 """
 
+import contextlib
 import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +145,58 @@ def test_worker_processes_match_inline_and_keep_finished_runs(tmp_path):
     resumed = ev.retrain(counter, predict, subsets, cache_dir=tmp_path, progress=False)
     assert counter.calls == len(subsets) - cached
     torch.testing.assert_close(resumed, reference)
+
+
+def _slow_pid(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_workers_exit_when_the_parent_is_killed():
+    """A SIGKILLed retrain (or demo) must not leave its worker processes running."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from source_fast import eval as ev; import test_eval; "
+            "pool = ev.worker_pool(2); "
+            "print(*sorted({f.result() for f in [pool.submit(test_eval._slow_pid, 1.0) for _ in range(2)]}), flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(__file__)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert len(workers) == 2, workers
+    proc.kill()
+    proc.wait()
+
+    def alive(pid):  # an exited worker nobody reaps is a zombie ("Z") until init does
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers)), workers
+
+
+def test_ctrl_c_while_workers_start_stops_the_run():
+    """Ctrl-C reaches the whole process group; with workers still importing, CPython's pool could be
+    left with a running future nobody settles, and waiting for it hung forever."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from source_fast import eval as ev; import test_eval; "
+            "pool = ev.worker_pool(2); print('ready', flush=True); "
+            "ev.retrain(test_eval._slow_fit, test_eval.predict, ev.random_subsets(test_eval.N, 8, seed=5), "
+            "executor=pool, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(__file__)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        assert proc.wait(timeout=30) != 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _slow_fit(indices, seed):
+    time.sleep(0.2)
+    return fit(indices, seed)
 
 
 def _random_draw(indices, seed):
