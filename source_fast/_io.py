@@ -120,6 +120,11 @@ def folder_lock(folder: Path, name: str) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# safetensors' save_file writes `.tmpXXXXXX` beside the path it is given, then renames it there: a kill
+# in between leaves one, which the temps of our own atomic writes (`.NAME.XXXX.tmp`) do not match.
+SAFETENSORS_TEMP = ".tmp??????"
+
+
 def remove_stale_temps(folder: Path, *patterns: str) -> None:
     """Deletes the temp files of atomic writes that a killed process never renamed (call it only while
     no live writer of the folder can have some: under its lock, or before any rank writes)."""

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from . import ops
 from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world, same_on_all_ranks, sole_writer
-from ._io import atomic_path, check_folder, folder_lock, remove_stale_temps, sha256_file, write_named_by_content
+from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, remove_stale_temps, sha256_file,
+                  write_named_by_content)
 from ._passes import (
     available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
     run_pass, share_start,
@@ -137,7 +138,7 @@ class Factors:
                         tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
         with folder_lock(path, ".factors.lock") as locked:  # a concurrent save would delete this one's tensors
             if locked:
-                remove_stale_temps(path, ".factors.*.tmp")
+                remove_stale_temps(path, ".factors.*.tmp", SAFETENSORS_TEMP)
             else:
                 warn(f"{path}: the file system does not lock files: earlier saves' files are left in place, as a "
                      "save running at the same time may be writing them")
@@ -512,7 +513,7 @@ class _FitProgress:
             else:
                 with atomic_path(path) as tmp:
                     tmp.write_text(json.dumps({"format": "source_fast.fit_progress", "fingerprint": fingerprint}, indent=1))
-            remove_stale_temps(self.folder, ".*.tmp")  # under sole_writer's lock
+            remove_stale_temps(self.folder, ".*.tmp", SAFETENSORS_TEMP)  # under sole_writer's lock
         if all_reduce_int(problem is not None, device):
             raise ValueError(problem if rank == 0 else f"{self.folder} cannot be resumed here: rank 0 says why")
 

@@ -83,11 +83,21 @@ def fit(job_path, out, *, fisher="true", average_params=False, final=False, seed
                               batch_size=job.batch_size, collate_fn=job.collate_fn, progress=True, resume_dir=partial)
         if rank_and_world()[0] == 0:
             factors.save(out)
-            shutil.rmtree(partial)
+            _remove_passes(partial)
         barrier()
     if rank_and_world()[0] == 0:
         print(f"factors of {len(factors.segments)} segment(s), {len(factors.layers)} layers, written to {out}")
     return factors
+
+
+def _remove_passes(partial: Path) -> None:
+    """The finished passes go before the fit.json that names their fit: a kill in between leaves a
+    folder the next fit resumes (computing again what went), not passes no fit.json explains."""
+    for path in partial.iterdir():
+        if path.name != "fit.json" and path.is_file():
+            path.unlink()
+    (partial / "fit.json").unlink(missing_ok=True)
+    shutil.rmtree(partial)
 
 
 def score(job_path, factors_dir, out, *, method="source", damping=None, top_k=None, shard_size=4096,

@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import source_fast as sf
 from source_fast.corpus import load_scores, load_top_k
+from source_fast.jobs import _remove_passes
 
 JOB = textwrap.dedent('''
     import torch
@@ -230,3 +232,32 @@ def test_fit_holds_the_resume_folder_until_the_factors_are_saved(tmp_path, monke
     jobs.fit(job_file, tmp_path / "out", fisher="empirical")
     assert seen == ["locked"] and not (tmp_path / "out.partial").exists()
     assert (tmp_path / "out" / "factors.json").exists()
+
+
+def test_the_passes_go_before_the_fit_json_that_names_them(tmp_path, monkeypatch):
+    """`source-fast fit` removes `<out>.partial` once the factors are saved: killed at any point of
+    that, what is left is either nothing or passes with their fit.json, which a rerun resumes (passes
+    without it are refused, and the user was told to delete them)."""
+    names = ["seg0_cov0.safetensors", "seg0_lam0.safetensors", "fit.json", "seg1_cov0.safetensors", ".fit_factors.lock"]
+    unlink = Path.unlink
+    for stop in range(len(names) + 1):
+        partial = tmp_path / f"out{stop}.partial"
+        partial.mkdir()
+        for name in names:
+            (partial / name).write_text(name)
+        calls = []
+
+        def killed(path, *args, **kwargs):
+            if len(calls) == stop:
+                raise KeyboardInterrupt
+            calls.append(path)
+            return unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "unlink", killed)
+        try:
+            _remove_passes(partial)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(Path, "unlink", unlink)
+        left = {p.name for p in partial.iterdir()} if partial.exists() else set()
+        assert "fit.json" in left or not any(n.startswith("seg") for n in left), (stop, left)

@@ -97,12 +97,13 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
     # What a job killed while writing leaves: temp files that never got their names. A rerun removes them.
     (tmp_path / "shards" / f".{shard.name}.x1y2.tmp").write_bytes(blob[:100])
     (tmp_path / ".rows.json.x1y2.tmp").write_text("{")
+    (tmp_path / "shards" / ".tmpAb3dE9").write_bytes(blob[:100])  # safetensors' own, inside save_file
     assert shard.read_bytes() == bytes(blob)  # reading reports the shard, it leaves it for the rerun
     score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=True)
     assert "shard 2/3: rows 32-64: its shard was corrupted, incomplete or of other examples; scoring it again" in \
         capsys.readouterr().out
     assert _digest(tmp_path) == before
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".tmp*"))
     (tmp_path / "manifest.json").unlink()  # its shards can no longer say which run they are from
     with pytest.raises(ValueError, match="holds score shards but no manifest.json"):
         score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
