@@ -219,6 +219,40 @@ def test_saved_arguments_and_datasets_are_compared(lib, tmp_path):
     assert analyzer.load_pairwise_scores("s")["all_modules"].shape == (len(queries), 10)
 
 
+def test_a_stopped_overwrite_leaves_no_old_files_to_be_taken_as_new(tmp_path, monkeypatch):
+    """A stage or a score whose file exists is skipped (returned) unless overwrite_output_dir, as in
+    kronfluence. A run with overwrite_output_dir=True stopped in the Λ stage used to leave the old Λ
+    (from other data, in another eigenbasis) beside the new covariances, and a stopped scoring the old
+    scores: the next run without overwrite took them as its own."""
+    model, task = _mlp(), ClassifyTask()
+    train, queries = _data()
+    old = TensorDataset(*(t[:20] for t in train.tensors))
+    analyzer = _analyzer(kf, model, task, tmp_path)
+    args = FactorArguments(**FACTOR_ARGS)
+    analyzer.fit_all_factors("f", old, per_device_batch_size=8, factor_args=args)
+    _pairwise(analyzer, "s", "f", old, queries)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(kf, "_lambdas", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=args, overwrite_output_dir=True)
+    (analyzer.factors_output_dir("f") / ".tmpAb3dE9").write_bytes(b"safetensors' temp of a killed write")
+    analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=args)
+    assert not list(analyzer.factors_output_dir("f").glob(".tmp*"))
+    counts = {stem: load_file(str(analyzer.factors_output_dir("f") / f"{stem}.safetensors"))
+              for stem in ("num_activation_covariance_processed", "num_lambda_processed")}
+    assert {int(c.flatten()[0]) for t in counts.values() for c in t.values()} == {len(train)}
+    with monkeypatch.context() as m:
+        m.setattr(kf, "score", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            analyzer.compute_pairwise_scores("s", "f", queries, train, per_device_query_batch_size=4,
+                                             score_args=ScoreArguments(**SCORE_ARGS), overwrite_output_dir=True)
+    assert _pairwise(analyzer, "s", "f", train, queries).shape == (len(queries), len(train))
+
+
 # ---- 5. score options ------------------------------------------------------------------------
 
 

@@ -35,6 +35,9 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   are ignored. `query_gradient_low_rank` maps to source_fast's `query_rank` (exact SVD, never
   randomized: kronfluence's `use_full_svd=True`). A model wrapped by torch.compile is analysed
   through the module it wraps (kronfluence's module names).
+- Files. A stage (or scoring) that runs removes its old files, and the later stages' computed from
+  them, before it computes: kronfluence skips a stage whose files exist, so a run stopped midway must
+  not leave old files to be taken for the new data's.
 - Batching. `per_device_batch_size=None` does not search for the largest batch: it means 32. Pairwise
   scoring holds as many prepared queries as fit in the larger of `per_device_query_batch_size`
   queries and source_fast's default query budget (1 GiB), and reads the training set once per such
@@ -60,7 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from .._io import atomic_dir, atomic_path
+from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, remove_stale_temps
 from .._warn import warn
 from ..capture import LayerSpec, tracked_layers
 from ..factors import Factors, LayerFactors, _covariances, _eigh, _lambdas, factor_dtype, pass_seed, restored
@@ -81,6 +84,7 @@ LAMBDA, LAMBDA_COUNT = "lambda_matrix", "num_lambda_processed"
 COVARIANCE_STEMS = (A_COV, S_COV, A_COUNT, S_COUNT)
 EIGEN_STEMS = (Q_A, E_A, Q_S, E_S)
 LAMBDA_STEMS = (LAMBDA, LAMBDA_COUNT)
+STAGES = (COVARIANCE_STEMS, EIGEN_STEMS, LAMBDA_STEMS)  # each computed from the one before
 FACTOR_ARGS_FILE = "factor_arguments.json"
 SCORE_ARGS_FILE = "score_arguments.json"
 MODEL_FILE = "model.safetensors"
@@ -717,7 +721,15 @@ class Analyzer:
         out.mkdir(parents=True, exist_ok=True)
         if _exist(out, stems) and not overwrite_output_dir:
             return None
-        return out, self._factor_args(factor_args, out, overwrite_output_dir)
+        args = self._factor_args(factor_args, out, overwrite_output_dir)
+        # A stage whose files exist is skipped: a run stopped in this one must not leave this stage's old
+        # files, or a later stage's, for the next run to take as this data's. (Also the temp files of
+        # writes a killed run never finished; one run writes a folder at a time, as with kronfluence.)
+        for later in STAGES[STAGES.index(stems):]:
+            for stem in later:
+                (out / f"{stem}.safetensors").unlink(missing_ok=True)
+        remove_stale_temps(out, ".*.tmp", SAFETENSORS_TEMP)
+        return out, args
 
     def _save_loaded_arguments(self, stage: str, source: Path, out: Path) -> None:
         """kronfluence records the arguments of factors taken from another directory (always overwritten)."""
@@ -919,10 +931,11 @@ class Analyzer:
 
     # ---- scores ----------------------------------------------------------------------------------
 
-    def _score_setup(self, out: Path, factors_name: str, score_args: Any, overwrite_output_dir: bool,
-                     datasets: dict[str, tuple[Any, Any]]) -> tuple[Factors, dict[str, Any]]:
+    def _score_setup(self, out: Path, scores_file: str, factors_name: str, score_args: Any,
+                     overwrite_output_dir: bool, datasets: dict[str, tuple[Any, Any]]) -> tuple[Factors, dict[str, Any]]:
         """kronfluence's order: the score arguments and the factors' arguments saved (or compared), the
-        datasets' metadata likewise, then the factors loaded."""
+        datasets' metadata likewise, then the factors loaded. The old scores go (as the factors' stages
+        do): a run stopped before writing them must not leave them to be returned as this run's."""
         factors_dir = self.factors_output_dir(factors_name)
         if not (factors_dir / FACTOR_ARGS_FILE).exists():
             raise FactorsNotFoundError(f"Factors with name `{factors_name}` not found at `{factors_dir}`.")
@@ -936,7 +949,10 @@ class Analyzer:
         _save_arguments(out / FACTOR_ARGS_FILE, _factor_args_json(factors_dir), overwrite_output_dir)
         for name, (dataset, indices) in datasets.items():
             _save_dataset_metadata(name, dataset, indices, out, overwrite_output_dir)
-        return load_factors(factors_dir, self.model, self._task), args
+        factors = load_factors(factors_dir, self.model, self._task)
+        (out / scores_file).unlink(missing_ok=True)
+        remove_stale_temps(out, ".*.tmp", SAFETENSORS_TEMP)
+        return factors, args
 
     def _query_budget(self, queries: int, rank: int | None) -> int:
         """The bytes `score` may hold for prepared queries: at least `queries` of them (the per-query
@@ -977,8 +993,9 @@ class Analyzer:
         if (out / "pairwise_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "pairwise_scores.safetensors")
         task = self._task_for(score_args, SCORE_DEFAULTS)
-        factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
-                                          {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
+        factors, args = self._score_setup(
+            out, "pairwise_scores.safetensors", factors_name, score_args, overwrite_output_dir,
+            {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
         if args["compute_per_token_scores"] and args["aggregate_train_gradients"]:
             warn("per-token scores do not apply to aggregated training gradients: "
                  "compute_per_token_scores is ignored, as kronfluence does")
@@ -1029,8 +1046,8 @@ class Analyzer:
         if (out / "self_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "self_scores.safetensors")
         task = self._task_for(score_args, SCORE_DEFAULTS)
-        factors, args = self._score_setup(out, factors_name, score_args, overwrite_output_dir,
-                                          {"train": (train_dataset, train_indices)})
+        factors, args = self._score_setup(out, "self_scores.safetensors", factors_name, score_args,
+                                          overwrite_output_dir, {"train": (train_dataset, train_indices)})
         ignored = sorted(k for k, v in SELF_IGNORED.items() if args[k] != v)
         if ignored:
             warn(f"{ignored} do not apply to self-influence scores: ignored, as kronfluence does")
