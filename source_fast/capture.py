@@ -212,10 +212,13 @@ class Capturer:
             self._mask = None
 
     def _make_hook(self, spec: LayerSpec):
+        # Inputs and output gradients in the weights' dtype: under autocast a float32 model's layer sees
+        # bfloat16 ones (kronfluence takes them in float32 too), and the kernels take one dtype. Not for
+        # integer weights (an 8-bit quantized layer computes in its inputs' dtype).
+        weight = self.modules[spec.name].weight
+        dtype = weight.dtype if weight.is_floating_point() else None
+
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor):
-            # Inputs and output gradients in the weights' dtype: under autocast a float32 model's layer
-            # sees bfloat16 ones (kronfluence takes them in float32 too), and the kernels take one dtype.
-            dtype = module.weight.dtype
             x = inputs[0]
             a = self._tokens(spec, module, x.detach().to(dtype))
             n, t = a.shape[0], a.shape[1]

@@ -362,3 +362,32 @@ def test_batchnorm_models_are_told_they_run_in_eval_mode():
                                          r"mode they normalise each batch by its own"):
         sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment([{k: v.clone() for k, v in model.state_dict().items()}],
                                                                           data, lr_sum=0.1)]))
+
+
+class Int8Linear(nn.Linear):
+    """An 8-bit layer as bitsandbytes makes them: an nn.Linear with an integer weight, dequantized in forward."""
+
+    def __init__(self, lin):
+        super().__init__(lin.in_features, lin.out_features)
+        self.scale = float(lin.weight.abs().max()) / 127
+        self.weight = nn.Parameter(torch.round(lin.weight.detach() / self.scale).to(torch.int8), requires_grad=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+
+def test_a_layer_with_integer_weights_is_captured_in_its_inputs_dtype():
+    """Inputs and output gradients are taken in a layer's weight dtype (autocast), but an integer
+    weight is no dtype to compute in: they stay as they come (before, they were rounded to int8)."""
+    from source_fast.capture import Capturer, tracked_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model[2] = Int8Linear(model[2]).double()
+    model.requires_grad_(False)  # loaded for inference: every layer counts
+    capturer = Capturer(model, tracked_layers(model, None))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with capturer.capture(None) as records:
+        model(x).sum().backward()
+    assert records["2"].a.dtype == records["2"].g.dtype == torch.float64
+    assert torch.equal(records["2"].a[:, 0], torch.tanh(model[0](x)))
