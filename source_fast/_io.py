@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -127,11 +128,20 @@ SAFETENSORS_TEMP = ".tmp??????"
 
 def remove_stale_temps(folder: Path, *patterns: str) -> None:
     """Deletes the temp files of atomic writes that a killed process never renamed (call it only while
-    no live writer of the folder can have some: under its lock, or before any rank writes)."""
+    no live writer of the folder can have some: under its lock, or before any rank writes). A name
+    like safetensors' temps is not enough (a user's `.tmpfiles` is one): the file must also be empty
+    or start as a safetensors file does."""
     for pattern in patterns:
         for stale in folder.glob(pattern):
-            if stale.is_file():
+            if stale.is_file() and (not fnmatch.fnmatch(stale.name, SAFETENSORS_TEMP) or _safetensors_start(stale)):
                 stale.unlink(missing_ok=True)
+
+
+def _safetensors_start(path: Path) -> bool:
+    """Empty, or an 8-byte little-endian header length followed by the header's JSON `{`."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return not head or (len(head) == 9 and head[8:] == b"{")
 
 
 def _exchange(a: Path, b: Path) -> bool:

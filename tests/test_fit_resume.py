@@ -142,7 +142,7 @@ def test_damaged_pass_files_are_computed_again_and_stale_files_go(tmp_path):
     lam.write_bytes(bytes(blob))
     cov.write_bytes(cov.read_bytes()[:-20])
     (tmp_path / ".seg1_lam0.safetensors.k1ll3d.tmp").write_bytes(b"half a pass")
-    (tmp_path / ".tmpQ7rT2x").write_bytes(b"half a pass")  # safetensors' own temp inside save_file
+    (tmp_path / ".tmpQ7rT2x").write_bytes(lam.read_bytes()[:50])  # safetensors' own temp inside save_file
     (tmp_path / ".someone_elses.tmp").mkdir()  # a folder of that name is not a temp file of ours: left alone
     with pytest.warns(UserWarning) as caught:
         again = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
@@ -168,9 +168,10 @@ def test_a_killed_save_leaves_no_temp_files_after_the_next(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / ".factors.0123abcd.tmp").write_bytes(b"a killed save's tensors")
     (tmp_path / ".factors.json.k1ll3d.tmp").write_text("{")
-    (tmp_path / ".tmpZ9y8X7").write_bytes(b"safetensors' own temp, inside save_file")
+    (tmp_path / ".tmpZ9y8X7").write_bytes(b"")  # safetensors' own temp, inside save_file, killed at once
+    (tmp_path / ".tmpfiles").write_text("a user's file, with a name like safetensors' temps")
     factors.save(tmp_path)
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".tmp*"))
+    assert not list(tmp_path.glob("*.tmp")) and [p.name for p in tmp_path.glob(".tmp*")] == [".tmpfiles"]
     assert torch.equal(sf.Factors.load(tmp_path).segments[1]["0"].lam, factors.segments[1]["0"].lam)
 
 
