@@ -239,10 +239,12 @@ def test_a_stopped_overwrite_leaves_no_old_files_to_be_taken_as_new(tmp_path, mo
         m.setattr(kf, "_lambdas", stopped)
         with pytest.raises(KeyboardInterrupt):
             analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=args, overwrite_output_dir=True)
-    (analyzer.factors_output_dir("f") / ".tmpAb3dE9").write_bytes(b"safetensors' temp of a killed write")
+    folder = analyzer.factors_output_dir("f")
+    killed = (folder / "activation_covariance.safetensors").read_bytes()[:30]  # what a killed write leaves
+    (folder / ".tmpAb3dE9").write_bytes(killed)
     analyzer.fit_all_factors("f", train, per_device_batch_size=8, factor_args=args)
-    assert not list(analyzer.factors_output_dir("f").glob(".tmp*"))
-    counts = {stem: load_file(str(analyzer.factors_output_dir("f") / f"{stem}.safetensors"))
+    assert not list(folder.glob(".tmp*"))
+    counts = {stem: load_file(str(folder / f"{stem}.safetensors"))
               for stem in ("num_activation_covariance_processed", "num_lambda_processed")}
     assert {int(c.flatten()[0]) for t in counts.values() for c in t.values()} == {len(train)}
     with monkeypatch.context() as m:
@@ -251,6 +253,13 @@ def test_a_stopped_overwrite_leaves_no_old_files_to_be_taken_as_new(tmp_path, mo
             analyzer.compute_pairwise_scores("s", "f", queries, train, per_device_query_batch_size=4,
                                              score_args=ScoreArguments(**SCORE_ARGS), overwrite_output_dir=True)
     assert _pairwise(analyzer, "s", "f", train, queries).shape == (len(queries), len(train))
+    # A stage refused by its checks (another dataset than the saved one) removes nothing.
+    for path in folder.glob("*covariance*.safetensors"):
+        path.unlink()
+    kept = sorted(p.name for p in folder.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="dataset that differs"):
+        analyzer.fit_covariance_matrices("f", old, per_device_batch_size=8, factor_args=args)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == kept and kept
 
 
 # ---- 5. score options ------------------------------------------------------------------------

@@ -444,9 +444,13 @@ def _autocast_dtype(args: Any, defaults: dict[str, Any], model: nn.Module) -> to
     float16 autocast is only run for a float16 model: kronfluence scales the loss (`amp_scale`) so that
     float16 output gradients of a float32 model do not underflow, which source_fast does not do."""
     amp = _get(args, "amp_dtype", defaults)
-    amp = None if amp is None else _dtype(amp)
+    if amp is None:
+        return None
+    amp = _dtype(amp)
     if amp not in (torch.bfloat16, torch.float16):
-        return None  # torch.autocast to a wider dtype does nothing (it warns and turns itself off)
+        # float32 autocast runs a 16-bit model's forward in float32 on CUDA; on the CPU torch warns and
+        # turns it off, so it is not run there.
+        return amp if next(model.parameters()).device.type == "cuda" else None
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if amp == torch.bfloat16 or dtypes == {amp}:
         return amp
@@ -639,6 +643,7 @@ class Analyzer:
         self.progress = not disable_tqdm
         self.output_dir = Path(output_dir).joinpath(analysis_name).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.output_dir, ".*.tmp", SAFETENSORS_TEMP)  # of a killed model.safetensors write
         self._dataloader_kwargs: Any = None
         if not disable_model_save:
             self._save_model()
@@ -721,15 +726,18 @@ class Analyzer:
         out.mkdir(parents=True, exist_ok=True)
         if _exist(out, stems) and not overwrite_output_dir:
             return None
-        args = self._factor_args(factor_args, out, overwrite_output_dir)
-        # A stage whose files exist is skipped: a run stopped in this one must not leave this stage's old
-        # files, or a later stage's, for the next run to take as this data's. (Also the temp files of
-        # writes a killed run never finished; one run writes a folder at a time, as with kronfluence.)
+        return out, self._factor_args(factor_args, out, overwrite_output_dir)
+
+    @staticmethod
+    def _clear(out: Path, stems: tuple[str, ...]) -> None:
+        """Before a stage computes (its checks passed): a stage whose files exist is skipped, so a run
+        stopped in this one must not leave this stage's old files, or a later stage's, for the next run
+        to take as this data's. Also the temp files of writes a killed run never finished (one run
+        writes a folder at a time, as with kronfluence)."""
         for later in STAGES[STAGES.index(stems):]:
             for stem in later:
                 (out / f"{stem}.safetensors").unlink(missing_ok=True)
         remove_stale_temps(out, ".*.tmp", SAFETENSORS_TEMP)
-        return out, args
 
     def _save_loaded_arguments(self, stage: str, source: Path, out: Path) -> None:
         """kronfluence records the arguments of factors taken from another directory (always overwritten)."""
@@ -776,6 +784,7 @@ class Analyzer:
             return
         out, args = stage
         _save_dataset_metadata("covariance", dataset, None, out, overwrite_output_dir)
+        self._clear(out, COVARIANCE_STEMS)
         data = _limited(dataset, args["covariance_max_examples"])
         loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
@@ -808,6 +817,7 @@ class Analyzer:
         if covs is None:
             raise FactorsNotFoundError(f"Covariance matrices not found at `{source}`. To perform eigendecomposition, "
                                        "covariance matrices need to be first computed.")
+        self._clear(out, EIGEN_STEMS)
         if load_from_factors_name is not None:
             _write_group(out, covs, None)
             self._save_loaded_arguments("covariance", source, out)
@@ -850,6 +860,7 @@ class Analyzer:
                 f"Eigendecomposition results not found at `{source}`. To fit Lambda matrices for `ekfac`, "
                 "eigendecomposition must be performed before computing Lambda matrices."
             )
+        self._clear(out, LAMBDA_STEMS)
         if load_from_factors_name is not None:
             _write_group(out, eigen, None)
             self._save_loaded_arguments("eigendecomposition", source, out)
