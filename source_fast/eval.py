@@ -94,10 +94,9 @@ def _run_one(train_fn: TrainFn, measure_fn: MeasureFn, indices: list[int], seed:
     return out
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     # Several workers on a few cores: one BLAS thread each avoids oversubscription.
     torch.set_num_threads(threads)
-    parent = os.getppid()
 
     def exit_with_parent() -> None:
         # A killed parent leaves its workers running the queue's retrainings for nobody: go with it.
@@ -242,36 +241,43 @@ def worker_pool(workers: int, threads_per_worker: int = 1) -> cf.ProcessPoolExec
     if workers < 1 or threads_per_worker < 1:
         raise ValueError(f"workers and threads_per_worker must be >= 1, got {workers}, {threads_per_worker}")
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and CUDA state
+    # The parent's pid from here, not from the worker's getppid(): the parent may die while it starts.
     pool = cf.ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads_per_worker,)
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads_per_worker, os.getpid())
     )
     # Processes start on demand: one no-op each starts them all now, so their imports overlap with
     # whatever the caller does before the first retraining.
     for _ in range(workers):
-        pool.submit(_init_worker, threads_per_worker)
+        pool.submit(os.getpid)
     return pool
 
 
 def _run_jobs(pool: cf.Executor, train_fn, measure_fn, subsets, seeds, jobs, finish) -> None:
     futures = {pool.submit(_run_one, train_fn, measure_fn, subsets[i], seeds[r]): (i, r) for i, r in jobs}
     recorded = set()
+
+    def keep_finished() -> None:
+        for fut, (i, r) in futures.items():
+            if fut.done() and fut not in recorded and not fut.cancelled() and fut.exception() is None:
+                finish(i, r, fut.result())
+
     try:
         for fut in cf.as_completed(futures):
             finish(*futures[fut], fut.result())  # re-raises a worker's exception here
             recorded.add(fut)
     except KeyboardInterrupt:
         # Ctrl-C reaches the workers too (one process group), and a pool broken that way may never
-        # settle a running future (CPython's manager thread fails on the cancelled ones): waiting for
-        # them could hang, so start nothing new and go; what finished is already in the cache.
-        pool.shutdown(wait=False, cancel_futures=True)
+        # settle a running future (CPython's manager thread fails on cancelled ones): keep what has
+        # finished, start nothing new, and go without waiting.
+        keep_finished()
+        for fut in futures:
+            fut.cancel()
         raise
     except BaseException:  # a failed run: start nothing new, keep what finishes
         for fut in futures:
             fut.cancel()
         cf.wait(futures)
-        for fut, (i, r) in futures.items():
-            if fut not in recorded and not fut.cancelled() and fut.exception() is None:
-                finish(i, r, fut.result())
+        keep_finished()
         raise
 
 

@@ -5,12 +5,14 @@ and with f = the query's prediction (linear in θ) the exact influence function 
 leave-half-out changes almost perfectly: its LDS must be near 1, its negation's near −1.
 """
 
+import concurrent.futures as cf
 import contextlib
 import functools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,33 +149,30 @@ def test_worker_processes_match_inline_and_keep_finished_runs(tmp_path):
     torch.testing.assert_close(resumed, reference)
 
 
-def _slow_pid(seconds):
-    time.sleep(seconds)
-    return os.getpid()
-
-
 def test_workers_exit_when_the_parent_is_killed():
-    """A SIGKILLed retrain (or demo) must not leave its worker processes running."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from source_fast import eval as ev; import test_eval; "
-            "pool = ev.worker_pool(2); "
-            "print(*sorted({f.result() for f in [pool.submit(test_eval._slow_pid, 1.0) for _ in range(2)]}), flush=True); "
-            "time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(__file__)], stdout=subprocess.PIPE, text=True)
-    workers = [int(p) for p in proc.stdout.readline().split()]
-    assert len(workers) == 2, workers
+    """A SIGKILLed retrain (or demo) must not leave its worker processes running, also when it dies
+    while they still start (importing torch)."""
+    code = ("import sys, time; from source_fast import eval as ev; pool = ev.worker_pool(2); "
+            "print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+
+    def state(pid):  # (parent, state) from /proc; an exited process nobody reaps stays a zombie, "Z"
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            return None, None
+        return int(fields[1]), fields[0]
+
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and state(p.name)[0] == proc.pid]
+    assert len(children) >= 2, children  # the two workers (and multiprocessing's resource tracker)
     proc.kill()
     proc.wait()
-
-    def alive(pid):  # an exited worker nobody reaps is a zombie ("Z") until init does
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-
-    deadline = time.time() + 10
-    while any(map(alive, workers)) and time.time() < deadline:
+    alive = lambda: [pid for pid in children if state(pid)[1] not in (None, "Z")]  # noqa: E731
+    deadline = time.time() + 20
+    while alive() and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(map(alive, workers)), workers
+    assert not alive()
 
 
 def test_ctrl_c_while_workers_start_stops_the_run():
@@ -192,6 +191,27 @@ def test_ctrl_c_while_workers_start_stops_the_run():
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_an_interrupt_keeps_the_finished_runs_and_the_callers_pool(tmp_path, monkeypatch):
+    """Ctrl-C (here while the first finished run is being cached): every run that finished is cached,
+    and a pool the caller passed stays usable."""
+    subsets = ev.random_subsets(N, 6, seed=2)
+    save = ev._Cache.save
+
+    def slow_save(self, *args):
+        time.sleep(0.2)
+        save(self, *args)
+
+    monkeypatch.setattr(ev._Cache, "save", slow_save)
+    with cf.ThreadPoolExecutor(4) as pool:
+        for fut in [pool.submit(fit, s, 0) for s in subsets]:  # warm: the runs finish at once
+            fut.result()
+        threading.Timer(0.1, signal.raise_signal, (signal.SIGINT,)).start()
+        with pytest.raises(KeyboardInterrupt):
+            ev.retrain(fit, predict, subsets, cache_dir=tmp_path, executor=pool, progress=False)
+        assert pool.submit(int).result() == 0
+    assert len(list((tmp_path / "runs").glob("*.pt"))) == len(subsets)
 
 
 def _slow_fit(indices, seed):
