@@ -517,8 +517,9 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
             why = (": SOURCE needs no damping (its factor at zero curvature is the horizon c)"
                    if option == "damping" and method in ("source", "fast_source") else "")
             raise ValueError(f"{option} is not used by method {method!r}, only by {' and '.join(users[option])}{why}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in torch.manual_seed's range [-2**63, 2**64), got {seed!r}")
     # Checked here, before any pass: TRAK reads the training data only after the queries' gradients.
     check_count("trak_dim", trak_dim, none_ok=True)
     if method == "trak" and damping is not None and damping != "heuristic" and not (
@@ -775,7 +776,7 @@ def _baseline(model, task, specs, trajectory, segments, method, train_data, quer
             load_into(model, checkpoint, f"segment {ell}, checkpoint {c}")
             v, _ = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
             tau = baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim,
-                                 damping=damping, seed=seed + k)
+                                 damping=damping, seed=(seed + k) % 2**64 if seed >= 0 else seed + k)  # in range
             total = tau if total is None else total.add_(tau)
         return total / len(checkpoints)
     load_into(model, trajectory.final_checkpoint, "final checkpoint")

@@ -107,6 +107,9 @@ def test_trak_over_checkpoints_is_the_mean_of_each_checkpoints_trak(setup):
         expected = expected + phi_q @ torch.linalg.solve(phi.T @ phi / n + lam * torch.eye(dim, dtype=torch.float64), phi.T) / n / 2
     got = sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=dim, seed=3)
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+    # The largest seed: the next checkpoint's map wraps around to seed 0 rather than fail after a pass.
+    top = sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=dim, seed=2**64 - 1)
+    assert torch.isfinite(top).all()
 
 
 def test_repsim(setup):

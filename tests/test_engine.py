@@ -1033,7 +1033,8 @@ def test_scoring_options_are_checked(setup):
         ("ekfac", final, {"seed": 3}, "seed is not used by method 'ekfac', only by trak"),
         ("grad_cos", final, {"record": record}, "record is not used by method 'grad_cos', only by unroll"),
         ("trak", final, {"query_memory_budget": -1}, "query_memory_budget must be a positive, finite number of bytes or None"),
-        ("trak", final, {"seed": 1.5}, "seed must be an integer, got 1.5"),
+        ("trak", final, {"seed": 1.5}, r"seed must be an integer in torch.manual_seed's range \[-2\*\*63, 2\*\*64\), got 1.5"),
+        ("trak", final, {"seed": 2**64}, r"seed must be an integer in .*, got 18446744073709551616"),
     ]:
         with pytest.raises(ValueError, match=match):
             sf.score(model, task, trajectory, factors if trajectory is traj else f_final, data, queries, method=method,
