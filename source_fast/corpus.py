@@ -109,7 +109,9 @@ def score_corpus(
 ) -> Path:
     """Scores `train_data` against `query_data` like `score`, streaming to sharded files in `out_dir`.
 
-    Each training row is read once per checkpoint for every query in a block; queries go in blocks
+    Each training row is read once per checkpoint for every query in a block, and once more per block
+    to fingerprint its shard (which a resumed run reads again to check a finished shard's examples
+    are the same); queries go in blocks
     whose preconditioned gradients fit `query_memory_budget` bytes (one block when they all fit;
     `query_rank` shrinks them; unlike score()'s, the default is fixed, not taken from the free memory,
     because the shards belong to query blocks and a resumed run must cut the same blocks). Peak memory depends on the budget, `shard_size` and `batch_size`,
