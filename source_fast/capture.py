@@ -214,9 +214,9 @@ class Capturer:
     def _make_hook(self, spec: LayerSpec):
         # Inputs and output gradients in the weights' dtype: under autocast a float32 model's layer sees
         # bfloat16 ones (kronfluence takes them in float32 too), and the kernels take one dtype. Not for
-        # integer weights (an 8-bit quantized layer computes in its inputs' dtype).
+        # 8-bit weights (int8, float8: a quantized layer computes in its inputs' dtype).
         weight = self.modules[spec.name].weight
-        dtype = weight.dtype if weight.is_floating_point() else None
+        dtype = weight.dtype if weight.is_floating_point() and weight.dtype.itemsize >= 2 else None
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor):
             x = inputs[0]

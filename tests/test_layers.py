@@ -364,26 +364,30 @@ def test_batchnorm_models_are_told_they_run_in_eval_mode():
                                                                           data, lr_sum=0.1)]))
 
 
-class Int8Linear(nn.Linear):
-    """An 8-bit layer as bitsandbytes makes them: an nn.Linear with an integer weight, dequantized in forward."""
+class EightBitLinear(nn.Linear):
+    """An 8-bit layer as bitsandbytes (int8) or transformers' FP8Linear (float8) make them: an
+    nn.Linear whose weight is stored in 8 bits and dequantized in forward."""
 
-    def __init__(self, lin):
+    def __init__(self, lin, dtype):
         super().__init__(lin.in_features, lin.out_features)
         self.scale = float(lin.weight.abs().max()) / 127
-        self.weight = nn.Parameter(torch.round(lin.weight.detach() / self.scale).to(torch.int8), requires_grad=False)
+        weight = lin.weight.detach() / self.scale
+        self.weight = nn.Parameter((torch.round(weight) if dtype == torch.int8 else weight).to(dtype), requires_grad=False)
+        self.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
 
 
-def test_a_layer_with_integer_weights_is_captured_in_its_inputs_dtype():
-    """Inputs and output gradients are taken in a layer's weight dtype (autocast), but an integer
-    weight is no dtype to compute in: they stay as they come (before, they were rounded to int8)."""
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_a_layer_with_8_bit_weights_is_captured_in_its_inputs_dtype(dtype):
+    """Inputs and output gradients are taken in a layer's weight dtype (autocast), but an 8-bit
+    weight is no dtype to compute in: they stay as they come (before, they were rounded to 8 bits)."""
     from source_fast.capture import Capturer, tracked_layers
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    model[2] = Int8Linear(model[2]).double()
+    model[2] = EightBitLinear(model[2], dtype)  # not .double(), which would widen a float8 weight
     model.requires_grad_(False)  # loaded for inference: every layer counts
     capturer = Capturer(model, tracked_layers(model, None))
     x = torch.randn(6, 4, dtype=torch.float64)
