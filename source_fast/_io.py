@@ -138,10 +138,11 @@ def remove_stale_temps(folder: Path, *patterns: str) -> None:
 
 
 def _safetensors_start(path: Path) -> bool:
-    """Empty, or an 8-byte little-endian header length followed by the header's JSON `{`."""
+    """Empty or zeros (safetensors sizes its temp file before writing it), or an 8-byte little-endian
+    header length followed by the header's JSON `{`."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return not head or (len(head) == 9 and head[8:] == b"{")
+    return not head.strip(b"\0") or (len(head) == 9 and head[8:] == b"{")
 
 
 def _exchange(a: Path, b: Path) -> bool:

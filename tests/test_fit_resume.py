@@ -168,10 +168,10 @@ def test_a_killed_save_leaves_no_temp_files_after_the_next(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / ".factors.0123abcd.tmp").write_bytes(b"a killed save's tensors")
     (tmp_path / ".factors.json.k1ll3d.tmp").write_text("{")
-    (tmp_path / ".tmpZ9y8X7").write_bytes(b"")  # safetensors' own temp, inside save_file, killed at once
-    (tmp_path / ".tmpfiles").write_text("a user's file, with a name like safetensors' temps")
+    (tmp_path / ".tmpZ9y8X7").write_bytes(bytes(64))  # safetensors' own temp, sized but not yet written
+    (tmp_path / ".tmpfiles1").write_text("a user's file, with a name like safetensors' temps")
     factors.save(tmp_path)
-    assert not list(tmp_path.glob("*.tmp")) and [p.name for p in tmp_path.glob(".tmp*")] == [".tmpfiles"]
+    assert not list(tmp_path.glob("*.tmp")) and [p.name for p in tmp_path.glob(".tmp*")] == [".tmpfiles1"]
     assert torch.equal(sf.Factors.load(tmp_path).segments[1]["0"].lam, factors.segments[1]["0"].lam)
 
 
