@@ -16,7 +16,7 @@ import pytest
 import torch
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_kronfluence import ClassifyTask as KronClassifyTask
 from test_kronfluence import _lean_runtime  # noqa: F401 (the module's autouse fixture: cheap gc, one thread)
 from torch import nn
@@ -260,6 +260,14 @@ def test_a_stopped_overwrite_leaves_no_old_files_to_be_taken_as_new(tmp_path, mo
     with pytest.raises(ValueError, match="dataset that differs"):
         analyzer.fit_covariance_matrices("f", old, per_device_batch_size=8, factor_args=args)
     assert sorted(p.name for p in folder.glob("*.safetensors")) == kept and kept
+    # Nor does an eigendecomposition refused for covariances that lack a module.
+    analyzer.fit_covariance_matrices("bad", train, per_device_batch_size=8, factor_args=args)
+    path = analyzer.factors_output_dir("bad") / "activation_covariance.safetensors"
+    save_file(dict(list(load_file(str(path)).items())[1:]), str(path))
+    with pytest.raises(ValueError, match="activation_covariance"):
+        analyzer.perform_eigendecomposition("f", factor_args=args, overwrite_output_dir=True,
+                                            load_from_factors_name="bad")
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == kept
 
 
 # ---- 5. score options ------------------------------------------------------------------------

@@ -643,7 +643,6 @@ class Analyzer:
         self.progress = not disable_tqdm
         self.output_dir = Path(output_dir).joinpath(analysis_name).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.output_dir, ".*.tmp", SAFETENSORS_TEMP)  # of a killed model.safetensors write
         self._dataloader_kwargs: Any = None
         if not disable_model_save:
             self._save_model()
@@ -784,10 +783,10 @@ class Analyzer:
             return
         out, args = stage
         _save_dataset_metadata("covariance", dataset, None, out, overwrite_output_dir)
-        self._clear(out, COVARIANCE_STEMS)
         data = _limited(dataset, args["covariance_max_examples"])
         loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
+        self._clear(out, COVARIANCE_STEMS)
         with self._seeded("cov"):
             a_cov, s_cov, rows = _covariances(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs,
                                               loader, objective, "covariances", self.progress, expected=len(data))
@@ -817,18 +816,20 @@ class Analyzer:
         if covs is None:
             raise FactorsNotFoundError(f"Covariance matrices not found at `{source}`. To perform eigendecomposition, "
                                        "covariance matrices need to be first computed.")
+        # Each module's covariance and count, checked before anything is removed.
+        means = {(s.name, q_stem, e_stem): (_module_tensor(covs, cov_stem, s, (d, d), source),
+                                            _count(covs, count_stem, s, source))
+                 for s in self._specs for cov_stem, count_stem, q_stem, e_stem, d in (
+                     (A_COV, A_COUNT, Q_A, E_A, s.d_a), (S_COV, S_COUNT, Q_S, E_S, s.d_out))}
         self._clear(out, EIGEN_STEMS)
         if load_from_factors_name is not None:
             _write_group(out, covs, None)
             self._save_loaded_arguments("covariance", source, out)
         device = next(self.model.parameters()).device
         group: dict[str, dict[str, Tensor]] = {stem: {} for stem in EIGEN_STEMS}
-        for s in self._specs:
-            for cov_stem, count_stem, q_stem, e_stem, d in ((A_COV, A_COUNT, Q_A, E_A, s.d_a),
-                                                           (S_COV, S_COUNT, Q_S, E_S, s.d_out)):
-                total = _module_tensor(covs, cov_stem, s, (d, d), source)
-                values, vectors = _eigh(total.to(device, torch.float64) / _count(covs, count_stem, s, source))
-                group[e_stem][s.name], group[q_stem][s.name] = values.to(total.dtype), vectors.to(total.dtype)
+        for (name, q_stem, e_stem), (total, count) in means.items():
+            values, vectors = _eigh(total.to(device, torch.float64) / count)
+            group[e_stem][name], group[q_stem][name] = values.to(total.dtype), vectors.to(total.dtype)
         _write_group(out, group, _str_dict(args))
 
     def fit_lambda_matrices(
@@ -860,16 +861,16 @@ class Analyzer:
                 f"Eigendecomposition results not found at `{source}`. To fit Lambda matrices for `ekfac`, "
                 "eigendecomposition must be performed before computing Lambda matrices."
             )
-        self._clear(out, LAMBDA_STEMS)
-        if load_from_factors_name is not None:
-            _write_group(out, eigen, None)
-            self._save_loaded_arguments("eigendecomposition", source, out)
         device, dtype = next(self.model.parameters()).device, factor_dtype(self.model)
         q_a = {s.name: _module_tensor(eigen, Q_A, s, (s.d_a, s.d_a), source).to(device, dtype) for s in self._specs}
         q_s = {s.name: _module_tensor(eigen, Q_S, s, (s.d_out, s.d_out), source).to(device, dtype) for s in self._specs}
         data = _limited(dataset, args["lambda_max_examples"])
         loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
+        self._clear(out, LAMBDA_STEMS)
+        if load_from_factors_name is not None:
+            _write_group(out, eigen, None)
+            self._save_loaded_arguments("eigendecomposition", source, out)
         with self._seeded("lam"):
             lam = _lambdas(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs, loader, objective,
                            q_a, q_s, "Lambda matrices", self.progress, expected=len(data))
