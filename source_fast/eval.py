@@ -225,7 +225,11 @@ def retrain(
                 finish(i, r, _run_one(train_fn, measure_fn, subsets[i], seeds[r]))
         else:
             with worker_pool(workers, threads_per_worker) as pool:
-                _run_jobs(pool, train_fn, measure_fn, subsets, seeds, jobs, finish)
+                try:
+                    _run_jobs(pool, train_fn, measure_fn, subsets, seeds, jobs, finish)
+                except KeyboardInterrupt:  # its own pool, which Ctrl-C may have broken: do not wait on it
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     finally:
         if bar is not None:
             bar.close()
@@ -269,9 +273,9 @@ def _run_jobs(pool: cf.Executor, train_fn, measure_fn, subsets, seeds, jobs, fin
         # Ctrl-C reaches the workers too (one process group), and a pool broken that way may never
         # settle a running future (CPython's manager thread fails on cancelled ones): keep what has
         # finished, start nothing new, and go without waiting.
-        keep_finished()
         for fut in futures:
             fut.cancel()
+        keep_finished()
         raise
     except BaseException:  # a failed run: start nothing new, keep what finishes
         for fut in futures:

@@ -526,7 +526,7 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
             isinstance(damping, (int, float)) and not isinstance(damping, bool) and 0 <= damping < math.inf):
         raise ValueError(f"trak's damping must be a finite number >= 0 or 'heuristic' (it has no learning-rate "
                          f"horizon for 'implied'); got {damping!r}")
-    return ("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim), (0 if seed is None else seed)
+    return ("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim), (0 if seed is None else int(seed))
 
 
 def check_query_budget(budget: Any) -> int | None:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from _helpers import ClassifyTask, classification_data, mlp, per_example_grads
@@ -110,6 +111,9 @@ def test_trak_over_checkpoints_is_the_mean_of_each_checkpoints_trak(setup):
     # The largest seed: the next checkpoint's map wraps around to seed 0 rather than fail after a pass.
     top = sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=dim, seed=2**64 - 1)
     assert torch.isfinite(top).all()
+    numpy_seed = sf.score(model, ClassifyTask(), traj, None, data, queries, method="trak", trak_dim=dim,
+                          seed=np.int64(3))  # numpy integers are integers
+    assert torch.equal(numpy_seed, got)
 
 
 def test_repsim(setup):
