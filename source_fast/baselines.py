@@ -38,8 +38,8 @@ def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn) -> Tenso
 
 
 def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int, damping: float | str, seed: int) -> Tensor:
-    """TRAK at the model's weights (one checkpoint): per-example gradients projected to `dim` by a seeded Gaussian map P,
-    φ = P g (computed as ⟨G_n, P_r⟩ without forming G_n), then τ = φ_qᵀ (ΦᵀΦ + Nλ I)⁻¹ φ_m, the
+    """TRAK at the model's weights (one checkpoint): per-example gradients projected to `dim` by a seeded
+    Gaussian map P, φ = P g (computed as ⟨G_n, P_r⟩ without forming G_n), then τ = φ_qᵀ (ΦᵀΦ + Nλ I)⁻¹ φ_m, the
     influence function of the projected empirical Fisher ΦᵀΦ/N, with its 1/N scale.
     damping λ: a number, or "heuristic" = 0.1 × mean eigenvalue of ΦᵀΦ/N (both checked by
     scoring.method_options before any pass)."""

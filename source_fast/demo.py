@@ -391,7 +391,8 @@ class Attribution:
 
 SOURCE_L3, IF_IMPLIED, IF_TUNED = "SOURCE (L=3)", "IF (damping 1/c)", "IF (held-out damping)"
 TRAK_ALL = "TRAK, C checkpoints"
-TUNED = {"IF": IF_TUNED, "TRAK": "TRAK (held-out dim, damping)", TRAK_ALL: "TRAK, C checkpoints (held-out dim, damping)"}
+TUNED = {"IF": IF_TUNED, "TRAK": "TRAK (held-out dim, damping)",
+         TRAK_ALL: "TRAK, C checkpoints (held-out dim, damping)"}
 UNROLL_ORDERS = "unroll, other data orders"
 
 

@@ -526,7 +526,8 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
             isinstance(damping, (int, float)) and not isinstance(damping, bool) and 0 <= damping < math.inf):
         raise ValueError(f"trak's damping must be a finite number >= 0 or 'heuristic' (it has no learning-rate "
                          f"horizon for 'implied'); got {damping!r}")
-    return ("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim), (0 if seed is None else int(seed))
+    return (("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim),
+            (0 if seed is None else int(seed)))
 
 
 def check_query_budget(budget: Any) -> int | None:
@@ -770,7 +771,8 @@ def _baseline(model, task, specs, trajectory, segments, method, train_data, quer
                              f"layers, more than the {budget} available: lower trak_dim or track fewer layers")
         # TRAK's ensemble: the mean of the checkpoints' scores, each from its own map (seeds seed, seed + 1, ...,
         # as TRAK seeds each model's projection apart), so that projection noise averages out too.
-        checkpoints = [(ell, c, ckpt) for ell in segments for c, ckpt in enumerate(trajectory.segments[ell].checkpoints)]
+        checkpoints = [(ell, c, ckpt) for ell in segments
+                       for c, ckpt in enumerate(trajectory.segments[ell].checkpoints)]
         total = None
         for k, (ell, c, checkpoint) in enumerate(checkpoints):
             load_into(model, checkpoint, f"segment {ell}, checkpoint {c}")

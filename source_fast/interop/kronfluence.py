@@ -28,9 +28,9 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   shared (re-used) modules and partition targets are not supported by the shim; it raises instead of
   silently computing something else. Per-module and per-token scores and aggregated query or
   training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
-- Precision knobs (`*_dtype` fields other than `score_dtype` and `amp_dtype`) are not used, with a warning when one asks
-  for another precision: source_fast computes in the model's dtype with float32 accumulation (float64
-  for a float64 model) and float64 eigendecompositions; scores are cast to `score_dtype`. Partition
+- Precision knobs (`*_dtype` fields other than `score_dtype` and `amp_dtype`) are not used, with a
+  warning when one asks for another precision: source_fast computes in the model's dtype with float32
+  accumulation (float64 for a float64 model) and float64 eigendecompositions; scores are cast to `score_dtype`. Partition
   and accumulation knobs only trade memory for passes in kronfluence and do not change results; they
   are ignored. `query_gradient_low_rank` maps to source_fast's `query_rank` (exact SVD, never
   randomized: kronfluence's `use_full_svd=True`). A model wrapped by torch.compile is analysed
@@ -943,8 +943,8 @@ class Analyzer:
 
     # ---- scores ----------------------------------------------------------------------------------
 
-    def _score_setup(self, out: Path, scores_file: str, factors_name: str, score_args: Any,
-                     overwrite_output_dir: bool, datasets: dict[str, tuple[Any, Any]]) -> tuple[Factors, dict[str, Any]]:
+    def _score_setup(self, out: Path, scores_file: str, factors_name: str, score_args: Any, overwrite_output_dir: bool,
+                     datasets: dict[str, tuple[Any, Any]]) -> tuple[Factors, dict[str, Any]]:
         """kronfluence's order: the score arguments and the factors' arguments saved (or compared), the
         datasets' metadata likewise, then the factors loaded. The old scores go (as the factors' stages
         do): a run stopped before writing them must not leave them to be returned as this run's."""
