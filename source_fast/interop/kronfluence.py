@@ -177,7 +177,18 @@ def tracked_modules(model: nn.Module, task: Task) -> list[str]:
     return names
 
 
-class _TrackedAs:
+class _TaskView:
+    """A task seen through a wrapper: what the wrapper does not define is the task's."""
+
+    _task: Task
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr == "_task":  # not set yet (copy and pickle build the object without __init__)
+            raise AttributeError(attr)
+        return getattr(self._task, attr)
+
+
+class _TrackedAs(_TaskView):
     """`task` with `get_influence_tracked_modules()` fixed to `names`; everything else is the task's."""
 
     def __init__(self, task: Task, names: list[str]) -> None:
@@ -185,11 +196,6 @@ class _TrackedAs:
 
     def get_influence_tracked_modules(self) -> list[str]:
         return list(self._names)
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr == "_task":  # not set yet (copy and pickle build the object without __init__)
-            raise AttributeError(attr)
-        return getattr(self._task, attr)
 
 
 def kronfluence_task(model: nn.Module, task: Task) -> Task:
@@ -461,7 +467,7 @@ def _autocast_dtype(args: Any, defaults: dict[str, Any], model: nn.Module) -> to
     )
 
 
-class _Autocast:
+class _Autocast(_TaskView):
     """`task` whose losses and measurements (the forward passes) run under torch.autocast, as
     kronfluence runs them with `amp_dtype`; backward passes and source_fast's own arithmetic stay outside
     it (factors accumulate in float32)."""
@@ -476,11 +482,6 @@ class _Autocast:
     def compute_measurement(self, *args: Any, **kwargs: Any) -> Tensor:
         with torch.autocast(self._device_type, dtype=self._dtype):
             return self._task.compute_measurement(*args, **kwargs)
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr == "_task":  # not set yet (copy and pickle build the object without __init__)
-            raise AttributeError(attr)
-        return getattr(self._task, attr)
 
 
 def _unused_precisions(args: dict[str, Any], defaults: dict[str, Any], model: nn.Module) -> None:
