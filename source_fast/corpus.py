@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -164,7 +165,10 @@ def score_corpus(
             def mine(k):
                 return rank * n_shards // world <= k < (rank + 1) * n_shards // world
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        of = f"/{-(-n_expected // shard_size)}" if n_expected else ""  # shards in all, for progress lines
+        n_all = -(-n_expected // shard_size) if n_expected else None  # shards in all, for progress lines
+        of = f"/{n_all}" if n_all else ""
+        log = _ShardLog(progress, f"[rank {rank}] " if world > 1 else "", of,
+                        None if n_all is None else len(blocks) * sum(map(mine, range(n_all))))
 
         rows_seen = set()
         with restored(model), reuse_large_blocks(model_device(model)):
@@ -177,12 +181,13 @@ def score_corpus(
                         continue
                     # A shard is done only for the same examples: a stream's later examples may have changed.
                     examples = digest_examples(piece, limit=None)
-                    where = (f"[rank {rank}] " if world > 1 else "") + (
-                        f"query block {b + 1}/{len(blocks)}, shard {k + 1}{of}: rows {start}-{end}")
-                    if _shard_done(out, b, (start, end), examples, repair=True, report=where if progress else None):
-                        if progress:  # a resume reads every finished shard's examples to check them: say so
-                            print(f"{where} already done", flush=True)
+                    block = f"query block {b + 1}/{len(blocks)}"
+                    where = f"{log.prefix}{block}, shard {k + 1}{of}: rows {start}-{end}"
+                    if _shard_done(out, b, (start, end), examples, repair=lambda: log.say(
+                            f"{where}: its shard was corrupted, incomplete or of other examples; scoring it again")):
+                        log.skipped(block, k, start, end)
                         continue
+                    log.flush()  # before the bars of preparing the queries or scoring
                     if plan is None:
                         with oom_hint(f"preparing query block {b}", train_data, batch_size, query_memory_budget):
                             plan = prepare_queries(
@@ -191,13 +196,14 @@ def score_corpus(
                                 batch_size=batch_size, collate_fn=collate_fn, memory_budget=query_memory_budget,
                                 progress=progress,
                             )
-                    if progress:
-                        print(where, flush=True)
+                    t0 = time.perf_counter()
                     with oom_hint(f"scoring rows {start}-{end} against query block {b}", train_data, batch_size,
                                   query_memory_budget):
                         rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
                                           progress=progress, first=start)
                     _write_shard(out, b, (start, end), rows, top_k, examples)
+                    log.scored(where, end - start, time.perf_counter() - t0)
+                log.flush()
                 rows_seen.add(end)
         if len(rows_seen) != 1 or 0 in rows_seen:
             raise ValueError(
@@ -216,6 +222,54 @@ def score_corpus(
                 tmp.write_text(json.dumps({"rows": n_rows}))
         barrier()
         return out
+
+
+class _ShardLog:
+    """score_corpus's progress lines: each scored shard's time, with how many of the rank's shards are
+    done and about how long the rest take; a run of finished shards that a resume skips (reading each
+    to check its examples) as one line, not one line each."""
+
+    def __init__(self, enabled: bool, prefix: str, of: str, total: int | None):
+        self.enabled, self.prefix, self.of, self.total = enabled, prefix, of, total
+        self.done = self.scored_n = 0
+        self.seconds = 0.0
+        self.run: list | None = None  # [block, first shard, last shard, first row, last row] skipped in a row
+
+    def skipped(self, block: str, k: int, start: int, end: int) -> None:
+        self.done += 1
+        if self.run is not None and self.run[0] == block and self.run[2] == k - 1:
+            self.run[2], self.run[4] = k, end
+        else:
+            self.flush()
+            self.run = [block, k, k, start, end]
+
+    def flush(self) -> None:
+        if self.run is not None:
+            block, k0, k1, r0, r1 = self.run
+            self.run = None
+            shards = f"shard {k0 + 1}" if k0 == k1 else f"shards {k0 + 1}-{k1 + 1}"
+            self.say(f"{self.prefix}{block}, {shards}{self.of}: rows {r0}-{r1} already done")
+
+    def say(self, line: str) -> None:
+        """Prints `line` after the finished shards before it."""
+        self.flush()
+        if self.enabled:
+            print(line, flush=True)
+
+    def scored(self, where: str, n_rows: int, seconds: float) -> None:
+        self.done += 1
+        self.scored_n += 1
+        self.seconds += seconds
+        line = f"{where}: scored in {seconds:.1f} s ({n_rows / max(seconds, 1e-9):.0f} rows/s)"
+        if self.total is not None:
+            left = self.seconds / self.scored_n * max(self.total - self.done, 0)
+            line += (f"; {self.done}/{self.total} shards{' of this rank' if self.prefix else ''} done, "
+                     f"about {_duration(left)} left")
+        self.say(line)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _check_same_examples(out: Path, n_blocks: int, shards: list[tuple[int, int]]) -> None:
@@ -302,9 +356,9 @@ def _shard_paths(out: Path, block: int, rows: tuple[int, int]) -> tuple[Path, Pa
 
 
 def _shard_done(out: Path, block: int, rows: tuple[int, int], examples: str | None = None, *,
-                repair: bool = False, report: str | None = None) -> bool:
+                repair: Callable[[], None] | None = None) -> bool:
     """Whether the shard is complete and intact (and, given `examples`, scored those examples). With
-    `repair` (scoring, not reading), one that is not is deleted for rescoring, said after `report`."""
+    `repair` (scoring, not reading), one that is not is deleted for rescoring, and `repair` called."""
     data, meta = _shard_paths(out, block, rows)
     if not (data.exists() or meta.exists()):
         return False
@@ -316,8 +370,7 @@ def _shard_done(out: Path, block: int, rows: tuple[int, int], examples: str | No
     if not ok and repair:  # corrupted, truncated, half there or of other examples: recompute it
         data.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
-        if report:
-            print(f"{report}: its shard was corrupted, incomplete or of other examples; scoring it again", flush=True)
+        repair()
     return ok
 
 

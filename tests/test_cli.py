@@ -44,7 +44,9 @@ def test_fit_and_score_from_a_job_file(tmp_path):
     _run("fit", str(job_file), "--out", ".", cwd=tmp_path / "here")  # `.` has no name to add ".partial" to
     assert (tmp_path / "here" / "factors.json").exists() and not (tmp_path / "here.partial").exists()
     first = _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "scores"), "--shard-size", "50")
-    assert "\nquery block 1/1, shard 3/3: rows 100-120" in first.stdout  # each shard it scores is reported
+    # Each shard it scores is reported with its rate, the shards done and the time left.
+    assert "\nquery block 1/1, shard 3/3: rows 100-120: scored in " in first.stdout
+    assert "rows/s); 2/3 shards done, about " in first.stdout
     assert "[rank" not in first.stdout  # one process: no rank to name
     _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "top"), "--top-k", "4")
     spec = __import__("importlib.util").util.spec_from_file_location("job", job_file)
@@ -59,10 +61,10 @@ def test_fit_and_score_from_a_job_file(tmp_path):
     manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
     assert manifest["fingerprint"]["method"] == "source"
     out = _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "scores"), "--shard-size", "50")
-    # A finished run is recognised: every shard is reported as already done, nothing recomputed.
+    # A finished run is recognised: its shards are reported as already done, in one line, nothing recomputed.
     shard_lines = [line for line in out.stdout.splitlines() if "shard" in line]
-    assert "scores written" in out.stdout and len(shard_lines) == 3
-    assert all(line.endswith("already done") for line in shard_lines), shard_lines
+    assert "scores written" in out.stdout
+    assert shard_lines == ["query block 1/1, shards 1-3/3: rows 0-120 already done"], shard_lines
 
 
 def test_torchrun_job(tmp_path):
