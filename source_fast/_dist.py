@@ -60,13 +60,15 @@ _held: set[tuple[str, str, int]] = set()  # (folder, what, thread) this process 
 
 
 @contextlib.contextmanager
-def sole_writer(folder: Path, what: str, device: torch.device) -> Iterator[None]:
+def sole_writer(folder: Path, what: str, device: torch.device | None) -> Iterator[None]:
     """One live `what` run per folder: rank 0 holds folder/.{what}.lock (POSIX flock) while the run
     lasts. A second run into the folder (a rerun started while a killed torchrun's workers, which run
     in sessions of their own, still write) would delete the first's temp files and race it for the
-    same files: refused, on every rank together. Where the file system has no flock (a Lustre mount
-    without it), the run goes unlocked with a warning. Within one thread, holding it again (a caller
-    that also cleans the folder up afterwards, around the run itself) is the same run."""
+    same files: refused, on every rank together (their collectives on `device`). With device None the
+    run is this process's alone, not the ranks' together: it locks and raises by itself. Where the
+    file system has no flock (a Lustre mount without it), the run goes unlocked with a warning. Within
+    one thread, holding it again (a caller that also cleans the folder up afterwards, around the run
+    itself) is the same run."""
     key = (os.path.abspath(folder), what, threading.get_ident())
     if key in _held:
         yield
@@ -80,8 +82,8 @@ def sole_writer(folder: Path, what: str, device: torch.device) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def _locked(folder: Path, what: str, device: torch.device) -> Iterator[None]:
-    rank = rank_and_world()[0]
+def _locked(folder: Path, what: str, device: torch.device | None) -> Iterator[None]:
+    rank = rank_and_world()[0] if device is not None else 0
     lock, busy, problem = None, 0, None
     if rank == 0:
         try:
@@ -102,13 +104,16 @@ def _locked(folder: Path, what: str, device: torch.device) -> Iterator[None]:
                 else:  # every rank raises below, none waits for rank 0
                     problem = f"{folder}: cannot create its lock file ({exc})"
     try:
-        state = all_reduce_int(busy + 2 * (problem is not None), device)  # rank 0's, seen by every rank
+        state = busy + 2 * (problem is not None)
+        if device is not None:
+            state = all_reduce_int(state, device)  # rank 0's, seen by every rank
         if state == 2:
             raise ValueError(problem if rank == 0 else f"rank {rank}: rank 0 could not lock {folder} (its error says why)")
         if state:
-            raise ValueError(f"{folder} is being written by another {what} run (one still going, or the workers of a "
-                             "killed torchrun, which run in sessions of their own): stop it or let it finish, then "
-                             "run again")
+            who = "one still going" if device is None else (
+                "one still going, or the workers of a killed torchrun, which run in sessions of their own")
+            raise ValueError(f"{folder} is being written by another {what} run ({who}): stop it or let it finish, "
+                             "then run again")
         yield
     finally:
         if lock is not None:

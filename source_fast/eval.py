@@ -19,6 +19,7 @@ then rename), so an interrupted run resumes without redoing or losing one.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -33,7 +34,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._io import atomic_path
+from ._dist import sole_writer
+from ._io import atomic_path, remove_stale_temps
 
 CACHE_FORMAT = "source_fast.retrain"
 CACHE_VERSION = 2  # 2: torch's RNG seeded per (subset, seed), run_seed
@@ -109,10 +111,12 @@ def _init_worker(threads: int, parent: int) -> None:
 
 class _Cache:
     """One file per finished (subset, seed) under `root/runs`, plus `root/manifest.json` holding
-    the settings the runs belong to; a cache made with other settings is refused."""
+    the settings the runs belong to; a cache made with other settings is refused. Made under
+    retrain's lock of `root`: the temp files of a killed run's writes are removed."""
 
     def __init__(self, root: str | os.PathLike, manifest: dict):
         self.root = Path(root)
+        remove_stale_temps(self.root, ".*.tmp", "runs/.*.tmp")
         path = self.root / "manifest.json"
         if path.exists():
             try:
@@ -170,7 +174,8 @@ def retrain(
     cache_dir: every finished retraining is saved there as its own file, and a rerun loads those
         instead of retraining (resume after an interruption). The cache is tied to the subsets,
         the seeds and `settings` (JSON-serialisable: describe the training setup, e.g. epochs and
-        learning rate, since functions cannot be compared); a mismatch raises ValueError.
+        learning rate, since functions cannot be compared); a mismatch raises ValueError, and
+        so does a second retrain into a cache_dir while one is still running there.
     workers: processes (spawned, each with `threads_per_worker` torch threads); 1 runs inline.
     executor: run on these workers instead (e.g. one `worker_pool` shared by several calls).
     If a retraining raises, the runs still in flight are finished and cached, then the error is
@@ -184,59 +189,62 @@ def retrain(
         raise ValueError(f"seeds must be distinct, got {seeds}")
     if workers < 1 or threads_per_worker < 1:
         raise ValueError(f"workers and threads_per_worker must be >= 1, got {workers}, {threads_per_worker}")
-    cache = None
-    if cache_dir is not None:
-        manifest = {
-            "format": CACHE_FORMAT,
-            "version": CACHE_VERSION,
-            "num_subsets": len(subsets),
-            "subsets_sha256": subsets_digest(subsets),
-            "seeds": seeds,
-            "settings": json.loads(json.dumps(dict(settings or {}))),
-        }
-        cache = _Cache(cache_dir, manifest)
-    results: dict[tuple[int, int], Tensor] = {}
-    jobs = []
-    for i in range(len(subsets)):
-        for r, seed in enumerate(seeds):
-            found = cache.load(i, seed) if cache is not None else None
-            if found is None:
-                jobs.append((i, r))
+    # A second run into the same cache would redo every retraining this one has not saved yet, in parallel.
+    one_writer = sole_writer(Path(cache_dir), "retrain", None) if cache_dir is not None else contextlib.nullcontext()
+    with one_writer:
+        cache = None
+        if cache_dir is not None:
+            manifest = {
+                "format": CACHE_FORMAT,
+                "version": CACHE_VERSION,
+                "num_subsets": len(subsets),
+                "subsets_sha256": subsets_digest(subsets),
+                "seeds": seeds,
+                "settings": json.loads(json.dumps(dict(settings or {}))),
+            }
+            cache = _Cache(cache_dir, manifest)
+        results: dict[tuple[int, int], Tensor] = {}
+        jobs = []
+        for i in range(len(subsets)):
+            for r, seed in enumerate(seeds):
+                found = cache.load(i, seed) if cache is not None else None
+                if found is None:
+                    jobs.append((i, r))
+                else:
+                    results[(i, r)] = found
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(subsets) * len(seeds), initial=len(results), desc=desc, unit="run", dynamic_ncols=True)
+
+        def finish(i: int, r: int, value: Tensor) -> None:
+            if cache is not None:
+                cache.save(i, seeds[r], value)
+            results[(i, r)] = value
+            if bar is not None:
+                bar.update(1)
+
+        try:
+            if executor is not None:
+                _run_jobs(executor, train_fn, measure_fn, subsets, seeds, jobs, finish)
+            elif workers == 1 or len(jobs) <= 1:
+                for i, r in jobs:
+                    finish(i, r, _run_one(train_fn, measure_fn, subsets[i], seeds[r]))
             else:
-                results[(i, r)] = found
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(subsets) * len(seeds), initial=len(results), desc=desc, unit="run", dynamic_ncols=True)
-
-    def finish(i: int, r: int, value: Tensor) -> None:
-        if cache is not None:
-            cache.save(i, seeds[r], value)
-        results[(i, r)] = value
-        if bar is not None:
-            bar.update(1)
-
-    try:
-        if executor is not None:
-            _run_jobs(executor, train_fn, measure_fn, subsets, seeds, jobs, finish)
-        elif workers == 1 or len(jobs) <= 1:
-            for i, r in jobs:
-                finish(i, r, _run_one(train_fn, measure_fn, subsets[i], seeds[r]))
-        else:
-            with worker_pool(workers, threads_per_worker) as pool:
-                try:
-                    _run_jobs(pool, train_fn, measure_fn, subsets, seeds, jobs, finish)
-                except KeyboardInterrupt:  # its own pool, which Ctrl-C may have broken: do not wait on it
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-    finally:
-        if bar is not None:
-            bar.close()
-    sizes = {v.shape[0] for v in results.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"measure_fn returned different numbers of queries across runs: {sorted(sizes)}")
-    return torch.stack([torch.stack([results[(i, r)] for r in range(len(seeds))]) for i in range(len(subsets))])
+                with worker_pool(workers, threads_per_worker) as pool:
+                    try:
+                        _run_jobs(pool, train_fn, measure_fn, subsets, seeds, jobs, finish)
+                    except KeyboardInterrupt:  # its own pool, which Ctrl-C may have broken: do not wait on it
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise
+        finally:
+            if bar is not None:
+                bar.close()
+        sizes = {v.shape[0] for v in results.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"measure_fn returned different numbers of queries across runs: {sorted(sizes)}")
+        return torch.stack([torch.stack([results[(i, r)] for r in range(len(seeds))]) for i in range(len(subsets))])
 
 
 def worker_pool(workers: int, threads_per_worker: int = 1) -> cf.ProcessPoolExecutor:

@@ -135,6 +135,31 @@ def test_mismatched_cache_is_refused(tmp_path):
             ev.retrain(fit, predict, kwargs.pop("subsets"), cache_dir=tmp_path, progress=False, **kwargs)
 
 
+def test_a_second_retrain_into_a_busy_cache_is_refused_and_stale_temps_go(tmp_path):
+    subsets = ev.random_subsets(N, 3, seed=3)
+    started, release = threading.Event(), threading.Event()
+
+    def held_fit(indices, seed):  # the first run, kept going until the second has been refused
+        started.set()
+        assert release.wait(60)
+        return fit(indices, seed)
+
+    stale = tmp_path / "runs" / ".subset00001_seed0.pt.k1ll3d.tmp"  # a killed run's half-written save
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"PK\x03")
+    with cf.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(ev.retrain, held_fit, predict, subsets, cache_dir=tmp_path, progress=False)
+        assert started.wait(60)
+        assert not stale.exists()  # removed under the lock, before any retraining
+        with pytest.raises(ValueError, match=f"{tmp_path} is being written by another retrain run"):
+            ev.retrain(fit, predict, subsets, cache_dir=tmp_path, progress=False)
+        release.set()
+        torch.testing.assert_close(first.result(), ev.retrain(fit, predict, subsets, progress=False))
+    counter = Counting()  # the lock went with the first run: a rerun loads its cache
+    ev.retrain(counter, predict, subsets, cache_dir=tmp_path, progress=False)
+    assert counter.calls == 0
+
+
 def test_worker_processes_match_inline_and_keep_finished_runs(tmp_path):
     subsets = ev.random_subsets(N, 8, seed=5)
     reference = ev.retrain(fit, predict, subsets, progress=False)
