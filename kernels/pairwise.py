@@ -101,8 +101,10 @@ def _pairwise_kernel(
         )
         # fp32 operands: TF32 for 16-bit inputs (the tiles are fp32 sums; rounding them to bf16 would
         # add error the same-precision torch path does not have), full fp32 when torch asks for it.
-        acc = tl.dot(tl.reshape(tiles, (BLOCK_E, BLOCK_M * BLOCK_N)), u.to(tl.float32), acc,
-                     input_precision=DOT_PRECISION)
+        # Padded rows and columns of the tiles are 0 · x, NaN where an example holds an inf: zero them, as
+        # the padded U entries they meet are 0 (0 · NaN would poison the example's scores).
+        flat = tl.where(((rows < d_out) & (cols < d_a))[None, :], tl.reshape(tiles, (BLOCK_E, BLOCK_M * BLOCK_N)), 0.0)
+        acc = tl.dot(flat, u.to(tl.float32), acc, input_precision=DOT_PRECISION)
     out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + e64[:, None] * stride_on + q64[None, :] * stride_oq
     tl.store(out_ptrs, acc, mask=e_ok[:, None] & q_ok[None, :])
 
@@ -178,7 +180,7 @@ def _pairwise_t1_kernel(
             u = tl.load(u_q + offs_m[:, None] * stride_um + k[None, :] * stride_ud,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(a.to(tl.float32), tl.trans(u.to(tl.float32)), acc, input_precision=DOT_PRECISION)
-        part += tl.sum(acc * g.to(tl.float32), axis=1)
+        part += tl.sum(tl.where(row_ok[None, :], acc * g.to(tl.float32), 0.0), axis=1)  # padded rows: 0 · inf
     out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + e64 * stride_on + q * stride_oq
     tl.store(out_ptrs, part, mask=offs_e < n)
 
@@ -257,10 +259,10 @@ def _pairwise_gemm_kernel(
     for _ in range(1, Q):
         u_q += stride_uq
         u_next = tl.load(u_q + u_offs, mask=u_ok, other=0.0)
-        tl.store(out_q, tl.sum(flat * u.to(tl.float32)))
+        tl.store(out_q, tl.sum(tl.where(u_ok, flat * u.to(tl.float32), 0.0)))  # padded lanes: 0 · inf
         out_q += stride_oq
         u = u_next
-    tl.store(out_q, tl.sum(flat * u.to(tl.float32)))
+    tl.store(out_q, tl.sum(tl.where(u_ok, flat * u.to(tl.float32), 0.0)))
 
 
 def pairwise_scores(

@@ -61,7 +61,8 @@ def _self_scores_kernel(
         )
         s_mask = (offs_m[:, None] < d_out) & (offs_n[None, :] < d_a)
         s = tl.load(scale_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sd, mask=s_mask, other=0.0)
-        acc += s.to(tl.float32) * tile * tile
+        # Padded lanes of the tile are 0 · x, NaN where x is inf: keep them out (the reference gives +inf there).
+        acc += tl.where(s_mask, s.to(tl.float32) * tile * tile, 0.0)
     tl.store(out_ptr + pid_s.to(tl.int64) * stride_os + i.to(tl.int64) * stride_on, tl.sum(acc))
 
 
@@ -126,7 +127,7 @@ def _self_scores_t1_kernel(
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(g * g, s.to(tl.float32), acc, input_precision=DOT_PRECISION)
         a = a.to(tl.float32)
-        part += tl.sum(acc * (a * a), axis=1)
+        part += tl.sum(tl.where(col_ok[None, :], acc * (a * a), 0.0), axis=1)  # padded columns: 0 · inf
     tl.store(out_ptr + pid_s.to(tl.int64) * stride_os + e64 * stride_on, part, mask=offs_e < n)
 
 

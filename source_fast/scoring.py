@@ -200,6 +200,11 @@ def _invertible(delta: float, lam: Tensor, damping: Damping, name: str, what: st
     if delta == 0 and bool((lam <= 0).any()):
         raise ValueError(f"module {name!r}: {what} with damping {damping!r} (here 0) divides by the curvature, "
                          "which is 0 in some directions here: give a damping > 0 as a number")
+    # A Λ > 0 too small for its dtype (float32 subnormals below ~3e-39) overflows 1/(Λ + δ) to inf all the same.
+    if bool(torch.isinf((lam.clamp_min(0) + delta).reciprocal()).any()):
+        raise ValueError(f"module {name!r}: {what} with damping {damping!r} (here {delta:g}) divides by the curvature, "
+                         f"which is too small in some directions for 1/(Λ + damping) to fit in {lam.dtype}: "
+                         "give a larger damping")
     return delta
 
 

@@ -1188,3 +1188,21 @@ def test_large_blocks_are_reused_during_a_call_and_returned_after():
     with _passes.reuse_large_blocks(torch.device("cpu")):
         assert mapped_while_alive() == 0  # from the heap, reused
     assert mapped_while_alive() >= 64 << 20  # restored
+
+
+def test_ekfac_without_damping_refuses_curvature_whose_inverse_overflows():
+    """δ = 0 is refused where Λ is exactly 0; a float32 Λ of 1e-39 (> 0) makes 1/Λ overflow to inf just the
+    same, and the self-influence kernel then turns inf · 0 into NaN: refused too. 1e-30 is fine."""
+    from source_fast import scoring
+    from source_fast.factors import LayerFactors
+
+    class Seg:
+        optimizer, horizon, decay_scale = "sgd", 1.0, 1.0
+
+    for tiny, ok in [(1e-30, True), (1e-39, False)]:
+        lf = LayerFactors(torch.eye(2), torch.eye(1), torch.eye(2), torch.eye(1), torch.tensor([[1.0, tiny]]))
+        if ok:
+            assert torch.isfinite(scoring._one_checkpoint_scale("ekfac", Seg(), lf, 0.0, "fc")).all()
+        else:
+            with pytest.raises(ValueError, match="too small in some directions"):
+                scoring._one_checkpoint_scale("ekfac", Seg(), lf, 0.0, "fc")

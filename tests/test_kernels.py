@@ -633,3 +633,22 @@ def test_reference_pairwise_paths_match_float64(t, q, dtype, query_layout, monke
     out = reference.pairwise_scores(a, g, u, mask)
     assert out.dtype == torch.float32
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("t, q", [(1, 2), (3, 1), (3, 2), (70, 2)])
+@pytest.mark.parametrize("side", ["a", "g"])
+def test_inf_in_a_kept_token_gives_the_references_inf_not_nan(t, q, side, device, monkeypatch):
+    """An inf in a kept token of example 0 (all inputs positive, so no inf − inf): first principles and the
+    reference give +inf for that example; the kernels' padded tile lanes (0 · inf) must not turn it into NaN,
+    whatever the sizes modulo the blocks (7, 9 here: padding in every dimension). Other examples unaffected."""
+    _require_triton("pairwise_scores", device, torch.float32)
+    monkeypatch.setenv("SOURCE_FAST_PAIRWISE_GEMM", "1" if t == 70 else "0")
+    d_a, d_out = (65, 66) if t == 70 else (9, 7)  # t = 70: the opt-in GEMM kernel takes it (d ≥ 64, t ≥ 8q)
+    a = torch.rand(3, t, d_a, device=device) + 0.5
+    g = torch.rand(3, t, d_out, device=device) + 0.5
+    (a if side == "a" else g)[0, 0, 4] = math.inf
+    u, scale = torch.rand(q, d_out, d_a, device=device) + 0.1, torch.rand(d_out, d_a, device=device) + 0.1
+    for got, want in [(ops.pairwise_scores(a, g, u, backend="triton"), reference.pairwise_scores(a, g, u)),
+                      (ops.self_scores(a, g, scale, backend="triton"), reference.self_scores(a, g, scale))]:
+        assert torch.isinf(want[0]).all() and torch.isinf(got[0]).all(), got[0]
+        torch.testing.assert_close(got[1:], want[1:], rtol=1e-5, atol=1e-4)
