@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     cases = QUICK_CASES if args.quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
 
     meta = _harness.env_metadata(device, _harness.measure_ceilings(device, dtype))
+    out = Path(args.out) if args.out else _harness.default_out(BENCH)
     records, wrong = [], []
     for _label, widths, rows, masked in cases:
         case, run, ref64 = covariance_case(widths, rows, masked, dtype, device)
@@ -156,12 +157,12 @@ def main(argv=None) -> int:
             if "addmm_loop" in case_records:
                 rec["speedup_vs_addmm_loop"] = case_records["addmm_loop"]["ms_p50"] / rec["ms_p50"]
             records.append(rec)
+        # Written case by case, so a run cut short by a time limit keeps what it measured.
+        _harness.write_jsonl(out, list(case_records.values()))
         del expected
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    out = Path(args.out) if args.out else _harness.default_out(BENCH)
-    _harness.write_jsonl(out, records)
     return _harness.finish(records, out, args, wrong)
 
 

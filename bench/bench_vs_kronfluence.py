@@ -421,17 +421,16 @@ def main() -> None:
             worst = min(v[0] for v in timed.values())
             print(f"{workload} repeat {rep}: timed runs' scores agree, Pearson " +
                   ", ".join(f"Q={q}: {v[0]:.6f} (max rel err {v[1]:.2g})" for q, v in timed.items()), file=sys.stderr)
-            for lib in LIBS:
-                for row in rows[lib]:
-                    records.append({**meta, "workload": workload, "library": lib, "repeat": rep,
-                                    "check_pearson": check["pearson"], "check_train": args.check_train,
-                                    "timed_pearson": worst, "query_budget_mb": args.query_budget_mb, **row})
+            new = [{**meta, "workload": workload, "library": lib, "repeat": rep, "check_pearson": check["pearson"],
+                    "check_train": args.check_train, "timed_pearson": worst, "query_budget_mb": args.query_budget_mb,
+                    **row} for lib in LIBS for row in rows[lib]]
+            records += new
+            if args.out:  # written repeat by repeat, so a run cut short by a time limit keeps what it measured
+                with open(args.out, "a") as f:
+                    for r in new:
+                        f.write(json.dumps(r) + "\n")
             if worst < MIN_PEARSON:
                 print(f"WARNING {workload}: timed runs' scores Pearson {worst:.6f} < {MIN_PEARSON}", file=sys.stderr)
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
     timed_rows = [r for r in records if r["phase"] != "setup"]
     print(_table(timed_rows))
     print()

@@ -18,7 +18,9 @@ LOG="$OUT/device_check.log"
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}  # the device image's python3 is the one that holds torch
-export SOURCE_FAST_REQUIRE_EXT=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
+# FORCE_CUDA: a CUDA_HOME without nvcc must fail the build here, not give a CPU-only _C whose CUDA tests
+# then skip ("extension has no CUDA kernel") instead of failing.
+export SOURCE_FAST_REQUIRE_EXT=1 SOURCE_FAST_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # a leftover interpreter flag would silently run every kernel on the CPU
 FAILED=()
 
@@ -86,7 +88,7 @@ step profile_gpt2_bf16 90 "$PY" bench/bench_gpt2.py --device cuda --dtype bfloat
 # Same fp32 model, same inputs, both libraries on the GPU; each library in its own process.
 step vs_kronfluence_gpt2 200 "$PY" bench/bench_vs_kronfluence.py --device cuda --workloads gpt2 \
     --seqs "${GPT2_SEQS:-512}" --tokens 512 --queries 32 --batch 16 --query-batch 32 --query-budget-mb 16384 \
-    --check-train 32 --out "$OUT/vs_kronfluence_gpt2.jsonl"
+    --check-train 32 --log-dir "$OUT/vs_kronfluence_logs" --out "$OUT/vs_kronfluence_gpt2.jsonl"
 # tokens/s at GPT-2 small in bf16; the rest of the budget decides how far it gets (records per phase).
 step bench_gpt2_bf16 240 "$PY" bench/bench_gpt2.py --device cuda --dtype bfloat16 --seqs 2048 \
     --out "$OUT/bench_gpt2_bf16.jsonl"
