@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,7 +41,8 @@ from torch.utils.data import Subset, TensorDataset
 
 from . import Factors, Segment, Task, Trajectory, fit_factors, score
 from . import eval as ev
-from ._io import atomic_path
+from ._dist import sole_writer
+from ._io import SAFETENSORS_TEMP, atomic_path, remove_stale_temps
 from .tasks import ClassificationTask, RegressionTask
 from .unroll import TrainingRecord
 
@@ -807,6 +809,21 @@ def main(
     chosen = [sc for sc in scenarios(quick) if only is None or sc.name in only]
     if not chosen:
         raise ValueError(f"no scenario named {only}; valid: {[sc.name for sc in scenarios(quick)]}")
+    with sole_writer(out, "demo", None):  # two demos into one folder would race for every file in it
+        _remove_stale_temps(out)
+        return _run(out, chosen, quick, grid, trak_grid, n_subsets, n_seeds, workers, queries, top, t0)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """What a killed demo leaves: the temp files of its atomic writes (safetensors' own among them
+    beside the checkpoints) and the temp folders of factors it was saving."""
+    remove_stale_temps(out, ".*.tmp", "*/.*.tmp", "*/checkpoints/.*.tmp", f"*/checkpoints/{SAFETENSORS_TEMP}")
+    for folder in out.glob("*/.factors_*.tmp"):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
+def _run(out, chosen, quick, grid, trak_grid, n_subsets, n_seeds, workers, queries, top, t0) -> dict:
     # These models are tiny: one thread per process beats threads contending for shared cores, and
     # the retraining workers run in parallel anyway.
     threads = torch.get_num_threads()
