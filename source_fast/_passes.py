@@ -475,9 +475,9 @@ def run_pass(
         # the slow path below runs only to name what went wrong.
         finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(records[s.name].g).all() for s in specs])
         if not bool(finite.all()):
-            half = any(torch.float16 in (records[s.name].a.dtype, records[s.name].g.dtype) for s in specs)
-            hint = (" (float16 holds values up to 65504: a float16 model's activations, logits or gradients may "
-                    "overflow; bfloat16 and float32 do not at these values)") if half else ""
+            half = any(records[s.name].half or records[s.name].g.dtype == torch.float16 for s in specs)
+            hint = (" (float16 holds values up to 65504: a float16 model's activations, logits or gradients, or "
+                    "those of float16 autocast, may overflow; bfloat16 and float32 do not at these values)") if half else ""
             if not math.isfinite(out.item()):
                 raise FloatingPointError(f"{where(b, start)}: the {objective} loss is {out.item()}{hint}")
             # Backward runs from the last layer to the first: the last non-finite one is where it entered.

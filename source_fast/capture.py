@@ -120,11 +120,13 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
 @dataclass
 class Captured:
     """One tracked layer on one batch. a: (n, t, d_in) inputs (no ones column), g: (n, t, d_out)
-    output gradients of the summed loss, mask: (n, t) or None; masked tokens are zero in a and g."""
+    output gradients of the summed loss, mask: (n, t) or None; masked tokens are zero in a and g.
+    half: the layer computed in float16 (a float16 model, or float16 autocast), for error messages."""
 
     a: Tensor
     g: Tensor | None
     mask: Tensor | None
+    half: bool = False
 
 
 def rotate(x: Tensor, q: Tensor) -> Tensor:
@@ -232,7 +234,7 @@ class Capturer:
                 raise ValueError(
                     f"module {spec.name!r} ran twice in one forward pass; shared (re-used) layers are not supported"
                 )
-            record = Captured(a=a, g=None, mask=mask)
+            record = Captured(a=a, g=None, mask=mask, half=torch.float16 in (x.dtype, output.dtype))
             self.records[spec.name] = record
             if not output.requires_grad:
                 # The first tracked layer (parameters are frozen during a pass): its output starts the

@@ -254,6 +254,24 @@ def test_a_float16_overflow_is_named():
         sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical")
 
 
+def test_a_float16_autocast_overflow_is_named():
+    """A float32 model whose task runs under float16 autocast: the captures are float32 (the weights'
+    dtype), but the layer computed in float16, whose logits overflow the same way: the error says so."""
+
+    class AutocastTask(ClassifyTask):
+        def compute_train_loss(self, batch, model, sample=False):
+            with torch.autocast("cpu", dtype=torch.float16):
+                return super().compute_train_loss(batch, model, sample)
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(300.0)
+    data = torch.utils.data.TensorDataset(torch.full((8, 4), 100.0), torch.zeros(8, dtype=torch.long))
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(FloatingPointError, match=r"the train loss is (nan|inf) \(float16 holds values up to 65504"):
+        sf.fit_factors(model, AutocastTask(), traj, fisher="empirical")
+
+
 def test_errors_name_the_examples_of_a_shard(setup, tmp_path):
     """score_corpus reads a shard at a time: the batch number counts within it, so the error also
     says which examples (here 12 to 15, shard rows 8-16, batch 1 of 4 examples)."""
