@@ -57,6 +57,19 @@ def same_on_all_ranks(value: int, device: torch.device) -> bool:
 
 
 _held: set[tuple[str, str, int]] = set()  # (folder, what, thread) this process holds: nested holds are one run
+_lock_files: set = set()  # the open lock files: a forked child (a fork pool's worker) must not hold them
+
+
+def _close_inherited_locks() -> None:
+    # A forked child shares the parent's open file description, and flock is released only when every
+    # descriptor of it is closed: a worker forked during the run would hold the lock after the run ends.
+    for f in _lock_files:
+        f.close()
+    _lock_files.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 @contextlib.contextmanager
@@ -94,6 +107,7 @@ def _locked(folder: Path, what: str, device: torch.device | None) -> Iterator[No
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 lock = open(folder / f".{what}.lock", "a")  # noqa: SIM115 (held across the run, closed below)
+                _lock_files.add(lock)
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 busy = 1
@@ -110,11 +124,17 @@ def _locked(folder: Path, what: str, device: torch.device | None) -> Iterator[No
         if state == 2:
             raise ValueError(problem if rank == 0 else f"rank {rank}: rank 0 could not lock {folder} (its error says why)")
         if state:
-            who = "one still going" if device is None else (
-                "one still going, or the workers of a killed torchrun, which run in sessions of their own")
+            if device is not None:
+                who = "one still going, or the workers of a killed torchrun, which run in sessions of their own"
+            elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                who = (f"one still going, or another rank of this torch.distributed job: {what} is not split "
+                       "across ranks, run it on one rank")
+            else:
+                who = "one still going"
             raise ValueError(f"{folder} is being written by another {what} run ({who}): stop it or let it finish, "
                              "then run again")
         yield
     finally:
         if lock is not None:
+            _lock_files.discard(lock)
             lock.close()  # releases the flock

@@ -167,8 +167,10 @@ def score_corpus(
         (out / "shards").mkdir(parents=True, exist_ok=True)
         n_all = -(-n_expected // shard_size) if n_expected else None  # shards in all, for progress lines
         of = f"/{n_all}" if n_all else ""
-        log = _ShardLog(progress, f"[rank {rank}] " if world > 1 else "", of,
-                        None if n_all is None else len(blocks) * sum(map(mine, range(n_all))))
+        total = None if n_all is None else len(blocks) * sum(map(mine, range(n_all)))
+        what = "shards" + (f" of {len(blocks)} query blocks" if len(blocks) > 1 else "") + (" of this rank" if world > 1 else "")
+        log = _ShardLog(progress, f"[rank {rank}] " if world > 1 else "", of, total, what,
+                        step=world if n_shards is None else 1)  # a stream's shards of a rank: world apart
 
         rows_seen = set()
         with restored(model), reuse_large_blocks(model_device(model)):
@@ -229,15 +231,15 @@ class _ShardLog:
     done and about how long the rest take; a run of finished shards that a resume skips (reading each
     to check its examples) as one line, not one line each."""
 
-    def __init__(self, enabled: bool, prefix: str, of: str, total: int | None):
-        self.enabled, self.prefix, self.of, self.total = enabled, prefix, of, total
+    def __init__(self, enabled: bool, prefix: str, of: str, total: int | None, what: str = "shards", step: int = 1):
+        self.enabled, self.prefix, self.of, self.total, self.what, self.step = enabled, prefix, of, total, what, step
         self.done = self.scored_n = 0
         self.seconds = 0.0
         self.run: list | None = None  # [block, first shard, last shard, first row, last row] skipped in a row
 
     def skipped(self, block: str, k: int, start: int, end: int) -> None:
         self.done += 1
-        if self.run is not None and self.run[0] == block and self.run[2] == k - 1:
+        if self.run is not None and self.run[0] == block and self.run[2] == k - self.step:
             self.run[2], self.run[4] = k, end
         else:
             self.flush()
@@ -247,8 +249,9 @@ class _ShardLog:
         if self.run is not None:
             block, k0, k1, r0, r1 = self.run
             self.run = None
-            shards = f"shard {k0 + 1}" if k0 == k1 else f"shards {k0 + 1}-{k1 + 1}"
-            self.say(f"{self.prefix}{block}, {shards}{self.of}: rows {r0}-{r1} already done")
+            shards = f"shard {k0 + 1}{self.of}" if k0 == k1 else f"shards {k0 + 1}-{k1 + 1}{self.of}" + (
+                f", 1 in {self.step}" if self.step > 1 else "")
+            self.say(f"{self.prefix}{block}, {shards}: rows {r0}-{r1} already done")
 
     def say(self, line: str) -> None:
         """Prints `line` after the finished shards before it."""
@@ -263,7 +266,7 @@ class _ShardLog:
         line = f"{where}: scored in {seconds:.1f} s ({n_rows / max(seconds, 1e-9):.0f} rows/s)"
         if self.total is not None:
             left = self.seconds / self.scored_n * max(self.total - self.done, 0)
-            line += (f"; {self.done}/{self.total} shards{' of this rank' if self.prefix else ''} done, "
+            line += (f"; {self.done}/{self.total} {self.what} done, "
                      f"about {_duration(left)} left")
         self.say(line)
 

@@ -30,7 +30,6 @@ import functools
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -816,11 +815,8 @@ def main(
 
 def _remove_stale_temps(out: Path) -> None:
     """What a killed demo leaves: the temp files of its atomic writes (safetensors' own among them
-    beside the checkpoints) and the temp folders of factors it was saving."""
+    beside the checkpoints). A killed Factors.save's temps are its next save's to remove."""
     remove_stale_temps(out, ".*.tmp", "*/.*.tmp", "*/checkpoints/.*.tmp", f"*/checkpoints/{SAFETENSORS_TEMP}")
-    for folder in out.glob("*/.factors_*.tmp"):
-        if folder.is_dir():
-            shutil.rmtree(folder)
 
 
 def _run(out, chosen, quick, grid, trak_grid, n_subsets, n_seeds, workers, queries, top, t0) -> dict:

@@ -175,7 +175,9 @@ def retrain(
         instead of retraining (resume after an interruption). The cache is tied to the subsets,
         the seeds and `settings` (JSON-serialisable: describe the training setup, e.g. epochs and
         learning rate, since functions cannot be compared); a mismatch raises ValueError, and
-        so does a second retrain into a cache_dir while one is still running there.
+        so does a second retrain into a cache_dir while one is still running there. Under
+        torch.distributed, call it on one rank: it is not split across ranks, and a retrain on
+        every rank into one cache_dir is refused on all but one of them.
     workers: processes (spawned, each with `threads_per_worker` torch threads); 1 runs inline.
     executor: run on these workers instead (e.g. one `worker_pool` shared by several calls).
     If a retraining raises, the runs still in flight are finished and cached, then the error is

@@ -4,6 +4,7 @@ identical bytes, checksums, foreign manifests, and torchrun with 2 gloo processe
 import copy
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,12 +36,16 @@ def reference():
     return model, task, data, queries, traj, factors, sf.score(model, task, traj, factors, data, queries)
 
 
-def test_shards_and_query_blocks_equal_in_memory_scores(reference, tmp_path):
+def test_shards_and_query_blocks_equal_in_memory_scores(reference, tmp_path, capsys):
     model, task, data, queries, traj, factors, full = reference
     # A budget of two queries' prepared gradients: 3 query blocks, and 6 row shards of at most 16.
     budget = 2 * 4 * (7 * 7 + 4 * 8) * 2
-    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, query_memory_budget=budget, progress=False)
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, query_memory_budget=budget)
     assert len(list((tmp_path / "shards").glob("q2_*.safetensors"))) == 6
+    # The progress counts (block, shard) pairs: 6 shards in each of 3 blocks.
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("query block")][-1]
+    assert last.startswith("query block 3/3, shard 6/6: rows 80-90: scored in ")
+    assert last.endswith("; 18/18 shards of 3 query blocks done, about 0 s left"), last
     got = load_scores(tmp_path)
     assert torch.allclose(got, full, rtol=1e-5, atol=1e-7), (got - full).abs().max()
 
@@ -61,6 +66,18 @@ def test_top_k_matches_the_full_matrix(reference, tmp_path):
         want = full.topk(5, dim=1, largest=largest)
         assert torch.allclose(top[f"{side}_values"], want.values, rtol=1e-5, atol=1e-7)
         assert torch.allclose(full.gather(1, top[f"{side}_indices"]), want.values, rtol=1e-5, atol=1e-7)
+
+
+def test_a_resumed_streams_finished_shards_of_a_rank_are_one_line(capsys):
+    """A stream under 2 ranks: rank 0 has shards 0, 2, 4, ...; a resume's finished ones are one line."""
+    from source_fast.corpus import _ShardLog
+
+    log = _ShardLog(True, "[rank 0] ", "/10", 5, step=2)
+    for k in range(0, 10, 2):
+        log.skipped("query block 1/1", k, 100 * k, 100 * (k + 1))
+    log.flush()
+    assert capsys.readouterr().out.splitlines() == [
+        "[rank 0] query block 1/1, shards 1-9/10, 1 in 2: rows 0-900 already done"]
 
 
 def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(reference, tmp_path, capsys):
@@ -101,12 +118,12 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
     assert shard.read_bytes() == bytes(blob)  # reading reports the shard, it leaves it for the rerun
     score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("query block")]
-    assert [line.split(" s (")[0] for line in lines] == [  # the time taken varies
+    timed = r"query block 1/1, shard 2/3: rows 32-64: scored in \d+\.\d s \(\d+ rows/s\); 2/3 shards done, about \d+ s left"
+    assert len(lines) == 4 and re.fullmatch(timed, lines[2]), lines  # the time taken varies with the machine
+    assert lines[:2] + lines[3:] == [
         "query block 1/1, shard 1/3: rows 0-32 already done",
         "query block 1/1, shard 2/3: rows 32-64: its shard was corrupted, incomplete or of other examples; scoring it again",
-        "query block 1/1, shard 2/3: rows 32-64: scored in 0.0",  # (rounded)
         "query block 1/1, shard 3/3: rows 64-90 already done"], lines
-    assert lines[2].endswith("; 2/3 shards done, about 0 s left"), lines[2]
     assert _digest(tmp_path) == before
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".tmp*"))
     (tmp_path / "manifest.json").unlink()  # its shards can no longer say which run they are from

@@ -109,13 +109,12 @@ def test_killing_the_demo_during_retraining_loses_nothing(tmp_path):
     with sole_writer(killed, "demo", None):
         busy = subprocess.run(run(killed), capture_output=True, text=True, timeout=300)
     assert busy.returncode != 0 and f"{killed} is being written by another demo run" in busy.stderr, busy.stderr[-2000:]
-    # What a demo killed while saving leaves (temp files, safetensors' own, a factors temp folder) goes on the rerun.
+    # What a demo killed while saving leaves (temp files, safetensors' own, a Factors.save's) goes on the rerun.
     stale = [killed / ".lds.json.a1b2c3.tmp", killed / "regression" / "checkpoints" / ".tmpAb3dE9",
-             killed / "regression" / ".factors_ekfac.x1y2z3.tmp"]
+             killed / "regression" / "factors_ekfac" / ".factors.x1y2z3.tmp"]
     stale[0].write_text("{")
     stale[1].write_bytes(bytes(16))  # safetensors sizes its temp file before writing it
-    stale[2].mkdir()
-    (stale[2] / "factors.json").write_text("{")
+    stale[2].write_bytes(bytes(16))
     subprocess.run(run(killed), check=True, capture_output=True, timeout=600)
     assert not any(p.exists() for p in stale)
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # kept, not redone

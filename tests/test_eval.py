@@ -160,6 +160,64 @@ def test_a_second_retrain_into_a_busy_cache_is_refused_and_stale_temps_go(tmp_pa
     assert counter.calls == 0
 
 
+def test_a_fork_pool_forked_during_retrain_does_not_keep_the_cache_locked(tmp_path):
+    """A fork-context pool (Linux's default before Python 3.14) starts its workers inside retrain, while
+    the cache's flock is held: they must not inherit it, or the next retrain into the cache is refused."""
+    import multiprocessing
+
+    subsets = ev.random_subsets(N, 3, seed=3)
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        first = ev.retrain(fit, predict, subsets, cache_dir=tmp_path, executor=pool, progress=False)
+        torch.testing.assert_close(ev.retrain(fit, predict, subsets, cache_dir=tmp_path, executor=pool,
+                                              progress=False), first)
+
+
+RANKS_SCRIPT = """
+import sys, time
+from pathlib import Path
+import torch.distributed as dist
+from source_fast import eval as ev
+
+dist.init_process_group("gloo")
+rank, folder = dist.get_rank(), Path(sys.argv[1])
+subsets = ev.random_subsets(10, 2, seed=0)
+started, release = folder / "started", folder / "release"
+
+def fit(indices, seed):  # rank 0's retraining: kept going until rank 1 has tried
+    started.touch()
+    while not release.exists():
+        time.sleep(0.02)
+    return {"w": float(len(indices))}
+
+measure = lambda state: __import__("torch").tensor([state["w"]])
+if rank == 0:
+    ev.retrain(fit, measure, subsets, cache_dir=folder / "cache", progress=False)
+else:
+    while not started.exists():
+        time.sleep(0.02)
+    try:
+        ev.retrain(fit, measure, subsets, cache_dir=folder / "cache", progress=False)
+        (folder / "rank1").write_text("ran")
+    except ValueError as exc:
+        (folder / "rank1").write_text(str(exc))
+    release.touch()
+dist.destroy_process_group()
+"""
+
+
+def test_retrain_on_two_ranks_into_one_cache_refuses_the_second_and_says_why(tmp_path):
+    """Under torchrun, retrain called on every rank with one cache_dir: the rank that locks second is
+    refused, and the error names the other rank, not a run the user does not know of."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+                    str(script), str(tmp_path)], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = (tmp_path / "rank1").read_text()
+    assert "is being written by another retrain run (one still going, or another rank of this torch.distributed " \
+           "job: retrain is not split across ranks, run it on one rank)" in said, said
+
+
 def test_worker_processes_match_inline_and_keep_finished_runs(tmp_path):
     subsets = ev.random_subsets(N, 8, seed=5)
     reference = ev.retrain(fit, predict, subsets, progress=False)
