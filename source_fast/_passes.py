@@ -486,8 +486,8 @@ def run_pass(
                     raise FloatingPointError(f"{where(b, start)}: non-finite gradient at module {spec.name!r}{hint}")
         yield start, n, records
         start += n
-        if progress is not None:
-            a = records[specs[0].name].a
-            tokens += a.shape[0] * a.shape[1] if mask is None or a.shape[1] == 1 else int((mask != 0).sum())
+        if progress is not None:  # the first tracked layer's tokens
+            first = records[specs[0].name]
+            tokens += first.a.shape[0] * first.a.shape[1] if first.mask is None else int((first.mask != 0).sum())
             progress.set_postfix_str(f"{tokens / max(progress.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
             progress.update(n)

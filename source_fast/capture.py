@@ -180,22 +180,25 @@ class Capturer:
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def _layer_mask(self, spec: LayerSpec, n: int, t: int, x_dim: int) -> Tensor | None:
-        mask = self._mask
+        per_module = isinstance(self._mask, dict)
+        mask = self._mask.get(spec.name) if per_module else self._mask  # a module a dict leaves out: unmasked
         if mask is None or spec.kind == "conv2d" or x_dim == 2:
             return None  # no token axis to mask
         if mask.dim() != 2 or tuple(mask.shape) != (n, t):
+            whose = f"module {spec.name!r}'s attention mask" if per_module else "attention mask"
             raise ValueError(
-                f"attention mask has shape {tuple(mask.shape)} but module {spec.name!r} sees {n} examples × {t} tokens"
+                f"{whose} has shape {tuple(mask.shape)} but module {spec.name!r} sees {n} examples × {t} tokens"
+                + ("" if per_module else " (modules that see other sequences, as an encoder-decoder's do, take "
+                   "masks of their own: a dict from module name to mask)")
             )
         return mask
 
     @contextlib.contextmanager
-    def capture(self, mask: Tensor | None) -> Iterator[dict[str, Captured]]:
-        if isinstance(mask, dict):
-            raise NotImplementedError(
-                "per-module attention masks (a dict from get_attention_mask) are not supported: return one "
-                "(examples, tokens) mask for every tracked layer"
-            )
+    def capture(self, mask: Tensor | dict[str, Tensor] | None) -> Iterator[dict[str, Captured]]:
+        if isinstance(mask, dict):  # per module (kronfluence's form): a name that is no module is a typo
+            unknown = sorted(set(mask) - set(self.modules))
+            if unknown:
+                raise ValueError(f"get_attention_mask returned masks for {unknown}, which name no module of the model")
         self.records = {}
         self._mask = mask
         handles = []

@@ -32,6 +32,8 @@ class Task:
         """Names (as in `model.named_modules()`) of the layers to track; None tracks every supported layer."""
         return None
 
-    def get_attention_mask(self, batch: Any) -> torch.Tensor | None:
-        """(batch, tokens) mask; tokens where it is 0 are dropped from factors and gradients."""
+    def get_attention_mask(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """(batch, tokens) mask; tokens where it is 0 are dropped from factors and gradients. Modules that
+        see different sequences (an encoder-decoder's) take a dict from module name to its mask; a tracked
+        module the dict leaves out is unmasked."""
         return None

@@ -302,6 +302,27 @@ def test_mask_of_the_wrong_shape_names_the_module():
         sf.fit_factors(model, BadMask(), traj)
 
 
+def test_per_module_masks_must_name_modules_and_fit_them():
+    from test_layers import TokenModel, TokenTask, _token_data
+
+    class Typo(TokenTask):
+        def get_attention_mask(self, batch):
+            return {"inp": batch[2], "outt": batch[2]}
+
+    class Short(TokenTask):
+        def get_attention_mask(self, batch):
+            return {"out": batch[2][:, :-1]}
+
+    model = TokenModel().double()
+    data = _token_data(6, 6, 0, garbage=1)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(ValueError, match=r"get_attention_mask returned masks for \['outt'\], which name no module"):
+        sf.fit_factors(model, Typo(), traj)
+    with pytest.raises(ValueError, match=r"module 'out'\'s attention mask has shape \(6, 5\) but module 'out' sees 6 "
+                                         r"examples × 6 tokens"):
+        sf.fit_factors(model, Short(), traj)
+
+
 def test_tracked_modules_must_exist_and_be_supported(setup):
     model, data, ckpts = setup
     traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])

@@ -93,6 +93,40 @@ class LanguageModelTask(Task):
         return batch["attention_mask"]
 
 
+class Seq2SeqTask(Task):
+    """T5: the encoder sees the source, the decoder the target, of other lengths, so each module takes its
+    own mask (a dict, kronfluence's form); the cross-attention's keys and values are projections of the
+    source. Right padding everywhere: padded positions get zero output gradient, as kronfluence assumes."""
+
+    ENCODER = [f"encoder.block.0.layer.{m}" for m in ("0.SelfAttention.q", "0.SelfAttention.v", "1.DenseReluDense.wo")]
+    DECODER = [f"decoder.block.0.layer.{m}" for m in ("0.SelfAttention.q", "1.EncDecAttention.q", "2.DenseReluDense.wi")]
+    SOURCE_SIDE = ["decoder.block.0.layer.1.EncDecAttention.k", "decoder.block.0.layer.1.EncDecAttention.v"]
+
+    def _loss(self, batch, model, sample=False):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"],
+                       decoder_attention_mask=batch["decoder_attention_mask"]).logits.flatten(0, 1)
+        labels = batch["labels"].flatten()
+        if sample:
+            with torch.no_grad():
+                drawn = torch.distributions.Categorical(logits=logits.detach()).sample()
+            labels = torch.where(labels == -100, labels, drawn)
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+    def compute_train_loss(self, batch, model, sample=False):
+        return self._loss(batch, model, sample)
+
+    def compute_measurement(self, batch, model):
+        return self._loss(batch, model)
+
+    def get_influence_tracked_modules(self):
+        return self.ENCODER + self.SOURCE_SIDE + self.DECODER
+
+    def get_attention_mask(self, batch):
+        source = {name: batch["attention_mask"] for name in self.ENCODER + self.SOURCE_SIDE}
+        return {**source, **{name: batch["decoder_attention_mask"] for name in self.DECODER}}
+
+
 class DictDataset(torch.utils.data.Dataset):
     def __init__(self, **tensors):
         self.tensors = tensors
@@ -148,7 +182,31 @@ def _llama(dtype):
     return model, LanguageModelTask(), train, queries
 
 
-WORKLOADS = {"digits_mlp": _digits_mlp, "conv": _conv, "llama": _llama}
+def _t5(dtype):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=24, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2,
+                   relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(cfg).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    n, s, t = 30, 9, 6
+
+    def padded(length, lo):
+        ids = torch.randint(1, 24, (n, length), generator=g)
+        mask = (torch.arange(length)[None] < torch.randint(lo, length + 1, (n,), generator=g)[:, None]).long()
+        return ids * mask, mask
+
+    ids, mask = padded(s, 3)
+    targets, target_mask = padded(t, 2)
+    decoder_ids = torch.cat([torch.zeros(n, 1, dtype=torch.long), targets[:, :-1]], 1)  # shifted right
+    data = DictDataset(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                       decoder_attention_mask=target_mask, labels=torch.where(target_mask.bool(), targets, -100))
+    train, queries = torch.utils.data.Subset(data, range(24)), torch.utils.data.Subset(data, range(24, n))
+    return model, Seq2SeqTask(), train, queries
+
+
+WORKLOADS = {"digits_mlp": _digits_mlp, "conv": _conv, "llama": _llama, "t5": _t5}
 
 
 # ---- the script body, run with kronfluence and with the shim ----------------------------------

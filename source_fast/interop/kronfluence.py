@@ -24,9 +24,10 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
 - `amp_dtype` runs the task's forward passes under torch.autocast, as kronfluence does; float16
   autocast only for a float16 model (kronfluence's loss scaling, `amp_scale`, which keeps a float32
   model's float16 output gradients from underflowing, is not done here).
-- Per-module masks (a dict from `get_attention_mask`), `enable_post_process_per_sample_gradient`,
-  shared (re-used) modules and partition targets are not supported by the shim; it raises instead of
-  silently computing something else. Per-module and per-token scores and aggregated query or
+- Per-module masks (a dict from `get_attention_mask`, as for an encoder-decoder) are taken as
+  kronfluence takes them: a tracked module the dict leaves out is unmasked.
+  `enable_post_process_per_sample_gradient`, shared (re-used) modules and partition targets are not
+  supported by the shim; it raises instead of silently computing something else. Per-module and per-token scores and aggregated query or
   training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
 - Precision knobs (`*_dtype` fields other than `score_dtype` and `amp_dtype`) are not used, with a
   warning when one asks for another precision: source_fast computes in the model's dtype with float32
