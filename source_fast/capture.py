@@ -127,6 +127,25 @@ class Captured:
     g: Tensor | None
     mask: Tensor | None
     half: bool = False
+    calls: int = 1  # a shared (re-used) layer's calls in the forward pass, their tokens one after another
+
+
+def _joined(name: str, calls: list[Captured]) -> Captured:
+    """A shared layer's calls as one record: tokens of call 1, then call 2, ... A call whose output
+    did not reach the loss contributes zero output gradients."""
+    sizes = {c.a.shape[0] for c in calls}
+    if len(sizes) > 1:
+        raise ValueError(f"module {name!r} ran {len(calls)} times in one forward pass on {sorted(sizes)} examples: "
+                         "a shared layer must see the same examples in every call")
+    n = calls[0].a.shape[0]
+    with_g = [c.g for c in calls if c.g is not None]
+    g = None if not with_g else torch.cat([
+        c.g if c.g is not None else with_g[0].new_zeros(n, c.a.shape[1], with_g[0].shape[2]) for c in calls], 1)
+    masks = [c.mask for c in calls if c.mask is not None]
+    mask = None if not masks else torch.cat([
+        c.mask if c.mask is not None else masks[0].new_ones(n, c.a.shape[1]) for c in calls], 1)
+    return Captured(a=torch.cat([c.a for c in calls], 1), g=g, mask=mask, half=any(c.half for c in calls),
+                    calls=len(calls))
 
 
 def rotate(x: Tensor, q: Tensor) -> Tensor:
@@ -200,6 +219,7 @@ class Capturer:
             if unknown:
                 raise ValueError(f"get_attention_mask returned masks for {unknown}, which name no module of the model")
         self.records = {}
+        self._calls: dict[str, list[Captured]] = {}
         self._mask = mask
         handles = []
         for spec in self.specs:
@@ -209,12 +229,16 @@ class Capturer:
             p.requires_grad_(False)
         try:
             yield self.records
+            for name, calls in self._calls.items():
+                if len(calls) > 1:
+                    self.records[name] = _joined(name, calls)
         finally:
             for h in handles:
                 h.remove()
             for p in frozen:
                 p.requires_grad_(True)
             self._mask = None
+            self._calls = {}
 
     def _make_hook(self, spec: LayerSpec):
         # Inputs and output gradients in the weights' dtype: under autocast a float32 model's layer sees
@@ -233,12 +257,11 @@ class Capturer:
             keep = None if mask is None else (mask != 0).unsqueeze(-1)
             if keep is not None:
                 a = torch.where(keep, a, 0)
-            if spec.name in self.records:
-                raise ValueError(
-                    f"module {spec.name!r} ran twice in one forward pass; shared (re-used) layers are not supported"
-                )
             record = Captured(a=a, g=None, mask=mask, half=torch.float16 in (x.dtype, output.dtype))
-            self.records[spec.name] = record
+            # A layer that runs more than once (shared weights: an RNN cell, a Siamese encoder): its
+            # per-example gradient sums over every call's tokens, so the calls join as one longer sequence.
+            self._calls.setdefault(spec.name, []).append(record)
+            self.records.setdefault(spec.name, record)
             if not output.requires_grad:
                 # The first tracked layer (parameters are frozen during a pass): its output starts the
                 # graph. Cloned, so an in-place op right after the layer (ReLU(inplace=True)) does not

@@ -802,6 +802,9 @@ def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token:
         a, g, q = with_ones(r.a, s, r.mask), r.g, queries[s.name]
         if isinstance(q, EigenQuery):
             a, g, q = rotate(a, q.q_a), rotate(g, q.q_s), q.r
+        if per_token and r.calls > 1:
+            raise ValueError(f"per_token: module {s.name!r} runs {r.calls} times per forward pass, so its tokens are "
+                             "not the example's (kronfluence refuses per-token scores with shared parameters too)")
         if per_token and lowrank:
             part = reference.pairwise_token_scores_lowrank(a, g, *q, r.mask)
         elif per_token:

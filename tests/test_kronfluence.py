@@ -406,6 +406,40 @@ def test_shim_rejects_what_it_cannot_reproduce(kron_dir, tmp_path):
         kf.Analyzer("run", wrapped, task, cpu=True, output_dir=str(tmp_path))
 
 
+def test_shared_parameters_match_kronfluence_factors_and_self_scores(tmp_path):
+    """A layer run at every step of a recurrence (kronfluence's has_shared_parameters=True): factors and
+    self-influence equal kronfluence's, natively and through the shim. Pairwise scores are checked
+    against explicit per-example gradients in test_layers instead: kronfluence 1.0.1's pairwise tracker
+    assigns each call's score rather than adding it, so its scores count one call of the layer."""
+    from test_layers import RecurrentNet
+
+    torch.manual_seed(0)
+    d = torch.float64
+    model = RecurrentNet().to(d)
+    g = torch.Generator().manual_seed(4)
+    train = TensorDataset(torch.randn(24, 4, 3, generator=g, dtype=d), torch.randint(0, 3, (24,), generator=g))
+    task = ClassifyTask()
+    factor_args = FactorArguments(use_empirical_fisher=True, has_shared_parameters=True, activation_covariance_dtype=d,
+                                  gradient_covariance_dtype=d, per_sample_gradient_dtype=d, lambda_dtype=d)
+    score_args = ScoreArguments(damping_factor=1e-8, per_sample_gradient_dtype=d, precondition_dtype=d, score_dtype=d)
+    self_scores = {}
+    for name, lib in (("kron", kronfluence), ("shim", kf)):
+        analyzer = lib.Analyzer("run", lib.prepare_model(copy.deepcopy(model), task), task, cpu=True, disable_tqdm=True,
+                                output_dir=str(tmp_path / name), log_level=logging.WARNING)
+        analyzer.fit_all_factors("ekfac", train, per_device_batch_size=16, factor_args=factor_args)
+        analyzer.compute_self_scores("self", "ekfac", train, per_device_train_batch_size=16, score_args=score_args)
+        self_scores[name] = analyzer.load_self_scores("self")["all_modules"]
+    _agree(self_scores["shim"], self_scores["kron"], d, "shim self-influence")
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    ours = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=16)
+    theirs = kf.load_factors(tmp_path / "kron" / "run" / "factors_ekfac", model, task)
+    for layer in ("cell", "head"):
+        for field in ("a_cov", "s_cov", "lam"):
+            _agree(getattr(ours.segments[0][layer], field), getattr(theirs.segments[0][layer], field), d, f"{layer} {field}")
+    native = sf.self_score(model, task, traj, ours, train, method="ekfac", damping=1e-8, batch_size=16) * len(train)
+    _agree(native, self_scores["kron"], d, "native self-influence × N")
+
+
 def test_per_token_scores_match_kronfluence(tmp_path):
     """compute_per_token_scores on the padded Llama workload in float64: every module's token scores
     and their sum equal kronfluence's, and padded tokens score exactly 0."""

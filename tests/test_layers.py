@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import dense_curvature
+from _helpers import ClassifyTask, dense_curvature
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
@@ -236,6 +236,61 @@ def test_per_module_masks_match_explicit_gradients_and_ignore_padding():
     assert torch.allclose(again, scores, rtol=1e-9, atol=1e-14)
 
 
+class RecurrentNet(nn.Module):
+    """One `cell` Linear run at every step (shared weights), then a head: h_t = tanh(cell([x_t, h_{t-1}]))."""
+
+    def __init__(self, d=3, h=4, k=3):
+        super().__init__()
+        self.cell = nn.Linear(d + h, h)
+        self.head = nn.Linear(h, k)
+
+    def forward(self, x, cell_outputs=None):
+        h = x.new_zeros(x.shape[0], self.cell.out_features)
+        for t in range(x.shape[1]):
+            z = self.cell(torch.cat([x[:, t], h], 1))
+            if cell_outputs is not None:
+                cell_outputs.append(z)
+            h = torch.tanh(z)
+        return self.head(h)
+
+
+def _recurrent_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 4, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+
+
+def _sum_ce(logits, y):
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def test_a_shared_layer_sums_over_its_calls():
+    """A layer run at every step of a recurrence: its factors average over every call's input and output
+    gradient, and its per-example gradient sums over the calls. Factors against explicit per-call inputs
+    and autograd's output gradients; scores against the dense EK-FAC of explicit per-example gradients."""
+    torch.manual_seed(0)
+    model = RecurrentNet().double()
+    data, queries = _recurrent_data(16, 0), _recurrent_data(3, 1)
+    _check_ekfac_dense(model, ClassifyTask(), _sum_ce, data, queries)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical", batch_size=5)
+    x, y = data.tensors
+    outputs = []
+    _sum_ce(model(x, outputs), y).backward(inputs=outputs)  # every call's output gradient, summed loss
+    h = [torch.zeros(len(x), 4, dtype=torch.float64)] + [torch.tanh(z.detach()) for z in outputs[:-1]]
+    inputs = torch.cat([torch.cat([x[:, t], h[t], torch.ones(len(x), 1, dtype=torch.float64)], 1) for t in range(4)])
+    grads = torch.cat([z.grad for z in outputs])
+    rows = len(inputs)  # 16 examples × 4 calls
+    cell = factors.segments[0]["cell"]
+    assert torch.allclose(cell.a_cov, inputs.T @ inputs / rows, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(cell.s_cov, grads.T @ grads / rows, rtol=1e-10, atol=1e-14)
+    # Λ: each example's gradient, summed over the calls (vmap through the loop), in the eigenbases, squared.
+    per_example = _explicit_grads(model, _sum_ce, data, [("cell", model.cell)]).view(16, 4, 8)
+    lam = ((cell.q_s.T @ per_example @ cell.q_a) ** 2).mean(0)
+    assert torch.allclose(cell.lam, lam, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="per_token: module 'cell' runs 4 times per forward pass"):
+        sf.score(model, ClassifyTask(), traj, factors, data, queries, method="ekfac", per_token=True)
+
+
 def test_conv2d_unfold_layout_matches_weight_view():
     torch.manual_seed(0)
     model = ConvNet().double()
@@ -401,7 +456,7 @@ def test_batchnorm_models_are_told_they_run_in_eval_mode():
     """Training normalised each batch by its own statistics; fitting and scoring run the model as it is
     evaluated (running statistics), as kronfluence does: said once per call site, with BatchNorm's own
     parameters left out of the tracked layers."""
-    from _helpers import ClassifyTask, classification_data
+    from _helpers import classification_data
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()

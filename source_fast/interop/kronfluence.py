@@ -26,8 +26,10 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   model's float16 output gradients from underflowing, is not done here).
 - Per-module masks (a dict from `get_attention_mask`, as for an encoder-decoder) are taken as
   kronfluence takes them: a tracked module the dict leaves out is unmasked.
-  `enable_post_process_per_sample_gradient`, shared (re-used) modules and partition targets are not
-  supported by the shim; it raises instead of silently computing something else. Per-module and per-token scores and aggregated query or
+  Shared (re-used) modules are taken as with kronfluence's `has_shared_parameters=True`, whatever
+  the flag: a per-example gradient sums over the module's calls. `enable_post_process_per_sample_gradient`
+  and partition targets are not supported by the shim; it raises instead of silently computing
+  something else. Per-module and per-token scores and aggregated query or
   training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
 - Precision knobs (`*_dtype` fields other than `score_dtype` and `amp_dtype`) are not used, with a
   warning when one asks for another precision: source_fast computes in the model's dtype with float32
@@ -709,10 +711,7 @@ class Analyzer:
 
     def _factor_args(self, factor_args: Any, out: Path, overwrite_output_dir: bool) -> dict[str, Any]:
         """The factor arguments as kronfluence's JSON, checked, and saved (or compared with the saved)."""
-        _reject(factor_args, FACTOR_DEFAULTS, {
-            "strategy": "source_fast fits EK-FAC only",
-            "has_shared_parameters": "source_fast does not support modules that run twice per forward pass",
-        })
+        _reject(factor_args, FACTOR_DEFAULTS, {"strategy": "source_fast fits EK-FAC only"})
         _autocast_dtype(factor_args, FACTOR_DEFAULTS, self.model)  # refused before anything is written
         args = _args_dict(factor_args, FACTOR_DEFAULTS)
         _unused_precisions(args, FACTOR_DEFAULTS, self.model)
