@@ -171,6 +171,22 @@ def test_ekfac_matches_dense_inverse(setup):
         _close(scores, expected)
 
 
+def test_implied_damping_is_one_over_the_horizon_with_momentum(setup):
+    """damping="implied" is 1/c with c the segment's horizon, Σ η/(1 − β) for heavy-ball momentum, not the
+    rates' sum Σ η: a one-checkpoint segment given its momentum (final() folds it into lr_sum), score and
+    the fused self-influence alike. Dense: (H + I/c)⁻¹."""
+    model, data, queries, ckpts = setup
+    traj = sf.Trajectory([sf.Segment([ckpts[-1]], data, lr_sum=1.5, momentum=0.5)])  # c = 3
+    factors = sf.fit_factors(model, ClassifyTask(), traj)
+    v, g = _grads(model, ckpts[-1], queries), _grads(model, ckpts[-1], data)
+    h = _block_diag_curvature(factors, 0)
+    inverse = torch.linalg.inv(h + torch.eye(h.shape[0], dtype=h.dtype) / 3.0)
+    scores = sf.score(model, ClassifyTask(), traj, factors, data, queries, method="ekfac", damping="implied")
+    _close(scores, v @ inverse @ g.T / len(data))
+    _close(sf.self_score(model, ClassifyTask(), traj, factors, data, method="ekfac", damping="implied"),
+           (g @ inverse * g).sum(1) / len(data))
+
+
 def test_limits_of_the_horizon():
     """c → ∞: SOURCE → undamped influence function; c → 0: SOURCE → c × grad_dot.
 
@@ -217,6 +233,24 @@ def test_one_token_reference_forms_equal_the_explicit_tiles():
     lam = torch.zeros(5, 7, dtype=torch.float64)
     reference.accumulate_lambda_(lam, a, g, mask)
     _close(lam, (tiles**2).sum(0), 1e-13)
+
+
+def test_token_contractions_drop_masked_tokens_on_both_sides():
+    """The reference's pairwise contractions (full, low-rank, per token) against explicit per-token tiles
+    g_t a_tᵀ, with NaN in a and g at dropped tokens: dropped on both sides, never multiplied by 0
+    (NaN · 0 = NaN). capture() zeroes them first, so only a direct call sees this contract."""
+    g64 = torch.Generator().manual_seed(4)
+    a, g = torch.randn(6, 4, 7, generator=g64, dtype=torch.float64), torch.randn(6, 4, 5, generator=g64, dtype=torch.float64)
+    left, right = torch.randn(3, 5, 2, generator=g64, dtype=torch.float64), torch.randn(3, 7, 2, generator=g64, dtype=torch.float64)
+    u = left @ right.mT
+    mask = (torch.arange(4)[None] < torch.tensor([4, 1, 2, 3, 4, 2])[:, None]).double()
+    keep = mask[..., None] > 0
+    per_token = torch.einsum("nto,qoi,nti->nqt", g * keep, u, a * keep)  # the clean tiles, dotted
+    a, g = torch.where(keep, a, float("nan")), torch.where(keep, g, float("nan"))
+    _close(reference.pairwise_scores(a, g, u, mask), per_token.sum(2), 1e-13)
+    _close(reference.pairwise_scores_lowrank(a, g, left, right, mask), per_token.sum(2), 1e-13)
+    _close(reference.pairwise_token_scores(a, g, u, mask), per_token, 1e-13)
+    _close(reference.pairwise_token_scores_lowrank(a, g, left, right, mask), per_token, 1e-13)
 
 
 def test_tracin_and_grad_dot_match_explicit_gradients(setup):

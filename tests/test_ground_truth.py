@@ -220,6 +220,48 @@ def test_clipping_does_not_shrink_the_weight_decay():
     assert traj.segments[0].decay_scale > 2  # most steps clipped to a tenth
 
 
+@pytest.mark.parametrize("n_steps, n_ckpt", [(7, 3), (10, 4), (11, 4)])
+def test_even_takes_checkpoint_c_as_saved_after_step_round_c_T_over_C(n_steps, n_ckpt):
+    """Without steps=, checkpoint c (counting from 1) was saved after step round(c·T/C), as the training
+    loops here save them (_train): with one segment per checkpoint, each segment sums exactly the rates of
+    the steps since the previous checkpoint. Rates 2^−k, so every sum names its steps; T/C not an integer."""
+    lrs = [2.0**-k for k in range(n_steps)]
+    traj = sf.Trajectory.even([{"w": torch.zeros(1)} for _ in range(n_ckpt)], lrs, n_ckpt, list(range(4)))
+    saved = [0] + sorted({round((c + 1) * n_steps / n_ckpt) for c in range(n_ckpt)})
+    assert len(saved) == n_ckpt + 1
+    expected = [sum(lrs[a:b]) for a, b in zip(saved, saved[1:])]
+    assert [seg.lr_sum for seg in traj.segments] == pytest.approx(expected, rel=1e-15, abs=0)
+
+
+def test_final_keeps_the_decay_a_clipped_run_applied():
+    """final()'s one segment must decay a weight with no loss gradient as the whole run did: per module
+    (a dict of decays) under SGD with momentum, and under AdamW, with most steps' gradients clipped (the
+    decay is added after clipping, so it moves the weights the unclipped distance; decay_scale)."""
+    lrs, wd = [0.05] * 40, {"a": 1e-7, "b": 3e-7}
+    scales = [0.1 if k < 20 and k % 3 else 1.0 for k in range(40)]  # the segments clipped unequally
+    theta = {k: torch.ones(1, dtype=torch.float64, requires_grad=True) for k in wd}
+    opt = _Scheduled([{"params": [theta[k]], "weight_decay": w} for k, w in wd.items()], lrs, momentum=0.9)
+    for _ in lrs:
+        for t in theta.values():
+            t.grad = torch.zeros(1, dtype=torch.float64)
+        opt.step()
+    ckpts = [{"w": torch.zeros(1)} for _ in range(4)]
+    final = sf.Trajectory.even(ckpts, lrs, 2, list(range(4)), momentum=0.9, weight_decay=wd,
+                               grad_scales=scales).final().segments[0]
+    for k, t in theta.items():
+        assert final.horizon * final.decay(k) * final.decay_scale == pytest.approx(-math.log(t.item()), rel=1e-6)
+    # AdamW: θ ← θ(1 − η·wd) at every step, whatever the (here zero) gradient.
+    theta = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    adamw = torch.optim.AdamW([theta], lr=lrs[0], weight_decay=1e-7)
+    for _ in lrs:
+        theta.grad = torch.zeros(1, dtype=torch.float64)
+        adamw.step()
+    states = [{"state": {}, "param_groups": []} for _ in ckpts]
+    final = sf.Trajectory.even(ckpts, lrs, 2, list(range(4)), optimizer="adamw", optimizer_states=states,
+                               weight_decay=1e-7, grad_scales=scales).final().segments[0]
+    assert final.horizon * final.decay("w") * final.decay_scale == pytest.approx(-math.log(theta.item()), rel=1e-6)
+
+
 class _Scheduled(torch.optim.SGD):
     """torch's SGD with the rate of each step taken from a list (step k uses lrs[k])."""
 
