@@ -487,7 +487,7 @@ def run_pass(
         yield start, n, records
         start += n
         if progress is not None:  # the first tracked layer's tokens
-            first = records[specs[0].name]
-            tokens += first.a.shape[0] * first.a.shape[1] if first.mask is None else int((first.mask != 0).sum())
+            lead = records[specs[0].name]  # not `first`: where() reads that (the loader's first example)
+            tokens += lead.a.shape[0] * lead.a.shape[1] if lead.mask is None else int((lead.mask != 0).sum())
             progress.set_postfix_str(f"{tokens / max(progress.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
             progress.update(n)

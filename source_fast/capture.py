@@ -198,13 +198,20 @@ class Capturer:
             return cols.transpose(1, 2)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
-    def _layer_mask(self, spec: LayerSpec, n: int, t: int, x_dim: int) -> Tensor | None:
+    def _layer_mask(self, spec: LayerSpec, n: int, t: int, x_dim: int, call: int = 0) -> Tensor | None:
         per_module = isinstance(self._mask, dict)
         mask = self._mask.get(spec.name) if per_module else self._mask  # a module a dict leaves out: unmasked
+        per_call = isinstance(mask, (list, tuple))  # a shared layer's masks, one per call (a Siamese encoder's)
+        if per_call:
+            if call >= len(mask):
+                raise ValueError(f"module {spec.name!r} ran more than the {len(mask)} times its attention masks are for")
+            mask = mask[call]
         if mask is None or spec.kind == "conv2d" or x_dim == 2:
             return None  # no token axis to mask
         if mask.dim() != 2 or tuple(mask.shape) != (n, t):
             whose = f"module {spec.name!r}'s attention mask" if per_module else "attention mask"
+            if per_call or call:
+                whose += f" for its call {call + 1}"
             raise ValueError(
                 f"{whose} has shape {tuple(mask.shape)} but module {spec.name!r} sees {n} examples × {t} tokens"
                 + ("" if per_module else " (modules that see other sequences, as an encoder-decoder's do, take "
@@ -220,6 +227,7 @@ class Capturer:
                 raise ValueError(f"get_attention_mask returned masks for {unknown}, which name no module of the model")
         self.records = {}
         self._calls: dict[str, list[Captured]] = {}
+        self._outputs: dict[str, list[tuple[Tensor, int]]] = {}  # each call's output and its version then
         self._mask = mask
         handles = []
         for spec in self.specs:
@@ -230,6 +238,16 @@ class Capturer:
         try:
             yield self.records
             for name, calls in self._calls.items():
+                masks = self._mask.get(name) if isinstance(self._mask, dict) else None
+                if isinstance(masks, (list, tuple)) and len(masks) != len(calls):
+                    raise ValueError(f"module {name!r} ran {len(calls)} times but has attention masks for {len(masks)}")
+                for record, (out, version) in zip(calls, self._outputs[name]):
+                    # autograd drops a hook on a view (a Linear's output on 3-D input) once the view is
+                    # modified in place: that call's gradient is lost, not zero.
+                    if record.g is None and out._version != version:
+                        raise ValueError(f"module {name!r}: its output was modified in place (an in-place activation "
+                                         "such as ReLU(inplace=True)?), so its output gradient could not be captured; "
+                                         "use the op out of place")
                 if len(calls) > 1:
                     self.records[name] = _joined(name, calls)
         finally:
@@ -239,6 +257,7 @@ class Capturer:
                 p.requires_grad_(True)
             self._mask = None
             self._calls = {}
+            self._outputs = {}
 
     def _make_hook(self, spec: LayerSpec):
         # Inputs and output gradients in the weights' dtype: under autocast a float32 model's layer sees
@@ -251,7 +270,7 @@ class Capturer:
             x = inputs[0]
             a = self._tokens(spec, module, x.detach().to(dtype))
             n, t = a.shape[0], a.shape[1]
-            mask = self._layer_mask(spec, n, t, x.dim())
+            mask = self._layer_mask(spec, n, t, x.dim(), len(self._calls.get(spec.name, ())))
             # Dropped tokens are selected away, not multiplied by 0: a NaN or inf there (a fully masked
             # attention row, say) must not reach the factors or the scores.
             keep = None if mask is None else (mask != 0).unsqueeze(-1)
@@ -278,6 +297,7 @@ class Capturer:
                 record.g = g.detach().to(dtype)
 
             output.register_hook(grad_hook)
+            self._outputs.setdefault(spec.name, []).append((output, output._version))
             return output
 
         return hook

@@ -747,3 +747,16 @@ def test_an_error_in_the_tasks_code_says_which_pass_and_batch(setup):
         sf.score(model, Broken(), traj, None, data, data, method="tracin", batch_size=8)
     assert info.value.__notes__ == ["source_fast: raised in the task's compute_measurement (the model's forward) on "
                                     "queries at segment 0, checkpoint 0, batch 0 (examples from 0)"]
+
+
+def test_an_error_after_a_progress_line_still_names_the_examples():
+    """run_pass's progress update must not rebind `first` (the examples' position, read by errors)."""
+    from _helpers import ClassifyTask, classification_data, mlp
+
+    model = mlp(4, 5, 3)
+    x, y = classification_data(8, 4, 3).tensors
+    x = x.clone()
+    x[6, 0] = float("nan")  # in the second batch
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], torch.utils.data.TensorDataset(x, y), lr_sum=1.0)])
+    with pytest.raises(FloatingPointError, match=r"batch 1 \(examples from 4\): the train loss is nan"):
+        sf.fit_factors(model, ClassifyTask(), traj, batch_size=4, fisher="empirical", progress=True)

@@ -506,3 +506,80 @@ def test_a_layer_with_8_bit_weights_is_captured_in_its_inputs_dtype(dtype):
         model(x).sum().backward()
     assert records["2"].a.dtype == records["2"].g.dtype == torch.float64
     assert torch.equal(records["2"].a[:, 0], torch.tanh(model[0](x)))
+
+
+def test_an_output_modified_in_place_is_refused_not_taken_as_zero():
+    """An in-place activation on a shared layer's 3-D output (a view) drops autograd's hook: that call's
+    output gradient is lost. Taking it as zero (a call that did not reach the loss) gave wrong scores."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head, self.act = nn.Linear(4, 4), nn.Linear(4, 3), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.head(self.act(self.lin(self.act(self.lin(x)))).sum(1))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(6, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(ValueError, match="module 'lin': its output was modified in place"):
+        sf.fit_factors(model, ClassifyTask(), traj, batch_size=3, fisher="empirical")
+
+
+class SiameseNet(nn.Module):
+    """One encoder Linear applied to two padded inputs (masked-mean pooled), then a head on both."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(3, 4), nn.Linear(8, 2)
+
+    def _pool(self, x, m):
+        return (torch.tanh(self.enc(x)) * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+
+    def forward(self, x1, m1, x2, m2):
+        return self.head(torch.cat([self._pool(x1, m1), self._pool(x2, m2)], 1))
+
+
+class SiameseTask(sf.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        return _sum_ce(model(*batch[:4]), batch[4])
+
+    compute_measurement = compute_train_loss
+
+    def get_attention_mask(self, batch):
+        return {"enc": [batch[1], batch[3]]}  # one mask per call of the shared encoder
+
+
+def _siamese_data(n, seed, t2=6):
+    g = torch.Generator().manual_seed(seed)
+
+    def side(t):
+        m = (torch.arange(t)[None] < torch.randint(1, t + 1, (n,), generator=g)[:, None]).double()
+        x = torch.randn(n, t, 3, generator=g, dtype=torch.float64)
+        return torch.where(m[..., None] > 0, x, 100 * torch.randn(x.shape, generator=g, dtype=torch.float64)), m
+
+    (x1, m1), (x2, m2) = side(6), side(t2)
+    return TensorDataset(x1, m1, x2, m2, torch.randint(0, 2, (n,), generator=g))
+
+
+def test_a_shared_layer_takes_one_mask_per_call():
+    """A Siamese encoder's two sides are padded apart: a list of masks in the dict masks each call with
+    its own (scores equal explicit per-example gradients); one mask for calls of another length is
+    refused naming the call."""
+    torch.manual_seed(0)
+    model = SiameseNet().double()
+    _check_ekfac_dense(model, SiameseTask(), _sum_ce, _siamese_data(16, 0), _siamese_data(3, 1), inputs=4)
+
+    class OneMask(SiameseTask):
+        def get_attention_mask(self, batch):
+            return {"enc": batch[1]}
+
+    data = _siamese_data(6, 0, t2=8)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    sf.fit_factors(model, SiameseTask(), traj, batch_size=3)  # sides of 6 and 8 tokens, each with its own mask
+    with pytest.raises(ValueError, match=r"module 'enc''s attention mask for its call 2 has shape \(3, 6\) but "
+                                         r"module 'enc' sees 3 examples × 8 tokens"):
+        sf.fit_factors(model, OneMask(), traj, batch_size=3)
