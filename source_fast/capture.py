@@ -225,6 +225,11 @@ class Capturer:
             unknown = sorted(set(mask) - set(self.modules))
             if unknown:
                 raise ValueError(f"get_attention_mask returned masks for {unknown}, which name no module of the model")
+            tracked = [s.name for s in self.specs]
+            parents = sorted(k for k in mask if k not in tracked and any(k == "" or t.startswith(f"{k}.") for t in tracked))
+            if parents:  # kronfluence takes a key for the module it names only: so do we, but say so
+                warn(f"get_attention_mask returned masks for {parents}, which contain tracked modules but are not "
+                     "tracked themselves: a mask applies only to the module it names, so name each tracked module")
         self.records = {}
         self._calls: dict[str, list[Captured]] = {}
         self._outputs: dict[str, list[tuple[Tensor, int]]] = {}  # each call's output and its version then

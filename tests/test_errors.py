@@ -318,6 +318,13 @@ def test_per_module_masks_must_name_modules_and_fit_them():
     traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
     with pytest.raises(ValueError, match=r"get_attention_mask returned masks for \['outt'\], which name no module"):
         sf.fit_factors(model, Typo(), traj)
+
+    class Parent(TokenTask):
+        def get_attention_mask(self, batch):
+            return {"": batch[2]}  # the model itself, not its layers
+
+    with pytest.warns(UserWarning, match=r"masks for \[''\], which contain tracked modules but are not tracked"):
+        sf.fit_factors(model, Parent(), traj)
     with pytest.raises(ValueError, match=r"module 'out'\'s attention mask has shape \(6, 5\) but module 'out' sees 6 "
                                          r"examples × 6 tokens"):
         sf.fit_factors(model, Short(), traj)
