@@ -455,11 +455,13 @@ def run_pass(
             missing = [s.name for s in specs if s.name not in records]
             if missing:
                 raise ValueError(
-                    f"{where(b, start)}: tracked modules {missing} did not run in the forward pass (a module whose weights "
-                    "its parent uses without calling it, as nn.MultiheadAttention does its out_proj, cannot be tracked): "
-                    "name the modules to track in the task's get_influence_tracked_modules()")
+                    f"{where(b, start)}: tracked modules {missing} did not run in the forward pass, or only under "
+                    "torch.no_grad (a module whose weights its parent uses without calling it, as nn.MultiheadAttention "
+                    "does its out_proj, cannot be tracked): name the modules to track in the task's "
+                    "get_influence_tracked_modules()")
             if not out.requires_grad:
                 raise ValueError(f"{where(b, start)}: the loss does not depend on any tracked module")
+            capturer.forward_done()
             out.backward()
         n = next(iter(records.values())).a.shape[0]
         for spec in specs:

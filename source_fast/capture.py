@@ -186,7 +186,7 @@ class Capturer:
         self.specs = specs
         self.modules = dict(model.named_modules())
         self.records: dict[str, Captured] = {}
-        self._mask: Tensor | None = None
+        self._mask: Tensor | dict[str, Tensor | list[Tensor | None]] | None = None
 
     def _tokens(self, spec: LayerSpec, module: nn.Module, x: Tensor) -> Tensor:
         if spec.kind == "conv2d":
@@ -220,7 +220,10 @@ class Capturer:
         return mask
 
     @contextlib.contextmanager
-    def capture(self, mask: Tensor | dict[str, Tensor] | None) -> Iterator[dict[str, Captured]]:
+    def capture(self, mask: Tensor | dict[str, Tensor | list[Tensor | None]] | None) -> Iterator[dict[str, Captured]]:
+        if isinstance(mask, (list, tuple)):  # would mask every layer's calls by position, with nothing to check
+            raise TypeError("get_attention_mask returned a list: masks per call are for a shared layer, inside the "
+                            "dict of masks per module ({name: [mask of call 1, mask of call 2, ...]})")
         if isinstance(mask, dict):  # per module (kronfluence's form): a name that is no module is a typo
             unknown = sorted(set(mask) - set(self.modules))
             if unknown:
@@ -232,7 +235,8 @@ class Capturer:
                      "tracked themselves: a mask applies only to the module it names, so name each tracked module")
         self.records = {}
         self._calls: dict[str, list[Captured]] = {}
-        self._outputs: dict[str, list[tuple[Tensor, int]]] = {}  # each call's output and its version then
+        self._seen: dict[str, int] = {}  # calls per module, those under no_grad too (per-call masks count them)
+        self._outputs: dict[str, list[tuple[Tensor | None, int]]] = {}  # each tracked call's output, its version then
         self._mask = mask
         handles = []
         for spec in self.specs:
@@ -244,12 +248,12 @@ class Capturer:
             yield self.records
             for name, calls in self._calls.items():
                 masks = self._mask.get(name) if isinstance(self._mask, dict) else None
-                if isinstance(masks, (list, tuple)) and len(masks) != len(calls):
-                    raise ValueError(f"module {name!r} ran {len(calls)} times but has attention masks for {len(masks)}")
+                if isinstance(masks, (list, tuple)) and len(masks) != self._seen[name]:
+                    raise ValueError(f"module {name!r} ran {self._seen[name]} times but has attention masks for {len(masks)}")
                 for record, (out, version) in zip(calls, self._outputs[name]):
                     # autograd drops a hook on a view (a Linear's output on 3-D input) once the view is
                     # modified in place: that call's gradient is lost, not zero.
-                    if record.g is None and out._version != version:
+                    if record.g is None and out is not None and out._version != version:
                         raise ValueError(f"module {name!r}: its output was modified in place (an in-place activation "
                                          "such as ReLU(inplace=True)?), so its output gradient could not be captured; "
                                          "use the op out of place")
@@ -261,8 +265,15 @@ class Capturer:
             for p in frozen:
                 p.requires_grad_(True)
             self._mask = None
-            self._calls = {}
-            self._outputs = {}
+            self._calls, self._seen, self._outputs = {}, {}, {}
+
+    def forward_done(self) -> None:
+        """Call between the forward pass and backward: keeps only the outputs that can have lost their
+        gradient hook (views modified in place) for the check at the end of capture(). Holding every
+        output through backward would keep alive those autograd frees (a Linear feeding a residual add),
+        as much memory again as the output gradients being captured."""
+        for name, outs in self._outputs.items():
+            self._outputs[name] = [(o if o._is_view() and o._version != v else None, v) for o, v in outs]
 
     def _make_hook(self, spec: LayerSpec):
         # Inputs and output gradients in the weights' dtype: under autocast a float32 model's layer sees
@@ -272,10 +283,13 @@ class Capturer:
         dtype = weight.dtype if weight.is_floating_point() and weight.dtype.itemsize >= 2 else None
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor):
+            call = self._seen[spec.name] = self._seen.get(spec.name, 0) + 1
+            if not torch.is_grad_enabled():  # a call under no_grad (a stop-gradient branch) takes no part in
+                return None                  # the loss's gradient: not in the factors either
             x = inputs[0]
             a = self._tokens(spec, module, x.detach().to(dtype))
             n, t = a.shape[0], a.shape[1]
-            mask = self._layer_mask(spec, n, t, x.dim(), len(self._calls.get(spec.name, ())))
+            mask = self._layer_mask(spec, n, t, x.dim(), call - 1)
             # Dropped tokens are selected away, not multiplied by 0: a NaN or inf there (a fully masked
             # attention row, say) must not reach the factors or the scores.
             keep = None if mask is None else (mask != 0).unsqueeze(-1)

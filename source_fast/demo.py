@@ -816,7 +816,12 @@ def main(
 def _remove_stale_temps(out: Path) -> None:
     """What a killed demo leaves: the temp files of its atomic writes (safetensors' own among them
     beside the checkpoints). A killed Factors.save's temps are its next save's to remove."""
-    remove_stale_temps(out, ".*.tmp", "*/.*.tmp", "*/checkpoints/.*.tmp", f"*/checkpoints/{SAFETENSORS_TEMP}")
+    # Only the demo's own files: --out may be a folder of the user's (".") whose other subfolders hold
+    # other programs' temp files, live ones among them.
+    report = [f".{name}.*.tmp" for name in ("lds.md", "lds.json", "lds.png", "summary.json", "proponents.png")]
+    folders = sorted({sc.name for quick in (False, True) for sc in scenarios(quick)})
+    remove_stale_temps(out, *report, *(f"{name}/{pattern}" for name in folders
+                                       for pattern in (".*.tmp", "checkpoints/.*.tmp", f"checkpoints/{SAFETENSORS_TEMP}")))
 
 
 def _run(out, chosen, quick, grid, trak_grid, n_subsets, n_seeds, workers, queries, top, t0) -> dict:

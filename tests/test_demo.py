@@ -129,3 +129,16 @@ def test_killing_the_demo_during_retraining_loses_nothing(tmp_path):
     subprocess.run([sys.executable, "-m", "source_fast", "demo", "--out", str(killed), *more], check=True,
                    capture_output=True, timeout=600)
     assert len(list(killed.glob("regression/retraining-*"))) == 2
+
+
+def test_a_demo_into_a_users_folder_removes_only_its_own_temp_files(tmp_path):
+    """--out . : the folder's other subfolders hold other programs' temp files, possibly being written."""
+    from source_fast.demo import _remove_stale_temps
+
+    own = [tmp_path / ".lds.json.a1b2c3.tmp", tmp_path / "regression" / "checkpoints" / ".tmpAb3dE9"]
+    foreign = [tmp_path / "scores" / ".manifest.json.zz9.tmp", tmp_path / ".notes.txt.abc.tmp"]
+    for p in own + foreign:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(bytes(16))
+    _remove_stale_temps(tmp_path)
+    assert not any(p.exists() for p in own) and all(p.exists() for p in foreign)

@@ -767,3 +767,17 @@ def test_an_error_after_a_progress_line_still_names_the_examples():
     traj = sf.Trajectory([sf.Segment([model.state_dict()], torch.utils.data.TensorDataset(x, y), lr_sum=1.0)])
     with pytest.raises(FloatingPointError, match=r"batch 1 \(examples from 4\): the train loss is nan"):
         sf.fit_factors(model, ClassifyTask(), traj, batch_size=4, fisher="empirical", progress=True)
+
+
+def test_a_list_of_masks_outside_the_dict_is_refused():
+    """Masks per call belong to one shared layer, in the dict; a bare list masked every layer with its first."""
+    from test_layers import TokenModel, TokenTask, _token_data
+
+    class Bare(TokenTask):
+        def get_attention_mask(self, batch):
+            return [batch[2], torch.zeros_like(batch[2])]
+
+    model = TokenModel().double()
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], _token_data(6, 6, 0, garbage=1), lr_sum=1.0)])
+    with pytest.raises(TypeError, match="get_attention_mask returned a list"):
+        sf.fit_factors(model, Bare(), traj)

@@ -583,3 +583,63 @@ def test_a_shared_layer_takes_one_mask_per_call():
     with pytest.raises(ValueError, match=r"module 'enc''s attention mask for its call 2 has shape \(3, 6\) but "
                                          r"module 'enc' sees 3 examples × 8 tokens"):
         sf.fit_factors(model, OneMask(), traj, batch_size=3)
+
+
+def test_layer_outputs_that_autograd_frees_are_not_kept_through_backward():
+    """A Linear feeding only a residual add: autograd saves nothing of its output, so the output is freed
+    after the forward pass. capture() must not keep it (for its in-place check) through backward, where
+    it would cost as much memory again as the output gradients being captured."""
+    import weakref
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.pre(x)  # the first tracked layer, whose output capture() replaces
+            return self.head((h + self.lin(h)).sum(1))
+
+    alive = []
+
+    class Watched(ClassifyTask):
+        def compute_train_loss(self, batch, model, sample=False):
+            loss = super().compute_train_loss(batch, model, sample)
+            loss.register_hook(lambda g: alive.append(watched() is not None))  # the start of backward
+            return loss
+
+    model = Res().double()
+    model.lin.register_forward_hook(lambda m, i, out: watched.__setattr__("ref", weakref.ref(out)))
+
+    def watched():
+        return watched.ref()
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(4, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    sf.fit_factors(model, Watched(), traj, batch_size=4, fisher="empirical")
+    assert alive and not any(alive), alive
+
+
+def test_a_shared_layers_call_under_no_grad_is_left_out():
+    """A stop-gradient branch that runs the shared layer under torch.no_grad(): that call takes no part in
+    the gradient, so it is left out of the factors too (A is the other call's inputs alone), and the
+    scores equal explicit per-example gradients."""
+
+    class NoGradCall(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head = nn.Linear(3, 4), nn.Linear(8, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                target = self.enc(2 * x)
+            return self.head(torch.cat([self.enc(x), target], 1))
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))
+    queries = TensorDataset(torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g))
+    factors, _ = _check_ekfac_dense(NoGradCall().double(), ClassifyTask(), _sum_ce, data, queries)
+    inputs = torch.cat([data.tensors[0], torch.ones(12, 1, dtype=torch.float64)], 1)
+    assert torch.allclose(factors.segments[0]["enc"].a_cov, inputs.T @ inputs / 12, rtol=1e-12, atol=1e-15)
