@@ -457,7 +457,8 @@ def run_pass(
                 raise ValueError(
                     f"{where(b, start)}: tracked modules {missing} did not run in the forward pass, or only under "
                     "torch.no_grad (a module whose weights its parent uses without calling it, as nn.MultiheadAttention "
-                    "does its out_proj, cannot be tracked): name the modules to track in the task's "
+                    "does its out_proj, cannot be tracked; torch.utils.checkpoint with use_reentrant=True runs its "
+                    "forward under no_grad: use use_reentrant=False): name the modules to track in the task's "
                     "get_influence_tracked_modules()")
             if not out.requires_grad:
                 raise ValueError(f"{where(b, start)}: the loss does not depend on any tracked module")

@@ -237,6 +237,7 @@ class Capturer:
         self._calls: dict[str, list[Captured]] = {}
         self._seen: dict[str, int] = {}  # calls per module, those under no_grad too (per-call masks count them)
         self._outputs: dict[str, list[tuple[Tensor | None, int]]] = {}  # each tracked call's output, its version then
+        self._backward = False  # set by forward_done(): calls from then on are activation checkpointing's re-runs
         self._mask = mask
         handles = []
         for spec in self.specs:
@@ -266,6 +267,7 @@ class Capturer:
                 p.requires_grad_(True)
             self._mask = None
             self._calls, self._seen, self._outputs = {}, {}, {}
+            self._backward = False
 
     def forward_done(self) -> None:
         """Call between the forward pass and backward: keeps only the outputs that can have lost their
@@ -274,6 +276,7 @@ class Capturer:
         as much memory again as the output gradients being captured."""
         for name, outs in self._outputs.items():
             self._outputs[name] = [(o if o._is_view() and o._version != v else None, v) for o, v in outs]
+        self._backward = True
 
     def _make_hook(self, spec: LayerSpec):
         # Inputs and output gradients in the weights' dtype: under autocast a float32 model's layer sees
@@ -283,6 +286,10 @@ class Capturer:
         dtype = weight.dtype if weight.is_floating_point() and weight.dtype.itemsize >= 2 else None
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor):
+            if self._backward:  # torch.utils.checkpoint re-running the forward in backward: not another call
+                # (the forward's own call holds its record and gradient hook); the first tracked layer's output
+                # is replaced as in the forward, so the re-run saves the same tensors checkpoint checks for.
+                return None if output.requires_grad else output.detach().requires_grad_(True).clone()
             call = self._seen[spec.name] = self._seen.get(spec.name, 0) + 1
             if not torch.is_grad_enabled():  # a call under no_grad (a stop-gradient branch) takes no part in
                 return None                  # the loss's gradient: not in the factors either

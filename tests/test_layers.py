@@ -643,3 +643,33 @@ def test_a_shared_layers_call_under_no_grad_is_left_out():
     factors, _ = _check_ekfac_dense(NoGradCall().double(), ClassifyTask(), _sum_ce, data, queries)
     inputs = torch.cat([data.tensors[0], torch.ones(12, 1, dtype=torch.float64)], 1)
     assert torch.allclose(factors.segments[0]["enc"].a_cov, inputs.T @ inputs / 12, rtol=1e-12, atol=1e-15)
+
+
+def test_activation_checkpointing_recompute_is_not_a_second_call():
+    """torch.utils.checkpoint(use_reentrant=False) re-runs the forward in backward: the hooks fire again,
+    but that is no second call (no zero-gradient copy of the tokens, no refused per-call masks or
+    per-token scores); reentrant checkpointing's forward under no_grad is refused, saying why."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(SiameseNet):
+        reentrant = False
+
+        def _pool(self, x, m):  # the first tracked layer inside the checkpoint
+            return checkpoint(super()._pool, x, m, use_reentrant=self.reentrant)
+
+    torch.manual_seed(0)
+    data, queries = _siamese_data(16, 0), _siamese_data(3, 1)
+    plain = SiameseNet().double()
+    f0, s0 = _check_ekfac_dense(plain, SiameseTask(), _sum_ce, data, queries, inputs=4)  # vmap cannot checkpoint
+    model = Ckpt().double()
+    model.load_state_dict(plain.state_dict())
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, SiameseTask(), traj, batch_size=3)
+    scores = sf.score(model, SiameseTask(), traj, factors, data, queries, method="ekfac", damping=0.01, batch_size=4)
+    assert torch.allclose(scores, s0, rtol=1e-12, atol=0)
+    for name in ("enc", "head"):
+        assert factors.segments[0][name].rows == f0.segments[0][name].rows
+        assert torch.allclose(factors.segments[0][name].s_cov, f0.segments[0][name].s_cov, rtol=1e-12, atol=0)
+    model.reentrant = True
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        sf.fit_factors(model, SiameseTask(), traj, batch_size=3)
