@@ -160,16 +160,35 @@ def test_a_second_retrain_into_a_busy_cache_is_refused_and_stale_temps_go(tmp_pa
     assert counter.calls == 0
 
 
+FORK_SCRIPT = """
+import concurrent.futures as cf, multiprocessing, sys
+import torch
+from source_fast import eval as ev
+
+def fit(indices, seed):
+    return {"w": torch.tensor([float(sum(indices))])}
+
+def predict(state):
+    return state["w"]
+
+if __name__ == "__main__":
+    subsets = ev.random_subsets(10, 3, seed=3)
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        first = ev.retrain(fit, predict, subsets, cache_dir=sys.argv[1], executor=pool, progress=False)
+        again = ev.retrain(fit, predict, subsets, cache_dir=sys.argv[1], executor=pool, progress=False)
+    assert torch.equal(first, again)
+"""
+
+
 def test_a_fork_pool_forked_during_retrain_does_not_keep_the_cache_locked(tmp_path):
     """A fork-context pool (Linux's default before Python 3.14) starts its workers inside retrain, while
-    the cache's flock is held: they must not inherit it, or the next retrain into the cache is refused."""
-    import multiprocessing
-
-    subsets = ev.random_subsets(N, 3, seed=3)
-    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
-        first = ev.retrain(fit, predict, subsets, cache_dir=tmp_path, executor=pool, progress=False)
-        torch.testing.assert_close(ev.retrain(fit, predict, subsets, cache_dir=tmp_path, executor=pool,
-                                              progress=False), first)
+    the cache's flock is held: they must not inherit it, or the next retrain into the cache is refused.
+    In a fresh process: forking pytest's, whose other threads may hold locks, can deadlock the workers."""
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "cache")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 RANKS_SCRIPT = """
