@@ -252,8 +252,8 @@ class Capturer:
                 if isinstance(masks, (list, tuple)) and len(masks) != self._seen[name]:
                     raise ValueError(f"module {name!r} ran {self._seen[name]} times but has attention masks for {len(masks)}")
                 for record, (out, version) in zip(calls, self._outputs[name]):
-                    # autograd drops a hook on a view (a Linear's output on 3-D input) once the view is
-                    # modified in place: that call's gradient is lost, not zero.
+                    # autograd drops a hook on a view once the view is modified in place: a view that is no
+                    # reshape of its base (the hook went on the base otherwise) has lost its gradient, not zero.
                     if record.g is None and out is not None and out._version != version:
                         raise ValueError(f"module {name!r}: its output was modified in place (an in-place activation "
                                          "such as ReLU(inplace=True)?), so its output gradient could not be captured; "
@@ -275,7 +275,7 @@ class Capturer:
         output through backward would keep alive those autograd frees (a Linear feeding a residual add),
         as much memory again as the output gradients being captured."""
         for name, outs in self._outputs.items():
-            self._outputs[name] = [(o if o._is_view() and o._version != v else None, v) for o, v in outs]
+            self._outputs[name] = [(o if o is not None and o._is_view() and o._version != v else None, v) for o, v in outs]
         self._backward = True
 
     def _make_hook(self, spec: LayerSpec):
@@ -313,7 +313,16 @@ class Capturer:
                 # modify a leaf, which autograd refuses.
                 output = output.detach().requires_grad_(True).clone()
 
+            # A Linear on 3-D input returns a reshaped view of its 2-D matmul result. Autograd drops a hook
+            # on the view once it is modified in place (ReLU(inplace=True)), not one on its base, whose
+            # gradient is the same numbers (those of the output before the in-place op).
+            base = output._base if output._is_view() else None
+            reshaped = (base is not None and base.numel() == output.numel() and base.is_contiguous()
+                        and output.is_contiguous() and base.data_ptr() == output.data_ptr())
+            shape = output.shape
+
             def grad_hook(grad: Tensor):
+                grad = grad.reshape(shape)
                 if spec.kind == "conv2d":
                     g = grad.flatten(2).transpose(1, 2)
                 else:
@@ -322,8 +331,8 @@ class Capturer:
                     g = torch.where(keep, g, 0)
                 record.g = g.detach().to(dtype)
 
-            output.register_hook(grad_hook)
-            self._outputs.setdefault(spec.name, []).append((output, output._version))
+            (base if reshaped else output).register_hook(grad_hook)
+            self._outputs.setdefault(spec.name, []).append((None if reshaped else output, output._version))
             return output
 
         return hook

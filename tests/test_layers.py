@@ -508,20 +508,50 @@ def test_a_layer_with_8_bit_weights_is_captured_in_its_inputs_dtype(dtype):
     assert torch.equal(records["2"].a[:, 0], torch.tanh(model[0](x)))
 
 
-def test_an_output_modified_in_place_is_refused_not_taken_as_zero():
-    """An in-place activation on a shared layer's 3-D output (a view) drops autograd's hook: that call's
-    output gradient is lost. Taking it as zero (a call that did not reach the loss) gave wrong scores."""
+class Tied(nn.Module):
+    """A shared Linear on 3-D input (its output a reshaped view of the 2-D matmul result), each call
+    followed by an activation, in place or not."""
 
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.head, self.act = nn.Linear(4, 4), nn.Linear(4, 3), nn.ReLU(inplace=True)
+    def __init__(self, inplace):
+        super().__init__()
+        self.lin, self.head, self.act = nn.Linear(4, 4), nn.Linear(4, 3), nn.ReLU(inplace=inplace)
 
+    def forward(self, x):
+        return self.head(self.act(self.lin(self.act(self.lin(x)))).sum(1))
+
+
+def test_an_in_place_activation_after_a_layer_keeps_its_gradient():
+    """ReLU(inplace=True) on a Linear's 3-D output (a view) makes autograd drop a hook on the view; the
+    gradient is taken from its base: scores equal those of the same model out of place, which equal
+    explicit per-example gradients."""
+    torch.manual_seed(0)
+    plain = Tied(inplace=False).double()
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(12, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))
+    queries = TensorDataset(torch.randn(3, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g))
+    f0, s0 = _check_ekfac_dense(plain, ClassifyTask(), _sum_ce, data, queries)
+    model = Tied(inplace=True).double()
+    model.load_state_dict(plain.state_dict())
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj, batch_size=3)
+    for name in ("lin", "head"):
+        assert torch.allclose(factors.segments[0][name].s_cov, f0.segments[0][name].s_cov, rtol=1e-12, atol=0)
+    scores = sf.score(model, ClassifyTask(), traj, factors, data, queries, method="ekfac", damping=0.01, batch_size=4)
+    assert torch.allclose(scores, s0, rtol=1e-12, atol=0)
+
+
+def test_an_output_view_modified_in_place_is_refused_not_taken_as_zero():
+    """A layer whose output is a view that is no reshape of its base (here a transposed one): an in-place
+    op on it drops the gradient hook, and that call's gradient is lost. Taking it as zero (a call that
+    did not reach the loss) would give wrong scores: refused."""
+
+    class TimeMajor(nn.Linear):  # computes on (t, n, d), returns (n, t, d): a transposed view
         def forward(self, x):
-            return self.head(self.act(self.lin(self.act(self.lin(x)))).sum(1))
+            return super().forward(x.transpose(0, 1)).transpose(0, 1)
 
     torch.manual_seed(0)
-    model = Tied().double()
+    model = Tied(inplace=True).double()
+    model.lin = TimeMajor(4, 4).double()
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(6, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
     traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
