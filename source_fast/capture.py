@@ -315,10 +315,12 @@ class Capturer:
 
             # A Linear on 3-D input returns a reshaped view of its 2-D matmul result. Autograd drops a hook
             # on the view once it is modified in place (ReLU(inplace=True)), not one on its base, whose
-            # gradient is the same numbers (those of the output before the in-place op).
+            # gradient is the same numbers (those of the output before the in-place op). Not for a view a
+            # custom autograd.Function returns of a tensor of its own (a fused linear's): that base is
+            # outside the graph and takes no hook.
             base = output._base if output._is_view() else None
-            reshaped = (base is not None and base.numel() == output.numel() and base.is_contiguous()
-                        and output.is_contiguous() and base.data_ptr() == output.data_ptr())
+            reshaped = (base is not None and base.requires_grad and base.numel() == output.numel()
+                        and base.is_contiguous() and output.is_contiguous() and base.data_ptr() == output.data_ptr())
             shape = output.shape
 
             def grad_hook(grad: Tensor):

@@ -703,3 +703,42 @@ def test_activation_checkpointing_recompute_is_not_a_second_call():
     model.reentrant = True
     with pytest.raises(ValueError, match="use_reentrant=False"):
         sf.fit_factors(model, SiameseTask(), traj, batch_size=3)
+
+
+def test_a_layer_whose_custom_function_returns_a_reshaped_view_is_captured():
+    """A tracked Linear computed by a custom autograd.Function (a fused or quantized kernel) that returns
+    a reshape of a tensor of its own: that view's base is outside the graph, so the hook stays on the
+    output; its gradients equal those of the plain Linear."""
+    from source_fast.capture import Capturer, tracked_layers
+
+    class Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            ctx.save_for_backward(x, w)
+            return torch.addmm(b, x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], w.shape[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            g2 = g.reshape(-1, g.shape[-1])
+            return (g2 @ w).view(x.shape), g2.t() @ x.reshape(-1, x.shape[-1]), g2.sum(0)
+
+    class FusedLinear(nn.Linear):
+        def forward(self, x):
+            return Fused.apply(x, self.weight, self.bias)
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    fused = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), FusedLinear(5, 3)).double()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    got = []
+    for model in (plain, fused):
+        capturer = Capturer(model, tracked_layers(model, None))
+        with capturer.capture(None) as records:
+            loss = model(x).pow(2).sum()
+            capturer.forward_done()
+            loss.backward()
+        got.append({name: (r.a, r.g) for name, r in records.items()})
+    for name in ("0", "2"):
+        assert torch.equal(got[0][name][0], got[1][name][0]) and torch.allclose(got[0][name][1], got[1][name][1], rtol=1e-13, atol=0)
