@@ -819,7 +819,7 @@ def _remove_stale_temps(out: Path) -> None:
     # Only the demo's own files: --out may be a folder of the user's (".") whose other subfolders hold
     # other programs' temp files, live ones among them.
     report = [f".{name}.*.tmp" for name in ("lds.md", "lds.json", "lds.png", "summary.json", "proponents.png")]
-    folders = sorted({sc.name for quick in (False, True) for sc in scenarios(quick)})
+    folders = [sc.name for sc in scenarios(quick=False)]  # --quick shrinks the scenarios, not their names
     remove_stale_temps(out, *report, *(f"{name}/{pattern}" for name in folders
                                        for pattern in (".*.tmp", "checkpoints/.*.tmp", f"checkpoints/{SAFETENSORS_TEMP}")))
 
