@@ -43,15 +43,17 @@ class LayerFactors:
     a_cov: (d_a, d_a) mean over rows of a aᵀ (averaged over the segment's checkpoints)
     s_cov: (d_out, d_out) mean over rows of g gᵀ
     q_a, q_s: eigenvectors of a_cov, s_cov
+    (all four None for a diagonal curvature, kronfluence's "diagonal" strategy read by
+    source_fast.interop.kronfluence: the bases are identities and Λ is in the parameter basis)
     lam: (d_out, d_a) Λ = mean over examples of (Q_Sᵀ G_n Q_A)², averaged over the checkpoints
     precond: (d_out, d_a) Adam's diagonal P = 1/(√v̂ + ε) averaged over the checkpoints, or None
     rows: the unmasked rows (tokens) one covariance pass averaged over, or None where unknown
     """
 
-    a_cov: Tensor
-    s_cov: Tensor
-    q_a: Tensor
-    q_s: Tensor
+    a_cov: Tensor | None
+    s_cov: Tensor | None
+    q_a: Tensor | None
+    q_s: Tensor | None
     lam: Tensor
     precond: Tensor | None = None
     rows: int | None = None
@@ -209,10 +211,13 @@ class Factors:
             seg = {}
             for spec in layers:
                 key = lambda f: f"{ell}/{spec.name}/{f}"  # noqa: E731
-                missing = [f for f in ("a_cov", "s_cov", "q_a", "q_s", "lam") if key(f) not in tensors]
+                # Λ, with the covariances and bases: all four, or none (a diagonal curvature).
+                kronecker = ("a_cov", "s_cov", "q_a", "q_s")
+                diagonal = key("lam") in tensors and not any(key(f) in tensors for f in kronecker)
+                missing = [f for f in (() if diagonal else kronecker) + ("lam",) if key(f) not in tensors]
                 if missing:
                     raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r} lacks {missing}")
-                lf = LayerFactors(*(tensors[key(f)] for f in ("a_cov", "s_cov", "q_a", "q_s", "lam")),
+                lf = LayerFactors(*(tensors.get(key(f)) for f in ("a_cov", "s_cov", "q_a", "q_s", "lam")),
                                   tensors.get(key("precond")), rows.get(f"{ell}/{spec.name}"))
                 shapes = {"a_cov": (spec.d_a,) * 2, "s_cov": (spec.d_out,) * 2, "q_a": (spec.d_a,) * 2,
                           "q_s": (spec.d_out,) * 2, "lam": (spec.d_out, spec.d_a), "precond": (spec.d_out, spec.d_a)}
@@ -731,6 +736,7 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
 def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, expected: int | None = None,
              first: int | None = 0):
     """Λ = mean over examples of (Q_Sᵀ G_n Q_A)²: rotate the token matrices, then reduce per example.
+    q_a = q_s = None: mean of G_n² (the diagonal Fisher in the parameter basis).
     expected: the segment's N_ℓ; a pass that read another number of examples is an error."""
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
@@ -741,10 +747,11 @@ def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, ex
         for s in specs:
             r = rec[s.name]
             a = with_ones(r.a, s, r.mask)
-            qa, qs = q_a[s.name], q_s[s.name]
             # Rotating the token matrices first (two GEMMs over all rows) is what lets Λ avoid
             # per-example d_out × d_a gradients; matmuls in the data dtype accumulate in fp32.
-            ops.accumulate_lambda_(lam[s.name], rotate(a, qa), rotate(r.g, qs), r.mask)
+            # Without bases (a diagonal curvature) Λ is in the parameter basis.
+            a, g = (a, r.g) if q_a is None else (rotate(a, q_a[s.name]), rotate(r.g, q_s[s.name]))
+            ops.accumulate_lambda_(lam[s.name], a, g, r.mask)
         count += n
     if bar is not None:
         bar.close()

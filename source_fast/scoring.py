@@ -135,6 +135,8 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
                 out[s.name][0] += torch.einsum("nto,nti->oi", g, a)
                 continue
             lf = None if bases is None else bases[s.name]
+            if lf is not None and lf.q_a is None:  # identity bases: the parameter basis
+                lf = None
             if lf is not None and a.shape[1] * (s.d_a**2 + s.d_out**2) < s.d_out * s.d_a * (s.d_out + s.d_a):
                 a, g, lf = a @ lf.q_a, g @ lf.q_s, None
             tile = torch.einsum("nto,nti->noi", g, a)
@@ -145,7 +147,8 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
         bar.close()
     if summed and bases is not None:
         for s in specs:
-            out[s.name][0] = bases[s.name].q_s.T @ out[s.name][0] @ bases[s.name].q_a
+            if bases[s.name] is not None and bases[s.name].q_a is not None:
+                out[s.name][0] = bases[s.name].q_s.T @ out[s.name][0] @ bases[s.name].q_a
     return out, tokens / max(n_rows, 1)
 
 
@@ -167,6 +170,9 @@ def _one_basis_queries(scaled: Grads, lfs: dict[str, LayerFactors], train_rows: 
     for name in list(scaled):
         r, lf = scaled.pop(name), lfs[name]
         q, d_out, d_a = r.shape
+        if lf.q_a is None:  # identity bases: already in the parameter basis
+            out[name] = r
+            continue
         if train_rows * (d_out**2 + d_a**2) < q * d_out * d_a * (d_out + d_a):
             out[name] = EigenQuery(r, lf.q_a, lf.q_s)
             continue
@@ -277,6 +283,8 @@ def _eigen_precond(lf: LayerFactors, name: str) -> Tensor:
     of P along the direction (about 0.9 in dense checks). With uniform P both are P."""
     if lf.precond is None:
         raise ValueError(f"factors for module {name!r} have no Adam preconditioner; fit them with this trajectory")
+    if lf.q_a is None:  # identity bases
+        return lf.precond
     return 1.0 / ((lf.q_s**2).T @ lf.precond.reciprocal() @ lf.q_a**2)
 
 
@@ -934,7 +942,7 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
             a = with_ones(r.a, s, r.mask)
             g = r.g
             lf = bases[s.name]
-            if lf is not None:
+            if lf is not None and lf.q_a is not None:
                 a, g = rotate(a, lf.q_a), rotate(g, lf.q_s)
             out[s.name].append(ops.self_scores(a, g, scales[s.name], r.mask).to(dtype))
     if bar is not None:

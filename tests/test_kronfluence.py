@@ -12,6 +12,7 @@ score; float32 runs with kronfluence's defaults to Pearson 0.9999.
 """
 
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -399,8 +400,8 @@ def test_shim_rejects_what_it_cannot_reproduce(kron_dir, tmp_path):
     model, task, _ = kron_dir
     prepared = kf.prepare_model(copy.deepcopy(model), task)
     analyzer = kf.Analyzer("run", prepared, task, cpu=True, output_dir=str(tmp_path))
-    with pytest.raises(NotImplementedError, match="strategy"):
-        analyzer.fit_all_factors("k", [], factor_args=FactorArguments(strategy="kfac"))
+    with pytest.raises(ValueError, match="unknown strategy 'kfca'"):
+        analyzer.fit_all_factors("k", [], factor_args=FactorArguments(strategy="kfca"))
     wrapped = kronfluence.prepare_model(copy.deepcopy(model), task)
     with pytest.raises(ValueError, match="TrackedModule"):
         kf.Analyzer("run", wrapped, task, cpu=True, output_dir=str(tmp_path))
@@ -472,3 +473,161 @@ def test_per_token_scores_match_kronfluence(tmp_path):
             assert ours.shape == theirs.shape == (len(queries), len(train), 10)
             _agree(ours, theirs, torch.float64, f"{module} per token")
             assert (ours * pad).abs().max() == 0
+
+
+# ---- kronfluence's other strategies: identity, diagonal, kfac ---------------------------------
+
+
+def _f64_args(dtype):
+    factor = dict(activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype,
+                  lambda_dtype=dtype)
+    score = dict(per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype,
+                 query_gradient_svd_dtype=dtype)
+    return (factor, score) if dtype == torch.float64 else ({}, {})
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module", params=[("digits_mlp", torch.float32), ("llama", torch.float64)],
+                ids=["digits_mlp-fp32", "llama-fp64"])
+def strategy_runs(request, tmp_path_factory):
+    """Each strategy's script through kronfluence and the shim: {strategy: {lib: {key: scores}}}."""
+    workload, dtype = request.param
+    model, task, train, queries = WORKLOADS[workload](dtype)
+    root = tmp_path_factory.mktemp(f"strategies_{workload}")
+    factor_kw, score_kw = _f64_args(dtype)
+    out = {}
+    for strategy in ("identity", "diagonal", "kfac"):
+        for name, lib in (("kron", kronfluence), ("shim", kf)):
+            analyzer = lib.Analyzer("run", lib.prepare_model(copy.deepcopy(model), task), task, cpu=True,
+                                    disable_tqdm=True, output_dir=str(root / name), log_level=logging.WARNING)
+            analyzer.fit_all_factors(strategy, train, per_device_batch_size=16, factor_args=FactorArguments(
+                strategy=strategy, use_empirical_fisher=True, **factor_kw))
+            got = out.setdefault(strategy, {}).setdefault(name, {})
+            for key, damping in DAMPINGS.items():
+                score_args = ScoreArguments(damping_factor=damping, **score_kw)
+                # Names of their own: both libraries return a name's existing scores without computing.
+                analyzer.compute_pairwise_scores(f"{strategy}_pair_{key}", strategy, queries, train,
+                                                 per_device_query_batch_size=4, per_device_train_batch_size=16,
+                                                 score_args=score_args)
+                analyzer.compute_self_scores(f"{strategy}_self_{key}", strategy, train, per_device_train_batch_size=16,
+                                             score_args=score_args)
+                got[f"pair_{key}"] = analyzer.load_pairwise_scores(f"{strategy}_pair_{key}")["all_modules"]
+                got[f"self_{key}"] = analyzer.load_self_scores(f"{strategy}_self_{key}")["all_modules"]
+            analyzer.compute_pairwise_scores(f"{strategy}_rank1", strategy, queries, train, per_device_query_batch_size=4,
+                                             per_device_train_batch_size=16, score_args=ScoreArguments(
+                                                 query_gradient_low_rank=1, use_full_svd=True, **score_kw))
+            got["rank1"] = analyzer.load_pairwise_scores(f"{strategy}_rank1")["all_modules"]
+    return dict(model=model, task=task, train=train, queries=queries, dtype=dtype, root=root, scores=out)
+
+
+@pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac"])
+def test_strategy_matches_kronfluence(strategy_runs, strategy):
+    """The shim's scores (pairwise and self, damping 1e-8 and the heuristic, rank-1 queries) equal
+    kronfluence's for each strategy, and each stage writes the files kronfluence's writes (a stage the
+    strategy does not use is skipped, its arguments saved)."""
+    run = strategy_runs
+    got = run["scores"][strategy]
+    for key, theirs in got["kron"].items():
+        assert got["shim"][key].shape == theirs.shape
+        _agree(got["shim"][key], theirs, run["dtype"], f"{strategy} {key}")
+    kron, shim = (run["root"] / lib / "run" / f"factors_{strategy}" for lib in ("kron", "shim"))
+    assert _files(shim) == _files(kron)
+    assert json.loads((shim / "factor_arguments.json").read_text())["strategy"] == strategy
+
+
+@pytest.mark.parametrize("strategy", ["diagonal", "kfac"])
+def test_strategy_factors_read_both_ways(strategy_runs, strategy, tmp_path):
+    """Factors read from kronfluence's diagonal / kfac directory score natively as kronfluence does
+    (method "ekfac": every strategy is 1/(Λ + damping) in a basis), through score, self_score and
+    score_corpus, and split per module and per token, summed over queries; kronfluence reads the shim's."""
+    from source_fast.corpus import load_scores, score_corpus
+
+    run = strategy_runs
+    model, task, train, queries, dtype = run["model"], run["task"], run["train"], run["queries"], run["dtype"]
+    theirs = run["scores"][strategy]["kron"]
+    factors = kf.load_factors(run["root"] / "kron" / "run" / f"factors_{strategy}", model, task)
+    tracked = kf.kronfluence_task(model, task)
+    native = _native(model, tracked, train, queries, factors)
+    for key in native:
+        _agree(native[key] * len(train), theirs[key], dtype, f"native {strategy} {key}")
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    score_corpus(model, tracked, traj, factors, train, queries, tmp_path, method="ekfac", damping="heuristic",
+                    batch_size=16, shard_size=10, progress=False)
+    _agree(load_scores(tmp_path), native["pair_heuristic"], dtype, "score_corpus")
+    options = dict(method="ekfac", damping="heuristic", batch_size=16)
+    per_module = sf.score(model, tracked, traj, factors, train, queries, per_module=True, **options)
+    _agree(sum(per_module.values()), native["pair_heuristic"], dtype, "per module")
+    summed = sf.score(model, tracked, traj, factors, train, queries, sum_queries=True, **options)
+    _agree(summed[0], native["pair_heuristic"].sum(0), dtype, "summed queries")
+    if isinstance(train[0], dict):  # sequences
+        tokens = sf.score(model, tracked, traj, factors, train, queries, per_token=True, **options)
+        _agree(tokens.sum(-1), native["pair_heuristic"], dtype, "per token")
+    _, score_kw = _f64_args(dtype)
+    analyzer = kronfluence.Analyzer("run", kronfluence.prepare_model(copy.deepcopy(model), task), task, cpu=True,
+                                    disable_tqdm=True, output_dir=str(run["root"] / "shim"), log_level=logging.WARNING)
+    analyzer.compute_pairwise_scores(f"kron_reads_{strategy}", strategy, queries, train, per_device_query_batch_size=4,
+                                     per_device_train_batch_size=16, score_args=ScoreArguments(damping_factor=1e-8,
+                                                                                               **score_kw))
+    _agree(analyzer.load_pairwise_scores(f"kron_reads_{strategy}")["all_modules"], run["scores"][strategy]["shim"]["pair_d1e-8"],
+           dtype, f"kronfluence on the shim's {strategy} factors")
+
+
+def test_identity_is_grad_dot_and_has_no_factors(strategy_runs):
+    run = strategy_runs
+    model, task, train, queries = run["model"], run["task"], run["train"], run["queries"]
+    folder = run["root"] / "kron" / "run" / "factors_identity"
+    with pytest.raises(ValueError, match="strategy 'identity'.*method='grad_dot'"):
+        kf.load_factors(folder, model, task)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    native = sf.score(model, kf.kronfluence_task(model, task), traj, None, train, queries, method="grad_dot",
+                      batch_size=16)
+    _agree(native * len(train), run["scores"]["identity"]["kron"]["pair_d1e-8"], run["dtype"], "grad_dot × N")
+
+
+def test_diagonal_factors_from_first_principles(strategy_runs, tmp_path):
+    """The diagonal strategy's Λ is the mean squared per-example gradient in the parameter basis:
+    checked against explicit per-example gradients (autograd on each example's loss alone, weight
+    and bias as kronfluence lays them out, bias last). Then save_factors writes the diagonal strategy
+    (lambda files only) and load_factors reads it back unchanged; a native save / load keeps the
+    bases and covariances absent (identity bases)."""
+    run = strategy_runs
+    model, task, train = run["model"], run["task"], run["train"]
+    factors = kf.load_factors(run["root"] / "shim" / "run" / "factors_diagonal", model, task)
+    modules = dict(model.named_modules())
+    layers = {name: [modules[name].weight] + ([modules[name].bias] if modules[name].bias is not None else [])
+              for name in factors.segments[0]}
+    squares = {name: 0.0 for name in layers}
+    for example in torch.utils.data.DataLoader(train, batch_size=1):
+        grads = iter(torch.autograd.grad(task.compute_train_loss(example, model), sum(layers.values(), [])))
+        for name, params in layers.items():
+            g = torch.cat([next(grads)] + [next(grads)[:, None] for _ in params[1:]], 1)
+            squares[name] = squares[name] + g.double() ** 2
+    for name, lf in factors.segments[0].items():
+        assert lf.a_cov is None and lf.s_cov is None and lf.q_a is None and lf.q_s is None
+        _agree(lf.lam, squares[name] / len(train), run["dtype"], f"diagonal Λ of {name}")
+    kf.save_factors(factors, tmp_path / "factors_diag")
+    assert json.loads((tmp_path / "factors_diag" / "factor_arguments.json").read_text())["strategy"] == "diagonal"
+    assert "lambda_matrix.safetensors" in _files(tmp_path / "factors_diag")
+    assert "activation_covariance.safetensors" not in _files(tmp_path / "factors_diag")
+    again = kf.load_factors(tmp_path / "factors_diag", model, task)
+    factors.save(tmp_path / "native")
+    native = sf.Factors.load(tmp_path / "native")
+    for name, lf in factors.segments[0].items():
+        for other in (again, native):
+            torch.testing.assert_close(other.segments[0][name].lam, lf.lam)
+            assert other.segments[0][name].a_cov is None and other.segments[0][name].q_s is None
+    # One module with Kronecker factors among diagonal ones is no strategy kronfluence stores; natively,
+    # a module with some of the four Kronecker tensors and not the others is a damaged file.
+    name, lf = next(iter(factors.segments[0].items()))
+    eye_a, eye_s = (torch.eye(d, dtype=lf.lam.dtype) for d in (lf.lam.shape[1], lf.lam.shape[0]))
+    kron = dataclasses.replace(lf, a_cov=eye_a, s_cov=eye_s, q_a=eye_a, q_s=eye_s)
+    mixed = dataclasses.replace(factors, segments=[{**factors.segments[0], name: kron}])
+    with pytest.raises(ValueError, match=f"module {name!r} has Kronecker factors"):
+        kf.save_factors(mixed, tmp_path / "factors_mixed")
+    half = dataclasses.replace(lf, s_cov=eye_s)
+    dataclasses.replace(factors, segments=[{**factors.segments[0], name: half}]).save(tmp_path / "half")
+    with pytest.raises(ValueError, match=f"module {name!r} lacks \\['a_cov', 'q_a', 'q_s'\\]"):
+        sf.Factors.load(tmp_path / "half")

@@ -29,7 +29,8 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   Shared (re-used) modules are taken as with kronfluence's `has_shared_parameters=True`, whatever
   the flag: a per-example gradient sums over the module's calls. `enable_post_process_per_sample_gradient`
   and partition targets are not supported by the shim; it raises instead of silently computing
-  something else. Per-module and per-token scores and aggregated query or
+  something else. All four strategies are: ekfac, kfac (Λ = e_S e_Aᵀ), diagonal (Λ of the per-example
+  gradients in the parameter basis) and identity (no preconditioning: method "grad_dot"). Per-module and per-token scores and aggregated query or
   training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
 - Precision knobs (`*_dtype` fields other than `score_dtype` and `amp_dtype`) are not used, with a
   warning when one asks for another precision: source_fast computes in the model's dtype with float32
@@ -93,7 +94,11 @@ SCORE_ARGS_FILE = "score_arguments.json"
 MODEL_FILE = "model.safetensors"
 ALL_MODULES = "all_modules"
 DEFAULT_BATCH_SIZE = 32
-# What kronfluence's Analyzer.load_all_factors reads per strategy (FactorConfig.requires_*_for_precondition).
+# kronfluence's strategies (FactorConfig): the stages each fits, and the groups its scoring reads
+# (requires_*_for_precondition). Only EK-FAC rotates the per-example gradients for Λ.
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+FITS = {"identity": (), "diagonal": (LAMBDA_STEMS,), "kfac": (COVARIANCE_STEMS, EIGEN_STEMS),
+        "ekfac": (COVARIANCE_STEMS, EIGEN_STEMS, LAMBDA_STEMS)}
 PRECONDITION_GROUPS = {"identity": (), "diagonal": ("lambda",), "kfac": ("eigendecomposition",),
                        "ekfac": ("eigendecomposition", "lambda")}
 # Every file kronfluence writes in a factor directory (partitioned files before aggregation included).
@@ -279,19 +284,37 @@ def _factor_args_json(factors_dir: Path) -> dict[str, Any]:
     return {**FACTOR_DEFAULTS, **json.loads(path.read_text())}
 
 
+def _covariance_examples(factors_dir: Path, args: dict[str, Any]) -> int:
+    """The examples kronfluence fitted a directory's covariances on (its dataset metadata and
+    covariance_max_examples); 1 where the metadata is not there (covariances copied from another
+    directory by load_from_factors_name)."""
+    path = factors_dir / "covariance_dataset_metadata.json"
+    if not path.exists():
+        return 1
+    size, limit = json.loads(path.read_text())["dataset_size"], args["covariance_max_examples"]
+    return size if limit is None else min(size, limit)
+
+
 def load_factors(factors_dir: str | os.PathLike, model: nn.Module, task: Task) -> Factors:
-    """Reads a kronfluence EK-FAC `factors_<name>/` directory into one-segment source_fast Factors.
+    """Reads a kronfluence `factors_<name>/` directory into one-segment source_fast Factors. Each of
+    kronfluence's preconditioners is 1/(Λ + damping) in a basis, so `method="ekfac"` scores these as
+    kronfluence scores the directory's strategy.
 
     Per tracked module (kronfluence's rule, `tracked_modules(model, task)`):
       a_cov (d_a, d_a) = activation_covariance / num_activation_covariance_processed
       s_cov (d_out, d_out) = gradient_covariance / num_gradient_covariance_processed
       q_a, q_s = kronfluence's eigenvectors as stored (so scores reproduce kronfluence's)
-      lam (d_out, d_a) = lambda_matrix / num_lambda_processed
+      lam (d_out, d_a) = lambda_matrix / num_lambda_processed          (strategy "ekfac")
+                       = gradient_eigenvalues ⊗ activation_eigenvalues  ("kfac": K-FAC's Λ, e_S e_Aᵀ)
+    "diagonal" has no Kronecker factors: a_cov, s_cov, q_a and q_s are None (identity bases), lam =
+    lambda_matrix / num_lambda_processed (the mean squared per-example gradient, in the parameter basis). "identity" has no factors at all: score it with method="grad_dot".
     Without covariance files (kronfluence's fit_lambda_matrices(load_from_factors_name=...) writes
-    none; EK-FAC scoring never reads them) a_cov and s_cov are rebuilt as Q diag(eigenvalues) Qᵀ and
+    none; scoring never reads them) a_cov and s_cov are rebuilt as Q diag(eigenvalues) Qᵀ and
     the row counts are unknown. Each module's tensors share the widest of their stored dtypes and
     float32 (bfloat16 covariances do not round a float32 Λ). Modules in the files that are not tracked
-    are ignored, as kronfluence ignores them. Score with a one-checkpoint trajectory,
+    are ignored, as kronfluence ignores them. num_examples is num_lambda_processed; "kfac" files count
+    no examples, so there it is the covariances' (1 where their dataset metadata is missing), which
+    only save_factors reads. Score with a one-checkpoint trajectory,
     `Trajectory([Segment([model.state_dict()], train_data, lr_sum=1.0)])`, method="ekfac", and
     `kronfluence_task(model, task)` as the task.
     """
@@ -299,38 +322,51 @@ def load_factors(factors_dir: str | os.PathLike, model: nn.Module, task: Task) -
     if not factors_dir.is_dir():
         raise FileNotFoundError(f"kronfluence factor directory {str(factors_dir)!r} does not exist")
     args = _factor_args_json(factors_dir)
-    if args["strategy"] != "ekfac":
-        raise ValueError(f"{factors_dir / FACTOR_ARGS_FILE}: strategy {args['strategy']!r}; source_fast reads "
-                         "EK-FAC factors only")
-    has_cov = _exist(factors_dir, COVARIANCE_STEMS)
-    stems = (COVARIANCE_STEMS if has_cov else (E_A, E_S)) + (Q_A, Q_S) + LAMBDA_STEMS
+    strategy = args["strategy"]
+    if strategy == "identity":
+        raise ValueError(f"{factors_dir / FACTOR_ARGS_FILE}: strategy 'identity' preconditions with nothing, so "
+                         "there are no factors to read; score with method='grad_dot' (kronfluence's scores / N)")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{factors_dir / FACTOR_ARGS_FILE}: unknown strategy {strategy!r}; kronfluence's are {STRATEGIES}")
+    kronecker = strategy != "diagonal"
+    has_cov = kronecker and _exist(factors_dir, COVARIANCE_STEMS)
+    eigenvalues = kronecker and (strategy == "kfac" or not has_cov)
+    stems: tuple[str, ...] = () if strategy == "kfac" else LAMBDA_STEMS
+    if kronecker:
+        stems += (COVARIANCE_STEMS if has_cov else ()) + (Q_A, Q_S) + ((E_A, E_S) if eigenvalues else ())
     files = {stem: _read(factors_dir, stem) for stem in stems}
     specs = tracked_layers(model, tracked_modules(model, task))
     layers, num_examples = {}, None
     for s in specs:
         sq_a, sq_s = (s.d_a, s.d_a), (s.d_out, s.d_out)
-        q_a, q_s = _module_tensor(files, Q_A, s, sq_a, factors_dir), _module_tensor(files, Q_S, s, sq_s, factors_dir)
-        lam = _module_tensor(files, LAMBDA, s, (s.d_out, s.d_a), factors_dir)
-        n = _count(files, LAMBDA_COUNT, s, factors_dir)
-        if num_examples is not None and n != num_examples:
-            raise ValueError(f"module {s.name!r}: num_lambda_processed is {n}, other modules have {num_examples}")
-        num_examples = n
-        # Sums are divided in float64 (kronfluence divides Λ in float64 too).
-        if has_cov:
-            a_sum, s_sum = _module_tensor(files, A_COV, s, sq_a, factors_dir), _module_tensor(files, S_COV, s, sq_s, factors_dir)
-            rows = _count(files, A_COUNT, s, factors_dir)
-            a_cov, s_cov = a_sum.double() / rows, s_sum.double() / _count(files, S_COUNT, s, factors_dir)
-            stored = (a_sum, s_sum, q_a, q_s, lam)
-        else:
+        if eigenvalues:
             e_a, e_s = _module_tensor(files, E_A, s, (s.d_a,), factors_dir), _module_tensor(files, E_S, s, (s.d_out,), factors_dir)
-            a_cov, s_cov = ((q.double() * e.double()) @ q.double().T for q, e in ((q_a, e_a), (q_s, e_s)))
-            rows = None
-            stored = (q_a, q_s, lam, e_a, e_s)
+        if strategy == "kfac":
+            lam, stored = torch.outer(e_s.double(), e_a.double()), [e_a, e_s]  # kronfluence's Kfac.prepare, in float64
+        else:
+            raw = _module_tensor(files, LAMBDA, s, (s.d_out, s.d_a), factors_dir)
+            n = _count(files, LAMBDA_COUNT, s, factors_dir)
+            if num_examples is not None and n != num_examples:
+                raise ValueError(f"module {s.name!r}: num_lambda_processed is {n}, other modules have {num_examples}")
+            num_examples = n
+            lam, stored = raw.double() / n, [raw]  # divided in float64, as kronfluence divides
+        a_cov = s_cov = q_a = q_s = rows = None
+        if kronecker:
+            q_a, q_s = _module_tensor(files, Q_A, s, sq_a, factors_dir), _module_tensor(files, Q_S, s, sq_s, factors_dir)
+            stored += [q_a, q_s]
+            if has_cov:
+                a_sum, s_sum = _module_tensor(files, A_COV, s, sq_a, factors_dir), _module_tensor(files, S_COV, s, sq_s, factors_dir)
+                rows = _count(files, A_COUNT, s, factors_dir)
+                a_cov, s_cov = a_sum.double() / rows, s_sum.double() / _count(files, S_COUNT, s, factors_dir)
+                stored += [a_sum, s_sum]
+            else:
+                a_cov, s_cov = ((q.double() * e.double()) @ q.double().T for q, e in ((q_a, e_a), (q_s, e_s)))
+                stored += [e_a, e_s]
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in stored), torch.float32)
-        layers[s.name] = LayerFactors(
-            a_cov.to(dtype), s_cov.to(dtype), q_a.to(dtype), q_s.to(dtype), (lam.double() / n).to(dtype), rows=rows,
-        )
-    assert num_examples is not None  # tracked_layers never returns an empty list
+        layers[s.name] = LayerFactors(*(None if t is None else t.to(dtype) for t in (a_cov, s_cov, q_a, q_s, lam)),
+                                      rows=rows)
+    if num_examples is None:  # kfac
+        num_examples = _covariance_examples(factors_dir, args)
     return Factors(specs, [layers], [num_examples], [1], "empirical" if args["use_empirical_fisher"] else "true", False)
 
 
@@ -381,7 +417,9 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
     eigenvectors, lambda_matrix = Λ × N, num_lambda_processed = N, and factor_arguments.json
     (`factor_args`' fields over kronfluence's defaults; strategy and use_empirical_fisher always
     describe these factors). kronfluence's `Analyzer.compute_pairwise_scores(..., factors_name=...)`
-    then reproduces source_fast's EK-FAC scores × N.
+    then reproduces source_fast's EK-FAC scores × N. Factors without eigenbases (read from a
+    "diagonal" directory) are written as that strategy: lambda_matrix and its count only. (Factors read
+    from a "kfac" directory are written as EK-FAC with Λ = e_S e_Aᵀ, which kronfluence scores the same.)
     """
     if len(factors.segments) != 1 or factors.layout != [1]:
         raise ValueError(
@@ -393,13 +431,25 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
             "these factors were fitted with average_params=True (Fast-SOURCE, at a segment's mean parameters), "
             "not as an EK-FAC at one checkpoint; fit them with average_params=False on trajectory.final()"
         )
+    layers = factors.segments[0]
+    diagonal = any(lf.q_a is None for lf in layers.values())
+    for name, lf in layers.items():
+        if diagonal and lf.q_a is not None:
+            raise ValueError(f"module {name!r} has Kronecker factors, other modules a diagonal curvature (no "
+                             "eigenbases); kronfluence stores one strategy for all modules")
     factors_dir = Path(factors_dir)
     _check_replaceable(factors_dir)
     n = factors.num_examples[0]
-    files: dict[str, dict[str, Tensor]] = {stem: {} for stem in COVARIANCE_STEMS + EIGEN_STEMS + LAMBDA_STEMS}
-    for name, lf in factors.segments[0].items():
+    files: dict[str, dict[str, Tensor]] = {stem: {} for stem in (
+        LAMBDA_STEMS if diagonal else COVARIANCE_STEMS + EIGEN_STEMS + LAMBDA_STEMS)}
+    for name, lf in layers.items():
         if lf.precond is not None:
             warn(f"module {name!r}: the Adam preconditioner has no kronfluence counterpart; not written")
+        lam = lf.lam.detach().cpu()
+        files[LAMBDA][name] = (lam.double() * n).to(lam.dtype)
+        files[LAMBDA_COUNT][name] = torch.tensor([n], dtype=torch.int64)
+        if diagonal:
+            continue
         rows = n if lf.rows is None else lf.rows
         for cov_stem, count_stem, q_stem, e_stem, cov, q in (
             (A_COV, A_COUNT, Q_A, E_A, lf.a_cov, lf.q_a),
@@ -411,11 +461,8 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
             files[q_stem][name] = cpu_q
             qd = cpu_q.double()
             files[e_stem][name] = ((qd * (cpu_cov.double() @ qd)).sum(0)).to(cpu_cov.dtype)
-        lam = lf.lam.detach().cpu()
-        files[LAMBDA][name] = (lam.double() * n).to(lam.dtype)
-        files[LAMBDA_COUNT][name] = torch.tensor([n], dtype=torch.int64)
     args = _args_dict(factor_args, FACTOR_DEFAULTS)
-    args.update(strategy="ekfac", use_empirical_fisher=factors.fisher == "empirical")
+    args.update(strategy="diagonal" if diagonal else "ekfac", use_empirical_fisher=factors.fisher == "empirical")
     with atomic_dir(factors_dir) as tmp:
         _write_group(tmp, files, _str_dict(args))
         (tmp / FACTOR_ARGS_FILE).write_text(json.dumps(args, indent=4))
@@ -439,13 +486,6 @@ def prepare_model(model: nn.Module, task: Task) -> nn.Module:
 
 def _get(args: Any, field: str, defaults: dict[str, Any]) -> Any:
     return defaults[field] if args is None else getattr(args, field, defaults[field])
-
-
-def _reject(args: Any, defaults: dict[str, Any], fields: dict[str, str]) -> None:
-    for field, why in fields.items():
-        value = _get(args, field, defaults)
-        if value != defaults[field]:
-            raise NotImplementedError(f"{field}={value!r} is not supported by source_fast's Analyzer: {why}")
 
 
 def _autocast_dtype(args: Any, defaults: dict[str, Any], model: nn.Module) -> torch.dtype | None:
@@ -597,8 +637,19 @@ def _same_model(saved: dict[str, Tensor], current: dict[str, Tensor]) -> bool:
     )
 
 
+def _method(factors: Factors | None, score_args: dict[str, Any]) -> tuple[str, Any]:
+    """source_fast's method and damping for kronfluence's score arguments: EK-FAC's 1/(Λ + damping)
+    serves the ekfac, kfac and diagonal strategies (load_factors); identity (no factors) is the plain
+    gradient dot product, which takes no damping (kronfluence ignores damping_factor there)."""
+    if factors is None:
+        return "grad_dot", None
+    damping = score_args["damping_factor"]
+    return "ekfac", "heuristic" if damping is None else float(damping)
+
+
 class Analyzer:
-    """kronfluence's `Analyzer`, computed by source_fast's engine (method="ekfac").
+    """kronfluence's `Analyzer`, computed by source_fast's engine (method="ekfac" for kronfluence's
+    ekfac, kfac and diagonal strategies, "grad_dot" for identity).
 
     Same constructor, same method names and arguments (FactorArguments / ScoreArguments from
     kronfluence, or any objects with those fields), same output layout:
@@ -711,7 +762,9 @@ class Analyzer:
 
     def _factor_args(self, factor_args: Any, out: Path, overwrite_output_dir: bool) -> dict[str, Any]:
         """The factor arguments as kronfluence's JSON, checked, and saved (or compared with the saved)."""
-        _reject(factor_args, FACTOR_DEFAULTS, {"strategy": "source_fast fits EK-FAC only"})
+        strategy = _get(factor_args, "strategy", FACTOR_DEFAULTS)
+        if strategy not in STRATEGIES:  # kronfluence fails on it later, with a KeyError
+            raise ValueError(f"unknown strategy {strategy!r}: kronfluence's are {STRATEGIES}")
         _autocast_dtype(factor_args, FACTOR_DEFAULTS, self.model)  # refused before anything is written
         args = _args_dict(factor_args, FACTOR_DEFAULTS)
         _unused_precisions(args, FACTOR_DEFAULTS, self.model)
@@ -756,7 +809,10 @@ class Analyzer:
         """Covariances, eigendecomposition and Λ (empirical Fisher if `use_empirical_fisher`, else
         labels sampled by `compute_train_loss(..., sample=True)`), written as kronfluence's files by
         the three stages, as kronfluence runs them: each stage is skipped when its files exist (unless
-        `overwrite_output_dir`), and otherwise first checks the factor arguments against the saved ones."""
+        `overwrite_output_dir`), and otherwise first checks the factor arguments against the saved ones.
+        `factor_args.strategy` is any of kronfluence's: "ekfac" fits all three, "kfac" the covariances
+        and eigendecompositions, "diagonal" Λ in the parameter basis, "identity" nothing; a stage the
+        strategy does not use saves the arguments and is skipped, as in kronfluence."""
         self.fit_covariance_matrices(factors_name, dataset, per_device_batch_size, initial_per_device_batch_size_attempt,
                                      dataloader_kwargs, factor_args, overwrite_output_dir=overwrite_output_dir)
         self.perform_eigendecomposition(factors_name, factor_args, overwrite_output_dir)
@@ -783,6 +839,8 @@ class Analyzer:
         if stage is None:
             return
         out, args = stage
+        if COVARIANCE_STEMS not in FITS[args["strategy"]]:  # kronfluence: arguments saved, stage skipped
+            return
         _save_dataset_metadata("covariance", dataset, None, out, overwrite_output_dir)
         data = _limited(dataset, args["covariance_max_examples"])
         loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
@@ -812,6 +870,8 @@ class Analyzer:
         if stage is None:
             return
         out, args = stage
+        if EIGEN_STEMS not in FITS[args["strategy"]]:
+            return
         source = out if load_from_factors_name is None else self.factors_output_dir(load_from_factors_name)
         covs = _load_group(source, COVARIANCE_STEMS)
         if covs is None:
@@ -847,29 +907,37 @@ class Analyzer:
         load_from_factors_name: str | None = None,
     ) -> None:
         """Λ sums over the first `lambda_max_examples` examples in this directory's eigenbasis or
-        `load_from_factors_name`'s (copied here), with the example count."""
+        `load_from_factors_name`'s (copied here), with the example count; for the diagonal strategy
+        in the parameter basis (the summed squared per-example gradients)."""
         del initial_per_device_batch_size_attempt
         _no_partition_targets(target_data_partitions, target_module_partitions)
         stage = self._stage(factors_name, LAMBDA_STEMS, factor_args, overwrite_output_dir)
         if stage is None:
             return
         out, args = stage
+        strategy = args["strategy"]
+        if LAMBDA_STEMS not in FITS[strategy]:
+            return
         _save_dataset_metadata("lambda", dataset, None, out, overwrite_output_dir)
-        source = out if load_from_factors_name is None else self.factors_output_dir(load_from_factors_name)
-        eigen = _load_group(source, EIGEN_STEMS)
-        if eigen is None:
-            raise FactorsNotFoundError(
-                f"Eigendecomposition results not found at `{source}`. To fit Lambda matrices for `ekfac`, "
-                "eigendecomposition must be performed before computing Lambda matrices."
-            )
-        device, dtype = next(self.model.parameters()).device, factor_dtype(self.model)
-        q_a = {s.name: _module_tensor(eigen, Q_A, s, (s.d_a, s.d_a), source).to(device, dtype) for s in self._specs}
-        q_s = {s.name: _module_tensor(eigen, Q_S, s, (s.d_out, s.d_out), source).to(device, dtype) for s in self._specs}
+        # EK-FAC's Λ is in the eigenbasis; the diagonal strategy's in the parameter basis (no eigenbases).
+        eigen, q_a, q_s = None, None, None
+        if EIGEN_STEMS in FITS[strategy]:
+            source = out if load_from_factors_name is None else self.factors_output_dir(load_from_factors_name)
+            eigen = _load_group(source, EIGEN_STEMS)
+            if eigen is None:
+                raise FactorsNotFoundError(
+                    f"Eigendecomposition results not found at `{source}`. To fit Lambda matrices for `{strategy}`, "
+                    "eigendecomposition must be performed before computing Lambda matrices."
+                )
+            device, dtype = next(self.model.parameters()).device, factor_dtype(self.model)
+            q_a = {s.name: _module_tensor(eigen, Q_A, s, (s.d_a, s.d_a), source).to(device, dtype) for s in self._specs}
+            q_s = {s.name: _module_tensor(eigen, Q_S, s, (s.d_out, s.d_out), source).to(device, dtype)
+                   for s in self._specs}
         data = _limited(dataset, args["lambda_max_examples"])
         loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
         self._clear(out, LAMBDA_STEMS)
-        if load_from_factors_name is not None:
+        if eigen is not None and load_from_factors_name is not None:
             _write_group(out, eigen, None)
             self._save_loaded_arguments("eigendecomposition", source, out)
         with self._seeded("lam"):
@@ -945,24 +1013,31 @@ class Analyzer:
     # ---- scores ----------------------------------------------------------------------------------
 
     def _score_setup(self, out: Path, scores_file: str, factors_name: str, score_args: Any, overwrite_output_dir: bool,
-                     datasets: dict[str, tuple[Any, Any]]) -> tuple[Factors, dict[str, Any]]:
+                     datasets: dict[str, tuple[Any, Any]]) -> tuple[Factors | None, dict[str, Any]]:
         """kronfluence's order: the score arguments and the factors' arguments saved (or compared), the
-        datasets' metadata likewise, then the factors loaded. The old scores go (as the factors' stages
-        do): a run stopped before writing them must not leave them to be returned as this run's."""
+        datasets' metadata likewise, then the factors loaded (None for the identity strategy, which has
+        none). The old scores go (as the factors' stages do): a run stopped before writing them must not
+        leave them to be returned as this run's."""
         factors_dir = self.factors_output_dir(factors_name)
         if not (factors_dir / FACTOR_ARGS_FILE).exists():
             raise FactorsNotFoundError(f"Factors with name `{factors_name}` not found at `{factors_dir}`.")
-        for group, stems in (("Eigendecomposition", EIGEN_STEMS), ("Lambda", LAMBDA_STEMS)):
+        strategy = _factor_args_json(factors_dir)["strategy"]
+        if strategy not in STRATEGIES:
+            raise ValueError(f"{factors_dir / FACTOR_ARGS_FILE}: unknown strategy {strategy!r}; kronfluence's are "
+                             f"{STRATEGIES}")
+        for group in PRECONDITION_GROUPS[strategy]:
+            name, stems = {"eigendecomposition": ("Eigendecomposition", EIGEN_STEMS),
+                           "lambda": ("Lambda", LAMBDA_STEMS)}[group]
             if not _exist(factors_dir, stems):  # kronfluence's error, and its type (a ValueError)
-                raise FactorsNotFoundError(f"Strategy `ekfac` requires {group} results. However, the {group} results "
-                                           f"were not found at `{factors_dir}`.")
+                raise FactorsNotFoundError(f"Strategy `{strategy}` requires {name} results. However, the {name} "
+                                           f"results were not found at `{factors_dir}`.")
         args = _args_dict(score_args, SCORE_DEFAULTS)
         _unused_precisions(args, SCORE_DEFAULTS, self.model)
         _save_arguments(out / SCORE_ARGS_FILE, args, overwrite_output_dir)
         _save_arguments(out / FACTOR_ARGS_FILE, _factor_args_json(factors_dir), overwrite_output_dir)
         for name, (dataset, indices) in datasets.items():
             _save_dataset_metadata(name, dataset, indices, out, overwrite_output_dir)
-        factors = load_factors(factors_dir, self.model, self._task)
+        factors = None if strategy == "identity" else load_factors(factors_dir, self.model, self._task)
         (out / scores_file).unlink(missing_ok=True)
         remove_stale_temps(out, ".*.tmp", SAFETENSORS_TEMP)
         return factors, args
@@ -1016,10 +1091,10 @@ class Analyzer:
         queries = self._loader(_subset(query_dataset, query_indices), per_device_query_batch_size, dataloader_kwargs)
         train = self._loader(_subset(train_dataset, train_indices), per_device_train_batch_size, dataloader_kwargs)
         rank = args["query_gradient_low_rank"]
-        damping = args["damping_factor"]
+        method, damping = _method(factors, args)
         scores = score(
             self.model, task, Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)]), factors, train,
-            queries, method="ekfac", damping="heuristic" if damping is None else float(damping), query_rank=rank,
+            queries, method=method, damping=damping, query_rank=rank,
             progress=self.progress, query_memory_budget=self._query_budget(per_device_query_batch_size, rank),
             per_token=args["compute_per_token_scores"], per_module=args["compute_per_module_scores"],
             sum_queries=args["aggregate_query_gradients"],
@@ -1068,7 +1143,7 @@ class Analyzer:
         data = _subset(train_dataset, train_indices)
         train = self._loader(data, per_device_train_batch_size, dataloader_kwargs)
         trajectory = Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)])
-        damping = "heuristic" if args["damping_factor"] is None else float(args["damping_factor"])
+        method, damping = _method(factors, args)
         if args["use_measurement_for_self_influence"]:
             # score() of a chunk against itself: its diagonal pairs each example's measurement gradient
             # with its own training gradient. Chunks of one batch bound the (chunk × chunk) work; score
@@ -1076,12 +1151,12 @@ class Analyzer:
             step, parts = train.batch_size, []
             for start in range(0, len(data), step):
                 chunk = self._loader(Subset(data, range(start, min(start + step, len(data)))), step, dataloader_kwargs)
-                pairs = score(self.model, task, trajectory, factors, chunk, chunk, method="ekfac", damping=damping,
+                pairs = score(self.model, task, trajectory, factors, chunk, chunk, method=method, damping=damping,
                               query_memory_budget=self._query_budget(len(chunk.dataset), None), per_module=True)
                 parts.append({name: torch.diagonal(p) for name, p in pairs.items()})
             scores = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         else:
-            scores = self_score(self.model, task, trajectory, factors, train, method="ekfac", damping=damping,
+            scores = self_score(self.model, task, trajectory, factors, train, method=method, damping=damping,
                                 progress=self.progress, per_module=True)
         if not args["compute_per_module_scores"]:
             scores = {ALL_MODULES: sum(scores.values())}  # (n,) per module: small
