@@ -1,6 +1,7 @@
 """source_fast against kronfluence 1.0.1 on the same EK-FAC workloads, phase by phase.
 
     python bench/bench_vs_kronfluence.py --quick --out vs_kron.jsonl
+    python bench/bench_vs_kronfluence.py --strategy kfac --workloads digits_mlp wide_mlp --rows 2048
     python bench/bench_vs_kronfluence.py --workloads digits_mlp wide_mlp --out vs_kron.jsonl
     python bench/bench_vs_kronfluence.py --workloads wide_mlp --rows 4096 --out vs_kron.jsonl
     python bench/bench_vs_kronfluence.py --workloads gpt2 --seqs 16 --tokens 64 --queries 8 \
@@ -18,6 +19,10 @@ Size overrides (full runs at the issue's sizes do not finish on a 2-core CPU in 
   --check-train N   training examples in the pre-timing equality check (default 512); --check-queries
   --batch B --query-batch QB   training batch (both libraries) and kronfluence's query batch
   --device cuda     both libraries on the GPU (memory columns then show torch's allocator peak)
+  --strategy S      kronfluence's FactorArguments.strategy: ekfac (default), kfac, diagonal or
+                    identity. For all but ekfac source_fast runs through its kronfluence shim, the same
+                    Analyzer calls as kronfluence's (files written included); phases a strategy does
+                    not use take no time in either library.
 
 Workloads (--quick sizes in brackets):
   digits_mlp  sklearn digits (1797 rows), MLP 64-256-10                           [same]
@@ -84,6 +89,7 @@ WORKLOADS = ["digits_mlp", "wide_mlp", "gpt2"]
 CHECK_TRAIN, CHECK_QUERIES, MIN_PEARSON = 512, 8, 0.999
 SIZES = {"rows": None, "seqs": None, "tokens": None, "queries": None, "query_budget_mb": None,
          "batch": None, "query_batch": None}  # set by flags
+STRATEGY = "ekfac"  # --strategy
 DEVICE = torch.device("cpu")  # --device; data stays on the CPU and each library moves its batches
 
 
@@ -203,12 +209,20 @@ class Phases:
 def run_kronfluence(model, task, train, queries, counts, batch, qbatch, out_dir, phases: Phases | None):
     """Returns {Q: scores (Q, N)} in kronfluence's scale."""
     import kronfluence
+
+    return _run_analyzer(kronfluence, model, task, train, queries, counts, batch, qbatch, out_dir, phases)
+
+
+def _run_analyzer(lib, model, task, train, queries, counts, batch, qbatch, out_dir, phases: Phases | None):
+    """kronfluence's staged analysis with `lib`'s prepare_model and Analyzer (kronfluence, or
+    source_fast's shim)."""
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
-    model = kronfluence.prepare_model(model, task)
-    an = kronfluence.Analyzer("bench", model, task, cpu=DEVICE.type == "cpu", disable_tqdm=True, output_dir=out_dir,
-                              log_level=logging.WARNING)
-    fa = FactorArguments(use_empirical_fisher=True)
+    model = lib.prepare_model(model, task)
+    # A folder per library: both skip a stage (and return scores) whose files exist.
+    an = lib.Analyzer("bench", model, task, cpu=DEVICE.type == "cpu", disable_tqdm=True,
+                      output_dir=os.path.join(out_dir, lib.__name__), log_level=logging.WARNING)
+    fa = FactorArguments(use_empirical_fisher=True, strategy=STRATEGY)
     sa = ScoreArguments(damping_factor=None)
     run = phases.time if phases else (lambda _, fn: fn())
     run("covariance", lambda: an.fit_covariance_matrices("f", train, per_device_batch_size=batch, factor_args=fa))
@@ -225,8 +239,13 @@ def run_kronfluence(model, task, train, queries, counts, batch, qbatch, out_dir,
 
 
 def run_source_fast(model, task, train, queries, counts, batch, qbatch, out_dir, phases: Phases | None):
-    """Returns {Q: scores (Q, N)} × N (kronfluence's scale), phases through factors' internals."""
-    del qbatch, out_dir
+    """Returns {Q: scores (Q, N)} × N (kronfluence's scale), phases through factors' internals; for a
+    strategy other than EK-FAC, the shim's Analyzer."""
+    if STRATEGY != "ekfac":
+        from source_fast.interop import kronfluence as shim
+
+        model.to(DEVICE)
+        return _run_analyzer(shim, model, task, train, queries, counts, batch, qbatch, out_dir, phases)
     import _harness
     import source_fast as sf
 
@@ -348,12 +367,14 @@ def _end_to_end(records: list[dict]) -> str:
 
 
 def main() -> None:
-    global CHECK_TRAIN, CHECK_QUERIES, DEVICE
+    global CHECK_TRAIN, CHECK_QUERIES, DEVICE, STRATEGY
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (< 3 min on 2 CPU cores)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where both libraries compute (kronfluence: Analyzer(cpu=False) puts the model on the GPU)")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS)
+    p.add_argument("--strategy", default="ekfac", choices=["ekfac", "kfac", "diagonal", "identity"],
+                   help="kronfluence's FactorArguments.strategy (not ekfac: source_fast runs through its shim)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per library; order alternates")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per child process")
     p.add_argument("--out", type=Path, help="JSON lines output")
@@ -371,7 +392,7 @@ def main() -> None:
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     CHECK_TRAIN, CHECK_QUERIES = args.check_train, args.check_queries
-    DEVICE = torch.device(args.device)
+    DEVICE, STRATEGY = torch.device(args.device), args.strategy
     SIZES.update(rows=args.rows, seqs=args.seqs, tokens=args.tokens, queries=args.queries,
                  query_budget_mb=args.query_budget_mb, batch=args.batch, query_batch=args.query_batch)
     warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's torch.cuda.amp.GradScaler
@@ -387,7 +408,7 @@ def main() -> None:
     import source_fast
 
     flags = ["--device", args.device, "--threads", str(args.threads), "--check-train", str(args.check_train),
-             "--check-queries", str(args.check_queries)] + (["--quick"] if args.quick else [])
+             "--check-queries", str(args.check_queries), "--strategy", args.strategy] + (["--quick"] if args.quick else [])
     for opt in ("rows", "seqs", "tokens", "query_budget_mb", "batch", "query_batch"):
         if getattr(args, opt) is not None:
             flags += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
@@ -398,7 +419,7 @@ def main() -> None:
     scores_dir = Path(tempfile.mkdtemp(prefix="vs_kron_scores_"))
     meta = {"bench": "vs_kronfluence", "quick": args.quick, "torch": torch.__version__,
             "kronfluence": kronfluence.__version__, "source_fast": source_fast.__version__,
-            "threads": args.threads, "device": args.device,
+            "threads": args.threads, "device": args.device, "strategy": args.strategy,
             "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "utc": _dt.datetime.now(_dt.timezone.utc).isoformat()}
     records = []
     for workload in args.workloads:

@@ -117,3 +117,19 @@ def test_bench_vs_kronfluence_quick_digits(tmp_path):
         rows = [r for r in records if r["library"] == lib and r["phase"] != "setup"]
         assert {r["phase"] for r in rows} == phases and all(r["seconds"] > 0 for r in rows)
     assert all(r["check_pearson"] > 0.999 and r["timed_pearson"] > 0.999 for r in records)
+
+
+def test_bench_vs_kronfluence_other_strategy(tmp_path):
+    """--strategy diagonal: source_fast through its shim, scores checked equal before and after timing;
+    the stages the strategy does not use (covariance, eigen) are still timed, as no-ops."""
+    out = tmp_path / "vs_kron.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_vs_kronfluence.py"), "--quick", "--workloads",
+                           "digits_mlp", "--strategy", "diagonal", "--queries", "32", "--check-train", "256", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["strategy"] for r in records} == {"diagonal"}
+    for lib in ("kronfluence", "source_fast"):
+        assert {r["phase"] for r in records if r["library"] == lib} == {"setup", "covariance", "eigen", "lambda",
+                                                                        "score_32"}
+    assert all(r["check_pearson"] > 0.999 and r["timed_pearson"] > 0.999 for r in records)
