@@ -31,7 +31,9 @@ from .task import Task
 from .tasks import CausalLMTask
 from .trajectory import Checkpoint, Segment, Trajectory, checkpoint_file, load_into, load_state_dict, readable
 
-FORMAT_VERSION = 2  # 2: the tensor file is named by its content (factors.json says which)
+FORMAT_VERSION = 3  # 2: the tensor file is named by its content (factors.json says which); 3: modules may have no bases
+# Factors whose every module has bases are written as version 2, which source_fast before version 3 reads too.
+_KRONECKER_VERSION = 2
 _TENSOR_FILE = re.compile(r"factors(\.[0-9a-f]{16})?\.safetensors")
 Fisher = Literal["true", "empirical"]
 
@@ -148,7 +150,9 @@ class Factors:
                                                           lambda tmp: save_file(tensors, str(tmp)))
             meta = {
                 "format": "source_fast.factors",
-                "format_version": FORMAT_VERSION,
+                # A reader older than version 3 would call a module without bases damaged.
+                "format_version": FORMAT_VERSION if any(lf.q_a is None for seg in self.segments for lf in seg.values())
+                else _KRONECKER_VERSION,
                 "layers": [vars(s) for s in self.layers],
                 "num_examples": self.num_examples,
                 "rows": {f"{ell}/{name}": lf.rows for ell, seg in enumerate(self.segments) for name, lf in seg.items()
@@ -180,7 +184,7 @@ class Factors:
             raise ValueError(f"{meta_path} is corrupted: {exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != "source_fast.factors":
             raise ValueError(f"{meta_path} is not a source_fast factor file")
-        if meta.get("format_version") not in (1, FORMAT_VERSION):
+        if meta.get("format_version") not in range(1, FORMAT_VERSION + 1):
             raise ValueError(f"{meta_path} has format version {meta.get('format_version')}, this source_fast reads "
                              f"1 to {FORMAT_VERSION}")
         tensor_path = path / meta.get("tensors_file", "factors.safetensors")  # format 1: a fixed name

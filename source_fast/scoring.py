@@ -289,8 +289,14 @@ def _eigen_precond(lf: LayerFactors, name: str) -> Tensor:
 
 
 def _into_basis(v: Tensor, old: tuple[int, LayerFactors], new: LayerFactors) -> Tensor:
-    """v given in the eigenbasis of old = (segment, factors), expressed in `new`'s."""
-    return (old[1].q_s.T @ new.q_s).T @ v @ (old[1].q_a.T @ new.q_a)
+    """v given in the eigenbasis of old = (segment, factors), expressed in `new`'s (factors without
+    bases: the parameter basis)."""
+    before, after = old[1], new
+    if before.q_a is None:
+        return v if after.q_a is None else after.q_s.T @ v @ after.q_a
+    if after.q_a is None:
+        return before.q_s @ v @ before.q_a.T
+    return (before.q_s.T @ after.q_s).T @ v @ (before.q_a.T @ after.q_a)
 
 
 def _segment_scales(seg: Segment, lf: LayerFactors, name: str, need_u: bool = True, need_shrink: bool = False

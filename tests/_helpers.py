@@ -62,9 +62,13 @@ def per_example_grads(model: nn.Module, state: dict, loss_fn, x, y, layer_names)
 
 
 def dense_curvature(lf) -> torch.Tensor:
-    """The P×P EK-FAC matrix Q diag(vec Λ) Qᵀ of one layer (row-major vec of the (d_out, d_a) gradient)."""
+    """The P×P EK-FAC matrix Q diag(vec Λ) Qᵀ of one layer (row-major vec of the (d_out, d_a) gradient);
+    diag(vec Λ) for factors without bases (a diagonal curvature)."""
+    diagonal = torch.diag(lf.lam.double().clamp_min(0).reshape(-1))
+    if lf.q_a is None:
+        return diagonal
     k = torch.kron(lf.q_s.double(), lf.q_a.double())
-    return k @ torch.diag(lf.lam.double().clamp_min(0).reshape(-1)) @ k.T
+    return k @ diagonal @ k.T
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -5,6 +5,8 @@ order: tolerances are relative 1e-9 unless a test says otherwise.
 """
 
 import copy
+import dataclasses
+import json
 import math
 import warnings
 
@@ -102,14 +104,41 @@ def _dense_source(factors, traj, v, grads_by_ckpt, train_segments):
         wd = seg.weight_decay  # acting decay_scale times longer than the loss gradient (clipping)
         wd = {k: w * seg.decay_scale for k, w in wd.items()} if isinstance(wd, dict) else wd * seg.decay_scale
         h = _block_diag_curvature(factors, ell, wd)
-        c = seg.horizon
-        e = torch.linalg.matrix_exp(-c * h)
-        u = torch.linalg.solve(h, (torch.eye(h.shape[0], dtype=h.dtype) - e) @ v.T).T
+        # Not solve(h, (I − e)v): h is singular where Λ is 0 (or ~1e-35), and solving there blows up
+        # unless the bases happen to keep those directions apart.
+        integral, e = _response(h, seg.horizon)
+        u = (integral @ v.T).T
         if ell in train_segments:
             g = torch.stack(grads_by_ckpt[ell]).mean(0)
             out = out + u @ g.T / seg.num_examples
         v = (e @ v.T).T
     return out
+
+
+@pytest.mark.parametrize("without_bases", [(0,), (1,), (0, 1)], ids=["first", "last", "both"])
+def test_source_walks_through_segments_without_bases(setup, without_bases, tmp_path):
+    """Segments whose factors have no bases (a diagonal curvature, as kronfluence's diagonal strategy
+    is read) take part in SOURCE's walk: the dense formula with diag(vec Λ) for them. A save keeps
+    them without bases, in format version 3 (version 2 when every module has bases)."""
+    model, data, queries, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts[:2], data, lr_sum=3.0, weight_decay=1e-3),
+                          sf.Segment(ckpts[2:], data, lr_sum=2.0)])
+    fitted = sf.fit_factors(model, ClassifyTask(), traj, batch_size=16)
+    segments = [{n: dataclasses.replace(lf, a_cov=None, s_cov=None, q_a=None, q_s=None) if ell in without_bases
+                 else lf for n, lf in seg.items()} for ell, seg in enumerate(fitted.segments)]
+    factors = dataclasses.replace(fitted, segments=segments)
+    factors.save(tmp_path)
+    assert json.loads((tmp_path / "factors.json").read_text())["format_version"] == 3
+    factors = sf.Factors.load(tmp_path)
+    assert all(lf.q_a is None for ell in without_bases for lf in factors.segments[ell].values())
+    scores = sf.score(model, ClassifyTask(), traj, factors, data, queries, batch_size=13)
+    v = _grads(model, ckpts[-1], queries)
+    grads = {0: [_grads(model, s, data) for s in ckpts[:2]], 1: [_grads(model, s, data) for s in ckpts[2:]]}
+    _close(scores, _dense_source(factors, traj, v, grads, {0, 1}))
+    _close(sf.self_score(model, ClassifyTask(), traj, factors, data, batch_size=13),
+           torch.diagonal(sf.score(model, ClassifyTask(), traj, factors, data, data, batch_size=13)))
+    fitted.save(tmp_path / "kronecker")
+    assert json.loads((tmp_path / "kronecker" / "factors.json").read_text())["format_version"] == 2
 
 
 @pytest.mark.parametrize("momentum, wd, decay_scale", [(0.0, 1e-3, 1.0), (0.9, 1e-2, 3.0),
@@ -444,10 +473,9 @@ def test_walk_across_sgd_and_adam_segments_matches_dense(setup):
             wd = seg.weight_decay  # acting decay_scale times longer than the loss gradient (clipping)
             wd = {k: w * seg.decay_scale for k, w in wd.items()} if isinstance(wd, dict) else wd * seg.decay_scale
             h = _block_diag_curvature(factors, ell, wd)
-            eye = torch.eye(h.shape[0], dtype=h.dtype)
             if seg.optimizer == "sgd":
-                e = torch.linalg.matrix_exp(-seg.horizon * h)
-                u, v = torch.linalg.solve(h, (eye - e) @ v.T).T, (e @ v.T).T
+                integral, e = _response(h, seg.horizon)
+                u, v = (integral @ v.T).T, (e @ v.T).T
             else:  # A = P̃H̄, P̃ = P by its diagonal in the eigenbasis
                 pt = _eigen_diagonal(factors, ell, torch.cat([factors.segments[ell][n].precond.flatten() for n in LAYERS]))
                 integral, e = _response(pt @ h, seg.lr_sum)
@@ -746,9 +774,8 @@ def test_one_basis_queries_in_either_basis_match_dense(setup, method):
         if method == "ekfac":
             expected = torch.linalg.solve(h + 0.01 * torch.eye(h.shape[0], dtype=h.dtype), v.T).T @ g.T / len(data)
         else:
-            hw = h + 1e-3 * torch.eye(h.shape[0], dtype=h.dtype)
-            e = torch.linalg.matrix_exp(-2.0 * hw)
-            expected = torch.linalg.solve(hw, (torch.eye(h.shape[0], dtype=h.dtype) - e) @ v.T).T @ g.T / len(data)
+            integral, _ = _response(h + 1e-3 * torch.eye(h.shape[0], dtype=h.dtype), 2.0)
+            expected = v @ integral.T @ g.T / len(data)
         _close(scores, expected)
 
 
