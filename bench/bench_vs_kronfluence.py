@@ -90,7 +90,9 @@ CHECK_TRAIN, CHECK_QUERIES, MIN_PEARSON = 512, 8, 0.999
 SIZES = {"rows": None, "seqs": None, "tokens": None, "queries": None, "query_budget_mb": None,
          "batch": None, "query_batch": None}  # set by flags
 STRATEGY = "ekfac"  # --strategy
-NO_WORK_S = 0.005  # a phase this short in both libraries did no work (a stage the strategy skips)
+# The fitting stages each strategy skips (both libraries save its arguments and return): no ratio.
+SKIPPED = {"ekfac": (), "kfac": ("lambda",), "diagonal": ("covariance", "eigen"),
+           "identity": ("covariance", "eigen", "lambda")}
 DEVICE = torch.device("cpu")  # --device; data stays on the CPU and each library moves its batches
 
 
@@ -331,8 +333,8 @@ def _table(records: list[dict]) -> str:
         if lib != "kronfluence":
             continue
         o = best[(workload, phase, "source_fast")]
-        # A phase the strategy does not use (kfac's Λ, identity's every fit) is bookkeeping in both: no ratio.
-        ratio = f"{r['seconds'] / o['seconds']:.1f}×" if o["seconds"] > 0 and max(o["seconds"], r["seconds"]) > NO_WORK_S else "—"
+        skipped = phase in SKIPPED[r.get("strategy", "ekfac")]
+        ratio = f"{r['seconds'] / o['seconds']:.1f}×" if o["seconds"] > 0 and not skipped else "—"
         lines.append(f"| {workload} | {phase} | {r['seconds']:.2f} | {o['seconds']:.2f} | {ratio} | "
                      f"{r[key_mb]:.0f} | {o[key_mb]:.0f} |")
     return "\n".join(lines)

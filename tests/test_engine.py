@@ -339,7 +339,7 @@ def _eigen_diagonal(factors, ell, p):
     blocks, start = [], 0
     for n in LAYERS:
         lf = factors.segments[ell][n]
-        k = torch.kron(lf.q_s, lf.q_a)
+        k = torch.eye(lf.lam.numel(), dtype=lf.lam.dtype) if lf.q_a is None else torch.kron(lf.q_s, lf.q_a)
         block = p[start : start + lf.lam.numel()]
         start += lf.lam.numel()
         blocks.append(k @ torch.diag(1 / ((k**2).T @ (1 / block))) @ k.T)
@@ -444,10 +444,12 @@ def _as_trained_with(states, weight_decay, decoupled):
     return states
 
 
-def test_walk_across_sgd_and_adam_segments_matches_dense(setup):
+@pytest.mark.parametrize("without_bases", [(), (1,), (0, 2)], ids=["bases", "adam-diagonal", "sgd-diagonal"])
+def test_walk_across_sgd_and_adam_segments_matches_dense(setup, without_bases):
     """The queries stay in the segments' eigenbases and change basis between segments, Adam's as
     SGD's. SGD, Adam, SGD against the dense formula, with the prepared queries left in the eigenbases
-    (many queries, few training rows) and not."""
+    (many queries, few training rows) and not; also with some segments' factors stripped of their
+    bases (a diagonal curvature: the parameter basis), the Adam one or the SGD ones."""
     from source_fast.capture import tracked_layers
     from source_fast.scoring import EigenQuery, prepare_queries
 
@@ -459,13 +461,17 @@ def test_walk_across_sgd_and_adam_segments_matches_dense(setup):
             sf.Segment(ckpts[3:], data, lr_sum=2.0, momentum=0.5)]
     traj = sf.Trajectory(segs)
     factors = sf.fit_factors(model, task, traj)
+    factors = dataclasses.replace(factors, segments=[
+        {n: dataclasses.replace(lf, a_cov=None, s_cov=None, q_a=None, q_s=None) if ell in without_bases else lf
+         for n, lf in seg.items()} for ell, seg in enumerate(factors.segments)])
     grads = [torch.stack([_grads(model, st, data) for st in seg.checkpoints]).mean(0) for seg in segs]
     specs = tracked_layers(model, None)
     for q_data, eigen in [(data, True), (queries, False)]:
         plan = prepare_queries(model, task, specs, traj, factors, "source", data, q_data, damping="heuristic",
                                train_segments=None, query_rank=None, batch_size=16, collate_fn=None)
-        for ell in (0, 2):
-            assert all(isinstance(q, EigenQuery) == eigen for q in plan.queries[ell][0].values())
+        for ell in (0, 2):  # without bases, the parameter basis: nothing to keep them in
+            keep = eigen and ell not in without_bases
+            assert all(isinstance(q, EigenQuery) == keep for q in plan.queries[ell][0].values())
         scores = sf.score(model, task, traj, factors, data, q_data)
         v, expected = _grads(model, ckpts[-1], q_data), 0
         for ell in reversed(range(len(segs))):
