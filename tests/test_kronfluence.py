@@ -17,6 +17,9 @@ import gc
 import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import kronfluence
 import pytest
@@ -478,7 +481,7 @@ def test_per_token_scores_match_kronfluence(tmp_path):
 # ---- kronfluence's other strategies: identity, diagonal, kfac ---------------------------------
 
 
-def _f64_args(dtype):
+def f64_arguments(dtype):
     factor = dict(activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype,
                   lambda_dtype=dtype)
     score = dict(per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype,
@@ -497,7 +500,7 @@ def strategy_runs(request, tmp_path_factory):
     workload, dtype = request.param
     model, task, train, queries = WORKLOADS[workload](dtype)
     root = tmp_path_factory.mktemp(f"strategies_{workload}")
-    factor_kw, score_kw = _f64_args(dtype)
+    factor_kw, score_kw = f64_arguments(dtype)
     out = {}
     for strategy in ("identity", "diagonal", "kfac"):
         for name, lib in (("kron", kronfluence), ("shim", kf)):
@@ -565,7 +568,7 @@ def test_strategy_factors_read_both_ways(strategy_runs, strategy, tmp_path):
     if isinstance(train[0], dict):  # sequences
         tokens = sf.score(model, tracked, traj, factors, train, queries, per_token=True, **options)
         _agree(tokens.sum(-1), native["pair_heuristic"], dtype, "per token")
-    _, score_kw = _f64_args(dtype)
+    _, score_kw = f64_arguments(dtype)
     analyzer = kronfluence.Analyzer("run", kronfluence.prepare_model(copy.deepcopy(model), task), task, cpu=True,
                                     disable_tqdm=True, output_dir=str(run["root"] / "shim"), log_level=logging.WARNING)
     analyzer.compute_pairwise_scores(f"kron_reads_{strategy}", strategy, queries, train, per_device_query_batch_size=4,
@@ -631,3 +634,63 @@ def test_diagonal_factors_from_first_principles(strategy_runs, tmp_path):
     dataclasses.replace(factors, segments=[{**factors.segments[0], name: half}]).save(tmp_path / "half")
     with pytest.raises(ValueError, match=f"module {name!r} lacks \\['a_cov', 'q_a', 'q_s'\\]"):
         sf.Factors.load(tmp_path / "half")
+
+
+# ---- torch.distributed: kronfluence's multi-process scripts through the shim ------------------
+
+
+def ddp_workload():
+    """The float64 digits MLP with 79 training examples (shares of 40 and 39 on two ranks)."""
+    model, task, train, queries = _digits_mlp(torch.float64)
+    return model, task, torch.utils.data.Subset(train, range(79)), queries
+
+
+@pytest.mark.parametrize("mode, strategies", [("ddp", ["ekfac", "diagonal"]), ("plain", ["kfac"])],
+                         ids=["ddp", "plain"])
+def test_torchrun_matches_one_kronfluence_process(tmp_path, mode, strategies):
+    """tests/_kronfluence_ddp.py, a kronfluence multi-process script with the shim's import, on two
+    gloo ranks (ddp: the model in DistributedDataParallel; plain: the Analyzer starts the process
+    group): every rank returns, and rank 0 writes, what one kronfluence process computes (pairwise per
+    module, and self-influence: float64, relative 1e-6); the factor files count what kronfluence's
+    count; model.safetensors has kronfluence's keys."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
+           str(Path(__file__).parent / "_kronfluence_ddp.py"), str(tmp_path / "shim"), mode, *strategies]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    model, task, train, queries = ddp_workload()
+    analyzer = kronfluence.Analyzer("run", kronfluence.prepare_model(copy.deepcopy(model), task), task, cpu=True,
+                                    disable_tqdm=True, output_dir=str(tmp_path / "kron"), log_level=logging.WARNING,
+                                    disable_model_save=False)
+    factor_kw, score_kw = f64_arguments(torch.float64)
+    for strategy in strategies:
+        analyzer.fit_all_factors(strategy, train, per_device_batch_size=16, factor_args=FactorArguments(
+            strategy=strategy, use_empirical_fisher=True, **factor_kw))
+        score_args = ScoreArguments(damping_factor=1e-8, compute_per_module_scores=True, **score_kw)
+        analyzer.compute_pairwise_scores("pair", strategy, queries, train, per_device_query_batch_size=4,
+                                         per_device_train_batch_size=16, score_args=score_args,
+                                         overwrite_output_dir=True)
+        analyzer.compute_self_scores("self", strategy, train, per_device_train_batch_size=16, score_args=score_args,
+                                     overwrite_output_dir=True)
+        theirs = {"pair": analyzer.load_pairwise_scores("pair"), "self": analyzer.load_self_scores("self")}
+        written = {kind: load_file(str(tmp_path / "shim" / "run" / f"scores_{strategy}_{kind}" /
+                                       f"{'pairwise' if kind == 'pair' else 'self'}_scores.safetensors"))
+                   for kind in theirs}
+        for rank in (0, 1):
+            returned = torch.load(tmp_path / "shim" / f"returned_{strategy}_rank{rank}.pt")
+            for kind, modules in theirs.items():
+                assert sorted(returned[kind]) == sorted(modules) == sorted(written[kind])
+                for name, expected in modules.items():
+                    assert returned[kind][name].shape == expected.shape == ((len(queries), 79) if kind == "pair"
+                                                                            else (79,))
+                    _agree(returned[kind][name], expected, torch.float64, f"{strategy} {kind} {name} rank {rank}")
+                    assert torch.equal(returned[kind][name], written[kind][name])
+        kron, shim = (tmp_path / lib / "run" / f"factors_{strategy}" for lib in ("kron", "shim"))
+        assert _files(shim) == _files(kron)
+        for stem in ("num_lambda_processed", "num_activation_covariance_processed"):
+            if (kron / f"{stem}.safetensors").exists():
+                counts = [load_file(str(folder / f"{stem}.safetensors")) for folder in (kron, shim)]
+                assert counts[0].keys() == counts[1].keys()
+                assert all(torch.equal(counts[0][k], counts[1][k]) for k in counts[0]), (stem, counts)
+    saved = [load_file(str(tmp_path / lib / "run" / "model.safetensors")) for lib in ("kron", "shim")]
+    assert saved[0].keys() == saved[1].keys()

@@ -30,7 +30,11 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   the flag: a per-example gradient sums over the module's calls. `enable_post_process_per_sample_gradient`
   and partition targets are not supported by the shim; it raises instead of silently computing
   something else. All four strategies are: ekfac, kfac (Λ = e_S e_Aᵀ), diagonal (Λ of the per-example
-  gradients in the parameter basis) and identity (no preconditioning: method "grad_dot"). Per-module and per-token scores and aggregated query or
+  gradients in the parameter basis) and identity (no preconditioning: method "grad_dot").
+- torch.distributed: as kronfluence, every rank is given the whole dataset and the Analyzer splits it
+  (contiguous shares; sums all-reduced, scores gathered, files written by rank 0). `prepare_model`
+  adds kronfluence's unused `_constant` parameter to each tracked module so that the prepared model
+  can be wrapped in DistributedDataParallel, as kronfluence's multi-process scripts do. Per-module and per-token scores and aggregated query or
   training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
 - Precision knobs (`*_dtype` fields other than `score_dtype` and `amp_dtype`) are not used, with a
   warning when one asks for another precision: source_fast computes in the model's dtype with float32
@@ -61,13 +65,17 @@ import os
 import re
 import types
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from .._dist import rank_and_world, same_on_all_ranks
 from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, remove_stale_temps
+from .._passes import rank_share, share_start
 from .._warn import warn
 from ..capture import LayerSpec, tracked_layers
 from ..factors import Factors, LayerFactors, _covariances, _eigh, _lambdas, factor_dtype, pass_seed, restored
@@ -473,14 +481,24 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
 
 def prepare_model(model: nn.Module, task: Task) -> nn.Module:
     """kronfluence's `prepare_model`: eval mode, parameters and buffers frozen. Unlike kronfluence it
-    installs no wrappers (source_fast hooks the layers during each pass), so the model is unchanged
-    otherwise; the modules kronfluence would wrap (`tracked_modules`) are checked."""
-    tracked_layers(model, tracked_modules(model, task))
+    installs no wrappers (source_fast hooks the layers during each pass); like kronfluence's wrapper it
+    gives each tracked module a zero parameter `_constant` that trains and is never used, since
+    DistributedDataParallel refuses a model with no parameter that trains, and kronfluence's
+    multi-process scripts wrap the prepared model in it. The modules kronfluence would wrap
+    (`tracked_modules`) are checked."""
+    names = tracked_modules(model, task)
+    tracked_layers(model, names)
     model.eval()
     for p in model.parameters():
         p.requires_grad = False
     for b in model.buffers():
         b.requires_grad = False
+    modules = dict(model.named_modules())
+    for name in names:
+        if "_constant" not in modules[name]._parameters:  # prepared once already
+            weight = modules[name].weight
+            modules[name].register_parameter("_constant", nn.Parameter(torch.zeros(1, dtype=weight.dtype,
+                                                                                    device=weight.device)))
     return model
 
 
@@ -622,11 +640,12 @@ def _kronfluence_state_dict(model: nn.Module, names: list[str]) -> dict[str, Ten
     out = {}
     for key, value in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
+        wrapped = module in tracked and leaf != "_constant"  # prepare_model's _constant is the wrapper's
         # Cloned (as kronfluence does): safetensors refuses tensors that share memory (tied weights).
-        out[f"{module}.original_module.{leaf}" if module in tracked else key] = value.detach().cpu().clone()
+        out[f"{module}.original_module.{leaf}" if wrapped else key] = value.detach().cpu().clone()
     modules = dict(model.named_modules())
     for name in names:
-        out[f"{name}._constant"] = torch.zeros(1, dtype=modules[name].weight.dtype)
+        out.setdefault(f"{name}._constant", torch.zeros(1, dtype=modules[name].weight.dtype))
     return out
 
 
@@ -635,6 +654,53 @@ def _same_model(saved: dict[str, Tensor], current: dict[str, Tensor]) -> bool:
     return saved.keys() == current.keys() and all(
         torch.allclose(saved[k].float().cpu(), current[k].float().cpu(), rtol=1.3e-6, atol=1e-5) for k in saved
     )
+
+
+def _gather(t: Tensor, dim: int) -> Tensor:
+    """Under torch.distributed, every rank's `t` joined along `dim` in rank order (each rank scored its
+    contiguous share of the training set); other dimensions padded with zeros to the largest, as a
+    rank whose sequences were shorter has fewer per-token columns (padded tokens score 0)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return t
+    shape = torch.tensor(t.shape, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    largest = torch.stack(shapes).amax(0).tolist()
+    padded = t.new_zeros(largest)
+    padded[tuple(slice(0, n) for n in t.shape)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part.narrow(dim, 0, int(n[dim])) for part, n in zip(parts, shapes)], dim)
+
+
+def _start_process_group(cpu: bool) -> None:
+    """Under torchrun without a process group, start one, as kronfluence's Analyzer does (through
+    accelerate): NCCL on each rank's own GPU (LOCAL_RANK), gloo on the CPU."""
+    if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    cuda = not cpu and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module DistributedDataParallel or torch.compile wraps (kronfluence's scripts wrap the prepared
+    model in either): the same parameters, under the names kronfluence keys its files by."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    while True:
+        if isinstance(model, FullyShardedDataParallel):
+            raise NotImplementedError("FullyShardedDataParallel models are not supported by source_fast's Analyzer "
+                                      "(each rank needs the whole model): pass the unwrapped model, or wrap it in "
+                                      "DistributedDataParallel")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _method(factors: Factors | None, score_args: dict[str, Any]) -> tuple[str, Any]:
@@ -660,6 +726,12 @@ class Analyzer:
     error unless `overwrite_output_dir`), and scores in kronfluence's convention (NOT divided by N).
     Factors written by kronfluence itself can be scored here, and kronfluence can score factors
     fitted here.
+
+    Under torch.distributed (torchrun, the model wrapped in DistributedDataParallel or not; a process
+    group is started, as kronfluence starts one, where the script did not) the work is split as
+    kronfluence splits it: every rank is given the whole dataset and fits on, and scores, a
+    contiguous share of it; the sums are all-reduced and the scores gathered, rank 0 writes the files
+    (to storage every rank reads) and every rank returns the whole result.
     """
 
     def __init__(
@@ -678,9 +750,7 @@ class Analyzer:
         del log_level, log_main_process_only  # kronfluence's logging knobs
         if profile:
             warn("profile=True: source_fast's Analyzer has no profiler; no profiler_output is written")
-        # torch.compile's wrapper (kronfluence's examples compile after prepare_model): the module it
-        # wraps has the same parameters and the names kronfluence keys its files by.
-        model = getattr(model, "_orig_mod", model)
+        model = _unwrapped(model)
         if getattr(task, "enable_post_process_per_sample_gradient", False):
             raise NotImplementedError("tasks with enable_post_process_per_sample_gradient are not supported")
         wrapped = [n for n, m in model.named_modules() if hasattr(m, "original_module")]
@@ -689,6 +759,7 @@ class Analyzer:
                 f"the model has kronfluence TrackedModule wrappers ({wrapped[:3]}...): prepare it with "
                 "source_fast.interop.kronfluence.prepare_model, not kronfluence's"
             )
+        _start_process_group(cpu)
         device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
         self.model = model.to(device)
         self.task = task
@@ -699,8 +770,40 @@ class Analyzer:
         self.output_dir = Path(output_dir).joinpath(analysis_name).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._dataloader_kwargs: Any = None
+        self._rank, self._world = rank_and_world()
         if not disable_model_save:
-            self._save_model()
+            self._rank0(self._save_model)
+
+    def _rank0(self, write: Callable[[], None]) -> None:
+        """write() on rank 0 alone under torch.distributed (files are written once, as kronfluence's main
+        process writes them); then every rank goes on together, and an error rank 0 met is raised on
+        every rank (none is left waiting for it)."""
+        if self._world == 1:
+            write()
+            return
+        error = None
+        if self._rank == 0:
+            try:
+                write()
+            except Exception as exc:  # noqa: BLE001 (raised below, on every rank)
+                error = exc
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise error if error is not None else box[0]
+
+    def _share(self, data: Any) -> Any:
+        """This rank's contiguous share of `data` under torch.distributed (all of it in one process).
+        Every rank must be given the whole dataset, as kronfluence splits it itself."""
+        if self._world == 1:
+            return data
+        device = next(self.model.parameters()).device
+        if not same_on_all_ranks(len(data), device):
+            raise ValueError(f"rank {self._rank}: the ranks were given datasets of different lengths (this rank's has "
+                             f"{len(data)} examples): give every rank the whole dataset; the Analyzer splits it")
+        if len(data) < self._world:
+            raise ValueError(f"{len(data)} examples for {self._world} ranks: run on fewer ranks")
+        return rank_share(data)
 
     def _save_model(self) -> None:
         """kronfluence's `_save_model`: model.safetensors with its key names, or a check against it."""
@@ -749,7 +852,7 @@ class Analyzer:
         kronfluence's sampling follows it; the caller's RNG state is left untouched)."""
         device = next(self.model.parameters()).device
         with restored(self.model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(pass_seed(torch.initial_seed(), 0, 0, kind, 0))
+            torch.manual_seed(pass_seed(torch.initial_seed(), 0, 0, kind, self._rank))  # ranks draw their own labels
             yield
 
     # ---- factors ---------------------------------------------------------------------------------
@@ -768,7 +871,7 @@ class Analyzer:
         _autocast_dtype(factor_args, FACTOR_DEFAULTS, self.model)  # refused before anything is written
         args = _args_dict(factor_args, FACTOR_DEFAULTS)
         _unused_precisions(args, FACTOR_DEFAULTS, self.model)
-        _save_arguments(out / FACTOR_ARGS_FILE, args, overwrite_output_dir)
+        self._rank0(lambda: _save_arguments(out / FACTOR_ARGS_FILE, args, overwrite_output_dir))
         return args
 
     def _stage(self, factors_name: str, stems: tuple[str, ...], factor_args: Any,
@@ -781,8 +884,11 @@ class Analyzer:
             return None
         return out, self._factor_args(factor_args, out, overwrite_output_dir)
 
+    def _clear(self, out: Path, stems: tuple[str, ...]) -> None:
+        self._rank0(lambda: self._clear_files(out, stems))
+
     @staticmethod
-    def _clear(out: Path, stems: tuple[str, ...]) -> None:
+    def _clear_files(out: Path, stems: tuple[str, ...]) -> None:
         """Before a stage computes (its checks passed): a stage whose files exist is skipped, so a run
         stopped in this one must not leave this stage's old files, or a later stage's, for the next run
         to take as this data's. Also the temp files of writes a killed run never finished (one run
@@ -841,21 +947,22 @@ class Analyzer:
         out, args = stage
         if COVARIANCE_STEMS not in FITS[args["strategy"]]:  # kronfluence: arguments saved, stage skipped
             return
-        _save_dataset_metadata("covariance", dataset, None, out, overwrite_output_dir)
+        self._rank0(lambda: _save_dataset_metadata("covariance", dataset, None, out, overwrite_output_dir))
         data = _limited(dataset, args["covariance_max_examples"])
-        loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
+        loader = self._loader(self._share(data), per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
         self._clear(out, COVARIANCE_STEMS)
-        with self._seeded("cov"):
+        with self._seeded("cov"):  # sums over every rank's share
             a_cov, s_cov, rows = _covariances(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs,
-                                              loader, objective, "covariances", self.progress, expected=len(data))
+                                              loader, objective, "covariances", self.progress, expected=len(data),
+                                              first=share_start(data))
         group: dict[str, dict[str, Tensor]] = {stem: {} for stem in COVARIANCE_STEMS}
         for s in self._specs:
             n = int(rows[s.name])
             for stem, count_stem, mean in ((A_COV, A_COUNT, a_cov[s.name]), (S_COV, S_COUNT, s_cov[s.name])):
                 group[stem][s.name] = (mean.double() * n).to(mean.dtype)
                 group[count_stem][s.name] = torch.tensor([n], dtype=torch.int64)
-        _write_group(out, group, _str_dict(args))
+        self._rank0(lambda: _write_group(out, group, _str_dict(args)))
 
     def perform_eigendecomposition(
         self,
@@ -883,15 +990,19 @@ class Analyzer:
                  for s in self._specs for cov_stem, count_stem, q_stem, e_stem, d in (
                      (A_COV, A_COUNT, Q_A, E_A, s.d_a), (S_COV, S_COUNT, Q_S, E_S, s.d_out))}
         self._clear(out, EIGEN_STEMS)
-        if load_from_factors_name is not None:
-            _write_group(out, covs, None)
-            self._save_loaded_arguments("covariance", source, out)
         device = next(self.model.parameters()).device
-        group: dict[str, dict[str, Tensor]] = {stem: {} for stem in EIGEN_STEMS}
-        for (name, q_stem, e_stem), (total, count) in means.items():
-            values, vectors = _eigh(total.to(device, torch.float64) / count)
-            group[e_stem][name], group[q_stem][name] = values.to(total.dtype), vectors.to(total.dtype)
-        _write_group(out, group, _str_dict(args))
+
+        def decompose() -> None:  # on rank 0 only: its files are what every rank reads next
+            if load_from_factors_name is not None:
+                _write_group(out, covs, None)
+                self._save_loaded_arguments("covariance", source, out)
+            group: dict[str, dict[str, Tensor]] = {stem: {} for stem in EIGEN_STEMS}
+            for (name, q_stem, e_stem), (total, count) in means.items():
+                values, vectors = _eigh(total.to(device, torch.float64) / count)
+                group[e_stem][name], group[q_stem][name] = values.to(total.dtype), vectors.to(total.dtype)
+            _write_group(out, group, _str_dict(args))
+
+        self._rank0(decompose)
 
     def fit_lambda_matrices(
         self,
@@ -918,7 +1029,7 @@ class Analyzer:
         strategy = args["strategy"]
         if LAMBDA_STEMS not in FITS[strategy]:
             return
-        _save_dataset_metadata("lambda", dataset, None, out, overwrite_output_dir)
+        self._rank0(lambda: _save_dataset_metadata("lambda", dataset, None, out, overwrite_output_dir))
         # EK-FAC's Λ is in the eigenbasis; the diagonal strategy's in the parameter basis (no eigenbases).
         eigen, q_a, q_s = None, None, None
         if EIGEN_STEMS in FITS[strategy]:
@@ -934,20 +1045,23 @@ class Analyzer:
             q_s = {s.name: _module_tensor(eigen, Q_S, s, (s.d_out, s.d_out), source).to(device, dtype)
                    for s in self._specs}
         data = _limited(dataset, args["lambda_max_examples"])
-        loader = self._loader(data, per_device_batch_size, dataloader_kwargs)
+        loader = self._loader(self._share(data), per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
         self._clear(out, LAMBDA_STEMS)
         if eigen is not None and load_from_factors_name is not None:
-            _write_group(out, eigen, None)
-            self._save_loaded_arguments("eigendecomposition", source, out)
-        with self._seeded("lam"):
+            def copy_eigen() -> None:
+                _write_group(out, eigen, None)
+                self._save_loaded_arguments("eigendecomposition", source, out)
+
+            self._rank0(copy_eigen)
+        with self._seeded("lam"):  # sums over every rank's share
             lam = _lambdas(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs, loader, objective,
-                           q_a, q_s, "Lambda matrices", self.progress, expected=len(data))
+                           q_a, q_s, "Lambda matrices", self.progress, expected=len(data), first=share_start(data))
         group = {
             LAMBDA: {name: (mean.double() * len(data)).to(mean.dtype) for name, mean in lam.items()},
             LAMBDA_COUNT: {name: torch.tensor([len(data)], dtype=torch.int64) for name in lam},
         }
-        _write_group(out, group, _str_dict(args))
+        self._rank0(lambda: _write_group(out, group, _str_dict(args)))
 
     @staticmethod
     def get_module_summary(model: nn.Module) -> str:
@@ -1033,13 +1147,21 @@ class Analyzer:
                                            f"results were not found at `{factors_dir}`.")
         args = _args_dict(score_args, SCORE_DEFAULTS)
         _unused_precisions(args, SCORE_DEFAULTS, self.model)
-        _save_arguments(out / SCORE_ARGS_FILE, args, overwrite_output_dir)
-        _save_arguments(out / FACTOR_ARGS_FILE, _factor_args_json(factors_dir), overwrite_output_dir)
-        for name, (dataset, indices) in datasets.items():
-            _save_dataset_metadata(name, dataset, indices, out, overwrite_output_dir)
+
+        def record() -> None:
+            _save_arguments(out / SCORE_ARGS_FILE, args, overwrite_output_dir)
+            _save_arguments(out / FACTOR_ARGS_FILE, _factor_args_json(factors_dir), overwrite_output_dir)
+            for name, (dataset, indices) in datasets.items():
+                _save_dataset_metadata(name, dataset, indices, out, overwrite_output_dir)
+
+        self._rank0(record)
         factors = None if strategy == "identity" else load_factors(factors_dir, self.model, self._task)
-        (out / scores_file).unlink(missing_ok=True)
-        remove_stale_temps(out, ".*.tmp", SAFETENSORS_TEMP)
+
+        def clear() -> None:
+            (out / scores_file).unlink(missing_ok=True)
+            remove_stale_temps(out, ".*.tmp", SAFETENSORS_TEMP)
+
+        self._rank0(clear)
         return factors, args
 
     def _query_budget(self, queries: int, rank: int | None) -> int:
@@ -1089,7 +1211,8 @@ class Analyzer:
                  "compute_per_token_scores is ignored, as kronfluence does")
             args = {**args, "compute_per_token_scores": False}  # the scores' metadata records what was used
         queries = self._loader(_subset(query_dataset, query_indices), per_device_query_batch_size, dataloader_kwargs)
-        train = self._loader(_subset(train_dataset, train_indices), per_device_train_batch_size, dataloader_kwargs)
+        train = self._loader(self._share(_subset(train_dataset, train_indices)), per_device_train_batch_size,
+                             dataloader_kwargs)
         rank = args["query_gradient_low_rank"]
         method, damping = _method(factors, args)
         scores = score(
@@ -1101,11 +1224,13 @@ class Analyzer:
         )
         if not args["compute_per_module_scores"]:
             scores = {ALL_MODULES: scores}
+        # × this rank's N undoes score's 1/N; then every rank's columns, in order.
+        scores = {name: _gather(s * len(train.dataset), 1) for name, s in scores.items()}
         if args["aggregate_train_gradients"]:  # linear in the training gradient: the columns' sum is exact
             scores = {name: s.sum(1, keepdim=True) for name, s in scores.items()}
         dtype = _dtype(args["score_dtype"])
-        result = {name: (s * len(train.dataset)).to(dtype) for name, s in scores.items()}
-        _save_scores(result, out / "pairwise_scores.safetensors", _str_dict(args))
+        result = {name: s.to(dtype) for name, s in scores.items()}
+        self._rank0(lambda: _save_scores(result, out / "pairwise_scores.safetensors", _str_dict(args)))
         return result
 
     def compute_self_scores(
@@ -1140,7 +1265,7 @@ class Analyzer:
         if ignored:
             warn(f"{ignored} do not apply to self-influence scores: ignored, as kronfluence does")
             args = {**args, **SELF_IGNORED}  # the scores' metadata records what was used, as kronfluence's does
-        data = _subset(train_dataset, train_indices)
+        data = self._share(_subset(train_dataset, train_indices))
         train = self._loader(data, per_device_train_batch_size, dataloader_kwargs)
         trajectory = Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)])
         method, damping = _method(factors, args)
@@ -1161,8 +1286,9 @@ class Analyzer:
         if not args["compute_per_module_scores"]:
             scores = {ALL_MODULES: sum(scores.values())}  # (n,) per module: small
         dtype = _dtype(args["score_dtype"])
-        result = {name: (s * len(data)).to(dtype) for name, s in scores.items()}
-        _save_scores(result, out / "self_scores.safetensors", _str_dict(args))
+        # × this rank's N undoes the 1/N; then every rank's examples, in order.
+        result = {name: _gather(s * len(data), 0).to(dtype) for name, s in scores.items()}
+        self._rank0(lambda: _save_scores(result, out / "self_scores.safetensors", _str_dict(args)))
         return result
 
     def load_score_args(self, scores_name: str) -> Any:
