@@ -82,20 +82,30 @@ class LayerSpec:
         return w
 
 
+# Marks a parameter that exists only to be there and never trains: kronfluence's `_constant`, which
+# interop.kronfluence.prepare_model adds so that DistributedDataParallel accepts a frozen model.
+PLACEHOLDER = "_source_fast_placeholder"
+
+
+def is_placeholder(p: nn.Parameter) -> bool:
+    return getattr(p, PLACEHOLDER, False)
+
+
 def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]:
     """The named modules, or by default every supported layer that trains. A layer that did not train
     carries no training-data effect, so with some layers frozen (requires_grad=False: fine-tuning the
     top, LoRA's frozen base) the default leaves them out, and naming one gets a warning; a model frozen
     whole was frozen after training, and all its layers count."""
     modules = dict(model.named_modules())
-    some_train = any(p.requires_grad for p in model.parameters())
+    some_train = any(p.requires_grad and not is_placeholder(p) for p in model.parameters())
     if not some_train and names is None and any("lora_A" in n.split(".") for n in modules):
         # A LoRA model frozen whole was loaded for inference: read as frozen after training, every base
         # layer would count as trained, while only the adapters did.
         raise ValueError("the model has LoRA adapters (lora_A / lora_B modules) and no parameter that trains: load "
                          "it as it was trained (PeftModel.from_pretrained(..., is_trainable=True)), so the adapters "
                          "are tracked, or name the modules to track in the task's get_influence_tracked_modules")
-    frozen = {n for n, m in modules.items() if some_train and not any(p.requires_grad for p in m.parameters(recurse=False))}
+    frozen = {n for n, m in modules.items()
+              if some_train and not any(p.requires_grad and not is_placeholder(p) for p in m.parameters(recurse=False))}
     if names is None:
         specs = [LayerSpec.of(n, m) for n, m in modules.items() if layer_kind(m) is not None and n not in frozen]
         if not specs:

@@ -26,7 +26,7 @@ from ._passes import (
     run_pass, share_start,
 )
 from ._warn import warn
-from .capture import LayerSpec, rotate, tracked_layers, with_ones
+from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
 from .trajectory import Checkpoint, Segment, Trajectory, checkpoint_file, load_into, load_state_dict, readable
@@ -874,8 +874,9 @@ def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict
     say which state is whose; names recorded through a wrapper (DDP's `module.`, torch.compile's
     `_orig_mod.`) are read without it. Without names, one group built from model.parameters() is read
     in that order. The names of a tied weight all map to its one state."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    order = list(model.parameters())
+    # An optimizer never saw placeholders (kronfluence's _constant, added after training).
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not is_placeholder(p)}
+    order = [p for p in model.parameters() if not is_placeholder(p)]
     if all("param_names" in g for g in groups):
         recorded = [(_unwrapped(n), i) for g in groups for n, i in zip(g["param_names"], g["params"])]
         unknown = [n for n, _ in recorded if n not in params]

@@ -1,7 +1,8 @@
 """A kronfluence multi-process script through source_fast's shim, run under torchrun (gloo) by
 tests/test_kronfluence.py, the whole dataset given to every rank. MODE ddp: the script starts the
 process group and wraps the prepared model in DistributedDataParallel, as kronfluence's DDP examples
-do; plain: neither (the Analyzer starts the group, as kronfluence's does).
+do; plain: neither (the Analyzer starts the group, as kronfluence's does); skew: plain, but rank 1 is
+given fewer queries (refused on every rank).
 
 usage: torchrun --nproc-per-node 2 _kronfluence_ddp.py OUTPUT_DIR MODE STRATEGY [STRATEGY ...]
 Each rank also saves what the Analyzer returned to OUTPUT_DIR/returned_<strategy>_rank<r>.pt.
@@ -30,6 +31,8 @@ def main() -> None:
     if mode == "ddp":
         dist.init_process_group("gloo")
         model = DistributedDataParallel(model)
+    if mode == "skew" and os.environ["RANK"] == "1":
+        queries = torch.utils.data.Subset(queries, range(len(queries) - 1))
     analyzer = Analyzer("run", model, task, cpu=True, disable_tqdm=True, output_dir=out, disable_model_save=False)
     factor_kw, score_kw = f64_arguments(torch.float64)
     for strategy in strategies:

@@ -694,3 +694,16 @@ def test_torchrun_matches_one_kronfluence_process(tmp_path, mode, strategies):
                 assert all(torch.equal(counts[0][k], counts[1][k]) for k in counts[0]), (stem, counts)
     saved = [load_file(str(tmp_path / lib / "run" / "model.safetensors")) for lib in ("kron", "shim")]
     assert saved[0].keys() == saved[1].keys()
+
+
+def test_torchrun_ranks_given_other_queries_are_refused(tmp_path):
+    """Every rank scores every query: a rank given other queries would put zeros and another run's
+    scores into the gathered matrix; it is refused on every rank, and no scores are written."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(Path(__file__).parent / "_kronfluence_ddp.py"), str(tmp_path / "shim"), "skew", "ekfac"]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: the ranks were given different query datasets or indices" in run.stderr, run.stderr[-3000:]
+    assert not list((tmp_path / "shim").rglob("pairwise_scores.safetensors"))

@@ -187,6 +187,40 @@ def test_saved_model_is_kronfluences(tmp_path):
                 _analyzer(lib, changed, task, tmp_path / folder, disable_model_save=False)
 
 
+def test_prepared_model_is_the_same_model_to_source_fast(tmp_path):
+    """prepare_model's _constant (so that DistributedDataParallel takes the frozen model) is invisible
+    to source_fast's own functions: checkpoints saved before it (a dict, a .safetensors file) load, the
+    default tracked layers are all of them and naming one gives no frozen-layer warning, an unnamed
+    Adam state covers the model, and the scores are the unprepared model's."""
+    from safetensors.torch import save_file as save_tensors
+
+    model, task = _mlp(), KronClassifyTask()
+    train, queries = _data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_tensors(before, str(tmp_path / "ckpt.safetensors"))
+    prepared = kf.prepare_model(copy.deepcopy(model), task)
+    assert sum(1 for name, _ in prepared.named_parameters() if name.endswith("._constant")) == 2
+    assert prepared.state_dict().keys() == before.keys()
+    prepared.load_state_dict(before)  # strict: the placeholder keeps its zero
+    expected = None
+    for ckpt in (before, str(tmp_path / "ckpt.safetensors")):
+        for m in (model, prepared):
+            traj = sf.Trajectory([sf.Segment([ckpt], train, lr_sum=1.0)])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "tracked modules ... are frozen" warning
+                factors = sf.fit_factors(m, kf.kronfluence_task(m, task), traj, fisher="empirical")
+                assert [spec.name for spec in sf.fit_factors(m, task, traj, fisher="empirical").layers] == ["0", "2"]
+            got = sf.score(m, task, traj, factors, train, queries, method="ekfac", damping=1e-3)
+            expected = got if expected is None else expected
+            _close(got, expected)
+    adam = torch.optim.Adam(model.parameters())  # built before prepare_model, without parameter names
+    model(train.tensors[0]).sum().backward()
+    adam.step()
+    states = [adam.state_dict()]
+    traj = sf.Trajectory([sf.Segment([before], train, lr_sum=0.1, optimizer="adam", optimizer_states=states)])
+    sf.fit_factors(prepared, task, traj, fisher="empirical")
+
+
 # ---- 4. argument and dataset files -----------------------------------------------------------
 
 

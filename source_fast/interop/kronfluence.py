@@ -64,6 +64,7 @@ import json
 import os
 import re
 import types
+import zlib
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -77,7 +78,7 @@ from .._dist import rank_and_world, same_on_all_ranks
 from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, remove_stale_temps
 from .._passes import rank_share, share_start
 from .._warn import warn
-from ..capture import LayerSpec, tracked_layers
+from ..capture import PLACEHOLDER, LayerSpec, tracked_layers
 from ..factors import Factors, LayerFactors, _covariances, _eigh, _lambdas, factor_dtype, pass_seed, restored
 from ..scoring import DEFAULT_QUERY_MEMORY_BUDGET, score, self_score
 from ..task import Task
@@ -484,8 +485,9 @@ def prepare_model(model: nn.Module, task: Task) -> nn.Module:
     installs no wrappers (source_fast hooks the layers during each pass); like kronfluence's wrapper it
     gives each tracked module a zero parameter `_constant` that trains and is never used, since
     DistributedDataParallel refuses a model with no parameter that trains, and kronfluence's
-    multi-process scripts wrap the prepared model in it. The modules kronfluence would wrap
-    (`tracked_modules`) are checked."""
+    multi-process scripts wrap the prepared model in it. It stays out of the model's state_dict (a
+    checkpoint saved before or after loads either way) and never counts as training. The modules
+    kronfluence would wrap (`tracked_modules`) are checked."""
     names = tracked_modules(model, task)
     tracked_layers(model, names)
     model.eval()
@@ -495,11 +497,24 @@ def prepare_model(model: nn.Module, task: Task) -> nn.Module:
         b.requires_grad = False
     modules = dict(model.named_modules())
     for name in names:
-        if "_constant" not in modules[name]._parameters:  # prepared once already
-            weight = modules[name].weight
-            modules[name].register_parameter("_constant", nn.Parameter(torch.zeros(1, dtype=weight.dtype,
-                                                                                    device=weight.device)))
+        module = modules[name]
+        if "_constant" in module._parameters:  # prepared once already
+            continue
+        constant = nn.Parameter(torch.zeros(1, dtype=module.weight.dtype, device=module.weight.device))
+        setattr(constant, PLACEHOLDER, True)
+        module.register_parameter("_constant", constant)
+        module.register_state_dict_post_hook(_drop_constant)
+        module.register_load_state_dict_pre_hook(_keep_constant)
     return model
+
+
+def _drop_constant(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+    state_dict.pop(prefix + "_constant", None)
+
+
+def _keep_constant(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    # A state_dict without it (every one: _drop_constant) loads, strictly, with the zero it holds.
+    state_dict.setdefault(prefix + "_constant", module._constant.detach())
 
 
 def _get(args: Any, field: str, defaults: dict[str, Any]) -> Any:
@@ -640,12 +655,11 @@ def _kronfluence_state_dict(model: nn.Module, names: list[str]) -> dict[str, Ten
     out = {}
     for key, value in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
-        wrapped = module in tracked and leaf != "_constant"  # prepare_model's _constant is the wrapper's
         # Cloned (as kronfluence does): safetensors refuses tensors that share memory (tied weights).
-        out[f"{module}.original_module.{leaf}" if wrapped else key] = value.detach().cpu().clone()
+        out[f"{module}.original_module.{leaf}" if module in tracked else key] = value.detach().cpu().clone()
     modules = dict(model.named_modules())
     for name in names:
-        out.setdefault(f"{name}._constant", torch.zeros(1, dtype=modules[name].weight.dtype))
+        out[f"{name}._constant"] = torch.zeros(1, dtype=modules[name].weight.dtype)
     return out
 
 
@@ -683,6 +697,22 @@ def _start_process_group(cpu: bool) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def _device(model: nn.Module, cpu: bool) -> torch.device:
+    """kronfluence's device: the CPU with cpu=True or without CUDA; else the GPU the model is on, or
+    this rank's (LOCAL_RANK under torchrun, where it is made the current device: NCCL's collectives
+    run there), or the current one."""
+    if cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    on = next(model.parameters()).device
+    if on.type == "cuda":
+        device = on
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    if rank_and_world()[1] > 1:
+        torch.cuda.set_device(device)
+    return device
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -760,8 +790,7 @@ class Analyzer:
                 "source_fast.interop.kronfluence.prepare_model, not kronfluence's"
             )
         _start_process_group(cpu)
-        device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
-        self.model = model.to(device)
+        self.model = model.to(_device(model, cpu))
         self.task = task
         self._names = tracked_modules(model, task)
         self._task = _TrackedAs(task, self._names)  # what source_fast runs: kronfluence's tracked modules
@@ -792,15 +821,24 @@ class Analyzer:
         if box[0] is not None:
             raise error if error is not None else box[0]
 
+    def _same_on_ranks(self, data: Any, what: str) -> None:
+        """Under torch.distributed every rank must be given the same dataset (and indices): its length
+        and the indices' digest are compared, on every rank together."""
+        if self._world == 1:
+            return
+        digest = zlib.crc32(json.dumps([int(i) for i in data.indices]).encode()) if isinstance(data, Subset) else 0
+        device = next(self.model.parameters()).device
+        if not (same_on_all_ranks(len(data), device) and same_on_all_ranks(digest, device)):
+            raise ValueError(f"rank {self._rank}: the ranks were given different {what} datasets or indices (this "
+                             f"rank's has {len(data)} examples): give every rank the whole dataset; the Analyzer "
+                             "splits it")
+
     def _share(self, data: Any) -> Any:
         """This rank's contiguous share of `data` under torch.distributed (all of it in one process).
         Every rank must be given the whole dataset, as kronfluence splits it itself."""
         if self._world == 1:
             return data
-        device = next(self.model.parameters()).device
-        if not same_on_all_ranks(len(data), device):
-            raise ValueError(f"rank {self._rank}: the ranks were given datasets of different lengths (this rank's has "
-                             f"{len(data)} examples): give every rank the whole dataset; the Analyzer splits it")
+        self._same_on_ranks(data, "training")
         if len(data) < self._world:
             raise ValueError(f"{len(data)} examples for {self._world} ranks: run on fewer ranks")
         return rank_share(data)
@@ -1210,7 +1248,9 @@ class Analyzer:
             warn("per-token scores do not apply to aggregated training gradients: "
                  "compute_per_token_scores is ignored, as kronfluence does")
             args = {**args, "compute_per_token_scores": False}  # the scores' metadata records what was used
-        queries = self._loader(_subset(query_dataset, query_indices), per_device_query_batch_size, dataloader_kwargs)
+        query_data = _subset(query_dataset, query_indices)
+        self._same_on_ranks(query_data, "query")  # every rank scores every query
+        queries = self._loader(query_data, per_device_query_batch_size, dataloader_kwargs)
         train = self._loader(self._share(_subset(train_dataset, train_indices)), per_device_train_batch_size,
                              dataloader_kwargs)
         rank = args["query_gradient_low_rank"]
