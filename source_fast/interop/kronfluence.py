@@ -65,8 +65,8 @@ import os
 import re
 import types
 import zlib
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
