@@ -29,13 +29,14 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   Shared (re-used) modules are taken as with kronfluence's `has_shared_parameters=True`, whatever
   the flag: a per-example gradient sums over the module's calls. `enable_post_process_per_sample_gradient`
   and partition targets are not supported by the shim; it raises instead of silently computing
-  something else. All four strategies are: ekfac, kfac (Λ = e_S e_Aᵀ), diagonal (Λ of the per-example
+  something else. Per-module and per-token scores and aggregated query or training gradients are
+  (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
+- Strategies: all four of kronfluence's, ekfac, kfac (Λ = e_S e_Aᵀ), diagonal (Λ of the per-example
   gradients in the parameter basis) and identity (no preconditioning: method "grad_dot").
 - torch.distributed: as kronfluence, every rank is given the whole dataset and the Analyzer splits it
   (contiguous shares; sums all-reduced, scores gathered, files written by rank 0). `prepare_model`
   adds kronfluence's unused `_constant` parameter to each tracked module so that the prepared model
-  can be wrapped in DistributedDataParallel, as kronfluence's multi-process scripts do. Per-module and per-token scores and aggregated query or
-  training gradients are (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
+  can be wrapped in DistributedDataParallel, as kronfluence's multi-process scripts do.
 - Precision knobs (`*_dtype` fields other than `score_dtype` and `amp_dtype`) are not used, with a
   warning when one asks for another precision: source_fast computes in the model's dtype with float32
   accumulation (float64 for a float64 model) and float64 eigendecompositions; scores are cast to `score_dtype`. Partition
@@ -690,13 +691,10 @@ def _gather(t: Tensor, dim: int) -> Tensor:
 
 def _start_process_group(cpu: bool) -> None:
     """Under torchrun without a process group, start one, as kronfluence's Analyzer does (through
-    accelerate): NCCL on each rank's own GPU (LOCAL_RANK), gloo on the CPU."""
+    accelerate): NCCL between GPUs (each rank's is chosen by _device), gloo on the CPU."""
     if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    cuda = not cpu and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if not cpu and torch.cuda.is_available() else "gloo")
 
 
 def _device(model: nn.Module, cpu: bool) -> torch.device:
