@@ -4,10 +4,13 @@ sharding is _passes.rank_share)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,6 +45,31 @@ def all_reduce_int(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def gather_shares(t: torch.Tensor, dim: int, strided: bool) -> torch.Tensor:
+    """Every rank's `t` (its share of the examples along `dim`) put together in the examples' order:
+    contiguous shares one after another in rank order, or `strided` shares (every world-th example,
+    a stream's) interleaved. Other dimensions are zero-padded to the largest, as a rank whose
+    sequences were shorter has fewer per-token columns (padded tokens score 0). Every rank gets all."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return t
+    shape = torch.tensor(t.shape, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    largest = torch.stack(shapes).amax(0).tolist()
+    padded = t.new_zeros(largest)
+    padded[tuple(slice(0, n) for n in t.shape)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    parts = [part.narrow(dim, 0, int(n[dim])) for part, n in zip(parts, shapes)]
+    if not strided:
+        return torch.cat(parts, dim)
+    out = padded.new_zeros(largest[:dim] + [sum(p.shape[dim] for p in parts)] + largest[dim + 1:])
+    for rank, part in enumerate(parts):  # rank r holds examples r, r + world, r + 2·world, ...
+        out.index_copy_(dim, torch.arange(rank, out.shape[dim], world, device=t.device), part)
+    return out
+
+
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()
@@ -54,6 +82,25 @@ def same_on_all_ranks(value: int, device: torch.device) -> bool:
     t = torch.tensor([value, -value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t[0].item()) == -int(t[1].item())
+
+
+def min_on_ranks(value: int, device: torch.device) -> int:
+    """The smallest of the ranks' `value`s (below 2**52, exact in float64), on every rank."""
+    if rank_and_world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def differing_on_ranks(inputs: dict[str, Any], device: torch.device) -> list[str]:
+    """The names in `inputs` whose values (JSON, keys sorted: a dict's order is not its value) differ
+    between ranks; every rank compares every one, so all get the same answer and none waits."""
+    def same(value: Any) -> bool:
+        text = json.dumps(value, sort_keys=True)
+        return same_on_all_ranks(int(hashlib.sha256(text.encode()).hexdigest()[:12], 16), device)
+
+    return [name for name, value in inputs.items() if not same(value)]
 
 
 _held: set[tuple[str, str, int]] = set()  # (folder, what, thread) this process holds: nested holds are one run

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._dist import all_reduce_int, all_reduce_sum_, barrier, rank_and_world, same_on_all_ranks, sole_writer
+from ._dist import (all_reduce_int, all_reduce_sum_, barrier, differing_on_ranks, rank_and_world, same_on_all_ranks,
+                    sole_writer)
 from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, remove_stale_temps, sha256_file,
                   write_named_by_content)
 from ._passes import (
@@ -571,11 +572,6 @@ def _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds
     about, since data augmented at random per rank differs too. `unreadable`: this rank's error
     reading its checkpoints or states, raised once every rank has compared (none is left waiting)."""
     rank = rank_and_world()[0]
-
-    def same(value: Any) -> bool:
-        text = json.dumps(value, sort_keys=True)  # a dict's order is not part of its value
-        return same_on_all_ranks(int(hashlib.sha256(text.encode()).hexdigest()[:12], 16), device)
-
     inputs = {
         "tracked layers": [[s.name, s.d_out, s.d_a] for s in specs],
         "model (parameter and buffer names, shapes, dtypes)": [[k, list(v.shape), str(v.dtype)]
@@ -590,14 +586,14 @@ def _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds
         "options (fisher, average_params, seed, batch_size, resume_dir or not)": [fisher, average_params, seed,
                                                                                   batch_size, resume],
     }
-    differ = [what for what, value in inputs.items() if not same(value)]  # every rank runs every check
+    differ = differing_on_ranks(inputs, device)
     if unreadable is not None:
         raise unreadable
     if differ:
         raise ValueError(f"rank {rank}: the ranks were given different inputs to fit_factors: they differ in "
                          f"{'; '.join(differ)}. Under torch.distributed give every rank the same model, checkpoints "
                          "and whole data; each reads its own share")
-    if not same([digest_examples(seg.data) for seg in trajectory.segments]) and rank == 0:
+    if differing_on_ranks({"data": [digest_examples(seg.data) for seg in trajectory.segments]}, device) and rank == 0:
         warn("the ranks' data differ at sampled examples: each rank reads its own share of the data it is "
              "given, so if each was given its own part (DDP's habit), the factors fit only part of the data; "
              "data augmented at random per rank differs this way too")
@@ -616,6 +612,17 @@ def checkpoint_signature(checkpoint: Checkpoint, what: str) -> str:
     agree."""
     heads = {(str(dtype), shape, digest_tensors([sample])) for dtype, shape, sample in _tensor_samples(checkpoint, what)}
     return hashlib.sha256(repr(sorted(heads)).encode()).hexdigest()[:16]
+
+
+def factors_signature(factors: Any) -> str | None:
+    """Factors told from others cheaply, as checkpoint_signature tells checkpoints: sampled rows of
+    every tensor scoring reads (bases, Λ, Adam's preconditioner), layer by layer; None for no Factors."""
+    if not isinstance(factors, Factors):
+        return None
+    samples = (t if t.dim() < 2 else t[_sample_rows(t.shape[0])].flatten(1)[:, :_SIGNATURE_ROW_VALUES]
+               for seg in factors.segments for _, lf in sorted(seg.items())
+               for t in (lf.q_a, lf.q_s, lf.lam, lf.precond) if t is not None)
+    return digest_tensors(samples)
 
 
 def _sample_rows(n: int) -> list[int]:

@@ -20,12 +20,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import baselines, ops, reference
+from ._dist import differing_on_ranks, gather_shares, min_on_ranks, rank_and_world
 from ._passes import (
-    available_memory, chunks, is_stream, length, make_loader, materialize, model_device, reuse_large_blocks, run_pass,
-    subset,
+    available_memory, chunks, describe_task, digest_examples, is_stream, length, make_loader, materialize, model_device,
+    rank_share, reuse_large_blocks, run_pass, share_start, subset,
 )
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
-from .factors import Factors, LayerFactors, _progress, factor_dtype, restored, segment_checkpoints, warn_batchnorm
+from .factors import (
+    Factors, LayerFactors, _checkpoint_digests, _progress, checkpoint_signature, factor_dtype, factors_signature, restored,
+    segment_checkpoints, warn_batchnorm,
+)
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into
 from .unroll import TrainingRecord
@@ -464,7 +468,11 @@ def score(
         SOURCE are block-diagonal over layers, so each module's part is its own attribution).
     sum_queries: score the sum of the queries' measurements, (1, n_train): the same as summing the
         rows, but with one prepared query, so the training data is read once however many queries.
-    Training gradients come from one pass over `train_data` per checkpoint, for all queries.
+    Training gradients come from one pass over `train_data` per checkpoint, for all queries. Under
+    torch.distributed each rank scores its share of the training data (a dataset's contiguous slice, a
+    stream's every world-th example) against every query, and every rank returns the whole matrix;
+    the ranks' inputs are compared first (refused where they differ). The baselines compute it all
+    on every rank.
     train_data: a dataset, a re-iterable stream of examples (read in pieces of `STREAM_CHUNK`
         examples, each piece scored at every checkpoint) or a DataLoader that reads in order (its own
         batch size and collate_fn then apply); query_data likewise (a stream's queries are held in memory).
@@ -489,8 +497,11 @@ def score(
         with restored(model), reuse_large_blocks(model_device(model)):
             return _baseline(model, task, specs, trajectory, segments, method, train_data, query_data, damping,
                              batch_size, collate_fn, trak_dim, seed, record)
-    if query_memory_budget is None:
-        query_memory_budget = automatic_query_budget(model_device(model))
+    if query_memory_budget is None:  # the ranks must cut the same query blocks: the least free memory decides
+        query_memory_budget = min_on_ranks(automatic_query_budget(model_device(model)), model_device(model))
+    _check_same_on_ranks("score", model, task, trajectory, factors, method, train_data, query_data, collate_fn, {
+        "damping": damping, "query_rank": query_rank, "query_memory_budget": query_memory_budget,
+        "train_segments": segments, "per_token": per_token, "per_module": per_module, "sum_queries": sum_queries})
     blocks = query_blocks(model, specs, trajectory, method, segments, 1 if sum_queries else n_query, query_rank,
                           query_memory_budget)
     parts = []
@@ -504,9 +515,9 @@ def score(
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
                     sum_queries=sum_queries, memory_budget=query_memory_budget, progress=progress,
                 )
-                parts.append(_score_all_rows(model, task, specs, plan, train_data, batch_size=batch_size,
-                                             collate_fn=collate_fn, progress=progress, per_token=per_token,
-                                             per_module=per_module))
+                parts.append(_score_shares(model, task, specs, plan, train_data, len(block) if not sum_queries else 1,
+                                           batch_size=batch_size, collate_fn=collate_fn, progress=progress,
+                                           per_token=per_token, per_module=per_module))
             first = next(iter(parts[-1].values())) if per_module else parts[-1]
             check_rows(trajectory, train_data, first.shape[1])
     return _cat(parts, 0)
@@ -588,15 +599,63 @@ def oom_hint(where: str, train_data: Any, batch_size: int, query_memory_budget: 
 STREAM_CHUNK = 4096  # examples of a stream buffered at a time by `score`: bounds its memory
 
 
-def _score_all_rows(model, task, specs, plan, train_data, **kwargs) -> Tensor:
-    """score_rows over all of `train_data`; a stream in buffered pieces (one read of the stream)."""
-    if not is_stream(train_data):
-        return score_rows(model, task, specs, plan, train_data, **kwargs)
-    parts = [score_rows(model, task, specs, plan, piece, first=start, **kwargs)
-             for start, piece in chunks(train_data, STREAM_CHUNK)]
-    if not parts:
+def _score_shares(model, task, specs, plan, train_data, n_query: int, **kwargs) -> Tensor | dict[str, Tensor]:
+    """score_rows over this rank's share of `train_data` (all of it in one process; a stream in
+    buffered pieces, one read of it), then every rank's columns put together in order."""
+    share, first = rank_share(train_data), share_start(train_data)
+    if not is_stream(share):
+        mine = score_rows(model, task, specs, plan, share, first=first, **kwargs)
+    else:  # under torch.distributed a rank's examples of a stream are not a run of them: first None
+        parts = [score_rows(model, task, specs, plan, piece, first=None if first is None else start, **kwargs)
+                 for start, piece in chunks(share, STREAM_CHUNK)]
+        if parts:
+            mine = _cat(parts, 1)
+        else:  # a stream shorter than the ranks, or empty (said below, on every rank)
+            empty = torch.zeros((n_query, 0) + ((0,) if kwargs.get("per_token") else ()), dtype=factor_dtype(model),
+                                device=model_device(model))
+            mine = {s.name: empty for s in specs} if kwargs.get("per_module") else empty
+    gathered = _each(mine, lambda t: gather_shares(t, 1, strided=first is None))
+    if next(iter(gathered.values())).shape[1] == 0 if isinstance(gathered, dict) else gathered.shape[1] == 0:
         raise ValueError("empty data: the training stream yielded no examples")
-    return _cat(parts, 1)  # check_rows runs on the result, in score()
+    return gathered  # check_rows runs on the result, in score()
+
+
+def _each(scores: Tensor | dict[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor | dict[str, Tensor]:
+    """fn of the scores, or of each module's for per-module scores."""
+    return {name: fn(t) for name, t in scores.items()} if isinstance(scores, dict) else fn(scores)
+
+
+def _check_same_on_ranks(what, model, task, trajectory, factors, method, train_data, query_data, collate_fn,
+                         options: dict) -> None:
+    """Under torch.distributed each rank scores its share of the training data against every query,
+    and the shares are put together: ranks given other queries, factors, checkpoints or training data
+    (a pre-sharded part each, DDP's habit) would fill one matrix with several runs' columns. Refused
+    on every rank together, naming what differs. Cheap: checkpoints and factors by sampled values,
+    the training data by its length and sampled examples, the queries (few) each."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    n = length(train_data)
+    if n is not None and n < world:
+        raise ValueError(f"{n} training examples for {world} ranks: run on fewer ranks")
+    inputs = {
+        "method and options": [method, options],
+        "task": describe_task(task, collate_fn),
+        "model (parameter and buffer names, shapes, dtypes)": [[k, list(v.shape), str(v.dtype)]
+                                                               for k, v in model.state_dict().items()],
+        "trajectory (checkpoints per segment, learning rates, data sizes)": [
+            [len(seg.checkpoints), seg.lr_sum, seg.momentum, seg.optimizer, seg.weight_decay, seg.decay_scale,
+             seg.num_examples] for seg in trajectory.segments],
+        "checkpoints (sampled values)": _checkpoint_digests(trajectory, checkpoint_signature),
+        "factors (sampled values)": factors_signature(factors),
+        "training data (length and sampled examples)": digest_examples(train_data),
+        "queries": None if query_data is None else digest_examples(query_data, limit=None),
+    }
+    differ = differing_on_ranks(inputs, model_device(model))
+    if differ:
+        raise ValueError(f"rank {rank}: the ranks were given different inputs to {what}: they differ in "
+                         f"{'; '.join(differ)}. Under torch.distributed give every rank the same inputs and the "
+                         "whole training data: each scores its own share of it")
 
 
 def _cat(parts: list[Tensor] | list[dict[str, Tensor]], dim: int) -> Tensor | dict[str, Tensor]:
@@ -681,6 +740,7 @@ def prepare_queries(
     n_train = length(train_data)
     if n_train is None:  # a stream: its segments' N (only steers which basis scoring works in)
         n_train = sum(trajectory.segments[ell].num_examples for ell in train_segs)
+    n_train /= rank_and_world()[1]  # the rows this rank scores, under torch.distributed
     if query_rank:  # factorised in the eigenbasis, the queries' factors rotate back for little (_lowrank)
         n_train = 0
     plan = _plan(
@@ -868,66 +928,91 @@ def self_score(
     collate_fn: Callable | None = None,
     progress: bool = False,
     per_module: bool = False,
+    use_measurement: bool = False,
 ) -> Tensor | dict[str, Tensor]:
     """Self-influence score(m, m) of every training example, with its training loss as the
     measurement: a (n_train,) tensor, same methods, sign and scale as `score` (per_module: as there,
-    {tracked module name: its part}).
+    {tracked module name: its part}). use_measurement: pair each example's measurement gradient
+    ∇f(z_m) (the task's measurement, as for queries) with its training gradient ∇L(z_m) instead.
 
     One-checkpoint methods (ekfac, grad_dot, and source/fast_source with one segment of one
     checkpoint, SGD or Adam) take the fused eigenbasis path Σ_ij s_ij (Q_Sᵀ G_n Q_A)_ij² with no per-example
-    gradient in memory; otherwise examples go in chunks of `chunk_size`, each with its own walk
-    (None: as many as fit automatic_query_budget, half the free GPU memory or a quarter of the RAM).
+    gradient in memory; otherwise (and with use_measurement) examples go in chunks of `chunk_size`,
+    each with its own walk (None: as many as fit automatic_query_budget, half the free GPU memory or a
+    quarter of the RAM). Under torch.distributed each rank scores its share of the examples and every
+    rank returns all of them.
     """
     specs = _validate(model, task, trajectory, factors, method)
     if method not in GRADIENT_METHODS:
         raise ValueError(f"self_score supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
     damping = method_options(method, damping)[0]
     check_count("chunk_size", chunk_size, none_ok=True, unit="number of examples")
+    for flag, value in (("per_module", per_module), ("use_measurement", use_measurement)):
+        if not isinstance(value, bool):  # "no" would be true
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
     if length(train_data) == 0:
         raise ValueError("empty data: no training examples")
-    single = method in _FINAL_ONLY
     train_segs = used_segments(trajectory, method, train_data, train_segments)
+    _check_same_on_ranks("self_score", model, task, trajectory, factors, method, train_data, None, collate_fn, {
+        "damping": damping, "train_segments": train_segs, "per_module": per_module, "use_measurement": use_measurement})
     # One segment of one checkpoint: query and training gradients are taken at the same weights,
     # so the score is a per-example quadratic form in the eigenbasis.
-    fused = single or (method in ("source", "fast_source") and trajectory.layout() == [1])
+    fused = not use_measurement and (method in _FINAL_ONLY or (
+        method in ("source", "fast_source") and trajectory.layout() == [1]))
+    share, first = rank_share(train_data), share_start(train_data)
     with restored(model), reuse_large_blocks(model_device(model)):
         if fused:
-            scores = _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size,
-                                 collate_fn, progress)
-            return scores if per_module else sum(scores.values())
-        if chunk_size is None:
-            chunk_size = self_chunk_size(model, specs, trajectory, method, train_segs,
-                                         automatic_query_budget(model_device(model)))
-        out = []
-        for first, chunk in chunks(train_data, chunk_size):
-            # The chunk's examples are both the queries and the training side: a query left in its
-            # segment's eigenbasis (EigenQuery) is dotted with the examples' gradients taken in that basis.
-            plan = _plan(
-                model, task, specs, trajectory, factors, method, chunk, "train", damping, train_segs, batch_size,
-                collate_fn, length(chunk), progress=progress,
-            )
-            total: dict[str, Tensor] = {}
-            for ell in plan.segments:
-                for c, ckpt in enumerate(plan.checkpoints[ell]):
-                    what = f"segment {ell}, checkpoint {c}"
-                    load_into(model, ckpt, what)
-                    queries = plan.queries[ell][c]
-                    bases = {k: q if isinstance(q, EigenQuery) else None for k, q in queries.items()}
-                    g, _ = _example_grads(model, task, specs, chunk, "train", f"examples {first}+, {what}", batch_size,
-                                          collate_fn, bases=bases, progress=progress)
-                    for k in list(g):  # each gradient freed once used
-                        q = queries[k].r if isinstance(queries[k], EigenQuery) else queries[k]
-                        part = (q * g.pop(k)).sum((1, 2)) * plan.weights[ell]
-                        total[k] = part if k not in total else total[k] + part
-            out.append(total)
-        if not out:
-            raise ValueError("empty data: the training stream yielded no examples")
-        per_layer = {k: torch.cat([o[k] for o in out]) for k in out[0]}
-        check_rows(trajectory, train_data, len(next(iter(per_layer.values()))))
-        return per_layer if per_module else sum(per_layer.values())
+            per_layer = _self_fused(model, task, specs, trajectory, factors, method, share, first, damping, batch_size,
+                                    collate_fn, progress)
+        else:
+            per_layer = _self_chunked(model, task, specs, trajectory, factors, method, share, first, damping,
+                                      train_segs, batch_size, chunk_size, collate_fn, progress, use_measurement)
+        per_layer = {k: gather_shares(v, 0, strided=first is None) for k, v in per_layer.items()}
+    n_rows = len(next(iter(per_layer.values())))
+    if n_rows == 0:
+        raise ValueError("empty data: the training stream yielded no examples")
+    check_rows(trajectory, train_data, n_rows)
+    return per_layer if per_module else sum(per_layer.values())
 
 
-def _self_fused(model, task, specs, trajectory, factors, method, train_data, damping, batch_size, collate_fn, progress):
+def _self_chunked(model, task, specs, trajectory, factors, method, data, first, damping, train_segs, batch_size,
+                  chunk_size, collate_fn, progress, use_measurement) -> dict[str, Tensor]:
+    """Self-influence of `data` (a rank's share, beginning at `first` of the whole; None: a stream's
+    every world-th example) in chunks, each chunk's examples both the queries and the training side."""
+    if chunk_size is None:
+        chunk_size = self_chunk_size(model, specs, trajectory, method, train_segs,
+                                     automatic_query_budget(model_device(model)))
+    out = []
+    for start, chunk in chunks(data, chunk_size):
+        where = f"examples {first + start}+" if first is not None else f"this rank's examples {start}+"
+        # A query left in its segment's eigenbasis (EigenQuery) is dotted with the examples' gradients
+        # taken in that basis.
+        plan = _plan(
+            model, task, specs, trajectory, factors, method, chunk, "measurement" if use_measurement else "train",
+            damping, train_segs, batch_size, collate_fn, length(chunk), progress=progress,
+        )
+        total: dict[str, Tensor] = {}
+        for ell in plan.segments:
+            for c, ckpt in enumerate(plan.checkpoints[ell]):
+                what = f"segment {ell}, checkpoint {c}"
+                load_into(model, ckpt, what)
+                queries = plan.queries[ell][c]
+                bases = {k: q if isinstance(q, EigenQuery) else None for k, q in queries.items()}
+                g, _ = _example_grads(model, task, specs, chunk, "train", f"{where}, {what}", batch_size, collate_fn,
+                                      bases=bases, progress=progress)
+                for k in list(g):  # each gradient freed once used
+                    q = queries[k].r if isinstance(queries[k], EigenQuery) else queries[k]
+                    part = (q * g.pop(k)).sum((1, 2)) * plan.weights[ell]
+                    total[k] = part if k not in total else total[k] + part
+        out.append(total)
+    if not out:  # a stream with fewer examples than ranks, or none (said by the caller, on every rank)
+        return {s.name: torch.zeros(0, dtype=factor_dtype(model), device=model_device(model)) for s in specs}
+    return {k: torch.cat([o[k] for o in out]) for k in out[0]}
+
+
+def _self_fused(model, task, specs, trajectory, factors, method, data, first, damping, batch_size, collate_fn,
+                progress) -> dict[str, Tensor]:
+    """Self-influence of `data` (a rank's share, as in _self_chunked) at one checkpoint, fused."""
     seg = trajectory.segments[0]
     ckpt = segment_checkpoints(seg, method == "fast_source", "segment 0")[0]
     load_into(model, ckpt, "segment 0, checkpoint 0")
@@ -941,8 +1026,9 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
         lf = factors.segments[0][s.name].to(device, dtype)
         scales[s.name], bases[s.name] = _one_checkpoint_scale(method, seg, lf, damping, s.name), lf
     out: dict[str, list[Tensor]] = {s.name: [] for s in specs}  # (n,) pieces: a stream's length shows at its end
-    bar = _progress(progress, length(train_data), "self-influence")
-    for _, n, rec in run_pass(model, task, specs, make_loader(train_data, batch_size, collate_fn), "train", "self-influence", bar):
+    bar = _progress(progress, length(data), "self-influence")
+    loader = make_loader(data, batch_size, collate_fn)
+    for _, n, rec in run_pass(model, task, specs, loader, "train", "self-influence", bar, first):
         for s in specs:
             r = rec[s.name]
             a = with_ones(r.a, s, r.mask)
@@ -953,8 +1039,5 @@ def _self_fused(model, task, specs, trajectory, factors, method, train_data, dam
             out[s.name].append(ops.self_scores(a, g, scales[s.name], r.mask).to(dtype))
     if bar is not None:
         bar.close()
-    if not out[specs[0].name]:
-        raise ValueError("empty data: the training stream yielded no examples")
-    scores = {name: torch.cat(pieces) / seg.num_examples for name, pieces in out.items()}
-    check_rows(trajectory, train_data, len(scores[specs[0].name]))
-    return scores
+    return {name: torch.cat(pieces) / seg.num_examples if pieces else torch.zeros(0, dtype=dtype, device=device)
+            for name, pieces in out.items()}

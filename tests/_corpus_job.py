@@ -1,11 +1,12 @@
 """A scoring job run in subprocesses by the corpus tests (kill-and-resume, torchrun with gloo).
 
 usage: python _corpus_job.py OUT_DIR [--top-k K] [--slow SECONDS] [--factors-out DIR] [--stream] [--skew]
-                            [--presharded even|uneven] [--skew-fit checkpoints|dtype]
+                            [--presharded even|uneven] [--skew-fit checkpoints|dtype] [--in-memory]
 Under torchrun it initialises the gloo process group and every rank takes part. --stream hands the
 training examples over as an IterableDataset (no len(), no indexing) for fitting and scoring; --skew
 gives rank 1 other queries than rank 0 (a job whose ranks disagree); --presharded gives each rank only
-its own part of the training data (DDP's habit, wrong here: the library splits the data itself).
+its own part of the training data (DDP's habit, wrong here: the library splits the data itself);
+--in-memory runs score and self_score instead of score_corpus.
 """
 
 import argparse
@@ -48,6 +49,20 @@ def job(stream=False, part=None, uneven=False, checkpoint_seed=1, dtype=torch.fl
     return model, data, queries, traj
 
 
+def in_memory(model, task, traj, factors, data, queries):
+    """score and self_score as the torchrun test compares them with one process: SOURCE's scores (in
+    three query blocks per module), its self-influence (chunked), with the measurement, and fused."""
+    budget = 2 * 4 * (7 * 7 + 4 * 8) * 2  # two queries' prepared gradients
+    return {
+        "score": sf.score(model, task, traj, factors, data, queries, batch_size=8),
+        "per_module": sf.score(model, task, traj, factors, data, queries, batch_size=8, per_module=True,
+                               query_memory_budget=budget),
+        "self": sf.self_score(model, task, traj, factors, data, batch_size=8, chunk_size=16),
+        "measured": sf.self_score(model, task, traj, factors, data, batch_size=8, use_measurement=True, per_module=True),
+        "fused": sf.self_score(model, task, traj.final(), None, data, "grad_dot", batch_size=8),
+    }
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -61,6 +76,8 @@ def main():
                    help="rank 1 fits with other checkpoints (a stale copy) or a float64 model")
     p.add_argument("--resume-per-rank", default=None, help="fit with resume_dir <this>/rank<RANK> (a node-local disk)")
     p.add_argument("--fit-only", action="store_true")
+    p.add_argument("--in-memory", action="store_true",
+                   help="instead of score_corpus, save in_memory(...) to OUT_DIR/rank<RANK>.pt")
     args = p.parse_args()
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
@@ -78,6 +95,12 @@ def main():
     if args.factors_out and int(os.environ.get("RANK", "0")) == 0:
         factors.save(args.factors_out)
     if args.fit_only:
+        return
+    if args.in_memory:
+        os.makedirs(args.out, exist_ok=True)
+        torch.save(in_memory(model, task, traj, factors, data, queries),
+                   os.path.join(args.out, f"rank{os.environ.get('RANK', '0')}.pt"))
+        torch.distributed.destroy_process_group()
         return
     score_corpus(model, task, traj, factors, data, queries, args.out, shard_size=16, top_k=args.top_k,
                  batch_size=8, query_memory_budget=2 * 4 * (7 * 7 + 4 * 8) * 2, progress=False)

@@ -45,6 +45,9 @@ def main() -> None:
                                                      score_args=score_args),
             "self": analyzer.compute_self_scores(f"{strategy}_self", strategy, train, per_device_train_batch_size=16,
                                                  score_args=score_args),
+            "measured": analyzer.compute_self_scores(
+                f"{strategy}_measured", strategy, train, per_device_train_batch_size=16,
+                score_args=ScoreArguments(damping_factor=1e-8, use_measurement_for_self_influence=True, **score_kw)),
         }
         torch.save(returned, os.path.join(out, f"returned_{strategy}_rank{dist.get_rank()}.pt"))
     del analyzer, model  # DistributedDataParallel's reducer goes while its process group is alive

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _corpus_job import job
+from _corpus_job import in_memory, job
 
 import source_fast as sf
 from source_fast.corpus import load_scores, load_top_k, score_corpus
@@ -192,6 +192,48 @@ def test_torchrun_two_gloo_processes_equal_one(reference, tmp_path, stream):
                              env=env)
         assert run.returncode != 0 and "differs in: options (top_k: None before, 3 now)" in run.stderr, run.stderr[-3000:]
         assert "every rank must be given the same inputs" not in run.stderr
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["dataset", "stream"])
+def test_torchrun_score_and_self_score_split_the_rows_and_equal_one_process(reference, tmp_path, stream):
+    """score and self_score under torchrun: each rank scores its share of the training rows (a
+    dataset's contiguous half, a stream's every other example) and every rank returns all of them, in
+    order: what one process computes, for SOURCE's scores in one and in three query blocks, per
+    module, and self-influence chunked, with the measurement and fused. (The factors are fitted on two
+    ranks: float32 sums in another order, hence the tolerance of the corpus test above.)"""
+    model, task, data, queries, traj, factors, _ = reference
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29556 + stream),
+           str(HERE / "_corpus_job.py"), str(tmp_path), "--in-memory"] + (["--stream"] if stream else [])
+    subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if stream:  # the same examples and checkpoints, as a stream
+        _, data, _, traj = job(stream=True)
+    expected = in_memory(model, task, traj, factors, data, queries)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name, want in expected.items():
+        for r, got in enumerate(ranks):
+            pairs = [(got[name], want)] if not isinstance(want, dict) else [(got[name][k], want[k]) for k in want]
+            for a, b in pairs:
+                assert a.shape == b.shape, (name, r)
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (name, r, (a - b).abs().max())
+        if not isinstance(want, dict):
+            assert torch.equal(ranks[0][name], ranks[1][name]), name
+
+
+@pytest.mark.parametrize("flag, differ", [(["--skew"], "queries"),
+                                          (["--presharded", "even"], "training data (length and sampled examples)")],
+                         ids=["queries", "presharded"])
+def test_torchrun_score_refuses_ranks_given_different_inputs(tmp_path, flag, differ):
+    """Each rank's columns go into one matrix: ranks given other queries, or each its own part of the
+    training data, are refused on every rank, naming what differs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29558 + len(flag)), str(HERE / "_corpus_job.py"), str(tmp_path), "--in-memory", *flag]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: the ranks were given different inputs to score: they differ in {differ}" in run.stderr, \
+            run.stderr[-3000:]
+    assert not list(tmp_path.glob("rank*.pt"))
 
 
 def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):

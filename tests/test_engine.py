@@ -333,6 +333,32 @@ def test_self_score_is_the_diagonal_of_pairwise(setup, method, segments):
     _close(self_, torch.diagonal(pair))
 
 
+class LogitTask(ClassifyTask):
+    """The measurement is the true class's logit, not the training loss."""
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return model(x).gather(1, y[:, None]).sum()
+
+
+@pytest.mark.parametrize("method", ["source", "ekfac", "tracin", "grad_dot"])
+def test_self_score_with_the_measurement_is_the_diagonal_of_pairwise(setup, method):
+    """use_measurement pairs each example's measurement gradient (the query side of score) with its
+    training gradient: diag(score(data, data)) for a measurement that is not the training loss."""
+    model, data, _, ckpts = setup
+    task = LogitTask()
+    small = Subset(data, range(23))
+    ck = [ckpts[-1]] if method in ("ekfac", "grad_dot") else ckpts
+    traj = sf.Trajectory.even(ck, [0.2] * 12, 1 if len(ck) == 1 else 2, small)
+    factors = None if method in ("tracin", "grad_dot") else sf.fit_factors(model, task, traj)
+    pair = sf.score(model, task, traj, factors, small, small, method=method, batch_size=5)
+    got = sf.self_score(model, task, traj, factors, small, method=method, batch_size=4, chunk_size=10,
+                        use_measurement=True)
+    _close(got, torch.diagonal(pair))
+    plain = sf.self_score(model, task, traj, factors, small, method=method, batch_size=4)
+    assert not torch.allclose(got, plain)  # the measurement is not the loss here
+
+
 def _eigen_diagonal(factors, ell, p):
     """P (flat, diagonal in the parameter basis) in each layer's EK-FAC eigenbasis, its inverse taken by
     its diagonal there, as a dense block-diagonal matrix: K diag(Kᵀ diag(P⁻¹) K)⁻¹ Kᵀ, K = Q_S ⊗ Q_A."""

@@ -781,3 +781,14 @@ def test_a_list_of_masks_outside_the_dict_is_refused():
     traj = sf.Trajectory([sf.Segment([model.state_dict()], _token_data(6, 6, 0, garbage=1), lr_sum=1.0)])
     with pytest.raises(TypeError, match="get_attention_mask returned a list"):
         sf.fit_factors(model, Bare(), traj)
+
+
+@pytest.mark.parametrize("call, flag", [("score", "per_token"), ("score", "sum_queries"),
+                                        ("self_score", "per_module"), ("self_score", "use_measurement")])
+def test_yes_no_options_take_only_booleans(setup, call, flag):
+    """A string such as "no" is true to Python: refused, not taken as yes."""
+    model, data, states = setup
+    traj = sf.Trajectory([sf.Segment([states[-1]], data, lr_sum=1.0)])
+    args = (data, data) if call == "score" else (data,)
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+        getattr(sf, call)(model, ClassifyTask(), traj, None, *args, method="grad_dot", **{flag: "no"})

@@ -651,7 +651,7 @@ def test_torchrun_matches_one_kronfluence_process(tmp_path, mode, strategies):
     """tests/_kronfluence_ddp.py, a kronfluence multi-process script with the shim's import, on two
     gloo ranks (ddp: the model in DistributedDataParallel; plain: the Analyzer starts the process
     group): every rank returns, and rank 0 writes, what one kronfluence process computes (pairwise per
-    module, and self-influence: float64, relative 1e-6); the factor files count what kronfluence's
+    module, and self-influence with the training loss and with the measurement: float64, relative 1e-6); the factor files count what kronfluence's
     count; model.safetensors has kronfluence's keys."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
            str(Path(__file__).parent / "_kronfluence_ddp.py"), str(tmp_path / "shim"), mode, *strategies]
@@ -672,7 +672,11 @@ def test_torchrun_matches_one_kronfluence_process(tmp_path, mode, strategies):
                                          overwrite_output_dir=True)
         analyzer.compute_self_scores("self", strategy, train, per_device_train_batch_size=16, score_args=score_args,
                                      overwrite_output_dir=True)
-        theirs = {"pair": analyzer.load_pairwise_scores("pair"), "self": analyzer.load_self_scores("self")}
+        analyzer.compute_self_scores("measured", strategy, train, per_device_train_batch_size=16,
+                                     score_args=ScoreArguments(damping_factor=1e-8, use_measurement_for_self_influence=True,
+                                                               **score_kw), overwrite_output_dir=True)
+        theirs = {"pair": analyzer.load_pairwise_scores("pair"), "self": analyzer.load_self_scores("self"),
+                  "measured": analyzer.load_self_scores("measured")}
         written = {kind: load_file(str(tmp_path / "shim" / "run" / f"scores_{strategy}_{kind}" /
                                        f"{'pairwise' if kind == 'pair' else 'self'}_scores.safetensors"))
                    for kind in theirs}
@@ -705,5 +709,6 @@ def test_torchrun_ranks_given_other_queries_are_refused(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode != 0
     for rank in (0, 1):
-        assert f"rank {rank}: the ranks were given different query datasets or indices" in run.stderr, run.stderr[-3000:]
+        assert f"rank {rank}: the ranks were given different inputs to score: they differ in queries" in run.stderr, \
+            run.stderr[-3000:]
     assert not list((tmp_path / "shim").rglob("pairwise_scores.safetensors"))

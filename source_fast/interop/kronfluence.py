@@ -671,24 +671,6 @@ def _same_model(saved: dict[str, Tensor], current: dict[str, Tensor]) -> bool:
     )
 
 
-def _gather(t: Tensor, dim: int) -> Tensor:
-    """Under torch.distributed, every rank's `t` joined along `dim` in rank order (each rank scored its
-    contiguous share of the training set); other dimensions padded with zeros to the largest, as a
-    rank whose sequences were shorter has fewer per-token columns (padded tokens score 0)."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return t
-    shape = torch.tensor(t.shape, device=t.device)
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    largest = torch.stack(shapes).amax(0).tolist()
-    padded = t.new_zeros(largest)
-    padded[tuple(slice(0, n) for n in t.shape)] = t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part.narrow(dim, 0, int(n[dim])) for part, n in zip(parts, shapes)], dim)
-
-
 def _start_process_group(cpu: bool) -> None:
     """Under torchrun without a process group, start one, as kronfluence's Analyzer does (through
     accelerate): NCCL between GPUs (each rank's is chosen by _device), gloo on the CPU."""
@@ -1246,11 +1228,9 @@ class Analyzer:
             warn("per-token scores do not apply to aggregated training gradients: "
                  "compute_per_token_scores is ignored, as kronfluence does")
             args = {**args, "compute_per_token_scores": False}  # the scores' metadata records what was used
-        query_data = _subset(query_dataset, query_indices)
-        self._same_on_ranks(query_data, "query")  # every rank scores every query
-        queries = self._loader(query_data, per_device_query_batch_size, dataloader_kwargs)
-        train = self._loader(self._share(_subset(train_dataset, train_indices)), per_device_train_batch_size,
-                             dataloader_kwargs)
+        queries = self._loader(_subset(query_dataset, query_indices), per_device_query_batch_size, dataloader_kwargs)
+        # Under torch.distributed score() splits the training data across the ranks and gathers the columns.
+        train = self._loader(_subset(train_dataset, train_indices), per_device_train_batch_size, dataloader_kwargs)
         rank = args["query_gradient_low_rank"]
         method, damping = _method(factors, args)
         scores = score(
@@ -1262,8 +1242,7 @@ class Analyzer:
         )
         if not args["compute_per_module_scores"]:
             scores = {ALL_MODULES: scores}
-        # × this rank's N undoes score's 1/N; then every rank's columns, in order.
-        scores = {name: _gather(s * len(train.dataset), 1) for name, s in scores.items()}
+        scores = {name: s * len(train.dataset) for name, s in scores.items()}  # × N undoes score's 1/N
         if args["aggregate_train_gradients"]:  # linear in the training gradient: the columns' sum is exact
             scores = {name: s.sum(1, keepdim=True) for name, s in scores.items()}
         dtype = _dtype(args["score_dtype"])
@@ -1303,29 +1282,16 @@ class Analyzer:
         if ignored:
             warn(f"{ignored} do not apply to self-influence scores: ignored, as kronfluence does")
             args = {**args, **SELF_IGNORED}  # the scores' metadata records what was used, as kronfluence's does
-        data = self._share(_subset(train_dataset, train_indices))
+        data = _subset(train_dataset, train_indices)  # under torch.distributed self_score splits it across ranks
         train = self._loader(data, per_device_train_batch_size, dataloader_kwargs)
-        trajectory = Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)])
         method, damping = _method(factors, args)
-        if args["use_measurement_for_self_influence"]:
-            # score() of a chunk against itself: its diagonal pairs each example's measurement gradient
-            # with its own training gradient. Chunks of one batch bound the (chunk × chunk) work; score
-            # divides by the trajectory's N, which the × N below undoes.
-            step, parts = train.batch_size, []
-            for start in range(0, len(data), step):
-                chunk = self._loader(Subset(data, range(start, min(start + step, len(data)))), step, dataloader_kwargs)
-                pairs = score(self.model, task, trajectory, factors, chunk, chunk, method=method, damping=damping,
-                              query_memory_budget=self._query_budget(len(chunk.dataset), None), per_module=True)
-                parts.append({name: torch.diagonal(p) for name, p in pairs.items()})
-            scores = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        else:
-            scores = self_score(self.model, task, trajectory, factors, train, method=method, damping=damping,
-                                progress=self.progress, per_module=True)
+        scores = self_score(self.model, task, Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)]), factors,
+                            train, method=method, damping=damping, progress=self.progress, per_module=True,
+                            use_measurement=args["use_measurement_for_self_influence"])
         if not args["compute_per_module_scores"]:
             scores = {ALL_MODULES: sum(scores.values())}  # (n,) per module: small
         dtype = _dtype(args["score_dtype"])
-        # × this rank's N undoes the 1/N; then every rank's examples, in order.
-        result = {name: _gather(s * len(data), 0).to(dtype) for name, s in scores.items()}
+        result = {name: (s * len(data)).to(dtype) for name, s in scores.items()}  # × N undoes the 1/N
         self._rank0(lambda: _save_scores(result, out / "self_scores.safetensors", _str_dict(args)))
         return result
 
