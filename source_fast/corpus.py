@@ -191,6 +191,7 @@ def score_corpus(
                         continue
                     log.flush()  # before the bars of preparing the queries or scoring
                     if plan is None:
+                        t0 = time.perf_counter()
                         with oom_hint(f"preparing query block {b}", train_data, batch_size, query_memory_budget):
                             plan = prepare_queries(
                                 model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
@@ -198,6 +199,7 @@ def score_corpus(
                                 batch_size=batch_size, collate_fn=collate_fn, memory_budget=query_memory_budget,
                                 progress=progress,
                             )
+                        log.prepared(time.perf_counter() - t0, later_blocks=len(blocks) - b - 1)
                     t0 = time.perf_counter()
                     with oom_hint(f"scoring rows {start}-{end} against query block {b}", train_data, batch_size,
                                   query_memory_budget):
@@ -228,14 +230,22 @@ def score_corpus(
 
 class _ShardLog:
     """score_corpus's progress lines: each scored shard's time, with how many of the rank's shards are
-    done and about how long the rest take; a run of finished shards that a resume skips (reading each
-    to check its examples) as one line, not one line each."""
+    done and about how long the rest take (their scoring and the later query blocks' preparation); a
+    run of finished shards that a resume skips (reading each to check its examples) as one line, not
+    one line each."""
 
     def __init__(self, enabled: bool, prefix: str, of: str, total: int | None, what: str = "shards", step: int = 1):
         self.enabled, self.prefix, self.of, self.total, self.what, self.step = enabled, prefix, of, total, what, step
-        self.done = self.scored_n = 0
-        self.seconds = 0.0
+        self.done = self.scored_n = self.prepared_n = self.later_blocks = 0
+        self.seconds = self.prepare_seconds = 0.0
         self.run: list | None = None  # [block, first shard, last shard, first row, last row] skipped in a row
+
+    def prepared(self, seconds: float, later_blocks: int) -> None:
+        """A query block was prepared in `seconds`; `later_blocks` blocks after it will be too (a resume
+        may skip some: the estimate is an upper bound there)."""
+        self.prepared_n += 1
+        self.prepare_seconds += seconds
+        self.later_blocks = later_blocks
 
     def skipped(self, block: str, k: int, start: int, end: int) -> None:
         self.done += 1
@@ -265,7 +275,8 @@ class _ShardLog:
         self.seconds += seconds
         line = f"{where}: scored in {seconds:.1f} s ({n_rows / max(seconds, 1e-9):.0f} rows/s)"
         if self.total is not None:
-            left = self.seconds / self.scored_n * max(self.total - self.done, 0)
+            left = (self.seconds / self.scored_n * max(self.total - self.done, 0)
+                    + self.prepare_seconds / max(self.prepared_n, 1) * self.later_blocks)
             line += (f"; {self.done}/{self.total} {self.what} done, "
                      f"about {_duration(left)} left")
         self.say(line)

@@ -80,6 +80,17 @@ def test_a_resumed_streams_finished_shards_of_a_rank_are_one_line(capsys):
         "[rank 0] query block 1/1, shards 1-9/10, 1 in 2: rows 0-900 already done"]
 
 
+def test_the_time_left_counts_the_later_query_blocks_preparation(capsys):
+    """2 query blocks × 4 shards: after block 1's queries took 10 s and its first shard 1 s, 7 shards
+    and one more preparation are left: 7 × 1 + 10 = 17 s."""
+    from source_fast.corpus import _ShardLog
+
+    log = _ShardLog(True, "", "/4", 8, "shards of 2 query blocks")
+    log.prepared(10.0, later_blocks=1)
+    log.scored("query block 1/2, shard 1/4: rows 0-16", 16, 1.0)
+    assert capsys.readouterr().out.strip().endswith("; 1/8 shards of 2 query blocks done, about 17 s left")
+
+
 def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(reference, tmp_path, capsys):
     model, task, data, queries, traj, factors, full = reference
     score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)
