@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -94,13 +95,40 @@ def min_on_ranks(value: int, device: torch.device) -> int:
 
 
 def differing_on_ranks(inputs: dict[str, Any], device: torch.device) -> list[str]:
-    """The names in `inputs` whose values (JSON, keys sorted: a dict's order is not its value) differ
-    between ranks; every rank compares every one, so all get the same answer and none waits."""
+    """The names in `inputs` whose values (JSON, keys sorted: a dict's order is not its value; numpy
+    and torch numbers as numbers) differ between ranks; every rank compares every one, so all get the
+    same answer and none waits."""
+    def plain(value: Any) -> Any:
+        return value.tolist() if isinstance(value, (np.generic, np.ndarray, torch.Tensor)) else repr(value)
+
     def same(value: Any) -> bool:
-        text = json.dumps(value, sort_keys=True)
+        text = json.dumps(value, sort_keys=True, default=plain)
         return same_on_all_ranks(int(hashlib.sha256(text.encode()).hexdigest()[:12], 16), device)
 
     return [name for name, value in inputs.items() if not same(value)]
+
+
+@contextlib.contextmanager
+def fail_together(device: torch.device) -> Iterator[None]:
+    """Under torch.distributed, work that may fail on some ranks only (a bad example in one rank's
+    share, an out-of-memory error on one GPU): its error is raised on that rank and every other rank
+    raises too, saying which rank failed, instead of waiting in the next collective for a rank that
+    is gone. The block itself must hold no collective."""
+    rank, world = rank_and_world()
+    if world == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 (raised below, after the ranks have compared)
+        error = exc
+    t = torch.tensor([rank + 1 if error is not None else 0], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if t.item():
+        raise RuntimeError(f"rank {rank}: rank {int(t.item()) - 1} failed (its error says why), so this rank stops too")
 
 
 _held: set[tuple[str, str, int]] = set()  # (folder, what, thread) this process holds: nested holds are one run

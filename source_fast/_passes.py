@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections import UserDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -247,13 +248,21 @@ def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
     return json.dumps([f"{cls.__module__}.{cls.__qualname__}", settings, collate], sort_keys=True)
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _as_tensor(leaf: Any) -> Tensor:
-    """Any leaf of an example as bytes to hash: tensors and arrays by value, text by its UTF-8, the rest by repr."""
+    """Any leaf of an example as bytes to hash: tensors and arrays by value, text by its UTF-8, an
+    image (an object with tobytes(), PIL's) by its pixels, mode and size, the rest by repr without
+    memory addresses (`<... at 0x7f...>` differs between processes: ranks, or a resumed run)."""
     if isinstance(leaf, Tensor):
         return leaf
     if isinstance(leaf, (int, float, bool)) or (isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype.kind in "biuf"):
         return torch.as_tensor(np.asarray(leaf))
-    raw = leaf if isinstance(leaf, bytes) else (leaf if isinstance(leaf, str) else repr(leaf)).encode()
+    if not isinstance(leaf, (bytes, str, np.ndarray, np.generic)) and callable(getattr(leaf, "tobytes", None)):
+        head = f"{type(leaf).__qualname__} {getattr(leaf, 'mode', '')} {getattr(leaf, 'size', '')}".encode()
+        return torch.frombuffer(bytearray(head + leaf.tobytes()), dtype=torch.uint8)
+    raw = leaf if isinstance(leaf, bytes) else (leaf if isinstance(leaf, str) else _ADDRESS.sub("", repr(leaf))).encode()
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import baselines, ops, reference
-from ._dist import differing_on_ranks, gather_shares, min_on_ranks, rank_and_world
+from ._dist import differing_on_ranks, fail_together, gather_shares, min_on_ranks, rank_and_world
 from ._passes import (
     available_memory, chunks, describe_task, digest_examples, is_stream, length, make_loader, materialize, model_device,
     rank_share, reuse_large_blocks, run_pass, share_start, subset,
@@ -477,15 +477,19 @@ def score(
         examples, each piece scored at every checkpoint) or a DataLoader that reads in order (its own
         batch size and collate_fn then apply); query_data likewise (a stream's queries are held in memory).
     """
-    specs, (damping, trak_dim, seed, query_memory_budget), query_data, n_train, n_query = check_request(
-        model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget,
-        trak_dim, seed, record)
-    for flag, value in (("per_token", per_token), ("per_module", per_module), ("sum_queries", sum_queries)):
-        if not isinstance(value, bool):  # "no" would be true
-            raise TypeError(f"{flag} must be True or False, got {value!r}")
-    if method == "unroll" and train_segments is not None:
-        raise ValueError("train_segments is not for method 'unroll': its record says which examples each step trained on")
-    segments = used_segments(trajectory, method, train_data, train_segments) if method != "unroll" else [0]
+    device = model_device(model)
+    # Under torch.distributed the gradient methods split the work: a refusal on one rank is every rank's.
+    with fail_together(device) if method in GRADIENT_METHODS else contextlib.nullcontext():
+        specs, (damping, trak_dim, seed, query_memory_budget), query_data, n_train, n_query = check_request(
+            model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget,
+            trak_dim, seed, record)
+        for flag, value in (("per_token", per_token), ("per_module", per_module), ("sum_queries", sum_queries)):
+            if not isinstance(value, bool):  # "no" would be true
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        if method == "unroll" and train_segments is not None:
+            raise ValueError("train_segments is not for method 'unroll': its record says which examples each step "
+                             "trained on")
+        segments = used_segments(trajectory, method, train_data, train_segments) if method != "unroll" else [0]
     if method in _BASELINES:
         if n_train is None:
             raise TypeError(f"method {method!r} needs a dataset with len() and indexing, not a stream")
@@ -494,31 +498,38 @@ def score(
             if value:  # these baselines score whole examples exactly; dropping the option would be silent
                 raise ValueError(f"{option} is not available for method {method!r}; it applies to "
                                  f"{', '.join(GRADIENT_METHODS)}")
-        with restored(model), reuse_large_blocks(model_device(model)):
+        with restored(model), reuse_large_blocks(device):
             return _baseline(model, task, specs, trajectory, segments, method, train_data, query_data, damping,
                              batch_size, collate_fn, trak_dim, seed, record)
-    if query_memory_budget is None:  # the ranks must cut the same query blocks: the least free memory decides
-        query_memory_budget = min_on_ranks(automatic_query_budget(model_device(model)), model_device(model))
+    # The ranks must cut the same query blocks: the least free memory decides. Every rank takes part (a
+    # budget given counts as no limit here; the ranks' budgets are compared next).
+    automatic = min_on_ranks(automatic_query_budget(device) if query_memory_budget is None else _NO_LIMIT, device)
+    query_memory_budget = automatic if query_memory_budget is None else query_memory_budget
     _check_same_on_ranks("score", model, task, trajectory, factors, method, train_data, query_data, collate_fn, {
         "damping": damping, "query_rank": query_rank, "query_memory_budget": query_memory_budget,
         "train_segments": segments, "per_token": per_token, "per_module": per_module, "sum_queries": sum_queries})
     blocks = query_blocks(model, specs, trajectory, method, segments, 1 if sum_queries else n_query, query_rank,
                           query_memory_budget)
     parts = []
-    with restored(model), reuse_large_blocks(model_device(model)):
+    strided = share_start(train_data) is None  # a stream's share under torch.distributed: every world-th example
+    with restored(model), reuse_large_blocks(device):
         for b, block in enumerate(blocks):  # more than one block re-reads the training data once per block
             queries = query_data if len(blocks) == 1 else subset(query_data, block)
             plan = None  # the previous block's queries go before this block's are made
-            with oom_hint(f"scoring query block {b} ({len(block)} queries)", train_data, batch_size, query_memory_budget):
+            with fail_together(device), oom_hint(f"scoring query block {b} ({len(block)} queries)", train_data,
+                                                  batch_size, query_memory_budget):
                 plan = prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
                     sum_queries=sum_queries, memory_budget=query_memory_budget, progress=progress,
                 )
-                parts.append(_score_shares(model, task, specs, plan, train_data, len(block) if not sum_queries else 1,
-                                           batch_size=batch_size, collate_fn=collate_fn, progress=progress,
-                                           per_token=per_token, per_module=per_module))
+                mine = _score_share(model, task, specs, plan, train_data, len(block) if not sum_queries else 1,
+                                    batch_size=batch_size, collate_fn=collate_fn, progress=progress,
+                                    per_token=per_token, per_module=per_module)
+            parts.append(_each(mine, lambda t: gather_shares(t, 1, strided)))  # every rank's columns, in order
             first = next(iter(parts[-1].values())) if per_module else parts[-1]
+            if first.shape[1] == 0:
+                raise ValueError("empty data: the training stream yielded no examples")
             check_rows(trajectory, train_data, first.shape[1])
     return _cat(parts, 0)
 
@@ -596,28 +607,24 @@ def oom_hint(where: str, train_data: Any, batch_size: int, query_memory_budget: 
         ) from exc
 
 
+_NO_LIMIT = 2**52  # a query budget that limits nothing (and is exact in the float64 of min_on_ranks)
 STREAM_CHUNK = 4096  # examples of a stream buffered at a time by `score`: bounds its memory
 
 
-def _score_shares(model, task, specs, plan, train_data, n_query: int, **kwargs) -> Tensor | dict[str, Tensor]:
+def _score_share(model, task, specs, plan, train_data, n_query: int, **kwargs) -> Tensor | dict[str, Tensor]:
     """score_rows over this rank's share of `train_data` (all of it in one process; a stream in
-    buffered pieces, one read of it), then every rank's columns put together in order."""
+    buffered pieces, one read of it). Under torch.distributed a rank's examples of a stream are not a
+    run of them (first None), and a stream may leave a rank none: (n_query, 0) scores then."""
     share, first = rank_share(train_data), share_start(train_data)
     if not is_stream(share):
-        mine = score_rows(model, task, specs, plan, share, first=first, **kwargs)
-    else:  # under torch.distributed a rank's examples of a stream are not a run of them: first None
-        parts = [score_rows(model, task, specs, plan, piece, first=None if first is None else start, **kwargs)
-                 for start, piece in chunks(share, STREAM_CHUNK)]
-        if parts:
-            mine = _cat(parts, 1)
-        else:  # a stream shorter than the ranks, or empty (said below, on every rank)
-            empty = torch.zeros((n_query, 0) + ((0,) if kwargs.get("per_token") else ()), dtype=factor_dtype(model),
-                                device=model_device(model))
-            mine = {s.name: empty for s in specs} if kwargs.get("per_module") else empty
-    gathered = _each(mine, lambda t: gather_shares(t, 1, strided=first is None))
-    if next(iter(gathered.values())).shape[1] == 0 if isinstance(gathered, dict) else gathered.shape[1] == 0:
-        raise ValueError("empty data: the training stream yielded no examples")
-    return gathered  # check_rows runs on the result, in score()
+        return score_rows(model, task, specs, plan, share, first=first, **kwargs)
+    parts = [score_rows(model, task, specs, plan, piece, first=None if first is None else start, **kwargs)
+             for start, piece in chunks(share, STREAM_CHUNK)]
+    if parts:
+        return _cat(parts, 1)
+    empty = torch.zeros((n_query, 0) + ((0,) if kwargs.get("per_token") else ()), dtype=factor_dtype(model),
+                        device=model_device(model))
+    return {s.name: empty for s in specs} if kwargs.get("per_module") else empty
 
 
 def _each(scores: Tensor | dict[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor | dict[str, Tensor]:
@@ -630,32 +637,34 @@ def _check_same_on_ranks(what, model, task, trajectory, factors, method, train_d
     """Under torch.distributed each rank scores its share of the training data against every query,
     and the shares are put together: ranks given other queries, factors, checkpoints or training data
     (a pre-sharded part each, DDP's habit) would fill one matrix with several runs' columns. Refused
-    on every rank together, naming what differs. Cheap: checkpoints and factors by sampled values,
+    on every rank together, naming what differs (every rank must reach this call: what can fail on one
+    rank before it runs under fail_together). Cheap: checkpoints and factors by sampled values,
     the training data by its length and sampled examples, the queries (few) each."""
     rank, world = rank_and_world()
     if world == 1:
         return
-    n = length(train_data)
-    if n is not None and n < world:
-        raise ValueError(f"{n} training examples for {world} ranks: run on fewer ranks")
-    inputs = {
-        "method and options": [method, options],
-        "task": describe_task(task, collate_fn),
-        "model (parameter and buffer names, shapes, dtypes)": [[k, list(v.shape), str(v.dtype)]
-                                                               for k, v in model.state_dict().items()],
-        "trajectory (checkpoints per segment, learning rates, data sizes)": [
-            [len(seg.checkpoints), seg.lr_sum, seg.momentum, seg.optimizer, seg.weight_decay, seg.decay_scale,
-             seg.num_examples] for seg in trajectory.segments],
-        "checkpoints (sampled values)": _checkpoint_digests(trajectory, checkpoint_signature),
-        "factors (sampled values)": factors_signature(factors),
-        "training data (length and sampled examples)": digest_examples(train_data),
-        "queries": None if query_data is None else digest_examples(query_data, limit=None),
-    }
+    with fail_together(model_device(model)):  # reading checkpoints or examples can fail on one rank
+        inputs = {
+            "method and options": [method, options],
+            "task": describe_task(task, collate_fn),
+            "model (parameter and buffer names, shapes, dtypes)": [[k, list(v.shape), str(v.dtype)]
+                                                                   for k, v in model.state_dict().items()],
+            "trajectory (checkpoints per segment, learning rates, data sizes)": [
+                [len(seg.checkpoints), seg.lr_sum, seg.momentum, seg.optimizer, seg.weight_decay, seg.decay_scale,
+                 seg.num_examples] for seg in trajectory.segments],
+            "checkpoints (sampled values)": _checkpoint_digests(trajectory, checkpoint_signature),
+            "factors (sampled values)": factors_signature(factors),
+            "training data (length and sampled examples)": digest_examples(train_data),
+            "queries": None if query_data is None else digest_examples(query_data, limit=None),
+        }
     differ = differing_on_ranks(inputs, model_device(model))
     if differ:
         raise ValueError(f"rank {rank}: the ranks were given different inputs to {what}: they differ in "
                          f"{'; '.join(differ)}. Under torch.distributed give every rank the same inputs and the "
                          "whole training data: each scores its own share of it")
+    n = length(train_data)  # the same on every rank by now
+    if n is not None and n < world:
+        raise ValueError(f"{n} training examples for {world} ranks: run on fewer ranks")
 
 
 def _cat(parts: list[Tensor] | list[dict[str, Tensor]], dim: int) -> Tensor | dict[str, Tensor]:
@@ -942,17 +951,19 @@ def self_score(
     quarter of the RAM). Under torch.distributed each rank scores its share of the examples and every
     rank returns all of them.
     """
-    specs = _validate(model, task, trajectory, factors, method)
-    if method not in GRADIENT_METHODS:
-        raise ValueError(f"self_score supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
-    damping = method_options(method, damping)[0]
-    check_count("chunk_size", chunk_size, none_ok=True, unit="number of examples")
-    for flag, value in (("per_module", per_module), ("use_measurement", use_measurement)):
-        if not isinstance(value, bool):  # "no" would be true
-            raise TypeError(f"{flag} must be True or False, got {value!r}")
-    if length(train_data) == 0:
-        raise ValueError("empty data: no training examples")
-    train_segs = used_segments(trajectory, method, train_data, train_segments)
+    device = model_device(model)
+    with fail_together(device):  # under torch.distributed a refusal on one rank is every rank's
+        specs = _validate(model, task, trajectory, factors, method)
+        if method not in GRADIENT_METHODS:
+            raise ValueError(f"self_score supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
+        damping = method_options(method, damping)[0]
+        check_count("chunk_size", chunk_size, none_ok=True, unit="number of examples")
+        for flag, value in (("per_module", per_module), ("use_measurement", use_measurement)):
+            if not isinstance(value, bool):  # "no" would be true
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        if length(train_data) == 0:
+            raise ValueError("empty data: no training examples")
+        train_segs = used_segments(trajectory, method, train_data, train_segments)
     _check_same_on_ranks("self_score", model, task, trajectory, factors, method, train_data, None, collate_fn, {
         "damping": damping, "train_segments": train_segs, "per_module": per_module, "use_measurement": use_measurement})
     # One segment of one checkpoint: query and training gradients are taken at the same weights,
@@ -960,13 +971,14 @@ def self_score(
     fused = not use_measurement and (method in _FINAL_ONLY or (
         method in ("source", "fast_source") and trajectory.layout() == [1]))
     share, first = rank_share(train_data), share_start(train_data)
-    with restored(model), reuse_large_blocks(model_device(model)):
-        if fused:
-            per_layer = _self_fused(model, task, specs, trajectory, factors, method, share, first, damping, batch_size,
-                                    collate_fn, progress)
-        else:
-            per_layer = _self_chunked(model, task, specs, trajectory, factors, method, share, first, damping,
-                                      train_segs, batch_size, chunk_size, collate_fn, progress, use_measurement)
+    with restored(model), reuse_large_blocks(device):
+        with fail_together(device):
+            if fused:
+                per_layer = _self_fused(model, task, specs, trajectory, factors, method, share, first, damping,
+                                        batch_size, collate_fn, progress)
+            else:
+                per_layer = _self_chunked(model, task, specs, trajectory, factors, method, share, first, damping,
+                                          train_segs, batch_size, chunk_size, collate_fn, progress, use_measurement)
         per_layer = {k: gather_shares(v, 0, strided=first is None) for k, v in per_layer.items()}
     n_rows = len(next(iter(per_layer.values())))
     if n_rows == 0:

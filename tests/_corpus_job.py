@@ -6,7 +6,7 @@ Under torchrun it initialises the gloo process group and every rank takes part. 
 training examples over as an IterableDataset (no len(), no indexing) for fitting and scoring; --skew
 gives rank 1 other queries than rank 0 (a job whose ranks disagree); --presharded gives each rank only
 its own part of the training data (DDP's habit, wrong here: the library splits the data itself);
---in-memory runs score and self_score instead of score_corpus.
+--in-memory runs score and self_score instead of score_corpus; --fault makes that fail on one rank.
 """
 
 import argparse
@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -78,6 +79,9 @@ def main():
     p.add_argument("--fit-only", action="store_true")
     p.add_argument("--in-memory", action="store_true",
                    help="instead of score_corpus, save in_memory(...) to OUT_DIR/rank<RANK>.pt")
+    p.add_argument("--fault", choices=["nan", "budget"], default=None,
+                   help="with --in-memory, score instead: with example 80 (rank 1's) NaN, or rank 0 alone given a "
+                        "query_memory_budget (both with a numpy query_rank)")
     args = p.parse_args()
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
@@ -95,6 +99,13 @@ def main():
     if args.factors_out and int(os.environ.get("RANK", "0")) == 0:
         factors.save(args.factors_out)
     if args.fit_only:
+        return
+    if args.fault:
+        if args.fault == "nan":
+            data.tensors[0][80] = float("nan")
+        budget = 10**6 if args.fault == "budget" and os.environ["RANK"] == "0" else None
+        sf.score(model, task, traj, factors, data, queries, batch_size=8, query_rank=np.int64(2),
+                 query_memory_budget=budget)
         return
     if args.in_memory:
         os.makedirs(args.out, exist_ok=True)

@@ -247,6 +247,25 @@ def test_torchrun_score_refuses_ranks_given_different_inputs(tmp_path, flag, dif
     assert not list(tmp_path.glob("rank*.pt"))
 
 
+@pytest.mark.parametrize("fault", ["nan", "budget"])
+def test_torchrun_score_failing_on_one_rank_stops_every_rank_with_the_reason(tmp_path, fault):
+    """A NaN example in rank 1's share fails there only: rank 0 stops too, saying that rank 1 failed,
+    rather than waiting for its columns. A budget given to rank 0 alone (rank 1's automatic) would
+    cut other query blocks: refused on both ranks, not a hang (and a numpy query_rank compares)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29560 + (fault == "nan")), str(HERE / "_corpus_job.py"), str(tmp_path), "--fault", fault]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    if fault == "nan":
+        assert "rank 1: " in run.stderr and "nan" in run.stderr, run.stderr[-3000:]
+        assert "rank 0: rank 1 failed (its error says why), so this rank stops too" in run.stderr, run.stderr[-3000:]
+    else:
+        for rank in (0, 1):
+            assert (f"rank {rank}: the ranks were given different inputs to score: they differ in method and options"
+                    in run.stderr), run.stderr[-3000:]
+
+
 def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):
     """Every rank checks its own inputs against the manifest rank 0 wrote, so a job whose ranks build
     different data stops (all ranks together) instead of scoring a matrix of two runs' shards."""

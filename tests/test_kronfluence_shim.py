@@ -25,6 +25,7 @@ from torch.utils.data import TensorDataset
 
 import source_fast as sf
 from source_fast import _io
+from source_fast import scoring as sf_scoring
 from source_fast.interop import kronfluence as kf
 
 LIBS = {"kron": kronfluence, "shim": kf}
@@ -307,13 +308,19 @@ def test_a_stopped_overwrite_leaves_no_old_files_to_be_taken_as_new(tmp_path, mo
 # ---- 5. score options ------------------------------------------------------------------------
 
 
-def test_self_measurement_scores_match_kronfluence(fitted):
+def test_self_measurement_scores_match_kronfluence(fitted, monkeypatch):
     train = fitted["train"]
     got = {name: _self(a, "self_measurement", "f", train, use_measurement_for_self_influence=True)
            for name, a in fitted["analyzers"].items()}
     _close(got["shim"], got["kron"])
     plain = _self(fitted["analyzers"]["shim"], "self_plain", "f", train)
     assert not torch.allclose(got["shim"], plain)  # the measurement is not the training loss
+    # A batch at a time, as kronfluence, whatever the free memory (too little for one example's
+    # automatic chunk here): not refused with advice a kronfluence script cannot follow.
+    monkeypatch.setattr(sf_scoring, "automatic_query_budget", lambda device: 500)
+    low = _self(fitted["analyzers"]["shim"], "self_measurement_low_memory", "f", train,
+                use_measurement_for_self_influence=True)
+    assert torch.equal(low, got["shim"])
 
 
 def test_self_scores_ignore_what_kronfluence_ignores(fitted):

@@ -149,6 +149,27 @@ def test_fingerprints_see_text_and_arrays():
     assert tokens[0] != tokens[1] and mixed[0] != mixed[1]
 
 
+def test_fingerprints_of_images_and_objects_are_their_content_not_their_address():
+    """A PIL image's repr, and any object's default one, holds its memory address, which differs
+    between processes: ranks comparing their data, or a resumed run checking its shards. Images
+    count by pixels (and mode, size); other objects by repr without the address."""
+    from PIL import Image
+
+    from source_fast._passes import digest_examples
+
+    def image(v):
+        return Image.fromarray(np.full((4, 3), v, dtype=np.uint8))
+
+    class Note:  # a default repr: <...Note object at 0x...>
+        pass
+
+    assert digest_examples([(image(7), 1)]) == digest_examples([(image(7), 1)])  # two objects, same pixels
+    assert digest_examples([(image(7), 1)]) != digest_examples([(image(8), 1)])
+    same_bytes = Image.fromarray(np.full((3, 4), 7, dtype=np.uint8))  # 12 pixels of 7, another size
+    assert digest_examples([(image(7), 1)]) != digest_examples([(same_bytes, 1)])
+    assert digest_examples([(Note(), 1)]) == digest_examples([(Note(), 1)])
+
+
 def test_an_output_folder_of_another_format_is_refused(setup, tmp_path):
     model, task, data, queries, states = setup
     traj = _trajectory(states, data)

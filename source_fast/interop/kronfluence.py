@@ -1285,9 +1285,11 @@ class Analyzer:
         data = _subset(train_dataset, train_indices)  # under torch.distributed self_score splits it across ranks
         train = self._loader(data, per_device_train_batch_size, dataloader_kwargs)
         method, damping = _method(factors, args)
+        # With the measurement, examples go a batch at a time (as kronfluence's per-example gradients do),
+        # not as many as the free memory would hold.
         scores = self_score(self.model, task, Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)]), factors,
                             train, method=method, damping=damping, progress=self.progress, per_module=True,
-                            use_measurement=args["use_measurement_for_self_influence"])
+                            use_measurement=args["use_measurement_for_self_influence"], chunk_size=train.batch_size)
         if not args["compute_per_module_scores"]:
             scores = {ALL_MODULES: sum(scores.values())}  # (n,) per module: small
         dtype = _dtype(args["score_dtype"])
