@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._dist import all_reduce_int, barrier, rank_and_world, sole_writer
+from ._dist import all_reduce_int, barrier, fail_together, rank_and_world, sole_writer
 from ._io import SAFETENSORS_TEMP, atomic_path, check_folder, remove_stale_temps, sha256_file
 from ._passes import (
     chunks, describe_task, digest_examples, digest_tensors, length, model_device, reuse_large_blocks, subset,
@@ -173,7 +173,9 @@ def score_corpus(
                         step=world if n_shards is None else 1)  # a stream's shards of a rank: world apart
 
         rows_seen = set()
-        with restored(model), reuse_large_blocks(model_device(model)):
+        # A rank that fails (a bad example in its shards) stops the others once they have written theirs,
+        # rather than leaving them waiting at the barrier below.
+        with fail_together(model_device(model)), restored(model), reuse_large_blocks(model_device(model)):
             for b, qrange in enumerate(blocks):
                 plan = None  # prepared on the first shard that needs it: a finished block costs nothing
                 end = 0

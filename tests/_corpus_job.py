@@ -79,9 +79,10 @@ def main():
     p.add_argument("--fit-only", action="store_true")
     p.add_argument("--in-memory", action="store_true",
                    help="instead of score_corpus, save in_memory(...) to OUT_DIR/rank<RANK>.pt")
-    p.add_argument("--fault", choices=["nan", "budget"], default=None,
-                   help="with --in-memory, score instead: with example 80 (rank 1's) NaN, or rank 0 alone given a "
-                        "query_memory_budget (both with a numpy query_rank)")
+    p.add_argument("--fault", choices=["nan", "budget", "fit-nan", "corpus-nan"], default=None,
+                   help="score instead of score_corpus: with example 80 (rank 1's) NaN, or rank 0 alone given a "
+                        "query_memory_budget (both with a numpy query_rank); fit-nan: example 80 NaN from the start; "
+                        "corpus-nan: example 80 NaN after fitting, for score_corpus")
     args = p.parse_args()
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
@@ -94,15 +95,17 @@ def main():
         queries = classification_data(5, 6, 4, seed=3, dtype=torch.float32)
     SlowTask.delay = args.slow
     task = SlowTask()
+    if args.fault == "fit-nan":
+        data.tensors[0][80] = float("nan")
     resume = None if args.resume_per_rank is None else os.path.join(args.resume_per_rank, f"rank{os.environ.get('RANK', '0')}")
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=resume)
     if args.factors_out and int(os.environ.get("RANK", "0")) == 0:
         factors.save(args.factors_out)
     if args.fit_only:
         return
-    if args.fault:
-        if args.fault == "nan":
-            data.tensors[0][80] = float("nan")
+    if args.fault in ("nan", "corpus-nan"):
+        data.tensors[0][80] = float("nan")
+    if args.fault in ("nan", "budget"):
         budget = 10**6 if args.fault == "budget" and os.environ["RANK"] == "0" else None
         sf.score(model, task, traj, factors, data, queries, batch_size=8, query_rank=np.int64(2),
                  query_memory_budget=budget)
