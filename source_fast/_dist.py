@@ -110,10 +110,12 @@ def differing_on_ranks(inputs: dict[str, Any], device: torch.device) -> list[str
 
 @contextlib.contextmanager
 def fail_together(device: torch.device) -> Iterator[None]:
-    """Under torch.distributed, work that may fail on some ranks only (a bad example in one rank's
-    share, an out-of-memory error on one GPU): its error is raised on that rank and every other rank
-    raises too, saying which rank failed, instead of waiting in the next collective for a rank that
-    is gone. The block itself must hold no collective."""
+    """Under torch.distributed, checks that may fail on some ranks only (ranks given other inputs, a
+    checkpoint one node cannot read): the error is raised on its rank and every other rank raises
+    too, saying which rank failed, instead of waiting in the next collective for a rank that is gone.
+    For short work before the passes: every rank waits at the end of the block for all the others.
+    (A pass that fails on one rank ends it at once; torchrun then stops the others.) The block itself
+    must hold no collective."""
     rank, world = rank_and_world()
     if world == 1:
         yield

@@ -210,8 +210,25 @@ def _leaves(x: Any) -> Iterator[Tensor]:
     if isinstance(x, (list, tuple)):
         for v in x:
             yield from _leaves(v)
+    elif isinstance(x, (Tensor, np.ndarray, np.generic, int, float, bool, bytes, str)):
+        yield _as_tensor(x)
+    elif _is_image(x):  # PIL's repr holds its address: by pixels, mode, size and palette instead
+        palette = x.getpalette() if x.mode == "P" else None
+        yield _as_tensor(f"{type(x).__qualname__} {x.mode} {x.size} {palette}")
+        yield torch.frombuffer(bytearray(x.tobytes()), dtype=torch.uint8)
+    elif hasattr(x, "__dict__") and _ADDRESS.search(repr(x)):
+        # A default repr (`<Record object at 0x7f...>`) differs between processes (ranks, a resumed run)
+        # and says nothing of the contents: an object by its class and attributes instead.
+        yield _as_tensor(type(x).__qualname__)
+        for name, value in sorted(vars(x).items()):
+            yield _as_tensor(name)
+            yield from _leaves(value)
     else:
         yield _as_tensor(x)
+
+
+def _is_image(x: Any) -> bool:
+    return all(hasattr(x, k) for k in ("mode", "size", "getpalette")) and callable(getattr(x, "tobytes", None))
 
 
 def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
@@ -252,17 +269,12 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _as_tensor(leaf: Any) -> Tensor:
-    """Any leaf of an example as bytes to hash: tensors and arrays by value, text by its UTF-8, an
-    image (an object with tobytes(), PIL's) by its pixels, mode and size, the rest by repr without
-    memory addresses (`<... at 0x7f...>` differs between processes: ranks, or a resumed run)."""
+    """Any leaf of an example as bytes to hash: tensors and arrays by value, text by its UTF-8, the rest by repr."""
     if isinstance(leaf, Tensor):
         return leaf
     if isinstance(leaf, (int, float, bool)) or (isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype.kind in "biuf"):
         return torch.as_tensor(np.asarray(leaf))
-    if not isinstance(leaf, (bytes, str, np.ndarray, np.generic)) and callable(getattr(leaf, "tobytes", None)):
-        head = f"{type(leaf).__qualname__} {getattr(leaf, 'mode', '')} {getattr(leaf, 'size', '')}".encode()
-        return torch.frombuffer(bytearray(head + leaf.tobytes()), dtype=torch.uint8)
-    raw = leaf if isinstance(leaf, bytes) else (leaf if isinstance(leaf, str) else _ADDRESS.sub("", repr(leaf))).encode()
+    raw = leaf if isinstance(leaf, bytes) else (leaf if isinstance(leaf, str) else repr(leaf)).encode()
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
 
 

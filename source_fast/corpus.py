@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._dist import all_reduce_int, barrier, fail_together, rank_and_world, sole_writer
+from ._dist import all_reduce_int, barrier, rank_and_world, sole_writer
 from ._io import SAFETENSORS_TEMP, atomic_path, check_folder, remove_stale_temps, sha256_file
 from ._passes import (
     chunks, describe_task, digest_examples, digest_tensors, length, model_device, reuse_large_blocks, subset,
@@ -127,6 +127,9 @@ def score_corpus(
     check_count("shard_size", shard_size)
     check_count("top_k", top_k, none_ok=True)
     check_count("batch_size", batch_size)
+    check_count("query_rank", query_rank, none_ok=True)
+    # As Python ints (numpy's are not JSON): they go into the manifest a resumed run compares with.
+    shard_size, top_k, query_rank = int(shard_size), top_k and int(top_k), query_rank and int(query_rank)
     if query_memory_budget is None:  # the blocks must be the same when resumed: no budget from the free memory
         raise ValueError("query_memory_budget must be a number of bytes for score_corpus (default "
                          f"{DEFAULT_QUERY_MEMORY_BUDGET})")
@@ -173,9 +176,7 @@ def score_corpus(
                         step=world if n_shards is None else 1)  # a stream's shards of a rank: world apart
 
         rows_seen = set()
-        # A rank that fails (a bad example in its shards) stops the others once they have written theirs,
-        # rather than leaving them waiting at the barrier below.
-        with fail_together(model_device(model)), restored(model), reuse_large_blocks(model_device(model)):
+        with restored(model), reuse_large_blocks(model_device(model)):
             for b, qrange in enumerate(blocks):
                 plan = None  # prepared on the first shard that needs it: a finished block costs nothing
                 end = 0

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -18,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._dist import (all_reduce_int, all_reduce_sum_, barrier, differing_on_ranks, fail_together, rank_and_world,
-                    same_on_all_ranks, sole_writer)
+from ._dist import (all_reduce_int, all_reduce_sum_, barrier, differing_on_ranks, rank_and_world, same_on_all_ranks,
+                    sole_writer)
 from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, remove_stale_temps, sha256_file,
                   write_named_by_content)
 from ._passes import (
@@ -354,6 +355,10 @@ def fit_factors(
         raise ValueError("CausalLMTask(normalize='mean') with fisher='empirical': the empirical Fisher of a loss "
                          "averaged over an example's T tokens is T-fold smaller than its curvature; use "
                          "fisher='true' (the default), which fits the mean's curvature")
+    for option, value in (("seed", seed), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (option == "batch_size" and value < 1):
+            raise ValueError(f"{option} must be {'a positive' if option == 'batch_size' else 'an'} integer, got {value!r}")
+    seed, batch_size = int(seed), int(batch_size)  # numpy's too: they go into resume_dir's fit.json
     if resume_dir is not None:
         check_folder(resume_dir, "resume_dir")
     specs = tracked_layers(model, task.get_influence_tracked_modules())
@@ -717,19 +722,18 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
     rows = dict.fromkeys((s.name for s in specs), 0)
     examples = 0
     bar = _progress(progress, _share(loader, expected), f"covariances ({what})")
-    with fail_together(device):  # a bad example in one rank's share stops every rank, not at the all-reduce
-        for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar, first):
-            examples += n
-            covs, xs, masks, ones = [], [], [], []
-            for s in specs:
-                r = rec[s.name]
-                m = None if r.mask is None else r.mask.reshape(-1)
-                rows[s.name] += r.a.shape[0] * r.a.shape[1] if m is None else (m != 0).sum()  # on device: no sync
-                covs += [a_sum[s.name], s_sum[s.name]]
-                xs += [r.a.reshape(-1, s.d_in), r.g.reshape(-1, s.d_out)]
-                masks += [m, m]
-                ones += [s.has_bias, False]
-            ops.covariance_accumulate_(covs, xs, masks, ones)
+    for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar, first):
+        examples += n
+        covs, xs, masks, ones = [], [], [], []
+        for s in specs:
+            r = rec[s.name]
+            m = None if r.mask is None else r.mask.reshape(-1)
+            rows[s.name] += r.a.shape[0] * r.a.shape[1] if m is None else (m != 0).sum()  # on device: no sync
+            covs += [a_sum[s.name], s_sum[s.name]]
+            xs += [r.a.reshape(-1, s.d_in), r.g.reshape(-1, s.d_out)]
+            masks += [m, m]
+            ones += [s.has_bias, False]
+        ops.covariance_accumulate_(covs, xs, masks, ones)
     if bar is not None:
         bar.close()
     all_reduce_sum_([*a_sum.values(), *s_sum.values()])
@@ -755,17 +759,16 @@ def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, ex
     lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
     count = 0
     bar = _progress(progress, _share(loader, expected), f"eigenvalue corrections ({what})")
-    with fail_together(device):  # as in _covariances
-        for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar, first):
-            for s in specs:
-                r = rec[s.name]
-                a = with_ones(r.a, s, r.mask)
-                # Rotating the token matrices first (two GEMMs over all rows) is what lets Λ avoid
-                # per-example d_out × d_a gradients; matmuls in the data dtype accumulate in fp32.
-                # Without bases (a diagonal curvature) Λ is in the parameter basis.
-                a, g = (a, r.g) if q_a is None else (rotate(a, q_a[s.name]), rotate(r.g, q_s[s.name]))
-                ops.accumulate_lambda_(lam[s.name], a, g, r.mask)
-            count += n
+    for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar, first):
+        for s in specs:
+            r = rec[s.name]
+            a = with_ones(r.a, s, r.mask)
+            # Rotating the token matrices first (two GEMMs over all rows) is what lets Λ avoid
+            # per-example d_out × d_a gradients; matmuls in the data dtype accumulate in fp32.
+            # Without bases (a diagonal curvature) Λ is in the parameter basis.
+            a, g = (a, r.g) if q_a is None else (rotate(a, q_a[s.name]), rotate(r.g, q_s[s.name]))
+            ops.accumulate_lambda_(lam[s.name], a, g, r.mask)
+        count += n
     if bar is not None:
         bar.close()
     all_reduce_sum_(list(lam.values()))

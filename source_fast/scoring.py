@@ -516,8 +516,9 @@ def score(
         for b, block in enumerate(blocks):  # more than one block re-reads the training data once per block
             queries = query_data if len(blocks) == 1 else subset(query_data, block)
             plan = None  # the previous block's queries go before this block's are made
-            with fail_together(device), oom_hint(f"scoring query block {b} ({len(block)} queries)", train_data,
-                                                  batch_size, query_memory_budget):
+            # A failure in this rank's share (a bad example) ends this rank; the launcher (torchrun) stops the
+            # others and reports it: waiting for them to finish their shares first would take as long again.
+            with oom_hint(f"scoring query block {b} ({len(block)} queries)", train_data, batch_size, query_memory_budget):
                 plan = prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
@@ -971,14 +972,13 @@ def self_score(
     fused = not use_measurement and (method in _FINAL_ONLY or (
         method in ("source", "fast_source") and trajectory.layout() == [1]))
     share, first = rank_share(train_data), share_start(train_data)
-    with restored(model), reuse_large_blocks(device):
-        with fail_together(device):
-            if fused:
-                per_layer = _self_fused(model, task, specs, trajectory, factors, method, share, first, damping,
-                                        batch_size, collate_fn, progress)
-            else:
-                per_layer = _self_chunked(model, task, specs, trajectory, factors, method, share, first, damping,
-                                          train_segs, batch_size, chunk_size, collate_fn, progress, use_measurement)
+    with restored(model), reuse_large_blocks(device):  # a failure in this rank's share ends it, as in score
+        if fused:
+            per_layer = _self_fused(model, task, specs, trajectory, factors, method, share, first, damping, batch_size,
+                                    collate_fn, progress)
+        else:
+            per_layer = _self_chunked(model, task, specs, trajectory, factors, method, share, first, damping,
+                                      train_segs, batch_size, chunk_size, collate_fn, progress, use_measurement)
         per_layer = {k: gather_shares(v, 0, strided=first is None) for k, v in per_layer.items()}
     n_rows = len(next(iter(per_layer.values())))
     if n_rows == 0:

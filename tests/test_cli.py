@@ -71,7 +71,7 @@ def test_torchrun_job(tmp_path):
     job_file = tmp_path / "job.py"
     job_file.write_text(JOB)
     _run("fit", str(job_file), "--out", str(tmp_path / "factors"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
            "source_fast", "score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "dist"),
            "--shard-size", "30"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
@@ -79,7 +79,7 @@ def test_torchrun_job(tmp_path):
     # float32, and the ranks run with one thread each: equal to rounding (measured max |Δ| 6e-8 at scale 0.46).
     assert torch.allclose(load_scores(tmp_path / "dist"), load_scores(tmp_path / "single"), rtol=1e-5, atol=1e-7)
     # Fitting under torchrun: each rank its half, rank 0 keeps the finished passes and writes the factors.
-    fit = cmd[:8] + ["source_fast", "fit", str(job_file), "--out", str(tmp_path / "dist_factors")]
+    fit = cmd[: cmd.index("source_fast")] + ["source_fast", "fit", str(job_file), "--out", str(tmp_path / "dist_factors")]
     subprocess.run(fit, check=True, capture_output=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert not (tmp_path / "dist_factors.partial").exists()
     single, dist = sf.Factors.load(tmp_path / "factors"), sf.Factors.load(tmp_path / "dist_factors")
@@ -107,7 +107,7 @@ def test_a_fit_killed_on_one_process_resumes_under_torchrun(tmp_path, monkeypatc
     monkeypatch.setattr(fm, "_lambdas", real)
     partial = tmp_path / "resumed.partial"
     assert [p.name for p in partial.glob("*.safetensors")] == ["seg0_cov0.safetensors"]
-    fit = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29543", "-m",
+    fit = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
            "source_fast", "fit", str(job_file), "--out", str(tmp_path / "resumed"), "--fisher", "empirical"]
     subprocess.run(fit, check=True, capture_output=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert not partial.exists()

@@ -229,7 +229,7 @@ def test_retrain_on_two_ranks_into_one_cache_refuses_the_second_and_says_why(tmp
     refused, and the error names the other rank, not a run the user does not know of."""
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                     str(script), str(tmp_path)], check=True, capture_output=True, timeout=300,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     said = (tmp_path / "rank1").read_text()

@@ -152,22 +152,31 @@ def test_fingerprints_see_text_and_arrays():
 def test_fingerprints_of_images_and_objects_are_their_content_not_their_address():
     """A PIL image's repr, and any object's default one, holds its memory address, which differs
     between processes: ranks comparing their data, or a resumed run checking its shards. Images
-    count by pixels (and mode, size); other objects by repr without the address."""
+    count by pixels, mode, size and palette; objects with a default repr by class and attributes."""
     from PIL import Image
 
     from source_fast._passes import digest_examples
 
-    def image(v):
-        return Image.fromarray(np.full((4, 3), v, dtype=np.uint8))
+    def image(v, shape=(4, 3)):
+        return Image.fromarray(np.full(shape, v, dtype=np.uint8))
 
-    class Note:  # a default repr: <...Note object at 0x...>
-        pass
+    class Record:  # a default repr: <...Record object at 0x...>
+        def __init__(self, value):
+            self.value = value
 
-    assert digest_examples([(image(7), 1)]) == digest_examples([(image(7), 1)])  # two objects, same pixels
-    assert digest_examples([(image(7), 1)]) != digest_examples([(image(8), 1)])
-    same_bytes = Image.fromarray(np.full((3, 4), 7, dtype=np.uint8))  # 12 pixels of 7, another size
-    assert digest_examples([(image(7), 1)]) != digest_examples([(same_bytes, 1)])
-    assert digest_examples([(Note(), 1)]) == digest_examples([(Note(), 1)])
+    def digest(x):
+        return digest_examples([(x, 1)])
+
+    assert digest(image(7)) == digest(image(7))  # two objects, the same pixels
+    assert digest(image(7)) != digest(image(8))
+    assert digest(image(7)) != digest(image(7, (3, 4)))  # the same 12 bytes, another size
+    red, blue = image(0).convert("P"), image(0).convert("P")
+    red.putpalette([255, 0, 0] * 256)
+    blue.putpalette([0, 0, 255] * 256)
+    assert digest(red) != digest(blue)  # the same indices, other colours
+    assert digest(Record(1)) == digest(Record(1))
+    assert digest(Record(1)) != digest(Record(2))
+    assert digest(Record(np.arange(3))) != digest(Record(np.arange(1, 4)))
 
 
 def test_an_output_folder_of_another_format_is_refused(setup, tmp_path):
