@@ -19,6 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
+
 WORKER = r"""
 import json, resource, sys, time, torch, transformers
 torch.set_num_threads(1)  # one core: the measurement should not depend on what else runs
@@ -39,7 +42,7 @@ class Stream(torch.utils.data.IterableDataset):
     def __init__(self, data): self.data = data
     def __iter__(self): return (self.data[i] for i in range(len(self.data)))
 train, queries = (Stream(Seqs(n, 0)) if stream else Seqs(n, 0)), Seqs(16, 1)
-ckpts = [model.state_dict(), {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}]
+ckpts = [{k: v.clone() for k, v in model.state_dict().items()}, {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}]
 task = CausalLMTask(tracked=mlp_modules(model))
 fit_traj = sf.Trajectory([sf.Segment(ckpts, Seqs(1000, 0), lr_sum=1.0)])
 t0 = time.perf_counter()
@@ -71,10 +74,7 @@ def main(argv=None):
         rows.append(row)
         print(f"N={n:>6}: fit {row['fit_s']:.1f} s, score {row['score_s']:.1f} s "
               f"({row['score_tok_per_s']:.0f} tok/s over 2 checkpoints), peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    _harness.write_jsonl(Path(args.out), rows)
     if args.plot:
         import matplotlib
 

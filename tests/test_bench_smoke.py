@@ -133,3 +133,25 @@ def test_bench_vs_kronfluence_other_strategy(tmp_path):
         assert {r["phase"] for r in records if r["library"] == lib} == {"setup", "covariance", "eigen", "lambda",
                                                                         "score_32"}
     assert all(r["check_pearson"] > 0.999 and r["timed_pearson"] > 0.999 for r in records)
+
+
+def test_bench_ranks_quick(tmp_path):
+    """score and self_score on one process and on 2 gloo ranks: the ranks' result checked equal (the
+    bench exits 1 otherwise) and both timed."""
+    out = tmp_path / "ranks.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_ranks.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["op"] for r in records] == ["score", "self_score"]
+    assert all(r["max_rel_error"] <= 1e-4 and r["one_process_s"] > 0 and r["ranks_s"] > 0 for r in records)
+
+
+def test_bench_scaling_runs(tmp_path):
+    """score_corpus at two sizes, each in its own process, with peak RSS."""
+    out = tmp_path / "scaling.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_scaling.py"), "--sizes", "64", "128", "--out",
+                           str(out), "--plot", ""], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["n"] for r in records] == [64, 128] and all(r["score_s"] > 0 and r["peak_rss_mb"] > 0 for r in records)
