@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import (
-    BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, TensorDataset,
+    BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, SequentialSampler, Subset, TensorDataset,
 )
 
 from ._dist import rank_and_world
@@ -121,6 +121,9 @@ def _check_loader(loader: DataLoader) -> None:
         raise ValueError("the DataLoader has batch_size=None or a batch_sampler: give it batch_size= and no sampler")
     if loader.drop_last:
         raise ValueError("the DataLoader has drop_last=True, which would skip training examples")
+    if isinstance(loader.sampler, DistributedSampler):  # DDP's habit: the library splits the data itself
+        raise ValueError("the DataLoader has a DistributedSampler: give every rank a DataLoader over the whole dataset "
+                         "(shuffle=False, no sampler); under torch.distributed source_fast gives each rank its share")
     if not isinstance(loader.dataset, IterableDataset) and not isinstance(loader.sampler, SequentialSampler):
         raise ValueError(  # noqa: TRY004 (the loader's setting is wrong, not the argument's type)
             "the DataLoader shuffles or samples its dataset; scores are indexed by position, so use shuffle=False and no sampler"

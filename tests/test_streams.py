@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers import ClassifyTask, classification_data, mlp, perturbed_states
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 import source_fast as sf
 from source_fast import scoring
@@ -258,6 +258,9 @@ def test_bad_data_is_refused_with_the_fix(setup, tmp_path):
         sf.score(model, task, traj, factors, DataLoader(data, batch_size=4, shuffle=True), queries, train_segments="all")
     with pytest.raises(ValueError, match="drop_last"):
         sf.score(model, task, traj, factors, DataLoader(data, batch_size=4, drop_last=True), queries, train_segments="all")
+    ddp = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=False))
+    with pytest.raises(ValueError, match="has a DistributedSampler: give every rank a DataLoader over the whole"):
+        sf.score(model, task, traj, factors, ddp, queries, train_segments="all")
     loader = DataLoader(data, batch_size=4)
     with pytest.raises(ValueError, match="a collate_fn of its own, and collate_fn= gives another: pass the loader's"):
         sf.score(model, task, traj, factors, loader, queries, train_segments="all",
