@@ -10,19 +10,22 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._dist import all_reduce_int, all_reduce_sum_
 from ._passes import length, make_loader, run_pass
 from .capture import with_ones
 from .factors import factor_dtype
 from .unroll import TrainingRecord, unroll_scores
 
 
-def _train_pass(model, task, specs, data, batch_size, collate_fn, what, consume):
-    for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), "train", what):
+def _train_pass(model, task, specs, data, batch_size, collate_fn, what, consume, first):
+    for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), "train", what, None,
+                                  first):
         consume(start, n, {s.name: (with_ones(rec[s.name].a, s, rec[s.name].mask), rec[s.name].g, rec[s.name].mask) for s in specs})
 
 
-def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn) -> Tensor:
-    """cos(∇f(z_q), ∇L(z_m)) over the tracked parameters (unitless: no 1/N)."""
+def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn, first=0) -> Tensor:
+    """cos(∇f(z_q), ∇L(z_m)) over the tracked parameters (unitless: no 1/N). first: where `train_data`
+    (a rank's share) begins, for errors that name examples; so in the others."""
     norm_q = torch.sqrt(sum((x.flatten(1) ** 2).sum(1) for x in v.values()))
     # A zero gradient (a query the model fits exactly) has cosine 0 with everything, on both sides.
     u = {k: x / norm_q.clamp_min(1e-30)[:, None, None] for k, x in v.items()}
@@ -33,58 +36,61 @@ def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn) -> Tenso
         sq = sum(ops.self_scores(a, g, torch.ones(g.shape[-1], a.shape[-1], device=a.device), m) for a, g, m in layers.values())
         out[:, start : start + n] = (dots / sq.clamp_min(1e-30).sqrt()[:, None]).T.to(out.dtype)
 
-    _train_pass(model, task, specs, train_data, batch_size, collate_fn, "grad_cos", consume)
+    _train_pass(model, task, specs, train_data, batch_size, collate_fn, "grad_cos", consume, first)
     return out
 
 
-def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int, damping: float | str, seed: int) -> Tensor:
+def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int, damping: float | str, seed: int,
+         first=0) -> Tensor:
     """TRAK at the model's weights (one checkpoint): per-example gradients projected to `dim` by a seeded
     Gaussian map P, φ = P g (computed as ⟨G_n, P_r⟩ without forming G_n), then τ = φ_qᵀ (ΦᵀΦ + Nλ I)⁻¹ φ_m, the
     influence function of the projected empirical Fisher ΦᵀΦ/N, with its 1/N scale.
     damping λ: a number, or "heuristic" = 0.1 × mean eigenvalue of ΦᵀΦ/N (both checked by
-    scoring.method_options before any pass)."""
-    n = length(train_data)
+    scoring.method_options before any pass). Under torch.distributed `train_data` is this rank's share:
+    ΦᵀΦ and N are summed over the ranks, and the columns are the share's."""
+    dtype = factor_dtype(model)
+    device = next(iter(v.values())).device
+    n = all_reduce_int(length(train_data), device)
     rank = min(n, sum(s.d_out * s.d_a for s in specs))
     if damping == 0 and dim > rank:  # solve() would return round-off as scores
         raise ValueError(f"trak_dim={dim} with damping 0: ΦᵀΦ has rank at most {rank} (min of the {n} training examples "
                          f"and the tracked parameters), so it cannot be inverted; give trak_dim <= {rank} or a damping > 0")
-    dtype = factor_dtype(model)
-    device = next(iter(v.values())).device
     g = torch.Generator(device="cpu").manual_seed(seed)
     proj = {
         s.name: (torch.randn(dim, s.d_out, s.d_a, generator=g, dtype=torch.float64) / dim**0.5).to(device=device, dtype=dtype)
         for s in specs
     }
     phi_q = sum(torch.einsum("qoi,koi->qk", v[k], p) for k, p in proj.items())
-    phi = torch.zeros(n, dim, dtype=dtype, device=device)
+    phi = torch.zeros(length(train_data), dim, dtype=dtype, device=device)
 
     def consume(start, b, layers):
         phi[start : start + b] = sum(ops.pairwise_scores(a, gr, proj[k], m) for k, (a, gr, m) in layers.items()).to(dtype)
 
-    _train_pass(model, task, specs, train_data, batch_size, collate_fn, "trak", consume)
+    _train_pass(model, task, specs, train_data, batch_size, collate_fn, "trak", consume, first)
     gram = phi.T @ phi
+    all_reduce_sum_([gram])
     lam = 0.1 * float(torch.trace(gram)) / (dim * n) if damping == "heuristic" else float(damping)
     return torch.linalg.solve(gram + n * lam * torch.eye(dim, dtype=dtype, device=device), phi_q.T).T @ phi.T
 
 
-def _representations(model, task, specs, data, batch_size, collate_fn, what) -> Tensor:
+def _representations(model, task, specs, data, batch_size, collate_fn, what, first=0) -> Tensor:
     """The input of the last tracked layer (the penultimate representation), mean over unmasked tokens.
     Last in the model's module order, nearest the output for a feed-forward stack, whatever order the
     task lists its tracked modules in."""
     order = {name: k for k, (name, _) in enumerate(model.named_modules())}
     last = max(specs, key=lambda s: order[s.name])
     feats = []
-    for _, _, rec in run_pass(model, task, [last], make_loader(data, batch_size, collate_fn), "train", what):
+    for _, _, rec in run_pass(model, task, [last], make_loader(data, batch_size, collate_fn), "train", what, None, first):
         r = rec[last.name]
         count = r.a.shape[1] if r.mask is None else (r.mask != 0).sum(1, keepdim=True).clamp_min(1)
         feats.append((r.a.sum(1) / count).to(factor_dtype(model)))
     return torch.cat(feats)
 
 
-def repsim(model, task, specs, query_data, train_data, batch_size, collate_fn) -> Tensor:
+def repsim(model, task, specs, query_data, train_data, batch_size, collate_fn, first=0) -> Tensor:
     """Cosine similarity of penultimate representations (unitless)."""
     q = _representations(model, task, specs, query_data, batch_size, collate_fn, "repsim queries")
-    t = _representations(model, task, specs, train_data, batch_size, collate_fn, "repsim training data")
+    t = _representations(model, task, specs, train_data, batch_size, collate_fn, "repsim training data", first)
     q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
     t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)
     return q @ t.T

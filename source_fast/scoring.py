@@ -471,15 +471,15 @@ def score(
     Training gradients come from one pass over `train_data` per checkpoint, for all queries. Under
     torch.distributed each rank scores its share of the training data (a dataset's contiguous slice, a
     stream's every world-th example) against every query, and every rank returns the whole matrix;
-    the ranks' inputs are compared first (refused where they differ). The baselines compute it all
-    on every rank.
+    the ranks' inputs are compared first (refused where they differ). TRAK sums ΦᵀΦ over the ranks;
+    unroll replays the whole run on every rank.
     train_data: a dataset, a re-iterable stream of examples (read in pieces of `STREAM_CHUNK`
         examples, each piece scored at every checkpoint) or a DataLoader that reads in order (its own
         batch size and collate_fn then apply); query_data likewise (a stream's queries are held in memory).
     """
     device = model_device(model)
-    # Under torch.distributed the gradient methods split the work: a refusal on one rank is every rank's.
-    with fail_together(device) if method in GRADIENT_METHODS else contextlib.nullcontext():
+    splits = method != "unroll"  # under torch.distributed; unroll replays the whole run on every rank
+    with fail_together(device) if splits else contextlib.nullcontext():  # a refusal on one rank is every rank's
         specs, (damping, trak_dim, seed, query_memory_budget), query_data, n_train, n_query = check_request(
             model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget,
             trak_dim, seed, record)
@@ -490,17 +490,30 @@ def score(
             raise ValueError("train_segments is not for method 'unroll': its record says which examples each step "
                              "trained on")
         segments = used_segments(trajectory, method, train_data, train_segments) if method != "unroll" else [0]
+        if method in _BASELINES:
+            if n_train is None:
+                raise TypeError(f"method {method!r} needs a dataset with len() and indexing, not a stream")
+            for option, value in (("per_token", per_token), ("query_rank", query_rank), ("per_module", per_module),
+                                  ("sum_queries", sum_queries)):
+                if value:  # these baselines score whole examples exactly; dropping the option would be silent
+                    raise ValueError(f"{option} is not available for method {method!r}; it applies to "
+                                     f"{', '.join(GRADIENT_METHODS)}")
+            if method == "trak":  # TRAK builds a dense Gaussian map per layer, dim · d_out · d_a (in float64 first)
+                need = int(trak_dim) * sum(s.d_out * s.d_a for s in specs) * (8 + factor_dtype(model).itemsize)
+                budget = automatic_query_budget(device)
+                if need > budget:
+                    raise ValueError(f"TRAK's projection with trak_dim={trak_dim} takes {need} bytes for these "
+                                     f"{len(specs)} layers, more than the {budget} available: lower trak_dim or track "
+                                     "fewer layers")
     if method in _BASELINES:
-        if n_train is None:
-            raise TypeError(f"method {method!r} needs a dataset with len() and indexing, not a stream")
-        for option, value in (("per_token", per_token), ("query_rank", query_rank), ("per_module", per_module),
-                              ("sum_queries", sum_queries)):
-            if value:  # these baselines score whole examples exactly; dropping the option would be silent
-                raise ValueError(f"{option} is not available for method {method!r}; it applies to "
-                                 f"{', '.join(GRADIENT_METHODS)}")
+        if splits:
+            _check_same_on_ranks("score", model, task, trajectory, factors, method, train_data, query_data, collate_fn,
+                                 {"damping": damping, "trak_dim": trak_dim, "seed": seed, "train_segments": segments})
+        share, first = (rank_share(train_data), share_start(train_data)) if splits else (train_data, 0)
         with restored(model), reuse_large_blocks(device):
-            return _baseline(model, task, specs, trajectory, segments, method, train_data, query_data, damping,
-                             batch_size, collate_fn, trak_dim, seed, record)
+            out = _baseline(model, task, specs, trajectory, segments, method, share, first, query_data, damping,
+                            batch_size, collate_fn, trak_dim, seed, record)
+        return gather_shares(out, 1, strided=False) if splits else out  # a dataset's shares: contiguous
     # The ranks must cut the same query blocks: the least free memory decides. Every rank takes part (a
     # budget given counts as no limit here; the ranks' budgets are compared next).
     automatic = min_on_ranks(automatic_query_budget(device) if query_memory_budget is None else _NO_LIMIT, device)
@@ -847,17 +860,13 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
 _ALL = ""  # _score_block's key for the sum over modules (no module has the empty name)
 
 
-def _baseline(model, task, specs, trajectory, segments, method, train_data, query_data, damping, batch_size,
+def _baseline(model, task, specs, trajectory, segments, method, train_data, first, query_data, damping, batch_size,
               collate_fn, trak_dim, seed, record) -> Tensor:
+    """A baseline's scores of `train_data` (this rank's share under torch.distributed, from `first` of the
+    whole; unroll: all of it) against every query."""
     if method == "unroll":
         return baselines.unroll(model, task, record, train_data, query_data, collate_fn)
     if method == "trak":
-        # TRAK builds a dense Gaussian map per layer, dim · d_out · d_a (in float64 first).
-        need = int(trak_dim) * sum(s.d_out * s.d_a for s in specs) * (8 + factor_dtype(model).itemsize)
-        budget = automatic_query_budget(model_device(model))
-        if need > budget:
-            raise ValueError(f"TRAK's projection with trak_dim={trak_dim} takes {need} bytes for these {len(specs)} "
-                             f"layers, more than the {budget} available: lower trak_dim or track fewer layers")
         # TRAK's ensemble: the mean of the checkpoints' scores, each from its own map (seeds seed, seed + 1, ...,
         # as TRAK seeds each model's projection apart), so that projection noise averages out too.
         checkpoints = [(ell, c, ckpt) for ell in segments
@@ -867,14 +876,15 @@ def _baseline(model, task, specs, trajectory, segments, method, train_data, quer
             load_into(model, checkpoint, f"segment {ell}, checkpoint {c}")
             v, _ = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
             tau = baselines.trak(model, task, specs, v, train_data, batch_size, collate_fn, dim=trak_dim,
-                                 damping=damping, seed=(seed + k) % 2**64 if seed >= 0 else seed + k)  # in range
+                                 damping=damping, seed=(seed + k) % 2**64 if seed >= 0 else seed + k,  # in range
+                                 first=first)
             total = tau if total is None else total.add_(tau)
         return total / len(checkpoints)
     load_into(model, trajectory.final_checkpoint, "final checkpoint")
     if method == "repsim":
-        return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn)
+        return baselines.repsim(model, task, specs, query_data, train_data, batch_size, collate_fn, first)
     v, _ = _example_grads(model, task, specs, query_data, "measurement", "queries", batch_size, collate_fn)
-    return baselines.grad_cos(model, task, specs, v, train_data, batch_size, collate_fn)
+    return baselines.grad_cos(model, task, specs, v, train_data, batch_size, collate_fn, first)
 
 
 def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token: bool = False,

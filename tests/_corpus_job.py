@@ -52,9 +52,10 @@ def job(stream=False, part=None, uneven=False, checkpoint_seed=1, dtype=torch.fl
 
 def in_memory(model, task, traj, factors, data, queries):
     """score and self_score as the torchrun test compares them with one process: SOURCE's scores (in
-    three query blocks per module), its self-influence (chunked), with the measurement, and fused."""
+    three query blocks per module), its self-influence (chunked), with the measurement, and fused;
+    the baselines TRAK, gradient cosine and representation similarity."""
     budget = 2 * 4 * (7 * 7 + 4 * 8) * 2  # two queries' prepared gradients
-    return {
+    out = {
         "score": sf.score(model, task, traj, factors, data, queries, batch_size=8),
         "per_module": sf.score(model, task, traj, factors, data, queries, batch_size=8, per_module=True,
                                query_memory_budget=budget),
@@ -62,6 +63,12 @@ def in_memory(model, task, traj, factors, data, queries):
         "measured": sf.self_score(model, task, traj, factors, data, batch_size=8, use_measurement=True, per_module=True),
         "fused": sf.self_score(model, task, traj.final(), None, data, "grad_dot", batch_size=8),
     }
+    if hasattr(data, "__len__"):  # the baselines take datasets, not streams; they split too (TRAK sums ΦᵀΦ)
+        out["trak"] = sf.score(model, task, sf.Trajectory([traj.segments[1]]), None, data, queries, "trak",
+                               trak_dim=16, batch_size=8)
+        out["grad_cos"] = sf.score(model, task, traj.final(), None, data, queries, "grad_cos", batch_size=8)
+        out["repsim"] = sf.score(model, task, traj.final(), None, data, queries, "repsim", batch_size=8)
+    return out
 
 
 def main():

@@ -229,8 +229,9 @@ def test_torchrun_score_and_self_score_split_the_rows_and_equal_one_process(refe
     """score and self_score under torchrun: each rank scores its share of the training rows (a
     dataset's contiguous half, a stream's every other example) and every rank returns all of them, in
     order: what one process computes, for SOURCE's scores in one and in three query blocks, per
-    module, and self-influence chunked, with the measurement and fused. (The factors are fitted on two
-    ranks: float32 sums in another order, hence the tolerance of the corpus test above.)"""
+    module, self-influence chunked, with the measurement and fused, and (datasets) the baselines TRAK
+    over two checkpoints, gradient cosine and representation similarity. (The factors are fitted on
+    two ranks: float32 sums in another order, hence the tolerance of the corpus test above.)"""
     model, task, data, queries, traj, factors, _ = reference
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
            str(HERE / "_corpus_job.py"), str(tmp_path), "--in-memory"] + (["--stream"] if stream else [])
