@@ -80,7 +80,8 @@ def _representations(model, task, specs, data, batch_size, collate_fn, what, fir
     order = {name: k for k, (name, _) in enumerate(model.named_modules())}
     last = max(specs, key=lambda s: order[s.name])
     feats = []
-    for _, _, rec in run_pass(model, task, [last], make_loader(data, batch_size, collate_fn), "train", what, None, first):
+    loader = make_loader(data, batch_size, collate_fn)
+    for _, _, rec in run_pass(model, task, [last], loader, "train", what, None, first):
         r = rec[last.name]
         count = r.a.shape[1] if r.mask is None else (r.mask != 0).sum(1, keepdim=True).clamp_min(1)
         feats.append((r.a.sum(1) / count).to(factor_dtype(model)))

@@ -24,8 +24,8 @@ from ._dist import (all_reduce_int, all_reduce_sum_, barrier, differing_on_ranks
 from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, remove_stale_temps, sha256_file,
                   write_named_by_content)
 from ._passes import (
-    available_memory, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks,
-    run_pass, share_start,
+    available_memory, check_count, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share,
+    reuse_large_blocks, run_pass, share_start,
 )
 from ._warn import warn
 from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
@@ -355,9 +355,9 @@ def fit_factors(
         raise ValueError("CausalLMTask(normalize='mean') with fisher='empirical': the empirical Fisher of a loss "
                          "averaged over an example's T tokens is T-fold smaller than its curvature; use "
                          "fisher='true' (the default), which fits the mean's curvature")
-    for option, value in (("seed", seed), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (option == "batch_size" and value < 1):
-            raise ValueError(f"{option} must be {'a positive' if option == 'batch_size' else 'an'} integer, got {value!r}")
+    check_count("batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     seed, batch_size = int(seed), int(batch_size)  # numpy's too: they go into resume_dir's fit.json
     if resume_dir is not None:
         check_folder(resume_dir, "resume_dir")

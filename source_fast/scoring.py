@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -22,13 +23,13 @@ from torch.utils.data import DataLoader
 from . import baselines, ops, reference
 from ._dist import differing_on_ranks, fail_together, gather_shares, min_on_ranks, rank_and_world
 from ._passes import (
-    available_memory, chunks, describe_task, digest_examples, is_stream, length, make_loader, materialize, model_device,
-    rank_share, reuse_large_blocks, run_pass, share_start, subset,
+    available_memory, check_count, chunks, describe_task, digest_examples, is_stream, length, make_loader, materialize,
+    model_device, rank_share, reuse_large_blocks, run_pass, share_start, subset,
 )
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .factors import (
-    Factors, LayerFactors, _checkpoint_digests, _progress, checkpoint_signature, factor_dtype, factors_signature, restored,
-    segment_checkpoints, warn_batchnorm,
+    Factors, LayerFactors, _checkpoint_digests, _progress, checkpoint_signature, factor_dtype, factors_signature,
+    restored, segment_checkpoints, warn_batchnorm,
 )
 from .task import Task
 from .trajectory import Checkpoint, Segment, Trajectory, load_into
@@ -483,9 +484,8 @@ def score(
         specs, (damping, trak_dim, seed, query_memory_budget), query_data, n_train, n_query = check_request(
             model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget,
             trak_dim, seed, record)
-        for flag, value in (("per_token", per_token), ("per_module", per_module), ("sum_queries", sum_queries)):
-            if not isinstance(value, bool):  # "no" would be true
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        per_token, per_module, sum_queries = (_yes_no(flag, value) for flag, value in (
+            ("per_token", per_token), ("per_module", per_module), ("sum_queries", sum_queries)))
         if method == "unroll" and train_segments is not None:
             raise ValueError("train_segments is not for method 'unroll': its record says which examples each step "
                              "trained on")
@@ -593,11 +593,11 @@ def check_query_budget(budget: Any) -> int | None:
     return None if budget is None else int(budget)
 
 
-def check_count(option: str, value: Any, none_ok: bool = False, unit: str = "integer") -> None:
-    """A positive integer option (not a bool, which is an int to Python), or None where none_ok."""
-    if (value is not None or not none_ok) and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                                               or value < 1):
-        raise ValueError(f"{option} must be a positive {unit}{' or None' if none_ok else ''}, got {value!r}")
+def _yes_no(flag: str, value: Any) -> bool:
+    """A yes/no option as a bool: True, False or numpy's; not "no", which is true to Python."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{flag} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_rows(trajectory: Trajectory, train_data: Any, rows: int) -> None:
@@ -969,9 +969,7 @@ def self_score(
             raise ValueError(f"self_score supports the methods {list(GRADIENT_METHODS)}, not {method!r}")
         damping = method_options(method, damping)[0]
         check_count("chunk_size", chunk_size, none_ok=True, unit="number of examples")
-        for flag, value in (("per_module", per_module), ("use_measurement", use_measurement)):
-            if not isinstance(value, bool):  # "no" would be true
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        per_module, use_measurement = _yes_no("per_module", per_module), _yes_no("use_measurement", use_measurement)
         if length(train_data) == 0:
             raise ValueError("empty data: no training examples")
         train_segs = used_segments(trajectory, method, train_data, train_segments)

@@ -60,7 +60,8 @@ def in_memory(model, task, traj, factors, data, queries):
         "per_module": sf.score(model, task, traj, factors, data, queries, batch_size=8, per_module=True,
                                query_memory_budget=budget),
         "self": sf.self_score(model, task, traj, factors, data, batch_size=8, chunk_size=16),
-        "measured": sf.self_score(model, task, traj, factors, data, batch_size=8, use_measurement=True, per_module=True),
+        "measured": sf.self_score(model, task, traj, factors, data, batch_size=8, use_measurement=True,
+                                  per_module=True),
         "fused": sf.self_score(model, task, traj.final(), None, data, "grad_dot", batch_size=8),
     }
     if hasattr(data, "__len__"):  # the baselines take datasets, not streams; they split too (TRAK sums ΦᵀΦ)

@@ -79,7 +79,8 @@ def test_torchrun_job(tmp_path):
     # float32, and the ranks run with one thread each: equal to rounding (measured max |Δ| 6e-8 at scale 0.46).
     assert torch.allclose(load_scores(tmp_path / "dist"), load_scores(tmp_path / "single"), rtol=1e-5, atol=1e-7)
     # Fitting under torchrun: each rank its half, rank 0 keeps the finished passes and writes the factors.
-    fit = cmd[: cmd.index("source_fast")] + ["source_fast", "fit", str(job_file), "--out", str(tmp_path / "dist_factors")]
+    fit = cmd[: cmd.index("source_fast")] + ["source_fast", "fit", str(job_file), "--out",
+                                             str(tmp_path / "dist_factors")]
     subprocess.run(fit, check=True, capture_output=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert not (tmp_path / "dist_factors.partial").exists()
     single, dist = sf.Factors.load(tmp_path / "factors"), sf.Factors.load(tmp_path / "dist_factors")

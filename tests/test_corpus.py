@@ -279,8 +279,8 @@ def test_torchrun_failing_on_one_rank_ends_the_job_with_the_reason(tmp_path, fau
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode != 0
     if fault != "budget":
-        assert re.search(r"FloatingPointError: rank 1: .*\(examples from (77|80)\): the train loss is nan", run.stderr), \
-            run.stderr[-3000:]
+        nan = r"FloatingPointError: rank 1: .*\(examples from (77|80)\): the train loss is nan"
+        assert re.search(nan, run.stderr), run.stderr[-3000:]
     else:
         for rank in (0, 1):
             assert (f"rank {rank}: the ranks were given different inputs to score: they differ in method and options"

@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from _helpers import ClassifyTask, classification_data, mlp, perturbed_states
@@ -792,3 +793,4 @@ def test_yes_no_options_take_only_booleans(setup, call, flag):
     args = (data, data) if call == "score" else (data,)
     with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
         getattr(sf, call)(model, ClassifyTask(), traj, None, *args, method="grad_dot", **{flag: "no"})
+    getattr(sf, call)(model, ClassifyTask(), traj, None, *args, method="grad_dot", **{flag: np.bool_(False)})

@@ -651,7 +651,8 @@ def test_torchrun_matches_one_kronfluence_process(tmp_path, mode, strategies):
     """tests/_kronfluence_ddp.py, a kronfluence multi-process script with the shim's import, on two
     gloo ranks (ddp: the model in DistributedDataParallel; plain: the Analyzer starts the process
     group): every rank returns, and rank 0 writes, what one kronfluence process computes (pairwise per
-    module, and self-influence with the training loss and with the measurement: float64, relative 1e-6); the factor files count what kronfluence's
+    module, and self-influence with the training loss and with the measurement: float64, relative
+    1e-6); the factor files count what kronfluence's
     count; model.safetensors has kronfluence's keys."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
            str(Path(__file__).parent / "_kronfluence_ddp.py"), str(tmp_path / "shim"), mode, *strategies]
@@ -672,9 +673,9 @@ def test_torchrun_matches_one_kronfluence_process(tmp_path, mode, strategies):
                                          overwrite_output_dir=True)
         analyzer.compute_self_scores("self", strategy, train, per_device_train_batch_size=16, score_args=score_args,
                                      overwrite_output_dir=True)
-        analyzer.compute_self_scores("measured", strategy, train, per_device_train_batch_size=16,
-                                     score_args=ScoreArguments(damping_factor=1e-8, use_measurement_for_self_influence=True,
-                                                               **score_kw), overwrite_output_dir=True)
+        measured = ScoreArguments(damping_factor=1e-8, use_measurement_for_self_influence=True, **score_kw)
+        analyzer.compute_self_scores("measured", strategy, train, per_device_train_batch_size=16, score_args=measured,
+                                     overwrite_output_dir=True)
         theirs = {"pair": analyzer.load_pairwise_scores("pair"), "self": analyzer.load_self_scores("self"),
                   "measured": analyzer.load_self_scores("measured")}
         written = {kind: load_file(str(tmp_path / "shim" / "run" / f"scores_{strategy}_{kind}" /

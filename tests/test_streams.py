@@ -2,6 +2,7 @@
 same factors and scores as the dataset itself, reads the stream as often as promised, and bad
 forms of data are refused with errors that say what to do."""
 
+import functools
 import hashlib
 
 import numpy as np
@@ -177,6 +178,25 @@ def test_fingerprints_of_images_and_objects_are_their_content_not_their_address(
     assert digest(Record(1)) == digest(Record(1))
     assert digest(Record(1)) != digest(Record(2))
     assert digest(Record(np.arange(3))) != digest(Record(np.arange(1, 4)))
+    assert digest(functools.partial(max, 1)) != digest(functools.partial(max, 2))  # its repr, less the address
+    # An attribute leading back to the dataset (or round to the example) is not followed: one level.
+    table = Record(None)
+    table.value = [Record(i) for i in range(3)]
+    for row in table.value:
+        row.table = table
+    assert digest(table.value[0]) == digest(table.value[0]) != digest(table.value[1])
+
+
+def test_fingerprints_of_plain_data_are_the_same_as_ever():
+    """score_corpus's manifests and shards and fit_factors' resume_dir hold these digests: a change would
+    make every existing output folder refuse to resume. Fixed values, as written since 2026-11-28."""
+    from source_fast._passes import digest_examples
+
+    assert digest_examples([(torch.arange(5.0), 1)]) == "1:db21693d6446eee8"
+    assert digest_examples([{"input_ids": [5, 9, 2], "label": 1, "weight": 0.5}]) == "1:1a53b5dab8455394"
+    assert digest_examples([{"a": 1, "b": 2}, {"a": 1.5, "b": 2.5}]) == "2:0c730b69905c5ef7"
+    assert digest_examples([{"text": "a cat", "label": 1}]) == "1:aea7eef6eb633e78"
+    assert digest_examples([(np.arange(3), np.int64(2), np.array(["a", "b"]))]) == "1:d743eece2a3c0bcd"
 
 
 def test_an_output_folder_of_another_format_is_refused(setup, tmp_path):
