@@ -24,8 +24,8 @@ def _train_pass(model, task, specs, data, batch_size, collate_fn, what, consume,
 
 
 def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn, first=0) -> Tensor:
-    """cos(∇f(z_q), ∇L(z_m)) over the tracked parameters (unitless: no 1/N). first: where `train_data`
-    (a rank's share) begins, for errors that name examples; so in the others."""
+    """cos(∇f(z_q), ∇L(z_m)) over the tracked parameters (unitless: no 1/N). first (here, in trak and
+    in repsim): where `train_data`, a rank's share, begins in the whole, for errors that name examples."""
     norm_q = torch.sqrt(sum((x.flatten(1) ** 2).sum(1) for x in v.values()))
     # A zero gradient (a query the model fits exactly) has cosine 0 with everything, on both sides.
     u = {k: x / norm_q.clamp_min(1e-30)[:, None, None] for k, x in v.items()}
