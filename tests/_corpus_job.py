@@ -85,6 +85,7 @@ def main():
                    help="rank 1 fits with other checkpoints (a stale copy) or a float64 model")
     p.add_argument("--resume-per-rank", default=None, help="fit with resume_dir <this>/rank<RANK> (a node-local disk)")
     p.add_argument("--fit-only", action="store_true")
+    p.add_argument("--count-eigh", action="store_true", help="print how many eigendecompositions this rank ran")
     p.add_argument("--in-memory", action="store_true",
                    help="instead of score_corpus, save in_memory(...) to OUT_DIR/rank<RANK>.pt")
     p.add_argument("--fault", choices=["nan", "budget", "fit-nan", "corpus-nan"], default=None,
@@ -103,12 +104,17 @@ def main():
         queries = classification_data(5, 6, 4, seed=3, dtype=torch.float32)
     SlowTask.delay = args.slow
     task = SlowTask()
+    if args.count_eigh:  # the real one, counted
+        eigh, calls = sf.factors._eigh, []
+        sf.factors._eigh = lambda cov: calls.append(cov.shape) or eigh(cov)
     if args.fault == "fit-nan":
         data.tensors[0][80] = float("nan")
     resume = None if args.resume_per_rank is None else os.path.join(args.resume_per_rank, f"rank{os.environ.get('RANK', '0')}")
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=resume)
     if args.factors_out and int(os.environ.get("RANK", "0")) == 0:
         factors.save(args.factors_out)
+    if args.count_eigh:
+        print(f"rank {os.environ.get('RANK', '0')}: {len(calls)} eigendecompositions", flush=True)
     if args.fit_only:
         return
     if args.fault in ("nan", "corpus-nan"):

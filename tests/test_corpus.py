@@ -224,6 +224,18 @@ def test_torchrun_two_gloo_processes_equal_one(reference, tmp_path, stream):
         assert "every rank must be given the same inputs" not in run.stderr
 
 
+def test_torchrun_ranks_split_the_eigendecompositions(tmp_path):
+    """The factors' eigendecompositions are shared out, not repeated on every rank: 2 segments × 2
+    layers × 2 covariances = 8 in all, each run once, on one rank, the ranks' loads balanced by d³
+    (the factors equal one process's: test_torchrun_two_gloo_processes_equal_one)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(HERE / "_corpus_job.py"), str(tmp_path), "--fit-only", "--count-eigh"]
+    run = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    counts = {int(r): int(n) for r, n in re.findall(r"rank (\d): (\d+) eigendecompositions", run.stdout)}
+    assert counts == {0: 4, 1: 4}, run.stdout
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["dataset", "stream"])
 def test_torchrun_score_and_self_score_split_the_rows_and_equal_one_process(reference, tmp_path, stream):
     """score and self_score under torchrun: each rank scores its share of the training rows (a

@@ -80,7 +80,8 @@ from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, remove_stale_temps
 from .._passes import rank_share, share_start
 from .._warn import warn
 from ..capture import PLACEHOLDER, LayerSpec, tracked_layers
-from ..factors import Factors, LayerFactors, _covariances, _eigh, _lambdas, factor_dtype, pass_seed, restored
+from ..factors import (Factors, LayerFactors, _covariances, _lambdas, eigendecompose, factor_dtype, pass_seed,
+                       restored)
 from ..scoring import DEFAULT_QUERY_MEMORY_BUDGET, score, self_score
 from ..task import Task
 from ..trajectory import Segment, Trajectory
@@ -1009,15 +1010,17 @@ class Analyzer:
                      (A_COV, A_COUNT, Q_A, E_A, s.d_a), (S_COV, S_COUNT, Q_S, E_S, s.d_out))}
         self._clear(out, EIGEN_STEMS)
         device = next(self.model.parameters()).device
+        # Under torch.distributed the ranks split the matrices and share the results; rank 0 writes them.
+        found = eigendecompose([total.to(device, torch.float64) / count for total, count in means.values()],
+                               [total.dtype for total, _ in means.values()])  # stored in the covariances' dtype
 
         def decompose() -> None:  # on rank 0 only: its files are what every rank reads next
             if load_from_factors_name is not None:
                 _write_group(out, covs, None)
                 self._save_loaded_arguments("covariance", source, out)
             group: dict[str, dict[str, Tensor]] = {stem: {} for stem in EIGEN_STEMS}
-            for (name, q_stem, e_stem), (total, count) in means.items():
-                values, vectors = _eigh(total.to(device, torch.float64) / count)
-                group[e_stem][name], group[q_stem][name] = values.to(total.dtype), vectors.to(total.dtype)
+            for (name, q_stem, e_stem), (values, vectors) in zip(means, found):
+                group[e_stem][name], group[q_stem][name] = values, vectors
             _write_group(out, group, _str_dict(args))
 
         self._rank0(decompose)
