@@ -211,10 +211,13 @@ def digest_examples(data: Any, limit: int | None = 16) -> str:
 def _leaves(x: Any, depth: int = 0) -> Iterator[Tensor]:
     """An example's values as tensors to hash, in order. A list of numbers (token ids) is one array:
     a tensor per number took 6.5 µs each, 1.8 hours for a million 512-token examples.
-    depth: 1 inside the attributes of an object whose repr is its memory address."""
+    depth: 1 below the attributes of an object whose repr is its memory address."""
     if isinstance(x, (list, tuple)) and x and type(x[0]) in (int, float):
-        numbers = np.asarray(x)
-        if numbers.ndim == 1 and numbers.dtype.kind in "iuf":
+        try:  # (an index, a tensor) is not a list of numbers: numpy refuses the ragged array
+            numbers = np.asarray(x)
+        except ValueError:
+            numbers = None
+        if numbers is not None and numbers.ndim == 1 and numbers.dtype.kind in "iuf":
             yield torch.from_numpy(numbers)
             return
     if isinstance(x, Mapping):
@@ -225,7 +228,7 @@ def _leaves(x: Any, depth: int = 0) -> Iterator[Tensor]:
     if isinstance(x, (list, tuple)):
         for v in x:
             yield from _leaves(v, depth)
-    elif isinstance(x, (Tensor, np.ndarray, np.generic, int, float, bool, bytes, str)) or x is None:
+    elif isinstance(x, _PLAIN):
         yield _as_tensor(x)
     elif _is_image(x):  # PIL's repr holds its address: by pixels, mode, size and palette instead
         palette = x.getpalette() if x.mode == "P" else None
@@ -238,13 +241,17 @@ def _leaves(x: Any, depth: int = 0) -> Iterator[Tensor]:
     else:
         # A repr with a memory address (`<Record object at 0x7f...>`, a partial of a function) differs
         # between processes (ranks, a resumed run): the repr without it, and the attributes, which a
-        # default repr leaves out: the example's own, not its attributes' (an attribute that leads back
-        # to the dataset, or to the example, would be read again for every example, or for ever).
+        # default repr leaves out. The example's own attributes whole; an object below them by its own
+        # tensors, arrays, numbers and text only: an attribute leading back to the dataset (or round to
+        # the example) would otherwise be read whole for every example, or for ever.
         yield _as_tensor(_ADDRESS.sub("", text))
-        if depth == 0:
-            for name, value in sorted(vars(x).items()):
+        for name, value in sorted(vars(x).items()):
+            if depth == 0 or isinstance(value, _PLAIN):
                 yield _as_tensor(name)
                 yield from _leaves(value, depth + 1)
+
+
+_PLAIN = (Tensor, np.ndarray, np.generic, int, float, bool, bytes, str, type(None))
 
 
 def _is_image(x: Any) -> bool:
@@ -285,7 +292,7 @@ def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
     return json.dumps([f"{cls.__module__}.{cls.__qualname__}", settings, collate], sort_keys=True)
 
 
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=>)")  # `<... at 0x7f...>`, as object.__repr__ ends
 
 
 def _as_tensor(leaf: Any) -> Tensor:

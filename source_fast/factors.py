@@ -313,37 +313,39 @@ def _share(loader, expected: int | None) -> int | None:
     return n
 
 
-def _eigh(cov: Tensor):
-    """torch.linalg.eigh of a covariance in float64, symmetrized first (round-off leaves it slightly
-    asymmetric): eigenvalues ascending, eigenvectors in columns."""
-    c = cov.double()
+def _eigh(cov: Tensor, count: Tensor | float = 1):
+    """torch.linalg.eigh of a covariance (divided by `count`) in float64, symmetrized first (round-off
+    leaves it slightly asymmetric): eigenvalues ascending, eigenvectors in columns."""
+    c = cov.double() / count
     return torch.linalg.eigh((c + c.T) / 2)
 
 
-def eigendecompose(covs: list[Tensor], dtypes: list[torch.dtype]) -> list[tuple[Tensor, Tensor]]:
-    """(eigenvalues, eigenvectors) of each covariance (_eigh), each pair in its entry of `dtypes`. Under torch.distributed the
-    ranks split the matrices, balanced by d³ (eigh's cost), and broadcast what they found: the one part
-    of a fit every rank would otherwise repeat whole (GPT-2 small's 24 matrices of 3072² take minutes
-    on a CPU core)."""
+def eigendecompose(covs: list[Tensor], dtypes: list[torch.dtype], device: torch.device,
+                   counts: list[Tensor | float] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """(eigenvalues, eigenvectors) on `device` of each covariance (divided by its count, in float64:
+    _eigh), each pair in its entry of `dtypes`. Under torch.distributed the ranks split the matrices,
+    balanced by d³ (eigh's cost), and broadcast what they found: the one part of a fit every rank would
+    otherwise repeat whole (GPT-2 small's 24 matrices of 3072² take minutes on a CPU core). Each
+    covariance goes to `device` only to be decomposed, one at a time."""
+    counts = [1] * len(covs) if counts is None else counts
     rank, world = rank_and_world()
-    if world == 1:
-        return [tuple(t.to(dtype) for t in _eigh(c)) for c, dtype in zip(covs, dtypes)]
     load = [0] * world
     owners = [0] * len(covs)
     for i in sorted(range(len(covs)), key=lambda i: -covs[i].shape[0] ** 3):  # largest first, to the least loaded
         owners[i] = min(range(world), key=lambda r: (load[r], r))
         load[owners[i]] += covs[i].shape[0] ** 3
     out: list[tuple[Tensor, Tensor]] = []
-    with fail_together(covs[0].device):  # a covariance one rank cannot decompose stops every rank
-        for c, dtype, owner in zip(covs, dtypes, owners):
+    with fail_together(device):  # a covariance one rank cannot decompose stops every rank
+        for c, count, dtype, owner in zip(covs, counts, dtypes, owners):
             if owner == rank:
-                out.append(tuple(t.to(dtype).contiguous() for t in _eigh(c)))
+                out.append(tuple(t.to(dtype).contiguous() for t in _eigh(c.to(device), count)))
             else:
                 d = c.shape[0]
-                out.append((c.new_empty(d, dtype=dtype), c.new_empty(d, d, dtype=dtype)))
-    for (values, vectors), owner in zip(out, owners):
-        dist.broadcast(values, src=owner)
-        dist.broadcast(vectors, src=owner)
+                out.append((torch.empty(d, dtype=dtype, device=device), torch.empty(d, d, dtype=dtype, device=device)))
+    if world > 1:
+        for (values, vectors), owner in zip(out, owners):
+            dist.broadcast(values, src=owner)
+            dist.broadcast(vectors, src=owner)
     return out
 
 
@@ -464,7 +466,8 @@ def fit_factors(
                     a_cov[s.name] += a_c[s.name] / len(ckpts)
                     s_cov[s.name] += s_c[s.name] / len(ckpts)
             names = [s.name for s in specs]
-            bases = eigendecompose([a_cov[n] for n in names] + [s_cov[n] for n in names], [dtype] * 2 * len(names))
+            bases = eigendecompose([a_cov[n] for n in names] + [s_cov[n] for n in names], [dtype] * 2 * len(names),
+                                   device)
             q_a = {n: vectors for n, (_, vectors) in zip(names, bases[: len(names)])}
             q_s = {n: vectors for n, (_, vectors) in zip(names, bases[len(names) :])}
             lam = {s.name: torch.zeros(s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}

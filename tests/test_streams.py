@@ -179,12 +179,25 @@ def test_fingerprints_of_images_and_objects_are_their_content_not_their_address(
     assert digest(Record(1)) != digest(Record(2))
     assert digest(Record(np.arange(3))) != digest(Record(np.arange(1, 4)))
     assert digest(functools.partial(max, 1)) != digest(functools.partial(max, 2))  # its repr, less the address
-    # An attribute leading back to the dataset (or round to the example) is not followed: one level.
+    assert digest(Record(Record(torch.arange(3)))) != digest(Record(Record(torch.arange(1, 4))))  # one object down
+    assert digest("x <y at 0x1>") == digest("x <y at 0x1>") != digest("x <y at 0x2>")  # text is text
+    # An attribute leading back to the dataset (or round to the example) is not read for every example:
+    # below the example's own attributes, an object counts by its own plain values.
     table = Record(None)
     table.value = [Record(i) for i in range(3)]
     for row in table.value:
         row.table = table
     assert digest(table.value[0]) == digest(table.value[0]) != digest(table.value[1])
+
+
+def test_fingerprints_of_an_index_beside_features():
+    """(3, features): a list that starts with a number but is not a list of numbers (numpy refused
+    the ragged array, and the fingerprint raised)."""
+    from source_fast._passes import digest_examples
+
+    for features in (torch.ones(2), [1.0, 2.0], np.ones(2)):
+        assert digest_examples([(3, features)]) != digest_examples([(4, features)])
+    assert digest_examples([(3, torch.ones(2))]) != digest_examples([(3, torch.zeros(2))])
 
 
 def test_fingerprints_of_plain_data_are_the_same_as_ever():

@@ -1011,8 +1011,8 @@ class Analyzer:
         self._clear(out, EIGEN_STEMS)
         device = next(self.model.parameters()).device
         # Under torch.distributed the ranks split the matrices and share the results; rank 0 writes them.
-        found = eigendecompose([total.to(device, torch.float64) / count for total, count in means.values()],
-                               [total.dtype for total, _ in means.values()])  # stored in the covariances' dtype
+        found = eigendecompose([total for total, _ in means.values()], [total.dtype for total, _ in means.values()],
+                               device, [count for _, count in means.values()])  # stored in the covariances' dtype
 
         def decompose() -> None:  # on rank 0 only: its files are what every rank reads next
             if load_from_factors_name is not None:
