@@ -258,6 +258,11 @@ def _is_image(x: Any) -> bool:
     return all(hasattr(x, k) for k in ("mode", "size", "getpalette")) and callable(getattr(x, "tobytes", None))
 
 
+def describe_model(model: nn.Module) -> list[list]:
+    """A model for the ranks' comparisons: its parameters' and buffers' names, shapes and dtypes."""
+    return [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
+
+
 def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
     """A task for fingerprints: its class and settings (another loss, normalisation or class weight is
     another run), and the collate function's name. Plain values (numpy scalars, dtypes and enums

@@ -73,9 +73,7 @@ def _fingerprint(model, task, trajectory, factors, method, options, train_data, 
         "options": options,
         "factors": fac,
         # Every score carries 1/N_ℓ and the gradients at these weights: a shard of other ones is not this run's.
-        "trajectory": [[len(s.checkpoints), s.lr_sum, s.momentum, s.optimizer, s.weight_decay, s.decay_scale,
-                        s.num_examples]
-                       for s in trajectory.segments],
+        "trajectory": trajectory.settings(),
         "checkpoints": _checkpoint_digests(trajectory),
         "train_data": digest_examples(train_data),
         "query_data": digest_examples(query_data, limit=None),  # held in memory: every query, cheaply

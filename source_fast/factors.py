@@ -25,8 +25,8 @@ from ._dist import (all_reduce_int, all_reduce_sum_, barrier, differing_on_ranks
 from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, remove_stale_temps, sha256_file,
                   write_named_by_content)
 from ._passes import (
-    available_memory, check_count, describe_task, digest_examples, digest_tensors, length, make_loader, rank_share,
-    reuse_large_blocks, run_pass, share_start,
+    available_memory, check_count, describe_model, describe_task, digest_examples, digest_tensors, length, make_loader,
+    rank_share, reuse_large_blocks, run_pass, share_start,
 )
 from ._warn import warn
 from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
@@ -612,14 +612,12 @@ def _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds
     rank = rank_and_world()[0]
     inputs = {
         "tracked layers": [[s.name, s.d_out, s.d_a] for s in specs],
-        "model (parameter and buffer names, shapes, dtypes)": [[k, list(v.shape), str(v.dtype)]
-                                                               for k, v in model.state_dict().items()],
+        "model (parameter and buffer names, shapes, dtypes)": describe_model(model),
         "checkpoints (contents)": ckpt_digests,
         "optimizer states (Adam's preconditioner)": None if preconds is None else [
             {k: digest_tensors([p]) for k, p in seg.items()} for seg in preconds],
         "trajectory (checkpoints per segment, learning rates, data sizes)": [
-            [len(seg.checkpoints), seg.lr_sum, seg.momentum, seg.optimizer, seg.weight_decay, seg.decay_scale,
-             seg.num_examples, length(seg.data)] for seg in trajectory.segments],
+            row + [length(seg.data)] for row, seg in zip(trajectory.settings(), trajectory.segments)],
         "task": describe_task(task, collate_fn),
         "options (fisher, average_params, seed, batch_size, resume_dir or not)": [fisher, average_params, seed,
                                                                                   batch_size, resume],

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from . import baselines, ops, reference
 from ._dist import differing_on_ranks, fail_together, gather_shares, min_on_ranks, rank_and_world
 from ._passes import (
-    available_memory, check_count, chunks, describe_task, digest_examples, is_stream, length, make_loader, materialize,
-    model_device, rank_share, reuse_large_blocks, run_pass, share_start, subset,
+    available_memory, check_count, chunks, describe_model, describe_task, digest_examples, is_stream, length, make_loader,
+    materialize, model_device, rank_share, reuse_large_blocks, run_pass, share_start, subset,
 )
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .factors import (
@@ -661,11 +661,8 @@ def _check_same_on_ranks(what, model, task, trajectory, factors, method, train_d
         inputs = {
             "method and options": [method, options],
             "task": describe_task(task, collate_fn),
-            "model (parameter and buffer names, shapes, dtypes)": [[k, list(v.shape), str(v.dtype)]
-                                                                   for k, v in model.state_dict().items()],
-            "trajectory (checkpoints per segment, learning rates, data sizes)": [
-                [len(seg.checkpoints), seg.lr_sum, seg.momentum, seg.optimizer, seg.weight_decay, seg.decay_scale,
-                 seg.num_examples] for seg in trajectory.segments],
+            "model (parameter and buffer names, shapes, dtypes)": describe_model(model),
+            "trajectory (checkpoints per segment, learning rates, data sizes)": trajectory.settings(),
             "checkpoints (sampled values)": _checkpoint_digests(trajectory, checkpoint_signature),
             "factors (sampled values)": factors_signature(factors),
             "training data (length and sampled examples)": digest_examples(train_data),

@@ -539,6 +539,12 @@ class Trajectory:
         """Checkpoints per segment: recorded in fitted factors to refuse a mismatched trajectory."""
         return [len(s.checkpoints) for s in self.segments]
 
+    def settings(self) -> list[list]:
+        """Per segment: checkpoints, learning rates, momentum, optimizer, weight decay and N, what the
+        fingerprints of fits and scoring runs compare (another of any is another run)."""
+        return [[len(s.checkpoints), s.lr_sum, s.momentum, s.optimizer, s.weight_decay, s.decay_scale, s.num_examples]
+                for s in self.segments]
+
 
 def _mean_decay(stage: list[Segment], total: float) -> float | dict[str, float]:
     """The horizon-weighted mean weight decay of an SGD stage (per module where segments give dicts)."""
