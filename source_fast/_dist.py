@@ -38,12 +38,17 @@ def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def _reduced(values: list[int], op: dist.ReduceOp, device: torch.device) -> list[int]:
+    """`values` reduced over the ranks by `op`, in float64 (exact below 2**52)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return [int(v) for v in t.tolist()]
+
+
 def all_reduce_int(value: int, device: torch.device) -> int:
     if rank_and_world()[1] == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t.item())
+    return _reduced([value], dist.ReduceOp.SUM, device)[0]
 
 
 def gather_shares(t: torch.Tensor, dim: int, strided: bool) -> torch.Tensor:
@@ -80,18 +85,15 @@ def same_on_all_ranks(value: int, device: torch.device) -> bool:
     """Whether every rank holds the same `value` (below 2**52, exact in float64)."""
     if rank_and_world()[1] == 1:
         return True
-    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t[0].item()) == -int(t[1].item())
+    largest, minus_smallest = _reduced([value, -value], dist.ReduceOp.MAX, device)
+    return largest == -minus_smallest
 
 
 def min_on_ranks(value: int, device: torch.device) -> int:
     """The smallest of the ranks' `value`s (below 2**52, exact in float64), on every rank."""
     if rank_and_world()[1] == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return _reduced([value], dist.ReduceOp.MIN, device)[0]
 
 
 def differing_on_ranks(inputs: dict[str, Any], device: torch.device) -> list[str]:
@@ -125,12 +127,11 @@ def fail_together(device: torch.device) -> Iterator[None]:
         yield
     except Exception as exc:  # noqa: BLE001 (raised below, after the ranks have compared)
         error = exc
-    t = torch.tensor([rank + 1 if error is not None else 0], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    failed = _reduced([rank + 1 if error is not None else 0], dist.ReduceOp.MAX, device)[0]  # the highest failed rank + 1
     if error is not None:
         raise error
-    if t.item():
-        raise RuntimeError(f"rank {rank}: rank {int(t.item()) - 1} failed (its error says why), so this rank stops too")
+    if failed:
+        raise RuntimeError(f"rank {rank}: rank {failed - 1} failed (its error says why), so this rank stops too")
 
 
 _held: set[tuple[str, str, int]] = set()  # (folder, what, thread) this process holds: nested holds are one run
