@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -76,3 +80,11 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     ry = y.argsort().argsort().double()
     rx, ry = rx - rx.mean(), ry - ry.mean()
     return float((rx @ ry) / (rx.norm() * ry.norm()))
+
+
+def torchrun(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 ARGS`: two processes (gloo in the scripts), a free
+    port, one thread each, the output captured as text; the caller checks the return code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})

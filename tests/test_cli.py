@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from _helpers import torchrun
 
 import source_fast as sf
 from source_fast.corpus import load_scores, load_top_k
@@ -71,17 +72,15 @@ def test_torchrun_job(tmp_path):
     job_file = tmp_path / "job.py"
     job_file.write_text(JOB)
     _run("fit", str(job_file), "--out", str(tmp_path / "factors"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
-           "source_fast", "score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "dist"),
-           "--shard-size", "30"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun("-m", "source_fast", "score", job_file, "--factors", tmp_path / "factors", "--out", tmp_path / "dist",
+                   "--shard-size", "30")
+    assert run.returncode == 0, run.stderr[-4000:]
     _run("score", str(job_file), "--factors", str(tmp_path / "factors"), "--out", str(tmp_path / "single"), "--shard-size", "30")
     # float32, and the ranks run with one thread each: equal to rounding (measured max |Δ| 6e-8 at scale 0.46).
     assert torch.allclose(load_scores(tmp_path / "dist"), load_scores(tmp_path / "single"), rtol=1e-5, atol=1e-7)
     # Fitting under torchrun: each rank its half, rank 0 keeps the finished passes and writes the factors.
-    fit = cmd[: cmd.index("source_fast")] + ["source_fast", "fit", str(job_file), "--out",
-                                             str(tmp_path / "dist_factors")]
-    subprocess.run(fit, check=True, capture_output=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun("-m", "source_fast", "fit", job_file, "--out", tmp_path / "dist_factors")
+    assert run.returncode == 0, run.stderr[-4000:]
     assert not (tmp_path / "dist_factors.partial").exists()
     single, dist = sf.Factors.load(tmp_path / "factors"), sf.Factors.load(tmp_path / "dist_factors")
     for a, b in zip(single.segments, dist.segments):
@@ -108,9 +107,8 @@ def test_a_fit_killed_on_one_process_resumes_under_torchrun(tmp_path, monkeypatc
     monkeypatch.setattr(fm, "_lambdas", real)
     partial = tmp_path / "resumed.partial"
     assert [p.name for p in partial.glob("*.safetensors")] == ["seg0_cov0.safetensors"]
-    fit = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
-           "source_fast", "fit", str(job_file), "--out", str(tmp_path / "resumed"), "--fisher", "empirical"]
-    subprocess.run(fit, check=True, capture_output=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun("-m", "source_fast", "fit", job_file, "--out", tmp_path / "resumed", "--fisher", "empirical")
+    assert run.returncode == 0, run.stderr[-4000:]
     assert not partial.exists()
     main(["fit", str(job_file), "--out", str(tmp_path / "clean"), "--fisher", "empirical"])
     resumed, clean = sf.Factors.load(tmp_path / "resumed"), sf.Factors.load(tmp_path / "clean")

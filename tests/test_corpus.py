@@ -18,7 +18,7 @@ from _corpus_job import in_memory, job
 
 import source_fast as sf
 from source_fast.corpus import load_scores, load_top_k, score_corpus
-from _helpers import ClassifyTask, RegressTask, classification_data
+from _helpers import ClassifyTask, RegressTask, classification_data, torchrun
 
 HERE = Path(__file__).parent
 JOB = [sys.executable, str(HERE / "_corpus_job.py")]
@@ -205,11 +205,9 @@ def test_torchrun_two_gloo_processes_equal_one(reference, tmp_path, stream):
     """A dataset: each rank fits on and scores contiguous slices. A stream: every rank reads it all and
     keeps every other example (fitting) or shard (scoring)."""
     model, task, data, queries, traj, factors, full = reference
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(HERE / "_corpus_job.py"), str(tmp_path / "scores"), "--factors-out", str(tmp_path / "factors")]
-    cmd += ["--stream"] if stream else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, timeout=300, env=env)
+    job = [HERE / "_corpus_job.py", tmp_path / "scores", "--factors-out", tmp_path / "factors"]
+    run = torchrun(*job, *(["--stream"] if stream else []))
+    assert run.returncode == 0, run.stderr[-4000:]
     dist_factors = sf.Factors.load(tmp_path / "factors")
     for a, b in zip(dist_factors.segments, factors.segments):
         for name in a:
@@ -218,8 +216,7 @@ def test_torchrun_two_gloo_processes_equal_one(reference, tmp_path, stream):
     got = load_scores(tmp_path / "scores")
     assert torch.allclose(got, full, rtol=1e-4, atol=1e-6), (got - full).abs().max()
     if not stream:  # the same folder asked for another run: refused as that, not as ranks that disagree
-        run = subprocess.run(cmd[:-2] + ["--top-k", "3"], check=False, capture_output=True, text=True, timeout=300,
-                             env=env)
+        run = torchrun(*job[:2], "--top-k", "3")
         assert run.returncode != 0 and "differs in: options (top_k: None before, 3 now)" in run.stderr, run.stderr[-3000:]
         assert "every rank must be given the same inputs" not in run.stderr
 
@@ -228,10 +225,8 @@ def test_torchrun_ranks_split_the_eigendecompositions(tmp_path):
     """The factors' eigendecompositions are shared out, not repeated on every rank: 2 segments × 2
     layers × 2 covariances = 8 in all, each run once, on one rank, the ranks' loads balanced by d³
     (the factors equal one process's: test_torchrun_two_gloo_processes_equal_one)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(HERE / "_corpus_job.py"), str(tmp_path), "--fit-only", "--count-eigh"]
-    run = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(HERE / "_corpus_job.py", tmp_path, "--fit-only", "--count-eigh")
+    assert run.returncode == 0, run.stderr[-4000:]
     counts = {int(r): int(n) for r, n in re.findall(r"rank (\d): (\d+) eigendecompositions", run.stdout)}
     assert counts == {0: 4, 1: 4}, run.stdout
 
@@ -245,9 +240,8 @@ def test_torchrun_score_and_self_score_split_the_rows_and_equal_one_process(refe
     over two checkpoints, gradient cosine and representation similarity. (The factors are fitted on
     two ranks: float32 sums in another order, hence the tolerance of the corpus test above.)"""
     model, task, data, queries, traj, factors, _ = reference
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
-           str(HERE / "_corpus_job.py"), str(tmp_path), "--in-memory"] + (["--stream"] if stream else [])
-    subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(HERE / "_corpus_job.py", tmp_path, "--in-memory", *(["--stream"] if stream else []))
+    assert run.returncode == 0, run.stderr[-4000:]
     if stream:  # the same examples and checkpoints, as a stream
         _, data, _, traj = job(stream=True)
     expected = in_memory(model, task, traj, factors, data, queries)
@@ -268,10 +262,7 @@ def test_torchrun_score_and_self_score_split_the_rows_and_equal_one_process(refe
 def test_torchrun_score_refuses_ranks_given_different_inputs(tmp_path, flag, differ):
     """Each rank's columns go into one matrix: ranks given other queries, or each its own part of the
     training data, are refused on every rank, naming what differs."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(HERE / "_corpus_job.py"), str(tmp_path), "--in-memory", *flag]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(HERE / "_corpus_job.py", tmp_path, "--in-memory", *flag)
     assert run.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank}: the ranks were given different inputs to score: they differ in {differ}" in run.stderr, \
@@ -285,10 +276,7 @@ def test_torchrun_failing_on_one_rank_ends_the_job_with_the_reason(tmp_path, fau
     that rank ends at once with the reason and torchrun stops the other, which does not wait for it.
     A budget given to rank 0 alone (rank 1's automatic) would cut other query blocks: refused on both
     ranks, not a hang (and a numpy query_rank compares)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(HERE / "_corpus_job.py"), str(tmp_path), "--fault", fault]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(HERE / "_corpus_job.py", tmp_path, "--fault", fault)
     assert run.returncode != 0
     if fault != "budget":
         nan = r"FloatingPointError: rank 1: .*\(examples from (77|80)\): the train loss is nan"
@@ -302,10 +290,7 @@ def test_torchrun_failing_on_one_rank_ends_the_job_with_the_reason(tmp_path, fau
 def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):
     """Every rank checks its own inputs against the manifest rank 0 wrote, so a job whose ranks build
     different data stops (all ranks together) instead of scoring a matrix of two runs' shards."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(HERE / "_corpus_job.py"), str(tmp_path / "scores"), "--skew"]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(HERE / "_corpus_job.py", tmp_path / "scores", "--skew")
     assert run.returncode != 0
     assert "rank 1: the ranks were given different inputs: this rank's differ from rank 0's in: query_data" in \
         run.stderr, run.stderr[-3000:]  # not "delete the folder": it was new
@@ -319,11 +304,8 @@ def test_torchrun_ranks_given_different_inputs_are_refused(tmp_path):
 def test_torchrun_ranks_fitting_other_weights_are_refused(tmp_path, skew, differ):
     """A stale copy of a checkpoint on one node, or a model loaded in another dtype there: the
     all-reduced sums would mix two fits, saved as one. Every rank refuses, naming what differs."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(HERE / "_corpus_job.py"), str(tmp_path / "scores"), "--skew-fit", skew,
-           "--fit-only", "--factors-out", str(tmp_path / "factors")]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(HERE / "_corpus_job.py", tmp_path / "scores", "--skew-fit", skew, "--fit-only", "--factors-out",
+                   tmp_path / "factors")
     assert run.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank}: the ranks were given different inputs to fit_factors: they differ in {differ}" in \
@@ -340,8 +322,7 @@ def test_torchrun_ranks_that_see_different_resume_folders_are_refused(tmp_path):
            "--fit-only"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *job], check=True, timeout=300, env=env)  # fills local/rank0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", *job]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    run = torchrun(*job)
     assert run.returncode != 0
     assert "the ranks disagree on whether resume_dir" in run.stderr, run.stderr[-3000:]
     with pytest.MonkeyPatch.context() as mp:
@@ -355,10 +336,7 @@ def test_torchrun_ranks_given_their_own_part_of_the_data_are_told(tmp_path):
     sizes are refused by the fit; equal parts are warned about (data augmented at random per rank
     differs the same way), and score_corpus then refuses them (its manifest hashes the data)."""
     for parts in ("uneven", "even"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-               str(HERE / "_corpus_job.py"), str(tmp_path / parts), "--presharded", parts]
-        run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        run = torchrun(HERE / "_corpus_job.py", tmp_path / parts, "--presharded", parts)
         assert run.returncode != 0
         if parts == "uneven":
             for rank in (0, 1):
@@ -470,9 +448,8 @@ def test_torchrun_ranks_draw_independent_true_fisher_labels(tmp_path):
     rank 0's, draw for draw (their examples' sampled noise perfectly correlated)."""
     script = tmp_path / "draws.py"
     script.write_text(FISHER_DRAWS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(script), str(tmp_path), str(HERE)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(script, tmp_path, HERE)
+    assert run.returncode == 0, run.stderr[-4000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert rank0.shape == rank1.shape and not torch.equal(rank0, rank1)
 

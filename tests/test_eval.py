@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import RegressTask, spearman
+from _helpers import RegressTask, spearman, torchrun
 from torch.utils.data import TensorDataset
 
 import source_fast as sf
@@ -229,9 +229,8 @@ def test_retrain_on_two_ranks_into_one_cache_refuses_the_second_and_says_why(tmp
     refused, and the error names the other rank, not a run the user does not know of."""
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                    str(script), str(tmp_path)], check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(script, tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
     said = (tmp_path / "rank1").read_text()
     assert "is being written by another retrain run (one still going, or another rank of this torch.distributed " \
            "job: retrain is not split across ranks, run it on one rank)" in said, said

@@ -17,13 +17,12 @@ import gc
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import kronfluence
 import pytest
 import torch
+from _helpers import torchrun
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
 from safetensors.torch import load_file, save_file
@@ -654,10 +653,7 @@ def test_torchrun_matches_one_kronfluence_process(tmp_path, mode, strategies):
     module, and self-influence with the training loss and with the measurement: float64, relative
     1e-6); the factor files count what kronfluence's
     count; model.safetensors has kronfluence's keys."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
-           str(Path(__file__).parent / "_kronfluence_ddp.py"), str(tmp_path / "shim"), mode, *strategies]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(Path(__file__).parent / "_kronfluence_ddp.py", tmp_path / "shim", mode, *strategies, timeout=180)
     assert run.returncode == 0, run.stderr[-4000:]
     model, task, train, queries = ddp_workload()
     analyzer = kronfluence.Analyzer("run", kronfluence.prepare_model(copy.deepcopy(model), task), task, cpu=True,
@@ -704,10 +700,7 @@ def test_torchrun_matches_one_kronfluence_process(tmp_path, mode, strategies):
 def test_torchrun_ranks_given_other_queries_are_refused(tmp_path):
     """Every rank scores every query: a rank given other queries would put zeros and another run's
     scores into the gathered matrix; it is refused on every rank, and no scores are written."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(Path(__file__).parent / "_kronfluence_ddp.py"), str(tmp_path / "shim"), "skew", "ekfac"]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = torchrun(Path(__file__).parent / "_kronfluence_ddp.py", tmp_path / "shim", "skew", "ekfac", timeout=180)
     assert run.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank}: the ranks were given different inputs to score: they differ in queries" in run.stderr, \
