@@ -10,6 +10,7 @@ def warn(message: str) -> None:
     """warnings.warn at the first frame outside source_fast: a fixed stacklevel points into the library
     when the same check is reached through another path (the kronfluence shim's stages, a fit's passes)."""
     frame, level = sys._getframe(1), 2  # level 2 is warn's caller
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "source_fast":
+    # contextlib's frames are those of source_fast's own context managers (a `with` leaving one).
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("source_fast", "contextlib"):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)

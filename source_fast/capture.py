@@ -188,6 +188,17 @@ def _string_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
     return tuple(pads)
 
 
+@dataclass(frozen=True)
+class MaskWhereItFits:
+    """kronfluence's rule for a task's attention mask (a tensor, or a dict of them per module): a
+    module is masked only where the mask has one entry per row of its input (examples × tokens), and
+    is left unmasked otherwise; source_fast's own rule refuses a mask that does not fit. The
+    kronfluence shim's tasks return their masks in this wrapper, so that kronfluence's scripts (an
+    encoder-decoder's task giving only the encoder's mask) run and score as they do there."""
+
+    mask: Tensor | dict[str, Tensor]
+
+
 class Capturer:
     """Hooks the tracked layers of `model`; `capture(mask)` records inputs and output gradients."""
 
@@ -209,6 +220,18 @@ class Capturer:
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def _layer_mask(self, spec: LayerSpec, n: int, t: int, x_dim: int, call: int = 0) -> Tensor | None:
+        if isinstance(self._mask, MaskWhereItFits):
+            given = self._mask.mask
+            mask = given.get(spec.name) if isinstance(given, dict) else given
+            if mask is None or spec.kind == "conv2d":  # kronfluence masks no convolution
+                return None
+            if not isinstance(mask, Tensor):
+                raise TypeError(f"get_attention_mask returned a {type(mask).__name__} for module {spec.name!r}: "
+                                "kronfluence's masks are tensors")
+            if mask.numel() != n * t:
+                self._unfit.add(spec.name)
+                return None
+            return mask.reshape(n, t)
         per_module = isinstance(self._mask, dict)
         mask = self._mask.get(spec.name) if per_module else self._mask  # a module a dict leaves out: unmasked
         per_call = isinstance(mask, (list, tuple))  # a shared layer's masks, one per call (a Siamese encoder's)
@@ -230,16 +253,21 @@ class Capturer:
         return mask
 
     @contextlib.contextmanager
-    def capture(self, mask: Tensor | dict[str, Tensor | list[Tensor | None]] | None) -> Iterator[dict[str, Captured]]:
+    def capture(self, mask: Tensor | dict[str, Tensor | list[Tensor | None]] | MaskWhereItFits | None
+                ) -> Iterator[dict[str, Captured]]:
         if isinstance(mask, (list, tuple)):  # would mask every layer's calls by position, with nothing to check
             raise TypeError("get_attention_mask returned a list: masks per call are for a shared layer, inside the "
                             "dict of masks per module ({name: [mask of call 1, mask of call 2, ...]})")
-        if isinstance(mask, dict):  # per module (kronfluence's form): a name that is no module is a typo
-            unknown = sorted(set(mask) - set(self.modules))
-            if unknown:
+        lenient = isinstance(mask, MaskWhereItFits)
+        given = mask.mask if lenient else mask
+        if isinstance(given, dict):  # per module (kronfluence's form): a name that is no module is a typo
+            unknown = sorted(set(given) - set(self.modules))
+            if unknown and lenient:  # kronfluence ignores them
+                warn(f"get_attention_mask returned masks for {unknown}, which name no module of the model: ignored")
+            elif unknown:
                 raise ValueError(f"get_attention_mask returned masks for {unknown}, which name no module of the model")
             tracked = [s.name for s in self.specs]
-            parents = sorted(k for k in mask if k not in tracked and any(k == "" or t.startswith(f"{k}.") for t in tracked))
+            parents = sorted(k for k in given if k not in tracked and any(k == "" or t.startswith(f"{k}.") for t in tracked))
             if parents:  # kronfluence takes a key for the module it names only: so do we, but say so
                 warn(f"get_attention_mask returned masks for {parents}, which contain tracked modules but are not "
                      "tracked themselves: a mask applies only to the module it names, so name each tracked module")
@@ -249,6 +277,7 @@ class Capturer:
         self._outputs: dict[str, list[tuple[Tensor | None, int]]] = {}  # each tracked call's output, its version then
         self._backward = False  # set by forward_done(): calls from then on are activation checkpointing's re-runs
         self._mask = mask
+        self._unfit: set[str] = set()  # modules a MaskWhereItFits left unmasked
         handles = []
         for spec in self.specs:
             handles.append(self.modules[spec.name].register_forward_hook(self._make_hook(spec)))
@@ -270,6 +299,10 @@ class Capturer:
                                          "use the op out of place")
                 if len(calls) > 1:
                     self.records[name] = _joined(name, calls)
+            if self._unfit:  # kronfluence leaves them unmasked without a word
+                warn(f"the attention mask does not fit the inputs of modules {sorted(self._unfit)} (it needs one entry "
+                     "per example and token): they are left unmasked, as kronfluence leaves them; to mask them, return "
+                     "a dict of masks per module from get_attention_mask")
         finally:
             for h in handles:
                 h.remove()

@@ -11,6 +11,7 @@ float64 runs (model and every kronfluence dtype float64) agree to relative 1e-6 
 score; float32 runs with kronfluence's defaults to Pearson 0.9999.
 """
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -475,6 +476,101 @@ def test_per_token_scores_match_kronfluence(tmp_path):
             assert ours.shape == theirs.shape == (len(queries), len(train), 10)
             _agree(ours, theirs, torch.float64, f"{module} per token")
             assert (ours * pad).abs().max() == 0
+
+
+class PooledClassifier(nn.Module):
+    """A token layer, mean pooling, then a head on (batch, features): BERT's classifier in miniature."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tokens(x)).mean(1))
+
+
+def test_per_token_scores_of_modules_without_tokens_are_kronfluences(tmp_path):
+    """kronfluence scores a module per token only where its input is (batch, tokens, features): the
+    head's per-module scores are (n_query, n_train), a model of such modules only gives
+    (n_query, n_train) summed, one of both kinds refuses the sum (kronfluence's RuntimeError), and
+    has_shared_parameters=True turns per-token scores off with a warning."""
+    d = torch.float64
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(30, 5, 4, generator=g, dtype=d), torch.randint(0, 3, (30,), generator=g))
+    train, queries = torch.utils.data.Subset(data, range(24)), torch.utils.data.Subset(data, range(24, 30))
+    torch.manual_seed(0)
+    pooled, mlp = PooledClassifier().to(d), nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(d)
+    flat = TensorDataset(data.tensors[0][:, 0], data.tensors[1])
+    flat_train, flat_queries = torch.utils.data.Subset(flat, range(24)), torch.utils.data.Subset(flat, range(24, 30))
+    f64 = dict(per_sample_gradient_dtype=d, precondition_dtype=d, score_dtype=d)
+    cases = {  # name: model, train, queries, FactorArguments fields, ScoreArguments fields
+        "pooled_per_module": (pooled, train, queries, {}, dict(compute_per_module_scores=True)),
+        "mlp": (mlp, flat_train, flat_queries, {}, {}),
+        "shared_flag": (pooled, train, queries, dict(has_shared_parameters=True), {}),
+    }
+    got = {}
+    for lib_name, lib in (("kron", kronfluence), ("shim", kf)):
+        for case, (model, tr, qs, fa, sa) in cases.items():
+            analyzer = lib.Analyzer("run", lib.prepare_model(copy.deepcopy(model), ClassifyTask()), ClassifyTask(),
+                                    cpu=True, disable_tqdm=True, output_dir=str(tmp_path / lib_name / case),
+                                    log_level=logging.WARNING)
+            analyzer.fit_all_factors("f", tr, per_device_batch_size=8, factor_args=FactorArguments(
+                use_empirical_fisher=True, activation_covariance_dtype=d, gradient_covariance_dtype=d,
+                per_sample_gradient_dtype=d, lambda_dtype=d, **fa))
+            for per_token in (True, False):
+                warned = lib is kf and case == "shared_flag" and per_token
+                with pytest.warns(UserWarning, match="do not apply with has_shared_parameters=True") if warned else \
+                        contextlib.nullcontext():
+                    analyzer.compute_pairwise_scores(f"p{per_token}", "f", qs, tr, per_device_query_batch_size=4,
+                                                     per_device_train_batch_size=8, score_args=ScoreArguments(
+                                                         compute_per_token_scores=per_token, **sa, **f64))
+                got[lib_name, case, per_token] = analyzer.load_pairwise_scores(f"p{per_token}")
+            if case == "pooled_per_module":  # both kinds of module, summed: refused by both
+                with pytest.raises(RuntimeError, match="does not support token-wise score computation"):
+                    analyzer.compute_pairwise_scores("mixed", "f", qs, tr, per_device_query_batch_size=4,
+                                                     per_device_train_batch_size=8, score_args=ScoreArguments(
+                                                         compute_per_token_scores=True, **f64))
+    for (lib_name, case, per_token), scores in got.items():
+        if lib_name == "shim":
+            assert scores.keys() == got["kron", case, per_token].keys()
+            for module, theirs in got["kron", case, per_token].items():
+                assert scores[module].shape == theirs.shape, (case, module)
+                _agree(scores[module], theirs, d, f"{case} {module} per_token={per_token}")
+    assert got["shim", "pooled_per_module", True]["tokens"].shape == (6, 24, 5)
+    assert got["shim", "pooled_per_module", True]["head"].shape == (6, 24)
+    assert got["shim", "mlp", True]["all_modules"].shape == got["shim", "shared_flag", True]["all_modules"].shape == (6, 24)
+
+
+class EncoderMaskTask(Seq2SeqTask):
+    """kronfluence's own encoder-decoder example form: one mask, the encoder's. kronfluence masks a
+    module only where the mask has one entry per row of its input, so the decoder's modules (6 tokens
+    against the source's 9) go unmasked."""
+
+    def get_attention_mask(self, batch):
+        return batch["attention_mask"]
+
+
+def test_a_mask_that_does_not_fit_leaves_modules_unmasked_as_kronfluence_does(tmp_path):
+    """The shim (and kronfluence_task natively) apply kronfluence's rule, with a warning naming the
+    modules left unmasked; source_fast's own rule refuses the same mask, naming the module."""
+    model, _, train, queries = _t5(torch.float64)
+    task = EncoderMaskTask()
+    f64 = torch.float64
+    with pytest.warns(UserWarning, match=r"does not fit the inputs of modules \['decoder.block.0.layer.0.SelfAttention.q', "
+                      r"'decoder.block.0.layer.1.EncDecAttention.q', 'decoder.block.0.layer.2.DenseReluDense.wi'\]"):
+        shim = _script(kf, copy.deepcopy(model), task, train, queries, str(tmp_path / "shim"), f64)
+    kron = _script(kronfluence, copy.deepcopy(model), task, train, queries, str(tmp_path / "kron"), f64)
+    for key in kron:
+        _agree(shim[key], kron[key], f64, key)
+    factors = kf.load_factors(tmp_path / "kron" / "run" / "factors_ekfac", model, task)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    with pytest.warns(UserWarning, match="left unmasked, as kronfluence leaves them"):
+        native = sf.score(model, kf.kronfluence_task(model, task), traj, factors, train, queries, method="ekfac",
+                          damping=1e-8, batch_size=16)
+    _agree(native * len(train), kron["pair_d1e-8"], f64, "native scores with kronfluence_task, × N")
+    with pytest.raises(ValueError, match=r"attention mask has shape \(6, 9\) but module "
+                       r"'decoder.block.0.layer.0.SelfAttention.q' sees 6 examples × 6 tokens"):
+        sf.score(model, task, traj, factors, train, queries, method="ekfac", damping=1e-8, batch_size=16)
 
 
 # ---- kronfluence's other strategies: identity, diagonal, kfac ---------------------------------

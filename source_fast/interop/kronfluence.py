@@ -17,18 +17,24 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   nn.Conv2d modules only; source_fast's own default also tracks transformers' Conv1D and layers with
   children. Everything here uses kronfluence's rule (`tracked_modules`); to score factors from
   `load_factors` natively, pass `kronfluence_task(model, task)` as the task.
-- Masks. kronfluence masks activations but not output gradients in the covariances, and masks
-  neither in per-example gradients: it relies on padded tokens having zero output gradient (true when
-  nothing attends to them and the loss ignores them). source_fast masks both sides; the two agree
-  whenever that assumption holds, and source_fast stays right when it does not.
+- Masks. A mask applies by kronfluence's rule (`MaskWhereItFits`): to a module where it has one
+  entry per example and token of the module's input; a module it does not fit is left unmasked (an
+  encoder-decoder's decoder given only the encoder's mask), with a warning where kronfluence says
+  nothing. A per-module dict masks the modules it names. source_fast's own functions refuse a mask
+  that does not fit. kronfluence masks activations but not output gradients in the covariances, and
+  masks neither in per-example gradients: it relies on padded tokens having zero output gradient
+  (true when nothing attends to them and the loss ignores them). source_fast masks both sides; the
+  two agree whenever that assumption holds, and source_fast stays right when it does not.
 - `amp_dtype` runs the task's forward passes under torch.autocast, as kronfluence does; float16
   autocast only for a float16 model (kronfluence's loss scaling, `amp_scale`, which keeps a float32
   model's float16 output gradients from underflowing, is not done here).
-- Per-module masks (a dict from `get_attention_mask`, as for an encoder-decoder) are taken as
-  kronfluence takes them: a tracked module the dict leaves out is unmasked.
-  Shared (re-used) modules are taken as with kronfluence's `has_shared_parameters=True`, whatever
-  the flag: a per-example gradient sums over the module's calls. `enable_post_process_per_sample_gradient`
-  and partition targets are not supported by the shim; it raises instead of silently computing
+- Shared (re-used) modules are taken as with kronfluence's `has_shared_parameters=True`, whatever
+  the flag: a per-example gradient sums over the module's calls (kronfluence 1.0.1's pairwise scores
+  keep only one call's part of a shared module's score; its factors and self-influence sum them).
+- Grouped convolutions and padding modes other than zeros are refused when tracked (kronfluence runs
+  them with the groups' inputs averaged and zero padding, which is not their gradient): track the
+  other modules (`get_influence_tracked_modules`). `enable_post_process_per_sample_gradient` and
+  partition targets are not supported by the shim; it raises instead of silently computing
   something else. Per-module and per-token scores and aggregated query or training gradients are
   (source_fast's `per_module`, `per_token`, `sum_queries`, and a column sum).
 - Strategies: all four of kronfluence's, ekfac, kfac (Λ = e_S e_Aᵀ), diagonal (Λ of the per-example
@@ -77,9 +83,9 @@ from torch.utils.data import DataLoader, Subset
 
 from .._dist import rank_and_world, same_on_all_ranks
 from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, remove_stale_temps
-from .._passes import rank_share, share_start
+from .._passes import model_device, rank_share, share_start, to_device
 from .._warn import warn
-from ..capture import PLACEHOLDER, LayerSpec, tracked_layers
+from ..capture import PLACEHOLDER, LayerSpec, MaskWhereItFits, tracked_layers
 from ..factors import (Factors, LayerFactors, _covariances, _lambdas, eigendecompose, factor_dtype, pass_seed,
                        restored)
 from ..scoring import DEFAULT_QUERY_MEMORY_BUDGET, score, self_score
@@ -207,8 +213,10 @@ class _TaskView:
         return getattr(self._task, attr)
 
 
-class _TrackedAs(_TaskView):
-    """`task` with `get_influence_tracked_modules()` fixed to `names`; everything else is the task's."""
+class _AsKronfluence(_TaskView):
+    """`task` as kronfluence runs it: `get_influence_tracked_modules()` fixed to `names`, and its
+    attention masks applied by kronfluence's rule (MaskWhereItFits: a module whose inputs a mask does
+    not fit is left unmasked); everything else is the task's."""
 
     def __init__(self, task: Task, names: list[str]) -> None:
         self._task, self._names = task, names
@@ -216,11 +224,16 @@ class _TrackedAs(_TaskView):
     def get_influence_tracked_modules(self) -> list[str]:
         return list(self._names)
 
+    def get_attention_mask(self, batch: Any) -> MaskWhereItFits | None:
+        mask = self._task.get_attention_mask(batch)
+        return None if mask is None else MaskWhereItFits(mask)
+
 
 def kronfluence_task(model: nn.Module, task: Task) -> Task:
-    """`task` tracking exactly the modules kronfluence tracks on `model` (`tracked_modules`): the task
-    to give source_fast's own functions along with factors from `load_factors`."""
-    return _TrackedAs(task, tracked_modules(model, task))  # type: ignore[return-value]
+    """`task` tracking exactly the modules kronfluence tracks on `model` (`tracked_modules`) and masking
+    as kronfluence masks: the task to give source_fast's own functions along with factors from
+    `load_factors`."""
+    return _AsKronfluence(task, tracked_modules(model, task))  # type: ignore[return-value]
 
 
 # ---- factor files ------------------------------------------------------------------------------
@@ -774,7 +787,7 @@ class Analyzer:
         self.model = model.to(_device(model, cpu))
         self.task = task
         self._names = tracked_modules(model, task)
-        self._task = _TrackedAs(task, self._names)  # what source_fast runs: kronfluence's tracked modules
+        self._task = _AsKronfluence(task, self._names)  # what source_fast runs: kronfluence's tracked modules
         self._specs = tracked_layers(model, self._names)
         self.progress = not disable_tqdm
         self.output_dir = Path(output_dir).joinpath(analysis_name).resolve()
@@ -858,6 +871,34 @@ class Analyzer:
         fields = {} if kwargs is None else kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(vars(kwargs))
         return DataLoader(dataset, batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, shuffle=False,
                           drop_last=False, **fields)
+
+    def _modules_without_tokens(self, task: Task, loader: DataLoader) -> list[str]:
+        """The tracked modules kronfluence scores whole, not per token, with compute_per_token_scores:
+        convolutions, and linear layers whose input is not (batch, tokens, features). Their inputs are
+        seen in one forward pass of the first batch."""
+        dims: dict[str, int] = {}
+        modules = dict(self.model.named_modules())
+
+        def hook(name: str) -> Callable:
+            def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+                dims.setdefault(name, inputs[0].dim())
+            return record
+
+        batch = next(iter(loader), None)
+        if batch is None:  # no queries: score() says so
+            return []
+        handles = [modules[s.name].register_forward_hook(hook(s.name)) for s in self._specs]
+        training = self.model.training
+        self.model.eval()  # as score() runs it: no dropout, no BatchNorm statistics updated
+        try:
+            with torch.no_grad():
+                task.compute_measurement(to_device(batch, model_device(self.model)), self.model)
+        finally:
+            self.model.train(training)
+            for h in handles:
+                h.remove()
+        # A module that did not run is score()'s to report.
+        return [s.name for s in self._specs if s.kind == "conv2d" or dims.get(s.name, 3) != 3]
 
     def _checkpoint(self) -> dict[str, Tensor]:
         """The model's current weights, the one checkpoint of the EK-FAC trajectory. Not copied:
@@ -1227,11 +1268,22 @@ class Analyzer:
         factors, args = self._score_setup(
             out, "pairwise_scores.safetensors", factors_name, score_args, overwrite_output_dir,
             {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
-        if args["compute_per_token_scores"] and args["aggregate_train_gradients"]:
-            warn("per-token scores do not apply to aggregated training gradients: "
-                 "compute_per_token_scores is ignored, as kronfluence does")
-            args = {**args, "compute_per_token_scores": False}  # the scores' metadata records what was used
+        for flag, source in (("aggregate_train_gradients", args), ("has_shared_parameters",
+                                                                  _factor_args_json(self.factors_output_dir(factors_name)))):
+            if args["compute_per_token_scores"] and source.get(flag):
+                warn(f"per-token scores do not apply with {flag}=True: compute_per_token_scores is ignored, as "
+                     "kronfluence does")
+                args = {**args, "compute_per_token_scores": False}  # the scores' metadata records what was used
         queries = self._loader(_subset(query_dataset, query_indices), per_device_query_batch_size, dataloader_kwargs)
+        per_token, tokenless = args["compute_per_token_scores"], []
+        if per_token:  # kronfluence scores a module per token only where its input is (batch, tokens, features)
+            tokenless = self._modules_without_tokens(task, queries)
+            if not args["compute_per_module_scores"] and tokenless:
+                if len(tokenless) < len(self._specs):  # kronfluence's error, and its type
+                    raise RuntimeError(f"{tokenless} have no token axis: the model does not support token-wise score "
+                                       "computation. Set `compute_per_module_scores=True` or "
+                                       "`compute_per_token_scores=False` to avoid this error.")
+                per_token, tokenless = False, []  # no module has tokens: kronfluence's scores are (n_query, n_train)
         # Under torch.distributed score() splits the training data across the ranks and gathers the columns.
         train = self._loader(_subset(train_dataset, train_indices), per_device_train_batch_size, dataloader_kwargs)
         rank = args["query_gradient_low_rank"]
@@ -1240,11 +1292,13 @@ class Analyzer:
             self.model, task, Trajectory([Segment([self._checkpoint()], train, lr_sum=1.0)]), factors, train,
             queries, method=method, damping=damping, query_rank=rank,
             progress=self.progress, query_memory_budget=self._query_budget(per_device_query_batch_size, rank),
-            per_token=args["compute_per_token_scores"], per_module=args["compute_per_module_scores"],
+            per_token=per_token, per_module=args["compute_per_module_scores"],
             sum_queries=args["aggregate_query_gradients"],
         )
         if not args["compute_per_module_scores"]:
             scores = {ALL_MODULES: scores}
+        for name in tokenless:  # per module: (n_query, n_train) for the modules kronfluence scores whole
+            scores[name] = scores[name].sum(-1)
         scores = {name: s * len(train.dataset) for name, s in scores.items()}  # × N undoes score's 1/N
         if args["aggregate_train_gradients"]:  # linear in the training gradient: the columns' sum is exact
             scores = {name: s.sum(1, keepdim=True) for name, s in scores.items()}
