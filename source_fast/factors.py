@@ -403,9 +403,11 @@ def fit_factors(
     notes: set[str] = set()
     try:
         ckpt_digests = _checkpoint_digests(trajectory) if distributed or resume_dir is not None else None
+        state_steps: list[list[float]] = [[] for _ in trajectory.segments]
         preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(
-            model, seg, specs, f"segment {ell}", notes).items()} if seg.optimizer != "sgd" else {}
+            model, seg, specs, f"segment {ell}", notes, state_steps[ell]).items()} if seg.optimizer != "sgd" else {}
             for ell, seg in enumerate(trajectory.segments)]  # the factors' dtype: float64 only transiently
+        _check_adam_steps(trajectory, state_steps, notes)
         unreadable = None
     except Exception as e:  # under torch.distributed, raised after the ranks compare: none waits for this one
         if not distributed:
@@ -821,10 +823,11 @@ def _check_count(count: int, expected: int | None, what: str) -> None:
 
 
 def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec], what: str,
-                         notes: set[str]) -> dict[str, Tensor]:
+                         notes: set[str], steps_out: list[float]) -> dict[str, Tensor]:
     """P = 1/(√v̂ + ε) per tracked parameter, from each checkpoint's Adam state, averaged (d_out, d_a).
     Only the tracked layers' parameters need a state (a frozen or unused head has none). What
-    deserves a warning goes into `notes`, once for the whole fit however many states repeat it."""
+    deserves a warning goes into `notes`, once for the whole fit however many states repeat it.
+    Each state's step count (its tracked parameters' largest) is appended to `steps_out`."""
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
     needed = [f"{s.name}.{p}" for s in specs for p in (("weight", "bias") if s.has_bias else ("weight",))]
     out: dict[str, Tensor] = {}
@@ -879,6 +882,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         # decrease is a mistake in order (states reversed with their checkpoints) or a restart, which is
         # better a segment boundary. Each state's bias correction uses its own step either way.
         step = max(steps)
+        steps_out.append(step)
         if previous is not None and step < previous[1]:
             notes.add(f"{where} records step {step:g}, but optimizer state {previous[0]} before it records step "
                       f"{previous[1]:g}: give the states, like the checkpoints, in training order (a restarted "
@@ -891,6 +895,31 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         for spec in specs:
             out[spec.name] = out.get(spec.name, 0) + spec.param_matrix(p_by_name).double() / len(seg.optimizer_states)
     return out
+
+
+def _check_adam_steps(trajectory: Trajectory, state_steps: list[list[float]], notes: set[str]) -> None:
+    """Between two checkpoints of one Trajectory.even run, Adam's states cannot record more steps than
+    the learning rates put there (more: rates given per epoch or per checkpoint, not per optimizer
+    step, so every c is that much too small); fewer is a restarted optimizer or rates per micro-batch."""
+    previous = None  # (where, its state's step, (run, the step its checkpoint was saved after))
+    for ell, (seg, steps) in enumerate(zip(trajectory.segments, state_steps)):
+        if seg.saved_after is None:
+            previous = None
+            continue
+        run, saved = seg.saved_after
+        for c, step in enumerate(steps):
+            where = f"segment {ell}, optimizer state {c}"
+            if previous is not None and previous[2][0] is run and step >= previous[1]:
+                taken, given = step - previous[1], saved[c] - previous[2][1]
+                said = (f"{where} records step {step:g} and {previous[0]} step {previous[1]:g}: {taken:g} optimizer "
+                        f"steps between their checkpoints, where the learning rates have {given} (checkpoints after "
+                        f"rates {previous[2][1]} and {saved[c]})")
+                if taken > given:
+                    raise ValueError(f"{said}; give lrs one rate per optimizer step (and steps= the step each "
+                                     "checkpoint was saved after, if not evenly spaced)")
+                if taken < given:
+                    notes.add(f"{said}: rates per micro-batch, not per optimizer step? (or a restarted optimizer)")
+            previous = (where, step, (run, saved[c]))
 
 
 def not_adam(group: dict) -> str | None:

@@ -325,6 +325,9 @@ class Segment:
         )
         self.num_examples = n
         self.decay_scale = float(decay_scale)
+        # Set by Trajectory.even: (its run, the step each checkpoint was saved after), which fit_factors
+        # checks against the step counts Adam's states record.
+        self.saved_after: tuple[object, list[int]] | None = None
 
     def decay(self, module: str) -> float:
         """The weight decay this segment applied to tracked module `module`."""
@@ -438,19 +441,19 @@ class Trajectory:
         # the optimizer adds after clipping moves them the unclipped distance (decay_scale).
         lrs = [m * g for m, g in zip(unclipped, scales)]
         bounds = [round(s * n_ckpt / num_segments) for s in range(num_segments + 1)]
-        segments, start = [], 0
+        segments, start, run = [], 0, object()
         for s in range(num_segments):
             group = range(bounds[s], bounds[s + 1])
             end = ckpt_step[group[-1]]
             clipped, full = sum(lrs[start:end]), sum(unclipped[start:end])
-            segments.append(
-                Segment(
-                    [checkpoints[c] for c in group], data, lrs=lrs[start:end], momentum=momentum,
-                    weight_decay=weight_decay, num_examples=num_examples, optimizer=optimizer,
-                    optimizer_states=None if optimizer_states is None else [optimizer_states[c] for c in group],
-                    decay_scale=full / clipped if clipped > 0 else 1.0,
-                )
+            segment = Segment(
+                [checkpoints[c] for c in group], data, lrs=lrs[start:end], momentum=momentum,
+                weight_decay=weight_decay, num_examples=num_examples, optimizer=optimizer,
+                optimizer_states=None if optimizer_states is None else [optimizer_states[c] for c in group],
+                decay_scale=full / clipped if clipped > 0 else 1.0,
             )
+            segment.saved_after = (run, [ckpt_step[c] for c in group])
+            segments.append(segment)
             start = end
         return cls(segments)
 

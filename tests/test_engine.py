@@ -1224,6 +1224,44 @@ def test_progress_bars_suit_logs_and_ranks(monkeypatch):
     bar.close()
 
 
+def test_adam_states_steps_must_fit_the_learning_rates(setup):
+    """A real AdamW run of 12 steps with 4 checkpoints: its states record steps 3, 6, 9, 12. One rate per
+    checkpoint (4 rates) would make every c 3 times too small: refused, naming both states, across the
+    segments too; 24 rates (one per half step) are a warning; the 12 real ones fit without a word."""
+    model, data, _, _ = setup
+    task = ClassifyTask()
+    model = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    ckpts, states = [], []
+    for step in range(12):
+        opt.zero_grad()
+        task.compute_train_loss(data[step * 5 : step * 5 + 5], model).backward()
+        opt.step()
+        if step % 3 == 2:
+            ckpts.append({k: v.clone() for k, v in model.state_dict().items()})
+            states.append(copy.deepcopy(opt.state_dict()))
+
+    def fit(rates, segments=2):
+        traj = sf.Trajectory.even(ckpts, [1e-2] * rates, segments, data, optimizer="adamw", optimizer_states=states,
+                                  weight_decay=0.01)
+        return sf.fit_factors(model, task, traj, fisher="empirical", batch_size=30)
+
+    with pytest.raises(ValueError, match=r"segment 0, optimizer state 1 records step 6 and segment 0, optimizer state 0 "
+                                         r"step 3: 3 optimizer steps between their checkpoints, where the learning "
+                                         r"rates have 1 \(checkpoints after rates 1 and 2\); give lrs one rate per "
+                                         r"optimizer step"):
+        fit(4)
+    with pytest.raises(ValueError, match=r"segment 1, optimizer state 0 records step 6 and segment 0, optimizer state 0 "
+                                         r"step 3: 3 optimizer steps"):
+        fit(4, segments=4)  # one checkpoint per segment: the states are compared across the segments
+    with pytest.warns(UserWarning, match=r"where the learning rates have 6 .*: rates per micro-batch, not per "
+                                         r"optimizer step\?"):
+        fit(24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(12)
+
+
 def test_even_splits_adam_states_with_their_checkpoints(setup):
     """Trajectory.even for an Adam run: each segment gets its checkpoints' optimizer states, so it
     fits what hand-built segments fit."""
