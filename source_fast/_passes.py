@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import (
     BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, SequentialSampler, Subset, TensorDataset,
+    default_collate,
 )
 
 from ._dist import rank_and_world
@@ -461,6 +462,51 @@ def chunks(data: Any, size: int) -> Iterator[tuple[int, Any]]:
             start, buffer = start + size, []
     if buffer:
         yield start, _rebuild(data, buffer) if isinstance(data, DataLoader) else buffer
+
+
+def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable | None, objective: str) -> None:
+    """Refuses a task whose loss (or measurement) is not summed over the batch's examples. Every
+    per-example gradient, so every score, assumes a sum; a mean (torch's losses' default reduction,
+    HF models' own `.loss`) scales each example's gradient by 1/batch size, so scores would depend on
+    batch_size and the last batch's rows weigh more, with no error of their own. Checked on the first
+    four examples: together against two pairs (two, not one: a model that squeezes its batch axis
+    breaks on one), in eval mode, with autograd on (a task may differentiate inside its loss). A task or
+    collate_fn that fails here is left to fail in the pass, whose error says which pass and batch."""
+    source = data.dataset if isinstance(data, DataLoader) else data
+    first = list(itertools.islice(source, 4)) if is_stream(data) else [source[i] for i in range(min(4, length(data)))]
+    if len(first) < 4:  # too few to tell a sum from a mean for certain
+        return
+    collate = data.collate_fn if isinstance(data, DataLoader) else collate_fn or default_collate
+    device, training = model_device(model), model.training
+    kind = "compute_measurement" if objective == "measurement" else "compute_train_loss"
+    values = []
+    model.eval()  # as the passes run it: no dropout, no BatchNorm statistics updated
+    try:
+        for piece in (first, first[:2], first[2:]):
+            batch = to_device(collate(piece), device)
+            out = task.compute_measurement(batch, model) if objective == "measurement" else \
+                task.compute_train_loss(batch, model, False)
+            values.append(float(out.detach()) if isinstance(out, torch.Tensor) and out.numel() == 1 else math.nan)
+    except Exception:  # noqa: BLE001 (the pass reports it, naming the pass and the batch)
+        return
+    finally:
+        model.train(training)
+    together, one, two = values
+    if not all(map(math.isfinite, values)):
+        return  # not a finite scalar: the passes say what is wrong, and where
+    # 5 %: 16-bit models round a loss computed on 4 rows and on 2 differently; a mean is off by 2x.
+    scale = 0.05 * (abs(together) + abs(one) + abs(two))
+    if abs(together - (one + two)) <= scale:
+        return
+    mean = abs(together - (one + two) / 2) <= scale
+    raise ValueError(
+        f"the task's {kind} is not summed over the batch: on the first 4 examples it returns {together:.6g}, and "
+        f"{one:.6g} + {two:.6g} = {one + two:.6g} on their two halves"
+        + (" (half of it: the mean over the batch)" if mean else "")
+        + "; source_fast, like kronfluence, needs it summed over the batch's examples (e.g. reduction='sum', and a "
+        "language model's token losses summed per example, not HF's mean `.loss`): a mean scales each example's "
+        "gradient by 1/batch size"
+    )
 
 
 def run_pass(

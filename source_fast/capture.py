@@ -107,7 +107,15 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
     frozen = {n for n, m in modules.items()
               if some_train and not any(p.requires_grad and not is_placeholder(p) for p in m.parameters(recurse=False))}
     if names is None:
-        specs = [LayerSpec.of(n, m) for n, m in modules.items() if layer_kind(m) is not None and n not in frozen]
+        # nn.MultiheadAttention uses its out_proj's weights without calling it (and its in-projection is a
+        # bare parameter): there is no layer call to capture, so the default leaves it out, and says so.
+        attention = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention) and n not in frozen]
+        unseen = {f"{n}.out_proj" if n else "out_proj" for n in attention}
+        if attention:
+            warn(f"nn.MultiheadAttention modules {attention[:8]} are not tracked: they compute their projections "
+                 "from their weights without calling a layer, so their part of the scores is left out")
+        specs = [LayerSpec.of(n, m) for n, m in modules.items()
+                 if layer_kind(m) is not None and n not in frozen and n not in unseen]
         if not specs:
             raise ValueError("the model has no nn.Linear, nn.Conv2d or Conv1D layer to track (that trains)")
         return specs

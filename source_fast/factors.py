@@ -25,8 +25,8 @@ from ._dist import (all_reduce_int, all_reduce_sum_, barrier, differing_on_ranks
 from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, remove_stale_temps, sha256_file,
                   write_named_by_content)
 from ._passes import (
-    available_memory, check_count, describe_model, describe_task, digest_examples, digest_tensors, length, make_loader,
-    rank_share, reuse_large_blocks, run_pass, share_start,
+    available_memory, check_count, check_summed, describe_model, describe_task, digest_examples, digest_tensors, length,
+    make_loader, rank_share, reuse_large_blocks, run_pass, share_start,
 )
 from ._warn import warn
 from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
@@ -393,6 +393,8 @@ def fit_factors(
         check_folder(resume_dir, "resume_dir")
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     warn_batchnorm(model)
+    for data in {id(seg.data): seg.data for seg in trajectory.segments}.values():  # each stage's data once
+        check_summed(model, task, data, collate_fn, "train")
     dtype = factor_dtype(model)
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device

@@ -20,6 +20,63 @@ def setup():
     return model, data, perturbed_states(model, 2)
 
 
+class MeanTask(ClassifyTask):
+    """torch's default reduction: the batch's mean, on either side."""
+
+    def __init__(self, train="mean", measurement="sum"):
+        self.train, self.measurement = train, measurement
+
+    def compute_train_loss(self, batch, model, sample=False):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction=self.train)
+
+    def compute_measurement(self, batch, model):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction=self.measurement)
+
+
+class TokenMeanTask(ClassifyTask):
+    """HF's `.loss`: the mean over every token of the batch, so an example's weight depends on the others'
+    lengths (here example i has i % 3 + 1 tokens: its row repeated)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        repeats = torch.arange(len(x)) % 3 + 1
+        return nn.functional.cross_entropy(model(x.repeat_interleave(repeats, 0)), y.repeat_interleave(repeats))
+
+    compute_measurement = compute_train_loss
+
+
+def test_a_loss_not_summed_over_the_batch_is_refused(setup, tmp_path):
+    """A mean loss scales each example's gradient by 1/batch size, silently: scores would change with
+    batch_size and the short last batch's rows would weigh more. Refused before any pass, naming the
+    function, with the numbers and, for a mean, that it is half the pairs' sum."""
+    model, data, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts[-1:], data, lr_sum=1.0)])
+    mean = r"compute_train_loss is not summed over the batch: on the first 4 examples it returns .* on their two " \
+           r"halves \(half of it: the mean over the batch\); source_fast, like kronfluence, needs it summed"
+    with pytest.raises(ValueError, match=mean):
+        sf.fit_factors(model, MeanTask(), traj)
+    factors = sf.fit_factors(model, ClassifyTask(), traj)
+    with pytest.raises(ValueError, match=mean):
+        sf.self_score(model, MeanTask(), traj, factors, data, method="ekfac")
+    with pytest.raises(ValueError, match=r"compute_measurement is not summed over the batch: .*\(half of it"):
+        sf.score(model, MeanTask("sum", "mean"), traj, factors, data, data, method="ekfac")
+    with pytest.raises(ValueError, match=r"compute_measurement is not summed"):
+        sf.self_score(model, MeanTask("sum", "mean"), traj, factors, data, method="ekfac", use_measurement=True)
+    with pytest.raises(ValueError, match=r"compute_train_loss is not summed over the batch"):
+        sf.score(model, TokenMeanTask(), traj, factors, data, data, method="grad_dot")
+    # kronfluence's own scripts through the shim: refused before a factor file is written.
+    from source_fast.interop import kronfluence as kf
+
+    analyzer = kf.Analyzer("run", kf.prepare_model(model, MeanTask()), MeanTask(), cpu=True, disable_tqdm=True,
+                           output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=mean):
+        analyzer.fit_all_factors("f", data, per_device_batch_size=8)
+    assert not list(tmp_path.rglob("*.safetensors"))
+    # Fewer than four examples cannot tell a sum from a mean: not checked (as many queries as that are fine).
+    assert sf.score(model, MeanTask("sum", "mean"), traj, factors, data, torch.utils.data.Subset(data, range(3)),
+                    method="ekfac").shape == (3, len(data))
+
+
 def test_checkpoint_mismatch_names_the_checkpoint_and_keys(setup):
     model, data, ckpts = setup
     missing = {k: v for k, v in ckpts[1].items() if k != "2.bias"}
@@ -517,8 +574,8 @@ def test_concurrent_factor_saves_to_one_folder_take_turns(setup, tmp_path, monke
 
 
 def test_a_tracked_module_that_never_runs_is_named_with_the_fix():
-    """nn.MultiheadAttention multiplies by its out_proj's weight without calling the module, so the
-    default tracking (every Linear) cannot capture it: the error names it and says how to choose."""
+    """nn.MultiheadAttention multiplies by its out_proj's weight without calling the module: the default
+    tracking leaves it out with a warning; named, it is refused with the fix."""
 
     class Encoder(torch.nn.Module):
         def __init__(self):
@@ -533,9 +590,17 @@ def test_a_tracked_module_that_never_runs_is_named_with_the_fix():
     model = Encoder().double()
     data = torch.utils.data.TensorDataset(torch.randn(6, 4, 8, dtype=torch.float64), torch.randint(0, 3, (6,)))
     traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.warns(UserWarning, match=r"nn.MultiheadAttention modules \['enc.self_attn'\] are not tracked"):
+        factors = sf.fit_factors(model, ClassifyTask(), traj)
+    assert sorted(factors.segments[0]) == ["enc.linear1", "enc.linear2", "head"]
+
+    class Named(ClassifyTask):
+        def get_influence_tracked_modules(self):
+            return ["enc.self_attn.out_proj", "head"]
+
     with pytest.raises(ValueError, match=r"segment 0, checkpoint 0, batch 0 \(examples from 0\): tracked modules "
                                          r"\['enc.self_attn.out_proj'\] did not run .*get_influence_tracked_modules"):
-        sf.fit_factors(model, ClassifyTask(), traj)
+        sf.fit_factors(model, Named(), traj)
 
 
 def _adam_state(model, data):

@@ -189,12 +189,13 @@ class CountingData(torch.utils.data.Dataset):
 
 def test_the_fingerprint_reads_shared_data_once(tmp_path):
     """Segments of one stage share their data: the resume fingerprint hashes it once, not per segment
-    (on top of the passes: 2 segments × 2 checkpoints × covariance and Λ)."""
+    (on top of the passes: 2 segments × 2 checkpoints × covariance and Λ; and the first four examples,
+    read to check that the loss sums over the batch)."""
     model, task, _ = _setup()
     data = CountingData(classification_data(40, 5, 3, seed=1))
     traj = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 20, 2, data, momentum=0.5)
     sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8, resume_dir=tmp_path)
-    assert data.reads == 8 * 40 + 40
+    assert data.reads == 8 * 40 + 40 + 4
 
 
 def test_any_task_setting_can_be_fingerprinted_and_values_count(tmp_path):

@@ -63,8 +63,8 @@ def test_every_form_of_training_data_gives_the_dataset_scores(setup, form, monke
     ref_traj, traj = _trajectory(states, data), _trajectory(states, other, num_examples=N)
     ref_f = sf.fit_factors(model, task, ref_traj, fisher="empirical", batch_size=8)
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
-    if form != "loader_of_dataset":  # covariance and Λ passes at each of the 4 checkpoints
-        assert stream.reads == 2 * 4
+    if form != "loader_of_dataset":  # covariance and Λ passes at each of the 4 checkpoints, and the
+        assert stream.reads == 2 * 4 + 1  # check that the loss sums over the batch (its first examples)
     _assert_same_factors(factors, ref_f)
     # Queries are read once, into memory: a one-shot iterator will do.
     assert torch.equal(sf.score(model, task, ref_traj, ref_f, data, iter([queries[i] for i in range(4)])),
@@ -75,8 +75,8 @@ def test_every_form_of_training_data_gives_the_dataset_scores(setup, form, monke
         got = sf.score(model, task, t, f, other, query_stream, method=method, batch_size=8)
         want = sf.score(model, task, rt, rf, data, queries, method=method, batch_size=8)
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-14), (method, (got - want).abs().max())
-        if form != "loader_of_dataset":  # all 4 checkpoints score each buffered piece: one read
-            assert stream.reads == reads + 1
+        if form != "loader_of_dataset":  # all 4 checkpoints score each buffered piece: one read (and the
+            assert stream.reads == reads + 1 + 1  # check that the loss sums over the batch)
     final, ref_final = traj.final(), ref_traj.final()
     f_final = sf.fit_factors(model, task, final, fisher="empirical", batch_size=8)
     ref_f_final = sf.fit_factors(model, task, ref_final, fisher="empirical", batch_size=8)
@@ -237,7 +237,8 @@ def test_corpus_from_a_stream_shards_resumes_and_keeps_top_k(setup, tmp_path):
     out = tmp_path / "scores"
     score_corpus(model, task, traj, factors, stream, queries, out, shard_size=16, query_memory_budget=budget,
                  progress=False)
-    assert stream.reads == reads + 2 + 1  # once per query block, plus the manifest's fingerprint
+    # Once per query block, plus the manifest's fingerprint and the check that the loss sums over the batch.
+    assert stream.reads == reads + 2 + 1 + 1
     assert sorted(p.name for p in (out / "shards").glob("q1_*.json")) == [
         "q1_0-16.json", "q1_16-32.json", "q1_32-48.json", "q1_48-50.json"]
     assert torch.allclose(load_scores(out), full, rtol=1e-10, atol=1e-14)
@@ -337,7 +338,7 @@ def test_bad_data_is_refused_with_the_fix(setup, tmp_path):
     with pytest.raises(ValueError, match="yielded 50 examples but segment 0 has num_examples=51"):
         sf.score(model, task, stream_traj, None, stream_traj.segments[0].data, queries, method="tracin")
     shrinking = Shrinking(data)
-    with pytest.raises(ValueError, match=r"yielded \[47, 48\] examples"):
+    with pytest.raises(ValueError, match=r"yielded \[46, 47\] examples"):  # after the fingerprint's and the sum check's
         score_corpus(model, task, traj, factors, shrinking, queries, tmp_path, shard_size=16, train_segments="all",
                      query_memory_budget=2 * 2 * 8 * (6 * 6 + 3 * 7), progress=False)
 

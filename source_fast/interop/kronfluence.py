@@ -83,7 +83,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._dist import rank_and_world, same_on_all_ranks
 from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, remove_stale_temps
-from .._passes import model_device, rank_share, share_start, to_device
+from .._passes import check_summed, model_device, rank_share, share_start, to_device
 from .._warn import warn
 from ..capture import PLACEHOLDER, LayerSpec, MaskWhereItFits, tracked_layers
 from ..factors import (Factors, LayerFactors, _covariances, _lambdas, eigendecompose, factor_dtype, pass_seed,
@@ -1011,6 +1011,7 @@ class Analyzer:
         data = _limited(dataset, args["covariance_max_examples"])
         loader = self._loader(self._share(data), per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
+        check_summed(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), loader, None, "train")
         self._clear(out, COVARIANCE_STEMS)
         with self._seeded("cov"):  # sums over every rank's share
             a_cov, s_cov, rows = _covariances(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs,
@@ -1109,6 +1110,7 @@ class Analyzer:
         data = _limited(dataset, args["lambda_max_examples"])
         loader = self._loader(self._share(data), per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
+        check_summed(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), loader, None, "train")
         self._clear(out, LAMBDA_STEMS)
         if eigen is not None and load_from_factors_name is not None:
             def copy_eigen() -> None:
