@@ -8,6 +8,7 @@ of the first tracked layer.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,15 @@ def layer_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "nn_conv1d"  # torch's convolution ("conv1d" is transformers' Conv1D, a linear layer)
     if _is_hf_conv1d(module):
         return "conv1d"
     return None
+
+
+# Convolutions: a token is an output position, its input the unfolded patch (channels × kernel).
+CONVOLUTIONS = ("conv2d", "nn_conv1d")
 
 
 @dataclass(frozen=True)
@@ -54,22 +61,23 @@ class LayerSpec:
         kind = layer_kind(module)
         if kind == "linear":
             d_in, d_out = module.in_features, module.out_features
-        elif kind == "conv2d":
+        elif kind in CONVOLUTIONS:
             # By default every supported layer is tracked: say how to leave this one out.
             leave_out = "; to attribute through the other layers, name them in the task's get_influence_tracked_modules"
+            conv = type(module).__name__
             if module.groups != 1:
-                raise ValueError(f"module {name!r}: grouped Conv2d (groups={module.groups}) is not supported{leave_out}")
+                raise ValueError(f"module {name!r}: grouped {conv} (groups={module.groups}) is not supported{leave_out}")
             if module.padding_mode != "zeros":
-                raise ValueError(f"module {name!r}: Conv2d padding_mode={module.padding_mode!r} is not supported"
+                raise ValueError(f"module {name!r}: {conv} padding_mode={module.padding_mode!r} is not supported"
                                  f"{leave_out}")
-            d_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            d_in = module.in_channels * math.prod(module.kernel_size)
             d_out = module.out_channels
         elif kind == "conv1d":
             d_in, d_out = module.weight.shape
         else:
             raise TypeError(
-                f"module {name!r} is a {type(module).__name__}; supported layers are nn.Linear, nn.Conv2d "
-                "and transformers' Conv1D"
+                f"module {name!r} is a {type(module).__name__}; supported layers are nn.Linear, nn.Conv2d, "
+                "nn.Conv1d and transformers' Conv1D"
             )
         return cls(name, kind, int(d_in), int(d_out), getattr(module, "bias", None) is not None)
 
@@ -117,7 +125,7 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
         specs = [LayerSpec.of(n, m) for n, m in modules.items()
                  if layer_kind(m) is not None and n not in frozen and n not in unseen]
         if not specs:
-            raise ValueError("the model has no nn.Linear, nn.Conv2d or Conv1D layer to track (that trains)")
+            raise ValueError("the model has no nn.Linear, nn.Conv2d, nn.Conv1d or Conv1D layer to track (that trains)")
         return specs
     if len(set(names)) != len(names):
         raise ValueError(f"tracked modules are listed more than once: {names}")
@@ -184,13 +192,22 @@ def with_ones(a: Tensor, spec: LayerSpec, mask: Tensor | None) -> Tensor:
     return torch.cat([a, ones], dim=-1)
 
 
-def _string_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+def _as_2d(module: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], Any, tuple[int, int]]:
+    """(kernel_size, dilation, padding, stride) of a convolution as a Conv2d's: a Conv1d's input is
+    unfolded as an image of height 1."""
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size, module.dilation, module.padding, module.stride
+    padding = module.padding if isinstance(module.padding, str) else (0, module.padding[0])
+    return (1, module.kernel_size[0]), (1, module.dilation[0]), padding, (1, module.stride[0])
+
+
+def _string_padding(padding: str, kernel_size: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
     """F.pad's (left, right, top, bottom) for padding="valid" / "same". "same" pads dilation·(k − 1)
     per dimension, the odd element on the right / bottom, as torch's convolution does."""
-    if module.padding == "valid":
+    if padding == "valid":
         return (0, 0, 0, 0)
     pads = []
-    for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):  # width first, as F.pad wants
+    for k, d in zip(reversed(kernel_size), reversed(dilation)):  # width first, as F.pad wants
         total = d * (k - 1)
         pads += [total // 2, total - total // 2]
     return tuple(pads)
@@ -218,12 +235,14 @@ class Capturer:
         self._mask: Tensor | dict[str, Tensor | list[Tensor | None]] | None = None
 
     def _tokens(self, spec: LayerSpec, module: nn.Module, x: Tensor) -> Tensor:
-        if spec.kind == "conv2d":
-            padding = module.padding
+        if spec.kind in CONVOLUTIONS:
+            kernel_size, dilation, padding, stride = _as_2d(module)
+            if spec.kind == "nn_conv1d":
+                x = x.unsqueeze(2)
             if isinstance(padding, str):  # "valid" or "same": pad as the convolution does, then unfold
-                x = F.pad(x, _string_padding(module))
+                x = F.pad(x, _string_padding(padding, kernel_size, dilation))
                 padding = 0
-            cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+            cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
             return cols.transpose(1, 2)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
@@ -231,7 +250,7 @@ class Capturer:
         if isinstance(self._mask, MaskWhereItFits):
             given = self._mask.mask
             mask = given.get(spec.name) if isinstance(given, dict) else given
-            if mask is None or spec.kind == "conv2d":  # kronfluence masks no convolution
+            if mask is None or spec.kind in CONVOLUTIONS:  # kronfluence masks no convolution
                 return None
             if not isinstance(mask, Tensor):
                 raise TypeError(f"get_attention_mask returned a {type(mask).__name__} for module {spec.name!r}: "
@@ -247,7 +266,7 @@ class Capturer:
             if call >= len(mask):
                 raise ValueError(f"module {spec.name!r} ran more than the {len(mask)} times its attention masks are for")
             mask = mask[call]
-        if mask is None or spec.kind == "conv2d" or x_dim == 2:
+        if mask is None or spec.kind in CONVOLUTIONS or x_dim == 2:
             return None  # no token axis to mask
         if mask.dim() != 2 or tuple(mask.shape) != (n, t):
             whose = f"module {spec.name!r}'s attention mask" if per_module else "attention mask"
@@ -376,7 +395,7 @@ class Capturer:
 
             def grad_hook(grad: Tensor):
                 grad = grad.reshape(shape)
-                if spec.kind == "conv2d":
+                if spec.kind in CONVOLUTIONS:
                     g = grad.flatten(2).transpose(1, 2)
                 else:
                     g = grad.reshape(grad.shape[0], -1, grad.shape[-1])

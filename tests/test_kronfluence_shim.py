@@ -135,7 +135,7 @@ def test_default_tracked_modules_are_kronfluences(tmp_path):
         def get_influence_tracked_modules(self):
             return ["0", "3"]
 
-    with pytest.raises(ValueError, match="kronfluence does not track transformers' Conv1D"):
+    with pytest.raises(ValueError, match="it is a transformers Conv1D, which kronfluence does not track"):
         kf.load_factors(dirs["kron"], model, NamedConv1D())
 
 

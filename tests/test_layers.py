@@ -176,6 +176,35 @@ def test_conv2d_string_padding_matches_explicit_gradients():
     _check_ekfac_dense(model, ImageTask(), lambda out, y: F.cross_entropy(out, y, reduction="sum"), data, queries)
 
 
+class SignalNet(nn.Module):
+    """nn.Conv1d layers (strided and dilated with padding, then "same"), as a 1-D signal model has."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, kernel_size=3, stride=2, padding=2, dilation=2)
+        self.same = nn.Conv1d(3, 2, kernel_size=4, padding="same", bias=False)
+        self.head = nn.Linear(2 * 5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.same(torch.tanh(self.conv(x)))).flatten(1))
+
+
+def test_conv1d_matches_explicit_gradients():
+    """nn.Conv1d is unfolded as an image of height 1: tracked by default, its EK-FAC scores equal the
+    dense ones from explicit per-example gradients; grouped ones are refused as grouped Conv2d are."""
+    torch.manual_seed(0)
+    model = SignalNet().double()
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(20, 2, 9, generator=g, dtype=torch.float64), torch.randint(0, 4, (20,), generator=g))
+    queries = TensorDataset(torch.randn(3, 2, 9, generator=g, dtype=torch.float64), torch.randint(0, 4, (3,), generator=g))
+    factors, _ = _check_ekfac_dense(model, ImageTask(), lambda out, y: F.cross_entropy(out, y, reduction="sum"), data,
+                                    queries)
+    assert [(s.name, s.kind, s.d_in, s.d_out, s.has_bias) for s in factors.layers] == [
+        ("conv", "nn_conv1d", 6, 3, True), ("same", "nn_conv1d", 12, 2, False), ("head", "linear", 10, 4, True)]
+    with pytest.raises(ValueError, match=r"module 'conv': grouped Conv1d \(groups=2\) is not supported"):
+        sf.capture.tracked_layers(nn.ModuleDict({"conv": nn.Conv1d(4, 4, 3, groups=2)}), None)
+
+
 class EncoderDecoder(nn.Module):
     """A toy encoder-decoder: `enc` sees the source's s tokens, `dec` the target's t tokens (each with the
     masked mean of the encoded source), so the two layers need masks of different lengths."""

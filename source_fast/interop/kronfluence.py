@@ -85,7 +85,7 @@ from .._dist import rank_and_world, same_on_all_ranks
 from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, remove_stale_temps
 from .._passes import check_summed, model_device, rank_share, share_start, to_device
 from .._warn import warn
-from ..capture import PLACEHOLDER, LayerSpec, MaskWhereItFits, tracked_layers
+from ..capture import CONVOLUTIONS, PLACEHOLDER, LayerSpec, MaskWhereItFits, tracked_layers
 from ..factors import (Factors, LayerFactors, _covariances, _lambdas, eigendecompose, factor_dtype, pass_seed,
                        restored)
 from ..scoring import DEFAULT_QUERY_MEMORY_BUDGET, score, self_score
@@ -272,10 +272,11 @@ def _module_tensor(files: dict[str, dict[str, Tensor]], stem: str, spec: LayerSp
     """One module's tensor from one factor file, checked against the model's layer shape."""
     tensors = files[stem]
     if spec.name not in tensors:
-        if spec.kind == "conv1d":
+        if spec.kind in ("conv1d", "nn_conv1d"):
             raise ValueError(
                 f"{factors_dir / (stem + '.safetensors')} has no factor for module {spec.name!r}: it is a "
-                "transformers Conv1D, and kronfluence does not track transformers' Conv1D layers"
+                f"{'transformers Conv1D' if spec.kind == 'conv1d' else 'torch nn.Conv1d'}, which kronfluence does "
+                "not track"
             )
         raise ValueError(
             f"{factors_dir / (stem + '.safetensors')} has no factor for module {spec.name!r} "
@@ -898,7 +899,7 @@ class Analyzer:
             for h in handles:
                 h.remove()
         # A module that did not run is score()'s to report.
-        return [s.name for s in self._specs if s.kind == "conv2d" or dims.get(s.name, 3) != 3]
+        return [s.name for s in self._specs if s.kind in CONVOLUTIONS or dims.get(s.name, 3) != 3]
 
     def _checkpoint(self) -> dict[str, Tensor]:
         """The model's current weights, the one checkpoint of the EK-FAC trajectory. Not copied:
