@@ -129,7 +129,7 @@ def _check_loader(loader: DataLoader) -> None:
     if loader.batch_size is None:
         raise ValueError("the DataLoader has batch_size=None or a batch_sampler: give it batch_size= and no sampler")
     if loader.drop_last:
-        raise ValueError("the DataLoader has drop_last=True, which would skip training examples")
+        raise ValueError("the DataLoader has drop_last=True, which would leave out the examples of a short last batch")
     if isinstance(loader.sampler, DistributedSampler):  # DDP's habit: the library splits the data itself
         raise ValueError("the DataLoader has a DistributedSampler: give every rank a DataLoader over the whole dataset "
                          "(shuffle=False, no sampler); under torch.distributed source_fast gives each rank its share")
@@ -509,6 +509,31 @@ def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable |
     )
 
 
+def _nonfinite_row(batch: Any) -> int | None:
+    """The first example of a batch with a NaN or infinite value in a floating-point tensor whose first
+    axis is the examples' (dicts, lists and tuples searched), or None. Only on the way to an error."""
+    rows: list[int] = []
+
+    def search(x: Any) -> None:
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() > 0 and x.shape[0] > 0:
+            bad = ~torch.isfinite(x.detach().reshape(x.shape[0], -1)).all(1)
+            if bool(bad.any()):
+                rows.append(int(bad.nonzero()[0]))
+        elif isinstance(x, Mapping):
+            for v in x.values():
+                search(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                search(v)
+
+    search(batch)
+    return min(rows) if rows else None
+
+
+def _example(first: int | None, start: int, row: int) -> str:
+    return f"example {first + start + row}" if first is not None else f"the batch's example {row}"
+
+
 def run_pass(
     model: nn.Module,
     task: Task,
@@ -547,6 +572,11 @@ def run_pass(
                     out = task.compute_train_loss(batch, model, objective == "fisher")
             except Exception as exc:  # the task's or the model's own error: say which pass and batch
                 call = "compute_measurement" if objective == "measurement" else "compute_train_loss"
+                row = _nonfinite_row(batch)
+                if row is not None:  # what the model made of it (a sampler's refusal, say) says less
+                    raise FloatingPointError(f"{where(b, start)}: {_example(first, start, row)} holds NaN or infinite "
+                                             f"input values, and the task's {call} raised on the batch "
+                                             f"({type(exc).__name__})") from exc
                 _note(exc, f"source_fast: raised in the task's {call} (the model's forward) on {where(b, start)}")
                 raise
             if not isinstance(out, torch.Tensor) or out.dim() != 0:
@@ -581,7 +611,9 @@ def run_pass(
             hint = (" (float16 holds values up to 65504: a float16 model's activations, logits or gradients, or "
                     "those of float16 autocast, may overflow; bfloat16 and float32 do not at these values)") if half else ""
             if not math.isfinite(out.item()):
-                raise FloatingPointError(f"{where(b, start)}: the {objective} loss is {out.item()}{hint}")
+                row = _nonfinite_row(batch)
+                cause = "" if row is None else f" ({_example(first, start, row)} holds NaN or infinite input values)"
+                raise FloatingPointError(f"{where(b, start)}: the {objective} loss is {out.item()}{cause}{hint}")
             # Backward runs from the last layer to the first: the last non-finite one is where it entered.
             for spec in reversed(specs):
                 if not torch.isfinite(records[spec.name].g).all():

@@ -407,8 +407,11 @@ def lds(
             f"scores must be (n_query, n_train) and measured (M, n_query); got {tuple(scores.shape)}, {tuple(measured.shape)}"
         )
     if measured.shape != (len(subsets), scores.shape[0]):
+        swapped = measured.shape == (len(subsets), scores.shape[1])  # scores given (n_train, n_query)
         raise ValueError(
-            f"measured has shape {tuple(measured.shape)}, expected (M={len(subsets)} subsets, {scores.shape[0]} queries)"
+            f"measured has shape {tuple(measured.shape)}, expected (M={len(subsets)} subsets, {scores.shape[0]} "
+            "queries) for scores of shape " + str(tuple(scores.shape))
+            + (": the scores look transposed; give them (n_query, n_train)" if swapped else "")
         )
     _check_finite(scores, "scores have")
     _check_finite(measured.T, "measured has")

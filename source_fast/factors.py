@@ -32,7 +32,8 @@ from ._warn import warn
 from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
-from .trajectory import Checkpoint, Segment, Trajectory, checkpoint_file, load_into, load_state_dict, readable
+from .trajectory import (Checkpoint, Segment, Trajectory, checkpoint_file, load_dict, load_into, load_state_dict,
+                         readable)
 
 FORMAT_VERSION = 3  # 2: the tensor file is named by its content (factors.json says which); 3: modules may have no bases
 # Factors whose every module has bases are written as version 2, which source_fast before version 3 reads too.
@@ -86,6 +87,13 @@ class Factors:
     # checkpoint_signature of each checkpoint fitted on, per segment: scoring another run's trajectory
     # with these factors is refused (None: not known, e.g. factors read from kronfluence's files).
     checkpoints: list[list[str]] | None = None
+
+    def __repr__(self) -> str:  # the dataclass's would print every tensor
+        n = len(self.segments)
+        return (f"Factors({n} segment{'s' * (n != 1)} of {self.layout} checkpoints, {len(self.layers)} layers "
+                f"{[s.name for s in self.layers][:4]}{'...' if len(self.layers) > 4 else ''}, "
+                f"{self.fisher} Fisher, num_examples={self.num_examples}"
+                f"{', average_params' if self.average_params else ''})")
 
     def check_model(self, specs: list[LayerSpec]) -> None:
         """The task's tracked modules must be the factors' (in any order: factors are read by name)."""
@@ -179,6 +187,9 @@ class Factors:
 
         path = Path(path)
         meta_path = path / "factors.json"
+        if not path.is_dir():
+            raise FileNotFoundError(f"factor directory {str(path)!r} does not exist" if not path.exists() else
+                                    f"{str(path)!r} is a file, not a factor directory (what Factors.save writes)")
         if not meta_path.exists():
             raise FileNotFoundError(f"factor directory {str(path)!r} is incomplete: factors.json is missing")
         try:
@@ -839,7 +850,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         where = f"{what}, optimizer state {c}"
         if isinstance(st, torch.optim.Optimizer):
             raise TypeError(f"{where} is the optimizer itself: pass its state_dict(), saved with the checkpoint")
-        state = load_state_dict(st, where) if not isinstance(st, dict) else st
+        state = load_dict(st, where)
         if "state" not in state or "param_groups" not in state:
             raise ValueError(f"{where} is not an optimizer state_dict (needs 'state', 'param_groups')")
         for g, group in enumerate(state["param_groups"]):

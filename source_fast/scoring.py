@@ -116,7 +116,7 @@ def _is_index(value: Any) -> bool:
 
 
 def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn, bases=None,
-                   summed=False, progress=False) -> tuple[Grads, float]:
+                   summed=False, progress=False, first: int | None = 0) -> tuple[Grads, float]:
     """Per-example layer gradients (n, d_out, d_a) of the measurement or training loss, and the mean
     number of tokens per example: used only for queries (few) and self-influence chunks (bounded),
     never for the training corpus. summed: their sum over the examples instead, (1, d_out, d_a).
@@ -132,7 +132,8 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
            torch.empty(n_rows, s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
     tokens = 0
     bar = _progress(progress, n_rows, f"gradients of {what}")
-    for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what, bar):
+    for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what, bar,
+                                  first):
         for s in specs:
             r = rec[s.name]
             a, g = with_ones(r.a, s, r.mask).to(dtype), r.g.to(dtype)
@@ -333,7 +334,9 @@ def _segment_scales(seg: Segment, lf: LayerFactors, name: str, need_u: bool = Tr
 
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
-          n_train: float, summed: bool = False, progress: bool = False):
+          n_train: float, summed: bool = False, progress: bool = False, what: str = "queries", first: int | None = 0):
+    """The plan for `query_data`; `what` and `first` name them in errors (self_score's chunks are training
+    examples, from `first`)."""
     final = trajectory.final_checkpoint
     if method == "tracin":
         plan = _Plan(train_segs, {}, {}, {})
@@ -344,14 +347,14 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
             plan.queries[ell] = []
             for c, ckpt in enumerate(seg.checkpoints):
                 load_into(model, ckpt, f"segment {ell}, checkpoint {c}")
-                what = f"queries at segment {ell}, checkpoint {c}"
-                plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective, what, bs, collate,
-                                                        summed=summed, progress=progress)[0])
+                plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective,
+                                                        f"{what} at segment {ell}, checkpoint {c}", bs, collate,
+                                                        summed=summed, progress=progress, first=first)[0])
         return plan
     load_into(model, final, "final checkpoint")
     if method == "grad_dot":
-        v, _ = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, summed=summed,
-                              progress=progress)
+        v, _ = _example_grads(model, task, specs, query_data, objective, what, bs, collate, summed=summed,
+                              progress=progress, first=first)
         return _Plan([0], {0: [final]}, {0: 1.0 / trajectory.segments[0].num_examples}, {0: [v]})
     ckpts = {ell: segment_checkpoints(trajectory.segments[ell], method == "fast_source", f"segment {ell}") for ell in train_segs}
     plan = _Plan(train_segs, ckpts, {ell: 1.0 / (trajectory.segments[ell].num_examples * len(ckpts[ell])) for ell in train_segs}, {})
@@ -363,8 +366,8 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
         # Before the queries' pass: a refused damping costs nothing.
         scale = {n: _one_checkpoint_scale(method, seg, lf, damping, n) for n, lf in lfs.items()}
-        rot, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=lfs,
-                                     summed=summed, progress=progress)
+        rot, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=lfs,
+                                     summed=summed, progress=progress, first=first)
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
             r.mul_(scale[n].to(dtype))
         queries = _one_basis_queries(rot, lfs, n_train * tokens * len(plan.checkpoints[0]))
@@ -374,8 +377,8 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
     # starting in the last one's (the queries' tokens rotated in, where that is cheaper).
     device, dtype = next(model.parameters()).device, factor_dtype(model)
     bases = {s.name: factors.segments[-1][s.name].to(device, dtype) for s in specs}
-    v, tokens = _example_grads(model, task, specs, query_data, objective, "queries", bs, collate, bases=bases,
-                               summed=summed, progress=progress)
+    v, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=bases,
+                               summed=summed, progress=progress, first=first)
     basis = {s.name: (len(trajectory.segments) - 1, bases[s.name]) for s in specs}
     rows = {ell: n_train * tokens * len(ckpts[ell]) for ell in train_segs}
     us = _source_walk(v, basis, trajectory, factors, train_segs, rows, progress)  # consumes v
@@ -1007,12 +1010,15 @@ def _self_chunked(model, task, specs, trajectory, factors, method, data, first, 
                                      automatic_query_budget(model_device(model)))
     out = []
     for start, chunk in chunks(data, chunk_size):
-        where = f"examples {first + start}+" if first is not None else f"this rank's examples {start}+"
+        # Errors name the chunk's examples by their place in the whole data (a stream's share: in this rank's).
+        at = None if first is None else first + start
+        examples = f"training examples {at}+" if at is not None else f"this rank's training examples {start}+"
         # A query left in its segment's eigenbasis (EigenQuery) is dotted with the examples' gradients
         # taken in that basis.
         plan = _plan(
             model, task, specs, trajectory, factors, method, chunk, "measurement" if use_measurement else "train",
             damping, train_segs, batch_size, collate_fn, length(chunk), progress=progress,
+            what=f"{examples} (self-influence's query side)", first=at,
         )
         total: dict[str, Tensor] = {}
         for ell in plan.segments:
@@ -1021,8 +1027,8 @@ def _self_chunked(model, task, specs, trajectory, factors, method, data, first, 
                 load_into(model, ckpt, what)
                 queries = plan.queries[ell][c]
                 bases = {k: q if isinstance(q, EigenQuery) else None for k, q in queries.items()}
-                g, _ = _example_grads(model, task, specs, chunk, "train", f"{where}, {what}", batch_size, collate_fn,
-                                      bases=bases, progress=progress)
+                g, _ = _example_grads(model, task, specs, chunk, "train", f"{examples}, {what}", batch_size,
+                                      collate_fn, bases=bases, progress=progress, first=at)
                 for k in list(g):  # each gradient freed once used
                     q = queries[k].r if isinstance(queries[k], EigenQuery) else queries[k]
                     part = (q * g.pop(k)).sum((1, 2)) * plan.weights[ell]

@@ -6,6 +6,7 @@ import contextlib
 import math
 import numbers
 import os
+import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ Checkpoint = dict[str, Tensor] | str | os.PathLike
 
 
 def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
-    """A state_dict from a dict or a file (.safetensors, or anything torch.load reads)."""
+    """A model's state_dict from a dict or a file (.safetensors, or anything torch.load reads)."""
+    if isinstance(checkpoint, dict):
+        return _tensors_only(checkpoint, what)
+    return _tensors_only(load_dict(checkpoint, what), f"{what} ({os.fspath(checkpoint)!r})")
+
+
+def load_dict(checkpoint: Checkpoint, what: str) -> dict[str, Any]:
+    """The dict a file holds (a state_dict, an optimizer's), or the dict given."""
     if isinstance(checkpoint, dict):
         return checkpoint
     path = checkpoint_file(checkpoint, what)
@@ -33,6 +41,23 @@ def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise TypeError(f"{what}: {path!r} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def _tensors_only(state: Any, what: str) -> dict[str, Tensor]:
+    """`state` if it is a state_dict (names to tensors); else an error that says what it holds, and
+    where the weights are when they are one level down (a training script's {"model": ..., "step": ...})."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{what} holds a {type(state).__name__}, not a state_dict")
+    # A module's get_extra_state() may save anything under its `_extra_state` key.
+    odd = [k for k, v in state.items() if not isinstance(v, Tensor) and not str(k).endswith("_extra_state")]
+    if odd:
+        inner = [k for k in odd if isinstance(state[k], dict) and state[k]
+                 and all(isinstance(v, Tensor) for v in state[k].values())]
+        kinds = ", ".join(sorted({type(state[k]).__name__ for k in odd}))
+        raise ValueError(f"{what} is not a state_dict: {odd[:4]} hold {kinds}, not tensors"
+                         + (f"; the weights look to be under {inner[0]!r}: give checkpoint[{inner[0]!r}] (or save "
+                            "model.state_dict() alone)" if inner else ""))
     return state
 
 
@@ -58,8 +83,13 @@ def readable(path: str, what: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's error is formatted for a terminal
+        if "Weights only load failed" in text:  # torch.load(weights_only=True) runs no pickled code
+            raise ValueError(f"{what}: checkpoint file {path!r} holds pickled objects (a whole nn.Module, an "
+                             "optimizer?), which are not loaded because loading them runs their code: save "
+                             "model.state_dict() instead") from exc
         raise ValueError(f"{what}: cannot read checkpoint file {path!r} (damaged or incomplete?): "
-                         f"{type(exc).__name__}: {exc}") from exc
+                         f"{type(exc).__name__}: {text}") from exc
 
 
 def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
@@ -76,7 +106,7 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
     the first pass rather than when its pass comes, hours later."""
     own = model.state_dict()
     if isinstance(checkpoint, dict):
-        shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
+        shapes = {k: tuple(v.shape) for k, v in _tensors_only(checkpoint, what).items()}
     else:
         path = checkpoint_file(checkpoint, what)
         if path.endswith(".safetensors"):
@@ -90,9 +120,7 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
                     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             else:  # torch's legacy format cannot be mapped (a damaged zip lands here too): read it whole
                 state = load_state_dict(path, what)
-            if not isinstance(state, dict):
-                raise TypeError(f"{what}: {path!r} holds a {type(state).__name__}, not a state_dict")
-            shapes = {k: tuple(v.shape) for k, v in state.items()}
+            shapes = {k: tuple(v.shape) for k, v in _tensors_only(state, f"{what} ({path!r})").items()}
     _check_shapes(_with_tied_weights(shapes, own), own, what)
 
 

@@ -1181,7 +1181,7 @@ def test_unfused_self_influence_dots_in_each_querys_basis(setup, monkeypatch):
     factors = sf.fit_factors(model, task, traj)
     seen, example_grads = [], scoring._example_grads
     def spy(*args, bases=None, **kwargs):
-        if args[5].startswith("examples"):  # the chunk as training examples, not as queries
+        if "query side" not in args[5]:  # the chunk as training examples, not as queries
             seen.append({k: type(b).__name__ for k, b in bases.items()})
         return example_grads(*args, bases=bases, **kwargs)
     monkeypatch.setattr(scoring, "_example_grads", spy)
@@ -1205,7 +1205,7 @@ def test_progress_covers_query_preparation_and_chunked_self_influence(setup, cap
     assert "gradients of queries" in err and "preconditioning queries" in err and "scoring (segment 1" in err
     sf.self_score(model, task, traj, factors, data, chunk_size=30, progress=True)
     err = capfd.readouterr().err
-    assert "gradients of examples 30+, segment 1, checkpoint 1" in err
+    assert "gradients of training examples 30+, segment 1, checkpoint 1" in err
 
 
 def test_progress_bars_suit_logs_and_ranks(monkeypatch):

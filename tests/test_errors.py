@@ -133,6 +133,53 @@ def test_a_damaged_checkpoint_file_is_named(setup, tmp_path):
             sf.fit_factors(model, ClassifyTask(), traj)
 
 
+def test_a_checkpoint_that_is_no_state_dict_says_where_the_weights_are(setup, tmp_path):
+    """A training script's {"model": state_dict, "step": n} (in memory or saved) names the key the weights
+    are under; a pickled nn.Module file says why it is not read, without the terminal's escape codes."""
+    model, data, ckpts = setup
+    wrapped = {"model": ckpts[1], "step": 10}
+    torch.save(wrapped, tmp_path / "wrapped.pt")
+    torch.save(model, tmp_path / "module.pt")
+    for bad, pattern in [
+        (wrapped, r"segment 0, checkpoint 1 is not a state_dict: \['model', 'step'\] hold dict, int, not tensors; "
+                  r"the weights look to be under 'model': give checkpoint\['model'\]"),
+        (tmp_path / "wrapped.pt", r"segment 0, checkpoint 1 \('.*wrapped.pt'\) is not a state_dict: .*under 'model'"),
+        (tmp_path / "module.pt", r"segment 0, checkpoint 1: checkpoint file '.*module.pt' holds pickled objects \(a whole "
+                                 r"nn.Module, an optimizer\?\), which are not loaded because loading them runs their "
+                                 r"code: save model.state_dict\(\) instead"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=pattern) as caught:
+            sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment([ckpts[0], bad], data, lr_sum=1.0)]))
+        assert "\x1b" not in str(caught.value)
+
+
+def test_errors_name_what_the_user_gave(setup, tmp_path):
+    """Messages a review found naming the wrong thing: self-influence's measurement pass is over training
+    examples (named by their place in the data), a query loader's drop_last is no training loss, a missing
+    factor folder does not exist, transposed scores are said to be; and a Factors prints short."""
+    from source_fast import eval as sfe
+
+    model, data, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts[-1:], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj)
+    x = data.tensors[0].clone()
+    x[13, 0] = float("nan")
+    bad = torch.utils.data.TensorDataset(x, data.tensors[1])
+    with pytest.raises(FloatingPointError, match=r"training examples 8\+ \(self-influence's query side\), batch 1 "
+                                                 r"\(examples from 12\): the measurement loss is nan"):
+        sf.self_score(model, ClassifyTask(), sf.Trajectory([sf.Segment(ckpts[-1:], bad, lr_sum=1.0)]), factors, bad,
+                      method="ekfac", use_measurement=True, chunk_size=8, batch_size=4)
+    with pytest.raises(ValueError, match="drop_last=True, which would leave out the examples of a short last batch"):
+        sf.score(model, ClassifyTask(), traj, factors, data,
+                 torch.utils.data.DataLoader(data, batch_size=3, drop_last=True), method="ekfac")
+    with pytest.raises(FileNotFoundError, match=r"factor directory '.*nothing' does not exist"):
+        sf.Factors.load(tmp_path / "nothing")
+    scores = torch.randn(4, 30)
+    with pytest.raises(ValueError, match=r"for scores of shape \(30, 4\): the scores look transposed"):
+        sfe.lds(scores.T, sfe.random_subsets(30, 5), torch.randn(5, 4))
+    assert repr(factors) == "Factors(1 segment of [1] checkpoints, 2 layers ['0', '2'], true Fisher, num_examples=[20])"
+
+
 def test_checkpoint_files_load(setup, tmp_path):
     from safetensors.torch import save_file
 
@@ -298,6 +345,33 @@ def test_non_finite_loss_or_gradient_names_module_and_batch(setup, where, patter
     traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
     with pytest.raises(FloatingPointError, match=pattern):
         sf.fit_factors(model, NaNTask(where), traj, batch_size=8)
+
+
+class SampledTask(ClassifyTask):
+    """The README's task: labels drawn by torch.distributions, which refuses NaN logits with a dump of them."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x)
+        if sample:
+            y = torch.distributions.Categorical(logits=logits.detach()).sample()
+        return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+
+def test_nan_inputs_are_named_as_the_cause():
+    """A NaN in the data: the error names the example holding it, whether the task raises on what the model
+    made of it (the true Fisher's sampler) or returns a NaN loss (the empirical Fisher)."""
+    model = mlp(4, 5, 3)
+    data = classification_data(20, 4, 3)
+    data.tensors[0][13, 2] = float("nan")
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(FloatingPointError, match=r"segment 0, checkpoint 0, batch 1 \(examples from 8\): example 13 "
+                                                 r"holds NaN or infinite input values, and the task's compute_train_loss "
+                                                 r"raised on the batch \((ValueError|RuntimeError)\)"):  # torch.distributions' check may be off
+        sf.fit_factors(model, SampledTask(), traj, batch_size=8)
+    with pytest.raises(FloatingPointError, match=r"batch 1 \(examples from 8\): the train loss is nan \(example 13 holds "
+                                                 r"NaN or infinite input values\)"):
+        sf.fit_factors(model, SampledTask(), traj, batch_size=8, fisher="empirical")
 
 
 def test_a_float16_overflow_is_named():
