@@ -404,17 +404,18 @@ def fit_factors(
         check_folder(resume_dir, "resume_dir")
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     warn_batchnorm(model)
-    for data in {id(seg.data): seg.data for seg in trajectory.segments}.values():  # each stage's data once
-        check_summed(model, task, data, collate_fn, "train")
     dtype = factor_dtype(model)
     objective = "fisher" if fisher == "true" else "train"
     device = next(model.parameters()).device
     _check_factor_memory(specs, len(trajectory.segments), dtype, device)
-    # Read before any pass, not after hours: every checkpoint (the ranks compare them, and resume_dir's
-    # fingerprint names them) and Adam's states (names, decay, optimizer kind checked).
+    # Read before any pass, not after hours: the task's loss (summed over the batch?), every checkpoint
+    # (the ranks compare them, and resume_dir's fingerprint names them) and Adam's states (names, decay,
+    # optimizer kind and step counts checked).
     distributed = rank_and_world()[1] > 1
     notes: set[str] = set()
     try:
+        for data in {id(seg.data): seg.data for seg in trajectory.segments}.values():  # each stage's data once
+            check_summed(model, task, data, collate_fn, "train")
         ckpt_digests = _checkpoint_digests(trajectory) if distributed or resume_dir is not None else None
         state_steps: list[list[float]] = [[] for _ in trajectory.segments]
         preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(
