@@ -256,7 +256,8 @@ class Capturer:
                 raise TypeError(f"get_attention_mask returned a {type(mask).__name__} for module {spec.name!r}: "
                                 "kronfluence's masks are tensors")
             if mask.numel() != n * t:
-                self._unfit.add(spec.name)
+                if x_dim != 2:  # a (batch, features) input has no tokens to mask: nothing to say
+                    self._unfit.add(spec.name)
                 return None
             return mask.reshape(n, t)
         per_module = isinstance(self._mask, dict)

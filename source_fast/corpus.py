@@ -134,7 +134,7 @@ def score_corpus(
     check_folder(out_dir, "out_dir")
     specs, (damping, _, _, query_memory_budget), query_data, n_train, n_query = check_request(
         model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget,
-        collate_fn)
+        collate_fn, batch_size)
     # Before the manifest is written: a refused setting must not pin out_dir to it.
     segments = used_segments(trajectory, method, train_data, train_segments)
     blocks = query_blocks(model, specs, trajectory, method, segments, n_query, query_rank, query_memory_budget)

@@ -415,7 +415,7 @@ def fit_factors(
     notes: set[str] = set()
     try:
         for data in {id(seg.data): seg.data for seg in trajectory.segments}.values():  # each stage's data once
-            check_summed(model, task, data, collate_fn, "train")
+            check_summed(model, task, data, collate_fn, batch_size, "train")
         ckpt_digests = _checkpoint_digests(trajectory) if distributed or resume_dir is not None else None
         state_steps: list[list[float]] = [[] for _ in trajectory.segments]
         preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(

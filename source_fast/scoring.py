@@ -486,7 +486,7 @@ def score(
     with fail_together(device) if splits else contextlib.nullcontext():  # a refusal on one rank is every rank's
         specs, (damping, trak_dim, seed, query_memory_budget), query_data, n_train, n_query = check_request(
             model, task, trajectory, factors, method, train_data, query_data, damping, query_rank, query_memory_budget,
-            collate_fn, trak_dim, seed, record)
+            collate_fn, batch_size, trak_dim, seed, record)
         per_token, per_module, sum_queries = (_yes_no(flag, value) for flag, value in (
             ("per_token", per_token), ("per_module", per_module), ("sum_queries", sum_queries)))
         if method == "unroll" and train_segments is not None:
@@ -552,7 +552,7 @@ def score(
 
 
 def check_request(model, task, trajectory, factors, method, train_data, query_data, damping, query_rank,
-                  query_memory_budget, collate_fn, trak_dim=None, seed=None, record=None):
+                  query_memory_budget, collate_fn, batch_size, trak_dim=None, seed=None, record=None):
     """The checks score and score_corpus make before any pass. Returns the tracked layers, the
     resolved (damping, trak_dim, seed, query_memory_budget), the queries held in memory and both sizes."""
     specs = _validate(model, task, trajectory, factors, method)
@@ -563,8 +563,8 @@ def check_request(model, task, trajectory, factors, method, train_data, query_da
     if n_query == 0 or n_train == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
     if method != "repsim":  # every other method differentiates both
-        check_summed(model, task, train_data, collate_fn, "train")
-        check_summed(model, task, query_data, collate_fn, "measurement")
+        check_summed(model, task, train_data, collate_fn, batch_size, "train")
+        check_summed(model, task, query_data, collate_fn, batch_size, "measurement")
     return specs, options, query_data, n_train, n_query
 
 
@@ -975,9 +975,9 @@ def self_score(
         per_module, use_measurement = _yes_no("per_module", per_module), _yes_no("use_measurement", use_measurement)
         if length(train_data) == 0:
             raise ValueError("empty data: no training examples")
-        check_summed(model, task, train_data, collate_fn, "train")
+        check_summed(model, task, train_data, collate_fn, batch_size, "train")
         if use_measurement:
-            check_summed(model, task, train_data, collate_fn, "measurement")
+            check_summed(model, task, train_data, collate_fn, batch_size, "measurement")
         train_segs = used_segments(trajectory, method, train_data, train_segments)
     _check_same_on_ranks("self_score", model, task, trajectory, factors, method, train_data, None, collate_fn, {
         "damping": damping, "train_segments": train_segs, "per_module": per_module, "use_measurement": use_measurement})

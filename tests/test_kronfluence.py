@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import kronfluence
@@ -539,6 +540,33 @@ def test_per_token_scores_of_modules_without_tokens_are_kronfluences(tmp_path):
     assert got["shim", "pooled_per_module", True]["tokens"].shape == (6, 24, 5)
     assert got["shim", "pooled_per_module", True]["head"].shape == (6, 24)
     assert got["shim", "mlp", True]["all_modules"].shape == got["shim", "shared_flag", True]["all_modules"].shape == (6, 24)
+
+
+def test_a_mask_is_not_said_to_miss_a_layer_without_tokens(tmp_path):
+    """A pooled classifier's head sees (batch, features): kronfluence leaves it unmasked without a word,
+    and so does the shim (a warning there would ask for a mask that has nothing to mask)."""
+    d = torch.float64
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(12, 5, 4, generator=g, dtype=d)
+    data = TensorDataset(x, torch.randint(0, 3, (12,), generator=g), torch.ones(12, 5))
+
+    class Masked(ClassifyTask):
+        def compute_train_loss(self, batch, model, sample=False):
+            return super().compute_train_loss(batch[:2], model, sample)
+
+        def compute_measurement(self, batch, model):
+            return super().compute_measurement(batch[:2], model)
+
+        def get_attention_mask(self, batch):
+            return batch[2]
+
+    torch.manual_seed(0)
+    analyzer = kf.Analyzer("run", kf.prepare_model(PooledClassifier().to(d), Masked()), Masked(), cpu=True,
+                           disable_tqdm=True, output_dir=str(tmp_path), log_level=logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        analyzer.fit_all_factors("f", data, per_device_batch_size=4,
+                                 factor_args=FactorArguments(use_empirical_fisher=True))
 
 
 class EncoderMaskTask(Seq2SeqTask):

@@ -189,7 +189,7 @@ class SignalNet(nn.Module):
         return self.head(torch.tanh(self.same(torch.tanh(self.conv(x)))).flatten(1))
 
 
-def test_conv1d_matches_explicit_gradients():
+def test_conv1d_matches_explicit_gradients(tmp_path):
     """nn.Conv1d is unfolded as an image of height 1: tracked by default, its EK-FAC scores equal the
     dense ones from explicit per-example gradients; grouped ones are refused as grouped Conv2d are."""
     torch.manual_seed(0)
@@ -203,6 +203,12 @@ def test_conv1d_matches_explicit_gradients():
         ("conv", "nn_conv1d", 6, 3, True), ("same", "nn_conv1d", 12, 2, False), ("head", "linear", 10, 4, True)]
     with pytest.raises(ValueError, match=r"module 'conv': grouped Conv1d \(groups=2\) is not supported"):
         sf.capture.tracked_layers(nn.ModuleDict({"conv": nn.Conv1d(4, 4, 3, groups=2)}), None)
+    # kronfluence tracks no Conv1d: its scores from exported files would leave the layers out, silently.
+    from source_fast.interop import kronfluence as kf
+
+    with pytest.raises(ValueError, match=r"modules \[\"'conv' \(torch nn.Conv1d\)\", \"'same' \(torch nn.Conv1d\)\"\] are "
+                                         r"layers kronfluence does not track"):
+        kf.save_factors(factors, tmp_path / "factors_conv1d")
 
 
 class EncoderDecoder(nn.Module):

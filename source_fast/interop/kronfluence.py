@@ -456,6 +456,12 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
             "these factors were fitted with average_params=True (Fast-SOURCE, at a segment's mean parameters), "
             "not as an EK-FAC at one checkpoint; fit them with average_params=False on trajectory.final()"
         )
+    foreign = [f"{s.name!r} ({'transformers Conv1D' if s.kind == 'conv1d' else 'torch nn.Conv1d'})"
+               for s in factors.layers if s.kind in ("conv1d", "nn_conv1d")]
+    if foreign:  # kronfluence would score without them, silently
+        raise ValueError(f"modules {foreign[:4]} are layers kronfluence does not track, so its scores from these files "
+                         "would leave them out: fit with `kronfluence_task(model, task)`, which tracks what kronfluence "
+                         "tracks")
     layers = factors.segments[0]
     diagonal = any(lf.q_a is None for lf in layers.values())
     for name, lf in layers.items():
@@ -1012,7 +1018,9 @@ class Analyzer:
         data = _limited(dataset, args["covariance_max_examples"])
         loader = self._loader(self._share(data), per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
-        check_summed(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), loader, None, "train")
+        # On the whole data, not this rank's share: every rank reaches the same verdict.
+        check_summed(self.model, self._task_for(factor_args, FACTOR_DEFAULTS),
+                     self._loader(data, per_device_batch_size, dataloader_kwargs), None, 0, "train")
         self._clear(out, COVARIANCE_STEMS)
         with self._seeded("cov"):  # sums over every rank's share
             a_cov, s_cov, rows = _covariances(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs,
@@ -1111,7 +1119,9 @@ class Analyzer:
         data = _limited(dataset, args["lambda_max_examples"])
         loader = self._loader(self._share(data), per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
-        check_summed(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), loader, None, "train")
+        # On the whole data, not this rank's share: every rank reaches the same verdict.
+        check_summed(self.model, self._task_for(factor_args, FACTOR_DEFAULTS),
+                     self._loader(data, per_device_batch_size, dataloader_kwargs), None, 0, "train")
         self._clear(out, LAMBDA_STEMS)
         if eigen is not None and load_from_factors_name is not None:
             def copy_eigen() -> None:
