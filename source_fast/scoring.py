@@ -447,9 +447,11 @@ def score(
       "grad_dot"    ⟨∇f(z_q, θ_T), ∇L(z_m, θ_T)⟩ / N at a one-checkpoint trajectory
     Baselines for comparisons (factors unused; a one-checkpoint trajectory, except for trak):
       "grad_cos"    cosine of the two gradients (unitless)
-      "trak"        TRAK: gradients projected to `trak_dim` dims by a Gaussian map seeded by `seed`,
-                    τ = φ_qᵀ (ΦᵀΦ + Nλ)⁻¹ φ_m (λ = `damping`; "heuristic": 0.1 × mean eigenvalue),
-                    Φ the training loss's gradients; averaged over the checkpoints of the segments
+      "trak"        TRAK with the training loss as the model output function: gradients projected
+                    to `trak_dim` dims by a Gaussian map seeded by `seed`, τ = φ_qᵀ (ΦᵀΦ + Nλ)⁻¹ φ_m
+                    (λ = `damping`; "heuristic": 0.1 × mean eigenvalue of ΦᵀΦ/N), Φ the training
+                    loss's gradients (the paper's margin kernel weighs examples by 1/(1 − p)² against
+                    this one: see the README); averaged over the checkpoints of the segments
                     that trained on the data (TRAK's ensemble; the k-th checkpoint's map is seeded by
                     `seed` + k), or at a one-checkpoint trajectory
       "repsim"      cosine similarity of the last tracked layer's inputs (unitless)
