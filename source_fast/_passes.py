@@ -543,6 +543,12 @@ def _example(first: int | None, start: int, row: int) -> str:
     return f"example {first + start + row}" if first is not None else f"the batch's example {row}"
 
 
+# A task (view) may carry a constant factor for its loss, the kronfluence shim's float16 loss scaling
+# (kronfluence's `amp_scale`): run_pass multiplies the loss by it before backward, so that float16
+# output gradients do not underflow, and the capture divides the output gradients by it again.
+LOSS_SCALE = "_source_fast_loss_scale"
+
+
 def run_pass(
     model: nn.Module,
     task: Task,
@@ -558,7 +564,8 @@ def run_pass(
     first: the position of the loader's first example in the data the user gave (a shard's, a rank's
     share's), for errors that name the examples; None where the loader's are not a run of them."""
     device = model_device(model)
-    capturer = Capturer(model, specs)
+    scale = float(getattr(task, LOSS_SCALE, 1.0))
+    capturer = Capturer(model, specs, scale)
     rank, world = rank_and_world()
 
     def where(b: int, start: int) -> str:
@@ -599,7 +606,7 @@ def run_pass(
             if not out.requires_grad:
                 raise ValueError(f"{where(b, start)}: the loss does not depend on any tracked module")
             capturer.forward_done()
-            out.backward()
+            (out * scale if scale != 1 else out).backward()
         n = next(iter(records.values())).a.shape[0]
         for spec in specs:
             rec = records[spec.name]
@@ -616,7 +623,9 @@ def run_pass(
         if not bool(finite.all()):
             half = any(records[s.name].half or records[s.name].g.dtype == torch.float16 for s in specs)
             hint = (" (float16 holds values up to 65504: a float16 model's activations, logits or gradients, or "
-                    "those of float16 autocast, may overflow; bfloat16 and float32 do not at these values)") if half else ""
+                    "those of float16 autocast, may overflow; bfloat16 and float32 do not at these values"
+                    + (f"; the loss was scaled by {scale:g} before backward (amp_scale): a smaller scale may keep the "
+                       "gradients finite" if scale != 1 else "") + ")") if half else ""
             if not math.isfinite(out.item()):
                 row = _nonfinite_row(batch)
                 cause = "" if row is None else f" ({_example(first, start, row)} has NaN or infinite values)"

@@ -227,9 +227,10 @@ class MaskWhereItFits:
 class Capturer:
     """Hooks the tracked layers of `model`; `capture(mask)` records inputs and output gradients."""
 
-    def __init__(self, model: nn.Module, specs: list[LayerSpec]):
+    def __init__(self, model: nn.Module, specs: list[LayerSpec], grad_scale: float = 1.0):
         self.model = model
         self.specs = specs
+        self.grad_scale = grad_scale  # the loss's backward was scaled by it: output gradients are divided by it
         self.modules = dict(model.named_modules())
         self.records: dict[str, Captured] = {}
         self._mask: Tensor | dict[str, Tensor | list[Tensor | None]] | None = None
@@ -402,7 +403,10 @@ class Capturer:
                     g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
                 if keep is not None:
                     g = torch.where(keep, g, 0)
-                record.g = g.detach().to(dtype)
+                g = g.detach()
+                if self.grad_scale != 1:  # unscaled in float32: a float16 gradient would underflow again
+                    g = g.float() / self.grad_scale
+                record.g = g.to(dtype if dtype is not None else grad.dtype)
 
             (base if reshaped else output).register_hook(grad_hook)
             self._outputs.setdefault(spec.name, []).append((None if reshaped else output, output._version))

@@ -92,3 +92,34 @@ def test_engine_on_cuda_matches_float64_cpu_engine(dtype, chosen, monkeypatch):
             corr = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
             print(f"{key}: max error / max |score| = {err:.2e}, Pearson {corr:.6f}")
             assert corr > 0.999 and err < 5e-2, (key, err, corr)
+
+
+def test_kronfluence_shim_scales_float16_autocast_losses_on_cuda(tmp_path):
+    """kronfluence's amp_dtype=float16 on CUDA: the shim scales the loss by amp_scale for the backward
+    pass, as kronfluence's GradScaler does, so output gradients of 1e-8 (below float16's smallest
+    number) survive: the covariances equal the float32 fit's to float16 rounding."""
+    from types import SimpleNamespace
+
+    from source_fast.interop import kronfluence as kf
+
+    class TinyLoss(sf.Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            return 1e-8 * torch.nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).cuda()
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g))
+    covs = {}
+    for name, amp in (("float32", None), ("float16", torch.float16)):
+        analyzer = kf.Analyzer("run", kf.prepare_model(copy.deepcopy(model), TinyLoss()), TinyLoss(),
+                               disable_tqdm=True, output_dir=str(tmp_path / name))
+        analyzer.fit_all_factors("f", data, per_device_batch_size=8,
+                                 factor_args=SimpleNamespace(use_empirical_fisher=True, amp_dtype=amp))
+        covs[name] = analyzer.load_covariance_matrices("f")["gradient_covariance"]
+    for layer, want in covs["float32"].items():
+        error = float((covs["float16"][layer] - want).norm() / want.norm())
+        assert error < 1e-2, (layer, error)

@@ -501,15 +501,9 @@ def test_compiled_models_precision_knobs_and_kronfluence_helpers(tmp_path):
 def test_amp_autocasts_the_forward_passes_as_kronfluence_does(tmp_path):
     """kronfluence's low-precision argument presets autocast to bfloat16, for float32 and bfloat16
     models alike: the shim runs the task under the same autocast, so its scores are kronfluence's to
-    bfloat16 rounding and closer to them than the shim's without autocast. float16 autocast of a
-    float32 model (kronfluence scales its loss, the shim does not) is refused, saying what to set."""
+    bfloat16 rounding and closer to them than the shim's without autocast."""
     task = ClassifyTask()
     amp = {"use_empirical_fisher": True, "amp_dtype": torch.bfloat16}
-    with pytest.raises(NotImplementedError, match=r"amp_dtype=torch.float16 .* torch.float32 model: kronfluence scales "
-                                                  r"the loss .* use amp_dtype=torch.bfloat16"):
-        _analyzer(kf, _mlp().float(), task, tmp_path / "f16").fit_all_factors(
-            "f", _data(torch.float32)[0], per_device_batch_size=8,
-            factor_args=FactorArguments(use_empirical_fisher=True, amp_dtype=torch.float16))
     with warnings.catch_warnings(record=True) as caught:  # autocast to float32 is nothing: not run (torch warns)
         warnings.simplefilter("always")
         _analyzer(kf, _mlp().float(), task, tmp_path / "f32").fit_all_factors(
@@ -534,6 +528,50 @@ def test_amp_autocasts_the_forward_passes_as_kronfluence_does(tmp_path):
         # them, the scores agree to 0.007 (in bfloat16: 0.044). A bfloat16 model's stay bfloat16 here.
         bound = {torch.float32: 0.02, torch.bfloat16: 0.05}[dtype]
         assert err["shim"] < bound and err["shim"] < err["shim without autocast"] / 3, (dtype, err)
+
+
+class TinyLoss(ClassifyTask):
+    """A loss whose output gradients (1e-8) are below float16's smallest number (6e-8)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        return 1e-8 * super().compute_train_loss(batch, model, sample)
+
+
+def test_float16_autocast_scales_the_loss_as_kronfluence_does(tmp_path, monkeypatch):
+    """Under float16 autocast small output gradients underflow to 0; kronfluence's GradScaler scales the
+    loss by amp_scale for the backward pass (on CUDA: without it, it turns itself off). The shim does
+    the same: scaled, a float32 model's covariances under float16 autocast are its float32 ones to
+    float16 rounding, where unscaled they are lost; on the CPU it does not scale, and its scores are
+    kronfluence's there."""
+    from source_fast._passes import LOSS_SCALE
+
+    model = _mlp().float()
+    train, queries = _data(torch.float32)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    fit = {name: sf.fit_factors(model, task, traj, fisher="empirical").segments[0] for name, task in (
+        ("float32", TinyLoss()), ("scaled", kf._Autocast(TinyLoss(), "cpu", torch.float16, 2.0**16)),
+        ("unscaled", kf._Autocast(TinyLoss(), "cpu", torch.float16)))}
+    for layer in fit["float32"]:
+        want = fit["float32"][layer].s_cov
+        error = {k: float((fit[k][layer].s_cov - want).norm() / want.norm()) for k in ("scaled", "unscaled")}
+        assert error["scaled"] < 1e-2 and error["unscaled"] > 0.5, (layer, error)
+    # The shim scales where kronfluence does: float16 autocast on CUDA, by the factors' amp_scale.
+    analyzer = _analyzer(kf, model, ClassifyTask(), tmp_path / "which")
+    f16, bf16 = FactorArguments(amp_dtype=torch.float16), FactorArguments(amp_dtype=torch.bfloat16)
+    assert getattr(analyzer._task_for(f16, kf.FACTOR_DEFAULTS, 1024.0), LOSS_SCALE) == 1.0  # the CPU
+    monkeypatch.setattr(kf, "model_device", lambda m: torch.device("cuda"))
+    assert getattr(analyzer._task_for(f16, kf.FACTOR_DEFAULTS, 1024.0), LOSS_SCALE) == 1024.0
+    assert getattr(analyzer._task_for(bf16, kf.FACTOR_DEFAULTS, 1024.0), LOSS_SCALE) == 1.0
+    monkeypatch.undo()
+    scores = {}
+    for name, lib in (("kron", kronfluence), ("shim", kf)):
+        analyzer = _analyzer(lib, model, ClassifyTask(), tmp_path / name)
+        analyzer.fit_all_factors("f", train, per_device_batch_size=8,
+                                 factor_args=FactorArguments(use_empirical_fisher=True, amp_dtype=torch.float16))
+        analyzer.compute_pairwise_scores("s", "f", queries, train, per_device_query_batch_size=4,
+                                         score_args=ScoreArguments(amp_dtype=torch.float16))
+        scores[name] = analyzer.load_pairwise_scores("s")["all_modules"].double().flatten()
+    assert float(torch.corrcoef(torch.stack([scores["shim"], scores["kron"]]))[0, 1]) > 0.999
 
 
 def test_scoring_needs_the_eigendecomposition_and_lambda_as_kronfluence_says(tmp_path):

@@ -25,9 +25,10 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   masks neither in per-example gradients: it relies on padded tokens having zero output gradient
   (true when nothing attends to them and the loss ignores them). source_fast masks both sides; the
   two agree whenever that assumption holds, and source_fast stays right when it does not.
-- `amp_dtype` runs the task's forward passes under torch.autocast, as kronfluence does; float16
-  autocast only for a float16 model (kronfluence's loss scaling, `amp_scale`, which keeps a float32
-  model's float16 output gradients from underflowing, is not done here).
+- `amp_dtype` runs the task's forward passes under torch.autocast, as kronfluence does. Under float16
+  autocast on CUDA the loss is scaled by the factors' `amp_scale` for the backward pass and the output
+  gradients unscaled in float32, as kronfluence's GradScaler does (without CUDA it turns itself off,
+  and so does the shim).
 - Shared (re-used) modules are taken as with kronfluence's `has_shared_parameters=True`, whatever
   the flag: a per-example gradient sums over the module's calls (kronfluence 1.0.1's pairwise scores
   keep only one call's part of a shared module's score; its factors and self-influence sum them).
@@ -83,7 +84,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._dist import rank_and_world, same_on_all_ranks
 from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, remove_stale_temps
-from .._passes import check_summed, model_device, rank_share, share_start, to_device
+from .._passes import LOSS_SCALE, check_summed, model_device, rank_share, share_start, to_device
 from .._warn import warn
 from ..capture import CONVOLUTIONS, PLACEHOLDER, LayerSpec, MaskWhereItFits, tracked_layers
 from ..factors import (Factors, LayerFactors, _covariances, _lambdas, eigendecompose, factor_dtype, pass_seed,
@@ -544,9 +545,7 @@ def _get(args: Any, field: str, defaults: dict[str, Any]) -> Any:
 
 
 def _autocast_dtype(args: Any, defaults: dict[str, Any], model: nn.Module) -> torch.dtype | None:
-    """The dtype kronfluence's `amp_dtype` autocasts the task's forward passes to (None: no autocast).
-    float16 autocast is only run for a float16 model: kronfluence scales the loss (`amp_scale`) so that
-    float16 output gradients of a float32 model do not underflow, which source_fast does not do."""
+    """The dtype kronfluence's `amp_dtype` autocasts the task's forward passes to (None: no autocast)."""
     amp = _get(args, "amp_dtype", defaults)
     if amp is None:
         return None
@@ -555,23 +554,18 @@ def _autocast_dtype(args: Any, defaults: dict[str, Any], model: nn.Module) -> to
         # float32 autocast runs a 16-bit model's forward in float32 on CUDA; on the CPU torch warns and
         # turns it off, so it is not run there.
         return amp if next(model.parameters()).device.type == "cuda" else None
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if amp == torch.bfloat16 or dtypes == {amp}:
-        return amp
-    raise NotImplementedError(
-        f"amp_dtype={amp!r} is not supported by source_fast's Analyzer for this {'/'.join(sorted(map(str, dtypes)))} "
-        "model: kronfluence scales the loss under float16 autocast (amp_scale) so that output gradients do not "
-        "underflow, which source_fast does not do; use amp_dtype=torch.bfloat16, or cast the model to float16"
-    )
+    return amp
 
 
 class _Autocast(_TaskView):
     """`task` whose losses and measurements (the forward passes) run under torch.autocast, as
     kronfluence runs them with `amp_dtype`; backward passes and source_fast's own arithmetic stay outside
-    it (factors accumulate in float32)."""
+    it (factors accumulate in float32). `loss_scale` (kronfluence's `amp_scale` under float16 autocast
+    on CUDA) scales the loss for the backward pass (source_fast._passes.LOSS_SCALE)."""
 
-    def __init__(self, task: Task, device_type: str, dtype: torch.dtype) -> None:
+    def __init__(self, task: Task, device_type: str, dtype: torch.dtype, loss_scale: float = 1.0) -> None:
         self._task, self._device_type, self._dtype = task, device_type, dtype
+        setattr(self, LOSS_SCALE, loss_scale)
 
     def compute_train_loss(self, *args: Any, **kwargs: Any) -> Tensor:
         with torch.autocast(self._device_type, dtype=self._dtype):
@@ -924,18 +918,22 @@ class Analyzer:
 
     # ---- factors ---------------------------------------------------------------------------------
 
-    def _task_for(self, args: Any, defaults: dict[str, Any]) -> Task:
-        """The task as these arguments run it: under autocast with `amp_dtype`."""
+    def _task_for(self, args: Any, defaults: dict[str, Any], amp_scale: float) -> Task:
+        """The task as these arguments run it: under autocast with `amp_dtype`; under float16 autocast on
+        CUDA with its loss scaled by the factors' `amp_scale` for the backward pass, as kronfluence's
+        GradScaler scales it (which turns itself off without CUDA)."""
         dtype = _autocast_dtype(args, defaults, self.model)
-        device = next(self.model.parameters()).device
-        return self._task if dtype is None else _Autocast(self._task, device.type, dtype)  # type: ignore[return-value]
+        if dtype is None:
+            return self._task
+        device = model_device(self.model)
+        scale = float(amp_scale) if dtype == torch.float16 and device.type == "cuda" else 1.0
+        return _Autocast(self._task, device.type, dtype, scale)  # type: ignore[return-value]
 
     def _factor_args(self, factor_args: Any, out: Path, overwrite_output_dir: bool) -> dict[str, Any]:
         """The factor arguments as kronfluence's JSON, checked, and saved (or compared with the saved)."""
         strategy = _get(factor_args, "strategy", FACTOR_DEFAULTS)
         if strategy not in STRATEGIES:  # kronfluence fails on it later, with a KeyError
             raise ValueError(f"unknown strategy {strategy!r}: kronfluence's are {STRATEGIES}")
-        _autocast_dtype(factor_args, FACTOR_DEFAULTS, self.model)  # refused before anything is written
         args = _args_dict(factor_args, FACTOR_DEFAULTS)
         _unused_precisions(args, FACTOR_DEFAULTS, self.model)
         self._rank0(lambda: _save_arguments(out / FACTOR_ARGS_FILE, args, overwrite_output_dir))
@@ -1018,14 +1016,13 @@ class Analyzer:
         data = _limited(dataset, args["covariance_max_examples"])
         loader = self._loader(self._share(data), per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
+        task = self._task_for(factor_args, FACTOR_DEFAULTS, args["amp_scale"])
         # On the whole data, not this rank's share: every rank reaches the same verdict.
-        check_summed(self.model, self._task_for(factor_args, FACTOR_DEFAULTS),
-                     self._loader(data, per_device_batch_size, dataloader_kwargs), None, 0, "train")
+        check_summed(self.model, task, self._loader(data, per_device_batch_size, dataloader_kwargs), None, 0, "train")
         self._clear(out, COVARIANCE_STEMS)
         with self._seeded("cov"):  # sums over every rank's share
-            a_cov, s_cov, rows = _covariances(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs,
-                                              loader, objective, "covariances", self.progress, expected=len(data),
-                                              first=share_start(data))
+            a_cov, s_cov, rows = _covariances(self.model, task, self._specs, loader, objective, "covariances",
+                                              self.progress, expected=len(data), first=share_start(data))
         group: dict[str, dict[str, Tensor]] = {stem: {} for stem in COVARIANCE_STEMS}
         for s in self._specs:
             n = int(rows[s.name])
@@ -1119,9 +1116,9 @@ class Analyzer:
         data = _limited(dataset, args["lambda_max_examples"])
         loader = self._loader(self._share(data), per_device_batch_size, dataloader_kwargs)
         objective = "train" if args["use_empirical_fisher"] else "fisher"
+        task = self._task_for(factor_args, FACTOR_DEFAULTS, args["amp_scale"])
         # On the whole data, not this rank's share: every rank reaches the same verdict.
-        check_summed(self.model, self._task_for(factor_args, FACTOR_DEFAULTS),
-                     self._loader(data, per_device_batch_size, dataloader_kwargs), None, 0, "train")
+        check_summed(self.model, task, self._loader(data, per_device_batch_size, dataloader_kwargs), None, 0, "train")
         self._clear(out, LAMBDA_STEMS)
         if eigen is not None and load_from_factors_name is not None:
             def copy_eigen() -> None:
@@ -1130,8 +1127,8 @@ class Analyzer:
 
             self._rank0(copy_eigen)
         with self._seeded("lam"):  # sums over every rank's share
-            lam = _lambdas(self.model, self._task_for(factor_args, FACTOR_DEFAULTS), self._specs, loader, objective,
-                           q_a, q_s, "Lambda matrices", self.progress, expected=len(data), first=share_start(data))
+            lam = _lambdas(self.model, task, self._specs, loader, objective, q_a, q_s, "Lambda matrices",
+                           self.progress, expected=len(data), first=share_start(data))
         group = {
             LAMBDA: {name: (mean.double() * len(data)).to(mean.dtype) for name, mean in lam.items()},
             LAMBDA_COUNT: {name: torch.tensor([len(data)], dtype=torch.int64) for name in lam},
@@ -1277,12 +1274,12 @@ class Analyzer:
         out = self.scores_output_dir(scores_name)
         if (out / "pairwise_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "pairwise_scores.safetensors")
-        task = self._task_for(score_args, SCORE_DEFAULTS)
         factors, args = self._score_setup(
             out, "pairwise_scores.safetensors", factors_name, score_args, overwrite_output_dir,
             {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
-        for flag, source in (("aggregate_train_gradients", args), ("has_shared_parameters",
-                                                                  _factor_args_json(self.factors_output_dir(factors_name)))):
+        fitted = _factor_args_json(self.factors_output_dir(factors_name))
+        task = self._task_for(score_args, SCORE_DEFAULTS, fitted.get("amp_scale", FACTOR_DEFAULTS["amp_scale"]))
+        for flag, source in (("aggregate_train_gradients", args), ("has_shared_parameters", fitted)):
             if args["compute_per_token_scores"] and source.get(flag):
                 warn(f"per-token scores do not apply with {flag}=True: compute_per_token_scores is ignored, as "
                      "kronfluence does")
@@ -1345,9 +1342,10 @@ class Analyzer:
         out = self.scores_output_dir(scores_name)
         if (out / "self_scores.safetensors").exists() and not overwrite_output_dir:
             return _load_scores(out / "self_scores.safetensors")
-        task = self._task_for(score_args, SCORE_DEFAULTS)
         factors, args = self._score_setup(out, "self_scores.safetensors", factors_name, score_args,
                                           overwrite_output_dir, {"train": (train_dataset, train_indices)})
+        task = self._task_for(score_args, SCORE_DEFAULTS, _factor_args_json(self.factors_output_dir(factors_name)).get(
+            "amp_scale", FACTOR_DEFAULTS["amp_scale"]))
         ignored = sorted(k for k, v in SELF_IGNORED.items() if args[k] != v)
         if ignored:
             warn(f"{ignored} do not apply to self-influence scores: ignored, as kronfluence does")
