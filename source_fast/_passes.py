@@ -470,14 +470,16 @@ def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable |
     per-example gradient, so every score, assumes a sum; a mean (torch's losses' default reduction,
     HF models' own `.loss`, a mean over tokens) scales each example's gradient by about 1/batch size,
     so scores would depend on batch_size and the last batch's rows weigh more, with no error of their
-    own. Checked on the first four examples: together against two pairs (two, not one: a model that
-    squeezes its batch axis breaks on one), in eval mode, with autograd on (a task may differentiate
-    inside its loss), the caller's random state kept. Only a clear mean is refused: the loss of the four
-    about half the pairs' sum, and not their sum. Loaders batching fewer than four (a collate_fn taking
-    one example at a time), data or tasks that fail here (a dataset opened in its workers) and losses at
-    rounding's scale are left alone: the passes say what fails, and where."""
+    own. Checked on the first four examples, together against two pairs (two, not one: a model that
+    squeezes its batch axis breaks on one), or, with batches of two or three or data of two or three
+    examples, on the first two against each alone (a collate_fn need not take more than the batch
+    size); with batches of one a mean is the sum. In eval mode, with autograd on (a task may differentiate inside its loss), the caller's
+    random state kept. Only a clear mean is refused: the loss of the group about half the halves' sum
+    (a mean over tokens is, unless the examples' lengths and losses differ widely), and not their
+    sum. Data or tasks that fail here (a dataset opened in its workers) and losses at rounding's scale
+    are left alone: the passes say what fails, and where."""
     size = data.batch_size if isinstance(data, DataLoader) else batch_size
-    if size is None or size < 4:
+    if size is None or size < 2:
         return
     collate = data.collate_fn if isinstance(data, DataLoader) else collate_fn or default_collate
     device, training = model_device(model), model.training
@@ -486,11 +488,14 @@ def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable |
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             source = data.dataset if isinstance(data, DataLoader) else data
-            first = list(itertools.islice(source, 4)) if is_stream(data) else [
-                source[i] for i in range(min(4, length(data)))]
-            if len(first) < 4:
+            most = 4 if size >= 4 else 2
+            first = list(itertools.islice(source, most)) if is_stream(data) else [
+                source[i] for i in range(min(most, length(data)))]
+            if len(first) < 2:  # a mean over one example is its sum
                 return
-            for piece in (first, first[:2], first[2:]):
+            k = 4 if len(first) >= 4 else 2
+            first = first[:k]
+            for piece in (first, first[: k // 2], first[k // 2 :]):
                 batch = to_device(collate(piece), device)
                 out = task.compute_measurement(batch, model) if objective == "measurement" else \
                     task.compute_train_loss(batch, model, False)
@@ -503,15 +508,16 @@ def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable |
     if not all(map(math.isfinite, values)) or max(map(abs, values)) < 1e-8:
         return  # not a finite scalar (the passes say so), or a loss at rounding's scale
     # 5 %: 16-bit models round a loss computed on 4 rows and on 2 differently. A mean over examples is
-    # half the pairs' sum; one over tokens about half (the examples' lengths weigh in).
+    # half the halves' sum; one over tokens about half (the examples' lengths weigh in).
     summed = one + two
     if abs(together - summed) <= 0.05 * (abs(together) + abs(one) + abs(two)) or not (
             abs(together - summed / 2) <= 0.25 * abs(summed / 2)):
         return
     kind = "compute_measurement" if objective == "measurement" else "compute_train_loss"
+    halves = "two halves" if k == 4 else "two examples alone"
     raise ValueError(
-        f"the task's {kind} is the mean over the batch, not its sum: on the first 4 examples it returns "
-        f"{together:.6g}, and {one:.6g} + {two:.6g} = {summed:.6g} on their two halves; source_fast, like "
+        f"the task's {kind} is the mean over the batch, not its sum: on the first {k} examples it returns "
+        f"{together:.6g}, and {one:.6g} + {two:.6g} = {summed:.6g} on their {halves}; source_fast, like "
         "kronfluence, needs it summed over the batch's examples (e.g. reduction='sum', and a language model's "
         "token losses summed per example, not HF's mean `.loss`): a mean scales each example's gradient by "
         "1/batch size"

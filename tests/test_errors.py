@@ -73,9 +73,18 @@ def test_a_loss_not_summed_over_the_batch_is_refused(setup, tmp_path):
     with pytest.raises(ValueError, match=mean):
         analyzer.fit_all_factors("f", data, per_device_batch_size=8)
     assert not list(tmp_path.rglob("*.safetensors"))
-    # Fewer than four examples cannot tell a sum from a mean: not checked (as many queries as that are fine).
-    assert sf.score(model, MeanTask("sum", "mean"), traj, factors, data, torch.utils.data.Subset(data, range(3)),
-                    method="ekfac").shape == (3, len(data))
+    # Batches of two or three: the first two examples against each alone (a collate_fn need not take
+    # four); batches of one: a mean is the sum, nothing to check.
+    with pytest.raises(ValueError, match=r"compute_train_loss is the mean over the batch, not its sum: on the first 2 "
+                                         r"examples .* on their two examples alone"):
+        sf.fit_factors(model, MeanTask(), traj, batch_size=3)
+    sf.fit_factors(model, MeanTask(), traj, batch_size=1)
+    # Three queries: checked on two; one query: a mean is the sum.
+    with pytest.raises(ValueError, match=r"compute_measurement is the mean over the batch, not its sum: on the first 2"):
+        sf.score(model, MeanTask("sum", "mean"), traj, factors, data, torch.utils.data.Subset(data, range(3)),
+                 method="ekfac")
+    assert sf.score(model, MeanTask("sum", "mean"), traj, factors, data, torch.utils.data.Subset(data, range(1)),
+                    method="ekfac").shape == (1, len(data))
 
 
 def test_the_summed_loss_check_leaves_alone_what_it_cannot_judge(setup):

@@ -539,8 +539,8 @@ class TinyLoss(ClassifyTask):
 
 def test_float16_autocast_scales_the_loss_as_kronfluence_does(tmp_path, monkeypatch):
     """Under float16 autocast small output gradients underflow to 0; kronfluence's GradScaler scales the
-    loss by amp_scale for the backward pass (on CUDA: without it, it turns itself off). The shim does
-    the same: scaled, a float32 model's covariances under float16 autocast are its float32 ones to
+    loss by amp_scale for the backward pass when fitting (on CUDA: without it, it turns itself off). The
+    shim does the same: scaled, a float32 model's covariances under float16 autocast are its float32 ones to
     float16 rounding, where unscaled they are lost; on the CPU it does not scale, and its scores are
     kronfluence's there."""
     from source_fast._passes import LOSS_SCALE
@@ -555,13 +555,17 @@ def test_float16_autocast_scales_the_loss_as_kronfluence_does(tmp_path, monkeypa
         want = fit["float32"][layer].s_cov
         error = {k: float((fit[k][layer].s_cov - want).norm() / want.norm()) for k in ("scaled", "unscaled")}
         assert error["scaled"] < 1e-2 and error["unscaled"] > 0.5, (layer, error)
-    # The shim scales where kronfluence does: float16 autocast on CUDA, by the factors' amp_scale.
+    # The shim scales where kronfluence does: fitting under float16 autocast on CUDA, by amp_scale; not
+    # when scoring (kronfluence 1.0.1's saved amp_dtype never turns its scaler on), nor a float16 model.
     analyzer = _analyzer(kf, model, ClassifyTask(), tmp_path / "which")
     f16, bf16 = FactorArguments(amp_dtype=torch.float16), FactorArguments(amp_dtype=torch.bfloat16)
     assert getattr(analyzer._task_for(f16, kf.FACTOR_DEFAULTS, 1024.0), LOSS_SCALE) == 1.0  # the CPU
     monkeypatch.setattr(kf, "model_device", lambda m: torch.device("cuda"))
     assert getattr(analyzer._task_for(f16, kf.FACTOR_DEFAULTS, 1024.0), LOSS_SCALE) == 1024.0
     assert getattr(analyzer._task_for(bf16, kf.FACTOR_DEFAULTS, 1024.0), LOSS_SCALE) == 1.0
+    assert getattr(analyzer._task_for(ScoreArguments(amp_dtype=torch.float16), kf.SCORE_DEFAULTS), LOSS_SCALE) == 1.0
+    half = _analyzer(kf, _mlp().half(), ClassifyTask(), tmp_path / "half")
+    assert getattr(half._task_for(f16, kf.FACTOR_DEFAULTS, 1024.0), LOSS_SCALE) == 1.0
     monkeypatch.undo()
     scores = {}
     for name, lib in (("kron", kronfluence), ("shim", kf)):

@@ -25,10 +25,11 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   masks neither in per-example gradients: it relies on padded tokens having zero output gradient
   (true when nothing attends to them and the loss ignores them). source_fast masks both sides; the
   two agree whenever that assumption holds, and source_fast stays right when it does not.
-- `amp_dtype` runs the task's forward passes under torch.autocast, as kronfluence does. Under float16
-  autocast on CUDA the loss is scaled by the factors' `amp_scale` for the backward pass and the output
-  gradients unscaled in float32, as kronfluence's GradScaler does (without CUDA it turns itself off,
-  and so does the shim).
+- `amp_dtype` runs the task's forward passes under torch.autocast, as kronfluence does. When fitting
+  under float16 autocast on CUDA the loss is scaled by `amp_scale` for the backward pass and the
+  output gradients unscaled in float32, as kronfluence's GradScaler does (without CUDA it turns itself
+  off, and so does the shim; kronfluence 1.0.1 never scales when scoring, nor does the shim). A float16
+  model is not scaled: its output gradients are taken in float16 (kronfluence takes them in float32).
 - Shared (re-used) modules are taken as with kronfluence's `has_shared_parameters=True`, whatever
   the flag: a per-example gradient sums over the module's calls (kronfluence 1.0.1's pairwise scores
   keep only one call's part of a shared module's score; its factors and self-influence sum them).
@@ -918,15 +919,19 @@ class Analyzer:
 
     # ---- factors ---------------------------------------------------------------------------------
 
-    def _task_for(self, args: Any, defaults: dict[str, Any], amp_scale: float) -> Task:
-        """The task as these arguments run it: under autocast with `amp_dtype`; under float16 autocast on
-        CUDA with its loss scaled by the factors' `amp_scale` for the backward pass, as kronfluence's
-        GradScaler scales it (which turns itself off without CUDA)."""
+    def _task_for(self, args: Any, defaults: dict[str, Any], amp_scale: float = 1.0) -> Task:
+        """The task as these arguments run it: under autocast with `amp_dtype`. When fitting (`amp_scale`
+        given) under float16 autocast on CUDA, its loss is scaled by `amp_scale` for the backward pass,
+        as kronfluence's GradScaler scales it (which turns itself off without CUDA; kronfluence 1.0.1
+        never scales when scoring: its factor arguments come back from JSON with amp_dtype a string,
+        which is never torch.float16). Not for a float16 model: its captured output gradients stay
+        float16, so unscaling them would lose what the scaling kept (kronfluence takes them in float32)."""
         dtype = _autocast_dtype(args, defaults, self.model)
         if dtype is None:
             return self._task
         device = model_device(self.model)
-        scale = float(amp_scale) if dtype == torch.float16 and device.type == "cuda" else 1.0
+        half = {p.dtype for p in self.model.parameters() if p.is_floating_point()} == {torch.float16}
+        scale = float(amp_scale) if dtype == torch.float16 and device.type == "cuda" and not half else 1.0
         return _Autocast(self._task, device.type, dtype, scale)  # type: ignore[return-value]
 
     def _factor_args(self, factor_args: Any, out: Path, overwrite_output_dir: bool) -> dict[str, Any]:
@@ -1277,8 +1282,8 @@ class Analyzer:
         factors, args = self._score_setup(
             out, "pairwise_scores.safetensors", factors_name, score_args, overwrite_output_dir,
             {"query": (query_dataset, query_indices), "train": (train_dataset, train_indices)})
+        task = self._task_for(score_args, SCORE_DEFAULTS)
         fitted = _factor_args_json(self.factors_output_dir(factors_name))
-        task = self._task_for(score_args, SCORE_DEFAULTS, fitted.get("amp_scale", FACTOR_DEFAULTS["amp_scale"]))
         for flag, source in (("aggregate_train_gradients", args), ("has_shared_parameters", fitted)):
             if args["compute_per_token_scores"] and source.get(flag):
                 warn(f"per-token scores do not apply with {flag}=True: compute_per_token_scores is ignored, as "
@@ -1344,8 +1349,7 @@ class Analyzer:
             return _load_scores(out / "self_scores.safetensors")
         factors, args = self._score_setup(out, "self_scores.safetensors", factors_name, score_args,
                                           overwrite_output_dir, {"train": (train_dataset, train_indices)})
-        task = self._task_for(score_args, SCORE_DEFAULTS, _factor_args_json(self.factors_output_dir(factors_name)).get(
-            "amp_scale", FACTOR_DEFAULTS["amp_scale"]))
+        task = self._task_for(score_args, SCORE_DEFAULTS)
         ignored = sorted(k for k, v in SELF_IGNORED.items() if args[k] != v)
         if ignored:
             warn(f"{ignored} do not apply to self-influence scores: ignored, as kronfluence does")
