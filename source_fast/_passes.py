@@ -474,9 +474,9 @@ def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable |
     squeezes its batch axis breaks on one), or, with batches of two or three or data of two or three
     examples, on the first two against each alone (a collate_fn need not take more than the batch
     size); with batches of one a mean is the sum. In eval mode, with autograd on (a task may differentiate inside its loss), the caller's
-    random state kept. Only a clear mean is refused: the loss of the group about half the halves' sum
-    (a mean over tokens is, unless the examples' lengths and losses differ widely), and not their
-    sum. Data or tasks that fail here (a dataset opened in its workers) and losses at rounding's scale
+    random state kept. Only a clear mean is refused: not the halves' sum, and where all three losses
+    have one sign no larger than the larger half's (a mean of the halves weighted by their examples or
+    tokens lies between them), else about half the halves' sum. Data or tasks that fail here (a dataset opened in its workers) and losses at rounding's scale
     are left alone: the passes say what fails, and where."""
     size = data.batch_size if isinstance(data, DataLoader) else batch_size
     if size is None or size < 2:
@@ -507,11 +507,16 @@ def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable |
     together, one, two = values
     if not all(map(math.isfinite, values)) or max(map(abs, values)) < 1e-8:
         return  # not a finite scalar (the passes say so), or a loss at rounding's scale
-    # 5 %: 16-bit models round a loss computed on 4 rows and on 2 differently. A mean over examples is
-    # half the halves' sum; one over tokens about half (the examples' lengths weigh in).
+    # 5 %: 16-bit models round a loss computed on 4 rows and on 2 differently. A mean over examples or
+    # tokens is the halves' mean weighted by their examples or tokens: between them, where a sum of
+    # losses of one sign exceeds both.
     summed = one + two
-    if abs(together - summed) <= 0.05 * (abs(together) + abs(one) + abs(two)) or not (
-            abs(together - summed / 2) <= 0.25 * abs(summed / 2)):
+    if abs(together - summed) <= 0.05 * (abs(together) + abs(one) + abs(two)):
+        return
+    one_sign = min(values) > 0 or max(values) < 0
+    mean = (abs(together) <= 1.05 * max(abs(one), abs(two)) if one_sign
+            else abs(together - summed / 2) <= 0.25 * abs(summed / 2))
+    if not mean:
         return
     kind = "compute_measurement" if objective == "measurement" else "compute_train_loss"
     halves = "two halves" if k == 4 else "two examples alone"

@@ -46,6 +46,18 @@ class TokenMeanTask(ClassifyTask):
     compute_measurement = compute_train_loss
 
 
+class UnevenTokenMeanTask(ClassifyTask):
+    """HF's `.loss` over examples of 2, 2, 20 and 20 tokens, the short ones badly predicted: the mean over
+    the batch's tokens is nowhere near half the pairs' sum, but it lies between the pairs' losses."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, tokens = batch
+        per_token = model(x).squeeze(1) ** 2
+        return (per_token * tokens).sum() / tokens.sum()
+
+    compute_measurement = compute_train_loss
+
+
 def test_a_loss_not_summed_over_the_batch_is_refused(setup, tmp_path):
     """A mean loss scales each example's gradient by 1/batch size, silently: scores would change with
     batch_size and the short last batch's rows would weigh more. Refused before any pass, naming the
@@ -65,6 +77,14 @@ def test_a_loss_not_summed_over_the_batch_is_refused(setup, tmp_path):
         sf.self_score(model, MeanTask("sum", "mean"), traj, factors, data, method="ekfac", use_measurement=True)
     with pytest.raises(ValueError, match=mean):
         sf.score(model, TokenMeanTask(), traj, factors, data, data, method="grad_dot")
+    linear = nn.Linear(1, 1, bias=False).double()
+    nn.init.ones_(linear.weight)
+    uneven = torch.utils.data.TensorDataset(torch.tensor([[3.0], [3.0], [0.5], [0.5]], dtype=torch.float64),
+                                            torch.tensor([2.0, 2.0, 20.0, 20.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"is the mean over the batch, not its sum: on the first 4 examples it returns "
+                                         r"1.04545, and 9 \+ 0.25 = 9.25"):
+        sf.fit_factors(linear, UnevenTokenMeanTask(), sf.Trajectory([sf.Segment([linear.state_dict()], uneven,
+                                                                                 lr_sum=1.0)]))
     # kronfluence's own scripts through the shim: refused before a factor file is written.
     from source_fast.interop import kronfluence as kf
 
