@@ -846,7 +846,6 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
     needed = [f"{s.name}.{p}" for s in specs for p in (("weight", "bias") if s.has_bias else ("weight",))]
     out: dict[str, Tensor] = {}
     assert seg.optimizer_states is not None
-    previous = None  # (state index, its step count)
     for c, st in enumerate(seg.optimizer_states):
         where = f"{what}, optimizer state {c}"
         if isinstance(st, torch.optim.Optimizer):
@@ -892,16 +891,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             p_by_name[name] = 1.0 / (v_hat.sqrt() + group["eps"])
             wd_by_name[name] = float(group.get("weight_decay", 0.0))
         _check_weight_decay(specs, wd_by_name, seg, where, notes)
-        # Saved with each checkpoint, the states' steps go up, unless the optimizer was restarted: a
-        # decrease is a mistake in order (states reversed with their checkpoints) or a restart, which is
-        # better a segment boundary. Each state's bias correction uses its own step either way.
-        step = max(steps)
-        steps_out.append(step)
-        if previous is not None and step < previous[1]:
-            notes.add(f"{where} records step {step:g}, but optimizer state {previous[0]} before it records step "
-                      f"{previous[1]:g}: give the states, like the checkpoints, in training order (a restarted "
-                      "optimizer is best where a segment starts)")
-        previous = (c, step)
+        steps_out.append(max(steps))  # checked against each other and the rates: _check_adam_steps
         lrs = {float(index_group[index[name]]["lr"]) for name in needed}
         if len(lrs) > 1:  # the segment's one learning-rate sum (its horizon) applies to every layer
             notes.add(f"the tracked parameters' optimizer groups have different learning rates {sorted(lrs)}; "
@@ -912,11 +902,20 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
 
 
 def _check_adam_steps(trajectory: Trajectory, state_steps: list[list[float]], notes: set[str]) -> None:
-    """Between two checkpoints of one Trajectory.even run, Adam's states cannot record more steps than
-    the learning rates put there (more: rates given per epoch or per checkpoint, not per optimizer
-    step, so every c is that much too small); fewer is a restarted optimizer or rates per micro-batch."""
+    """The step counts Adam's states record (each state's largest). Saved with each checkpoint they go
+    up, unless the optimizer was restarted: a decrease inside a segment is a mistake in order (states
+    reversed with their checkpoints) or a restart, which is better a segment boundary (each state's
+    bias correction uses its own step either way). Between two checkpoints of one Trajectory.even run
+    the states cannot record more steps than the learning rates put there (more: rates given per
+    epoch or per checkpoint, not per optimizer step, so every c is that much too small); fewer is a
+    restarted optimizer or rates per micro-batch."""
     previous = None  # (where, its state's step, (run, the step its checkpoint was saved after))
     for ell, (seg, steps) in enumerate(zip(trajectory.segments, state_steps)):
+        for c in range(1, len(steps)):
+            if steps[c] < steps[c - 1]:
+                notes.add(f"segment {ell}, optimizer state {c} records step {steps[c]:g}, but optimizer state {c - 1} "
+                          f"before it records step {steps[c - 1]:g}: give the states, like the checkpoints, in "
+                          "training order (a restarted optimizer is best where a segment starts)")
         if seg.saved_after is None:
             previous = None
             continue

@@ -269,16 +269,19 @@ def _write_group(factors_dir: Path, group: dict[str, dict[str, Tensor]], metadat
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+# Layers source_fast tracks and kronfluence does not: their factors would be missing there, silently.
+UNTRACKED_BY_KRONFLUENCE = {"conv1d": "transformers Conv1D", "nn_conv1d": "torch nn.Conv1d"}
+
+
 def _module_tensor(files: dict[str, dict[str, Tensor]], stem: str, spec: LayerSpec, shape: tuple[int, ...],
                    factors_dir: Path) -> Tensor:
     """One module's tensor from one factor file, checked against the model's layer shape."""
     tensors = files[stem]
     if spec.name not in tensors:
-        if spec.kind in ("conv1d", "nn_conv1d"):
+        if spec.kind in UNTRACKED_BY_KRONFLUENCE:
             raise ValueError(
                 f"{factors_dir / (stem + '.safetensors')} has no factor for module {spec.name!r}: it is a "
-                f"{'transformers Conv1D' if spec.kind == 'conv1d' else 'torch nn.Conv1d'}, which kronfluence does "
-                "not track"
+                f"{UNTRACKED_BY_KRONFLUENCE[spec.kind]}, which kronfluence does not track"
             )
         raise ValueError(
             f"{factors_dir / (stem + '.safetensors')} has no factor for module {spec.name!r} "
@@ -458,8 +461,8 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
             "these factors were fitted with average_params=True (Fast-SOURCE, at a segment's mean parameters), "
             "not as an EK-FAC at one checkpoint; fit them with average_params=False on trajectory.final()"
         )
-    foreign = [f"{s.name!r} ({'transformers Conv1D' if s.kind == 'conv1d' else 'torch nn.Conv1d'})"
-               for s in factors.layers if s.kind in ("conv1d", "nn_conv1d")]
+    foreign = [f"{s.name!r} ({UNTRACKED_BY_KRONFLUENCE[s.kind]})" for s in factors.layers
+               if s.kind in UNTRACKED_BY_KRONFLUENCE]
     if foreign:  # kronfluence would score without them, silently
         raise ValueError(f"modules {foreign[:4]} are layers kronfluence does not track, so its scores from these files "
                          "would leave them out: fit with `kronfluence_task(model, task)`, which tracks what kronfluence "
