@@ -32,7 +32,7 @@ from ._warn import warn
 from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
-from .trajectory import (Checkpoint, Segment, Trajectory, checkpoint_file, load_dict, load_into, load_state_dict,
+from .trajectory import (Checkpoint, Segment, Trajectory, checkpoint_files, load_dict, load_into, load_state_dict,
                          readable)
 
 FORMAT_VERSION = 3  # 2: the tensor file is named by its content (factors.json says which); 3: modules may have no bases
@@ -689,23 +689,23 @@ def _tensor_samples(checkpoint: Checkpoint, what: str) -> Iterator[tuple[torch.d
     if isinstance(checkpoint, dict):
         yield from ((v.dtype, tuple(v.shape), sample(v)) for v in checkpoint.values() if isinstance(v, Tensor))
         return
-    path = checkpoint_file(checkpoint, what)
-    if not path.endswith(".safetensors"):
-        state = load_state_dict(path, what)
-        yield from ((v.dtype, tuple(v.shape), sample(v)) for v in state.values() if isinstance(v, Tensor))
-        return
-    from safetensors import safe_open
+    for path in checkpoint_files(checkpoint, what):
+        if not path.endswith(".safetensors"):
+            state = load_state_dict(path, what)
+            yield from ((v.dtype, tuple(v.shape), sample(v)) for v in state.values() if isinstance(v, Tensor))
+            continue
+        from safetensors import safe_open
 
-    with readable(path, what), safe_open(path, "pt") as f:
-        for key in f.keys():
-            piece = f.get_slice(key)
-            shape = tuple(piece.get_shape())
-            if len(shape) < 2:
-                t = f.get_tensor(key)
-                yield t.dtype, shape, t
-                continue
-            rows = torch.cat([piece[i : i + 1] for i in _sample_rows(shape[0])]) if shape[0] else f.get_tensor(key)
-            yield rows.dtype, shape, rows.flatten(1)[:, :_SIGNATURE_ROW_VALUES]
+        with readable(path, what), safe_open(path, "pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                shape = tuple(piece.get_shape())
+                if len(shape) < 2:
+                    t = f.get_tensor(key)
+                    yield t.dtype, shape, t
+                    continue
+                rows = torch.cat([piece[i : i + 1] for i in _sample_rows(shape[0])]) if shape[0] else f.get_tensor(key)
+                yield rows.dtype, shape, rows.flatten(1)[:, :_SIGNATURE_ROW_VALUES]
 
 
 def warn_batchnorm(model: nn.Module) -> None:

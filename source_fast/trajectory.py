@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import numbers
 import os
 import re
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -22,17 +23,22 @@ Checkpoint = dict[str, Tensor] | str | os.PathLike
 
 
 def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
-    """A model's state_dict from a dict or a file (.safetensors, or anything torch.load reads)."""
+    """A model's state_dict from a dict, a file (.safetensors, or anything torch.load reads) or a
+    save_pretrained folder."""
     if isinstance(checkpoint, dict):
         return _tensors_only(checkpoint, what)
     return _tensors_only(load_dict(checkpoint, what), f"{what} ({os.fspath(checkpoint)!r})")
 
 
 def load_dict(checkpoint: Checkpoint, what: str) -> dict[str, Any]:
-    """The dict a file holds (a state_dict, an optimizer's), or the dict given."""
+    """The dict a file holds (a state_dict, an optimizer's), or the dict given; a checkpoint saved in
+    shards (save_pretrained's max_shard_size) is read into one state_dict."""
     if isinstance(checkpoint, dict):
         return checkpoint
-    path = checkpoint_file(checkpoint, what)
+    return merged_shards(checkpoint, what, lambda path: _read_file(path, what))
+
+
+def _read_file(path: str, what: str) -> dict[str, Any]:
     with readable(path, what):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -61,19 +67,67 @@ def _tensors_only(state: Any, what: str) -> dict[str, Tensor]:
     return state
 
 
-def checkpoint_file(checkpoint: Checkpoint, what: str) -> str:
+# A save_pretrained folder's weights, in the order from_pretrained looks for them.
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def weights_path(checkpoint: Checkpoint, what: str) -> str:
+    """The file a checkpoint names: itself, or a save_pretrained folder's weights file or shard index."""
     path = os.fspath(checkpoint)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
-    if os.path.isdir(path):  # what save_pretrained writes: the weights are a file inside it
-        files = os.listdir(path)
-        if any(f.endswith(".index.json") for f in files):
-            raise IsADirectoryError(f"{what}: {path!r} is a folder of a checkpoint saved in shards, which is not read: "
-                                    "save it whole (save_pretrained's max_shard_size), or pass its state_dict")
-        weights = sorted(f for f in files if f.startswith(("model.", "pytorch_model.")))
-        raise IsADirectoryError(f"{what}: {path!r} is a folder; pass the weights file in it"
-                                + (f": {os.path.join(path, weights[0])}" if weights else " (none found)"))
-    return path
+    if not os.path.isdir(path):
+        return path
+    names = [n for n in WEIGHTS_FILES if os.path.isfile(os.path.join(path, n))]
+    names = names or sorted(n for n in os.listdir(path) if n.endswith(".index.json"))  # a variant's index
+    if not names:
+        raise IsADirectoryError(f"{what}: {path!r} is a folder without model weights (looked for "
+                                f"{', '.join(WEIGHTS_FILES)}): pass the weights file")
+    return os.path.join(path, names[0])
+
+
+def checkpoint_files(checkpoint: Checkpoint, what: str) -> list[str]:
+    """The files a checkpoint is read from: its weights file, or the shards its index lists, in order."""
+    path = weights_path(checkpoint, what)
+    if not path.endswith(".index.json"):
+        return [path]
+    shards = list(dict.fromkeys(_shard_index(path, what).values()))
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"{what}: shard {shard!r}, listed in {path!r}, does not exist")
+    return shards
+
+
+def _shard_index(path: str, what: str) -> dict[str, str]:
+    """A sharded checkpoint's index: {tensor name: the path of the shard holding it}."""
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not weight_map or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise ValueError("its weight_map is empty or not tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{what}: cannot read the shard index {path!r}: {type(exc).__name__}: {exc}") from exc
+    folder = os.path.dirname(path)
+    return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+
+
+def merged_shards(checkpoint: Checkpoint, what: str, read: Callable[[str], Mapping[str, Any]]) -> dict[str, Any]:
+    """read(file) of a checkpoint's file, or of each of its shards in one dict, each shard checked to
+    hold what the index lists (a shard left from another save is not mixed in)."""
+    path = weights_path(checkpoint, what)
+    if not path.endswith(".index.json"):
+        return dict(read(path))
+    index = _shard_index(path, what)
+    merged: dict[str, Any] = {}
+    for shard in checkpoint_files(path, what):
+        part = read(shard)
+        listed = {k for k, v in index.items() if v == shard}
+        if set(part) != listed:
+            odd = sorted(set(part) ^ listed)
+            raise ValueError(f"{what}: shard {shard!r} does not hold the tensors {path!r} lists for it ({odd[:3]} "
+                             "differ): a shard of another save?")
+        merged.update(part)
+    return merged
 
 
 @contextlib.contextmanager
@@ -108,20 +162,22 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
     if isinstance(checkpoint, dict):
         shapes = {k: tuple(v.shape) for k, v in _tensors_only(checkpoint, what).items()}
     else:
-        path = checkpoint_file(checkpoint, what)
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with readable(path, what), safe_open(path, "pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        else:
-            if zipfile.is_zipfile(path):
-                with readable(path, what):
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            else:  # torch's legacy format cannot be mapped (a damaged zip lands here too): read it whole
-                state = load_state_dict(path, what)
-            shapes = {k: tuple(v.shape) for k, v in _tensors_only(state, f"{what} ({path!r})").items()}
+        shapes = merged_shards(checkpoint, what, lambda path: _file_shapes(path, what))
     _check_shapes(_with_tied_weights(shapes, own), own, what)
+
+
+def _file_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with readable(path, what), safe_open(path, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if zipfile.is_zipfile(path):
+        with readable(path, what):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    else:  # torch's legacy format cannot be mapped (a damaged zip lands here too): read it whole
+        state = _read_file(path, what)
+    return {k: tuple(v.shape) for k, v in _tensors_only(state, f"{what} ({path!r})").items()}
 
 
 def _check_shapes(shapes: dict[str, tuple[int, ...]], own: dict[str, Tensor], what: str) -> None:
@@ -254,8 +310,8 @@ def _moved(lrs: list[float], momentum: float, dampening: float, nesterov: bool, 
 class Segment:
     """A stretch of training whose curvature and gradients SOURCE treats as stationary.
 
-    checkpoints: state_dicts or file paths saved inside the segment, in training order (.safetensors,
-        save_pretrained's model.safetensors included, whose tied weights are stored once; or torch.save files)
+    checkpoints: state_dicts or paths saved inside the segment, in training order: .safetensors or
+        torch.save files, or save_pretrained folders (whole or in shards; tied weights stored once)
     data: the examples the segment trained on: a dataset (len() is N_ℓ), a re-iterable stream of
         examples (an IterableDataset; give num_examples) or a DataLoader that reads in order;
         multi-stage training gives each stage's segments that stage's data

@@ -94,18 +94,14 @@ def test_checkpoints_are_identified_by_content(tmp_path):
     assert fm._checkpoint_digest(tmp_path / "a.safetensors", "c") == fm._checkpoint_digest(tmp_path / "copy" / "b.safetensors", "c")
     with pytest.raises(FileNotFoundError, match="segment 1, checkpoint 0: checkpoint file .* does not exist"):
         fm._checkpoint_digest(tmp_path / "missing.safetensors", "segment 1, checkpoint 0")
-    # save_pretrained's folder, given for its weights file: said so, for every reader of checkpoints.
+    # save_pretrained's folder is read for its weights file (tests/test_trainer.py reads real ones).
     saved = tmp_path / "saved"
     saved.mkdir()
-    for name in ("model.safetensors", "config.json", "optimizer.pt"):
-        (saved / name).write_bytes(b"")
-    for read in (fm._checkpoint_digest, sf.trajectory.load_state_dict):
-        with pytest.raises(IsADirectoryError, match=r"segment 0, checkpoint 2: .*/saved' is a folder; pass the weights "
-                                                    r"file in it: .*/saved/model.safetensors$"):
-            read(saved, "segment 0, checkpoint 2")
-    (saved / "model.safetensors.index.json").write_text("{}")  # saved in shards: not read, and said so
-    with pytest.raises(IsADirectoryError, match=r"saved in shards, which is not read: save it whole"):
-        sf.trajectory.load_state_dict(saved, "segment 0, checkpoint 2")
+    (saved / "config.json").write_text("{}")
+    with pytest.raises(IsADirectoryError, match=r"segment 0, checkpoint 2: .*/saved' is a folder without model weights"):
+        fm._checkpoint_digest(saved, "segment 0, checkpoint 2")
+    save_file(state, str(saved / "model.safetensors"))
+    assert fm._checkpoint_digest(saved, "c") == fm._checkpoint_digest(tmp_path / "a.safetensors", "c")
 
 
 def test_every_training_example_and_task_value_is_part_of_the_fit(tmp_path):

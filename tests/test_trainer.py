@@ -85,7 +85,7 @@ def test_a_trainer_run_is_read_with_its_steps_rates_and_optimizer(run):
     assert [seg.lr_sum for seg in traj.segments] == pytest.approx([sum(rates[:10]), sum(rates[10:20]),
                                                                     sum(rates[20:])], rel=1e-12)
     assert [str(seg.checkpoints[0]) for seg in traj.segments] == [
-        str(out / f"checkpoint-{n}" / "model.safetensors") for n in (10, 20, 25)]
+        str(out / f"checkpoint-{n}") for n in (10, 20, 25)]
     assert {(seg.optimizer, seg.weight_decay) for seg in traj.segments} == {("adamw", DECAY)}
     # The saved states' two unnamed groups (decayed weights, then biases and norms) are named right:
     # the preconditioner fitted from the last checkpoint's state is the live optimizer's, by object.
@@ -215,6 +215,71 @@ def test_checkpoints_of_another_run_or_damaged_ones_are_refused(run, tmp_path):
         sf.Trajectory.from_trainer(copy, model, data, 3)
     with pytest.raises(ValueError, match="has no checkpoint-N folders"):
         sf.Trajectory.from_trainer(tmp_path, model, data, 3)
+
+
+def _as_bin_shards(folder):
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    renamed = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        renamed[shard] = shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+        torch.save(load_file(folder / shard), folder / renamed[shard])
+        (folder / shard).unlink()
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (folder / "model.safetensors.index.json").unlink()
+
+
+def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
+    """A model over save_pretrained's max_shard_size (5 GB by default) is saved in shards with an index:
+    read whole, in either format, from the run's folders, a folder or the index file; a missing shard, one
+    of another save and a damaged index are named."""
+    out, model, data, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    for folder, safe in zip(sorted(copy.glob("checkpoint-*")), (True, False, True)):
+        saved = transformers.GPT2LMHeadModel.from_pretrained(folder)
+        (folder / "model.safetensors").unlink()
+        saved.save_pretrained(folder, max_shard_size="20KB")
+        if not safe:  # torch.save shards, as transformers before 5 wrote with safe_serialization=False
+            _as_bin_shards(folder)
+        assert len(list(folder.glob("model-*" if safe else "pytorch_model-*"))) > 3
+    task = CausalLMTask(normalize="mean")
+    whole, shards = (sf.Trajectory.from_trainer(d, model, data, num_segments=1) for d in (out, copy))
+    with pytest.warns(UserWarning, match="the biases of"):
+        want, got = (sf.fit_factors(model, task, t, batch_size=16) for t in (whole, shards))
+    for name, lf in want.segments[0].items():
+        assert torch.equal(lf.lam, got.segments[0][name].lam) and torch.equal(lf.precond, got.segments[0][name].precond)
+    queries = torch.utils.data.Subset(data, range(3))
+    assert torch.equal(sf.score(model, task, whole, want, data, queries), sf.score(model, task, shards, got, data, queries))
+    folder = copy / "checkpoint-20"
+    index = folder / "pytorch_model.bin.index.json"
+    state = sf.trajectory.load_state_dict(index, "c")
+    assert state.keys() == sf.trajectory.load_state_dict(folder, "c").keys() and "lm_head.weight" not in state
+    for key, value in transformers.GPT2LMHeadModel.from_pretrained(out / "checkpoint-20").state_dict().items():
+        assert key == "lm_head.weight" or torch.equal(state[key], value), key
+    shard = json.loads(index.read_text())["weight_map"]["transformer.h.1.mlp.c_fc.weight"]
+    (folder / shard).rename(folder / "moved")
+    with pytest.raises(FileNotFoundError, match=rf"segment 0, checkpoint 1: shard '.*{shard}', listed in .*index.json'"
+                                                r", does not exist"):
+        sf.fit_factors(model, task, shards)
+    other = next(n for n in json.loads(index.read_text())["weight_map"].values() if n != shard)
+    shutil.copy(folder / other, folder / shard)  # another shard's tensors under this shard's name
+    with pytest.raises(ValueError, match=rf"segment 0, checkpoint 1: shard '.*{shard}' does not hold the tensors .* "
+                                         r"lists for it \(\['transformer.*differ\): a shard of another save\?"):
+        sf.fit_factors(model, task, shards)
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=r"segment 0, checkpoint 1: cannot read the shard index '.*index.json': KeyError"):
+        sf.fit_factors(model, task, shards)
+    for name in folder.iterdir():
+        if "pytorch_model" in name.name or name.name == "moved":
+            name.unlink()
+    with pytest.raises(ValueError, match=r"checkpoint-20 has none of model.safetensors, .* or adapter_model.safetensors"):
+        sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
+    with pytest.raises(IsADirectoryError, match=r"c: '.*checkpoint-20' is a folder without model weights \(looked for "
+                                                r"model.safetensors, .*\): pass the weights file"):
+        sf.trajectory.load_state_dict(folder, "c")
 
 
 def test_a_lora_run_is_read_through_its_peft_model(tmp_path):

@@ -1,7 +1,7 @@
 """Hugging Face `transformers.Trainer` runs as trajectories: `Trajectory.from_trainer` reads this.
 
 A Trainer run leaves `output_dir/checkpoint-N/` folders, N the optimizer step after which each was
-saved: the weights (`model.safetensors` or `pytorch_model.bin`; a PEFT run's adapter,
+saved: the weights (`model.safetensors` or `pytorch_model.bin`, whole or in shards; a PEFT run's adapter,
 `adapter_model.safetensors`, read into the PEFT model's keys), the optimizer's state_dict
 (`optimizer.pt`) and `trainer_state.json`, whose `log_history` holds the learning rate of every logged
 step. What needs care is checked rather than assumed:
@@ -37,7 +37,7 @@ from .._warn import warn
 from ..capture import layer_kind
 from ..factors import not_adam
 from .._passes import length
-from ..trajectory import Trajectory, check_checkpoint
+from ..trajectory import WEIGHTS_FILES, Trajectory, check_checkpoint
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -158,19 +158,16 @@ def _training_args(path: Path) -> dict[str, int | float]:
 
 
 def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
-    """A checkpoint's weights: the file of a full model, or a PEFT (LoRA) run's adapters as a state_dict."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return str(folder / name)
+    """A checkpoint's weights: the folder of a full model (one file or shards), or a PEFT (LoRA) run's
+    adapters as a state_dict."""
+    if any((folder / name).is_file() for name in WEIGHTS_FILES):
+        return str(folder)
     if getattr(model, "peft_config", None):
         return _adapter_state(folder, model)
-    if any(folder.glob("*.index.json")):
-        raise ValueError(f"{folder} holds a sharded checkpoint (*.index.json); source_fast reads one weights file: "
-                         "load it with from_pretrained and pass model.state_dict() copies to Trajectory.even")
     if any(folder.rglob("adapter_model.*")):
         raise ValueError(f"{folder} holds PEFT adapters: pass the PEFT model as it was trained (peft.get_peft_model, "
                          "or PeftModel.from_pretrained(base, folder, is_trainable=True)), not the base model")
-    raise ValueError(f"{folder} has no model.safetensors, pytorch_model.bin or adapter_model.safetensors")
+    raise ValueError(f"{folder} has none of {', '.join(WEIGHTS_FILES)} or adapter_model.safetensors")
 
 
 def _adapter_state(folder: Path, model: nn.Module) -> dict[str, Any]:
