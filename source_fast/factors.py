@@ -33,7 +33,7 @@ from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_one
 from .task import Task
 from .tasks import CausalLMTask
 from .trajectory import (Checkpoint, Segment, Trajectory, checkpoint_files, load_dict, load_into, load_state_dict,
-                         readable)
+                         readable, unwrapped_name)
 
 FORMAT_VERSION = 3  # 2: the tensor file is named by its content (factors.json says which); 3: modules may have no bases
 # Factors whose every module has bases are written as version 2, which source_fast before version 3 reads too.
@@ -963,7 +963,7 @@ def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict
     params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not is_placeholder(p)}
     order = [p for p in model.parameters() if not is_placeholder(p)]
     if all("param_names" in g for g in groups):
-        recorded = [(_unwrapped(n), i) for g in groups for n, i in zip(g["param_names"], g["params"])]
+        recorded = [(unwrapped_name(n), i) for g in groups for n, i in zip(g["param_names"], g["params"])]
         unknown = [n for n, _ in recorded if n not in params]
         if not unknown:
             by_id = {id(params[n]): i for n, i in recorded}
@@ -985,13 +985,6 @@ def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict
         )
     by_id = {id(p): i for p, i in zip(order, groups[0]["params"])}
     return {n: by_id[id(p)] for n, p in params.items() if id(p) in by_id}
-
-
-def _unwrapped(name: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
 
 
 def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], seg: Segment, what: str,

@@ -149,7 +149,7 @@ def readable(path: str, what: str) -> Iterator[None]:
 def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
     """Loads a checkpoint into `model` in place, with an error that names the checkpoint and the keys."""
     own = model.state_dict()
-    state = _with_tied_weights(load_state_dict(checkpoint, what), own)
+    state = _with_tied_weights(_model_keys(load_state_dict(checkpoint, what), own), own)
     _check_shapes({k: tuple(v.shape) for k, v in state.items()}, own, what)
     model.load_state_dict(state)
 
@@ -163,7 +163,7 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
         shapes = {k: tuple(v.shape) for k, v in _tensors_only(checkpoint, what).items()}
     else:
         shapes = merged_shards(checkpoint, what, lambda path: _file_shapes(path, what))
-    _check_shapes(_with_tied_weights(shapes, own), own, what)
+    _check_shapes(_with_tied_weights(_model_keys(shapes, own), own), own, what)
 
 
 def _file_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
@@ -191,6 +191,24 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], own: dict[str, Tensor], wh
     for key, shape in shapes.items():
         if shape != tuple(own[key].shape):
             raise ValueError(f"{what}: {key!r} has shape {shape} in the checkpoint but {tuple(own[key].shape)} in the model")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the prefixes of wrappers: DDP's `module.`, torch.compile's `_orig_mod.`."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def _model_keys(state: dict[str, Any], own: dict[str, Tensor]) -> dict[str, Any]:
+    """`state` under the model's names where the two differ only by wrappers' prefixes (a checkpoint of
+    a DDP or torch.compile'd model for the bare model, or the other way round)."""
+    if set(state) <= set(own):
+        return state
+    own_by_bare = {unwrapped_name(k): k for k in own}
+    renamed = {own_by_bare.get(unwrapped_name(k), k): v for k, v in state.items()}
+    return renamed if len(own_by_bare) == len(own) and len(renamed) == len(state) and set(renamed) <= set(own) else state
 
 
 def _with_tied_weights(state: dict[str, Any], own: dict[str, Tensor]) -> dict[str, Any]:

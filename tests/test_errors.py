@@ -267,6 +267,29 @@ def test_checkpoint_files_load(setup, tmp_path):
     assert torch.equal(f1.segments[0]["0"].lam, f2.segments[0]["0"].lam)
 
 
+def test_checkpoints_of_a_wrapped_model_load_into_the_bare_one(setup, tmp_path):
+    """Checkpoints saved from a DDP (`module.`) or torch.compile'd (`_orig_mod.`) model have prefixed names:
+    read for the bare model (file or state_dict), and bare ones for a compiled model, with equal factors."""
+    model, data, ckpts = setup
+
+    def fit(m, checkpoints):
+        factors = sf.fit_factors(m, ClassifyTask(), sf.Trajectory([sf.Segment(checkpoints, data, lr_sum=1.0)]),
+                                 fisher="empirical")
+        return [lf.lam for _, lf in sorted(factors.segments[0].items())]
+
+    want = fit(model, ckpts)
+    wrapped = [{f"module._orig_mod.{k}": v for k, v in c.items()} for c in ckpts]
+    torch.save(wrapped[1], tmp_path / "wrapped.pt")
+    compiled = torch.compile(model, backend="eager")
+    for m, checkpoints in [(model, [wrapped[0], tmp_path / "wrapped.pt"]), (compiled, ckpts), (compiled, wrapped)]:
+        for got, lam in zip(fit(m, checkpoints), want, strict=True):
+            assert torch.equal(got, lam)
+    del wrapped[1]["module._orig_mod.0.bias"]  # still named in the model's terms
+    with pytest.raises(ValueError, match=r"segment 0, checkpoint 1 does not match the model: missing keys \['0.bias'\], "
+                                         r"unexpected keys \[\]"):
+        fit(model, wrapped)
+
+
 def test_segment_arguments(setup):
     _, data, ckpts = setup
     with pytest.raises(ValueError, match="no checkpoints"):
