@@ -20,7 +20,7 @@ from .unroll import TrainingRecord, unroll_scores
 def _train_pass(model, task, specs, data, batch_size, collate_fn, what, consume, first):
     for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), "train", what, None,
                                   first):
-        consume(start, n, {s.name: (with_ones(rec[s.name].a, s, rec[s.name].mask), rec[s.name].g, rec[s.name].mask) for s in specs})
+        consume(start, n, {s.name: (with_ones(rec[s.name].a, s), rec[s.name].g) for s in specs})
 
 
 def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn, first=0) -> Tensor:
@@ -32,8 +32,8 @@ def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn, first=0)
     out = torch.zeros(len(norm_q), length(train_data), dtype=norm_q.dtype, device=norm_q.device)
 
     def consume(start, n, layers):
-        dots = sum(ops.pairwise_scores(a, g, u[k], m) for k, (a, g, m) in layers.items())
-        sq = sum(ops.self_scores(a, g, torch.ones(g.shape[-1], a.shape[-1], device=a.device), m) for a, g, m in layers.values())
+        dots = sum(ops.pairwise_scores(a, g, u[k]) for k, (a, g) in layers.items())
+        sq = sum(ops.self_scores(a, g, torch.ones(g.shape[-1], a.shape[-1], device=a.device)) for a, g in layers.values())
         out[:, start : start + n] = (dots / sq.clamp_min(1e-30).sqrt()[:, None]).T.to(out.dtype)
 
     _train_pass(model, task, specs, train_data, batch_size, collate_fn, "grad_cos", consume, first)
@@ -64,7 +64,7 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
     phi = torch.zeros(length(train_data), dim, dtype=dtype, device=device)
 
     def consume(start, b, layers):
-        phi[start : start + b] = sum(ops.pairwise_scores(a, gr, proj[k], m) for k, (a, gr, m) in layers.items()).to(dtype)
+        phi[start : start + b] = sum(ops.pairwise_scores(a, gr, proj[k]) for k, (a, gr) in layers.items()).to(dtype)
 
     _train_pass(model, task, specs, train_data, batch_size, collate_fn, "trak", consume, first)
     gram = phi.T @ phi
@@ -83,8 +83,11 @@ def _representations(model, task, specs, data, batch_size, collate_fn, what, fir
     loader = make_loader(data, batch_size, collate_fn)
     for _, _, rec in run_pass(model, task, [last], loader, "train", what, None, first):
         r = rec[last.name]
-        count = r.a.shape[1] if r.mask is None else (r.mask != 0).sum(1, keepdim=True).clamp_min(1)
-        feats.append((r.a.sum(1) / count).to(factor_dtype(model)))
+        if r.mask is None:
+            feats.append(r.a.mean(1).to(factor_dtype(model)))
+            continue
+        keep = (r.mask != 0).unsqueeze(-1)
+        feats.append((torch.where(keep, r.a, 0).sum(1) / keep.sum(1).clamp_min(1)).to(factor_dtype(model)))
     return torch.cat(feats)
 
 

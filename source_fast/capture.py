@@ -146,7 +146,9 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
 @dataclass
 class Captured:
     """One tracked layer on one batch. a: (n, t, d_in) inputs (no ones column), g: (n, t, d_out)
-    output gradients of the summed loss, mask: (n, t) or None; masked tokens are zero in a and g.
+    output gradients of the summed loss, mask: (n, t) or None. The mask drops padded tokens from the
+    covariance of a; gradients take every token, padded ones included (zero unless the loss reads
+    them), with NaN and inf at padded tokens set to 0 (values the loss does not read: it is finite).
     half: the layer computed in float16 (a float16 model, or float16 autocast), for error messages."""
 
     a: Tensor
@@ -182,14 +184,11 @@ def rotate(x: Tensor, q: Tensor) -> Tensor:
     return x.to(dt) @ q.to(dt)
 
 
-def with_ones(a: Tensor, spec: LayerSpec, mask: Tensor | None) -> Tensor:
-    """(n, t, d_a): the inputs with the bias ones column appended last (zero on masked tokens)."""
+def with_ones(a: Tensor, spec: LayerSpec) -> Tensor:
+    """(n, t, d_a): the inputs with the bias ones column appended last."""
     if not spec.has_bias:
         return a
-    ones = a.new_ones(a.shape[:-1] + (1,))
-    if mask is not None:
-        ones = ones * (mask != 0).to(a.dtype).unsqueeze(-1)
-    return torch.cat([a, ones], dim=-1)
+    return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
 
 
 def _as_2d(module: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], Any, tuple[int, int]]:
@@ -369,11 +368,13 @@ class Capturer:
             a = self._tokens(spec, module, x.detach().to(dtype))
             n, t = a.shape[0], a.shape[1]
             mask = self._layer_mask(spec, n, t, x.dim(), call - 1)
-            # Dropped tokens are selected away, not multiplied by 0: a NaN or inf there (a fully masked
-            # attention row, say) must not reach the factors or the scores.
+            # Padded tokens count in the gradients as autograd and kronfluence count them (their share is
+            # zero unless the loss reads them: a classifier pooling a left-padded [CLS] does). A NaN or inf
+            # there (a fully masked attention row) is a value the finite loss does not read: set to 0,
+            # as 0 · NaN would make the whole gradient NaN.
             keep = None if mask is None else (mask != 0).unsqueeze(-1)
             if keep is not None:
-                a = torch.where(keep, a, 0)
+                a = torch.where(keep | a.isfinite(), a, 0)
             record = Captured(a=a, g=None, mask=mask, half=torch.float16 in (x.dtype, output.dtype))
             # A layer that runs more than once (shared weights: an RNN cell, a Siamese encoder): its
             # per-example gradient sums over every call's tokens, so the calls join as one longer sequence.
@@ -402,7 +403,7 @@ class Capturer:
                 else:
                     g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
                 if keep is not None:
-                    g = torch.where(keep, g, 0)
+                    g = torch.where(keep | g.isfinite(), g, 0)
                 g = g.detach()
                 if self.grad_scale != 1:  # unscaled in float32: a float16 gradient would underflow again
                     g = g.float() / self.grad_scale

@@ -759,7 +759,8 @@ def _checkpoint_digest(checkpoint: Checkpoint, what: str) -> str:
 
 def _covariances(model, task, specs, loader, objective, what, progress, expected: int | None = None,
                  first: int | None = 0):
-    """Per-row means of a aᵀ (ones column last) and g gᵀ over the unmasked rows, every layer at once,
+    """Sums of a aᵀ (ones column last) over the unmasked rows and of g gᵀ over all rows (zero where padded,
+    unless the loss reads padding), each divided by the unmasked rows, as kronfluence does; every layer at once,
     and the row counts. expected: the segment's N_ℓ, checked against the examples read."""
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
@@ -778,7 +779,7 @@ def _covariances(model, task, specs, loader, objective, what, progress, expected
             rows[s.name] += r.a.shape[0] * r.a.shape[1] if m is None else (m != 0).sum()  # on device: no sync
             covs += [a_sum[s.name], s_sum[s.name]]
             xs += [r.a.reshape(-1, s.d_in), r.g.reshape(-1, s.d_out)]
-            masks += [m, m]
+            masks += [m, None]  # kronfluence's: padded inputs out of A; gradients all in S (zero unless read)
             ones += [s.has_bias, False]
         ops.covariance_accumulate_(covs, xs, masks, ones)
     if bar is not None:
@@ -809,12 +810,12 @@ def _lambdas(model, task, specs, loader, objective, q_a, q_s, what, progress, ex
     for _, n, rec in run_pass(model, task, specs, loader, objective, what, bar, first):
         for s in specs:
             r = rec[s.name]
-            a = with_ones(r.a, s, r.mask)
+            a = with_ones(r.a, s)
             # Rotating the token matrices first (two GEMMs over all rows) is what lets Λ avoid
             # per-example d_out × d_a gradients; matmuls in the data dtype accumulate in fp32.
             # Without bases (a diagonal curvature) Λ is in the parameter basis.
             a, g = (a, r.g) if q_a is None else (rotate(a, q_a[s.name]), rotate(r.g, q_s[s.name]))
-            ops.accumulate_lambda_(lam[s.name], a, g, r.mask)
+            ops.accumulate_lambda_(lam[s.name], a, g)
         count += n
     if bar is not None:
         bar.close()

@@ -136,7 +136,7 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
                                   first):
         for s in specs:
             r = rec[s.name]
-            a, g = with_ones(r.a, s, r.mask).to(dtype), r.g.to(dtype)
+            a, g = with_ones(r.a, s).to(dtype), r.g.to(dtype)
             if summed:
                 out[s.name][0] += torch.einsum("nto,nti->oi", g, a)
                 continue
@@ -898,21 +898,21 @@ def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token:
     parts: dict[str, Tensor] = {}
     for s in specs:
         r = rec[s.name]
-        a, g, q = with_ones(r.a, s, r.mask), r.g, queries[s.name]
+        a, g, q = with_ones(r.a, s), r.g, queries[s.name]
         if isinstance(q, EigenQuery):
             a, g, q = rotate(a, q.q_a), rotate(g, q.q_s), q.r
         if per_token and r.calls > 1:
             raise ValueError(f"per_token: module {s.name!r} runs {r.calls} times per forward pass, so its tokens are "
                              "not the example's (kronfluence refuses per-token scores with shared parameters too)")
         if per_token and lowrank:
-            part = reference.pairwise_token_scores_lowrank(a, g, *q, r.mask)
+            part = reference.pairwise_token_scores_lowrank(a, g, *q)
         elif per_token:
-            part = reference.pairwise_token_scores(a, g, q, r.mask)
+            part = reference.pairwise_token_scores(a, g, q)
         elif lowrank:
             left, right = q
-            part = reference.pairwise_scores_lowrank(a, g, left, right, r.mask)
+            part = reference.pairwise_scores_lowrank(a, g, left, right)
         else:
-            part = ops.pairwise_scores(a, g, q, r.mask)
+            part = ops.pairwise_scores(a, g, q)
         if per_module:
             parts[s.name] = part
         elif _ALL not in parts:
@@ -1062,12 +1062,12 @@ def _self_fused(model, task, specs, trajectory, factors, method, data, first, da
     for _, n, rec in run_pass(model, task, specs, loader, "train", "self-influence", bar, first):
         for s in specs:
             r = rec[s.name]
-            a = with_ones(r.a, s, r.mask)
+            a = with_ones(r.a, s)
             g = r.g
             lf = bases[s.name]
             if lf is not None and lf.q_a is not None:
                 a, g = rotate(a, lf.q_a), rotate(g, lf.q_s)
-            out[s.name].append(ops.self_scores(a, g, scales[s.name], r.mask).to(dtype))
+            out[s.name].append(ops.self_scores(a, g, scales[s.name]).to(dtype))
     if bar is not None:
         bar.close()
     return {name: torch.cat(pieces) / seg.num_examples if pieces else torch.zeros(0, dtype=dtype, device=device)

@@ -33,7 +33,8 @@ class Task:
         return None
 
     def get_attention_mask(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor] | None:
-        """(batch, tokens) mask; tokens where it is 0 are dropped from factors and gradients. Modules that
+        """(batch, tokens) mask; tokens where it is 0 (padding) are left out of the activation covariance,
+        as in kronfluence; gradients take every token, so padding counts where the loss reads it. Modules that
         see different sequences (an encoder-decoder's) take a dict from module name to its mask; a tracked
         module the dict leaves out is unmasked, and a shared layer (run several times per forward pass) may
         take a list, one mask per call."""

@@ -69,8 +69,9 @@ class CausalLMTask(Task):
     """Next-token cross-entropy for Hugging Face causal LMs.
 
     Batches are dicts with `input_ids` (n, t) and, for padded batches, `attention_mask` (n, t);
-    padded positions have mask 0 and are dropped from factors and gradients (left or right padding;
-    a token is predicted only from a real token). `position_ids` (n, t), when the batch has them,
+    padded positions have mask 0 and are left out of the activation covariance; they predict nothing
+    and are predicted by nothing (left or right padding: a token is predicted only from a real token),
+    so their output gradients are zero. `position_ids` (n, t), when the batch has them,
     are passed to the model; without them it numbers positions itself (GPT-2 from the first
     column, padding included, so left padding shifts them: pad as in training). Optional `labels` (n, t), as Hugging Face takes
     them: the targets, shifted by the task, and -100 where no token is predicted (a prompt
@@ -113,8 +114,8 @@ class CausalLMTask(Task):
         # transposed (n, V, t - 1) view cross_entropy took before cost a copy of all the logits and a
         # log-softmax along a strided dimension (1.5 s per 1,000 GPT-2 tokens on one CPU core).
         # Scored: positions that are tokens themselves and predict a token. With left padding the
-        # padding before the first token would predict it, but the capture drops padded positions, so
-        # that term's gradient could never reach the factors or the scores.
+        # padding before the first token would predict it: a pad is not the example's input, so that
+        # term is left out, as the mask leaves the pad out of the activation covariance.
         keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
         if labels is not None:  # sampled labels too: the true Fisher of the objective trained
             keep &= labels[:, 1:] != -100

@@ -267,7 +267,8 @@ def test_one_token_reference_forms_equal_the_explicit_tiles():
 def test_token_contractions_drop_masked_tokens_on_both_sides():
     """The reference's pairwise contractions (full, low-rank, per token) against explicit per-token tiles
     g_t a_tᵀ, with NaN in a and g at dropped tokens: dropped on both sides, never multiplied by 0
-    (NaN · 0 = NaN). capture() zeroes them first, so only a direct call sees this contract."""
+    (NaN · 0 = NaN). The ops' contract for direct calls: the engine passes no mask, as gradients take
+    every token."""
     g64 = torch.Generator().manual_seed(4)
     a, g = torch.randn(6, 4, 7, generator=g64, dtype=torch.float64), torch.randn(6, 4, 5, generator=g64, dtype=torch.float64)
     left, right = torch.randn(3, 5, 2, generator=g64, dtype=torch.float64), torch.randn(3, 7, 2, generator=g64, dtype=torch.float64)

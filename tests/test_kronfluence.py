@@ -132,6 +132,24 @@ class Seq2SeqTask(Task):
         return {**source, **{name: batch["decoder_attention_mask"] for name in self.DECODER}}
 
 
+class PooledClassifyTask(Task):
+    """A BERT classifier over dicts of input_ids, attention_mask and labels, with the padding mask."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        if sample:
+            with torch.no_grad():
+                labels = torch.distributions.Categorical(logits=logits.detach()).sample()
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def get_attention_mask(self, batch):
+        return batch["attention_mask"]
+
+
 class DictDataset(torch.utils.data.Dataset):
     def __init__(self, **tensors):
         self.tensors = tensors
@@ -211,7 +229,26 @@ def _t5(dtype):
     return model, Seq2SeqTask(), train, queries
 
 
-WORKLOADS = {"digits_mlp": _digits_mlp, "conv": _conv, "llama": _llama, "t5": _t5}
+def _bert_left(dtype):
+    """Left padding under a classifier that pools position 0, a pad for all but the longest sequences:
+    the loss reads padded positions, so their output gradients are not zero there. kronfluence takes
+    them (its masks drop padding from the activation covariance only), as the gradients do."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=24, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                     max_position_embeddings=16, pad_token_id=0, num_labels=3)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg).to(dtype)
+    g = torch.Generator().manual_seed(4)
+    n, t = 30, 8
+    mask = (torch.arange(t)[None] < torch.randint(3, t + 1, (n,), generator=g)[:, None]).long().flip(1)
+    data = DictDataset(input_ids=torch.randint(1, 24, (n, t), generator=g) * mask, attention_mask=mask,
+                       labels=torch.randint(0, 3, (n,), generator=g))
+    train, queries = torch.utils.data.Subset(data, range(24)), torch.utils.data.Subset(data, range(24, n))
+    return model, PooledClassifyTask(), train, queries
+
+
+WORKLOADS = {"digits_mlp": _digits_mlp, "conv": _conv, "llama": _llama, "t5": _t5, "bert_left": _bert_left}
 
 
 # ---- the script body, run with kronfluence and with the shim ----------------------------------
@@ -262,7 +299,10 @@ def _native(model, task, train, queries, factors):
     return out
 
 
-@pytest.fixture(scope="module", params=[(w, p) for w in WORKLOADS for p in ("fp64", "fp32")],
+# bert_left in float64 only: with damping 1e-8 its float32 scores are rounding-bound in both libraries
+# (kronfluence's float32 against its float64: Pearson 0.9995; the shim's: 0.9997).
+@pytest.fixture(scope="module", params=[(w, p) for w in WORKLOADS for p in ("fp64", "fp32")
+                                        if (w, p) != ("bert_left", "fp32")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def run(request, tmp_path_factory):
     workload, precision = request.param

@@ -99,8 +99,7 @@ def test_causal_lm_ekfac_matches_explicit_gradients(build, normalize):
 
 @pytest.mark.parametrize("normalize", ["sum", "mean"])
 def test_left_padding_scores_are_the_explicit_gradients(normalize):
-    """Left padding: the padding before a sequence's first token predicts nothing (the capture drops
-    padded positions, so a loss term there would be missing from the gradients): gradient dot
+    """Left padding: the padding before a sequence's first token predicts nothing: gradient dot
     products equal explicit per-example autograd gradients of the task's own loss."""
     torch.manual_seed(0)
     model = _gpt2().double().eval()
@@ -112,6 +111,59 @@ def test_left_padding_scores_are_the_explicit_gradients(normalize):
     expected = _explicit(model, task, queries, names) @ _explicit(model, task, data, names).T / len(data)
     err = (scores - expected).abs().max() / expected.abs().max()
     assert err < 1e-10, err
+
+
+class PooledTask(sf.Task):
+    """BERT's classifier, which pools the first position: with left padding, a pad for the shorter sequences."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def get_attention_mask(self, batch):
+        return batch["attention_mask"]
+
+
+class Labelled(TokenData):
+    def __init__(self, n, t, seed):
+        super().__init__(n, t, seed, left=True)
+        self.labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 100))
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "labels": self.labels[i]}
+
+
+def test_a_loss_that_reads_padded_positions_gets_their_gradients():
+    """Left-padded BERT pools position 0, a pad: the loss reads padded positions, whose output gradients
+    are then not zero. The mask keeps padding out of the covariance factors only (as kronfluence), so
+    scores, self-influence and per-token scores are those of the explicit autograd gradients under the
+    dense EK-FAC; the pad's own share shows in the per-token scores."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=23, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                  num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg).double().eval()
+    names = ["bert.encoder.layer.0.attention.self.value", "bert.encoder.layer.0.output.dense", "bert.pooler.dense"]
+    task = PooledTask()
+    task.get_influence_tracked_modules = lambda: names
+    data, queries = Labelled(12, 7, 0), Labelled(3, 7, 1)
+    assert (data.mask[:, 0] == 0).sum() >= 6
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=5)
+    h = torch.block_diag(*(dense_curvature(factors.segments[0][n]) for n in names))
+    v, g = _explicit(model, task, queries, names), _explicit(model, task, data, names)
+    precond = torch.linalg.solve(h + 1e-3 * torch.eye(h.shape[0], dtype=h.dtype), v.T).T
+    scores = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=1e-3, batch_size=4)
+    torch.testing.assert_close(scores, precond @ g.T / len(data), rtol=1e-8, atol=0)
+    own = torch.linalg.solve(h + 1e-3 * torch.eye(h.shape[0], dtype=h.dtype), g.T).T
+    torch.testing.assert_close(sf.self_score(model, task, traj, factors, data, method="ekfac", damping=1e-3),
+                               (own * g).sum(1) / len(data), rtol=1e-8, atol=0)
+    parts = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=1e-3, per_token=True,
+                     per_module=True)
+    torch.testing.assert_close(sum(p.sum(-1) for p in parts.values()), scores, rtol=1e-9, atol=0)
+    assert parts[names[1]][:, data.mask[:, 0] == 0, 0].abs().min() > 0
 
 
 class Shifted(torch.utils.data.Dataset):
