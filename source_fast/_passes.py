@@ -583,6 +583,8 @@ def run_pass(
         examples = "" if first is None else f" (examples from {first + start})"
         return f"{f'rank {rank}: ' if world > 1 else ''}{what}, batch {b}{examples}"
 
+    total = None if isinstance(loader.dataset, IterableDataset) else len(loader.dataset)
+    batch_size = loader.batch_size or loader.sampler.batch_size  # _TensorRows' batches come from its sampler
     start = tokens = 0
     for b, batch in enumerate(_batches(loader, lambda b: where(b, start))):
         batch = to_device(batch, device)
@@ -618,15 +620,20 @@ def run_pass(
                 raise ValueError(f"{where(b, start)}: the loss does not depend on any tracked module")
             capturer.forward_done()
             (out * scale if scale != 1 else out).backward()
-        n = next(iter(records.values())).a.shape[0]
+        # The examples the batch holds: known for a dataset; a stream's last batch may be short.
+        n = next(iter(records.values())).a.shape[0] if total is None else min(batch_size, total - start)
         for spec in specs:
             rec = records[spec.name]
             if rec.g is None:
                 raise ValueError(f"{where(b, start)}: module {spec.name!r} received no gradient from the loss")
-            if rec.a.shape[0] != n:
+            if rec.a.shape[0] != n or rec.a.shape[0] > batch_size:
+                held = (f"the batch holds {n} examples" if total is not None else
+                        f"batches hold at most {batch_size} examples and the first tracked module saw {n}")
                 raise ValueError(
-                    f"{where(b, start)}: module {spec.name!r} saw {rec.a.shape[0]} examples, others {n}; "
-                    "examples must be the first dimension of every tracked layer's input"
+                    f"{where(b, start)}: module {spec.name!r} saw {rec.a.shape[0]} examples (its input's first "
+                    f"dimension), but {held}; "
+                    "examples must be the first dimension of every tracked layer's input (not a layer fed (tokens, "
+                    "batch, features), as XLNet's are, nor (examples × tokens, features), as OPT's fc1 and fc2 are)"
                 )
         # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
         # the slow path below runs only to name what went wrong.

@@ -126,7 +126,12 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
                  if layer_kind(m) is not None and n not in frozen and n not in unseen]
         if not specs:
             raise ValueError("the model has no nn.Linear, nn.Conv2d, nn.Conv1d or Conv1D layer to track (that trains)")
+        _check_examples_first(specs, modules)
+        _warn_untracked(model, specs, set(attention))
         return specs
+    if not names:
+        raise ValueError("the task's get_influence_tracked_modules returned no modules: name the layers to track, or "
+                         "return None to track every layer that trains")
     if len(set(names)) != len(names):
         raise ValueError(f"tracked modules are listed more than once: {names}")
     specs = []
@@ -135,12 +140,46 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
             close = [n for n in modules if n and (name in n or n in name)][:5]
             raise ValueError(f"tracked module {name!r} does not exist in the model" + (f" (close: {close})" if close else ""))
         specs.append(LayerSpec.of(name, modules[name]))
+    _check_examples_first(specs, modules)
     named_frozen = [n for n in names if n in frozen]
     if named_frozen:
         warn(f"tracked modules {named_frozen[:8]} are frozen (requires_grad=False) while others train: a "
              "layer that did not train carries no training-data effect, so their part of the scores is not "
              "one")
     return specs
+
+
+def _check_examples_first(specs: list[LayerSpec], modules: dict[str, nn.Module]) -> None:
+    """torch's transformer layers built with batch_first=False feed their linear layers (tokens, batch,
+    features): the tokens would be read as examples, silently when there are as many as examples."""
+    for s in specs:
+        parent = modules.get(s.name.rpartition(".")[0])
+        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not parent.self_attn.batch_first:
+            raise ValueError(f"module {s.name!r} is in a {type(parent).__name__} built with batch_first=False, which "
+                             "feeds it (tokens, batch, features); examples must be the first dimension: build the "
+                             "layers with batch_first=True (the same weights) and give them (batch, tokens, features)")
+
+
+def _warn_untracked(model: nn.Module, specs: list[LayerSpec], said: set[str]) -> None:
+    """Default tracking sees layers, not bare parameters: a mixture of experts' weights (3-D tensors its
+    module multiplies by itself) would be left out without a word. Embeddings and normalization layers
+    are left out by design; anything else that trains and is not a tracked layer's is named when it is
+    a tenth of the trainable parameters or more."""
+    tracked = {id(p) for s in specs for p in model.get_submodule(s.name).parameters(recurse=False)}
+    total, left = 0, {}
+    for name, module in model.named_modules():
+        design = isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or "Norm" in type(module).__name__ or name in said
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or is_placeholder(p):
+                continue
+            total += p.numel()
+            if id(p) not in tracked and not design:
+                left[name] = left.get(name, 0) + p.numel()
+    if sum(left.values()) >= 0.1 * total > 0:
+        largest = [n or "the model's own" for n in sorted(left, key=left.get, reverse=True)[:4]]
+        warn(f"{sum(left.values()) / total:.0%} of the parameters that train are outside the layers source_fast "
+             f"tracks (nn.Linear, nn.Conv1d/2d, Conv1D), e.g. in {largest} (a mixture of experts' weights, used "
+             "without a layer call?): their part of the scores is left out")
 
 
 @dataclass

@@ -4,11 +4,12 @@ import copy
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from _helpers import ClassifyTask, classification_data, mlp, perturbed_states
+from _helpers import ClassifyTask, Stream, classification_data, mlp, perturbed_states
 from torch import nn
 
 import source_fast as sf
@@ -288,6 +289,87 @@ def test_checkpoints_of_a_wrapped_model_load_into_the_bare_one(setup, tmp_path):
     with pytest.raises(ValueError, match=r"segment 0, checkpoint 1 does not match the model: missing keys \['0.bias'\], "
                                          r"unexpected keys \[\]"):
         fit(model, wrapped)
+
+
+class SequenceFirst(nn.Module):
+    """A layer fed (tokens, batch, features), the layout of XLNet and of torch's batch_first=False layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: (batch, tokens, 3)
+        return self.head(torch.tanh(self.mix(x.transpose(0, 1))).mean(0))
+
+
+class SequenceTask(sf.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+
+def test_layers_that_do_not_take_examples_first_are_refused():
+    """A layer fed (tokens, batch, features) would take tokens for examples: refused against the batch's own
+    count (for a stream, its batch size), and up front for torch's transformer layers with batch_first=False,
+    whose tokens may be as many as the examples; one module fed (examples, ...) is not enough."""
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    x, y = torch.randn(10, 5, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    data = torch.utils.data.TensorDataset(x, y)
+    for given, pattern in [(data, r"module 'mix' saw 5 examples \(its input's first dimension\), but the batch holds 4 "
+                                  r"examples; examples must be the first dimension of every tracked layer's input"),
+                           (Stream(data), r"module 'mix' saw 5 examples .* but batches hold at most 4 examples and the "
+                                          r"first tracked module saw 5")]:
+        traj = sf.Trajectory([sf.Segment([model.state_dict()], given, lr_sum=1.0, num_examples=None if given is data else 10)])
+        with pytest.raises(ValueError, match=r"segment 0, checkpoint 0, batch 0 \(examples from 0\): " + pattern):
+            sf.fit_factors(model, SequenceTask(), traj, batch_size=4)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0)
+    for names in (None, ["linear1"]):
+        with pytest.raises(ValueError, match=r"module 'linear1' is in a TransformerEncoderLayer built with "
+                                             r"batch_first=False, which feeds it \(tokens, batch, features\)"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the default's word on the attention's out_proj
+                sf.capture.tracked_layers(layer, names)
+    assert [s.name for s in sf.capture.tracked_layers(nn.TransformerEncoderLayer(8, 2, 12, batch_first=True),
+                                                      ["linear1", "linear2"])] == ["linear1", "linear2"]
+
+
+class Experts(nn.Module):
+    """A mixture of experts as transformers 5 builds one: the experts' weights a bare 3-D tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(4, 3)
+        self.experts = nn.ParameterDict({"up": nn.Parameter(torch.randn(3, 4, 4) / 2)})
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        gates = torch.softmax(self.router(x), -1)
+        return self.head(torch.einsum("ne,eio,ni->no", gates, self.experts["up"], x))
+
+
+def test_default_tracking_names_what_it_leaves_out_and_an_empty_list_is_refused(setup):
+    """Experts' bare weights are no layer to track: said when they are a tenth of the trainable parameters
+    or more (embeddings and norms are left out by design); an empty list of modules says so."""
+    with pytest.warns(UserWarning, match=r"62% of the parameters that train are outside the layers source_fast "
+                                         r"tracks .* e.g. in \['experts'\] \(a mixture of experts' weights"):
+        assert [s.name for s in sf.capture.tracked_layers(Experts(), None)] == ["router", "head"]
+    embedded = nn.Sequential(nn.Embedding(1000, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sf.capture.tracked_layers(embedded, None)
+    model, data, ckpts = setup
+
+    class Nothing(ClassifyTask):
+        def get_influence_tracked_modules(self):
+            return []
+
+    with pytest.raises(ValueError, match=r"get_influence_tracked_modules returned no modules: name the layers to track, "
+                                         r"or return None"):
+        sf.fit_factors(model, Nothing(), sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)]))
 
 
 def test_segment_arguments(setup):
