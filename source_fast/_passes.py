@@ -127,6 +127,11 @@ def check_count(option: str, value: Any, none_ok: bool = False, unit: str = "int
 def _check_loader(loader: DataLoader) -> None:
     """A DataLoader must yield its dataset's examples once each, in the dataset's order."""
     if loader.batch_size is None:
+        drawn = getattr(loader.batch_sampler, "sampler", None)  # a Trainer's get_train_dataloader() draws at random
+        if drawn is not None and not isinstance(drawn, SequentialSampler):
+            raise ValueError(f"the DataLoader's batch_sampler draws from a {type(drawn).__name__}, which shuffles or "
+                             "samples; scores are indexed by position: give the dataset itself (with "
+                             "collate_fn=trainer.data_collator for a Trainer's), or a DataLoader with shuffle=False")
         raise ValueError("the DataLoader has batch_size=None or a batch_sampler: give it batch_size= and no sampler")
     if loader.drop_last:
         raise ValueError("the DataLoader has drop_last=True, which would leave out the examples of a short last batch")
@@ -341,7 +346,8 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
         except Exception as exc:
             if not isinstance(exc, RuntimeError) or not any(m in str(exc) for m in (
                     "stack expects each tensor to be equal size", "each element in list of batch should be of equal size")):
-                _note(exc, f"source_fast: raised while reading {where(b)} (the data and its collate_fn)")
+                _note(exc, f"source_fast: raised while reading {where(b)} (the data and its collate_fn)"
+                      + _text_columns(loader.dataset))
                 raise
             source = loader.dataset
             # (X, y): a tuple of columns of N rows each, not N examples (a list of examples is the usual
@@ -354,6 +360,20 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
             raise RuntimeError(f"{where(b)}: {exc}\nexamples of different lengths need a collate_fn that pads them "
                                "(and an attention mask the task returns): pass collate_fn=, or a DataLoader with one"
                                ) from exc
+
+
+def _text_columns(dataset: Any) -> str:
+    """A hint for a collate_fn's error: examples that still hold text, which Hugging Face's Trainer
+    drops before its collator sees them (remove_unused_columns) and source_fast does not."""
+    try:
+        first = dataset[0] if not isinstance(dataset, IterableDataset) else None
+    except Exception:
+        return ""
+    if not isinstance(first, Mapping):
+        return ""
+    text = [k for k, v in first.items() if isinstance(v, str) or (isinstance(v, list) and v and isinstance(v[0], str))]
+    return (f"; the examples hold text columns {text}, which Hugging Face's Trainer drops before its collator "
+            "(remove_unused_columns): drop them too (datasets' remove_columns)") if text else ""
 
 
 def make_loader(data: Any, batch_size: int, collate_fn: Callable | None) -> DataLoader:

@@ -124,6 +124,8 @@ def _refused_by_source_fast(exc: BaseException) -> bool:
 _CLI_HINTS = [
     ("trajectory.final()", "add --final (to `source-fast fit` too, for factors of the final checkpoint)"),
     ("needs Factors from fit_factors()", "give --factors FOLDER, written by `source-fast fit`"),
+    ("fitted on a trajectory with checkpoints per segment", "give `source-fast fit` and `source-fast score` the "
+                                                            "same --final"),
     ("use another resume_dir", "delete that .partial folder, or give another --out"),
     ("train_data is not the data of any segment", "make the job's train_data the very object its trajectory's "
                                                   "segments were given as data"),

@@ -380,7 +380,9 @@ def fit_factors(
     fisher: "true" draws labels from the model (`compute_train_loss(..., sample=True)`);
         "empirical" uses the data's labels.
     average_params: Fast-SOURCE — fit at the mean of each segment's checkpoints (L fits, not C).
-    seed: seeds the label sampling, pass by pass (the caller's RNG state is restored afterwards).
+    seed: seeds the label sampling, pass by pass (the caller's RNG state is restored afterwards); the
+        labels are drawn batch by batch, so batch_size and the collator's padding change the draw too
+        (as another seed does: a sample of the true Fisher, not another curvature).
     resume_dir: keep each finished pass's sums there (atomically, by rank 0; every rank must see the
         folder) and skip the passes already there: a fit killed midway resumes after its last finished
         pass with the same result. A folder from a different fit (layers, checkpoints, data, options,

@@ -179,6 +179,10 @@ def test_job_errors_say_the_command_line_fix(tmp_path, capsys):
                                                                 "batch_size=16)"))
     assert main(["score", str(other), "--out", str(tmp_path / "t"), "--method", "tracin"]) == 2
     assert "on the command line: make the job's train_data the very object" in capsys.readouterr().err
+    assert main(["fit", str(job_file), "--out", str(tmp_path / "f")]) == 0  # all checkpoints; scored with --final:
+    assert main(["score", str(job_file), "--out", str(tmp_path / "u"), "--factors", str(tmp_path / "f"), "--final",
+                 "--method", "ekfac"]) == 2
+    assert "on the command line: give `source-fast fit` and `source-fast score` the same --final" in capsys.readouterr().err
 
 
 def test_a_bug_in_the_job_keeps_its_traceback(tmp_path):

@@ -372,6 +372,26 @@ def test_default_tracking_names_what_it_leaves_out_and_an_empty_list_is_refused(
         sf.fit_factors(model, Nothing(), sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)]))
 
 
+def test_a_collate_error_on_text_columns_says_what_trainer_drops(setup):
+    """Trainer drops the columns its model's forward does not take before its collator sees them; a
+    collator given here the examples with their text still in them fails: the note says why."""
+    model, _, ckpts = setup
+    rows = [{"x": [0.5] * 4, "y": i % 3, "text": f"example {i}"} for i in range(8)]
+
+    def collate(batch):  # as Hugging Face's collators do: every column to a tensor
+        return {k: torch.tensor([r[k] for r in batch]) for k in batch[0]}
+
+    class DictTask(ClassifyTask):
+        def compute_train_loss(self, batch, model, sample=False):
+            return nn.functional.cross_entropy(model(batch["x"].double()), batch["y"], reduction="sum")
+
+    with pytest.raises(ValueError) as caught:
+        sf.fit_factors(model, DictTask(), sf.Trajectory([sf.Segment(ckpts, rows, lr_sum=1.0)]), collate_fn=collate)
+    assert re.search(r"raised while reading segment 0, checkpoint 0, batch 0 .*the examples hold text columns \['text'\], "
+                     r"which Hugging Face's Trainer drops before its collator \(remove_unused_columns\)",
+                     " ".join(caught.value.__notes__))
+
+
 def test_segment_arguments(setup):
     _, data, ckpts = setup
     with pytest.raises(ValueError, match="no checkpoints"):

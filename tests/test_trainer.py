@@ -282,6 +282,24 @@ def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
         sf.trajectory.load_state_dict(folder, "c")
 
 
+def test_label_smoothing_and_the_trainers_own_loader_are_named(run, tmp_path):
+    """A run trained with label smoothing says its objective is not a plain cross-entropy's; the Trainer's
+    own training DataLoader (random batches) is refused for what it does, not for its batch_sampler."""
+    out, model, data, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    args = torch.load(copy / "checkpoint-25" / "training_args.bin", weights_only=False)
+    args.label_smoothing_factor = 0.1
+    torch.save(args, copy / "checkpoint-25" / "training_args.bin")
+    with pytest.warns(UserWarning, match=r"trained with label_smoothing_factor=0.1, a loss that mixes each target with "
+                                         r"the uniform distribution: the task's loss should too"):
+        traj = sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
+    loader = transformers.Trainer(model=model, args=args, train_dataset=data).get_train_dataloader()
+    with pytest.raises(ValueError, match=r"the DataLoader's batch_sampler draws from a \w*RandomSampler, which shuffles "
+                                         r"or samples; .*collate_fn=trainer.data_collator"):
+        sf.score(model, CausalLMTask(normalize="mean"), traj.final(), None, loader, data, method="grad_dot")
+
+
 def test_a_lora_run_is_read_through_its_peft_model(tmp_path):
     """A LoRA run (peft) saves only its adapters, under keys without the adapter's name. The PEFT model
     as trained completes each checkpoint with its frozen base; its LoRA layers, the ones that train, are

@@ -67,6 +67,10 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     weights = [_weights(folder, model) for folder in folders]
     check_checkpoint(model, weights[-1], str(folders[-1]))  # before the optimizer's groups, named by the model
     settings = _training_args(folders[-1] / "training_args.bin")  # read once: a pickle, read inertly
+    if settings.get("label_smoothing_factor"):
+        warn(f"{run}: the run trained with label_smoothing_factor={settings['label_smoothing_factor']:g}, a loss that "
+             "mixes each target with the uniform distribution: the task's loss should too (CausalLMTask's does not), "
+             "or the objective attributed is not the one trained")
     _check_data_size(folders[-1], logs[-1], length(data), settings.get("gradient_accumulation_steps"))
     states = [_optimizer_state(folder, model) for folder in folders]
     group = states[-1]["param_groups"][0]
