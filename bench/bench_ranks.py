@@ -8,8 +8,8 @@ after checking that the ranks' result equals the one process's.
 Workload: a GPT-2-config model (d 64, 2 layers, vocabulary 512, 32-token sequences generated from
 their index), MLP layers tracked, SOURCE with one segment of two checkpoints, factors fitted once on
 the first 1,000 sequences and loaded by every run. Under R ranks each scores its share of the
-training sequences against every query (the queries are prepared on every rank), and every rank
-gets the whole matrix. --fit-gpt2 adds fit_factors on GPT-2 small, whose eigendecompositions the
+training sequences against every query (each rank prepares its share of the queries, and the ranks
+exchange them), and every rank gets the whole matrix. --fit-gpt2 adds fit_factors on GPT-2 small, whose eigendecompositions the
 ranks share (checked by each layer's Σ Λ, the same in any eigenbasis). A machine with fewer cores
 than R measures contention, not scaling.
 """

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import baselines, ops, reference
-from ._dist import differing_on_ranks, fail_together, gather_shares, min_on_ranks, rank_and_world
+from ._dist import all_reduce_int, all_reduce_sum_, differing_on_ranks, fail_together, gather_shares, min_on_ranks, rank_and_world
 from ._passes import (
     available_memory, check_count, check_summed, chunks, describe_model, describe_task, digest_examples, is_stream, length,
     make_loader, materialize, model_device, rank_share, reuse_large_blocks, run_pass, share_start, subset,
@@ -168,14 +168,17 @@ class EigenQuery:
     q_s: Tensor
 
 
-def _one_basis_queries(scaled: Grads, lfs: dict[str, LayerFactors], train_rows: float) -> dict[str, Tensor | EigenQuery]:
+def _one_basis_queries(scaled: Grads, lfs: dict[str, LayerFactors], train_rows: float, n_queries: int | None = None
+                       ) -> dict[str, Tensor | EigenQuery]:
     """Per layer, the cheaper of rotating the queries back once (q·d_out·d_a·(d_out + d_a)) or
-    rotating every training token of every pass into the eigenbasis (rows·(d_out² + d_a²)).
+    rotating every training token of every pass into the eigenbasis (rows·(d_out² + d_a²)); q is
+    `n_queries` where given (a rank's share of them: every rank then chooses as the whole would).
     Consumes `scaled` layer by layer and rotates in place, so the queries exist once, not twice."""
     out: dict[str, Tensor | EigenQuery] = {}
     for name in list(scaled):
         r, lf = scaled.pop(name), lfs[name]
-        q, d_out, d_a = r.shape
+        d_out, d_a = r.shape[1:]
+        q = r.shape[0] if n_queries is None else n_queries
         if lf.q_a is None:  # identity bases: already in the parameter basis
             out[name] = r
             continue
@@ -183,7 +186,7 @@ def _one_basis_queries(scaled: Grads, lfs: dict[str, LayerFactors], train_rows: 
             out[name] = EigenQuery(r, lf.q_a, lf.q_s)
             continue
         step = max(1, _ROTATE_BYTES // (d_out * d_a * r.element_size()))  # bounds the temporaries
-        for i in range(0, q, step):
+        for i in range(0, r.shape[0], step):
             r[i : i + step] = lf.q_s @ r[i : i + step] @ lf.q_a.T
         out[name] = r
     return out
@@ -239,7 +242,7 @@ def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: 
 
 
 def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajectory: Trajectory, factors: Factors,
-                 used: list[int], train_rows: dict[int, float], progress: bool = False
+                 used: list[int], train_rows: dict[int, float], progress: bool = False, n_queries: int | None = None
                  ) -> dict[int, dict[str, Tensor | EigenQuery]]:
     """The query side of SOURCE: u_ℓ = F_ℓ v, then v ← S̄_ℓ v, for ℓ = L … min(used); returns u_ℓ for
     the used segments. v arrives, per layer, in the eigenbasis of basis = (segment, its factors), and is
@@ -269,7 +272,7 @@ def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajector
             if bar is not None:
                 bar.update()
         if scaled:
-            us[ell].update(_one_basis_queries(scaled, lfs, train_rows[ell]))
+            us[ell].update(_one_basis_queries(scaled, lfs, train_rows[ell], n_queries))
     if bar is not None:
         bar.close()
     return us
@@ -334,9 +337,17 @@ def _segment_scales(seg: Segment, lf: LayerFactors, name: str, need_u: bool = Tr
 
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
-          n_train: float, summed: bool = False, progress: bool = False, what: str = "queries", first: int | None = 0):
+          n_train: float, summed: bool = False, progress: bool = False, what: str = "queries", first: int | None = 0,
+          whole: int | None = None):
     """The plan for `query_data`; `what` and `first` name them in errors (self_score's chunks are training
-    examples, from `first`)."""
+    examples, from `first`). whole: the number of queries of all ranks when `query_data` is this rank's
+    share of them; every rank then makes the choices the whole would (every rank must call)."""
+    def tokens_of_all(tokens: float) -> float:  # the mean tokens per query, of every rank's queries
+        if whole is None:
+            return tokens
+        return all_reduce_int(round(tokens * length(query_data)), model_device(model)) / whole
+
+    n_queries = None if whole is None else 1 if summed else whole
     final = trajectory.final_checkpoint
     if method == "tracin":
         plan = _Plan(train_segs, {}, {}, {})
@@ -370,7 +381,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
                                      summed=summed, progress=progress, first=first)
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
             r.mul_(scale[n].to(dtype))
-        queries = _one_basis_queries(rot, lfs, n_train * tokens * len(plan.checkpoints[0]))
+        queries = _one_basis_queries(rot, lfs, n_train * tokens_of_all(tokens) * len(plan.checkpoints[0]), n_queries)
         plan.queries[0] = [queries] * len(plan.checkpoints[0])
         return plan
     # SOURCE across segments: the walk goes from segment to segment in their eigenbases (_source_walk),
@@ -380,8 +391,9 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
     v, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=bases,
                                summed=summed, progress=progress, first=first)
     basis = {s.name: (len(trajectory.segments) - 1, bases[s.name]) for s in specs}
+    tokens = tokens_of_all(tokens)
     rows = {ell: n_train * tokens * len(ckpts[ell]) for ell in train_segs}
-    us = _source_walk(v, basis, trajectory, factors, train_segs, rows, progress)  # consumes v
+    us = _source_walk(v, basis, trajectory, factors, train_segs, rows, progress, n_queries)  # consumes v
     for ell in train_segs:
         plan.queries[ell] = [us[ell]] * len(ckpts[ell])
     return plan
@@ -540,7 +552,7 @@ def score(
                 plan = prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
-                    sum_queries=sum_queries, memory_budget=query_memory_budget, progress=progress,
+                    sum_queries=sum_queries, memory_budget=query_memory_budget, progress=progress, shared=True,
                 )
                 mine = _score_share(model, task, specs, plan, train_data, len(block) if not sum_queries else 1,
                                     batch_size=batch_size, collate_fn=collate_fn, progress=progress,
@@ -744,10 +756,14 @@ def self_chunk_size(model, specs, trajectory, method, segments, budget: int) -> 
 
 def prepare_queries(
     model, task, specs, trajectory, factors, method, train_data, query_data, *, damping, train_segments, query_rank,
-    batch_size, collate_fn, sum_queries=False, memory_budget: int | None = None, progress=False,
+    batch_size, collate_fn, sum_queries=False, memory_budget: int | None = None, progress=False, shared=False,
 ) -> _Plan:
     """The query side, once: preconditioned query gradients for every checkpoint that will score
     the training data (low-rank factors when `query_rank` is set; one summed query with sum_queries).
+
+    shared, under torch.distributed (every rank must call): each rank prepares its share of the
+    queries and the ranks exchange them (the sum of the shares' with sum_queries: preconditioning is
+    linear), instead of every rank preparing them all.
 
     memory_budget, with query_rank: each query is preconditioned at full rank before its SVD, so the
     queries are prepared in pieces whose full-rank copies fit in what the block's low-rank factors
@@ -764,28 +780,55 @@ def prepare_queries(
                 n, step, lambda piece: prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, piece, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
-                    collate_fn=collate_fn, progress=progress), query_data)
+                    collate_fn=collate_fn, progress=progress, shared=shared), query_data)
     n_train = length(train_data)
     if n_train is None:  # a stream: its segments' N (only steers which basis scoring works in)
         n_train = sum(trajectory.segments[ell].num_examples for ell in train_segs)
-    n_train /= rank_and_world()[1]  # the rows this rank scores, under torch.distributed
+    rank, world = rank_and_world()
+    n_train /= world  # the rows this rank scores, under torch.distributed
     if query_rank:  # factorised in the eigenbasis, the queries' factors rotate back for little (_lowrank)
         n_train = 0
+    whole = length(query_data) if shared and world > 1 else None  # queries are held in memory (check_request)
+    if whole is not None and whole < world:
+        whole = None  # a rank would have none: each prepares them all
+    mine = query_data if whole is None else subset(query_data, range(rank * whole // world, (rank + 1) * whole // world))
     plan = _plan(
-        model, task, specs, trajectory, factors, method, query_data, "measurement", damping, train_segs,
-        batch_size, collate_fn, n_train, summed=sum_queries, progress=progress,
+        model, task, specs, trajectory, factors, method, mine, "measurement", damping, train_segs,
+        batch_size, collate_fn, n_train, summed=sum_queries, progress=progress, first=0 if whole is None else
+        rank * whole // world, whole=whole,
     )
-    if query_rank:
-        lowrank: dict[int, Any] = {}  # SOURCE shares one u_ℓ across a segment's checkpoints: factorise each once
-        for qs in plan.queries.values():
-            for q in qs:
-                if id(q) not in lowrank:
-                    lowrank[id(q)] = _lowrank(q, query_rank)
-        plan.queries = {ell: [lowrank[id(q)] for q in qs] for ell, qs in plan.queries.items()}
+    if whole is not None and sum_queries:
+        _each_query(plan, _summed_over_ranks)
+    if query_rank:  # SOURCE shares one u_ℓ across a segment's checkpoints: _each_query factorises each once
+        _each_query(plan, lambda q: _lowrank(q, query_rank), whole_layers=True)
+    if whole is not None and not sum_queries:
+        _each_query(plan, lambda t: gather_shares(t, 0, strided=False))
     plan.lowrank = bool(query_rank)
     if not query_rank and model_device(model).type == "cpu":
         _tiles_major_on_cpu(plan)
     return plan
+
+
+def _summed_over_ranks(t: Tensor) -> Tensor:
+    all_reduce_sum_([t])
+    return t
+
+
+def _each_query(plan: _Plan, fn: Callable, whole_layers: bool = False) -> None:
+    """plan.queries with fn applied once to each distinct prepared query (a segment's checkpoints share
+    one dict), in the same order on every rank: to each tensor (an EigenQuery's r, low-rank factors),
+    or with whole_layers to each {layer: query} dict."""
+    def each(q: Any) -> Any:
+        if isinstance(q, EigenQuery):
+            return EigenQuery(fn(q.r), q.q_a, q.q_s)
+        return tuple(fn(f) for f in q) if isinstance(q, tuple) else fn(q)
+
+    done: dict[int, Any] = {}
+    for qs in plan.queries.values():
+        for layers in qs:
+            if id(layers) not in done:
+                done[id(layers)] = fn(layers) if whole_layers else {k: each(q) for k, q in layers.items()}
+    plan.queries = {ell: [done[id(layers)] for layers in qs] for ell, qs in plan.queries.items()}
 
 
 def _prepared_in_pieces(n: int, step: int, prepare: Callable[[Any], _Plan], query_data: Any) -> _Plan:

@@ -34,6 +34,12 @@ class SlowTask(ClassifyTask):
         time.sleep(self.delay)
         return super().compute_train_loss(batch, model, sample)
 
+    measured = 0  # examples measured, in all (a class attribute: no setting of the task)
+
+    def compute_measurement(self, batch, model):
+        SlowTask.measured += len(batch[1])
+        return super().compute_measurement(batch, model)
+
 
 def job(stream=False, part=None, uneven=False, checkpoint_seed=1, dtype=torch.float32):
     """part (rank, world): only that rank's examples, as DDP's DistributedSampler hands them out;
@@ -52,8 +58,8 @@ def job(stream=False, part=None, uneven=False, checkpoint_seed=1, dtype=torch.fl
 
 def in_memory(model, task, traj, factors, data, queries):
     """score and self_score as the torchrun test compares them with one process: SOURCE's scores (in
-    three query blocks per module), its self-influence (chunked), with the measurement, and fused;
-    the baselines TRAK, gradient cosine and representation similarity."""
+    three query blocks per module, summed, low-rank), its self-influence (chunked), with the measurement,
+    and fused; TracIn and EK-FAC; the baselines TRAK, gradient cosine and representation similarity."""
     budget = 2 * 4 * (7 * 7 + 4 * 8) * 2  # two queries' prepared gradients
     out = {
         "score": sf.score(model, task, traj, factors, data, queries, batch_size=8),
@@ -63,6 +69,13 @@ def in_memory(model, task, traj, factors, data, queries):
         "measured": sf.self_score(model, task, traj, factors, data, batch_size=8, use_measurement=True,
                                   per_module=True),
         "fused": sf.self_score(model, task, traj.final(), None, data, "grad_dot", batch_size=8),
+        # The ranks prepare shares of the queries (2 and 3) and exchange them: summed, low-rank, one basis.
+        "summed": sf.score(model, task, traj, factors, data, queries, batch_size=8, sum_queries=True),
+        "low_rank": sf.score(model, task, traj, factors, data, queries, batch_size=8, query_rank=2),
+        "tracin": sf.score(model, task, traj, None, data, queries, "tracin", batch_size=8),
+        "ekfac": sf.score(model, task, traj.final(), sf.fit_factors(model, task, traj.final(), fisher="empirical",
+                                                                    batch_size=8),
+                          data, queries, "ekfac", batch_size=8),
     }
     if hasattr(data, "__len__"):  # the baselines take datasets, not streams; they split too (TRAK sums ΦᵀΦ)
         out["trak"] = sf.score(model, task, sf.Trajectory([traj.segments[1]]), None, data, queries, "trak",
@@ -130,6 +143,10 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         torch.save(in_memory(model, task, traj, factors, data, queries),
                    os.path.join(args.out, f"rank{os.environ.get('RANK', '0')}.pt"))
+        SlowTask.measured = 0
+        sf.score(model, task, traj, factors, data, queries, batch_size=8)
+        with open(os.path.join(args.out, f"measured{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(str(SlowTask.measured))
         torch.distributed.destroy_process_group()
         return
     score_corpus(model, task, traj, factors, data, queries, args.out, shard_size=16, top_k=args.top_k,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _corpus_job import in_memory, job
+from _corpus_job import SlowTask, in_memory, job
 
 import source_fast as sf
 from source_fast.corpus import load_scores, load_top_k, score_corpus
@@ -254,6 +254,10 @@ def test_torchrun_score_and_self_score_split_the_rows_and_equal_one_process(refe
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (name, r, (a - b).abs().max())
         if not isinstance(want, dict):
             assert torch.equal(ranks[0][name], ranks[1][name]), name
+    # The ranks prepared their shares of the 5 queries, 2 and 3, not all 5 each.
+    SlowTask.measured = 0
+    sf.score(model, SlowTask(), traj, factors, data, queries, batch_size=8)
+    assert [int((tmp_path / f"measured{r}").read_text()) for r in (0, 1)] == [SlowTask.measured - 3, SlowTask.measured - 2]
 
 
 @pytest.mark.parametrize("flag, differ", [(["--skew"], "queries"),
