@@ -72,6 +72,9 @@ def in_memory(model, task, traj, factors, data, queries):
         # The ranks prepare shares of the queries (2 and 3) and exchange them: summed, low-rank, one basis.
         "summed": sf.score(model, task, traj, factors, data, queries, batch_size=8, sum_queries=True),
         "low_rank": sf.score(model, task, traj, factors, data, queries, batch_size=8, query_rank=2),
+        # ... prepared in pieces of 2, 2 and 1 queries at full rank (the budget's), each shared but the last.
+        "low_rank_pieces": sf.score(model, task, traj, factors, data, queries, batch_size=8, query_rank=2,
+                                    query_memory_budget=5 * 2 * 2 * (14 + 12) * 4 + 2 * 2 * 4 * (7 * 7 + 4 * 8)),
         "tracin": sf.score(model, task, traj, None, data, queries, "tracin", batch_size=8),
         "ekfac": sf.score(model, task, traj.final(), sf.fit_factors(model, task, traj.final(), fisher="empirical",
                                                                     batch_size=8),
