@@ -654,6 +654,8 @@ def run_pass(
                     f"dimension), but {held}; "
                     "examples must be the first dimension of every tracked layer's input (not a layer fed (tokens, "
                     "batch, features), as XLNet's are, nor (examples × tokens, features), as OPT's fc1 and fc2 are)"
+                    + ("" if total is not None else "; a DataLoader over a stream batches single examples, "
+                       "batch_size at a time (not ready-made batches)")
                 )
         # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
         # the slow path below runs only to name what went wrong.

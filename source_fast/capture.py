@@ -127,7 +127,7 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
         if not specs:
             raise ValueError("the model has no nn.Linear, nn.Conv2d, nn.Conv1d or Conv1D layer to track (that trains)")
         _check_examples_first(specs, modules)
-        _warn_untracked(model, specs, set(attention))
+        _warn_untracked(model, specs, attention, some_train)
         return specs
     if not names:
         raise ValueError("the task's get_influence_tracked_modules returned no modules: name the layers to track, or "
@@ -153,24 +153,28 @@ def _check_examples_first(specs: list[LayerSpec], modules: dict[str, nn.Module])
     """torch's transformer layers built with batch_first=False feed their linear layers (tokens, batch,
     features): the tokens would be read as examples, silently when there are as many as examples."""
     for s in specs:
-        parent = modules.get(s.name.rpartition(".")[0])
-        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not parent.self_attn.batch_first:
-            raise ValueError(f"module {s.name!r} is in a {type(parent).__name__} built with batch_first=False, which "
-                             "feeds it (tokens, batch, features); examples must be the first dimension: build the "
-                             "layers with batch_first=True (the same weights) and give them (batch, tokens, features)")
+        parts = s.name.split(".")
+        for outer in (modules.get(".".join(parts[:k])) for k in range(len(parts))):  # a LoRA layer's too
+            if isinstance(outer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not outer.self_attn.batch_first:
+                raise ValueError(f"module {s.name!r} is in a {type(outer).__name__} built with batch_first=False, "
+                                 "which feeds it (tokens, batch, features); examples must be the first dimension: build "
+                                 "the layers with batch_first=True (the same weights) and give them (batch, tokens, "
+                                 "features)")
 
 
-def _warn_untracked(model: nn.Module, specs: list[LayerSpec], said: set[str]) -> None:
+def _warn_untracked(model: nn.Module, specs: list[LayerSpec], said: list[str], some_train: bool) -> None:
     """Default tracking sees layers, not bare parameters: a mixture of experts' weights (3-D tensors its
     module multiplies by itself) would be left out without a word. Embeddings and normalization layers
-    are left out by design; anything else that trains and is not a tracked layer's is named when it is
-    a tenth of the trainable parameters or more."""
-    tracked = {id(p) for s in specs for p in model.get_submodule(s.name).parameters(recurse=False)}
+    are left out by design, and attention modules `said` already; anything else that trains (any
+    parameter, in a model frozen whole) and is not a tracked layer's (a parametrized weight's original
+    included) is named when it is a tenth of the trainable parameters or more."""
+    tracked = {id(p) for s in specs for p in model.get_submodule(s.name).parameters()}
     total, left = 0, {}
     for name, module in model.named_modules():
-        design = isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or "Norm" in type(module).__name__ or name in said
+        design = (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or "Norm" in type(module).__name__
+                  or any(name == a or name.startswith(a + ".") for a in said))
         for p in module.parameters(recurse=False):
-            if not p.requires_grad or is_placeholder(p):
+            if (some_train and not p.requires_grad) or is_placeholder(p):
                 continue
             total += p.numel()
             if id(p) not in tracked and not design:

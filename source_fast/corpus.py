@@ -56,8 +56,8 @@ from .scoring import (
 from .task import Task
 from .trajectory import Trajectory
 
-MANIFEST_VERSION = 7  # 5: the query blocks are in the fingerprint; 6: the model's dtypes, Adam's p̃ from P⁻¹;
-# 7: the segments' decay_scale (clipping does not shrink the decay)
+MANIFEST_VERSION = 8  # 5: the query blocks are in the fingerprint; 6: the model's dtypes, Adam's p̃ from P⁻¹;
+# 7: the segments' decay_scale (clipping does not shrink the decay); 8: gradients take padded tokens
 
 
 def _fingerprint(model, task, trajectory, factors, method, options, train_data, query_data, collate_fn) -> dict:

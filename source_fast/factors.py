@@ -46,14 +46,15 @@ Fisher = Literal["true", "empirical"]
 class LayerFactors:
     """One layer in one segment. Eigenvectors in columns (ascending eigenvalues), float64 eigh.
 
-    a_cov: (d_a, d_a) mean over rows of a aᵀ (averaged over the segment's checkpoints)
-    s_cov: (d_out, d_out) mean over rows of g gᵀ
+    a_cov: (d_a, d_a) mean over the unmasked rows of a aᵀ (averaged over the segment's checkpoints)
+    s_cov: (d_out, d_out) sum over all rows of g gᵀ (zero where padded, unless the loss reads padding)
+        divided by the unmasked rows, as kronfluence does
     q_a, q_s: eigenvectors of a_cov, s_cov
     (all four None for a diagonal curvature, kronfluence's "diagonal" strategy read by
     source_fast.interop.kronfluence: the bases are identities and Λ is in the parameter basis)
     lam: (d_out, d_a) Λ = mean over examples of (Q_Sᵀ G_n Q_A)², averaged over the checkpoints
     precond: (d_out, d_a) Adam's diagonal P = 1/(√v̂ + ε) averaged over the checkpoints, or None
-    rows: the unmasked rows (tokens) one covariance pass averaged over, or None where unknown
+    rows: the unmasked rows (tokens) one covariance pass divided by, or None where unknown
     """
 
     a_cov: Tensor | None
@@ -276,7 +277,9 @@ def averaged_checkpoint(segment: Segment, what: str) -> dict[str, Tensor]:
     """Fast-SOURCE: the mean of the segment's checkpoints (floating tensors; others from the last).
     Keys some checkpoints leave out are tied weights a save_pretrained file stores once (the checkpoints
     were checked against the model first): loading the mean restores them from their twin."""
-    states = [load_state_dict(c, f"{what}, checkpoint {i}") for i, c in enumerate(segment.checkpoints)]
+    # Under bare names: checkpoints of one run saved through DDP or torch.compile and not (load_into maps them back).
+    states = [{unwrapped_name(k): v for k, v in load_state_dict(c, f"{what}, checkpoint {i}").items()}
+              for i, c in enumerate(segment.checkpoints)]
     shared = set(states[0]).intersection(*states[1:])
     out = {}
     for key, last in states[-1].items():
@@ -560,6 +563,8 @@ class _FitProgress:
                 "num_examples": [seg.num_examples for seg in trajectory.segments],
                 "fisher": fisher, "average_params": average_params, "seed": seed, "batch_size": batch_size,
                 "dtype": str(dtype),  # not the world size: a finished pass holds the sums over all ranks
+                # What the attention mask drops (passes of fits before it was in here dropped padding's gradients).
+                "mask_rule": "padding out of the activation covariance only",
             }
             path = self.folder / "fit.json"
             if path.exists():

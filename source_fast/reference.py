@@ -152,25 +152,24 @@ def pairwise_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None)
     return torch.einsum("ntqo,nto->nq", ua, g_)
 
 
-def pairwise_scores_lowrank(a: Tensor, g: Tensor, left: Tensor, right: Tensor, mask: Tensor | None = None) -> Tensor:
+def pairwise_scores_lowrank(a: Tensor, g: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """scores[n, q] = Σ_t g_tᵀ (Σ_r left_qr right_qrᵀ) a_t for rank-r query factors: n·t·q·r·(d_out + d_a) flops.
 
-    a: (n, t, d_a), g: (n, t, d_out), left: (q, d_out, r), right: (q, d_a, r), mask: (n, t) or None
+    a: (n, t, d_a), g: (n, t, d_out), left: (q, d_out, r), right: (q, d_a, r)
     """
     dt = compute_dtype(a, g, left)
-    a_ = _masked(a, mask, dt)
-    gl = torch.einsum("nto,qor->ntqr", _masked(g, mask, dt), left.to(dt))
-    ar = torch.einsum("nti,qir->ntqr", a_, right.to(dt))
+    gl = torch.einsum("nto,qor->ntqr", g.to(dt), left.to(dt))
+    ar = torch.einsum("nti,qir->ntqr", a.to(dt), right.to(dt))
     return (gl * ar).sum((1, 3))
 
 
-def pairwise_token_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None = None) -> Tensor:
+def pairwise_token_scores(a: Tensor, g: Tensor, u: Tensor) -> Tensor:
     """Per-token split of `pairwise_scores`: out[n, q, t] = g_tᵀ U_q a_t, summing over t to the pair's score.
 
-    a: (n, t, d_a), g: (n, t, d_out), u: (q, d_out, d_a), mask: (n, t) or None. Returns (n, q, t).
+    a: (n, t, d_a), g: (n, t, d_out), u: (q, d_out, d_a). Returns (n, q, t).
     """
     dt = compute_dtype(a, g, u)
-    a_, g_, u_ = _masked(a, mask, dt), _masked(g, mask, dt), u.to(dt)
+    a_, g_, u_ = a.to(dt), g.to(dt), u.to(dt)
     n, t = a.shape[:2]
     q, d_out, d_a = u.shape
     # The (examples, queries, tokens, d) intermediate is the memory (d_out times the result's): U goes
@@ -191,9 +190,9 @@ def pairwise_token_scores(a: Tensor, g: Tensor, u: Tensor, mask: Tensor | None =
 TOKEN_BLOCK_BYTES = 64 << 20  # bounds pairwise_scores' tiles and pairwise_token_scores' intermediate
 
 
-def pairwise_token_scores_lowrank(a: Tensor, g: Tensor, left: Tensor, right: Tensor, mask: Tensor | None = None) -> Tensor:
+def pairwise_token_scores_lowrank(a: Tensor, g: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """Per-token split of `pairwise_scores_lowrank`: out[n, q, t] = Σ_r (g_tᵀ left_qr)(a_tᵀ right_qr), (n, q, t)."""
     dt = compute_dtype(a, g, left)
-    gl = torch.einsum("nto,qor->nqtr", _masked(g, mask, dt), left.to(dt))
-    ar = torch.einsum("nti,qir->nqtr", _masked(a, mask, dt), right.to(dt))
+    gl = torch.einsum("nto,qor->nqtr", g.to(dt), left.to(dt))
+    ar = torch.einsum("nti,qir->nqtr", a.to(dt), right.to(dt))
     return (gl * ar).sum(-1)

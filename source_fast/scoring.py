@@ -481,7 +481,8 @@ def score(
     train_segments: which segments trained on `train_data` (None: those whose `data` is it; "all":
         every segment).
     per_token: return (n_query, n_train, tokens), each training example's score split over its
-        tokens (all tracked layers must see the same token count; padded tokens get 0).
+        tokens (all tracked layers must see the same token count; a padded token's share is zero unless
+        the loss reads it, and columns past a batch's longest sequence are 0).
     per_module: return {tracked module name: its scores}, which sum to the scores (EK-FAC and
         SOURCE are block-diagonal over layers, so each module's part is its own attribution).
     sum_queries: score the sum of the queries' measurements, (1, n_train): the same as summing the

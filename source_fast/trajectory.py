@@ -79,10 +79,12 @@ def weights_path(checkpoint: Checkpoint, what: str) -> str:
     if not os.path.isdir(path):
         return path
     names = [n for n in WEIGHTS_FILES if os.path.isfile(os.path.join(path, n))]
-    names = names or sorted(n for n in os.listdir(path) if n.endswith(".index.json"))  # a variant's index
     if not names:
+        adapters = os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
         raise IsADirectoryError(f"{what}: {path!r} is a folder without model weights (looked for "
-                                f"{', '.join(WEIGHTS_FILES)}): pass the weights file")
+                                f"{', '.join(WEIGHTS_FILES)}): " + (
+                                    "it holds PEFT adapters, which Trajectory.from_trainer reads into the PEFT "
+                                    "model (or load them and pass its state_dict)" if adapters else "pass the weights file"))
     return os.path.join(path, names[0])
 
 
@@ -108,7 +110,7 @@ def _shard_index(path: str, what: str) -> dict[str, str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{what}: cannot read the shard index {path!r}: {type(exc).__name__}: {exc}") from exc
     folder = os.path.dirname(path)
-    return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    return {k: os.path.normpath(os.path.join(folder, v)) for k, v in weight_map.items()}
 
 
 def merged_shards(checkpoint: Checkpoint, what: str, read: Callable[[str], Mapping[str, Any]]) -> dict[str, Any]:
@@ -195,9 +197,8 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], own: dict[str, Tensor], wh
 
 def unwrapped_name(name: str) -> str:
     """A parameter's name without the prefixes of wrappers: DDP's `module.`, torch.compile's `_orig_mod.`."""
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
+    while name.startswith(("module.", "_orig_mod.")):  # in any order: torch.compile(DDP(model)) is both
+        name = name.partition(".")[2]
     return name
 
 

@@ -265,10 +265,10 @@ def test_one_token_reference_forms_equal_the_explicit_tiles():
 
 
 def test_token_contractions_drop_masked_tokens_on_both_sides():
-    """The reference's pairwise contractions (full, low-rank, per token) against explicit per-token tiles
+    """The reference's pairwise contraction (the public op's twin) against explicit per-token tiles
     g_t a_tᵀ, with NaN in a and g at dropped tokens: dropped on both sides, never multiplied by 0
-    (NaN · 0 = NaN). The ops' contract for direct calls: the engine passes no mask, as gradients take
-    every token."""
+    (NaN · 0 = NaN); the low-rank and per-token ones take every token (so does the engine, whose
+    gradients count padding the loss reads)."""
     g64 = torch.Generator().manual_seed(4)
     a, g = torch.randn(6, 4, 7, generator=g64, dtype=torch.float64), torch.randn(6, 4, 5, generator=g64, dtype=torch.float64)
     left, right = torch.randn(3, 5, 2, generator=g64, dtype=torch.float64), torch.randn(3, 7, 2, generator=g64, dtype=torch.float64)
@@ -278,9 +278,10 @@ def test_token_contractions_drop_masked_tokens_on_both_sides():
     per_token = torch.einsum("nto,qoi,nti->nqt", g * keep, u, a * keep)  # the clean tiles, dotted
     a, g = torch.where(keep, a, float("nan")), torch.where(keep, g, float("nan"))
     _close(reference.pairwise_scores(a, g, u, mask), per_token.sum(2), 1e-13)
-    _close(reference.pairwise_scores_lowrank(a, g, left, right, mask), per_token.sum(2), 1e-13)
-    _close(reference.pairwise_token_scores(a, g, u, mask), per_token, 1e-13)
-    _close(reference.pairwise_token_scores_lowrank(a, g, left, right, mask), per_token, 1e-13)
+    a, g = a.nan_to_num(0.0), g.nan_to_num(0.0)
+    _close(reference.pairwise_scores_lowrank(a, g, left, right), per_token.sum(2), 1e-13)
+    _close(reference.pairwise_token_scores(a, g, u), per_token, 1e-13)
+    _close(reference.pairwise_token_scores_lowrank(a, g, left, right), per_token, 1e-13)
 
 
 def test_tracin_and_grad_dot_match_explicit_gradients(setup):
@@ -1031,18 +1032,17 @@ def test_regression_task_reads_targets_in_the_outputs_shape():
 
 @pytest.mark.parametrize("d_out, d_a", [(3, 7), (7, 3)])
 def test_per_token_reference_is_explicit_in_blocks(d_out, d_a, monkeypatch):
-    """out[n, q, t] = g_tᵀ U_q a_t, masked tokens 0, whichever side U contracts with first and however
-    many examples a block holds (a block of one forced here)."""
+    """out[n, q, t] = g_tᵀ U_q a_t, whichever side U contracts with first and however many examples a
+    block holds (a block of one forced here)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(5, 4, d_a, generator=g, dtype=torch.float64)
     grads = torch.randn(5, 4, d_out, generator=g, dtype=torch.float64)
     u = torch.randn(2, d_out, d_a, generator=g, dtype=torch.float64)
-    mask = (torch.rand(5, 4, generator=g) > 0.3).long()
-    expected = torch.stack([torch.stack([torch.stack([grads[n, t] @ u[q] @ a[n, t] * mask[n, t] for t in range(4)])
+    expected = torch.stack([torch.stack([torch.stack([grads[n, t] @ u[q] @ a[n, t] for t in range(4)])
                                          for q in range(2)]) for n in range(5)])
-    _close(reference.pairwise_token_scores(a, grads, u, mask), expected, 1e-14)
+    _close(reference.pairwise_token_scores(a, grads, u), expected, 1e-14)
     monkeypatch.setattr(reference, "TOKEN_BLOCK_BYTES", 1)
-    _close(reference.pairwise_token_scores(a, grads, u, mask), expected, 1e-14)
+    _close(reference.pairwise_token_scores(a, grads, u), expected, 1e-14)
 
 
 def test_adam_segments_stay_exact_in_float32_at_small_horizons(setup):

@@ -285,6 +285,13 @@ def test_checkpoints_of_a_wrapped_model_load_into_the_bare_one(setup, tmp_path):
     for m, checkpoints in [(model, [wrapped[0], tmp_path / "wrapped.pt"]), (compiled, ckpts), (compiled, wrapped)]:
         for got, lam in zip(fit(m, checkpoints), want, strict=True):
             assert torch.equal(got, lam)
+    # Averaged (Fast-SOURCE) over checkpoints saved one wrapped and one not; torch.compile(DDP(model))'s names.
+    mixed = [wrapped[0], ckpts[1]]
+    segments = [sf.Segment(c, data, lr_sum=1.0) for c in (mixed, ckpts)]
+    means = [sf.fit_factors(model, ClassifyTask(), sf.Trajectory([seg]), fisher="empirical", average_params=True)
+             for seg in segments]
+    assert all(torch.equal(means[0].segments[0][k].lam, means[1].segments[0][k].lam) for k in ("0", "2"))
+    assert sf.trajectory.unwrapped_name("_orig_mod.module._orig_mod.0.weight") == "0.weight"
     del wrapped[1]["module._orig_mod.0.bias"]  # still named in the model's terms
     with pytest.raises(ValueError, match=r"segment 0, checkpoint 1 does not match the model: missing keys \['0.bias'\], "
                                          r"unexpected keys \[\]"):
@@ -335,6 +342,14 @@ def test_layers_that_do_not_take_examples_first_are_refused():
                 sf.capture.tracked_layers(layer, names)
     assert [s.name for s in sf.capture.tracked_layers(nn.TransformerEncoderLayer(8, 2, 12, batch_first=True),
                                                       ["linear1", "linear2"])] == ["linear1", "linear2"]
+    peft = pytest.importorskip("peft")  # LoRA layers on linear1: inside the layer, one level further down
+    adapted = peft.get_peft_model(nn.Sequential(nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0)),
+                                  peft.LoraConfig(r=2, target_modules=["linear1"]))
+    with pytest.raises(ValueError, match=r"module '.*linear1.lora_A.default' is in a TransformerEncoderLayer built "
+                                         r"with batch_first=False"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sf.capture.tracked_layers(adapted, None)
 
 
 class Experts(nn.Module):
@@ -357,10 +372,19 @@ def test_default_tracking_names_what_it_leaves_out_and_an_empty_list_is_refused(
     with pytest.warns(UserWarning, match=r"62% of the parameters that train are outside the layers source_fast "
                                          r"tracks .* e.g. in \['experts'\] \(a mixture of experts' weights"):
         assert [s.name for s in sf.capture.tracked_layers(Experts(), None)] == ["router", "head"]
+    with pytest.warns(UserWarning, match=r"62% of the parameters"):  # a model frozen whole: all of them count
+        sf.capture.tracked_layers(Experts().requires_grad_(False), None)
+    from torch.nn.utils.parametrizations import weight_norm
+
     embedded = nn.Sequential(nn.Embedding(1000, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        sf.capture.tracked_layers(embedded, None)
+    normed = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.ReLU(), weight_norm(nn.Linear(16, 3)))  # weights in children
+    attention = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 12, batch_first=True), nn.Linear(8, 2))
+    for quiet in (embedded, normed, attention):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            sf.capture.tracked_layers(quiet, None)
+        assert [str(w.message)[:30] for w in said] == ([] if quiet is not attention else
+                                                       ["nn.MultiheadAttention modules "])
     model, data, ckpts = setup
 
     class Nothing(ClassifyTask):

@@ -357,18 +357,20 @@ def test_kronfluence_reads_factors_the_shim_wrote(run):
 
 
 def test_factors_the_shim_wrote_count_what_kronfluence_counts(run):
-    """Covariance sums and counts as kronfluence itself writes them: tokens (unmasked), not examples."""
+    """Covariance sums and counts as kronfluence itself writes them: tokens (unmasked), not examples; the
+    gradient covariance sums every token (bert_left's padding that the loss reads too)."""
     from safetensors.torch import load_file
 
     kron, shim = (run["root"] / lib / "run" / "factors_ekfac" for lib in ("kron", "shim"))
-    for stem in ("num_activation_covariance_processed", "num_lambda_processed"):
+    for stem in ("num_activation_covariance_processed", "num_gradient_covariance_processed", "num_lambda_processed"):
         theirs, ours = load_file(str(kron / f"{stem}.safetensors")), load_file(str(shim / f"{stem}.safetensors"))
         assert theirs.keys() == ours.keys()
         for name in theirs:
             assert torch.equal(theirs[name], ours[name]), (stem, name, theirs[name], ours[name])
-    theirs, ours = (load_file(str(d / "activation_covariance.safetensors")) for d in (kron, shim))
-    for name in theirs:
-        _agree(ours[name], theirs[name], run["dtype"], name)
+    for stem in ("activation_covariance", "gradient_covariance"):
+        theirs, ours = (load_file(str(d / f"{stem}.safetensors")) for d in (kron, shim))
+        for name in theirs:
+            _agree(ours[name], theirs[name], run["dtype"], f"{stem} {name}")
 
 
 # ---- formats and errors (float64 MLP, no kronfluence run needed beyond the fixture's) ----------

@@ -21,10 +21,9 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   entry per example and token of the module's input; a module it does not fit is left unmasked (an
   encoder-decoder's decoder given only the encoder's mask), with a warning where kronfluence says
   nothing. A per-module dict masks the modules it names. source_fast's own functions refuse a mask
-  that does not fit. kronfluence masks activations but not output gradients in the covariances, and
-  masks neither in per-example gradients: it relies on padded tokens having zero output gradient
-  (true when nothing attends to them and the loss ignores them). source_fast masks both sides; the
-  two agree whenever that assumption holds, and source_fast stays right when it does not.
+  that does not fit. Both libraries mask activations, not output gradients, in the covariances
+  (dividing by the unmasked tokens), and neither in per-example gradients: a padded token's share of
+  a gradient is zero unless the loss reads it (a classifier pooling a left-padded first token does).
 - `amp_dtype` runs the task's forward passes under torch.autocast, as kronfluence does. When fitting
   under float16 autocast on CUDA the loss is scaled by `amp_scale` for the backward pass and the
   output gradients unscaled in float32, as kronfluence's GradScaler does (without CUDA it turns itself
