@@ -188,11 +188,24 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], own: dict[str, Tensor], wh
     if missing or unexpected:
         raise ValueError(
             f"{what} does not match the model: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}" + _prefix_hint(missing, unexpected)
         )
     for key, shape in shapes.items():
         if shape != tuple(own[key].shape):
             raise ValueError(f"{what}: {key!r} has shape {shape} in the checkpoint but {tuple(own[key].shape)} in the model")
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Names that differ by one leading prefix on one side: a LightningModule's checkpoint ("model.")
+    for the bare model, or the other way round."""
+    for extra, plain, side in ((unexpected, missing, "the checkpoint's"), (missing, unexpected, "the model's")):
+        prefix = extra[0].partition(".")[0] + "." if extra else ""
+        if prefix != "." and plain and all(k.startswith(prefix) for k in extra) and \
+                set(plain) <= {k[len(prefix):] for k in extra}:
+            fix = (f"give {{k.removeprefix({prefix!r}): v for k, v in checkpoint.items()}}" if side == "the checkpoint's"
+                   else f"give the module inside the model, whose names lack it (model.{prefix[:-1]}?)")
+            return f"; {side} names carry the prefix {prefix!r} the other's lack: {fix}"
+    return ""
 
 
 def unwrapped_name(name: str) -> str:

@@ -292,6 +292,13 @@ def test_checkpoints_of_a_wrapped_model_load_into_the_bare_one(setup, tmp_path):
              for seg in segments]
     assert all(torch.equal(means[0].segments[0][k].lam, means[1].segments[0][k].lam) for k in ("0", "2"))
     assert sf.trajectory.unwrapped_name("_orig_mod.module._orig_mod.0.weight") == "0.weight"
+    # A LightningModule's checkpoint: its weights under "state_dict", named through its attribute.
+    lightning = {"state_dict": {f"net.{k}": v for k, v in ckpts[1].items()}, "epoch": 3}
+    with pytest.raises(ValueError, match=r"the weights look to be under 'state_dict'"):
+        fit(model, [ckpts[0], lightning])
+    with pytest.raises(ValueError, match=r"the checkpoint's names carry the prefix 'net.' the other's lack: give "
+                                         r"\{k.removeprefix\('net.'\): v for k, v in checkpoint.items\(\)\}"):
+        fit(model, [ckpts[0], lightning["state_dict"]])
     del wrapped[1]["module._orig_mod.0.bias"]  # still named in the model's terms
     with pytest.raises(ValueError, match=r"segment 0, checkpoint 1 does not match the model: missing keys \['0.bias'\], "
                                          r"unexpected keys \[\]"):
