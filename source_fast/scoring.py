@@ -490,7 +490,8 @@ def score(
     Training gradients come from one pass over `train_data` per checkpoint, for all queries. Under
     torch.distributed each rank scores its share of the training data (a dataset's contiguous slice, a
     stream's every world-th example) against every query, and every rank returns the whole matrix;
-    the ranks' inputs are compared first (refused where they differ). TRAK sums ΦᵀΦ over the ranks;
+    each prepares its share of the queries (all of them with fewer queries than ranks) and they
+    exchange them; the ranks' inputs are compared first (refused where they differ). TRAK sums ΦᵀΦ over the ranks;
     unroll replays the whole run on every rank.
     train_data: a dataset, a re-iterable stream of examples (read in pieces of `STREAM_CHUNK`
         examples, each piece scored at every checkpoint) or a DataLoader that reads in order (its own

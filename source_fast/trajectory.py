@@ -202,7 +202,7 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
         prefix = extra[0].partition(".")[0] + "." if extra else ""
         if prefix != "." and plain and all(k.startswith(prefix) for k in extra) and \
                 set(plain) <= {k[len(prefix):] for k in extra}:
-            fix = (f"give {{k.removeprefix({prefix!r}): v for k, v in checkpoint.items()}}" if side == "the checkpoint's"
+            fix = (f"load it and give {{k.removeprefix({prefix!r}): v for k, v in state.items()}}" if side == "the checkpoint's"
                    else f"give the module inside the model, whose names lack it (model.{prefix[:-1]}?)")
             return f"; {side} names carry the prefix {prefix!r} the other's lack: {fix}"
     return ""
@@ -343,7 +343,9 @@ class Segment:
     """A stretch of training whose curvature and gradients SOURCE treats as stationary.
 
     checkpoints: state_dicts or paths saved inside the segment, in training order: .safetensors or
-        torch.save files, or save_pretrained folders (whole or in shards; tied weights stored once)
+        torch.save files, or save_pretrained folders (whole or in shards, or the shards' *.index.json;
+        tied weights stored once); names carrying DDP's `module.` or torch.compile's `_orig_mod.`
+        match the model's bare ones, and the other way round
     data: the examples the segment trained on: a dataset (len() is N_ℓ), a re-iterable stream of
         examples (an IterableDataset; give num_examples) or a DataLoader that reads in order;
         multi-stage training gives each stage's segments that stage's data

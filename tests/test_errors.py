@@ -296,8 +296,8 @@ def test_checkpoints_of_a_wrapped_model_load_into_the_bare_one(setup, tmp_path):
     lightning = {"state_dict": {f"net.{k}": v for k, v in ckpts[1].items()}, "epoch": 3}
     with pytest.raises(ValueError, match=r"the weights look to be under 'state_dict'"):
         fit(model, [ckpts[0], lightning])
-    with pytest.raises(ValueError, match=r"the checkpoint's names carry the prefix 'net.' the other's lack: give "
-                                         r"\{k.removeprefix\('net.'\): v for k, v in checkpoint.items\(\)\}"):
+    with pytest.raises(ValueError, match=r"the checkpoint's names carry the prefix 'net.' the other's lack: load it "
+                                         r"and give \{k.removeprefix\('net.'\): v for k, v in state.items\(\)\}"):
         fit(model, [ckpts[0], lightning["state_dict"]])
     del wrapped[1]["module._orig_mod.0.bias"]  # still named in the model's terms
     with pytest.raises(ValueError, match=r"segment 0, checkpoint 1 does not match the model: missing keys \['0.bias'\], "

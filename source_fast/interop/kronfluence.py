@@ -14,8 +14,8 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   measurement's units): native = kronfluence / N, same sign. The `Analyzer` shim multiplies by N, so it
   returns and writes kronfluence's numbers.
 - Tracked modules. With `get_influence_tracked_modules()` None, kronfluence tracks the leaf nn.Linear and
-  nn.Conv2d modules only; source_fast's own default also tracks transformers' Conv1D and layers with
-  children. Everything here uses kronfluence's rule (`tracked_modules`); to score factors from
+  nn.Conv2d modules only; source_fast's own default also tracks nn.Conv1d, transformers' Conv1D and
+  layers with children. Everything here uses kronfluence's rule (`tracked_modules`); to score factors from
   `load_factors` natively, pass `kronfluence_task(model, task)` as the task.
 - Masks. A mask applies by kronfluence's rule (`MaskWhereItFits`): to a module where it has one
   entry per example and token of the module's input; a module it does not fit is left unmasked (an
