@@ -84,8 +84,21 @@ def weights_path(checkpoint: Checkpoint, what: str) -> str:
         raise IsADirectoryError(f"{what}: {path!r} is a folder without model weights (looked for "
                                 f"{', '.join(WEIGHTS_FILES)}): " + (
                                     "it holds PEFT adapters, which Trajectory.from_trainer reads into the PEFT "
-                                    "model (or load them and pass its state_dict)" if adapters else "pass the weights file"))
+                                    "model (or load them and pass its state_dict)" if adapters else
+                                    sharded_training_state(path) or "pass the weights file"))
     return os.path.join(path, names[0])
+
+
+def sharded_training_state(folder: str | os.PathLike) -> str:
+    """What to do with a checkpoint that FSDP or DeepSpeed saved in the ranks' pieces, or ''."""
+    names = os.listdir(folder)
+    if any(n.startswith("pytorch_model_fsdp") or n.endswith(".distcp") for n in names):
+        return ("it holds FSDP's sharded state (torch.distributed.checkpoint), which is not read: train with "
+                "fsdp_state_dict_type FULL_STATE_DICT, so the weights and the optimizer's state are saved whole")
+    if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
+        return ("it holds a DeepSpeed ZeRO checkpoint (each rank's partition), which is not read: save the weights "
+                "whole (zero_to_fp32.py in the folder converts them; Adam's states would need consolidating too)")
+    return ""
 
 
 def checkpoint_files(checkpoint: Checkpoint, what: str) -> list[str]:

@@ -280,6 +280,17 @@ def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
     with pytest.raises(IsADirectoryError, match=r"c: '.*checkpoint-20' is a folder without model weights \(looked for "
                                                 r"model.safetensors, .*\): pass the weights file"):
         sf.trajectory.load_state_dict(folder, "c")
+    # The ranks' pieces of an FSDP or a DeepSpeed run (as accelerate's Trainer saves them) say what to do.
+    (folder / "pytorch_model_fsdp_0").mkdir()
+    (folder / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint-20 has none of .*: it holds FSDP's sharded state "
+                                         r"\(torch.distributed.checkpoint\), which is not read: .*FULL_STATE_DICT"):
+        sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
+    shutil.rmtree(folder / "pytorch_model_fsdp_0")
+    (folder / "global_step20").mkdir()
+    (folder / "zero_to_fp32.py").write_text("")
+    with pytest.raises(IsADirectoryError, match=r"it holds a DeepSpeed ZeRO checkpoint .*zero_to_fp32.py in the folder"):
+        sf.trajectory.load_state_dict(folder, "c")
 
 
 def test_label_smoothing_and_the_trainers_own_loader_are_named(run, tmp_path):

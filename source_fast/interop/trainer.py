@@ -37,7 +37,7 @@ from .._warn import warn
 from ..capture import layer_kind
 from ..factors import not_adam
 from .._passes import length
-from ..trajectory import WEIGHTS_FILES, Trajectory, check_checkpoint
+from ..trajectory import WEIGHTS_FILES, Trajectory, check_checkpoint, sharded_training_state
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -171,7 +171,9 @@ def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
     if any(folder.rglob("adapter_model.*")):
         raise ValueError(f"{folder} holds PEFT adapters: pass the PEFT model as it was trained (peft.get_peft_model, "
                          "or PeftModel.from_pretrained(base, folder, is_trainable=True)), not the base model")
-    raise ValueError(f"{folder} has none of {', '.join(WEIGHTS_FILES)} or adapter_model.safetensors")
+    hint = sharded_training_state(folder)
+    raise ValueError(f"{folder} has none of {', '.join(WEIGHTS_FILES)} or adapter_model.safetensors"
+                     + (f": {hint}" if hint else ""))
 
 
 def _adapter_state(folder: Path, model: nn.Module) -> dict[str, Any]:
