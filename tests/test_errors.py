@@ -386,7 +386,10 @@ def test_default_tracking_names_what_it_leaves_out_and_an_empty_list_is_refused(
     embedded = nn.Sequential(nn.Embedding(1000, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     normed = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.ReLU(), weight_norm(nn.Linear(16, 3)))  # weights in children
     attention = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 12, batch_first=True), nn.Linear(8, 2))
-    for quiet in (embedded, normed, attention):
+    transformers = pytest.importorskip("transformers")  # a small ViT's bare position and class tokens: 27%
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, image_size=32, patch_size=4))
+    for quiet in (embedded, normed, attention, vit):
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             sf.capture.tracked_layers(quiet, None)
