@@ -93,8 +93,9 @@ def sharded_training_state(folder: str | os.PathLike) -> str:
     """What to do with a checkpoint that FSDP or DeepSpeed saved in the ranks' pieces, or ''."""
     names = os.listdir(folder)
     if any(n.startswith("pytorch_model_fsdp") or n.endswith(".distcp") for n in names):
-        return ("it holds FSDP's sharded state (torch.distributed.checkpoint), which is not read: train with "
-                "fsdp_state_dict_type FULL_STATE_DICT, so the weights and the optimizer's state are saved whole")
+        return ("it holds FSDP's sharded state (torch.distributed.checkpoint), which is not read: with "
+                "fsdp_state_dict_type FULL_STATE_DICT the weights are saved whole (FSDP's optimizer.bin is not read: "
+                "an Adam run's states must be given in torch's own format, to Trajectory.even)")
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
         return ("it holds a DeepSpeed ZeRO checkpoint (each rank's partition), which is not read: save the weights "
                 "whole (zero_to_fp32.py in the folder converts them; Adam's states would need consolidating too)")

@@ -286,6 +286,12 @@ def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-20 has none of .*: it holds FSDP's sharded state "
                                          r"\(torch.distributed.checkpoint\), which is not read: .*FULL_STATE_DICT"):
         sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
+    (folder / "optimizer.pt").rename(folder / "optimizer.bin")  # FULL_STATE_DICT: FSDP's own optimizer file
+    transformers.GPT2LMHeadModel.from_pretrained(out / "checkpoint-20").save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"optimizer.pt is missing \(FSDP saved its own optimizer.bin, keyed by "
+                                         r"parameter names, which is not read\)"):
+        sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
+    (folder / "model.safetensors").unlink()
     shutil.rmtree(folder / "pytorch_model_fsdp_0")
     (folder / "global_step20").mkdir()
     (folder / "zero_to_fp32.py").write_text("")

@@ -218,9 +218,11 @@ def _optimizer_state(folder: Path, model: nn.Module) -> dict:
     """optimizer.pt, memory-mapped (a state is twice the model), its groups named by Trainer's rule."""
     path = folder / "optimizer.pt"
     if not path.is_file():
-        raise ValueError(f"{path} is missing (an incomplete checkpoint, or a run with save_only_model=True): the "
-                         "optimizer's kind, momentum or second moments are read from it; without it build the "
-                         "trajectory with Trajectory.even(..., steps=) yourself")
+        cause = ("FSDP saved its own optimizer.bin, keyed by parameter names, which is not read"
+                 if (folder / "optimizer.bin").is_file() else
+                 "an incomplete checkpoint, or a run with save_only_model=True")
+        raise ValueError(f"{path} is missing ({cause}): the optimizer's kind, momentum or second moments are read "
+                         "from it; without it build the trajectory with Trajectory.even(..., steps=) yourself")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # a truncated or foreign file: say which
