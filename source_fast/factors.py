@@ -861,6 +861,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         state = load_dict(st, where)
         if "state" not in state or "param_groups" not in state:
             raise ValueError(f"{where} is not an optimizer state_dict (needs 'state', 'param_groups')")
+        state = indexed_by_position(state)
         for g, group in enumerate(state["param_groups"]):
             why = not_adam(group)
             if why:
@@ -959,6 +960,19 @@ def not_adam(group: dict) -> str | None:
     if group.get("maximize"):
         return "it maximizes the objective (maximize=True): every step goes up the gradient"
     return None
+
+
+def indexed_by_position(state: dict) -> dict:
+    """An optimizer state_dict keyed by parameter names, as FSDP gives the whole state
+    (FSDP.optim_state_dict, get_optimizer_state_dict(full_state_dict=True)), in torch's own form: the
+    states numbered group after group, each group's names kept as its param_names."""
+    groups = state["param_groups"]
+    if not any(g["params"] and isinstance(g["params"][0], str) for g in groups):
+        return state
+    index: dict[str, int] = {}
+    numbered = [{**g, "params": [index.setdefault(n, len(index)) for n in g["params"]], "param_names": list(g["params"])}
+                for g in groups]
+    return {"state": {index[k]: v for k, v in state["state"].items() if k in index}, "param_groups": numbered}
 
 
 def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict[str, int]:

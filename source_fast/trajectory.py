@@ -93,9 +93,8 @@ def sharded_training_state(folder: str | os.PathLike) -> str:
     """What to do with a checkpoint that FSDP or DeepSpeed saved in the ranks' pieces, or ''."""
     names = os.listdir(folder)
     if any(n.startswith("pytorch_model_fsdp") or n.endswith(".distcp") for n in names):
-        return ("it holds FSDP's sharded state (torch.distributed.checkpoint), which is not read: with "
-                "fsdp_state_dict_type FULL_STATE_DICT the weights are saved whole (FSDP's optimizer.bin is not read: "
-                "an Adam run's states must be given in torch's own format, to Trajectory.even)")
+        return ("it holds FSDP's sharded state (torch.distributed.checkpoint), which is not read: train with "
+                "fsdp_state_dict_type FULL_STATE_DICT, so the weights and the optimizer's state are saved whole")
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
         return ("it holds a DeepSpeed ZeRO checkpoint (each rank's partition), which is not read: save the weights "
                 "whole (zero_to_fp32.py in the folder converts them; Adam's states would need consolidating too)")
@@ -374,7 +373,8 @@ class Segment:
     optimizer_states: for adam/adamw, the optimizer state_dicts (or files) saved with each
         checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε). States are
         matched to parameters by the names torch records when the optimizer is built from named
-        parameters (needed with several parameter groups), else in model.parameters() order
+        parameters (needed with several parameter groups), else in model.parameters() order; FSDP's
+        whole state (keyed by names: get_optimizer_state_dict(full_state_dict=True)) is read too
     weight_decay: SGD: adds wd to every curvature eigenvalue. Adam (L2 in the gradient): adds wd to
         the curvature, inside P's scope, σ = p̃(Λ + wd). AdamW (decoupled): adds wd outside it,
         σ = p̃Λ + wd (see scoring._segment_scales). For adam/adamw

@@ -9,12 +9,13 @@ import dataclasses
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from _helpers import (
-    ClassifyTask, RegressTask, classification_data, dense_curvature, mlp, per_example_grads, perturbed_states,
+    ClassifyTask, RegressTask, classification_data, dense_curvature, mlp, per_example_grads, perturbed_states, torchrun,
 )
 from torch.nn import functional as F
 from torch.utils.data import Subset, TensorDataset
@@ -1043,6 +1044,26 @@ def test_per_token_reference_is_explicit_in_blocks(d_out, d_a, monkeypatch):
     _close(reference.pairwise_token_scores(a, grads, u), expected, 1e-14)
     monkeypatch.setattr(reference, "TOKEN_BLOCK_BYTES", 1)
     _close(reference.pairwise_token_scores(a, grads, u), expected, 1e-14)
+
+
+def test_a_real_fsdp_runs_whole_optimizer_state_is_read(tmp_path):
+    """FSDP gives the whole optimizer state keyed by parameter names (get_optimizer_state_dict with
+    full_state_dict; FSDP.optim_state_dict alike): a real FSDP2 run on 2 gloo ranks, two parameter
+    groups, gives the Adam preconditioner of the same training in one process, whose torch optimizer
+    state records the names (named parameters)."""
+    import _fsdp_job
+
+    run = torchrun(Path(__file__).parent / "_fsdp_job.py", tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model, data = _fsdp_job.build(), TensorDataset(*_fsdp_job.data())
+    fitted = []
+    for weights, state in (("fsdp_model.pt", "fsdp_optimizer.bin"), ("model.pt", "optimizer.pt")):
+        traj = sf.Trajectory.even([tmp_path / weights], [1e-2] * 5, 1, data, optimizer="adamw",
+                                  optimizer_states=[tmp_path / state], weight_decay=0.01)
+        fitted.append(sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical"))
+    for name in ("0", "2"):
+        torch.testing.assert_close(fitted[0].segments[0][name].precond, fitted[1].segments[0][name].precond,
+                                   rtol=1e-5, atol=0)  # the ranks' gradient average rounds otherwise
 
 
 def test_adam_segments_stay_exact_in_float32_at_small_horizons(setup):

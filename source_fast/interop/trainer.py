@@ -35,7 +35,7 @@ from torch import nn
 
 from .._warn import warn
 from ..capture import layer_kind
-from ..factors import not_adam
+from ..factors import indexed_by_position, not_adam
 from .._passes import length
 from ..trajectory import WEIGHTS_FILES, Trajectory, check_checkpoint, sharded_training_state
 
@@ -215,16 +215,17 @@ def _adapter_state(folder: Path, model: nn.Module) -> dict[str, Any]:
 
 
 def _optimizer_state(folder: Path, model: nn.Module) -> dict:
-    """optimizer.pt, memory-mapped (a state is twice the model), its groups named by Trainer's rule."""
+    """optimizer.pt, memory-mapped (a state is twice the model), its groups named by Trainer's rule; or
+    the optimizer.bin accelerate saves for FSDP (fsdp_state_dict_type FULL_STATE_DICT), keyed by names."""
     path = folder / "optimizer.pt"
+    if not path.is_file() and (folder / "optimizer.bin").is_file():
+        path = folder / "optimizer.bin"
     if not path.is_file():
-        cause = ("FSDP saved its own optimizer.bin, keyed by parameter names, which is not read"
-                 if (folder / "optimizer.bin").is_file() else
-                 "an incomplete checkpoint, or a run with save_only_model=True")
-        raise ValueError(f"{path} is missing ({cause}): the optimizer's kind, momentum or second moments are read "
-                         "from it; without it build the trajectory with Trajectory.even(..., steps=) yourself")
+        raise ValueError(f"{path} is missing (an incomplete checkpoint, or a run with save_only_model=True): the "
+                         "optimizer's kind, momentum or second moments are read from it; without it build the "
+                         "trajectory with Trajectory.even(..., steps=) yourself")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = indexed_by_position(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except Exception as exc:  # a truncated or foreign file: say which
         raise ValueError(f"{path} cannot be read as an optimizer state_dict ({exc})") from exc
     groups = state["param_groups"]

@@ -1,0 +1,61 @@
+"""A real FSDP run for tests/test_engine.py: FSDP2's fully_shard over 2 gloo ranks on the CPU, AdamW
+for a few steps, its weights and optimizer state saved whole as FSDP gives them (the state keyed by
+parameter names); and on rank 0 the same training without FSDP, saved as torch's optimizer saves it.
+
+    torchrun --standalone --nproc-per-node 2 tests/_fsdp_job.py OUT_DIR
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+
+
+def train(model: nn.Module, names: bool) -> torch.optim.Optimizer:
+    """AdamW over two groups out of module order (biases, then weights), as Trainer's; `names`: built from
+    named parameters, so torch's state records whose each state is (FSDP's names them itself)."""
+    x, y = data()
+    groups = [[(n, p) for n, p in model.named_parameters() if n.endswith(end)] for end in ("bias", "weight")]
+    opt = torch.optim.AdamW([{"params": g if names else [p for _, p in g]} for g in groups], lr=1e-2, weight_decay=0.01)
+    for _ in range(5):  # every rank the whole batch: FSDP's averaged gradient is the one process's
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt
+
+
+def main() -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    model = build()
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    opt = train(model, names=False)
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state, weights = get_optimizer_state_dict(model, opt, options=whole), get_model_state_dict(model, options=whole)
+    if dist.get_rank() == 0:
+        torch.save(state, os.path.join(out, "fsdp_optimizer.bin"))
+        torch.save(weights, os.path.join(out, "fsdp_model.pt"))
+        plain = build()
+        torch.save(train(plain, names=True).state_dict(), os.path.join(out, "optimizer.pt"))
+        torch.save(plain.state_dict(), os.path.join(out, "model.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
