@@ -172,7 +172,8 @@ def _warn_untracked(model: nn.Module, specs: list[LayerSpec], said: list[str], s
     total, left = 0, {}
     for name, module in model.named_modules():
         kind = type(module).__name__  # ViTEmbeddings' bare position and class tokens are embeddings too
-        design = ("Embedding" in kind or "Norm" in kind or any(name == a or name.startswith(a + ".") for a in said))
+        design = (bool(name) and ("Embedding" in kind or "Norm" in kind)
+                  or any(name == a or name.startswith(a + ".") for a in said))
         for p in module.parameters(recurse=False):
             if (some_train and not p.requires_grad) or is_placeholder(p):
                 continue

@@ -866,7 +866,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
             why = not_adam(group)
             if why:
                 raise ValueError(f"{where}: parameter group {g} is not Adam's or AdamW's ({why})")
-        index = _optimizer_indices(model, state["param_groups"], where)
+        index = _optimizer_indices(model, state["param_groups"], where, by_name=bool(state.get(KEYED_BY_NAME)))
         index_group = {i: g for g in state["param_groups"] for i in g["params"]}
         p_by_name, wd_by_name, steps = {}, {}, []
         for name in needed:
@@ -972,25 +972,35 @@ def indexed_by_position(state: dict) -> dict:
     index: dict[str, int] = {}
     numbered = [{**g, "params": [index.setdefault(n, len(index)) for n in g["params"]], "param_names": list(g["params"])}
                 for g in groups]
-    return {"state": {index[k]: v for k, v in state["state"].items() if k in index}, "param_groups": numbered}
+    # FSDP orders the states by its own units, not as the model's parameters: never read by position.
+    return {"state": {index[k]: v for k, v in state["state"].items() if k in index}, "param_groups": numbered,
+            KEYED_BY_NAME: True}
 
 
-def _optimizer_indices(model: nn.Module, groups: list[dict], where: str) -> dict[str, int]:
+KEYED_BY_NAME = "source_fast_keyed_by_name"
+
+
+def _optimizer_indices(model: nn.Module, groups: list[dict], where: str, by_name: bool = False) -> dict[str, int]:
     """Each parameter name's index in an optimizer state_dict. torch numbers the states group after
     group, so only the names torch records with each group (optimizers built from named parameters)
     say which state is whose; names recorded through a wrapper (DDP's `module.`, torch.compile's
-    `_orig_mod.`) are read without it. Without names, one group built from model.parameters() is read
-    in that order. The names of a tied weight all map to its one state."""
+    `_orig_mod.`, or one prefix all share, a LightningModule's attribute) are read without it. Without
+    names, one group built from model.parameters() is read in that order (never a state `by_name`,
+    FSDP's). The names of a tied weight all map to its one state."""
     # An optimizer never saw placeholders (kronfluence's _constant, added after training).
     params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not is_placeholder(p)}
     order = [p for p in model.parameters() if not is_placeholder(p)]
     if all("param_names" in g for g in groups):
         recorded = [(unwrapped_name(n), i) for g in groups for n, i in zip(g["param_names"], g["params"])]
+        prefix = recorded[0][0].partition(".")[0] + "." if recorded else ""
+        if any(n not in params for n, _ in recorded) and all(n.startswith(prefix) and n[len(prefix):] in params
+                                                              for n, _ in recorded):
+            recorded = [(n[len(prefix):], i) for n, i in recorded]
         unknown = [n for n, _ in recorded if n not in params]
         if not unknown:
             by_id = {id(params[n]): i for n, i in recorded}
             return {n: by_id[id(p)] for n, p in params.items() if id(p) in by_id}
-        if len(groups) != 1 or len(recorded) != len(order):
+        if by_name or len(groups) != 1 or len(recorded) != len(order):
             raise ValueError(f"{where} records parameter names the model does not have, e.g. {unknown[:3]}: build "
                              "the optimizer from the named parameters of the model given here")
     elif len(groups) != 1:

@@ -68,7 +68,8 @@ def _tensors_only(state: Any, what: str) -> dict[str, Tensor]:
 
 
 # A save_pretrained folder's weights, in the order from_pretrained looks for them.
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                 "pytorch_model_fsdp.bin")  # the last: accelerate's whole FSDP state_dict (FULL_STATE_DICT)
 
 
 def weights_path(checkpoint: Checkpoint, what: str) -> str:
@@ -92,9 +93,9 @@ def weights_path(checkpoint: Checkpoint, what: str) -> str:
 def sharded_training_state(folder: str | os.PathLike) -> str:
     """What to do with a checkpoint that FSDP or DeepSpeed saved in the ranks' pieces, or ''."""
     names = os.listdir(folder)
-    if any(n.startswith("pytorch_model_fsdp") or n.endswith(".distcp") for n in names):
-        return ("it holds FSDP's sharded state (torch.distributed.checkpoint), which is not read: train with "
-                "fsdp_state_dict_type FULL_STATE_DICT, so the weights and the optimizer's state are saved whole")
+    if any(n.startswith(("pytorch_model_fsdp_", "optimizer_0")) or n.endswith(".distcp") for n in names):
+        return ("it holds FSDP's state in each rank's part, which is not read: train with fsdp_state_dict_type "
+                "FULL_STATE_DICT, so the weights and the optimizer's state are saved whole")
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
         return ("it holds a DeepSpeed ZeRO checkpoint (each rank's partition), which is not read: save the weights "
                 "whole (zero_to_fp32.py in the folder converts them; Adam's states would need consolidating too)")
@@ -201,20 +202,24 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], own: dict[str, Tensor], wh
     if missing or unexpected:
         raise ValueError(
             f"{what} does not match the model: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}" + _prefix_hint(missing, unexpected)
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            + _prefix_hint(missing, unexpected, set(own), set(shapes))
         )
     for key, shape in shapes.items():
         if shape != tuple(own[key].shape):
             raise ValueError(f"{what}: {key!r} has shape {shape} in the checkpoint but {tuple(own[key].shape)} in the model")
 
 
-def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+def _prefix_hint(missing: list[str], unexpected: list[str], own: set[str], saved: set[str]) -> str:
     """Names that differ by one leading prefix on one side: a LightningModule's checkpoint ("model.")
-    for the bare model, or the other way round."""
-    for extra, plain, side in ((unexpected, missing, "the checkpoint's"), (missing, unexpected, "the model's")):
+    for the bare model, or the other way round. Said only where stripping it names the other side's
+    tensors (a tied weight a file stores once may stay missing)."""
+    for extra, plain, other, side in ((unexpected, missing, own, "the checkpoint's"),
+                                      (missing, unexpected, saved, "the model's")):
         prefix = extra[0].partition(".")[0] + "." if extra else ""
-        if prefix != "." and plain and all(k.startswith(prefix) for k in extra) and \
-                set(plain) <= {k[len(prefix):] for k in extra}:
+        stripped = {k[len(prefix):] for k in extra}
+        if prefix != "." and plain and all(k.startswith(prefix) for k in extra) and stripped <= other and \
+                set(plain) & stripped:
             fix = (f"load it and give {{k.removeprefix({prefix!r}): v for k, v in state.items()}}" if side == "the checkpoint's"
                    else f"give the module inside the model, whose names lack it (model.{prefix[:-1]}?)")
             return f"; {side} names carry the prefix {prefix!r} the other's lack: {fix}"
@@ -270,12 +275,14 @@ def _storages(obj: Any) -> set[tuple]:
     return set()
 
 
-def _check_saved_copies(saved: list[tuple[str, Any]], fix: str) -> None:
+def _check_saved_copies(saved: list[tuple[str, Any]], fix: str, steps: bool = False) -> None:
     """Refuses two in-memory states whose tensors are all the same memory: state_dict() returns
     references to the live tensors, so states kept without a copy all hold the weights (or moments)
     training ended with, and SOURCE would silently model another run. (Some shared tensors, such as
-    frozen weights kept once, are fine.)"""
+    frozen weights kept once, are fine.) With `steps`, optimizer states that share a step counter are
+    refused too: FSDP's whole state gathers fresh moments but hands out the optimizer's live steps."""
     seen: dict[frozenset[tuple], str] = {}
+    counters: dict[tuple, str] = {}
     objects = set()
     for what, state in saved:
         if isinstance(state, (str, os.PathLike)) or id(state) in objects:  # one object given twice is one state
@@ -284,7 +291,11 @@ def _check_saved_copies(saved: list[tuple[str, Any]], fix: str) -> None:
         ptrs = frozenset(_storages(state))
         if not ptrs:
             continue
-        twin = next((other for key, other in seen.items() if ptrs <= key or key <= ptrs), None)
+        per_param = state.get("state", {}) if steps and isinstance(state, Mapping) else {}
+        mine = _storages([s.get("step") for s in per_param.values() if isinstance(s, Mapping)])
+        twin = next((counters[p] for p in mine if p in counters), None)
+        counters.update(dict.fromkeys(mine, what))
+        twin = twin or next((other for key, other in seen.items() if ptrs <= key or key <= ptrs), None)
         if twin is not None:
             raise ValueError(f"{twin} and {what} are the same tensors in memory: a state_dict holds references to the "
                              f"live tensors, so keep a copy of each as it is saved: {fix}")
@@ -501,7 +512,7 @@ class Trajectory:
                             "{k: v.clone() for k, v in model.state_dict().items()}, or torch.save each to a file")
         _check_saved_copies([(f"segment {i}, optimizer state {c}", st) for i, seg in enumerate(self.segments)
                              for c, st in enumerate(seg.optimizer_states or [])],
-                            "copy.deepcopy(optimizer.state_dict()), or torch.save each to a file")
+                            "copy.deepcopy(optimizer.state_dict()), or torch.save each to a file", steps=True)
 
     @classmethod
     def even(

@@ -381,6 +381,13 @@ def test_default_tracking_names_what_it_leaves_out_and_an_empty_list_is_refused(
         assert [s.name for s in sf.capture.tracked_layers(Experts(), None)] == ["router", "head"]
     with pytest.warns(UserWarning, match=r"62% of the parameters"):  # a model frozen whole: all of them count
         sf.capture.tracked_layers(Experts().requires_grad_(False), None)
+    class SentenceEmbeddingModel(nn.Module):  # bare weights on the model itself, whose class says Embedding
+        def __init__(self):
+            super().__init__()
+            self.enc, self.experts = nn.Linear(4, 4), nn.Parameter(torch.randn(3, 4, 4))
+
+    with pytest.warns(UserWarning, match=r"71% of the parameters .* e.g. in \[\"the model's own\"\]"):
+        sf.capture.tracked_layers(SentenceEmbeddingModel(), None)
     from torch.nn.utils.parametrizations import weight_norm
 
     embedded = nn.Sequential(nn.Embedding(1000, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -424,6 +431,44 @@ def test_a_collate_error_on_text_columns_says_what_trainer_drops(setup):
     assert re.search(r"raised while reading segment 0, checkpoint 0, batch 0 .*the examples hold text columns \['text'\], "
                      r"which Hugging Face's Trainer drops before its collator \(remove_unused_columns\)",
                      " ".join(caught.value.__notes__))
+
+
+def test_optimizer_states_keyed_by_names_and_shared_steps(setup, tmp_path):
+    """FSDP's whole optimizer state is keyed by names, listed in its own order: read by name (through a
+    wrapper's one prefix too), never by position; states kept in memory that share their step counters
+    (FSDP's gather copies the moments, not the optimizer's live steps) are refused."""
+    model, data, ckpts = setup
+    model.load_state_dict(ckpts[-1])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        ClassifyTask().compute_train_loss(data.tensors, model).backward()
+        opt.step()
+    torch_state = copy.deepcopy(opt.state_dict())
+    names = [n for n, _ in model.named_parameters()]
+    order = names[::-1]  # not the model's order
+
+    def keyed(prefix):
+        return {"state": {prefix + n: torch_state["state"][names.index(n)] for n in order},
+                "param_groups": [{**torch_state["param_groups"][0], "params": [prefix + n for n in order]}]}
+
+    def precond(states):
+        traj = sf.Trajectory.even([ckpts[-1]] * len(states), [1e-2] * 2 * len(states), 1, data, optimizer="adamw",
+                                  optimizer_states=states, weight_decay=0.01)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the same checkpoint twice, said
+            return sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical").segments[0]["0"].precond
+
+    want = precond([torch_state])
+    assert torch.equal(precond([keyed("")]), want) and torch.equal(precond([keyed("net.")]), want)
+    with pytest.raises(ValueError, match=r"optimizer state 0 records parameter names the model does not have"):
+        precond([{"state": keyed("")["state"], "param_groups": [
+            {**torch_state["param_groups"][0], "params": [("a." if i % 2 else "b.") + n for i, n in enumerate(order)]}]}])
+    shared = [keyed(""), keyed("")]  # fresh moments, one live step counter each parameter
+    shared[1]["state"] = {k: {**v, "exp_avg_sq": v["exp_avg_sq"].clone()} for k, v in shared[1]["state"].items()}
+    with pytest.raises(ValueError, match=r"segment 0, optimizer state 0 and segment 0, optimizer state 1 are the same "
+                                         r"tensors in memory"):
+        precond(shared)
 
 
 def test_segment_arguments(setup):

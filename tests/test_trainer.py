@@ -307,14 +307,20 @@ def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
     # The ranks' pieces of an FSDP or a DeepSpeed run (as accelerate's Trainer saves them) say what to do.
     (folder / "pytorch_model_fsdp_0").mkdir()
     (folder / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"checkpoint-20 has none of .*: it holds FSDP's sharded state "
-                                         r"\(torch.distributed.checkpoint\), which is not read: .*FULL_STATE_DICT"):
+    with pytest.raises(ValueError, match=r"checkpoint-20 has none of .*: it holds FSDP's state in each rank's part, "
+                                         r"which is not read: .*FULL_STATE_DICT"):
         sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
     shutil.rmtree(folder / "pytorch_model_fsdp_0")
     (folder / "global_step20").mkdir()
     (folder / "zero_to_fp32.py").write_text("")
     with pytest.raises(IsADirectoryError, match=r"it holds a DeepSpeed ZeRO checkpoint .*zero_to_fp32.py in the folder"):
         sf.trajectory.load_state_dict(folder, "c")
+    whole = {k: v for k, v in state.items() if k != "lm_head.weight"}  # accelerate's whole FSDP state_dict file
+    torch.save(whole, folder / "pytorch_model_fsdp.bin")
+    assert sf.trajectory.load_state_dict(folder, "c").keys() == whole.keys()
+    (folder / "optimizer.pt").unlink()  # ZeRO keeps the optimizer's state in global_step20/, and says so
+    with pytest.raises(ValueError, match=r"optimizer.pt is missing \(it holds a DeepSpeed ZeRO checkpoint"):
+        sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
 
 
 def test_label_smoothing_and_the_trainers_own_loader_are_named(run, tmp_path):

@@ -74,7 +74,7 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     _check_data_size(folders[-1], logs[-1], length(data), settings.get("gradient_accumulation_steps"))
     states = [_optimizer_state(folder, model) for folder in folders]
     group = states[-1]["param_groups"][0]
-    where = folders[-1] / "optimizer.pt"
+    where = next((p for p in (folders[-1] / "optimizer.pt", folders[-1] / "optimizer.bin") if p.is_file()), None)
     if {"momentum", "dampening"} <= set(group):  # torch's SGD
         if group.get("maximize"):
             raise ValueError(f"{where}: the SGD optimizer maximizes its objective (maximize=True), going up the "
@@ -221,9 +221,9 @@ def _optimizer_state(folder: Path, model: nn.Module) -> dict:
     if not path.is_file() and (folder / "optimizer.bin").is_file():
         path = folder / "optimizer.bin"
     if not path.is_file():
-        raise ValueError(f"{path} is missing (an incomplete checkpoint, or a run with save_only_model=True): the "
-                         "optimizer's kind, momentum or second moments are read from it; without it build the "
-                         "trajectory with Trajectory.even(..., steps=) yourself")
+        cause = sharded_training_state(folder) or "an incomplete checkpoint, or a run with save_only_model=True"
+        raise ValueError(f"{path} is missing ({cause}): the optimizer's kind, momentum or second moments are read "
+                         "from it; without it build the trajectory with Trajectory.even(..., steps=) yourself")
     try:
         state = indexed_by_position(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except Exception as exc:  # a truncated or foreign file: say which
