@@ -962,6 +962,9 @@ def not_adam(group: dict) -> str | None:
     return None
 
 
+KEYED_BY_NAME = "source_fast_keyed_by_name"  # marks a state indexed_by_position numbered from names
+
+
 def indexed_by_position(state: dict) -> dict:
     """An optimizer state_dict keyed by parameter names, as FSDP gives the whole state
     (FSDP.optim_state_dict, get_optimizer_state_dict(full_state_dict=True)), in torch's own form: the
@@ -975,9 +978,6 @@ def indexed_by_position(state: dict) -> dict:
     # FSDP orders the states by its own units, not as the model's parameters: never read by position.
     return {"state": {index[k]: v for k, v in state["state"].items() if k in index}, "param_groups": numbered,
             KEYED_BY_NAME: True}
-
-
-KEYED_BY_NAME = "source_fast_keyed_by_name"
 
 
 def _optimizer_indices(model: nn.Module, groups: list[dict], where: str, by_name: bool = False) -> dict[str, int]:

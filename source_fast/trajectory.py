@@ -105,9 +105,12 @@ def sharded_training_state(folder: str | os.PathLike) -> str:
 def checkpoint_files(checkpoint: Checkpoint, what: str) -> list[str]:
     """The files a checkpoint is read from: its weights file, or the shards its index lists, in order."""
     path = weights_path(checkpoint, what)
-    if not path.endswith(".index.json"):
-        return [path]
-    shards = list(dict.fromkeys(_shard_index(path, what).values()))
+    return [path] if not path.endswith(".index.json") else _shards(path, _shard_index(path, what), what)
+
+
+def _shards(path: str, index: dict[str, str], what: str) -> list[str]:
+    """The shards an index lists, in its order, each checked to exist."""
+    shards = list(dict.fromkeys(index.values()))
     for shard in shards:
         if not os.path.isfile(shard):
             raise FileNotFoundError(f"{what}: shard {shard!r}, listed in {path!r}, does not exist")
@@ -135,7 +138,7 @@ def merged_shards(checkpoint: Checkpoint, what: str, read: Callable[[str], Mappi
         return dict(read(path))
     index = _shard_index(path, what)
     merged: dict[str, Any] = {}
-    for shard in checkpoint_files(path, what):
+    for shard in _shards(path, index, what):  # the index read once
         part = read(shard)
         listed = {k for k, v in index.items() if v == shard}
         if set(part) != listed:
