@@ -28,15 +28,17 @@ from torch.utils.data import (
 )
 
 from ._dist import rank_and_world
+from ._warn import warn
 from .capture import Captured, Capturer, LayerSpec
 from .task import Task
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
+def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """The batch with fn applied to every tensor in it, in its own structure."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        return fn(batch)
     if isinstance(batch, Mapping):
-        moved = {k: to_device(v, device) for k, v in batch.items()}
+        moved = {k: _map_tensors(v, fn) for k, v in batch.items()}
         if type(batch) is dict or not isinstance(batch, (dict, UserDict)):
             return moved
         # The batch's own type, which the task may rely on: transformers' BatchEncoding (what its
@@ -46,9 +48,13 @@ def to_device(batch: Any, device: torch.device) -> Any:
         out.update(moved)
         return out
     if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device) for v in batch]
+        moved = [_map_tensors(v, fn) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    return _map_tensors(batch, lambda t: t.to(device))
 
 
 def available_memory(device: torch.device) -> int:
@@ -580,6 +586,68 @@ def _example(first: int | None, start: int, row: int) -> str:
 LOSS_SCALE = "_source_fast_loss_scale"
 
 
+def _reversed_examples(batch: Any, n: int) -> tuple[Any, bool]:
+    """The batch with its n examples in reverse order (every tensor whose first dimension is n
+    flipped there), and whether any was."""
+    flipped = []
+
+    def rev(x: Tensor) -> Tensor:
+        if x.dim() and x.shape[0] == n:
+            flipped.append(x)
+            return x.flip(0)
+        return x
+
+    return _map_tensors(batch, rev), bool(flipped)
+
+
+def check_examples_major(capturer: Capturer, task: Task, objective: str, batch: Any, n: int,
+                         records: dict[str, Captured], names: list[str], where: str) -> list[str]:
+    """A layer whose input holds n·k rows for n examples is read as each example's k rows one after
+    another (examples × tokens, features). Checked once per pass, on the first batch of two or more
+    distinct examples: with the batch's examples reversed, the layer's rows must come in the same
+    blocks of k, reversed. A layer fed (tokens, batch, features) flattened, whose blocks mix examples,
+    fails. Returns the layers checked; one whose examples' rows are alike (the batch reversed is the
+    same batch) waits for a later batch. One forward pass of the batch, without gradients."""
+    backwards, flipped = _reversed_examples(batch, n)
+    if not flipped:
+        raise ValueError(f"{where}: modules {names} take several rows per example (their input's first dimension "
+                         f"is a multiple of the batch's {n} examples), and no tensor in the batch has the examples "
+                         "first, to check that each example's rows come one after another")
+
+    device = model_device(capturer.model)
+
+    def forward() -> None:  # sampled labels draw from a forked random state: the pass's own stay the same
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if objective == "measurement":
+                task.compute_measurement(backwards, capturer.model)
+            else:
+                task.compute_train_loss(backwards, capturer.model, objective == "fisher")
+
+    try:
+        seen = capturer.inputs_of(names, forward)
+    except Exception as exc:
+        _note(exc, f"source_fast: raised in the task with {where}'s examples reversed (to check the row order of "
+                   f"modules {names}, which take several rows per example)")
+        raise
+    checked = []
+    for name in names:
+        a = torch.nan_to_num(records[name].a.float())
+        other = seen.get(name)
+        other = None if other is None or other.numel() != a.numel() else torch.nan_to_num(other.float()).reshape(a.shape)
+        size, tol = float(a.norm()), 1e-2  # rows computed in another order round differently (16-bit: by 1e-3)
+        if other is not None and float((a - other.flip(0)).norm()) <= tol * size:
+            if float((a - a.flip(0)).norm()) > tol * size:
+                checked.append(name)
+            continue  # alike examples: the reversal shows nothing
+        raise ValueError(
+            f"{where}: module {name!r} takes several rows per example for the batch's {n} examples (its input's "
+            "first dimension is a multiple of theirs), but not one example's rows after another's: with the "
+            "examples reversed its rows are not the same blocks reversed (a layer fed (tokens, batch, features), "
+            "as XLNet's are, flattened?); a tracked layer's input must hold the examples first, or each example's "
+            "rows one after another (examples × tokens, as OPT's fc1 takes)")
+    return checked
+
+
 def run_pass(
     model: nn.Module,
     task: Task,
@@ -606,6 +674,8 @@ def run_pass(
     total = None if isinstance(loader.dataset, IterableDataset) else len(loader.dataset)
     batch_size = loader.batch_size or loader.sampler.batch_size  # _TensorRows' batches come from its sampler
     start = tokens = 0
+    in_order: set[str] = set()  # layers fed examples × tokens whose rows check_examples_major has seen in order
+    unsure: set[str] = set()  # such layers, checked or not
     for b, batch in enumerate(_batches(loader, lambda b: where(b, start))):
         batch = to_device(batch, device)
         try:
@@ -613,7 +683,8 @@ def run_pass(
         except Exception as exc:
             _note(exc, f"source_fast: raised by the task's get_attention_mask on {where(b, start)}")
             raise
-        with capturer.capture(mask) as records:
+        # The examples the batch holds: known for a dataset; a stream's last batch may be short.
+        with capturer.capture(mask, None if total is None else min(batch_size, total - start)) as records:
             try:
                 if objective == "measurement":
                     out = task.compute_measurement(batch, model)
@@ -640,23 +711,27 @@ def run_pass(
                 raise ValueError(f"{where(b, start)}: the loss does not depend on any tracked module")
             capturer.forward_done()
             (out * scale if scale != 1 else out).backward()
-        # The examples the batch holds: known for a dataset; a stream's last batch may be short.
-        n = next(iter(records.values())).a.shape[0] if total is None else min(batch_size, total - start)
+        n, folded = capturer.examples, capturer.folded
         for spec in specs:
             rec = records[spec.name]
             if rec.g is None:
                 raise ValueError(f"{where(b, start)}: module {spec.name!r} received no gradient from the loss")
-            if rec.a.shape[0] != n or rec.a.shape[0] > batch_size:
+            if rec.a.shape[0] != n or n > batch_size:
                 held = (f"the batch holds {n} examples" if total is not None else
-                        f"batches hold at most {batch_size} examples and the first tracked module saw {n}")
+                        f"batches hold at most {batch_size} examples and the tracked modules saw {n} or more")
                 raise ValueError(
-                    f"{where(b, start)}: module {spec.name!r} saw {rec.a.shape[0]} examples (its input's first "
-                    f"dimension), but {held}; "
-                    "examples must be the first dimension of every tracked layer's input (not a layer fed (tokens, "
-                    "batch, features), as XLNet's are, nor (examples × tokens, features), as OPT's fc1 and fc2 are)"
+                    f"{where(b, start)}: module {spec.name!r} saw {rec.a.shape[0]} rows (its input's first "
+                    f"dimension), but {held}; a tracked layer's input must hold the examples first, or each "
+                    "example's rows one after another (examples × tokens, as OPT's fc1 takes), not a layer fed "
+                    "(tokens, batch, features), as XLNet's are"
                     + ("" if total is not None else "; a DataLoader over a stream batches single examples, "
                        "batch_size at a time (not ready-made batches)")
                 )
+        unchecked = [name for name in folded if name not in in_order]
+        if unchecked and n > 1:  # one example's rows are its own, whatever their order
+            unsure.update(unchecked)
+            in_order.update(check_examples_major(capturer, task, objective, batch, n, records, unchecked,
+                                                 where(b, start)))
         # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
         # the slow path below runs only to name what went wrong.
         finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(records[s.name].g).all() for s in specs])
@@ -681,3 +756,6 @@ def run_pass(
             tokens += lead.a.shape[0] * lead.a.shape[1] if lead.mask is None else int((lead.mask != 0).sum())
             progress.set_postfix_str(f"{tokens / max(progress.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
             progress.update(n)
+    if unsure - in_order:
+        warn(f"{what}: modules {sorted(unsure - in_order)} take several rows per example, read as each example's rows "
+             "one after another (as OPT's fc1 takes them), which no batch could check: each batch's examples were alike")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,6 +277,8 @@ class Capturer:
         self.modules = dict(model.named_modules())
         self.records: dict[str, Captured] = {}
         self._mask: Tensor | dict[str, Tensor | list[Tensor | None]] | None = None
+        self.examples: int | None = None
+        self.folded: list[str] = []
 
     def _tokens(self, spec: LayerSpec, module: nn.Module, x: Tensor) -> Tensor:
         if spec.kind in CONVOLUTIONS:
@@ -325,8 +327,11 @@ class Capturer:
         return mask
 
     @contextlib.contextmanager
-    def capture(self, mask: Tensor | dict[str, Tensor | list[Tensor | None]] | MaskWhereItFits | None
-                ) -> Iterator[dict[str, Captured]]:
+    def capture(self, mask: Tensor | dict[str, Tensor | list[Tensor | None]] | MaskWhereItFits | None,
+                examples: int | None = None) -> Iterator[dict[str, Captured]]:
+        """Records each tracked layer's inputs and output gradients while the block runs a forward and
+        backward pass of a batch of `examples` examples (None: not known). Afterwards `examples` and
+        `folded` (the layers whose rows _fold_examples read as examples × tokens) are set."""
         if isinstance(mask, (list, tuple)):  # would mask every layer's calls by position, with nothing to check
             raise TypeError("get_attention_mask returned a list: masks per call are for a shared layer, inside the "
                             "dict of masks per module ({name: [mask of call 1, mask of call 2, ...]})")
@@ -371,6 +376,11 @@ class Capturer:
                                          "use the op out of place")
                 if len(calls) > 1:
                     self.records[name] = _joined(name, calls)
+            if self.records:
+                # A stream's batch size is unknown (its last batch may be short): the fewest rows any
+                # tracked layer saw (a layer fed examples × tokens sees more).
+                self.examples = examples if examples is not None else min(r.a.shape[0] for r in self.records.values())
+                self.folded = self._fold_examples(self.examples)
             if self._unfit:  # kronfluence leaves them unmasked without a word
                 warn(f"the attention mask does not fit the inputs of modules {sorted(self._unfit)} (it needs one entry "
                      "per example and token): they are left unmasked, as kronfluence leaves them; to mask them, return "
@@ -383,6 +393,52 @@ class Capturer:
             self._mask = None
             self._calls, self._seen, self._outputs = {}, {}, {}
             self._backward = False
+
+    def _fold_examples(self, n: int) -> list[str]:
+        """Records of layers whose input held n·k rows for the batch's n examples (OPT's fc1 and fc2
+        take (examples × tokens, features); Swin's attention (examples × windows, tokens, features)),
+        read as each example's k rows one after another: (n, k·t, ·), masked by the task's mask where
+        it fits, as the layers fed (examples, tokens, features) are. Returns their names, for
+        run_pass to check that order once (check_examples_major). A row count that is no multiple of
+        n is left for run_pass to refuse."""
+        folded = []
+        for spec in self.specs:
+            rec = self.records.get(spec.name)
+            if rec is None or rec.a.shape[0] == n or rec.a.shape[0] % n:
+                continue
+            a = rec.a.reshape(n, -1, rec.a.shape[-1])
+            g = None if rec.g is None else rec.g.reshape(n, -1, rec.g.shape[-1])
+            if rec.mask is not None:  # kronfluence's rule masked its rows already
+                mask = rec.mask.reshape(n, -1)
+            else:
+                mask = self._layer_mask(spec, n, a.shape[1], 3)
+                if mask is not None:
+                    keep = (mask != 0).unsqueeze(-1)
+                    a = torch.where(keep | a.isfinite(), a, 0)
+                    g = None if g is None else torch.where(keep | g.isfinite(), g, 0)
+            self.records[spec.name] = Captured(a=a, g=g, mask=mask, half=rec.half, calls=rec.calls)
+            folded.append(spec.name)
+        return folded
+
+    def inputs_of(self, names: list[str], run: Callable[[], Any]) -> dict[str, Tensor]:
+        """The token rows (as records hold them: (rows, t, d_in), calls joined) each named layer's
+        input had while `run()` ran a forward pass, with no gradients captured."""
+        seen: dict[str, list[Tensor]] = {name: [] for name in names}
+        specs = {s.name: s for s in self.specs}
+
+        def hook_for(name: str):
+            spec, weight = specs[name], self.modules[name].weight
+            dtype = weight.dtype if weight.is_floating_point() and weight.dtype.itemsize >= 2 else None
+            return lambda module, inputs, output: seen[name].append(
+                self._tokens(spec, module, inputs[0].detach().to(dtype)))
+
+        handles = [self.modules[name].register_forward_hook(hook_for(name)) for name in names]
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: torch.cat(calls, 1) for name, calls in seen.items() if calls}
 
     def forward_done(self) -> None:
         """Call between the forward pass and backward: keeps only the outputs that can have lost their

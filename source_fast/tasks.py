@@ -61,8 +61,10 @@ def _targets_like(out: Tensor, y: Tensor) -> Tensor:
 
 
 def mlp_modules(model: nn.Module) -> list[str]:
-    """Names of the supported layers inside transformer MLP blocks (`.mlp.` in the name)."""
-    return [n for n, m in model.named_modules() if ".mlp." in f"{n}." and layer_kind(m) is not None]
+    """Names of the supported layers inside transformer MLP blocks: in a module named `mlp` (GPT-2,
+    Llama, BERT-likes' `.mlp.`), or a layer's own `fc1` and `fc2` (OPT, BART, Whisper)."""
+    return [n for n, m in model.named_modules()
+            if layer_kind(m) is not None and (".mlp." in f"{n}." or n.rsplit(".", 1)[-1] in ("fc1", "fc2"))]
 
 
 class CausalLMTask(Task):

@@ -325,21 +325,55 @@ class SequenceTask(sf.Task):
         return self.compute_train_loss(batch, model)
 
 
+class FlatSequenceFirst(SequenceFirst):
+    """The same, flattened to (tokens × batch, features): rows that are a multiple of the examples."""
+
+    def forward(self, x):
+        t, n = x.shape[1], x.shape[0]
+        return self.head(torch.tanh(self.mix(x.transpose(0, 1).reshape(t * n, 3))).reshape(t, n, 4).mean(0))
+
+
 def test_layers_that_do_not_take_examples_first_are_refused():
     """A layer fed (tokens, batch, features) would take tokens for examples: refused against the batch's own
-    count (for a stream, its batch size), and up front for torch's transformer layers with batch_first=False,
-    whose tokens may be as many as the examples; one module fed (examples, ...) is not enough."""
+    count (for a stream, the fewest rows a tracked layer saw) where its rows are no multiple of it, by their
+    order (the batch's examples reversed do not reverse its blocks of rows) where they are, and up front for
+    torch's transformer layers with batch_first=False, whose tokens may be as many as the examples; one
+    module fed (examples, ...) is not enough. Rows that are a multiple of the examples need a tensor in the
+    batch with the examples first, to check their order by."""
     torch.manual_seed(0)
-    model = SequenceFirst().double()
-    x, y = torch.randn(10, 5, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
-    data = torch.utils.data.TensorDataset(x, y)
-    for given, pattern in [(data, r"module 'mix' saw 5 examples \(its input's first dimension\), but the batch holds 4 "
-                                  r"examples; examples must be the first dimension of every tracked layer's input"),
-                           (Stream(data), r"module 'mix' saw 5 examples .* but batches hold at most 4 examples and the "
-                                          r"first tracked module saw 5")]:
-        traj = sf.Trajectory([sf.Segment([model.state_dict()], given, lr_sum=1.0, num_examples=None if given is data else 10)])
-        with pytest.raises(ValueError, match=r"segment 0, checkpoint 0, batch 0 \(examples from 0\): " + pattern):
+    for model in (SequenceFirst().double(), FlatSequenceFirst().double()):
+        x, y = torch.randn(10, 5, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+        data = torch.utils.data.TensorDataset(x, y)
+        rows = 20 if isinstance(model, FlatSequenceFirst) else 5
+        for given, pattern in [(data, rf"module 'mix' saw {rows} rows \(its input's first dimension\), but the batch "
+                                      r"holds 4 examples; a tracked layer's input must hold the examples first, or each "
+                                      r"example's rows one after another"),
+                               (Stream(data), rf"module 'mix' saw {rows} rows .* but batches hold at most 4 examples and "
+                                              r"the tracked modules saw 4 or more")]:
+            traj = sf.Trajectory([sf.Segment([model.state_dict()], given, lr_sum=1.0,
+                                             num_examples=None if given is data else 10)])
+            if rows == 20:  # 20 = 5 × 4 rows: read as 5 per example, in the wrong order
+                pattern = (r"module 'mix' takes several rows per example for the batch's 4 examples \(its input's first "
+                           r"dimension is a multiple of theirs\), but not one example's rows after another's")
+            with pytest.raises(ValueError, match=r"segment 0, checkpoint 0, batch 0 \(examples from 0\): " + pattern):
+                sf.fit_factors(model, SequenceTask(), traj, batch_size=4)
+    # 8 tokens for 4 examples: (tokens, batch, features) has a multiple of the examples as rows, and is refused
+    # by their order, as is its flattened form; a batch with nothing that holds the examples first cannot be checked.
+    for model in (SequenceFirst().double(), FlatSequenceFirst().double()):
+        data = torch.utils.data.TensorDataset(torch.randn(8, 8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
+        traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+        with pytest.raises(ValueError, match=r"batch 0 \(examples from 0\): module 'mix' takes several rows per example "
+                                             r"for the batch's 4 examples"):
             sf.fit_factors(model, SequenceTask(), traj, batch_size=4)
+
+    class ColumnsTask(SequenceTask):  # a batch of columns: tokens first, the labels a list
+        def compute_train_loss(self, batch, model, sample=False):
+            return super().compute_train_loss((batch["x"].transpose(0, 1), torch.tensor(batch["y"])), model, sample)
+
+    columns = lambda examples: {"x": torch.stack([e[0] for e in examples], 1), "y": [int(e[1]) for e in examples]}  # noqa: E731
+    with pytest.raises(ValueError, match=r"batch 0 \(examples from 0\): modules \['mix'\] take several rows per "
+                                         r"example .* and no tensor in the batch has the examples first"):
+        sf.fit_factors(model, ColumnsTask(), traj, batch_size=4, collate_fn=columns)
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0)
     for names in (None, ["linear1"]):
         with pytest.raises(ValueError, match=r"module 'linear1' is in a TransformerEncoderLayer built with "
@@ -1213,3 +1247,36 @@ def test_yes_no_options_take_only_booleans(setup, call, flag):
     with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
         getattr(sf, call)(model, ClassifyTask(), traj, None, *args, method="grad_dot", **{flag: "no"})
     getattr(sf, call)(model, ClassifyTask(), traj, None, *args, method="grad_dot", **{flag: np.bool_(False)})
+
+
+class FlatExamplesFirst(SequenceFirst):
+    """`mix` fed (examples × tokens, features), one example's rows after another's, as OPT's fc1 is fed."""
+
+    def forward(self, x):
+        n, t = x.shape[:2]
+        return self.head(torch.tanh(self.mix(x.reshape(n * t, 3))).reshape(n, t, 4).mean(1))
+
+
+def test_rows_no_batch_could_check_are_named():
+    """Rows read as examples × tokens are checked on a batch of distinct examples; where every batch's
+    examples are alike, the reversal shows nothing, and the pass says which layers went unchecked. The
+    scores are those of the same layer fed (examples, tokens, features) either way."""
+    torch.manual_seed(0)
+    flat, plain = FlatExamplesFirst().double(), SequenceFirst().double()  # plain: the same weights, fed (n, t, 3)
+    plain.load_state_dict(flat.state_dict())
+    plain.forward = lambda x: plain.head(torch.tanh(plain.mix(x)).mean(1))
+    x, y = torch.randn(6, 5, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    for alike in (False, True):
+        data = torch.utils.data.TensorDataset(x[:1].expand(6, 5, 3) if alike else x, y[:1].expand(6) if alike else y)
+        scores = []
+        for model in (flat, plain):
+            traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scores.append(sf.score(model, SequenceTask(), traj, None, data, data, method="grad_dot", batch_size=4))
+            said = [str(w.message) for w in caught if "no batch could check" in str(w.message)]
+            assert [m.split(":")[0] for m in said] == ([] if not alike or model is plain else ["queries", said[1].split(":")[0]])
+            assert all(m.split(": ", 1)[1] == "modules ['mix'] take several rows per example, read as each example's "
+                       "rows one after another (as OPT's fc1 takes them), which no batch could check: each batch's "
+                       "examples were alike" for m in said)
+        assert torch.allclose(scores[0], scores[1], rtol=1e-12, atol=0)

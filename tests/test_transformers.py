@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import source_fast as sf
-from _helpers import dense_curvature
+from _helpers import Stream, dense_curvature
 from source_fast.tasks import CausalLMTask, mlp_modules
 
 transformers = pytest.importorskip("transformers")
@@ -20,6 +20,14 @@ def _llama():
     cfg = transformers.LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
                                    num_key_value_heads=1, vocab_size=23, max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
     return transformers.LlamaForCausalLM(cfg)
+
+
+def _opt():
+    """OPT's decoder layers give fc1 and fc2 (examples × tokens, features): one example's rows after another's."""
+    cfg = transformers.OPTConfig(vocab_size=23, hidden_size=8, ffn_dim=12, word_embed_proj_dim=8, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=0,
+                                 eos_token_id=0)
+    return transformers.OPTForCausalLM(cfg)
 
 
 class TokenData(torch.utils.data.Dataset):
@@ -60,7 +68,7 @@ def _explicit(model, task, data, names):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("build", [_gpt2, _llama])
+@pytest.mark.parametrize("build", [_gpt2, _llama, _opt])
 @pytest.mark.parametrize("normalize", ["sum", "mean"])
 def test_causal_lm_ekfac_matches_explicit_gradients(build, normalize):
     torch.manual_seed(0)
@@ -447,3 +455,61 @@ def test_unroll_says_how_to_build_an_attention_model_it_can_differentiate():
         with pytest.raises(RuntimeError, match="(?s)(unrolling step 0|differentiating query 0 through the run): "
                                                ".*attn_implementation='eager'"):
             sf.score(model, CausalLMTask(), traj, None, data, data[:1], method="unroll", record=record)
+
+
+def test_layers_fed_examples_times_tokens_are_read_per_example():
+    """OPT's fc1 and fc2 take (examples × tokens, features) and Swin's attention (examples × windows,
+    window tokens, features): each example's rows one after another, read as that example's tokens.
+    Every layer of both models against explicit gradients (float64, rounding only: 1e-10), and OPT's
+    fc1 covariance against its inputs' masked covariance, as a layer fed (examples, tokens, features) is
+    masked. A stream finds the examples as the fewest rows a tracked layer saw."""
+    torch.manual_seed(0)
+    model = _opt().double().eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    task = CausalLMTask(tracked=names)
+    data, queries = TokenData(9, 7, 0), TokenData(3, 7, 1)
+    expected = _explicit(model, task, queries, names) @ _explicit(model, task, data, names).T / len(data)
+    for given in (data, Stream(data)):
+        traj = sf.Trajectory([sf.Segment([model.state_dict()], given, lr_sum=1.0, num_examples=len(data))])
+        scores = sf.score(model, task, traj, None, given, queries, method="grad_dot", batch_size=4)
+        assert (scores - expected).abs().max() / expected.abs().max() < 1e-10
+    fc1 = model.get_submodule("model.decoder.layers.0.fc1")
+    rows = []
+    handle = fc1.register_forward_hook(lambda m, i, o: rows.append(i[0].detach()))
+    model(input_ids=data.ids, attention_mask=data.mask)
+    handle.remove()
+    a = torch.cat([rows[0], torch.ones(len(rows[0]), 1, dtype=torch.float64)], 1)[data.mask.flatten() > 0]
+    factors = sf.fit_factors(model, task, sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)]),
+                             batch_size=4)
+    assert torch.allclose(factors.segments[0]["model.decoder.layers.0.fc1"].a_cov, a.T @ a / len(a), rtol=1e-10, atol=0)
+
+    cfg = transformers.SwinConfig(image_size=8, patch_size=2, num_channels=1, embed_dim=4, depths=[2], num_heads=[1],
+                                  window_size=2, num_labels=3)
+    swin = transformers.SwinForImageClassification(cfg).double().eval()
+    images = torch.randn(7, 1, 8, 8, dtype=torch.float64)
+    labels = torch.randint(0, 3, (7,))
+
+    class SwinTask(sf.Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            return torch.nn.functional.cross_entropy(model(pixel_values=batch[0]).logits, batch[1], reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return layers
+
+    layers = [n for n, m in swin.named_modules() if isinstance(m, torch.nn.Linear)]
+    grads = []
+    for i in range(7):
+        swin.zero_grad()
+        SwinTask().compute_train_loss((images[i : i + 1], labels[i : i + 1]), swin).backward()
+        modules = dict(swin.named_modules())
+        grads.append(torch.cat([torch.cat([modules[n].weight.grad, modules[n].bias.grad[:, None]], 1).flatten()
+                                for n in layers]))
+    grads = torch.stack(grads)
+    swin_data = torch.utils.data.TensorDataset(images, labels)
+    traj = sf.Trajectory([sf.Segment([swin.state_dict()], swin_data, lr_sum=1.0)])
+    scores = sf.score(swin, SwinTask(), traj, None, swin_data, swin_data, method="grad_dot", batch_size=3)
+    expected = grads @ grads.T / 7
+    assert (scores - expected).abs().max() / expected.abs().max() < 1e-10
