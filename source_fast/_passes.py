@@ -323,14 +323,17 @@ def _as_tensor(leaf: Any) -> Tensor:
 
 
 class _Examples(IterableDataset):
-    """A stream's examples, optionally only those whose position passes `keep`."""
+    """A stream's examples, optionally only those whose position passes `keep`. `given` counts those
+    handed out, so that run_pass knows how many examples each batch of a stream holds (read in the
+    main process: a stream's loader has no workers)."""
 
     def __init__(self, data: Any, keep: Callable[[int], bool] | None = None):
-        self.data, self.keep = data, keep
+        self.data, self.keep, self.given = data, keep, 0
 
     def __iter__(self):
         for i, example in enumerate(self.data):
             if self.keep is None or self.keep(i):
+                self.given += 1
                 yield example
 
 
@@ -673,18 +676,22 @@ def run_pass(
 
     total = None if isinstance(loader.dataset, IterableDataset) else len(loader.dataset)
     batch_size = loader.batch_size or loader.sampler.batch_size  # _TensorRows' batches come from its sampler
+    if total is None and not isinstance(loader.dataset, _Examples):  # a stream's batches are counted as read
+        loader = _rebuild(loader, _Examples(loader.dataset))
+    given = 0 if total is not None else loader.dataset.given  # its count before this pass
     start = tokens = 0
     in_order: set[str] = set()  # layers fed examples × tokens whose rows check_examples_major has seen in order
     unsure: set[str] = set()  # such layers, checked or not
     for b, batch in enumerate(_batches(loader, lambda b: where(b, start))):
+        # The examples the batch holds: a stream's last batch may be short.
+        n = min(batch_size, total - start) if total is not None else loader.dataset.given - given - start
         batch = to_device(batch, device)
         try:
             mask = task.get_attention_mask(batch)
         except Exception as exc:
             _note(exc, f"source_fast: raised by the task's get_attention_mask on {where(b, start)}")
             raise
-        # The examples the batch holds: known for a dataset; a stream's last batch may be short.
-        with capturer.capture(mask, None if total is None else min(batch_size, total - start)) as records:
+        with capturer.capture(mask, n) as records:
             try:
                 if objective == "measurement":
                     out = task.compute_measurement(batch, model)
@@ -711,21 +718,19 @@ def run_pass(
                 raise ValueError(f"{where(b, start)}: the loss does not depend on any tracked module")
             capturer.forward_done()
             (out * scale if scale != 1 else out).backward()
-        n, folded = capturer.examples, capturer.folded
+        folded = capturer.folded
         for spec in specs:
             rec = records[spec.name]
             if rec.g is None:
                 raise ValueError(f"{where(b, start)}: module {spec.name!r} received no gradient from the loss")
-            if rec.a.shape[0] != n or n > batch_size:
-                held = (f"the batch holds {n} examples" if total is not None else
-                        f"batches hold at most {batch_size} examples and the tracked modules saw {n} or more")
+            if rec.a.shape[0] != n:
                 raise ValueError(
                     f"{where(b, start)}: module {spec.name!r} saw {rec.a.shape[0]} rows (its input's first "
-                    f"dimension), but {held}; a tracked layer's input must hold the examples first, or each "
-                    "example's rows one after another (examples × tokens, as OPT's fc1 takes), not a layer fed "
-                    "(tokens, batch, features), as XLNet's are"
-                    + ("" if total is not None else "; a DataLoader over a stream batches single examples, "
-                       "batch_size at a time (not ready-made batches)")
+                    f"dimension), but the batch holds {n} examples; a tracked layer's input must hold the examples "
+                    "first, or each example's rows one after another (examples × tokens, as OPT's fc1 takes), not a "
+                    "layer fed (tokens, batch, features), as XLNet's are"
+                    + ("" if total is not None else " (a DataLoader over a stream batches single examples, "
+                       "batch_size at a time, not ready-made batches)")
                 )
         unchecked = [name for name in folded if name not in in_order]
         if unchecked and n > 1:  # one example's rows are its own, whatever their order

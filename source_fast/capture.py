@@ -277,7 +277,6 @@ class Capturer:
         self.modules = dict(model.named_modules())
         self.records: dict[str, Captured] = {}
         self._mask: Tensor | dict[str, Tensor | list[Tensor | None]] | None = None
-        self.examples: int | None = None
         self.folded: list[str] = []
 
     def _tokens(self, spec: LayerSpec, module: nn.Module, x: Tensor) -> Tensor:
@@ -328,10 +327,10 @@ class Capturer:
 
     @contextlib.contextmanager
     def capture(self, mask: Tensor | dict[str, Tensor | list[Tensor | None]] | MaskWhereItFits | None,
-                examples: int | None = None) -> Iterator[dict[str, Captured]]:
+                examples: int) -> Iterator[dict[str, Captured]]:
         """Records each tracked layer's inputs and output gradients while the block runs a forward and
-        backward pass of a batch of `examples` examples (None: not known). Afterwards `examples` and
-        `folded` (the layers whose rows _fold_examples read as examples × tokens) are set."""
+        backward pass of a batch of `examples` examples; afterwards `folded` names the layers whose
+        rows _fold_examples read as examples × tokens."""
         if isinstance(mask, (list, tuple)):  # would mask every layer's calls by position, with nothing to check
             raise TypeError("get_attention_mask returned a list: masks per call are for a shared layer, inside the "
                             "dict of masks per module ({name: [mask of call 1, mask of call 2, ...]})")
@@ -376,11 +375,7 @@ class Capturer:
                                          "use the op out of place")
                 if len(calls) > 1:
                     self.records[name] = _joined(name, calls)
-            if self.records:
-                # A stream's batch size is unknown (its last batch may be short): the fewest rows any
-                # tracked layer saw (a layer fed examples × tokens sees more).
-                self.examples = examples if examples is not None else min(r.a.shape[0] for r in self.records.values())
-                self.folded = self._fold_examples(self.examples)
+            self.folded = self._fold_examples(examples)
             if self._unfit:  # kronfluence leaves them unmasked without a word
                 warn(f"the attention mask does not fit the inputs of modules {sorted(self._unfit)} (it needs one entry "
                      "per example and token): they are left unmasked, as kronfluence leaves them; to mask them, return "

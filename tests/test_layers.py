@@ -537,7 +537,7 @@ def test_a_layer_with_8_bit_weights_is_captured_in_its_inputs_dtype(dtype):
     model.requires_grad_(False)  # loaded for inference: every layer counts
     capturer = Capturer(model, tracked_layers(model, None))
     x = torch.randn(6, 4, dtype=torch.float64)
-    with capturer.capture(None) as records:
+    with capturer.capture(None, len(x)) as records:
         model(x).sum().backward()
     assert records["2"].a.dtype == records["2"].g.dtype == torch.float64
     assert torch.equal(records["2"].a[:, 0], torch.tanh(model[0](x)))
@@ -770,7 +770,7 @@ def test_a_layer_whose_custom_function_returns_a_reshaped_view_is_captured():
     got = []
     for model in (plain, fused):
         capturer = Capturer(model, tracked_layers(model, None))
-        with capturer.capture(None) as records:
+        with capturer.capture(None, len(x)) as records:
             loss = model(x).pow(2).sum()
             capturer.forward_done()
             loss.backward()
