@@ -32,8 +32,8 @@ from ._warn import warn
 from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
-from .trajectory import (Checkpoint, Segment, Trajectory, checkpoint_files, load_dict, load_into, load_state_dict,
-                         readable, unwrapped_name)
+from .trajectory import (Checkpoint, Segment, Trajectory, checkpoint_files, extra_prefix, load_dict, load_into,
+                         load_state_dict, readable, unwrapped_name)
 
 FORMAT_VERSION = 3  # 2: the tensor file is named by its content (factors.json says which); 3: modules may have no bases
 # Factors whose every module has bases are written as version 2, which source_fast before version 3 reads too.
@@ -992,10 +992,8 @@ def _optimizer_indices(model: nn.Module, groups: list[dict], where: str, by_name
     order = [p for p in model.parameters() if not is_placeholder(p)]
     if all("param_names" in g for g in groups):
         recorded = [(unwrapped_name(n), i) for g in groups for n, i in zip(g["param_names"], g["params"])]
-        prefix = recorded[0][0].partition(".")[0] + "." if recorded else ""
-        if any(n not in params for n, _ in recorded) and all(n.startswith(prefix) and n[len(prefix):] in params
-                                                              for n, _ in recorded):
-            recorded = [(n[len(prefix):], i) for n, i in recorded]
+        prefix = extra_prefix([n for n, _ in recorded], params)
+        recorded = [(n[len(prefix):], i) for n, i in recorded]
         unknown = [n for n, _ in recorded if n not in params]
         if not unknown:
             by_id = {id(params[n]): i for n, i in recorded}

@@ -9,7 +9,7 @@ import numbers
 import os
 import re
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -206,27 +206,29 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], own: dict[str, Tensor], wh
         raise ValueError(
             f"{what} does not match the model: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-            + _prefix_hint(missing, unexpected, set(own), set(shapes))
+            + _prefix_hint(missing, unexpected)
         )
     for key, shape in shapes.items():
         if shape != tuple(own[key].shape):
             raise ValueError(f"{what}: {key!r} has shape {shape} in the checkpoint but {tuple(own[key].shape)} in the model")
 
 
-def _prefix_hint(missing: list[str], unexpected: list[str], own: set[str], saved: set[str]) -> str:
-    """Names that differ by one leading prefix on one side: a LightningModule's checkpoint ("model.")
-    for the bare model, or the other way round. Said only where stripping it names the other side's
-    tensors (a tied weight a file stores once may stay missing)."""
-    for extra, plain, other, side in ((unexpected, missing, own, "the checkpoint's"),
-                                      (missing, unexpected, saved, "the model's")):
-        prefix = extra[0].partition(".")[0] + "." if extra else ""
-        stripped = {k[len(prefix):] for k in extra}
-        if prefix != "." and plain and all(k.startswith(prefix) for k in extra) and stripped <= other and \
-                set(plain) & stripped:
-            fix = (f"load it and give {{k.removeprefix({prefix!r}): v for k, v in state.items()}}" if side == "the checkpoint's"
-                   else f"give the module inside the model, whose names lack it (model.{prefix[:-1]}?)")
-            return f"; {side} names carry the prefix {prefix!r} the other's lack: {fix}"
-    return ""
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """The model's names carry one leading prefix the checkpoint's lack (a wrapper around the module that
+    was trained): said only where stripping it names the checkpoint's tensors (a tied weight a file
+    stores once may stay missing). The other way round is read (_model_keys)."""
+    prefix = extra_prefix(missing, set(unexpected))
+    return (f"; the model's names carry the prefix {prefix!r} the checkpoint's lack: give the module inside the "
+            f"model, whose names lack it (model.{prefix[:-1]}?)") if prefix and unexpected else ""
+
+
+def extra_prefix(names: Collection[str], other: Container[str]) -> str:
+    """The one leading prefix every name carries (a LightningModule's attribute, `net.`) where stripping it
+    names only the other side's: saved names read under the model's, never guessed; "" otherwise."""
+    prefix = next(iter(names), "").partition(".")[0] + "."
+    if prefix == "." or all(n in other for n in names):
+        return ""
+    return prefix if all(n.startswith(prefix) and n[len(prefix):] in other for n in names) else ""
 
 
 def unwrapped_name(name: str) -> str:
@@ -238,12 +240,16 @@ def unwrapped_name(name: str) -> str:
 
 def _model_keys(state: dict[str, Any], own: dict[str, Tensor]) -> dict[str, Any]:
     """`state` under the model's names where the two differ only by wrappers' prefixes (a checkpoint of
-    a DDP or torch.compile'd model for the bare model, or the other way round)."""
+    a DDP or torch.compile'd model for the bare model, or the other way round), or by one prefix all the
+    checkpoint's names carry (a LightningModule's attribute), as optimizer states are read."""
     if set(state) <= set(own):
         return state
     own_by_bare = {unwrapped_name(k): k for k in own}
     renamed = {own_by_bare.get(unwrapped_name(k), k): v for k, v in state.items()}
-    return renamed if len(own_by_bare) == len(own) and len(renamed) == len(state) and set(renamed) <= set(own) else state
+    if len(own_by_bare) == len(own) and len(renamed) == len(state) and set(renamed) <= set(own):
+        return renamed
+    prefix = extra_prefix(state, own)
+    return {k[len(prefix):]: v for k, v in state.items()} if prefix else state
 
 
 def _with_tied_weights(state: dict[str, Any], own: dict[str, Tensor]) -> dict[str, Any]:
