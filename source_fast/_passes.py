@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import random
 import re
 from collections import UserDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,15 +39,7 @@ def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(batch, torch.Tensor):
         return fn(batch)
     if isinstance(batch, Mapping):
-        moved = {k: _map_tensors(v, fn) for k, v in batch.items()}
-        if type(batch) is dict or not isinstance(batch, (dict, UserDict)):
-            return moved
-        # The batch's own type, which the task may rely on: transformers' BatchEncoding (what its
-        # collators and tokenizer.pad return; a UserDict, not a dict), OrderedDict, ... whose copies
-        # are new mappings (another MutableMapping's shallow copy could write into the caller's batch).
-        out = copy.copy(batch)
-        out.update(moved)
-        return out
+        return _rebuilt(batch, {k: _map_tensors(v, fn) for k, v in batch.items()})
     if isinstance(batch, (list, tuple)):
         moved = [_map_tensors(v, fn) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
@@ -150,6 +143,10 @@ def _check_loader(loader: DataLoader) -> None:
         )
     if getattr(loader, "in_order", True) is False:
         raise ValueError("the DataLoader has in_order=False: batches from its workers would land on the wrong rows")
+    if isinstance(loader.dataset, IterableDataset) and type(loader) is not DataLoader:
+        raise ValueError(f"the data is a {type(loader).__name__} (a DataLoader subclass) over a stream, whose own way "
+                         "of iterating would be lost where source_fast reads the stream again in pieces: give the "
+                         "IterableDataset with collate_fn=, or a plain DataLoader over it")
     if isinstance(loader.dataset, IterableDataset) and loader.num_workers > 0:
         raise ValueError(
             "the DataLoader reads an IterableDataset with num_workers > 0: each worker yields its own copy or share of "
@@ -589,66 +586,97 @@ def _example(first: int | None, start: int, row: int) -> str:
 LOSS_SCALE = "_source_fast_loss_scale"
 
 
-def _reversed_examples(batch: Any, n: int) -> tuple[Any, bool]:
-    """The batch with its n examples in reverse order (every tensor whose first dimension is n
-    flipped there), and whether any was."""
-    flipped = []
+def _reversed_examples(batch: Any, n: int) -> Any:
+    """The batch with its n examples in reverse order: every tensor whose first dimension is n flipped
+    there, and every list of n plain values (texts a task tokenizes itself, labels) reversed."""
+    if isinstance(batch, Tensor):
+        return batch.flip(0) if batch.dim() and batch.shape[0] == n else batch
+    if isinstance(batch, Mapping):
+        return _rebuilt(batch, {k: _reversed_examples(v, n) for k, v in batch.items()})
+    if isinstance(batch, list) and len(batch) == n and all(isinstance(v, (str, bytes, numbers.Number)) for v in batch):
+        return batch[::-1]
+    if isinstance(batch, (list, tuple)):
+        values = [_reversed_examples(v, n) for v in batch]
+        return type(batch)(*values) if hasattr(batch, "_fields") else type(batch)(values)
+    return batch
 
-    def rev(x: Tensor) -> Tensor:
-        if x.dim() and x.shape[0] == n:
-            flipped.append(x)
-            return x.flip(0)
-        return x
 
-    return _map_tensors(batch, rev), bool(flipped)
+def _rebuilt(batch: Mapping, values: dict) -> Any:
+    """A mapping of `batch`'s own type holding `values`: the type the task may rely on, transformers'
+    BatchEncoding (what its collators and tokenizer.pad return; a UserDict, not a dict), OrderedDict, ...
+    whose copies are new mappings (another MutableMapping's shallow copy could write into the caller's
+    batch); other mappings as dicts."""
+    if type(batch) is dict or not isinstance(batch, (dict, UserDict)):
+        return values
+    out = copy.copy(batch)
+    out.update(values)
+    return out
 
 
-def check_examples_major(capturer: Capturer, task: Task, objective: str, batch: Any, n: int,
-                         records: dict[str, Captured], names: list[str], where: str) -> list[str]:
-    """A layer whose input holds n·k rows for n examples is read as each example's k rows one after
-    another (examples × tokens, features). Checked once per pass, on the first batch of two or more
-    distinct examples: with the batch's examples reversed, the layer's rows must come in the same
-    blocks of k, reversed. A layer fed (tokens, batch, features) flattened, whose blocks mix examples,
-    fails. Returns the layers checked; one whose examples' rows are alike (the batch reversed is the
-    same batch) waits for a later batch. One forward pass of the batch, without gradients."""
-    backwards, flipped = _reversed_examples(batch, n)
-    if not flipped:
-        raise ValueError(f"{where}: modules {names} take several rows per example (their input's first dimension "
-                         f"is a multiple of the batch's {n} examples), and no tensor in the batch has the examples "
-                         "first, to check that each example's rows come one after another")
-
+def check_order(capturer: Capturer, task: Task, objective: str, batch: Any, n: int, records: dict[str, Captured],
+                names: list[str], where: str, reverse: bool = True) -> dict[str, str]:
+    """capturer.check_order on the batch with its examples reversed (how a layer's rows belong to the
+    examples: see run_pass), or as it is (reverse=False: whether the forward pass draws random numbers).
+    The caller's random state is kept (torch's, numpy's and Python's): the pass's sampled labels stay
+    the same."""
+    backwards = _reversed_examples(batch, n) if reverse else _map_tensors(batch, torch.clone)
     device = model_device(capturer.model)
 
-    def forward() -> None:  # sampled labels draw from a forked random state: the pass's own stay the same
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if objective == "measurement":
-                task.compute_measurement(backwards, capturer.model)
-            else:
-                task.compute_train_loss(backwards, capturer.model, objective == "fisher")
+    def forward() -> None:
+        if objective == "measurement":
+            task.compute_measurement(backwards, capturer.model)
+        else:
+            task.compute_train_loss(backwards, capturer.model, objective == "fisher")
 
+    numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
-        seen = capturer.inputs_of(names, forward)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return capturer.check_order(records, names, n, forward, reverse)
     except Exception as exc:
-        _note(exc, f"source_fast: raised in the task with {where}'s examples reversed (to check the row order of "
-                   f"modules {names}, which take several rows per example)")
+        _note(exc, f"source_fast: raised in the task on {where} with its examples reversed (to check which examples "
+                   f"the rows of modules {names} belong to)")
         raise
-    checked = []
-    for name in names:
-        a = torch.nan_to_num(records[name].a.float())
-        other = seen.get(name)
-        other = None if other is None or other.numel() != a.numel() else torch.nan_to_num(other.float()).reshape(a.shape)
-        size, tol = float(a.norm()), 1e-2  # rows computed in another order round differently (16-bit: by 1e-3)
-        if other is not None and float((a - other.flip(0)).norm()) <= tol * size:
-            if float((a - a.flip(0)).norm()) > tol * size:
-                checked.append(name)
-            continue  # alike examples: the reversal shows nothing
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def _judge_order(name: str, found: str, folded: bool, selected: bool, n: int, where: str) -> None:
+    """Refuses a layer whose rows check_order did not find to be the examples' (see run_pass). Rows that
+    stay as they were are those of a layer fed the examples first only where nothing else is in question."""
+    if found == "random" and (folded or selected):
+        raise ValueError(
+            f"{where}: module {name!r} takes " + ("several rows per example" if folded else "rows picked by index")
+            + f" for the batch's {n} examples, whose order is checked by a forward pass with the examples reversed; "
+            "the task or the model draws random numbers in its forward pass (noise added to the inputs?), so its rows "
+            "cannot be checked: name the modules to track in the task's get_influence_tracked_modules, without it")
+    if found == "unmoved" and selected and not folded:
+        raise ValueError(
+            f"{where}: module {name!r} sees rows picked by index (a mixture of experts' share of the tokens?), as many "
+            f"as the batch's {n} examples, and with the examples reversed they stay as they were: they are not the "
+            "examples; a tracked layer's input must hold the examples first, or each example's rows one after another")
+    if found == "out of order" and not folded:
+        raise ValueError(
+            f"{where}: module {name!r} sees as many rows as the batch's {n} examples, but with the examples reversed "
+            "its rows are not reversed: they are not the examples (a layer fed (tokens, batch, features) with as many "
+            "tokens as examples, as XLNet's can be; a mixture of experts' share of the tokens; a model that draws "
+            "random numbers in eval mode?); a tracked layer's input must hold the examples first, or each example's "
+            "rows one after another")
+    if found == "out of order":
         raise ValueError(
             f"{where}: module {name!r} takes several rows per example for the batch's {n} examples (its input's "
             "first dimension is a multiple of theirs), but not one example's rows after another's: with the "
-            "examples reversed its rows are not the same blocks reversed (a layer fed (tokens, batch, features), "
-            "as XLNet's are, flattened?); a tracked layer's input must hold the examples first, or each example's "
-            "rows one after another (examples × tokens, as OPT's fc1 takes)")
-    return checked
+            "examples reversed its rows are not the same blocks reversed (a layer fed (tokens, batch, features), as "
+            "XLNet's are, flattened; a mixture of experts' share of the tokens, which differs with them?); a "
+            "tracked layer's input must hold "
+            "the examples first, or each example's rows one after another (examples × tokens, as OPT's fc1 takes)")
+    if found == "unmoved" and folded:
+        raise ValueError(
+            f"{where}: module {name!r} takes several rows per example for the batch's {n} examples (its input's first "
+            "dimension is a multiple of theirs), and with the examples reversed its rows stay as they were: its input "
+            "is not the examples' own (a table all examples share?), or the examples are not in the batch's tensors "
+            "with the examples first nor in its lists of texts or numbers (what is reversed to check which example "
+            "each row belongs to)")
 
 
 def run_pass(
@@ -680,12 +708,17 @@ def run_pass(
         loader = _rebuild(loader, _Examples(loader.dataset))
     given = 0 if total is not None else loader.dataset.given  # its count before this pass
     start = tokens = 0
-    in_order: set[str] = set()  # layers fed examples × tokens whose rows check_examples_major has seen in order
-    unsure: set[str] = set()  # such layers, checked or not
+    settled: set[str] = set()  # layers fed the examples first, as one batch's check_order showed
+    unchecked: dict[str, int] = {}  # layers read as examples × tokens: the batches whose rows check_order could not see
+    batches_of_many = 0
+    every: set[str] = set()  # layers whose rows are checked on every batch (as the last batch found them)
     for b, batch in enumerate(_batches(loader, lambda b: where(b, start))):
         # The examples the batch holds: a stream's last batch may be short.
         n = min(batch_size, total - start) if total is not None else loader.dataset.given - given - start
         batch = to_device(batch, device)
+        # For check_order, the batch as given: the task may take keys out of it or edit its tensors in place
+        # (copied where a check is due: on the first batch, or every batch while layers need one each batch).
+        given_batch = _map_tensors(batch, torch.clone if not settled or every else lambda t: t)
         try:
             mask = task.get_attention_mask(batch)
         except Exception as exc:
@@ -718,7 +751,6 @@ def run_pass(
                 raise ValueError(f"{where(b, start)}: the loss does not depend on any tracked module")
             capturer.forward_done()
             (out * scale if scale != 1 else out).backward()
-        folded = capturer.folded
         for spec in specs:
             rec = records[spec.name]
             if rec.g is None:
@@ -732,11 +764,29 @@ def run_pass(
                     + ("" if total is not None else " (a DataLoader over a stream batches single examples, "
                        "batch_size at a time, not ready-made batches)")
                 )
-        unchecked = [name for name in folded if name not in in_order]
-        if unchecked and n > 1:  # one example's rows are its own, whatever their order
-            unsure.update(unchecked)
-            in_order.update(check_examples_major(capturer, task, objective, batch, n, records, unchecked,
-                                                 where(b, start)))
+        # Which example each row belongs to, seen by reversing the examples: every batch for layers read as
+        # examples × tokens (a mixture of experts' share of the tokens passes as that, and changes with them),
+        # the first for the others (a layer fed (tokens, batch, features) with as many tokens as examples).
+        # Layers whose rows were picked by index likewise (an expert's share that is as many rows as examples).
+        every = {s.name for s in specs if s.name in capturer.folded or records[s.name].selected}
+        names = [s.name for s in specs if s.name in every or s.name not in settled]
+        if n > 1 and names:  # one example's rows are its own
+            batches_of_many += 1
+            found = check_order(capturer, task, objective, given_batch, n, records, names, where(b, start))
+            # A task or model drawing random numbers in the forward pass (a diffusion loss's noise) moves rows
+            # whatever their order: seen by the batch as it was, run again. Layers fed the examples first are
+            # then taken as they were before these checks; the others cannot be checked, and are refused.
+            moved = [name for name in names if found.get(name, "out of order") == "out of order"]
+            if moved:
+                again = check_order(capturer, task, objective, given_batch, n, records, moved, where(b, start),
+                                    reverse=False)
+                found.update({name: "random" for name in moved if again.get(name) != "same"})
+            for name in names:
+                _judge_order(name, found.get(name, "out of order"), name in capturer.folded, records[name].selected, n,
+                             where(b, start))
+                if name in every and found[name] == "alike":
+                    unchecked[name] = unchecked.get(name, 0) + 1
+                settled.add(name)
         # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
         # the slow path below runs only to name what went wrong.
         finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(records[s.name].g).all() for s in specs])
@@ -761,6 +811,7 @@ def run_pass(
             tokens += lead.a.shape[0] * lead.a.shape[1] if lead.mask is None else int((lead.mask != 0).sum())
             progress.set_postfix_str(f"{tokens / max(progress.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
             progress.update(n)
-    if unsure - in_order:
-        warn(f"{what}: modules {sorted(unsure - in_order)} take several rows per example, read as each example's rows "
-             "one after another (as OPT's fc1 takes them), which no batch could check: each batch's examples were alike")
+    if unchecked:
+        warn(f"{what}: modules {sorted(unchecked)} take several rows per example, read as each example's rows one after "
+             f"another (as OPT's fc1 takes them); on {max(unchecked.values())} of {batches_of_many} batches their "
+             "examples' rows were alike, so that order could not be checked there")

@@ -8,6 +8,7 @@ of the first tracked layer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -200,6 +201,11 @@ class Captured:
     mask: Tensor | None
     half: bool = False
     calls: int = 1  # a shared (re-used) layer's calls in the forward pass, their tokens one after another
+    call: int = 0  # which call of the module in the forward pass this is (calls under no_grad counted): its mask
+    # Read from (examples × k, t, features) rows with t > 1 (Swin's windows, a video's frames): its tokens
+    # are windows or frames one after another, not positions in the examples' sequences.
+    regrouped: bool = False
+    selected: bool = False  # its rows were picked by indexing (a mixture of experts' share of the tokens?)
 
 
 def _joined(name: str, calls: list[Captured]) -> Captured:
@@ -217,7 +223,7 @@ def _joined(name: str, calls: list[Captured]) -> Captured:
     mask = None if not masks else torch.cat([
         c.mask if c.mask is not None else masks[0].new_ones(n, c.a.shape[1]) for c in calls], 1)
     return Captured(a=torch.cat([c.a for c in calls], 1), g=g, mask=mask, half=any(c.half for c in calls),
-                    calls=len(calls))
+                    calls=len(calls), regrouped=any(c.regrouped for c in calls), selected=any(c.selected for c in calls))
 
 
 def rotate(x: Tensor, q: Tensor) -> Tensor:
@@ -265,6 +271,33 @@ class MaskWhereItFits:
     encoder-decoder's task giving only the encoder's mask) run and score as they do there."""
 
     mask: Tensor | dict[str, Tensor]
+
+
+# Autograd nodes of ops that pick rows by index, and of those that keep rows as they are.
+_PICKS = {"IndexBackward0", "IndexSelectBackward0", "MaskedSelectBackward0", "GatherBackward0", "TakeBackward0"}
+_KEEPS = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0", "SqueezeBackward1",
+          "UnsqueezeBackward0", "CloneBackward0", "ToCopyBackward0", "TBackward0", "TransposeBackward0"}
+
+
+def _selected_rows(x: Tensor) -> bool:
+    """Whether a layer's input was picked out of another tensor by index (a mixture of experts' tokens
+    routed to one expert; a masked-LM head's masked positions), within a few reshapes: such rows may
+    belong to the examples differently in every batch, so run_pass checks every batch's."""
+    fn = x.grad_fn
+    for _ in range(4):
+        if fn is None:
+            return False
+        kind = type(fn).__name__
+        if kind in _PICKS:
+            return True
+        if kind not in _KEEPS:
+            return False
+        fn = next((f for f, _ in fn.next_functions if f is not None), None)
+    return False
+
+
+class _Enough(Exception):
+    """Ends check_order's forward pass once every layer it compares has run."""
 
 
 class Capturer:
@@ -348,6 +381,7 @@ class Capturer:
                 warn(f"get_attention_mask returned masks for {parents}, which contain tracked modules but are not "
                      "tracked themselves: a mask applies only to the module it names, so name each tracked module")
         self.records = {}
+        self.folded = []
         self._calls: dict[str, list[Captured]] = {}
         self._seen: dict[str, int] = {}  # calls per module, those under no_grad too (per-call masks count them)
         self._outputs: dict[str, list[tuple[Tensor | None, int]]] = {}  # each tracked call's output, its version then
@@ -373,9 +407,10 @@ class Capturer:
                         raise ValueError(f"module {name!r}: its output was modified in place (an in-place activation "
                                          "such as ReLU(inplace=True)?), so its output gradient could not be captured; "
                                          "use the op out of place")
-                if len(calls) > 1:
-                    self.records[name] = _joined(name, calls)
-            self.folded = self._fold_examples(examples)
+                folded = [self._folded(name, c, examples) for c in calls]
+                if any(f is not c for f, c in zip(folded, calls)):
+                    self.folded.append(name)
+                self.records[name] = _joined(name, folded) if len(folded) > 1 else folded[0]
             if self._unfit:  # kronfluence leaves them unmasked without a word
                 warn(f"the attention mask does not fit the inputs of modules {sorted(self._unfit)} (it needs one entry "
                      "per example and token): they are left unmasked, as kronfluence leaves them; to mask them, return "
@@ -389,51 +424,101 @@ class Capturer:
             self._calls, self._seen, self._outputs = {}, {}, {}
             self._backward = False
 
-    def _fold_examples(self, n: int) -> list[str]:
-        """Records of layers whose input held n·k rows for the batch's n examples (OPT's fc1 and fc2
-        take (examples × tokens, features); Swin's attention (examples × windows, tokens, features)),
-        read as each example's k rows one after another: (n, k·t, ·), masked by the task's mask where
-        it fits, as the layers fed (examples, tokens, features) are. Returns their names, for
-        run_pass to check that order once (check_examples_major). A row count that is no multiple of
-        n is left for run_pass to refuse."""
-        folded = []
-        for spec in self.specs:
-            rec = self.records.get(spec.name)
-            if rec is None or rec.a.shape[0] == n or rec.a.shape[0] % n:
-                continue
-            a = rec.a.reshape(n, -1, rec.a.shape[-1])
-            g = None if rec.g is None else rec.g.reshape(n, -1, rec.g.shape[-1])
-            if rec.mask is not None:  # kronfluence's rule masked its rows already
-                mask = rec.mask.reshape(n, -1)
-            else:
-                mask = self._layer_mask(spec, n, a.shape[1], 3)
-                if mask is not None:
-                    keep = (mask != 0).unsqueeze(-1)
-                    a = torch.where(keep | a.isfinite(), a, 0)
-                    g = None if g is None else torch.where(keep | g.isfinite(), g, 0)
-            self.records[spec.name] = Captured(a=a, g=g, mask=mask, half=rec.half, calls=rec.calls)
-            folded.append(spec.name)
-        return folded
+    def _folded(self, name: str, rec: Captured, n: int) -> Captured:
+        """One call's record whose input held n·k rows for the batch's n examples (OPT's fc1 and fc2 take
+        (examples × tokens, features); Swin's attention (examples × windows, tokens, features)), read as
+        each example's k rows one after another: (n, k·t, ·). Rows of a 2-D input are tokens, masked by
+        the task's mask where it fits them, (n, k); others were masked by the hook where theirs fit. The
+        order is run_pass's to check (check_order); a row count no multiple of n, its to refuse."""
+        rows, t = rec.a.shape[:2]
+        if rows == n or rows % n:
+            return rec
+        a = rec.a.reshape(n, -1, rec.a.shape[-1])
+        g = None if rec.g is None else rec.g.reshape(n, -1, rec.g.shape[-1])
+        if rec.mask is not None:
+            return dataclasses.replace(rec, a=a, g=g, mask=rec.mask.reshape(n, -1), regrouped=t > 1)
+        mask = self._fitting_mask(name, rec.call, (n, a.shape[1])) if t == 1 else None
+        if mask is not None:
+            keep = (mask != 0).unsqueeze(-1)
+            a = torch.where(keep | a.isfinite(), a, 0)
+            g = None if g is None else torch.where(keep | g.isfinite(), g, 0)
+        return dataclasses.replace(rec, a=a, g=g, mask=mask, regrouped=t > 1)
 
-    def inputs_of(self, names: list[str], run: Callable[[], Any]) -> dict[str, Tensor]:
-        """The token rows (as records hold them: (rows, t, d_in), calls joined) each named layer's
-        input had while `run()` ran a forward pass, with no gradients captured."""
-        seen: dict[str, list[Tensor]] = {name: [] for name in names}
+    def _fitting_mask(self, name: str, call: int, shape: tuple[int, int]) -> Tensor | None:
+        """The task's mask for a module's call where it is a tensor of `shape`, else None (a 2-D input's
+        rows, read per example, may be no tokens: a multiple-choice model's choices)."""
+        if isinstance(self._mask, MaskWhereItFits):  # its rule masked the rows where the mask fitted them
+            return None
+        mask = self._mask.get(name) if isinstance(self._mask, dict) else self._mask
+        if isinstance(mask, (list, tuple)):
+            mask = mask[call] if call < len(mask) else None
+        return mask if isinstance(mask, Tensor) and tuple(mask.shape) == shape else None
+
+    def check_order(self, records: dict[str, Captured], names: list[str], n: int, run: Callable[[], Any],
+                    reversed_examples: bool = True) -> dict[str, str]:
+        """Runs `run()` (a forward pass of the batch with its n examples reversed) and compares each named
+        layer's rows, read per example as in `records`, with the records' reversed: "in order" (they
+        match, and the examples differ), "alike" (the examples' rows are the same: nothing to see),
+        "unmoved" (the rows did not change: the input is no example's, or the reversal did not reach it)
+        or "out of order". With `run()` a forward pass of the batch as it was: "same" or "different"
+        (a forward pass that draws random numbers). It stops once every named layer has run; no gradients."""
         specs = {s.name: s for s in self.specs}
+        pending = {name: records[name].calls for name in names}
+        rows: dict[str, list[Tensor]] = {name: [] for name in names}
+        found: dict[str, str] = {}
+
+        def finite(x: Tensor) -> Tensor:  # padded positions' NaN and inf are set to 0 in the records too
+            x = x.float()
+            return torch.where(x.isfinite(), x, 0)
+
+        def compare(name: str) -> None:
+            calls, mine = rows.pop(name), finite(records[name].a)
+            if any(c.shape[0] % n for c in calls):  # a mixture of experts' share of the tokens, say
+                found[name] = "out of order"
+                return
+            theirs = finite(torch.cat([c.reshape(n, -1, c.shape[-1]) for c in calls], 1))
+            if theirs.shape != mine.shape:
+                found[name] = "out of order"
+                return
+            size, tol = float(mine.norm()), 1e-2  # rows computed in another order round differently (16-bit: 1e-3)
+            close = lambda x, y: float((x - y).norm()) <= tol * size  # noqa: E731
+            if not reversed_examples:
+                found[name] = "same" if close(mine, theirs) else "different"
+                return
+            found[name] = ("alike" if close(mine, mine.flip(0)) else "in order" if close(mine, theirs.flip(0))
+                           else "unmoved" if close(mine, theirs) else "out of order")
 
         def hook_for(name: str):
             spec, weight = specs[name], self.modules[name].weight
             dtype = weight.dtype if weight.is_floating_point() and weight.dtype.itemsize >= 2 else None
-            return lambda module, inputs, output: seen[name].append(
-                self._tokens(spec, module, inputs[0].detach().to(dtype)))
+
+            def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+                if name not in pending or not torch.is_grad_enabled():  # as the capture: no_grad calls take no part
+                    return
+                rows[name].append(self._tokens(spec, module, inputs[0].detach().to(dtype)))
+                pending[name] -= 1
+                if not pending[name]:
+                    del pending[name]
+                    compare(name)
+                if not pending:
+                    raise _Enough
+
+            return hook
 
         handles = [self.modules[name].register_forward_hook(hook_for(name)) for name in names]
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in frozen:  # grad mode on, as in the pass (a task's no_grad calls stay apart), building no graph
+            p.requires_grad_(False)
         try:
             run()
+        except _Enough:
+            pass
         finally:
             for h in handles:
                 h.remove()
-        return {name: torch.cat(calls, 1) for name, calls in seen.items() if calls}
+            for p in frozen:
+                p.requires_grad_(True)
+        return found
 
     def forward_done(self) -> None:
         """Call between the forward pass and backward: keeps only the outputs that can have lost their
@@ -470,7 +555,8 @@ class Capturer:
             keep = None if mask is None else (mask != 0).unsqueeze(-1)
             if keep is not None:
                 a = torch.where(keep | a.isfinite(), a, 0)
-            record = Captured(a=a, g=None, mask=mask, half=torch.float16 in (x.dtype, output.dtype))
+            record = Captured(a=a, g=None, mask=mask, half=torch.float16 in (x.dtype, output.dtype), call=call - 1,
+                              selected=_selected_rows(x))
             # A layer that runs more than once (shared weights: an RNN cell, a Siamese encoder): its
             # per-example gradient sums over every call's tokens, so the calls join as one longer sequence.
             self._calls.setdefault(spec.name, []).append(record)

@@ -949,6 +949,10 @@ def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token:
         if per_token and r.calls > 1:
             raise ValueError(f"per_token: module {s.name!r} runs {r.calls} times per forward pass, so its tokens are "
                              "not the example's (kronfluence refuses per-token scores with shared parameters too)")
+        if per_token and r.regrouped and not per_module:
+            raise ValueError(f"per_token: module {s.name!r} takes several rows of tokens per example (Swin's windows, a "
+                             "video's frames), so its tokens are in their order, not the positions of the other "
+                             "modules' tokens (per_module=True keeps each module's tokens apart, in its own order)")
         if per_token and lowrank:
             part = reference.pairwise_token_scores_lowrank(a, g, *q)
         elif per_token:

@@ -61,8 +61,8 @@ def _targets_like(out: Tensor, y: Tensor) -> Tensor:
 
 
 def mlp_modules(model: nn.Module) -> list[str]:
-    """Names of the supported layers inside transformer MLP blocks: in a module named `mlp` (GPT-2,
-    Llama, BERT-likes' `.mlp.`), or a layer's own `fc1` and `fc2` (OPT, BART, Whisper)."""
+    """Names of the supported layers of transformer MLP blocks: those inside a module named `mlp`
+    (GPT-2, Llama), and those named `fc1` or `fc2` (OPT, BART, Whisper; a CNN's head so named too)."""
     return [n for n, m in model.named_modules()
             if layer_kind(m) is not None and (".mlp." in f"{n}." or n.rsplit(".", 1)[-1] in ("fc1", "fc2"))]
 

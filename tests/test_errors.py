@@ -374,9 +374,16 @@ def test_layers_that_do_not_take_examples_first_are_refused():
             return super().compute_train_loss((batch["x"].transpose(0, 1), torch.tensor(batch["y"])), model, sample)
 
     columns = lambda examples: {"x": torch.stack([e[0] for e in examples], 1), "y": [int(e[1]) for e in examples]}  # noqa: E731
-    with pytest.raises(ValueError, match=r"batch 0 \(examples from 0\): modules \['mix'\] take several rows per "
-                                         r"example .* and no tensor in the batch has the examples first"):
+    with pytest.raises(ValueError, match=r"batch 0 \(examples from 0\): module 'mix' takes several rows per example .* "
+                                         r"with the examples reversed its rows stay as they were"):
         sf.fit_factors(model, ColumnsTask(), traj, batch_size=4, collate_fn=columns)
+    # As many tokens as examples: the rows are as many as the examples, and in the wrong order.
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
+    model = SequenceFirst().double()
+    with pytest.raises(ValueError, match=r"batch 0 \(examples from 0\): module 'mix' sees as many rows as the batch's 4 "
+                                         r"examples, but with the examples reversed its rows are not reversed"):
+        sf.fit_factors(model, SequenceTask(), sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)]),
+                       batch_size=4)
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0)
     for names in (None, ["linear1"]):
         with pytest.raises(ValueError, match=r"module 'linear1' is in a TransformerEncoderLayer built with "
@@ -1278,11 +1285,12 @@ def test_rows_no_batch_could_check_are_named():
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 scores.append(sf.score(model, SequenceTask(), traj, None, data, data, method="grad_dot", batch_size=4))
-            said = [str(w.message) for w in caught if "no batch could check" in str(w.message)]
-            assert [m.split(":")[0] for m in said] == ([] if not alike or model is plain else ["queries", said[1].split(":")[0]])
+            said = [str(w.message) for w in caught if "could not be checked" in str(w.message)]
+            assert [m.split(":")[0] for m in said] == ([] if not alike or model is plain else
+                                                       ["queries", "segment 0, checkpoint 0"])
             assert all(m.split(": ", 1)[1] == "modules ['mix'] take several rows per example, read as each example's "
-                       "rows one after another (as OPT's fc1 takes them), which no batch could check: each batch's "
-                       "examples were alike" for m in said)
+                       "rows one after another (as OPT's fc1 takes them); on 2 of 2 batches their examples' rows were "
+                       "alike, so that order could not be checked there" for m in said)
         assert torch.allclose(scores[0], scores[1], rtol=1e-12, atol=0)
 
     class MixOnly(SequenceTask):
@@ -1294,3 +1302,167 @@ def test_rows_no_batch_could_check_are_named():
                                                                      num_examples=6)]), None, Stream(data), data,
                        method="grad_dot", batch_size=4) for model in (flat, plain)]
     assert scores[0].shape == (6, 6) and torch.allclose(scores[0], scores[1], rtol=1e-12, atol=0)
+
+
+class Routed(nn.Module):
+    """`expert` takes the tokens whose first feature is positive, picked by index, as a mixture of experts'
+    expert does: a data-dependent share of the examples' rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.expert, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.embed(x).reshape(-1, 3)
+        picked = (x.reshape(-1, 3)[:, 0] > 0).nonzero().squeeze(1)
+        out = h.index_add(0, picked, torch.tanh(self.expert(h[picked])))
+        return self.head(out.reshape(x.shape).mean(1))
+
+
+def test_rows_picked_by_index_are_checked_on_every_batch():
+    """An expert's rows are the examples' only where each example sends it as many tokens as the others:
+    checked on every batch, as many rows as examples or a multiple, and refused where they are not."""
+    torch.manual_seed(0)
+    model = Routed().double()
+
+    def routed(counts):  # examples of 4 tokens, the first `count` of them sent to the expert
+        x = torch.randn(len(counts), 4, 3, dtype=torch.float64).abs()
+        for i, count in enumerate(counts):
+            x[i, count:, 0] *= -1
+        data = torch.utils.data.TensorDataset(x, torch.randint(0, 2, (len(counts),)))
+        return sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+
+    sf.fit_factors(model, SequenceTask(), routed([2, 2, 1, 1]), batch_size=2)  # every batch's rows are the examples'
+    for counts, pattern in (([2, 2, 0, 2], r"module 'expert' sees rows picked by index .* as many as the batch's 2 "
+                                           r"examples, and with the examples reversed they stay as they were"),
+                            ([2, 2, 1, 3], r"module 'expert' takes several rows per example for the batch's 2 examples "
+                                           r".* but not one example's rows after another's")):
+        with pytest.raises(ValueError, match=r"segment 0, checkpoint 0, batch 1 \(examples from 2\): " + pattern):
+            sf.fit_factors(model, SequenceTask(), routed(counts), batch_size=2)
+
+
+class DictTask(sf.Task):
+    """Batches {"x", "y"}; takes "y" out of its batch (as tasks that pop HF's labels do), runs the model
+    once under no_grad first (a teacher's pass, no part of the loss), and samples labels with numpy."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        y = batch.pop("y")
+        with torch.no_grad():
+            model(batch["x"])
+        logits = model(batch["x"])
+        if sample:
+            p = torch.softmax(logits.detach(), -1).numpy()
+            y = torch.tensor([np.random.choice(len(row), p=row / row.sum()) for row in p])
+        return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+
+def test_the_order_check_leaves_the_pass_as_it_was():
+    """The check of which example each row belongs to sees the batch as the data gave it (the task took
+    "y" out of its own), leaves calls under no_grad out as the capture does, keeps numpy's random state
+    (sampled labels are those of a model fed examples first), and takes a DataLoader subclass over a
+    stream for what it is not: refused, as its own iteration would be lost."""
+    torch.manual_seed(0)
+    flat, plain = FlatExamplesFirst().double(), SequenceFirst().double()
+    plain.load_state_dict(flat.state_dict())
+    plain.forward = lambda x: plain.head(torch.tanh(plain.mix(x)).mean(1))
+    examples = [{"x": torch.randn(5, 3, dtype=torch.float64), "y": torch.tensor(i % 2)} for i in range(6)]
+    lams = []
+    for model in (flat, plain):
+        np.random.seed(0)
+        traj = sf.Trajectory([sf.Segment([model.state_dict()], examples, lr_sum=1.0)])
+        lams.append(sf.fit_factors(model, DictTask(), traj, batch_size=4).segments[0]["mix"].lam)
+    assert torch.allclose(lams[0], lams[1], rtol=1e-10, atol=0)
+
+    class Loader(torch.utils.data.DataLoader):
+        pass
+
+    stream = Loader(Stream(torch.utils.data.TensorDataset(torch.randn(6, 5, 3), torch.zeros(6, dtype=torch.long))),
+                    batch_size=2)
+    with pytest.raises(ValueError, match=r"the data is a Loader \(a DataLoader subclass\) over a stream, whose own way "
+                                         r"of iterating would be lost"):
+        sf.fit_factors(flat.float(), SequenceTask(), sf.Trajectory([sf.Segment([flat.state_dict()], stream, lr_sum=1.0,
+                                                                               num_examples=6)]))
+
+
+class Twice(nn.Module):
+    """`mix` runs on two sequences, each flattened to (examples × tokens, features), padded with inf (a
+    fully masked attention row's NaN or inf, which the loss never reads); `pool` on (examples × 2, features),
+    rows that are no tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.pool, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.fill = float("inf")  # 0 for autograd's explicit gradients, which 0 · inf would make NaN
+
+    def forward(self, x1, m1, x2, m2):
+        n, t = x1.shape[:2]
+        parts = []
+        for x, m in ((x1, m1), (x2, m2)):
+            h = torch.tanh(self.mix(x.masked_fill(m[..., None] == 0, self.fill).reshape(n * t, 3)))
+            h = torch.where(m.reshape(-1, 1) > 0, h, 0).reshape(n, t, 4)
+            parts.append(h.sum(1))
+        pooled = self.pool(torch.stack(parts, 1).reshape(n * 2, 4)).reshape(n, 2, 4).sum(1)
+        return self.head(pooled)
+
+
+class TwiceTask(sf.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        return nn.functional.cross_entropy(model(*batch[:4]), batch[4], reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def get_attention_mask(self, batch):
+        return {"mix": [batch[1], batch[3]], "pool": batch[1]}  # pool's (n, t) mask does not fit its 2 rows each
+
+
+def test_a_layer_run_twice_on_examples_times_tokens_takes_a_mask_per_call():
+    """Each call's rows are read per example before the calls join (call after call), so each call's own
+    mask masks its own tokens: the input covariance is that of the unmasked rows of both calls, and inf at
+    padded rows counts as 0; `pool`'s rows, two per example, are no tokens, and the (n, t) mask that does
+    not fit them leaves them unmasked. Per-example gradients are the explicit ones (float64: 1e-10)."""
+    torch.manual_seed(0)
+    model = Twice().double()
+    n, t = 6, 5
+    x1, x2 = torch.randn(n, t, 3, dtype=torch.float64), torch.randn(n, t, 3, dtype=torch.float64)
+    m1 = (torch.arange(t)[None] < torch.randint(1, t + 1, (n,))[:, None]).long()
+    m2 = (torch.arange(t)[None] < torch.randint(1, t + 1, (n,))[:, None]).long()
+    data = torch.utils.data.TensorDataset(x1, m1, x2, m2, torch.randint(0, 2, (n,)))
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, TwiceTask(), traj, batch_size=4, fisher="empirical")
+    rows = torch.cat([x1[m1 > 0], x2[m2 > 0]])
+    a = torch.cat([rows, torch.ones(len(rows), 1, dtype=torch.float64)], 1)
+    assert torch.allclose(factors.segments[0]["mix"].a_cov, a.T @ a / len(a), rtol=1e-10, atol=0)
+    grads, model.fill = [], 0.0
+    for i in range(n):
+        model.zero_grad()
+        TwiceTask().compute_train_loss([v[i : i + 1] for v in data.tensors], model).backward()
+        grads.append(torch.cat([torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).flatten() for m in model.children()]))
+    grads, model.fill = torch.stack(grads), float("inf")
+    scores = sf.score(model, TwiceTask(), traj, None, data, data, method="grad_dot", batch_size=4)
+    assert (scores - grads @ grads.T / n).abs().max() / (grads @ grads.T / n).abs().max() < 1e-10
+
+
+class NoisyTask(SequenceTask):
+    """Noise added to the inputs in the loss, as a diffusion model's loss adds it."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        return super().compute_train_loss((batch[0] + 0.1 * torch.randn_like(batch[0]), batch[1]), model, sample)
+
+
+def test_a_loss_that_draws_random_numbers_is_checked_for_them():
+    """Reversed examples' rows cannot match under fresh noise: a second forward pass of the batch as it
+    was shows the randomness, and layers fed the examples first are taken as they are; a layer whose
+    rows would need the check is refused, saying why."""
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 5, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
+    plain, flat = SequenceFirst().double(), FlatExamplesFirst().double()
+    plain.forward = lambda x: plain.head(torch.tanh(plain.mix(x)).mean(1))
+    traj = lambda m: sf.Trajectory([sf.Segment([m.state_dict()], data, lr_sum=1.0)])  # noqa: E731
+    sf.fit_factors(plain, NoisyTask(), traj(plain), batch_size=4)
+    with pytest.raises(ValueError, match=r"batch 0 \(examples from 0\): module 'mix' takes several rows per example "
+                                         r"for the batch's 4 examples, .* the task or the model draws random numbers"):
+        sf.fit_factors(flat, NoisyTask(), traj(flat), batch_size=4)

@@ -513,3 +513,10 @@ def test_layers_fed_examples_times_tokens_are_read_per_example():
     scores = sf.score(swin, SwinTask(), traj, None, swin_data, swin_data, method="grad_dot", batch_size=3)
     expected = grads @ grads.T / 7
     assert (scores - expected).abs().max() / expected.abs().max() < 1e-10
+    # Window attention's tokens are windows one after another: per-token scores only per module.
+    with pytest.raises(ValueError, match=r"per_token: module 'swin.encoder.layers.0.blocks.0.attention.q_proj' takes "
+                                         r"several rows of tokens per example \(Swin's windows"):
+        sf.score(swin, SwinTask(), traj, None, swin_data, swin_data, method="grad_dot", per_token=True)
+    parts = sf.score(swin, SwinTask(), traj, None, swin_data, swin_data, method="grad_dot", per_token=True,
+                     per_module=True)
+    assert torch.allclose(sum(p.sum(-1) for p in parts.values()), scores, rtol=1e-9, atol=1e-14)
