@@ -30,7 +30,7 @@ from torch.utils.data import (
 
 from ._dist import rank_and_world
 from ._warn import warn
-from .capture import Captured, Capturer, LayerSpec
+from .capture import CONVOLUTIONS, Captured, Capturer, LayerSpec
 from .task import Task
 
 
@@ -586,17 +586,19 @@ def _example(first: int | None, start: int, row: int) -> str:
 LOSS_SCALE = "_source_fast_loss_scale"
 
 
-def _reversed_examples(batch: Any, n: int) -> Any:
+def _reversed_examples(batch: Any, n: int, vectors: bool = True) -> Any:
     """The batch with its n examples in reverse order: every tensor whose first dimension is n flipped
-    there, and every list of n plain values (texts a task tokenizes itself, labels) reversed."""
+    there (1-D ones too where `vectors`: a length n may be a sequence's, not the examples'), and every
+    list of n examples (texts, numbers, dicts, a tensor each of another length) reversed as a whole."""
     if isinstance(batch, Tensor):
-        return batch.flip(0) if batch.dim() and batch.shape[0] == n else batch
+        return batch.flip(0) if batch.dim() > (0 if vectors else 1) and batch.shape[0] == n else batch
     if isinstance(batch, Mapping):
-        return _rebuilt(batch, {k: _reversed_examples(v, n) for k, v in batch.items()})
-    if isinstance(batch, list) and len(batch) == n and all(isinstance(v, (str, bytes, numbers.Number)) for v in batch):
+        return _rebuilt(batch, {k: _reversed_examples(v, n, vectors) for k, v in batch.items()})
+    if isinstance(batch, list) and len(batch) == n and not all(
+            isinstance(v, Tensor) and v.dim() and v.shape[0] == n for v in batch):  # not columns of n rows each
         return batch[::-1]
     if isinstance(batch, (list, tuple)):
-        values = [_reversed_examples(v, n) for v in batch]
+        values = [_reversed_examples(v, n, vectors) for v in batch]
         return type(batch)(*values) if hasattr(batch, "_fields") else type(batch)(values)
     return batch
 
@@ -614,12 +616,12 @@ def _rebuilt(batch: Mapping, values: dict) -> Any:
 
 
 def check_order(capturer: Capturer, task: Task, objective: str, batch: Any, n: int, records: dict[str, Captured],
-                names: list[str], where: str, reverse: bool = True) -> dict[str, str]:
+                names: list[str], where: str, reverse: bool = True, vectors: bool = True) -> dict[str, str]:
     """capturer.check_order on the batch with its examples reversed (how a layer's rows belong to the
-    examples: see run_pass), or as it is (reverse=False: whether the forward pass draws random numbers).
-    The caller's random state is kept (torch's, numpy's and Python's): the pass's sampled labels stay
-    the same."""
-    backwards = _reversed_examples(batch, n) if reverse else _map_tensors(batch, torch.clone)
+    examples: see run_pass; `vectors`: 1-D tensors of length n too), or as it is (reverse=False: whether
+    the forward pass draws random numbers). The caller's random state is kept (torch's, numpy's and
+    Python's): the pass's sampled labels stay the same."""
+    backwards = _reversed_examples(batch, n, vectors) if reverse else _map_tensors(batch, torch.clone)
     device = model_device(capturer.model)
 
     def forward() -> None:
@@ -641,13 +643,30 @@ def check_order(capturer: Capturer, task: Task, objective: str, batch: Any, n: i
         random.setstate(python_state)
 
 
+def _order(capturer: Capturer, task: Task, objective: str, batch: Any, n: int, records: dict[str, Captured],
+           names: list[str], where: str) -> dict[str, str]:
+    """check_order's findings, with second looks at rows out of order: with 1-D tensors of length n left
+    as they are (a sequence's positions when it has as many tokens as examples), and with the batch as it
+    was, run again ("random" where its rows differ: a forward pass that draws random numbers, as a
+    diffusion loss's noise, moves rows whatever their order)."""
+    found = check_order(capturer, task, objective, batch, n, records, names, where)
+    moved = [name for name in names if found.get(name, "out of order") == "out of order"]
+    if moved:
+        found.update(check_order(capturer, task, objective, batch, n, records, moved, where, vectors=False))
+        moved = [name for name in moved if found.get(name, "out of order") == "out of order"]
+    if moved:
+        again = check_order(capturer, task, objective, batch, n, records, moved, where, reverse=False)
+        found.update({name: "random" for name in moved if again.get(name) != "same"})
+    return {name: found.get(name, "out of order") for name in names}
+
+
 def _judge_order(name: str, found: str, folded: bool, selected: bool, n: int, where: str) -> None:
     """Refuses a layer whose rows check_order did not find to be the examples' (see run_pass). Rows that
     stay as they were are those of a layer fed the examples first only where nothing else is in question."""
-    if found == "random" and (folded or selected):
+    if found == "random" and folded:
         raise ValueError(
-            f"{where}: module {name!r} takes " + ("several rows per example" if folded else "rows picked by index")
-            + f" for the batch's {n} examples, whose order is checked by a forward pass with the examples reversed; "
+            f"{where}: module {name!r} takes several rows per example for the batch's {n} examples, whose order is "
+            "checked by a forward pass with the examples reversed; "
             "the task or the model draws random numbers in its forward pass (noise added to the inputs?), so its rows "
             "cannot be checked: name the modules to track in the task's get_influence_tracked_modules, without it")
     if found == "unmoved" and selected and not folded:
@@ -659,9 +678,9 @@ def _judge_order(name: str, found: str, folded: bool, selected: bool, n: int, wh
         raise ValueError(
             f"{where}: module {name!r} sees as many rows as the batch's {n} examples, but with the examples reversed "
             "its rows are not reversed: they are not the examples (a layer fed (tokens, batch, features) with as many "
-            "tokens as examples, as XLNet's can be; a mixture of experts' share of the tokens; a model that draws "
-            "random numbers in eval mode?); a tracked layer's input must hold the examples first, or each example's "
-            "rows one after another")
+            "tokens as examples, as XLNet's can be; a mixture of experts' share of the tokens?), or the task's forward "
+            "pass depends on the examples' order (noise from a fixed seed, a batch sorted by length); a tracked "
+            "layer's input must hold the examples first, or each example's rows one after another")
     if found == "out of order":
         raise ValueError(
             f"{where}: module {name!r} takes several rows per example for the batch's {n} examples (its input's "
@@ -709,16 +728,14 @@ def run_pass(
     given = 0 if total is not None else loader.dataset.given  # its count before this pass
     start = tokens = 0
     settled: set[str] = set()  # layers fed the examples first, as one batch's check_order showed
-    unchecked: dict[str, int] = {}  # layers read as examples × tokens: the batches whose rows check_order could not see
+    unchecked: dict[str, int] = {}  # layers whose rows check_order could not see (alike): on how many batches
     batches_of_many = 0
-    every: set[str] = set()  # layers whose rows are checked on every batch (as the last batch found them)
     for b, batch in enumerate(_batches(loader, lambda b: where(b, start))):
         # The examples the batch holds: a stream's last batch may be short.
         n = min(batch_size, total - start) if total is not None else loader.dataset.given - given - start
         batch = to_device(batch, device)
-        # For check_order, the batch as given: the task may take keys out of it or edit its tensors in place
-        # (copied where a check is due: on the first batch, or every batch while layers need one each batch).
-        given_batch = _map_tensors(batch, torch.clone if not settled or every else lambda t: t)
+        # For check_order, the batch as given: the task may take keys out of it or edit its tensors in place.
+        given_batch = _map_tensors(batch, torch.clone)
         try:
             mask = task.get_attention_mask(batch)
         except Exception as exc:
@@ -764,29 +781,24 @@ def run_pass(
                     + ("" if total is not None else " (a DataLoader over a stream batches single examples, "
                        "batch_size at a time, not ready-made batches)")
                 )
-        # Which example each row belongs to, seen by reversing the examples: every batch for layers read as
-        # examples × tokens (a mixture of experts' share of the tokens passes as that, and changes with them),
-        # the first for the others (a layer fed (tokens, batch, features) with as many tokens as examples).
-        # Layers whose rows were picked by index likewise (an expert's share that is as many rows as examples).
-        every = {s.name for s in specs if s.name in capturer.folded or records[s.name].selected}
-        names = [s.name for s in specs if s.name in every or s.name not in settled]
-        if n > 1 and names:  # one example's rows are its own
+        # Which example each row belongs to, seen by reversing the examples, where counting rows cannot tell:
+        # layers read as examples × tokens, and those fed as many tokens as examples (a layer fed (tokens, batch,
+        # features), as XLNet's, passes as (examples, tokens, features) then), until one batch shows their
+        # order; layers fed rows picked by index on every batch (a mixture of experts' share of the tokens
+        # changes with them, and may be as many rows as examples, or a multiple).
+        every = [s.name for s in specs if records[s.name].selected]
+        once = [s.name for s in specs if s.name not in settled and s.name not in every and (
+            s.name in capturer.folded or (s.kind not in CONVOLUTIONS and records[s.name].a.shape[1] == n))]
+        if n > 1 and every + once:  # one example's rows are its own
             batches_of_many += 1
-            found = check_order(capturer, task, objective, given_batch, n, records, names, where(b, start))
-            # A task or model drawing random numbers in the forward pass (a diffusion loss's noise) moves rows
-            # whatever their order: seen by the batch as it was, run again. Layers fed the examples first are
-            # then taken as they were before these checks; the others cannot be checked, and are refused.
-            moved = [name for name in names if found.get(name, "out of order") == "out of order"]
-            if moved:
-                again = check_order(capturer, task, objective, given_batch, n, records, moved, where(b, start),
-                                    reverse=False)
-                found.update({name: "random" for name in moved if again.get(name) != "same"})
-            for name in names:
-                _judge_order(name, found.get(name, "out of order"), name in capturer.folded, records[name].selected, n,
-                             where(b, start))
-                if name in every and found[name] == "alike":
+            found = _order(capturer, task, objective, given_batch, n, records, every + once, where(b, start))
+            for name in every + once:
+                folded = name in capturer.folded
+                _judge_order(name, found[name], folded, records[name].selected, n, where(b, start))
+                if found[name] == "alike" and (folded or name in every):
                     unchecked[name] = unchecked.get(name, 0) + 1
-                settled.add(name)
+                elif name in once:
+                    settled.add(name)
         # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
         # the slow path below runs only to name what went wrong.
         finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(records[s.name].g).all() for s in specs])
@@ -811,7 +823,8 @@ def run_pass(
             tokens += lead.a.shape[0] * lead.a.shape[1] if lead.mask is None else int((lead.mask != 0).sum())
             progress.set_postfix_str(f"{tokens / max(progress.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
             progress.update(n)
-    if unchecked:
-        warn(f"{what}: modules {sorted(unchecked)} take several rows per example, read as each example's rows one after "
-             f"another (as OPT's fc1 takes them); on {max(unchecked.values())} of {batches_of_many} batches their "
-             "examples' rows were alike, so that order could not be checked there")
+    unsure = {name: count for name, count in unchecked.items() if name not in settled}
+    if unsure:
+        warn(f"{what}: modules {sorted(unsure)} take several rows per example, or rows picked by index, and on "
+             f"{max(unsure.values())} of {batches_of_many} batches their examples' rows were alike, so which example "
+             "each row belongs to could not be checked there")

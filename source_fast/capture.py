@@ -445,14 +445,22 @@ class Capturer:
         return dataclasses.replace(rec, a=a, g=g, mask=mask, regrouped=t > 1)
 
     def _fitting_mask(self, name: str, call: int, shape: tuple[int, int]) -> Tensor | None:
-        """The task's mask for a module's call where it is a tensor of `shape`, else None (a 2-D input's
-        rows, read per example, may be no tokens: a multiple-choice model's choices)."""
+        """The task's mask for a module's call where it is a tensor of `shape`. One of other rows is
+        not this input's (a 2-D input's rows, read per example, may be no tokens: a multiple-choice
+        model's choices): None; one per example of other tokens is refused, as for any layer."""
         if isinstance(self._mask, MaskWhereItFits):  # its rule masked the rows where the mask fitted them
             return None
         mask = self._mask.get(name) if isinstance(self._mask, dict) else self._mask
         if isinstance(mask, (list, tuple)):
             mask = mask[call] if call < len(mask) else None
-        return mask if isinstance(mask, Tensor) and tuple(mask.shape) == shape else None
+        if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != shape[0]:
+            return None
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"module {name!r}'s attention mask" + (f" for its call {call + 1}" if call else "")
+                             + f" has shape {tuple(mask.shape)} but module {name!r} sees {shape[0]} examples × "
+                             f"{shape[1]} tokens (a module that runs more than once takes a mask per call: a dict "
+                             "from its name to the list of them)")
+        return mask
 
     def check_order(self, records: dict[str, Captured], names: list[str], n: int, run: Callable[[], Any],
                     reversed_examples: bool = True) -> dict[str, str]:
@@ -466,6 +474,7 @@ class Capturer:
         pending = {name: records[name].calls for name in names}
         rows: dict[str, list[Tensor]] = {name: [] for name in names}
         found: dict[str, str] = {}
+        norms: dict[str, Tensor] = {}  # read after the pass: no device sync (nor torch.compile graph break) in it
 
         def finite(x: Tensor) -> Tensor:  # padded positions' NaN and inf are set to 0 in the records too
             x = x.float()
@@ -480,13 +489,8 @@ class Capturer:
             if theirs.shape != mine.shape:
                 found[name] = "out of order"
                 return
-            size, tol = float(mine.norm()), 1e-2  # rows computed in another order round differently (16-bit: 1e-3)
-            close = lambda x, y: float((x - y).norm()) <= tol * size  # noqa: E731
-            if not reversed_examples:
-                found[name] = "same" if close(mine, theirs) else "different"
-                return
-            found[name] = ("alike" if close(mine, mine.flip(0)) else "in order" if close(mine, theirs.flip(0))
-                           else "unmoved" if close(mine, theirs) else "out of order")
+            norms[name] = torch.stack([mine.norm(), (mine - mine.flip(0)).norm(), (mine - theirs.flip(0)).norm(),
+                                       (mine - theirs).norm()])
 
         def hook_for(name: str):
             spec, weight = specs[name], self.modules[name].weight
@@ -518,6 +522,13 @@ class Capturer:
                 h.remove()
             for p in frozen:
                 p.requires_grad_(True)
+        for name, (size, alike, flipped, unmoved) in ((k, v.tolist()) for k, v in norms.items()):
+            close = lambda d: d <= 1e-2 * size  # noqa: E731  (rows computed in another order round differently)
+            if not reversed_examples:
+                found[name] = "same" if close(unmoved) else "different"
+            else:
+                found[name] = ("alike" if close(alike) else "in order" if close(flipped)
+                               else "unmoved" if close(unmoved) else "out of order")
         return found
 
     def forward_done(self) -> None:

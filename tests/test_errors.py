@@ -1288,9 +1288,9 @@ def test_rows_no_batch_could_check_are_named():
             said = [str(w.message) for w in caught if "could not be checked" in str(w.message)]
             assert [m.split(":")[0] for m in said] == ([] if not alike or model is plain else
                                                        ["queries", "segment 0, checkpoint 0"])
-            assert all(m.split(": ", 1)[1] == "modules ['mix'] take several rows per example, read as each example's "
-                       "rows one after another (as OPT's fc1 takes them); on 2 of 2 batches their examples' rows were "
-                       "alike, so that order could not be checked there" for m in said)
+            assert all(m.split(": ", 1)[1] == "modules ['mix'] take several rows per example, or rows picked by index, "
+                       "and on 2 of 2 batches their examples' rows were alike, so which example each row belongs to "
+                       "could not be checked there" for m in said)
         assert torch.allclose(scores[0], scores[1], rtol=1e-12, atol=0)
 
     class MixOnly(SequenceTask):
@@ -1416,14 +1416,16 @@ class TwiceTask(sf.Task):
         return self.compute_train_loss(batch, model)
 
     def get_attention_mask(self, batch):
-        return {"mix": [batch[1], batch[3]], "pool": batch[1]}  # pool's (n, t) mask does not fit its 2 rows each
+        # pool's rows are no tokens: a mask of other rows than the examples (a multiple-choice model's) leaves it be
+        return {"mix": [batch[1], batch[3]], "pool": batch[1].repeat(2, 1)}
 
 
 def test_a_layer_run_twice_on_examples_times_tokens_takes_a_mask_per_call():
     """Each call's rows are read per example before the calls join (call after call), so each call's own
     mask masks its own tokens: the input covariance is that of the unmasked rows of both calls, and inf at
-    padded rows counts as 0; `pool`'s rows, two per example, are no tokens, and the (n, t) mask that does
-    not fit them leaves them unmasked. Per-example gradients are the explicit ones (float64: 1e-10)."""
+    padded rows counts as 0; `pool`'s rows, two per example, are no tokens, and a mask of other rows leaves
+    them unmasked, while one per example of other tokens (a Siamese pair's mask joined) is refused.
+    Per-example gradients are the explicit ones (float64: 1e-10)."""
     torch.manual_seed(0)
     model = Twice().double()
     n, t = 6, 5
@@ -1444,6 +1446,14 @@ def test_a_layer_run_twice_on_examples_times_tokens_takes_a_mask_per_call():
     grads, model.fill = torch.stack(grads), float("inf")
     scores = sf.score(model, TwiceTask(), traj, None, data, data, method="grad_dot", batch_size=4)
     assert (scores - grads @ grads.T / n).abs().max() / (grads @ grads.T / n).abs().max() < 1e-10
+
+    class JoinedMask(TwiceTask):
+        def get_attention_mask(self, batch):
+            return {"mix": torch.cat([batch[1], batch[3]], 1)}
+
+    with pytest.raises(ValueError, match=r"module 'mix''s attention mask has shape \(4, 10\) but module 'mix' sees 4 "
+                                         r"examples × 5 tokens \(a module that runs more than once takes a mask per call"):
+        sf.fit_factors(model, JoinedMask(), traj, batch_size=4)
 
 
 class NoisyTask(SequenceTask):
@@ -1466,3 +1476,67 @@ def test_a_loss_that_draws_random_numbers_is_checked_for_them():
     with pytest.raises(ValueError, match=r"batch 0 \(examples from 0\): module 'mix' takes several rows per example "
                                          r"for the batch's 4 examples, .* the task or the model draws random numbers"):
         sf.fit_factors(flat, NoisyTask(), traj(flat), batch_size=4)
+
+
+class Positions(nn.Module):
+    """Takes the sequence's positions as a 1-D tensor (T,), added to every example; `pick` reads each
+    example's last token, picked by index (a classifier pooling the last token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.mix, self.pick, self.head = nn.Embedding(8, 3), nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x, positions):
+        h = torch.tanh(self.mix(x + self.pos(positions)[None]))
+        return self.head(torch.tanh(self.pick(h[torch.arange(len(h)), -1])))
+
+
+def test_the_order_check_takes_legitimate_batches_and_losses():
+    """What the check must not refuse: a 1-D tensor of a sequence's positions as long as the batch has
+    examples (flipped at first look, left at the second), a batch that is a list of examples (reversed as
+    a whole, not each example's own values), noise in the loss for rows picked by index (one per example)
+    and for layers fed as many tokens as examples. Scores are the explicit per-example gradients'
+    (float64: 1e-10). Noise from a seed fixed for every batch cannot be told from rows out of order,
+    where a check is due: refused, saying so (here, as many tokens as examples, and rows picked by index)."""
+    torch.manual_seed(0)
+    model = Positions().double()
+    x, y = torch.randn(8, 4, 3, dtype=torch.float64), torch.randint(0, 2, (8,))  # 4 tokens, batches of 4
+
+    class PositionsTask(sf.Task):
+        seed = None  # noise in the loss: None, or drawn from a generator seeded the same for every batch
+
+        def compute_train_loss(self, batch, model, sample=False):
+            if isinstance(batch, list) and isinstance(batch[0], dict):  # collate_fn=list: the examples as they are
+                batch = [torch.stack([e["x"] for e in batch]), torch.stack([e["y"] for e in batch])]
+            inputs = batch[0]
+            if self.seed is not None:
+                gen = torch.Generator().manual_seed(self.seed) if self.seed >= 0 else None
+                inputs = inputs + torch.randn(inputs.shape, generator=gen, dtype=inputs.dtype)
+            return nn.functional.cross_entropy(model(inputs, torch.arange(4)), batch[1], reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+    names = ["mix", "pick", "head"]
+    grads = []
+    for i in range(8):
+        model.zero_grad()
+        PositionsTask().compute_train_loss([x[i : i + 1], y[i : i + 1]], model).backward()
+        grads.append(torch.cat([torch.cat([model.get_submodule(n).weight.grad, model.get_submodule(n).bias.grad[:, None]],
+                                          1).flatten() for n in names]))
+    expected = torch.stack(grads) @ torch.stack(grads).T / 8
+    data = torch.utils.data.TensorDataset(x, y)
+    as_list = [{"x": x[i], "y": y[i]} for i in range(8)]
+    for given, collate in ((data, None), (as_list, list)):
+        traj = sf.Trajectory([sf.Segment([model.state_dict()], given, lr_sum=1.0)])
+        scores = sf.score(model, PositionsTask(), traj, None, given, given, method="grad_dot", batch_size=4,
+                          collate_fn=collate)
+        assert (scores - expected).abs().max() / expected.abs().max() < 1e-10
+    noisy, traj = PositionsTask(), sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    noisy.seed = -1  # torch's global generator: another draw each pass
+    sf.fit_factors(model, noisy, traj, batch_size=4)
+    noisy.seed = 0
+    with pytest.raises(ValueError, match=r"module '(pick|mix)' sees as many rows as the batch's 4 examples, but with the "
+                                         r"examples reversed .* or the task's forward pass depends on the examples' order "
+                                         r"\(noise from a fixed seed"):
+        sf.fit_factors(model, noisy, traj, batch_size=4)
