@@ -341,6 +341,18 @@ def _note(exc: BaseException, text: str) -> None:
         exc.add_note(text)
 
 
+@contextlib.contextmanager
+def _noted(where: Callable[[], str]) -> Iterator[None]:
+    """Says where an error the block raises happened, unless something already has (the capture's own
+    checks after the pass, of masks and outputs, name the module only)."""
+    try:
+        yield
+    except Exception as exc:
+        if not getattr(exc, "__notes__", None) and not str(exc).startswith(where()):
+            _note(exc, f"source_fast: on {where()}")
+        raise
+
+
 def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
     """The loader's batches; default_collate's error on examples of different lengths says what to do."""
     it = iter(loader)
@@ -660,6 +672,13 @@ def _order(capturer: Capturer, task: Task, objective: str, batch: Any, n: int, r
     return {name: found.get(name, "out of order") for name in names}
 
 
+def _widths(batch: Any, n: int) -> set[int]:
+    """The second dimensions of the batch's tensors that hold its n examples first (tokens per example)."""
+    widths: set[int] = set()
+    _map_tensors(batch, lambda t: widths.add(t.shape[1]) if t.dim() >= 2 and t.shape[0] == n else None)
+    return widths
+
+
 def _judge_order(name: str, found: str, folded: bool, selected: bool, n: int, where: str) -> None:
     """Refuses a layer whose rows check_order did not find to be the examples' (see run_pass). Rows that
     stay as they were are those of a layer fed the examples first only where nothing else is in question."""
@@ -686,16 +705,17 @@ def _judge_order(name: str, found: str, folded: bool, selected: bool, n: int, wh
             f"{where}: module {name!r} takes several rows per example for the batch's {n} examples (its input's "
             "first dimension is a multiple of theirs), but not one example's rows after another's: with the "
             "examples reversed its rows are not the same blocks reversed (a layer fed (tokens, batch, features), as "
-            "XLNet's are, flattened; a mixture of experts' share of the tokens, which differs with them?); a "
-            "tracked layer's input must hold "
-            "the examples first, or each example's rows one after another (examples × tokens, as OPT's fc1 takes)")
+            "XLNet's are, flattened; a mixture of experts' share of the tokens, which differs with them?), or the "
+            "task's forward pass depends on the examples' order (noise from a fixed seed, a batch sorted by length); a "
+            "tracked layer's input must hold the examples first, or each example's rows one after another (examples × "
+            "tokens, as OPT's fc1 takes)")
     if found == "unmoved" and folded:
         raise ValueError(
             f"{where}: module {name!r} takes several rows per example for the batch's {n} examples (its input's first "
             "dimension is a multiple of theirs), and with the examples reversed its rows stay as they were: its input "
             "is not the examples' own (a table all examples share?), or the examples are not in the batch's tensors "
-            "with the examples first nor in its lists of texts or numbers (what is reversed to check which example "
-            "each row belongs to)")
+            "with the examples first nor in a list of them (what is reversed to check which example each row belongs "
+            "to)")
 
 
 def run_pass(
@@ -741,7 +761,7 @@ def run_pass(
         except Exception as exc:
             _note(exc, f"source_fast: raised by the task's get_attention_mask on {where(b, start)}")
             raise
-        with capturer.capture(mask, n) as records:
+        with _noted(lambda: where(b, start)), capturer.capture(mask, n) as records:
             try:
                 if objective == "measurement":
                     out = task.compute_measurement(batch, model)
@@ -786,7 +806,12 @@ def run_pass(
         # features), as XLNet's, passes as (examples, tokens, features) then), until one batch shows their
         # order; layers fed rows picked by index on every batch (a mixture of experts' share of the tokens
         # changes with them, and may be as many rows as examples, or a multiple).
-        every = [s.name for s in specs if records[s.name].selected]
+        # Rows a 2-D input holds per example that are no width of the batch's own tensors (OPT's fc1 takes
+        # input_ids' tokens) are an expert's share too, whose first layer shows no index op when no tracked
+        # layer comes before it (autograd keeps no history there).
+        widths = _widths(given_batch, n)
+        every = [s.name for s in specs if records[s.name].selected or (
+            s.name in capturer.folded and not records[s.name].regrouped and records[s.name].a.shape[1] not in widths)]
         once = [s.name for s in specs if s.name not in settled and s.name not in every and (
             s.name in capturer.folded or (s.kind not in CONVOLUTIONS and records[s.name].a.shape[1] == n))]
         if n > 1 and every + once:  # one example's rows are its own

@@ -407,7 +407,7 @@ class Capturer:
                         raise ValueError(f"module {name!r}: its output was modified in place (an in-place activation "
                                          "such as ReLU(inplace=True)?), so its output gradient could not be captured; "
                                          "use the op out of place")
-                folded = [self._folded(name, c, examples) for c in calls]
+                folded = [self._folded(name, c, examples, len(calls)) for c in calls]
                 if any(f is not c for f, c in zip(folded, calls)):
                     self.folded.append(name)
                 self.records[name] = _joined(name, folded) if len(folded) > 1 else folded[0]
@@ -424,7 +424,7 @@ class Capturer:
             self._calls, self._seen, self._outputs = {}, {}, {}
             self._backward = False
 
-    def _folded(self, name: str, rec: Captured, n: int) -> Captured:
+    def _folded(self, name: str, rec: Captured, n: int, calls: int) -> Captured:
         """One call's record whose input held n·k rows for the batch's n examples (OPT's fc1 and fc2 take
         (examples × tokens, features); Swin's attention (examples × windows, tokens, features)), read as
         each example's k rows one after another: (n, k·t, ·). Rows of a 2-D input are tokens, masked by
@@ -437,30 +437,31 @@ class Capturer:
         g = None if rec.g is None else rec.g.reshape(n, -1, rec.g.shape[-1])
         if rec.mask is not None:
             return dataclasses.replace(rec, a=a, g=g, mask=rec.mask.reshape(n, -1), regrouped=t > 1)
-        mask = self._fitting_mask(name, rec.call, (n, a.shape[1])) if t == 1 else None
+        mask = self._fitting_mask(name, rec.call, (n, a.shape[1]), calls) if t == 1 else None
         if mask is not None:
             keep = (mask != 0).unsqueeze(-1)
             a = torch.where(keep | a.isfinite(), a, 0)
             g = None if g is None else torch.where(keep | g.isfinite(), g, 0)
         return dataclasses.replace(rec, a=a, g=g, mask=mask, regrouped=t > 1)
 
-    def _fitting_mask(self, name: str, call: int, shape: tuple[int, int]) -> Tensor | None:
-        """The task's mask for a module's call where it is a tensor of `shape`. One of other rows is
-        not this input's (a 2-D input's rows, read per example, may be no tokens: a multiple-choice
-        model's choices): None; one per example of other tokens is refused, as for any layer."""
+    def _fitting_mask(self, name: str, call: int, shape: tuple[int, int], calls: int) -> Tensor | None:
+        """The task's mask for a module's call where it is a tensor of `shape`; else None (a 2-D input's
+        rows, read per example, may be no tokens: a multiple-choice model's choices, an expert's share),
+        but for a module that runs `calls` > 1 times given one mask for all its calls' tokens (a Siamese
+        pair's joined), which would mask the wrong ones: refused."""
         if isinstance(self._mask, MaskWhereItFits):  # its rule masked the rows where the mask fitted them
             return None
         mask = self._mask.get(name) if isinstance(self._mask, dict) else self._mask
         if isinstance(mask, (list, tuple)):
             mask = mask[call] if call < len(mask) else None
-        if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != shape[0]:
+        if not isinstance(mask, Tensor) or mask.dim() != 2:
             return None
-        if tuple(mask.shape) != shape:
+        if calls > 1 and tuple(mask.shape) == (shape[0], shape[1] * calls):
             raise ValueError(f"module {name!r}'s attention mask" + (f" for its call {call + 1}" if call else "")
                              + f" has shape {tuple(mask.shape)} but module {name!r} sees {shape[0]} examples × "
                              f"{shape[1]} tokens (a module that runs more than once takes a mask per call: a dict "
                              "from its name to the list of them)")
-        return mask
+        return mask if tuple(mask.shape) == shape else None
 
     def check_order(self, records: dict[str, Captured], names: list[str], n: int, run: Callable[[], Any],
                     reversed_examples: bool = True) -> dict[str, str]:

@@ -1333,6 +1333,13 @@ def test_rows_picked_by_index_are_checked_on_every_batch():
         return sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
 
     sf.fit_factors(model, SequenceTask(), routed([2, 2, 1, 1]), batch_size=2)  # every batch's rows are the examples'
+
+    class ExpertOnly(SequenceTask):  # the expert the first tracked layer: autograd keeps no index op before it
+        def get_influence_tracked_modules(self):
+            return ["expert"]
+
+    with pytest.raises(ValueError, match=r"batch 1 \(examples from 2\): module 'expert' takes several rows per example"):
+        sf.fit_factors(model, ExpertOnly(), routed([2, 2, 1, 3]), batch_size=2)
     for counts, pattern in (([2, 2, 0, 2], r"module 'expert' sees rows picked by index .* as many as the batch's 2 "
                                            r"examples, and with the examples reversed they stay as they were"),
                             ([2, 2, 1, 3], r"module 'expert' takes several rows per example for the batch's 2 examples "
@@ -1452,8 +1459,10 @@ def test_a_layer_run_twice_on_examples_times_tokens_takes_a_mask_per_call():
             return {"mix": torch.cat([batch[1], batch[3]], 1)}
 
     with pytest.raises(ValueError, match=r"module 'mix''s attention mask has shape \(4, 10\) but module 'mix' sees 4 "
-                                         r"examples × 5 tokens \(a module that runs more than once takes a mask per call"):
+                                         r"examples × 5 tokens \(a module that runs more than once takes a mask per call"
+                       ) as caught:
         sf.fit_factors(model, JoinedMask(), traj, batch_size=4)
+    assert caught.value.__notes__ == ["source_fast: on segment 0, checkpoint 0, batch 0 (examples from 0)"]
 
 
 class NoisyTask(SequenceTask):
