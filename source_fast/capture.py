@@ -363,7 +363,7 @@ class Capturer:
                 examples: int) -> Iterator[dict[str, Captured]]:
         """Records each tracked layer's inputs and output gradients while the block runs a forward and
         backward pass of a batch of `examples` examples; afterwards `folded` names the layers whose
-        rows _fold_examples read as examples × tokens."""
+        rows _folded read as examples × tokens."""
         if isinstance(mask, (list, tuple)):  # would mask every layer's calls by position, with nothing to check
             raise TypeError("get_attention_mask returned a list: masks per call are for a shared layer, inside the "
                             "dict of masks per module ({name: [mask of call 1, mask of call 2, ...]})")
@@ -464,13 +464,14 @@ class Capturer:
         return mask if tuple(mask.shape) == shape else None
 
     def check_order(self, records: dict[str, Captured], names: list[str], n: int, run: Callable[[], Any],
-                    reversed_examples: bool = True) -> dict[str, str]:
+                    reverse: bool = True) -> dict[str, str]:
         """Runs `run()` (a forward pass of the batch with its n examples reversed) and compares each named
         layer's rows, read per example as in `records`, with the records' reversed: "in order" (they
         match, and the examples differ), "alike" (the examples' rows are the same: nothing to see),
         "unmoved" (the rows did not change: the input is no example's, or the reversal did not reach it)
-        or "out of order". With `run()` a forward pass of the batch as it was: "same" or "different"
-        (a forward pass that draws random numbers). It stops once every named layer has run; no gradients."""
+        or "out of order". With `reverse` False, `run()` is a forward pass of the batch as it was: "same"
+        or "different" (one that draws random numbers). It stops once every named layer has run; no
+        gradients."""
         specs = {s.name: s for s in self.specs}
         pending = {name: records[name].calls for name in names}
         rows: dict[str, list[Tensor]] = {name: [] for name in names}
@@ -525,7 +526,7 @@ class Capturer:
                 p.requires_grad_(True)
         for name, (size, alike, flipped, unmoved) in ((k, v.tolist()) for k, v in norms.items()):
             close = lambda d: d <= 1e-2 * size  # noqa: E731  (rows computed in another order round differently)
-            if not reversed_examples:
+            if not reverse:
                 found[name] = "same" if close(unmoved) else "different"
             else:
                 found[name] = ("alike" if close(alike) else "in order" if close(flipped)
