@@ -5,6 +5,7 @@ parameter names); and on rank 0 the same training without FSDP, saved as torch's
     torchrun --standalone --nproc-per-node 2 tests/_fsdp_job.py OUT_DIR
 """
 
+import gc
 import os
 import sys
 
@@ -54,6 +55,12 @@ def main() -> None:
         plain = build()
         torch.save(train(plain, names=True).state_dict(), os.path.join(out, "optimizer.pt"))
         torch.save(plain.state_dict(), os.path.join(out, "model.pt"))
+    # FSDP's sharded tensors go while their process group is alive, on every rank at once: otherwise gloo's
+    # threads may abort the process at exit ("terminate called without an active exception", about one run
+    # in ten on these machines).
+    dist.barrier()
+    del model, opt, state, weights
+    gc.collect()
     dist.destroy_process_group()
 
 
