@@ -74,7 +74,7 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     _check_data_size(folders[-1], logs[-1], length(data), settings.get("gradient_accumulation_steps"))
     states = [_optimizer_state(folder, model) for folder in folders]
     group = states[-1]["param_groups"][0]
-    where = next((p for p in (folders[-1] / "optimizer.pt", folders[-1] / "optimizer.bin") if p.is_file()), None)
+    where = _optimizer_file(folders[-1])
     if {"momentum", "dampening"} <= set(group):  # torch's SGD
         if group.get("maximize"):
             raise ValueError(f"{where}: the SGD optimizer maximizes its objective (maximize=True), going up the "
@@ -214,12 +214,16 @@ def _adapter_state(folder: Path, model: nn.Module) -> dict[str, Any]:
     return state
 
 
+def _optimizer_file(folder: Path) -> Path:
+    """optimizer.pt, or accelerate's optimizer.bin where only that is there (FSDP)."""
+    path = folder / "optimizer.pt"
+    return folder / "optimizer.bin" if not path.is_file() and (folder / "optimizer.bin").is_file() else path
+
+
 def _optimizer_state(folder: Path, model: nn.Module) -> dict:
     """optimizer.pt, memory-mapped (a state is twice the model), its groups named by Trainer's rule; or
     the optimizer.bin accelerate saves for FSDP (fsdp_state_dict_type FULL_STATE_DICT), keyed by names."""
-    path = folder / "optimizer.pt"
-    if not path.is_file() and (folder / "optimizer.bin").is_file():
-        path = folder / "optimizer.bin"
+    path = _optimizer_file(folder)
     if not path.is_file():
         cause = sharded_training_state(folder) or "an incomplete checkpoint, or a run with save_only_model=True"
         raise ValueError(f"{path} is missing ({cause}): the optimizer's kind, momentum or second moments are read "
