@@ -776,7 +776,7 @@ def run_pass(
                 raise
             if not isinstance(out, torch.Tensor) or out.dim() != 0:
                 raise ValueError(f"{where(b, start)}: the task must return a scalar tensor (summed over the batch)")
-            missing = [s.name for s in specs if s.name not in records]
+            missing = list(dict.fromkeys(s.module for s in specs if s.module not in records))
             if missing:
                 raise ValueError(
                     f"{where(b, start)}: tracked modules {missing} did not run in the forward pass, or only under "

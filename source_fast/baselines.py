@@ -78,7 +78,7 @@ def _representations(model, task, specs, data, batch_size, collate_fn, what, fir
     Last in the model's module order, nearest the output for a feed-forward stack, whatever order the
     task lists its tracked modules in."""
     order = {name: k for k, (name, _) in enumerate(model.named_modules())}
-    last = max(specs, key=lambda s: order[s.name])
+    last = max(specs, key=lambda s: order[s.module]).whole()  # a grouped convolution's whole input
     feats = []
     loader = make_loader(data, batch_size, collate_fn)
     for _, _, rec in run_pass(model, task, [last], loader, "train", what, None, first):

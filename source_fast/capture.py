@@ -45,34 +45,46 @@ CONVOLUTIONS = ("conv2d", "nn_conv1d")
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """A tracked layer as the math sees it: gradient matrix (d_out, d_a), d_a = d_in (+1 bias column, last)."""
+    """A tracked layer as the math sees it: gradient matrix (d_out, d_a), d_a = d_in (+1 bias column, last).
+
+    A grouped convolution is `groups` layers, one per group, named "module[g]": group g maps input
+    channels [g·C_in/G, (g+1)·C_in/G) to output channels [g·C_out/G, (g+1)·C_out/G) with weights of its
+    own, and its weights' gradient never sees the other groups' inputs, so each group has Kronecker
+    factors of its own (kronfluence instead averages the inputs over the groups, which is not the
+    gradient). d_in and d_out are the group's."""
 
     name: str
     kind: str
     d_in: int
     d_out: int
     has_bias: bool
+    group: int = 0
+    groups: int = 1
 
     @property
     def d_a(self) -> int:
         return self.d_in + int(self.has_bias)
 
+    @property
+    def module(self) -> str:
+        """The module's name (a group's layer is named "module[g]")."""
+        return self.name if self.groups == 1 else self.name[: self.name.rindex("[")]
+
     @classmethod
-    def of(cls, name: str, module: nn.Module) -> LayerSpec:
+    def of(cls, name: str, module: nn.Module) -> list[LayerSpec]:
+        """The module's layer, or a grouped convolution's layer per group."""
         kind = layer_kind(module)
+        groups = 1
         if kind == "linear":
             d_in, d_out = module.in_features, module.out_features
         elif kind in CONVOLUTIONS:
-            # By default every supported layer is tracked: say how to leave this one out.
-            leave_out = "; to attribute through the other layers, name them in the task's get_influence_tracked_modules"
-            conv = type(module).__name__
-            if module.groups != 1:
-                raise ValueError(f"module {name!r}: grouped {conv} (groups={module.groups}) is not supported{leave_out}")
             if module.padding_mode != "zeros":
-                raise ValueError(f"module {name!r}: {conv} padding_mode={module.padding_mode!r} is not supported"
-                                 f"{leave_out}")
-            d_in = module.in_channels * math.prod(module.kernel_size)
-            d_out = module.out_channels
+                raise ValueError(f"module {name!r}: {type(module).__name__} padding_mode={module.padding_mode!r} is not "
+                                 "supported; to attribute through the other layers, name them in the task's "
+                                 "get_influence_tracked_modules")
+            groups = module.groups
+            d_in = module.in_channels // groups * math.prod(module.kernel_size)
+            d_out = module.out_channels // groups
         elif kind == "conv1d":
             d_in, d_out = module.weight.shape
         else:
@@ -80,14 +92,27 @@ class LayerSpec:
                 f"module {name!r} is a {type(module).__name__}; supported layers are nn.Linear, nn.Conv2d, "
                 "nn.Conv1d and transformers' Conv1D"
             )
-        return cls(name, kind, int(d_in), int(d_out), getattr(module, "bias", None) is not None)
+        has_bias = getattr(module, "bias", None) is not None
+        if groups == 1:
+            return [cls(name, kind, int(d_in), int(d_out), has_bias)]
+        return [cls(f"{name}[{g}]", kind, int(d_in), int(d_out), has_bias, g, groups) for g in range(groups)]
+
+    def whole(self) -> LayerSpec:
+        """The module's layer as capture sees it: all of a grouped convolution's channels."""
+        if self.groups == 1:
+            return self
+        return dataclasses.replace(self, name=self.module, d_in=self.d_in * self.groups,
+                                   d_out=self.d_out * self.groups, group=0, groups=1)
 
     def param_matrix(self, params: dict[str, Tensor]) -> Tensor:
-        """The layer's parameters (weight, bias) as one (d_out, d_a) matrix, from a name → tensor dict."""
-        w = params[f"{self.name}.weight"]
-        w = w.T if self.kind == "conv1d" else w.reshape(self.d_out, self.d_in)
+        """The layer's parameters (weight, bias) as one (d_out, d_a) matrix, from a name → tensor dict
+        (a group's: its output channels' rows of the convolution's weight, which holds only its group's
+        input channels)."""
+        rows = slice(self.group * self.d_out, (self.group + 1) * self.d_out)
+        w = params[f"{self.module}.weight"]
+        w = w.T if self.kind == "conv1d" else w[rows].reshape(self.d_out, self.d_in)
         if self.has_bias:
-            w = torch.cat([w, params[f"{self.name}.bias"].reshape(self.d_out, 1)], dim=1)
+            w = torch.cat([w, params[f"{self.module}.bias"][rows].reshape(self.d_out, 1)], dim=1)
         return w
 
 
@@ -123,8 +148,8 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
         if attention:
             warn(f"nn.MultiheadAttention modules {attention[:8]} are not tracked: they compute their projections "
                  "from their weights without calling a layer, so their part of the scores is left out")
-        specs = [LayerSpec.of(n, m) for n, m in modules.items()
-                 if layer_kind(m) is not None and n not in frozen and n not in unseen]
+        specs = [s for n, m in modules.items() if layer_kind(m) is not None and n not in frozen and n not in unseen
+                 for s in LayerSpec.of(n, m)]
         if not specs:
             raise ValueError("the model has no nn.Linear, nn.Conv2d, nn.Conv1d or Conv1D layer to track (that trains)")
         _check_examples_first(specs, modules)
@@ -140,7 +165,7 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
         if name not in modules:
             close = [n for n in modules if n and (name in n or n in name)][:5]
             raise ValueError(f"tracked module {name!r} does not exist in the model" + (f" (close: {close})" if close else ""))
-        specs.append(LayerSpec.of(name, modules[name]))
+        specs += LayerSpec.of(name, modules[name])
     _check_examples_first(specs, modules)
     named_frozen = [n for n in names if n in frozen]
     if named_frozen:
@@ -169,7 +194,7 @@ def _warn_untracked(model: nn.Module, specs: list[LayerSpec], said: list[str], s
     are left out by design, and attention modules `said` already; anything else that trains (any
     parameter, in a model frozen whole) and is not a tracked layer's (a parametrized weight's original
     included) is named when it is a tenth of the trainable parameters or more."""
-    tracked = {id(p) for s in specs for p in model.get_submodule(s.name).parameters()}
+    tracked = {id(p) for s in specs for p in model.get_submodule(s.module).parameters()}
     total, left = 0, {}
     for name, module in model.named_modules():
         kind = type(module).__name__  # ViTEmbeddings' bare position and class tokens are embeddings too
@@ -306,6 +331,7 @@ class Capturer:
     def __init__(self, model: nn.Module, specs: list[LayerSpec], grad_scale: float = 1.0):
         self.model = model
         self.specs = specs
+        self._hooked = {s.module: s.whole() for s in specs}  # hooks see modules: a grouped one whole
         self.grad_scale = grad_scale  # the loss's backward was scaled by it: output gradients are divided by it
         self.modules = dict(model.named_modules())
         self.records: dict[str, Captured] = {}
@@ -375,7 +401,7 @@ class Capturer:
                 warn(f"get_attention_mask returned masks for {unknown}, which name no module of the model: ignored")
             elif unknown:
                 raise ValueError(f"get_attention_mask returned masks for {unknown}, which name no module of the model")
-            tracked = [s.name for s in self.specs]
+            tracked = list(self._hooked)
             parents = sorted(k for k in given if k not in tracked and any(k == "" or t.startswith(f"{k}.") for t in tracked))
             if parents:  # kronfluence takes a key for the module it names only: so do we, but say so
                 warn(f"get_attention_mask returned masks for {parents}, which contain tracked modules but are not "
@@ -389,7 +415,7 @@ class Capturer:
         self._mask = mask
         self._unfit: set[str] = set()  # modules a MaskWhereItFits left unmasked
         handles = []
-        for spec in self.specs:
+        for spec in self._hooked.values():
             handles.append(self.modules[spec.name].register_forward_hook(self._make_hook(spec)))
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         for p in frozen:
@@ -411,6 +437,7 @@ class Capturer:
                 if any(f is not c for f, c in zip(folded, calls)):
                     self.folded.append(name)
                 self.records[name] = _joined(name, folded) if len(folded) > 1 else folded[0]
+            self._split_groups()
             if self._unfit:  # kronfluence leaves them unmasked without a word
                 warn(f"the attention mask does not fit the inputs of modules {sorted(self._unfit)} (it needs one entry "
                      "per example and token): they are left unmasked, as kronfluence leaves them; to mask them, return "
@@ -423,6 +450,23 @@ class Capturer:
             self._mask = None
             self._calls, self._seen, self._outputs = {}, {}, {}
             self._backward = False
+
+    def _split_groups(self) -> None:
+        """Replaces a grouped convolution's record by one per group: its input channels' columns of the
+        unfolded input (channels are the slowest of unfold's (channel, kernel row, kernel column)) and its
+        output channels' gradients, as views."""
+        for s in self.specs:
+            if s.groups == 1 or s.module not in self.records:
+                continue
+            whole = self.records[s.module]
+            cols, rows = slice(s.group * s.d_in, (s.group + 1) * s.d_in), slice(s.group * s.d_out, (s.group + 1) * s.d_out)
+            self.records[s.name] = dataclasses.replace(whole, a=whole.a[..., cols],
+                                                       g=None if whole.g is None else whole.g[..., rows])
+            if s.module in self.folded:
+                self.folded.append(s.name)
+        for s in self.specs:
+            if s.groups > 1:
+                self.records.pop(s.module, None)
 
     def _folded(self, name: str, rec: Captured, n: int, calls: int) -> Captured:
         """One call's record whose input held n·k rows for the batch's n examples (OPT's fc1 and fc2 take
@@ -495,13 +539,14 @@ class Capturer:
                                        (mine - theirs).norm()])
 
         def hook_for(name: str):
-            spec, weight = specs[name], self.modules[name].weight
+            spec, weight = specs[name], self.modules[specs[name].module].weight
             dtype = weight.dtype if weight.is_floating_point() and weight.dtype.itemsize >= 2 else None
+            cols = slice(spec.group * spec.d_in, (spec.group + 1) * spec.d_in)  # a group's: _split_groups's
 
             def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
                 if name not in pending or not torch.is_grad_enabled():  # as the capture: no_grad calls take no part
                     return
-                rows[name].append(self._tokens(spec, module, inputs[0].detach().to(dtype)))
+                rows[name].append(self._tokens(spec, module, inputs[0].detach().to(dtype))[..., cols])
                 pending[name] -= 1
                 if not pending[name]:
                     del pending[name]
@@ -511,7 +556,7 @@ class Capturer:
 
             return hook
 
-        handles = [self.modules[name].register_forward_hook(hook_for(name)) for name in names]
+        handles = [self.modules[specs[name].module].register_forward_hook(hook_for(name)) for name in names]
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         for p in frozen:  # grad mode on, as in the pass (a task's no_grad calls stay apart), building no graph
             p.requires_grad_(False)

@@ -35,7 +35,11 @@ from .tasks import CausalLMTask
 from .trajectory import (Checkpoint, Segment, Trajectory, checkpoint_files, extra_prefix, load_dict, load_into,
                          load_state_dict, readable, unwrapped_name)
 
-FORMAT_VERSION = 3  # 2: the tensor file is named by its content (factors.json says which); 3: modules may have no bases
+# 2: the tensor file is named by its content (factors.json says which); 3: modules may have no bases;
+# 4: a grouped convolution's groups are layers of their own ("module[g]", with group and groups). A save
+# writes the lowest version that describes its factors, so older readers take what they can read.
+FORMAT_VERSION = 4
+_NO_BASES_VERSION = 3
 # Factors whose every module has bases are written as version 2, which source_fast before version 3 reads too.
 _KRONECKER_VERSION = 2
 _TENSOR_FILE = re.compile(r"factors(\.[0-9a-f]{16})?\.safetensors")
@@ -163,9 +167,11 @@ class Factors:
             meta = {
                 "format": "source_fast.factors",
                 # A reader older than version 3 would call a module without bases damaged.
-                "format_version": FORMAT_VERSION if any(lf.q_a is None for seg in self.segments for lf in seg.values())
+                "format_version": FORMAT_VERSION if any(s.groups > 1 for s in self.layers)
+                else _NO_BASES_VERSION if any(lf.q_a is None for seg in self.segments for lf in seg.values())
                 else _KRONECKER_VERSION,
-                "layers": [vars(s) for s in self.layers],
+                "layers": [vars(s) if s.groups > 1 else {k: v for k, v in vars(s).items() if k not in ("group", "groups")}
+                           for s in self.layers],
                 "num_examples": self.num_examples,
                 "rows": {f"{ell}/{name}": lf.rows for ell, seg in enumerate(self.segments) for name, lf in seg.items()
                          if lf.rows is not None},
@@ -851,7 +857,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
     deserves a warning goes into `notes`, once for the whole fit however many states repeat it.
     Each state's step count (its tracked parameters' largest) is appended to `steps_out`."""
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
-    needed = [f"{s.name}.{p}" for s in specs for p in (("weight", "bias") if s.has_bias else ("weight",))]
+    needed = list(dict.fromkeys(f"{s.module}.{p}" for s in specs for p in (("weight", "bias") if s.has_bias else ("weight",))))
     out: dict[str, Tensor] = {}
     assert seg.optimizer_states is not None
     for c, st in enumerate(seg.optimizer_states):
@@ -1024,17 +1030,17 @@ def _check_weight_decay(specs: list[LayerSpec], wd_by_name: dict[str, float], se
     A bias decayed differently (often not at all) shares its layer's Kronecker-factored curvature,
     which can only give it the weight's decay: a warning says so."""
     odd_biases = []
-    for spec in specs:
-        wd, expected = wd_by_name[f"{spec.name}.weight"], seg.decay(spec.name)
+    for name, has_bias in dict.fromkeys((s.module, s.has_bias) for s in specs):  # a grouped convolution's once
+        wd, expected = wd_by_name[f"{name}.weight"], seg.decay(name)
         if not math.isclose(wd, expected, rel_tol=1e-9, abs_tol=0.0):
-            fix = (f"weight_decay[{spec.name!r}]={wd:g}" if isinstance(seg.weight_decay, dict)
+            fix = (f"weight_decay[{name!r}]={wd:g}" if isinstance(seg.weight_decay, dict)
                    else f"Segment(weight_decay={wd:g}), or a dict per tracked module if they differ")
             raise ValueError(
-                f"{what}: parameter '{spec.name}.weight' was trained with weight_decay={wd:g}, but the segment "
+                f"{what}: parameter '{name}.weight' was trained with weight_decay={wd:g}, but the segment "
                 f"says weight_decay={expected:g} for it; pass {fix}"
             )
-        if spec.has_bias and not math.isclose(wd_by_name[f"{spec.name}.bias"], wd, rel_tol=1e-9, abs_tol=0.0):
-            odd_biases.append(spec.name)
+        if has_bias and not math.isclose(wd_by_name[f"{name}.bias"], wd, rel_tol=1e-9, abs_tol=0.0):
+            odd_biases.append(name)
     if odd_biases:
         notes.add(f"the biases of {odd_biases} were trained with another weight decay than their weights (as "
                   "Hugging Face's Trainer does); a layer's Kronecker-factored curvature gives its bias the weight's "

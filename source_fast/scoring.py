@@ -660,7 +660,7 @@ def _score_share(model, task, specs, plan, train_data, n_query: int, **kwargs) -
         return _cat(parts, 1)
     empty = torch.zeros((n_query, 0) + ((0,) if kwargs.get("per_token") else ()), dtype=factor_dtype(model),
                         device=model_device(model))
-    return {s.name: empty for s in specs} if kwargs.get("per_module") else empty
+    return {s.module: empty for s in specs} if kwargs.get("per_module") else empty
 
 
 def _each(scores: Tensor | dict[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor | dict[str, Tensor]:
@@ -962,8 +962,8 @@ def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token:
             part = reference.pairwise_scores_lowrank(a, g, left, right)
         else:
             part = ops.pairwise_scores(a, g, q)
-        if per_module:
-            parts[s.name] = part
+        if per_module:  # a grouped convolution's groups add up to their module's part
+            parts[s.module] = part if s.module not in parts else parts[s.module] + part
         elif _ALL not in parts:
             parts[_ALL] = part
         elif per_token and parts[_ALL].shape[-1] != part.shape[-1]:
@@ -1049,7 +1049,13 @@ def self_score(
     if n_rows == 0:
         raise ValueError("empty data: the training stream yielded no examples")
     check_rows(trajectory, train_data, n_rows)
-    return per_layer if per_module else sum(per_layer.values())
+    if not per_module:
+        return sum(per_layer.values())
+    per_module_scores: dict[str, Tensor] = {}
+    for s in specs:  # a grouped convolution's groups add up to their module's part
+        part = per_layer[s.name]
+        per_module_scores[s.module] = part if s.module not in per_module_scores else per_module_scores[s.module] + part
+    return per_module_scores
 
 
 def _self_chunked(model, task, specs, trajectory, factors, method, data, first, damping, train_segs, batch_size,

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_layers import TokenModel, TokenTask, _token_data
+from test_layers import GroupedNet, ImageTask, TokenModel, TokenTask, _image_data, _token_data
 
 import source_fast as sf
 from source_fast import _dispatch, _triton
@@ -53,19 +53,28 @@ def _run(model, task, data, queries):
     )
 
 
-def test_engine_with_triton_kernels_matches_torch_engine(triton_everywhere):
+def _float(data):
+    return torch.utils.data.TensorDataset(*(t.float() if t.is_floating_point() else t for t in data.tensors))
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["tokens", "grouped_conv"])
+def test_engine_with_triton_kernels_matches_torch_engine(triton_everywhere, grouped):
+    """Masked token sequences; grouped convolutions, whose groups' inputs reach the kernels as column
+    slices of the unfolded input (strided views, without a bias column to copy them)."""
     assert _triton.interpreting()
     torch.manual_seed(0)
-    model = TokenModel().float()
-    data, queries = _token_data(14, 6, 0, garbage=1), _token_data(3, 6, 2, garbage=2)
-    data = torch.utils.data.TensorDataset(*(t.float() if t.is_floating_point() else t for t in data.tensors))
-    queries = torch.utils.data.TensorDataset(*(t.float() if t.is_floating_point() else t for t in queries.tensors))
-    fast = _run(model, TokenTask(), data, queries)
+    if grouped:
+        model, task = GroupedNet().float(), ImageTask()
+        data, queries = _float(_image_data(14, 0)), _float(_image_data(3, 2))
+    else:
+        model, task = TokenModel().float(), TokenTask()
+        data, queries = _float(_token_data(14, 6, 0, garbage=1)), _float(_token_data(3, 6, 2, garbage=2))
+    fast = _run(model, task, data, queries)
     assert {op for op, b in triton_everywhere if b == "triton"} == {"accumulate_lambda_", "self_scores", "pairwise_scores"}
     triton_everywhere.clear()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOURCE_FAST_BACKEND", "torch")
-        ref = _run(model, TokenTask(), data, queries)
+        ref = _run(model, task, data, queries)
     assert not triton_everywhere  # the reference run never asked for a kernel
     for a, b in zip(fast[0].segments, ref[0].segments):
         for name in a:

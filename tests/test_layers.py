@@ -2,6 +2,7 @@
 gradients (torch.func) and the dense EK-FAC matrix: checks the token layout, unfold order and masks."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -191,7 +192,7 @@ class SignalNet(nn.Module):
 
 def test_conv1d_matches_explicit_gradients(tmp_path):
     """nn.Conv1d is unfolded as an image of height 1: tracked by default, its EK-FAC scores equal the
-    dense ones from explicit per-example gradients; grouped ones are refused as grouped Conv2d are."""
+    dense ones from explicit per-example gradients."""
     torch.manual_seed(0)
     model = SignalNet().double()
     g = torch.Generator().manual_seed(1)
@@ -201,14 +202,203 @@ def test_conv1d_matches_explicit_gradients(tmp_path):
                                     queries)
     assert [(s.name, s.kind, s.d_in, s.d_out, s.has_bias) for s in factors.layers] == [
         ("conv", "nn_conv1d", 6, 3, True), ("same", "nn_conv1d", 12, 2, False), ("head", "linear", 10, 4, True)]
-    with pytest.raises(ValueError, match=r"module 'conv': grouped Conv1d \(groups=2\) is not supported"):
-        sf.capture.tracked_layers(nn.ModuleDict({"conv": nn.Conv1d(4, 4, 3, groups=2)}), None)
     # kronfluence tracks no Conv1d: its scores from exported files would leave the layers out, silently.
     from source_fast.interop import kronfluence as kf
 
     with pytest.raises(ValueError, match=r"modules \[\"'conv' \(torch nn.Conv1d\)\", \"'same' \(torch nn.Conv1d\)\"\] are "
                                          r"layers kronfluence does not track"):
         kf.save_factors(factors, tmp_path / "factors_conv1d")
+
+
+class GroupedNet(nn.Module):
+    """A grouped convolution (2 groups) and a depthwise one with two output channels per input channel
+    (6 groups, no bias), as ResNeXt's and MobileNet's or ConvNeXt's blocks have."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(6, 12, 3, stride=2, groups=6, bias=False)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.depthwise(torch.tanh(self.conv(x)))).mean((2, 3)))
+
+
+class SplitGroups(nn.Module):
+    """A grouped convolution written as one convolution per group on its input channels, with the same
+    weights: plain layers, whose factors are checked against first principles elsewhere."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        groups, self.width = conv.groups, conv.in_channels // conv.groups
+        rows = conv.out_channels // groups
+        self.parts = nn.ModuleList()
+        for g in range(groups):
+            part = nn.Conv2d(self.width, rows, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+            part.weight.data = conv.weight.data[g * rows : (g + 1) * rows].clone()
+            if conv.bias is not None:
+                part.bias.data = conv.bias.data[g * rows : (g + 1) * rows].clone()
+            self.parts.append(part)
+
+    def forward(self, x):
+        return torch.cat([p(x[:, g * self.width : (g + 1) * self.width]) for g, p in enumerate(self.parts)], 1)
+
+
+def _image_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 4, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+
+
+def test_grouped_convolutions_match_explicit_gradients_per_group(tmp_path):
+    """A grouped convolution's weights are one block per group, (C_out/G, C_in/G · k): each group is a
+    layer with Kronecker factors of its own. EK-FAC scores equal the dense block-diagonal EK-FAC from
+    explicit per-example gradients (float64, 1e-9: only round-off differs), Λ equals the mean squared
+    gradient in each group's eigenbasis, the blocks are all of the parameters, and per-module scores and
+    self-influence add each module's groups up."""
+    torch.manual_seed(0)
+    model, task = GroupedNet().double(), ImageTask()
+    data, queries = _image_data(30, 1), _image_data(3, 2)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=7)
+    assert [(s.name, s.d_in, s.d_out, s.has_bias) for s in factors.layers] == (
+        [(f"conv[{g}]", 18, 3, True) for g in range(2)] + [(f"depthwise[{g}]", 9, 2, False) for g in range(6)]
+        + [("head", 12, 3, True)])
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def explicit(d):  # (n, P): each group's rows of its module's weight (and bias), in the layers' order
+        def loss(p, x, y):
+            return F.cross_entropy(functional_call(model, p, (x[None],)), y[None], reduction="sum")
+
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, *d.tensors)
+        blocks = []
+        for s in factors.layers:
+            rows = slice(s.group * s.d_out, (s.group + 1) * s.d_out)
+            w = grads[f"{s.module}.weight"][:, rows].flatten(2)
+            if s.has_bias:
+                w = torch.cat([w, grads[f"{s.module}.bias"][:, rows, None]], 2)
+            blocks.append(w)
+        return blocks
+
+    g_train, g_query = explicit(data), explicit(queries)
+    assert sum(b[0].numel() for b in g_train) == sum(p.numel() for p in model.parameters())
+    for s, gn in zip(factors.layers, g_train):
+        lf = factors.segments[0][s.name]
+        expected = (lf.q_s.T @ gn @ lf.q_a).square().mean(0)
+        assert torch.allclose(lf.lam, expected, rtol=1e-9, atol=1e-14 * expected.max()), s.name
+
+    damping = 0.01
+    scores = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=damping, batch_size=4)
+    h = torch.block_diag(*(dense_curvature(factors.segments[0][s.name]) for s in factors.layers))
+    v, g = torch.cat([b.flatten(1) for b in g_query], 1), torch.cat([b.flatten(1) for b in g_train], 1)
+    expected = torch.linalg.solve(h + damping * torch.eye(h.shape[0], dtype=h.dtype), v.T).T @ g.T / len(data)
+    assert (scores - expected).abs().max() < 1e-9 * expected.abs().max()
+
+    parts = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=damping, per_module=True)
+    assert sorted(parts) == ["conv", "depthwise", "head"]
+    assert torch.allclose(sum(parts.values()), scores, rtol=1e-10, atol=1e-14)
+    own = sf.self_score(model, task, traj, factors, data, method="ekfac", damping=damping, per_module=True)
+    assert sorted(own) == ["conv", "depthwise", "head"]
+    solved = torch.linalg.solve(h + damping * torch.eye(h.shape[0], dtype=h.dtype), g.T).T
+    assert torch.allclose(sum(own.values()), (solved * g).sum(1) / len(data), rtol=1e-9, atol=0)
+
+    factors.save(tmp_path / "grouped")
+    loaded = sf.Factors.load(tmp_path / "grouped")
+    assert loaded.layers == factors.layers
+    assert json.loads((tmp_path / "grouped" / "factors.json").read_text())["format_version"] == 4
+    assert torch.allclose(sf.score(model, task, traj, loaded, data, queries, method="ekfac", damping=damping, batch_size=4),
+                          scores, rtol=1e-12, atol=0)
+
+
+def _split_state(state: dict, modules: tuple[str, ...], groups: dict[str, int]) -> dict:
+    """GroupedNet's checkpoint (or a per-parameter tensor dict) as SplitGroups' names hold it."""
+    out = {}
+    for key, value in state.items():
+        module, field = key.rsplit(".", 1)
+        if module not in modules:
+            out[key] = value
+            continue
+        rows = value.shape[0] // groups[module]
+        for g in range(groups[module]):
+            out[f"{module}.parts.{g}.{field}"] = value[g * rows : (g + 1) * rows].clone()
+    return out
+
+
+def test_grouped_convolution_scores_as_its_groups_written_as_separate_layers():
+    """SOURCE over an AdamW run (two segments, weight decay, Adam's per-parameter preconditioner): a model
+    with grouped convolutions scores as the same model with each group written as a convolution of its
+    own on its channels (the same weights and optimizer moments), layer for layer: factors, Adam's
+    preconditioner, and scores (float64, 1e-10)."""
+    torch.manual_seed(0)
+    model, task = GroupedNet().double(), ImageTask()
+    data, queries = _image_data(24, 1), _image_data(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    checkpoints, states = [], []
+    for step in range(4):
+        opt.zero_grad()
+        task.compute_train_loss(data[step * 6 : (step + 1) * 6], model).backward()
+        opt.step()
+        checkpoints.append({k: v.clone() for k, v in model.state_dict().items()})
+        states.append(copy.deepcopy(opt.state_dict()))
+
+    groups = {"conv": 2, "depthwise": 6}
+    split = copy.deepcopy(model)
+    split.conv, split.depthwise = SplitGroups(model.conv), SplitGroups(model.depthwise)
+    names_a = [n for n, _ in model.named_parameters()]
+    names_b = [n for n, _ in split.named_parameters()]
+
+    def split_optimizer_state(st):
+        by_name = {name: st["state"][i] for i, name in enumerate(names_a)}
+        moments = {f"{n}": {k: v for k, v in s.items() if k != "step"} for n, s in by_name.items()}
+        step = next(iter(by_name.values()))["step"]
+        per_field = {k: _split_state({n: m[k] for n, m in moments.items()}, tuple(groups), groups)
+                     for k in ("exp_avg", "exp_avg_sq")}
+        group = {**st["param_groups"][0], "params": list(range(len(names_b)))}
+        return {"state": {i: {"step": step.clone(), "exp_avg": per_field["exp_avg"][n],
+                              "exp_avg_sq": per_field["exp_avg_sq"][n]} for i, n in enumerate(names_b)},
+                "param_groups": [group]}
+
+    def trajectory(convert_ckpt, convert_state):
+        return sf.Trajectory([
+            sf.Segment([convert_ckpt(c) for c in checkpoints[i : i + 2]], data, lr_sum=0.1, optimizer="adamw",
+                       weight_decay=0.1, optimizer_states=[convert_state(s) for s in states[i : i + 2]])
+            for i in (0, 2)])
+
+    same = lambda x: x  # noqa: E731
+    traj_a = trajectory(same, same)
+    traj_b = trajectory(lambda c: _split_state(c, tuple(groups), groups), split_optimizer_state)
+    fa = sf.fit_factors(model, task, traj_a, fisher="empirical", batch_size=5)
+    fb = sf.fit_factors(split, task, traj_b, fisher="empirical", batch_size=5)
+    pairs = [(f"{m}[{g}]", f"{m}.parts.{g}") for m, n in groups.items() for g in range(n)] + [("head", "head")]
+    assert [s.name for s in fa.layers] == [a for a, _ in pairs] and [s.name for s in fb.layers] == [b for _, b in pairs]
+    for ell in range(2):
+        for a, b in pairs:
+            la, lb = fa.segments[ell][a], fb.segments[ell][b]
+            for field in ("a_cov", "s_cov", "lam", "precond"):
+                x, y = getattr(la, field), getattr(lb, field)
+                assert torch.allclose(x, y, rtol=1e-10, atol=1e-13 * y.abs().max()), (ell, a, field)
+    sa = sf.score(model, task, traj_a, fa, data, queries, method="source")
+    sb = sf.score(split, task, traj_b, fb, data, queries, method="source")
+    assert (sa - sb).abs().max() < 1e-10 * sb.abs().max()
+
+
+def test_grouped_convolutions_are_refused_by_the_kronfluence_interop(tmp_path):
+    """kronfluence keeps one pair of factors per grouped convolution, from its inputs averaged over the
+    groups: neither library reads the other's factors for such a module, and saying so beats files
+    that convert silently wrong."""
+    from source_fast.interop import kronfluence as kf
+
+    model = GroupedNet().double()
+    factors = sf.fit_factors(model, ImageTask(), sf.Trajectory([sf.Segment([model.state_dict()], _image_data(8, 1),
+                                                                              lr_sum=1.0)]), fisher="empirical")
+    refused = r"modules \[\"'conv' \(groups=2\)\", \"'depthwise' \(groups=6\)\"\] are grouped convolutions"
+    with pytest.raises(ValueError, match=refused):
+        kf.save_factors(factors, tmp_path / "factors_grouped")
+    with pytest.raises(ValueError, match=refused):
+        kf.prepare_model(model, ImageTask())
+    head_only = kf.prepare_model(GroupedNet().double(), type("HeadTask", (ImageTask,), {
+        "get_influence_tracked_modules": lambda self: ["head"]})())
+    assert head_only is not None
 
 
 class EncoderDecoder(nn.Module):
@@ -475,14 +665,12 @@ def test_frozen_layers_are_not_tracked_by_default():
     assert [s.name for s in tracked_layers(model, None)] == ["0", "2"]
 
 
-@pytest.mark.parametrize("conv, what", [(nn.Conv2d(4, 4, 3, groups=2), r"grouped Conv2d \(groups=2\)"),
-                                        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-                                         "Conv2d padding_mode='reflect'")])
-def test_unsupported_conv2d_says_how_to_track_the_other_layers(conv, what):
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), conv, nn.Flatten(), nn.LazyLinear(3))
+def test_unsupported_conv2d_says_how_to_track_the_other_layers():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                          nn.LazyLinear(3))
     model(torch.zeros(1, 1, 8, 8))
-    with pytest.raises(ValueError, match=rf"module '1': {what} is not supported; to attribute through the other "
-                                         r"layers, name them in the task's get_influence_tracked_modules"):
+    with pytest.raises(ValueError, match=r"module '1': Conv2d padding_mode='reflect' is not supported; to attribute "
+                                         r"through the other layers, name them in the task's get_influence_tracked_modules"):
         sf.capture.tracked_layers(model, None)
     assert [s.name for s in sf.capture.tracked_layers(model, ["0", "3"])] == ["0", "3"]
 

@@ -272,6 +272,19 @@ def _write_group(factors_dir: Path, group: dict[str, dict[str, Tensor]], metadat
 UNTRACKED_BY_KRONFLUENCE = {"conv1d": "transformers Conv1D", "nn_conv1d": "torch nn.Conv1d"}
 
 
+def _kronfluence_layers(layers: list[LayerSpec]) -> list[LayerSpec]:
+    """`layers`, refused where one is a grouped convolution's group: kronfluence keeps one pair of factors
+    for the module, from its inputs averaged over the groups, source_fast a pair per group."""
+    grouped = list(dict.fromkeys(f"{s.module!r} (groups={s.groups})" for s in layers if s.groups > 1))
+    if grouped:
+        raise ValueError(
+            f"modules {grouped[:4]} are grouped convolutions: source_fast fits Kronecker factors per group, kronfluence "
+            "one pair per module from the inputs averaged over the groups (not the weights' gradient), so neither "
+            "reads the other's factors for them; leave them out in get_influence_tracked_modules, or use source_fast's "
+            "own fit_factors and score with the same task")
+    return layers
+
+
 def _module_tensor(files: dict[str, dict[str, Tensor]], stem: str, spec: LayerSpec, shape: tuple[int, ...],
                    factors_dir: Path) -> Tensor:
     """One module's tensor from one factor file, checked against the model's layer shape."""
@@ -364,7 +377,7 @@ def load_factors(factors_dir: str | os.PathLike, model: nn.Module, task: Task) -
     if kronecker:
         stems += (COVARIANCE_STEMS if has_cov else ()) + (Q_A, Q_S) + ((E_A, E_S) if eigenvalues else ())
     files = {stem: _read(factors_dir, stem) for stem in stems}
-    specs = tracked_layers(model, tracked_modules(model, task))
+    specs = _kronfluence_layers(tracked_layers(model, tracked_modules(model, task)))
     layers, num_examples = {}, None
     for s in specs:
         sq_a, sq_s = (s.d_a, s.d_a), (s.d_out, s.d_out)
@@ -460,6 +473,7 @@ def save_factors(factors: Factors, factors_dir: str | os.PathLike, *, factor_arg
             "these factors were fitted with average_params=True (Fast-SOURCE, at a segment's mean parameters), "
             "not as an EK-FAC at one checkpoint; fit them with average_params=False on trajectory.final()"
         )
+    _kronfluence_layers(factors.layers)
     foreign = [f"{s.name!r} ({UNTRACKED_BY_KRONFLUENCE[s.kind]})" for s in factors.layers
                if s.kind in UNTRACKED_BY_KRONFLUENCE]
     if foreign:  # kronfluence would score without them, silently
@@ -515,7 +529,7 @@ def prepare_model(model: nn.Module, task: Task) -> nn.Module:
     checkpoint saved before or after loads either way) and never counts as training. The modules
     kronfluence would wrap (`tracked_modules`) are checked."""
     names = tracked_modules(model, task)
-    tracked_layers(model, names)
+    _kronfluence_layers(tracked_layers(model, names))
     model.eval()
     for p in model.parameters():
         p.requires_grad = False
@@ -792,7 +806,7 @@ class Analyzer:
         self.task = task
         self._names = tracked_modules(model, task)
         self._task = _AsKronfluence(task, self._names)  # what source_fast runs: kronfluence's tracked modules
-        self._specs = tracked_layers(model, self._names)
+        self._specs = _kronfluence_layers(tracked_layers(model, self._names))
         self.progress = not disable_tqdm
         self.output_dir = Path(output_dir).joinpath(analysis_name).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
