@@ -195,9 +195,11 @@ def _one_basis_queries(scaled: Grads, lfs: dict[str, LayerFactors], train_rows: 
 _ROTATE_BYTES = 64 << 20
 
 
-def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str) -> float:
-    if damping == "heuristic":  # kronfluence's damping_factor=None: 0.1 × mean eigenvalue
-        return 0.1 * float(lf.lam.clamp_min(0).mean())
+def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str, mean_lam: float | None = None
+                   ) -> float:
+    """The number `damping` stands for at one layer; `mean_lam`: its module's mean Λ (_module_mean_lams)."""
+    if damping == "heuristic":  # kronfluence's damping_factor=None: 0.1 × the module's mean eigenvalue
+        return 0.1 * (float(lf.lam.clamp_min(0).mean()) if mean_lam is None else mean_lam)
     if damping == "implied":  # SOURCE with one segment acts like damping 1/c
         if horizon <= 0:
             raise ValueError(f"damping='implied' is 1/c, and the segment's learning-rate sum c is {horizon} "
@@ -223,11 +225,25 @@ def _invertible(delta: float, lam: Tensor, damping: Damping, name: str, what: st
     return delta
 
 
-def _ekfac_damping(damping: Damping, lf: LayerFactors, horizon: float, name: str) -> float:
-    return _invertible(_damping_value(damping, lf, horizon, name), lf.lam, damping, name, "method 'ekfac'")
+def _ekfac_damping(damping: Damping, lf: LayerFactors, horizon: float, name: str, mean_lam: float | None) -> float:
+    return _invertible(_damping_value(damping, lf, horizon, name, mean_lam), lf.lam, damping, name, "method 'ekfac'")
 
 
-def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: Damping, name: str) -> Tensor:
+def _module_mean_lams(specs: list[LayerSpec], lfs: dict[str, LayerFactors]) -> dict[str, float]:
+    """Each layer's module's mean Λ (negatives from round-off as 0), for the heuristic damping, which is
+    per module as kronfluence's: a grouped convolution's groups share their module's (a group whose
+    channel never activates has Λ = 0, and 0.1 × its own mean would be no damping)."""
+    sums: dict[str, list[float]] = {}
+    for s in specs:
+        lam = lfs[s.name].lam.clamp_min(0)
+        total = sums.setdefault(s.module, [0.0, 0])
+        total[0] += float(lam.sum())
+        total[1] += lam.numel()
+    return {s.name: sums[s.module][0] / sums[s.module][1] for s in specs}
+
+
+def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: Damping, name: str,
+                          mean_lam: float | None = None) -> Tensor:
     """The preconditioner's diagonal in the eigenbasis of a one-segment method: EK-FAC's 1/(Λ + λ), or
     the segment's SOURCE factor."""
     if method != "ekfac":
@@ -238,7 +254,7 @@ def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: 
         # eigen-direction, the counterpart of SGD's 1/c (an Adam step is c·P, not c).
         _damping_value(damping, lf, seg.horizon, name)  # refuses c = 0
         return 1.0 / (lam + 1.0 / (seg.horizon * _eigen_precond(lf, name)))
-    return 1.0 / (lam + _ekfac_damping(damping, lf, seg.horizon, name))
+    return 1.0 / (lam + _ekfac_damping(damping, lf, seg.horizon, name, mean_lam))
 
 
 def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajectory: Trajectory, factors: Factors,
@@ -376,7 +392,8 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         device, dtype = next(model.parameters()).device, factor_dtype(model)
         lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
         # Before the queries' pass: a refused damping costs nothing.
-        scale = {n: _one_checkpoint_scale(method, seg, lf, damping, n) for n, lf in lfs.items()}
+        means = _module_mean_lams(specs, lfs)
+        scale = {n: _one_checkpoint_scale(method, seg, lf, damping, n, means[n]) for n, lf in lfs.items()}
         rot, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=lfs,
                                      summed=summed, progress=progress, first=first)
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
@@ -453,7 +470,7 @@ def score(
       "fast_source" SOURCE at the mean parameters of each segment; factors from
                     fit_factors(trajectory, average_params=True)
       "ekfac"       influence function (H + λI)⁻¹ at a one-checkpoint trajectory (trajectory.final()),
-                    λ = `damping`: a number, "heuristic" (0.1 × mean Λ, per layer) or "implied" (1/c,
+                    λ = `damping`: a number, "heuristic" (0.1 × mean Λ, per module) or "implied" (1/c,
                     with c the segment's horizon; what SOURCE implies for SGD)
       "tracin"      Σ_ℓ (c_ℓ/((1 − β_ℓ)N_ℓ)) mean over the checkpoints of ⟨∇f(z_q, θ_c), ∇L(z_m, θ_c)⟩
       "grad_dot"    ⟨∇f(z_q, θ_T), ∇L(z_m, θ_T)⟩ / N at a one-checkpoint trajectory
@@ -1105,12 +1122,13 @@ def _self_fused(model, task, specs, trajectory, factors, method, data, first, da
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
     scales, bases = {}, {}
-    for s in specs:
-        if method == "grad_dot":
+    if method == "grad_dot":
+        for s in specs:
             scales[s.name], bases[s.name] = torch.ones(s.d_out, s.d_a, device=device, dtype=dtype), None
-            continue
-        lf = factors.segments[0][s.name].to(device, dtype)
-        scales[s.name], bases[s.name] = _one_checkpoint_scale(method, seg, lf, damping, s.name), lf
+    else:
+        bases = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
+        means = _module_mean_lams(specs, bases)
+        scales = {s.name: _one_checkpoint_scale(method, seg, bases[s.name], damping, s.name, means[s.name]) for s in specs}
     out: dict[str, list[Tensor]] = {s.name: [] for s in specs}  # (n,) pieces: a stream's length shows at its end
     bar = _progress(progress, length(data), "self-influence")
     loader = make_loader(data, batch_size, collate_fn)

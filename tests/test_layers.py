@@ -249,6 +249,25 @@ def _image_data(n, seed):
     return TensorDataset(torch.randn(n, 4, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
 
 
+def _layer_grads(model, layers, data) -> list[torch.Tensor]:
+    """Explicit per-example gradients (vmap) of each tracked layer, (n, d_out, d_a): a group's are its
+    output channels' rows of its module's weight (and bias), which hold only its input channels."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x[None],)), y[None], reduction="sum")
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, *data.tensors)
+    blocks = []
+    for s in layers:
+        rows = slice(s.group * s.d_out, (s.group + 1) * s.d_out)
+        w = grads[f"{s.module}.weight"][:, rows].flatten(2)
+        if s.has_bias:
+            w = torch.cat([w, grads[f"{s.module}.bias"][:, rows, None]], 2)
+        blocks.append(w)
+    return blocks
+
+
 def test_grouped_convolutions_match_explicit_gradients_per_group(tmp_path):
     """A grouped convolution's weights are one block per group, (C_out/G, C_in/G · k): each group is a
     layer with Kronecker factors of its own. EK-FAC scores equal the dense block-diagonal EK-FAC from
@@ -264,23 +283,7 @@ def test_grouped_convolutions_match_explicit_gradients_per_group(tmp_path):
         [(f"conv[{g}]", 18, 3, True) for g in range(2)] + [(f"depthwise[{g}]", 9, 2, False) for g in range(6)]
         + [("head", 12, 3, True)])
 
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def explicit(d):  # (n, P): each group's rows of its module's weight (and bias), in the layers' order
-        def loss(p, x, y):
-            return F.cross_entropy(functional_call(model, p, (x[None],)), y[None], reduction="sum")
-
-        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, *d.tensors)
-        blocks = []
-        for s in factors.layers:
-            rows = slice(s.group * s.d_out, (s.group + 1) * s.d_out)
-            w = grads[f"{s.module}.weight"][:, rows].flatten(2)
-            if s.has_bias:
-                w = torch.cat([w, grads[f"{s.module}.bias"][:, rows, None]], 2)
-            blocks.append(w)
-        return blocks
-
-    g_train, g_query = explicit(data), explicit(queries)
+    g_train, g_query = _layer_grads(model, factors.layers, data), _layer_grads(model, factors.layers, queries)
     assert sum(b[0].numel() for b in g_train) == sum(p.numel() for p in model.parameters())
     for s, gn in zip(factors.layers, g_train):
         lf = factors.segments[0][s.name]
@@ -308,6 +311,38 @@ def test_grouped_convolutions_match_explicit_gradients_per_group(tmp_path):
     assert json.loads((tmp_path / "grouped" / "factors.json").read_text())["format_version"] == 4
     assert torch.allclose(sf.score(model, task, traj, loaded, data, queries, method="ekfac", damping=damping, batch_size=4),
                           scores, rtol=1e-12, atol=0)
+
+
+def test_heuristic_damping_is_per_module_so_a_silent_group_takes_its_modules():
+    """kronfluence's heuristic damping, 0.1 × mean Λ, is per module: a grouped convolution's groups share
+    their module's. A depthwise group whose input channel is always 0 has Λ = 0, where 0.1 × its own
+    mean would be no damping at all (and refused). Scores equal the dense EK-FAC with each module's
+    damping (float64, 1e-9)."""
+    torch.manual_seed(0)
+    model, task = GroupedNet().double(), ImageTask()
+    with torch.no_grad():  # conv's group 0 outputs 0: depthwise groups 0-2 see nothing
+        model.conv.weight[:3] = 0
+        model.conv.bias[:3] = 0
+    data, queries = _image_data(20, 1), _image_data(2, 2)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=6)
+    lams = {s.name: factors.segments[0][s.name].lam for s in factors.layers}
+    assert all(float(lams[f"depthwise[{g}]"].abs().max()) == 0 for g in range(3)) and float(lams["depthwise[3]"].max()) > 0
+    scores = sf.score(model, task, traj, factors, data, queries, method="ekfac", batch_size=4)
+    module_mean = {m: torch.cat([lams[s.name].flatten() for s in factors.layers if s.module == m]).mean()
+                   for m in ("conv", "depthwise", "head")}
+    h = torch.block_diag(*(dense_curvature(factors.segments[0][s.name]) for s in factors.layers))
+    delta = torch.cat([torch.full((s.d_out * s.d_a,), 0.1 * float(module_mean[s.module]), dtype=h.dtype)
+                       for s in factors.layers])
+
+    def explicit(d):
+        return torch.cat([b.flatten(1) for b in _layer_grads(model, factors.layers, d)], 1)
+
+    expected = torch.linalg.solve(h + torch.diag(delta), explicit(queries).T).T @ explicit(data).T / len(data)
+    assert (scores - expected).abs().max() < 1e-9 * expected.abs().max()
+    own = sf.self_score(model, task, traj, factors, data, method="ekfac", batch_size=4)
+    g = explicit(data)
+    assert torch.allclose(own, (torch.linalg.solve(h + torch.diag(delta), g.T).T * g).sum(1) / len(data), rtol=1e-9, atol=0)
 
 
 def _split_state(state: dict, modules: tuple[str, ...], groups: dict[str, int]) -> dict:
