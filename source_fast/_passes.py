@@ -809,17 +809,20 @@ def run_pass(
         # Rows a 2-D input holds per example that are no width of the batch's own tensors (OPT's fc1 takes
         # input_ids' tokens) are an expert's share too, whose first layer shows no index op when no tracked
         # layer comes before it (autograd keeps no history there).
+        # Per module: a grouped convolution's groups share their rows, checked once on its whole input.
         widths = _widths(given_batch, n)
-        every = [s.name for s in specs if records[s.name].selected or (
-            s.name in capturer.folded and not records[s.name].regrouped and records[s.name].a.shape[1] not in widths)]
-        once = [s.name for s in specs if s.name not in settled and s.name not in every and (
-            s.name in capturer.folded or (s.kind not in CONVOLUTIONS and records[s.name].a.shape[1] == n))]
+        lead = {s.module: (s, records[s.name]) for s in specs if s.group == 0}
+        every = [m for m, (_, r) in lead.items() if r.selected or (
+            m in capturer.folded and not r.regrouped and r.a.shape[1] not in widths)]
+        once = [m for m, (s, r) in lead.items() if m not in settled and m not in every and (
+            m in capturer.folded or (s.kind not in CONVOLUTIONS and r.a.shape[1] == n))]
         if n > 1 and every + once:  # one example's rows are its own
             batches_of_many += 1
-            found = _order(capturer, task, objective, given_batch, n, records, every + once, where(b, start))
+            found = _order(capturer, task, objective, given_batch, n, capturer.whole(records, every + once),
+                           every + once, where(b, start))
             for name in every + once:
                 folded = name in capturer.folded
-                _judge_order(name, found[name], folded, records[name].selected, n, where(b, start))
+                _judge_order(name, found[name], folded, lead[name][1].selected, n, where(b, start))
                 if found[name] == "alike" and (folded or name in every):
                     unchecked[name] = unchecked.get(name, 0) + 1
                 elif name in once:

@@ -163,6 +163,10 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
     specs = []
     for name in names:
         if name not in modules:
+            base = modules.get(name[: name.rfind("[")]) if name.endswith("]") else None
+            if getattr(base, "groups", 1) > 1 and layer_kind(base) is not None:
+                raise ValueError(f"tracked module {name!r} does not exist in the model: a grouped convolution's groups are "
+                                 f"tracked together, as its module {name[: name.rfind('[')]!r}")
             close = [n for n in modules if n and (name in n or n in name)][:5]
             raise ValueError(f"tracked module {name!r} does not exist in the model" + (f" (close: {close})" if close else ""))
         specs += LayerSpec.of(name, modules[name])
@@ -462,11 +466,19 @@ class Capturer:
             cols, rows = slice(s.group * s.d_in, (s.group + 1) * s.d_in), slice(s.group * s.d_out, (s.group + 1) * s.d_out)
             self.records[s.name] = dataclasses.replace(whole, a=whole.a[..., cols],
                                                        g=None if whole.g is None else whole.g[..., rows])
-            if s.module in self.folded:
-                self.folded.append(s.name)
         for s in self.specs:
             if s.groups > 1:
                 self.records.pop(s.module, None)
+
+    def whole(self, records: dict[str, Captured], modules: list[str]) -> dict[str, Captured]:
+        """The named modules' records for check_order, which checks a module's rows once: a grouped
+        convolution's groups' inputs joined back into its whole input (its groups share their rows)."""
+        out = {}
+        for name in modules:
+            groups = [s.name for s in self.specs if s.module == name and s.groups > 1]
+            out[name] = records[name] if not groups else dataclasses.replace(
+                records[groups[0]], a=torch.cat([records[g].a for g in groups], -1), g=None)
+        return out
 
     def _folded(self, name: str, rec: Captured, n: int, calls: int) -> Captured:
         """One call's record whose input held n·k rows for the batch's n examples (OPT's fc1 and fc2 take
@@ -516,7 +528,7 @@ class Capturer:
         or "out of order". With `reverse` False, `run()` is a forward pass of the batch as it was: "same"
         or "different" (one that draws random numbers). It stops once every named layer has run; no
         gradients."""
-        specs = {s.name: s for s in self.specs}
+        specs = {**self._hooked, **{s.name: s for s in self.specs}}  # modules (a grouped one whole), and layers
         pending = {name: records[name].calls for name in names}
         rows: dict[str, list[Tensor]] = {name: [] for name in names}
         found: dict[str, str] = {}

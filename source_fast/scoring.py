@@ -242,19 +242,19 @@ def _module_mean_lams(specs: list[LayerSpec], lfs: dict[str, LayerFactors]) -> d
     return {s.name: sums[s.module][0] / sums[s.module][1] for s in specs}
 
 
-def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: Damping, name: str,
+def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: Damping, spec: LayerSpec,
                           mean_lam: float | None = None) -> Tensor:
     """The preconditioner's diagonal in the eigenbasis of a one-segment method: EK-FAC's 1/(Λ + λ), or
     the segment's SOURCE factor."""
     if method != "ekfac":
-        return _segment_scales(seg, lf, name)[0]
+        return _segment_scales(seg, lf, spec)[0]
     lam = lf.lam.clamp_min(0)  # round-off negatives
     if damping == "implied" and seg.optimizer != "sgd":
         # One Adam segment's F = p̃(1 − e^{−cσ})/σ (σ = p̃Λ) acts like 1/(Λ + 1/(c·p̃)): a damping per
         # eigen-direction, the counterpart of SGD's 1/c (an Adam step is c·P, not c).
-        _damping_value(damping, lf, seg.horizon, name)  # refuses c = 0
-        return 1.0 / (lam + 1.0 / (seg.horizon * _eigen_precond(lf, name)))
-    return 1.0 / (lam + _ekfac_damping(damping, lf, seg.horizon, name, mean_lam))
+        _damping_value(damping, lf, seg.horizon, spec.name)  # refuses c = 0
+        return 1.0 / (lam + 1.0 / (seg.horizon * _eigen_precond(lf, spec.name)))
+    return 1.0 / (lam + _ekfac_damping(damping, lf, seg.horizon, spec.name, mean_lam))
 
 
 def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajectory: Trajectory, factors: Factors,
@@ -269,6 +269,7 @@ def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajector
     segment where rotating in, back for u and back for S̄v took six. u_ℓ goes back to the parameter
     basis only where that is cheaper than rotating the training tokens (_one_basis_queries)."""
     us: dict[int, dict[str, Tensor | EigenQuery]] = {ell: {} for ell in used}
+    specs = {s.name: s for s in factors.layers}
     last = min(used)
     bar = _progress(progress, (len(trajectory.segments) - last) * len(v), "preconditioning queries", unit="layer")
     for ell in reversed(range(last, len(trajectory.segments))):
@@ -280,7 +281,7 @@ def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajector
             lf = old[1] if here else factors.segments[ell][name].to(vq.device, vq.dtype)
             r = vq if here else _into_basis(vq, old, lf)
             del vq
-            u_scale, shrink = _segment_scales(seg, lf, name, need_u=ell in us, need_shrink=ell > last)
+            u_scale, shrink = _segment_scales(seg, lf, specs[name], need_u=ell in us, need_shrink=ell > last)
             if u_scale is not None:
                 scaled[name], lfs[name] = r * u_scale, lf
             if shrink is not None:
@@ -324,7 +325,7 @@ def _into_basis(v: Tensor, old: tuple[int, LayerFactors], new: LayerFactors) -> 
     return (before.q_s.T @ after.q_s).T @ v @ (before.q_a.T @ after.q_a)
 
 
-def _segment_scales(seg: Segment, lf: LayerFactors, name: str, need_u: bool = True, need_shrink: bool = False
+def _segment_scales(seg: Segment, lf: LayerFactors, spec: LayerSpec, need_u: bool = True, need_shrink: bool = False
                     ) -> tuple[Tensor | None, Tensor | None]:
     """One SOURCE segment in its eigenbasis: u = F ⊙ v and S̄v = e^{−cσ} ⊙ v, as
     (F, e^{−cσ}), each only when needed (else None).
@@ -339,11 +340,11 @@ def _segment_scales(seg: Segment, lf: LayerFactors, name: str, need_u: bool = Tr
     beside the full inverse H̄⁻¹ is not: it amplifies flat directions across steep coordinates by
     diag(H̄)/λ_min, and tracked unrolled Adam worse than EK-FAC influence.)"""
     lam = lf.lam.clamp_min(0)
-    wd = seg.decay(name) * seg.decay_scale
+    wd = seg.decay(spec.module) * seg.decay_scale  # a grouped convolution's groups: their module's
     if seg.optimizer == "sgd":
         p, sigma = None, lam + wd
     else:
-        p = _eigen_precond(lf, name)
+        p = _eigen_precond(lf, spec.name)
         sigma = p * (lam + wd) if seg.optimizer == "adam" else p * lam + wd
     shrink = torch.exp(-seg.horizon * sigma) if need_shrink else None
     if not need_u:
@@ -393,7 +394,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
         # Before the queries' pass: a refused damping costs nothing.
         means = _module_mean_lams(specs, lfs)
-        scale = {n: _one_checkpoint_scale(method, seg, lf, damping, n, means[n]) for n, lf in lfs.items()}
+        scale = {s.name: _one_checkpoint_scale(method, seg, lfs[s.name], damping, s, means[s.name]) for s in specs}
         rot, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=lfs,
                                      summed=summed, progress=progress, first=first)
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
@@ -1128,7 +1129,7 @@ def _self_fused(model, task, specs, trajectory, factors, method, data, first, da
     else:
         bases = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
         means = _module_mean_lams(specs, bases)
-        scales = {s.name: _one_checkpoint_scale(method, seg, bases[s.name], damping, s.name, means[s.name]) for s in specs}
+        scales = {s.name: _one_checkpoint_scale(method, seg, bases[s.name], damping, s, means[s.name]) for s in specs}
     out: dict[str, list[Tensor]] = {s.name: [] for s in specs}  # (n,) pieces: a stream's length shows at its end
     bar = _progress(progress, length(data), "self-influence")
     loader = make_loader(data, batch_size, collate_fn)

@@ -482,12 +482,9 @@ class Segment:
         self.saved_after: tuple[object, list[int]] | None = None
 
     def decay(self, module: str) -> float:
-        """The weight decay this segment applied to tracked module `module` (a grouped convolution's group
-        "m[g]": m's)."""
+        """The weight decay this segment applied to tracked module `module`."""
         if not isinstance(self.weight_decay, dict):
             return self.weight_decay
-        if module not in self.weight_decay and module.endswith("]") and module[: module.rfind("[")] in self.weight_decay:
-            module = module[: module.rfind("[")]
         if module not in self.weight_decay:
             raise ValueError(f"Segment weight_decay has no entry for tracked module {module!r} (it has "
                              f"{sorted(self.weight_decay)}): give one for every tracked module")

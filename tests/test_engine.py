@@ -242,13 +242,15 @@ def test_source_factor_at_zero_curvature_is_exactly_c():
     assert f[0] == 2.5 and torch.isfinite(f).all()
     expected = torch.tensor([2.5, 2.5, 2.5 * (1 - 1.25e-12), -torch.expm1(torch.tensor(-2.5, dtype=torch.float64)).item(), 1e-6], dtype=torch.float64)
     _close(f, expected, 1e-12)
+    from source_fast.capture import LayerSpec
     from source_fast.factors import LayerFactors
     from source_fast.scoring import _segment_scales
 
     lam = torch.tensor([[0.0, -1e-9], [2.0, 3.0]], dtype=torch.float64)  # round-off negatives clamp to 0
     eye = torch.eye(2, dtype=torch.float64)
     seg = sf.Segment([{}], [0], lr_sum=4.0)
-    u, shrink = _segment_scales(seg, LayerFactors(eye, eye, eye, eye, lam, None, 1), "layer", need_shrink=True)
+    u, shrink = _segment_scales(seg, LayerFactors(eye, eye, eye, eye, lam, None, 1), LayerSpec("layer", "linear", 2, 2, False),
+                                need_shrink=True)
     assert u[0, 0] == 4.0 and u[0, 1] == 4.0 and shrink[0, 0] == 1.0 and shrink[0, 1] == 1.0
 
 
@@ -1105,7 +1107,7 @@ def test_adam_segment_needs_no_damping_at_zero_curvature(setup):
     factors = sf.fit_factors(model, task, traj, fisher="empirical")
     lf = factors.segments[0]["0"]
     assert (lf.lam == 0).any()
-    u, _ = _segment_scales(seg, lf, "0")
+    u, _ = _segment_scales(seg, lf, factors.layers[0])
     p = 1 / ((lf.q_s**2).T @ (1 / lf.precond) @ lf.q_a**2)
     assert torch.equal(u[lf.lam == 0], 0.5 * p[lf.lam == 0])
     assert torch.isfinite(sf.score(model, task, traj, factors, flat, queries)).all()
@@ -1348,15 +1350,17 @@ def test_ekfac_without_damping_refuses_curvature_whose_inverse_overflows():
     """δ = 0 is refused where Λ is exactly 0; a float32 Λ of 1e-39 (> 0) makes 1/Λ overflow to inf just the
     same, and the self-influence kernel then turns inf · 0 into NaN: refused too. 1e-30 is fine."""
     from source_fast import scoring
+    from source_fast.capture import LayerSpec
     from source_fast.factors import LayerFactors
 
     class Seg:
         optimizer, horizon, decay_scale = "sgd", 1.0, 1.0
 
+    fc = LayerSpec("fc", "linear", 2, 1, False)
     for tiny, ok in [(1e-30, True), (1e-39, False)]:
         lf = LayerFactors(torch.eye(2), torch.eye(1), torch.eye(2), torch.eye(1), torch.tensor([[1.0, tiny]]))
         if ok:
-            assert torch.isfinite(scoring._one_checkpoint_scale("ekfac", Seg(), lf, 0.0, "fc")).all()
+            assert torch.isfinite(scoring._one_checkpoint_scale("ekfac", Seg(), lf, 0.0, fc)).all()
         else:
             with pytest.raises(ValueError, match="too small in some directions"):
-                scoring._one_checkpoint_scale("ekfac", Seg(), lf, 0.0, "fc")
+                scoring._one_checkpoint_scale("ekfac", Seg(), lf, 0.0, fc)

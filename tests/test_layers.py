@@ -282,6 +282,10 @@ def test_grouped_convolutions_match_explicit_gradients_per_group(tmp_path):
     assert [(s.name, s.d_in, s.d_out, s.has_bias) for s in factors.layers] == (
         [(f"conv[{g}]", 18, 3, True) for g in range(2)] + [(f"depthwise[{g}]", 9, 2, False) for g in range(6)]
         + [("head", 12, 3, True)])
+    assert [s.name for s in sf.capture.tracked_layers(model, ["conv", "head"])] == ["conv[0]", "conv[1]", "head"]
+    with pytest.raises(ValueError, match=r"tracked module 'conv\[1\]' does not exist in the model: a grouped "
+                                         r"convolution's groups are tracked together, as its module 'conv'"):
+        sf.capture.tracked_layers(model, ["conv[1]"])
 
     g_train, g_query = _layer_grads(model, factors.layers, data), _layer_grads(model, factors.layers, queries)
     assert sum(b[0].numel() for b in g_train) == sum(p.numel() for p in model.parameters())
@@ -415,6 +419,74 @@ def test_grouped_convolution_scores_as_its_groups_written_as_separate_layers():
     sa = sf.score(model, task, traj_a, fa, data, queries, method="source")
     sb = sf.score(split, task, traj_b, fb, data, queries, method="source")
     assert (sa - sb).abs().max() < 1e-10 * sb.abs().max()
+
+
+def test_grouped_convolution_weight_decay_is_the_modules():
+    """A weight_decay dict names modules: a grouped convolution's groups take their module's, and a
+    missing entry is said by the module's name (a group's is no module to add). SOURCE over SGD with a
+    decay per module scores as the model written with a convolution per group (float64, 1e-10)."""
+    torch.manual_seed(0)
+    model, task = GroupedNet().double(), ImageTask()
+    data, queries = _image_data(16, 1), _image_data(2, 2)
+    decay = {"conv": 0.3, "depthwise": 0.05, "head": 0.0}
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=2.0, weight_decay=decay)])
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=5)
+    scores = sf.score(model, task, traj, factors, data, queries, method="source")
+    groups = {"conv": 2, "depthwise": 6}
+    split = copy.deepcopy(model)
+    split.conv, split.depthwise = SplitGroups(model.conv), SplitGroups(model.depthwise)
+    split_decay = {"head": 0.0, **{f"{m}.parts.{g}": decay[m] for m, n in groups.items() for g in range(n)}}
+    split_traj = sf.Trajectory([sf.Segment([_split_state(model.state_dict(), tuple(groups), groups)], data, lr_sum=2.0,
+                                           weight_decay=split_decay)])
+    expected = sf.score(split, task, split_traj, sf.fit_factors(split, task, split_traj, fisher="empirical", batch_size=5),
+                        data, queries, method="source")
+    assert (scores - expected).abs().max() < 1e-10 * expected.abs().max()
+    missing = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=2.0, weight_decay={"head": 0.0, "depthwise": 0.1})])
+    with pytest.raises(ValueError, match=r"Segment weight_decay has no entry for tracked module 'conv' "):
+        sf.score(model, task, missing, factors, data, queries, method="source")
+
+
+class FramesNet(nn.Module):
+    """A grouped convolution fed each example's frames, (examples × frames, C, H, W), as a video model's
+    per-frame stem is; `frame_major` stacks them frames first instead, so rows are not one example's
+    after another's."""
+
+    def __init__(self, frame_major=False):
+        super().__init__()
+        self.frame_major = frame_major
+        self.conv = nn.Conv2d(4, 4, 3, groups=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (n, frames, 4, H, W)
+        n, f = x.shape[:2]
+        frames = (x.transpose(0, 1) if self.frame_major else x).reshape(n * f, *x.shape[2:])
+        out = torch.tanh(self.conv(frames)).mean((2, 3)).reshape(f, n, 4).mean(0) if self.frame_major else (
+            torch.tanh(self.conv(frames)).mean((2, 3)).reshape(n, f, 4).mean(1))
+        return self.head(out)
+
+
+def test_grouped_convolution_fed_frames_is_checked_once_as_a_module(recwarn):
+    """The order check (which example each row belongs to) runs once per module, on the whole input: a
+    group whose input channels are always 0 has rows alike for every example and would say nothing by
+    itself (a warning said so), while its module's other channels show the order. Frames stacked
+    frames first are refused by the same check."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 3, 4, 5, 5, generator=g, dtype=torch.float64)
+    x[:, :, :2] = 0  # group 0's input channels
+    data = TensorDataset(x, torch.randint(0, 3, (12,), generator=g))
+    model, task = FramesNet().double(), ImageTask()
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=4)
+    assert not [w for w in recwarn if "could not be checked" in str(w.message)]
+    damping = 1e10  # the scores are then the gradients' dot products / (damping · N): the captured rows' check
+    scores = sf.score(model, task, traj, factors, data, data, method="ekfac", damping=damping, batch_size=4)
+    g_train = torch.cat([b.flatten(1) for b in _layer_grads(model, factors.layers, data)], 1)
+    expected = g_train @ g_train.T / (damping * len(data))
+    assert (scores - expected).abs().max() < 1e-6 * expected.abs().max()
+    with pytest.raises(ValueError, match=r"module 'conv' takes several rows per example .* but not one example's rows "
+                                         r"after another's"):
+        sf.fit_factors(FramesNet(frame_major=True).double(), task, traj, fisher="empirical", batch_size=4)
 
 
 def test_grouped_convolutions_are_refused_by_the_kronfluence_interop(tmp_path):

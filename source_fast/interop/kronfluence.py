@@ -279,9 +279,10 @@ def _kronfluence_layers(layers: list[LayerSpec]) -> list[LayerSpec]:
     if grouped:
         raise ValueError(
             f"modules {grouped[:4]} are grouped convolutions: source_fast fits Kronecker factors per group, kronfluence "
-            "one pair per module from the inputs averaged over the groups (not the weights' gradient), so neither "
-            "reads the other's factors for them; leave them out in get_influence_tracked_modules, or use source_fast's "
-            "own fit_factors and score with the same task")
+            "one pair per module from the inputs averaged over the groups (not the weights' gradient), so the "
+            "kronfluence interop can neither reproduce kronfluence's factors and scores for them nor convert factor "
+            "files; leave them out in get_influence_tracked_modules, or use source_fast's own fit_factors and score "
+            "with the same task")
     return layers
 
 
