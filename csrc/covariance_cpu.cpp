@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <numeric>
+#include <unordered_map>
 #include <vector>
 
 namespace source_fast {
@@ -218,25 +219,44 @@ void check_covariance_args(at::TensorList covs, at::TensorList xs, const c10::Li
 void check_distinct_covs(at::TensorList covs, at::TensorList xs) {
   // Layers run concurrently, in cost order: a cov written by one layer must not be memory another
   // layer writes or reads. Compared by [first, last] element in the storage (strides are positive),
-  // so interleaved but disjoint views count as sharing too.
-  auto span = [](const at::Tensor& t) {
+  // so interleaved but disjoint views count as sharing too. One sweep per storage over the spans
+  // sorted by start, O(n log n): a grouped convolution brings thousands of layers (views of one
+  // input), where comparing every pair cost seconds per call.
+  struct Span {
+    int64_t first, last;
+    size_t layer;
+    bool cov;
+  };
+  std::unordered_map<const void*, std::vector<Span>> by_storage;
+  auto add = [&](const at::Tensor& t, size_t layer, bool cov) {
+    if (t.numel() == 0) return;
     int64_t last = t.storage_offset();
     for (int64_t k = 0; k < t.dim(); ++k) last += (t.size(k) - 1) * t.stride(k);
-    return std::make_pair(t.storage_offset(), last);
+    by_storage[t.storage().unsafeGetStorageImpl()].push_back({t.storage_offset(), last, layer, cov});
   };
-  auto overlap = [&](const at::Tensor& a, const at::Tensor& b) {
-    if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
-    const auto sa = span(a), sb = span(b);
-    return !(sa.second < sb.first || sb.second < sa.first);
-  };
-  for (size_t i = 0; i < covs.size(); ++i) {
-    for (size_t j = i + 1; j < covs.size(); ++j) {
-      TORCH_CHECK(!overlap(covs[i], covs[j]), kOp, ": layers ", i, " and ", j,
-                  ": covs share memory (views of one tensor whose spans overlap?); give each layer its own matrix");
-    }
-    for (size_t j = 0; j < xs.size(); ++j) {
-      TORCH_CHECK(!overlap(covs[i], xs[j]), kOp, ": layer ", j, "'s xs shares memory with layer ", i,
-                  "'s cov, which this call writes; pass a copy");
+  for (size_t i = 0; i < covs.size(); ++i) add(covs[i], i, true);
+  for (size_t j = 0; j < xs.size(); ++j) add(xs[j], j, false);
+  for (auto& entry : by_storage) {
+    std::vector<Span>& spans = entry.second;
+    std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.first < b.first; });
+    // The span reaching furthest among those seen, of covs and of xs: a span overlaps an earlier
+    // one exactly when that one ends at or after its start.
+    const Span* cov_reach = nullptr;
+    const Span* x_reach = nullptr;
+    for (const Span& s : spans) {
+      if (s.cov && cov_reach != nullptr && cov_reach->last >= s.first) {
+        TORCH_CHECK(false, kOp, ": layers ", std::min(cov_reach->layer, s.layer), " and ",
+                    std::max(cov_reach->layer, s.layer),
+                    ": covs share memory (views of one tensor whose spans overlap?); give each layer its own matrix");
+      }
+      const Span* cov = s.cov ? &s : (cov_reach != nullptr && cov_reach->last >= s.first ? cov_reach : nullptr);
+      const Span* x = s.cov ? (x_reach != nullptr && x_reach->last >= s.first ? x_reach : nullptr) : &s;
+      if (cov != nullptr && x != nullptr) {
+        TORCH_CHECK(false, kOp, ": layer ", x->layer, "'s xs shares memory with layer ", cov->layer,
+                    "'s cov, which this call writes; pass a copy");
+      }
+      const Span*& reach = s.cov ? cov_reach : x_reach;
+      if (reach == nullptr || s.last > reach->last) reach = &s;
     }
   }
 }

@@ -235,6 +235,31 @@ def test_layers_sharing_a_cov_are_refused():
         _op()([big[:4, :4], big], xs, masks, ones)
 
 
+def test_thousands_of_layers_viewing_one_input_and_one_stack_of_covs():
+    """A grouped convolution's groups are layers whose inputs are column slices of one tensor (they may
+    overlap each other: only covs are written) and whose covs may be slices of one stack: accepted,
+    each layer as the reference computes it; a cov overlapping another, or an input, anywhere in the
+    list is refused by the indices of the pair."""
+    layers, d = 3000, 3
+    x = torch.randn(7, layers * d + 1)
+    xs = [x[:, i * d : i * d + d + 1] for i in range(layers)]  # neighbours share a column
+    stack = torch.zeros(layers, d + 2, d + 2)
+    covs = list(stack.unbind(0))
+    _op()(covs, xs, [None] * layers, [True] * layers)
+    expected = torch.zeros(layers, d + 2, d + 2)
+    reference.covariance_accumulate_(list(expected.unbind(0)), xs, [None] * layers, [True] * layers)
+    torch.testing.assert_close(stack, expected, rtol=1e-6, atol=1e-5)
+    flat = torch.zeros(layers * (d + 2) ** 2 + 1)
+    shifted = [flat[i * (d + 2) ** 2 : (i + 1) * (d + 2) ** 2].view(d + 2, d + 2) for i in range(layers)]
+    shifted[2100] = flat[2099 * (d + 2) ** 2 + 1 : 2100 * (d + 2) ** 2 + 1].view(d + 2, d + 2)  # one element into 2099's
+    with pytest.raises(RuntimeError, match="layers 2099 and 2100: covs share memory"):
+        _op()(shifted, xs, [None] * layers, [True] * layers)
+    inputs = list(xs)
+    inputs[1500] = stack[700, :, : d + 1]
+    with pytest.raises(RuntimeError, match="layer 1500's xs shares memory with layer 700's cov"):
+        _op()(covs, inputs, [None] * layers, [True] * layers)
+
+
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 1e39, -1e300])
 def test_non_finite_alpha_is_refused(alpha):
     """The backends would disagree on it (a layer with no kept rows: skipped on CPU, += NaN·0 on CUDA).
