@@ -750,6 +750,7 @@ def run_pass(
     settled: set[str] = set()  # layers fed the examples first, as one batch's check_order showed
     unchecked: dict[str, int] = {}  # layers whose rows check_order could not see (alike): on how many batches
     batches_of_many = 0
+    leads = [s for s in specs if s.group == 0]  # a layer per module: a grouped convolution's first group
     for b, batch in enumerate(_batches(loader, lambda b: where(b, start))):
         # The examples the batch holds: a stream's last batch may be short.
         n = min(batch_size, total - start) if total is not None else loader.dataset.given - given - start
@@ -811,7 +812,7 @@ def run_pass(
         # layer comes before it (autograd keeps no history there).
         # Per module: a grouped convolution's groups share their rows, checked once on its whole input.
         widths = _widths(given_batch, n)
-        lead = {s.module: (s, records[s.name]) for s in specs if s.group == 0}
+        lead = {s.module: (s, records[s.name]) for s in leads}
         every = [m for m, (_, r) in lead.items() if r.selected or (
             m in capturer.folded and not r.regrouped and r.a.shape[1] not in widths)]
         once = [m for m, (s, r) in lead.items() if m not in settled and m not in every and (
@@ -829,7 +830,8 @@ def run_pass(
                     settled.add(name)
         # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
         # the slow path below runs only to name what went wrong.
-        finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(records[s.name].g).all() for s in specs])
+        finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(r.g).all() for r in capturer.whole(
+            records, list(lead)).values()])  # per module: a grouped convolution's groups share one gradient
         if not bool(finite.all()):
             half = any(records[s.name].half or records[s.name].g.dtype == torch.float16 for s in specs)
             hint = (" (float16 holds values up to 65504: a float16 model's activations, logits or gradients, or "

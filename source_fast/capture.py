@@ -336,6 +336,11 @@ class Capturer:
         self.model = model
         self.specs = specs
         self._hooked = {s.module: s.whole() for s in specs}  # hooks see modules: a grouped one whole
+        self._groups: dict[str, list[LayerSpec]] = {}  # a grouped convolution's layers, by module
+        for s in specs:
+            if s.groups > 1:
+                self._groups.setdefault(s.module, []).append(s)
+        self.grouped: dict[str, Captured] = {}  # after capture(): a grouped convolution's whole record, by module
         self.grad_scale = grad_scale  # the loss's backward was scaled by it: output gradients are divided by it
         self.modules = dict(model.named_modules())
         self.records: dict[str, Captured] = {}
@@ -411,6 +416,7 @@ class Capturer:
                 warn(f"get_attention_mask returned masks for {parents}, which contain tracked modules but are not "
                      "tracked themselves: a mask applies only to the module it names, so name each tracked module")
         self.records = {}
+        self.grouped = {}
         self.folded = []
         self._calls: dict[str, list[Captured]] = {}
         self._seen: dict[str, int] = {}  # calls per module, those under no_grad too (per-call masks count them)
@@ -459,26 +465,20 @@ class Capturer:
         """Replaces a grouped convolution's record by one per group: its input channels' columns of the
         unfolded input (channels are the slowest of unfold's (channel, kernel row, kernel column)) and its
         output channels' gradients, as views."""
-        for s in self.specs:
-            if s.groups == 1 or s.module not in self.records:
+        for module, groups in self._groups.items():
+            if module not in self.records:  # did not run: run_pass says so
                 continue
-            whole = self.records[s.module]
-            cols, rows = slice(s.group * s.d_in, (s.group + 1) * s.d_in), slice(s.group * s.d_out, (s.group + 1) * s.d_out)
-            self.records[s.name] = dataclasses.replace(whole, a=whole.a[..., cols],
-                                                       g=None if whole.g is None else whole.g[..., rows])
-        for s in self.specs:
-            if s.groups > 1:
-                self.records.pop(s.module, None)
+            whole = self.grouped[module] = self.records.pop(module)
+            fields = vars(whole)
+            for s in groups:
+                cols, rows = slice(s.group * s.d_in, (s.group + 1) * s.d_in), slice(s.group * s.d_out, (s.group + 1) * s.d_out)
+                self.records[s.name] = Captured(**{**fields, "a": whole.a[..., cols],
+                                                   "g": None if whole.g is None else whole.g[..., rows]})
 
     def whole(self, records: dict[str, Captured], modules: list[str]) -> dict[str, Captured]:
-        """The named modules' records for check_order, which checks a module's rows once: a grouped
-        convolution's groups' inputs joined back into its whole input (its groups share their rows)."""
-        out = {}
-        for name in modules:
-            groups = [s.name for s in self.specs if s.module == name and s.groups > 1]
-            out[name] = records[name] if not groups else dataclasses.replace(
-                records[groups[0]], a=torch.cat([records[g].a for g in groups], -1), g=None)
-        return out
+        """The named modules' records, a grouped convolution's whole (its groups share their rows: the
+        order check and the finiteness check read a module once)."""
+        return {name: self.grouped[name] if name in self.grouped else records[name] for name in modules}
 
     def _folded(self, name: str, rec: Captured, n: int, calls: int) -> Captured:
         """One call's record whose input held n·k rows for the batch's n examples (OPT's fc1 and fc2 take

@@ -335,9 +335,12 @@ def _share(loader, expected: int | None) -> int | None:
 
 def _eigh(cov: Tensor, count: Tensor | float = 1):
     """torch.linalg.eigh of a covariance (divided by `count`) in float64, symmetrized first (round-off
-    leaves it slightly asymmetric): eigenvalues ascending, eigenvectors in columns."""
+    leaves it slightly asymmetric): eigenvalues ascending, eigenvectors in columns. A batch of them too."""
     c = cov.double() / count
-    return torch.linalg.eigh((c + c.T) / 2)
+    return torch.linalg.eigh((c + c.mT) / 2)
+
+
+_BATCHED_EIGH = 64  # the largest size eigendecompose batches
 
 
 def eigendecompose(covs: list[Tensor], dtypes: list[torch.dtype], device: torch.device,
@@ -355,10 +358,24 @@ def eigendecompose(covs: list[Tensor], dtypes: list[torch.dtype], device: torch.
         owners[i] = min(range(world), key=lambda r: (load[r], r))
         load[owners[i]] += covs[i].shape[0] ** 3
     out: list[tuple[Tensor, Tensor]] = []
+    # Small matrices of one size go to eigh as one batch: a depthwise convolution's groups are thousands
+    # of layers with (k² + 1)² covariances, where a call per matrix costs more than the decomposition.
+    small: dict[int, list[int]] = {}
+    for i, c in enumerate(covs):
+        if owners[i] == rank and c.shape[0] <= _BATCHED_EIGH:
+            small.setdefault(c.shape[0], []).append(i)
+    found: dict[int, tuple[Tensor, Tensor]] = {}
     with fail_together(device):  # a covariance one rank cannot decompose stops every rank
-        for c, count, dtype, owner in zip(covs, counts, dtypes, owners):
+        for same in small.values():
+            if len(same) > 1:
+                values, vectors = _eigh(torch.stack([covs[i].to(device, torch.float64) for i in same]),
+                                        torch.tensor([float(counts[i]) for i in same], dtype=torch.float64,
+                                                     device=device)[:, None, None])
+                found.update(zip(same, zip(values.unbind(0), vectors.unbind(0))))
+        for i, (c, count, dtype, owner) in enumerate(zip(covs, counts, dtypes, owners)):
             if owner == rank:
-                out.append(tuple(t.to(dtype).contiguous() for t in _eigh(c.to(device), count)))
+                pair = found[i] if i in found else _eigh(c.to(device), count)
+                out.append(tuple(t.to(dtype).contiguous() for t in pair))
             else:
                 d = c.shape[0]
                 out.append((torch.empty(d, dtype=dtype, device=device), torch.empty(d, d, dtype=dtype, device=device)))

@@ -349,6 +349,23 @@ def test_heuristic_damping_is_per_module_so_a_silent_group_takes_its_modules():
     assert torch.allclose(own, (torch.linalg.solve(h + torch.diag(delta), g.T).T * g).sum(1) / len(data), rtol=1e-9, atol=0)
 
 
+def test_eigendecompose_batches_small_matrices_with_the_same_results():
+    """Small covariances of one size (a depthwise convolution's groups: thousands) are decomposed as one
+    batch: the same numbers as one call per matrix (LAPACK runs per matrix either way), whatever each
+    matrix's dtype and row count."""
+    from source_fast.factors import _eigh, eigendecompose
+
+    g = torch.Generator().manual_seed(0)
+    covs = [(lambda x: (x.T @ x).to(dt))(torch.randn(50, d, generator=g, dtype=torch.float64))
+            for d, dt in [(10, torch.float32), (10, torch.float64), (3, torch.float32), (10, torch.float32),
+                          (70, torch.float32), (3, torch.float32)]]
+    counts = [5, 7, 1, 2.5, 3, torch.tensor([4])]
+    found = eigendecompose(covs, [c.dtype for c in covs], torch.device("cpu"), counts)
+    for c, n, (values, vectors) in zip(covs, counts, found):
+        one = _eigh(c, n)
+        assert torch.equal(values, one[0].to(c.dtype)) and torch.equal(vectors, one[1].to(c.dtype))
+
+
 def _split_state(state: dict, modules: tuple[str, ...], groups: dict[str, int]) -> dict:
     """GroupedNet's checkpoint (or a per-parameter tensor dict) as SplitGroups' names hold it."""
     out = {}
