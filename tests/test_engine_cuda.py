@@ -28,7 +28,7 @@ def _data(n, t, seed):
 
 def _run(model, data, queries):
     task = CausalLMTask(tracked=[n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"])
-    base = model.state_dict()
+    base = {k: v.clone() for k, v in model.state_dict().items()}  # checkpoint 0 is no live weights
     states = [base, {k: v * 1.02 if v.is_floating_point() else v for k, v in base.items()}]
     traj = sf.Trajectory.even(states, [0.05] * 6, 2, data, momentum=0.9)
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=7)
@@ -123,3 +123,37 @@ def test_kronfluence_shim_scales_float16_autocast_losses_on_cuda(tmp_path):
     for layer, want in covs["float32"].items():
         error = float((covs["float16"][layer] - want).norm() / want.norm())
         assert error < 1e-2, (layer, error)
+
+
+def test_grouped_convolutions_on_cuda_match_float64_cpu_engine(chosen):
+    """A grouped and a depthwise convolution on CUDA, as users run them: each group's input reaches the
+    covariance extension and the Triton kernels as a strided column view, thousands of groups make one
+    extension call long; fp32 against the float64 CPU engine (the tolerance of the GPT-2 test above)."""
+    from test_layers import GroupedNet, ImageTask, _image_data
+
+    def run(model, data, queries):
+        task = ImageTask()
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+        states = [base, {k: v * 1.02 for k, v in base.items()}]
+        traj = sf.Trajectory.even(states, [0.05] * 6, 2, data, momentum=0.9)
+        factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=7)
+        final = traj.final()
+        f_final = sf.fit_factors(model, task, final, fisher="empirical", batch_size=7)
+        return {"source": sf.score(model, task, traj, factors, data, queries, batch_size=6),
+                "ekfac": sf.score(model, task, final, f_final, data, queries, method="ekfac", batch_size=6),
+                "self_ekfac": sf.self_score(model, task, final, f_final, data, method="ekfac", batch_size=6)}
+
+    def as_float(d):
+        return torch.utils.data.TensorDataset(*(t.float() if t.is_floating_point() else t for t in d.tensors))
+
+    torch.manual_seed(0)
+    cpu = GroupedNet().double()
+    data, queries = _image_data(30, 1), _image_data(4, 2)
+    fast = run(copy.deepcopy(cpu).to("cuda", torch.float32), as_float(data), as_float(queries))
+    used = {(op, backend) for op, dev, backend in chosen if dev == "cuda"}
+    assert used >= {(op, "triton") for op in KERNEL_OPS} | {("covariance_accumulate_", "ext")}, used
+    ref = run(cpu, data, queries)
+    for key in ref:
+        err = ((fast[key].double().cpu() - ref[key]).abs().max() / ref[key].abs().max()).item()
+        print(f"{key}: max error / max |score| = {err:.2e}")
+        assert err < 1e-3, (key, err)
