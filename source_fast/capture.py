@@ -522,13 +522,13 @@ class Capturer:
     def check_order(self, records: dict[str, Captured], names: list[str], n: int, run: Callable[[], Any],
                     reverse: bool = True) -> dict[str, str]:
         """Runs `run()` (a forward pass of the batch with its n examples reversed) and compares each named
-        layer's rows, read per example as in `records`, with the records' reversed: "in order" (they
+        module's rows, read per example as in `records` (Capturer.whole's), with the records' reversed: "in order" (they
         match, and the examples differ), "alike" (the examples' rows are the same: nothing to see),
         "unmoved" (the rows did not change: the input is no example's, or the reversal did not reach it)
         or "out of order". With `reverse` False, `run()` is a forward pass of the batch as it was: "same"
         or "different" (one that draws random numbers). It stops once every named layer has run; no
         gradients."""
-        specs = {**self._hooked, **{s.name: s for s in self.specs}}  # modules (a grouped one whole), and layers
+        specs = self._hooked  # by module: a grouped convolution is checked whole (Capturer.whole)
         pending = {name: records[name].calls for name in names}
         rows: dict[str, list[Tensor]] = {name: [] for name in names}
         found: dict[str, str] = {}
@@ -551,14 +551,13 @@ class Capturer:
                                        (mine - theirs).norm()])
 
         def hook_for(name: str):
-            spec, weight = specs[name], self.modules[specs[name].module].weight
+            spec, weight = specs[name], self.modules[name].weight
             dtype = weight.dtype if weight.is_floating_point() and weight.dtype.itemsize >= 2 else None
-            cols = slice(spec.group * spec.d_in, (spec.group + 1) * spec.d_in)  # a group's: _split_groups's
 
             def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
                 if name not in pending or not torch.is_grad_enabled():  # as the capture: no_grad calls take no part
                     return
-                rows[name].append(self._tokens(spec, module, inputs[0].detach().to(dtype))[..., cols])
+                rows[name].append(self._tokens(spec, module, inputs[0].detach().to(dtype)))
                 pending[name] -= 1
                 if not pending[name]:
                     del pending[name]
@@ -568,7 +567,7 @@ class Capturer:
 
             return hook
 
-        handles = [self.modules[specs[name].module].register_forward_hook(hook_for(name)) for name in names]
+        handles = [self.modules[name].register_forward_hook(hook_for(name)) for name in names]
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         for p in frozen:  # grad mode on, as in the pass (a task's no_grad calls stay apart), building no graph
             p.requires_grad_(False)
