@@ -445,6 +445,9 @@ def main() -> None:
                 path = scores_dir / f"{workload}_{lib}_{rep}.pt"
                 rows[lib] = _child(["time", lib, workload, str(path)] + flags, args.log_dir)
                 scores[lib] = torch.load(path)
+                # Said at once: a run cut short by a time limit (the GPU script's) keeps one library's phases.
+                print(f"{workload} repeat {rep} {lib}: " + ", ".join(f"{r['phase']} {r['seconds']:.2f} s" for r in rows[lib]),
+                      file=sys.stderr)
             timed = {q: _pearson(scores["kronfluence"][q], scores["source_fast"][q]) for q in scores["kronfluence"]}
             worst = min(v[0] for v in timed.values())
             print(f"{workload} repeat {rep}: timed runs' scores agree, Pearson " +
