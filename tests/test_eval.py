@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,27 @@ def test_workers_exit_when_the_parent_is_killed():
     assert not alive()
 
 
+@pytest.fixture
+def sigint_delivered():
+    """These tests need Ctrl-C to reach this process and the processes it starts: Python's handler, and
+    SIGINT not blocked in this thread (threads and child processes inherit the mask). One CI run at
+    2d05003 found both tests below as if SIGINT were blocked or ignored, with nothing in the library
+    touching signals; what was found is said here (a warning) and set right for the test."""
+    handler = signal.getsignal(signal.SIGINT)
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if blocked or handler is not signal.default_int_handler:
+        warnings.warn(f"SIGINT was {'blocked' if blocked else 'not blocked'} with handler {handler!r} before this test")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+
+
+@pytest.mark.usefixtures("sigint_delivered")
 def test_ctrl_c_while_workers_start_stops_the_run():
     """Ctrl-C reaches the whole process group; with workers still importing, CPython's pool could be
     left with a running future nobody settles, and waiting for it hung forever."""
@@ -294,6 +316,7 @@ def test_ctrl_c_while_workers_start_stops_the_run():
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.usefixtures("sigint_delivered")
 def test_an_interrupt_keeps_the_finished_runs_and_the_callers_pool(tmp_path, monkeypatch):
     """Ctrl-C (here while the first finished run is being cached): every run that finished is cached,
     and a pool the caller passed stays usable."""
