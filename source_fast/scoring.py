@@ -393,8 +393,8 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         device, dtype = next(model.parameters()).device, factor_dtype(model)
         lfs = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
         # Before the queries' pass: a refused damping costs nothing.
-        means = _module_mean_lams(specs, lfs)
-        scale = {s.name: _one_checkpoint_scale(method, seg, lfs[s.name], damping, s, means[s.name]) for s in specs}
+        means = _module_mean_lams(specs, lfs) if damping == "heuristic" else {}
+        scale = {s.name: _one_checkpoint_scale(method, seg, lfs[s.name], damping, s, means.get(s.name)) for s in specs}
         rot, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=lfs,
                                      summed=summed, progress=progress, first=first)
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
@@ -1128,8 +1128,9 @@ def _self_fused(model, task, specs, trajectory, factors, method, data, first, da
             scales[s.name], bases[s.name] = torch.ones(s.d_out, s.d_a, device=device, dtype=dtype), None
     else:
         bases = {s.name: factors.segments[0][s.name].to(device, dtype) for s in specs}
-        means = _module_mean_lams(specs, bases)
-        scales = {s.name: _one_checkpoint_scale(method, seg, bases[s.name], damping, s, means[s.name]) for s in specs}
+        means = _module_mean_lams(specs, bases) if damping == "heuristic" else {}
+        scales = {s.name: _one_checkpoint_scale(method, seg, bases[s.name], damping, s, means.get(s.name))
+                  for s in specs}
     out: dict[str, list[Tensor]] = {s.name: [] for s in specs}  # (n,) pieces: a stream's length shows at its end
     bar = _progress(progress, length(data), "self-influence")
     loader = make_loader(data, batch_size, collate_fn)
