@@ -506,6 +506,34 @@ def test_grouped_convolution_fed_frames_is_checked_once_as_a_module(recwarn):
         sf.fit_factors(FramesNet(frame_major=True).double(), task, traj, fisher="empirical", batch_size=4)
 
 
+def test_a_grouped_convolutions_non_finite_gradient_is_named():
+    """Finiteness is checked once per module (a grouped convolution's groups are views of one gradient):
+    a NaN reaching a group's output gradient, with the loss finite, is caught and named by its group,
+    not carried into the factors."""
+
+    class NanBackward(torch.autograd.Function):  # the identity, whose backward puts NaN in channel 5
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.clone()
+            grad[:, 5] = float("nan")
+            return grad
+
+    class NanNet(GroupedNet):
+        def forward(self, x):
+            return self.head(torch.tanh(NanBackward.apply(self.depthwise(torch.tanh(self.conv(x))))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, task = NanNet().double(), ImageTask()
+    data = _image_data(8, 1)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(FloatingPointError, match=r"batch 0 .*non-finite gradient at module 'depthwise\[2\]'"):
+        sf.fit_factors(model, task, traj, fisher="empirical", batch_size=4)
+
+
 def test_grouped_convolutions_are_refused_by_the_kronfluence_interop(tmp_path):
     """kronfluence keeps one pair of factors per grouped convolution, from its inputs averaged over the
     groups: neither library reads the other's factors for such a module, and saying so beats files
