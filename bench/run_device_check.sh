@@ -2,8 +2,8 @@
 # One script for a lent GPU (H200: torch 2.11, triton 3.6, Python 3.12 preinstalled; no network).
 #   [ONLY="step names"] [GPT2_SEQS=N] bench/run_device_check.sh OUTDIR [BUDGET_SECONDS]
 # Builds the extension for sm_90 only, prints the backend table, runs the `cuda` tests, then the
-# benches (kernels with their roofline fractions, covariance, a GPT-2 profile, GPU kronfluence
-# comparison, GPT-2 throughput). Every step runs under its own time limit, cut further so that the
+# benches (kernels with their roofline fractions, covariance, the GPU kronfluence comparison, a GPT-2
+# profile, GPT-2 throughput). Every step runs under its own time limit, cut further so that the
 # whole script ends within BUDGET_SECONDS (default 540); steps are ordered by what they tell us, and
 # a step that no longer fits is skipped and reported. Everything logs into OUTDIR/device_check.log;
 # the script carries on past a failed step and exits non-zero if any step failed or was skipped.
@@ -82,9 +82,6 @@ step bench_kernels_bf16 150 env TRITON_PRINT_AUTOTUNING=1 "$PY" bench/bench_kern
 # The general and the cp.async-pipelined CUDA covariance kernels side by side (backends ext, ext_pipelined).
 step bench_covariance_bf16 80 "$PY" bench/bench_covariance.py --device cuda --dtype bfloat16 \
     --out "$OUT/bench_covariance_bf16.jsonl"
-# Where GPT-2's tokens/s go: torch.profiler tables per phase (ops by device and host time), 256 × 512.
-step profile_gpt2_bf16 90 "$PY" bench/bench_gpt2.py --device cuda --dtype bfloat16 --seqs 256 \
-    --profile "$OUT/gpt2_profile_bf16.txt" --out "$OUT/gpt2_profile_bf16.jsonl"
 # Same fp32 model, same inputs, both libraries on the GPU; each library in its own process. Each process
 # pays CUDA's start and the float64 eigendecompositions (the first run's 100 s did not cover four of
 # them), so the timed runs' scores are compared after timing (--check-train 0: two processes, not four),
@@ -93,6 +90,9 @@ step profile_gpt2_bf16 90 "$PY" bench/bench_gpt2.py --device cuda --dtype bfloat
 step vs_kronfluence_gpt2 200 "$PY" bench/bench_vs_kronfluence.py --device cuda --workloads gpt2 \
     --seqs "${GPT2_SEQS:-128}" --tokens 512 --queries 32 --batch 16 --query-batch 32 --query-budget-mb 16384 \
     --check-train 0 --out "$OUT/vs_kronfluence_gpt2.jsonl"
+# Where GPT-2's tokens/s go: torch.profiler tables per phase (ops by device and host time), 256 × 512.
+step profile_gpt2_bf16 90 "$PY" bench/bench_gpt2.py --device cuda --dtype bfloat16 --seqs 256 \
+    --profile "$OUT/gpt2_profile_bf16.txt" --out "$OUT/gpt2_profile_bf16.jsonl"
 # tokens/s at GPT-2 small in bf16; the rest of the budget decides how far it gets (records per phase).
 step bench_gpt2_bf16 240 "$PY" bench/bench_gpt2.py --device cuda --dtype bfloat16 --seqs 2048 \
     --out "$OUT/bench_gpt2_bf16.jsonl"
