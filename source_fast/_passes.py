@@ -819,7 +819,7 @@ def run_pass(
             m in capturer.folded or (s.kind not in CONVOLUTIONS and r.a.shape[1] == n))]
         if n > 1 and every + once:  # one example's rows are its own
             batches_of_many += 1
-            found = _order(capturer, task, objective, given_batch, n, capturer.whole(records, every + once),
+            found = _order(capturer, task, objective, given_batch, n, capturer.whole(every + once),
                            every + once, where(b, start))
             for name in every + once:
                 folded = name in capturer.folded
@@ -831,7 +831,7 @@ def run_pass(
         # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
         # the slow path below runs only to name what went wrong.
         finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(r.g).all() for r in capturer.whole(
-            records, list(lead)).values()])  # per module: a grouped convolution's groups share one gradient
+            list(lead)).values()])  # per module: a grouped convolution's groups share one gradient
         if not bool(finite.all()):
             half = any(records[s.name].half or records[s.name].g.dtype == torch.float16 for s in specs)
             hint = (" (float16 holds values up to 65504: a float16 model's activations, logits or gradients, or "

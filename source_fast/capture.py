@@ -163,10 +163,10 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
     specs = []
     for name in names:
         if name not in modules:
-            base = modules.get(name[: name.rfind("[")]) if name.endswith("]") else None
-            if getattr(base, "groups", 1) > 1 and layer_kind(base) is not None:
+            base = name[: name.rfind("[")] if name.endswith("]") else None
+            if base in modules and getattr(modules[base], "groups", 1) > 1 and layer_kind(modules[base]) is not None:
                 raise ValueError(f"tracked module {name!r} does not exist in the model: a grouped convolution's groups are "
-                                 f"tracked together, as its module {name[: name.rfind('[')]!r}")
+                                 f"tracked together, as its module {base!r}")
             close = [n for n in modules if n and (name in n or n in name)][:5]
             raise ValueError(f"tracked module {name!r} does not exist in the model" + (f" (close: {close})" if close else ""))
         specs += LayerSpec.of(name, modules[name])
@@ -475,10 +475,10 @@ class Capturer:
                 self.records[s.name] = Captured(**{**fields, "a": whole.a[..., cols],
                                                    "g": None if whole.g is None else whole.g[..., rows]})
 
-    def whole(self, records: dict[str, Captured], modules: list[str]) -> dict[str, Captured]:
-        """The named modules' records, a grouped convolution's whole (its groups share their rows: the
-        order check and the finiteness check read a module once)."""
-        return {name: self.grouped[name] if name in self.grouped else records[name] for name in modules}
+    def whole(self, modules: list[str]) -> dict[str, Captured]:
+        """The named modules' records of the last capture, a grouped convolution's whole (its groups share
+        their rows: the order check and the finiteness check read a module once)."""
+        return {name: self.grouped[name] if name in self.grouped else self.records[name] for name in modules}
 
     def _folded(self, name: str, rec: Captured, n: int, calls: int) -> Captured:
         """One call's record whose input held n·k rows for the batch's n examples (OPT's fc1 and fc2 take

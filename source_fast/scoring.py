@@ -195,11 +195,12 @@ def _one_basis_queries(scaled: Grads, lfs: dict[str, LayerFactors], train_rows: 
 _ROTATE_BYTES = 64 << 20
 
 
-def _damping_value(damping: Damping, lf: LayerFactors, horizon: float, name: str, mean_lam: float | None = None
-                   ) -> float:
-    """The number `damping` stands for at one layer; `mean_lam`: its module's mean Λ (_module_mean_lams)."""
+def _damping_value(damping: Damping, horizon: float, name: str, mean_lam: float | None = None) -> float:
+    """The number `damping` stands for at one layer; `mean_lam`: its module's mean Λ (_module_mean_lams),
+    which the heuristic needs."""
     if damping == "heuristic":  # kronfluence's damping_factor=None: 0.1 × the module's mean eigenvalue
-        return 0.1 * (float(lf.lam.clamp_min(0).mean()) if mean_lam is None else mean_lam)
+        assert mean_lam is not None, f"the heuristic damping of module {name!r} needs its module's mean Λ"
+        return 0.1 * mean_lam
     if damping == "implied":  # SOURCE with one segment acts like damping 1/c
         if horizon <= 0:
             raise ValueError(f"damping='implied' is 1/c, and the segment's learning-rate sum c is {horizon} "
@@ -226,7 +227,7 @@ def _invertible(delta: float, lam: Tensor, damping: Damping, name: str, what: st
 
 
 def _ekfac_damping(damping: Damping, lf: LayerFactors, horizon: float, name: str, mean_lam: float | None) -> float:
-    return _invertible(_damping_value(damping, lf, horizon, name, mean_lam), lf.lam, damping, name, "method 'ekfac'")
+    return _invertible(_damping_value(damping, horizon, name, mean_lam), lf.lam, damping, name, "method 'ekfac'")
 
 
 def _module_mean_lams(specs: list[LayerSpec], lfs: dict[str, LayerFactors]) -> dict[str, float]:
@@ -252,7 +253,7 @@ def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: 
     if damping == "implied" and seg.optimizer != "sgd":
         # One Adam segment's F = p̃(1 − e^{−cσ})/σ (σ = p̃Λ) acts like 1/(Λ + 1/(c·p̃)): a damping per
         # eigen-direction, the counterpart of SGD's 1/c (an Adam step is c·P, not c).
-        _damping_value(damping, lf, seg.horizon, spec.name)  # refuses c = 0
+        _damping_value(damping, seg.horizon, spec.name)  # refuses c = 0
         return 1.0 / (lam + 1.0 / (seg.horizon * _eigen_precond(lf, spec.name)))
     return 1.0 / (lam + _ekfac_damping(damping, lf, seg.horizon, spec.name, mean_lam))
 
