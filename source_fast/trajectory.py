@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Collection, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ def load_dict(checkpoint: Checkpoint, what: str) -> dict[str, Any]:
 
 
 def _read_file(path: str, what: str) -> dict[str, Any]:
+    if is_distributed_checkpoint(path):
+        return _read_distributed(path, what)
     with readable(path, what):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -67,35 +70,121 @@ def _tensors_only(state: Any, what: str) -> dict[str, Tensor]:
     return state
 
 
-# A save_pretrained folder's weights, in the order from_pretrained looks for them.
+# A save_pretrained folder's weights, in the order from_pretrained looks for them; then accelerate's
+# FSDP state_dicts: whole in one file (FULL_STATE_DICT), or a torch.distributed.checkpoint folder of
+# the ranks' pieces (SHARDED_STATE_DICT).
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-                 "pytorch_model_fsdp.bin")  # the last: accelerate's whole FSDP state_dict (FULL_STATE_DICT)
+                 "pytorch_model_fsdp.bin", "pytorch_model_fsdp_0")
+
+
+def saved_weights(folder: str | os.PathLike) -> str | None:
+    """The first of WEIGHTS_FILES a folder holds, or None."""
+    for name in WEIGHTS_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) or is_distributed_checkpoint(path):
+            return path
+    return None
+
+
+def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder torch.distributed.checkpoint saved (its .metadata says where each rank's pieces are)."""
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def _read_distributed(path: str, what: str, shapes_only: bool = False) -> dict[str, Any]:
+    """A torch.distributed.checkpoint folder read whole in this process, nested as it was saved (FSDP's
+    sharded state_dicts: each rank's pieces, put together by the checkpoint's own metadata). Adam's
+    first moments, which nothing here reads, are left out: they are a third of an optimizer state's
+    folder. Saved Python values (an optimizer's hyperparameters) are read as torch.load(weights_only=True)
+    reads them, running no pickled code. With `shapes_only`, tensors come on the meta device (no data
+    read) and other values are left out. accelerate saves each state under one key ({"model": ...},
+    {"optimizer": ...}): that one level is taken off."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    values: dict[str, Any] = {}  # load() puts back what it was given for them: kept apart
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            values[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+    with readable(path, what):
+        reader = dcp.FileSystemReader(path)
+        metadata = reader.read_metadata()
+        places = metadata.planner_data or {}  # each flat key's path in the nested dict saved
+        flat: dict[str, Any] = {}
+        for key, item in metadata.state_dict_metadata.items():
+            place = tuple(places.get(key, (key,)))
+            if len(place) >= 3 and place[-3] == "state" and place[-1] == "exp_avg":
+                continue
+            if isinstance(item, TensorStorageMetadata):
+                flat[key] = torch.empty(item.size, dtype=item.properties.dtype, device="meta" if shapes_only else "cpu")
+            elif not shapes_only:
+                flat[key] = None
+        if not shapes_only:
+            with warnings.catch_warnings():  # that it reads in one process, as asked
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                try:
+                    dcp.load(flat, storage_reader=reader, planner=Planner(flatten_state_dict=False), no_dist=True)
+                except CheckpointException as exc:  # a BaseException, holding this process's own error
+                    error = next(iter(exc.failures.values()), None)
+                    error = error[0] if isinstance(error, tuple) else error
+                    raise (error if isinstance(error, Exception) else RuntimeError(str(exc))) from exc
+            flat.update(values)
+    nested: dict[Any, Any] = {}
+    for key, value in flat.items():
+        place = tuple(places.get(key, (key,)))
+        node = nested
+        for part in place[:-1]:
+            node = node.setdefault(part, {})
+        node[place[-1]] = value
+    nested = _as_lists(nested)
+    if len(nested) == 1 and isinstance(next(iter(nested.values())), dict):
+        return next(iter(nested.values()))
+    return nested
+
+
+def _as_lists(node: Any) -> Any:
+    """The nested dicts _read_distributed builds, with those keyed 0..n-1 (a saved list's items) as lists."""
+    if not isinstance(node, dict):
+        return node
+    node = {k: _as_lists(v) for k, v in node.items()}
+    return [node[i] for i in range(len(node))] if node and set(node) == set(range(len(node))) else node
 
 
 def weights_path(checkpoint: Checkpoint, what: str) -> str:
-    """The file a checkpoint names: itself, or a save_pretrained folder's weights file or shard index."""
+    """The file a checkpoint names: itself, or a save_pretrained folder's weights file or shard index (a
+    torch.distributed.checkpoint folder is read as one file)."""
     path = os.fspath(checkpoint)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) or is_distributed_checkpoint(path):
         return path
-    names = [n for n in WEIGHTS_FILES if os.path.isfile(os.path.join(path, n))]
-    if not names:
+    found = saved_weights(path)
+    if found is None:
         adapters = os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
         raise IsADirectoryError(f"{what}: {path!r} is a folder without model weights (looked for "
                                 f"{', '.join(WEIGHTS_FILES)}): " + (
                                     "it holds PEFT adapters, which Trajectory.from_trainer reads into the PEFT "
                                     "model (or load them and pass its state_dict)" if adapters else
                                     sharded_training_state(path) or "pass the weights file"))
-    return os.path.join(path, names[0])
+    return found
 
 
 def sharded_training_state(folder: str | os.PathLike) -> str:
     """What to do with a checkpoint that FSDP or DeepSpeed saved in the ranks' pieces, or ''."""
     names = os.listdir(folder)
-    if any(n.startswith(("pytorch_model_fsdp_", "optimizer_0")) or n.endswith(".distcp") for n in names):
-        return ("it holds FSDP's state in each rank's part, which is not read: train with fsdp_state_dict_type "
-                "FULL_STATE_DICT, so the weights and the optimizer's state are saved whole")
+    if any(re.fullmatch(r"(pytorch_model_fsdp|optimizer)(_\d+)?_rank\d+\.bin", n) for n in names):
+        return ("it holds FSDP's state in a file per rank (LOCAL_STATE_DICT, or accelerate's use_dcp=False), which is "
+                "not read: save with fsdp_state_dict_type SHARDED_STATE_DICT (through torch.distributed.checkpoint) "
+                "or FULL_STATE_DICT")
+    broken = [n for n in names if n.startswith(("pytorch_model_fsdp_", "optimizer_"))
+              and os.path.isdir(os.path.join(folder, n)) and not is_distributed_checkpoint(os.path.join(folder, n))]
+    if broken:
+        return (f"its FSDP state folder {broken[0]} has no .metadata, which torch.distributed.checkpoint writes last "
+                "(an interrupted save?)")
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
         return ("it holds a DeepSpeed ZeRO checkpoint (each rank's partition), which is not read: save the weights "
                 "whole (zero_to_fp32.py in the folder converts them; Adam's states would need consolidating too)")
@@ -186,6 +275,9 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
 
 
 def _file_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
+    if is_distributed_checkpoint(path):
+        state = _read_distributed(path, what, shapes_only=True)
+        return {k: tuple(v.shape) for k, v in _tensors_only(state, f"{what} ({path!r})").items()}
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 

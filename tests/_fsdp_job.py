@@ -1,6 +1,7 @@
 """A real FSDP run for tests/test_engine.py: FSDP2's fully_shard over 2 gloo ranks on the CPU, AdamW
 for a few steps, its weights and optimizer state saved whole as FSDP gives them (the state keyed by
-parameter names); and on rank 0 the same training without FSDP, saved as torch's optimizer saves it.
+parameter names) and in the ranks' pieces as accelerate saves them (sharded/); and on rank 0 the same
+training without FSDP, saved as torch's optimizer saves it.
 
     torchrun --standalone --nproc-per-node 2 tests/_fsdp_job.py OUT_DIR
 """
@@ -47,6 +48,16 @@ def main() -> None:
     model = build()
     fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     opt = train(model, names=False)
+    # As accelerate (Trainer's FSDP) saves checkpoints with fsdp_state_dict_type SHARDED_STATE_DICT: the
+    # ranks' pieces, through torch.distributed.checkpoint, in pytorch_model_fsdp_0/ and optimizer_0/.
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import save_fsdp_model, save_fsdp_optimizer
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    accelerator = Accelerator(cpu=True)  # the process group above; save_* read its rank
+    save_fsdp_model(plugin, accelerator, model, os.path.join(out, "sharded"))
+    save_fsdp_optimizer(plugin, accelerator, opt, model, os.path.join(out, "sharded"))
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state, weights = get_optimizer_state_dict(model, opt, options=whole), get_model_state_dict(model, options=whole)
     if dist.get_rank() == 0:

@@ -1052,20 +1052,27 @@ def test_a_real_fsdp_runs_whole_optimizer_state_is_read(tmp_path):
     """FSDP gives the whole optimizer state keyed by parameter names (get_optimizer_state_dict with
     full_state_dict; FSDP.optim_state_dict alike): a real FSDP2 run on 2 gloo ranks, two parameter
     groups, gives the Adam preconditioner of the same training in one process, whose torch optimizer
-    state records the names (named parameters)."""
+    state records the names (named parameters); the ranks' pieces, as accelerate saves them with
+    SHARDED_STATE_DICT (torch.distributed.checkpoint folders), give the whole state's weights and
+    preconditioner exactly."""
     import _fsdp_job
 
     run = torchrun(Path(__file__).parent / "_fsdp_job.py", tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     model, data = _fsdp_job.build(), TensorDataset(*_fsdp_job.data())
     fitted = []
-    for weights, state in (("fsdp_model.pt", "fsdp_optimizer.bin"), ("model.pt", "optimizer.pt")):
+    pieces = ("sharded", "sharded/optimizer_0")  # as accelerate saves SHARDED_STATE_DICT, read whole
+    for weights, state in (("fsdp_model.pt", "fsdp_optimizer.bin"), ("model.pt", "optimizer.pt"), pieces):
         traj = sf.Trajectory.even([tmp_path / weights], [1e-2] * 5, 1, data, optimizer="adamw",
                                   optimizer_states=[tmp_path / state], weight_decay=0.01)
         fitted.append(sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical"))
     for name in ("0", "2"):
         torch.testing.assert_close(fitted[0].segments[0][name].precond, fitted[1].segments[0][name].precond,
                                    rtol=1e-5, atol=0)  # the ranks' gradient average rounds otherwise
+        assert torch.equal(fitted[2].segments[0][name].precond, fitted[0].segments[0][name].precond)  # the same state
+    whole = torch.load(tmp_path / "fsdp_model.pt", weights_only=True)
+    pieces = sf.trajectory.load_state_dict(tmp_path / "sharded", "c")
+    assert pieces.keys() == whole.keys() and all(torch.equal(pieces[k], whole[k]) for k in whole)
 
 
 def test_adam_segments_stay_exact_in_float32_at_small_horizons(setup):

@@ -255,6 +255,52 @@ def test_fsdps_full_optimizer_state_is_read(run, tmp_path):
         assert torch.equal(lf.precond, got.segments[0][name].precond), name
 
 
+def test_fsdps_sharded_checkpoints_are_read(run, tmp_path):
+    """With fsdp_state_dict_type SHARDED_STATE_DICT (accelerate's default) a checkpoint holds the weights
+    in pytorch_model_fsdp_0/ and the optimizer's state, keyed by names, in optimizer_0/: folders of
+    torch.distributed.checkpoint (tests/test_engine.py reads a real FSDP run's), and no config.json.
+    Written here by torch.distributed.checkpoint from the run's own states, they give the same
+    trajectory, factors and scores; the first moments are not read."""
+    import torch.distributed.checkpoint as dcp
+    from source_fast.interop.trainer import _optimizer_state
+
+    out, model, data, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    written = {}
+    for folder in copy.glob("checkpoint-*"):
+        state = _optimizer_state(folder, model)
+        names = {i: n for g in state["param_groups"] for i, n in zip(g["params"], g["param_names"])}
+        by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+                   "param_groups": [{**{k: v for k, v in g.items() if k != "param_names"}, "params": g["param_names"]}
+                                    for g in state["param_groups"]]}
+        written[folder.name] = by_name
+        weights = transformers.GPT2LMHeadModel.from_pretrained(folder).state_dict()  # tied lm_head too, as FSDP's
+        with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+            dcp.save({"model": weights}, checkpoint_id=folder / "pytorch_model_fsdp_0", no_dist=True)
+            dcp.save({"optimizer": by_name}, checkpoint_id=folder / "optimizer_0", no_dist=True)
+        for name in ("model.safetensors", "optimizer.pt", "config.json", "generation_config.json"):
+            (folder / name).unlink()
+    task = CausalLMTask(normalize="mean")
+    whole, pieces = (sf.Trajectory.from_trainer(d, model, data, num_segments=2) for d in (out, copy))
+    assert [s.lr_sum for s in whole.segments] == [s.lr_sum for s in pieces.segments]
+    with pytest.warns(UserWarning, match="the biases of"):
+        want, got = (sf.fit_factors(model, task, t, batch_size=16) for t in (whole, pieces))
+    for seg_want, seg_got in zip(want.segments, got.segments):
+        for name, lf in seg_want.items():
+            assert torch.equal(lf.lam, seg_got[name].lam) and torch.equal(lf.precond, seg_got[name].precond), name
+    queries = torch.utils.data.Subset(data, range(3))
+    assert torch.equal(sf.score(model, task, whole, want, data, queries), sf.score(model, task, pieces, got, data, queries))
+    read = sf.trajectory.load_dict(copy / "checkpoint-20" / "optimizer_0", "o")
+    assert {k for s in read["state"].values() for k in s} == {"step", "exp_avg_sq"}
+    assert read["param_groups"] == written["checkpoint-20"]["param_groups"]  # hyperparameters and names
+    piece = next((copy / "checkpoint-20" / "pytorch_model_fsdp_0").glob("*.distcp"))
+    piece.write_bytes(piece.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"segment 0, checkpoint 1: cannot read checkpoint file '.*checkpoint-20/"
+                                         r"pytorch_model_fsdp_0' \(damaged or incomplete\?\)"):
+        sf.fit_factors(model, task, pieces)
+
+
 def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
     """A model over save_pretrained's max_shard_size (5 GB by default) is saved in shards with an index:
     read whole, in either format, from the run's folders, a folder or the index file; a missing shard, one
@@ -304,13 +350,18 @@ def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
     with pytest.raises(IsADirectoryError, match=r"c: '.*checkpoint-20' is a folder without model weights \(looked for "
                                                 r"model.safetensors, .*\): pass the weights file"):
         sf.trajectory.load_state_dict(folder, "c")
-    # The ranks' pieces of an FSDP or a DeepSpeed run (as accelerate's Trainer saves them) say what to do.
+    # FSDP's pieces that are not read (a save cut short, a file per rank), and a DeepSpeed run's, say what to do.
     (folder / "pytorch_model_fsdp_0").mkdir()
     (folder / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"checkpoint-20 has none of .*: it holds FSDP's state in each rank's part, "
-                                         r"which is not read: .*FULL_STATE_DICT"):
+    with pytest.raises(ValueError, match=r"checkpoint-20 has none of .*: its FSDP state folder pytorch_model_fsdp_0 "
+                                         r"has no .metadata, .* \(an interrupted save\?\)"):
         sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
     shutil.rmtree(folder / "pytorch_model_fsdp_0")
+    (folder / "pytorch_model_fsdp_0_rank0.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint-20 has none of .*: it holds FSDP's state in a file per rank "
+                                         r"\(LOCAL_STATE_DICT, or accelerate's use_dcp=False\), which is not read"):
+        sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
+    (folder / "pytorch_model_fsdp_0_rank0.bin").unlink()
     (folder / "global_step20").mkdir()
     (folder / "zero_to_fp32.py").write_text("")
     with pytest.raises(IsADirectoryError, match=r"it holds a DeepSpeed ZeRO checkpoint .*zero_to_fp32.py in the folder"):

@@ -37,7 +37,8 @@ from .._warn import warn
 from ..capture import layer_kind
 from ..factors import indexed_by_position, not_adam
 from .._passes import length
-from ..trajectory import WEIGHTS_FILES, Trajectory, check_checkpoint, sharded_training_state
+from ..trajectory import (WEIGHTS_FILES, Trajectory, check_checkpoint, is_distributed_checkpoint, load_dict, saved_weights,
+                          sharded_training_state)
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -164,7 +165,7 @@ def _training_args(path: Path) -> dict[str, int | float]:
 def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
     """A checkpoint's weights: the folder of a full model (one file or shards), or a PEFT (LoRA) run's
     adapters as a state_dict."""
-    if any((folder / name).is_file() for name in WEIGHTS_FILES):
+    if saved_weights(folder) is not None:
         return str(folder)
     if getattr(model, "peft_config", None):
         return _adapter_state(folder, model)
@@ -215,21 +216,25 @@ def _adapter_state(folder: Path, model: nn.Module) -> dict[str, Any]:
 
 
 def _optimizer_file(folder: Path) -> Path:
-    """optimizer.pt, or accelerate's optimizer.bin where only that is there (FSDP)."""
+    """optimizer.pt, or where only that is there what accelerate saves for FSDP: optimizer.bin (whole,
+    FULL_STATE_DICT) or the optimizer_0 folder (the ranks' pieces, SHARDED_STATE_DICT)."""
     path = folder / "optimizer.pt"
-    return folder / "optimizer.bin" if not path.is_file() and (folder / "optimizer.bin").is_file() else path
+    return next((p for p in (path, folder / "optimizer.bin") if p.is_file()),
+                folder / "optimizer_0" if is_distributed_checkpoint(folder / "optimizer_0") else path)
 
 
 def _optimizer_state(folder: Path, model: nn.Module) -> dict:
     """optimizer.pt, memory-mapped (a state is twice the model), its groups named by Trainer's rule; or
-    the optimizer.bin accelerate saves for FSDP (fsdp_state_dict_type FULL_STATE_DICT), keyed by names."""
+    the state accelerate saves for FSDP (optimizer.bin or optimizer_0, _optimizer_file), keyed by names."""
     path = _optimizer_file(folder)
-    if not path.is_file():
+    if not path.exists():
         cause = sharded_training_state(folder) or "an incomplete checkpoint, or a run with save_only_model=True"
         raise ValueError(f"{path} is missing ({cause}): the optimizer's kind, momentum or second moments are read "
                          "from it; without it build the trajectory with Trajectory.even(..., steps=) yourself")
     try:
-        state = indexed_by_position(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        saved = (load_dict(str(path), str(path)) if path.is_dir()
+                 else torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        state = indexed_by_position(saved)
     except Exception as exc:  # a truncated or foreign file: say which
         raise ValueError(f"{path} cannot be read as an optimizer state_dict ({exc})") from exc
     groups = state["param_groups"]
