@@ -32,6 +32,7 @@ from ._warn import warn
 from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
+from ._deepspeed import zero_folder, zero_optimizer_state
 from .trajectory import (Checkpoint, Segment, Trajectory, checkpoint_files, extra_prefix, load_dict, load_into,
                          load_state_dict, readable, unwrapped_name)
 
@@ -881,7 +882,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         where = f"{what}, optimizer state {c}"
         if isinstance(st, torch.optim.Optimizer):
             raise TypeError(f"{where} is the optimizer itself: pass its state_dict(), saved with the checkpoint")
-        state = load_dict(st, where)
+        state = zero_optimizer_state(st, where) if zero_folder(st) else load_dict(st, where)
         if "state" not in state or "param_groups" not in state:
             raise ValueError(f"{where} is not an optimizer state_dict (needs 'state', 'param_groups')")
         state = indexed_by_position(state)

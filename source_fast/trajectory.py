@@ -173,8 +173,9 @@ def weights_path(checkpoint: Checkpoint, what: str) -> str:
     return found
 
 
-def sharded_training_state(folder: str | os.PathLike) -> str:
-    """What to do with a checkpoint that FSDP or DeepSpeed saved in the ranks' pieces, or ''."""
+def sharded_training_state(folder: str | os.PathLike, optimizer: bool = False) -> str:
+    """What to do with a checkpoint that FSDP or DeepSpeed saved in the ranks' pieces, or '': where its
+    weights are missing, or with `optimizer`, its optimizer state."""
     names = os.listdir(folder)
     if any(re.fullmatch(r"(pytorch_model_fsdp|optimizer)(_\d+)?_rank\d+\.bin", n) for n in names):
         return ("it holds FSDP's state in a file per rank (LOCAL_STATE_DICT, or accelerate's use_dcp=False), which is "
@@ -185,9 +186,13 @@ def sharded_training_state(folder: str | os.PathLike) -> str:
     if broken:
         return (f"its FSDP state folder {broken[0]} has no .metadata, which torch.distributed.checkpoint writes last "
                 "(an interrupted save?)")
+    if (any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names) and optimizer:
+        return ("it holds a DeepSpeed ZeRO checkpoint without the ranks' optimizer files, "
+                "global_stepN/zero_pp_rank_*_optim_states.pt, N as its file `latest` says")
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
-        return ("it holds a DeepSpeed ZeRO checkpoint (each rank's partition), which is not read: save the weights "
-                "whole (zero_to_fp32.py in the folder converts them; Adam's states would need consolidating too)")
+        return ("it holds a DeepSpeed ZeRO checkpoint, whose optimizer state is read but whose weights are not (each "
+                "rank's part): save them whole (with stage 3, zero_optimization.stage3_gather_16bit_weights_on_model_"
+                "save), or convert them with zero_to_fp32.py, in the folder")
     return ""
 
 
@@ -486,7 +491,9 @@ class Segment:
         checkpoint; their exp_avg_sq give the diagonal preconditioner P = 1/(√v̂ + ε). States are
         matched to parameters by the names torch records when the optimizer is built from named
         parameters (needed with several parameter groups), else in model.parameters() order; FSDP's
-        whole state (keyed by names: get_optimizer_state_dict(full_state_dict=True)) is read too
+        whole state (keyed by names: get_optimizer_state_dict(full_state_dict=True)) is read too, and
+        its ranks' pieces (a torch.distributed.checkpoint folder), and DeepSpeed ZeRO's (the folder
+        engine.save_checkpoint wrote into, or its global_stepN/)
     weight_decay: SGD: adds wd to every curvature eigenvalue. Adam (L2 in the gradient): adds wd to
         the curvature, inside P's scope, σ = p̃(Λ + wd). AdamW (decoupled): adds wd outside it,
         σ = p̃Λ + wd (see scoring._segment_scales). For adam/adamw

@@ -6,6 +6,7 @@ numbers them in)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,10 +66,11 @@ def _applied(rates, beta, dampening=0.0, nesterov=False):
     return [(1 - beta) * (1 if k == 0 else 1 - dampening) * carried[k] for k in range(len(rates))]
 
 
-def _rates(steps=STEPS):
-    """The rate of each of `steps` steps of the run's schedule (past its end: the rate it would have next)."""
+def _rates(steps=STEPS, total=STEPS):
+    """The rate of each of `steps` steps of the run's schedule over `total` steps (past its end: the rate it
+    would have next)."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
-    schedule = transformers.get_linear_schedule_with_warmup(opt, WARMUP, STEPS)
+    schedule = transformers.get_linear_schedule_with_warmup(opt, WARMUP, total)
     rates = []
     for _ in range(steps):
         rates.append(opt.param_groups[0]["lr"])
@@ -301,6 +303,38 @@ def test_fsdps_sharded_checkpoints_are_read(run, tmp_path):
         sf.fit_factors(model, task, pieces)
 
 
+def test_a_deepspeed_zero3_runs_optimizer_state_is_read(tmp_path):
+    """Trainer with DeepSpeed (a real run: ZeRO stage 3 on 2 gloo ranks) saves each rank's partition of
+    Adam's state in checkpoint-N/global_stepN/: put back together, the last checkpoint's second moments
+    are the ones DeepSpeed itself gathers (safe_get_full_optimizer_state, in the run), and the run reads
+    as a trajectory with the schedule's rates, AdamW and its decay, whose factors fit."""
+    import _trainer_deepspeed_job as job
+    from _helpers import torchrun
+    from source_fast._deepspeed import zero_optimizer_state
+
+    run = torchrun(Path(__file__).parent / "_trainer_deepspeed_job.py", tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    gathered = torch.load(tmp_path / "deepspeed_exp_avg_sq.pt", weights_only=True)
+    state = zero_optimizer_state(tmp_path / f"checkpoint-{job.STEPS}", "c")["state"]
+    assert state.keys() == gathered.keys()
+    for name, moment in gathered.items():
+        assert torch.equal(state[name]["exp_avg_sq"], moment), name
+    model, data = _model(), Tokens(48, 12, 40, seed=1)
+    rates = _rates(job.STEPS + 1, total=job.STEPS)
+    # DeepSpeed steps the scheduler before Trainer reads the rate it logs: each step's next rate.
+    history = json.loads((tmp_path / f"checkpoint-{job.STEPS}" / "trainer_state.json").read_text())["log_history"]
+    assert [h["learning_rate"] for h in history if "learning_rate" in h] == pytest.approx(rates[1:], rel=1e-12)
+    with pytest.raises(ValueError, match=r"the run trained with DeepSpeed, whose engine steps the learning-rate "
+                                         r"scheduler before Trainer reads the rate it logs, .*: pass lrs="):
+        sf.Trajectory.from_trainer(tmp_path, model, data, num_segments=2)
+    traj = sf.Trajectory.from_trainer(tmp_path, model, data, num_segments=2, lrs=rates[: job.STEPS])
+    assert [seg.lr_sum for seg in traj.segments] == pytest.approx([sum(rates[:3]), sum(rates[3:])], rel=1e-12)
+    assert {(seg.optimizer, seg.weight_decay) for seg in traj.segments} == {("adamw", DECAY)}
+    factors = sf.fit_factors(model, CausalLMTask(normalize="mean"), traj, batch_size=16)
+    assert all(lf.precond is not None and bool(torch.isfinite(lf.precond).all())
+               for seg in factors.segments for lf in seg.values())
+
+
 def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
     """A model over save_pretrained's max_shard_size (5 GB by default) is saved in shards with an index:
     read whole, in either format, from the run's folders, a folder or the index file; a missing shard, one
@@ -364,13 +398,15 @@ def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
     (folder / "pytorch_model_fsdp_0_rank0.bin").unlink()
     (folder / "global_step20").mkdir()
     (folder / "zero_to_fp32.py").write_text("")
-    with pytest.raises(IsADirectoryError, match=r"it holds a DeepSpeed ZeRO checkpoint .*zero_to_fp32.py in the folder"):
+    with pytest.raises(IsADirectoryError, match=r"it holds a DeepSpeed ZeRO checkpoint, whose optimizer state is read but whose "
+                                                r"weights are not .*zero_to_fp32.py, in the folder"):
         sf.trajectory.load_state_dict(folder, "c")
     whole = {k: v for k, v in state.items() if k != "lm_head.weight"}  # accelerate's whole FSDP state_dict file
     torch.save(whole, folder / "pytorch_model_fsdp.bin")
     assert sf.trajectory.load_state_dict(folder, "c").keys() == whole.keys()
     (folder / "optimizer.pt").unlink()  # ZeRO keeps the optimizer's state in global_step20/, and says so
-    with pytest.raises(ValueError, match=r"optimizer.pt is missing \(it holds a DeepSpeed ZeRO checkpoint"):
+    with pytest.raises(ValueError, match=r"optimizer.pt is missing \(it holds a DeepSpeed ZeRO checkpoint without the ranks' optimizer files, "
+                                         r"global_stepN/zero_pp_rank_\*_optim_states.pt"):
         sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
 
 

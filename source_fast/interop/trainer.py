@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._deepspeed import zero_folder, zero_optimizer_state
 from .._warn import warn
 from ..capture import layer_kind
 from ..factors import indexed_by_position, not_adam
@@ -216,11 +217,14 @@ def _adapter_state(folder: Path, model: nn.Module) -> dict[str, Any]:
 
 
 def _optimizer_file(folder: Path) -> Path:
-    """optimizer.pt, or where only that is there what accelerate saves for FSDP: optimizer.bin (whole,
-    FULL_STATE_DICT) or the optimizer_0 folder (the ranks' pieces, SHARDED_STATE_DICT)."""
+    """optimizer.pt, or where only that is there what accelerate saves for FSDP, optimizer.bin (whole,
+    FULL_STATE_DICT) or the optimizer_0 folder (the ranks' pieces, SHARDED_STATE_DICT), or DeepSpeed's
+    global_stepN folder (each rank's ZeRO partition)."""
     path = folder / "optimizer.pt"
+    zero = zero_folder(folder)
     return next((p for p in (path, folder / "optimizer.bin") if p.is_file()),
-                folder / "optimizer_0" if is_distributed_checkpoint(folder / "optimizer_0") else path)
+                folder / "optimizer_0" if is_distributed_checkpoint(folder / "optimizer_0")
+                else Path(zero) if zero else path)
 
 
 def _optimizer_state(folder: Path, model: nn.Module) -> dict:
@@ -228,12 +232,12 @@ def _optimizer_state(folder: Path, model: nn.Module) -> dict:
     the state accelerate saves for FSDP (optimizer.bin or optimizer_0, _optimizer_file), keyed by names."""
     path = _optimizer_file(folder)
     if not path.exists():
-        cause = sharded_training_state(folder) or "an incomplete checkpoint, or a run with save_only_model=True"
+        cause = sharded_training_state(folder, optimizer=True) or "an incomplete checkpoint, or a run with save_only_model=True"
         raise ValueError(f"{path} is missing ({cause}): the optimizer's kind, momentum or second moments are read "
                          "from it; without it build the trajectory with Trajectory.even(..., steps=) yourself")
     try:
-        saved = (load_dict(str(path), str(path)) if path.is_dir()
-                 else torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        saved = (zero_optimizer_state(path, str(folder)) if zero_folder(path) else load_dict(str(path), str(path))
+                 if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         state = indexed_by_position(saved)
     except Exception as exc:  # a truncated or foreign file: say which
         raise ValueError(f"{path} cannot be read as an optimizer state_dict ({exc})") from exc
@@ -360,6 +364,10 @@ def _logged_rates(folder: Path, history: list[dict], steps: list[int], states: l
             "stepping the scheduler rebuilt with transformers.get_scheduler"
         )
     lrs = [logged[k] for k in range(1, total + 1)]
+    if zero_folder(folder):  # accelerate's backward runs DeepSpeed's step, scheduler and all, before Trainer's
+        raise ValueError(f"{path}: the run trained with DeepSpeed, whose engine steps the learning-rate scheduler "
+                         "before Trainer reads the rate it logs, so the log holds each step's next rate and cannot "
+                         f"give the first step's: pass lrs=, the rate of every step (the log's are steps 2 to {total + 1})")
     own, version = _own_step_rates(folder)
     if own is False:  # transformers PR 36973
         raise ValueError(f"{path}: transformers {version} logged each step's next learning rate (fixed in 4.51), so "

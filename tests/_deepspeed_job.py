@@ -1,0 +1,53 @@
+"""Real DeepSpeed runs for tests/test_engine.py: ZeRO stages 1, 2 and 3 over 2 gloo ranks on the CPU,
+torch's AdamW in two parameter groups (decayed weights, then biases), a few steps, each saved by
+engine.save_checkpoint into OUT_DIR/stageK (stage 3 in sub-groups smaller than a parameter); and on
+rank 0 the same training in one process, its optimizer state saved as torch saves it.
+
+    torchrun --standalone --nproc-per-node 2 tests/_deepspeed_job.py OUT_DIR
+"""
+
+import os
+import sys
+
+import torch
+from _fsdp_job import build, data  # the same model and data as the FSDP run's
+from torch import nn
+
+STEPS = 5
+
+
+def groups(model: nn.Module, names: bool) -> list[dict]:
+    by_kind = [[(n, p) for n, p in model.named_parameters() if n.endswith(end)] for end in ("weight", "bias")]
+    return [{"params": g if names else [p for _, p in g], "weight_decay": decay}
+            for g, decay in zip(by_kind, (0.01, 0.0))]
+
+
+def main() -> None:
+    import deepspeed
+
+    out = sys.argv[1]
+    x, y = data()
+    rank = int(os.environ["RANK"])
+    half = slice(12 * rank, 12 * rank + 12)  # the ranks' averaged gradient is the whole batch's
+    for stage in (1, 2, 3):
+        model = build()
+        config = {"train_micro_batch_size_per_gpu": 12, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2,
+                  "torch_adam": True}}, "zero_optimization": {"stage": stage, "sub_group_size": 10}}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups(model, names=False), config=config)
+        for _ in range(STEPS):
+            engine.backward(nn.functional.cross_entropy(engine(x[half]), y[half]))
+            engine.step()
+        engine.save_checkpoint(os.path.join(out, f"stage{stage}"))
+    if rank == 0:
+        model = build()
+        opt = torch.optim.AdamW(groups(model, names=True), lr=1e-2)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        torch.save(opt.state_dict(), os.path.join(out, "optimizer.pt"))
+        torch.save(model.state_dict(), os.path.join(out, "model.pt"))
+
+
+if __name__ == "__main__":
+    main()
