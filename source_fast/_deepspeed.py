@@ -91,10 +91,8 @@ def _load(path: str, what: str) -> dict:
                              f"{type(exc).__name__}: {exc}") from exc
 
 
-def zero_optimizer_state(path: str | os.PathLike, what: str) -> dict:
-    """The optimizer state of the ZeRO checkpoint at `path` (zero_folder), whole and keyed by names:
-    {"state": {name: {"step": ..., "exp_avg_sq": ...}}, "param_groups": [{..., "params": [names]}]}.
-    Adam's first moments are left out (nothing here reads them: a third of the state)."""
+def _checkpoint(path: Any, what: str) -> tuple[str, list[dict], int]:
+    """The global_stepN/ folder, each rank's optimizer partition in rank order, and the ZeRO stage."""
     folder = zero_folder(path)
     files = _partitions(folder)
     first = _load(files[min(files)], what)["optimizer_state_dict"]
@@ -104,19 +102,39 @@ def zero_optimizer_state(path: str | os.PathLike, what: str) -> dict:
         raise ValueError(f"{what}: {folder} holds the optimizer partitions of ranks {sorted(files)}, but they record "
                          f"{counts} ranks: some are missing")
     parts = [first] + [_load(files[r], what)["optimizer_state_dict"] for r in sorted(files)[1:]]
-    stage = int(first["zero_stage"])
-    model_file = os.path.join(folder, "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3
-                              else "mp_rank_00_model_states.pt")
-    shapes = _load(model_file, what)["param_shapes"]  # [{name: shape} per parameter group]
+    return folder, parts, int(first["zero_stage"])
+
+
+def _model_states(folder: str, stage: int, rank: int, what: str) -> dict:
+    """The model states file: one for all ranks with stages 1 and 2, one per rank with stage 3."""
+    name = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+    return _load(os.path.join(folder, name), what)
+
+
+def zero_optimizer_state(path: Any, what: str) -> dict:
+    """The optimizer state of the ZeRO checkpoint at `path` (zero_folder), whole and keyed by names:
+    {"state": {name: {"step": ..., "exp_avg_sq": ...}}, "param_groups": [{..., "params": [names]}]}.
+    Adam's first moments are left out (nothing here reads them: a third of the state)."""
+    folder, parts, stage = _checkpoint(path, what)
+    shapes = _model_states(folder, stage, 0, what)["param_shapes"]  # [{name: shape} per parameter group]
     bases = [p["optimizer_state_dict" if stage == 3 else "base_optimizer_state"] for p in parts]
     # torch's numbering: each optimizer group lists its states (one flat partition per group, or with
     # stage 3 one per sub-group).
     group_of_state = {i: g for g, group in enumerate(bases[0]["param_groups"]) for i in group["params"]}
+    pieces: dict[str, dict] = {}
+    state_of: dict[str, int] = {}
     if stage == 3:  # the sub-groups hold the parameters in order: each one's place says which holds it
         named = {k: v for group in shapes for k, v in group.items()}
-        pieces, state_of = _stage3(bases, named, what)
+        subgroups = sorted(bases[0]["state"])
+        pieces = {name: {} for name in named}
+        for key, value in bases[0]["state"][subgroups[0]].items():
+            if key != "exp_avg" and isinstance(value, Tensor) and value.dim() > 0:
+                split = _stage3_split([[b["state"][i][key] for i in subgroups] for b in bases], named, what)
+                for name, (k, t) in split.items():
+                    pieces[name][key], state_of[name] = t, subgroups[k]
+        for name, i in state_of.items():  # the sub-group's step
+            pieces[name].update({k: _copy(v) for k, v in bases[0]["state"][i].items() if not _flat(v)})
     else:
-        pieces, state_of = {}, {}
         mappings = [p.get("param_slice_mappings") for p in parts]
         for g, named in enumerate(shapes):
             (i,) = bases[0]["param_groups"][g]["params"]
@@ -129,8 +147,45 @@ def zero_optimizer_state(path: str | os.PathLike, what: str) -> dict:
     return {"state": pieces, "param_groups": groups}
 
 
+def zero_weights(path: Any, what: str, shapes_only: bool = False) -> dict[str, Tensor]:
+    """The weights of the ZeRO checkpoint at `path`, a state_dict (on the meta device with
+    `shapes_only`): the model states' own with stages 1 and 2 (the weights the model ran with); with
+    stage 3, whose model states hold only buffers, the optimizer's float32 partitions put back together
+    (as DeepSpeed's zero_to_fp32.py does), frozen parameters from each rank's fragments, tied weights
+    from their twins."""
+    folder, parts, stage = _checkpoint(path, what)
+    states = _model_states(folder, stage, 0, what)
+    if stage < 3:
+        return {k: v.to("meta") if shapes_only else v for k, v in states["module"].items()}
+    named = {k: v for group in states["param_shapes"] for k, v in group.items()}
+    if shapes_only:
+        weights = {k: torch.empty(tuple(v), device="meta") for k, v in named.items()}
+    else:
+        flats = [[t.detach() for t in p["fp32_flat_groups"]] for p in parts]  # saved as Parameters
+        weights = {k: t for k, (_, t) in _stage3_split(flats, named, what).items()}
+    weights.update({k: states["module"][k] for k in states["buffer_names"]})
+    frozen = states.get("frozen_param_shapes") or {}
+    fragments = [] if shapes_only or not frozen else [
+        _model_states(folder, stage, r, what)["frozen_param_fragments"] for r in range(len(parts))]
+    for name, shape in frozen.items():
+        weights[name] = (torch.empty(tuple(shape), device="meta") if shapes_only else
+                         torch.cat([f[name].reshape(-1) for f in fragments])[: _numel(shape)].view(tuple(shape)))
+    for name, twin in (states.get("shared_params") or {}).items():
+        weights[name] = weights[twin]
+    return weights
+
+
 def _numel(shape: Any) -> int:
     return math.prod(int(n) for n in shape)
+
+
+def _flat(value: Any) -> bool:
+    """A partition of a flat group (moments), not a group's scalar (its step)."""
+    return isinstance(value, Tensor) and value.dim() > 0
+
+
+def _copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
 
 
 def _stage12(states: list[dict], named: dict[str, Any], mappings: list[dict] | None, what: str) -> dict[str, dict]:
@@ -139,9 +194,9 @@ def _stage12(states: list[dict], named: dict[str, Any], mappings: list[dict] | N
     for key, value in states[0].items():
         if key == "exp_avg":
             continue
-        if not isinstance(value, Tensor) or value.dim() == 0:  # the group's step
+        if not _flat(value):  # the group's step
             for name in named:
-                out[name][key] = value.clone() if isinstance(value, Tensor) else value
+                out[name][key] = _copy(value)
             continue
         flats = [s[key].reshape(-1) for s in states]
         if mappings is None:  # before DeepSpeed 0.10: the parameters one after another over the slices
@@ -163,16 +218,14 @@ def _stage12(states: list[dict], named: dict[str, Any], mappings: list[dict] | N
     return out
 
 
-def _stage3(bases: list[dict], named: dict[str, Any], what: str) -> tuple[dict[str, dict], dict[str, int]]:
-    """Stage 3's state, and the state (sub-group) each parameter is in: each rank holds ceil(numel / ranks)
-    values of every parameter, one parameter after another through the sub-groups, in order."""
-    ranks = len(bases)
-    subgroups = sorted(bases[0]["state"])
-    sizes = [bases[0]["state"][k]["exp_avg_sq" if "exp_avg_sq" in bases[0]["state"][k] else "exp_avg"].numel()
-             for k in subgroups]
+def _stage3_split(flats: list[list[Tensor]], named: dict[str, Any], what: str) -> dict[str, tuple[int, Tensor]]:
+    """Stage 3's parameters from each rank's sub-group partitions (flats[rank][sub-group]), with the
+    position of the sub-group each is in: each rank holds ceil(numel / ranks) values of every parameter,
+    one parameter after another through the sub-groups, in order."""
+    ranks = len(flats)
+    sizes = [f.numel() for f in flats[0]]
     ends = list(itertools.accumulate(sizes))
-    out: dict[str, dict] = {}
-    state_of: dict[str, int] = {}
+    out: dict[str, tuple[int, Tensor]] = {}
     offset = 0
     for name, shape in named.items():
         numel = _numel(shape)
@@ -181,15 +234,6 @@ def _stage3(bases: list[dict], named: dict[str, Any], what: str) -> tuple[dict[s
         if k is None or offset + share > ends[k]:
             raise ValueError(f"{what}: DeepSpeed's stage-3 partitions end before parameter {name!r}")
         start = offset - (ends[k] - sizes[k])
-        state: dict[str, Any] = {}
-        for key, value in bases[0]["state"][subgroups[k]].items():
-            if key == "exp_avg":
-                continue
-            if not isinstance(value, Tensor) or value.dim() == 0:
-                state[key] = value.clone() if isinstance(value, Tensor) else value
-                continue
-            flats = [b["state"][subgroups[k]][key].reshape(-1) for b in bases]
-            state[key] = torch.cat([f[start : start + share] for f in flats])[:numel].view(tuple(shape))
-        out[name], state_of[name] = state, subgroups[k]
+        out[name] = k, torch.cat([f[k].reshape(-1)[start : start + share] for f in flats])[:numel].view(tuple(shape))
         offset += share
-    return out, state_of
+    return out

@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from ._deepspeed import zero_folder, zero_weights
 from ._warn import warn
 
 Optimizer = Literal["sgd", "adam", "adamw"]
@@ -42,6 +43,8 @@ def load_dict(checkpoint: Checkpoint, what: str) -> dict[str, Any]:
 def _read_file(path: str, what: str) -> dict[str, Any]:
     if is_distributed_checkpoint(path):
         return _read_distributed(path, what)
+    if zero_folder(path):
+        return zero_weights(path, what)
     with readable(path, what):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -162,7 +165,7 @@ def weights_path(checkpoint: Checkpoint, what: str) -> str:
         raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
     if not os.path.isdir(path) or is_distributed_checkpoint(path):
         return path
-    found = saved_weights(path)
+    found = saved_weights(path) or (path if zero_folder(path) else None)  # DeepSpeed's: read as one file
     if found is None:
         adapters = os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
         raise IsADirectoryError(f"{what}: {path!r} is a folder without model weights (looked for "
@@ -173,9 +176,8 @@ def weights_path(checkpoint: Checkpoint, what: str) -> str:
     return found
 
 
-def sharded_training_state(folder: str | os.PathLike, optimizer: bool = False) -> str:
-    """What to do with a checkpoint that FSDP or DeepSpeed saved in the ranks' pieces, or '': where its
-    weights are missing, or with `optimizer`, its optimizer state."""
+def sharded_training_state(folder: str | os.PathLike) -> str:
+    """What to do with a checkpoint that FSDP or DeepSpeed saved in the ranks' pieces, or ''."""
     names = os.listdir(folder)
     if any(re.fullmatch(r"(pytorch_model_fsdp|optimizer)(_\d+)?_rank\d+\.bin", n) for n in names):
         return ("it holds FSDP's state in a file per rank (LOCAL_STATE_DICT, or accelerate's use_dcp=False), which is "
@@ -186,13 +188,9 @@ def sharded_training_state(folder: str | os.PathLike, optimizer: bool = False) -
     if broken:
         return (f"its FSDP state folder {broken[0]} has no .metadata, which torch.distributed.checkpoint writes last "
                 "(an interrupted save?)")
-    if (any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names) and optimizer:
-        return ("it holds a DeepSpeed ZeRO checkpoint without the ranks' optimizer files, "
-                "global_stepN/zero_pp_rank_*_optim_states.pt, N as its file `latest` says")
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
-        return ("it holds a DeepSpeed ZeRO checkpoint, whose optimizer state is read but whose weights are not (each "
-                "rank's part): save them whole (with stage 3, zero_optimization.stage3_gather_16bit_weights_on_model_"
-                "save), or convert them with zero_to_fp32.py, in the folder")
+        return ("it holds a DeepSpeed ZeRO checkpoint without the ranks' files, "
+                "global_stepN/zero_pp_rank_*_optim_states.pt, N as its file `latest` says")
     return ""
 
 
@@ -280,8 +278,9 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
 
 
 def _file_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
-    if is_distributed_checkpoint(path):
-        state = _read_distributed(path, what, shapes_only=True)
+    if is_distributed_checkpoint(path) or zero_folder(path):
+        state = (_read_distributed(path, what, shapes_only=True) if is_distributed_checkpoint(path)
+                 else zero_weights(path, what, shapes_only=True))
         return {k: tuple(v.shape) for k, v in _tensors_only(state, f"{what} ({path!r})").items()}
     if path.endswith(".safetensors"):
         from safetensors import safe_open

@@ -1075,12 +1075,13 @@ def test_a_real_fsdp_runs_whole_optimizer_state_is_read(tmp_path):
     assert pieces.keys() == whole.keys() and all(torch.equal(pieces[k], whole[k]) for k in whole)
 
 
-def test_real_deepspeed_zero_runs_optimizer_state_is_read(tmp_path):
+def test_real_deepspeed_zero_runs_are_read(tmp_path):
     """DeepSpeed ZeRO saves each rank's partition of flat parameter groups (stages 1 and 2: slices of the
-    flattened group; stage 3: every parameter split, here in sub-groups smaller than a group): real runs
-    of each stage on 2 gloo ranks, two parameter groups, put back together give the Adam preconditioner
-    of the same training in one process (torch's optimizer.pt), to the float32 rounding of the ranks'
-    averaged gradient. A missing or damaged rank's file is named."""
+    flattened group; stage 3: every parameter split, here in sub-groups smaller than a group, and the
+    weights too): real runs of each stage on 2 gloo ranks, two parameter groups, put back together give
+    the weights and the Adam preconditioner of the same training in one process (torch's model.pt and
+    optimizer.pt), to the float32 rounding of the ranks' averaged gradient. A missing or damaged rank's
+    file is named."""
     import shutil
 
     import _deepspeed_job
@@ -1089,16 +1090,22 @@ def test_real_deepspeed_zero_runs_optimizer_state_is_read(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     model, data = _deepspeed_job.build(), TensorDataset(*_deepspeed_job.data())
 
-    def fit(state):
-        traj = sf.Trajectory.even([tmp_path / "model.pt"], [1e-2] * _deepspeed_job.STEPS, 1, data, optimizer="adamw",
+    def fit(weights, state):
+        traj = sf.Trajectory.even([weights], [1e-2] * _deepspeed_job.STEPS, 1, data, optimizer="adamw",
                                   optimizer_states=[state], weight_decay=0.01)
         return sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical")
 
     with pytest.warns(UserWarning, match="the biases of"):
-        want = fit(tmp_path / "optimizer.pt")
+        want = fit(tmp_path / "model.pt", tmp_path / "optimizer.pt")
+    plain = torch.load(tmp_path / "model.pt", weights_only=True)
     for stage in (1, 2, 3):
+        folder = tmp_path / f"stage{stage}"  # the folder engine.save_checkpoint wrote into
+        weights = sf.trajectory.load_state_dict(folder, "c")
+        assert weights.keys() == plain.keys()
+        for key, value in plain.items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=0, msg=lambda m: f"stage {stage}, {key}: {m}")
         with pytest.warns(UserWarning, match="the biases of"):
-            got = fit(tmp_path / f"stage{stage}")  # the folder engine.save_checkpoint wrote into
+            got = fit(folder, folder)
         for name in ("0", "2"):
             torch.testing.assert_close(got.segments[0][name].precond, want.segments[0][name].precond, rtol=1e-5,
                                        atol=0, msg=lambda m: f"stage {stage}, layer {name}: {m}")
@@ -1106,13 +1113,13 @@ def test_real_deepspeed_zero_runs_optimizer_state_is_read(tmp_path):
     (pieces / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(ValueError, match=r"global_step5 holds the optimizer partitions of ranks \[0\], but they "
                                          r"record \[2, 2\] ranks: some are missing"):
-        fit(pieces)
+        fit(tmp_path / "model.pt", pieces)
     shutil.copy(pieces / "zero_pp_rank_0_mp_rank_00_optim_states.pt", pieces / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     with open(pieces / "zero_pp_rank_1_mp_rank_00_optim_states.pt", "r+b") as f:
         f.truncate(2000)
     with pytest.raises(ValueError, match=r"segment 0, optimizer state 0: cannot read DeepSpeed's file '.*zero_pp_rank_1_"
                                          r"mp_rank_00_optim_states.pt' \(damaged or incomplete\?\)"):
-        fit(pieces)
+        fit(tmp_path / "model.pt", pieces)
 
 
 def test_adam_segments_stay_exact_in_float32_at_small_horizons(setup):

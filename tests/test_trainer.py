@@ -303,10 +303,11 @@ def test_fsdps_sharded_checkpoints_are_read(run, tmp_path):
         sf.fit_factors(model, task, pieces)
 
 
-def test_a_deepspeed_zero3_runs_optimizer_state_is_read(tmp_path):
+def test_a_deepspeed_zero3_run_is_read(tmp_path):
     """Trainer with DeepSpeed (a real run: ZeRO stage 3 on 2 gloo ranks) saves each rank's partition of
-    Adam's state in checkpoint-N/global_stepN/: put back together, the last checkpoint's second moments
-    are the ones DeepSpeed itself gathers (safe_get_full_optimizer_state, in the run), and the run reads
+    the weights and of Adam's state in checkpoint-N/global_stepN/, and by default no weights file: put
+    back together, the last checkpoint's weights and second moments are the ones DeepSpeed itself
+    gathers (safe_get_full_fp32_param, safe_get_full_optimizer_state, in the run), and the run reads
     as a trajectory with the schedule's rates, AdamW and its decay, whose factors fit."""
     import _trainer_deepspeed_job as job
     from _helpers import torchrun
@@ -314,11 +315,16 @@ def test_a_deepspeed_zero3_runs_optimizer_state_is_read(tmp_path):
 
     run = torchrun(Path(__file__).parent / "_trainer_deepspeed_job.py", tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    gathered = torch.load(tmp_path / "deepspeed_exp_avg_sq.pt", weights_only=True)
-    state = zero_optimizer_state(tmp_path / f"checkpoint-{job.STEPS}", "c")["state"]
-    assert state.keys() == gathered.keys()
-    for name, moment in gathered.items():
+    gathered = torch.load(tmp_path / "deepspeed_full.pt", weights_only=True)
+    last = tmp_path / f"checkpoint-{job.STEPS}"
+    assert not any(last.glob("*.safetensors"))
+    state = zero_optimizer_state(last, "c")["state"]
+    weights = sf.trajectory.load_state_dict(last, "c")
+    assert state.keys() == gathered["exp_avg_sq"].keys() == gathered["weights"].keys()
+    assert weights.keys() == gathered["weights"].keys() | {"lm_head.weight"}  # tied to the embedding
+    for name, moment in gathered["exp_avg_sq"].items():
         assert torch.equal(state[name]["exp_avg_sq"], moment), name
+        assert torch.equal(weights[name], gathered["weights"][name]), name
     model, data = _model(), Tokens(48, 12, 40, seed=1)
     rates = _rates(job.STEPS + 1, total=job.STEPS)
     # DeepSpeed steps the scheduler before Trainer reads the rate it logs: each step's next rate.
@@ -398,14 +404,14 @@ def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
     (folder / "pytorch_model_fsdp_0_rank0.bin").unlink()
     (folder / "global_step20").mkdir()
     (folder / "zero_to_fp32.py").write_text("")
-    with pytest.raises(IsADirectoryError, match=r"it holds a DeepSpeed ZeRO checkpoint, whose optimizer state is read but whose "
-                                                r"weights are not .*zero_to_fp32.py, in the folder"):
+    with pytest.raises(IsADirectoryError, match=r"it holds a DeepSpeed ZeRO checkpoint without the ranks' files, "
+                                                r"global_stepN/zero_pp_rank_\*_optim_states.pt"):
         sf.trajectory.load_state_dict(folder, "c")
     whole = {k: v for k, v in state.items() if k != "lm_head.weight"}  # accelerate's whole FSDP state_dict file
     torch.save(whole, folder / "pytorch_model_fsdp.bin")
     assert sf.trajectory.load_state_dict(folder, "c").keys() == whole.keys()
     (folder / "optimizer.pt").unlink()  # ZeRO keeps the optimizer's state in global_step20/, and says so
-    with pytest.raises(ValueError, match=r"optimizer.pt is missing \(it holds a DeepSpeed ZeRO checkpoint without the ranks' optimizer files, "
+    with pytest.raises(ValueError, match=r"optimizer.pt is missing \(it holds a DeepSpeed ZeRO checkpoint without the ranks' files, "
                                          r"global_stepN/zero_pp_rank_\*_optim_states.pt"):
         sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
 

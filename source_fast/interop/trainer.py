@@ -166,7 +166,7 @@ def _training_args(path: Path) -> dict[str, int | float]:
 def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
     """A checkpoint's weights: the folder of a full model (one file or shards), or a PEFT (LoRA) run's
     adapters as a state_dict."""
-    if saved_weights(folder) is not None:
+    if saved_weights(folder) is not None or zero_folder(folder):  # DeepSpeed's: the ranks' partitions
         return str(folder)
     if getattr(model, "peft_config", None):
         return _adapter_state(folder, model)
@@ -232,7 +232,7 @@ def _optimizer_state(folder: Path, model: nn.Module) -> dict:
     the state accelerate saves for FSDP (optimizer.bin or optimizer_0, _optimizer_file), keyed by names."""
     path = _optimizer_file(folder)
     if not path.exists():
-        cause = sharded_training_state(folder, optimizer=True) or "an incomplete checkpoint, or a run with save_only_model=True"
+        cause = sharded_training_state(folder) or "an incomplete checkpoint, or a run with save_only_model=True"
         raise ValueError(f"{path} is missing ({cause}): the optimizer's kind, momentum or second moments are read "
                          "from it; without it build the trajectory with Trajectory.even(..., steps=) yourself")
     try:
