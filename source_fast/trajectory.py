@@ -189,8 +189,8 @@ def sharded_training_state(folder: str | os.PathLike) -> str:
         return (f"its FSDP state folder {broken[0]} has no .metadata, which torch.distributed.checkpoint writes last "
                 "(an interrupted save?)")
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
-        return ("it holds a DeepSpeed ZeRO checkpoint without the ranks' files, "
-                "global_stepN/zero_pp_rank_*_optim_states.pt, N as its file `latest` says")
+        return ("it holds a DeepSpeed checkpoint without ZeRO's partitions (global_stepN/zero_pp_rank_*_optim_states.pt,"
+                " N as its file `latest` says): one of ZeRO stage 0, or an incomplete one, which is not read")
     return ""
 
 

@@ -1,7 +1,9 @@
 """Real DeepSpeed runs for tests/test_engine.py: ZeRO stages 1, 2 and 3 over 2 gloo ranks on the CPU,
 torch's AdamW in two parameter groups (decayed weights, then biases), a few steps, each saved by
-engine.save_checkpoint into OUT_DIR/stageK (stage 3 in sub-groups smaller than a parameter); and on
-rank 0 the same training in one process, its optimizer state saved as torch saves it.
+engine.save_checkpoint into OUT_DIR/stageK (stage 3 in sub-groups smaller than a group), and stage 1
+in bfloat16 (DeepSpeed's BF16_Optimizer, its own file names) into OUT_DIR/stage1_bf16; beside each,
+full.pt: every parameter's float32 weights and second moments as DeepSpeed gathers them itself. On
+rank 0, the same float32 training in one process, saved as torch saves it.
 
     torchrun --standalone --nproc-per-node 2 tests/_deepspeed_job.py OUT_DIR
 """
@@ -24,20 +26,33 @@ def groups(model: nn.Module, names: bool) -> list[dict]:
 
 def main() -> None:
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     out = sys.argv[1]
     x, y = data()
     rank = int(os.environ["RANK"])
     half = slice(12 * rank, 12 * rank + 12)  # the ranks' averaged gradient is the whole batch's
-    for stage in (1, 2, 3):
+    for stage, dtype in ((1, torch.float32), (2, torch.float32), (3, torch.float32), (1, torch.bfloat16)):
         model = build()
         config = {"train_micro_batch_size_per_gpu": 12, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2,
-                  "torch_adam": True}}, "zero_optimization": {"stage": stage, "sub_group_size": 10}}
+                  "torch_adam": True}}, "zero_optimization": {"stage": stage, "sub_group_size": 10},
+                  "bf16": {"enabled": dtype == torch.bfloat16}}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups(model, names=False), config=config)
         for _ in range(STEPS):
-            engine.backward(nn.functional.cross_entropy(engine(x[half]), y[half]))
+            engine.backward(nn.functional.cross_entropy(engine(x[half].to(dtype)).float(), y[half]))
             engine.step()
-        engine.save_checkpoint(os.path.join(out, f"stage{stage}"))
+        folder = os.path.join(out, f"stage{stage}" + ("_bf16" if dtype == torch.bfloat16 else ""))
+        engine.save_checkpoint(folder)
+        if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+            # Stages 1 and 2 link each parameter to its optimizer state once, after the first group's first
+            # step, before the other groups have state (DeepSpeed 0.19): link them again for safe_get_*.
+            engine.optimizer._hp_optimizer_states_linked = False
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+        params = dict(engine.module.named_parameters())
+        full = {"weights": {n: safe_get_full_fp32_param(p) for n, p in params.items()},
+                "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq") for n, p in params.items()}}
+        if rank == 0:
+            torch.save(full, os.path.join(folder, "full.pt"))
     if rank == 0:
         model = build()
         opt = torch.optim.AdamW(groups(model, names=True), lr=1e-2)

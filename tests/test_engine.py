@@ -1079,12 +1079,14 @@ def test_real_deepspeed_zero_runs_are_read(tmp_path):
     """DeepSpeed ZeRO saves each rank's partition of flat parameter groups (stages 1 and 2: slices of the
     flattened group; stage 3: every parameter split, here in sub-groups smaller than a group, and the
     weights too): real runs of each stage on 2 gloo ranks, two parameter groups, put back together give
-    the weights and the Adam preconditioner of the same training in one process (torch's model.pt and
-    optimizer.pt), to the float32 rounding of the ranks' averaged gradient. A missing or damaged rank's
-    file is named."""
+    exactly the weights and second moments DeepSpeed itself gathers (safe_get_full_*, in the runs; stage
+    1 in bfloat16 too, whose model runs its bfloat16 weights), and the weights and Adam preconditioner
+    of the same training in one process (torch's model.pt and optimizer.pt), to the float32 rounding of
+    the ranks' averaged gradient. A missing or damaged rank's file is named."""
     import shutil
 
     import _deepspeed_job
+    from source_fast._deepspeed import zero_optimizer_state
 
     run = torchrun(Path(__file__).parent / "_deepspeed_job.py", tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -1097,6 +1099,15 @@ def test_real_deepspeed_zero_runs_are_read(tmp_path):
 
     with pytest.warns(UserWarning, match="the biases of"):
         want = fit(tmp_path / "model.pt", tmp_path / "optimizer.pt")
+    for folder in ("stage1", "stage2", "stage3", "stage1_bf16"):
+        gathered = torch.load(tmp_path / folder / "full.pt", weights_only=True)
+        moments = zero_optimizer_state(tmp_path / folder, "c")["state"]
+        weights = sf.trajectory.load_state_dict(tmp_path / folder, "c")
+        for name, moment in gathered["exp_avg_sq"].items():
+            assert torch.equal(moments[name]["exp_avg_sq"], moment), (folder, name)
+            value = gathered["weights"][name]
+            assert torch.equal(weights[name], value.to(weights[name].dtype)), (folder, name)
+        assert {t.dtype for t in weights.values()} == {torch.bfloat16 if "bf16" in folder else torch.float32}
     plain = torch.load(tmp_path / "model.pt", weights_only=True)
     for stage in (1, 2, 3):
         folder = tmp_path / f"stage{stage}"  # the folder engine.save_checkpoint wrote into

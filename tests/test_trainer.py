@@ -404,15 +404,14 @@ def test_checkpoints_saved_in_shards_are_read(run, tmp_path):
     (folder / "pytorch_model_fsdp_0_rank0.bin").unlink()
     (folder / "global_step20").mkdir()
     (folder / "zero_to_fp32.py").write_text("")
-    with pytest.raises(IsADirectoryError, match=r"it holds a DeepSpeed ZeRO checkpoint without the ranks' files, "
-                                                r"global_stepN/zero_pp_rank_\*_optim_states.pt"):
+    with pytest.raises(IsADirectoryError, match=r"it holds a DeepSpeed checkpoint without ZeRO's partitions \(global_stepN/"
+                                                r"zero_pp_rank_\*_optim_states.pt, .*\): one of ZeRO stage 0"):
         sf.trajectory.load_state_dict(folder, "c")
     whole = {k: v for k, v in state.items() if k != "lm_head.weight"}  # accelerate's whole FSDP state_dict file
     torch.save(whole, folder / "pytorch_model_fsdp.bin")
     assert sf.trajectory.load_state_dict(folder, "c").keys() == whole.keys()
     (folder / "optimizer.pt").unlink()  # ZeRO keeps the optimizer's state in global_step20/, and says so
-    with pytest.raises(ValueError, match=r"optimizer.pt is missing \(it holds a DeepSpeed ZeRO checkpoint without the ranks' files, "
-                                         r"global_stepN/zero_pp_rank_\*_optim_states.pt"):
+    with pytest.raises(ValueError, match=r"optimizer.pt is missing \(it holds a DeepSpeed checkpoint without ZeRO's partitions "):
         sf.Trajectory.from_trainer(copy, model, data, num_segments=1)
 
 
