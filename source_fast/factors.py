@@ -882,7 +882,7 @@ def _adam_preconditioner(model: nn.Module, seg: Segment, specs: list[LayerSpec],
         where = f"{what}, optimizer state {c}"
         if isinstance(st, torch.optim.Optimizer):
             raise TypeError(f"{where} is the optimizer itself: pass its state_dict(), saved with the checkpoint")
-        state = zero_optimizer_state(st, where) if zero_folder(st) else load_dict(st, where)
+        state = zero_optimizer_state(st, where) if zero_folder(st) else load_dict(st, where, "optimizer")
         if "state" not in state or "param_groups" not in state:
             raise ValueError(f"{where} is not an optimizer state_dict (needs 'state', 'param_groups')")
         state = indexed_by_position(state)

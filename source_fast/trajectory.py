@@ -24,25 +24,29 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Checkpoint = dict[str, Tensor] | str | os.PathLike
 
 
+Part = Literal["weights", "optimizer"]
+
+
 def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
     """A model's state_dict from a dict, a file (.safetensors, or anything torch.load reads) or a
     save_pretrained folder."""
     if isinstance(checkpoint, dict):
         return _tensors_only(checkpoint, what)
-    return _tensors_only(load_dict(checkpoint, what), f"{what} ({os.fspath(checkpoint)!r})")
+    return _tensors_only(load_dict(checkpoint, what, "weights"), f"{what} ({os.fspath(checkpoint)!r})")
 
 
-def load_dict(checkpoint: Checkpoint, what: str) -> dict[str, Any]:
+def load_dict(checkpoint: Checkpoint, what: str, part: Part | None = None) -> dict[str, Any]:
     """The dict a file holds (a state_dict, an optimizer's), or the dict given; a checkpoint saved in
-    shards (save_pretrained's max_shard_size) is read into one state_dict."""
+    shards (save_pretrained's max_shard_size) is read into one state_dict. `part`: what is wanted of a
+    torch.distributed.checkpoint folder that holds both (_read_distributed)."""
     if isinstance(checkpoint, dict):
         return checkpoint
-    return merged_shards(checkpoint, what, lambda path: _read_file(path, what))
+    return merged_shards(checkpoint, what, lambda path: _read_file(path, what, part))
 
 
-def _read_file(path: str, what: str) -> dict[str, Any]:
+def _read_file(path: str, what: str, part: Part | None = None) -> dict[str, Any]:
     if is_distributed_checkpoint(path):
-        return _read_distributed(path, what)
+        return _read_distributed(path, what, part=part)
     if zero_folder(path):
         return zero_weights(path, what)
     with readable(path, what):
@@ -94,14 +98,16 @@ def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, ".metadata"))
 
 
-def _read_distributed(path: str, what: str, shapes_only: bool = False) -> dict[str, Any]:
+def _read_distributed(path: str, what: str, shapes_only: bool = False, part: Part | None = None) -> dict[str, Any]:
     """A torch.distributed.checkpoint folder read whole in this process, nested as it was saved (FSDP's
     sharded state_dicts: each rank's pieces, put together by the checkpoint's own metadata). Adam's
     first moments, which nothing here reads, are left out: they are a third of an optimizer state's
     folder. Saved Python values (an optimizer's hyperparameters) are read as torch.load(weights_only=True)
     reads them, running no pickled code. With `shapes_only`, tensors come on the meta device (no data
-    read) and other values are left out. accelerate saves each state under one key ({"model": ...},
-    {"optimizer": ...}): that one level is taken off."""
+    read) and other values are left out. Keys that wrap everything are taken off (accelerate saves each
+    state under one, {"model": ...}, {"optimizer": ...}; torch's recipe all under {"app": ...}); of a
+    folder that holds both, `part` reads only the weights (under "model") or the optimizer's state (the
+    one entry with "state" and "param_groups")."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -116,10 +122,13 @@ def _read_distributed(path: str, what: str, shapes_only: bool = False) -> dict[s
     with readable(path, what):
         reader = dcp.FileSystemReader(path)
         metadata = reader.read_metadata()
-        places = metadata.planner_data or {}  # each flat key's path in the nested dict saved
+        saved = metadata.planner_data or {}  # each flat key's path in the nested dict saved
+        places = {key: tuple(saved.get(key, (key,))) for key in metadata.state_dict_metadata}
+        prefix = _wanted(list(places.values()), part)
+        places = {key: place[len(prefix) :] for key, place in places.items() if place[: len(prefix)] == prefix}
         flat: dict[str, Any] = {}
-        for key, item in metadata.state_dict_metadata.items():
-            place = tuple(places.get(key, (key,)))
+        for key, place in places.items():
+            item = metadata.state_dict_metadata[key]
             if len(place) >= 3 and place[-3] == "state" and place[-1] == "exp_avg":
                 continue
             if isinstance(item, TensorStorageMetadata):
@@ -138,15 +147,27 @@ def _read_distributed(path: str, what: str, shapes_only: bool = False) -> dict[s
             flat.update(values)
     nested: dict[Any, Any] = {}
     for key, value in flat.items():
-        place = tuple(places.get(key, (key,)))
         node = nested
-        for part in place[:-1]:
-            node = node.setdefault(part, {})
-        node[place[-1]] = value
-    nested = _as_lists(nested)
-    if len(nested) == 1 and isinstance(next(iter(nested.values())), dict):
-        return next(iter(nested.values()))
-    return nested
+        for step in places[key][:-1]:
+            node = node.setdefault(step, {})
+        node[places[key][-1]] = value
+    return _as_lists(nested)
+
+
+def _wanted(places: list[tuple], part: Part | None) -> tuple:
+    """The path, in a torch.distributed.checkpoint's nested dict, of what _read_distributed reads."""
+    prefix: tuple = ()
+    while places and all(len(p) > len(prefix) + 1 for p in places) and len({p[len(prefix)] for p in places}) == 1:
+        prefix += (places[0][len(prefix)],)
+    below = {p[len(prefix)]: set() for p in places}
+    for p in places:
+        below[p[len(prefix)]].update(p[len(prefix) + 1 : len(prefix) + 2])
+    if part == "weights" and any(below.values()) and "model" in below:
+        return prefix + ("model",)
+    optimizers = [k for k, keys in below.items() if {"state", "param_groups"} <= keys]
+    if part == "optimizer" and not {"state", "param_groups"} <= set(below) and len(optimizers) == 1:
+        return prefix + (optimizers[0],)
+    return prefix
 
 
 def _as_lists(node: Any) -> Any:
@@ -279,7 +300,7 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
 
 def _file_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
     if is_distributed_checkpoint(path) or zero_folder(path):
-        state = (_read_distributed(path, what, shapes_only=True) if is_distributed_checkpoint(path)
+        state = (_read_distributed(path, what, shapes_only=True, part="weights") if is_distributed_checkpoint(path)
                  else zero_weights(path, what, shapes_only=True))
         return {k: tuple(v.shape) for k, v in _tensors_only(state, f"{what} ({path!r})").items()}
     if path.endswith(".safetensors"):

@@ -1054,7 +1054,7 @@ def test_a_real_fsdp_runs_whole_optimizer_state_is_read(tmp_path):
     groups, gives the Adam preconditioner of the same training in one process, whose torch optimizer
     state records the names (named parameters); the ranks' pieces, as accelerate saves them with
     SHARDED_STATE_DICT (torch.distributed.checkpoint folders), give the whole state's weights and
-    preconditioner exactly."""
+    preconditioner exactly, as one folder of torch's recipe holding both gives the one process's."""
     import _fsdp_job
 
     run = torchrun(Path(__file__).parent / "_fsdp_job.py", tmp_path)
@@ -1073,6 +1073,21 @@ def test_a_real_fsdp_runs_whole_optimizer_state_is_read(tmp_path):
     whole = torch.load(tmp_path / "fsdp_model.pt", weights_only=True)
     pieces = sf.trajectory.load_state_dict(tmp_path / "sharded", "c")
     assert pieces.keys() == whole.keys() and all(torch.equal(pieces[k], whole[k]) for k in whole)
+    # torch's own recipe saves the model and the optimizer in one folder, {"app": {"model", "optim"}}:
+    # the same folder is the checkpoint and the optimizer state, each read for its part.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    plain = _fsdp_job.build()
+    weights, state = get_state_dict(plain, _fsdp_job.train(plain, names=False))
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save({"app": {"model": weights, "optim": state}}, checkpoint_id=tmp_path / "recipe", no_dist=True)
+    traj = sf.Trajectory.even([tmp_path / "recipe"], [1e-2] * 5, 1, data, optimizer="adamw",
+                              optimizer_states=[tmp_path / "recipe"], weight_decay=0.01)
+    recipe = sf.fit_factors(model, ClassifyTask(), traj, fisher="empirical")
+    for name in ("0", "2"):
+        assert torch.equal(recipe.segments[0][name].precond, fitted[1].segments[0][name].precond)
+        assert torch.equal(recipe.segments[0][name].lam, fitted[1].segments[0][name].lam)
 
 
 def test_real_deepspeed_zero_runs_are_read(tmp_path):

@@ -236,7 +236,7 @@ def _optimizer_state(folder: Path, model: nn.Module) -> dict:
         raise ValueError(f"{path} is missing ({cause}): the optimizer's kind, momentum or second moments are read "
                          "from it; without it build the trajectory with Trajectory.even(..., steps=) yourself")
     try:
-        saved = (zero_optimizer_state(path, str(folder)) if zero_folder(path) else load_dict(str(path), str(path))
+        saved = (zero_optimizer_state(path, str(folder)) if zero_folder(path) else load_dict(str(path), str(path), "optimizer")
                  if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         state = indexed_by_position(saved)
     except Exception as exc:  # a truncated or foreign file: say which
