@@ -118,6 +118,10 @@ def zero_optimizer_state(path: Any, what: str) -> dict:
     folder, parts, stage = _checkpoint(path, what)
     shapes = _model_states(folder, stage, 0, what)["param_shapes"]  # [{name: shape} per parameter group]
     bases = [p["optimizer_state_dict" if stage == 3 else "base_optimizer_state"] for p in parts]
+    if not isinstance(bases[0], dict):  # a list of each group's state, padding cut off
+        raise ValueError(f"{what}: {folder} was saved with zero_optimization.elastic_checkpoint, which keeps the "
+                         "optimizer's state without its settings (betas, eps, weight decay): it is not read; save "
+                         "with elastic_checkpoint false, DeepSpeed's default")
     # torch's numbering: each optimizer group lists its states (one flat partition per group, or with
     # stage 3 one per sub-group).
     group_of_state = {i: g for g, group in enumerate(bases[0]["param_groups"]) for i in group["params"]}
@@ -125,20 +129,22 @@ def zero_optimizer_state(path: Any, what: str) -> dict:
     state_of: dict[str, int] = {}
     if stage == 3:  # the sub-groups hold the parameters in order: each one's place says which holds it
         named = {k: v for group in shapes for k, v in group.items()}
-        subgroups = sorted(bases[0]["state"])
+        # The float32 weights are laid out as the state (the n-th sub-group is the optimizer's n-th tensor):
+        # they place each parameter, also for an optimizer without state (SGD without momentum).
+        state_of = {k: i for k, (i, _) in _stage3_split([p["fp32_flat_groups"] for p in parts], named, what).items()}
         pieces = {name: {} for name in named}
-        for key, value in bases[0]["state"][subgroups[0]].items():
-            if key != "exp_avg" and isinstance(value, Tensor) and value.dim() > 0:
-                split = _stage3_split([[b["state"][i][key] for i in subgroups] for b in bases], named, what)
-                for name, (k, t) in split.items():
-                    pieces[name][key], state_of[name] = t, subgroups[k]
+        first = bases[0]["state"].get(0, {})
+        for key in [k for k, v in first.items() if k != "exp_avg" and _flat(v)]:
+            split = _stage3_split([[b["state"][i][key] for i in range(len(b["state"]))] for b in bases], named, what)
+            for name, (_, t) in split.items():
+                pieces[name][key] = t
         for name, i in state_of.items():  # the sub-group's step
-            pieces[name].update({k: _copy(v) for k, v in bases[0]["state"][i].items() if not _flat(v)})
+            pieces[name].update({k: _copy(v) for k, v in bases[0]["state"].get(i, {}).items() if not _flat(v)})
     else:
         mappings = [p.get("param_slice_mappings") for p in parts]
         for g, named in enumerate(shapes):
             (i,) = bases[0]["param_groups"][g]["params"]
-            pieces.update(_stage12([b["state"][i] for b in bases], named,
+            pieces.update(_stage12([b["state"].get(i, {}) for b in bases], named,
                                    None if None in mappings else [m[g] for m in mappings], what))
             state_of.update(dict.fromkeys(named, i))
     groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": []} for group in bases[0]["param_groups"]]
@@ -155,6 +161,10 @@ def zero_weights(path: Any, what: str, shapes_only: bool = False) -> dict[str, T
     from their twins."""
     folder, parts, stage = _checkpoint(path, what)
     states = _model_states(folder, stage, 0, what)
+    if stage > 1 and states.get("frozen_param_shapes") is None:  # stage 1 never records them
+        raise ValueError(f"{what}: DeepSpeed saved {folder} without its frozen parameters (exclude_frozen_parameters, "
+                         "as Trainer saves a PEFT model), so it holds no whole weights: give the weights otherwise (a "
+                         "PEFT run's adapters, which Trajectory.from_trainer reads, with the base model's own)")
     if stage < 3:
         return {k: v.to("meta") if shapes_only else v for k, v in states["module"].items()}
     named = {k: v for group in states["param_shapes"] for k, v in group.items()}

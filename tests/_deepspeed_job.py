@@ -1,7 +1,8 @@
 """Real DeepSpeed runs for tests/test_engine.py: ZeRO stages 1, 2 and 3 over 2 gloo ranks on the CPU,
 torch's AdamW in two parameter groups (decayed weights, then biases), a few steps, each saved by
-engine.save_checkpoint into OUT_DIR/stageK (stage 3 in sub-groups smaller than a group), and stage 1
-in bfloat16 (DeepSpeed's BF16_Optimizer, its own file names) into OUT_DIR/stage1_bf16; beside each,
+engine.save_checkpoint into OUT_DIR/stageK (stage 3 in sub-groups smaller than a group), stage 1
+in bfloat16 (DeepSpeed's BF16_Optimizer, its own file names) into OUT_DIR/stage1_bf16, stage 2 with
+elastic_checkpoint, stage 3 with a stateless optimizer (SGD without momentum); beside each,
 full.pt: every parameter's float32 weights and second moments as DeepSpeed gathers them itself. On
 rank 0, the same float32 training in one process, saved as torch saves it.
 
@@ -32,16 +33,25 @@ def main() -> None:
     x, y = data()
     rank = int(os.environ["RANK"])
     half = slice(12 * rank, 12 * rank + 12)  # the ranks' averaged gradient is the whole batch's
-    for stage, dtype in ((1, torch.float32), (2, torch.float32), (3, torch.float32), (1, torch.bfloat16)):
+    runs = {"stage1": (1, torch.float32, {}), "stage2": (2, torch.float32, {}), "stage3": (3, torch.float32, {}),
+            "stage1_bf16": (1, torch.bfloat16, {}), "stage2_elastic": (2, torch.float32, {"elastic_checkpoint": True}),
+            "stage3_sgd": (3, torch.float32, {})}  # the last with SGD without momentum: an optimizer with no state
+    for name, (stage, dtype, options) in runs.items():
         model = build()
-        config = {"train_micro_batch_size_per_gpu": 12, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2,
-                  "torch_adam": True}}, "zero_optimization": {"stage": stage, "sub_group_size": 10},
-                  "bf16": {"enabled": dtype == torch.bfloat16}}
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups(model, names=False), config=config)
+        config = {"train_micro_batch_size_per_gpu": 12, "zero_optimization": {"stage": stage, "sub_group_size": 10,
+                  **options}, "bf16": {"enabled": dtype == torch.bfloat16}}
+        if name.endswith("sgd"):
+            optimizer = torch.optim.SGD(groups(model, names=False), lr=1e-2)
+            config["zero_allow_untested_optimizer"] = True
+        else:
+            optimizer = None
+            config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups(model, names=False), config=config,
+                                          optimizer=optimizer)
         for _ in range(STEPS):
             engine.backward(nn.functional.cross_entropy(engine(x[half].to(dtype)).float(), y[half]))
             engine.step()
-        folder = os.path.join(out, f"stage{stage}" + ("_bf16" if dtype == torch.bfloat16 else ""))
+        folder = os.path.join(out, name)
         engine.save_checkpoint(folder)
         if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
             # Stages 1 and 2 link each parameter to its optimizer state once, after the first group's first
@@ -49,8 +59,8 @@ def main() -> None:
             engine.optimizer._hp_optimizer_states_linked = False
             engine.optimizer._lazy_init_hp_params_optimizer_state()
         params = dict(engine.module.named_parameters())
-        full = {"weights": {n: safe_get_full_fp32_param(p) for n, p in params.items()},
-                "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq") for n, p in params.items()}}
+        full = {"weights": {n: safe_get_full_fp32_param(p) for n, p in params.items()}, "exp_avg_sq": {
+            n: safe_get_full_optimizer_state(p, "exp_avg_sq") for n, p in params.items() if optimizer is None}}
         if rank == 0:
             torch.save(full, os.path.join(folder, "full.pt"))
     if rank == 0:

@@ -1114,15 +1114,21 @@ def test_real_deepspeed_zero_runs_are_read(tmp_path):
 
     with pytest.warns(UserWarning, match="the biases of"):
         want = fit(tmp_path / "model.pt", tmp_path / "optimizer.pt")
-    for folder in ("stage1", "stage2", "stage3", "stage1_bf16"):
+    for folder in ("stage1", "stage2", "stage3", "stage1_bf16", "stage3_sgd"):
         gathered = torch.load(tmp_path / folder / "full.pt", weights_only=True)
-        moments = zero_optimizer_state(tmp_path / folder, "c")["state"]
+        moments = zero_optimizer_state(tmp_path / folder, "c")
         weights = sf.trajectory.load_state_dict(tmp_path / folder, "c")
         for name, moment in gathered["exp_avg_sq"].items():
-            assert torch.equal(moments[name]["exp_avg_sq"], moment), (folder, name)
-            value = gathered["weights"][name]
+            assert torch.equal(moments["state"][name]["exp_avg_sq"], moment), (folder, name)
+        for name, value in gathered["weights"].items():
             assert torch.equal(weights[name], value.to(weights[name].dtype)), (folder, name)
         assert {t.dtype for t in weights.values()} == {torch.bfloat16 if "bf16" in folder else torch.float32}
+        names = [n for g in moments["param_groups"] for n in g["params"]]
+        assert sorted(names) == sorted(gathered["weights"]) and len(names) == len(set(names))
+    assert moments["state"] == {name: {} for name in names}  # SGD without momentum keeps no state
+    with pytest.raises(ValueError, match=r"stage2_elastic/global_step5 was saved with zero_optimization.elastic_checkpoint"
+                                         r", which keeps the optimizer's state without its settings"):
+        zero_optimizer_state(tmp_path / "stage2_elastic", "c")
     plain = torch.load(tmp_path / "model.pt", weights_only=True)
     for stage in (1, 2, 3):
         folder = tmp_path / f"stage{stage}"  # the folder engine.save_checkpoint wrote into

@@ -303,18 +303,33 @@ def test_fsdps_sharded_checkpoints_are_read(run, tmp_path):
         sf.fit_factors(model, task, pieces)
 
 
-def test_a_deepspeed_zero3_run_is_read(tmp_path):
-    """Trainer with DeepSpeed (a real run: ZeRO stage 3 on 2 gloo ranks) saves each rank's partition of
+def test_deepspeed_zero3_runs_are_read(tmp_path):
+    """Trainer with DeepSpeed (real runs: ZeRO stage 3 on 2 gloo ranks) saves each rank's partition of
     the weights and of Adam's state in checkpoint-N/global_stepN/, and by default no weights file: put
     back together, the last checkpoint's weights and second moments are the ones DeepSpeed itself
     gathers (safe_get_full_fp32_param, safe_get_full_optimizer_state, in the run), and the run reads
-    as a trajectory with the schedule's rates, AdamW and its decay, whose factors fit."""
+    as a trajectory with the schedule's rates, AdamW and its decay, whose factors fit. A LoRA run's
+    partitions lack the frozen base (named when read as weights); its adapters, saved whole, are read."""
     import _trainer_deepspeed_job as job
     from _helpers import torchrun
     from source_fast._deepspeed import zero_optimizer_state
 
     run = torchrun(Path(__file__).parent / "_trainer_deepspeed_job.py", tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+    rates = _rates(job.STEPS + 1, total=job.STEPS)
+    lora, data = job.lora_model(), Tokens(48, 12, 40, seed=1)
+    traj = sf.Trajectory.from_trainer(tmp_path / "lora", lora, data, num_segments=2, lrs=rates[: job.STEPS])
+    gathered = torch.load(tmp_path / "lora" / "deepspeed_full.pt", weights_only=True)
+    last = tmp_path / "lora" / f"checkpoint-{job.STEPS}"
+    moments = zero_optimizer_state(last, "c")["state"]
+    for name, value in gathered["weights"].items():
+        assert torch.equal(traj.segments[-1].checkpoints[-1][name], value), name
+        assert torch.equal(moments[name]["exp_avg_sq"], gathered["exp_avg_sq"][name]), name
+    assert sf.fit_factors(lora, CausalLMTask(normalize="mean"), traj, batch_size=16).layers
+    with pytest.raises(ValueError, match=r"DeepSpeed saved .*global_step6 without its frozen parameters "
+                                         r"\(exclude_frozen_parameters, as Trainer saves a PEFT model\)"):
+        sf.trajectory.load_state_dict(last, "c")
+    tmp_path = tmp_path / "full"
     gathered = torch.load(tmp_path / "deepspeed_full.pt", weights_only=True)
     last = tmp_path / f"checkpoint-{job.STEPS}"
     assert not any(last.glob("*.safetensors"))
@@ -325,8 +340,7 @@ def test_a_deepspeed_zero3_run_is_read(tmp_path):
     for name, moment in gathered["exp_avg_sq"].items():
         assert torch.equal(state[name]["exp_avg_sq"], moment), name
         assert torch.equal(weights[name], gathered["weights"][name]), name
-    model, data = _model(), Tokens(48, 12, 40, seed=1)
-    rates = _rates(job.STEPS + 1, total=job.STEPS)
+    model = _model()
     # DeepSpeed steps the scheduler before Trainer reads the rate it logs: each step's next rate.
     history = json.loads((tmp_path / f"checkpoint-{job.STEPS}" / "trainer_state.json").read_text())["log_history"]
     assert [h["learning_rate"] for h in history if "learning_rate" in h] == pytest.approx(rates[1:], rel=1e-12)

@@ -166,10 +166,12 @@ def _training_args(path: Path) -> dict[str, int | float]:
 def _weights(folder: Path, model: nn.Module) -> str | dict[str, Any]:
     """A checkpoint's weights: the folder of a full model (one file or shards), or a PEFT (LoRA) run's
     adapters as a state_dict."""
-    if saved_weights(folder) is not None or zero_folder(folder):  # DeepSpeed's: the ranks' partitions
+    if saved_weights(folder) is not None:
         return str(folder)
-    if getattr(model, "peft_config", None):
+    if getattr(model, "peft_config", None):  # DeepSpeed saves a PEFT model's adapters whole too
         return _adapter_state(folder, model)
+    if zero_folder(folder):  # DeepSpeed's: the ranks' partitions
+        return str(folder)
     if any(folder.rglob("adapter_model.*")):
         raise ValueError(f"{folder} holds PEFT adapters: pass the PEFT model as it was trained (peft.get_peft_model, "
                          "or PeftModel.from_pretrained(base, folder, is_trainable=True)), not the base model")
