@@ -4,6 +4,7 @@ except "unroll", which replays training."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,19 +41,21 @@ def grad_cos(model, task, specs, v, train_data, batch_size, collate_fn, first=0)
     return out
 
 
-def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int, damping: float | str, seed: int,
-         first=0) -> Tensor:
+def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
+         damping: float | str | Sequence[float | str], seed: int, first=0) -> Tensor:
     """TRAK at the model's weights (one checkpoint): per-example gradients projected to `dim` by a seeded
     Gaussian map P, φ = P g (computed as ⟨G_n, P_r⟩ without forming G_n), then τ = φ_qᵀ (ΦᵀΦ + Nλ I)⁻¹ φ_m, the
     influence function of the projected empirical Fisher ΦᵀΦ/N, with its 1/N scale.
     damping λ: a number, or "heuristic" = 0.1 × mean eigenvalue of ΦᵀΦ/N (both checked by
-    scoring.method_options before any pass). Under torch.distributed `train_data` is this rank's share:
-    ΦᵀΦ and N are summed over the ranks, and the columns are the share's."""
+    scoring.method_options before any pass); a list of them gives each one's scores, stacked first,
+    from the one Φ. Under torch.distributed `train_data` is this rank's share: ΦᵀΦ and N are summed
+    over the ranks, and the columns are the share's."""
     dtype = factor_dtype(model)
     device = next(iter(v.values())).device
     n = all_reduce_int(length(train_data), device)
     rank = min(n, sum(s.d_out * s.d_a for s in specs))
-    if damping == 0 and dim > rank:  # solve() would return round-off as scores
+    dampings = list(damping) if isinstance(damping, (list, tuple)) else [damping]
+    if 0 in dampings and dim > rank:  # solve() would return round-off as scores
         raise ValueError(f"trak_dim={dim} with damping 0: ΦᵀΦ has rank at most {rank} (min of the {n} training examples "
                          f"and the tracked parameters), so it cannot be inverted; give trak_dim <= {rank} or a damping > 0")
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -69,8 +72,12 @@ def trak(model, task, specs, v, train_data, batch_size, collate_fn, *, dim: int,
     _train_pass(model, task, specs, train_data, batch_size, collate_fn, "trak", consume, first)
     gram = phi.T @ phi
     all_reduce_sum_([gram])
-    lam = 0.1 * float(torch.trace(gram)) / (dim * n) if damping == "heuristic" else float(damping)
-    return torch.linalg.solve(gram + n * lam * torch.eye(dim, dtype=dtype, device=device), phi_q.T).T @ phi.T
+    eye = torch.eye(dim, dtype=dtype, device=device)
+    scores = []
+    for lam in dampings:
+        lam = 0.1 * float(torch.trace(gram)) / (dim * n) if lam == "heuristic" else float(lam)
+        scores.append(torch.linalg.solve(gram + n * lam * eye, phi_q.T).T @ phi.T)
+    return torch.stack(scores) if isinstance(damping, (list, tuple)) else scores[0]
 
 
 def _representations(model, task, specs, data, batch_size, collate_fn, what, first=0) -> Tensor:

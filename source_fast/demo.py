@@ -455,14 +455,14 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float], trak_g
             s = score(model, task, final, None, train, queries, method="grad_dot")
         elif step == "TRAK":
             s = score(model, task, final, None, train, queries, method="trak")
-            for dim, lam in trak_grid:
-                heldout["TRAK"][f"dim={dim}, λ={lam:g}"] = score(model, task, final, None, train, queries,
-                                                                 method="trak", trak_dim=dim, damping=lam)
-                # TRAK's ensemble over the checkpoints SOURCE reads (every stage's), for a comparison
-                # on equal inputs
-                heldout[TRAK_ALL][f"dim={dim}, λ={lam:g}"] = score(model, task, traj3, None, train, queries,
-                                                                   method="trak", trak_dim=dim, damping=lam,
-                                                                   train_segments="all")
+            for dim in dict.fromkeys(d for d, _ in trak_grid):  # one pass per dimension, for all its dampings
+                lams = [lam for d, lam in trak_grid if d == dim]
+                # and TRAK's ensemble over the checkpoints SOURCE reads (every stage's), for a comparison on
+                # equal inputs
+                for key, trajectory, options in (("TRAK", final, {}), (TRAK_ALL, traj3, {"train_segments": "all"})):
+                    scores = score(model, task, trajectory, None, train, queries, method="trak", trak_dim=dim,
+                                   damping=lams, **options)
+                    heldout[key].update({f"dim={dim}, λ={lam:g}": t for lam, t in zip(lams, scores)})
         elif step == "unroll":
             s = _unroll(sc, run, model, task)
         else:

@@ -448,7 +448,7 @@ def score(
     query_data: Any,
     method: Method = "source",
     *,
-    damping: Damping | None = None,
+    damping: Damping | list[float | str] | None = None,
     batch_size: int = 32,
     query_rank: int | None = None,
     train_segments: list[int] | Literal["all"] | None = None,
@@ -484,7 +484,9 @@ def score(
                     loss's gradients (the paper's margin kernel weighs examples by 1/(1 − p)² against
                     this one: see the README); averaged over the checkpoints of the segments
                     that trained on the data (TRAK's ensemble; the k-th checkpoint's map is seeded by
-                    `seed` + k), or at a one-checkpoint trajectory
+                    `seed` + k), or at a one-checkpoint trajectory. `damping` may be a list: the scores
+                    of each, stacked first (len(damping), n_query, n_train), from one pass (Φ does not
+                    depend on it), as choosing it on held-out queries needs
       "repsim"      cosine similarity of the last tracked layer's inputs (unitless)
       "unroll"      exact unrolled differentiation of the recorded run `record` (small models only;
                     in f's units, no 1/N: it is the first-order leave-one-out change itself)
@@ -551,7 +553,7 @@ def score(
         with restored(model), reuse_large_blocks(device):
             out = _baseline(model, task, specs, trajectory, segments, method, share, first, query_data, damping,
                             batch_size, collate_fn, trak_dim, seed, record)
-        return gather_shares(out, 1, strided=False) if splits else out  # a dataset's shares: contiguous
+        return gather_shares(out, out.dim() - 1, strided=False) if splits else out  # a dataset's shares: contiguous
     # The ranks must cut the same query blocks: the least free memory decides. Every rank takes part (a
     # budget given counts as no limit here; the ranks' budgets are compared next).
     automatic = min_on_ranks(automatic_query_budget(device) if query_memory_budget is None else _NO_LIMIT, device)
@@ -618,10 +620,14 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
         raise ValueError(f"seed must be an integer in torch.manual_seed's range [-2**63, 2**64), got {seed!r}")
     # Checked here, before any pass: TRAK reads the training data only after the queries' gradients.
     check_count("trak_dim", trak_dim, none_ok=True)
-    if method == "trak" and damping is not None and damping != "heuristic" and not (
-            isinstance(damping, (int, float)) and not isinstance(damping, bool) and 0 <= damping < math.inf):
-        raise ValueError(f"trak's damping must be a finite number >= 0 or 'heuristic' (it has no learning-rate "
-                         f"horizon for 'implied'); got {damping!r}")
+    if isinstance(damping, (list, tuple)) and (method != "trak" or not damping):
+        raise ValueError(f"damping: a list of dampings is for trak (whose features do not depend on it), and not "
+                         f"empty; got {damping!r} for method {method!r}")
+    for value in (damping if method == "trak" and isinstance(damping, (list, tuple)) else [damping]):
+        if method == "trak" and value is not None and value != "heuristic" and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf):
+            raise ValueError(f"trak's damping must be a finite number >= 0 or 'heuristic' (it has no learning-rate "
+                             f"horizon for 'implied'), or a list of them; got {value!r}")
     return (("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim),
             (0 if seed is None else int(seed)))
 

@@ -83,7 +83,7 @@ def in_memory(model, task, traj, factors, data, queries):
     }
     if hasattr(data, "__len__"):  # the baselines take datasets, not streams; they split too (TRAK sums ΦᵀΦ)
         out["trak"] = sf.score(model, task, sf.Trajectory([traj.segments[1]]), None, data, queries, "trak",
-                               trak_dim=16, batch_size=8)
+                               trak_dim=16, batch_size=8, damping=[0.01, "heuristic"])  # one score per damping
         out["grad_cos"] = sf.score(model, task, traj.final(), None, data, queries, "grad_cos", batch_size=8)
         out["repsim"] = sf.score(model, task, traj.final(), None, data, queries, "repsim", batch_size=8)
     return out

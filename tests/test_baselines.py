@@ -87,6 +87,38 @@ def test_trak_is_the_projected_influence_function(setup):
     assert torch.corrcoef(torch.stack([wide.flatten(), exact.flatten()]))[0, 1] > 0.95
 
 
+def test_trak_scores_a_list_of_dampings_from_one_pass(setup):
+    """Held-out choice of TRAK's damping needs its scores at several: a list gives each one's, stacked
+    first, equal to one call per damping, from one pass over the training data; over checkpoints too.
+    A list is refused for the other methods, and an empty one."""
+    from source_fast import baselines
+
+    model, data, queries, traj, _, _ = setup
+    task = ClassifyTask()
+    dampings = [1e-3, "heuristic", 0.1]
+    states = [{k: v + 0.2 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(2)]
+    two = sf.Trajectory([sf.Segment(states, data, lr_sum=1.0)])
+    for trajectory, options in ((traj, {}), (two, {"train_segments": "all"})):
+        one = [sf.score(model, task, trajectory, None, data, queries, method="trak", trak_dim=6, damping=lam, **options)
+               for lam in dampings]
+        passes = []
+        real = baselines._train_pass
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(baselines, "_train_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+            many = sf.score(model, task, trajectory, None, data, queries, method="trak", trak_dim=6, damping=dampings,
+                            **options)
+        assert many.shape == (3, len(queries), len(data)) and torch.equal(many, torch.stack(one))
+        assert len(passes) == sum(len(s.checkpoints) for s in trajectory.segments)  # one per checkpoint
+    with pytest.raises(ValueError, match=r"damping: a list of dampings is for trak .*, and not empty; got \[\]"):
+        sf.score(model, task, traj, None, data, queries, method="trak", damping=[])
+    factors = sf.fit_factors(model, task, traj)
+    with pytest.raises(ValueError, match=r"a list of dampings is for trak .* for method 'ekfac'"):
+        sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=[0.1, 1.0])
+    with pytest.raises(ValueError, match=r"trak's damping must be a finite number >= 0 or 'heuristic' .*, or a list "
+                                         r"of them; got 'implied'"):
+        sf.score(model, task, traj, None, data, queries, method="trak", damping=[0.1, "implied"])
+
+
 def test_trak_over_checkpoints_is_the_mean_of_each_checkpoints_trak(setup):
     """TRAK's ensemble: each checkpoint's scores from its own gradients, damping and map (seeded
     seed + k), averaged over the checkpoints of the segments that trained on the scored data (a
