@@ -8,7 +8,7 @@ zero_pp_rank_r_mp_rank_00_optim_states.pt, and the model states (mp_rank_00_mode
 per rank with stage 3) record each parameter group's names and shapes in order (param_shapes).
 - Stages 1 and 2 flatten each parameter group (its parameters one after another) and give each rank an
   equal slice; each rank records where the fragments of the parameters in its slice are
-  (param_slice_mappings, DeepSpeed 0.10 and later).
+  (param_slice_mappings; without them the parameters are taken one after another over the slices).
 - Stage 3 partitions every parameter by itself: each rank holds ceil(numel / ranks) of it, one
   parameter after another, in sub-groups of at most sub_group_size elements (each its own optimizer
   group, with its own step).
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 _OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 
@@ -74,7 +75,7 @@ _STAND_INS: dict[str, Any] = {"deepspeed.runtime.zero.config.ZeroStageEnum": int
 
 
 def _load(path: str, what: str) -> dict:
-    if not hasattr(torch.serialization, "safe_globals"):
+    if TorchVersion(torch.__version__) < (2, 6):  # safe_globals with stand-ins under other names
         raise RuntimeError(f"{what}: reading DeepSpeed's checkpoint {path!r} needs torch 2.6 or later")
     stand_ins = dict(_STAND_INS)
     while True:
@@ -131,7 +132,8 @@ def zero_optimizer_state(path: Any, what: str) -> dict:
         named = {k: v for group in shapes for k, v in group.items()}
         # The float32 weights are laid out as the state (the n-th sub-group is the optimizer's n-th tensor):
         # they place each parameter, also for an optimizer without state (SGD without momentum).
-        state_of = {k: i for k, (i, _) in _stage3_split([p["fp32_flat_groups"] for p in parts], named, what).items()}
+        sizes = [t.numel() for t in parts[0]["fp32_flat_groups"]]
+        state_of = {k: i for k, (i, _, _) in _stage3_places(sizes, named, len(parts), what).items()}
         pieces = {name: {} for name in named}
         first = bases[0]["state"].get(0, {})
         for key in [k for k, v in first.items() if k != "exp_avg" and _flat(v)]:
@@ -228,22 +230,27 @@ def _stage12(states: list[dict], named: dict[str, Any], mappings: list[dict] | N
     return out
 
 
-def _stage3_split(flats: list[list[Tensor]], named: dict[str, Any], what: str) -> dict[str, tuple[int, Tensor]]:
-    """Stage 3's parameters from each rank's sub-group partitions (flats[rank][sub-group]), with the
-    position of the sub-group each is in: each rank holds ceil(numel / ranks) values of every parameter,
-    one parameter after another through the sub-groups, in order."""
-    ranks = len(flats)
-    sizes = [f.numel() for f in flats[0]]
+def _stage3_places(sizes: list[int], named: dict[str, Any], ranks: int, what: str) -> dict[str, tuple[int, int, int]]:
+    """Where stage 3 keeps each parameter in every rank's sub-group partitions (of `sizes` values each):
+    (the sub-group's position, the start in it, the share). Each rank holds ceil(numel / ranks) values of
+    every parameter, one parameter after another through the sub-groups, in order."""
     ends = list(itertools.accumulate(sizes))
-    out: dict[str, tuple[int, Tensor]] = {}
+    places: dict[str, tuple[int, int, int]] = {}
     offset = 0
     for name, shape in named.items():
-        numel = _numel(shape)
-        share = -(-numel // ranks)
+        share = -(-_numel(shape) // ranks)
         k = next((i for i, end in enumerate(ends) if offset < end), None)
         if k is None or offset + share > ends[k]:
             raise ValueError(f"{what}: DeepSpeed's stage-3 partitions end before parameter {name!r}")
-        start = offset - (ends[k] - sizes[k])
-        out[name] = k, torch.cat([f[k].reshape(-1)[start : start + share] for f in flats])[:numel].view(tuple(shape))
+        places[name] = k, offset - (ends[k] - sizes[k]), share
         offset += share
-    return out
+    return places
+
+
+def _stage3_split(flats: list[list[Tensor]], named: dict[str, Any], what: str) -> dict[str, tuple[int, Tensor]]:
+    """Stage 3's parameters from each rank's sub-group partitions (flats[rank][sub-group]), with the
+    position of the sub-group each is in (_stage3_places)."""
+    places = _stage3_places([f.numel() for f in flats[0]], named, len(flats), what)
+    return {name: (k, torch.cat([f[k].reshape(-1)[start : start + share] for f in flats])[: _numel(named[name])]
+                   .view(tuple(named[name])))
+            for name, (k, start, share) in places.items()}
