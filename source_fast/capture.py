@@ -125,12 +125,33 @@ def is_placeholder(p: nn.Parameter) -> bool:
     return getattr(p, PLACEHOLDER, False)
 
 
+def _refuse_sharded(model: nn.Module) -> None:
+    """Layers split over ranks cannot be captured whole: FSDP's (fully_shard's DTensor parameters, or
+    FullyShardedDataParallel's flat ones), tensor parallelism's (DTensors), DeepSpeed ZeRO-3's (each
+    parameter a partition, with a ds_tensor)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    sharded = next((f"{n!r} is a DTensor" for n, p in model.named_parameters() if isinstance(p, DTensor)), None)
+    sharded = sharded or next((f"DeepSpeed ZeRO-3: {n!r} is a partition" for n, p in model.named_parameters()
+                               if hasattr(p, "ds_tensor")), None)
+    if sharded is not None or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            f"the model's parameters are split over the ranks ({sharded or 'FullyShardedDataParallel'}): "
+            "source_fast reads whole layers (their weights and per-layer factors), so give every rank the whole "
+            "model, plain or in DistributedDataParallel: each rank then fits on and scores its share of the "
+            "data. The checkpoints of FSDP and DeepSpeed are read as they are (sharded ones too)")
+
+
 def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]:
     """The named modules, or by default every supported layer that trains. A layer that did not train
     carries no training-data effect, so with some layers frozen (requires_grad=False: fine-tuning the
     top, LoRA's frozen base) the default leaves them out, and naming one gets a warning; a model frozen
     whole was frozen after training, and all its layers count."""
     modules = dict(model.named_modules())
+    _refuse_sharded(model)
     some_train = any(p.requires_grad and not is_placeholder(p) for p in model.parameters())
     if not some_train and names is None and any("lora_A" in n.split(".") for n in modules):
         # A LoRA model frozen whole was loaded for inference: read as frozen after training, every base

@@ -53,6 +53,14 @@ def main() -> None:
             engine.step()
         folder = os.path.join(out, name)
         engine.save_checkpoint(folder)
+        if name == "stage3" and rank == 0:  # the partitioned model itself is refused, with what to do instead
+            from source_fast.capture import tracked_layers
+
+            try:
+                tracked_layers(engine.module, None)
+            except ValueError as exc:
+                with open(os.path.join(out, "refused.txt"), "w") as f:
+                    f.write(str(exc))
         if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
             # Stages 1 and 2 link each parameter to its optimizer state once, after the first group's first
             # step, before the other groups have state (DeepSpeed 0.19): link them again for safe_get_*.

@@ -48,6 +48,13 @@ def main() -> None:
     model = build()
     fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     opt = train(model, names=False)
+    try:  # the sharded model itself is refused, with what to do instead
+        from source_fast.capture import tracked_layers
+
+        tracked_layers(model, None)
+    except ValueError as exc:
+        with open(os.path.join(out, f"refused{dist.get_rank()}.txt"), "w") as f:
+            f.write(str(exc))
     # As accelerate (Trainer's FSDP) saves checkpoints with fsdp_state_dict_type SHARDED_STATE_DICT: the
     # ranks' pieces, through torch.distributed.checkpoint, in pytorch_model_fsdp_0/ and optimizer_0/.
     from accelerate import Accelerator

@@ -1070,6 +1070,9 @@ def test_a_real_fsdp_runs_whole_optimizer_state_is_read(tmp_path):
         torch.testing.assert_close(fitted[0].segments[0][name].precond, fitted[1].segments[0][name].precond,
                                    rtol=1e-5, atol=0)  # the ranks' gradient average rounds otherwise
         assert torch.equal(fitted[2].segments[0][name].precond, fitted[0].segments[0][name].precond)  # the same state
+    for rank in (0, 1):  # fitting on the FSDP model itself is refused: its layers are split over the ranks
+        assert (tmp_path / f"refused{rank}.txt").read_text().startswith(
+            "the model's parameters are split over the ranks ('0.weight' is a DTensor): source_fast reads whole")
     whole = torch.load(tmp_path / "fsdp_model.pt", weights_only=True)
     pieces = sf.trajectory.load_state_dict(tmp_path / "sharded", "c")
     assert pieces.keys() == whole.keys() and all(torch.equal(pieces[k], whole[k]) for k in whole)
@@ -1114,6 +1117,8 @@ def test_real_deepspeed_zero_runs_are_read(tmp_path):
 
     with pytest.warns(UserWarning, match="the biases of"):
         want = fit(tmp_path / "model.pt", tmp_path / "optimizer.pt")
+    assert (tmp_path / "refused.txt").read_text().startswith(  # the ZeRO-3 model itself is refused
+        "the model's parameters are split over the ranks (DeepSpeed ZeRO-3: '0.weight' is a partition)")
     for folder in ("stage1", "stage2", "stage3", "stage1_bf16", "stage3_sgd"):
         gathered = torch.load(tmp_path / folder / "full.pt", weights_only=True)
         moments = zero_optimizer_state(tmp_path / folder, "c")
