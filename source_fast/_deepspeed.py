@@ -112,10 +112,11 @@ def _model_states(folder: str, stage: int, rank: int, what: str) -> dict:
     return _load(os.path.join(folder, name), what)
 
 
-def zero_optimizer_state(path: Any, what: str) -> dict:
+def zero_optimizer_state(path: Any, what: str, moments: bool = True) -> dict:
     """The optimizer state of the ZeRO checkpoint at `path` (zero_folder), whole and keyed by names:
     {"state": {name: {"step": ..., "exp_avg_sq": ...}}, "param_groups": [{..., "params": [names]}]}.
-    Adam's first moments are left out (nothing here reads them: a third of the state)."""
+    Adam's first moments are left out (nothing here reads them: a third of the state); all moments
+    without `moments` (the settings and steps only)."""
     folder, parts, stage = _checkpoint(path, what)
     shapes = _model_states(folder, stage, 0, what)["param_shapes"]  # [{name: shape} per parameter group]
     bases = [p["optimizer_state_dict" if stage == 3 else "base_optimizer_state"] for p in parts]
@@ -136,7 +137,7 @@ def zero_optimizer_state(path: Any, what: str) -> dict:
         state_of = {k: i for k, (i, _, _) in _stage3_places(sizes, named, len(parts), what).items()}
         pieces = {name: {} for name in named}
         first = bases[0]["state"].get(0, {})
-        for key in [k for k, v in first.items() if k != "exp_avg" and _flat(v)]:
+        for key in [k for k, v in first.items() if k != "exp_avg" and _flat(v) and moments]:
             split = _stage3_split([[b["state"][i][key] for i in range(len(b["state"]))] for b in bases], named, what)
             for name, (_, t) in split.items():
                 pieces[name][key] = t
@@ -147,7 +148,7 @@ def zero_optimizer_state(path: Any, what: str) -> dict:
         for g, named in enumerate(shapes):
             (i,) = bases[0]["param_groups"][g]["params"]
             pieces.update(_stage12([b["state"].get(i, {}) for b in bases], named,
-                                   None if None in mappings else [m[g] for m in mappings], what))
+                                   None if None in mappings else [m[g] for m in mappings], what, moments))
             state_of.update(dict.fromkeys(named, i))
     groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": []} for group in bases[0]["param_groups"]]
     for name, i in state_of.items():
@@ -200,11 +201,12 @@ def _copy(value: Any) -> Any:
     return value.clone() if isinstance(value, Tensor) else value
 
 
-def _stage12(states: list[dict], named: dict[str, Any], mappings: list[dict] | None, what: str) -> dict[str, dict]:
+def _stage12(states: list[dict], named: dict[str, Any], mappings: list[dict] | None, what: str,
+             moments: bool) -> dict[str, dict]:
     """One parameter group's state, each rank's slice of the flat group put back into its parameters."""
     out: dict[str, dict] = {name: {} for name in named}
     for key, value in states[0].items():
-        if key == "exp_avg":
+        if key == "exp_avg" or (_flat(value) and not moments):
             continue
         if not _flat(value):  # the group's step
             for name in named:
@@ -244,6 +246,9 @@ def _stage3_places(sizes: list[int], named: dict[str, Any], ranks: int, what: st
             raise ValueError(f"{what}: DeepSpeed's stage-3 partitions end before parameter {name!r}")
         places[name] = k, offset - (ends[k] - sizes[k]), share
         offset += share
+    if offset != (ends[-1] if ends else 0):  # stage 3 pads no parameter: another model's shapes?
+        raise ValueError(f"{what}: DeepSpeed's stage-3 partitions hold {ends[-1] if ends else 0} values per rank, "
+                         f"but the parameters the checkpoint lists take {offset}")
     return places
 
 

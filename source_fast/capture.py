@@ -132,7 +132,11 @@ def _refuse_sharded(model: nn.Module) -> None:
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
+
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch before 2.5
+        from torch.distributed._tensor import DTensor
 
     sharded = next((f"{n!r} is a DTensor" for n, p in model.named_parameters() if isinstance(p, DTensor)), None)
     sharded = sharded or next((f"DeepSpeed ZeRO-3: {n!r} is a partition" for n, p in model.named_parameters()
@@ -142,7 +146,7 @@ def _refuse_sharded(model: nn.Module) -> None:
             f"the model's parameters are split over the ranks ({sharded or 'FullyShardedDataParallel'}): "
             "source_fast reads whole layers (their weights and per-layer factors), so give every rank the whole "
             "model, plain or in DistributedDataParallel: each rank then fits on and scores its share of the "
-            "data. The checkpoints of FSDP and DeepSpeed are read as they are (sharded ones too)")
+            "data. Checkpoints FSDP and DeepSpeed save in the ranks' pieces are read (see the README)")
 
 
 def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]:

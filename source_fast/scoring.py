@@ -623,8 +623,9 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
     if isinstance(damping, (list, tuple)) and (method != "trak" or not damping):
         raise ValueError(f"damping: a list of dampings is for trak (whose features do not depend on it), and not "
                          f"empty; got {damping!r} for method {method!r}")
-    for value in (damping if method == "trak" and isinstance(damping, (list, tuple)) else [damping]):
-        if method == "trak" and value is not None and value != "heuristic" and not (
+    listed = method == "trak" and isinstance(damping, (list, tuple))
+    for value in (damping if listed else [damping]):
+        if method == "trak" and (value is not None or listed) and value != "heuristic" and not (
                 isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf):
             raise ValueError(f"trak's damping must be a finite number >= 0 or 'heuristic' (it has no learning-rate "
                              f"horizon for 'implied'), or a list of them; got {value!r}")

@@ -24,7 +24,7 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Checkpoint = dict[str, Tensor] | str | os.PathLike
 
 
-Part = Literal["weights", "optimizer"]
+Part = Literal["weights", "optimizer", "optimizer settings"]  # the last: without the moments
 
 
 def load_state_dict(checkpoint: Checkpoint, what: str) -> dict[str, Tensor]:
@@ -129,7 +129,8 @@ def _read_distributed(path: str, what: str, shapes_only: bool = False, part: Par
         flat: dict[str, Any] = {}
         for key, place in places.items():
             item = metadata.state_dict_metadata[key]
-            if len(place) >= 3 and place[-3] == "state" and place[-1] == "exp_avg":
+            moment = len(place) >= 3 and place[-3] == "state" and place[-1] != "step"
+            if moment and (place[-1] == "exp_avg" or part == "optimizer settings"):
                 continue
             if isinstance(item, TensorStorageMetadata):
                 flat[key] = torch.empty(item.size, dtype=item.properties.dtype, device="meta" if shapes_only else "cpu")
@@ -151,23 +152,40 @@ def _read_distributed(path: str, what: str, shapes_only: bool = False, part: Par
         for step in places[key][:-1]:
             node = node.setdefault(step, {})
         node[places[key][-1]] = value
-    return _as_lists(nested)
+    return _optimizer_form(_as_lists(nested))
 
 
 def _wanted(places: list[tuple], part: Part | None) -> tuple:
-    """The path, in a torch.distributed.checkpoint's nested dict, of what _read_distributed reads."""
+    """The path, in a torch.distributed.checkpoint's nested dict, of what _read_distributed reads: below
+    the keys that wrap everything (never into an optimizer's own entries, nor a list's items)."""
     prefix: tuple = ()
-    while places and all(len(p) > len(prefix) + 1 for p in places) and len({p[len(prefix)] for p in places}) == 1:
+    while (places and all(len(p) > len(prefix) + 1 for p in places) and len({p[len(prefix)] for p in places}) == 1
+           and places[0][len(prefix)] not in ("state", "param_groups") and isinstance(places[0][len(prefix)], str)):
         prefix += (places[0][len(prefix)],)
     below = {p[len(prefix)]: set() for p in places}
     for p in places:
         below[p[len(prefix)]].update(p[len(prefix) + 1 : len(prefix) + 2])
-    if part == "weights" and any(below.values()) and "model" in below:
+    if part == "weights" and any(below.values()) and below.get("model"):
         return prefix + ("model",)
-    optimizers = [k for k, keys in below.items() if {"state", "param_groups"} <= keys]
-    if part == "optimizer" and not {"state", "param_groups"} <= set(below) and len(optimizers) == 1:
+    # An optimizer without state (SGD without momentum) saves its param_groups only.
+    optimizers = [k for k, keys in below.items() if "param_groups" in keys]
+    if part in ("optimizer", "optimizer settings") and "param_groups" not in below and len(optimizers) == 1:
         return prefix + (optimizers[0],)
     return prefix
+
+
+def _optimizer_form(node: Any) -> Any:
+    """An optimizer state_dict as torch keeps it: its state keyed by the numbers its param_groups list
+    (the checkpoint's nested keys are strings), and an empty state where none was saved."""
+    if not isinstance(node, dict):
+        return node
+    node = {k: _optimizer_form(v) for k, v in node.items()}
+    groups = node.get("param_groups")
+    if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
+        state = node.get("state", {})
+        numbered = any(isinstance(i, int) for g in groups for i in g.get("params", []))
+        node["state"] = {int(k) if numbered and str(k).isdigit() else k: v for k, v in state.items()}
+    return node
 
 
 def _as_lists(node: Any) -> Any:
@@ -210,6 +228,9 @@ def sharded_training_state(folder: str | os.PathLike) -> str:
         return (f"its FSDP state folder {broken[0]} has no .metadata, which torch.distributed.checkpoint writes last "
                 "(an interrupted save?)")
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
+        tag = open(os.path.join(folder, "latest")).read().strip() if "latest" in names else None
+        if tag is not None and not os.path.isdir(os.path.join(folder, tag)):
+            return f"it holds a DeepSpeed checkpoint whose file `latest` names {tag!r}, which is not there"
         return ("it holds a DeepSpeed checkpoint without ZeRO's partitions (global_stepN/zero_pp_rank_*_optim_states.pt,"
                 " N as its file `latest` says): one of ZeRO stage 0, or an incomplete one, which is not read")
     return ""

@@ -117,6 +117,8 @@ def test_trak_scores_a_list_of_dampings_from_one_pass(setup):
     with pytest.raises(ValueError, match=r"trak's damping must be a finite number >= 0 or 'heuristic' .*, or a list "
                                          r"of them; got 'implied'"):
         sf.score(model, task, traj, None, data, queries, method="trak", damping=[0.1, "implied"])
+    with pytest.raises(ValueError, match=r"trak's damping must be .*, or a list of them; got None"):
+        sf.score(model, task, traj, None, data, queries, method="trak", damping=[None, 0.1])
 
 
 def test_trak_over_checkpoints_is_the_mean_of_each_checkpoints_trak(setup):

@@ -1091,6 +1091,18 @@ def test_a_real_fsdp_runs_whole_optimizer_state_is_read(tmp_path):
     for name in ("0", "2"):
         assert torch.equal(recipe.segments[0][name].precond, fitted[1].segments[0][name].precond)
         assert torch.equal(recipe.segments[0][name].lam, fitted[1].segments[0][name].lam)
+    # torch's own state_dict saved as it is: its states numbered (strings in the folder, as torch's again),
+    # and an optimizer that keeps no state (SGD without momentum) saves its param_groups alone.
+    plain = _fsdp_job.build()
+    state = _fsdp_job.train(plain, names=False).state_dict()
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save({"optimizer": state}, checkpoint_id=tmp_path / "numbered", no_dist=True)
+        dcp.save({"optimizer": sgd.state_dict()}, checkpoint_id=tmp_path / "stateless", no_dist=True)
+    read = sf.trajectory.load_dict(tmp_path / "numbered", "c", "optimizer")
+    assert read["param_groups"] == state["param_groups"] and read["state"].keys() == state["state"].keys()
+    assert all(torch.equal(read["state"][i]["exp_avg_sq"], s["exp_avg_sq"]) for i, s in state["state"].items())
+    assert sf.trajectory.load_dict(tmp_path / "stateless", "c", "optimizer") == {**sgd.state_dict(), "state": {}}
 
 
 def test_real_deepspeed_zero_runs_are_read(tmp_path):
@@ -1104,7 +1116,7 @@ def test_real_deepspeed_zero_runs_are_read(tmp_path):
     import shutil
 
     import _deepspeed_job
-    from source_fast._deepspeed import zero_optimizer_state
+    from source_fast._deepspeed import _stage3_places, zero_optimizer_state
 
     run = torchrun(Path(__file__).parent / "_deepspeed_job.py", tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -1130,7 +1142,11 @@ def test_real_deepspeed_zero_runs_are_read(tmp_path):
         assert {t.dtype for t in weights.values()} == {torch.bfloat16 if "bf16" in folder else torch.float32}
         names = [n for g in moments["param_groups"] for n in g["params"]]
         assert sorted(names) == sorted(gathered["weights"]) and len(names) == len(set(names))
-    assert moments["state"] == {name: {} for name in names}  # SGD without momentum keeps no state
+        if folder == "stage3_sgd":  # SGD without momentum keeps no state
+            assert moments["state"] == {name: {} for name in names}
+    with pytest.raises(ValueError, match=r"c: DeepSpeed's stage-3 partitions hold 10 values per rank, but the "
+                                         r"parameters the checkpoint lists take 2"):
+        _stage3_places([10], {"w": (4,)}, 2, "c")  # another model's shapes
     with pytest.raises(ValueError, match=r"stage2_elastic/global_step5 was saved with zero_optimization.elastic_checkpoint"
                                          r", which keeps the optimizer's state without its settings"):
         zero_optimizer_state(tmp_path / "stage2_elastic", "c")

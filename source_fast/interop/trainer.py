@@ -74,7 +74,7 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
              "mixes each target with the uniform distribution: the task's loss should too (CausalLMTask's does not), "
              "or the objective attributed is not the one trained")
     _check_data_size(folders[-1], logs[-1], length(data), settings.get("gradient_accumulation_steps"))
-    states = [_optimizer_state(folder, model) for folder in folders]
+    states = [_optimizer_state(folder, model, moments=False) for folder in folders]
     group = states[-1]["param_groups"][0]
     where = _optimizer_file(folders[-1])
     if {"momentum", "dampening"} <= set(group):  # torch's SGD
@@ -104,7 +104,8 @@ def trainer_trajectory(run_dir: str | os.PathLike, model: nn.Module, data: Any, 
     return Trajectory.even(
         weights, lrs, num_segments, data, **momentum,
         weight_decay=_weight_decay(states[-1], model), num_examples=num_examples, optimizer=optimizer,
-        optimizer_states=None if optimizer == "sgd" else states, steps=steps,
+        optimizer_states=None if optimizer == "sgd" else [_optimizer_source(f, st) for f, st in zip(folders, states)],
+        steps=steps,
         grad_scales=_clip_factors(folders[-1], history, steps[-1], settings.get("max_grad_norm")),
     )
 
@@ -229,17 +230,30 @@ def _optimizer_file(folder: Path) -> Path:
                 else Path(zero) if zero else path)
 
 
-def _optimizer_state(folder: Path, model: nn.Module) -> dict:
+def _optimizer_source(folder: Path, state: dict) -> dict | str:
+    """What the trajectory reads Adam's moments from: the state (optimizer.pt's is memory-mapped, and
+    its groups named here), or the folder of the ranks' pieces, read when its segment is fitted, one
+    at a time: put together, every checkpoint's would be the model's size each."""
+    path = _optimizer_file(folder)
+    return str(path) if path.is_dir() else state
+
+
+def _optimizer_state(folder: Path, model: nn.Module, moments: bool = True) -> dict:
     """optimizer.pt, memory-mapped (a state is twice the model), its groups named by Trainer's rule; or
-    the state accelerate saves for FSDP (optimizer.bin or optimizer_0, _optimizer_file), keyed by names."""
+    what accelerate saves for FSDP or DeepSpeed (_optimizer_file), keyed by names, whose ranks' pieces
+    are put together: `moments` False reads their settings and steps only (see _optimizer_source)."""
     path = _optimizer_file(folder)
     if not path.exists():
         cause = sharded_training_state(folder) or "an incomplete checkpoint, or a run with save_only_model=True"
         raise ValueError(f"{path} is missing ({cause}): the optimizer's kind, momentum or second moments are read "
                          "from it; without it build the trajectory with Trajectory.even(..., steps=) yourself")
+    if zero_folder(path):  # its own errors say what is wrong
+        return indexed_by_position(zero_optimizer_state(path, str(folder), moments))
     try:
-        saved = (zero_optimizer_state(path, str(folder)) if zero_folder(path) else load_dict(str(path), str(path), "optimizer")
-                 if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        if path.is_dir():
+            saved = load_dict(str(path), str(path), "optimizer" if moments else "optimizer settings")
+        else:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = indexed_by_position(saved)
     except Exception as exc:  # a truncated or foreign file: say which
         raise ValueError(f"{path} cannot be read as an optimizer state_dict ({exc})") from exc
