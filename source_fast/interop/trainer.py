@@ -223,11 +223,13 @@ def _optimizer_file(folder: Path) -> Path:
     """optimizer.pt, or where only that is there what accelerate saves for FSDP, optimizer.bin (whole,
     FULL_STATE_DICT) or the optimizer_0 folder (the ranks' pieces, SHARDED_STATE_DICT), or DeepSpeed's
     global_stepN folder (each rank's ZeRO partition)."""
-    path = folder / "optimizer.pt"
+    for path in (folder / "optimizer.pt", folder / "optimizer.bin"):
+        if path.is_file():
+            return path
+    if is_distributed_checkpoint(folder / "optimizer_0"):
+        return folder / "optimizer_0"
     zero = zero_folder(folder)
-    return next((p for p in (path, folder / "optimizer.bin") if p.is_file()),
-                folder / "optimizer_0" if is_distributed_checkpoint(folder / "optimizer_0")
-                else Path(zero) if zero else path)
+    return Path(zero) if zero else folder / "optimizer.pt"  # the one to name as missing
 
 
 def _optimizer_source(folder: Path, state: dict) -> dict | str:
