@@ -133,9 +133,9 @@ def _refuse_sharded(model: nn.Module) -> None:
     # Only what a sharded model has imported is looked for: importing FSDP or DTensor here, for every
     # model, made gloo's processes abort at exit (3 of 12 runs of a 2-rank fit).
     tensor = sys.modules.get("torch.distributed.tensor") or sys.modules.get("torch.distributed._tensor")
-    DTensor = getattr(tensor, "DTensor", ())  # noqa: N806  (a class)
+    dtensor = getattr(tensor, "DTensor", ())  # () where not imported: isinstance(x, ()) is False
     fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", ())
-    sharded = next((f"{n!r} is a DTensor" for n, p in model.named_parameters() if isinstance(p, DTensor)), None)
+    sharded = next((f"{n!r} is a DTensor" for n, p in model.named_parameters() if isinstance(p, dtensor)), None)
     sharded = sharded or next((f"DeepSpeed ZeRO-3: {n!r} is a partition" for n, p in model.named_parameters()
                                if hasattr(p, "ds_tensor")), None)
     if sharded is not None or any(isinstance(m, fsdp) for m in model.modules()):

@@ -101,13 +101,13 @@ def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
 def _read_distributed(path: str, what: str, shapes_only: bool = False, part: Part | None = None) -> dict[str, Any]:
     """A torch.distributed.checkpoint folder read whole in this process, nested as it was saved (FSDP's
     sharded state_dicts: each rank's pieces, put together by the checkpoint's own metadata). Adam's
-    first moments, which nothing here reads, are left out: they are a third of an optimizer state's
+    first moments, which nothing here reads, are left out: they are half of an optimizer state's
     folder. Saved Python values (an optimizer's hyperparameters) are read as torch.load(weights_only=True)
     reads them, running no pickled code. With `shapes_only`, tensors come on the meta device (no data
     read) and other values are left out. Keys that wrap everything are taken off (accelerate saves each
     state under one, {"model": ...}, {"optimizer": ...}; torch's recipe all under {"app": ...}); of a
     folder that holds both, `part` reads only the weights (under "model") or the optimizer's state (the
-    one entry with "state" and "param_groups")."""
+    one entry with "param_groups"; "optimizer settings": without its moments)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -228,7 +228,10 @@ def sharded_training_state(folder: str | os.PathLike) -> str:
         return (f"its FSDP state folder {broken[0]} has no .metadata, which torch.distributed.checkpoint writes last "
                 "(an interrupted save?)")
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
-        tag = open(os.path.join(folder, "latest")).read().strip() if "latest" in names else None
+        tag = None
+        if "latest" in names:
+            with open(os.path.join(folder, "latest")) as f:
+                tag = f.read().strip()
         if tag is not None and not os.path.isdir(os.path.join(folder, tag)):
             return f"it holds a DeepSpeed checkpoint whose file `latest` names {tag!r}, which is not there"
         return ("it holds a DeepSpeed checkpoint without ZeRO's partitions (global_stepN/zero_pp_rank_*_optim_states.pt,"
@@ -320,10 +323,11 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, what: str) -> Non
 
 
 def _file_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
-    if is_distributed_checkpoint(path) or zero_folder(path):
-        state = (_read_distributed(path, what, shapes_only=True, part="weights") if is_distributed_checkpoint(path)
-                 else zero_weights(path, what, shapes_only=True))
+    if is_distributed_checkpoint(path):
+        state = _read_distributed(path, what, shapes_only=True, part="weights")
         return {k: tuple(v.shape) for k, v in _tensors_only(state, f"{what} ({path!r})").items()}
+    if zero_folder(path):
+        return {k: tuple(v.shape) for k, v in zero_weights(path, what, shapes_only=True).items()}
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
