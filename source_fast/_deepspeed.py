@@ -92,8 +92,9 @@ def _load(path: str, what: str) -> dict:
                              f"{type(exc).__name__}: {exc}") from exc
 
 
-def _checkpoint(path: Any, what: str) -> tuple[str, list[dict], int]:
-    """The global_stepN/ folder, each rank's optimizer partition in rank order, and the ZeRO stage."""
+def _checkpoint(path: Any, what: str, every_rank: bool = True) -> tuple[str, list[dict], int]:
+    """The global_stepN/ folder, each rank's optimizer partition in rank order (rank 0's alone without
+    `every_rank`), and the ZeRO stage."""
     folder = zero_folder(path)
     files = _partitions(folder)
     first = _load(files[min(files)], what)["optimizer_state_dict"]
@@ -102,7 +103,7 @@ def _checkpoint(path: Any, what: str) -> tuple[str, list[dict], int]:
     if len(ranks) != 1 or sorted(files) != list(range(ranks.pop())):
         raise ValueError(f"{what}: {folder} holds the optimizer partitions of ranks {sorted(files)}, but they record "
                          f"{counts} ranks: some are missing")
-    parts = [first] + [_load(files[r], what)["optimizer_state_dict"] for r in sorted(files)[1:]]
+    parts = [first] + [_load(files[r], what)["optimizer_state_dict"] for r in sorted(files)[1:] if every_rank]
     return folder, parts, int(first["zero_stage"])
 
 
@@ -162,7 +163,10 @@ def zero_weights(path: Any, what: str, shapes_only: bool = False) -> dict[str, T
     stage 3, whose model states hold only buffers, the optimizer's float32 partitions put back together
     (as DeepSpeed's zero_to_fp32.py does), frozen parameters from each rank's fragments, tied weights
     from their twins."""
-    folder, parts, stage = _checkpoint(path, what)
+    # The other ranks' partitions only for stage 3's float32 weights: the stage and the rank count are in
+    # rank 0's, the weights of stages 1 and 2 and every shape in the model states.
+    folder, parts, stage = _checkpoint(path, what, every_rank=False)
+    ranks = len(_partitions(folder))
     states = _model_states(folder, stage, 0, what)
     if stage > 1 and states.get("frozen_param_shapes") is None:  # stage 1 never records them
         raise ValueError(f"{what}: DeepSpeed saved {folder} without its frozen parameters (exclude_frozen_parameters, "
@@ -174,12 +178,13 @@ def zero_weights(path: Any, what: str, shapes_only: bool = False) -> dict[str, T
     if shapes_only:
         weights = {k: torch.empty(tuple(v), device="meta") for k, v in named.items()}
     else:
+        parts = _checkpoint(path, what)[1]
         flats = [[t.detach() for t in p["fp32_flat_groups"]] for p in parts]  # saved as Parameters
         weights = {k: t for k, (_, t) in _stage3_split(flats, named, what).items()}
     weights.update({k: states["module"][k] for k in states["buffer_names"]})
     frozen = states.get("frozen_param_shapes") or {}
     fragments = [] if shapes_only or not frozen else [
-        _model_states(folder, stage, r, what)["frozen_param_fragments"] for r in range(len(parts))]
+        _model_states(folder, stage, r, what)["frozen_param_fragments"] for r in range(ranks)]
     for name, shape in frozen.items():
         weights[name] = (torch.empty(tuple(shape), device="meta") if shapes_only else
                          torch.cat([f[name].reshape(-1) for f in fragments])[: _numel(shape)].view(tuple(shape)))
