@@ -47,12 +47,22 @@ def _fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+# The temp files of our atomic writes: `.NAME.sf-XXXXXXXX.tmp`. The mark keeps a user's own `.draft.tmp`, in a
+# folder given to source_fast, out of what a killed run's leftovers are cleared with (remove_stale_temps).
+TEMP_MARK = ".sf-"
+
+
+def own_temps(name: str = "*") -> str:
+    """The glob of our atomic writes' temp files for `name` (any name by default)."""
+    return f".{name}{TEMP_MARK}*.tmp"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -71,7 +81,7 @@ def write_named_by_content(folder: Path, stem: str, suffix: str, write: Callable
     `folder`: a file of that name is complete whenever it exists, so a small index file renamed after
     it can be the single commit point of a save. Returns (the file's name, its sha256)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}{TEMP_MARK}", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -180,7 +190,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, default_mode(directory=True))

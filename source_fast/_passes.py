@@ -525,10 +525,7 @@ def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable |
     model.eval()  # as the passes run it: no dropout, no BatchNorm statistics updated
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            source = data.dataset if isinstance(data, DataLoader) else data
-            most = 4 if size >= 4 else 2
-            first = list(itertools.islice(source, most)) if is_stream(data) else [
-                source[i] for i in range(min(most, length(data)))]
+            first = _first_examples(data, 4 if size >= 4 else 2)
             if len(first) < 2:  # a mean over one example is its sum
                 return
             k = 4 if len(first) >= 4 else 2
@@ -565,6 +562,70 @@ def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable |
         "token losses summed per example, not HF's mean `.loss`): a mean scales each example's gradient by "
         "1/batch size"
     )
+
+
+def _first_examples(data: Any, k: int) -> list:
+    """The first k examples of a dataset, a stream or a DataLoader's dataset (fewer if it holds fewer)."""
+    source = data.dataset if isinstance(data, DataLoader) else data
+    if is_stream(data):
+        return list(itertools.islice(source, k))
+    return [source[i] for i in range(min(k, length(data)))]
+
+
+def check_collate_order(data: Any, collate_fn: Callable | None, batch_size: int) -> None:
+    """Refuses a collate_fn that sorts its batch (by length, to pad less, say): the passes give a batch's
+    rows to its examples in order, so every score of a sorted batch's examples would go to another of
+    them, with no error of its own. Seen on pairs of the first four examples: a collator that keeps the
+    order gives a pair collated the other way round reversed; a sorting one gives the very same batch
+    (unless the two tie on its key: then any other pair with different keys shows it). A collator that
+    draws random numbers (masking for a masked LM) is left alone: two collations of the same examples
+    differ. The caller's random states are kept."""
+    collate = data.collate_fn if isinstance(data, DataLoader) else collate_fn
+    size = data.batch_size if isinstance(data, DataLoader) else batch_size
+    if collate is None or collate is default_collate or size is None or size < 2:
+        return
+    state = random.getstate(), np.random.get_state()
+    found = None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            first = _first_examples(data, min(size, 4))
+            if len(first) >= 2 and _same(collate(first[:2]), collate(first[:2])):  # else nothing to pair, or random
+                found = next(((i, j) for i, j in itertools.combinations(range(len(first)), 2) if _sorts(
+                    collate([first[i], first[j]]), collate([first[j], first[i]]))), None)
+    except Exception:  # noqa: BLE001 (the passes report a collate_fn's error, naming the batch)
+        pass
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+    if found is not None:
+        name = getattr(collate, "__qualname__", type(collate).__qualname__)
+        raise ValueError(
+            f"collate_fn {name} reorders its batch: examples {found[0]} and {found[1]} collated in either order give "
+            "the same batch (a collator that sorts by length?); source_fast reads a batch's rows as its examples in "
+            "the order given, so every score would belong to another example of its batch: sort the data "
+            "beforehand instead, and collate in order")
+
+
+def _sorts(pair: Any, swapped: Any) -> bool:
+    """Two examples collated in both orders gave the same batch, and not because they are alike."""
+    return _same(pair, swapped) and not _same(pair, _reversed_examples(pair, 2))
+
+
+def _same(x: Any, y: Any) -> bool:
+    """Equal batches: the same structure, tensors of one shape, dtype and values (NaN equal to NaN);
+    values that cannot be compared count as equal."""
+    if isinstance(x, Tensor) or isinstance(y, Tensor):
+        if not (isinstance(x, Tensor) and isinstance(y, Tensor)) or x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        return torch.equal(x, y) or (x.is_floating_point() and bool(((x == y) | (x.isnan() & y.isnan())).all()))
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
+    try:
+        return bool(np.array_equal(x, y)) if isinstance(x, np.ndarray) else bool(x == y)
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def _nonfinite_row(batch: Any) -> int | None:
@@ -830,8 +891,11 @@ def run_pass(
                     settled.add(name)
         # One device sync per batch for every finiteness check (a sync per layer would stall a GPU);
         # the slow path below runs only to name what went wrong.
-        finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(r.g).all() for r in capturer.whole(
-            list(lead)).values()])  # per module: a grouped convolution's groups share one gradient
+        # The layers' inputs too: a finite loss can hide an infinite input (tanh saturates on it), and the
+        # example's gradient tile G_nᵀA_n would be NaN, its scores NaN with no error (masked tokens' are 0).
+        whole = capturer.whole(list(lead))  # per module: a grouped convolution's groups share one record
+        finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(r.g).all() for r in whole.values()]
+                             + [torch.isfinite(r.a).all() for r in whole.values()])
         if not bool(finite.all()):
             half = any(records[s.name].half or records[s.name].g.dtype == torch.float16 for s in specs)
             hint = (" (float16 holds values up to 65504: a float16 model's activations, logits or gradients, or "
@@ -842,6 +906,14 @@ def run_pass(
                 row = _nonfinite_row(batch)
                 cause = "" if row is None else f" ({_example(first, start, row)} has NaN or infinite values)"
                 raise FloatingPointError(f"{where(b, start)}: the {objective} loss is {out.item()}{cause}{hint}")
+            for name, r in whole.items():
+                bad = ~torch.isfinite(r.a.reshape(r.a.shape[0], -1)).all(1)
+                if bool(bad.any()):
+                    row = int(bad.nonzero()[0])
+                    raise FloatingPointError(
+                        f"{where(b, start)}: the input of module {name!r} holds NaN or infinite values for "
+                        f"{_example(first, start, row)}, though the {objective} loss is finite (a layer after it "
+                        f"saturates, as tanh does on inf): its gradient and scores would be NaN{hint}")
             # Backward runs from the last layer to the first: the last non-finite one is where it entered.
             for spec in reversed(specs):
                 if not torch.isfinite(records[spec.name].g).all():

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ._dist import all_reduce_int, barrier, rank_and_world, sole_writer
-from ._io import SAFETENSORS_TEMP, atomic_path, check_folder, remove_stale_temps, sha256_file
+from ._io import SAFETENSORS_TEMP, atomic_path, check_folder, own_temps, remove_stale_temps, sha256_file
 from ._passes import (
     chunks, describe_task, digest_examples, digest_tensors, length, model_device, reuse_large_blocks, subset,
 )
@@ -154,7 +154,8 @@ def score_corpus(
             (out / "rows.json").unlink(missing_ok=True)
             (out / "top_k.safetensors").unlink(missing_ok=True)
             # no rank writes until the barrier
-            remove_stale_temps(out, ".*.tmp", "shards/.*.tmp", SAFETENSORS_TEMP, f"shards/{SAFETENSORS_TEMP}")
+            remove_stale_temps(out, own_temps(), f"shards/{own_temps()}", SAFETENSORS_TEMP,
+                               f"shards/{SAFETENSORS_TEMP}")
         barrier()
 
         n_shards = None if n_train is None else -(-n_train // shard_size)

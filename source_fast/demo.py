@@ -41,7 +41,7 @@ from torch.utils.data import Subset, TensorDataset
 from . import Factors, Segment, Task, Trajectory, fit_factors, score
 from . import eval as ev
 from ._dist import sole_writer
-from ._io import SAFETENSORS_TEMP, atomic_path, remove_stale_temps
+from ._io import SAFETENSORS_TEMP, atomic_path, own_temps, remove_stale_temps
 from .tasks import ClassificationTask, RegressionTask
 from .unroll import TrainingRecord
 
@@ -818,10 +818,10 @@ def _remove_stale_temps(out: Path) -> None:
     beside the checkpoints). A killed Factors.save's temps are its next save's to remove."""
     # Only the demo's own files: --out may be a folder of the user's (".") whose other subfolders hold
     # other programs' temp files, live ones among them.
-    report = [f".{name}.*.tmp" for name in ("lds.md", "lds.json", "lds.png", "summary.json", "proponents.png")]
+    report = [own_temps(name) for name in ("lds.md", "lds.json", "lds.png", "summary.json", "proponents.png")]
     folders = [sc.name for sc in scenarios(quick=False)]  # --quick shrinks the scenarios, not their names
-    remove_stale_temps(out, *report, *(f"{name}/{pattern}" for name in folders
-                                       for pattern in (".*.tmp", "checkpoints/.*.tmp", f"checkpoints/{SAFETENSORS_TEMP}")))
+    remove_stale_temps(out, *report, *(f"{name}/{pattern}" for name in folders for pattern in (
+        own_temps(), f"checkpoints/{own_temps()}", f"checkpoints/{SAFETENSORS_TEMP}")))
 
 
 def _run(out, chosen, quick, grid, trak_grid, n_subsets, n_seeds, workers, queries, top, t0) -> dict:

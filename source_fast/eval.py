@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from ._dist import sole_writer
-from ._io import atomic_path, remove_stale_temps
+from ._io import atomic_path, own_temps, remove_stale_temps
+from ._warn import warn
 
 CACHE_FORMAT = "source_fast.retrain"
 CACHE_VERSION = 2  # 2: torch's RNG seeded per (subset, seed), run_seed
@@ -116,7 +117,7 @@ class _Cache:
 
     def __init__(self, root: str | os.PathLike, manifest: dict):
         self.root = Path(root)
-        remove_stale_temps(self.root, ".*.tmp", "runs/.*.tmp")
+        remove_stale_temps(self.root, own_temps(), f"runs/{own_temps()}")
         path = self.root / "manifest.json"
         if path.exists():
             try:
@@ -140,9 +141,21 @@ class _Cache:
         return self.root / "runs" / f"subset{i:05d}_seed{seed}.pt"
 
     def load(self, i: int, seed: int) -> Tensor | None:
+        """The cached measurement, or None: not retrained yet, or its file damaged since (files appear
+        only by rename, complete, so that is a disk's or someone's doing): it is retrained, with a warning."""
         p = self.path(i, seed)
-        # Files appear only by rename, complete; one that exists is a finished retraining.
-        return torch.load(p, map_location="cpu", weights_only=True) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            value = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 (a truncated zip, a bad pickle: whatever the reader says)
+            value, why = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            why = "" if isinstance(value, Tensor) else f"it holds a {type(value).__name__}"
+        if why:
+            warn(f"{p} is damaged ({why}): retraining subset {i} with seed {seed} again")
+            return None
+        return value
 
     def save(self, i: int, seed: int, value: Tensor) -> None:
         with atomic_path(self.path(i, seed)) as tmp:

@@ -22,11 +22,11 @@ from torch import Tensor, nn
 from . import ops
 from ._dist import (all_reduce_int, all_reduce_sum_, barrier, differing_on_ranks, fail_together, rank_and_world,
                     same_on_all_ranks, sole_writer)
-from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, remove_stale_temps, sha256_file,
+from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, own_temps, remove_stale_temps, sha256_file,
                   write_named_by_content)
 from ._passes import (
-    available_memory, check_count, check_summed, describe_model, describe_task, digest_examples, digest_tensors, length,
-    make_loader, rank_share, reuse_large_blocks, run_pass, share_start,
+    available_memory, check_collate_order, check_count, check_summed, describe_model, describe_task, digest_examples,
+    digest_tensors, length, make_loader, rank_share, reuse_large_blocks, run_pass, share_start,
 )
 from ._warn import warn
 from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
@@ -159,7 +159,7 @@ class Factors:
                         tensors[f"{ell}/{name}/{field}"] = t.detach().cpu().contiguous()
         with folder_lock(path, ".factors.lock") as locked:  # a concurrent save would delete this one's tensors
             if locked:
-                remove_stale_temps(path, ".factors.*.tmp", SAFETENSORS_TEMP)
+                remove_stale_temps(path, own_temps("factors"), own_temps("factors.json"), SAFETENSORS_TEMP)
             else:
                 warn(f"{path}: the file system does not lock files: earlier saves' files are left in place, as a "
                      "save running at the same time may be writing them")
@@ -191,9 +191,22 @@ class Factors:
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Factors:
+        """The factors `save` wrote into `path`. A save into the same folder while this reads (it replaces
+        factors.json, then deletes the tensors the old one named) is met by reading the new factors."""
+        meta_path = Path(path) / "factors.json"
+        for attempt in range(3):
+            before = _identity(meta_path)
+            try:
+                return cls._load(Path(path), map_location)
+            except (OSError, ValueError):
+                if attempt == 2 or before is None or _identity(meta_path) == before:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load(cls, path: Path, map_location: str | torch.device) -> Factors:
         from safetensors.torch import load_file
 
-        path = Path(path)
         meta_path = path / "factors.json"
         if not path.is_dir():
             raise FileNotFoundError(f"factor directory {str(path)!r} does not exist" if not path.exists() else
@@ -209,7 +222,10 @@ class Factors:
         if meta.get("format_version") not in range(1, FORMAT_VERSION + 1):
             raise ValueError(f"{meta_path} has format version {meta.get('format_version')}, this source_fast reads "
                              f"1 to {FORMAT_VERSION}")
-        tensor_path = path / meta.get("tensors_file", "factors.safetensors")  # format 1: a fixed name
+        tensors_file = meta.get("tensors_file", "factors.safetensors")  # format 1: a fixed name
+        if not isinstance(tensors_file, str) or not _TENSOR_FILE.fullmatch(tensors_file):  # never outside the folder
+            raise ValueError(f"{meta_path} is damaged: tensors_file {tensors_file!r} is no name Factors.save writes")
+        tensor_path = path / tensors_file
         if not tensor_path.exists():
             raise FileNotFoundError(f"factor directory {str(path)!r} is incomplete: {tensor_path.name} is missing")
         try:
@@ -220,7 +236,8 @@ class Factors:
             layout, fisher, average_params = meta["layout"], meta["fisher"], meta["average_params"]
             num_examples = meta["num_examples"]
             if (fisher not in get_args(Fisher) or not isinstance(average_params, bool)
-                    or len(num_examples) != len(layout) or not all(isinstance(c, int) and c > 0 for c in layout)):
+                    or len(num_examples) != len(layout) or not all(isinstance(c, int) and c > 0 for c in layout)
+                    or not all(isinstance(n, int) and n > 0 for n in num_examples)):
                 raise ValueError(f"{meta_path} is damaged: fisher {fisher!r}, average_params {average_params!r}, "
                                  f"layout {layout!r}, num_examples {num_examples!r}")
             rows = meta.get("rows", {})
@@ -257,6 +274,15 @@ class Factors:
                 seg[spec.name] = lf
             segments.append(seg)
         return cls(layers, segments, num_examples, layout, fisher, average_params, checkpoints)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file `path` is now (an atomic rename makes another), or None where there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 # ---- fitting ---------------------------------------------------------------------------------
@@ -445,6 +471,7 @@ def fit_factors(
     try:
         for data in {id(seg.data): seg.data for seg in trajectory.segments}.values():  # each stage's data once
             check_summed(model, task, data, collate_fn, batch_size, "train")
+            check_collate_order(data, collate_fn, batch_size)
         ckpt_digests = _checkpoint_digests(trajectory) if distributed or resume_dir is not None else None
         state_steps: list[list[float]] = [[] for _ in trajectory.segments]
         preconds = [{k: p.to(device=device, dtype=dtype) for k, p in _adam_preconditioner(
@@ -608,7 +635,7 @@ class _FitProgress:
             else:
                 with atomic_path(path) as tmp:
                     tmp.write_text(json.dumps({"format": "source_fast.fit_progress", "fingerprint": fingerprint}, indent=1))
-            remove_stale_temps(self.folder, ".*.tmp", SAFETENSORS_TEMP)  # under sole_writer's lock
+            remove_stale_temps(self.folder, own_temps(), SAFETENSORS_TEMP)  # under sole_writer's lock
         if all_reduce_int(problem is not None, device):
             raise ValueError(problem if rank == 0 else f"{self.folder} cannot be resumed here: rank 0 says why")
 

@@ -10,9 +10,10 @@ The file defines `job()` returning a `Job`:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-import shutil
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,13 +56,13 @@ def load_job(path: str | os.PathLike) -> Job:
     sys.path.insert(0, folder)  # let the job import its neighbours, at its top level or inside job()
     try:
         spec.loader.exec_module(module)
-        if not hasattr(module, "job"):
-            raise AttributeError(f"{path} must define job() returning source_fast.Job")
+        if not callable(getattr(module, "job", None)):
+            raise ValueError(f"{path} defines no function job(): it must define job() returning a source_fast.Job")
         job = module.job()
     finally:
         sys.path.remove(folder)  # not pop(0): the job may have put its own entries first
     if not isinstance(job, Job):
-        raise TypeError(f"{path}: job() returned a {type(job).__name__}, not a source_fast.Job")
+        raise TypeError(f"{path}: job() must return a source_fast.Job, not {type(job).__name__}")
     return job
 
 
@@ -92,12 +93,16 @@ def fit(job_path, out, *, fisher="true", average_params=False, final=False, seed
 
 def _remove_passes(partial: Path) -> None:
     """The finished passes go before the fit.json that names their fit: a kill in between leaves a
-    folder the next fit resumes (computing again what went), not passes no fit.json explains."""
-    for path in partial.iterdir():
-        if path.name != "fit.json" and path.is_file():
+    folder the next fit resumes (computing again what went), not passes no fit.json explains. Only
+    what the fit wrote goes (a folder of that name may hold the user's files too: they stay, and so
+    does the folder then)."""
+    for path in partial.glob("seg*_*.safetensors"):
+        if re.fullmatch(r"seg\d+_(cov|lam)\d+\.safetensors", path.name):
             path.unlink()
     (partial / "fit.json").unlink(missing_ok=True)
-    shutil.rmtree(partial)
+    (partial / ".fit_factors.lock").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: the user's files
+        partial.rmdir()
 
 
 def score(job_path, factors_dir, out, *, method="source", damping=None, top_k=None, shard_size=4096,

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 from . import baselines, ops, reference
 from ._dist import all_reduce_int, all_reduce_sum_, differing_on_ranks, fail_together, gather_shares, min_on_ranks, rank_and_world
 from ._passes import (
-    available_memory, check_count, check_summed, chunks, describe_model, describe_task, digest_examples, is_stream, length,
-    make_loader, materialize, model_device, rank_share, reuse_large_blocks, run_pass, share_start, subset,
+    available_memory, check_collate_order, check_count, check_summed, chunks, describe_model, describe_task,
+    digest_examples, is_stream, length, make_loader, materialize, model_device, rank_share, reuse_large_blocks,
+    run_pass, share_start, subset,
 )
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .factors import (
@@ -599,6 +600,8 @@ def check_request(model, task, trajectory, factors, method, train_data, query_da
     n_train, n_query = length(train_data), length(query_data)
     if n_query == 0 or n_train == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
+    check_collate_order(train_data, collate_fn, batch_size)
+    check_collate_order(query_data, collate_fn, batch_size)
     if method != "repsim":  # every other method differentiates both
         check_summed(model, task, train_data, collate_fn, batch_size, "train")
         check_summed(model, task, query_data, collate_fn, batch_size, "measurement")
@@ -1053,6 +1056,7 @@ def self_score(
         if length(train_data) == 0:
             raise ValueError("empty data: no training examples")
         check_summed(model, task, train_data, collate_fn, batch_size, "train")
+        check_collate_order(train_data, collate_fn, batch_size)
         if use_measurement:
             check_summed(model, task, train_data, collate_fn, batch_size, "measurement")
         train_segs = used_segments(trajectory, method, train_data, train_segments)

@@ -26,8 +26,9 @@ class ClassificationTask(Task):
         x, y = batch
         logits = _at_least_float32(model(x))
         if sample:
-            with torch.no_grad():
-                y = torch.distributions.Categorical(logits=logits.double()).sample()
+            with torch.no_grad():  # a row with NaN or inf draws from even odds: its loss, NaN, is what gets reported
+                safe = torch.where(torch.isfinite(logits).all(-1, keepdim=True), logits, 0.0)
+                y = torch.distributions.Categorical(logits=safe.double()).sample()
         return F.cross_entropy(logits, y, reduction="sum")
 
     def compute_measurement(self, batch, model):
@@ -166,4 +167,7 @@ def sample_tokens(logits: torch.Tensor) -> torch.Tensor:
     # drawn (u = 0 included), as long as u < total: rounding (a float64 uniform rounded to 1.0 in
     # float32, or the product) can put u on the total, which the last token of positive mass then takes.
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    drawn = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    # A row with NaN or +inf logits has a NaN total and no draw: token 0, whose loss (NaN) the passes
+    # report, naming the batch (an index past the vocabulary would fail inside cross_entropy instead).
+    return torch.where(torch.isfinite(total.squeeze(-1)), drawn, 0)

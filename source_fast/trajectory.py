@@ -307,6 +307,14 @@ def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
     own = model.state_dict()
     state = _with_tied_weights(_model_keys(load_state_dict(checkpoint, what), own), own)
     _check_shapes({k: tuple(v.shape) for k, v in state.items()}, own, what)
+    # A diverged run's weights would surface as a NaN loss, blamed on a batch. Parameters only: buffers
+    # may hold -inf on purpose (attention masks).
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    bad = next((k for k, v in state.items()
+                if k in params and v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if bad is not None:
+        raise FloatingPointError(f"{what}: its weight {bad!r} holds NaN or infinite values (did training diverge "
+                                 "before this checkpoint?)")
     model.load_state_dict(state)
 
 
@@ -456,6 +464,10 @@ def _check_saved_copies(saved: list[tuple[str, Any]], fix: str, steps: bool = Fa
 def _rates(lrs: Sequence[float], what: str, name: str = "learning rates") -> list[float]:
     """Per-step values (learning rates, gradient scales) as floats; a negative one is refused even when
     the sum is not."""
+    odd = next((k for k, x in enumerate(lrs) if isinstance(x, bool) or not (
+        isinstance(x, numbers.Real) or (isinstance(x, Tensor) and x.dim() == 0))), None)
+    if odd is not None:
+        raise TypeError(f"{what}: {name} must be one number per step, step {odd} has {lrs[odd]!r}")
     rates = [float(x) for x in lrs]
     bad = [k for k, x in enumerate(rates) if not (math.isfinite(x) and x >= 0)]
     if bad:

@@ -185,6 +185,18 @@ def test_job_errors_say_the_command_line_fix(tmp_path, capsys):
     assert "on the command line: give `source-fast fit` and `source-fast score` the same --final" in capsys.readouterr().err
 
 
+def test_a_job_file_without_a_job_is_a_usage_error(tmp_path, capsys):
+    from source_fast.cli import main
+
+    empty, wrong = tmp_path / "empty.py", tmp_path / "wrong.py"
+    empty.write_text("import torch\n")
+    wrong.write_text("def job():\n    return 7\n")
+    assert main(["fit", str(empty), "--out", str(tmp_path / "f")]) == 2
+    assert f"error: {empty} defines no function job(): it must define job()" in capsys.readouterr().err
+    assert main(["score", str(wrong), "--out", str(tmp_path / "s")]) == 2
+    assert f"error: {wrong}: job() must return a source_fast.Job, not int" in capsys.readouterr().err
+
+
 def test_a_bug_in_the_job_keeps_its_traceback(tmp_path):
     """The same exception types raised by the job's own code are its bugs: the user needs the traceback
     (the CLI's one-line messages are for source_fast's refusals of bad input)."""
@@ -266,3 +278,18 @@ def test_the_passes_go_before_the_fit_json_that_names_them(tmp_path, monkeypatch
         monkeypatch.setattr(os, "unlink", unlink)
         left = {p.name for p in partial.iterdir()} if partial.exists() else set()
         assert "fit.json" in left or not any(n.startswith("seg") for n in left), (stop, left)
+
+
+def test_removing_the_passes_keeps_the_users_files(tmp_path):
+    """`<out>.partial` may be a folder of the user's that the fit adopted: only what the fit wrote goes."""
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    for name in ["seg0_cov0.safetensors", "seg12_lam3.safetensors", "fit.json", ".fit_factors.lock", "notes.txt",
+                 "seg_plot.safetensors"]:
+        (partial / name).write_text(name)
+    _remove_passes(partial)
+    assert sorted(p.name for p in partial.iterdir()) == ["notes.txt", "seg_plot.safetensors"]
+    for name in ("notes.txt", "seg_plot.safetensors"):
+        (partial / name).unlink()
+    _remove_passes(partial)
+    assert not partial.exists()

@@ -142,8 +142,8 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
     with pytest.raises(ValueError, match="missing or corrupted"):
         load_scores(tmp_path)
     # What a job killed while writing leaves: temp files that never got their names. A rerun removes them.
-    (tmp_path / "shards" / f".{shard.name}.x1y2.tmp").write_bytes(blob[:100])
-    (tmp_path / ".rows.json.x1y2.tmp").write_text("{")
+    (tmp_path / "shards" / f".{shard.name}.sf-x1y2.tmp").write_bytes(blob[:100])
+    (tmp_path / ".rows.json.sf-x1y2.tmp").write_text("{")
     (tmp_path / "shards" / ".tmpAb3dE9").write_bytes(blob[:100])  # safetensors' own, inside save_file
     assert shard.read_bytes() == bytes(blob)  # reading reports the shard, it leaves it for the rerun
     score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=True)

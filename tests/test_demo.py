@@ -110,8 +110,8 @@ def test_killing_the_demo_during_retraining_loses_nothing(tmp_path):
         busy = subprocess.run(run(killed), capture_output=True, text=True, timeout=300)
     assert busy.returncode != 0 and f"{killed} is being written by another demo run" in busy.stderr, busy.stderr[-2000:]
     # What a demo killed while saving leaves (temp files, safetensors' own, a Factors.save's) goes on the rerun.
-    stale = [killed / ".lds.json.a1b2c3.tmp", killed / "regression" / "checkpoints" / ".tmpAb3dE9",
-             killed / "regression" / "factors_ekfac" / ".factors.x1y2z3.tmp"]
+    stale = [killed / ".lds.json.sf-a1b2c3.tmp", killed / "regression" / "checkpoints" / ".tmpAb3dE9",
+             killed / "regression" / "factors_ekfac" / ".factors.sf-x1y2z3.tmp"]
     stale[0].write_text("{")
     stale[1].write_bytes(bytes(16))  # safetensors sizes its temp file before writing it
     stale[2].write_bytes(bytes(16))
@@ -135,7 +135,7 @@ def test_a_demo_into_a_users_folder_removes_only_its_own_temp_files(tmp_path):
     """--out . : the folder's other subfolders hold other programs' temp files, possibly being written."""
     from source_fast.demo import _remove_stale_temps
 
-    own = [tmp_path / ".lds.json.a1b2c3.tmp", tmp_path / "regression" / "checkpoints" / ".tmpAb3dE9"]
+    own = [tmp_path / ".lds.json.sf-a1b2c3.tmp", tmp_path / "regression" / "checkpoints" / ".tmpAb3dE9"]
     foreign = [tmp_path / "scores" / ".manifest.json.zz9.tmp", tmp_path / ".notes.txt.abc.tmp"]
     for p in own + foreign:
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -526,6 +526,10 @@ def test_segment_arguments(setup):
         sf.Segment(ckpts, data, lrs=[0.5, -0.2])  # a positive sum does not make a negative rate valid
     with pytest.raises(ValueError, match="Trajectory.even: learning rates must be >= 0 and finite, step 3 has -0.1"):
         sf.Trajectory.even(ckpts, [0.1] * 3 + [-0.1] + [0.1] * 4, 2, data)
+    for odd in ("0.1", [0.1, 0.1], torch.tensor([0.1]), True):  # a rate read from text, a schedule's list per group
+        with pytest.raises(TypeError, match=r"Trajectory.even: learning rates must be one number per step, step 2 has"):
+            sf.Trajectory.even(ckpts, [0.1] * 2 + [odd] + [0.1] * 5, 2, data)
+    sf.Trajectory.even(ckpts, [np.float32(0.1), torch.tensor(0.1)] + [0.1] * 6, 2, data)  # numbers of any kind
     with pytest.raises(ValueError, match="exactly one of lr_sum"):
         sf.Segment(ckpts, data, lr_sum=1.0, lrs=[1.0])
     with pytest.raises(ValueError, match="exactly one of lr_sum"):
@@ -696,6 +700,107 @@ def test_nan_inputs_are_named_as_the_cause():
     with pytest.raises(FloatingPointError, match=r"batch 1 \(examples from 8\): the train loss is nan \(example 13 has "
                                                  r"NaN or infinite values\)"):
         sf.fit_factors(model, SampledTask(), traj, batch_size=8, fisher="empirical")
+
+
+def test_an_infinite_input_the_loss_hides_is_named():
+    """An inf feature that tanh saturates: the loss stays finite, but the first layer's input is inf, so the
+    example's gradient tile, and its scores, would be NaN with no error. Fitting and scoring name the module
+    and the example; a masked token's inf is no one's input (test_transformers covers padding)."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    data = classification_data(20, 4, 3)
+    clean = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), clean, batch_size=8)
+    x, y = data.tensors
+    x = x.clone()
+    x[11, 1] = float("inf")
+    bad = torch.utils.data.TensorDataset(x, y)
+    assert torch.isfinite(nn.functional.cross_entropy(model(x[8:16]), y[8:16], reduction="sum"))
+    message = (r"batch 1 \(examples from 8\): the input of module '0' holds NaN or infinite values for example 11, "
+               r"though the {} loss is finite")
+    with pytest.raises(FloatingPointError, match=message.format("fisher")):
+        sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment([model.state_dict()], bad, lr_sum=1.0)]),
+                       batch_size=8)
+    with pytest.raises(FloatingPointError, match=message.format("train")):
+        sf.score(model, ClassifyTask(), clean, factors, bad, data, batch_size=8, train_segments="all")
+    with pytest.raises(FloatingPointError, match=message.format("measurement")):
+        sf.score(model, ClassifyTask(), clean, factors, data, bad, batch_size=8)
+
+
+def _sorting_collate(examples):
+    """A collator that sorts its batch (here by label; NLP collators sort by length, to pad less)."""
+    examples = sorted(examples, key=lambda ex: int(ex[1]))
+    return torch.stack([x for x, _ in examples]), torch.stack([y for _, y in examples])
+
+
+def _noisy_collate(examples):
+    """Keeps the order and draws random numbers (as a masked LM's collator masks tokens)."""
+    x, y = torch.utils.data.default_collate(examples)
+    return x + 1e-3 * torch.randn_like(x), y
+
+
+def test_a_collate_fn_that_sorts_its_batch_is_refused(setup):
+    """Sorted batches give every example's scores to another one of its batch, with no error of their own:
+    refused wherever a collate_fn batches training data or queries; one that keeps the order while drawing
+    random numbers is taken, and the caller's random state is left as it was."""
+    model, data, ckpts = setup
+    data.tensors[1][:4] = torch.tensor([2, 0, 1, 0])  # the first batch out of order by label
+    traj = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])
+    message = r"collate_fn _sorting_collate reorders its batch: examples 0 and 1 collated in either order give the same"
+    with pytest.raises(ValueError, match=message):
+        sf.fit_factors(model, ClassifyTask(), traj, batch_size=8, collate_fn=_sorting_collate)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=_sorting_collate)
+    with pytest.raises(ValueError, match=message):
+        sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment(ckpts, loader, lr_sum=1.0)]))
+    factors = sf.fit_factors(model, ClassifyTask(), traj, batch_size=8)
+    with pytest.raises(ValueError, match=message):
+        sf.score(model, ClassifyTask(), traj, factors, data, data, batch_size=8, collate_fn=_sorting_collate)
+    with pytest.raises(ValueError, match=message):
+        sf.score(model, ClassifyTask(), traj.final(), None, data, data, method="repsim", batch_size=8,
+                 collate_fn=_sorting_collate)
+    with pytest.raises(ValueError, match=message):
+        sf.self_score(model, ClassifyTask(), traj, factors, data, batch_size=8, collate_fn=_sorting_collate)
+    scores = sf.score(model, ClassifyTask(), traj, factors, data, data, batch_size=8, collate_fn=_noisy_collate)
+    assert scores.shape == (20, 20) and torch.isfinite(scores).all()
+    from source_fast._passes import check_collate_order
+
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    check_collate_order(data, _noisy_collate, 8)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_the_ready_tasks_true_fisher_reports_nan_logits_as_a_nan_loss():
+    """ClassificationTask and CausalLMTask draw the true Fisher's labels from the logits: a row with NaN or
+    inf logits draws a label anyway (even odds, token 0), so the NaN loss is what is reported, with the batch
+    and the example, not the sampler's error (torch.distributions' dump, or an index past the vocabulary)."""
+    from source_fast.tasks import ClassificationTask, sample_tokens
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 0.0], [float("inf"), 0.0, 0.0]])
+    torch.manual_seed(0)
+    drawn = sample_tokens(logits)
+    assert drawn[1:].tolist() == [0, 0] and 0 <= int(drawn[0]) < 3
+    torch.manual_seed(0)
+    assert int(sample_tokens(logits[:1])[0]) == int(drawn[0])  # finite rows draw as they would alone
+    model = mlp(4, 5, 3)
+    data = classification_data(20, 4, 3)
+    data.tensors[0][13, 2] = float("nan")
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.raises(FloatingPointError, match=r"batch 1 \(examples from 8\): the fisher loss is nan \(example 13 "
+                                                 r"has NaN or infinite values\)"):
+        sf.fit_factors(model, ClassificationTask(), traj, batch_size=8)
+
+
+def test_a_checkpoint_holding_nan_is_named(setup):
+    """A diverged run's checkpoint: its non-finite weight is named, not a batch's NaN loss."""
+    model, data, ckpts = setup
+    bad = copy.deepcopy(ckpts)
+    bad[1]["0.bias"][3] = float("nan")
+    traj = sf.Trajectory.even(bad, [0.1] * 4, 2, data)
+    with pytest.raises(FloatingPointError, match=r"segment 1, checkpoint 0: its weight '0.bias' holds NaN or infinite"):
+        sf.fit_factors(model, ClassifyTask(), traj)
+    with pytest.raises(FloatingPointError, match=r"checkpoint 0: its weight '0.bias' holds NaN"):
+        sf.score(model, ClassifyTask(), traj, None, data, data, method="tracin")
 
 
 def test_a_float16_overflow_is_named():
@@ -969,6 +1074,38 @@ def test_concurrent_factor_saves_to_one_folder_take_turns(setup, tmp_path, monke
     loaded = sf.Factors.load(tmp_path)
     assert any(torch.equal(loaded.segments[0]["0"].lam, f.segments[0]["0"].lam) for f in saves)
     assert len(list(tmp_path.glob("factors.*.safetensors"))) == 1
+
+
+def test_a_load_meeting_a_save_reads_the_new_factors(setup, tmp_path, monkeypatch):
+    """A save into the folder between load's reading of factors.json and of the tensors it names (which the
+    save deletes once its own json is in place): load reads the new factors instead of failing. A missing
+    tensor file with factors.json unchanged is still an error, and tensors_file never leaves the folder."""
+    from source_fast import factors as fm
+
+    model, data, ckpts = setup
+    task = ClassifyTask()
+    first, second = (sf.fit_factors(model, task, sf.Trajectory([sf.Segment([c], data, lr_sum=1.0)])) for c in ckpts[:2])
+    first.save(tmp_path)
+    real, calls = fm.sha256_file, []
+
+    def save_meanwhile(path):
+        calls.append(path)
+        if len(calls) == 1:
+            second.save(tmp_path)  # replaces factors.json, then deletes the file `path` names
+        return real(path)
+
+    monkeypatch.setattr(fm, "sha256_file", save_meanwhile)
+    loaded = sf.Factors.load(tmp_path)
+    assert len(calls) == 2 and calls[0] != calls[1]
+    assert torch.equal(loaded.segments[0]["0"].lam, second.segments[0]["0"].lam)
+    monkeypatch.undo()
+    meta = json.loads((tmp_path / "factors.json").read_text())
+    os.remove(tmp_path / meta["tensors_file"])
+    with pytest.raises(FileNotFoundError, match=r"is incomplete: factors\.[0-9a-f]{16}\.safetensors is missing"):
+        sf.Factors.load(tmp_path)
+    (tmp_path / "factors.json").write_text(json.dumps({**meta, "tensors_file": "../elsewhere.safetensors"}))
+    with pytest.raises(ValueError, match=r"is damaged: tensors_file '../elsewhere.safetensors' is no name"):
+        sf.Factors.load(tmp_path)
 
 
 def test_a_tracked_module_that_never_runs_is_named_with_the_fix():

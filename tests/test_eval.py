@@ -144,7 +144,7 @@ def test_a_second_retrain_into_a_busy_cache_is_refused_and_stale_temps_go(tmp_pa
         assert release.wait(60)
         return fit(indices, seed)
 
-    stale = tmp_path / "runs" / ".subset00001_seed0.pt.k1ll3d.tmp"  # a killed run's half-written save
+    stale = tmp_path / "runs" / ".subset00001_seed0.pt.sf-k1ll3d.tmp"  # a killed run's half-written save
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"PK\x03")
     with cf.ThreadPoolExecutor(1) as pool:
@@ -158,6 +158,22 @@ def test_a_second_retrain_into_a_busy_cache_is_refused_and_stale_temps_go(tmp_pa
     counter = Counting()  # the lock went with the first run: a rerun loads its cache
     ev.retrain(counter, predict, subsets, cache_dir=tmp_path, progress=False)
     assert counter.calls == 0
+
+
+def test_a_damaged_cache_file_is_retrained_with_a_warning(tmp_path):
+    subsets = ev.random_subsets(N, 3, seed=3)
+    clean = ev.retrain(fit, predict, subsets, cache_dir=tmp_path, progress=False)
+    damaged = tmp_path / "runs" / "subset00001_seed0.pt"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    (tmp_path / "runs" / "subset00002_seed0.pt").write_bytes(b"")
+    counter = Counting()
+    with pytest.warns(UserWarning) as caught:
+        again = ev.retrain(counter, predict, subsets, cache_dir=tmp_path, progress=False)
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 2 and said[0].startswith(f"{damaged} is damaged (") and said[0].endswith(
+        "): retraining subset 1 with seed 0 again"), said
+    assert counter.calls == 2
+    torch.testing.assert_close(again, clean)
 
 
 FORK_SCRIPT = """

@@ -137,9 +137,10 @@ def test_damaged_pass_files_are_computed_again_and_stale_files_go(tmp_path):
     blob[-3] ^= 0x10
     lam.write_bytes(bytes(blob))
     cov.write_bytes(cov.read_bytes()[:-20])
-    (tmp_path / ".seg1_lam0.safetensors.k1ll3d.tmp").write_bytes(b"half a pass")
+    (tmp_path / ".seg1_lam0.safetensors.sf-k1ll3d.tmp").write_bytes(b"half a pass")
     (tmp_path / ".tmpQ7rT2x").write_bytes(lam.read_bytes()[:50])  # safetensors' own temp inside save_file
     (tmp_path / ".someone_elses.tmp").mkdir()  # a folder of that name is not a temp file of ours: left alone
+    (tmp_path / ".draft.tmp").write_text("a user's file: no temp of ours carries the .sf- mark")
     with pytest.warns(UserWarning) as caught:
         again = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
     said = sorted(str(w.message) for w in caught)
@@ -149,7 +150,8 @@ def test_damaged_pass_files_are_computed_again_and_stale_files_go(tmp_path):
         for name in a:
             for field in ("a_cov", "s_cov", "q_a", "q_s", "lam"):
                 assert torch.equal(getattr(a[name], field), getattr(b[name], field)), (name, field)
-    assert [p.name for p in tmp_path.glob(".*.tmp")] == [".someone_elses.tmp"] and not list(tmp_path.glob(".tmp*"))
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".draft.tmp", ".someone_elses.tmp"]
+    assert not list(tmp_path.glob(".tmp*"))
     (tmp_path / "fit.json").write_text('{"format": "source_fast.fit_pro')
     with pytest.raises(ValueError, match=r"fit.json is corrupted: delete .* to start the fit over"):
         sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path)
@@ -162,8 +164,8 @@ def test_a_killed_save_leaves_no_temp_files_after_the_next(tmp_path):
     model, task, traj = _setup()
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / ".factors.0123abcd.tmp").write_bytes(b"a killed save's tensors")
-    (tmp_path / ".factors.json.k1ll3d.tmp").write_text("{")
+    (tmp_path / ".factors.sf-0123abcd.tmp").write_bytes(b"a killed save's tensors")
+    (tmp_path / ".factors.json.sf-k1ll3d.tmp").write_text("{")
     (tmp_path / ".tmpZ9y8X7").write_bytes(bytes(64))  # safetensors' own temp, sized but not yet written
     (tmp_path / ".tmpfiles1").write_text("a user's file, with a name like safetensors' temps")
     factors.save(tmp_path)
@@ -261,10 +263,10 @@ def test_a_file_system_without_locks_fits_and_saves_unlocked(tmp_path, monkeypat
         refit = sf.fit_factors(model, task, traj, fisher="true", batch_size=8, resume_dir=tmp_path / "passes")
     # Unlocked, a save cannot know whether another is writing: it deletes nothing (an earlier save's
     # tensors stay), and says so.
-    (tmp_path / "factors" / ".factors.x.tmp").write_text("")  # as a live save's temp file
+    (tmp_path / "factors" / ".factors.sf-x.tmp").write_text("")  # as a live save's temp file
     with pytest.warns(UserWarning, match="does not lock files: earlier saves' files are left in place"):
         refit.save(tmp_path / "factors")
     assert len(list((tmp_path / "factors").glob("factors.*.safetensors"))) == 2
-    assert (tmp_path / "factors" / ".factors.x.tmp").exists()
+    assert (tmp_path / "factors" / ".factors.sf-x.tmp").exists()
     loaded = sf.Factors.load(tmp_path / "factors")
     assert torch.equal(loaded.segments[0]["0"].lam, refit.segments[0]["0"].lam)

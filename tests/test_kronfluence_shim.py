@@ -714,6 +714,22 @@ def test_dataloader_kwargs_reach_the_dataloader(fitted, tmp_path):
     torch.testing.assert_close(got, _pairwise(fitted["analyzers"]["shim"], "no_workers", "f", train, queries))
 
 
+def test_a_sorting_collate_fn_is_refused(fitted, tmp_path):
+    """DataLoaderKwargs' collate_fn that sorts its batch would give every example's scores to another of its
+    batch (kronfluence 1.0.1 does so silently): the shim refuses it before fitting."""
+
+    def by_label(examples):
+        examples = sorted(examples, key=lambda ex: int(ex[1]))
+        return torch.stack([x for x, _ in examples]), torch.stack([y for _, y in examples])
+
+    model, task, train = fitted["model"], fitted["task"], fitted["train"]
+    assert len({int(y) for _, y in list(train)[:4]}) > 1  # the first examples' labels differ somewhere
+    shim = _analyzer(kf, model, task, tmp_path)
+    shim.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=by_label))
+    with pytest.raises(ValueError, match=r"collate_fn .*by_label reorders its batch"):
+        shim.fit_all_factors("sorted", train, per_device_batch_size=8, factor_args=FactorArguments(**FACTOR_ARGS))
+
+
 def test_checkpoint_is_the_models_weights(fitted):
     shim = fitted["analyzers"]["shim"]
     state = shim.model.state_dict()

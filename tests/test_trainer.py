@@ -203,6 +203,11 @@ def test_checkpoints_of_another_run_or_damaged_ones_are_refused(run, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-15/trainer_state.json records global_step 20, not 15"):
         sf.Trajectory.from_trainer(copy, model, data, 3)
     shutil.rmtree(copy / "checkpoint-15")
+    cut_short = (out / "checkpoint-10" / "trainer_state.json").read_text()[:180]
+    (copy / "checkpoint-10" / "trainer_state.json").write_text(cut_short)
+    with pytest.raises(ValueError, match=r"checkpoint-10/trainer_state.json is damaged \(Unterminated .*\): an "
+                                         r"incomplete checkpoint\? Move that folder out of"):
+        sf.Trajectory.from_trainer(copy, model, data, 3)
     shutil.copy(out / "checkpoint-10" / "trainer_state.json", copy / "checkpoint-10")
     frozen = _model()
     frozen.transformer.wpe.weight.requires_grad_(False)

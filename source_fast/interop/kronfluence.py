@@ -83,8 +83,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from .._dist import rank_and_world, same_on_all_ranks
-from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, remove_stale_temps
-from .._passes import LOSS_SCALE, check_summed, model_device, rank_share, share_start, to_device
+from .._io import SAFETENSORS_TEMP, atomic_dir, atomic_path, own_temps, remove_stale_temps
+from .._passes import LOSS_SCALE, check_collate_order, check_summed, model_device, rank_share, share_start, to_device
 from .._warn import warn
 from ..capture import CONVOLUTIONS, PLACEHOLDER, LayerSpec, MaskWhereItFits, tracked_layers
 from ..factors import (Factors, LayerFactors, _covariances, _lambdas, eigendecompose, factor_dtype, pass_seed,
@@ -983,7 +983,7 @@ class Analyzer:
         for later in STAGES[STAGES.index(stems):]:
             for stem in later:
                 (out / f"{stem}.safetensors").unlink(missing_ok=True)
-        remove_stale_temps(out, ".*.tmp", SAFETENSORS_TEMP)
+        remove_stale_temps(out, own_temps(), SAFETENSORS_TEMP)
 
     def _save_loaded_arguments(self, stage: str, source: Path, out: Path) -> None:
         """kronfluence records the arguments of factors taken from another directory (always overwritten)."""
@@ -1040,7 +1040,9 @@ class Analyzer:
         objective = "train" if args["use_empirical_fisher"] else "fisher"
         task = self._task_for(factor_args, FACTOR_DEFAULTS, args["amp_scale"])
         # On the whole data, not this rank's share: every rank reaches the same verdict.
-        check_summed(self.model, task, self._loader(data, per_device_batch_size, dataloader_kwargs), None, 0, "train")
+        whole = self._loader(data, per_device_batch_size, dataloader_kwargs)
+        check_summed(self.model, task, whole, None, 0, "train")
+        check_collate_order(whole, None, 0)
         self._clear(out, COVARIANCE_STEMS)
         with self._seeded("cov"):  # sums over every rank's share
             a_cov, s_cov, rows = _covariances(self.model, task, self._specs, loader, objective, "covariances",
@@ -1140,7 +1142,9 @@ class Analyzer:
         objective = "train" if args["use_empirical_fisher"] else "fisher"
         task = self._task_for(factor_args, FACTOR_DEFAULTS, args["amp_scale"])
         # On the whole data, not this rank's share: every rank reaches the same verdict.
-        check_summed(self.model, task, self._loader(data, per_device_batch_size, dataloader_kwargs), None, 0, "train")
+        whole = self._loader(data, per_device_batch_size, dataloader_kwargs)
+        check_summed(self.model, task, whole, None, 0, "train")
+        check_collate_order(whole, None, 0)
         self._clear(out, LAMBDA_STEMS)
         if eigen is not None and load_from_factors_name is not None:
             def copy_eigen() -> None:
@@ -1253,7 +1257,7 @@ class Analyzer:
 
         def clear() -> None:
             (out / scores_file).unlink(missing_ok=True)
-            remove_stale_temps(out, ".*.tmp", SAFETENSORS_TEMP)
+            remove_stale_temps(out, own_temps(), SAFETENSORS_TEMP)
 
         self._rank0(clear)
         return factors, args

@@ -305,6 +305,11 @@ def _trainer_states(folders: list[Path], steps: list[int]) -> list[dict]:
             state = json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"{path} is missing (an incomplete checkpoint?)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is damaged ({exc}): an incomplete checkpoint? Move that folder out of "
+                             f"{folder.parent}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not Trainer's state")
         if state.get("global_step") != n:
             raise ValueError(f"{path} records global_step {state.get('global_step')}, not {n}")
         states.append(state)
