@@ -30,7 +30,7 @@ from torch.utils.data import (
 
 from ._dist import rank_and_world
 from ._warn import warn
-from .capture import CONVOLUTIONS, Captured, Capturer, LayerSpec
+from .capture import CONVOLUTIONS, Captured, Capturer, LayerSpec, all_finite
 from .task import Task
 
 
@@ -894,8 +894,8 @@ def run_pass(
         # The layers' inputs too: a finite loss can hide an infinite input (tanh saturates on it), and the
         # example's gradient tile G_nᵀA_n would be NaN, its scores NaN with no error (masked tokens' are 0).
         whole = capturer.whole(list(lead))  # per module: a grouped convolution's groups share one record
-        finite = torch.stack([torch.isfinite(out.detach())] + [torch.isfinite(r.g).all() for r in whole.values()]
-                             + [torch.isfinite(r.a).all() for r in whole.values()])
+        finite = torch.stack([torch.isfinite(out.detach())] + [all_finite(r.g) for r in whole.values()]
+                             + [all_finite(r.a) for r in whole.values()])
         if not bool(finite.all()):
             half = any(records[s.name].half or records[s.name].g.dtype == torch.float16 for s in specs)
             hint = (" (float16 holds values up to 65504: a float16 model's activations, logits or gradients, or "
