@@ -260,8 +260,8 @@ def _one_checkpoint_scale(method: str, seg: Segment, lf: LayerFactors, damping: 
 
 
 def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajectory: Trajectory, factors: Factors,
-                 used: list[int], train_rows: dict[int, float], progress: bool = False, n_queries: int | None = None
-                 ) -> dict[int, dict[str, Tensor | EigenQuery]]:
+                 used: list[int], train_rows: dict[int, float], progress: bool = False, n_queries: int | None = None,
+                 own_term: dict[str, Tensor] | None = None) -> dict[int, dict[str, Tensor | EigenQuery]]:
     """The query side of SOURCE: u_ℓ = F_ℓ v, then v ← S̄_ℓ v, for ℓ = L … min(used); returns u_ℓ for
     the used segments. v arrives, per layer, in the eigenbasis of basis = (segment, its factors), and is
     consumed (its layers are popped), so each v is freed as soon as its successor exists.
@@ -269,7 +269,10 @@ def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajector
     Every segment's F and S̄ are diagonal in its own eigenbasis (_segment_scales), so v stays in
     eigenbases and moves from segment ℓ+1's to ℓ's by R_S = Q'_Sᵀ Q_S, R_A = Q'_Aᵀ Q_A: two GEMMs per
     segment where rotating in, back for u and back for S̄v took six. u_ℓ goes back to the parameter
-    basis only where that is cheaper than rotating the training tokens (_one_basis_queries)."""
+    basis only where that is cheaper than rotating the training tokens (_one_basis_queries).
+    own_term, when given (v the gradients of training examples at the final checkpoint, the last used
+    segment the last one), receives each example's ⟨u_L, v⟩ per layer: self-influence's term at that
+    checkpoint, whose training gradients are v itself."""
     us: dict[int, dict[str, Tensor | EigenQuery]] = {ell: {} for ell in used}
     specs = {s.name: s for s in factors.layers}
     last = min(used)
@@ -286,6 +289,8 @@ def _source_walk(v: Grads, basis: dict[str, tuple[int, LayerFactors]], trajector
             u_scale, shrink = _segment_scales(seg, lf, specs[name], need_u=ell in us, need_shrink=ell > last)
             if u_scale is not None:
                 scaled[name], lfs[name] = r * u_scale, lf
+                if own_term is not None and ell == len(trajectory.segments) - 1:
+                    own_term[name] = torch.einsum("nij,nij->n", scaled[name], r)
             if shrink is not None:
                 v[name], basis[name] = r.mul_(shrink), (ell, lf)
             if bar is not None:
@@ -357,10 +362,11 @@ def _segment_scales(seg: Segment, lf: LayerFactors, spec: LayerSpec, need_u: boo
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
           n_train: float, summed: bool = False, progress: bool = False, what: str = "queries", first: int | None = 0,
-          whole: int | None = None):
+          whole: int | None = None, own_term: dict[str, Tensor] | None = None):
     """The plan for `query_data`; `what` and `first` name them in errors (self_score's chunks are training
     examples, from `first`). whole: the number of queries of all ranks when `query_data` is this rank's
-    share of them; every rank then makes the choices the whole would (every rank must call)."""
+    share of them; every rank then makes the choices the whole would (every rank must call). own_term:
+    see _source_walk; filled only by SOURCE's walk across segments."""
     def tokens_of_all(tokens: float) -> float:  # the mean tokens per query, of every rank's queries
         if whole is None:
             return tokens
@@ -413,7 +419,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
     basis = {s.name: (len(trajectory.segments) - 1, bases[s.name]) for s in specs}
     tokens = tokens_of_all(tokens)
     rows = {ell: n_train * tokens * len(ckpts[ell]) for ell in train_segs}
-    us = _source_walk(v, basis, trajectory, factors, train_segs, rows, progress, n_queries)  # consumes v
+    us = _source_walk(v, basis, trajectory, factors, train_segs, rows, progress, n_queries, own_term)  # consumes v
     for ell in train_segs:
         plan.queries[ell] = [us[ell]] * len(ckpts[ell])
     return plan
@@ -1102,14 +1108,21 @@ def _self_chunked(model, task, specs, trajectory, factors, method, data, first, 
         examples = f"training examples {at}+" if at is not None else f"this rank's training examples {start}+"
         # A query left in its segment's eigenbasis (EigenQuery) is dotted with the examples' gradients
         # taken in that basis.
+        # SOURCE's query side takes the examples' training gradients at the final checkpoint, the last
+        # segment's last: their term there comes with the walk instead of another pass over the chunk.
+        last = len(trajectory.segments) - 1
+        own: dict[str, Tensor] | None = {} if (method == "source" and not use_measurement and last > 0
+                                                and last in train_segs) else None
         plan = _plan(
             model, task, specs, trajectory, factors, method, chunk, "measurement" if use_measurement else "train",
             damping, train_segs, batch_size, collate_fn, length(chunk), progress=progress,
-            what=f"{examples} (self-influence's query side)", first=at,
+            what=f"{examples} (self-influence's query side)", first=at, own_term=own,
         )
-        total: dict[str, Tensor] = {}
+        total: dict[str, Tensor] = {k: t * plan.weights[last] for k, t in (own or {}).items()}
         for ell in plan.segments:
             for c, ckpt in enumerate(plan.checkpoints[ell]):
+                if own and ell == last and c == len(plan.checkpoints[ell]) - 1:
+                    continue  # the final checkpoint: in `total` already
                 what = f"segment {ell}, checkpoint {c}"
                 load_into(model, ckpt, what)
                 queries = plan.queries[ell][c]

@@ -1336,7 +1336,10 @@ def test_progress_covers_query_preparation_and_chunked_self_influence(setup, cap
     assert "gradients of queries" in err and "preconditioning queries" in err and "scoring (segment 1" in err
     sf.self_score(model, task, traj, factors, data, chunk_size=30, progress=True)
     err = capfd.readouterr().err
-    assert "gradients of training examples 30+, segment 1, checkpoint 1" in err
+    assert "gradients of training examples 30+, segment 1, checkpoint 0" in err
+    # The final checkpoint's gradients are the query side's: no pass of their own.
+    assert "gradients of training examples 30+ (self-influence's query side)" in err
+    assert "segment 1, checkpoint 1" not in err
 
 
 def test_progress_bars_suit_logs_and_ranks(monkeypatch):
