@@ -528,6 +528,8 @@ def check_summed(model: nn.Module, task: Task, data: Any, collate_fn: Callable |
             first = _first_examples(data, 4 if size >= 4 else 2)
             if len(first) < 2:  # a mean over one example is its sum
                 return
+            if not _same(collate(first), collate(first)):  # a random collator (masked LM): no losses to compare
+                return
             k = 4 if len(first) >= 4 else 2
             first = first[:k]
             for piece in (first, first[: k // 2], first[k // 2 :]):
@@ -575,11 +577,12 @@ def _first_examples(data: Any, k: int) -> list:
 def check_collate_order(data: Any, collate_fn: Callable | None, batch_size: int) -> None:
     """Refuses a collate_fn that sorts its batch (by length, to pad less, say): the passes give a batch's
     rows to its examples in order, so every score of a sorted batch's examples would go to another of
-    them, with no error of its own. Seen on pairs of the first four examples: a collator that keeps the
-    order gives a pair collated the other way round reversed; a sorting one gives the very same batch
-    (unless the two tie on its key: then any other pair with different keys shows it). A collator that
-    draws random numbers (masking for a masked LM) is left alone: two collations of the same examples
-    differ. The caller's random states are kept."""
+    them, with no error of its own. Seen on the first examples (up to 8): collated in reverse order, or
+    a pair of them the other way round, a sorting collator gives the very batch it gives in order, where
+    one that keeps the order gives another, unless the examples collate alike (each is collated alone to
+    tell). Unseen: examples that all tie on the sort key, and a collator that draws random numbers
+    (masking for a masked LM: two collations of the same examples differ), which is left alone. The
+    caller's random states are kept (not a collator's own generator)."""
     collate = data.collate_fn if isinstance(data, DataLoader) else collate_fn
     size = data.batch_size if isinstance(data, DataLoader) else batch_size
     if collate is None or collate is default_collate or size is None or size < 2:
@@ -588,10 +591,18 @@ def check_collate_order(data: Any, collate_fn: Callable | None, batch_size: int)
     found = None
     try:
         with torch.random.fork_rng(devices=[]):
-            first = _first_examples(data, min(size, 4))
-            if len(first) >= 2 and _same(collate(first[:2]), collate(first[:2])):  # else nothing to pair, or random
-                found = next(((i, j) for i, j in itertools.combinations(range(len(first)), 2) if _sorts(
-                    collate([first[i], first[j]]), collate([first[j], first[i]]))), None)
+            first = _first_examples(data, min(size, 8))
+            batch = collate(first) if len(first) >= 2 else None
+            if batch is not None and _same(batch, collate(first)):  # else nothing to reorder, or random
+                alone = [collate([e]) for e in first]
+                k = len(first)
+                if any(not _same(alone[i], alone[k - 1 - i]) for i in range(k // 2)) and _same(
+                        batch, collate(first[::-1])):
+                    found = f"the first {k} examples collated in reverse order give the same batch as in order"
+                else:
+                    found = next((f"examples {i} and {j} collated in either order give the same batch"
+                                  for i, j in itertools.combinations(range(k), 2) if not _same(alone[i], alone[j])
+                                  and _same(collate([first[i], first[j]]), collate([first[j], first[i]]))), None)
     except Exception:  # noqa: BLE001 (the passes report a collate_fn's error, naming the batch)
         pass
     finally:
@@ -600,15 +611,9 @@ def check_collate_order(data: Any, collate_fn: Callable | None, batch_size: int)
     if found is not None:
         name = getattr(collate, "__qualname__", type(collate).__qualname__)
         raise ValueError(
-            f"collate_fn {name} reorders its batch: examples {found[0]} and {found[1]} collated in either order give "
-            "the same batch (a collator that sorts by length?); source_fast reads a batch's rows as its examples in "
-            "the order given, so every score would belong to another example of its batch: sort the data "
-            "beforehand instead, and collate in order")
-
-
-def _sorts(pair: Any, swapped: Any) -> bool:
-    """Two examples collated in both orders gave the same batch, and not because they are alike."""
-    return _same(pair, swapped) and not _same(pair, _reversed_examples(pair, 2))
+            f"collate_fn {name} reorders its batch: {found} (a collator that sorts by length?); source_fast reads a "
+            "batch's rows as its examples in the order given, so every score would belong to another example of its "
+            "batch: collate in order (sort the data beforehand, if padding is the reason)")
 
 
 def _same(x: Any, y: Any) -> bool:
@@ -620,6 +625,8 @@ def _same(x: Any, y: Any) -> bool:
         return torch.equal(x, y) or (x.is_floating_point() and bool(((x == y) | (x.isnan() & y.isnan())).all()))
     if isinstance(x, Mapping) and isinstance(y, Mapping):
         return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return type(x) is type(y) and all(_same(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(x))
     if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
         return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
     try:
@@ -912,8 +919,9 @@ def run_pass(
                     row = int(bad.nonzero()[0])
                     raise FloatingPointError(
                         f"{where(b, start)}: the input of module {name!r} holds NaN or infinite values for "
-                        f"{_example(first, start, row)}, though the {objective} loss is finite (a layer after it "
-                        f"saturates, as tanh does on inf): its gradient and scores would be NaN{hint}")
+                        f"{_example(first, start, row)}, though the {objective} loss is finite (a padded position "
+                        "get_attention_mask does not mask, or an input a later layer saturates, as tanh does on inf): "
+                        f"its gradient and scores would be NaN{hint}")
             # Backward runs from the last layer to the first: the last non-finite one is where it entered.
             for spec in reversed(specs):
                 if not torch.isfinite(records[spec.name].g).all():

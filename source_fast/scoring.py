@@ -606,11 +606,11 @@ def check_request(model, task, trajectory, factors, method, train_data, query_da
     n_train, n_query = length(train_data), length(query_data)
     if n_query == 0 or n_train == 0:
         raise ValueError(f"empty data: {n_query} queries, {n_train} training examples")
-    check_collate_order(train_data, collate_fn, batch_size)
-    check_collate_order(query_data, collate_fn, batch_size)
     if method != "repsim":  # every other method differentiates both
         check_summed(model, task, train_data, collate_fn, batch_size, "train")
         check_summed(model, task, query_data, collate_fn, batch_size, "measurement")
+    check_collate_order(train_data, collate_fn, batch_size)
+    check_collate_order(query_data, collate_fn, batch_size)
     return specs, options, query_data, n_train, n_query
 
 

@@ -26,8 +26,11 @@ class ClassificationTask(Task):
         x, y = batch
         logits = _at_least_float32(model(x))
         if sample:
-            with torch.no_grad():  # a row with NaN or inf draws from even odds: its loss, NaN, is what gets reported
-                safe = torch.where(torch.isfinite(logits).all(-1, keepdim=True), logits, 0.0)
+            with torch.no_grad():
+                # A row with NaN or +inf (or only -inf: no class allowed) draws from even odds, so its loss, NaN
+                # or inf, is what gets reported; -inf alone masks classes, as Categorical takes it.
+                bad = (logits.isnan() | (logits == torch.inf)).any(-1) | (logits == -torch.inf).all(-1)
+                safe = torch.where(bad.unsqueeze(-1), 0.0, logits)
                 y = torch.distributions.Categorical(logits=safe.double()).sample()
         return F.cross_entropy(logits, y, reduction="sum")
 

@@ -307,11 +307,11 @@ def load_into(model: nn.Module, checkpoint: Checkpoint, what: str) -> None:
     own = model.state_dict()
     state = _with_tied_weights(_model_keys(load_state_dict(checkpoint, what), own), own)
     _check_shapes({k: tuple(v.shape) for k, v in state.items()}, own, what)
-    # A diverged run's weights would surface as a NaN loss, blamed on a batch. Parameters only: buffers
-    # may hold -inf on purpose (attention masks).
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    bad = next((k for k, v in state.items()
-                if k in params and v.is_floating_point() and not bool(v.isfinite().all())), None)
+    # A diverged run's weights would surface as a NaN loss, blamed on a batch. Trained parameters only:
+    # buffers and frozen parameters may hold -inf on purpose (attention masks). float8 has no isfinite.
+    trained = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    bad = next((k for k, v in state.items() if k in trained and v.is_floating_point() and not bool(
+        (v if v.element_size() > 1 else v.to(torch.float16)).isfinite().all())), None)
     if bad is not None:
         raise FloatingPointError(f"{what}: its weight {bad!r} holds NaN or infinite values (did training diverge "
                                  "before this checkpoint?)")

@@ -1,6 +1,7 @@
 """Bad input gets a clear error that names the problem, and nothing half-written is left behind."""
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -732,6 +733,40 @@ def _sorting_collate(examples):
     return torch.stack([x for x, _ in examples]), torch.stack([y for _, y in examples])
 
 
+def _as_list(examples):
+    """Keeps the order; a list of fields (as [BatchEncoding, labels]), which reversing a pair cannot tell from
+    two examples."""
+    x, y = torch.utils.data.default_collate(examples)
+    return [x, y]
+
+
+@dataclasses.dataclass
+class _Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def _sorting_into_a_dataclass(examples):
+    return _Batch(*_sorting_collate(examples))
+
+
+def test_the_collate_order_check_sees_past_ties_and_alike_examples(setup):
+    """Examples that collate alike (duplicates) and list batches are no sign of sorting; ties on the key
+    among the first pairs are looked past (up to 8 examples); a sorted batch in a dataclass is seen."""
+    from source_fast._passes import check_collate_order
+
+    _, data, _ = setup
+    x, y = data.tensors
+    dup = torch.utils.data.TensorDataset(torch.cat([x[:1], x[:1], x[1:]]), torch.cat([y[:1], y[:1], y[1:]]))
+    check_collate_order(dup, _as_list, 8)  # order kept: taken, duplicates and all
+    ties = torch.utils.data.TensorDataset(x, torch.tensor([1, 1, 1, 1, 2, 0, 1, 0] + [0] * 12))
+    with pytest.raises(ValueError, match=r"_sorting_collate reorders its batch"):
+        check_collate_order(ties, _sorting_collate, 8)
+    with pytest.raises(ValueError, match=r"_sorting_into_a_dataclass reorders its batch"):
+        check_collate_order(ties, _sorting_into_a_dataclass, 8)
+    check_collate_order(torch.utils.data.TensorDataset(x, torch.ones_like(y)), _sorting_collate, 8)  # all tie: unseen
+
+
 def _noisy_collate(examples):
     """Keeps the order and draws random numbers (as a masked LM's collator masks tokens)."""
     x, y = torch.utils.data.default_collate(examples)
@@ -745,7 +780,7 @@ def test_a_collate_fn_that_sorts_its_batch_is_refused(setup):
     model, data, ckpts = setup
     data.tensors[1][:4] = torch.tensor([2, 0, 1, 0])  # the first batch out of order by label
     traj = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])
-    message = r"collate_fn _sorting_collate reorders its batch: examples 0 and 1 collated in either order give the same"
+    message = r"collate_fn _sorting_collate reorders its batch: .* give the same batch"
     with pytest.raises(ValueError, match=message):
         sf.fit_factors(model, ClassifyTask(), traj, batch_size=8, collate_fn=_sorting_collate)
     loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=_sorting_collate)
@@ -791,6 +826,28 @@ def test_the_ready_tasks_true_fisher_reports_nan_logits_as_a_nan_loss():
         sf.fit_factors(model, ClassificationTask(), traj, batch_size=8)
 
 
+def test_classes_masked_with_minus_inf_are_never_drawn():
+    """-inf logits mask classes (an action mask): the true Fisher draws among the others, as
+    torch.distributions does; only a row with NaN, +inf or no class left draws from even odds."""
+    from source_fast.tasks import ClassificationTask
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x).masked_fill(torch.tensor([False, True, False]), float("-inf"))
+
+    torch.manual_seed(0)
+    model = Masked().double()
+    data = classification_data(20, 4, 3)
+    data.tensors[1][:] = torch.where(data.tensors[1] == 1, 0, data.tensors[1])  # no example of the masked class
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassificationTask(), traj, batch_size=8)  # fisher="true", the default
+    assert all(torch.isfinite(lf.lam).all() for lf in factors.segments[0].values())
+
+
 def test_a_checkpoint_holding_nan_is_named(setup):
     """A diverged run's checkpoint: its non-finite weight is named, not a batch's NaN loss."""
     model, data, ckpts = setup
@@ -801,6 +858,35 @@ def test_a_checkpoint_holding_nan_is_named(setup):
         sf.fit_factors(model, ClassifyTask(), traj)
     with pytest.raises(FloatingPointError, match=r"checkpoint 0: its weight '0.bias' holds NaN"):
         sf.score(model, ClassifyTask(), traj, None, data, data, method="tracin")
+    model[0].bias.requires_grad_(False)  # a frozen parameter may hold -inf on purpose (a mask kept as one)
+    bad[1]["0.bias"][3] = float("-inf")
+    sf.trajectory.load_into(model, bad[1], "c")
+    assert model[0].bias[3] == float("-inf")
+
+
+def test_a_collator_that_differs_call_to_call_is_not_judged_a_mean(setup):
+    """A collator drawing random numbers (a masked LM's masking) gives other losses at every call, so the
+    summed-loss check, which compares the loss of four examples with its halves', cannot judge it: skipped,
+    not refused by chance. (A stand-in: targets scaled by 10 on all but every third call, which made the
+    halves' losses dwarf the four examples' and read as a mean.)"""
+
+    class Squared(sf.Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, t = batch
+            return ((model(x).sum(1) - t) ** 2).sum()
+
+        compute_measurement = compute_train_loss
+
+    model, data, ckpts = setup
+    calls = []
+
+    def scaled(examples):
+        calls.append(1)
+        x, y = torch.utils.data.default_collate(examples)
+        return x, y.to(x.dtype) * (1.0 if len(calls) % 3 == 1 else 10.0)
+
+    traj = sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)])
+    sf.fit_factors(model, Squared(), traj, batch_size=8, collate_fn=scaled, fisher="empirical")
 
 
 def test_a_float16_overflow_is_named():
