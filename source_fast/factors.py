@@ -29,7 +29,7 @@ from ._passes import (
     digest_tensors, length, make_loader, rank_share, reuse_large_blocks, run_pass, share_start,
 )
 from ._warn import warn
-from .capture import LayerSpec, is_placeholder, rotate, tracked_layers, with_ones
+from .capture import LayerSpec, all_finite, is_placeholder, rotate, tracked_layers, with_ones
 from .task import Task
 from .tasks import CausalLMTask
 from ._deepspeed import zero_folder, zero_optimizer_state
@@ -269,8 +269,10 @@ class Factors:
                     if t is not None and tuple(t.shape) != shape:
                         raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r}: {field} has shape "
                                          f"{tuple(t.shape)}, the layer needs {shape}")
-                if not bool(torch.isfinite(lf.lam).all()):
-                    raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r}: Λ holds NaN or inf")
+                    # A fit that went wrong, saved anyway (the sum first: one pass; an overflowing one is checked).
+                    if t is not None and not bool(all_finite(t)) and not bool(t.isfinite().all()):
+                        raise ValueError(f"{tensor_path}: segment {ell}, module {spec.name!r}: {field} holds NaN or "
+                                         "inf; refit the factors")
                 seg[spec.name] = lf
             segments.append(seg)
         return cls(layers, segments, num_examples, layout, fisher, average_params, checkpoints)

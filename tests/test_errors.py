@@ -1064,6 +1064,26 @@ def test_factor_files_incomplete_corrupted_or_from_another_model(setup, tmp_path
         sf.Factors.load(tmp_path / "ok")
 
 
+def test_factors_holding_nan_are_refused_at_load(setup, tmp_path):
+    """Any factor tensor, not only Λ: a NaN in a basis saved with a valid checksum names segment, module and
+    field; finite values whose float32 sum overflows load."""
+    model, data, ckpts = setup
+    factors = sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment(ckpts[:1], data, lr_sum=1.0)]))
+    for field in ("q_a", "lam"):
+        lf = factors.segments[0]["2"]
+        broken = getattr(lf, field).clone()
+        broken[0, 0] = float("nan")
+        layer = dataclasses.replace(lf, **{field: broken})
+        bad = dataclasses.replace(factors, segments=[{**factors.segments[0], "2": layer}])
+        bad.save(tmp_path / field)
+        with pytest.raises(ValueError, match=rf"segment 0, module '2': {field} holds NaN or inf; refit the factors"):
+            sf.Factors.load(tmp_path / field)
+    lf = factors.segments[0]["0"]
+    big = dataclasses.replace(lf, a_cov=lf.a_cov.float() * 0 + 3e38)  # finite; the float32 sum is inf
+    dataclasses.replace(factors, segments=[{**factors.segments[0], "0": big}]).save(tmp_path / "big")
+    assert torch.isinf(sf.Factors.load(tmp_path / "big").segments[0]["0"].a_cov.float().sum())
+
+
 def test_a_failed_save_leaves_nothing_behind(setup, tmp_path, monkeypatch):
     import safetensors.torch
 
