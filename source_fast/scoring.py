@@ -27,6 +27,7 @@ from ._passes import (
     digest_examples, is_stream, length, make_loader, materialize, model_device, rank_share, reuse_large_blocks,
     run_pass, share_start, subset,
 )
+from ._warn import warn
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .factors import (
     Factors, LayerFactors, _checkpoint_digests, _progress, checkpoint_signature, factor_dtype, factors_signature,
@@ -148,15 +149,29 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
                 a, g, lf = a @ lf.q_a, g @ lf.q_s, None
             tile = torch.einsum("nto,nti->noi", g, a)
             out[s.name][start : start + n] = tile if lf is None else lf.q_s.T @ tile @ lf.q_a
-        first = rec[specs[0].name]
-        tokens += first.a.shape[0] * first.a.shape[1] if first.mask is None else int((first.mask != 0).sum())
+        lead = rec[specs[0].name]
+        tokens += lead.a.shape[0] * lead.a.shape[1] if lead.mask is None else int((lead.mask != 0).sum())
     if bar is not None:
         bar.close()
     if summed and bases is not None:
         for s in specs:
             if bases[s.name] is not None and bases[s.name].q_a is not None:
                 out[s.name][0] = bases[s.name].q_s.T @ out[s.name][0] @ bases[s.name].q_a
+    if objective == "measurement" and not summed and n_rows:
+        _warn_zero_measurements(out, what, first)
     return out, tokens / max(n_rows, 1)
+
+
+def _warn_zero_measurements(grads: Grads, what: str, first: int | None) -> None:
+    """Examples whose measurement has no gradient at any tracked layer score 0 against everything: say so
+    (a query with every token masked, its labels all -100, is one), rather than leave rows of zeros."""
+    zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in grads.values()]).all(0).nonzero().flatten()
+    if len(zero):
+        label = "numbers" if first is not None else "this rank's numbers"  # a stream's share: its own count
+        numbers = (zero[:5] + (first or 0)).tolist()
+        more = ", ..." if len(zero) > 5 else ""
+        warn(f"{what}: {len(zero)} of {len(next(iter(grads.values())))} have a measurement with no gradient at the "
+             f"tracked layers ({label} {numbers}{more}): their scores are 0 (every token masked, labels all -100?)")
 
 
 @dataclass(frozen=True)

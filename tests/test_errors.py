@@ -889,6 +889,27 @@ def test_a_collator_that_differs_call_to_call_is_not_judged_a_mean(setup):
     sf.fit_factors(model, Squared(), traj, batch_size=8, collate_fn=scaled, fisher="empirical")
 
 
+def test_queries_whose_measurement_has_no_gradient_are_named():
+    """A query whose every token is masked (here: its class left out of the measurement) scores 0 against
+    everything: a warning names it instead of leaving rows of zeros unexplained."""
+
+    class LeavesOutClass2(ClassifyTask):
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            keep = y != 2
+            return nn.functional.cross_entropy(model(x)[keep], y[keep], reduction="sum")
+
+    model = mlp(4, 5, 3)
+    data, queries = classification_data(20, 4, 3), classification_data(6, 4, 3, seed=1)
+    queries.tensors[1][:] = torch.tensor([0, 2, 1, 0, 2, 1])
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassifyTask(), traj)
+    with pytest.warns(UserWarning, match=r"queries: 2 of 6 have a measurement with no gradient at the tracked layers "
+                                         r"\(numbers \[1, 4\]\): their scores are 0"):
+        scores = sf.score(model, LeavesOutClass2(), traj, factors, data, queries, method="ekfac")
+    assert (scores[[1, 4]] == 0).all() and (scores[[0, 2, 3, 5]] != 0).any(1).all()
+
+
 def test_a_float16_overflow_is_named():
     """Logits past float16's largest value (65504) are inf, and the loss NaN: the error says so."""
     model = nn.Sequential(nn.Linear(4, 3)).half()
