@@ -44,6 +44,8 @@ _NO_BASES_VERSION = 3
 # Factors whose every module has bases are written as version 2, which source_fast before version 3 reads too.
 _KRONECKER_VERSION = 2
 _TENSOR_FILE = re.compile(r"factors(\.[0-9a-f]{16})?\.safetensors")
+# A finished pass of a resumable fit (_FitProgress._path): seg{ℓ}_{cov|lam}{c}.safetensors.
+PASS_FILE = re.compile(r"seg\d+_(cov|lam)\d+\.safetensors")
 Fisher = Literal["true", "empirical"]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from torch import nn
 from ._dist import barrier, rank_and_world, sole_writer
 from ._io import check_folder
 from ._passes import model_device
-from .factors import Factors, fit_factors
+from .factors import PASS_FILE, Factors, fit_factors
 from .scoring import DEFAULT_QUERY_MEMORY_BUDGET
 from .task import Task
 from .trajectory import Trajectory
@@ -97,7 +96,7 @@ def _remove_passes(partial: Path) -> None:
     what the fit wrote goes (a folder of that name may hold the user's files too: they stay, and so
     does the folder then)."""
     for path in partial.glob("seg*_*.safetensors"):
-        if re.fullmatch(r"seg\d+_(cov|lam)\d+\.safetensors", path.name):
+        if PASS_FILE.fullmatch(path.name):
             path.unlink()
     (partial / "fit.json").unlink(missing_ok=True)
     (partial / ".fit_factors.lock").unlink(missing_ok=True)
