@@ -206,6 +206,9 @@ class Phases:
         out = fn()
         _sync()
         self.rows.append({"phase": phase, "seconds": time.perf_counter() - t, **_peaks()})
+        # Said as it ends: a child killed by a time limit still shows the phases it finished.
+        print(f"{phase}: {self.rows[-1]['seconds']:.2f} s, peak RSS {self.rows[-1]['peak_rss_mb']:.0f} MB",
+              file=sys.stderr, flush=True)
         return out
 
 

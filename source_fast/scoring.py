@@ -27,6 +27,7 @@ from ._passes import (
     digest_examples, is_stream, length, make_loader, materialize, model_device, rank_share, reuse_large_blocks,
     run_pass, share_start, subset,
 )
+from ._replay import NoRoom, PassCache, pass_of
 from ._warn import warn
 from .capture import LayerSpec, rotate, tracked_layers, with_ones
 from .factors import (
@@ -118,7 +119,8 @@ def _is_index(value: Any) -> bool:
 
 
 def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn, bases=None,
-                   summed=False, progress=False, first: int | None = 0) -> tuple[Grads, float]:
+                   summed=False, progress=False, first: int | None = 0, passes: PassCache | None = None
+                   ) -> tuple[Grads, float]:
     """Per-example layer gradients (n, d_out, d_a) of the measurement or training loss, and the mean
     number of tokens per example: used only for queries (few) and self-influence chunks (bounded),
     never for the training corpus. summed: their sum over the examples instead, (1, d_out, d_a).
@@ -134,8 +136,8 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
            torch.empty(n_rows, s.d_out, s.d_a, device=device, dtype=dtype) for s in specs}
     tokens = 0
     bar = _progress(progress, n_rows, f"gradients of {what}")
-    for start, n, rec in run_pass(model, task, specs, make_loader(data, batch_size, collate_fn), objective, what, bar,
-                                  first):
+    for start, n, rec in pass_of(passes)(model, task, specs, make_loader(data, batch_size, collate_fn), objective,
+                                         what, bar, first):
         for s in specs:
             r = rec[s.name]
             a, g = with_ones(r.a, s).to(dtype), r.g.to(dtype)
@@ -158,19 +160,26 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
             if bases[s.name] is not None and bases[s.name].q_a is not None:
                 out[s.name][0] = bases[s.name].q_s.T @ out[s.name][0] @ bases[s.name].q_a
     if objective == "measurement" and not summed and n_rows:
-        _warn_zero_measurements(out, what, first)
+        zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in out.values()]).all(0)
+        if passes is None:
+            _warn_zero_measurements(zero, what, first)
+        else:  # these are some of the layers: score() warns after the last group
+            key = (passes.queries, what, first)
+            passes.zero_rows[key] = zero if key not in passes.zero_rows else passes.zero_rows[key] & zero
     return out, tokens / max(n_rows, 1)
 
 
-def _warn_zero_measurements(grads: Grads, what: str, first: int | None) -> None:
-    """Examples whose measurement has no gradient at any tracked layer score 0 against everything: say so
-    (a query with every token masked, its labels all -100, is one), rather than leave rows of zeros."""
-    zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in grads.values()]).all(0).nonzero().flatten()
+def _warn_zero_measurements(zero: Tensor, what: str, first: int | None) -> None:
+    """Examples whose measurement has no gradient at any tracked layer (`zero`, a flag each) score 0 against
+    everything: say so (a query with every token masked, its labels all -100, is one), rather than leave
+    rows of zeros."""
+    n_rows = len(zero)
+    zero = zero.nonzero().flatten()
     if len(zero):
         label = "numbers" if first is not None else "this rank's numbers"  # a stream's share: its own count
         numbers = (zero[:5] + (first or 0)).tolist()
         more = ", ..." if len(zero) > 5 else ""
-        warn(f"{what}: {len(zero)} of {len(next(iter(grads.values())))} have a measurement with no gradient at the "
+        warn(f"{what}: {len(zero)} of {n_rows} have a measurement with no gradient at the "
              f"tracked layers ({label} {numbers}{more}): their scores are 0 (every token masked, labels all -100?)")
 
 
@@ -377,11 +386,12 @@ def _segment_scales(seg: Segment, lf: LayerFactors, spec: LayerSpec, need_u: boo
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
           n_train: float, summed: bool = False, progress: bool = False, what: str = "queries", first: int | None = 0,
-          whole: int | None = None, own_term: dict[str, Tensor] | None = None):
+          whole: int | None = None, own_term: dict[str, Tensor] | None = None, passes: PassCache | None = None):
     """The plan for `query_data`; `what` and `first` name them in errors (self_score's chunks are training
     examples, from `first`). whole: the number of queries of all ranks when `query_data` is this rank's
     share of them; every rank then makes the choices the whole would (every rank must call). own_term:
-    see _source_walk; filled only by SOURCE's walk across segments."""
+    see _source_walk; filled only by SOURCE's walk across segments. passes: the cache the queries' passes
+    go through (score()'s layer groups)."""
     def tokens_of_all(tokens: float) -> float:  # the mean tokens per query, of every rank's queries
         if whole is None:
             return tokens
@@ -400,12 +410,12 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
                 load_into(model, ckpt, f"segment {ell}, checkpoint {c}")
                 plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective,
                                                         f"{what} at segment {ell}, checkpoint {c}", bs, collate,
-                                                        summed=summed, progress=progress, first=first)[0])
+                                                        summed=summed, progress=progress, first=first, passes=passes)[0])
         return plan
     load_into(model, final, "final checkpoint")
     if method == "grad_dot":
         v, _ = _example_grads(model, task, specs, query_data, objective, what, bs, collate, summed=summed,
-                              progress=progress, first=first)
+                              progress=progress, first=first, passes=passes)
         return _Plan([0], {0: [final]}, {0: 1.0 / trajectory.segments[0].num_examples}, {0: [v]})
     ckpts = {ell: segment_checkpoints(trajectory.segments[ell], method == "fast_source", f"segment {ell}") for ell in train_segs}
     plan = _Plan(train_segs, ckpts, {ell: 1.0 / (trajectory.segments[ell].num_examples * len(ckpts[ell])) for ell in train_segs}, {})
@@ -419,7 +429,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         means = _module_mean_lams(specs, lfs) if damping == "heuristic" else {}
         scale = {s.name: _one_checkpoint_scale(method, seg, lfs[s.name], damping, s, means.get(s.name)) for s in specs}
         rot, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=lfs,
-                                     summed=summed, progress=progress, first=first)
+                                     summed=summed, progress=progress, first=first, passes=passes)
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
             r.mul_(scale[n].to(dtype))
         queries = _one_basis_queries(rot, lfs, n_train * tokens_of_all(tokens) * len(plan.checkpoints[0]), n_queries)
@@ -430,7 +440,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
     device, dtype = next(model.parameters()).device, factor_dtype(model)
     bases = {s.name: factors.segments[-1][s.name].to(device, dtype) for s in specs}
     v, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=bases,
-                               summed=summed, progress=progress, first=first)
+                               summed=summed, progress=progress, first=first, passes=passes)
     basis = {s.name: (len(trajectory.segments) - 1, bases[s.name]) for s in specs}
     tokens = tokens_of_all(tokens)
     rows = {ell: n_train * tokens * len(ckpts[ell]) for ell in train_segs}
@@ -515,10 +525,12 @@ def score(
     damping, trak_dim, seed, record: only for the methods that read them (damping: "ekfac" and "trak",
         default "heuristic"; trak_dim (default 256) and seed (default 0): "trak"; record: "unroll");
         given to another method they are refused, not dropped. SOURCE needs no damping: F(0) = c.
-    query_memory_budget: bytes for prepared queries; more queries go in blocks, each block re-reading
-        the training data once per checkpoint (kronfluence re-reads it for every query batch). None:
-        automatic_query_budget(the model's device), half the free GPU memory or a quarter of the
-        available RAM, at least 1 GiB.
+    query_memory_budget: bytes for prepared queries. None: automatic_query_budget(the model's device),
+        half the free GPU memory or a quarter of the available RAM, at least 1 GiB. When all the queries
+        do not fit it, on a CPU the layers go a group at a time (_score_in_layer_groups), the passes over
+        the data kept on disk under TMPDIR, so the training data is still read once per checkpoint; on
+        a GPU, under torch.distributed, or without the disk space, the queries go in blocks, each block
+        re-reading the training data once per checkpoint (kronfluence re-reads it for every query batch).
     query_rank: approximate each preconditioned query layer by its top singular vectors (cheaper
         scoring of huge corpora; None = exact).
     train_segments: which segments trained on `train_data` (None: those whose `data` is it; "all":
@@ -583,8 +595,17 @@ def score(
     _check_same_on_ranks("score", model, task, trajectory, factors, method, train_data, query_data, collate_fn, {
         "damping": damping, "query_rank": query_rank, "query_memory_budget": query_memory_budget,
         "train_segments": segments, "per_token": per_token, "per_module": per_module, "sum_queries": sum_queries})
-    blocks = query_blocks(model, specs, trajectory, method, segments, 1 if sum_queries else n_query, query_rank,
-                          query_memory_budget)
+    n_rows = 1 if sum_queries else n_query
+    blocks = query_blocks(model, specs, trajectory, method, segments, n_rows, query_rank, query_memory_budget)
+    options = dict(damping=damping, train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
+                   collate_fn=collate_fn, progress=progress, per_token=per_token, per_module=per_module)
+    if len(blocks) > 1 and device.type == "cpu" and rank_and_world()[1] == 1:
+        try:
+            return _score_in_layer_groups(model, task, specs, trajectory, factors, method, segments, train_data,
+                                          query_data, n_rows, query_memory_budget, **options)
+        except NoRoom as exc:
+            warn(f"score: no disk space to keep the passes over the data ({exc}; tempfile's directory, TMPDIR): "
+                 f"the queries go in {len(blocks)} blocks instead, each re-reading the training data")
     parts = []
     strided = share_start(train_data) is None  # a stream's share under torch.distributed: every world-th example
     with restored(model), reuse_large_blocks(device):
@@ -603,11 +624,71 @@ def score(
                                     batch_size=batch_size, collate_fn=collate_fn, progress=progress,
                                     per_token=per_token, per_module=per_module)
             parts.append(_each(mine, lambda t: gather_shares(t, 1, strided)))  # every rank's columns, in order
-            first = next(iter(parts[-1].values())) if per_module else parts[-1]
-            if first.shape[1] == 0:
-                raise ValueError("empty data: the training stream yielded no examples")
-            check_rows(trajectory, train_data, first.shape[1])
+            _check_columns(trajectory, train_data, parts[-1])
     return _cat(parts, 0)
+
+
+def _check_columns(trajectory: Trajectory, train_data: Any, scores: Tensor | dict[str, Tensor]) -> None:
+    columns = (next(iter(scores.values())) if isinstance(scores, dict) else scores).shape[1]
+    if columns == 0:
+        raise ValueError("empty data: the training stream yielded no examples")
+    check_rows(trajectory, train_data, columns)
+
+
+def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segments, train_data, query_data,
+                           n_rows: int, budget: int, *, damping, train_segments, query_rank, batch_size, collate_fn,
+                           progress, per_token, per_module) -> Tensor | dict[str, Tensor]:
+    """score() on a CPU when the prepared queries do not fit `budget` at once: the layers a group at a time
+    (layer_groups), every query in each, the scores summed over the groups (every method here is
+    block-diagonal over layers). The passes over the training data and the queries run once, their
+    layers' tokens kept on disk for the later groups (PassCache): blocks of queries re-run the model
+    over the training data once per block, form each training example's gradient tiles once per block,
+    and choose each layer's basis for a block's queries (rotating the training tokens into the
+    eigenbasis pays for many queries at once). One process only: under torch.distributed each rank
+    reads its share of the data, and the ranks' blocks stay in step. Raises NoRoom, having written
+    nothing the caller sees, when the disk cannot hold the passes."""
+    # Sized at full rank with query_rank too: a group's queries are prepared at full rank before their SVD,
+    # and all of them at once, so that every group cuts the queries' passes alike (they are replayed).
+    turns = layer_groups(specs, n_rows, _query_bytes(model, trajectory, method, segments, None), budget)
+    total: Tensor | dict[str, Tensor] | None = None
+    device = model_device(model)
+    with restored(model), reuse_large_blocks(device), PassCache(specs) as passes:
+        for k, (rows, group) in enumerate(turns):
+            passes.round(rows)
+            queries = query_data if len(rows) == n_rows else subset(query_data, rows)
+            where = f"scoring layer group {k} of {len(turns)} ({len(group)} layers, {len(rows)} queries)"
+            with oom_hint(where, train_data, batch_size, budget):
+                plan = prepare_queries(
+                    model, task, group, trajectory, factors, method, train_data, queries, damping=damping,
+                    train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
+                    collate_fn=collate_fn, sum_queries=False, progress=progress, passes=passes)
+                part = _score_share(model, task, group, plan, train_data, len(rows), batch_size=batch_size,
+                                    collate_fn=collate_fn, progress=progress, per_token=per_token,
+                                    per_module=per_module, passes=passes)
+            del plan
+            _check_columns(trajectory, train_data, part)
+            total = _add_rows(total, part, rows, n_rows)
+    for ((start, _), what, first), zero in passes.zero_rows.items():
+        _warn_zero_measurements(zero, what, start + (first or 0))
+    assert total is not None
+    return total
+
+
+def _add_rows(total: Tensor | dict[str, Tensor] | None, part: Tensor | dict[str, Tensor], rows: range, n_rows: int
+              ) -> Tensor | dict[str, Tensor]:
+    """total[rows] += part: a layer group's scores of queries `rows` (per module: {module: scores})."""
+    if isinstance(part, dict):
+        out = {} if total is None else dict(total)
+        for name, t in part.items():
+            out[name] = _add_rows(out.get(name), t, rows, n_rows)
+        return out
+    if total is None:
+        total = part.new_zeros((n_rows,) + part.shape[1:])
+    elif total.shape[2:] != part.shape[2:]:  # per_token: the groups' modules see different token counts
+        raise ValueError(f"per_token: some tracked modules see {part.shape[-1]} tokens, others {total.shape[-1]} "
+                         "(per_module=True keeps each module's tokens apart)")
+    total[rows.start : rows.stop] += part
+    return total
 
 
 def check_request(model, task, trajectory, factors, method, train_data, query_data, damping, query_rank,
@@ -765,13 +846,19 @@ def _same_tokens(*scores: Tensor) -> tuple[Tensor, ...]:
     return tuple(x if x.shape[-1] == t else torch.nn.functional.pad(x, (0, t - x.shape[-1])) for x in scores)
 
 
+def _query_bytes(model, trajectory, method, segments, query_rank) -> Callable[[LayerSpec], int]:
+    """The bytes one prepared query takes at a layer: d_out·d_a (or r·(d_out + d_a) with query_rank r)
+    for each distinct preconditioned copy (one per scored segment for SOURCE, one per checkpoint of those
+    for TracIn)."""
+    per_copy = _prepared_copies(trajectory, method, segments) * factor_dtype(model).itemsize
+    return lambda s: per_copy * (s.d_out * s.d_a if not query_rank else query_rank * (s.d_out + s.d_a))
+
+
 def query_blocks(model, specs, trajectory, method, segments, n_query, query_rank, budget: int) -> list[range]:
-    """Query index blocks whose prepared gradients fit `budget` bytes: a query takes d_out·d_a
-    (or r·(d_out + d_a) with query_rank r) per layer for each distinct preconditioned copy (one per
-    scored segment for SOURCE, one per checkpoint of those for TracIn)."""
+    """Query index blocks whose prepared gradients fit `budget` bytes (_query_bytes at every layer)."""
     copies = _prepared_copies(trajectory, method, segments)
     itemsize = factor_dtype(model).itemsize
-    per_query = copies * itemsize * sum(s.d_out * s.d_a if not query_rank else query_rank * (s.d_out + s.d_a) for s in specs)
+    per_query = sum(map(_query_bytes(model, trajectory, method, segments, query_rank), specs))
     if per_query > budget:  # even one query would break the promise: say what fits instead
         per_rank = copies * itemsize * sum(s.d_out + s.d_a for s in specs)
         fits = f"query_rank={budget // per_rank}" if budget >= per_rank else "no query_rank either"
@@ -782,6 +869,34 @@ def query_blocks(model, specs, trajectory, method, segments, n_query, query_rank
         )
     per_block = budget // per_query
     return [range(s, min(n_query, s + per_block)) for s in range(0, n_query, per_block)]
+
+
+def layer_groups(specs: list[LayerSpec], n_query: int, bytes_of: Callable[[LayerSpec], int], budget: int
+                 ) -> list[tuple[range, list[LayerSpec]]]:
+    """score()'s turns when the queries do not fit `budget` at once (_score_in_layer_groups): modules
+    packed in groups whose prepared queries, all of them, fit it; a module whose queries alone do not
+    fit, in blocks of them. A module's layers (a grouped convolution's groups) stay together: the
+    heuristic damping is their mean Λ, and per-module scores their sum."""
+    modules: dict[str, list[LayerSpec]] = {}
+    for s in specs:
+        modules.setdefault(s.module, []).append(s)
+    everyone = range(n_query)
+    turns: list[tuple[range, list[LayerSpec]]] = []
+    group: list[LayerSpec] = []
+    used = 0
+    for layers in modules.values():
+        need = n_query * sum(map(bytes_of, layers))
+        if need > budget:  # one query of every layer fits (query_blocks), so one of a module does
+            step = max(1, budget // sum(map(bytes_of, layers)))
+            turns += [(range(q, min(n_query, q + step)), layers) for q in range(0, n_query, step)]
+            continue
+        if group and used + need > budget:
+            turns.append((everyone, group))
+            group, used = [], 0
+        group, used = group + layers, used + need
+    if group:
+        turns.append((everyone, group))
+    return turns
 
 
 def _prepared_copies(trajectory: Trajectory, method: str, segments: list[int]) -> int:
@@ -809,6 +924,7 @@ def self_chunk_size(model, specs, trajectory, method, segments, budget: int) -> 
 def prepare_queries(
     model, task, specs, trajectory, factors, method, train_data, query_data, *, damping, train_segments, query_rank,
     batch_size, collate_fn, sum_queries=False, memory_budget: int | None = None, progress=False, shared=False,
+    passes: PassCache | None = None,
 ) -> _Plan:
     """The query side, once: preconditioned query gradients for every checkpoint that will score
     the training data (low-rank factors when `query_rank` is set; one summed query with sum_queries).
@@ -832,7 +948,7 @@ def prepare_queries(
                 n, step, lambda piece: prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, piece, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
-                    collate_fn=collate_fn, progress=progress, shared=shared), query_data)
+                    collate_fn=collate_fn, progress=progress, shared=shared, passes=passes), query_data)
     n_train = length(train_data)
     if n_train is None:  # a stream: its segments' N (only steers which basis scoring works in)
         n_train = sum(trajectory.segments[ell].num_examples for ell in train_segs)
@@ -847,7 +963,7 @@ def prepare_queries(
     plan = _plan(
         model, task, specs, trajectory, factors, method, mine, "measurement", damping, train_segs,
         batch_size, collate_fn, n_train, summed=sum_queries, progress=progress, first=0 if whole is None else
-        rank * whole // world, whole=whole,
+        rank * whole // world, whole=whole, passes=passes,
     )
     if whole is not None and sum_queries:
         _each_query(plan, _summed_over_ranks)
@@ -929,11 +1045,12 @@ def _transposed_layout(u: Tensor) -> Tensor:
 
 
 def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn, progress=False, per_token=False,
-               per_module=False, first=0) -> Tensor | dict[str, Tensor]:
+               per_module=False, first=0, passes: PassCache | None = None) -> Tensor | dict[str, Tensor]:
     """(n_query, len(data)) scores of map-style `data` (training examples) against prepared queries:
     one pass over `data` per checkpoint, all queries at once. per_token: (n_query, len(data), tokens).
     per_module: {tracked module: its part of those scores}. first: where `data` begins in the
-    training data (a shard, a stream's piece), for errors that name examples."""
+    training data (a shard, a stream's piece), for errors that name examples. passes: the cache the
+    passes go through (score()'s layer groups)."""
     loader = make_loader(data, batch_size, collate_fn)
     n_rows = length(data)
     scores: dict[str, Tensor] = {}
@@ -942,7 +1059,7 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
             what = f"segment {ell}, checkpoint {c}"
             load_into(model, ckpt, what)
             bar = _progress(progress, n_rows, f"scoring ({what})")
-            for start, n, rec in run_pass(model, task, specs, loader, "train", what, bar, first):
+            for start, n, rec in pass_of(passes)(model, task, specs, loader, "train", what, bar, first):
                 parts = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token, per_module)
                 for key, block in parts.items():
                     block = block.transpose(0, 1)

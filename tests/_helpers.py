@@ -19,6 +19,29 @@ from source_fast.tasks import ClassificationTask, RegressionTask
 ClassifyTask, RegressTask = ClassificationTask, RegressionTask
 
 
+class CountingData(torch.utils.data.Dataset):
+    """A dataset that counts the examples read from it (`reads`)."""
+
+    def __init__(self, data):
+        self.data, self.reads = data, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.data[i]
+
+
+class LeavesOutClass2(ClassificationTask):
+    """A measurement that leaves class 2 out: a query of that class has no gradient."""
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        keep = y != 2
+        return nn.functional.cross_entropy(model(x)[keep], y[keep], reduction="sum")
+
+
 def mlp(d_in: int, hidden: int, d_out: int, *, bias: bool = True, dtype=torch.float64, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, hidden, bias=bias), nn.Tanh(), nn.Linear(hidden, d_out, bias=bias)).to(dtype)

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _helpers import ClassifyTask, Stream, classification_data, mlp, perturbed_states
+from _helpers import ClassifyTask, LeavesOutClass2, Stream, classification_data, mlp, perturbed_states
 from torch import nn
 
 import source_fast as sf
@@ -892,13 +892,6 @@ def test_a_collator_that_differs_call_to_call_is_not_judged_a_mean(setup):
 def test_queries_whose_measurement_has_no_gradient_are_named():
     """A query whose every token is masked (here: its class left out of the measurement) scores 0 against
     everything: a warning names it instead of leaving rows of zeros unexplained."""
-
-    class LeavesOutClass2(ClassifyTask):
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            keep = y != 2
-            return nn.functional.cross_entropy(model(x)[keep], y[keep], reduction="sum")
-
     model = mlp(4, 5, 3)
     data, queries = classification_data(20, 4, 3), classification_data(6, 4, 3, seed=1)
     queries.tensors[1][:] = torch.tensor([0, 2, 1, 0, 2, 1])

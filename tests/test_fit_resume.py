@@ -3,7 +3,7 @@ and gives exactly the factors of an uninterrupted fit; a folder from another fit
 
 import pytest
 import torch
-from _helpers import ClassifyTask, RegressTask, classification_data, mlp, perturbed_states
+from _helpers import ClassifyTask, CountingData, RegressTask, classification_data, mlp, perturbed_states
 
 import source_fast as sf
 from source_fast import factors as fm
@@ -171,18 +171,6 @@ def test_a_killed_save_leaves_no_temp_files_after_the_next(tmp_path):
     factors.save(tmp_path)
     assert not list(tmp_path.glob("*.tmp")) and [p.name for p in tmp_path.glob(".tmp*")] == [".tmpfiles1"]
     assert torch.equal(sf.Factors.load(tmp_path).segments[1]["0"].lam, factors.segments[1]["0"].lam)
-
-
-class CountingData(torch.utils.data.Dataset):
-    def __init__(self, data):
-        self.data, self.reads = data, 0
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        return self.data[i]
 
 
 def test_the_fingerprint_reads_shared_data_once(tmp_path):
