@@ -410,7 +410,8 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
                 load_into(model, ckpt, f"segment {ell}, checkpoint {c}")
                 plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective,
                                                         f"{what} at segment {ell}, checkpoint {c}", bs, collate,
-                                                        summed=summed, progress=progress, first=first, passes=passes)[0])
+                                                        summed=summed, progress=progress, first=first,
+                                                        passes=passes)[0])
         return plan
     load_into(model, final, "final checkpoint")
     if method == "grad_dot":
