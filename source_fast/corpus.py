@@ -200,7 +200,7 @@ def score_corpus(
                                 model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
                                 damping=damping, train_segments=train_segments, query_rank=query_rank,
                                 batch_size=batch_size, collate_fn=collate_fn, memory_budget=query_memory_budget,
-                                progress=progress,
+                                progress=progress, first=qrange.start,
                             )
                         log.prepared(time.perf_counter() - t0, later_blocks=len(blocks) - b - 1)
                     t0 = time.perf_counter()

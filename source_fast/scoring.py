@@ -620,6 +620,7 @@ def score(
                     model, task, specs, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size, collate_fn=collate_fn,
                     sum_queries=sum_queries, memory_budget=query_memory_budget, progress=progress, shared=True,
+                    first=block.start,
                 )
                 mine = _score_share(model, task, specs, plan, train_data, len(block) if not sum_queries else 1,
                                     batch_size=batch_size, collate_fn=collate_fn, progress=progress,
@@ -662,15 +663,15 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
                 plan = prepare_queries(
                     model, task, group, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
-                    collate_fn=collate_fn, sum_queries=False, progress=progress, passes=passes)
+                    collate_fn=collate_fn, sum_queries=False, progress=progress, passes=passes, first=rows.start)
                 part = _score_share(model, task, group, plan, train_data, len(rows), batch_size=batch_size,
                                     collate_fn=collate_fn, progress=progress, per_token=per_token,
                                     per_module=per_module, passes=passes)
             del plan
             _check_columns(trajectory, train_data, part)
             total = _add_rows(total, part, rows, n_rows)
-    for ((start, _), what, first), zero in passes.zero_rows.items():
-        _warn_zero_measurements(zero, what, start + (first or 0))
+    for (_, what, first), zero in passes.zero_rows.items():
+        _warn_zero_measurements(zero, what, first)
     assert total is not None
     return total
 
@@ -925,7 +926,7 @@ def self_chunk_size(model, specs, trajectory, method, segments, budget: int) -> 
 def prepare_queries(
     model, task, specs, trajectory, factors, method, train_data, query_data, *, damping, train_segments, query_rank,
     batch_size, collate_fn, sum_queries=False, memory_budget: int | None = None, progress=False, shared=False,
-    passes: PassCache | None = None,
+    passes: PassCache | None = None, first: int = 0,
 ) -> _Plan:
     """The query side, once: preconditioned query gradients for every checkpoint that will score
     the training data (low-rank factors when `query_rank` is set; one summed query with sum_queries).
@@ -936,7 +937,10 @@ def prepare_queries(
 
     memory_budget, with query_rank: each query is preconditioned at full rank before its SVD, so the
     queries are prepared in pieces whose full-rank copies fit in what the block's low-rank factors
-    leave of it (at least one query), each piece factorised before the next."""
+    leave of it (at least one query), each piece factorised before the next.
+
+    first: the number of query_data's first query among all the queries (a block's), for warnings that
+    name queries."""
     train_segs = used_segments(trajectory, method, train_data, train_segments)
     if query_rank and memory_budget is not None and not sum_queries:
         n = length(query_data)
@@ -946,10 +950,11 @@ def prepare_queries(
         step = max(1, (memory_budget - low_rank) // full)
         if step < n:
             return _prepared_in_pieces(
-                n, step, lambda piece: prepare_queries(
+                n, step, lambda piece, start: prepare_queries(
                     model, task, specs, trajectory, factors, method, train_data, piece, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
-                    collate_fn=collate_fn, progress=progress, shared=shared, passes=passes), query_data)
+                    collate_fn=collate_fn, progress=progress, shared=shared, passes=passes, first=first + start),
+                query_data)
     n_train = length(train_data)
     if n_train is None:  # a stream: its segments' N (only steers which basis scoring works in)
         n_train = sum(trajectory.segments[ell].num_examples for ell in train_segs)
@@ -963,8 +968,8 @@ def prepare_queries(
     mine = query_data if whole is None else subset(query_data, range(rank * whole // world, (rank + 1) * whole // world))
     plan = _plan(
         model, task, specs, trajectory, factors, method, mine, "measurement", damping, train_segs,
-        batch_size, collate_fn, n_train, summed=sum_queries, progress=progress, first=0 if whole is None else
-        rank * whole // world, whole=whole, passes=passes,
+        batch_size, collate_fn, n_train, summed=sum_queries, progress=progress, first=first + (
+            0 if whole is None else rank * whole // world), whole=whole, passes=passes,
     )
     if whole is not None and sum_queries:
         _each_query(plan, _summed_over_ranks)
@@ -1000,12 +1005,12 @@ def _each_query(plan: _Plan, fn: Callable, whole_layers: bool = False) -> None:
     plan.queries = {ell: [done[id(layers)] for layers in qs] for ell, qs in plan.queries.items()}
 
 
-def _prepared_in_pieces(n: int, step: int, prepare: Callable[[Any], _Plan], query_data: Any) -> _Plan:
+def _prepared_in_pieces(n: int, step: int, prepare: Callable[[Any, int], _Plan], query_data: Any) -> _Plan:
     """One low-rank plan for n queries from plans of `step` queries each, written into factors
     allocated once (a concatenation at the end would hold every factor twice)."""
     out: _Plan | None = None
     for start in range(0, n, step):
-        piece = prepare(subset(query_data, range(start, min(n, start + step))))
+        piece = prepare(subset(query_data, range(start, min(n, start + step))), start)
         pieces = piece.queries
         if out is None:
             merged: dict[int, dict[str, tuple[Tensor, ...]]] = {}

@@ -191,12 +191,18 @@ def test_an_error_in_a_later_pass_leaves_nothing_on_disk(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_queries_without_gradient_are_named_once_by_their_number(monkeypatch, tmp_path):
+def _queries_1_and_4_without_gradient():
+    """Six queries of classes 0, 2, 1, 0, 2, 1, scored by LeavesOutClass2: queries 1 and 4 have no gradient."""
     model = mlp(4, 5, 3)
     data, queries = classification_data(20, 4, 3), classification_data(6, 4, 3, seed=1)
     queries.tensors[1][:] = torch.tensor([0, 2, 1, 0, 2, 1])
     traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
     factors = sf.fit_factors(model, ClassificationTask(), traj)
+    return model, data, queries, traj, factors
+
+
+def test_queries_without_gradient_are_named_once_by_their_number(monkeypatch, tmp_path):
+    model, data, queries, traj, factors = _queries_1_and_4_without_gradient()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     # Layer 0 takes 6 × 25 × 8 bytes: groups of one layer, each seeing queries 1 and 4 without gradient.
     with pytest.warns(UserWarning, match=r"queries: 2 of 6 have a measurement with no gradient") as said:
@@ -232,3 +238,15 @@ def test_a_stream_of_training_examples_scores_the_same_in_layer_groups(monkeypat
                         query_memory_budget=budget)
     _close(streamed, whole)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_in_blocks_of_queries_a_query_without_gradient_is_named_by_its_number_among_all(monkeypatch, tmp_path):
+    """Blocks of queries (no disk room here; a GPU, ranks) warn block by block, numbering queries in the
+    whole set, not in their block."""
+    model, data, queries, traj, factors = _queries_1_and_4_without_gradient()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(replay, "DISK_MARGIN", 1 << 62)
+    with pytest.warns(UserWarning) as said:
+        sf.score(model, LeavesOutClass2(), traj, factors, data, queries, method="ekfac", query_memory_budget=2 * 43 * 8)
+    named = [str(w.message) for w in said if "no gradient" in str(w.message)]
+    assert [m.split("(numbers ")[1].split(")")[0] for m in named] == ["[1]", "[4]"]
