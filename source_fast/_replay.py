@@ -68,8 +68,7 @@ class PassCache:
     def __init__(self, specs: list[LayerSpec], directory: str | None = None):
         self.specs = specs
         self.folder = Path(tempfile.mkdtemp(prefix=f"source_fast_passes{TEMP_MARK}", dir=directory))
-        self._files: dict[str, Any] = {}
-        self._sizes: dict[str, int] = {}
+        self._files: dict[str, Any] = {}  # a file per layer, written in batch order
         self._done: dict[tuple, list[tuple[int, int, dict[str, _Layer]]]] = {}
         self._queries: tuple = ()
         self._count: dict[str, int] = {}
@@ -123,12 +122,11 @@ class PassCache:
     def _write(self, name: str, t: Tensor) -> _Stored:
         if name not in self._files:
             self._files[name] = open(self.folder / f"{len(self._files)}.bin", "wb")
-            self._sizes[name] = 0
+        f = self._files[name]
         t = t.detach().contiguous().cpu()
-        stored = _Stored(self._sizes[name], tuple(t.shape), t.dtype)
+        stored = _Stored(f.tell(), tuple(t.shape), t.dtype)
         if t.numel():
-            self._files[name].write(t.reshape(-1).view(torch.uint8).numpy().data)
-        self._sizes[name] += t.nbytes
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self.bytes_written += t.nbytes
         return stored
 
