@@ -73,13 +73,9 @@ class PassCache:
         self._queries: tuple = ()
         self._count: dict[str, int] = {}
         self.bytes_written = 0
-        # Per (round's queries, what, first): which queries' measurement had no gradient at any layer of the
-        # groups so far; score() warns after the last group (one group's layers are not all of them).
-        self.zero_rows: dict[tuple, Tensor] = {}
-
-    @property
-    def queries(self) -> tuple[int, int]:
-        return self._queries
+        # Per pass of the queries (its `what`), by query number: whose measurement had no gradient at any
+        # layer of the groups so far; score() warns after the last group (one group's layers are not all).
+        self.zero_rows: dict[str, Tensor] = {}
 
     def round(self, queries: range) -> None:
         """A new layer group's turn, over the queries `queries`."""

@@ -163,9 +163,12 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
         zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in out.values()]).all(0)
         if passes is None:
             _warn_zero_measurements(zero, what, first)
-        else:  # these are some of the layers: score() warns after the last group
-            key = (passes.queries, what, first)
-            passes.zero_rows[key] = zero if key not in passes.zero_rows else passes.zero_rows[key] & zero
+        else:  # these are some of the layers (and queries): score() warns after the last group
+            seen, end = passes.zero_rows.get(what, zero.new_ones(0)), first + n_rows
+            if len(seen) < end:  # queries no group has seen yet: no gradient so far
+                seen = torch.cat([seen, zero.new_ones(end - len(seen))])
+            seen[first:end] &= zero
+            passes.zero_rows[what] = seen
     return out, tokens / max(n_rows, 1)
 
 
@@ -670,8 +673,8 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
             del plan
             _check_columns(trajectory, train_data, part)
             total = _add_rows(total, part, rows, n_rows)
-    for (_, what, first), zero in passes.zero_rows.items():
-        _warn_zero_measurements(zero, what, first)
+    for what, zero in passes.zero_rows.items():
+        _warn_zero_measurements(zero, what, 0)
     assert total is not None
     return total
 

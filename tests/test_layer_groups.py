@@ -250,3 +250,24 @@ def test_in_blocks_of_queries_a_query_without_gradient_is_named_by_its_number_am
         sf.score(model, LeavesOutClass2(), traj, factors, data, queries, method="ekfac", query_memory_budget=2 * 43 * 8)
     named = [str(w.message) for w in said if "no gradient" in str(w.message)]
     assert [m.split("(numbers ")[1].split(")")[0] for m in named] == ["[1]", "[4]"]
+
+
+def test_a_query_without_gradient_at_one_module_only_is_not_named(monkeypatch, tmp_path, recwarn):
+    """Its scores come from the other modules: no warning, also when the module's queries go in blocks
+    and the other module's in another turn."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)).double()
+    data, queries = classification_data(20, 4, 3), classification_data(6, 4, 3, seed=1)
+    queries.tensors[0][1] = 0.0  # query 1: layer 0's input is 0 (its tile too), layer 2's bias column is not
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassificationTask(), traj)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    specs = tracked_layers(model, None)
+    budget = 900  # layer 0 takes 5 × 4 × 8 bytes a query: its six in blocks of 5 and 1; layer 2 (3 × 6) all six
+    turns = layer_groups(specs, 6, lambda s: s.d_out * s.d_a * 8, budget)
+    assert [(rows.start, rows.stop, [s.name for s in g]) for rows, g in turns] == [
+        (0, 5, ["0"]), (5, 6, ["0"]), (0, 6, ["2"])]
+    scores = sf.score(model, ClassificationTask(), traj, factors, data, queries, method="ekfac",
+                      query_memory_budget=budget)
+    assert (scores[1] != 0).any()
+    assert not [w for w in recwarn if "no gradient" in str(w.message)]
