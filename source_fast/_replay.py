@@ -7,9 +7,9 @@ the layers a group at a time instead of the queries a block at a time. A pass ov
 then reads each layer's inputs and output gradients once for all the queries (each training example's
 gradient tile is formed once, and the queries' basis is chosen for all of them), where blocks of queries
 re-run the model over the training data once per block. What makes that possible is this cache: the
-first group's passes record every tracked layer's tokens to files, and the later groups read only their
-own layers' back (a pass of GPT-2 small on the CPU takes ~7 s per 1,000 tokens; reading its 48 layers'
-tokens back, 0.6 MB per token, takes a fraction of that).
+first group's passes record the tokens of the layers the later groups score, and each later group reads
+only its own layers' back (a pass of GPT-2 small on the CPU takes ~7 s per 1,000 tokens; reading its 48
+layers' tokens back, 0.6 MB per token, takes a fraction of that).
 """
 
 from __future__ import annotations
@@ -58,35 +58,45 @@ class _Layer:
 
 
 class PassCache:
-    """Records each pass over data once, every layer of `specs`, and replays it for any subset of them.
+    """Records each pass over data once, the layers later layer groups need, and replays it for any
+    subset of them.
 
     Passes are told apart by their order within a round (round(): one layer group's turn) and, for the
     queries' passes ("measurement"), by the round's queries: a round asks for the same passes in the same
-    order as every other round, the training passes whatever its queries are. Files go to a fresh folder
-    in tempfile's directory (TMPDIR), removed by close()."""
+    order as every other round, the training passes whatever its queries are. Every layer's tokens go to
+    one file (one descriptor however many layers are tracked) in a fresh folder in tempfile's directory
+    (TMPDIR), removed by close(). Anything the disk refuses (no folder, a full disk or quota, a file
+    size limit) raises NoRoom: the cache only saves passes, score() can do without it."""
 
     def __init__(self, specs: list[LayerSpec], directory: str | None = None):
         self.specs = specs
-        self.folder = Path(tempfile.mkdtemp(prefix=f"source_fast_passes{TEMP_MARK}", dir=directory))
-        self._files: dict[str, Any] = {}  # a file per layer, written in batch order
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix=f"source_fast_passes{TEMP_MARK}", dir=directory))
+            self._file = open(self.folder / "passes.bin", "wb")
+        except OSError as exc:
+            if hasattr(self, "folder"):
+                shutil.rmtree(self.folder, ignore_errors=True)
+            raise NoRoom(f"no folder for them in {directory or tempfile.gettempdir()} ({exc})") from exc
         self._done: dict[tuple, list[tuple[int, int, dict[str, _Layer]]]] = {}
         self._queries: tuple = ()
         self._count: dict[str, int] = {}
+        self._kept = {s.name for s in specs}
         self.bytes_written = 0
-        # Per pass of the queries (its `what`), by query number: whose measurement had no gradient at any
-        # layer of the groups so far; score() warns after the last group (one group's layers are not all).
-        self.zero_rows: dict[str, Tensor] = {}
+        # A stream's pieces (their sizes), once read: later rounds replay them without reading the stream.
+        self.stream_pieces: list[int] | None = None
 
-    def round(self, queries: range) -> None:
-        """A new layer group's turn, over the queries `queries`."""
+    def round(self, queries: range, later: set[str]) -> None:
+        """A new layer group's turn, over the queries `queries`; `later`: the layers of the turns after
+        it, the only ones the passes recorded from now on keep."""
         self._queries = (queries.start, queries.stop)
         self._count = {}
+        self._kept = later
 
     def run(self, model: nn.Module, task: Task, specs: list[LayerSpec], loader: DataLoader, objective: str,
             what: str, progress: Any | None = None, first: int | None = 0
             ) -> Iterator[tuple[int, int, dict[str, Captured]]]:
-        """run_pass's batches for `specs`: the pass itself the first time (recording every layer), the
-        recording after that."""
+        """run_pass's batches for `specs`: the pass itself the first time (recording the kept layers),
+        the recording after that (the loader is then not read)."""
         k = self._count.get(objective, 0)
         self._count[objective] = k + 1
         key = (objective, k) + (self._queries if objective == "measurement" else ())
@@ -96,58 +106,59 @@ class PassCache:
 
     def _record(self, key, model, task, specs, loader, objective, what, progress, first):
         total = None if isinstance(loader.dataset, IterableDataset) else len(loader.dataset)
+        kept = [s for s in self.specs if s.name in self._kept]
         batches = []
         for start, n, records in run_pass(model, task, self.specs, loader, objective, what, progress, first):
-            size = sum(r.a.nbytes + r.g.nbytes for r in records.values())
+            size = sum(records[s.name].a.nbytes + records[s.name].g.nbytes for s in kept)
             later = 0 if total is None else size * max(0, total - start - n) // max(n, 1)
             free = shutil.disk_usage(self.folder).free
-            if free - size - later < DISK_MARGIN:
+            if size and free - size - later < DISK_MARGIN:
                 raise NoRoom(f"{self.folder} has {free} bytes free; this pass needs about {size + later} more")
             layers = {}
-            for s in self.specs:
+            for s in kept:
                 r = records[s.name]
-                layers[s.name] = _Layer(self._write(s.name, r.a), self._write(s.name, r.g),
-                                        None if r.mask is None else r.mask.cpu(), r.half, r.calls, r.call,
-                                        r.regrouped, r.selected)
+                layers[s.name] = _Layer(self._write(r.a), self._write(r.g), None if r.mask is None else r.mask.cpu(),
+                                        r.half, r.calls, r.call, r.regrouped, r.selected)
             batches.append((start, n, layers))
             yield start, n, {s.name: records[s.name] for s in specs}
-        for f in self._files.values():
-            f.flush()
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise NoRoom(f"writing to {self.folder} failed ({exc})") from exc
         self._done[key] = batches
 
-    def _write(self, name: str, t: Tensor) -> _Stored:
-        if name not in self._files:
-            self._files[name] = open(self.folder / f"{len(self._files)}.bin", "wb")
-        f = self._files[name]
+    def _write(self, t: Tensor) -> _Stored:
         t = t.detach().contiguous().cpu()
-        stored = _Stored(f.tell(), tuple(t.shape), t.dtype)
+        stored = _Stored(self._file.tell(), tuple(t.shape), t.dtype)
         if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            try:
+                self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            except OSError as exc:  # a quota or a file size limit: the free space said nothing of them
+                raise NoRoom(f"writing to {self.folder} failed ({exc})") from exc
         self.bytes_written += t.nbytes
         return stored
 
     def _replay(self, batches, specs, device, progress):
-        readers = {s.name: open(self._files[s.name].name, "rb") for s in specs}
-        try:
+        with open(self._file.name, "rb") as reader:
             for start, n, layers in batches:
                 records = {}
                 for s in specs:
                     m = layers[s.name]
                     records[s.name] = Captured(
-                        a=_read(readers[s.name], m.a).to(device), g=_read(readers[s.name], m.g).to(device),
+                        a=_read(reader, m.a).to(device), g=_read(reader, m.g).to(device),
                         mask=None if m.mask is None else m.mask.to(device), half=m.half, calls=m.calls,
                         call=m.call, regrouped=m.regrouped, selected=m.selected)
                 yield start, n, records
                 if progress is not None:
                     progress.update(n)
-        finally:
-            for f in readers.values():
-                f.close()
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self._file.close()
+        except OSError:  # its unwritten end (a full disk): the folder goes all the same
+            pass
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> PassCache:
         return self

@@ -8,6 +8,8 @@ the measurement's own units.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import math
 import numbers
 import operator
@@ -160,23 +162,61 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
             if bases[s.name] is not None and bases[s.name].q_a is not None:
                 out[s.name][0] = bases[s.name].q_s.T @ out[s.name][0] @ bases[s.name].q_a
     if objective == "measurement" and not summed and n_rows:
-        zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in out.values()]).all(0)
-        if passes is None:
+        zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in out.values()]).all(0).cpu()
+        flags = _zero_flags.get()
+        if flags is None or first is None:
             _warn_zero_measurements(zero, what, first)
-        else:  # these are some of the layers (and queries): score() warns after the last group
-            seen, end = passes.zero_rows.get(what, zero.new_ones(0)), first + n_rows
-            if len(seen) < end:  # queries no group has seen yet: no gradient so far
-                seen = torch.cat([seen, zero.new_ones(end - len(seen))])
-            seen[first:end] &= zero
-            passes.zero_rows[what] = seen
+        else:  # some of the layers, queries or checkpoints: the call warns once, at its end
+            flags.setdefault(what, _ZeroFlags()).add(zero, first)
     return out, tokens / max(n_rows, 1)
 
 
-def _warn_zero_measurements(zero: Tensor, what: str, first: int | None) -> None:
-    """Examples whose measurement has no gradient at any tracked layer (`zero`, a flag each) score 0 against
-    everything: say so (a query with every token masked, its labels all -100, is one), rather than leave
-    rows of zeros."""
-    n_rows = len(zero)
+class _ZeroFlags:
+    """Per query number, whether every pass that prepared it (layer groups, blocks and pieces of queries,
+    checkpoints) found no gradient: AND-ed, so a query with a gradient anywhere is not named."""
+
+    def __init__(self) -> None:
+        self.zero = torch.zeros(0, dtype=torch.bool)
+        self.seen = torch.zeros(0, dtype=torch.bool)
+
+    def add(self, zero: Tensor, first: int) -> None:
+        end = first + len(zero)
+        if len(self.zero) < end:
+            grow = end - len(self.zero)
+            self.zero = torch.cat([self.zero, torch.ones(grow, dtype=torch.bool)])
+            self.seen = torch.cat([self.seen, torch.zeros(grow, dtype=torch.bool)])
+        self.zero[first:end] &= zero
+        self.seen[first:end] = True
+
+
+_zero_flags: contextvars.ContextVar[dict[str, _ZeroFlags] | None] = contextvars.ContextVar("zero_flags", default=None)
+
+
+def _names_zero_measurements_once(fn: Callable) -> Callable:
+    """fn, warning once at its end about the queries whose measurement had no gradient (not per layer
+    group, block or piece of queries, each of which sees only some); inside another such call, that
+    call warns."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _zero_flags.get() is not None:
+            return fn(*args, **kwargs)
+        flags: dict[str, _ZeroFlags] = {}
+        token = _zero_flags.set(flags)
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            _zero_flags.reset(token)
+        for what, f in flags.items():
+            _warn_zero_measurements(f.zero & f.seen, what, 0, int(f.seen.sum()))
+        return out
+    return wrapper
+
+
+def _warn_zero_measurements(zero: Tensor, what: str, first: int | None, n_rows: int | None = None) -> None:
+    """Examples whose measurement has no gradient at any tracked layer (`zero`, a flag each; `n_rows` of
+    them looked at, all by default) score 0 against everything: say so (a query with every token masked,
+    its labels all -100, is one), rather than leave rows of zeros."""
+    n_rows = len(zero) if n_rows is None else n_rows
     zero = zero.nonzero().flatten()
     if len(zero):
         label = "numbers" if first is not None else "this rank's numbers"  # a stream's share: its own count
@@ -475,6 +515,7 @@ def _validate(model, task, trajectory, factors, method):
     return specs
 
 
+@_names_zero_measurements_once
 def score(
     model: nn.Module,
     task: Task,
@@ -608,7 +649,7 @@ def score(
             return _score_in_layer_groups(model, task, specs, trajectory, factors, method, segments, train_data,
                                           query_data, n_rows, query_memory_budget, **options)
         except NoRoom as exc:
-            warn(f"score: no disk space to keep the passes over the data ({exc}; tempfile's directory, TMPDIR): "
+            warn(f"score: the disk cannot keep the passes over the data ({exc}; tempfile's directory, TMPDIR): "
                  f"the queries go in {len(blocks)} blocks instead, each re-reading the training data")
     parts = []
     strided = share_start(train_data) is None  # a stream's share under torch.distributed: every world-th example
@@ -652,14 +693,15 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
     eigenbasis pays for many queries at once). One process only: under torch.distributed each rank
     reads its share of the data, and the ranks' blocks stay in step. Raises NoRoom, having written
     nothing the caller sees, when the disk cannot hold the passes."""
-    # Sized at full rank with query_rank too: a group's queries are prepared at full rank before their SVD,
-    # and all of them at once, so that every group cuts the queries' passes alike (they are replayed).
-    turns = layer_groups(specs, n_rows, _query_bytes(model, trajectory, method, segments, None), budget)
+    # With query_rank a group's queries are prepared at full rank, all of them at once (every group cuts the
+    # queries' passes alike: they are replayed), and factorised one by one: full rank and low rank together.
+    full, low = (_query_bytes(model, trajectory, method, segments, r) for r in (None, query_rank))
+    turns = layer_groups(specs, n_rows, (lambda s: full(s) + low(s)) if query_rank else full, budget)
     total: Tensor | dict[str, Tensor] | None = None
     device = model_device(model)
     with restored(model), reuse_large_blocks(device), PassCache(specs) as passes:
         for k, (rows, group) in enumerate(turns):
-            passes.round(rows)
+            passes.round(rows, later={s.name for _, g in turns[k + 1 :] for s in g})
             queries = query_data if len(rows) == n_rows else subset(query_data, rows)
             where = f"scoring layer group {k} of {len(turns)} ({len(group)} layers, {len(rows)} queries)"
             with oom_hint(where, train_data, batch_size, budget):
@@ -673,9 +715,9 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
             del plan
             _check_columns(trajectory, train_data, part)
             total = _add_rows(total, part, rows, n_rows)
-    for what, zero in passes.zero_rows.items():
-        _warn_zero_measurements(zero, what, 0)
     assert total is not None
+    if isinstance(total, dict):  # in the tracked modules' order, as one block gives them
+        total = {name: total[name] for name in dict.fromkeys(s.module for s in specs)}
     return total
 
 
@@ -791,12 +833,32 @@ def _score_share(model, task, specs, plan, train_data, n_query: int, **kwargs) -
     if not is_stream(share):
         return score_rows(model, task, specs, plan, share, first=first, **kwargs)
     parts = [score_rows(model, task, specs, plan, piece, first=None if first is None else start, **kwargs)
-             for start, piece in chunks(share, STREAM_CHUNK)]
+             for start, piece in _stream_pieces(share, kwargs.get("passes"))]
     if parts:
         return _cat(parts, 1)
     empty = torch.zeros((n_query, 0) + ((0,) if kwargs.get("per_token") else ()), dtype=factor_dtype(model),
                         device=model_device(model))
     return {s.module: empty for s in specs} if kwargs.get("per_module") else empty
+
+
+def _stream_pieces(stream: Any, passes: PassCache | None) -> Iterator[tuple[int, Any]]:
+    """chunks() of a stream; where its passes are kept, read once: later layer groups replay them, so
+    their pieces are placeholders of the same sizes (an expensive stream, tokenised or fetched, is not
+    read again)."""
+    if passes is None:
+        yield from chunks(stream, STREAM_CHUNK)
+        return
+    if passes.stream_pieces is not None:
+        start = 0
+        for n in passes.stream_pieces:
+            yield start, [None] * n  # never read: the cache replays the recorded pass
+            start += n
+        return
+    sizes = []
+    for start, piece in chunks(stream, STREAM_CHUNK):
+        sizes.append(length(piece))
+        yield start, piece
+    passes.stream_pieces = sizes
 
 
 def _each(scores: Tensor | dict[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor | dict[str, Tensor]:
@@ -926,6 +988,7 @@ def self_chunk_size(model, specs, trajectory, method, segments, budget: int) -> 
     return budget // per_example
 
 
+@_names_zero_measurements_once
 def prepare_queries(
     model, task, specs, trajectory, factors, method, train_data, query_data, *, damping, train_segments, query_rank,
     batch_size, collate_fn, sum_queries=False, memory_budget: int | None = None, progress=False, shared=False,

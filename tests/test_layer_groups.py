@@ -3,7 +3,10 @@ query in each, the passes over the data run once and kept on disk (source_fast._
 be those of one block holding every query (float64: the same arithmetic in another order, so 1e-10),
 the training data and the queries read once per checkpoint, and nothing left on disk."""
 
+import os
+import resource
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,7 +79,7 @@ def test_layer_groups_give_one_blocks_scores_from_one_read(method, option, monke
     grouped = sf.score(model, task, traj, factors, counted_data, counted_queries, method=method, batch_size=8,
                        query_memory_budget=budget, train_segments="all", **damping, **option)
     if isinstance(whole, dict):
-        assert grouped.keys() == whole.keys()
+        assert list(grouped) == list(whole)
         for name in whole:
             _close(grouped[name], whole[name])
     else:
@@ -155,7 +158,7 @@ def test_no_room_on_disk_goes_back_to_blocks_of_queries(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(replay, "DISK_MARGIN", 1 << 62)  # no disk has that much free
     counted = CountingData(data)
-    with pytest.warns(UserWarning, match=r"score: no disk space to keep the passes over the data \(.* has \d+ bytes "
+    with pytest.warns(UserWarning, match=r"score: the disk cannot keep the passes over the data \(.* has \d+ bytes "
                                          r"free; this pass needs about \d+ more; .*the queries go in 4 blocks instead"):
         blocks = sf.score(model, task, traj, factors, counted, queries, method="ekfac", query_memory_budget=43 * 8)
     _close(blocks, whole)
@@ -234,40 +237,158 @@ def test_a_stream_of_training_examples_scores_the_same_in_layer_groups(monkeypat
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     specs = tracked_layers(model, None)
     budget = len(queries) * max(map(_query_bytes(model, traj, "source", [0, 1], None), specs))
-    streamed = sf.score(model, task, traj, factors, Stream(data), queries, batch_size=4, train_segments="all",
+    once, counted = CountingData(data), CountingData(data)
+    sf.score(model, task, traj, factors, Stream(once), queries, batch_size=4, train_segments="all",
+             query_memory_budget=BIG)
+    streamed = sf.score(model, task, traj, factors, Stream(counted), queries, batch_size=4, train_segments="all",
                         query_memory_budget=budget)
     _close(streamed, whole)
     assert list(tmp_path.iterdir()) == []
+    # The later groups replay the pieces without reading the stream again (it may tokenise, or fetch).
+    assert counted.reads == once.reads
 
 
-def test_in_blocks_of_queries_a_query_without_gradient_is_named_by_its_number_among_all(monkeypatch, tmp_path):
-    """Blocks of queries (no disk room here; a GPU, ranks) warn block by block, numbering queries in the
-    whole set, not in their block."""
+def test_only_the_layers_of_later_groups_are_kept(monkeypatch, tmp_path):
+    """The first group scores its layers as the passes run: writing them would only fill the disk."""
+    model = _model()
+    task = ClassificationTask()
+    data, queries = classification_data(37, 6, 3, seed=1), classification_data(11, 6, 3, seed=2)
+    traj = _trajectory("ekfac", model, data)
+    factors = sf.fit_factors(model, task, traj, batch_size=8)
+    specs = tracked_layers(model, None)
+    budget = len(queries) * max(map(_query_bytes(model, traj, "ekfac", [0], None), specs))
+    assert [[s.name for s in g] for _, g in layer_groups(specs, 11, _query_bytes(model, traj, "ekfac", [0], None),
+                                                         budget)] == [["0"], ["2"], ["4"]]
+    caches = []
+    monkeypatch.setattr(scoring, "PassCache", lambda *args: caches.append(replay.PassCache(*args)) or caches[-1])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=0.05, query_memory_budget=budget)
+    # One pass over the training data and one over the queries, each example's inputs and output gradients
+    # at layers 2 (9 in, 7 out) and 4 (7 in, 3 out), in float64; none of layer 0's.
+    assert caches[0].bytes_written == (37 + 11) * (9 + 7 + 7 + 3) * 8
+
+
+@pytest.mark.parametrize("query_rank", [None, 1])
+def test_in_blocks_of_queries_queries_without_gradient_are_named_once_among_all(monkeypatch, tmp_path, query_rank):
+    """Blocks of queries (no disk room here; a GPU, ranks), and query_rank's pieces of them, warn once for
+    the whole call, numbering the queries in the whole set."""
     model, data, queries, traj, factors = _queries_1_and_4_without_gradient()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(replay, "DISK_MARGIN", 1 << 62)
+    budget = 2 * 43 * 8 if query_rank is None else 1200  # blocks of 2 queries; of 6 in pieces of 1 (query_rank)
     with pytest.warns(UserWarning) as said:
-        sf.score(model, LeavesOutClass2(), traj, factors, data, queries, method="ekfac", query_memory_budget=2 * 43 * 8)
+        sf.score(model, LeavesOutClass2(), traj, factors, data, queries, method="ekfac", query_memory_budget=budget,
+                 query_rank=query_rank)
     named = [str(w.message) for w in said if "no gradient" in str(w.message)]
-    assert [m.split("(numbers ")[1].split(")")[0] for m in named] == ["[1]", "[4]"]
+    assert len(named) == 1 and "queries: 2 of 6 have" in named[0] and "(numbers [1, 4])" in named[0]
 
 
-def test_a_query_without_gradient_at_one_module_only_is_not_named(monkeypatch, tmp_path, recwarn):
-    """Its scores come from the other modules: no warning, also when the module's queries go in blocks
-    and the other module's in another turn."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)).double()
-    data, queries = classification_data(20, 4, 3), classification_data(6, 4, 3, seed=1)
-    queries.tensors[0][1] = 0.0  # query 1: layer 0's input is 0 (its tile too), layer 2's bias column is not
+def _blocks_and_groups(model, data, queries, budget, tmp_path, monkeypatch, **options):
+    """score() in one block, then with `budget` (layer groups), their scores, and the fallback warnings."""
+    task = ClassificationTask()
     traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
-    factors = sf.fit_factors(model, ClassificationTask(), traj)
+    factors = sf.fit_factors(model, task, traj)
+    whole = sf.score(model, task, traj, factors, data, queries, method="ekfac", query_memory_budget=BIG, **options)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        grouped = sf.score(model, task, traj, factors, data, queries, method="ekfac", query_memory_budget=budget,
+                           **options)
+    return whole, grouped, [str(w.message) for w in said]
+
+
+def test_a_write_the_disk_refuses_goes_back_to_blocks_of_queries(monkeypatch, tmp_path):
+    """A quota or a file size limit (which the free space does not show) fails a write: blocks of queries
+    instead, and the passes' folder removed. RLIMIT_FSIZE makes such a limit (Python ignores SIGXFSZ, so
+    the write raises EFBIG)."""
+    model = mlp(4, 5, 3)
+    data, queries = classification_data(30, 4, 3, seed=1), classification_data(4, 4, 3, seed=2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+    try:
+        whole, grouped, said = _blocks_and_groups(model, data, queries, 43 * 8, tmp_path, monkeypatch)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    _close(grouped, whole)
+    assert any("the disk cannot keep the passes" in m and "File too large" in m for m in said), said
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temp_directory_that_is_not_one_goes_back_to_blocks_of_queries(monkeypatch, tmp_path):
+    model = mlp(4, 5, 3)
+    data, queries = classification_data(30, 4, 3, seed=1), classification_data(4, 4, 3, seed=2)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    whole, grouped, said = _blocks_and_groups(model, data, queries, 43 * 8, not_a_folder, monkeypatch)
+    _close(grouped, whole)
+    assert any("no folder for them in" in m and "Not a directory" in m for m in said), said
+
+
+def test_many_tracked_layers_keep_their_passes_in_one_file(monkeypatch, tmp_path):
+    """Not a file per layer: a model with more tracked layers than the process may open files (macOS
+    allows 256 by default; GPT-2 XL tracks 193 linears, a mixture of experts far more)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(60) for m in (nn.Linear(3, 3), nn.Tanh())], nn.Linear(3, 2)).double()
+    data, queries = classification_data(12, 3, 2, seed=1), classification_data(4, 3, 2, seed=2)
     specs = tracked_layers(model, None)
-    budget = 900  # layer 0 takes 5 × 4 × 8 bytes a query: its six in blocks of 5 and 1; layer 2 (3 × 6) all six
+    budget = 4 * sum(s.d_out * s.d_a * 8 for s in specs) // 2  # two groups
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(len(os.listdir("/proc/self/fd")) + 30, hard), hard))
+    try:
+        whole, grouped, said = _blocks_and_groups(model, data, queries, budget, tmp_path, monkeypatch)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not [m for m in said if "disk cannot" in m]
+    _close(grouped, whole)
+
+
+def test_per_module_scores_come_in_the_modules_order(monkeypatch, tmp_path):
+    """Also where a later module's queries go in blocks, which turn first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+    data, queries = classification_data(20, 4, 3, seed=1), classification_data(6, 4, 3, seed=2)
+    specs = tracked_layers(model, None)
+    budget = 1000  # six queries: layer 0 (2 × 5) 480 bytes, layer 2 (9 × 3) 1296, layer 4 (3 × 10) 1440
     turns = layer_groups(specs, 6, lambda s: s.d_out * s.d_a * 8, budget)
-    assert [(rows.start, rows.stop, [s.name for s in g]) for rows, g in turns] == [
-        (0, 5, ["0"]), (5, 6, ["0"]), (0, 6, ["2"])]
-    scores = sf.score(model, ClassificationTask(), traj, factors, data, queries, method="ekfac",
-                      query_memory_budget=budget)
-    assert (scores[1] != 0).any()
-    assert not [w for w in recwarn if "no gradient" in str(w.message)]
+    assert [(len(rows), [s.name for s in g]) for rows, g in turns] == [(4, ["2"]), (2, ["2"]), (4, ["4"]),
+                                                                     (2, ["4"]), (6, ["0"])]
+    whole, grouped, _ = _blocks_and_groups(model, data, queries, budget, tmp_path, monkeypatch, per_module=True)
+    assert list(grouped) == list(whole) == ["0", "2", "4"]
+    for name in whole:
+        _close(grouped[name], whole[name])
+
+
+def test_query_rank_in_layer_groups_stays_within_the_budget(monkeypatch, tmp_path):
+    """A group's queries are prepared at full rank, then factorised one by one while the others still are:
+    both fit the budget together."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 3)).double()
+    data, queries = classification_data(30, 20, 3, seed=1), classification_data(16, 20, 3, seed=2)
+    task = ClassificationTask()
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj)
+    options = dict(method="ekfac", damping=0.1, query_rank=8)
+    whole = sf.score(model, task, traj, factors, data, queries, query_memory_budget=BIG, **options)
+    specs = tracked_layers(model, None)
+    budget = 16 * sum(8 * (s.d_out + s.d_a) * 8 for s in specs) // 2  # the rank-8 queries: two blocks' worth
+    plans, held = [], []
+
+    def full_rank_bytes(plan):
+        return sum((v.r if isinstance(v, scoring.EigenQuery) else v).nbytes
+                   for qs in plan.queries.values() for q in qs for v in q.values())
+
+    def factorised(layers, rank, lowrank=scoring._lowrank):  # the plan's full-rank queries, and the factors so far
+        out = lowrank(layers, rank)
+        made = (held[-1][1] if held and held[-1][0] is plans[-1] else 0) + sum(
+            f.nbytes for factors in out.values() for f in factors)
+        held.append((plans[-1], made, full_rank_bytes(plans[-1]) + made))
+        return out
+
+    plan_of = scoring._plan
+    monkeypatch.setattr(scoring, "_plan", lambda *a, **k: plans.append(plan_of(*a, **k)) or plans[-1])
+    monkeypatch.setattr(scoring, "_lowrank", factorised)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    grouped = sf.score(model, task, traj, factors, data, queries, query_memory_budget=budget, **options)
+    _close(grouped, whole)
+    assert len(plans) > 1  # layer groups
+    assert max(total for _, _, total in held) <= budget
