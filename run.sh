@@ -5,8 +5,10 @@
 # Set-up: a virtualenv in .venv (SOURCE_FAST_VENV overrides), torch, this package installed editable
 # with its C++ extension built (SOURCE_FAST_REQUIRE_EXT=1 makes a failed build fatal, as in CI).
 set -euo pipefail
+here="$PWD"  # the demo's --out is relative to where it is run
 cd "$(dirname "$0")"
 venv="${SOURCE_FAST_VENV:-.venv}"
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
 py="$venv/bin/python"
 
 setup() {
@@ -25,6 +27,14 @@ setup() {
     # "+cpu" build, so a CPU box does not download a multi-GB CUDA build.
     "${pip[@]}" "${SOURCE_FAST_TORCH:-torch==2.13.0}"
   fi
+  # Installed before from the same build files, with the extension loading: nothing to do (pip would
+  # compile the extension again, most of a minute). Python and Triton files are installed editable.
+  local stamp="$venv/.source_fast_installed" built
+  built="$(cat setup.py pyproject.toml MANIFEST.in $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -d' ' -f1)"
+  if [ -f "$stamp" ] && grep -qx "$1 $built" "$stamp" && "$py" -c "import source_fast._C" 2>/dev/null; then
+    return
+  fi
+  rm -f "$stamp"
   "${pip[@]}" "setuptools>=64" wheel ninja
   # --no-build-isolation: the extension must be built against the torch that runs it.
   MAX_JOBS="${MAX_JOBS:-2}" "${pip[@]}" --no-build-isolation -e ".[$1]"
@@ -32,7 +42,9 @@ setup() {
     # kronfluence is the reference the interop tests compare against. Its metadata asks for
     # torchvision, which it never imports and which would replace the CPU torch: install it alone.
     "${pip[@]}" --no-deps "kronfluence==1.0.1"
+    echo "demo $built" >>"$stamp"  # the test extra holds the demo's
   fi
+  echo "$1 $built" >>"$stamp"
 }
 
 cmd="${1:-}"
@@ -40,6 +52,7 @@ shift || true
 case "$cmd" in
   demo)
     setup demo
+    cd "$here"
     "$py" -m source_fast demo "$@"
     ;;
   test)
