@@ -401,6 +401,22 @@ def test_partition_targets_are_refused(fitted):
         shim.compute_self_scores("x", "f", train, target_module_partitions=[0])
 
 
+def test_an_attribute_that_is_no_argument_is_named_and_changes_nothing(fitted):
+    """kronfluence's examples set score_args.query_gradient_rank (an older name): both libraries then
+    score at full rank without a word. The shim names it, scores as without it, and reads its score
+    arguments back (kronfluence's loader fails on the extra key its own to_dict wrote)."""
+    shim, train, queries = fitted["analyzers"]["shim"], fitted["train"], fitted["queries"]
+    plain = _pairwise(shim, "plain", "f", train, queries)
+    args = ScoreArguments(**SCORE_ARGS)
+    args.query_gradient_rank = 2
+    with pytest.warns(UserWarning, match=r"ScoreArguments has 'query_gradient_rank', which is not one of kronfluence "
+                                         r"1.0.1's fields: it changes nothing \(did you mean 'query_gradient_low_rank'"):
+        shim.compute_pairwise_scores("renamed", "f", queries, train, per_device_query_batch_size=4,
+                                     per_device_train_batch_size=8, score_args=args)
+    assert torch.equal(shim.load_pairwise_scores("renamed")["all_modules"], plain)
+    assert shim.load_score_args("renamed").to_dict() == ScoreArguments(**SCORE_ARGS).to_dict()
+
+
 def test_loaders_return_what_kronfluence_returns(fitted):
     """Both libraries read the shim's directory: the same objects, the same tensors."""
     model, task = fitted["model"], fitted["task"]

@@ -46,11 +46,18 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
   can be wrapped in DistributedDataParallel, as kronfluence's multi-process scripts do.
 - Precision knobs (`*_dtype` fields other than `score_dtype` and `amp_dtype`) are not used, with a
   warning when one asks for another precision: source_fast computes in the model's dtype with float32
-  accumulation (float64 for a float64 model) and float64 eigendecompositions; scores are cast to `score_dtype`. Partition
+  accumulation (float64 for a float64 model, its factor files then float64 too, where kronfluence's
+  defaults store float32) and float64 eigendecompositions; scores are cast to `score_dtype`. Partition
   and accumulation knobs only trade memory for passes in kronfluence and do not change results; they
   are ignored. `query_gradient_low_rank` maps to source_fast's `query_rank` (exact SVD, never
   randomized: kronfluence's `use_full_svd=True`). A model wrapped by torch.compile is analysed
   through the module it wraps (kronfluence's module names).
+- Rows per example. Where tracked layers see several rows per example (a multiple-choice model runs
+  batch × choices rows), source_fast scores whole examples: (n_query, n_train) scores, Λ of each
+  example's gradient. kronfluence takes each row as an example: a row and a column per choice, Λ of
+  each choice's gradient. The covariances agree; the scores and Λ differ.
+- Attributes set on the arguments objects that are none of kronfluence's fields change nothing in
+  either library; the shim names them (with the field meant, where one is close).
 - Files. A stage (or scoring) that runs removes its old files, and the later stages' computed from
   them, before it computes: kronfluence skips a stage whose files exist, so a run stopped midway must
   not leave old files to be taken for the new data's.
@@ -67,6 +74,8 @@ Differences to know (the file format is in the project's shared KRONFLUENCE_FORM
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -433,10 +442,18 @@ def _jsonable(value: Any) -> Any:
 
 def _args_dict(args: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     """kronfluence's `Arguments.to_dict()` for an arguments object (or a duck-typed one, or None):
-    the defaults, overridden by the object's fields, dtypes as strings like "torch.float32"."""
+    the defaults, overridden by the object's fields, dtypes as strings like "torch.float32". An
+    attribute that is none of kronfluence's fields (an older name, a typo) changes nothing, in either
+    library: said, and kept in the dict as kronfluence's to_dict keeps it."""
     out = dict(defaults)
     if args is not None:
         fields = args.to_dict() if hasattr(args, "to_dict") else vars(args)
+        kind = "FactorArguments" if defaults is FACTOR_DEFAULTS else "ScoreArguments"
+        for k in fields:
+            if k not in defaults:
+                close = difflib.get_close_matches(k, defaults, n=1)
+                warn(f"{kind} has {k!r}, which is not one of kronfluence 1.0.1's fields: it changes nothing"
+                     + (f" (did you mean {close[0]!r}?)" if close else ""))
         out.update({k: _jsonable(v) for k, v in fields.items()})
     return out
 
@@ -674,12 +691,16 @@ def _dtype(value: Any) -> torch.dtype:
 
 
 def _arguments(cls_name: str, fields: dict[str, Any]) -> Any:
-    """kronfluence's FactorArguments / ScoreArguments when kronfluence is installed, else a namespace."""
+    """kronfluence's FactorArguments / ScoreArguments when kronfluence is installed, else a namespace.
+    Fields that are not the class's (written from an attribute set on it: _args_dict said so) are
+    left out, where kronfluence's loader fails on them."""
     try:
         from kronfluence import arguments
     except ImportError:
         return types.SimpleNamespace(**fields)
-    return getattr(arguments, cls_name)(**fields)
+    cls = getattr(arguments, cls_name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in fields.items() if k in known})
 
 
 def _kronfluence_state_dict(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
