@@ -417,6 +417,47 @@ def test_an_attribute_that_is_no_argument_is_named_and_changes_nothing(fitted):
     assert shim.load_score_args("renamed").to_dict() == ScoreArguments(**SCORE_ARGS).to_dict()
 
 
+class MultipleChoice(nn.Module):
+    """Scores each of an example's 4 choices, as Hugging Face's *ForMultipleChoice models do: the
+    tracked layers see batch × 4 rows."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+    def forward(self, x):
+        return self.body(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], -1)
+
+
+def test_multiple_choice_models_score_whole_examples_where_kronfluence_scores_choices(tmp_path):
+    """What the README says differs: kronfluence takes each of the tracked layers' rows (a choice) as an
+    example, the shim whole examples. With K-FAC (no Λ) a score is bilinear in the two gradients, and an
+    example's gradient is its choices' sum: the shim's scores are kronfluence's summed over each pair
+    of examples' 4 × 4 choices. The covariances are the same; Λ's count is examples, not choices."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 4, 6, generator=g, dtype=F64), torch.randint(0, 4, (20,), generator=g)
+    train, queries = TensorDataset(x[:16], y[:16]), TensorDataset(x[16:], y[16:])
+    model, task = MultipleChoice(), KronClassifyTask()
+    scores, roots = {}, {}
+    for name, lib in LIBS.items():
+        roots[name] = tmp_path / name
+        analyzer = _analyzer(lib, model, task, roots[name])
+        for strategy in ("kfac", "ekfac"):
+            analyzer.fit_all_factors(strategy, train, per_device_batch_size=8,
+                                     factor_args=FactorArguments(**{**FACTOR_ARGS, "strategy": strategy}))
+        scores[name] = _pairwise(analyzer, "pairwise", "kfac", train, queries, damping_factor=1e-3)
+    assert scores["kron"].shape == (4 * 4, 4 * 16) and scores["shim"].shape == (4, 16)
+    _close(scores["shim"], scores["kron"].reshape(4, 4, 16, 4).sum((1, 3)))
+    factors = {name: root / "run" / "factors_ekfac" for name, root in roots.items()}
+    for stem in ("activation_covariance", "gradient_covariance"):
+        ours, theirs = (load_file(str(factors[name] / f"{stem}.safetensors")) for name in ("shim", "kron"))
+        for module in theirs:
+            _close(ours[module], theirs[module])
+    counts = {name: load_file(str(factors[name] / "num_lambda_processed.safetensors")) for name in factors}
+    assert {int(c) for c in counts["shim"].values()} == {16} and {int(c) for c in counts["kron"].values()} == {64}
+
+
 def test_loaders_return_what_kronfluence_returns(fitted):
     """Both libraries read the shim's directory: the same objects, the same tensors."""
     model, task = fitted["model"], fitted["task"]
