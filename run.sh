@@ -27,11 +27,18 @@ setup() {
     # "+cpu" build, so a CPU box does not download a multi-GB CUDA build.
     "${pip[@]}" "${SOURCE_FAST_TORCH:-torch==2.13.0}"
   fi
-  # Installed before from the same build files, with the extension loading: nothing to do (pip would
-  # compile the extension again, most of a minute). Python and Triton files are installed editable.
-  local stamp="$venv/.source_fast_installed" built
-  built="$(cat setup.py pyproject.toml MANIFEST.in $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -d' ' -f1)"
-  if [ -f "$stamp" ] && grep -qx "$1 $built" "$stamp" && "$py" -c "import source_fast._C" 2>/dev/null; then
+  # Installed before from the same build files, torch and build settings, this checkout's package and
+  # extension loading: nothing to do (pip would compile the extension again, most of a minute). Python
+  # and Triton files are installed editable. The check runs outside the checkout, whose own folder
+  # would otherwise be imported whatever the venv holds.
+  local stamp="$venv/.source_fast_installed" package="$PWD/source_fast" built
+  built="$( { cat setup.py pyproject.toml MANIFEST.in $(find csrc -type f | LC_ALL=C sort)
+              "$py" -c "import torch; print(torch.__version__, torch.version.cuda)"
+              { env | grep -E "^(SOURCE_FAST_(BUILD_EXT|REQUIRE_EXT|FORCE_CUDA)|CUDA_HOME|TORCH_CUDA_ARCH_LIST)=" || true; } | LC_ALL=C sort
+            } | sha256sum | cut -d' ' -f1)"
+  if [ -f "$stamp" ] && grep -qx "$1 $built" "$stamp" && (cd / && "$py" -c \
+      "import os, sys, source_fast._C as c; p = os.path.realpath; sys.exit(p(os.path.dirname(c.__file__)) != p(sys.argv[1]))" \
+      "$package") 2>/dev/null; then
     return
   fi
   rm -f "$stamp"

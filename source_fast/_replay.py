@@ -76,7 +76,9 @@ class PassCache:
         except OSError as exc:
             if hasattr(self, "folder"):
                 shutil.rmtree(self.folder, ignore_errors=True)
-            raise NoRoom(f"no folder for them in {directory or tempfile.gettempdir()} ({exc})") from exc
+            # Not gettempdir(): with no usable temporary directory at all it raises again.
+            raise NoRoom(f"no folder for them in {directory or tempfile.tempdir or 'the temporary directory'} "
+                         f"({exc})") from exc
         self._done: dict[tuple, list[tuple[int, int, dict[str, _Layer]]]] = {}
         self._queries: tuple = ()
         self._count: dict[str, int] = {}

@@ -172,8 +172,9 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
 
 
 class _ZeroFlags:
-    """Per query number, whether every pass that prepared it (layer groups, blocks and pieces of queries,
-    checkpoints) found no gradient: AND-ed, so a query with a gradient anywhere is not named."""
+    """Per query number, whether every pass that prepared it under one label (layer groups, blocks and
+    pieces of queries, TRAK's checkpoints; TracIn labels each checkpoint's) found no gradient: AND-ed, so
+    a query with a gradient anywhere is not named."""
 
     def __init__(self) -> None:
         self.zero = torch.zeros(0, dtype=torch.bool)

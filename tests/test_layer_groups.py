@@ -324,6 +324,18 @@ def test_a_temp_directory_that_is_not_one_goes_back_to_blocks_of_queries(monkeyp
     assert any("no folder for them in" in m and "Not a directory" in m for m in said), said
 
 
+def test_no_usable_temporary_directory_at_all_is_no_room(monkeypatch):
+    """tempfile finds none (every candidate unwritable): NoRoom, not tempfile's own error."""
+    monkeypatch.setattr(tempfile, "tempdir", None)
+
+    def none_usable():
+        raise FileNotFoundError("No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "_get_default_tempdir", none_usable)
+    with pytest.raises(replay.NoRoom, match="no folder for them in the temporary directory"):
+        replay.PassCache([])
+
+
 def test_many_tracked_layers_keep_their_passes_in_one_file(monkeypatch, tmp_path):
     """Not a file per layer: a model with more tracked layers than the process may open files (macOS
     allows 256 by default; GPT-2 XL tracks 193 linears, a mixture of experts far more)."""
