@@ -34,7 +34,7 @@ setup() {
   local stamp="$venv/.source_fast_installed" package="$PWD/source_fast" built
   built="$( { cat setup.py pyproject.toml MANIFEST.in $(find csrc -type f | LC_ALL=C sort)
               "$py" -c "import torch; print(torch.__version__, torch.version.cuda)"
-              { env | grep -E "^(SOURCE_FAST_(BUILD_EXT|REQUIRE_EXT|FORCE_CUDA)|CUDA_HOME|TORCH_CUDA_ARCH_LIST)=" || true; } | LC_ALL=C sort
+              { env | grep -E "^(SOURCE_FAST_(BUILD_EXT|FORCE_CUDA)|CUDA_HOME|TORCH_CUDA_ARCH_LIST)=" || true; } | LC_ALL=C sort
             } | sha256sum | cut -d' ' -f1)"
   if [ -f "$stamp" ] && grep -qx "$1 $built" "$stamp" && (cd / && "$py" -c \
       "import os, sys, source_fast._C as c; p = os.path.realpath; sys.exit(p(os.path.dirname(c.__file__)) != p(sys.argv[1]))" \
