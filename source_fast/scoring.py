@@ -121,11 +121,15 @@ def _is_index(value: Any) -> bool:
 
 
 def _example_grads(model, task, specs, data, objective, what, batch_size, collate_fn, bases=None,
-                   summed=False, progress=False, first: int | None = 0, passes: PassCache | None = None
-                   ) -> tuple[Grads, float]:
+                   summed=False, progress=False, first: int | None = 0, passes: PassCache | None = None,
+                   examples: str | None = None) -> tuple[Grads, float]:
     """Per-example layer gradients (n, d_out, d_a) of the measurement or training loss, and the mean
     number of tokens per example: used only for queries (few) and self-influence chunks (bounded),
     never for the training corpus. summed: their sum over the examples instead, (1, d_out, d_a).
+
+    examples: what the no-gradient warning calls the examples (default `what`, which may also name a
+    checkpoint: TracIn's passes over its checkpoints share one warning, a query named only if it has no
+    gradient at any of them).
 
     bases: {name: LayerFactors} to return Q_Sᵀ G_n Q_A instead, computed from the rotated token
     matrices Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ when that is cheaper — t·(d_out² + d_a²) per example against
@@ -163,18 +167,18 @@ def _example_grads(model, task, specs, data, objective, what, batch_size, collat
                 out[s.name][0] = bases[s.name].q_s.T @ out[s.name][0] @ bases[s.name].q_a
     if objective == "measurement" and not summed and n_rows:
         zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in out.values()]).all(0).cpu()
-        flags = _zero_flags.get()
+        flags, examples = _zero_flags.get(), examples or what
         if flags is None or first is None:
-            _warn_zero_measurements(zero, what, first)
+            _warn_zero_measurements(zero, examples, first)
         else:  # some of the layers, queries or checkpoints: the call warns once, at its end
-            flags.setdefault(what, _ZeroFlags()).add(zero, first)
+            flags.setdefault(examples, _ZeroFlags()).add(zero, first)
     return out, tokens / max(n_rows, 1)
 
 
 class _ZeroFlags:
-    """Per query number, whether every pass that prepared it under one label (layer groups, blocks and
-    pieces of queries, TRAK's checkpoints; TracIn labels each checkpoint's) found no gradient: AND-ed, so
-    a query with a gradient anywhere is not named."""
+    """Per query number, whether every pass that prepared it (layer groups, blocks and pieces of queries,
+    TRAK's and TracIn's checkpoints) found no gradient: AND-ed, so a query with a gradient anywhere is not
+    named."""
 
     def __init__(self) -> None:
         self.zero = torch.zeros(0, dtype=torch.bool)
@@ -455,7 +459,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
                 plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective,
                                                         f"{what} at segment {ell}, checkpoint {c}", bs, collate,
                                                         summed=summed, progress=progress, first=first,
-                                                        passes=passes)[0])
+                                                        passes=passes, examples=what)[0])
         return plan
     load_into(model, final, "final checkpoint")
     if method == "grad_dot":

@@ -215,6 +215,39 @@ def test_queries_without_gradient_are_named_once_by_their_number(monkeypatch, tm
     assert "(numbers [1, 4])" in str(said[0].message)
 
 
+class LeavesOutPredicted2(ClassificationTask):
+    """A measurement that leaves out the queries the model predicts as class 2: which ones depends on the
+    checkpoint."""
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        out = model(x)
+        keep = out.argmax(1) != 2
+        return nn.functional.cross_entropy(out[keep], y[keep], reduction="sum")
+
+
+def test_tracin_names_a_query_only_if_it_has_no_gradient_at_every_checkpoint():
+    """At checkpoint 0 the model predicts class 2 for every query (no gradient anywhere), at checkpoint 1
+    for some: those alone score 0, one warning names them (not one per checkpoint naming all)."""
+    model, data, queries, _, _ = _queries_1_and_4_without_gradient()
+    with torch.no_grad():  # raise class 2's bias at the last checkpoint until three queries predict it
+        out = model(queries.tensors[0])
+        short = (torch.cat([out[:, :2], out[:, 3:]], 1).amax(1) - out[:, 2]).sort().values
+        model[2].bias[2] += (short[2] + short[3]) / 2
+        zero = (model(queries.tensors[0]).argmax(1) == 2).nonzero().flatten().tolist()
+    assert len(zero) == 3
+    late = {k: v.clone() for k, v in model.state_dict().items()}
+    early = {k: v.clone() for k, v in late.items()}
+    early["2.bias"][2] += 1e3
+    traj = sf.Trajectory([sf.Segment([early, late], data, lr_sum=1.0)])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        scores = sf.score(model, LeavesOutPredicted2(), traj, None, data, queries, method="tracin")
+    named = [str(w.message) for w in said if "no gradient" in str(w.message)]
+    assert len(named) == 1 and f"queries: {len(zero)} of 6 have" in named[0] and f"(numbers {zero})" in named[0]
+    assert (scores[zero] == 0).all() and (scores.abs().amax(1) > 0).sum() == len(queries) - len(zero)
+
+
 def test_the_passes_folder_is_marked_as_ours():
     cache = replay.PassCache([])
     try:
