@@ -16,9 +16,10 @@ Layout of `out_dir`:
   rows.json                      the number of training rows scored, written last: the run is complete.
 
 The training data may be a dataset, a DataLoader or a re-iterable stream of examples: shards are its
-consecutive runs of `shard_size` examples, so a stream is read once per query block, one shard buffered
-at a time. Under torch.distributed a dataset's shards go to the ranks in contiguous runs; a stream is
-read by every rank, each scoring every world-th shard.
+consecutive runs of `shard_size` examples, one buffered at a time. Queries that do not fit one block are
+scored shard by shard on a CPU (the corpus read once), else block by block (read once per block).
+Under torch.distributed a dataset's shards go to the ranks in contiguous runs; a stream is read by every
+rank, each scoring every world-th shard.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,12 +40,16 @@ from ._io import SAFETENSORS_TEMP, atomic_path, check_folder, own_temps, remove_
 from ._passes import (
     chunks, describe_task, digest_examples, digest_tensors, length, model_device, reuse_large_blocks, subset,
 )
+from ._replay import NoRoom
+from ._warn import warn
 from .factors import Factors, _checkpoint_digests, restored
 from .scoring import (
     GRADIENT_METHODS,
     DEFAULT_QUERY_MEMORY_BUDGET,
     Damping,
     Method,
+    _names_zero_measurements_once,
+    _score_in_layer_groups,
     check_count,
     check_request,
     check_rows,
@@ -86,6 +92,7 @@ def _fingerprint(model, task, trajectory, factors, method, options, train_data, 
     return json.loads(json.dumps(fingerprint))
 
 
+@_names_zero_measurements_once
 def score_corpus(
     model: nn.Module,
     task: Task,
@@ -108,13 +115,19 @@ def score_corpus(
 ) -> Path:
     """Scores `train_data` against `query_data` like `score`, streaming to sharded files in `out_dir`.
 
-    Each training row is read once per checkpoint for every query in a block, and once more per block
-    to fingerprint its shard (which a resumed run reads again to check a finished shard's examples
-    are the same); queries go in blocks
-    whose preconditioned gradients fit `query_memory_budget` bytes (one block when they all fit;
-    `query_rank` shrinks them; unlike score()'s, the default is fixed, not taken from the free memory,
-    because the shards belong to query blocks and a resumed run must cut the same blocks). Peak memory depends on the budget, `shard_size` and `batch_size`,
-    never on the number of training examples. Scores are float32 (float64 for a float64 model).
+    The queries' preconditioned gradients are held `query_memory_budget` bytes at a time (`query_rank`
+    shrinks them; unlike score()'s, the default budget is fixed, not taken from the free memory, because
+    the shard files belong to query blocks cut by it and a resumed run must cut the same blocks). When
+    they do not all fit, on a CPU in one process the training data is still read once: each shard is
+    scored against every query a group of layers at a time, the shard's layer inputs and output
+    gradients kept in a temporary folder (TMPDIR; about shard_size × one example's tokens × the tracked
+    layers' widths) and the queries prepared again for each shard. Where that costs more than it saves
+    (many queries against small shards), on a GPU, under torch.distributed or without the disk room, the
+    queries go in blocks and the training data is read once per block. Each row is read once per
+    checkpoint it is scored at and once more to fingerprint its shard (which a resumed run reads again
+    to check a finished shard's examples are the same). Peak memory depends on the budget, `shard_size`
+    and `batch_size`, never on the number of training examples. Scores are float32 (float64 for a
+    float64 model).
     With `top_k`, only each query's k largest and k smallest scores and their row indices are kept.
     Under torch.distributed the shards are split across ranks: a dataset's as contiguous runs, a
     stream's every world-th shard (each rank reads the whole stream).
@@ -170,48 +183,30 @@ def score_corpus(
         (out / "shards").mkdir(parents=True, exist_ok=True)
         n_all = -(-n_expected // shard_size) if n_expected else None  # shards in all, for progress lines
         of = f"/{n_all}" if n_all else ""
-        total = None if n_all is None else len(blocks) * sum(map(mine, range(n_all)))
-        what = "shards" + (f" of {len(blocks)} query blocks" if len(blocks) > 1 else "") + (" of this rank" if world > 1 else "")
-        log = _ShardLog(progress, f"[rank {rank}] " if world > 1 else "", of, total, what,
-                        step=world if n_shards is None else 1)  # a stream's shards of a rank: world apart
-
-        rows_seen = set()
+        prefix = f"[rank {rank}] " if world > 1 else ""
+        step = world if n_shards is None else 1  # a stream's shards of a rank: world apart
+        mine_all = None if n_all is None else sum(map(mine, range(n_all)))
+        rows_seen: set[int] = set()
+        job = _Job(model=model, task=task, specs=specs, trajectory=trajectory, factors=factors, method=method,
+                   segments=segments, train_data=train_data, query_data=query_data, out=out, blocks=blocks,
+                   shard_size=shard_size, mine=mine, of=of, top_k=top_k, budget=query_memory_budget,
+                   options=dict(damping=damping, train_segments=train_segments, query_rank=query_rank,
+                                batch_size=batch_size, collate_fn=collate_fn, progress=progress))
         with restored(model), reuse_large_blocks(model_device(model)):
-            for b, qrange in enumerate(blocks):
-                plan = None  # prepared on the first shard that needs it: a finished block costs nothing
-                end = 0
-                for k, (start, piece) in enumerate(chunks(train_data, shard_size)):
-                    end = start + length(piece)
-                    if not mine(k):
-                        continue
-                    # A shard is done only for the same examples: a stream's later examples may have changed.
-                    examples = digest_examples(piece, limit=None)
-                    block = f"query block {b + 1}/{len(blocks)}"
-                    where = f"{log.prefix}{block}, shard {k + 1}{of}: rows {start}-{end}"
-                    if _shard_done(out, b, (start, end), examples, repair=lambda: log.say(
-                            f"{where}: its shard was corrupted, incomplete or of other examples; scoring it again")):
-                        log.skipped(block, k, start, end)
-                        continue
-                    log.flush()  # before the bars of preparing the queries or scoring
-                    if plan is None:
-                        t0 = time.perf_counter()
-                        with oom_hint(f"preparing query block {b}", train_data, batch_size, query_memory_budget):
-                            plan = prepare_queries(
-                                model, task, specs, trajectory, factors, method, train_data, subset(query_data, qrange),
-                                damping=damping, train_segments=train_segments, query_rank=query_rank,
-                                batch_size=batch_size, collate_fn=collate_fn, memory_budget=query_memory_budget,
-                                progress=progress, first=qrange.start,
-                            )
-                        log.prepared(time.perf_counter() - t0, later_blocks=len(blocks) - b - 1)
-                    t0 = time.perf_counter()
-                    with oom_hint(f"scoring rows {start}-{end} against query block {b}", train_data, batch_size,
-                                  query_memory_budget):
-                        rows = score_rows(model, task, specs, plan, piece, batch_size=batch_size, collate_fn=collate_fn,
-                                          progress=progress, first=start)
-                    _write_shard(out, b, (start, end), rows, top_k, examples)
-                    log.scored(where, end - start, time.perf_counter() - t0)
-                log.flush()
-                rows_seen.add(end)
+            if len(blocks) > 1 and model_device(model).type == "cpu" and world == 1 and _one_read_pays(
+                    len(blocks), n_query, n_expected, shard_size):
+                log = _ShardLog(progress, prefix, of, mine_all, "shards", step)
+                try:
+                    rows_seen.add(_score_shard_by_shard(job, log))
+                except NoRoom as exc:
+                    warn(f"score_corpus: the disk cannot keep a shard's passes over the data ({exc}; tempfile's "
+                         f"directory, TMPDIR): the queries go in {len(blocks)} blocks instead, each re-reading "
+                         "the training data")
+            if not rows_seen:
+                what = "shards" + (f" of {len(blocks)} query blocks" if len(blocks) > 1 else "") + (
+                    " of this rank" if world > 1 else "")
+                log = _ShardLog(progress, prefix, of, None if mine_all is None else len(blocks) * mine_all, what, step)
+                rows_seen = _score_block_by_block(job, log)
         if len(rows_seen) != 1 or 0 in rows_seen:
             raise ValueError(
                 f"the training data yielded {sorted(rows_seen)} examples on its passes (one per query block): a stream must "
@@ -229,6 +224,111 @@ def score_corpus(
                 tmp.write_text(json.dumps({"rows": n_rows}))
         barrier()
         return out
+
+
+@dataclass
+class _Job:
+    """What score_corpus scores and where: the same for both orders of the work."""
+
+    model: nn.Module
+    task: Task
+    specs: list
+    trajectory: Trajectory
+    factors: Factors | None
+    method: str
+    segments: list[int]  # the segments whose checkpoints score the training data
+    train_data: Any
+    query_data: Any
+    out: Path
+    blocks: list[range]
+    shard_size: int
+    mine: Callable[[int], bool]  # whether shard k is this rank's
+    of: str  # "/n_shards" for progress lines, or ""
+    top_k: int | None
+    budget: int  # query_memory_budget
+    options: dict  # damping, train_segments, query_rank, batch_size, collate_fn, progress
+
+
+def _one_read_pays(n_blocks: int, n_query: int, n_train: int | None, shard_size: int) -> bool:
+    """Whether reading each shard once and preparing every query for it (_score_shard_by_shard) costs less
+    than reading the whole corpus once per query block (_score_block_by_block). A query's preparation,
+    its forward and backward pass and its rotation into the eigenbases, counts as two training rows: shard
+    by shard costs 2·n_query more per shard, block by block n_train more per extra block."""
+    if n_train is None:  # a stream of unknown length: large, as streams are
+        return True
+    return 2 * n_query * -(-n_train // shard_size) < (n_blocks - 1) * n_train
+
+
+def _score_shard_by_shard(job: _Job, log: _ShardLog) -> int:
+    """The corpus read once (on a CPU, one process, when the queries do not fit in one block): each shard
+    scored against every query layer group by layer group (scoring._score_in_layer_groups, the shard's
+    passes kept on disk for the later groups), its rows written into each query block's shard file, so
+    the folder is the one block by block writes and either resumes the other. Returns the number of
+    training rows; raises NoRoom when the disk cannot keep a shard's passes (finished shards stay)."""
+    rows_read: list[int] = []
+    for k, start, end, piece, examples in _my_shards(job, rows_read):
+        where = f"{log.prefix}shard {k + 1}{job.of}: rows {start}-{end}"
+        todo = [b for b in range(len(job.blocks)) if not _shard_done(job.out, b, (start, end), examples, repair=lambda: log.say(
+            f"{where}: a query block's shard was corrupted, incomplete or of other examples; scoring it again"))]
+        if not todo:
+            log.skipped("every query block", k, start, end)
+            continue
+        log.flush()  # before the bars of scoring
+        t0 = time.perf_counter()
+        with oom_hint(f"scoring rows {start}-{end}", job.train_data, job.options["batch_size"], job.budget):
+            rows = _score_in_layer_groups(
+                job.model, job.task, job.specs, job.trajectory, job.factors, job.method, job.segments, piece,
+                job.query_data, job.blocks[-1].stop, job.budget, **{**job.options, "train_segments": job.segments},
+                per_token=False, per_module=False, first=start)
+        for b in todo:
+            _write_shard(job.out, b, (start, end), rows[job.blocks[b].start : job.blocks[b].stop], job.top_k, examples)
+        log.scored(where, end - start, time.perf_counter() - t0)
+    log.flush()
+    return rows_read[0]
+
+
+def _my_shards(job: _Job, rows_read: list[int]) -> Iterator[tuple[int, int, int, Any, str]]:
+    """This rank's shards, (k, first row, end row, examples, their digest), from one read of the training
+    data; at its end the number of rows the read yielded goes into `rows_read`."""
+    end = 0
+    for k, (start, piece) in enumerate(chunks(job.train_data, job.shard_size)):
+        end = start + length(piece)
+        if job.mine(k):
+            # A shard is done only for the same examples: a stream's later examples may have changed.
+            yield k, start, end, piece, digest_examples(piece, limit=None)
+    rows_read.append(end)
+
+
+def _score_block_by_block(job: _Job, log: _ShardLog) -> set[int]:
+    """Each query block's queries prepared once and every shard scored against them: the corpus read once
+    per block. Returns the number of training rows each read yielded."""
+    rows_read: list[int] = []
+    for b, qrange in enumerate(job.blocks):
+        plan = None  # prepared on the first shard that needs it: a finished block costs nothing
+        for k, start, end, piece, examples in _my_shards(job, rows_read):
+            block = f"query block {b + 1}/{len(job.blocks)}"
+            where = f"{log.prefix}{block}, shard {k + 1}{job.of}: rows {start}-{end}"
+            if _shard_done(job.out, b, (start, end), examples, repair=lambda: log.say(
+                    f"{where}: its shard was corrupted, incomplete or of other examples; scoring it again")):
+                log.skipped(block, k, start, end)
+                continue
+            log.flush()  # before the bars of preparing the queries or scoring
+            if plan is None:
+                t0 = time.perf_counter()
+                with oom_hint(f"preparing query block {b}", job.train_data, job.options["batch_size"], job.budget):
+                    plan = prepare_queries(
+                        job.model, job.task, job.specs, job.trajectory, job.factors, job.method, job.train_data,
+                        subset(job.query_data, qrange), **job.options, memory_budget=job.budget, first=qrange.start)
+                log.prepared(time.perf_counter() - t0, later_blocks=len(job.blocks) - b - 1)
+            t0 = time.perf_counter()
+            with oom_hint(f"scoring rows {start}-{end} against query block {b}", job.train_data,
+                          job.options["batch_size"], job.budget):
+                rows = score_rows(job.model, job.task, job.specs, plan, piece, batch_size=job.options["batch_size"],
+                                  collate_fn=job.options["collate_fn"], progress=job.options["progress"], first=start)
+            _write_shard(job.out, b, (start, end), rows, job.top_k, examples)
+            log.scored(where, end - start, time.perf_counter() - t0)
+        log.flush()
+    return set(rows_read)
 
 
 class _ShardLog:

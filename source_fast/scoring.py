@@ -688,7 +688,7 @@ def _check_columns(trajectory: Trajectory, train_data: Any, scores: Tensor | dic
 
 def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segments, train_data, query_data,
                            n_rows: int, budget: int, *, damping, train_segments, query_rank, batch_size, collate_fn,
-                           progress, per_token, per_module) -> Tensor | dict[str, Tensor]:
+                           progress, per_token, per_module, first: int | None = None) -> Tensor | dict[str, Tensor]:
     """score() on a CPU when the prepared queries do not fit `budget` at once: the layers a group at a time
     (layer_groups), every query in each, the scores summed over the groups (every method here is
     block-diagonal over layers). The passes over the training data and the queries run once, their
@@ -697,7 +697,10 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
     and choose each layer's basis for a block's queries (rotating the training tokens into the
     eigenbasis pays for many queries at once). One process only: under torch.distributed each rank
     reads its share of the data, and the ranks' blocks stay in step. Raises NoRoom, having written
-    nothing the caller sees, when the disk cannot hold the passes."""
+    nothing the caller sees, when the disk cannot hold the passes.
+
+    first: train_data is a piece of the training data that begins at row `first` (score_corpus's shard;
+    train_segments then names the segments), scored whole; None: this rank's share of it."""
     # With query_rank a group's queries are prepared at full rank, all of them at once (every group cuts the
     # queries' passes alike: they are replayed), and factorised one by one: full rank and low rank together.
     full, low = (_query_bytes(model, trajectory, method, segments, r) for r in (None, query_rank))
@@ -714,9 +717,10 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
                     model, task, group, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
                     collate_fn=collate_fn, sum_queries=False, progress=progress, passes=passes, first=rows.start)
-                part = _score_share(model, task, group, plan, train_data, len(rows), batch_size=batch_size,
-                                    collate_fn=collate_fn, progress=progress, per_token=per_token,
-                                    per_module=per_module, passes=passes)
+                options = dict(batch_size=batch_size, collate_fn=collate_fn, progress=progress, per_token=per_token,
+                               per_module=per_module, passes=passes)
+                part = _score_share(model, task, group, plan, train_data, len(rows), **options) if first is None \
+                    else score_rows(model, task, group, plan, train_data, first=first, **options)
             del plan
             _check_columns(trajectory, train_data, part)
             total = _add_rows(total, part, rows, n_rows)

@@ -8,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,13 @@ import torch
 from _corpus_job import SlowTask, in_memory, job
 
 import source_fast as sf
+import source_fast._replay as replay
+import source_fast.corpus as corpus
 from source_fast.corpus import load_scores, load_top_k, score_corpus
-from _helpers import ClassifyTask, RegressTask, classification_data, torchrun
+from source_fast.tasks import ClassificationTask
+from _helpers import (
+    ClassifyTask, CountingData, LeavesOutClass2, RegressTask, classification_data, mlp, torchrun,
+)
 
 HERE = Path(__file__).parent
 JOB = [sys.executable, str(HERE / "_corpus_job.py")]
@@ -37,18 +44,116 @@ def reference():
     return model, task, data, queries, traj, factors, sf.score(model, task, traj, factors, data, queries)
 
 
-def test_shards_and_query_blocks_equal_in_memory_scores(reference, tmp_path, capsys):
+TWO_QUERIES = 2 * 4 * (7 * 7 + 4 * 8) * 2  # prepared bytes of two queries: 2 segments, float32, 81 parameters
+
+
+def _block_by_block(monkeypatch):
+    monkeypatch.setattr(corpus, "_one_read_pays", lambda *args: False)
+
+
+@pytest.mark.parametrize("order", ["shard by shard", "block by block"])
+def test_shards_and_query_blocks_equal_in_memory_scores(reference, tmp_path, capsys, monkeypatch, order):
+    """Queries in 3 blocks (a budget of two queries), rows in 6 shards of at most 16: on a CPU each shard is
+    read once and scored against every query; block by block (a GPU, ranks, small shards) reads the rows
+    once per block. The files are the same either way (one per block and shard)."""
     model, task, data, queries, traj, factors, full = reference
-    # A budget of two queries' prepared gradients: 3 query blocks, and 6 row shards of at most 16.
-    budget = 2 * 4 * (7 * 7 + 4 * 8) * 2
-    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, query_memory_budget=budget)
+    if order == "block by block":
+        _block_by_block(monkeypatch)
+    score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=16, query_memory_budget=TWO_QUERIES)
     assert len(list((tmp_path / "shards").glob("q2_*.safetensors"))) == 6
-    # The progress counts (block, shard) pairs: 6 shards in each of 3 blocks.
-    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("query block")][-1]
-    assert last.startswith("query block 3/3, shard 6/6: rows 80-90: scored in ")
-    assert last.endswith("; 18/18 shards of 3 query blocks done, about 0 s left"), last
+    # The progress counts shards, or (block, shard) pairs: 6 shards in each of 3 blocks.
+    lines = [line for line in capsys.readouterr().out.splitlines() if "scored in" in line]
+    if order == "shard by shard":
+        assert lines[-1].startswith("shard 6/6: rows 80-90: scored in ")
+        assert lines[-1].endswith("; 6/6 shards done, about 0 s left"), lines[-1]
+    else:
+        assert lines[-1].startswith("query block 3/3, shard 6/6: rows 80-90: scored in ")
+        assert lines[-1].endswith("; 18/18 shards of 3 query blocks done, about 0 s left"), lines[-1]
     got = load_scores(tmp_path)
     assert torch.allclose(got, full, rtol=1e-5, atol=1e-7), (got - full).abs().max()
+
+
+def test_shard_by_shard_reads_the_corpus_as_often_as_one_block(reference, tmp_path):
+    """Three query blocks cost no more reads of the training data than one: each row once per checkpoint
+    (the later layer groups replay the shard's pass from disk) and once for its shard's fingerprint."""
+    model, task, data, queries, traj, factors, full = reference
+    once, counted = CountingData(data), CountingData(data)
+    score_corpus(model, task, traj, factors, once, queries, tmp_path / "one", shard_size=16, train_segments="all",
+                 progress=False)
+    score_corpus(model, task, traj, factors, counted, queries, tmp_path / "three", shard_size=16,
+                 train_segments="all", query_memory_budget=TWO_QUERIES, progress=False)
+    assert len(list((tmp_path / "three" / "shards").glob("q2_*.safetensors"))) == 6
+    assert counted.reads == once.reads
+    got = load_scores(tmp_path / "three")
+    assert torch.allclose(got, full, rtol=1e-5, atol=1e-7), (got - full).abs().max()
+
+
+def test_either_order_resumes_the_other(reference, tmp_path, monkeypatch):
+    """A run block by block that stopped after some shards is finished shard by shard: the shards done in
+    every block are skipped, those missing a block scored again; and the other way round."""
+    model, task, data, queries, traj, factors, full = reference
+
+    def run(counted=None):
+        score_corpus(model, task, traj, factors, counted or data, queries, tmp_path, shard_size=16,
+                     train_segments="all", query_memory_budget=TWO_QUERIES, progress=False)
+
+    with pytest.MonkeyPatch.context() as mp:
+        _block_by_block(mp)
+        run()
+    finished = _digest(tmp_path)
+    done = CountingData(data)
+    run(done)  # nothing left to score: the checks' and the shards' fingerprints' reads
+    assert _digest(tmp_path) == finished
+    for stem in ("q1_32-48", "q2_80-90"):  # shards 3 and 6 each lose one block's scores
+        (tmp_path / "shards" / f"{stem}.safetensors").unlink()
+    counted = CountingData(data)
+    run(counted)
+    # Shards 3 and 6 (26 rows) read again once per checkpoint (2 segments of 2), every block's scores at once.
+    assert counted.reads == done.reads + 26 * 4
+    got = load_scores(tmp_path)
+    assert torch.allclose(got, full, rtol=1e-5, atol=1e-7), (got - full).abs().max()
+    untouched = {k: v for k, v in finished.items() if "_32-48" not in k and "_80-90" not in k}
+    assert {k: v for k, v in _digest(tmp_path).items() if k in untouched} == untouched
+    (tmp_path / "rows.json").unlink()
+    (tmp_path / "shards" / "q0_0-16.safetensors").unlink()
+    _block_by_block(monkeypatch)
+    run()
+    assert torch.allclose(load_scores(tmp_path), got, rtol=1e-5, atol=1e-7)
+
+
+def test_without_disk_room_the_queries_go_in_blocks(reference, tmp_path, monkeypatch):
+    model, task, data, queries, traj, factors, full = reference
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(replay, "DISK_MARGIN", 1 << 62)
+    with pytest.warns(UserWarning, match=r"score_corpus: the disk cannot keep a shard's passes over the data \(.*\): "
+                                         r"the queries go in 3 blocks instead, each re-reading the training data"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path / "out", shard_size=16,
+                     query_memory_budget=TWO_QUERIES, progress=False)
+    got = load_scores(tmp_path / "out")
+    assert torch.allclose(got, full, rtol=1e-5, atol=1e-7), (got - full).abs().max()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("order", ["shard by shard", "block by block"])
+def test_queries_without_gradient_are_named_once(tmp_path, monkeypatch, order):
+    """Queries 1 and 4 have no measurement gradient: one warning for the run, numbered among all queries,
+    however many blocks, shards and layer groups prepared them."""
+    model = mlp(4, 5, 3, dtype=torch.float32)
+    data, queries = classification_data(40, 4, 3, dtype=torch.float32), classification_data(6, 4, 3, seed=1,
+                                                                                            dtype=torch.float32)
+    queries.tensors[1][:] = torch.tensor([0, 2, 1, 0, 2, 1])
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, ClassificationTask(), traj)
+    if order == "block by block":
+        _block_by_block(monkeypatch)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        score_corpus(model, LeavesOutClass2(), traj, factors, data, queries, tmp_path, "ekfac", shard_size=8,
+                     query_memory_budget=2 * 43 * 4, progress=False)
+    assert len(list((tmp_path / "shards").glob("q2_*.safetensors"))) == 5
+    named = [str(w.message) for w in said if "no gradient" in str(w.message)]
+    assert len(named) == 1 and "queries: 2 of 6 have" in named[0] and "(numbers [1, 4])" in named[0], named
 
 
 def test_top_k_matches_the_full_matrix(reference, tmp_path):
@@ -129,8 +234,6 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
                      progress=False)
     # The same options cutting the queries into other blocks (a changed budget rule): the old shards hold
     # another block's queries, so they are not this run's.
-    import source_fast.corpus as corpus
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(corpus, "query_blocks", lambda *a, **k: [range(0, 2), range(2, len(queries))])
         with pytest.raises(ValueError, match=r"differs in: options \(query_blocks: \[\[0, \d+\]\] before"):
@@ -162,7 +265,6 @@ def test_foreign_manifest_is_refused_and_corrupted_shards_are_recomputed(referen
 
 
 def test_out_of_memory_suggests_the_fix(reference, tmp_path, monkeypatch):
-    import source_fast.corpus as corpus
     import source_fast.scoring as scoring
 
     model, task, data, queries, traj, factors, _ = reference
@@ -170,6 +272,10 @@ def test_out_of_memory_suggests_the_fix(reference, tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
+    monkeypatch.setattr(corpus, "_score_in_layer_groups", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"scoring rows 0-32: lower batch_size \(32\) or query_memory_budget"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path / "by_shard", shard_size=32,
+                     query_memory_budget=TWO_QUERIES, progress=False)
     monkeypatch.setattr(corpus, "score_rows", oom)
     with pytest.raises(torch.OutOfMemoryError, match="rows 0-32 against query block 0: lower batch_size"):
         score_corpus(model, task, traj, factors, data, queries, tmp_path, shard_size=32, progress=False)

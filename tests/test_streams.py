@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import source_fast as sf
 from source_fast import scoring
+import source_fast.corpus as corpus
 from source_fast.corpus import load_scores, load_top_k, score_corpus
 
 N = 50  # not a multiple of any chunk or batch size below
@@ -237,8 +238,9 @@ def test_corpus_from_a_stream_shards_resumes_and_keeps_top_k(setup, tmp_path):
     out = tmp_path / "scores"
     score_corpus(model, task, traj, factors, stream, queries, out, shard_size=16, query_memory_budget=budget,
                  progress=False)
-    # Once per query block, plus the manifest's fingerprint and the check that the loss sums over the batch.
-    assert stream.reads == reads + 2 + 1 + 1
+    # Once (each shard scored against both blocks' queries on this CPU), plus the manifest's fingerprint and
+    # the check that the loss sums over the batch.
+    assert stream.reads == reads + 1 + 1 + 1
     assert sorted(p.name for p in (out / "shards").glob("q1_*.json")) == [
         "q1_0-16.json", "q1_16-32.json", "q1_32-48.json", "q1_48-50.json"]
     assert torch.allclose(load_scores(out), full, rtol=1e-10, atol=1e-14)
@@ -280,7 +282,7 @@ class Shrinking(CountingStream):
         return (self.data[i] for i in range(len(self.data) - self.reads))
 
 
-def test_bad_data_is_refused_with_the_fix(setup, tmp_path):
+def test_bad_data_is_refused_with_the_fix(setup, tmp_path, monkeypatch):
     model, task, data, queries, states = setup
     traj = _trajectory(states, data)
     factors = sf.fit_factors(model, task, traj, fisher="empirical", batch_size=8)
@@ -338,6 +340,7 @@ def test_bad_data_is_refused_with_the_fix(setup, tmp_path):
     with pytest.raises(ValueError, match="yielded 50 examples but segment 0 has num_examples=51"):
         sf.score(model, task, stream_traj, None, stream_traj.segments[0].data, queries, method="tracin")
     shrinking = Shrinking(data)
+    monkeypatch.setattr(corpus, "_one_read_pays", lambda *args: False)  # block by block: a read per block
     with pytest.raises(ValueError, match=r"yielded \[46, 47\] examples"):  # after the fingerprint's and the sum check's
         score_corpus(model, task, traj, factors, shrinking, queries, tmp_path, shard_size=16, train_segments="all",
                      query_memory_budget=2 * 2 * 8 * (6 * 6 + 3 * 7), progress=False)
@@ -383,9 +386,11 @@ class Reordering(CountingStream):
         return (self.data[i] for i in order)
 
 
-def test_a_stream_reordered_between_query_blocks_is_refused(setup, tmp_path):
-    """Each query block reads the stream again: its scores' columns must be the same examples as the others'."""
+def test_a_stream_reordered_between_query_blocks_is_refused(setup, tmp_path, monkeypatch):
+    """Block by block (a GPU, ranks), each query block reads the stream again: its scores' columns must be
+    the same examples as the others'."""
     model, task, data, queries, states = setup
+    monkeypatch.setattr(corpus, "_one_read_pays", lambda *args: False)
     stream = Reordering(data)
     traj = _trajectory(states, stream, num_examples=N)
     with pytest.raises(ValueError, match=r"other examples at rows 0-16 on different passes"):
