@@ -14,7 +14,9 @@ layers' tokens back, 0.6 MB per token, takes a fraction of that).
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +38,31 @@ DISK_MARGIN = 1 << 30
 
 class NoRoom(Exception):
     """The cache would leave less than DISK_MARGIN free: score() goes back to blocks of queries."""
+
+
+def _folder_prefix(pid: int) -> str:
+    """The passes' folder names the process and host that made it: a process killed outright (a preempted
+    score_corpus job) leaves its folder, up to a shard's layer tokens, which the next cache removes."""
+    return f"source_fast_passes{TEMP_MARK}{pid}-{socket.gethostname()}-"
+
+
+def _remove_dead_processes_folders(directory: Path) -> None:
+    """Removes this user's passes' folders made on this host by processes that no longer run (a live
+    process's, or another host's under a shared TMPDIR, stay; one whose number was taken again since
+    stays too, until that process ends)."""
+    start, host = f"source_fast_passes{TEMP_MARK}", socket.gethostname()
+    for folder in directory.glob(f"{start}*"):
+        pid, _, rest = folder.name[len(start):].partition("-")
+        # mkdtemp's random end has no "-": what is left before it must be exactly this host's name.
+        if not pid.isdigit() or rest.rpartition("-")[0] != host or folder.is_symlink() or not folder.is_dir() \
+                or folder.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's process
+            pass
 
 
 @dataclass(frozen=True)
@@ -71,7 +98,8 @@ class PassCache:
     def __init__(self, specs: list[LayerSpec], directory: str | None = None):
         self.specs = specs
         try:
-            self.folder = Path(tempfile.mkdtemp(prefix=f"source_fast_passes{TEMP_MARK}", dir=directory))
+            self.folder = Path(tempfile.mkdtemp(prefix=_folder_prefix(os.getpid()), dir=directory))
+            _remove_dead_processes_folders(self.folder.parent)
             self._file = open(self.folder / "passes.bin", "wb")
         except OSError as exc:
             if hasattr(self, "folder"):

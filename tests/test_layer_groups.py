@@ -5,6 +5,9 @@ the training data and the queries read once per checkpoint, and nothing left on 
 
 import os
 import resource
+import socket
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -256,6 +259,27 @@ def test_the_passes_folder_is_marked_as_ours():
     finally:
         cache.close()
     assert not cache.folder.exists()
+
+
+def test_the_folder_of_a_process_killed_outright_goes_with_the_next_cache(tmp_path):
+    """A SIGKILLed score_corpus job cannot remove its passes (a shard's layer tokens, gigabytes): the next
+    cache removes the folders of this host's processes that no longer run, and nothing else."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    names = {
+        "dead": f"source_fast_passes.sf-{ended.pid}-{host}-abcd1234",
+        "live": f"source_fast_passes.sf-{os.getpid()}-{host}-abcd1234",
+        "another host's": f"source_fast_passes.sf-{ended.pid}-{host}-2-abcd1234",
+        "unnumbered": "source_fast_passes.sf-abcd1234",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "passes.bin").write_bytes(b"tokens")
+    cache = replay.PassCache([], directory=str(tmp_path))
+    assert cache.folder.name.startswith(f"source_fast_passes.sf-{os.getpid()}-{host}-")
+    cache.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "dead")
 
 
 def test_a_stream_of_training_examples_scores_the_same_in_layer_groups(monkeypatch, tmp_path):
