@@ -54,14 +54,15 @@ def _remove_dead_processes_folders(directory: Path) -> None:
     for folder in directory.glob(f"{start}*"):
         pid, _, rest = folder.name[len(start):].partition("-")
         # mkdtemp's random end has no "-": what is left before it must be exactly this host's name.
-        if not pid.isdigit() or rest.rpartition("-")[0] != host or folder.is_symlink() or not folder.is_dir() \
-                or folder.stat().st_uid != os.getuid():
+        if not pid.isdigit() or rest.rpartition("-")[0] != host:
             continue
-        try:
+        try:  # a folder another cache removes meanwhile is no concern of this one
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
             os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # alive, another user's process
+        except OSError:  # alive, another user's process (PermissionError), or the folder gone
             pass
 
 
@@ -99,7 +100,6 @@ class PassCache:
         self.specs = specs
         try:
             self.folder = Path(tempfile.mkdtemp(prefix=_folder_prefix(os.getpid()), dir=directory))
-            _remove_dead_processes_folders(self.folder.parent)
             self._file = open(self.folder / "passes.bin", "wb")
         except OSError as exc:
             if hasattr(self, "folder"):
@@ -107,6 +107,8 @@ class PassCache:
             # Not gettempdir(): with no usable temporary directory at all it raises again.
             raise NoRoom(f"no folder for them in {directory or tempfile.tempdir or 'the temporary directory'} "
                          f"({exc})") from exc
+        # Outside the try: tidying up after killed processes cannot be a reason to do without the cache.
+        _remove_dead_processes_folders(self.folder.parent)
         self._done: dict[tuple, list[tuple[int, int, dict[str, _Layer]]]] = {}
         self._queries: tuple = ()
         self._count: dict[str, int] = {}

@@ -282,6 +282,20 @@ def test_the_folder_of_a_process_killed_outright_goes_with_the_next_cache(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "dead")
 
 
+def test_a_failure_tidying_up_after_killed_processes_still_gives_a_cache(tmp_path, monkeypatch):
+    """A folder removed by another cache between listing and looking (a race): not NoRoom."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    (tmp_path / f"source_fast_passes.sf-{ended.pid}-{socket.gethostname()}-abcd1234").mkdir()
+
+    def gone(*args):
+        raise FileNotFoundError("removed meanwhile")
+
+    monkeypatch.setattr(replay.os, "kill", gone)
+    with replay.PassCache([], directory=str(tmp_path)) as cache:
+        assert cache.folder.exists()
+
+
 def test_a_stream_of_training_examples_scores_the_same_in_layer_groups(monkeypatch, tmp_path):
     """A stream is scored in buffered pieces: each piece's passes are kept and replayed in turn."""
     model = _model()
