@@ -31,7 +31,7 @@ from ._passes import (
 )
 from ._replay import NoRoom, PassCache, pass_of
 from ._warn import warn
-from .capture import LayerSpec, rotate, tracked_layers, with_ones
+from .capture import Captured, LayerSpec, rotate, tracked_layers, with_ones
 from .factors import (
     Factors, LayerFactors, _checkpoint_digests, _progress, checkpoint_signature, factor_dtype, factors_signature,
     restored, segment_checkpoints, warn_batchnorm,
@@ -1140,7 +1140,8 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
             what = f"segment {ell}, checkpoint {c}"
             load_into(model, ckpt, what)
             bar = _progress(progress, n_rows, f"scoring ({what})")
-            for start, n, rec in pass_of(passes)(model, task, specs, loader, "train", what, bar, first):
+            batches = pass_of(passes)(model, task, specs, loader, "train", what, bar, first)
+            for start, n, rec in (batches if per_token else _in_blocks(batches)):
                 parts = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token, per_module)
                 for key, block in parts.items():
                     block = block.transpose(0, 1)
@@ -1156,6 +1157,57 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
 
 
 _ALL = ""  # _score_block's key for the sum over modules (no module has the empty name)
+
+# score_rows scores a CPU pass's batches joined into blocks of up to BLOCK_EXAMPLES examples whose tokens
+# take up to BLOCK_BYTES: every block reads every query's whole tile, so the loader's batches (8 GPT-2
+# sequences) left the tiles' GEMM waiting on memory at a third of the core's flops (reference.pairwise_scores).
+BLOCK_EXAMPLES = 48
+BLOCK_BYTES = 512 << 20
+
+
+def _in_blocks(batches: Iterable[tuple[int, int, dict[str, Captured]]]
+               ) -> Iterator[tuple[int, int, dict[str, Captured]]]:
+    """A pass's consecutive CPU batches joined into blocks (BLOCK_EXAMPLES, BLOCK_BYTES), each layer's
+    tokens padded to the block's longest with zeros (a zero output gradient adds nothing to a tile, so
+    the scores are the batches' own: not their per-token scores, which keep the batches)."""
+    held: list[tuple[int, int, dict[str, Captured]]] = []
+    examples = size = 0
+    for start, n, rec in batches:
+        nbytes = sum(r.a.nbytes + (0 if r.g is None else r.g.nbytes) for r in rec.values())
+        joinable = all(r.a.device.type == "cpu" and r.g is not None for r in rec.values())
+        if held and (not joinable or start != held[-1][0] + held[-1][1] or examples + n > BLOCK_EXAMPLES
+                     or size + nbytes > BLOCK_BYTES):
+            yield _joined_batches(held)
+            held, examples, size = [], 0, 0
+        if not joinable:
+            yield start, n, rec
+            continue
+        held.append((start, n, rec))
+        examples, size = examples + n, size + nbytes
+    if held:
+        yield _joined_batches(held)
+
+
+def _joined_batches(held: list[tuple[int, int, dict[str, Captured]]]) -> tuple[int, int, dict[str, Captured]]:
+    if len(held) == 1:
+        return held[0]
+    joined = {}
+    for name, first in held[0][2].items():
+        parts = [rec[name] for _, _, rec in held]
+        t = max(r.a.shape[1] for r in parts)
+
+        def cat(xs: list[Tensor]) -> Tensor:
+            return torch.cat([x if x.shape[1] == t else torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[1]))
+                              for x in xs])
+
+        masks = None if all(r.mask is None for r in parts) else [
+            torch.ones(r.a.shape[:2], dtype=torch.bool) if r.mask is None else r.mask for r in parts]
+        joined[name] = replace(
+            first, a=cat([r.a for r in parts]), g=cat([r.g for r in parts]),
+            mask=None if masks is None else torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for m in masks]),
+            half=any(r.half for r in parts), calls=max(r.calls for r in parts),
+            regrouped=any(r.regrouped for r in parts), selected=any(r.selected for r in parts))
+    return held[0][0], sum(n for _, n, _ in held), joined
 
 
 def _baseline(model, task, specs, trajectory, segments, method, train_data, first, query_data, damping, batch_size,

@@ -613,12 +613,17 @@ def test_cuda_t1_kernels_at_scale(dtype):
 @pytest.mark.parametrize("t, q", [(1, 3), (1, 70), (5, 3), (2, 1)])  # token sum, tiles (one token, many queries), tiles, token sum
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("query_layout", ["plain", "feature_major"])
-def test_reference_pairwise_paths_match_float64(t, q, dtype, query_layout, monkeypatch):
+@pytest.mark.parametrize("blocks", ["whole", "bands of 3 rows, examples 2 at a time", "one row, one example"])
+def test_reference_pairwise_paths_match_float64(t, q, dtype, query_layout, blocks, monkeypatch):
     """The reference picks one of two contractions by shape (one token with 64+ queries takes the
     tiles: measured faster); each must give Σ_t g_tᵀ U_q a_t, formed here explicitly in float64.
     Inputs are rounded to `dtype` first and the reference accumulates in fp32: 1e-5 of max|ref|.
-    The tiles are formed a block of examples at a time: blocks of 2 of the 6 here."""
-    monkeypatch.setattr(reference, "TOKEN_BLOCK_BYTES", 2 * 11 * 19 * 4)
+    The tiles are formed in bands of their rows (d_a's with the feature-major layout, d_out's with
+    the plain one), a block of examples at a time: 3 rows (11 and 19 are not multiples) of 2 examples."""
+    row_bytes = 4 * (11 if query_layout == "feature_major" else 19)  # a tile row, fp32: d_out or d_a entries
+    monkeypatch.setattr(reference, "_MIN_BAND", 3)
+    monkeypatch.setattr(reference, "TOKEN_BLOCK_BYTES", {"whole": 1 << 30, "one row, one example": 1,
+                                                         "bands of 3 rows, examples 2 at a time": 6 * row_bytes}[blocks])
     g0 = torch.Generator().manual_seed(t * 100 + q)
     n, d_a, d_out = 6, 19, 11
     a = torch.randn(n, t, d_a, generator=g0).to(dtype)

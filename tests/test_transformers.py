@@ -520,3 +520,58 @@ def test_layers_fed_examples_times_tokens_are_read_per_example():
     parts = sf.score(swin, SwinTask(), traj, None, swin_data, swin_data, method="grad_dot", per_token=True,
                      per_module=True)
     assert torch.allclose(sum(p.sum(-1) for p in parts.values()), scores, rtol=1e-9, atol=1e-14)
+
+
+def _pad_to_longest(examples):
+    """A collate that pads each batch to its own longest sequence (right padding, pad id 0)."""
+    t = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), t, dtype=torch.long)
+    mask = torch.zeros(len(examples), t, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])], mask[i, : len(e["input_ids"])] = e["input_ids"], 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("limit", ["defaults", "5 examples", "bytes of 2 batches"])
+def test_batches_joined_into_blocks_keep_their_scores(limit, monkeypatch):
+    """On a CPU, scoring joins a pass's batches into blocks (scoring.BLOCK_EXAMPLES, BLOCK_BYTES; each
+    block reads every query's tile once), padding each layer's tokens to the block's longest batch. Batches
+    of 3 padded each to their own longest (4 batches, 3 lengths) give the explicit per-example gradients'
+    scores, float64 to 1e-10, however the blocks fall: all 10 examples in one, or cut by examples or bytes."""
+    from source_fast import scoring
+
+    torch.manual_seed(0)
+    model = _gpt2().double().eval()
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    task = CausalLMTask(tracked=names)
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(1, 23, (int(k),), generator=g)} for k in (3, 7, 4, 5, 5, 5, 2, 6, 3, 7)]
+    queries = [{"input_ids": torch.randint(1, 23, (k,), generator=g)} for k in (4, 6)]
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, batch_size=4, collate_fn=_pad_to_longest)
+    if limit == "5 examples":
+        monkeypatch.setattr(scoring, "BLOCK_EXAMPLES", 5)
+    if limit == "bytes of 2 batches":  # the first two batches' tokens, float64: 3 × 7 and 3 × 5 of every layer's a, g
+        per_token = 8 * sum(sum(dict(model.named_modules())[n].weight.shape) for n in names)
+        monkeypatch.setattr(scoring, "BLOCK_BYTES", (3 * 7 + 3 * 5) * per_token)
+    blocks = []
+    score_block = scoring._score_block
+    monkeypatch.setattr(scoring, "_score_block", lambda specs, rec, *a, **k: (
+        blocks.append(tuple(rec[specs[0].name].a.shape[:2])), score_block(specs, rec, *a, **k))[1])
+    scores = {m: sf.score(model, task, traj, factors if m == "ekfac" else None, data, queries, method=m,
+                          batch_size=3, collate_fn=_pad_to_longest, **({"damping": 1e-3} if m == "ekfac" else {}))
+              for m in ("grad_dot", "ekfac")}
+    v = torch.stack([_explicit(model, task, [{"input_ids": q["input_ids"], "attention_mask": torch.ones_like(
+        q["input_ids"])}], names)[0] for q in queries])
+    x = torch.stack([_explicit(model, task, [{"input_ids": e["input_ids"], "attention_mask": torch.ones_like(
+        e["input_ids"])}], names)[0] for e in data])
+    h = torch.block_diag(*(dense_curvature(factors.segments[0][n]) for n in names))
+    expected = {"grad_dot": v @ x.T / len(data),
+                "ekfac": torch.linalg.solve(h + 1e-3 * torch.eye(h.shape[0], dtype=h.dtype), v.T).T @ x.T / len(data)}
+    for m, s in scores.items():
+        err = (s - expected[m]).abs().max() / expected[m].abs().max()
+        assert err < 1e-10, (m, err)
+    # Each scoring's blocks of training examples (the queries' gradients come in a pass of their own):
+    # (examples, tokens). The batches: 3 examples of 7, 5 and 6 tokens, then 1 of 7.
+    assert blocks[: len(blocks) // 2] == blocks[len(blocks) // 2 :] == {
+        "defaults": [(10, 7)], "5 examples": [(3, 7), (3, 5), (4, 7)], "bytes of 2 batches": [(6, 7), (4, 7)]}[limit]
