@@ -2,11 +2,13 @@
 (what score() does) against blocks of queries (what it does without the disk space, on a GPU, and did
 before), on the same inputs in one run, order alternating per repeat. With --corpus, score_corpus:
 shard by shard (each shard read once, its layer groups over its kept passes) against block by block
-(the corpus read once per query block).
+(the corpus read once per query block). With --joined, score(): the passes' batches joined into blocks
+of up to scoring.BLOCK_EXAMPLES examples (what it does on a CPU) against each batch alone.
 
     python bench/bench_layer_groups.py --quick
     python bench/bench_layer_groups.py --seqs 16 --tokens 128 --queries 64 --repeats 2
     python bench/bench_layer_groups.py --corpus --seqs 64 --shard-size 32 --queries 64
+    python bench/bench_layer_groups.py --joined --seqs 128 --queries 64
 
 GPT-2 (GPT2Config(): 12 layers, d 768, random weights; --quick: 2 layers, d 256), its 48 (8) block
 linears tracked, EK-FAC factors fitted once (empirical Fisher), method "ekfac" with the heuristic
@@ -68,6 +70,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--corpus", action="store_true", help="score_corpus: shard by shard against block by block")
     p.add_argument("--shard-size", type=int, default=4096, help="score_corpus's shard_size (with --corpus)")
+    p.add_argument("--joined", action="store_true", help="score(): batches joined into blocks against each alone")
     args = p.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -97,11 +100,14 @@ def main() -> None:
     if args.corpus:
         picks = corpus._one_read_pays(n_blocks, args.queries, args.seqs, args.shard_size)
         print(f"score_corpus's rule picks {'shard by shard' if picks else 'block by block'} here", file=sys.stderr)
-    ways = ("shard by shard", "block by block") if args.corpus else ("layer groups", "blocks of queries")
+    ways = ("shard by shard", "block by block") if args.corpus else ("joined batches", "batch by batch") \
+        if args.joined else ("layer groups", "blocks of queries")
 
     def run(way: str) -> tuple[float, torch.Tensor]:
-        original = scoring._score_in_layer_groups, corpus._one_read_pays
-        if way == "blocks":
+        original = scoring._score_in_layer_groups, corpus._one_read_pays, scoring.BLOCK_EXAMPLES
+        if way == "blocks" and args.joined:
+            scoring.BLOCK_EXAMPLES = 1  # a block then holds one batch
+        elif way == "blocks":
             scoring._score_in_layer_groups = _blocks_of_queries
         corpus._one_read_pays = lambda *_: way == "layer groups"  # each way timed, whichever the rule picks
         try:
@@ -117,7 +123,7 @@ def main() -> None:
                                    batch_size=args.batch, query_memory_budget=budget)
                 return time.perf_counter() - start, out
         finally:
-            scoring._score_in_layer_groups, corpus._one_read_pays = original
+            scoring._score_in_layer_groups, corpus._one_read_pays, scoring.BLOCK_EXAMPLES = original
 
     times: dict[str, list[float]] = {"layer groups": [], "blocks": []}
     scores = {}

@@ -157,14 +157,16 @@ def test_bench_scaling_runs(tmp_path):
     assert [r["n"] for r in records] == [64, 128] and all(r["score_s"] > 0 and r["peak_rss_mb"] > 0 for r in records)
 
 
-@pytest.mark.parametrize("corpus", [False, True])
-def test_bench_layer_groups_quick(corpus):
+@pytest.mark.parametrize("mode", ["layer groups", "corpus", "joined"])
+def test_bench_layer_groups_quick(mode):
     """The two ways' scores are compared inside (it exits non-zero when they differ); 6 queries of the quick
-    GPT-2 (6 MiB prepared each) in a 13 MiB budget: 3 blocks."""
-    extra = ["--corpus", "--shard-size", "3"] if corpus else []
+    GPT-2 (6 MiB prepared each) in a 13 MiB budget: 3 blocks; --joined: its 6 sequences in batches of 2."""
+    extra = {"layer groups": [], "corpus": ["--corpus", "--shard-size", "3"], "joined": ["--joined", "--batch", "2"]}[mode]
     out = subprocess.run([sys.executable, str(BENCH_DIR / "bench_layer_groups.py"), "--quick", "--seqs", "6",
                           "--tokens", "16", "--queries", "6", "--budget-mb", "13", *extra],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "3 blocks of queries" in out.stderr and "median ratio" in out.stdout
-    assert ("| repeat | shard by shard s | block by block s |" if corpus else "| repeat | layer groups s |") in out.stdout
+    assert {"layer groups": "| repeat | layer groups s | blocks of queries s |",
+            "corpus": "| repeat | shard by shard s | block by block s |",
+            "joined": "| repeat | joined batches s | batch by batch s |"}[mode] in out.stdout
