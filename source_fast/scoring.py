@@ -1206,19 +1206,19 @@ def _joined_batches(held: list[tuple[int, int, dict[str, Captured]]]) -> tuple[i
     for name, first in held[0][2].items():
         parts = [rec[name] for _, _, rec in held]
         t = max(r.a.shape[1] for r in parts)
-
-        def cat(xs: list[Tensor]) -> Tensor:
-            return torch.cat([x if x.shape[1] == t else torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[1]))
-                              for x in xs])
-
-        masks = None if all(r.mask is None for r in parts) else [
-            torch.ones(r.a.shape[:2], dtype=torch.bool) if r.mask is None else r.mask for r in parts]
-        joined[name] = replace(
-            first, a=cat([r.a for r in parts]), g=cat([r.g for r in parts]),
-            mask=None if masks is None else torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1])) for m in masks]),
-            half=any(r.half for r in parts), calls=max(r.calls for r in parts),
-            regrouped=any(r.regrouped for r in parts), selected=any(r.selected for r in parts))
+        masks = [r.mask for r in parts if r.mask is not None]
+        mask = None if not masks else _padded_cat(
+            [masks[0].new_ones(r.a.shape[:2]) if r.mask is None else r.mask for r in parts], t)
+        joined[name] = replace(first, a=_padded_cat([r.a for r in parts], t), g=_padded_cat([r.g for r in parts], t),
+                               mask=mask, half=any(r.half for r in parts), calls=max(r.calls for r in parts),
+                               regrouped=any(r.regrouped for r in parts), selected=any(r.selected for r in parts))
     return held[0][0], sum(n for _, n, _ in held), joined
+
+
+def _padded_cat(xs: list[Tensor], t: int) -> Tensor:
+    """(examples, tokens, ...) tensors one after another, each padded with zeros (False) to t tokens."""
+    return torch.cat([x if x.shape[1] == t else torch.cat([x, x.new_zeros((x.shape[0], t - x.shape[1]) + x.shape[2:])], 1)
+                      for x in xs])
 
 
 def _baseline(model, task, specs, trajectory, segments, method, train_data, first, query_data, damping, batch_size,

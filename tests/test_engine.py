@@ -1476,3 +1476,35 @@ def test_ekfac_without_damping_refuses_curvature_whose_inverse_overflows():
         else:
             with pytest.raises(ValueError, match="too small in some directions"):
                 scoring._one_checkpoint_scale("ekfac", Seg(), lf, 0.0, fc)
+
+
+def test_joined_batches_pad_each_layers_tokens_and_masks():
+    """scoring._in_blocks: consecutive batches of 2, 1 and 2 examples (3, 5 and 4 tokens) become one block
+    whose tokens and masks are each batch's, padded with zeros (False) to 5 tokens; a batch without a mask
+    counts as all kept. A gap in the rows, or the examples' limit, starts a new block."""
+    from source_fast import scoring
+    from source_fast.capture import Captured
+
+    g0 = torch.Generator().manual_seed(0)
+
+    def batch(n, t, masked):
+        a, g = torch.randn(n, t, 3, generator=g0), torch.randn(n, t, 2, generator=g0)
+        return Captured(a=a, g=g, mask=torch.rand(n, t, generator=g0) > 0.5 if masked else None, calls=1 + (t == 4))
+
+    batches = [(0, 2, {"l": batch(2, 3, True)}), (2, 1, {"l": batch(1, 5, False)}), (3, 2, {"l": batch(2, 4, True)})]
+    [(start, n, rec)] = list(scoring._in_blocks(batches))
+    r = rec["l"]
+    assert (start, n, r.a.shape, r.g.shape, r.mask.shape, r.calls) == (0, 5, (5, 5, 3), (5, 5, 2), (5, 5), 2)
+    row = 0
+    for _, k, part in batches:
+        p, t = part["l"], part["l"].a.shape[1]
+        assert torch.equal(r.a[row : row + k, :t], p.a) and torch.equal(r.g[row : row + k, :t], p.g)
+        assert r.a[row : row + k, t:].abs().sum() == 0 and r.g[row : row + k, t:].abs().sum() == 0
+        expected = torch.ones(k, t, dtype=torch.bool) if p.mask is None else p.mask
+        assert torch.equal(r.mask[row : row + k, :t], expected) and not r.mask[row : row + k, t:].any()
+        row += k
+    gap = [batches[0], (5, 1, batches[1][2])]
+    assert [(s, k) for s, k, _ in scoring._in_blocks(gap)] == [(0, 2), (5, 1)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "BLOCK_EXAMPLES", 3)
+        assert [(s, k) for s, k, _ in scoring._in_blocks(batches)] == [(0, 3), (3, 2)]
