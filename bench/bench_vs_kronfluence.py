@@ -87,7 +87,7 @@ from torch.utils.data import Subset, TensorDataset
 LIBS = ["kronfluence", "source_fast"]
 WORKLOADS = ["digits_mlp", "wide_mlp", "gpt2"]
 CHECK_TRAIN, CHECK_QUERIES, MIN_PEARSON = 512, 8, 0.999
-SIZES = {"rows": None, "seqs": None, "tokens": None, "queries": None, "query_budget_mb": None,
+SIZES = {"rows": None, "seqs": None, "tokens": None, "queries": None, "query_budget_mb": None, "fit_rows": None,
          "batch": None, "query_batch": None}  # set by flags
 STRATEGY = "ekfac"  # --strategy
 # The fitting stages each strategy skips (both libraries save its arguments and return): no ratio.
@@ -231,9 +231,10 @@ def _run_analyzer(lib, model, task, train, queries, counts, batch, qbatch, out_d
     fa = FactorArguments(use_empirical_fisher=True, strategy=STRATEGY)
     sa = ScoreArguments(damping_factor=None)
     run = phases.time if phases else (lambda _, fn: fn())
-    run("covariance", lambda: an.fit_covariance_matrices("f", train, per_device_batch_size=batch, factor_args=fa))
+    fit = _fit_data(train)
+    run("covariance", lambda: an.fit_covariance_matrices("f", fit, per_device_batch_size=batch, factor_args=fa))
     run("eigen", lambda: an.perform_eigendecomposition("f", factor_args=fa))
-    run("lambda", lambda: an.fit_lambda_matrices("f", train, per_device_batch_size=batch, factor_args=fa))
+    run("lambda", lambda: an.fit_lambda_matrices("f", fit, per_device_batch_size=batch, factor_args=fa))
     out = {}
     for q in counts:
         qs = Subset(queries, range(q))
@@ -257,7 +258,7 @@ def run_source_fast(model, task, train, queries, counts, batch, qbatch, out_dir,
 
     run = phases.time if phases else (lambda _, fn: fn())
     model.to(DEVICE)
-    factors = _harness.fit_in_phases(model, task, train, batch, "empirical", run)
+    factors = _harness.fit_in_phases(model, task, _fit_data(train), batch, "empirical", run)
     traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
     out = {}
     for q in counts:
@@ -271,6 +272,14 @@ def run_source_fast(model, task, train, queries, counts, batch, qbatch, out_dir,
 RUNNERS = {"kronfluence": run_kronfluence, "source_fast": run_source_fast}
 
 
+def _fit_data(train):
+    """The training data the factors are fitted on: all of it, or its first --fit-rows examples."""
+    k = SIZES["fit_rows"]
+    if k is None:
+        return train
+    return train[:k] if isinstance(train, torch.Tensor) else Subset(train, range(min(k, len(train))))
+
+
 def child_time(lib: str, workload: str, quick: bool, scores_path: str) -> list[dict]:
     load0 = os.getloadavg()[0]
     model, task, train, queries, counts, batch, qbatch = build(workload, quick)
@@ -280,7 +289,7 @@ def child_time(lib: str, workload: str, quick: bool, scores_path: str) -> list[d
     torch.save({q: s.detach().cpu() for q, s in scores.items()}, scores_path)
     sizes = {"n_train": len(train), "queries": counts, "train_batch": batch, "query_batch": qbatch,
              "tokens": int(train.shape[1]) if isinstance(train, torch.Tensor) else 1,
-             "load_start": load0, "load_end": os.getloadavg()[0]}
+             "fit_rows": SIZES["fit_rows"], "load_start": load0, "load_end": os.getloadavg()[0]}
     return [{**r, **sizes} for r in phases.rows]
 
 
@@ -390,6 +399,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, help="gpt2 tokens per sequence (default 128; 32 with --quick)")
     p.add_argument("--queries", type=int, nargs="+", help="query counts to time (default per workload)")
     p.add_argument("--query-budget-mb", type=int, help="source_fast score(query_memory_budget=) in MiB")
+    p.add_argument("--fit-rows", type=int, help="fit both libraries' factors on the first N training examples only "
+                   "(scoring still reads them all, and its cost does not depend on the factors' values): times "
+                   "scoring at a size whose fitting was measured already")
     p.add_argument("--batch", type=int, help="training batch of both libraries (default 64; 8 for gpt2)")
     p.add_argument("--query-batch", type=int, help="kronfluence's query batch (default 32; 8 for gpt2)")
     p.add_argument("--check-train", type=int, default=CHECK_TRAIN,
@@ -404,7 +416,8 @@ def main() -> None:
         p.error("--query-budget-mb applies to --strategy ekfac: through the shim source_fast holds the larger of "
                 "kronfluence's query batch and 1 GiB of queries, as a shim user's script does")
     SIZES.update(rows=args.rows, seqs=args.seqs, tokens=args.tokens, queries=args.queries,
-                 query_budget_mb=args.query_budget_mb, batch=args.batch, query_batch=args.query_batch)
+                 query_budget_mb=args.query_budget_mb, batch=args.batch, query_batch=args.query_batch,
+                 fit_rows=args.fit_rows)
     warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's torch.cuda.amp.GradScaler
     if args.child:
         torch.set_num_threads(args.threads)
@@ -419,7 +432,7 @@ def main() -> None:
 
     flags = ["--device", args.device, "--threads", str(args.threads), "--check-train", str(args.check_train),
              "--check-queries", str(args.check_queries), "--strategy", args.strategy] + (["--quick"] if args.quick else [])
-    for opt in ("rows", "seqs", "tokens", "query_budget_mb", "batch", "query_batch"):
+    for opt in ("rows", "seqs", "tokens", "query_budget_mb", "fit_rows", "batch", "query_batch"):
         if getattr(args, opt) is not None:
             flags += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
     if args.queries:
@@ -456,7 +469,7 @@ def main() -> None:
             print(f"{workload} repeat {rep}: timed runs' scores agree, Pearson " +
                   ", ".join(f"Q={q}: {v[0]:.6f} (max rel err {v[1]:.2g})" for q, v in timed.items()), file=sys.stderr)
             new = [{**meta, "workload": workload, "library": lib, "repeat": rep, "check_pearson": check["pearson"],
-                    "check_train": args.check_train, "timed_pearson": worst, "query_budget_mb": args.query_budget_mb,
+                    "check_train": args.check_train, "timed_pearson": worst, "query_budget_mb": args.query_budget_mb, "fit_rows": args.fit_rows,
                     **row} for lib in LIBS for row in rows[lib]]
             records += new
             if args.out:  # written repeat by repeat, so a run cut short by a time limit keeps what it measured
