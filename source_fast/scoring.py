@@ -1112,7 +1112,8 @@ def _tiles_major_on_cpu(plan: _Plan) -> None:
     """Re-lays each prepared query (q, d_out, d_a) out (q, d_a, d_out)-major, the same tensor: the CPU
     contraction then forms the training tiles in the orientation MKL's batched GEMM is fastest at
     (reference.pairwise_scores reads the strides; ~20 % less time per pass at GPT-2 shapes) and dots
-    them with the queries without a copy per batch. Layer by layer, so only one layer is doubled."""
+    them with the queries without a copy per batch. Layer by layer, so only one layer is doubled. Queries
+    _example_grads formed on this CPU are in that layout already (no copy); gathered shares are not."""
     done: set[int] = set()
     for qs in plan.queries.values():
         for layers in qs:  # checkpoints of a segment share one dict
