@@ -469,7 +469,8 @@ def main() -> None:
             print(f"{workload} repeat {rep}: timed runs' scores agree, Pearson " +
                   ", ".join(f"Q={q}: {v[0]:.6f} (max rel err {v[1]:.2g})" for q, v in timed.items()), file=sys.stderr)
             new = [{**meta, "workload": workload, "library": lib, "repeat": rep, "check_pearson": check["pearson"],
-                    "check_train": args.check_train, "timed_pearson": worst, "query_budget_mb": args.query_budget_mb, "fit_rows": args.fit_rows,
+                    "check_train": args.check_train, "timed_pearson": worst, "query_budget_mb": args.query_budget_mb,
+                    "fit_rows": args.fit_rows,
                     **row} for lib in LIBS for row in rows[lib]]
             records += new
             if args.out:  # written repeat by repeat, so a run cut short by a time limit keeps what it measured

@@ -40,19 +40,22 @@ class NoRoom(Exception):
     """The cache would leave less than DISK_MARGIN free: score() goes back to blocks of queries."""
 
 
+_FOLDER_START = f"source_fast_passes{TEMP_MARK}"
+
+
 def _folder_prefix(pid: int) -> str:
     """The passes' folder names the process and host that made it: a process killed outright (a preempted
     score_corpus job) leaves its folder, up to a shard's layer tokens, which the next cache removes."""
-    return f"source_fast_passes{TEMP_MARK}{pid}-{socket.gethostname()}-"
+    return f"{_FOLDER_START}{pid}-{socket.gethostname()}-"
 
 
 def _remove_dead_processes_folders(directory: Path) -> None:
     """Removes this user's passes' folders made on this host by processes that no longer run (a live
     process's, or another host's under a shared TMPDIR, stay; one whose number was taken again since
     stays too, until that process ends)."""
-    start, host = f"source_fast_passes{TEMP_MARK}", socket.gethostname()
-    for folder in directory.glob(f"{start}*"):
-        pid, _, rest = folder.name[len(start):].partition("-")
+    host = socket.gethostname()
+    for folder in directory.glob(f"{_FOLDER_START}*"):
+        pid, _, rest = folder.name[len(_FOLDER_START):].partition("-")
         # mkdtemp's random end has no "-": what is left before it must be exactly this host's name.
         if not pid.isdigit() or rest.rpartition("-")[0] != host:
             continue

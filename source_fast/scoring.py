@@ -1218,8 +1218,8 @@ def _joined_batches(held: list[tuple[int, int, dict[str, Captured]]]) -> tuple[i
 
 def _padded_cat(xs: list[Tensor], t: int) -> Tensor:
     """(examples, tokens, ...) tensors one after another, each padded with zeros (False) to t tokens."""
-    return torch.cat([x if x.shape[1] == t else torch.cat([x, x.new_zeros((x.shape[0], t - x.shape[1]) + x.shape[2:])], 1)
-                      for x in xs])
+    return torch.cat([x if x.shape[1] == t else
+                      torch.cat([x, x.new_zeros((x.shape[0], t - x.shape[1]) + x.shape[2:])], 1) for x in xs])
 
 
 def _baseline(model, task, specs, trajectory, segments, method, train_data, first, query_data, damping, batch_size,

@@ -161,7 +161,8 @@ def test_bench_scaling_runs(tmp_path):
 def test_bench_layer_groups_quick(mode):
     """The two ways' scores are compared inside (it exits non-zero when they differ); 6 queries of the quick
     GPT-2 (6 MiB prepared each) in a 13 MiB budget: 3 blocks; --joined: its 6 sequences in batches of 2."""
-    extra = {"layer groups": [], "corpus": ["--corpus", "--shard-size", "3"], "joined": ["--joined", "--batch", "2"]}[mode]
+    extra = {"layer groups": [], "corpus": ["--corpus", "--shard-size", "3"],
+             "joined": ["--joined", "--batch", "2"]}[mode]
     out = subprocess.run([sys.executable, str(BENCH_DIR / "bench_layer_groups.py"), "--quick", "--seqs", "6",
                           "--tokens", "16", "--queries", "6", "--budget-mb", "13", *extra],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

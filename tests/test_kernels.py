@@ -622,8 +622,8 @@ def test_reference_pairwise_paths_match_float64(t, q, dtype, query_layout, block
     the plain one), a block of examples at a time: 3 rows (11 and 19 are not multiples) of 2 examples."""
     row_bytes = 4 * (11 if query_layout == "feature_major" else 19)  # a tile row, fp32: d_out or d_a entries
     monkeypatch.setattr(reference, "_MIN_BAND", 3)
-    monkeypatch.setattr(reference, "TOKEN_BLOCK_BYTES", {"whole": 1 << 30, "one row, one example": 1,
-                                                         "bands of 3 rows, examples 2 at a time": 6 * row_bytes}[blocks])
+    block_bytes = {"whole": 1 << 30, "one row, one example": 1, "bands of 3 rows, examples 2 at a time": 6 * row_bytes}
+    monkeypatch.setattr(reference, "TOKEN_BLOCK_BYTES", block_bytes[blocks])
     g0 = torch.Generator().manual_seed(t * 100 + q)
     n, d_a, d_out = 6, 19, 11
     a = torch.randn(n, t, d_a, generator=g0).to(dtype)
