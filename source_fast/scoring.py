@@ -1153,7 +1153,8 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
             load_into(model, ckpt, what)
             bar = _progress(progress, n_rows, f"scoring ({what})")
             batches = pass_of(passes)(model, task, specs, loader, "train", what, bar, first)
-            for start, n, rec in (batches if per_token else _in_blocks(batches)):
+            # Low-rank queries read no tiles, so joining would only grow their (examples, tokens, q, r) terms.
+            for start, n, rec in (batches if per_token or plan.lowrank else _in_blocks(batches)):
                 parts = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token, per_module)
                 for key, block in parts.items():
                     block = block.transpose(0, 1)
@@ -1162,6 +1163,7 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
                     if per_token:  # batches padded each to its own longest example differ in tokens
                         scores[key], block = _same_tokens(scores[key], block)
                     scores[key][:, start : start + n] += plan.weights[ell] * block
+                del rec, parts  # else this block stays alive while the next one is joined
             if bar is not None:
                 bar.close()
     assert scores
@@ -1170,34 +1172,57 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
 
 _ALL = ""  # _score_block's key for the sum over modules (no module has the empty name)
 
-# score_rows scores a CPU pass's batches joined into blocks of up to BLOCK_EXAMPLES examples whose tokens
-# take up to BLOCK_BYTES: every block reads every query's whole tile, so the loader's batches (8 GPT-2
-# sequences) left the tiles' GEMM waiting on memory at a third of the core's flops (reference.pairwise_scores).
+# score_rows scores a CPU pass's batches joined into blocks of up to BLOCK_EXAMPLES examples whose tokens,
+# padded to the block's longest, take up to BLOCK_BYTES: every block reads every query's whole tile, so the
+# loader's batches (8 GPT-2 sequences) left the tiles' GEMM waiting on memory at a third of the core's flops
+# (reference.pairwise_scores). Padding is tile work for nothing: a batch joins only while the block's padded
+# tokens stay within BLOCK_PADDING times its batches' own.
 BLOCK_EXAMPLES = 48
 BLOCK_BYTES = 512 << 20
+BLOCK_PADDING = 1.25
 
 
 def _in_blocks(batches: Iterable[tuple[int, int, dict[str, Captured]]]
                ) -> Iterator[tuple[int, int, dict[str, Captured]]]:
-    """A pass's consecutive CPU batches joined into blocks (BLOCK_EXAMPLES, BLOCK_BYTES), each layer's
-    tokens padded to the block's longest with zeros (a zero output gradient adds nothing to a tile, so
-    the scores are the batches' own: not their per-token scores, which keep the batches)."""
+    """A pass's consecutive CPU batches joined into blocks (BLOCK_EXAMPLES, BLOCK_BYTES, BLOCK_PADDING),
+    each layer's tokens padded to the block's longest with zeros (a zero output gradient adds nothing to a
+    tile, so the scores are the batches' own: not their per-token scores, which keep the batches). The
+    batches are let go once joined: a block is held once, not beside its parts."""
     held: list[tuple[int, int, dict[str, Captured]]] = []
-    examples = size = 0
+    examples = own = 0
+    longest: dict[str, int] = {}
     for start, n, rec in batches:
-        nbytes = sum(r.a.nbytes + (0 if r.g is None else r.g.nbytes) for r in rec.values())
-        joinable = all(r.a.device.type == "cpu" and r.g is not None for r in rec.values())
-        if held and (not joinable or start != held[-1][0] + held[-1][1] or examples + n > BLOCK_EXAMPLES
-                     or size + nbytes > BLOCK_BYTES):
-            yield _joined_batches(held)
-            held, examples, size = [], 0, 0
-        if not joinable:
+        if any(r.a.device.type != "cpu" for r in rec.values()):  # GPU batches go as they are
+            if held:
+                block, held = _joined_batches(held), []
+                yield block
+                del block
             yield start, n, rec
             continue
+        tokens = {name: r.a.shape[1] for name, r in rec.items()}
+        nbytes = sum(r.a.nbytes + r.g.nbytes for r in rec.values())
+        if held:
+            padded = (examples + n) * sum(max(longest[name], t) * _token_bytes(rec[name])
+                                          for name, t in tokens.items())
+            if (start != held[-1][0] + held[-1][1] or examples + n > BLOCK_EXAMPLES or padded > BLOCK_BYTES
+                    or padded > BLOCK_PADDING * (own + nbytes)):
+                block, held = _joined_batches(held), []
+                yield block
+                del block
+        if not held:
+            examples, own, longest = 0, 0, {}
         held.append((start, n, rec))
-        examples, size = examples + n, size + nbytes
+        del rec  # held alone keeps the batch
+        examples, own = examples + n, own + nbytes
+        longest = {name: max(longest.get(name, 0), t) for name, t in tokens.items()}
     if held:
-        yield _joined_batches(held)
+        block, held = _joined_batches(held), []
+        yield block
+
+
+def _token_bytes(r: Captured) -> int:
+    """Bytes of one token of a layer's captured inputs and output gradients."""
+    return r.a.shape[2:].numel() * r.a.element_size() + r.g.shape[2:].numel() * r.g.element_size()
 
 
 def _joined_batches(held: list[tuple[int, int, dict[str, Captured]]]) -> tuple[int, int, dict[str, Captured]]:
@@ -1217,9 +1242,14 @@ def _joined_batches(held: list[tuple[int, int, dict[str, Captured]]]) -> tuple[i
 
 
 def _padded_cat(xs: list[Tensor], t: int) -> Tensor:
-    """(examples, tokens, ...) tensors one after another, each padded with zeros (False) to t tokens."""
-    return torch.cat([x if x.shape[1] == t else
-                      torch.cat([x, x.new_zeros((x.shape[0], t - x.shape[1]) + x.shape[2:])], 1) for x in xs])
+    """(examples, tokens, ...) tensors one after another, each padded with zeros (False) to t tokens, copied
+    once into the block (no padded copy of each first)."""
+    out = xs[0].new_zeros((sum(x.shape[0] for x in xs), t) + xs[0].shape[2:])
+    row = 0
+    for x in xs:
+        out[row : row + x.shape[0], : x.shape[1]] = x
+        row += x.shape[0]
+    return out
 
 
 def _baseline(model, task, specs, trajectory, segments, method, train_data, first, query_data, damping, batch_size,

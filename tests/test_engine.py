@@ -1478,12 +1478,15 @@ def test_ekfac_without_damping_refuses_curvature_whose_inverse_overflows():
                 scoring._one_checkpoint_scale("ekfac", Seg(), lf, 0.0, fc)
 
 
-def test_joined_batches_pad_each_layers_tokens_and_masks():
+def test_joined_batches_pad_each_layers_tokens_and_masks(monkeypatch):
     """scoring._in_blocks: consecutive batches of 2, 1 and 2 examples (3, 5 and 4 tokens) become one block
     whose tokens and masks are each batch's, padded with zeros (False) to 5 tokens; a batch without a mask
-    counts as all kept. A gap in the rows, or the examples' limit, starts a new block."""
+    counts as all kept. A gap in the rows, the examples' limit, the padded block's bytes or its padding
+    starts a new block."""
     from source_fast import scoring
     from source_fast.capture import Captured
+
+    monkeypatch.setattr(scoring, "BLOCK_PADDING", 2.0)  # 25 tokens padded for 19
 
     g0 = torch.Generator().manual_seed(0)
 
@@ -1508,3 +1511,54 @@ def test_joined_batches_pad_each_layers_tokens_and_masks():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(scoring, "BLOCK_EXAMPLES", 3)
         assert [(s, k) for s, k, _ in scoring._in_blocks(batches)] == [(0, 3), (3, 2)]
+    # 20 bytes a token (3 + 2 float32). All 5 examples padded are 25 tokens, 19 their own (unpadded, 380 bytes
+    # would fit); the first two batches 15 tokens, 11 their own; the last two 15, 13 their own.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "BLOCK_BYTES", 25 * 20 - 1)
+        assert [(s, k) for s, k, _ in scoring._in_blocks(batches)] == [(0, 3), (3, 2)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "BLOCK_PADDING", 15 / 11 - 1e-9)
+        assert [(s, k) for s, k, _ in scoring._in_blocks(batches)] == [(0, 2), (2, 3)]
+
+
+def test_a_joined_block_is_held_once(monkeypatch):
+    """A block's batches are let go once joined, and score_rows lets a block go before the next is joined:
+    a CPU pass holds one block of tokens (up to BLOCK_BYTES), not a block beside its parts and the one
+    before it. Weak references to the tensors tell; the scores are the batch-by-batch ones."""
+    import weakref
+
+    from source_fast import scoring
+    from source_fast.capture import Captured
+
+    refs = []
+
+    def batch(start, n, t):
+        a = torch.randn(n, t, 3)
+        refs.append(weakref.ref(a))
+        return start, n, {"l": Captured(a=a, g=torch.randn(n, t, 2), mask=None, calls=1)}
+
+    monkeypatch.setattr(scoring, "BLOCK_EXAMPLES", 4)
+    blocks = scoring._in_blocks(batch(s, 2, 3) for s in range(0, 12, 2))  # blocks of 2 batches
+    for i, (start, n, rec) in enumerate(blocks):
+        assert (start, n) == (4 * i, 4)
+        assert all(r() is None for r in refs[: 2 * i + 2]), "the joined batches are still held"
+        del rec
+
+    model, data = mlp(4, 5, 3), classification_data(23, 4, 3)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    expected = sf.score(model, ClassifyTask(), traj, None, data, Subset(data, range(3)), method="grad_dot",
+                        batch_size=2)
+    joined, made = [], []
+    join = scoring._joined_batches
+
+    def watched(held):
+        assert all(r() is None for r in made), "the block before is still held"
+        block = join(held)
+        made.append(weakref.ref(block[2]["0"].a))
+        joined.append(block[:2])
+        return block
+
+    monkeypatch.setattr(scoring, "_joined_batches", watched)
+    scores = sf.score(model, ClassifyTask(), traj, None, data, Subset(data, range(3)), method="grad_dot", batch_size=2)
+    assert joined == [(0, 4), (4, 4), (8, 4), (12, 4), (16, 4), (20, 3)]
+    _close(scores, expected)

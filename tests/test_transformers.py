@@ -532,12 +532,13 @@ def _pad_to_longest(examples):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("limit", ["defaults", "5 examples", "bytes of 2 batches"])
+@pytest.mark.parametrize("limit", ["defaults", "5 examples", "bytes of 2 batches", "padding"])
 def test_batches_joined_into_blocks_keep_their_scores(limit, monkeypatch):
-    """On a CPU, scoring joins a pass's batches into blocks (scoring.BLOCK_EXAMPLES, BLOCK_BYTES; each
-    block reads every query's tile once), padding each layer's tokens to the block's longest batch. Batches
+    """On a CPU, scoring joins a pass's batches into blocks (scoring.BLOCK_EXAMPLES, BLOCK_BYTES, BLOCK_PADDING;
+    each block reads every query's tile once), padding each layer's tokens to the block's longest batch. Batches
     of 3 padded each to their own longest (4 batches, 3 lengths) give the explicit per-example gradients'
-    scores, float64 to 1e-10, however the blocks fall: all 10 examples in one, or cut by examples or bytes."""
+    scores, float64 to 1e-10, however the blocks fall: all 10 examples in one, or cut by examples, by padded
+    bytes or by padding. Low-rank queries (query_rank 8 of 8: exact) read no tiles and keep the batches."""
     from source_fast import scoring
 
     torch.manual_seed(0)
@@ -551,16 +552,20 @@ def test_batches_joined_into_blocks_keep_their_scores(limit, monkeypatch):
     factors = sf.fit_factors(model, task, traj, batch_size=4, collate_fn=_pad_to_longest)
     if limit == "5 examples":
         monkeypatch.setattr(scoring, "BLOCK_EXAMPLES", 5)
-    if limit == "bytes of 2 batches":  # the first two batches' tokens, float64: 3 × 7 and 3 × 5 of every layer's a, g
+    if limit == "bytes of 2 batches":  # the first two batches padded, float64: 6 × 7 tokens of every layer's a, g
         per_token = 8 * sum(sum(dict(model.named_modules())[n].weight.shape) for n in names)
-        monkeypatch.setattr(scoring, "BLOCK_BYTES", (3 * 7 + 3 * 5) * per_token)
-    blocks = []
+        monkeypatch.setattr(scoring, "BLOCK_BYTES", 6 * 7 * per_token)
+    if limit == "padding":  # 3 × 7 and 3 × 5 tokens padded are 42 for 36, 7/6 > 1.1; 3 × 5 and 3 × 6 are 36 for 33
+        monkeypatch.setattr(scoring, "BLOCK_PADDING", 1.1)
     score_block = scoring._score_block
-    monkeypatch.setattr(scoring, "_score_block", lambda specs, rec, *a, **k: (
-        blocks.append(tuple(rec[specs[0].name].a.shape[:2])), score_block(specs, rec, *a, **k))[1])
-    scores = {m: sf.score(model, task, traj, factors if m == "ekfac" else None, data, queries, method=m,
-                          batch_size=3, collate_fn=_pad_to_longest, **({"damping": 1e-3} if m == "ekfac" else {}))
-              for m in ("grad_dot", "ekfac")}
+    scores, blocks = {}, {}
+    for m, options in {"grad_dot": {}, "ekfac": {"damping": 1e-3},
+                       "ekfac low-rank": {"damping": 1e-3, "query_rank": 8}}.items():
+        seen = blocks[m] = []
+        monkeypatch.setattr(scoring, "_score_block", lambda specs, rec, *a, seen=seen, **k: (
+            seen.append(tuple(rec[specs[0].name].a.shape[:2])), score_block(specs, rec, *a, **k))[1])
+        scores[m] = sf.score(model, task, traj, None if m == "grad_dot" else factors, data, queries,
+                             method=m.split()[0], batch_size=3, collate_fn=_pad_to_longest, **options)
     v = torch.stack([_explicit(model, task, [{"input_ids": q["input_ids"], "attention_mask": torch.ones_like(
         q["input_ids"])}], names)[0] for q in queries])
     x = torch.stack([_explicit(model, task, [{"input_ids": e["input_ids"], "attention_mask": torch.ones_like(
@@ -569,9 +574,12 @@ def test_batches_joined_into_blocks_keep_their_scores(limit, monkeypatch):
     expected = {"grad_dot": v @ x.T / len(data),
                 "ekfac": torch.linalg.solve(h + 1e-3 * torch.eye(h.shape[0], dtype=h.dtype), v.T).T @ x.T / len(data)}
     for m, s in scores.items():
-        err = (s - expected[m]).abs().max() / expected[m].abs().max()
+        want = expected[m.split()[0]]
+        err = (s - want).abs().max() / want.abs().max()
         assert err < 1e-10, (m, err)
     # Each scoring's blocks of training examples (the queries' gradients come in a pass of their own):
     # (examples, tokens). The batches: 3 examples of 7, 5 and 6 tokens, then 1 of 7.
-    assert blocks[: len(blocks) // 2] == blocks[len(blocks) // 2 :] == {
-        "defaults": [(10, 7)], "5 examples": [(3, 7), (3, 5), (4, 7)], "bytes of 2 batches": [(6, 7), (4, 7)]}[limit]
+    assert blocks["grad_dot"] == blocks["ekfac"] == {
+        "defaults": [(10, 7)], "5 examples": [(3, 7), (3, 5), (4, 7)], "bytes of 2 batches": [(6, 7), (4, 7)],
+        "padding": [(3, 7), (6, 6), (1, 7)]}[limit]
+    assert blocks["ekfac low-rank"] == [(3, 7), (3, 5), (3, 6), (1, 7)]
