@@ -14,6 +14,7 @@ layers' tokens back, 0.6 MB per token, takes a fraction of that).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -41,6 +42,7 @@ class NoRoom(Exception):
 
 
 _FOLDER_START = f"source_fast_passes{TEMP_MARK}"
+_FILE = "passes.bin"
 
 
 def _folder_prefix(pid: int) -> str:
@@ -50,23 +52,30 @@ def _folder_prefix(pid: int) -> str:
 
 
 def _remove_dead_processes_folders(directory: Path) -> None:
-    """Removes this user's passes' folders made on this host by processes that no longer run (a live
-    process's, or another host's under a shared TMPDIR, stay; one whose number was taken again since
-    stays too, until that process ends)."""
+    """Removes this user's passes' folders made on this host whose file no process holds locked: their
+    cache's process has ended. The lock, not the process number in the name, tells: a process in another
+    PID namespace (a container sharing /tmp and the host name) runs though no process here has its number.
+    Another host's folders under a shared TMPDIR stay (a lock may not reach across hosts), and so do
+    folders on a file system without locks. Best effort: nothing here fails the cache."""
     host = socket.gethostname()
     for folder in directory.glob(f"{_FOLDER_START}*"):
-        pid, _, rest = folder.name[len(_FOLDER_START):].partition("-")
-        # mkdtemp's random end has no "-": what is left before it must be exactly this host's name.
-        if not pid.isdigit() or rest.rpartition("-")[0] != host:
+        # The name: the process number, the host's name, mkdtemp's random end (which has no "-").
+        if folder.name[len(_FOLDER_START):].partition("-")[2].rpartition("-")[0] != host:
             continue
-        try:  # a folder another cache removes meanwhile is no concern of this one
+        try:
             if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
                 continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+            fd = os.open(folder / _FILE, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or its cache has not made its file yet
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a running cache, or no locks on this file system
+            continue
+        else:
             shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # alive, another user's process (PermissionError), or the folder gone
-            pass
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -101,21 +110,30 @@ class PassCache:
 
     def __init__(self, specs: list[LayerSpec], directory: str | None = None):
         self.specs = specs
+        # First, so that an interrupt there leaves no folder of this cache; tidying up after killed processes
+        # cannot be a reason to do without the cache.
+        try:
+            _remove_dead_processes_folders(Path(directory or tempfile.gettempdir()))
+        except Exception:  # noqa: BLE001 (best effort; a missing temporary directory is said below)
+            pass
         try:
             self.folder = Path(tempfile.mkdtemp(prefix=_folder_prefix(os.getpid()), dir=directory))
-            self._file = open(self.folder / "passes.bin", "wb")
+            self._file = open(self.folder / _FILE, "w+b")
         except OSError as exc:
             if hasattr(self, "folder"):
                 shutil.rmtree(self.folder, ignore_errors=True)
             # Not gettempdir(): with no usable temporary directory at all it raises again.
             raise NoRoom(f"no folder for them in {directory or tempfile.tempdir or 'the temporary directory'} "
                          f"({exc})") from exc
-        # Outside the try: tidying up after killed processes cannot be a reason to do without the cache.
-        _remove_dead_processes_folders(self.folder.parent)
+        try:  # held while this cache lives: the folder's process runs (_remove_dead_processes_folders)
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # no locks on this file system: no other cache removes the folder either
+            pass
         self._done: dict[tuple, list[tuple[int, int, dict[str, _Layer]]]] = {}
         self._queries: tuple = ()
         self._count: dict[str, int] = {}
         self._kept = {s.name for s in specs}
+        self._training_left: int | None = None
         self.bytes_written = 0
         # A stream's pieces (their sizes), once read: later rounds replay them without reading the stream.
         self.stream_pieces: list[int] | None = None
@@ -126,6 +144,13 @@ class PassCache:
         self._queries = (queries.start, queries.stop)
         self._count = {}
         self._kept = later
+        self._training_left = None
+
+    def expect_training(self, examples: int | None) -> None:
+        """The training examples this round's passes read from now on, all passes together (checkpoints
+        × rows; None: not known): the disk is checked for them all at the first batch, not a pass at a
+        time, which would leave the passes already run for nothing."""
+        self._training_left = examples
 
     def run(self, model: nn.Module, task: Task, specs: list[LayerSpec], loader: DataLoader, objective: str,
             what: str, progress: Any | None = None, first: int | None = 0
@@ -145,10 +170,14 @@ class PassCache:
         batches = []
         for start, n, records in run_pass(model, task, self.specs, loader, objective, what, progress, first):
             size = sum(records[s.name].a.nbytes + records[s.name].g.nbytes for s in kept)
-            later = 0 if total is None else size * max(0, total - start - n) // max(n, 1)
+            if objective == "train" and self._training_left is not None:
+                left, self._training_left = self._training_left, self._training_left - n
+            else:
+                left = None if total is None else total - start
+            later = 0 if left is None else size * max(0, left - n) // max(n, 1)
             free = shutil.disk_usage(self.folder).free
             if size and free - size - later < DISK_MARGIN:
-                raise NoRoom(f"{self.folder} has {free} bytes free; this pass needs about {size + later} more")
+                raise NoRoom(f"{self.folder} has {free} bytes free; the passes need about {size + later} more")
             layers = {}
             for s in kept:
                 r = records[s.name]
@@ -174,18 +203,19 @@ class PassCache:
         return stored
 
     def _replay(self, batches, specs, device, progress):
-        with open(self._file.name, "rb") as reader:
-            for start, n, layers in batches:
-                records = {}
-                for s in specs:
-                    m = layers[s.name]
-                    records[s.name] = Captured(
-                        a=_read(reader, m.a).to(device), g=_read(reader, m.g).to(device),
-                        mask=None if m.mask is None else m.mask.to(device), half=m.half, calls=m.calls,
-                        call=m.call, regrouped=m.regrouped, selected=m.selected)
-                yield start, n, records
-                if progress is not None:
-                    progress.update(n)
+        # Through the descriptor written to, not the file's name: the file outlives its folder's removal.
+        fd = self._file.fileno()
+        for start, n, layers in batches:
+            records = {}
+            for s in specs:
+                m = layers[s.name]
+                records[s.name] = Captured(
+                    a=_read(fd, m.a).to(device), g=_read(fd, m.g).to(device),
+                    mask=None if m.mask is None else m.mask.to(device), half=m.half, calls=m.calls,
+                    call=m.call, regrouped=m.regrouped, selected=m.selected)
+            yield start, n, records
+            if progress is not None:
+                progress.update(n)
 
     def close(self) -> None:
         try:
@@ -202,13 +232,15 @@ class PassCache:
         self.close()
 
 
-def _read(f, stored: _Stored) -> Tensor:
+def _read(fd: int, stored: _Stored) -> Tensor:
     out = torch.empty(stored.shape, dtype=stored.dtype)
-    if out.numel():
-        f.seek(stored.offset)
-        view = out.reshape(-1).view(torch.uint8).numpy()
-        if f.readinto(view.data) != out.nbytes:
-            raise OSError(f"{f.name}: the pass cache was cut short (another process removed or truncated it?)")
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):  # a read returns at most about 2 GiB
+        got = os.preadv(fd, [view[done:]], stored.offset + done)
+        if got == 0:
+            raise OSError("the passes' file was cut short (truncated by another process?)")
+        done += got
     return out
 
 

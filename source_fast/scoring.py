@@ -712,6 +712,9 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
     turns = layer_groups(specs, n_rows, (lambda s: full(s) + low(s)) if query_rank else full, budget)
     total: Tensor | dict[str, Tensor] | None = None
     device = model_device(model)
+    examples = length(train_data)  # a stream's, its segment's N where it is one
+    if examples is None:
+        examples = next((seg.num_examples for seg in trajectory.segments if seg.data is train_data), None)
     with restored(model), reuse_large_blocks(device), PassCache(specs) as passes:
         for k, (rows, group) in enumerate(turns):
             passes.round(rows, later={s.name for _, g in turns[k + 1 :] for s in g})
@@ -722,6 +725,9 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
                     model, task, group, trajectory, factors, method, train_data, queries, damping=damping,
                     train_segments=train_segments, query_rank=query_rank, batch_size=batch_size,
                     collate_fn=collate_fn, sum_queries=False, progress=progress, passes=passes, first=rows.start)
+                if k == 0:  # the round that runs the training passes, one per checkpoint
+                    passes.expect_training(None if examples is None else examples * sum(
+                        len(plan.checkpoints[ell]) for ell in plan.segments))
                 options = dict(batch_size=batch_size, collate_fn=collate_fn, progress=progress, per_token=per_token,
                                per_module=per_module, passes=passes)
                 part = _score_share(model, task, group, plan, train_data, len(rows), **options) if first is None \

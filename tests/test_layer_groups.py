@@ -144,8 +144,10 @@ def test_gpt2_with_padding_scores_the_same_in_layer_groups(monkeypatch, tmp_path
     one_query = sum(s.d_out * s.d_a for s in specs) * 8
     assert len(layer_groups(specs, len(queries), lambda s: s.d_out * s.d_a * 8, 2 * one_query)) > 2
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    caches = _caches(monkeypatch)
     grouped = sf.score(model, task, traj, factors, data, queries, method="ekfac", batch_size=4, per_token=True,
                        query_memory_budget=2 * one_query)
+    assert [c.bytes_written > 0 for c in caches] == [True]  # the groups, not blocks of queries after NoRoom
     assert grouped.shape == whole.shape
     _close(grouped, whole)
     assert list(tmp_path.iterdir()) == []
@@ -162,7 +164,7 @@ def test_no_room_on_disk_goes_back_to_blocks_of_queries(monkeypatch, tmp_path):
     monkeypatch.setattr(replay, "DISK_MARGIN", 1 << 62)  # no disk has that much free
     counted = CountingData(data)
     with pytest.warns(UserWarning, match=r"score: the disk cannot keep the passes over the data \(.* has \d+ bytes "
-                                         r"free; this pass needs about \d+ more; .*the queries go in 4 blocks instead"):
+                                         r"free; the passes need about \d+ more; .*the queries go in 4 blocks instead"):
         blocks = sf.score(model, task, traj, factors, counted, queries, method="ekfac", query_memory_budget=43 * 8)
     _close(blocks, whole)
     assert list(tmp_path.iterdir()) == []
@@ -171,29 +173,65 @@ def test_no_room_on_disk_goes_back_to_blocks_of_queries(monkeypatch, tmp_path):
 
 
 def test_an_error_in_a_later_pass_leaves_nothing_on_disk(monkeypatch, tmp_path):
-    """A training example that fails once the first group's passes are kept: its error, named, and the
-    passes' folder removed."""
+    """A training example that fails once a training pass is kept (TracIn's second checkpoint): its error,
+    named, and the passes' folder removed."""
     model = mlp(4, 5, 3)
     data, queries = classification_data(30, 4, 3, seed=1), classification_data(4, 4, 3, seed=2)
-    task = ClassificationTask()
-    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
-    factors = sf.fit_factors(model, task, traj)
+    traj = sf.Trajectory([sf.Segment(perturbed_states(model, 2, scale=0.2), data, lr_sum=1.0)])
+    caches = _caches(monkeypatch)
 
     class FailsLate(torch.utils.data.Dataset):
-        reads = 0
-
         def __len__(self):
             return len(data)
 
         def __getitem__(self, i):
-            FailsLate.reads += 1
-            if FailsLate.reads > 4 + 8 + 20:  # past the checks, in the scoring pass
+            if caches and any(key[0] == "train" for key in caches[0]._done):
                 raise OSError("disk read failed")
             return data[i]
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(OSError, match="disk read failed"):
-        sf.score(model, task, traj, factors, FailsLate(), queries, method="ekfac", query_memory_budget=43 * 8)
+        sf.score(model, ClassificationTask(), traj, None, FailsLate(), queries, method="tracin",
+                 train_segments="all", query_memory_budget=2 * 43 * 8)  # 2 checkpoints: 2 copies
+    assert [key for key in caches[0]._done if key[0] == "train"] == [("train", 0)]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _caches(monkeypatch) -> list:
+    """The PassCaches made from now on (a cache that raised NoRoom is not one of them)."""
+    made = []
+    init = replay.PassCache.__init__
+
+    def kept(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(replay.PassCache, "__init__", kept)
+    return made
+
+
+def test_the_disk_is_checked_for_all_of_a_rounds_training_passes_at_once(monkeypatch, tmp_path):
+    """SOURCE over 2 segments of 2 checkpoints runs 4 training passes in the first round: with room for
+    half of what the passes keep, NoRoom comes at the first training batch (not after 2 passes run for
+    nothing), and blocks of queries give the scores."""
+    model = _model()
+    task = ClassificationTask()
+    data, queries = classification_data(37, 6, 3, seed=1), classification_data(11, 6, 3, seed=2)
+    traj = _trajectory("source", model, data)
+    factors = sf.fit_factors(model, task, traj, batch_size=8)
+    whole = sf.score(model, task, traj, factors, data, queries, batch_size=8, query_memory_budget=BIG)
+    specs = tracked_layers(model, None)
+    budget = len(queries) * max(map(_query_bytes(model, traj, "source", [0, 1], None), specs))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    caches = _caches(monkeypatch)
+    sf.score(model, task, traj, factors, data, queries, batch_size=8, query_memory_budget=budget)
+    kept = caches[0].bytes_written
+    free = replay.DISK_MARGIN + kept // 2
+    monkeypatch.setattr(replay.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free})())
+    with pytest.warns(UserWarning, match="the disk cannot keep the passes"):
+        blocks = sf.score(model, task, traj, factors, data, queries, batch_size=8, query_memory_budget=budget)
+    _close(blocks, whole)
+    assert len(caches) == 2 and not [key for key in caches[1]._done if key[0] == "train"]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -263,37 +301,99 @@ def test_the_passes_folder_is_marked_as_ours():
 
 def test_the_folder_of_a_process_killed_outright_goes_with_the_next_cache(tmp_path):
     """A SIGKILLed score_corpus job cannot remove its passes (a shard's layer tokens, gigabytes): the next
-    cache removes the folders of this host's processes that no longer run, and nothing else."""
+    cache removes this host's folders whose file no process holds locked, and nothing else. A running
+    process whose number is not ours to see (another PID namespace: a container sharing /tmp and the host
+    name) holds its lock: here a child holds it under a number that ended."""
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     host = socket.gethostname()
     names = {
         "dead": f"source_fast_passes.sf-{ended.pid}-{host}-abcd1234",
-        "live": f"source_fast_passes.sf-{os.getpid()}-{host}-abcd1234",
+        "dead, a number too large for a process": f"source_fast_passes.sf-{10**20}-{host}-abcd1234",
+        "dead, a digit that is not ASCII": f"source_fast_passes.sf-\u00b2-{host}-abcd1234",
+        "live, in another PID namespace": f"source_fast_passes.sf-{ended.pid}-{host}-efgh5678",
         "another host's": f"source_fast_passes.sf-{ended.pid}-{host}-2-abcd1234",
         "unnumbered": "source_fast_passes.sf-abcd1234",
+        "without its file yet": f"source_fast_passes.sf-{ended.pid}-{host}-ijkl9012",
     }
-    for name in names.values():
+    for what, name in names.items():
         (tmp_path / name).mkdir()
-        (tmp_path / name / "passes.bin").write_bytes(b"tokens")
-    cache = replay.PassCache([], directory=str(tmp_path))
-    assert cache.folder.name.startswith(f"source_fast_passes.sf-{os.getpid()}-{host}-")
-    cache.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "dead")
-
-
-def test_a_failure_tidying_up_after_killed_processes_still_gives_a_cache(tmp_path, monkeypatch):
-    """A folder removed by another cache between listing and looking (a race): not NoRoom."""
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    (tmp_path / f"source_fast_passes.sf-{ended.pid}-{socket.gethostname()}-abcd1234").mkdir()
-
-    def gone(*args):
-        raise FileNotFoundError("removed meanwhile")
-
-    monkeypatch.setattr(replay.os, "kill", gone)
-    with replay.PassCache([], directory=str(tmp_path)) as cache:
+        if what != "without its file yet":
+            (tmp_path / name / "passes.bin").write_bytes(b"tokens")
+    live = tmp_path / names["live, in another PID namespace"] / "passes.bin"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'rb'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+                               str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        cache = replay.PassCache([], directory=str(tmp_path))
+        assert cache.folder.name.startswith(f"source_fast_passes.sf-{os.getpid()}-{host}-")
+        again = replay.PassCache([], directory=str(tmp_path))  # a live cache's folder stays too
         assert cache.folder.exists()
+        cache.close()
+        again.close()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if "dead" not in k)
+
+
+@pytest.mark.parametrize("failure", [PermissionError, RuntimeError])
+def test_a_failure_tidying_up_after_killed_processes_still_gives_a_cache(failure, tmp_path, monkeypatch):
+    """Tidying up is best effort: whatever it raises (a folder it may not read, a bug), not NoRoom."""
+    dead = tmp_path / f"source_fast_passes.sf-1-{socket.gethostname()}-abcd1234"
+    dead.mkdir()
+    (dead / "passes.bin").write_bytes(b"tokens")
+
+    def fails(*args):
+        raise failure("cannot look")
+
+    monkeypatch.setattr(replay.os, "open", fails)
+    with replay.PassCache([], directory=str(tmp_path)) as cache:
+        assert cache.folder.exists() and dead.exists()
+
+
+def test_an_interrupt_tidying_up_leaves_no_folder_of_the_new_cache(tmp_path, monkeypatch):
+    dead = tmp_path / f"source_fast_passes.sf-1-{socket.gethostname()}-abcd1234"
+    dead.mkdir()
+    (dead / "passes.bin").write_bytes(b"tokens")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(replay.os, "open", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replay.PassCache([], directory=str(tmp_path))
+    assert list(tmp_path.iterdir()) == [dead]
+
+
+def test_a_folder_removed_while_its_cache_runs_is_still_read(monkeypatch, tmp_path):
+    """Another process that takes the folder for a dead one's (a bug, or a person) removes its name only:
+    the later groups replay the passes through the file the cache holds open, and score as one block."""
+    model = _model()
+    task = ClassificationTask()
+    data, queries = classification_data(37, 6, 3, seed=1), classification_data(11, 6, 3, seed=2)
+    traj = _trajectory("ekfac", model, data)
+    factors = sf.fit_factors(model, task, traj, batch_size=8)
+    whole = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=0.05, batch_size=8,
+                     query_memory_budget=BIG)
+    specs = tracked_layers(model, None)
+    budget = len(queries) * max(map(_query_bytes(model, traj, "ekfac", [0], None), specs))
+    begin = replay.PassCache.round
+    rounds = []
+
+    def round_removing_the_folder(self, *args, **kwargs):
+        rounds.append(args[0])
+        if len(rounds) == 2:
+            replay.shutil.rmtree(self.folder)
+        begin(self, *args, **kwargs)
+
+    monkeypatch.setattr(replay.PassCache, "round", round_removing_the_folder)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    grouped = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=0.05, batch_size=8,
+                       query_memory_budget=budget)
+    assert len(rounds) > 2
+    _close(grouped, whole)
 
 
 def test_a_stream_of_training_examples_scores_the_same_in_layer_groups(monkeypatch, tmp_path):
@@ -435,7 +535,8 @@ def test_per_module_scores_come_in_the_modules_order(monkeypatch, tmp_path):
     turns = layer_groups(specs, 6, lambda s: s.d_out * s.d_a * 8, budget)
     assert [(len(rows), [s.name for s in g]) for rows, g in turns] == [(4, ["2"]), (2, ["2"]), (4, ["4"]),
                                                                      (2, ["4"]), (6, ["0"])]
-    whole, grouped, _ = _blocks_and_groups(model, data, queries, budget, tmp_path, monkeypatch, per_module=True)
+    whole, grouped, said = _blocks_and_groups(model, data, queries, budget, tmp_path, monkeypatch, per_module=True)
+    assert not [m for m in said if "disk cannot" in m]  # the groups, not blocks of queries after NoRoom
     assert list(grouped) == list(whole) == ["0", "2", "4"]
     for name in whole:
         _close(grouped[name], whole[name])
