@@ -48,6 +48,15 @@ def _trajectory(method, model, data):
                           sf.Segment(ckpts[2:], data, lr_sum=2.0)])
 
 
+def _fitted(method, n_train=37, n_query=11):
+    """The MLP, its task, training data and queries, trajectory for `method` and factors (batches of 8)."""
+    model = _model()
+    task = ClassificationTask()
+    data, queries = classification_data(n_train, 6, 3, seed=1), classification_data(n_query, 6, 3, seed=2)
+    traj = _trajectory(method, model, data)
+    return model, task, data, queries, traj, sf.fit_factors(model, task, traj, batch_size=8)
+
+
 @pytest.mark.parametrize("method", ["source", "fast_source", "ekfac", "tracin", "grad_dot"])
 @pytest.mark.parametrize("option", [{}, {"per_module": True}, {"per_token": True}, {"query_rank": 2}])
 def test_layer_groups_give_one_blocks_scores_from_one_read(method, option, monkeypatch, tmp_path):
@@ -214,11 +223,7 @@ def test_the_disk_is_checked_for_all_of_a_rounds_training_passes_at_once(monkeyp
     """SOURCE over 2 segments of 2 checkpoints runs 4 training passes in the first round: with room for
     half of what the passes keep, NoRoom comes at the first training batch (not after 2 passes run for
     nothing), and blocks of queries give the scores."""
-    model = _model()
-    task = ClassificationTask()
-    data, queries = classification_data(37, 6, 3, seed=1), classification_data(11, 6, 3, seed=2)
-    traj = _trajectory("source", model, data)
-    factors = sf.fit_factors(model, task, traj, batch_size=8)
+    model, task, data, queries, traj, factors = _fitted("source")
     whole = sf.score(model, task, traj, factors, data, queries, batch_size=8, query_memory_budget=BIG)
     specs = tracked_layers(model, None)
     budget = len(queries) * max(map(_query_bytes(model, traj, "source", [0, 1], None), specs))
@@ -370,11 +375,7 @@ def test_an_interrupt_tidying_up_leaves_no_folder_of_the_new_cache(tmp_path, mon
 def test_a_folder_removed_while_its_cache_runs_is_still_read(monkeypatch, tmp_path):
     """Another process that takes the folder for a dead one's (a bug, or a person) removes its name only:
     the later groups replay the passes through the file the cache holds open, and score as one block."""
-    model = _model()
-    task = ClassificationTask()
-    data, queries = classification_data(37, 6, 3, seed=1), classification_data(11, 6, 3, seed=2)
-    traj = _trajectory("ekfac", model, data)
-    factors = sf.fit_factors(model, task, traj, batch_size=8)
+    model, task, data, queries, traj, factors = _fitted("ekfac")
     whole = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=0.05, batch_size=8,
                      query_memory_budget=BIG)
     specs = tracked_layers(model, None)
@@ -398,11 +399,7 @@ def test_a_folder_removed_while_its_cache_runs_is_still_read(monkeypatch, tmp_pa
 
 def test_a_stream_of_training_examples_scores_the_same_in_layer_groups(monkeypatch, tmp_path):
     """A stream is scored in buffered pieces: each piece's passes are kept and replayed in turn."""
-    model = _model()
-    task = ClassificationTask()
-    data, queries = classification_data(23, 6, 3, seed=1), classification_data(5, 6, 3, seed=2)
-    traj = _trajectory("source", model, data)
-    factors = sf.fit_factors(model, task, traj, batch_size=8)
+    model, task, data, queries, traj, factors = _fitted("source", 23, 5)
     whole = sf.score(model, task, traj, factors, data, queries, batch_size=4, query_memory_budget=BIG)
     monkeypatch.setattr(scoring, "STREAM_CHUNK", 10)  # three pieces
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -421,11 +418,7 @@ def test_a_stream_of_training_examples_scores_the_same_in_layer_groups(monkeypat
 
 def test_only_the_layers_of_later_groups_are_kept(monkeypatch, tmp_path):
     """The first group scores its layers as the passes run: writing them would only fill the disk."""
-    model = _model()
-    task = ClassificationTask()
-    data, queries = classification_data(37, 6, 3, seed=1), classification_data(11, 6, 3, seed=2)
-    traj = _trajectory("ekfac", model, data)
-    factors = sf.fit_factors(model, task, traj, batch_size=8)
+    model, task, data, queries, traj, factors = _fitted("ekfac")
     specs = tracked_layers(model, None)
     budget = len(queries) * max(map(_query_bytes(model, traj, "ekfac", [0], None), specs))
     assert [[s.name for s in g] for _, g in layer_groups(specs, 11, _query_bytes(model, traj, "ekfac", [0], None),
