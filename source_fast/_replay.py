@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ._io import TEMP_MARK
-from ._passes import model_device, run_pass
+from ._passes import available_memory, model_device, run_pass
 from .capture import Captured, LayerSpec
 from .task import Task
 
@@ -39,6 +39,23 @@ DISK_MARGIN = 1 << 30
 
 class NoRoom(Exception):
     """The cache would leave less than DISK_MARGIN free: score() goes back to blocks of queries."""
+
+
+def _file_system(path: Path) -> str:
+    """The type of the file system `path` is on (the longest mount point over it, the last mounted
+    there), from /proc/self/mounts; "" where that cannot be read."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1:3] for line in f]
+    except OSError:
+        return ""
+    path_ = os.path.realpath(path)
+    best, kind = "", ""
+    for point, fs in mounts:
+        point = point.replace("\\040", " ")  # the mounts file's escape for a space
+        if (path_ == point or path_.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fs
+    return kind
 
 
 _FOLDER_START = f"source_fast_passes{TEMP_MARK}"
@@ -125,6 +142,8 @@ class PassCache:
             # Not gettempdir(): with no usable temporary directory at all it raises again.
             raise NoRoom(f"no folder for them in {directory or tempfile.tempdir or 'the temporary directory'} "
                          f"({exc})") from exc
+        # A TMPDIR on tmpfs (/tmp on many systems) keeps the passes in memory, which the scoring needs too.
+        self._in_memory = _file_system(self.folder) in ("tmpfs", "ramfs")
         try:  # held while this cache lives: the folder's process runs (_remove_dead_processes_folders)
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # no locks on this file system: no other cache removes the folder either
@@ -176,8 +195,12 @@ class PassCache:
                 left = None if total is None else total - start
             later = 0 if left is None else size * max(0, left - n) // max(n, 1)
             free = shutil.disk_usage(self.folder).free
+            where = f"{self.folder} has {free} bytes free"
+            if self._in_memory:  # the passes may take half the memory left, the scoring the rest
+                free = min(free, available_memory(torch.device("cpu")) // 2)
+                where = f"{self.folder} is in memory (tmpfs), of which it may take {free} bytes, half of what is free"
             if size and free - size - later < DISK_MARGIN:
-                raise NoRoom(f"{self.folder} has {free} bytes free; the passes need about {size + later} more")
+                raise NoRoom(f"{where}; the passes need about {size + later} more")
             layers = {}
             for s in kept:
                 r = records[s.name]

@@ -372,6 +372,47 @@ def test_an_interrupt_tidying_up_leaves_no_folder_of_the_new_cache(tmp_path, mon
     assert list(tmp_path.iterdir()) == [dead]
 
 
+def _stat_says_in_memory(path) -> bool:
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True).stdout
+    return kind.strip() in ("tmpfs", "ramfs")
+
+
+def test_the_file_system_is_read_from_the_mounts(tmp_path):
+    """Against coreutils' stat (statfs) on a tmpfs (/dev/shm, on the Linux machines this runs on), the test's
+    disk folder and the root."""
+    assert _stat_says_in_memory("/dev/shm")
+    for path in ("/dev/shm", tmp_path, "/"):
+        assert (replay._file_system(path) in ("tmpfs", "ramfs")) == _stat_says_in_memory(path), path
+
+
+@pytest.mark.parametrize("where", ["in memory", "on disk"])
+def test_passes_in_memory_leave_half_of_it_to_the_scoring(where, monkeypatch, tmp_path):
+    """A TMPDIR on tmpfs keeps the passes in RAM: with 2 GiB available (half of it for the passes, less
+    the 1 GiB margin: nothing) they are not kept, and blocks of queries give the scores; a disk's free
+    space is what counts on a disk."""
+    model, task, data, queries, traj, factors = _fitted("ekfac")
+    whole = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=0.05, batch_size=8,
+                     query_memory_budget=BIG)
+    specs = tracked_layers(model, None)
+    budget = len(queries) * max(map(_query_bytes(model, traj, "ekfac", [0], None), specs))
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm")) if where == "in memory" else tmp_path
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setattr(replay, "available_memory", lambda device: 2 * replay.DISK_MARGIN)
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            grouped = sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=0.05, batch_size=8,
+                               query_memory_budget=budget)
+        assert list(folder.iterdir()) == []
+    finally:
+        if where == "in memory":
+            folder.rmdir()
+    _close(grouped, whole)
+    refused = [str(w.message) for w in said if "disk cannot" in str(w.message)]
+    assert len(refused) == (where == "in memory")
+    assert all("is in memory (tmpfs), of which it may take 1073741824 bytes" in m for m in refused)
+
+
 def test_a_folder_removed_while_its_cache_runs_is_still_read(monkeypatch, tmp_path):
     """Another process that takes the folder for a dead one's (a bug, or a person) removes its name only:
     the later groups replay the passes through the file the cache holds open, and score as one block."""
