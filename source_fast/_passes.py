@@ -786,6 +786,15 @@ def _judge_order(name: str, found: str, folded: bool, selected: bool, n: int, wh
             "to)")
 
 
+def advance(progress: Any, lead: Captured, n: int, tokens: int) -> int:
+    """A pass's progress bar moved on by n examples, showing the tokens per second of its first tracked
+    layer (`lead`; masked tokens not counted). Returns the tokens so far, `tokens` before."""
+    tokens += lead.a.shape[0] * lead.a.shape[1] if lead.mask is None else int((lead.mask != 0).sum())
+    progress.set_postfix_str(f"{tokens / max(progress.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
+    progress.update(n)
+    return tokens
+
+
 def run_pass(
     model: nn.Module,
     task: Task,
@@ -928,11 +937,8 @@ def run_pass(
                     raise FloatingPointError(f"{where(b, start)}: non-finite gradient at module {spec.name!r}{hint}")
         yield start, n, records
         start += n
-        if progress is not None:  # the first tracked layer's tokens
-            lead = records[specs[0].name]  # not `first`: where() reads that (the loader's first example)
-            tokens += lead.a.shape[0] * lead.a.shape[1] if lead.mask is None else int((lead.mask != 0).sum())
-            progress.set_postfix_str(f"{tokens / max(progress.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
-            progress.update(n)
+        if progress is not None:  # not `first`: where() reads that (the loader's first example)
+            tokens = advance(progress, records[specs[0].name], n, tokens)
     unsure = {name: count for name, count in unchecked.items() if name not in settled}
     if unsure:
         warn(f"{what}: modules {sorted(unsure)} take several rows per example, or rows picked by index, and on "

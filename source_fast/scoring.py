@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from . import baselines, ops, reference
 from ._dist import all_reduce_int, all_reduce_sum_, differing_on_ranks, fail_together, gather_shares, min_on_ranks, rank_and_world
 from ._passes import (
-    available_memory, check_collate_order, check_count, check_summed, chunks, describe_model, describe_task,
+    advance, available_memory, check_collate_order, check_count, check_summed, chunks, describe_model, describe_task,
     digest_examples, is_stream, length, make_loader, materialize, model_device, rank_share, reuse_large_blocks,
     run_pass, share_start, subset,
 )
@@ -1158,9 +1158,12 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
             what = f"segment {ell}, checkpoint {c}"
             load_into(model, ckpt, what)
             bar = _progress(progress, n_rows, f"scoring ({what})")
-            batches = pass_of(passes)(model, task, specs, loader, "train", what, bar, first)
             # Low-rank queries read no tiles, so joining would only grow their (examples, tokens, q, r) terms.
-            for start, n, rec in (batches if per_token or plan.lowrank else _in_blocks(batches)):
+            joined = not (per_token or plan.lowrank)
+            # Joined, the pass runs up to a block ahead of the scoring: the bar follows the scoring.
+            batches = pass_of(passes)(model, task, specs, loader, "train", what, None if joined else bar, first)
+            tokens = 0
+            for start, n, rec in (_in_blocks(batches) if joined else batches):
                 parts = _score_block(specs, rec, plan.queries[ell][c], plan.lowrank, per_token, per_module)
                 for key, block in parts.items():
                     block = block.transpose(0, 1)
@@ -1169,6 +1172,8 @@ def score_rows(model, task, specs, plan: _Plan, data, *, batch_size, collate_fn,
                     if per_token:  # batches padded each to its own longest example differ in tokens
                         scores[key], block = _same_tokens(scores[key], block)
                     scores[key][:, start : start + n] += plan.weights[ell] * block
+                if joined and bar is not None:
+                    tokens = advance(bar, rec[specs[0].name], n, tokens)
                 del rec, parts  # else this block stays alive while the next one is joined
             if bar is not None:
                 bar.close()

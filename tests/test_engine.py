@@ -1562,3 +1562,34 @@ def test_a_joined_block_is_held_once(monkeypatch):
     scores = sf.score(model, ClassifyTask(), traj, None, data, Subset(data, range(3)), method="grad_dot", batch_size=2)
     assert joined == [(0, 4), (4, 4), (8, 4), (12, 4), (16, 4), (20, 3)]
     _close(scores, expected)
+
+
+def test_the_scoring_bar_counts_the_examples_scored(monkeypatch):
+    """Joined, the pass runs up to a block ahead of the scoring: the bar moves as each block is scored, so
+    it reads what is done (a real tqdm's count, read as each block's scoring begins), with tokens/s."""
+    import io
+
+    from tqdm import tqdm
+
+    from source_fast import scoring
+
+    monkeypatch.setattr(scoring, "BLOCK_EXAMPLES", 4)
+    bars = []
+
+    def scoring_bar(enabled, total, desc, unit="ex"):
+        if not (enabled and desc.startswith("scoring")):
+            return None
+        bars.append(tqdm(total=total, desc=desc, file=io.StringIO()))
+        return bars[-1]
+
+    seen = []
+    score_block = scoring._score_block
+    monkeypatch.setattr(scoring, "_progress", scoring_bar)
+    monkeypatch.setattr(scoring, "_score_block", lambda specs, rec, *a, **k: (
+        seen.append((bars[-1].n, rec[specs[0].name].a.shape[0])), score_block(specs, rec, *a, **k))[1])
+    model, data = mlp(4, 5, 3), classification_data(23, 4, 3)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    sf.score(model, ClassifyTask(), traj, None, data, Subset(data, range(3)), method="grad_dot", batch_size=2,
+             progress=True)
+    assert seen == [(0, 4), (4, 4), (8, 4), (12, 4), (16, 4), (20, 3)]
+    assert len(bars) == 1 and bars[0].n == 23 and "tok/s" in bars[0].postfix
