@@ -1564,6 +1564,34 @@ def test_a_joined_block_is_held_once(monkeypatch):
     _close(scores, expected)
 
 
+@pytest.mark.parametrize("data_form", ["dataset", "stream"])
+def test_tracin_through_joined_blocks_is_explicit_gradients(data_form, monkeypatch):
+    """TracIn's checkpoints, each a pass, and a stream's buffered pieces go through joined blocks (of 4
+    examples here, batches of 2) as one batch does: c/N × the mean over the checkpoints of the explicit
+    per-example gradients' dot products, float64."""
+    from _helpers import Stream
+
+    from source_fast import scoring
+
+    monkeypatch.setattr(scoring, "BLOCK_EXAMPLES", 4)
+    monkeypatch.setattr(scoring, "STREAM_CHUNK", 9)  # pieces of 9: blocks of 4, 4 and 1
+    model, data = mlp(4, 5, 3), classification_data(23, 4, 3)
+    queries = Subset(classification_data(7, 4, 3, seed=1), range(3))
+    states = perturbed_states(model, 3, scale=0.2)
+    train = data if data_form == "dataset" else Stream(data)
+    traj = sf.Trajectory([sf.Segment(states, train, lr_sum=0.7, num_examples=23)])
+    joined = []
+    join = scoring._joined_batches
+    monkeypatch.setattr(scoring, "_joined_batches",
+                        lambda held: (joined.append(sum(n for _, n, _ in held)), join(held))[1])
+    scores = sf.score(model, ClassifyTask(), traj, None, train, queries, method="tracin", batch_size=2)
+    q = classification_data(7, 4, 3, seed=1)
+    expected = sum(_grads(model, st, q, range(3)) @ _grads(model, st, data).T for st in states) / 3 * 0.7 / 23
+    _close(scores, expected)
+    # Every checkpoint's pass over the data; a stream's, piece by piece (9, 9, 5 examples), each over them all.
+    assert joined == ([4, 4, 4, 4, 4, 3] * 3 if data_form == "dataset" else [4, 4, 1] * 6 + [4, 1] * 3)
+
+
 def test_the_scoring_bar_counts_the_examples_scored(monkeypatch):
     """Joined, the pass runs up to a block ahead of the scoring: the bar moves as each block is scored, so
     it reads what is done (a real tqdm's count, read as each block's scoring begins), with tokens/s."""
