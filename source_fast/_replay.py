@@ -69,15 +69,17 @@ def _folder_prefix(pid: int) -> str:
 
 
 def _remove_dead_processes_folders(directory: Path) -> None:
-    """Removes this user's passes' folders made on this host whose file no process holds locked: their
-    cache's process has ended. The lock, not the process number in the name, tells: a process in another
-    PID namespace (a container sharing /tmp and the host name) runs though no process here has its number.
-    Another host's folders under a shared TMPDIR stay (a lock may not reach across hosts), and so do
-    folders on a file system without locks. Best effort: nothing here fails the cache."""
+    """Removes this user's passes' folders made on this host by caches that have ended: no process holds
+    their file locked, and the process number in the name runs no process here. The lock alone tells for a
+    process in another PID namespace (a container sharing /tmp and the host name: its number means
+    nothing here); the number alone for a cache of an earlier version, which took no lock. Another host's
+    folders under a shared TMPDIR stay (a lock may not reach across hosts), and so do folders on a file
+    system without locks. Best effort: nothing here fails the cache."""
     host = socket.gethostname()
     for folder in directory.glob(f"{_FOLDER_START}*"):
         # The name: the process number, the host's name, mkdtemp's random end (which has no "-").
-        if folder.name[len(_FOLDER_START):].partition("-")[2].rpartition("-")[0] != host:
+        pid, _, rest = folder.name[len(_FOLDER_START):].partition("-")
+        if rest.rpartition("-")[0] != host or _runs(pid):
             continue
         try:
             if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
@@ -93,6 +95,20 @@ def _remove_dead_processes_folders(directory: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         finally:
             os.close(fd)
+
+
+def _runs(pid: str) -> bool:
+    """Whether a process numbered `pid` (as a folder's name spells it) runs here: a number no process can
+    have (not ASCII digits, too large) runs none."""
+    if not (pid.isascii() and pid.isdigit() and len(pid) <= 9):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError)
+        return True
+    return True
 
 
 @dataclass(frozen=True)

@@ -306,9 +306,10 @@ def test_the_passes_folder_is_marked_as_ours():
 
 def test_the_folder_of_a_process_killed_outright_goes_with_the_next_cache(tmp_path):
     """A SIGKILLed score_corpus job cannot remove its passes (a shard's layer tokens, gigabytes): the next
-    cache removes this host's folders whose file no process holds locked, and nothing else. A running
-    process whose number is not ours to see (another PID namespace: a container sharing /tmp and the host
-    name) holds its lock: here a child holds it under a number that ended."""
+    cache removes this host's folders whose file no process holds locked and whose number runs no process,
+    and nothing else. A running process whose number is not ours to see (another PID namespace: a
+    container sharing /tmp and the host name) holds its lock: here a child holds it under a number that
+    ended. A running cache of an earlier version took no lock: its number runs."""
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     host = socket.gethostname()
@@ -317,6 +318,7 @@ def test_the_folder_of_a_process_killed_outright_goes_with_the_next_cache(tmp_pa
         "dead, a number too large for a process": f"source_fast_passes.sf-{10**20}-{host}-abcd1234",
         "dead, a digit that is not ASCII": f"source_fast_passes.sf-\u00b2-{host}-abcd1234",
         "live, in another PID namespace": f"source_fast_passes.sf-{ended.pid}-{host}-efgh5678",
+        "live, of an earlier version": f"source_fast_passes.sf-{os.getpid()}-{host}-mnop3456",
         "another host's": f"source_fast_passes.sf-{ended.pid}-{host}-2-abcd1234",
         "unnumbered": "source_fast_passes.sf-abcd1234",
         "without its file yet": f"source_fast_passes.sf-{ended.pid}-{host}-ijkl9012",
@@ -346,7 +348,7 @@ def test_the_folder_of_a_process_killed_outright_goes_with_the_next_cache(tmp_pa
 @pytest.mark.parametrize("failure", [PermissionError, RuntimeError])
 def test_a_failure_tidying_up_after_killed_processes_still_gives_a_cache(failure, tmp_path, monkeypatch):
     """Tidying up is best effort: whatever it raises (a folder it may not read, a bug), not NoRoom."""
-    dead = tmp_path / f"source_fast_passes.sf-1-{socket.gethostname()}-abcd1234"
+    dead = tmp_path / f"source_fast_passes.sf-{10**8}-{socket.gethostname()}-abcd1234"  # no such process
     dead.mkdir()
     (dead / "passes.bin").write_bytes(b"tokens")
 
@@ -359,7 +361,7 @@ def test_a_failure_tidying_up_after_killed_processes_still_gives_a_cache(failure
 
 
 def test_an_interrupt_tidying_up_leaves_no_folder_of_the_new_cache(tmp_path, monkeypatch):
-    dead = tmp_path / f"source_fast_passes.sf-1-{socket.gethostname()}-abcd1234"
+    dead = tmp_path / f"source_fast_passes.sf-{10**8}-{socket.gethostname()}-abcd1234"  # no such process
     dead.mkdir()
     (dead / "passes.bin").write_bytes(b"tokens")
 
