@@ -274,7 +274,7 @@ def describe_model(model: nn.Module) -> list[list]:
 
 def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
     """A task for fingerprints: its class and settings (another loss, normalisation or class weight is
-    another run), and the collate function's name. Plain values (numpy scalars, dtypes and enums
+    another run), and the collate function (`collate`). Plain values (numpy scalars, dtypes and enums
     too), lists, sets, dicts and dataclasses are taken as they are, tensors and arrays by content;
     other objects (a model, a tokenizer) count by type only."""
     def describe(v: Any) -> Any:
@@ -300,10 +300,31 @@ def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
             return f"ndarray {v.shape} {v.dtype} {hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()[:16]}"
         return type(v).__qualname__
 
+    def collate(fn: Any) -> Any:
+        """By name; a partial by its function and arguments, and a lambda or a local function (every one
+        of them is named alike) by its code too."""
+        if fn is None:
+            return None
+        if isinstance(fn, functools.partial):
+            return [collate(fn.func), describe(list(fn.args)), describe(fn.keywords)]
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
+        code = getattr(fn, "__code__", None)
+        if code is not None and ("<lambda>" in name or "<locals>" in name):
+            body = code.co_code + repr([describe(c) for c in code.co_consts]).encode()
+            return f"{name} {hashlib.sha256(body).hexdigest()[:16]}"
+        return name
+
     settings = {k: describe(v) for k, v in sorted(getattr(task, "__dict__", {}).items())}
     cls = type(task)
-    collate = None if collate_fn is None else getattr(collate_fn, "__qualname__", type(collate_fn).__qualname__)
-    return json.dumps([f"{cls.__module__}.{cls.__qualname__}", settings, collate], sort_keys=True)
+    return json.dumps([f"{cls.__module__}.{cls.__qualname__}", settings, collate(collate_fn)], sort_keys=True)
+
+
+def own_collate(data: Any, collate_fn: Callable | None) -> Callable | None:
+    """The collate function that batches `data`: the one given, else a DataLoader's own (None for torch's
+    default): a resumed run given the loader is compared on it too."""
+    if collate_fn is None and isinstance(data, DataLoader) and data.collate_fn is not default_collate:
+        return data.collate_fn
+    return collate_fn
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=>)")  # `<... at 0x7f...>`, as object.__repr__ ends

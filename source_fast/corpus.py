@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from ._dist import all_reduce_int, barrier, rank_and_world, sole_writer
 from ._io import SAFETENSORS_TEMP, atomic_path, check_folder, own_temps, remove_stale_temps, sha256_file
 from ._passes import (
-    chunks, describe_task, digest_examples, digest_tensors, length, model_device, reuse_large_blocks, subset,
+    chunks, describe_task, digest_examples, digest_tensors, length, model_device, own_collate, reuse_large_blocks,
+    subset,
 )
 from ._replay import NoRoom
 from ._warn import warn
@@ -62,8 +63,10 @@ from .scoring import (
 from .task import Task
 from .trajectory import Trajectory
 
-MANIFEST_VERSION = 8  # 5: the query blocks are in the fingerprint; 6: the model's dtypes, Adam's p̃ from P⁻¹;
-# 7: the segments' decay_scale (clipping does not shrink the decay); 8: gradients take padded tokens
+MANIFEST_VERSION = 9  # 5: the query blocks are in the fingerprint; 6: the model's dtypes, Adam's p̃ from P⁻¹;
+# 7: the segments' decay_scale (clipping does not shrink the decay); 8: gradients take padded tokens; 9: no
+# query_memory_budget in the fingerprint (its query blocks are), a shard's top k ties to the lower row, and
+# top_k.safetensors checksummed
 
 
 def _fingerprint(model, task, trajectory, factors, method, options, train_data, query_data, collate_fn) -> dict:
@@ -73,7 +76,7 @@ def _fingerprint(model, task, trajectory, factors, method, options, train_data, 
                              for t in (lf.q_a, lf.q_s, lf.lam, lf.precond) if t is not None)
     fingerprint = {
         "method": method,
-        "task": describe_task(task, collate_fn),
+        "task": describe_task(task, own_collate(train_data, collate_fn)),
         # Gradients in bfloat16 are not float32's: a resume in another precision would mix the two.
         "model_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
         "options": options,
@@ -155,8 +158,9 @@ def score_corpus(
     rank, world = rank_and_world()
     # The query blocks are part of the run: a shard holds one block's queries, so a resume that cut the
     # queries otherwise (another budget rule) would take old shards for finished ones.
+    # The budget itself is not: lowering it after running out of memory, as the hint says, cuts the same blocks
+    # (or refuses only if it does not).
     options = {"damping": damping, "shard_size": shard_size, "top_k": top_k, "query_rank": query_rank,
-               "query_memory_budget": query_memory_budget,
                "train_segments": train_segments if train_segments is None or isinstance(train_segments, str)
                else [int(i) for i in train_segments],  # a numpy array or tensor, as json
                "query_blocks": [[b.start, b.stop] for b in blocks]}
@@ -218,10 +222,11 @@ def score_corpus(
         barrier()
         _check_same_examples(out, len(blocks), shards)  # on every rank, so all raise together
         if rank == 0:
+            done = {"rows": n_rows}
             if top_k is not None:
-                _merge_top_k(out, blocks, shards, top_k)
+                done["top_k_sha256"] = _merge_top_k(out, blocks, shards, top_k)
             with atomic_path(out / "rows.json") as tmp:
-                tmp.write_text(json.dumps({"rows": n_rows}))
+                tmp.write_text(json.dumps(done))
         barrier()
         return out
 
@@ -409,10 +414,14 @@ def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int, world: int
     each score their shards of a different run, into one matrix."""
     path = out / "manifest.json"
     orphans = wrote = 0
-    if rank == 0 and not path.exists():
-        # The manifest comes before any shard: shards without it are of a run nobody can name any more.
-        orphans = len(list(out.glob("shards/*.safetensors")))
-        if not orphans:
+    if rank == 0:
+        shards = len(list(out.glob("shards/*.safetensors")))
+        if shards and not path.exists():
+            # The manifest comes before any shard: shards without it are of a run nobody can name any more.
+            orphans = shards
+        elif not shards and (not path.exists() or _manifest_problem(out, fingerprint) is not None):
+            # Nothing scored under another manifest binds nobody: a run that stopped before its first shard (a
+            # damping refused at the first pass, the memory its hint says to lower) leaves the folder free.
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({"format": "source_fast.scores", "version": MANIFEST_VERSION,
                                            "fingerprint": fingerprint}, indent=1))
@@ -497,12 +506,12 @@ def _write_shard(out: Path, block: int, rows: tuple[int, int], scores: Tensor, t
     if top_k is None:
         tensors = {"scores": scores.contiguous().cpu()}
     else:
-        k = min(top_k, scores.shape[1])
-        top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
-        tensors = {
-            "top_values": top.values.cpu().contiguous(), "top_indices": (top.indices + rows[0]).cpu().contiguous(),
-            "bottom_values": bottom.values.cpu().contiguous(), "bottom_indices": (bottom.indices + rows[0]).cpu().contiguous(),
-        }
+        scores = scores.cpu()
+        rows_of = torch.arange(rows[0], rows[1]).expand(scores.shape)
+        tensors = {}
+        for side, largest in (("top", True), ("bottom", False)):
+            values, indices = _k_best(scores, rows_of, top_k, largest)
+            tensors[f"{side}_values"], tensors[f"{side}_indices"] = values.contiguous(), indices.contiguous()
     data, meta = _shard_paths(out, block, rows)
     with atomic_path(data) as tmp:
         save_file(tensors, str(tmp))
@@ -518,9 +527,10 @@ def _read_shard(out: Path, block: int, rows: tuple[int, int]) -> dict[str, Tenso
     return load_file(str(_shard_paths(out, block, rows)[0]))
 
 
-def _merge_top_k(out: Path, blocks: list[range], shards: list[tuple[int, int]], top_k: int) -> None:
+def _merge_top_k(out: Path, blocks: list[range], shards: list[tuple[int, int]], top_k: int) -> str:
     """Each query's k best of all shards, kept as a running k while the shards are read one at a time:
-    memory is that of a few shards' candidates, not of every shard's (n_shards · k per query)."""
+    memory is that of a few shards' candidates, not of every shard's (n_shards · k per query). Returns
+    the file's checksum, for rows.json."""
     from safetensors.torch import save_file
 
     sides = (("top", True), ("bottom", False))
@@ -533,42 +543,57 @@ def _merge_top_k(out: Path, blocks: list[range], shards: list[tuple[int, int]], 
                 v, i = part[f"{side}_values"], part[f"{side}_indices"]
                 if kept[side] is not None:
                     v, i = torch.cat([kept[side][0], v], 1), torch.cat([kept[side][1], i], 1)
-                # Ties go to the lower index (sort by index, then a stable sort by value): a total order, so
-                # the k best of the kept k and one more shard are the k best of all shards so far.
-                order = i.argsort(dim=1, stable=True)
-                v, i = v.gather(1, order), i.gather(1, order)
-                order = v.argsort(dim=1, descending=largest, stable=True)[:, :top_k]
-                kept[side] = (v.gather(1, order), i.gather(1, order))
+                kept[side] = _k_best(v, i, top_k, largest)
         for side, _ in sides:
             merged[f"{side}_values"].append(kept[side][0])
             merged[f"{side}_indices"].append(kept[side][1])
     with atomic_path(out / "top_k.safetensors") as tmp:
         save_file({k: torch.cat(v).contiguous() for k, v in merged.items()}, str(tmp))
+    return sha256_file(out / "top_k.safetensors")
 
 
-def _shards_of(out: Path) -> tuple[list[int], list[tuple[int, int]], int]:
-    manifest = json.loads((out / "manifest.json").read_text())
+def _k_best(values: Tensor, indices: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """Each row's k largest (or smallest) values and their indices, ties to the lower index (sort by index,
+    then a stable sort by value): a total order, so the k best of one shard's, or of the kept k and one
+    more shard's, are the k best of them all, whatever the shards."""
+    order = indices.argsort(dim=1, stable=True)
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    order = values.argsort(dim=1, descending=largest, stable=True)[:, :k]
+    return values.gather(1, order), indices.gather(1, order)
+
+
+def _finished(out: Path) -> tuple[dict, dict]:
+    """A finished run's manifest and rows.json (raising, named, where the run is not one)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{out} holds no readable score_corpus manifest ({exc})") from exc
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{out} was written by another version of score_corpus (format {manifest.get('version')}); score again")
-    if not (out / "rows.json").exists():
-        raise ValueError(f"{out}: the run has not finished (no rows.json); run score_corpus again to finish it")
+    try:
+        rows = json.loads((out / "rows.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{out}: the run has not finished (no readable rows.json); run score_corpus again to "
+                         "finish it") from exc
+    return manifest, rows
+
+
+def _shards_of(out: Path) -> tuple[int, list[tuple[int, int]], int]:
+    manifest, rows = _finished(out)
     opts = manifest["fingerprint"]["options"]
     if opts["top_k"] is not None:  # its shards hold only each query's extremes, not a "scores" matrix
         raise ValueError(f"{out} was scored with top_k={opts['top_k']}: it holds each query's {opts['top_k']} largest "
                          "and smallest scores, not the full matrix; read it with load_top_k")
-    n_train = json.loads((out / "rows.json").read_text())["rows"]
     n_query = int(manifest["fingerprint"]["query_data"].split(":")[0])
-    metas = [json.loads(p.read_text()) for p in (out / "shards").glob("*.json")]
-    blocks = sorted({m["block"] for m in metas})
-    shards = [(s, min(n_train, s + opts["shard_size"])) for s in range(0, n_train, opts["shard_size"])]
-    return blocks, shards, n_query
+    shards = [(s, min(rows["rows"], s + opts["shard_size"])) for s in range(0, rows["rows"], opts["shard_size"])]
+    return len(opts["query_blocks"]), shards, n_query
 
 
 def load_scores(out_dir: str | os.PathLike) -> Tensor:
     """The full (n_query, n_train) matrix from a finished `score_corpus` run (checksums verified)."""
     out = Path(out_dir)
-    blocks, shards, n_query = _shards_of(out)
-    rows = [torch.cat([_read_shard(out, b, sh)["scores"] for sh in shards], 1) for b in blocks]
+    n_blocks, shards, n_query = _shards_of(out)
+    rows = [torch.cat([_read_shard(out, b, sh)["scores"] for sh in shards], 1) for b in range(n_blocks)]
     result = torch.cat(rows)
     if result.shape[0] != n_query:
         raise ValueError(f"{out}: found scores for {result.shape[0]} of {n_query} queries; run score_corpus again")
@@ -576,10 +601,16 @@ def load_scores(out_dir: str | os.PathLike) -> Tensor:
 
 
 def load_top_k(out_dir: str | os.PathLike) -> dict[str, Tensor]:
-    """top_values/top_indices (k largest, descending) and bottom_values/bottom_indices (k smallest)."""
+    """top_values/top_indices (k largest, descending; ties to the lower row) and bottom_values/bottom_indices
+    (k smallest) from a finished `score_corpus` run with top_k (checksum verified)."""
     from safetensors.torch import load_file
 
-    path = Path(out_dir) / "top_k.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: the run was not in top_k mode or has not finished")
+    out = Path(out_dir)
+    manifest, rows = _finished(out)
+    if manifest["fingerprint"]["options"]["top_k"] is None:
+        raise ValueError(f"{out} was scored without top_k: read its full matrix with load_scores")
+    path = out / "top_k.safetensors"
+    if not path.exists() or sha256_file(path) != rows.get("top_k_sha256"):
+        raise ValueError(f"{path} is missing or corrupted (its checksum differs from rows.json's): run score_corpus "
+                         "again to merge the shards again")
     return load_file(str(path))

@@ -174,6 +174,100 @@ def test_top_k_matches_the_full_matrix(reference, tmp_path):
         assert torch.allclose(full.gather(1, top[f"{side}_indices"]), want.values, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shard_size", [16, 4096])
+def test_top_k_ties_go_to_the_lower_row_whatever_the_shards(shard_size, tmp_path):
+    """A query without a measurement gradient scores 0 against every row: its k largest and smallest are
+    rows 0..k-1 (ties to the lower row, in each shard as in the merge), not whichever the shards' topk
+    picked. The checksummed file is verified on reading: a flipped byte is an error, not other scores."""
+    model = mlp(4, 5, 3, dtype=torch.float32)
+    data, queries = classification_data(40, 4, 3, dtype=torch.float32), classification_data(3, 4, 3, seed=1,
+                                                                                            dtype=torch.float32)
+    queries.tensors[1][:] = torch.tensor([0, 2, 1])
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    with pytest.warns(UserWarning, match="no gradient"):
+        score_corpus(model, LeavesOutClass2(), traj, None, data, queries, tmp_path, "grad_dot", shard_size=shard_size,
+                     top_k=3, progress=False)
+    top = load_top_k(tmp_path)
+    assert (top["top_values"][1] == 0).all() and (top["bottom_values"][1] == 0).all()
+    assert top["top_indices"][1].tolist() == top["bottom_indices"][1].tolist() == [0, 1, 2]
+    path = tmp_path / "top_k.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="top_k.safetensors is missing or corrupted .* run score_corpus again"):
+        load_top_k(tmp_path)
+    score_corpus(model, LeavesOutClass2(), traj, None, data, queries, tmp_path, "grad_dot", shard_size=shard_size,
+                 top_k=3, progress=False)
+    assert torch.equal(load_top_k(tmp_path)["top_indices"], top["top_indices"])
+    score_corpus(model, LeavesOutClass2(), traj, None, data, queries, tmp_path / "full", "grad_dot", progress=False)
+    with pytest.raises(ValueError, match="scored without top_k: read its full matrix with load_scores"):
+        load_top_k(tmp_path / "full")
+
+
+def test_a_run_stopped_before_its_first_shard_binds_nobody(reference, tmp_path, monkeypatch):
+    """A damping refused at the first pass, or running out of memory (whose hint says to lower the budget),
+    stops a run after its manifest but before any shard: the corrected rerun is accepted. Once shards exist,
+    another budget that cuts the same query blocks resumes them; one that cuts others is refused."""
+    model, task, data, queries, traj, factors, full = reference
+    final = traj.final()
+    fitted = sf.fit_factors(model, task, final, fisher="empirical", batch_size=8)
+    with pytest.raises(ValueError, match="damping"):
+        score_corpus(model, task, final, fitted, data, queries, tmp_path / "d", "ekfac", damping=-1.0, progress=False)
+    score_corpus(model, task, final, fitted, data, queries, tmp_path / "d", "ekfac", damping=0.1, progress=False)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(corpus, "_score_in_layer_groups", oom)
+        with pytest.raises(torch.OutOfMemoryError, match="lower batch_size .* or query_memory_budget"):
+            score_corpus(model, task, traj, factors, data, queries, tmp_path / "m", shard_size=32,
+                         query_memory_budget=TWO_QUERIES, progress=False)
+    score_corpus(model, task, traj, factors, data, queries, tmp_path / "m", shard_size=32,
+                 query_memory_budget=TWO_QUERIES // 2, progress=False)
+    before = _digest(tmp_path / "m")
+    first = sorted((tmp_path / "m" / "shards").glob("q0_*.safetensors"))[0]
+    first.unlink()
+    score_corpus(model, task, traj, factors, data, queries, tmp_path / "m", shard_size=32,
+                 query_memory_budget=TWO_QUERIES // 2 + 1, progress=False)  # the same blocks of one query
+    assert _digest(tmp_path / "m") == before
+    with pytest.raises(ValueError, match="differs in: options \\(query_blocks"):
+        score_corpus(model, task, traj, factors, data, queries, tmp_path / "m", shard_size=32,
+                     query_memory_budget=TWO_QUERIES, progress=False)
+    torch.testing.assert_close(load_scores(tmp_path / "m"), full, rtol=1e-5, atol=1e-7)
+
+
+def _scaled(batch, scale=1.0):
+    x, y = torch.utils.data.default_collate(batch)
+    return x * scale, y
+
+
+def test_a_loaders_collate_function_is_part_of_the_run(reference, tmp_path):
+    """Tokenisation and max_length often live in the collate function: a resume given another one (the
+    loader's own, another partial's arguments, a lambda whose code differs) is another run, refused; the
+    same one resumes."""
+    import functools
+
+    model, task, data, queries, traj, factors, _ = reference
+
+    def run(fn, out=tmp_path):
+        loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=fn)
+        score_corpus(model, task, traj, factors, loader, queries, out, train_segments="all", shard_size=32,
+                     progress=False)
+
+    run(functools.partial(_scaled, scale=1.0))
+    before = _digest(tmp_path)
+    run(functools.partial(_scaled, scale=1.0))
+    assert _digest(tmp_path) == before
+    for other in (functools.partial(_scaled, scale=2.0), None, lambda b: _scaled(b, 1.0)):
+        with pytest.raises(ValueError, match=r"differs in: task\)"):
+            run(other)
+    run(lambda b: _scaled(b, 1.0), tmp_path / "lambdas")
+    run(lambda b: _scaled(b, 1.0), tmp_path / "lambdas")  # another lambda of the same code: the same run
+    with pytest.raises(ValueError, match=r"differs in: task\)"):
+        run(lambda b: _scaled(b, 2.0), tmp_path / "lambdas")
+
+
 def test_a_resumed_streams_finished_shards_of_a_rank_are_one_line(capsys):
     """A stream under 2 ranks: rank 0 has shards 0, 2, 4, ...; a resume's finished ones are one line."""
     from source_fast.corpus import _ShardLog
