@@ -284,10 +284,7 @@ def _damping_value(damping: Damping, horizon: float, name: str, mean_lam: float 
             raise ValueError(f"damping='implied' is 1/c, and the segment's learning-rate sum c is {horizon} "
                              f"(module {name!r}): give a number instead")
         return 1.0 / horizon
-    if isinstance(damping, (int, float)) and not isinstance(damping, bool) and 0 <= damping < math.inf:
-        return float(damping)
-    raise ValueError(f"damping for module {name!r} must be a finite number >= 0, 'heuristic' or 'implied'; "
-                     f"got {damping!r}")
+    return float(damping)  # a finite number >= 0: method_options checked it
 
 
 def _invertible(delta: float, lam: Tensor, damping: Damping, name: str, what: str) -> float:
@@ -796,6 +793,11 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
         raise ValueError(f"damping: a list of dampings is for trak (whose features do not depend on it), and not "
                          f"empty; got {damping!r} for method {method!r}")
     listed = method == "trak" and isinstance(damping, (list, tuple))
+    # numpy's numbers as Python's: every check below and the JSON of score_corpus's manifest take them.
+    damping = [_plain_number(v) for v in damping] if listed else _plain_number(damping)
+    if method == "ekfac" and damping not in (None, "heuristic", "implied") and not (
+            isinstance(damping, float) and 0 <= damping < math.inf):
+        raise ValueError(f"damping must be a finite number >= 0, 'heuristic' or 'implied'; got {damping!r}")
     for value in (damping if listed else [damping]):
         if method == "trak" and (value is not None or listed) and value != "heuristic" and not (
                 isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf):
@@ -803,6 +805,11 @@ def method_options(method: str, damping: Damping | None, trak_dim: int | None = 
                              f"horizon for 'implied'), or a list of them; got {value!r}")
     return (("heuristic" if damping is None else damping), (256 if trak_dim is None else trak_dim),
             (0 if seed is None else int(seed)))
+
+
+def _plain_number(value: Any) -> Any:
+    """A real number (numpy's too) as a Python float; anything else as it is."""
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) else value
 
 
 def check_query_budget(budget: Any) -> int | None:

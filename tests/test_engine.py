@@ -1242,9 +1242,11 @@ def test_scoring_options_are_checked(setup):
             sf.score(model, task, traj, factors, data, queries, query_rank=bad)
     final = traj.final()
     f_final = sf.fit_factors(model, task, final)
-    for bad in (math.inf, math.nan, -1.0):
-        with pytest.raises(ValueError, match="damping for module '0' must be a finite number >= 0"):
+    for bad in (math.inf, math.nan, -1.0, "heurstic", torch.tensor(0.1)):
+        with pytest.raises(ValueError, match="damping must be a finite number >= 0, 'heuristic' or 'implied'; got"):
             sf.score(model, task, final, f_final, data, queries, method="ekfac", damping=bad)
+    _close(sf.score(model, task, final, f_final, data, queries, method="ekfac", damping=np.float32(0.5)),
+           sf.score(model, task, final, f_final, data, queries, method="ekfac", damping=0.5))
     # One-checkpoint methods on a trajectory of several: refused by self_score as by score.
     for method in ("ekfac", "grad_dot"):
         with pytest.raises(ValueError, match=rf"method '{method}' uses one checkpoint; pass trajectory.final\(\)"):

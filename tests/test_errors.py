@@ -570,7 +570,7 @@ def test_empty_queries_and_unknown_method(setup):
         sf.score(model, ClassifyTask(), traj, f, data, torch.utils.data.Subset(data, []))
     with pytest.raises(ValueError, match="unknown method 'lissa'"):
         sf.score(model, ClassifyTask(), traj, f, data, data, method="lissa")
-    with pytest.raises(ValueError, match="damping .* must be a finite number"):
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
         sf.score(model, ClassifyTask(), traj, f, data, data, method="ekfac", damping="big")
     with pytest.raises(ValueError, match="pass trajectory.final"):
         two = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])
