@@ -214,7 +214,7 @@ class PassCache:
             where = f"{self.folder} has {free} bytes free"
             if self._in_memory:  # the passes may take half the memory left, the scoring the rest
                 free = min(free, available_memory(torch.device("cpu")) // 2)
-                where = f"{self.folder} is in memory (tmpfs), of which it may take {free} bytes, half of what is free"
+                where = f"{self.folder} is on a tmpfs, in memory: the passes may take {free} bytes (half the available)"
             if size and free - size - later < DISK_MARGIN:
                 raise NoRoom(f"{where}; the passes need about {size + later} more")
             layers = {}

@@ -420,8 +420,8 @@ def _check_or_write_manifest(out: Path, fingerprint: dict, rank: int, world: int
             # The manifest comes before any shard: shards without it are of a run nobody can name any more.
             orphans = shards
         elif not shards and (not path.exists() or _manifest_problem(out, fingerprint) is not None):
-            # Nothing scored under another manifest binds nobody: a run that stopped before its first shard (a
-            # damping refused at the first pass, the memory its hint says to lower) leaves the folder free.
+            # A manifest with no shard under it binds no run: one that stopped before its first shard (a damping
+            # refused at the first pass, memory its hint says to lower) leaves the folder free for the next.
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({"format": "source_fast.scores", "version": MANIFEST_VERSION,
                                            "fingerprint": fingerprint}, indent=1))

@@ -412,7 +412,7 @@ def test_passes_in_memory_leave_half_of_it_to_the_scoring(where, monkeypatch, tm
     _close(grouped, whole)
     refused = [str(w.message) for w in said if "disk cannot" in str(w.message)]
     assert len(refused) == (where == "in memory")
-    assert all("is in memory (tmpfs), of which it may take 1073741824 bytes" in m for m in refused)
+    assert all("is on a tmpfs, in memory: the passes may take 1073741824 bytes" in m for m in refused)
 
 
 def test_a_folder_removed_while_its_cache_runs_is_still_read(monkeypatch, tmp_path):
