@@ -1210,23 +1210,23 @@ def _in_blocks(batches: Iterable[tuple[int, int, dict[str, Captured]]]
     examples = own = 0
     longest: dict[str, int] = {}
     for start, n, rec in batches:
-        if any(r.a.device.type != "cpu" for r in rec.values()):  # GPU batches go as they are
+        gpu = any(r.a.device.type != "cpu" for r in rec.values())  # GPU batches go as they are
+        joins = False
+        if not gpu:
+            tokens = {name: r.a.shape[1] for name, r in rec.items()}
+            nbytes = sum(r.a.nbytes + r.g.nbytes for r in rec.values())
             if held:
-                block, held = _joined_batches(held), []
-                yield block
-                del block
+                padded = (examples + n) * sum(max(longest[name], t) * _token_bytes(rec[name])
+                                              for name, t in tokens.items())
+                joins = (start == held[-1][0] + held[-1][1] and examples + n <= BLOCK_EXAMPLES
+                         and padded <= BLOCK_BYTES and padded <= BLOCK_PADDING * (own + nbytes))
+        if held and not joins:
+            block, held = _joined_batches(held), []
+            yield block
+            del block
+        if gpu:
             yield start, n, rec
             continue
-        tokens = {name: r.a.shape[1] for name, r in rec.items()}
-        nbytes = sum(r.a.nbytes + r.g.nbytes for r in rec.values())
-        if held:
-            padded = (examples + n) * sum(max(longest[name], t) * _token_bytes(rec[name])
-                                          for name, t in tokens.items())
-            if (start != held[-1][0] + held[-1][1] or examples + n > BLOCK_EXAMPLES or padded > BLOCK_BYTES
-                    or padded > BLOCK_PADDING * (own + nbytes)):
-                block, held = _joined_batches(held), []
-                yield block
-                del block
         if not held:
             examples, own, longest = 0, 0, {}
         held.append((start, n, rec))

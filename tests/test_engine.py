@@ -1510,6 +1510,11 @@ def test_joined_batches_pad_each_layers_tokens_and_masks(monkeypatch):
         row += k
     gap = [batches[0], (5, 1, batches[1][2])]
     assert [(s, k) for s, k, _ in scoring._in_blocks(gap)] == [(0, 2), (5, 1)]
+    # Batches off the CPU (a GPU's; meta tensors here) go as they are, after the block before them.
+    off = (5, 1, {"l": Captured(a=torch.empty(1, 2, 3, device="meta"), g=torch.empty(1, 2, 2, device="meta"),
+                                mask=None, calls=1)})
+    out = list(scoring._in_blocks(batches + [off]))
+    assert [(s, k) for s, k, _ in out] == [(0, 5), (5, 1)] and out[1][2] is off[2]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(scoring, "BLOCK_EXAMPLES", 3)
         assert [(s, k) for s, k, _ in scoring._in_blocks(batches)] == [(0, 3), (3, 2)]
