@@ -305,6 +305,8 @@ def describe_task(task: Any, collate_fn: Callable | None = None) -> str:
         of them is named alike) by its code too."""
         if fn is None:
             return None
+        if isinstance(fn, list):  # one per segment, where the segments' loaders batch otherwise
+            return [collate(f) for f in fn]
         if isinstance(fn, functools.partial):
             return [collate(fn.func), describe(list(fn.args)), describe(fn.keywords)]
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
@@ -325,6 +327,13 @@ def own_collate(data: Any, collate_fn: Callable | None) -> Callable | None:
     if collate_fn is None and isinstance(data, DataLoader) and data.collate_fn is not default_collate:
         return data.collate_fn
     return collate_fn
+
+
+def segments_collate(trajectory: Any, collate_fn: Callable | None) -> Callable | list | None:
+    """The collate function a fit batches its segments' data with (own_collate): one, or a list of one per
+    segment where their loaders differ."""
+    each = [own_collate(seg.data, collate_fn) for seg in trajectory.segments]
+    return each[0] if all(c is each[0] for c in each) else each
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=>)")  # `<... at 0x7f...>`, as object.__repr__ ends

@@ -26,7 +26,7 @@ from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, own_
                   write_named_by_content)
 from ._passes import (
     available_memory, check_collate_order, check_count, check_summed, describe_model, describe_task, digest_examples,
-    digest_tensors, length, make_loader, rank_share, reuse_large_blocks, run_pass, share_start,
+    digest_tensors, length, make_loader, rank_share, reuse_large_blocks, run_pass, segments_collate, share_start,
 )
 from ._warn import warn
 from .capture import LayerSpec, all_finite, is_placeholder, rotate, tracked_layers, with_ones
@@ -520,7 +520,8 @@ def fit_factors(
     one_writer = sole_writer(Path(resume_dir), "fit_factors", device) if resume_dir is not None else contextlib.nullcontext()
     with one_writer, restored(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             reuse_large_blocks(device):
-        saved = _FitProgress(resume_dir, specs, trajectory, ckpt_digests, describe_task(task, collate_fn), fisher,
+        saved = _FitProgress(resume_dir, specs, trajectory, ckpt_digests,
+                             describe_task(task, segments_collate(trajectory, collate_fn)), fisher,
                              average_params, seed, batch_size, dtype, device)
         for ell, seg in enumerate(trajectory.segments):
             what = f"segment {ell}"
@@ -696,7 +697,7 @@ def _check_same_inputs_on_ranks(model, specs, trajectory, ckpt_digests, preconds
             {k: digest_tensors([p]) for k, p in seg.items()} for seg in preconds],
         "trajectory (checkpoints per segment, learning rates, data sizes)": [
             row + [length(seg.data)] for row, seg in zip(trajectory.settings(), trajectory.segments)],
-        "task": describe_task(task, collate_fn),
+        "task": describe_task(task, segments_collate(trajectory, collate_fn)),
         "options (fisher, average_params, seed, batch_size, resume_dir or not)": [fisher, average_params, seed,
                                                                                   batch_size, resume],
     }

@@ -80,6 +80,36 @@ def test_a_folder_from_another_fit_is_refused(tmp_path):
     assert describe_task(CausalLMTask(tracked=["a"])) != describe_task(CausalLMTask(tracked=["b"]))
 
 
+def _scaled(batch, scale=1.0):
+    x, y = torch.utils.data.default_collate(batch)
+    return x * scale, y
+
+
+def test_a_segment_loaders_own_collate_function_is_part_of_the_fit(tmp_path):
+    """The segments' data as DataLoaders batch with their own collate function (tokenisation often lives
+    there): a resume whose loaders collate otherwise (another partial's arguments, torch's default, one
+    segment of two) is another fit, refused; the same loaders resume it."""
+    import functools
+
+    model, task, traj = _setup()
+    data = traj.segments[0].data
+
+    def fit(*scales):
+        loaders = [torch.utils.data.DataLoader(data, batch_size=8, collate_fn=None if scale is None else
+                                               functools.partial(_scaled, scale=scale)) for scale in scales]
+        again = sf.Trajectory.even(perturbed_states(model, 4, scale=0.1), [0.05] * 20, 2, loaders[0], momentum=0.5)
+        for seg, loader in zip(again.segments, loaders):
+            seg.data = loader
+        return sf.fit_factors(model, task, again, fisher="empirical", resume_dir=tmp_path)
+
+    first = fit(1.0, 1.0)
+    again = fit(1.0, 1.0)
+    assert torch.equal(first.segments[1]["0"].lam, again.segments[1]["0"].lam)
+    for other in [(2.0, 2.0), (None, None), (1.0, 2.0)]:
+        with pytest.raises(ValueError, match=r"differs in: task"):
+            fit(*other)
+
+
 def test_checkpoints_are_identified_by_content(tmp_path):
     """Every value counts (not just the first ones), and a file copied elsewhere is the same checkpoint."""
     from safetensors.torch import save_file
