@@ -54,6 +54,7 @@ from .scoring import (
     check_count,
     check_request,
     check_rows,
+    expected_rows,
     oom_hint,
     prepare_queries,
     query_blocks,
@@ -177,7 +178,7 @@ def score_corpus(
 
         n_shards = None if n_train is None else -(-n_train // shard_size)
         # For progress only: a stream's length is its segment's num_examples, checked at the end.
-        n_expected = n_train if n_train is not None else next((s.num_examples for s in trajectory.segments if s.data is train_data), None)
+        n_expected = expected_rows(trajectory, train_data)
         if n_shards is None:  # a stream: every rank reads it all and scores every world-th shard
             def mine(k):
                 return k % world == rank

@@ -709,9 +709,7 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
     turns = layer_groups(specs, n_rows, (lambda s: full(s) + low(s)) if query_rank else full, budget)
     total: Tensor | dict[str, Tensor] | None = None
     device = model_device(model)
-    examples = length(train_data)  # a stream's, its segment's N where it is one
-    if examples is None:
-        examples = next((seg.num_examples for seg in trajectory.segments if seg.data is train_data), None)
+    examples = expected_rows(trajectory, train_data)
     with restored(model), reuse_large_blocks(device), PassCache(specs) as passes:
         for k, (rows, group) in enumerate(turns):
             passes.round(rows, later={s.name for _, g in turns[k + 1 :] for s in g})
@@ -825,6 +823,15 @@ def _yes_no(flag: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{flag} must be True or False, got {value!r}")
     return bool(value)
+
+
+def expected_rows(trajectory: Trajectory, train_data: Any) -> int | None:
+    """The examples `train_data` holds: its length, or a stream's declared by its segment's num_examples
+    (None for a stream that is no segment's data)."""
+    n = length(train_data)
+    if n is None:
+        n = next((seg.num_examples for seg in trajectory.segments if seg.data is train_data), None)
+    return n
 
 
 def check_rows(trajectory: Trajectory, train_data: Any, rows: int) -> None:
