@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,8 +141,10 @@ class PassCache:
     (TMPDIR), removed by close(). Anything the disk refuses (no folder, a full disk or quota, a file
     size limit) raises NoRoom: the cache only saves passes, score() can do without it."""
 
-    def __init__(self, specs: list[LayerSpec], directory: str | None = None):
+    def __init__(self, specs: list[LayerSpec], directory: str | None = None,
+                 check: Callable[[dict[str, Captured]], None] | None = None):
         self.specs = specs
+        self._check = check  # called with every recorded batch's records of every layer
         # First, so that an interrupt there leaves no folder of this cache; tidying up after killed processes
         # cannot be a reason to do without the cache.
         try:
@@ -204,6 +206,8 @@ class PassCache:
         kept = [s for s in self.specs if s.name in self._kept]
         batches = []
         for start, n, records in run_pass(model, task, self.specs, loader, objective, what, progress, first):
+            if self._check is not None:
+                self._check(records)
             size = sum(records[s.name].a.nbytes + records[s.name].g.nbytes for s in kept)
             if objective == "train" and self._training_left is not None:
                 left, self._training_left = self._training_left, self._training_left - n

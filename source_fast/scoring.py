@@ -710,7 +710,10 @@ def _score_in_layer_groups(model, task, specs, trajectory, factors, method, segm
     total: Tensor | dict[str, Tensor] | None = None
     device = model_device(model)
     examples = expected_rows(trajectory, train_data)
-    with restored(model), reuse_large_blocks(device), PassCache(specs) as passes:
+    # Every layer's tokens are checked at each recorded batch (the first is a query's): a group's own check
+    # would find layers that per_token cannot add up only after the groups before it had scored everything.
+    check = (lambda records: check_token_scores(specs, records, per_module)) if per_token else None
+    with restored(model), reuse_large_blocks(device), PassCache(specs, check=check) as passes:
         for k, (rows, group) in enumerate(turns):
             passes.round(rows, later={s.name for _, g in turns[k + 1 :] for s in g})
             queries = query_data if len(rows) == n_rows else subset(query_data, rows)
@@ -746,9 +749,6 @@ def _add_rows(total: Tensor | dict[str, Tensor] | None, part: Tensor | dict[str,
         return out
     if total is None:
         total = part.new_zeros((n_rows,) + part.shape[1:])
-    elif total.shape[2:] != part.shape[2:]:  # per_token: the groups' modules see different token counts
-        raise ValueError(f"per_token: some tracked modules see {part.shape[-1]} tokens, others {total.shape[-1]} "
-                         "(per_module=True keeps each module's tokens apart)")
     total[rows.start : rows.stop] += part
     return total
 
@@ -1307,19 +1307,14 @@ def _baseline(model, task, specs, trajectory, segments, method, train_data, firs
 def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token: bool = False,
                  per_module: bool = False) -> dict[str, Tensor]:
     """One batch's (n, q[, t]) scores: {module: its part} with per_module, else {_ALL: their sum}."""
+    if per_token:
+        check_token_scores(specs, rec, per_module)
     parts: dict[str, Tensor] = {}
     for s in specs:
         r = rec[s.name]
         a, g, q = with_ones(r.a, s), r.g, queries[s.name]
         if isinstance(q, EigenQuery):
             a, g, q = rotate(a, q.q_a), rotate(g, q.q_s), q.r
-        if per_token and r.calls > 1:
-            raise ValueError(f"per_token: module {s.name!r} runs {r.calls} times per forward pass, so its tokens are "
-                             "not the example's (kronfluence refuses per-token scores with shared parameters too)")
-        if per_token and r.regrouped and not per_module:
-            raise ValueError(f"per_token: module {s.name!r} takes several rows of tokens per example (Swin's windows, a "
-                             "video's frames), so its tokens are in their order, not the positions of the other "
-                             "modules' tokens (per_module=True keeps each module's tokens apart, in its own order)")
         if per_token and lowrank:
             part = reference.pairwise_token_scores_lowrank(a, g, *q)
         elif per_token:
@@ -1333,12 +1328,33 @@ def _score_block(specs: list[LayerSpec], rec, queries, lowrank: bool, per_token:
             parts[s.module] = part if s.module not in parts else parts[s.module] + part
         elif _ALL not in parts:
             parts[_ALL] = part
-        elif per_token and parts[_ALL].shape[-1] != part.shape[-1]:
-            raise ValueError(f"per_token: module {s.name!r} sees {part.shape[-1]} tokens, others "
-                             f"{parts[_ALL].shape[-1]} (per_module=True keeps each module's tokens apart)")
         else:
             parts[_ALL] = parts[_ALL] + part
     return parts
+
+
+def check_token_scores(specs: list[LayerSpec], records: dict[str, Captured], per_module: bool) -> None:
+    """Refuses per-token scores a batch's tokens cannot give: a shared module's, and, summed over the
+    modules, tokens that are not the same positions in every module."""
+    first: tuple[str, int] | None = None
+    for s in specs:
+        r = records[s.name]
+        if r.calls > 1:
+            raise ValueError(f"per_token: module {s.name!r} runs {r.calls} times per forward pass, so its tokens are "
+                             "not the example's (kronfluence refuses per-token scores with shared parameters too)")
+        if per_module:
+            continue
+        if r.regrouped:
+            raise ValueError(f"per_token: module {s.name!r} takes several rows of tokens per example (Swin's windows, a "
+                             "video's frames), so its tokens are in their order, not the positions of the other "
+                             "modules' tokens (per_module=True keeps each module's tokens apart, in its own order)")
+        tokens = r.a.shape[1]
+        if first is None:
+            first = (s.name, tokens)
+        elif tokens != first[1]:
+            raise ValueError(f"per_token: module {s.name!r} sees {tokens} token{'' if tokens == 1 else 's'} per example, module {first[0]!r} "
+                             f"{first[1]}, so their tokens cannot be added up (per_module=True keeps each module's "
+                             "tokens apart)")
 
 
 def _lowrank(queries: Grads, rank: int) -> dict[str, tuple[Tensor, Tensor]]:

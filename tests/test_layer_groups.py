@@ -86,7 +86,7 @@ def test_layer_groups_give_one_blocks_scores_from_one_read(method, option, monke
         assert len(turns) == 3
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the passes go
     caches = []
-    monkeypatch.setattr(scoring, "PassCache", lambda *args: caches.append(replay.PassCache(*args)) or caches[-1])
+    monkeypatch.setattr(scoring, "PassCache", lambda *args, **kw: caches.append(replay.PassCache(*args, **kw)) or caches[-1])
     counted_data, counted_queries = CountingData(data), CountingData(queries)
     grouped = sf.score(model, task, traj, factors, counted_data, counted_queries, method=method, batch_size=8,
                        query_memory_budget=budget, train_segments="all", **damping, **option)
@@ -467,7 +467,7 @@ def test_only_the_layers_of_later_groups_are_kept(monkeypatch, tmp_path):
     assert [[s.name for s in g] for _, g in layer_groups(specs, 11, _query_bytes(model, traj, "ekfac", [0], None),
                                                          budget)] == [["0"], ["2"], ["4"]]
     caches = []
-    monkeypatch.setattr(scoring, "PassCache", lambda *args: caches.append(replay.PassCache(*args)) or caches[-1])
+    monkeypatch.setattr(scoring, "PassCache", lambda *args, **kw: caches.append(replay.PassCache(*args, **kw)) or caches[-1])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     sf.score(model, task, traj, factors, data, queries, method="ekfac", damping=0.05, query_memory_budget=budget)
     # One pass over the training data and one over the queries, each example's inputs and output gradients
@@ -612,3 +612,55 @@ def test_query_rank_in_layer_groups_stays_within_the_budget(monkeypatch, tmp_pat
     _close(grouped, whole)
     assert len(plans) > 1  # layer groups
     assert max(total for _, _, total in held) <= budget
+
+
+class _TokensThenPooled(nn.Module):
+    """`tok` sees each example's 5 tokens, `head` their mean: one token per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x)).mean(1))
+
+
+def test_per_token_refuses_modules_with_other_token_counts_before_any_training_pass(monkeypatch, tmp_path):
+    """Summed over modules, per-token scores need every module's tokens to be the same positions. In layer
+    groups the check sees every layer at the queries' first batch: a group's own check would come after the
+    groups before it had read the whole training data."""
+    torch.manual_seed(0)
+    model = _TokensThenPooled().double()
+    task = ClassificationTask()
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):
+        return torch.utils.data.TensorDataset(torch.randn(n, 5, 3, generator=g, dtype=torch.float64),
+                                              torch.randint(0, 2, (n,), generator=g))
+
+    train, queries = data(9), data(4)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
+    factors = sf.fit_factors(model, task, traj, batch_size=4)
+    specs = tracked_layers(model, None)
+    full = _query_bytes(model, traj, "ekfac", [0], None)
+    budget = len(queries) * max(map(full, specs))
+    assert [[s.name for s in group] for _, group in layer_groups(specs, len(queries), full, budget)] == [
+        ["tok"], ["head"]]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    message = r"per_token: module 'head' sees 1 token per example, module 'tok' 5, so their tokens cannot be added up"
+    for memory in (BIG, budget):  # one block, then layer groups
+        counted = CountingData(train)
+        with pytest.raises(ValueError, match=message):
+            sf.score(model, task, traj, factors, counted, queries, method="ekfac", batch_size=4, per_token=True,
+                     query_memory_budget=memory)
+        assert counted.reads < len(train)  # the checks' batch and, in one block, the first training batch
+    # Each module's tokens apart: every module's per-token scores sum to its per-module scores.
+    per_module = sf.score(model, task, traj, factors, train, queries, method="ekfac", batch_size=4,
+                          per_module=True, query_memory_budget=BIG)
+    for memory in (BIG, budget):
+        tokens = sf.score(model, task, traj, factors, train, queries, method="ekfac", batch_size=4, per_token=True,
+                          per_module=True, query_memory_budget=memory)
+        assert [tuple(t.shape) for t in tokens.values()] == [(4, 9, 5), (4, 9, 1)]
+        for name in per_module:
+            _close(tokens[name].sum(-1), per_module[name])
+    assert list(tmp_path.iterdir()) == []
