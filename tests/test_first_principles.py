@@ -123,9 +123,10 @@ def token_rows(model, state, data):
     return rows
 
 
-def example_grads(model, state, data):
-    """(n, P): each example's loss gradient, layer after layer, each (d_out, d_a) with the bias last."""
-    loss = LOSS[type(model)]
+def example_grads(model, state, data, loss=None):
+    """(n, P): each example's loss gradient (or `loss`'s), layer after layer, each (d_out, d_a) with the
+    bias last."""
+    loss = loss or LOSS[type(model)]
     params = {k: v.detach() for k, v in state.items()}
     g = vmap(grad(lambda p, *ex: loss(functional_call(model, p, (ex[0][None],)), *[e[None] for e in ex[1:]])),
              in_dims=(None,) + (0,) * len(data.tensors))(params, *data.tensors)
@@ -272,7 +273,8 @@ def run(request):
         return us
 
     sizes = [len(curv[0][n]["H"]) for n in names]
-    return dict(model=model, task=task, traj=traj, factors=factors, data=data, queries=queries, names=names,
+    return dict(model=model, task=task, traj=traj, factors=factors, data=data, queries=queries, names=names, walk=walk,
+                final=ckpts[-1],
                 sizes=sizes, shapes=[curv[0][n]["shape"] for n in names], train_grads=train_grads, pairs=pairs,
                 us=walk(example_grads(model, ckpts[-1], queries)), us_self=walk(example_grads(model, ckpts[-1], data)),
                 n=len(data))
@@ -291,6 +293,27 @@ def test_source_with_momentum_clipping_and_decay(run):
         part = sum(u[:, start:start + size] @ g[:, start:start + size].T for u, g in zip(r["us"], r["train_grads"]))
         close(per_module[name], part / r["n"], f"per_module {name}")
         start += size
+
+
+def logit_product(logits, y, *mask):
+    """A measurement that is not the loss (nor a multiple of it): Σ logit₀·logit₁ over unmasked tokens."""
+    product = logits[..., 0] * logits[..., 1]
+    return (product * mask[0] if mask else product).sum()
+
+
+class LogitProductTask(RecordingTask):
+    def compute_measurement(self, batch, model):
+        return logit_product(model(batch[0]), *batch[1:])
+
+
+def test_queries_are_the_measurements_gradients(run):
+    """The queries' side walks ∇f (the measurement) back through the segments, the training side keeps ∇L."""
+    r = run
+    us = r["walk"](example_grads(r["model"], r["final"], r["queries"], logit_product))
+    expected = sum(u @ g.T for u, g in zip(us, r["train_grads"])) / r["n"]
+    task = LogitProductTask(LOSS[type(r["model"])])
+    close(sf.score(r["model"], task, r["traj"], r["factors"], r["data"], r["queries"], batch_size=5), expected,
+          "SOURCE with a measurement")
 
 
 def truncated(u, shapes, rank):
