@@ -5,7 +5,8 @@ do; plain: neither (the Analyzer starts the group, as kronfluence's does); skew:
 given fewer queries (refused on every rank).
 
 usage: torchrun --nproc-per-node 2 _kronfluence_ddp.py OUTPUT_DIR MODE STRATEGY [STRATEGY ...]
-Each rank also saves what the Analyzer returned to OUTPUT_DIR/returned_<strategy>_rank<r>.pt.
+Each rank also saves what the Analyzer returned to OUTPUT_DIR/returned_<strategy>_rank<r>.pt, and its
+`analyzer.state` to OUTPUT_DIR/state_rank<r>.pt.
 """
 
 import gc
@@ -23,6 +24,10 @@ from test_kronfluence import ddp_workload, f64_arguments  # noqa: E402
 from source_fast.interop.kronfluence import Analyzer, prepare_model  # noqa: E402
 
 
+STATE = ("process_index", "num_processes", "local_process_index", "device", "use_distributed", "is_main_process",
+         "is_local_main_process", "is_last_process")
+
+
 def main() -> None:
     out, mode, strategies = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
@@ -34,6 +39,9 @@ def main() -> None:
     if mode == "skew" and os.environ["RANK"] == "1":
         queries = torch.utils.data.Subset(queries, range(len(queries) - 1))
     analyzer = Analyzer("run", model, task, cpu=True, disable_tqdm=True, output_dir=out, disable_model_save=False)
+    state = analyzer.state  # as kronfluence's scripts read it
+    torch.save({k: getattr(state, k) for k in STATE}, os.path.join(out, f"state_rank{state.process_index}.pt"))
+    state.wait_for_everyone()
     factor_kw, score_kw = f64_arguments(torch.float64)
     for strategy in strategies:
         analyzer.fit_all_factors(strategy, train, per_device_batch_size=16, factor_args=FactorArguments(

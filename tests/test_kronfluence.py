@@ -821,6 +821,11 @@ def test_torchrun_matches_one_kronfluence_process(tmp_path, mode, strategies):
     count; model.safetensors has kronfluence's keys."""
     run = torchrun(Path(__file__).parent / "_kronfluence_ddp.py", tmp_path / "shim", mode, *strategies, timeout=180)
     assert run.returncode == 0, run.stderr[-4000:]
+    for rank in (0, 1):
+        assert torch.load(tmp_path / "shim" / f"state_rank{rank}.pt") == {
+            "process_index": rank, "num_processes": 2, "local_process_index": rank, "device": torch.device("cpu"),
+            "use_distributed": True, "is_main_process": rank == 0, "is_local_main_process": rank == 0,
+            "is_last_process": rank == 1}
     model, task, train, queries = ddp_workload()
     analyzer = kronfluence.Analyzer("run", kronfluence.prepare_model(copy.deepcopy(model), task), task, cpu=True,
                                     disable_tqdm=True, output_dir=str(tmp_path / "kron"), log_level=logging.WARNING,

@@ -188,6 +188,17 @@ def test_saved_model_is_kronfluences(tmp_path):
                 _analyzer(lib, changed, task, tmp_path / folder, disable_model_save=False)
 
 
+def test_state_is_kronfluences_in_one_process(tmp_path):
+    """Scripts read `analyzer.state` (is_main_process, device, ...) as kronfluence's State has it."""
+    model, task = _mlp(), ClassifyTask()
+    states = [_analyzer(lib, model, task, tmp_path / name).state for name, lib in LIBS.items()]
+    for key in ("process_index", "num_processes", "local_process_index", "device", "n_gpus", "cpu", "use_distributed",
+                "is_main_process", "is_local_main_process", "is_last_process"):
+        assert getattr(states[0], key) == getattr(states[1], key), key
+    for state in states:
+        state.wait_for_everyone()  # no process group: returns at once
+
+
 def test_prepared_model_is_the_same_model_to_source_fast(tmp_path):
     """prepare_model's _constant (so that DistributedDataParallel takes the frozen model) is invisible
     to source_fast's own functions: checkpoints saved before it (a dict, a .safetensors file) load, the

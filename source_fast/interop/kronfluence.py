@@ -777,6 +777,37 @@ def _method(factors: Factors | None, score_args: dict[str, Any]) -> tuple[str, A
     return "ekfac", "heuristic" if damping is None else float(damping)
 
 
+class State:
+    """kronfluence's `Analyzer.state`, for scripts that read it (`if analyzer.state.is_main_process:`):
+    this process's place among torch.distributed's ranks, and its device."""
+
+    def __init__(self, cpu: bool, rank: int, world: int, device: torch.device) -> None:
+        self.cpu, self.device = cpu, device
+        self.process_index, self.num_processes = rank, world
+        self.local_process_index = int(os.environ.get("LOCAL_RANK", -1)) if world > 1 else 0
+        self.n_gpus = torch.cuda.device_count()
+
+    @property
+    def use_distributed(self) -> bool:
+        return self.num_processes > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        return self.local_process_index == 0
+
+    @property
+    def is_last_process(self) -> bool:
+        return self.process_index == self.num_processes - 1
+
+    def wait_for_everyone(self) -> None:
+        if self.use_distributed:
+            dist.barrier()
+
+
 class Analyzer:
     """kronfluence's `Analyzer`, computed by source_fast's engine (method="ekfac" for kronfluence's
     ekfac, kfac and diagonal strategies, "grad_dot" for identity).
@@ -834,6 +865,7 @@ class Analyzer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._dataloader_kwargs: Any = None
         self._rank, self._world = rank_and_world()
+        self.state = State(cpu, self._rank, self._world, model_device(self.model))
         if not disable_model_save:
             self._rank0(self._save_model)
 
