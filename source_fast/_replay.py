@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,31 @@ def _file_system(path: Path) -> str:
             best, kind = point, fs
     return kind
 
+
+# The caches whose file is open, for _leave_in_child.
+_OPEN: weakref.WeakSet[PassCache] = weakref.WeakSet()
+
+
+def _leave_in_child() -> None:
+    """In a forked child (a DataLoader's worker started during a pass) every open cache's descriptor is
+    pointed at /dev/null: the child never reads the passes, and its copy of the descriptor would keep the
+    file's space (memory, on a tmpfs) and its lock after close() removed it, for as long as the worker
+    lives (persistent_workers). Not closed: the child's copy of the file object may still flush the
+    parent's buffered bytes, which now go nowhere."""
+    if not _OPEN:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for cache in list(_OPEN):
+            try:
+                os.dup2(null, cache._file.fileno())
+            except (OSError, ValueError):  # closed meanwhile
+                pass
+    finally:
+        os.close(null)
+
+
+os.register_at_fork(after_in_child=_leave_in_child)
 
 _FOLDER_START = f"source_fast_passes{TEMP_MARK}"
 _FILE = "passes.bin"
@@ -160,6 +186,7 @@ class PassCache:
             # Not gettempdir(): with no usable temporary directory at all it raises again.
             raise NoRoom(f"no folder for them in {directory or tempfile.tempdir or 'the temporary directory'} "
                          f"({exc})") from exc
+        _OPEN.add(self)
         # A TMPDIR on tmpfs (/tmp on many systems) keeps the passes in memory, which the scoring needs too.
         self._in_memory = _file_system(self.folder) in ("tmpfs", "ramfs")
         try:  # held while this cache lives: the folder's process runs (_remove_dead_processes_folders)
@@ -261,6 +288,7 @@ class PassCache:
                 progress.update(n)
 
     def close(self) -> None:
+        _OPEN.discard(self)
         try:
             self._file.close()
         except OSError:  # its unwritten end (a full disk): the folder goes all the same

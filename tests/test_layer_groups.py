@@ -345,6 +345,24 @@ def test_the_folder_of_a_process_killed_outright_goes_with_the_next_cache(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if "dead" not in k)
 
 
+def test_a_dataloader_worker_forked_during_a_pass_does_not_keep_the_passes(tmp_path):
+    """A persistent worker forked while the cache's file is open does not hold it: once the cache is
+    closed, the file's space (memory, on a tmpfs) and lock are free although the worker lives on."""
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, num_workers=1, persistent_workers=True,
+                                         multiprocessing_context="fork")
+    with replay.PassCache([], directory=str(tmp_path)) as cache:
+        cache._write(torch.arange(1000.0))
+        cache._file.flush()
+        assert [int(b.sum()) for b in loader] == [6, 22]  # the worker forks here
+        passes = os.path.realpath(cache.folder / "passes.bin")
+    worker = loader._iterator._workers[0]
+    assert worker.is_alive()
+    held = [os.readlink(f"/proc/{worker.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{worker.pid}/fd")]
+    assert all(not link.startswith(passes) for link in held), held
+    assert not cache.folder.exists()
+    del loader  # its worker ends
+
+
 @pytest.mark.parametrize("failure", [PermissionError, RuntimeError])
 def test_a_failure_tidying_up_after_killed_processes_still_gives_a_cache(failure, tmp_path, monkeypatch):
     """Tidying up is best effort: whatever it raises (a folder it may not read, a bug), not NoRoom."""
