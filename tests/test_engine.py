@@ -241,7 +241,7 @@ def test_source_factor_at_zero_curvature_is_exactly_c():
     f = reference.source_factor(sigma, 2.5)
     assert f[0] == 2.5 and torch.isfinite(f).all()
     expected = torch.tensor([2.5, 2.5, 2.5 * (1 - 1.25e-12), -torch.expm1(torch.tensor(-2.5, dtype=torch.float64)).item(), 1e-6], dtype=torch.float64)
-    _close(f, expected, 1e-12)
+    torch.testing.assert_close(f, expected, rtol=1e-12, atol=0)  # each entry, the smallest (1e-6) too
     from source_fast.capture import LayerSpec
     from source_fast.factors import LayerFactors
     from source_fast.scoring import _segment_scales
