@@ -26,10 +26,12 @@ REQUIRE_EXT = _flag("SOURCE_FAST_REQUIRE_EXT")
 FORCE_CUDA = _flag("SOURCE_FAST_FORCE_CUDA")
 
 
-def _remove_builds(paths) -> None:
-    """Deletes earlier builds of source_fast._C (in build/ and in the package folder), so a pure-Python
-    install or a failed build never leaves an old binary to be loaded."""
-    for path in [*paths, *glob.glob(os.path.join("source_fast", "_C.*.so")), *glob.glob(os.path.join("source_fast", "_C.*.pyd"))]:
+def _remove_builds(paths, in_package: bool = True) -> None:
+    """Deletes earlier builds of source_fast._C (`paths`, in build/, and with in_package those in the
+    package folder, where an editable install loads them), so a pure-Python install or a failed build
+    never leaves an old binary to be loaded."""
+    package = [*glob.glob(os.path.join("source_fast", "_C.*.so")), *glob.glob(os.path.join("source_fast", "_C.*.pyd"))]
+    for path in [*paths, *(package if in_package else [])]:
         if os.path.exists(path):
             os.remove(path)
 
@@ -55,7 +57,11 @@ def _extensions_and_cmdclass():
         def build_extension(self, ext):
             # An earlier build's binary must not survive a failed one: setuptools would copy the old
             # build/lib file into the package and stale code would load without a word.
-            _remove_builds([self.get_ext_fullpath(ext.name)])
+            # A regular install (into another environment) leaves the package folder's binary alone: it is
+            # an editable install's of this checkout (run.sh's .venv), which would lose its extension, and
+            # the wheel does not take it.
+            in_package = self.inplace or getattr(self, "editable_mode", False)
+            _remove_builds([self.get_ext_fullpath(ext.name)], in_package)
             try:
                 super().build_extension(ext)
             except Exception as exc:

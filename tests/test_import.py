@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 CHECK = """
 import sys, torch
@@ -57,3 +58,32 @@ def test_build_without_torch_installs_pure_python_or_fails_when_the_extension_is
     required = subprocess.run([sys.executable, "-c", NO_TORCH_SETUP], cwd=repo, capture_output=True, text=True,
                               env={**env, "SOURCE_FAST_REQUIRE_EXT": "1"})
     assert required.returncode != 0 and "SOURCE_FAST_REQUIRE_EXT=1: torch is not importable" in required.stderr
+
+
+def test_a_regular_build_leaves_the_checkouts_editable_binary(tmp_path):
+    """setup.py's build_ext, on a copy of the build files with a one-line C++ source: built in place (an
+    editable install) it replaces the package folder's binary (an old one must never survive a failed
+    build there); built for another environment (`pip install --no-build-isolation .`) it leaves it,
+    or the checkout's run.sh venv would lose its extension without a word."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        shutil.copy(os.path.join(repo, name), tmp_path)
+    shutil.copytree(os.path.join(repo, "source_fast"), tmp_path / "source_fast",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    shutil.copytree(os.path.join(repo, "kernels"), tmp_path / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "one.cpp").write_text("int source_fast_test_symbol = 1;\n")
+    editable = tmp_path / "source_fast" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOURCE_FAST_")}
+
+    def build(*args):
+        editable.write_bytes(b"the checkout's own build")
+        run = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    build("--build-lib", str(tmp_path / "elsewhere"), "--build-temp", str(tmp_path / "tmp"))
+    assert editable.read_bytes() == b"the checkout's own build"
+    assert (tmp_path / "elsewhere" / "source_fast" / editable.name).stat().st_size > 0
+    build("--inplace", "--build-temp", str(tmp_path / "tmp"))
+    assert editable.read_bytes()[:4] == b"\x7fELF"  # the new build in its place
