@@ -25,7 +25,8 @@ setup() {
   if ! "$py" -c "import torch" 2>/dev/null; then
     # torch==2.13.0 is the CPU wheel on these machines; elsewhere set SOURCE_FAST_TORCH, e.g. to a
     # "+cpu" build, so a CPU box does not download a multi-GB CUDA build.
-    "${pip[@]}" "${SOURCE_FAST_TORCH:-torch==2.13.0}"
+    # numpy with it: torch imported without numpy (the set-up's check below) warns that it is missing.
+    "${pip[@]}" "${SOURCE_FAST_TORCH:-torch==2.13.0}" numpy
   fi
   # Installed before from the same build files, torch and build settings, this checkout's package and
   # extension loading: nothing to do (pip would compile the extension again, most of a minute). Python

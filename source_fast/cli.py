@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train on scikit-learn's digits and diabetes, attribute test predictions, and check them against retraining (LDS)")
     demo.add_argument("--out", default="source_fast_demo", help="output folder (default: ./source_fast_demo)")
-    demo.add_argument("--quick", action="store_true", help="a smaller run for a smoke test (about a minute)")
+    demo.add_argument("--quick", action="store_true", help="a small run, a smoke test (under a minute; too small to rank the methods)")
     demo.add_argument("--workers", type=int, default=2, help="retraining processes (default: 2)")
     demo.add_argument("--subsets", type=int, default=None, help="random halves retrained per scenario (default: 100; --quick 12)")
     demo.add_argument("--seeds", type=int, default=None, help="data orders per subset (default: 3; --quick 1)")

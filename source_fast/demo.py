@@ -610,7 +610,10 @@ def lds_markdown(report: dict) -> str:
         columns.append((r["title"], r["lds"]))
         if "rho_unroll" in r:
             columns.append((f"{r['title']}: ρ vs unroll (mean of {r['unroll_orders']} orders)", r["rho_unroll"]))
+    quick = ["**A --quick run: a smoke test.** Its models, retrainings and query counts are too small for its numbers",
+             "to rank the methods; the full run's are in the README.", ""] if report.get("quick") else []
     lines = [
+        *quick,
         "## Linear datamodeling score (LDS)",
         "",
         "Spearman correlation between predicted and retrained query losses (digits: cross-entropy;",
@@ -881,7 +884,8 @@ def _run(out, chosen, quick, grid, trak_grid, n_subsets, n_seeds, workers, queri
             pool.shutdown(cancel_futures=True)
         torch.set_num_threads(threads)
     print("\n" + table)
-    print(f"done in {report['seconds']:.0f} s; outputs in {out.resolve()}:")
+    print(f"done in {report['seconds']:.0f} s{' (--quick: a smoke test, too small to rank the methods)' if quick else ''}; "
+          f"outputs in {out.resolve()}:")
     for name in ("lds.md", "lds.json", "lds.png", "proponents.png", "summary.json"):
         if (out / name).exists():
             print(f"  {out.resolve() / name}")

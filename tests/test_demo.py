@@ -63,6 +63,7 @@ def test_demo_writes_a_well_formed_report(demo):
             else:
                 assert 0 <= r["flip_rate"] <= 1
     table = (out / "lds.md").read_text()
+    assert table.startswith("**A --quick run: a smoke test.**") and "--quick: a smoke test" in stdout
     assert "\n| SOURCE (L=3) | " in table and "Paired differences" in table
     assert "Subset removal (standard" in table and "Subset removal (regression" in table
     header = next(line for line in table.splitlines() if line.startswith("| method |"))
