@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     fit = sub.add_parser("fit", help="fit the EK-FAC factors of a job file's trajectory")
     fit.add_argument("job", help="a Python file defining job() -> source_fast.Job")
     fit.add_argument("--out", required=True, help="factor folder to write")
-    fit.add_argument("--fisher", choices=["true", "empirical"], default="true")
+    fit.add_argument("--fisher", choices=["true", "empirical"], default="true",
+                     help="true: the curvature from labels drawn from the model (default); empirical: from the data's labels")
     fit.add_argument("--average-params", action="store_true", help="Fast-SOURCE: fit at each segment's mean weights")
     fit.add_argument("--final", action="store_true", help="fit only the final checkpoint (for --method ekfac)")
     fit.add_argument("--seed", type=int, default=0, help="seeds the true Fisher's label sampling (default: 0)")
