@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -397,6 +398,14 @@ TUNED = {"IF": IF_TUNED, "TRAK": "TRAK (held-out dim, damping)",
 UNROLL_ORDERS = "unroll, other data orders"
 
 
+def _bar(iterable=None, **kwargs):
+    """The demo's own progress bars, on a terminal only: in a log, the library's bars drawn under them
+    leave cursor-up codes, and every scenario prints its results anyway."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, dynamic_ncols=True, disable=not sys.stderr.isatty(), **kwargs)
+
+
 def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float], trak_grid: list[tuple[int, float]]
               ) -> Attribution:
     """Every method's scores of the attributed (stage 0) data against all queries; the influence
@@ -407,8 +416,6 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float], trak_g
     of seeds 1..R (the original run is seed 0) and each run is unrolled: their mean is the reference
     SOURCE estimates, and leaving the original order out of it lets the "unroll" row show how far
     one order's exact scores are from it."""
-    from tqdm.auto import tqdm
-
     data = sc.data
     task, model, train = sc.task, run.model, data.stages[0]
     files = _save_checkpoints(folder / "checkpoints", run)
@@ -425,7 +432,7 @@ def attribute(sc: Scenario, run: Run, folder: Path, *, grid: list[float], trak_g
     if sc.unroll_orders:
         steps.append(UNROLL_ORDERS)
     factors_source = if_factors = unroll_mean = None
-    bar = tqdm(steps, desc=f"{sc.name}: scoring", unit="method", dynamic_ncols=True)
+    bar = _bar(steps, desc=f"{sc.name}: scoring", unit="method")
     for step in bar:
         bar.set_postfix_str(step)
         t0 = time.perf_counter()
@@ -484,14 +491,12 @@ def _unroll(sc: Scenario, run: Run, model: nn.Module, task: Task, chunk: int = 2
     """Exact unrolled differentiation of the recorded run, for the evaluated queries, (n_query, N_0).
     Later stages' examples get their own ε too (the stages' data concatenated); only stage 0's
     columns are kept. Queries go in chunks for a progress bar (each chunk replays training)."""
-    from tqdm.auto import tqdm
-
     stages = sc.data.stages
     every = TensorDataset(*(torch.cat(t) for t in zip(*(ds.tensors for ds in stages))))
     final = Trajectory([Segment([run.checkpoints[-1][-1]], every, lr_sum=1.0)])
     record = TrainingRecord(run.init, run.batches, [lr for lrs in run.lrs for lr in lrs], momentum=sc.momentum)
     parts = []
-    with tqdm(total=sc.n_query, desc=f"{sc.name}: exact unrolling", unit="query", dynamic_ncols=True, leave=False) as bar:
+    with _bar(total=sc.n_query, desc=f"{sc.name}: exact unrolling", unit="query", leave=False) as bar:
         for start in range(0, sc.n_query, chunk):
             q = Subset(sc.data.queries, range(start, min(sc.n_query, start + chunk)))
             parts.append(score(model, task, final, None, every, q, method="unroll", record=record)[:, : len(stages[0])])

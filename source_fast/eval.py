@@ -24,6 +24,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -231,7 +232,9 @@ def retrain(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(subsets) * len(seeds), initial=len(results), desc=desc, unit="run", dynamic_ncols=True)
+            terminal = sys.stderr.isatty()  # into a log: a line every 30 s, not ten a second
+            bar = tqdm(total=len(subsets) * len(seeds), initial=len(results), desc=desc, unit="run", dynamic_ncols=True,
+                       mininterval=0.1 if terminal else 30.0)
 
         def finish(i: int, r: int, value: Tensor) -> None:
             if cache is not None:

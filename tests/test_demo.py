@@ -22,6 +22,7 @@ def demo(tmp_path_factory):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "\x1b[A" not in proc.stderr  # into a log: no cursor-up codes of bars drawn under one another
     return out, proc.stdout
 
 
