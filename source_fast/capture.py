@@ -177,6 +177,9 @@ def tracked_layers(model: nn.Module, names: list[str] | None) -> list[LayerSpec]
         _check_examples_first(specs, modules)
         _warn_untracked(model, specs, attention, some_train)
         return specs
+    if isinstance(names, str):  # a str is a sequence too: "fc1" would be the modules 'f', 'c' and '1'
+        raise ValueError(f"the task's get_influence_tracked_modules returned the string {names!r}: return a list of "
+                         f"module names ([{names!r}] for that one module)")
     if not names:
         raise ValueError("the task's get_influence_tracked_modules returned no modules: name the layers to track, or "
                          "return None to track every layer that trains")
@@ -368,6 +371,20 @@ class _Enough(Exception):
     """Ends check_order's forward pass once every layer it compares has run."""
 
 
+def _check_mask_values(mask: Any) -> None:
+    """A mask is 1 at the tokens to keep and 0 at padding: other values (labels' -100, token ids) would be
+    read as "keep" everywhere, masking nothing, without a word."""
+    masks = mask.values() if isinstance(mask, dict) else [mask]
+    for name, m in zip(mask if isinstance(mask, dict) else [None], masks):
+        for t in m if isinstance(m, (list, tuple)) else [m]:
+            if isinstance(t, Tensor) and t.dtype != torch.bool and ((t != 0) & (t != 1)).any():
+                other = t[(t != 0) & (t != 1)].unique()[:4].tolist()
+                whose = "" if name is None else f" for module {name!r}"
+                raise ValueError(f"get_attention_mask returned a mask{whose} holding values other than 0 and 1 (such as "
+                                 f"{other}): a mask is 1 at the tokens to keep, 0 at padding (labels or input_ids in "
+                                 "place of the attention mask?)")
+
+
 class Capturer:
     """Hooks the tracked layers of `model`; `capture(mask)` records inputs and output gradients."""
 
@@ -454,6 +471,7 @@ class Capturer:
             if parents:  # kronfluence takes a key for the module it names only: so do we, but say so
                 warn(f"get_attention_mask returned masks for {parents}, which contain tracked modules but are not "
                      "tracked themselves: a mask applies only to the module it names, so name each tracked module")
+        _check_mask_values(given)
         self.records = {}
         self.grouped = {}
         self.folded = []

@@ -211,18 +211,25 @@ def test_a_damaged_checkpoint_file_is_named(setup, tmp_path):
 
 def test_a_checkpoint_that_is_no_state_dict_says_where_the_weights_are(setup, tmp_path):
     """A training script's {"model": state_dict, "step": n} (in memory or saved) names the key the weights
-    are under; a pickled nn.Module file says why it is not read, without the terminal's escape codes."""
+    are under; a pickled nn.Module file says why it is not read, without the terminal's escape codes; a Git
+    LFS pointer (a clone without LFS) and other bytes say what they are."""
     model, data, ckpts = setup
     wrapped = {"model": ckpts[1], "step": 10}
     torch.save(wrapped, tmp_path / "wrapped.pt")
     torch.save(model, tmp_path / "module.pt")
+    (tmp_path / "lfs.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1234\n")
+    (tmp_path / "junk.pt").write_bytes(b"junk" + bytes(range(200)))
     for bad, pattern in [
         (wrapped, r"segment 0, checkpoint 1 is not a state_dict: \['model', 'step'\] hold dict, int, not tensors; "
                   r"the weights look to be under 'model': give checkpoint\['model'\]"),
         (tmp_path / "wrapped.pt", r"segment 0, checkpoint 1 \('.*wrapped.pt'\) is not a state_dict: .*under 'model'"),
         (tmp_path / "module.pt", r"segment 0, checkpoint 1: checkpoint file '.*module.pt' holds pickled objects \(a whole "
-                                 r"nn.Module, an optimizer\?\), which are not loaded because loading them runs their "
-                                 r"code: save model.state_dict\(\) instead"),
+                                 r"nn.Module, an optimizer, numpy arrays\?\), which are not loaded because loading them "
+                                 r"runs their code: save model.state_dict\(\) instead"),
+        (tmp_path / "lfs.pt", r"checkpoint 1: checkpoint file '.*lfs.pt' is a Git LFS pointer, not the weights \(a clone "
+                              r"made without Git LFS: run `git lfs pull` there\)"),
+        (tmp_path / "junk.pt", r"checkpoint 1: checkpoint file '.*junk.pt' is neither a torch.save file nor safetensors "
+                               r"\(it begins b'junk"),
     ]:
         with pytest.raises((ValueError, TypeError), match=pattern) as caught:
             sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment([ckpts[0], bad], data, lr_sum=1.0)]))
@@ -456,6 +463,14 @@ def test_default_tracking_names_what_it_leaves_out_and_an_empty_list_is_refused(
     with pytest.raises(ValueError, match=r"get_influence_tracked_modules returned no modules: name the layers to track, "
                                          r"or return None"):
         sf.fit_factors(model, Nothing(), sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)]))
+
+    class OneString(ClassifyTask):  # a str is a sequence: "02" would have tracked modules '0' and '2'
+        def get_influence_tracked_modules(self):
+            return "02"
+
+    with pytest.raises(ValueError, match=r"get_influence_tracked_modules returned the string '02': return a list of "
+                                         r"module names \(\['02'\] for that one module\)"):
+        sf.fit_factors(model, OneString(), sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)]))
 
 
 def test_a_collate_error_on_text_columns_says_what_trainer_drops(setup):
@@ -961,6 +976,29 @@ def test_mask_of_the_wrong_shape_names_the_module():
     traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
     with pytest.raises(ValueError, match=r"attention mask has shape \(6, 5\) but module 'inp' sees 6 examples × 6 tokens"):
         sf.fit_factors(model, BadMask(), traj)
+
+
+def test_a_mask_of_other_values_than_0_and_1_is_refused():
+    """Labels (-100 at padding) or token ids given as the mask would keep every token, silently."""
+    from test_layers import TokenModel, TokenTask, _token_data
+
+    model = TokenModel().double()
+    data = _token_data(6, 6, 0, garbage=1)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    for wrong, whose in ((lambda m: torch.where(m > 0, 1, -100), ""), (lambda m: {"inp": m * 7}, " for module 'inp'")):
+        class Labels(TokenTask):
+            def get_attention_mask(self, batch, wrong=wrong):
+                return wrong(batch[2])
+
+        with pytest.raises(ValueError, match=rf"returned a mask{whose} holding values other than 0 and 1 \(such as "
+                                             r"\[-?\d+"):
+            sf.fit_factors(model, Labels(), traj)
+    for fine in (lambda m: m.bool(), lambda m: m.float(), lambda m: m.long()):  # 0/1 in any dtype
+        class Fine(TokenTask):
+            def get_attention_mask(self, batch, fine=fine):
+                return fine(batch[2])
+
+        sf.fit_factors(model, Fine(), traj)
 
 
 def test_per_module_masks_must_name_modules_and_fit_them():
