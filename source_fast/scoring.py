@@ -509,6 +509,9 @@ def _validate(model, task, trajectory, factors, method):
             f"method {method!r} uses one checkpoint; pass trajectory.final() (this trajectory has "
             f"{trajectory.layout()} checkpoints per segment)"
         )
+    if method in ("source", "fast_source", "tracin") and all(seg.horizon == 0 for seg in trajectory.segments):
+        raise ValueError(f"every segment's learning-rate sum is 0, so every {method} score would be 0 (learning rates "
+                         "read from another column of the log?)")
     specs = tracked_layers(model, task.get_influence_tracked_modules())
     if method != "unroll":  # the others read the trajectory's checkpoints
         trajectory.check_checkpoints(model)

@@ -710,6 +710,13 @@ def test_a_segment_with_zero_learning_rate_is_frozen(setup):
     final = sf.Trajectory([sf.Segment(ckpts[-1:], data, lr_sum=0.0)])
     with pytest.raises(ValueError, match="damping='implied' is 1/c"):
         sf.score(model, task, final, sf.fit_factors(model, task, final), data, queries, method="ekfac", damping="implied")
+    # A run whose every rate is 0 (rates read from the wrong column) would score all zeros: refused.
+    still = sf.Trajectory.even(ckpts, [0.0] * 10, 2, data)
+    factors = sf.fit_factors(model, task, still, fisher="empirical")
+    for method in ("source", "tracin"):
+        with pytest.raises(ValueError, match=f"every segment's learning-rate sum is 0, so every {method} score would "
+                                             "be 0"):
+            sf.score(model, task, still, factors if method == "source" else None, data, queries, method=method)
 
 
 def test_low_rank_queries(setup):
