@@ -294,10 +294,23 @@ def readable(path: str, what: str) -> Iterator[None]:
         yield
     except Exception as exc:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's error is formatted for a terminal
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+        except OSError:
+            head = b""
+        if head.startswith(b"version https://git-lfs"):
+            raise ValueError(f"{what}: checkpoint file {path!r} is a Git LFS pointer, not the weights (a clone "
+                             "made without Git LFS: run `git lfs pull` there)") from exc
+        # torch.save writes a zip, its legacy format a pickle (protocol 2 and up: byte 0x80 first); safetensors
+        # begins with its header's length and the header's JSON.
+        if head and not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or head[8:10] == b'{"'):
+            raise ValueError(f"{what}: checkpoint file {path!r} is neither a torch.save file nor safetensors (it "
+                             f"begins {head[:16]!r})") from exc
         if "Weights only load failed" in text:  # torch.load(weights_only=True) runs no pickled code
             raise ValueError(f"{what}: checkpoint file {path!r} holds pickled objects (a whole nn.Module, an "
-                             "optimizer?), which are not loaded because loading them runs their code: save "
-                             "model.state_dict() instead") from exc
+                             "optimizer, numpy arrays?), which are not loaded because loading them runs their code: "
+                             "save model.state_dict() instead") from exc
         raise ValueError(f"{what}: cannot read checkpoint file {path!r} (damaged or incomplete?): "
                          f"{type(exc).__name__}: {text}") from exc
 
