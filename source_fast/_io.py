@@ -70,9 +70,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _say_writing(exc, path)
         raise
 
 
@@ -91,11 +92,26 @@ def write_named_by_content(folder: Path, stem: str, suffix: str, write: Callable
         _fsync(tmp)
         os.replace(tmp, folder / name)
         _fsync(folder)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _say_writing(exc, folder / f"{stem}.*{suffix}")
         raise
     return name, digest
+
+
+def note(exc: BaseException, text: str) -> None:
+    """Adds where source_fast was to an exception, beside its own words (Python 3.11+; one that takes no
+    notes, with __notes__ not a list, say, goes on without)."""
+    with contextlib.suppress(Exception):
+        exc.add_note(text)
+
+
+def _say_writing(exc: BaseException, path: Path) -> None:
+    """A full disk's or a quota's error from a writer (safetensors' says only "No space left on device")
+    names the file being written."""
+    if isinstance(exc, Exception):  # not an interrupt
+        note(exc, f"source_fast: while writing {path}")
 
 
 NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without locks (Lustre)

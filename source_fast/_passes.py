@@ -29,9 +29,11 @@ from torch.utils.data import (
 )
 
 from ._dist import rank_and_world
+from ._io import note
 from ._warn import warn
 from .capture import CONVOLUTIONS, Captured, Capturer, LayerSpec, all_finite
 from .task import Task
+from .trajectory import Trajectory
 
 
 def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -105,6 +107,25 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def check_model_and_task(model: Any, task: Any, trajectory: Any) -> None:
+    """The first three arguments of fit_factors, score and self_score, each the kind of thing it must be,
+    before anything reads them."""
+    if not isinstance(model, nn.Module):
+        hint = " (a state_dict? give the model, and its weights as the trajectory's checkpoints)" if isinstance(
+            model, Mapping) else ""
+        raise TypeError(f"model must be an nn.Module, got a {type(model).__name__}{hint}")
+    if isinstance(task, type):
+        raise TypeError(f"task is the class {task.__name__}: give an instance of it, {task.__name__}()")
+    if not callable(getattr(task, "compute_train_loss", None)):
+        raise TypeError(f"task must be a source_fast.Task (or kronfluence Task), got a {type(task).__name__}")
+    if not isinstance(trajectory, Trajectory):
+        raise TypeError(f"trajectory must be a source_fast.Trajectory, got a {type(trajectory).__name__}")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model's parameters are on the meta device (built under torch.device('meta') or "
+                         "init_empty_weights): make them real first, model.to_empty(device=...) or load the model "
+                         "whole; the checkpoints then give the weights")
 
 
 def check_count(option: str, value: Any, none_ok: bool = False, unit: str = "integer") -> None:
@@ -364,13 +385,6 @@ class _Examples(IterableDataset):
                 yield example
 
 
-def _note(exc: BaseException, text: str) -> None:
-    """Adds where source_fast was to an exception from the user's code, beside its own words (Python
-    3.11+; one that takes no notes, with __notes__ not a list, say, goes on without)."""
-    with contextlib.suppress(Exception):
-        exc.add_note(text)
-
-
 @contextlib.contextmanager
 def _noted(where: Callable[[], str]) -> Iterator[None]:
     """Says where an error the block raises happened, unless something already has (the capture's own
@@ -379,7 +393,7 @@ def _noted(where: Callable[[], str]) -> Iterator[None]:
         yield
     except Exception as exc:
         if not getattr(exc, "__notes__", None) and not str(exc).startswith(where()):
-            _note(exc, f"source_fast: on {where()}")
+            note(exc, f"source_fast: on {where()}")
         raise
 
 
@@ -394,7 +408,7 @@ def _batches(loader: DataLoader, where: Callable[[int], str]) -> Iterator[Any]:
         except Exception as exc:
             if not isinstance(exc, RuntimeError) or not any(m in str(exc) for m in (
                     "stack expects each tensor to be equal size", "each element in list of batch should be of equal size")):
-                _note(exc, f"source_fast: raised while reading {where(b)} (the data and its collate_fn)"
+                note(exc, f"source_fast: raised while reading {where(b)} (the data and its collate_fn)"
                       + _text_columns(loader.dataset))
                 raise
             source = loader.dataset
@@ -745,7 +759,7 @@ def check_order(capturer: Capturer, task: Task, objective: str, batch: Any, n: i
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return capturer.check_order(records, names, n, forward, reverse)
     except Exception as exc:
-        _note(exc, f"source_fast: raised in the task on {where} with its examples reversed (to check which examples "
+        note(exc, f"source_fast: raised in the task on {where} with its examples reversed (to check which examples "
                    f"the rows of modules {names} belong to)")
         raise
     finally:
@@ -867,7 +881,7 @@ def run_pass(
         try:
             mask = task.get_attention_mask(batch)
         except Exception as exc:
-            _note(exc, f"source_fast: raised by the task's get_attention_mask on {where(b, start)}")
+            note(exc, f"source_fast: raised by the task's get_attention_mask on {where(b, start)}")
             raise
         with _noted(lambda: where(b, start)), capturer.capture(mask, n) as records:
             try:
@@ -879,7 +893,7 @@ def run_pass(
                 call = "compute_measurement" if objective == "measurement" else "compute_train_loss"
                 # NaN in the inputs may be what the task refused (a sampler's dump of NaN logits says less).
                 row = None if isinstance(exc, torch.OutOfMemoryError) else _nonfinite_row(batch)
-                _note(exc, f"source_fast: raised in the task's {call} (the model's forward) on {where(b, start)}"
+                note(exc, f"source_fast: raised in the task's {call} (the model's forward) on {where(b, start)}"
                       + ("" if row is None else f"; {_example(first, start, row)} has NaN or infinite values"))
                 raise
             if not isinstance(out, torch.Tensor) or out.dim() != 0:

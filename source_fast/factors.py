@@ -25,8 +25,9 @@ from ._dist import (all_reduce_int, all_reduce_sum_, barrier, differing_on_ranks
 from ._io import (SAFETENSORS_TEMP, atomic_path, check_folder, folder_lock, own_temps, remove_stale_temps, sha256_file,
                   write_named_by_content)
 from ._passes import (
-    available_memory, check_collate_order, check_count, check_summed, describe_model, describe_task, digest_examples,
-    digest_tensors, length, make_loader, rank_share, reuse_large_blocks, run_pass, segments_collate, share_start,
+    available_memory, check_collate_order, check_count, check_model_and_task, check_summed, describe_model,
+    describe_task, digest_examples, digest_tensors, length, make_loader, rank_share, reuse_large_blocks, run_pass,
+    segments_collate, share_start,
 )
 from ._warn import warn
 from .capture import LayerSpec, all_finite, is_placeholder, rotate, tracked_layers, with_ones
@@ -449,6 +450,7 @@ def fit_factors(
         count's up to float summation order, and with fisher="true" its labels are another draw.
     The model's weights and train/eval mode are restored on return.
     """
+    check_model_and_task(model, task, trajectory)
     if fisher not in get_args(Fisher):
         raise ValueError(f"unknown fisher {fisher!r}; valid: {sorted(get_args(Fisher))}")
     if fisher == "empirical" and isinstance(task, CausalLMTask) and task.normalize == "mean":

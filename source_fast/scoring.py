@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 from . import baselines, ops, reference
 from ._dist import all_reduce_int, all_reduce_sum_, differing_on_ranks, fail_together, gather_shares, min_on_ranks, rank_and_world
 from ._passes import (
-    advance, available_memory, check_collate_order, check_count, check_summed, chunks, describe_model, describe_task,
-    digest_examples, is_stream, length, make_loader, materialize, model_device, rank_share, reuse_large_blocks,
+    advance, available_memory, check_collate_order, check_count, check_model_and_task, check_summed, chunks,
+    describe_model, describe_task, digest_examples, is_stream, length, make_loader, materialize, model_device, rank_share, reuse_large_blocks,
     run_pass, share_start, subset,
 )
 from ._replay import NoRoom, PassCache, pass_of
@@ -503,6 +503,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
 
 def _validate(model, task, trajectory, factors, method):
     """What can be refused before anything is computed or written (score_corpus writes a manifest next)."""
+    check_model_and_task(model, task, trajectory)
     _check_method(method)
     if method in _FINAL_ONLY and sum(trajectory.layout()) != 1:
         raise ValueError(

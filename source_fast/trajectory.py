@@ -199,6 +199,9 @@ def _as_lists(node: Any) -> Any:
 def weights_path(checkpoint: Checkpoint, what: str) -> str:
     """The file a checkpoint names: itself, or a save_pretrained folder's weights file or shard index (a
     torch.distributed.checkpoint folder is read as one file)."""
+    if isinstance(checkpoint, nn.Module):
+        raise TypeError(f"{what} is a {type(checkpoint).__name__} module: give its weights, "
+                        "{k: v.clone() for k, v in module.state_dict().items()}, or a file of them")
     path = os.fspath(checkpoint)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: checkpoint file {path!r} does not exist")
@@ -477,6 +480,8 @@ def _check_saved_copies(saved: list[tuple[str, Any]], fix: str, steps: bool = Fa
 def _rates(lrs: Sequence[float], what: str, name: str = "learning rates") -> list[float]:
     """Per-step values (learning rates, gradient scales) as floats; a negative one is refused even when
     the sum is not."""
+    if isinstance(lrs, (numbers.Real, str)) or (isinstance(lrs, Tensor) and lrs.dim() == 0):
+        raise TypeError(f"{what}: {name} must be one number per step (a list), got the single value {lrs!r}")
     odd = next((k for k, x in enumerate(lrs) if isinstance(x, bool) or not (
         isinstance(x, numbers.Real) or (isinstance(x, Tensor) and x.dim() == 0))), None)
     if odd is not None:
@@ -740,8 +745,10 @@ class Trajectory:
         n_ckpt, n_steps = len(checkpoints), len(lrs)
         if n_ckpt == 0:
             raise ValueError("Trajectory.even needs at least one checkpoint")
-        if not 1 <= num_segments <= n_ckpt:
-            raise ValueError(f"num_segments must be between 1 and the number of checkpoints ({n_ckpt}), got {num_segments}")
+        whole = isinstance(num_segments, numbers.Integral) and not isinstance(num_segments, bool)
+        if not whole or not 1 <= num_segments <= n_ckpt:
+            raise ValueError(f"num_segments must be an integer between 1 and the number of checkpoints ({n_ckpt}), "
+                             f"got {num_segments!r}")
         if n_steps < n_ckpt:
             raise ValueError(f"{n_steps} learning rates for {n_ckpt} checkpoints: give one rate per training step")
         ckpt_step = [round((c + 1) * n_steps / n_ckpt) for c in range(n_ckpt)] if steps is None else _steps(steps, n_ckpt, n_steps)

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -234,6 +235,36 @@ def test_a_checkpoint_that_is_no_state_dict_says_where_the_weights_are(setup, tm
         with pytest.raises((ValueError, TypeError), match=pattern) as caught:
             sf.fit_factors(model, ClassifyTask(), sf.Trajectory([sf.Segment([ckpts[0], bad], data, lr_sum=1.0)]))
         assert "\x1b" not in str(caught.value)
+
+
+def test_arguments_of_the_wrong_kind_are_named(setup):
+    """Mistakes that raised Python's own errors from deep inside (a bad-input review): the model's
+    state_dict for the model, the Task class for an instance, a module among the checkpoints, one
+    learning rate for the list, a float number of segments, a model on the meta device."""
+    model, data, ckpts = setup
+    traj = sf.Trajectory([sf.Segment(ckpts, data, lr_sum=1.0)])
+    task = ClassifyTask()
+    queries = classification_data(3, 4, 3, seed=5)
+    fit = functools.partial(sf.fit_factors, fisher="empirical")
+    with torch.device("meta"):
+        meta = mlp(4, 5, 3)
+    cases = [
+        (lambda: fit(ckpts[0], task, traj), TypeError, r"model must be an nn.Module, got a dict \(a state_dict\? give "
+                                                       r"the model, and its weights as the trajectory's checkpoints\)"),
+        (lambda: sf.score(model, ClassifyTask, traj, None, data, queries, method="grad_dot"), TypeError,
+         r"task is the class ClassificationTask: give an instance of it, ClassificationTask\(\)"),
+        (lambda: fit(model, task, [ckpts]), TypeError, r"trajectory must be a source_fast.Trajectory, got a list"),
+        (lambda: fit(meta, task, traj), ValueError, r"the model's parameters are on the meta device"),
+        (lambda: fit(model, task, sf.Trajectory([sf.Segment([ckpts[0], model], data, lr_sum=1.0)])), TypeError,
+         r"segment 0, checkpoint 1 is a Sequential module: give its weights"),
+        (lambda: sf.Trajectory.even(ckpts, 0.1, 1, data), TypeError,
+         r"Trajectory.even: learning rates must be one number per step \(a list\), got the single value 0.1"),
+        (lambda: sf.Trajectory.even(ckpts, [0.1] * 4, 2.0, data), ValueError,
+         r"num_segments must be an integer between 1 and the number of checkpoints \(2\), got 2.0"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call()
 
 
 def test_errors_name_what_the_user_gave(setup, tmp_path):
@@ -556,7 +587,7 @@ def test_segment_arguments(setup):
         sf.Segment(ckpts, data, lr_sum=1.0, optimizer="adam")
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         sf.Segment(ckpts, data, lr_sum=1.0, optimizer="rmsprop")
-    with pytest.raises(ValueError, match="num_segments must be between 1 and"):
+    with pytest.raises(ValueError, match="num_segments must be an integer between 1 and"):
         sf.Trajectory.even(ckpts, [0.1] * 4, 3, data)
     with pytest.raises(ValueError, match=rf"Trajectory.even: 0 optimizer states for {len(ckpts)} checkpoints: give one per "
                                          r"checkpoint \(optimizer_states=\)"):  # the call's count, not a segment's
@@ -1844,3 +1875,24 @@ def test_the_order_check_takes_legitimate_batches_and_losses():
                                          r"examples reversed .* or the task's forward pass depends on the examples' order "
                                          r"\(noise from a fixed seed"):
         sf.fit_factors(model, noisy, traj, batch_size=4)
+
+
+def test_a_write_the_disk_refuses_names_the_file(setup, tmp_path):
+    """A full disk or a quota raises the writer's own words (safetensors': "I/O error: File too large"),
+    which name no file: the file is said beside them, and nothing is left. RLIMIT_FSIZE makes the limit
+    (Python ignores SIGXFSZ, so the write raises EFBIG)."""
+    import resource
+
+    model, data, ckpts = setup
+    factors = sf.fit_factors(mlp(4, 40, 3), ClassifyTask(), sf.Trajectory([sf.Segment(
+        perturbed_states(mlp(4, 40, 3), 1), data, lr_sum=1.0)]), fisher="empirical")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, hard))
+    try:
+        with pytest.raises(Exception) as caught:
+            factors.save(tmp_path / "factors")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert "File too large" in str(caught.value)
+    assert any(n.startswith(f"source_fast: while writing {tmp_path / 'factors'}") for n in caught.value.__notes__)
+    assert [p.name for p in (tmp_path / "factors").iterdir()] == [".factors.lock"]  # writers' lock, kept by design
