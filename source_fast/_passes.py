@@ -16,6 +16,7 @@ import numbers
 import os
 import random
 import re
+import weakref
 from collections import UserDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -380,9 +381,33 @@ class _Examples(IterableDataset):
 
     def __iter__(self):
         for i, example in enumerate(self.data):
+            if i == 0:
+                _same_first_example(self.data, example)
             if self.keep is None or self.keep(i):
                 self.given += 1
                 yield example
+
+
+# Each stream's first example, as its first pass read it (a digest).
+_FIRST_EXAMPLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _same_first_example(stream: Any, example: Any) -> None:
+    """Warns, once per stream, when a pass begins with another example than the first pass did: the
+    passes line a stream's examples up by position, so one that reshuffles gives score columns in no
+    recoverable order and mixes the examples' sums."""
+    try:
+        first = _FIRST_EXAMPLES.get(stream)
+    except TypeError:  # not weakly referable or not hashable: unchecked
+        return
+    digest = digest_examples([example], limit=None)
+    if first is None:
+        _FIRST_EXAMPLES[stream] = digest
+    elif first != digest and first != "warned":
+        _FIRST_EXAMPLES[stream] = "warned"
+        warn(f"the stream {type(stream).__name__} began this pass with another example than its first pass: a stream "
+             "must yield the same examples in the same order on every pass (one that reshuffles gives score columns "
+             "in no recoverable order; one that augments at random, other examples on every pass)")
 
 
 @contextlib.contextmanager

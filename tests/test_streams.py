@@ -4,6 +4,7 @@ forms of data are refused with errors that say what to do."""
 
 import functools
 import hashlib
+import warnings
 
 import numpy as np
 import pytest
@@ -384,6 +385,19 @@ class Reordering(CountingStream):
         self.reads += 1
         order = range(len(self.data)) if self.reads % 2 else reversed(range(len(self.data)))
         return (self.data[i] for i in order)
+
+
+def test_a_stream_that_reorders_between_passes_is_said_once(setup):
+    """fit_factors reads the stream once per pass (2 per checkpoint): a pass that begins with another
+    example than the first pass did is said, once; a stream that repeats itself says nothing."""
+    model, task, data, queries, states = setup
+    for stream, said in ((Reordering(data), 1), (CountingStream(data), 0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sf.fit_factors(model, task, _trajectory(states, stream, num_examples=N), fisher="empirical")
+        named = [str(w.message) for w in caught if "began this pass with another example" in str(w.message)]
+        assert len(named) == said, named
+        assert all(m.startswith(f"the stream {type(stream).__name__} began") and "reshuffles" in m for m in named)
 
 
 def test_a_stream_reordered_between_query_blocks_is_refused(setup, tmp_path, monkeypatch):
