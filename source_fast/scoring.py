@@ -436,9 +436,11 @@ def _segment_scales(seg: Segment, lf: LayerFactors, spec: LayerSpec, need_u: boo
 
 def _plan(model, task, specs, trajectory, factors, method, query_data, objective, damping, train_segs, bs, collate,
           n_train: float, summed: bool = False, progress: bool = False, what: str = "queries", first: int | None = 0,
-          whole: int | None = None, own_term: dict[str, Tensor] | None = None, passes: PassCache | None = None):
+          whole: int | None = None, own_term: dict[str, Tensor] | None = None, passes: PassCache | None = None,
+          named: str | None = None):
     """The plan for `query_data`; `what` and `first` name them in errors (self_score's chunks are training
-    examples, from `first`). whole: the number of queries of all ranks when `query_data` is this rank's
+    examples, from `first`), `named` (default `what`) in the no-gradient warning, which self_score gives
+    once for all its chunks. whole: the number of queries of all ranks when `query_data` is this rank's
     share of them; every rank then makes the choices the whole would (every rank must call). own_term:
     see _source_walk; filled only by SOURCE's walk across segments. passes: the cache the queries' passes
     go through (score()'s layer groups)."""
@@ -448,6 +450,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         return all_reduce_int(round(tokens * length(query_data)), model_device(model)) / whole
 
     n_queries = None if whole is None else 1 if summed else whole
+    named = named or what
     final = trajectory.final_checkpoint
     if method == "tracin":
         plan = _Plan(train_segs, {}, {}, {})
@@ -461,12 +464,12 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
                 plan.queries[ell].append(_example_grads(model, task, specs, query_data, objective,
                                                         f"{what} at segment {ell}, checkpoint {c}", bs, collate,
                                                         summed=summed, progress=progress, first=first,
-                                                        passes=passes, examples=what)[0])
+                                                        passes=passes, examples=named)[0])
         return plan
     load_into(model, final, "final checkpoint")
     if method == "grad_dot":
         v, _ = _example_grads(model, task, specs, query_data, objective, what, bs, collate, summed=summed,
-                              progress=progress, first=first, passes=passes)
+                              progress=progress, first=first, passes=passes, examples=named)
         return _Plan([0], {0: [final]}, {0: 1.0 / trajectory.segments[0].num_examples}, {0: [v]})
     ckpts = {ell: segment_checkpoints(trajectory.segments[ell], method == "fast_source", f"segment {ell}") for ell in train_segs}
     plan = _Plan(train_segs, ckpts, {ell: 1.0 / (trajectory.segments[ell].num_examples * len(ckpts[ell])) for ell in train_segs}, {})
@@ -480,7 +483,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
         means = _module_mean_lams(specs, lfs) if damping == "heuristic" else {}
         scale = {s.name: _one_checkpoint_scale(method, seg, lfs[s.name], damping, s, means.get(s.name)) for s in specs}
         rot, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=lfs,
-                                     summed=summed, progress=progress, first=first, passes=passes)
+                                     summed=summed, progress=progress, first=first, passes=passes, examples=named)
         for n, r in rot.items():  # in place: the queries are most of the memory a job uses
             r.mul_(_laid_out_as(scale[n].to(dtype), r))
         queries = _one_basis_queries(rot, lfs, n_train * tokens_of_all(tokens) * len(plan.checkpoints[0]), n_queries)
@@ -491,7 +494,7 @@ def _plan(model, task, specs, trajectory, factors, method, query_data, objective
     device, dtype = next(model.parameters()).device, factor_dtype(model)
     bases = {s.name: factors.segments[-1][s.name].to(device, dtype) for s in specs}
     v, tokens = _example_grads(model, task, specs, query_data, objective, what, bs, collate, bases=bases,
-                               summed=summed, progress=progress, first=first, passes=passes)
+                               summed=summed, progress=progress, first=first, passes=passes, examples=named)
     basis = {s.name: (len(trajectory.segments) - 1, bases[s.name]) for s in specs}
     tokens = tokens_of_all(tokens)
     rows = {ell: n_train * tokens * len(ckpts[ell]) for ell in train_segs}
@@ -1374,6 +1377,7 @@ def _lowrank(queries: Grads, rank: int) -> dict[str, tuple[Tensor, Tensor]]:
     return out
 
 
+@_names_zero_measurements_once
 def self_score(
     model: nn.Module,
     task: Task,
@@ -1469,6 +1473,7 @@ def _self_chunked(model, task, specs, trajectory, factors, method, data, first, 
             model, task, specs, trajectory, factors, method, chunk, "measurement" if use_measurement else "train",
             damping, train_segs, batch_size, collate_fn, length(chunk), progress=progress,
             what=f"{examples} (self-influence's query side)", first=at, own_term=own,
+            named="training examples (self-influence's query side)",
         )
         total: dict[str, Tensor] = {k: t * plan.weights[last] for k, t in (own or {}).items()}
         for ell in plan.segments:

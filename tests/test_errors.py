@@ -949,6 +949,28 @@ def test_queries_whose_measurement_has_no_gradient_are_named():
     assert (scores[[1, 4]] == 0).all() and (scores[[0, 2, 3, 5]] != 0).any(1).all()
 
 
+@pytest.mark.parametrize("method", ["tracin", "grad_dot", "ekfac"])
+def test_self_influence_names_examples_without_a_measurement_gradient_once(method):
+    """self_score(use_measurement=True) in chunks: one warning naming every such example, not one per
+    chunk (and per checkpoint for TracIn)."""
+    model = mlp(4, 5, 3)
+    data = classification_data(20, 4, 3)
+    traj = sf.Trajectory([sf.Segment(perturbed_states(model, 2), data, lr_sum=1.0)])
+    traj = traj if method == "tracin" else traj.final()
+    factors = sf.fit_factors(model, ClassifyTask(), traj) if method == "ekfac" else None
+    left_out = (data.tensors[1] == 2).nonzero().flatten().tolist()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        scores = sf.self_score(model, LeavesOutClass2(), traj, factors, data, method=method, use_measurement=True,
+                               chunk_size=6, **({"damping": 0.1} if method == "ekfac" else {}))
+    named = [str(w.message) for w in said if "no gradient" in str(w.message)]
+    shown = f"[{', '.join(map(str, left_out[:5]))}]" + (", ..." if len(left_out) > 5 else "")
+    assert named == [f"training examples (self-influence's query side): {len(left_out)} of 20 have a measurement with "
+                     f"no gradient at the tracked layers (numbers {shown}): their scores are 0 (every token masked, "
+                     "labels all -100?)"]
+    assert (scores[left_out] == 0).all()
+
+
 def test_a_float16_overflow_is_named():
     """Logits past float16's largest value (65504) are inf, and the loss NaN: the error says so."""
     model = nn.Sequential(nn.Linear(4, 3)).half()
