@@ -11,7 +11,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train on scikit-learn's digits and diabetes, attribute test predictions, and check them against retraining (LDS)")
     demo.add_argument("--out", default="source_fast_demo", help="output folder (default: ./source_fast_demo)")
-    demo.add_argument("--quick", action="store_true", help="a small run, a smoke test (under a minute; too small to rank the methods)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a small run, a smoke test (under a minute; too small to rank the methods)")
     demo.add_argument("--workers", type=int, default=2, help="retraining processes (default: 2)")
     demo.add_argument("--subsets", type=int, default=None, help="random halves retrained per scenario (default: 100; --quick 12)")
     demo.add_argument("--seeds", type=int, default=None, help="data orders per subset (default: 3; --quick 1)")
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("job", help="a Python file defining job() -> source_fast.Job")
     fit.add_argument("--out", required=True, help="factor folder to write")
     fit.add_argument("--fisher", choices=["true", "empirical"], default="true",
-                     help="true: the curvature from labels drawn from the model (default); empirical: from the data's labels")
+                     help="true: the curvature from labels drawn from the model (default); empirical: from the "
+                          "data's labels")
     fit.add_argument("--average-params", action="store_true", help="Fast-SOURCE: fit at each segment's mean weights")
     fit.add_argument("--final", action="store_true", help="fit only the final checkpoint (for --method ekfac)")
     fit.add_argument("--seed", type=int, default=0, help="seeds the true Fisher's label sampling (default: 0)")

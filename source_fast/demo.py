@@ -889,8 +889,8 @@ def _run(out, chosen, quick, grid, trak_grid, n_subsets, n_seeds, workers, queri
             pool.shutdown(cancel_futures=True)
         torch.set_num_threads(threads)
     print("\n" + table)
-    print(f"done in {report['seconds']:.0f} s{' (--quick: a smoke test, too small to rank the methods)' if quick else ''}; "
-          f"outputs in {out.resolve()}:")
+    smoke = " (--quick: a smoke test, too small to rank the methods)" if quick else ""
+    print(f"done in {report['seconds']:.0f} s{smoke}; outputs in {out.resolve()}:")
     for name in ("lds.md", "lds.json", "lds.png", "proponents.png", "summary.json"):
         if (out / name).exists():
             print(f"  {out.resolve() / name}")

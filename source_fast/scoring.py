@@ -26,8 +26,8 @@ from . import baselines, ops, reference
 from ._dist import all_reduce_int, all_reduce_sum_, differing_on_ranks, fail_together, gather_shares, min_on_ranks, rank_and_world
 from ._passes import (
     advance, available_memory, check_collate_order, check_count, check_model_and_task, check_summed, chunks,
-    describe_model, describe_task, digest_examples, is_stream, length, make_loader, materialize, model_device, rank_share, reuse_large_blocks,
-    run_pass, share_start, subset,
+    describe_model, describe_task, digest_examples, is_stream, length, make_loader, materialize, model_device,
+    rank_share, reuse_large_blocks, run_pass, share_start, subset,
 )
 from ._replay import NoRoom, PassCache, pass_of
 from ._warn import warn
@@ -1359,9 +1359,10 @@ def check_token_scores(specs: list[LayerSpec], records: dict[str, Captured], per
         if first is None:
             first = (s.name, tokens)
         elif tokens != first[1]:
-            raise ValueError(f"per_token: module {s.name!r} sees {tokens} token{'' if tokens == 1 else 's'} per example, module {first[0]!r} "
-                             f"{first[1]}, so their tokens cannot be added up (per_module=True keeps each module's "
-                             "tokens apart)")
+            plural = "" if tokens == 1 else "s"
+            raise ValueError(f"per_token: module {s.name!r} sees {tokens} token{plural} per example, module "
+                             f"{first[0]!r} {first[1]}, so their tokens cannot be added up (per_module=True keeps each "
+                             "module's tokens apart)")
 
 
 def _lowrank(queries: Grads, rank: int) -> dict[str, tuple[Tensor, Tensor]]:
