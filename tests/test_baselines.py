@@ -165,6 +165,26 @@ def test_repsim(setup):
     assert torch.equal(sf.score(model, Reversed(), traj, None, data, queries, method="repsim"), got)
 
 
+def test_repsim_pools_the_unmasked_tokens_only():
+    """A token model's representation is the mean of its last layer's inputs over the unmasked tokens:
+    the padding (garbage, 50 times the scale) is left out."""
+    from test_first_principles import LOSS, RecordingTask, TokenNet, token_data
+
+    torch.manual_seed(0)
+    model = TokenNet().double()
+    data, queries = token_data(9, 5, 3), token_data(4, 5, 7)
+    traj = sf.Trajectory([sf.Segment([model.state_dict()], data, lr_sum=1.0)])
+    got = sf.score(model, RecordingTask(LOSS[TokenNet]), traj, None, data, queries, method="repsim")
+
+    def rep(d):
+        x, _, mask = d.tensors
+        inputs = torch.tanh(model.mid(torch.tanh(model.inp(x)))).detach()  # the last layer's ("out")
+        pooled = (inputs * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return pooled / pooled.norm(dim=1, keepdim=True)
+
+    torch.testing.assert_close(got, rep(queries) @ rep(data).T, rtol=1e-10, atol=1e-12)
+
+
 def test_unroll_method_replays_the_record(setup):
     model, data, queries, traj, _, _ = setup
     init = {k: v + 0.1 for k, v in model.state_dict().items()}

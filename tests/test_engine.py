@@ -254,6 +254,25 @@ def test_source_factor_at_zero_curvature_is_exactly_c():
     assert u[0, 0] == 4.0 and u[0, 1] == 4.0 and shrink[0, 0] == 1.0 and shrink[0, 1] == 1.0
 
 
+def test_ekfac_takes_round_off_negative_eigenvalues_as_zero():
+    """Λ from float sums can dip below 0 (-1e-9 beside 1): 1/(Λ + δ) takes max(Λ, 0), or the direction would
+    be scaled 1/(δ - 1e-9), and the heuristic's mean Λ counts it as 0."""
+    from source_fast.capture import LayerSpec
+    from source_fast.factors import LayerFactors
+    from source_fast.scoring import _module_mean_lams, _one_checkpoint_scale
+
+    lam = torch.tensor([[-1e-9, 1.0], [-0.5, 3.0]], dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    lf, spec = LayerFactors(eye, eye, eye, eye, lam, None, 1), LayerSpec("layer", "linear", 2, 2, False)
+    seg = sf.Segment([{}], [0], lr_sum=4.0)
+    clamped = lam.clamp_min(0)
+    torch.testing.assert_close(_one_checkpoint_scale("ekfac", seg, lf, 1e-8, spec), 1 / (clamped + 1e-8),
+                               rtol=1e-15, atol=0)
+    assert _module_mean_lams([spec], {"layer": lf}) == {"layer": 1.0}  # (0 + 1 + 0 + 3) / 4
+    torch.testing.assert_close(_one_checkpoint_scale("ekfac", seg, lf, "heuristic", spec, mean_lam=1.0),
+                               1 / (clamped + 0.1), rtol=1e-15, atol=0)
+
+
 def test_one_token_reference_forms_equal_the_explicit_tiles():
     """With one token per example, Λ and self-influence skip the per-example tiles; float64, masks."""
     g64 = torch.Generator().manual_seed(3)

@@ -94,9 +94,9 @@ def tracked(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, Conv1D))]
 
 
-def token_rows(model, state, data):
+def token_rows(model, state, data, loss=None):
     """{layer: (a (n, t, d_a) with a ones column for a bias, g (n, t, d_out) = ∂loss/∂output)}, masked
-    tokens included."""
+    tokens included; `loss` (the model's own by default) gives g."""
     model.load_state_dict(state)
     seen, hooks = {}, []
     for name, m in tracked(model):
@@ -111,7 +111,7 @@ def token_rows(model, state, data):
             out.retain_grad()
             seen[name] = (a.detach(), out)
         hooks.append(m.register_forward_hook(hook))
-    RecordingTask(LOSS[type(model)]).compute_train_loss(data.tensors, model).backward()
+    RecordingTask(loss or LOSS[type(model)]).compute_train_loss(data.tensors, model).backward()
     for h in hooks:
         h.remove()
     model.zero_grad(set_to_none=True)
@@ -215,6 +215,26 @@ def test_factors_match_first_principles(kind, fisher, average_params):
         close(lf.a_cov, mine[name]["A"], f"{name} A")
         close(lf.s_cov, mine[name]["S"], f"{name} S")
         close(library_curvature(lf), mine[name]["H"], f"{name} curvature")
+
+
+def every_token_loss(logits, y, mask):
+    """A loss that reads the padded tokens too (the mask is for the activations only)."""
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+
+
+def test_the_gradient_covariance_keeps_every_token_the_loss_reads():
+    """The mask drops padding from A only: S sums every token's output gradient (zero at padding unless
+    the loss reads it, as here), over the unmasked tokens' count, as kronfluence does."""
+    model, data, _ = make("tokens")
+    state = perturbed(model, 1, 0.2)[0]
+    factors = sf.fit_factors(model, RecordingTask(every_token_loss), sf.Trajectory([sf.Segment([state], data,
+                             lr_sum=1.0)]), fisher="empirical", batch_size=len(data))
+    keep = data.tensors[2].flatten() > 0
+    for name, (a, g) in token_rows(model, state, data, every_token_loss).items():
+        a, g = a.flatten(0, 1), g.flatten(0, 1)
+        assert g[~keep].abs().amax() > 0.1 * g[keep].abs().amax()  # the padded tokens' gradients count
+        close(factors.segments[0][name].a_cov, a[keep].T @ a[keep] / int(keep.sum()), f"{name} A")
+        close(factors.segments[0][name].s_cov, g.T @ g / int(keep.sum()), f"{name} S")
 
 
 def phi_and_exp(m):
