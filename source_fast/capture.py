@@ -374,8 +374,7 @@ class _Enough(Exception):
 def _check_mask_values(mask: Any) -> None:
     """A mask is 1 at the tokens to keep and 0 at padding: other values (labels' -100, token ids) would be
     read as "keep" everywhere, masking nothing, without a word."""
-    masks = mask.values() if isinstance(mask, dict) else [mask]
-    for name, m in zip(mask if isinstance(mask, dict) else [None], masks):
+    for name, m in mask.items() if isinstance(mask, dict) else [(None, mask)]:
         for t in m if isinstance(m, (list, tuple)) else [m]:
             if isinstance(t, Tensor) and t.dtype != torch.bool and ((t != 0) & (t != 1)).any():
                 other = t[(t != 0) & (t != 1)].unique()[:4].tolist()
