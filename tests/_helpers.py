@@ -65,6 +65,18 @@ class Stream(torch.utils.data.IterableDataset):
         return (self.data[i] for i in range(len(self.data)))
 
 
+class PooledClassifier(nn.Module):
+    """A token layer, mean pooling, then a head on (batch, features): BERT's classifier in miniature;
+    `tokens` sees each example's tokens, `head` one row per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tokens(x)).mean(1))
+
+
 def perturbed_states(model: nn.Module, count: int, scale: float = 0.05, seed: int = 1) -> list[dict]:
     """`count` checkpoints near the model's weights (a stand-in trajectory for algebra tests)."""
     g = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ from pathlib import Path
 import kronfluence
 import pytest
 import torch
-from _helpers import torchrun
+from _helpers import PooledClassifier, torchrun
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
 from safetensors.torch import load_file, save_file
@@ -519,17 +519,6 @@ def test_per_token_scores_match_kronfluence(tmp_path):
             assert ours.shape == theirs.shape == (len(queries), len(train), 10)
             _agree(ours, theirs, torch.float64, f"{module} per token")
             assert (ours * pad).abs().max() == 0
-
-
-class PooledClassifier(nn.Module):
-    """A token layer, mean pooling, then a head on (batch, features): BERT's classifier in miniature."""
-
-    def __init__(self):
-        super().__init__()
-        self.tokens, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.tokens(x)).mean(1))
 
 
 def test_per_token_scores_of_modules_without_tokens_are_kronfluences(tmp_path):

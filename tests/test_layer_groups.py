@@ -19,7 +19,8 @@ from torch import nn
 import source_fast as sf
 import source_fast._replay as replay
 import source_fast.scoring as scoring
-from _helpers import CountingData, LeavesOutClass2, Stream, classification_data, mlp, perturbed_states
+from _helpers import (CountingData, LeavesOutClass2, PooledClassifier, Stream, classification_data, mlp,
+                      perturbed_states)
 from source_fast.capture import tracked_layers
 from source_fast.scoring import _query_bytes, layer_groups
 from source_fast.tasks import ClassificationTask, CausalLMTask
@@ -632,29 +633,18 @@ def test_query_rank_in_layer_groups_stays_within_the_budget(monkeypatch, tmp_pat
     assert max(total for _, _, total in held) <= budget
 
 
-class _TokensThenPooled(nn.Module):
-    """`tok` sees each example's 5 tokens, `head` their mean: one token per example."""
-
-    def __init__(self):
-        super().__init__()
-        self.tok, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.tok(x)).mean(1))
-
-
 def test_per_token_refuses_modules_with_other_token_counts_before_any_training_pass(monkeypatch, tmp_path):
     """Summed over modules, per-token scores need every module's tokens to be the same positions. In layer
     groups the check sees every layer at the queries' first batch: a group's own check would come after the
     groups before it had read the whole training data."""
     torch.manual_seed(0)
-    model = _TokensThenPooled().double()
+    model = PooledClassifier().double()  # `tokens` sees 5 tokens per example, `head` one
     task = ClassificationTask()
     g = torch.Generator().manual_seed(0)
 
     def data(n):
-        return torch.utils.data.TensorDataset(torch.randn(n, 5, 3, generator=g, dtype=torch.float64),
-                                              torch.randint(0, 2, (n,), generator=g))
+        return torch.utils.data.TensorDataset(torch.randn(n, 5, 4, generator=g, dtype=torch.float64),
+                                              torch.randint(0, 3, (n,), generator=g))
 
     train, queries = data(9), data(4)
     traj = sf.Trajectory([sf.Segment([model.state_dict()], train, lr_sum=1.0)])
@@ -663,9 +653,10 @@ def test_per_token_refuses_modules_with_other_token_counts_before_any_training_p
     full = _query_bytes(model, traj, "ekfac", [0], None)
     budget = len(queries) * max(map(full, specs))
     assert [[s.name for s in group] for _, group in layer_groups(specs, len(queries), full, budget)] == [
-        ["tok"], ["head"]]
+        ["tokens"], ["head"]]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    message = r"per_token: module 'head' sees 1 token per example, module 'tok' 5, so their tokens cannot be added up"
+    message = (r"per_token: module 'head' sees 1 token per example, module 'tokens' 5, so their tokens cannot be "
+               r"added up")
     for memory in (BIG, budget):  # one block, then layer groups
         counted = CountingData(train)
         with pytest.raises(ValueError, match=message):
